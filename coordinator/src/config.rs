@@ -1,0 +1,206 @@
+//! The coordinator's configuration: command-line flags, `TREATY_COORDINATOR_*` environment
+//! variables and an optional TOML file, in that order of precedence, resolved into one `Config`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use treaty_proto::ShardName;
+
+use crate::protocol::Timeouts;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "treaty-coordinator", version, about = "Treaty coordinator: atomic commit across PostgreSQL shards")]
+pub struct Args {
+    /// TOML file with any of the settings below (flags and environment win over it).
+    #[arg(long, env = "TREATY_COORDINATOR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to serve gRPC on.
+    #[arg(long, env = "TREATY_COORDINATOR_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory of the decision log.
+    #[arg(long, env = "TREATY_COORDINATOR_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A participant, as NAME=http://HOST:PORT; repeat for each shard.
+    #[arg(long = "shard", env = "TREATY_COORDINATOR_SHARDS", value_delimiter = ',')]
+    pub shards: Vec<String>,
+    /// Coordinator id used in GIDs when the log is new (default: generated once and kept in the log).
+    #[arg(long, env = "TREATY_COORDINATOR_ID")]
+    pub id: Option<String>,
+    /// Default whole-transaction limit, in ms.
+    #[arg(long, env = "TREATY_COORDINATOR_TRANSACTION_TIMEOUT_MS")]
+    pub transaction_timeout_ms: Option<u64>,
+    /// Default limit between client calls of an active transaction, in ms.
+    #[arg(long, env = "TREATY_COORDINATOR_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// How long to wait for votes; a missing vote is a NO.
+    #[arg(long, env = "TREATY_COORDINATOR_VOTE_TIMEOUT_MS")]
+    pub vote_timeout_ms: Option<u64>,
+    /// Default PostgreSQL lock_timeout of each branch, in ms.
+    #[arg(long, env = "TREATY_COORDINATOR_LOCK_TIMEOUT_MS")]
+    pub lock_timeout_ms: Option<u64>,
+    /// Compact the decision log once it grows past this many bytes.
+    #[arg(long, env = "TREATY_COORDINATOR_COMPACT_AFTER_BYTES")]
+    pub compact_after_bytes: Option<u64>,
+    #[arg(long, env = "TREATY_COORDINATOR_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The TOML file: the same settings, `shards` as a table of name = url.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    shards: BTreeMap<String, String>,
+    id: Option<String>,
+    transaction_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    vote_timeout_ms: Option<u64>,
+    lock_timeout_ms: Option<u64>,
+    compact_after_bytes: Option<u64>,
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub shards: BTreeMap<ShardName, String>,
+    pub id: Option<String>,
+    pub timeouts: Timeouts,
+    pub lock_timeout_ms: u64,
+    pub compact_after_bytes: u64,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("--shard {0:?}: expected NAME=http://HOST:PORT")]
+    ShardSyntax(String),
+    #[error("--shard {0:?}: {1}")]
+    ShardName(String, treaty_proto::IdError),
+    #[error("shard {0} is given twice")]
+    DuplicateShard(String),
+    #[error("no shards configured: pass --shard NAME=http://HOST:PORT for each participant")]
+    NoShards,
+    #[error("{0} must be greater than 0")]
+    Zero(&'static str),
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+}
+
+impl Config {
+    pub fn resolve(args: Args) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let mut shards = BTreeMap::new();
+        let from_flags = args.shards.iter().map(|spec| {
+            spec.split_once('=')
+                .map(|(n, u)| (n.trim().to_owned(), u.trim().to_owned()))
+                .ok_or_else(|| ConfigError::ShardSyntax(spec.clone()))
+        });
+        let pairs: Vec<(String, String)> = if args.shards.is_empty() {
+            file.shards.into_iter().collect()
+        } else {
+            from_flags.collect::<Result<_, _>>()?
+        };
+        for (name, url) in pairs {
+            let shard = ShardName::new(&name).map_err(|e| ConfigError::ShardName(name.clone(), e))?;
+            if shards.insert(shard, url).is_some() {
+                return Err(ConfigError::DuplicateShard(name));
+            }
+        }
+        if shards.is_empty() {
+            return Err(ConfigError::NoShards);
+        }
+        let timeouts = Timeouts {
+            transaction_ms: args.transaction_timeout_ms.or(file.transaction_timeout_ms).unwrap_or(60_000),
+            idle_ms: args.idle_timeout_ms.or(file.idle_timeout_ms).unwrap_or(30_000),
+            vote_ms: args.vote_timeout_ms.or(file.vote_timeout_ms).unwrap_or(10_000),
+        };
+        for (name, value) in [
+            ("transaction timeout", timeouts.transaction_ms),
+            ("idle timeout", timeouts.idle_ms),
+            ("vote timeout", timeouts.vote_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        Ok(Config {
+            listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7600))),
+            data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("treaty-coordinator-data")),
+            shards,
+            id: args.id.or(file.id),
+            timeouts,
+            lock_timeout_ms: args.lock_timeout_ms.or(file.lock_timeout_ms).unwrap_or(10_000),
+            compact_after_bytes: args.compact_after_bytes.or(file.compact_after_bytes).unwrap_or(64 << 20),
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        Config::resolve(Args::try_parse_from(std::iter::once("treaty-coordinator").chain(args.iter().copied())).unwrap())
+    }
+
+    #[test]
+    fn flags_resolve_with_defaults() {
+        let config = parse(&["--shard", "s0=http://127.0.0.1:1", "--shard", "s1=http://127.0.0.1:2"]).unwrap();
+        assert_eq!(config.shards.len(), 2);
+        assert_eq!(config.timeouts.vote_ms, 10_000);
+    }
+
+    #[test]
+    fn bad_shards_are_named() {
+        assert!(matches!(parse(&[]), Err(ConfigError::NoShards)));
+        assert!(matches!(parse(&["--shard", "nourl"]), Err(ConfigError::ShardSyntax(_))));
+        assert!(matches!(parse(&["--shard", "a b=http://x"]), Err(ConfigError::ShardName(..))));
+        assert!(matches!(
+            parse(&["--shard", "a=http://x", "--shard", "a=http://y"]),
+            Err(ConfigError::DuplicateShard(_))
+        ));
+    }
+
+    #[test]
+    fn file_settings_apply_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "idle_timeout_ms = 5\nvote_timeout_ms = 7\n[shards]\ns0 = \"http://127.0.0.1:9\"\n")
+            .unwrap();
+        let config = parse(&["--config", path.to_str().unwrap(), "--vote-timeout-ms", "8"]).unwrap();
+        assert_eq!(config.timeouts.idle_ms, 5);
+        assert_eq!(config.timeouts.vote_ms, 8);
+        assert_eq!(config.shards.len(), 1);
+        std::fs::write(&path, "nonsense = 1\n").unwrap();
+        assert!(matches!(parse(&["--config", path.to_str().unwrap()]), Err(ConfigError::Parse { .. })));
+    }
+}

@@ -1,0 +1,448 @@
+//! The driver: owns the table of transactions, feeds events into each one's protocol state
+//! machine and carries out the actions that come back (RPCs to participants, decision-log writes,
+//! answers to waiting clients). It also allocates transaction ids, runs the timeout ticker and
+//! re-drives unfinished commits found in the log at start.
+//!
+//! Architecture invariant: only `perform` turns actions into I/O, and it never holds a
+//! transaction's lock across an await; every result comes back through `feed`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::oneshot;
+use treaty_decision_log::{CommitRecord, DecisionLog};
+use treaty_proto::{ApiError, CoordinatorId, Gid, ShardName, TxId, pb};
+
+use crate::participants::ParticipantLinks;
+use crate::protocol::{
+    AbortCause, AbortReason, Action, Event, Outcome, Phase, Protocol, ProtocolError, Timeouts, Transaction,
+};
+
+/// Transaction ids are reserved in the log this many at a time, so only one begin in this many
+/// waits for an fsync, and no id is handed out twice across restarts.
+const TXID_BLOCK: u64 = 10_000;
+/// Finished transactions kept for `GetTransaction`.
+const HISTORY: usize = 10_000;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Per-transaction settings chosen at begin.
+#[derive(Debug, Clone, Default)]
+pub struct TxnOptions {
+    pub label: String,
+    pub protocol: Option<Protocol>,
+    pub timeouts: Option<Timeouts>,
+    pub branch: pb::BranchOptions,
+}
+
+/// One transaction: its protocol state plus what the driver needs to talk about it.
+pub struct TxnHandle {
+    pub gid: Gid,
+    pub label: String,
+    branch_options: pb::BranchOptions,
+    machine: Mutex<Transaction>,
+    waiter: Mutex<Option<oneshot::Sender<Outcome>>>,
+}
+
+impl TxnHandle {
+    /// The protocol state; a poisoned lock still holds a consistent machine because `step`
+    /// never panics half-way through a change it has not finished validating.
+    pub fn machine(&self) -> MutexGuard<'_, Transaction> {
+        self.machine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn waiter(&self) -> MutexGuard<'_, Option<oneshot::Sender<Outcome>>> {
+        self.waiter.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    txns: HashMap<TxId, Arc<TxnHandle>>,
+    finished: VecDeque<TxId>,
+}
+
+/// Defaults applied to transactions that do not choose their own.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineSettings {
+    pub timeouts: Timeouts,
+    pub lock_timeout_ms: u64,
+}
+
+pub struct Engine {
+    id: CoordinatorId,
+    log: DecisionLog,
+    links: ParticipantLinks,
+    default_timeouts: Timeouts,
+    default_lock_timeout_ms: u64,
+    table: Mutex<Table>,
+    next_txid: AtomicU64,
+    reserved_up_to: AtomicU64,
+    reserve_lock: tokio::sync::Mutex<()>,
+}
+
+impl Engine {
+    pub fn new(
+        id: CoordinatorId,
+        log: DecisionLog,
+        links: ParticipantLinks,
+        settings: EngineSettings,
+        txids_reserved_up_to: u64,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            log,
+            links,
+            default_timeouts: settings.timeouts,
+            default_lock_timeout_ms: settings.lock_timeout_ms,
+            table: Mutex::new(Table::default()),
+            // Skip the whole block reserved before the restart: some of it may have been handed out.
+            next_txid: AtomicU64::new(txids_reserved_up_to + 1),
+            reserved_up_to: AtomicU64::new(txids_reserved_up_to),
+            reserve_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn id(&self) -> &CoordinatorId {
+        &self.id
+    }
+
+    pub fn default_timeouts(&self) -> Timeouts {
+        self.default_timeouts
+    }
+
+    pub fn default_lock_timeout_ms(&self) -> u64 {
+        self.default_lock_timeout_ms
+    }
+
+    pub fn links(&self) -> &ParticipantLinks {
+        &self.links
+    }
+
+    pub fn next_txid(&self) -> TxId {
+        self.next_txid.load(Ordering::Relaxed)
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Re-drives every commit decision the log holds without an end record.
+    pub fn recover(self: &Arc<Self>, unfinished: Vec<CommitRecord>) {
+        let now = now_ms();
+        for record in unfinished {
+            let gid = match Gid::parse(&record.gid) {
+                Ok(gid) => gid,
+                Err(e) => {
+                    tracing::error!(txid = record.txid, gid = record.gid, "unusable GID in the log: {e}");
+                    continue;
+                }
+            };
+            let participants: Vec<ShardName> = record
+                .participants
+                .iter()
+                .filter_map(|name| match self.links.resolve(name) {
+                    Ok(shard) => Some(shard),
+                    Err(_) => {
+                        tracing::error!(
+                            txid = record.txid,
+                            shard = name,
+                            "a logged commit names a shard this coordinator is not configured with; \
+                             add it back with --shard so the commit can finish"
+                        );
+                        ShardName::new(name).ok()
+                    }
+                })
+                .collect();
+            tracing::info!(txid = record.txid, shards = ?record.participants, "re-driving a logged commit");
+            let (machine, actions) =
+                Transaction::recover_commit(record.txid, participants, record.decided_at_ms, self.default_timeouts, now);
+            let handle = self.register(gid, String::new(), pb::BranchOptions::default(), machine);
+            self.perform(&handle, actions);
+        }
+    }
+
+    fn register(&self, gid: Gid, label: String, branch_options: pb::BranchOptions, machine: Transaction) -> Arc<TxnHandle> {
+        let txid = machine.txid();
+        let handle = Arc::new(TxnHandle {
+            gid,
+            label,
+            branch_options,
+            machine: Mutex::new(machine),
+            waiter: Mutex::new(None),
+        });
+        self.table().txns.insert(txid, Arc::clone(&handle));
+        handle
+    }
+
+    async fn allocate_txid(&self) -> Result<TxId, ApiError> {
+        let txid = self.next_txid.fetch_add(1, Ordering::Relaxed);
+        if txid <= self.reserved_up_to.load(Ordering::Acquire) {
+            return Ok(txid);
+        }
+        let _guard = self.reserve_lock.lock().await;
+        let reserved = self.reserved_up_to.load(Ordering::Acquire);
+        if txid > reserved {
+            let up_to = txid.max(reserved) + TXID_BLOCK;
+            self.log.reserve_txids(up_to).await.map_err(|e| self.log_failed(e))?;
+            self.reserved_up_to.store(up_to, Ordering::Release);
+        }
+        Ok(txid)
+    }
+
+    /// A log that cannot write leaves decisions in an unknown state: stop, and let a restart
+    /// replay what is durable.
+    fn log_failed(&self, error: treaty_decision_log::LogError) -> ApiError {
+        tracing::error!("decision log failed: {error}; stopping so that a restart recovers from the log");
+        std::process::exit(70);
+    }
+
+    pub async fn begin(&self, options: TxnOptions) -> Result<TxId, ApiError> {
+        if options.protocol == Some(Protocol::ThreePhase) {
+            return Err(ApiError::FailedPrecondition(
+                "three-phase commit is not available yet in this build; begin with PROTOCOL_TWO_PHASE".into(),
+            ));
+        }
+        let txid = self.allocate_txid().await?;
+        let timeouts = options.timeouts.unwrap_or(self.default_timeouts);
+        let machine = Transaction::begin(txid, Protocol::TwoPhase, timeouts, now_ms());
+        self.register(Gid::new(&self.id, txid), options.label, options.branch, machine);
+        Ok(txid)
+    }
+
+    /// The transaction, or NOT_FOUND naming the id.
+    pub fn handle(&self, txid: TxId) -> Result<Arc<TxnHandle>, ApiError> {
+        self.table().txns.get(&txid).cloned().ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "transaction {txid} is unknown to coordinator {} (never begun, or finished long ago)",
+                self.id
+            ))
+        })
+    }
+
+    /// Feeds one event and carries out what it asks for.
+    fn feed(self: &Arc<Self>, handle: &Arc<TxnHandle>, event: Event) -> Result<(), ProtocolError> {
+        let actions = handle.machine().step(event, now_ms())?;
+        self.perform(handle, actions);
+        Ok(())
+    }
+
+    /// Feeds an event the machine never refuses (results of the driver's own actions).
+    fn feed_result(self: &Arc<Self>, handle: &Arc<TxnHandle>, event: Event) {
+        if let Err(e) = self.feed(handle, event) {
+            tracing::error!(gid = %handle.gid, "protocol refused an internal event: {e}");
+        }
+    }
+
+    fn perform(self: &Arc<Self>, handle: &Arc<TxnHandle>, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::SendPrepare { shards } => self.send_prepare(handle, shards),
+                Action::PersistCommit { participants } => self.persist_commit(handle, participants),
+                Action::SendCommit { shard, delay_ms } => self.send_phase_two(handle, shard, delay_ms, true),
+                Action::SendAbort { shard, delay_ms } => self.send_phase_two(handle, shard, delay_ms, false),
+                Action::CommitOnePhase { shard } => {
+                    let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
+                    tokio::spawn(async move {
+                        let event = engine.links.commit_one_phase(&shard, &handle.gid).await;
+                        engine.feed_result(&handle, event);
+                    });
+                }
+                Action::Reply(outcome) => {
+                    if let Some(waiter) = handle.waiter().take() {
+                        // The client may have gone away; the outcome stands either way.
+                        let _ = waiter.send(outcome);
+                    }
+                }
+                Action::PersistEnd => self.log.end(handle.gid.txid()),
+                Action::Finished => self.retire(handle.gid.txid()),
+            }
+        }
+    }
+
+    fn send_prepare(self: &Arc<Self>, handle: &Arc<TxnHandle>, shards: Vec<ShardName>) {
+        let all: Vec<String> = shards.iter().map(ToString::to_string).collect();
+        let vote_timeout = Duration::from_millis(self.default_timeouts.vote_ms);
+        for shard in shards {
+            let (engine, handle, all) = (Arc::clone(self), Arc::clone(handle), all.clone());
+            tokio::spawn(async move {
+                let vote = engine.links.prepare(&shard, &handle.gid, all, vote_timeout).await;
+                engine.feed_result(&handle, Event::VoteReceived { shard, vote });
+            });
+        }
+    }
+
+    fn persist_commit(self: &Arc<Self>, handle: &Arc<TxnHandle>, participants: Vec<ShardName>) {
+        let record = CommitRecord {
+            txid: handle.gid.txid(),
+            gid: handle.gid.to_string(),
+            participants: participants.iter().map(ToString::to_string).collect(),
+            decided_at_ms: now_ms(),
+        };
+        let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
+        tokio::spawn(async move {
+            match engine.log.commit(record).await {
+                Ok(()) => engine.feed_result(&handle, Event::DecisionDurable),
+                Err(e) => {
+                    engine.log_failed(e);
+                }
+            }
+        });
+    }
+
+    fn send_phase_two(self: &Arc<Self>, handle: &Arc<TxnHandle>, shard: ShardName, delay_ms: u64, commit: bool) {
+        let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
+        tokio::spawn(async move {
+            if delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            }
+            let event = if commit {
+                engine.links.commit(&shard, &handle.gid).await
+            } else {
+                engine.links.abort(&shard, &handle.gid).await
+            };
+            engine.feed_result(&handle, event);
+        });
+    }
+
+    fn retire(&self, txid: TxId) {
+        let mut table = self.table();
+        table.finished.push_back(txid);
+        while table.finished.len() > HISTORY {
+            if let Some(old) = table.finished.pop_front() {
+                table.txns.remove(&old);
+            }
+        }
+    }
+
+    pub async fn execute(
+        self: &Arc<Self>,
+        txid: TxId,
+        shard: &str,
+        sql: String,
+        params: Vec<pb::Value>,
+    ) -> Result<pb::ExecuteResult, ApiError> {
+        let shard = self.links.resolve(shard)?;
+        let handle = self.handle(txid)?;
+        self.feed(&handle, Event::Enlist { shard: shard.clone() }).map_err(refused)?;
+        let remaining = handle.machine().next_deadline_ms().map_or(0, |d| d.saturating_sub(now_ms()));
+        let request = pb::BranchExecuteRequest {
+            gid: handle.gid.to_string(),
+            sql,
+            params,
+            options: Some(handle.branch_options),
+        };
+        let result = self.links.execute(&shard, request, Duration::from_millis(remaining.max(1))).await;
+        match &result {
+            Ok(_) => self.feed_result(&handle, Event::ExecuteSucceeded { shard }),
+            Err(error) => {
+                let reason = match error {
+                    ApiError::Sql(sql) => crate::participants::statement_failed(&shard, sql),
+                    other => AbortReason::new(AbortCause::StatementFailed, other.to_string()).on_shard(&shard),
+                };
+                self.feed_result(&handle, Event::ExecuteFailed { shard, reason });
+            }
+        }
+        result
+    }
+
+    /// Asks the transaction to commit and waits for the outcome.
+    pub async fn commit(self: &Arc<Self>, txid: TxId, wait_for_apply: bool) -> Result<Outcome, ApiError> {
+        let handle = self.handle(txid)?;
+        self.request_outcome(&handle, Event::CommitRequested { wait_for_apply }).await
+    }
+
+    pub async fn rollback(self: &Arc<Self>, txid: TxId, reason: AbortReason) -> Result<Outcome, ApiError> {
+        let handle = self.handle(txid)?;
+        self.request_outcome(&handle, Event::AbortRequested { reason }).await
+    }
+
+    async fn request_outcome(self: &Arc<Self>, handle: &Arc<TxnHandle>, event: Event) -> Result<Outcome, ApiError> {
+        let (sender, receiver) = oneshot::channel();
+        *handle.waiter() = Some(sender);
+        if let Err(e) = self.feed(handle, event) {
+            handle.waiter().take();
+            return Err(refused(e));
+        }
+        receiver.await.map_err(|_| {
+            ApiError::Unavailable(format!(
+                "transaction {} is still being decided by another request; ask GetTransaction for its outcome",
+                handle.gid.txid()
+            ))
+        })
+    }
+
+    /// Checks every transaction with a deadline that has passed.
+    pub fn tick(self: &Arc<Self>) {
+        let now = now_ms();
+        let due: Vec<Arc<TxnHandle>> = self
+            .table()
+            .txns
+            .values()
+            .filter(|h| h.machine().next_deadline_ms().is_some_and(|d| d <= now))
+            .cloned()
+            .collect();
+        for handle in due {
+            self.feed_result(&handle, Event::Tick);
+        }
+    }
+
+    /// Runs `tick` until the engine is dropped by everyone else.
+    pub fn spawn_ticker(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(50));
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                let Some(engine) = weak.upgrade() else { return };
+                engine.tick();
+            }
+        });
+    }
+
+    /// Every tracked transaction matching `keep`, newest first, at most `limit`.
+    pub fn list(&self, keep: impl Fn(Phase) -> bool, limit: usize) -> Vec<Arc<TxnHandle>> {
+        let mut found: Vec<Arc<TxnHandle>> =
+            self.table().txns.values().filter(|h| keep(h.machine().phase())).cloned().collect();
+        found.sort_by_key(|h| std::cmp::Reverse(h.gid.txid()));
+        found.truncate(limit);
+        found
+    }
+
+    /// What a recovering participant should do with `gid`, and whether the coordinator still
+    /// needs the participant's marker row for it.
+    pub fn decision(&self, gid: &str) -> (pb::Decision, bool) {
+        let Ok(gid) = Gid::parse(gid) else { return (pb::Decision::Unspecified, false) };
+        if gid.coordinator() != &self.id {
+            return (pb::Decision::Unspecified, false);
+        }
+        let Some(handle) = self.table().txns.get(&gid.txid()).cloned() else {
+            // Presumed abort: no record means no commit was ever decided.
+            return (pb::Decision::Abort, false);
+        };
+        let phase = handle.machine().phase();
+        match phase {
+            Phase::Committing => (pb::Decision::Commit, true),
+            Phase::Aborting => (pb::Decision::Abort, true),
+            Phase::Committed => (pb::Decision::Commit, false),
+            Phase::Aborted | Phase::OutcomeUnknown => (pb::Decision::Abort, false),
+            _ => (pb::Decision::Pending, true),
+        }
+    }
+
+    /// Forces what is queued in the log (graceful shutdown).
+    pub async fn flush(&self) {
+        if let Err(e) = self.log.flush().await {
+            tracing::warn!("flushing the decision log at shutdown: {e}");
+        }
+    }
+}
+
+fn refused(error: ProtocolError) -> ApiError {
+    ApiError::FailedPrecondition(error.to_string())
+}

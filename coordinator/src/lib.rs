@@ -1,0 +1,113 @@
+//! Treaty's coordinator: drives two-phase commit across participant agents and keeps the durable
+//! decision log that recovery replays.
+//!
+//! - `protocol`: the pure state machine (no I/O);
+//! - `driver`: carries out the machine's actions (RPCs to participants, log writes, timers);
+//! - `participants`: the gRPC links to participant agents;
+//! - `submit`: one-shot cross-shard submits;
+//! - `service`: the gRPC `Coordinator` service;
+//! - `config`: flags, environment and TOML configuration.
+
+pub mod config;
+pub mod driver;
+pub mod participants;
+pub mod protocol;
+pub mod service;
+mod submit;
+
+use std::future::Future;
+use std::io::Write;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use treaty_decision_log::{DecisionLog, LogOptions};
+use treaty_proto::CoordinatorId;
+use treaty_proto::pb::coordinator_server::CoordinatorServer;
+
+use crate::config::Config;
+use crate::driver::{Engine, EngineSettings};
+use crate::participants::ParticipantLinks;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("decision log in {dir}: {source}")]
+    Log { dir: std::path::PathBuf, source: treaty_decision_log::LogError },
+    #[error(
+        "the decision log in {dir} belongs to coordinator {logged:?} but --id says {configured:?}; \
+         GIDs must stay stable, so drop --id or point --data-dir at this coordinator's own log"
+    )]
+    IdMismatch { dir: std::path::PathBuf, logged: String, configured: String },
+    #[error("coordinator id: {0}")]
+    BadId(treaty_proto::IdError),
+    #[error(transparent)]
+    Links(#[from] participants::LinkError),
+    #[error("serving gRPC: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("reading the listen address: {0}")]
+    ListenAddr(std::io::Error),
+    #[error("opening the decision log was interrupted: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// A fresh coordinator id: short, lowercase, unlikely to collide with another coordinator's.
+fn generate_id() -> String {
+    format!("c{:08x}", rand::random::<u32>())
+}
+
+/// Opens the log, recovers, and serves until `shutdown` completes.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), CoordinatorError> {
+    let dir = config.data_dir.clone();
+    let log_error = |source| CoordinatorError::Log { dir: dir.clone(), source };
+    let options = LogOptions { compact_after_bytes: config.compact_after_bytes };
+    let open_dir = dir.clone();
+    let (log, replay) = tokio::task::spawn_blocking(move || DecisionLog::open(&open_dir, options)).await?.map_err(log_error)?;
+    for damage in &replay.damage {
+        tracing::warn!(kind = ?damage.kind, offset = damage.offset, length = damage.length, "decision log damage repaired: {}", damage.detail);
+    }
+    let id = match (&replay.coordinator_id, &config.id) {
+        (Some(logged), Some(configured)) if logged != configured => {
+            return Err(CoordinatorError::IdMismatch { dir, logged: logged.clone(), configured: configured.clone() });
+        }
+        (Some(logged), _) => logged.clone(),
+        (None, configured) => {
+            let id = configured.clone().unwrap_or_else(generate_id);
+            CoordinatorId::new(&id).map_err(CoordinatorError::BadId)?;
+            log.write_header(&id).await.map_err(log_error)?;
+            id
+        }
+    };
+    let id = CoordinatorId::new(&id).map_err(CoordinatorError::BadId)?;
+    let links = ParticipantLinks::new(&config.shards)?;
+    let settings = EngineSettings { timeouts: config.timeouts, lock_timeout_ms: config.lock_timeout_ms };
+    let engine = Engine::new(id.clone(), log, links, settings, replay.txids_reserved_up_to);
+    tracing::info!(
+        coordinator = %id,
+        records = replay.records,
+        unfinished = replay.unfinished.len(),
+        next_txid = engine.next_txid(),
+        "decision log replayed"
+    );
+    engine.recover(replay.unfinished);
+    engine.spawn_ticker();
+
+    let addr = listener.local_addr().map_err(CoordinatorError::ListenAddr)?;
+    tracing::info!(%addr, shards = config.shards.len(), "coordinator serving");
+    announce(addr);
+    let service = CoordinatorServer::new(service::CoordinatorService::new(engine.clone()));
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    engine.flush().await;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+/// Tells whoever started the process where it serves (the test harness waits for this line).
+fn announce(addr: std::net::SocketAddr) {
+    let mut stdout = std::io::stdout().lock();
+    // Nobody reading stdout is not a reason to stop serving.
+    let _ = writeln!(stdout, "listening on {addr}");
+    let _ = stdout.flush();
+}

@@ -1,0 +1,128 @@
+//! What goes into the protocol state machine ([`Event`]) and what comes out ([`Action`]), plus the
+//! outcome and abort reasons a client sees.
+
+use treaty_proto::ShardName;
+
+/// Why a transaction aborted: enough for a client to report it and decide whether to retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbortReason {
+    pub cause: AbortCause,
+    pub shard: Option<ShardName>,
+    pub sqlstate: String,
+    pub message: String,
+    pub retryable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortCause {
+    ClientRollback,
+    StatementFailed,
+    VoteNo,
+    Timeout,
+    ExpectRows,
+    ParticipantUnavailable,
+    CoordinatorRestart,
+    Heuristic,
+}
+
+impl AbortReason {
+    pub fn new(cause: AbortCause, message: impl Into<String>) -> Self {
+        let retryable = matches!(cause, AbortCause::Timeout | AbortCause::ParticipantUnavailable);
+        Self { cause, shard: None, sqlstate: String::new(), message: message.into(), retryable }
+    }
+
+    pub fn on_shard(mut self, shard: &ShardName) -> Self {
+        self.shard = Some(shard.clone());
+        self
+    }
+}
+
+impl std::fmt::Display for AbortReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.cause)?;
+        if let Some(shard) = &self.shard {
+            write!(f, " on shard {shard}")?;
+        }
+        if !self.sqlstate.is_empty() {
+            write!(f, " (SQLSTATE {})", self.sqlstate)?;
+        }
+        if !self.message.is_empty() {
+            write!(f, ": {}", self.message)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Committed,
+    Aborted(AbortReason),
+    /// A one-phase commit whose answer was lost: the participant may or may not have committed.
+    Unknown(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vote {
+    Yes,
+    /// The branch wrote nothing and has already finished locally; it takes no part in phase two.
+    ReadOnly,
+    No(AbortReason),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The client is about to run a statement on `shard`; enlists it. Refused unless active.
+    Enlist { shard: ShardName },
+    /// A statement finished on `shard`; restarts the idle timer.
+    ExecuteSucceeded { shard: ShardName },
+    /// A statement failed on `shard`; the whole transaction aborts.
+    ExecuteFailed { shard: ShardName, reason: AbortReason },
+    /// The client asks for the transaction to abort before it commits (an `expect_rows` miss too).
+    AbortRequested { reason: AbortReason },
+    CommitRequested { wait_for_apply: bool },
+    VoteReceived { shard: ShardName, vote: Vote },
+    /// The commit decision asked for by `PersistCommit` is durable.
+    DecisionDurable,
+    /// A participant applied the phase-two message (commit or abort) sent to it.
+    Acknowledged { shard: ShardName },
+    /// A phase-two message did not reach `shard` or was not applied; it will be sent again.
+    PhaseTwoFailed { shard: ShardName, error: String },
+    OnePhaseCommitted,
+    OnePhaseFailed { reason: AbortReason },
+    OnePhaseUnknown { error: String },
+    /// Time passed: checks the transaction, idle and vote deadlines.
+    Tick,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Ask every listed participant to prepare, in parallel; each answers with `VoteReceived`.
+    SendPrepare { shards: Vec<ShardName> },
+    /// Force the commit decision naming these participants to the log; answered by `DecisionDurable`.
+    PersistCommit { participants: Vec<ShardName> },
+    /// Send `COMMIT PREPARED` after `delay_ms`; answered by `Acknowledged` or `PhaseTwoFailed`.
+    SendCommit { shard: ShardName, delay_ms: u64 },
+    /// Send an abort after `delay_ms`; answered by `Acknowledged` or `PhaseTwoFailed`.
+    SendAbort { shard: ShardName, delay_ms: u64 },
+    /// Commit the only writing branch with a plain COMMIT; answered by a `OnePhase*` event.
+    CommitOnePhase { shard: ShardName },
+    /// Answer the client waiting for the outcome.
+    Reply(Outcome),
+    /// Write the lazy end record: the log no longer needs this transaction.
+    PersistEnd,
+    /// The transaction needs nothing more; the driver may move it to its history.
+    Finished,
+}
+
+/// An event the transaction cannot take in its current phase. Each says what the caller did wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("transaction {txid} already aborted: {reason}")]
+    AlreadyAborted { txid: u64, reason: AbortReason },
+    #[error("transaction {txid} already committed")]
+    AlreadyCommitted { txid: u64 },
+    #[error("transaction {txid} is {phase}; statements and rollback are only accepted while it is active")]
+    NotActive { txid: u64, phase: &'static str },
+    #[error("transaction {txid} ended with an unknown outcome: {error}")]
+    OutcomeUnknown { txid: u64, error: String },
+}

@@ -1,0 +1,36 @@
+//! The commit protocol as a pure state machine: one [`Transaction`] per transaction, driven by
+//! [`Event`]s and answering with [`Action`]s. Nothing in here does I/O, reads a clock or touches
+//! tokio: time comes in as `now_ms` arguments, and the driver (`crate::driver`) carries out the
+//! actions and feeds their results back. The same code is unit-tested here, and run by the service.
+//!
+//! Two-phase commit with presumed abort:
+//! - nothing is forced before the decision; only a commit decision is forced (`PersistCommit`), and
+//!   the client's commit is answered once it is durable (or once every shard applied it, on request);
+//! - an abort is never logged: a transaction the log does not hold a commit for was aborted;
+//! - the end record (`PersistEnd`) is lazy;
+//! - one writer among the participants commits with a plain local COMMIT and writes no record; a
+//!   participant that wrote nothing votes read-only and is left out of phase two.
+//!
+//! The phases leave room for three-phase commit: `PreCommitting` sits between the votes and the
+//! commit decision, and [`Protocol::ThreePhase`] selects it per transaction.
+
+mod events;
+mod transaction;
+
+#[cfg(test)]
+mod tests;
+
+pub use events::{AbortCause, AbortReason, Action, Event, Outcome, ProtocolError, Vote};
+pub use transaction::{Branch, BranchPhase, Phase, Protocol, Timeouts, Transaction};
+
+/// Delay before the next phase-two attempt to a participant that did not answer: doubles from
+/// 20 ms up to 2 s so a participant that comes back is reached quickly and one that stays down
+/// costs little.
+pub fn retry_delay_ms(attempts: u32) -> u64 {
+    const FIRST_MS: u64 = 20;
+    const MAX_MS: u64 = 2_000;
+    if attempts == 0 {
+        return 0;
+    }
+    FIRST_MS.saturating_mul(1u64 << (attempts - 1).min(16)).min(MAX_MS)
+}

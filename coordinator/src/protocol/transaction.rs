@@ -1,0 +1,506 @@
+//! One transaction's state as the coordinator sees it, and `step`, the only way it changes.
+//!
+//! Architecture invariant: a transaction reaches `Committing` only through `DecisionDurable`
+//! (or through `recover_commit`, which starts from a durable decision), so no participant is ever
+//! told to commit before the decision is in the log. Every other path out of `Active` or
+//! `Preparing` leads to `Aborting`, which is safe to take without logging (presumed abort).
+
+use treaty_proto::{ShardName, TxId};
+
+use super::events::{AbortCause, AbortReason, Action, Event, Outcome, ProtocolError, Vote};
+use super::retry_delay_ms;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    TwoPhase,
+    ThreePhase,
+}
+
+/// Limits a transaction runs under, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From begin to the end of voting.
+    pub transaction_ms: u64,
+    /// Between client calls while active (not counting a statement that is running).
+    pub idle_ms: u64,
+    /// From sending prepare to the last vote; a missing vote counts as NO.
+    pub vote_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Active,
+    Preparing,
+    /// Every vote was YES or READ-ONLY; the commit decision is being forced to the log.
+    LoggingCommit,
+    /// Reserved for three-phase commit: between the votes and the commit decision.
+    PreCommitting,
+    CommittingOnePhase,
+    /// Decided commit (durable); phase two in progress.
+    Committing,
+    /// Decided abort; phase two in progress.
+    Aborting,
+    Committed,
+    Aborted,
+    OutcomeUnknown,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Active => "active",
+            Phase::Preparing => "preparing",
+            Phase::LoggingCommit => "logging its commit decision",
+            Phase::PreCommitting => "pre-committing",
+            Phase::CommittingOnePhase => "committing",
+            Phase::Committing => "committing",
+            Phase::Aborting => "aborting",
+            Phase::Committed => "committed",
+            Phase::Aborted => "aborted",
+            Phase::OutcomeUnknown => "in an unknown state",
+        }
+    }
+
+    /// Decided, with phase two still to finish: what `ListTransactions` calls in doubt.
+    pub fn is_in_doubt(self) -> bool {
+        matches!(self, Phase::Committing | Phase::Aborting)
+    }
+
+    pub fn is_undecided(self) -> bool {
+        matches!(
+            self,
+            Phase::Active | Phase::Preparing | Phase::LoggingCommit | Phase::PreCommitting | Phase::CommittingOnePhase
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BranchPhase {
+    Active,
+    Preparing,
+    Prepared,
+    ReadOnly,
+    VotedNo,
+    Committing,
+    Committed,
+    Aborting,
+    Aborted,
+}
+
+/// One participant's part in the transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Branch {
+    pub shard: ShardName,
+    pub phase: BranchPhase,
+    /// Phase-two sends so far.
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplyWhen {
+    Decided,
+    Applied,
+}
+
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    txid: TxId,
+    protocol: Protocol,
+    phase: Phase,
+    branches: Vec<Branch>,
+    timeouts: Timeouts,
+    begun_at_ms: u64,
+    last_activity_ms: u64,
+    statements_running: u32,
+    vote_deadline_ms: u64,
+    decided_at_ms: Option<u64>,
+    finished_at_ms: Option<u64>,
+    outcome: Option<Outcome>,
+    reply: Option<ReplyWhen>,
+    recovered: bool,
+}
+
+impl Transaction {
+    pub fn begin(txid: TxId, protocol: Protocol, timeouts: Timeouts, now_ms: u64) -> Self {
+        Self {
+            txid,
+            protocol,
+            phase: Phase::Active,
+            branches: Vec::new(),
+            timeouts,
+            begun_at_ms: now_ms,
+            last_activity_ms: now_ms,
+            statements_running: 0,
+            vote_deadline_ms: 0,
+            decided_at_ms: None,
+            finished_at_ms: None,
+            outcome: None,
+            reply: None,
+            recovered: false,
+        }
+    }
+
+    /// Rebuilds a transaction whose commit decision was found in the log without an end record,
+    /// and returns the commits to send again. Participants that already committed answer from
+    /// their marker rows, so resending is safe.
+    pub fn recover_commit(
+        txid: TxId,
+        participants: Vec<ShardName>,
+        decided_at_ms: u64,
+        timeouts: Timeouts,
+        now_ms: u64,
+    ) -> (Self, Vec<Action>) {
+        let mut txn = Self::begin(txid, Protocol::TwoPhase, timeouts, now_ms);
+        txn.begun_at_ms = 0;
+        txn.recovered = true;
+        txn.decided_at_ms = Some(decided_at_ms);
+        txn.outcome = Some(Outcome::Committed);
+        txn.phase = Phase::Committing;
+        txn.branches = participants
+            .into_iter()
+            .map(|shard| Branch { shard, phase: BranchPhase::Committing, attempts: 1, last_error: None })
+            .collect();
+        let mut actions: Vec<Action> = txn
+            .branches
+            .iter()
+            .map(|b| Action::SendCommit { shard: b.shard.clone(), delay_ms: 0 })
+            .collect();
+        txn.finish_if_applied(now_ms, &mut actions);
+        (txn, actions)
+    }
+
+    pub fn txid(&self) -> TxId {
+        self.txid
+    }
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+    pub fn branches(&self) -> &[Branch] {
+        &self.branches
+    }
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.outcome.as_ref()
+    }
+    pub fn begun_at_ms(&self) -> u64 {
+        self.begun_at_ms
+    }
+    pub fn decided_at_ms(&self) -> Option<u64> {
+        self.decided_at_ms
+    }
+    pub fn finished_at_ms(&self) -> Option<u64> {
+        self.finished_at_ms
+    }
+    pub fn recovered(&self) -> bool {
+        self.recovered
+    }
+
+    /// The earliest time a `Tick` can change anything, if any.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Active => {
+                let whole = self.begun_at_ms.saturating_add(self.timeouts.transaction_ms);
+                if self.statements_running > 0 {
+                    Some(whole)
+                } else {
+                    Some(whole.min(self.last_activity_ms.saturating_add(self.timeouts.idle_ms)))
+                }
+            }
+            Phase::Preparing => Some(self.vote_deadline_ms),
+            _ => None,
+        }
+    }
+
+    /// Applies one event. An event that makes no sense in the current phase but is harmless (a
+    /// late vote, a duplicate acknowledgement) is ignored; one that a caller must hear about is
+    /// refused with a `ProtocolError`.
+    pub fn step(&mut self, event: Event, now_ms: u64) -> Result<Vec<Action>, ProtocolError> {
+        let mut actions = Vec::new();
+        match event {
+            Event::Enlist { shard } => self.enlist(shard, now_ms)?,
+            Event::ExecuteSucceeded { .. } => self.statement_done(now_ms),
+            Event::ExecuteFailed { reason, .. } => {
+                self.statement_done(now_ms);
+                if self.phase == Phase::Active {
+                    self.abort(reason, now_ms, &mut actions);
+                }
+            }
+            Event::AbortRequested { reason } => self.abort_requested(reason, now_ms, &mut actions)?,
+            Event::CommitRequested { wait_for_apply } => self.commit_requested(wait_for_apply, now_ms, &mut actions)?,
+            Event::VoteReceived { shard, vote } => self.vote_received(&shard, vote, now_ms, &mut actions),
+            Event::DecisionDurable => self.decision_durable(now_ms, &mut actions),
+            Event::Acknowledged { shard } => self.acknowledged(&shard, now_ms, &mut actions),
+            Event::PhaseTwoFailed { shard, error } => self.phase_two_failed(&shard, error, &mut actions),
+            Event::OnePhaseCommitted => self.one_phase_finished(Outcome::Committed, now_ms, &mut actions),
+            Event::OnePhaseFailed { reason } => self.one_phase_finished(Outcome::Aborted(reason), now_ms, &mut actions),
+            Event::OnePhaseUnknown { error } => self.one_phase_finished(Outcome::Unknown(error), now_ms, &mut actions),
+            Event::Tick => self.tick(now_ms, &mut actions),
+        }
+        Ok(actions)
+    }
+
+    /// The error for a request the current phase cannot take.
+    fn refusal(&self) -> ProtocolError {
+        let txid = self.txid;
+        match &self.outcome {
+            Some(Outcome::Aborted(reason)) => ProtocolError::AlreadyAborted { txid, reason: reason.clone() },
+            Some(Outcome::Committed) if !self.phase.is_undecided() => ProtocolError::AlreadyCommitted { txid },
+            Some(Outcome::Unknown(error)) => ProtocolError::OutcomeUnknown { txid, error: error.clone() },
+            _ => ProtocolError::NotActive { txid, phase: self.phase.name() },
+        }
+    }
+
+    fn enlist(&mut self, shard: ShardName, now_ms: u64) -> Result<(), ProtocolError> {
+        if self.phase != Phase::Active {
+            return Err(self.refusal());
+        }
+        if !self.branches.iter().any(|b| b.shard == shard) {
+            self.branches.push(Branch { shard, phase: BranchPhase::Active, attempts: 0, last_error: None });
+        }
+        self.statements_running += 1;
+        self.last_activity_ms = now_ms;
+        Ok(())
+    }
+
+    fn statement_done(&mut self, now_ms: u64) {
+        self.statements_running = self.statements_running.saturating_sub(1);
+        self.last_activity_ms = now_ms;
+    }
+
+    fn abort_requested(
+        &mut self,
+        reason: AbortReason,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), ProtocolError> {
+        match (&self.phase, &self.outcome) {
+            (Phase::Active, _) => {
+                self.reply = Some(ReplyWhen::Decided);
+                self.abort(reason, now_ms, actions);
+                Ok(())
+            }
+            // A repeated rollback gets the same answer.
+            (Phase::Aborting | Phase::Aborted, Some(Outcome::Aborted(first))) => {
+                actions.push(Action::Reply(Outcome::Aborted(first.clone())));
+                Ok(())
+            }
+            _ => Err(self.refusal()),
+        }
+    }
+
+    fn commit_requested(
+        &mut self,
+        wait_for_apply: bool,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), ProtocolError> {
+        match self.phase {
+            Phase::Active => {}
+            // A replayed commit succeeds.
+            Phase::Committing | Phase::Committed => {
+                actions.push(Action::Reply(Outcome::Committed));
+                return Ok(());
+            }
+            _ => return Err(self.refusal()),
+        }
+        self.reply = Some(if wait_for_apply { ReplyWhen::Applied } else { ReplyWhen::Decided });
+        match self.branches.len() {
+            0 => {
+                self.decided_at_ms = Some(now_ms);
+                self.finish(Phase::Committed, Outcome::Committed, now_ms, actions);
+            }
+            1 => {
+                self.phase = Phase::CommittingOnePhase;
+                self.branches[0].phase = BranchPhase::Committing;
+                self.branches[0].attempts = 1;
+                actions.push(Action::CommitOnePhase { shard: self.branches[0].shard.clone() });
+            }
+            _ => {
+                self.phase = Phase::Preparing;
+                self.vote_deadline_ms = now_ms.saturating_add(self.timeouts.vote_ms);
+                for branch in &mut self.branches {
+                    branch.phase = BranchPhase::Preparing;
+                }
+                actions.push(Action::SendPrepare { shards: self.branches.iter().map(|b| b.shard.clone()).collect() });
+            }
+        }
+        Ok(())
+    }
+
+    fn vote_received(&mut self, shard: &ShardName, vote: Vote, now_ms: u64, actions: &mut Vec<Action>) {
+        if self.phase != Phase::Preparing {
+            return; // late: the transaction already decided, and sent abort to every undecided branch
+        }
+        let Some(branch) = self.branches.iter_mut().find(|b| &b.shard == shard) else { return };
+        if branch.phase != BranchPhase::Preparing {
+            return; // duplicate
+        }
+        match vote {
+            Vote::Yes => branch.phase = BranchPhase::Prepared,
+            Vote::ReadOnly => branch.phase = BranchPhase::ReadOnly,
+            Vote::No(reason) => {
+                branch.phase = BranchPhase::VotedNo;
+                self.abort(reason, now_ms, actions);
+                return;
+            }
+        }
+        if self.branches.iter().any(|b| b.phase == BranchPhase::Preparing) {
+            return;
+        }
+        let prepared: Vec<ShardName> =
+            self.branches.iter().filter(|b| b.phase == BranchPhase::Prepared).map(|b| b.shard.clone()).collect();
+        if prepared.is_empty() {
+            // Every branch was read-only and has finished: nothing to decide or log.
+            self.decided_at_ms = Some(now_ms);
+            self.finish(Phase::Committed, Outcome::Committed, now_ms, actions);
+        } else {
+            self.phase = Phase::LoggingCommit;
+            actions.push(Action::PersistCommit { participants: prepared });
+        }
+    }
+
+    fn decision_durable(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        if self.phase != Phase::LoggingCommit {
+            return;
+        }
+        self.phase = Phase::Committing;
+        self.decided_at_ms = Some(now_ms);
+        self.outcome = Some(Outcome::Committed);
+        for branch in self.branches.iter_mut().filter(|b| b.phase == BranchPhase::Prepared) {
+            branch.phase = BranchPhase::Committing;
+            branch.attempts = 1;
+            actions.push(Action::SendCommit { shard: branch.shard.clone(), delay_ms: 0 });
+        }
+        if self.reply == Some(ReplyWhen::Decided) {
+            self.reply = None;
+            actions.push(Action::Reply(Outcome::Committed));
+        }
+    }
+
+    fn acknowledged(&mut self, shard: &ShardName, now_ms: u64, actions: &mut Vec<Action>) {
+        let (from, to) = match self.phase {
+            Phase::Committing => (BranchPhase::Committing, BranchPhase::Committed),
+            Phase::Aborting => (BranchPhase::Aborting, BranchPhase::Aborted),
+            _ => return,
+        };
+        if let Some(branch) = self.branches.iter_mut().find(|b| &b.shard == shard && b.phase == from) {
+            branch.phase = to;
+            branch.last_error = None;
+        }
+        match self.phase {
+            Phase::Committing => self.finish_if_applied(now_ms, actions),
+            _ => self.finish_if_aborted(now_ms, actions),
+        }
+    }
+
+    fn phase_two_failed(&mut self, shard: &ShardName, error: String, actions: &mut Vec<Action>) {
+        let pending = match self.phase {
+            Phase::Committing => BranchPhase::Committing,
+            Phase::Aborting => BranchPhase::Aborting,
+            _ => return,
+        };
+        let Some(branch) = self.branches.iter_mut().find(|b| &b.shard == shard && b.phase == pending) else {
+            return;
+        };
+        let delay_ms = retry_delay_ms(branch.attempts);
+        branch.attempts += 1;
+        branch.last_error = Some(error);
+        let shard = branch.shard.clone();
+        actions.push(match pending {
+            BranchPhase::Committing => Action::SendCommit { shard, delay_ms },
+            _ => Action::SendAbort { shard, delay_ms },
+        });
+    }
+
+    fn one_phase_finished(&mut self, outcome: Outcome, now_ms: u64, actions: &mut Vec<Action>) {
+        if self.phase != Phase::CommittingOnePhase {
+            return;
+        }
+        let (phase, branch_phase) = match outcome {
+            Outcome::Committed => (Phase::Committed, BranchPhase::Committed),
+            Outcome::Aborted(_) => (Phase::Aborted, BranchPhase::Aborted),
+            Outcome::Unknown(_) => (Phase::OutcomeUnknown, BranchPhase::Committing),
+        };
+        self.branches[0].phase = branch_phase;
+        self.decided_at_ms = Some(now_ms);
+        self.finish(phase, outcome, now_ms, actions);
+    }
+
+    fn tick(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        let Some(deadline) = self.next_deadline_ms() else { return };
+        if now_ms < deadline {
+            return;
+        }
+        let message = match self.phase {
+            Phase::Active if now_ms >= self.begun_at_ms.saturating_add(self.timeouts.transaction_ms) => {
+                format!("transaction ran longer than its {} ms limit", self.timeouts.transaction_ms)
+            }
+            Phase::Active => format!("no client call for {} ms (idle timeout)", self.timeouts.idle_ms),
+            Phase::Preparing => {
+                let missing: Vec<&str> =
+                    self.branches.iter().filter(|b| b.phase == BranchPhase::Preparing).map(|b| b.shard.as_str()).collect();
+                format!("no vote within {} ms from {}", self.timeouts.vote_ms, missing.join(", "))
+            }
+            _ => return,
+        };
+        let mut reason = AbortReason::new(AbortCause::Timeout, message);
+        if self.phase == Phase::Preparing {
+            reason.shard = self.branches.iter().find(|b| b.phase == BranchPhase::Preparing).map(|b| b.shard.clone());
+        }
+        self.abort(reason, now_ms, actions);
+    }
+
+    /// Decides abort from `Active` or `Preparing`: every branch that may hold work is told to roll
+    /// back. Nothing is logged (presumed abort).
+    fn abort(&mut self, reason: AbortReason, now_ms: u64, actions: &mut Vec<Action>) {
+        debug_assert!(matches!(self.phase, Phase::Active | Phase::Preparing), "abort from {:?}", self.phase);
+        self.phase = Phase::Aborting;
+        self.decided_at_ms = Some(now_ms);
+        self.outcome = Some(Outcome::Aborted(reason.clone()));
+        for branch in &mut self.branches {
+            match branch.phase {
+                BranchPhase::Active | BranchPhase::Preparing | BranchPhase::Prepared => {
+                    branch.phase = BranchPhase::Aborting;
+                    branch.attempts = 1;
+                    actions.push(Action::SendAbort { shard: branch.shard.clone(), delay_ms: 0 });
+                }
+                BranchPhase::VotedNo => branch.phase = BranchPhase::Aborted,
+                _ => {}
+            }
+        }
+        if self.reply.take().is_some() {
+            actions.push(Action::Reply(Outcome::Aborted(reason)));
+        }
+        self.finish_if_aborted(now_ms, actions);
+    }
+
+    fn finish_if_applied(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        if self.branches.iter().any(|b| b.phase == BranchPhase::Committing) {
+            return;
+        }
+        actions.push(Action::PersistEnd);
+        self.finish(Phase::Committed, Outcome::Committed, now_ms, actions);
+    }
+
+    fn finish_if_aborted(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        if self.branches.iter().any(|b| b.phase == BranchPhase::Aborting) {
+            return;
+        }
+        if let Some(outcome) = self.outcome.clone() {
+            self.finish(Phase::Aborted, outcome, now_ms, actions);
+        }
+    }
+
+    fn finish(&mut self, phase: Phase, outcome: Outcome, now_ms: u64, actions: &mut Vec<Action>) {
+        self.phase = phase;
+        self.finished_at_ms = Some(now_ms);
+        if self.reply.take().is_some() {
+            actions.push(Action::Reply(outcome.clone()));
+        }
+        self.outcome = Some(outcome);
+        actions.push(Action::Finished);
+    }
+}

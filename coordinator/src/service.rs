@@ -1,0 +1,234 @@
+//! The gRPC `Coordinator` service: validates requests, converts between wire and domain types, and
+//! hands the work to the driver. Nothing here decides anything.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use treaty_proto::{ApiError, pb};
+
+use crate::driver::{Engine, TxnHandle, TxnOptions};
+use crate::protocol::{AbortCause, AbortReason, BranchPhase, Outcome, Phase, Protocol, Timeouts};
+
+pub struct CoordinatorService {
+    engine: Arc<Engine>,
+}
+
+impl CoordinatorService {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+
+    fn options(&self, options: Option<pb::TransactionOptions>) -> Result<TxnOptions, ApiError> {
+        let options = options.unwrap_or_default();
+        let protocol = match pb::Protocol::try_from(options.protocol) {
+            Ok(pb::Protocol::Unspecified) => None,
+            Ok(pb::Protocol::TwoPhase) => Some(Protocol::TwoPhase),
+            Ok(pb::Protocol::ThreePhase) => Some(Protocol::ThreePhase),
+            Err(_) => return Err(ApiError::InvalidArgument(format!("unknown protocol {}", options.protocol))),
+        };
+        if pb::IsolationLevel::try_from(options.isolation).is_err() {
+            return Err(ApiError::InvalidArgument(format!("unknown isolation level {}", options.isolation)));
+        }
+        if options.label.len() > 256 {
+            return Err(ApiError::InvalidArgument("label is longer than 256 bytes".into()));
+        }
+        let defaults = self.engine.default_timeouts();
+        let pick = |value: u64, default: u64| if value == 0 { default } else { value };
+        let timeouts = Timeouts {
+            transaction_ms: pick(options.timeout_ms, defaults.transaction_ms),
+            idle_ms: pick(options.idle_timeout_ms, defaults.idle_ms),
+            vote_ms: defaults.vote_ms,
+        };
+        Ok(TxnOptions {
+            label: options.label,
+            protocol,
+            timeouts: Some(timeouts),
+            branch: pb::BranchOptions {
+                isolation: options.isolation,
+                lock_timeout_ms: pick(options.lock_timeout_ms, self.engine.default_lock_timeout_ms()),
+                statement_timeout_ms: timeouts.transaction_ms,
+            },
+        })
+    }
+}
+
+fn outcome_to_pb(txid: u64, outcome: Outcome) -> Result<pb::Outcome, ApiError> {
+    match outcome {
+        Outcome::Committed => Ok(pb::Outcome { txid, kind: pb::OutcomeKind::Committed as i32, abort: None }),
+        Outcome::Aborted(reason) => {
+            Ok(pb::Outcome { txid, kind: pb::OutcomeKind::Aborted as i32, abort: Some(reason_to_pb(&reason)) })
+        }
+        Outcome::Unknown(error) => Err(ApiError::Unavailable(format!(
+            "transaction {txid}: the commit's answer was lost, so its outcome is unknown: {error}"
+        ))),
+    }
+}
+
+fn reason_to_pb(reason: &AbortReason) -> pb::AbortReason {
+    let cause = match reason.cause {
+        AbortCause::ClientRollback => pb::AbortCause::ClientRollback,
+        AbortCause::StatementFailed => pb::AbortCause::StatementFailed,
+        AbortCause::VoteNo => pb::AbortCause::VoteNo,
+        AbortCause::Timeout => pb::AbortCause::Timeout,
+        AbortCause::ExpectRows => pb::AbortCause::ExpectRows,
+        AbortCause::ParticipantUnavailable => pb::AbortCause::ParticipantUnavailable,
+        AbortCause::CoordinatorRestart => pb::AbortCause::CoordinatorRestart,
+        AbortCause::Heuristic => pb::AbortCause::Heuristic,
+    };
+    pb::AbortReason {
+        cause: cause as i32,
+        shard: reason.shard.as_ref().map(ToString::to_string).unwrap_or_default(),
+        sqlstate: reason.sqlstate.clone(),
+        message: reason.message.clone(),
+        retryable: reason.retryable,
+    }
+}
+
+fn phase_to_pb(phase: Phase) -> pb::TransactionState {
+    match phase {
+        Phase::Active => pb::TransactionState::Active,
+        Phase::Preparing | Phase::LoggingCommit | Phase::CommittingOnePhase => pb::TransactionState::Preparing,
+        Phase::PreCommitting => pb::TransactionState::PreCommitting,
+        Phase::Committing => pb::TransactionState::Committing,
+        Phase::Aborting => pb::TransactionState::Aborting,
+        Phase::Committed => pb::TransactionState::Committed,
+        Phase::Aborted | Phase::OutcomeUnknown => pb::TransactionState::Aborted,
+    }
+}
+
+fn branch_to_pb(phase: BranchPhase) -> pb::ParticipantState {
+    match phase {
+        BranchPhase::Active => pb::ParticipantState::Active,
+        BranchPhase::Preparing => pb::ParticipantState::Preparing,
+        BranchPhase::Prepared => pb::ParticipantState::Prepared,
+        BranchPhase::ReadOnly => pb::ParticipantState::ReadOnly,
+        BranchPhase::VotedNo => pb::ParticipantState::VotedNo,
+        BranchPhase::Committing => pb::ParticipantState::Committing,
+        BranchPhase::Committed => pb::ParticipantState::Committed,
+        BranchPhase::Aborting => pb::ParticipantState::Aborting,
+        BranchPhase::Aborted => pb::ParticipantState::Aborted,
+    }
+}
+
+fn info_to_pb(handle: &TxnHandle) -> pb::TransactionInfo {
+    let machine = handle.machine();
+    let txid = machine.txid();
+    pb::TransactionInfo {
+        txid,
+        gid: handle.gid.to_string(),
+        state: phase_to_pb(machine.phase()) as i32,
+        protocol: match machine.protocol() {
+            Protocol::TwoPhase => pb::Protocol::TwoPhase,
+            Protocol::ThreePhase => pb::Protocol::ThreePhase,
+        } as i32,
+        label: handle.label.clone(),
+        participants: machine
+            .branches()
+            .iter()
+            .map(|b| pb::ParticipantInfo {
+                shard: b.shard.to_string(),
+                state: branch_to_pb(b.phase) as i32,
+                attempts: b.attempts,
+                last_error: b.last_error.clone().unwrap_or_default(),
+            })
+            .collect(),
+        begun_at_ms: machine.begun_at_ms(),
+        decided_at_ms: machine.decided_at_ms().unwrap_or(0),
+        finished_at_ms: machine.finished_at_ms().unwrap_or(0),
+        outcome: machine
+            .outcome()
+            .filter(|_| !machine.phase().is_undecided())
+            .and_then(|o| outcome_to_pb(txid, o.clone()).ok()),
+        recovered: machine.recovered(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for CoordinatorService {
+    async fn begin(&self, request: Request<pb::BeginRequest>) -> Result<Response<pb::BeginResponse>, Status> {
+        let options = self.options(request.into_inner().options)?;
+        let txid = self.engine.begin(options).await?;
+        Ok(Response::new(pb::BeginResponse { txid }))
+    }
+
+    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::ExecuteResult>, Status> {
+        let request = request.into_inner();
+        let values = treaty_proto::params_from_pb(request.params.clone())?;
+        treaty_proto::validate_statement(&request.sql, &values)?;
+        let result = self.engine.execute(request.txid, &request.shard, request.sql, request.params).await?;
+        Ok(Response::new(result))
+    }
+
+    async fn commit(&self, request: Request<pb::CommitRequest>) -> Result<Response<pb::Outcome>, Status> {
+        let request = request.into_inner();
+        let outcome = self.engine.commit(request.txid, request.wait_for_apply).await?;
+        Ok(Response::new(outcome_to_pb(request.txid, outcome)?))
+    }
+
+    async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::Outcome>, Status> {
+        let txid = request.into_inner().txid;
+        let reason = AbortReason::new(AbortCause::ClientRollback, "rolled back by the client");
+        let outcome = self.engine.rollback(txid, reason).await?;
+        Ok(Response::new(outcome_to_pb(txid, outcome)?))
+    }
+
+    async fn submit(&self, request: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+        let request = request.into_inner();
+        let options = self.options(request.options)?;
+        let (txid, outcome, results) =
+            crate::submit::submit(&self.engine, request.ops, options, request.wait_for_apply).await?;
+        Ok(Response::new(pb::SubmitResponse { outcome: Some(outcome_to_pb(txid, outcome)?), results }))
+    }
+
+    async fn get_transaction(
+        &self,
+        request: Request<pb::GetTransactionRequest>,
+    ) -> Result<Response<pb::TransactionInfo>, Status> {
+        let handle = self.engine.handle(request.into_inner().txid)?;
+        Ok(Response::new(info_to_pb(&handle)))
+    }
+
+    async fn list_transactions(
+        &self,
+        request: Request<pb::ListTransactionsRequest>,
+    ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
+        let request = request.into_inner();
+        let limit = if request.limit == 0 { 1000 } else { request.limit as usize };
+        let filter = pb::ListFilter::try_from(request.filter)
+            .map_err(|_| ApiError::InvalidArgument(format!("unknown filter {}", request.filter)))?;
+        let keep = move |phase: Phase| match filter {
+            pb::ListFilter::Unspecified => true,
+            pb::ListFilter::Active => phase.is_undecided(),
+            pb::ListFilter::InDoubt => phase.is_in_doubt(),
+        };
+        let transactions = self.engine.list(keep, limit).iter().map(|h| info_to_pb(h)).collect();
+        Ok(Response::new(pb::ListTransactionsResponse { transactions }))
+    }
+
+    async fn query_decision(
+        &self,
+        request: Request<pb::QueryDecisionRequest>,
+    ) -> Result<Response<pb::QueryDecisionResponse>, Status> {
+        let request = request.into_inner();
+        if request.gids.len() > 10_000 {
+            return Err(ApiError::InvalidArgument("at most 10000 gids per QueryDecision".into()).into());
+        }
+        let answers = request
+            .gids
+            .into_iter()
+            .map(|gid| {
+                let (decision, tracked) = self.engine.decision(&gid);
+                pb::DecisionAnswer { gid, decision: decision as i32, tracked }
+            })
+            .collect();
+        Ok(Response::new(pb::QueryDecisionResponse { answers }))
+    }
+
+    async fn info(&self, _request: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        Ok(Response::new(pb::InfoResponse {
+            coordinator_id: self.engine.id().to_string(),
+            shards: self.engine.links().shard_names().map(ToString::to_string).collect(),
+            next_txid: self.engine.next_txid(),
+        }))
+    }
+}

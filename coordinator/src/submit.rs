@@ -1,0 +1,102 @@
+//! One-shot cross-shard submits: every op is checked before anything runs, ops on one shard run in
+//! order, different shards run concurrently, and the transaction commits only if every op ran and
+//! met its `expect_rows`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::future::join_all;
+use treaty_proto::{ApiError, ShardName, TxId, pb};
+
+use crate::driver::{Engine, TxnOptions};
+use crate::protocol::{AbortCause, AbortReason, Outcome};
+
+/// An op that passed validation.
+struct CheckedOp {
+    index: usize,
+    shard: ShardName,
+    sql: String,
+    params: Vec<pb::Value>,
+    expect_rows: Option<u64>,
+}
+
+/// Validates every op up front so a bad request runs nothing.
+fn check_ops(engine: &Engine, ops: Vec<pb::Op>) -> Result<BTreeMap<ShardName, Vec<CheckedOp>>, ApiError> {
+    if ops.is_empty() {
+        return Err(ApiError::InvalidArgument("ops is empty: a submit needs at least one op".into()));
+    }
+    let mut by_shard: BTreeMap<ShardName, Vec<CheckedOp>> = BTreeMap::new();
+    for (index, op) in ops.into_iter().enumerate() {
+        let in_op = |e: ApiError| ApiError::InvalidArgument(format!("op {index}: {e}"));
+        let shard = engine.links().resolve(&op.shard).map_err(in_op)?;
+        let values = treaty_proto::params_from_pb(op.params.clone()).map_err(in_op)?;
+        treaty_proto::validate_statement(&op.sql, &values).map_err(in_op)?;
+        by_shard.entry(shard.clone()).or_default().push(CheckedOp {
+            index,
+            shard,
+            sql: op.sql,
+            params: op.params,
+            expect_rows: op.expect_rows,
+        });
+    }
+    Ok(by_shard)
+}
+
+/// Runs one shard's ops in order; stops at the first failure.
+async fn run_shard(
+    engine: &Arc<Engine>,
+    txid: TxId,
+    ops: Vec<CheckedOp>,
+) -> Result<Vec<(usize, pb::ExecuteResult)>, AbortReason> {
+    let mut results = Vec::with_capacity(ops.len());
+    for op in ops {
+        let result = engine.execute(txid, op.shard.as_str(), op.sql, op.params).await.map_err(|error| match error {
+            ApiError::Sql(sql) => crate::participants::statement_failed(&op.shard, &sql),
+            other => AbortReason::new(AbortCause::StatementFailed, format!("op {}: {other}", op.index))
+                .on_shard(&op.shard),
+        })?;
+        if let Some(expected) = op.expect_rows
+            && result.rows_affected != expected
+        {
+            return Err(AbortReason::new(
+                AbortCause::ExpectRows,
+                format!("op {} affected {} rows, expected {expected}", op.index, result.rows_affected),
+            )
+            .on_shard(&op.shard));
+        }
+        results.push((op.index, result));
+    }
+    Ok(results)
+}
+
+pub async fn submit(
+    engine: &Arc<Engine>,
+    ops: Vec<pb::Op>,
+    options: TxnOptions,
+    wait_for_apply: bool,
+) -> Result<(TxId, Outcome, Vec<pb::ExecuteResult>), ApiError> {
+    let by_shard = check_ops(engine, ops)?;
+    let op_count = by_shard.values().map(Vec::len).sum();
+    let txid = engine.begin(options).await?;
+    let runs = join_all(by_shard.into_values().map(|ops| run_shard(engine, txid, ops))).await;
+    let mut results: Vec<(usize, pb::ExecuteResult)> = Vec::with_capacity(op_count);
+    let mut failure = None;
+    for run in runs {
+        match run {
+            Ok(done) => results.extend(done),
+            Err(reason) => failure = failure.or(Some(reason)),
+        }
+    }
+    if let Some(reason) = failure {
+        // A failed statement already aborted the transaction; the first reason recorded there is
+        // the one the client hears. An expect_rows miss aborts it here.
+        let outcome = match engine.rollback(txid, reason.clone()).await {
+            Ok(outcome) => outcome,
+            Err(_) => engine.handle(txid)?.machine().outcome().cloned().unwrap_or(Outcome::Aborted(reason)),
+        };
+        return Ok((txid, outcome, Vec::new()));
+    }
+    let outcome = engine.commit(txid, wait_for_apply).await?;
+    results.sort_by_key(|(index, _)| *index);
+    Ok((txid, outcome, results.into_iter().map(|(_, r)| r).collect()))
+}

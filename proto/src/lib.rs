@@ -1,0 +1,55 @@
+//! Treaty's wire protocol: the generated gRPC code (`pb`) and, beside it, the domain types the rest
+//! of the workspace uses. Generated types stay at this edge: conversions validate on arrival, and
+//! one error type (`ApiError`) maps to and from `tonic::Status`.
+
+#[allow(clippy::all, clippy::unwrap_used, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("treaty.v1");
+}
+
+mod error;
+mod ids;
+mod value;
+
+pub use error::{ApiError, SqlError};
+pub use ids::{CoordinatorId, Gid, IdError, ShardName, TxId, GID_PREFIX};
+pub use value::{Value, ValueError};
+
+/// Largest SQL text accepted in one statement, in bytes. Bigger statements are refused with
+/// `INVALID_ARGUMENT` before they reach a database.
+pub const MAX_SQL_BYTES: usize = 1 << 20;
+
+/// Largest number of bind parameters in one statement (PostgreSQL's own limit).
+pub const MAX_PARAMS: usize = 65_535;
+
+/// Checks the parts of a statement every entry point validates the same way.
+pub fn validate_statement(sql: &str, params: &[Value]) -> Result<(), ApiError> {
+    if sql.trim().is_empty() {
+        return Err(ApiError::InvalidArgument("sql is empty".into()));
+    }
+    if sql.len() > MAX_SQL_BYTES {
+        return Err(ApiError::InvalidArgument(format!(
+            "sql is {} bytes, over the limit of {MAX_SQL_BYTES} bytes; split the statement",
+            sql.len()
+        )));
+    }
+    if params.len() > MAX_PARAMS {
+        return Err(ApiError::InvalidArgument(format!(
+            "{} parameters, over PostgreSQL's limit of {MAX_PARAMS}",
+            params.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Converts wire parameters into validated values, naming the first bad one.
+pub fn params_from_pb(params: Vec<pb::Value>) -> Result<Vec<Value>, ApiError> {
+    params
+        .into_iter()
+        .enumerate()
+        .map(|(index, value)| {
+            Value::try_from(value)
+                .map_err(|error| ApiError::InvalidArgument(format!("parameter ${}: {error}", index + 1)))
+        })
+        .collect()
+}
