@@ -1,1 +1,97 @@
-fn main() {}
+//! `treaty`: the command users run. `demo` is the README's main job; `dev up`/`dev down` manage a
+//! local cluster; `submit`, `txn` and `in-doubt` talk to a running coordinator.
+
+mod client;
+mod demo;
+mod dev;
+mod ops_file;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "treaty", version, about = "Atomic commit across PostgreSQL shards")]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a local cluster, a bank workload with coordinator crashes, and print a verdict.
+    Demo(demo::DemoArgs),
+    /// Manage a local development cluster.
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
+    /// Submit a one-shot cross-shard transaction from a JSON or TOML file.
+    Submit {
+        /// The ops file (see README: "Submitting from a file").
+        file: PathBuf,
+        #[command(flatten)]
+        target: client::Target,
+        /// Print the response as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one transaction: state, participants, phase-two progress, outcome.
+    Txn {
+        txid: u64,
+        #[command(flatten)]
+        target: client::Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List transactions decided but not yet finished on every participant.
+    InDoubt {
+        #[command(flatten)]
+        target: client::Target,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Start N PostgreSQL clusters, one participant each and a coordinator; print the endpoints.
+    Up(dev::UpArgs),
+    /// Stop everything `dev up` started.
+    Down(dev::DownArgs),
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    match cli.command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::Dev {
+            command: DevCommand::Up(args),
+        } => dev::up(args).await,
+        Command::Dev {
+            command: DevCommand::Down(args),
+        } => dev::down(args).await,
+        Command::Submit { file, target, json } => client::submit(&file, &target, json).await,
+        Command::Txn { txid, target, json } => client::show_transaction(txid, &target, json).await,
+        Command::InDoubt { target, json } => client::in_doubt(&target, json).await,
+    }
+}

@@ -21,7 +21,11 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, clap::Parser)]
-#[command(name = "treaty-coordinator", version, about = "Treaty coordinator: atomic commit across PostgreSQL shards")]
+#[command(
+    name = "treaty-coordinator",
+    version,
+    about = "Treaty coordinator: atomic commit across PostgreSQL shards"
+)]
 pub struct Args {
     /// TOML file with any of the settings below (flags and environment win over it).
     #[arg(long, env = "TREATY_COORDINATOR_CONFIG")]
@@ -55,6 +59,9 @@ pub struct Args {
     pub compact_after_bytes: Option<u64>,
     #[arg(long, env = "TREATY_COORDINATOR_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Testing only: abort the process the first time it reaches this protocol step.
+    #[arg(long, hide = true)]
+    pub crash_at: Option<String>,
 }
 
 /// The TOML file: the same settings, `shards` as a table of name = url.
@@ -84,6 +91,7 @@ pub struct Config {
     pub lock_timeout_ms: u64,
     pub compact_after_bytes: u64,
     pub log_format: LogFormat,
+    pub crash_at: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +113,14 @@ pub enum ConfigError {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.into(),
+        message: e.to_string(),
+    })
 }
 
 impl Config {
@@ -136,7 +150,10 @@ impl Config {
             return Err(ConfigError::NoShards);
         }
         let timeouts = Timeouts {
-            transaction_ms: args.transaction_timeout_ms.or(file.transaction_timeout_ms).unwrap_or(60_000),
+            transaction_ms: args
+                .transaction_timeout_ms
+                .or(file.transaction_timeout_ms)
+                .unwrap_or(60_000),
             idle_ms: args.idle_timeout_ms.or(file.idle_timeout_ms).unwrap_or(30_000),
             vote_ms: args.vote_timeout_ms.or(file.vote_timeout_ms).unwrap_or(10_000),
         };
@@ -150,14 +167,24 @@ impl Config {
             }
         }
         Ok(Config {
-            listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7600))),
-            data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("treaty-coordinator-data")),
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7600))),
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("treaty-coordinator-data")),
             shards,
             id: args.id.or(file.id),
             timeouts,
             lock_timeout_ms: args.lock_timeout_ms.or(file.lock_timeout_ms).unwrap_or(10_000),
-            compact_after_bytes: args.compact_after_bytes.or(file.compact_after_bytes).unwrap_or(64 << 20),
+            compact_after_bytes: args
+                .compact_after_bytes
+                .or(file.compact_after_bytes)
+                .unwrap_or(64 << 20),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            crash_at: args.crash_at,
         })
     }
 }
@@ -169,12 +196,20 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
-        Config::resolve(Args::try_parse_from(std::iter::once("treaty-coordinator").chain(args.iter().copied())).unwrap())
+        Config::resolve(
+            Args::try_parse_from(std::iter::once("treaty-coordinator").chain(args.iter().copied())).unwrap(),
+        )
     }
 
     #[test]
     fn flags_resolve_with_defaults() {
-        let config = parse(&["--shard", "s0=http://127.0.0.1:1", "--shard", "s1=http://127.0.0.1:2"]).unwrap();
+        let config = parse(&[
+            "--shard",
+            "s0=http://127.0.0.1:1",
+            "--shard",
+            "s1=http://127.0.0.1:2",
+        ])
+        .unwrap();
         assert_eq!(config.shards.len(), 2);
         assert_eq!(config.timeouts.vote_ms, 10_000);
     }
@@ -182,8 +217,14 @@ mod tests {
     #[test]
     fn bad_shards_are_named() {
         assert!(matches!(parse(&[]), Err(ConfigError::NoShards)));
-        assert!(matches!(parse(&["--shard", "nourl"]), Err(ConfigError::ShardSyntax(_))));
-        assert!(matches!(parse(&["--shard", "a b=http://x"]), Err(ConfigError::ShardName(..))));
+        assert!(matches!(
+            parse(&["--shard", "nourl"]),
+            Err(ConfigError::ShardSyntax(_))
+        ));
+        assert!(matches!(
+            parse(&["--shard", "a b=http://x"]),
+            Err(ConfigError::ShardName(..))
+        ));
         assert!(matches!(
             parse(&["--shard", "a=http://x", "--shard", "a=http://y"]),
             Err(ConfigError::DuplicateShard(_))
@@ -194,13 +235,19 @@ mod tests {
     fn file_settings_apply_and_flags_win() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "idle_timeout_ms = 5\nvote_timeout_ms = 7\n[shards]\ns0 = \"http://127.0.0.1:9\"\n")
-            .unwrap();
+        std::fs::write(
+            &path,
+            "idle_timeout_ms = 5\nvote_timeout_ms = 7\n[shards]\ns0 = \"http://127.0.0.1:9\"\n",
+        )
+        .unwrap();
         let config = parse(&["--config", path.to_str().unwrap(), "--vote-timeout-ms", "8"]).unwrap();
         assert_eq!(config.timeouts.idle_ms, 5);
         assert_eq!(config.timeouts.vote_ms, 8);
         assert_eq!(config.shards.len(), 1);
         std::fs::write(&path, "nonsense = 1\n").unwrap();
-        assert!(matches!(parse(&["--config", path.to_str().unwrap()]), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            parse(&["--config", path.to_str().unwrap()]),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 }

@@ -27,7 +27,9 @@ const TXID_BLOCK: u64 = 10_000;
 const HISTORY: usize = 10_000;
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Per-transaction settings chosen at begin.
@@ -52,11 +54,15 @@ impl TxnHandle {
     /// The protocol state; a poisoned lock still holds a consistent machine because `step`
     /// never panics half-way through a change it has not finished validating.
     pub fn machine(&self) -> MutexGuard<'_, Transaction> {
-        self.machine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.machine
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn waiter(&self) -> MutexGuard<'_, Option<oneshot::Sender<Outcome>>> {
-        self.waiter.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.waiter
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -138,7 +144,11 @@ impl Engine {
             let gid = match Gid::parse(&record.gid) {
                 Ok(gid) => gid,
                 Err(e) => {
-                    tracing::error!(txid = record.txid, gid = record.gid, "unusable GID in the log: {e}");
+                    tracing::error!(
+                        txid = record.txid,
+                        gid = record.gid,
+                        "unusable GID in the log: {e}"
+                    );
                     continue;
                 }
             };
@@ -159,14 +169,25 @@ impl Engine {
                 })
                 .collect();
             tracing::info!(txid = record.txid, shards = ?record.participants, "re-driving a logged commit");
-            let (machine, actions) =
-                Transaction::recover_commit(record.txid, participants, record.decided_at_ms, self.default_timeouts, now);
+            let (machine, actions) = Transaction::recover_commit(
+                record.txid,
+                participants,
+                record.decided_at_ms,
+                self.default_timeouts,
+                now,
+            );
             let handle = self.register(gid, String::new(), pb::BranchOptions::default(), machine);
             self.perform(&handle, actions);
         }
     }
 
-    fn register(&self, gid: Gid, label: String, branch_options: pb::BranchOptions, machine: Transaction) -> Arc<TxnHandle> {
+    fn register(
+        &self,
+        gid: Gid,
+        label: String,
+        branch_options: pb::BranchOptions,
+        machine: Transaction,
+    ) -> Arc<TxnHandle> {
         let txid = machine.txid();
         let handle = Arc::new(TxnHandle {
             gid,
@@ -188,7 +209,10 @@ impl Engine {
         let reserved = self.reserved_up_to.load(Ordering::Acquire);
         if txid > reserved {
             let up_to = txid.max(reserved) + TXID_BLOCK;
-            self.log.reserve_txids(up_to).await.map_err(|e| self.log_failed(e))?;
+            self.log
+                .reserve_txids(up_to)
+                .await
+                .map_err(|e| self.log_failed(e))?;
             self.reserved_up_to.store(up_to, Ordering::Release);
         }
         Ok(txid)
@@ -285,8 +309,12 @@ impl Engine {
         };
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
         tokio::spawn(async move {
+            crate::crash::hit("before-commit-decision");
             match engine.log.commit(record).await {
-                Ok(()) => engine.feed_result(&handle, Event::DecisionDurable),
+                Ok(()) => {
+                    crate::crash::hit("after-commit-decision");
+                    engine.feed_result(&handle, Event::DecisionDurable);
+                }
                 Err(e) => {
                     engine.log_failed(e);
                 }
@@ -294,7 +322,13 @@ impl Engine {
         });
     }
 
-    fn send_phase_two(self: &Arc<Self>, handle: &Arc<TxnHandle>, shard: ShardName, delay_ms: u64, commit: bool) {
+    fn send_phase_two(
+        self: &Arc<Self>,
+        handle: &Arc<TxnHandle>,
+        shard: ShardName,
+        delay_ms: u64,
+        commit: bool,
+    ) {
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
         tokio::spawn(async move {
             if delay_ms > 0 {
@@ -328,21 +362,30 @@ impl Engine {
     ) -> Result<pb::ExecuteResult, ApiError> {
         let shard = self.links.resolve(shard)?;
         let handle = self.handle(txid)?;
-        self.feed(&handle, Event::Enlist { shard: shard.clone() }).map_err(refused)?;
-        let remaining = handle.machine().next_deadline_ms().map_or(0, |d| d.saturating_sub(now_ms()));
+        self.feed(&handle, Event::Enlist { shard: shard.clone() })
+            .map_err(refused)?;
+        let remaining = handle
+            .machine()
+            .next_deadline_ms()
+            .map_or(0, |d| d.saturating_sub(now_ms()));
         let request = pb::BranchExecuteRequest {
             gid: handle.gid.to_string(),
             sql,
             params,
             options: Some(handle.branch_options),
         };
-        let result = self.links.execute(&shard, request, Duration::from_millis(remaining.max(1))).await;
+        let result = self
+            .links
+            .execute(&shard, request, Duration::from_millis(remaining.max(1)))
+            .await;
         match &result {
             Ok(_) => self.feed_result(&handle, Event::ExecuteSucceeded { shard }),
             Err(error) => {
                 let reason = match error {
                     ApiError::Sql(sql) => crate::participants::statement_failed(&shard, sql),
-                    other => AbortReason::new(AbortCause::StatementFailed, other.to_string()).on_shard(&shard),
+                    other => {
+                        AbortReason::new(AbortCause::StatementFailed, other.to_string()).on_shard(&shard)
+                    }
                 };
                 self.feed_result(&handle, Event::ExecuteFailed { shard, reason });
             }
@@ -353,15 +396,21 @@ impl Engine {
     /// Asks the transaction to commit and waits for the outcome.
     pub async fn commit(self: &Arc<Self>, txid: TxId, wait_for_apply: bool) -> Result<Outcome, ApiError> {
         let handle = self.handle(txid)?;
-        self.request_outcome(&handle, Event::CommitRequested { wait_for_apply }).await
+        self.request_outcome(&handle, Event::CommitRequested { wait_for_apply })
+            .await
     }
 
     pub async fn rollback(self: &Arc<Self>, txid: TxId, reason: AbortReason) -> Result<Outcome, ApiError> {
         let handle = self.handle(txid)?;
-        self.request_outcome(&handle, Event::AbortRequested { reason }).await
+        self.request_outcome(&handle, Event::AbortRequested { reason })
+            .await
     }
 
-    async fn request_outcome(self: &Arc<Self>, handle: &Arc<TxnHandle>, event: Event) -> Result<Outcome, ApiError> {
+    async fn request_outcome(
+        self: &Arc<Self>,
+        handle: &Arc<TxnHandle>,
+        event: Event,
+    ) -> Result<Outcome, ApiError> {
         let (sender, receiver) = oneshot::channel();
         *handle.waiter() = Some(sender);
         if let Err(e) = self.feed(handle, event) {
@@ -407,8 +456,13 @@ impl Engine {
 
     /// Every tracked transaction matching `keep`, newest first, at most `limit`.
     pub fn list(&self, keep: impl Fn(Phase) -> bool, limit: usize) -> Vec<Arc<TxnHandle>> {
-        let mut found: Vec<Arc<TxnHandle>> =
-            self.table().txns.values().filter(|h| keep(h.machine().phase())).cloned().collect();
+        let mut found: Vec<Arc<TxnHandle>> = self
+            .table()
+            .txns
+            .values()
+            .filter(|h| keep(h.machine().phase()))
+            .cloned()
+            .collect();
         found.sort_by_key(|h| std::cmp::Reverse(h.gid.txid()));
         found.truncate(limit);
         found
@@ -417,7 +471,9 @@ impl Engine {
     /// What a recovering participant should do with `gid`, and whether the coordinator still
     /// needs the participant's marker row for it.
     pub fn decision(&self, gid: &str) -> (pb::Decision, bool) {
-        let Ok(gid) = Gid::parse(gid) else { return (pb::Decision::Unspecified, false) };
+        let Ok(gid) = Gid::parse(gid) else {
+            return (pb::Decision::Unspecified, false);
+        };
         if gid.coordinator() != &self.id {
             return (pb::Decision::Unspecified, false);
         }

@@ -9,6 +9,7 @@
 //! - `config`: flags, environment and TOML configuration.
 
 pub mod config;
+mod crash;
 pub mod driver;
 pub mod participants;
 pub mod protocol;
@@ -31,12 +32,19 @@ use crate::participants::ParticipantLinks;
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
     #[error("decision log in {dir}: {source}")]
-    Log { dir: std::path::PathBuf, source: treaty_decision_log::LogError },
+    Log {
+        dir: std::path::PathBuf,
+        source: treaty_decision_log::LogError,
+    },
     #[error(
         "the decision log in {dir} belongs to coordinator {logged:?} but --id says {configured:?}; \
          GIDs must stay stable, so drop --id or point --data-dir at this coordinator's own log"
     )]
-    IdMismatch { dir: std::path::PathBuf, logged: String, configured: String },
+    IdMismatch {
+        dir: std::path::PathBuf,
+        logged: String,
+        configured: String,
+    },
     #[error("coordinator id: {0}")]
     BadId(treaty_proto::IdError),
     #[error(transparent)]
@@ -55,18 +63,34 @@ fn generate_id() -> String {
 }
 
 /// Opens the log, recovers, and serves until `shutdown` completes.
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), CoordinatorError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
     let dir = config.data_dir.clone();
-    let log_error = |source| CoordinatorError::Log { dir: dir.clone(), source };
-    let options = LogOptions { compact_after_bytes: config.compact_after_bytes };
+    crash::arm(config.crash_at.as_deref(), &dir);
+    let log_error = |source| CoordinatorError::Log {
+        dir: dir.clone(),
+        source,
+    };
+    let options = LogOptions {
+        compact_after_bytes: config.compact_after_bytes,
+    };
     let open_dir = dir.clone();
-    let (log, replay) = tokio::task::spawn_blocking(move || DecisionLog::open(&open_dir, options)).await?.map_err(log_error)?;
+    let (log, replay) = tokio::task::spawn_blocking(move || DecisionLog::open(&open_dir, options))
+        .await?
+        .map_err(log_error)?;
     for damage in &replay.damage {
         tracing::warn!(kind = ?damage.kind, offset = damage.offset, length = damage.length, "decision log damage repaired: {}", damage.detail);
     }
     let id = match (&replay.coordinator_id, &config.id) {
         (Some(logged), Some(configured)) if logged != configured => {
-            return Err(CoordinatorError::IdMismatch { dir, logged: logged.clone(), configured: configured.clone() });
+            return Err(CoordinatorError::IdMismatch {
+                dir,
+                logged: logged.clone(),
+                configured: configured.clone(),
+            });
         }
         (Some(logged), _) => logged.clone(),
         (None, configured) => {
@@ -78,7 +102,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     };
     let id = CoordinatorId::new(&id).map_err(CoordinatorError::BadId)?;
     let links = ParticipantLinks::new(&config.shards)?;
-    let settings = EngineSettings { timeouts: config.timeouts, lock_timeout_ms: config.lock_timeout_ms };
+    let settings = EngineSettings {
+        timeouts: config.timeouts,
+        lock_timeout_ms: config.lock_timeout_ms,
+    };
     let engine = Engine::new(id.clone(), log, links, settings, replay.txids_reserved_up_to);
     tracing::info!(
         coordinator = %id,

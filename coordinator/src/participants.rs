@@ -16,7 +16,11 @@ const PHASE_TWO_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("shard {shard}: {url:?} is not a usable participant address ({reason}); use http://HOST:PORT")]
-    BadUrl { shard: String, url: String, reason: String },
+    BadUrl {
+        shard: String,
+        url: String,
+        reason: String,
+    },
 }
 
 #[derive(Clone)]
@@ -30,7 +34,11 @@ impl ParticipantLinks {
     pub fn new(shards: &BTreeMap<ShardName, String>) -> Result<Self, LinkError> {
         let mut clients = BTreeMap::new();
         for (shard, url) in shards {
-            let bad = |reason: String| LinkError::BadUrl { shard: shard.to_string(), url: url.clone(), reason };
+            let bad = |reason: String| LinkError::BadUrl {
+                shard: shard.to_string(),
+                url: url.clone(),
+                reason,
+            };
             let endpoint = Endpoint::from_shared(url.clone())
                 .map_err(|e| bad(e.to_string()))?
                 .connect_timeout(Duration::from_secs(1))
@@ -48,10 +56,16 @@ impl ParticipantLinks {
 
     /// The shard's name as configured, or an error listing the known ones.
     pub fn resolve(&self, shard: &str) -> Result<ShardName, ApiError> {
-        self.clients.get_key_value(shard).map(|(name, _)| name.clone()).ok_or_else(|| {
-            let known: Vec<&str> = self.clients.keys().map(ShardName::as_str).collect();
-            ApiError::InvalidArgument(format!("unknown shard {shard:?}; this coordinator knows: {}", known.join(", ")))
-        })
+        self.clients
+            .get_key_value(shard)
+            .map(|(name, _)| name.clone())
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.clients.keys().map(ShardName::as_str).collect();
+                ApiError::InvalidArgument(format!(
+                    "unknown shard {shard:?}; this coordinator knows: {}",
+                    known.join(", ")
+                ))
+            })
     }
 
     fn client(&self, shard: &ShardName) -> Result<ParticipantClient<Channel>, ApiError> {
@@ -80,12 +94,21 @@ impl ParticipantLinks {
     }
 
     /// Asks for a vote; anything but a clear YES or READ-ONLY within `timeout` is a NO.
-    pub async fn prepare(&self, shard: &ShardName, gid: &Gid, participants: Vec<String>, timeout: Duration) -> Vote {
+    pub async fn prepare(
+        &self,
+        shard: &ShardName,
+        gid: &Gid,
+        participants: Vec<String>,
+        timeout: Duration,
+    ) -> Vote {
         let mut client = match self.client(shard) {
             Ok(client) => client,
             Err(e) => return Vote::No(unavailable(shard, e.to_string())),
         };
-        let request = pb::PrepareRequest { gid: gid.to_string(), participants };
+        let request = pb::PrepareRequest {
+            gid: gid.to_string(),
+            participants,
+        };
         match tokio::time::timeout(timeout, client.prepare(request)).await {
             Ok(Ok(response)) => {
                 let response = response.into_inner();
@@ -93,7 +116,8 @@ impl ParticipantLinks {
                     Ok(pb::Vote::Yes) => Vote::Yes,
                     Ok(pb::Vote::ReadOnly) => Vote::ReadOnly,
                     _ => {
-                        let mut reason = AbortReason::new(AbortCause::VoteNo, response.message).on_shard(shard);
+                        let mut reason =
+                            AbortReason::new(AbortCause::VoteNo, response.message).on_shard(shard);
                         reason.retryable = treaty_proto::SqlError {
                             shard: String::new(),
                             sqlstate: response.sqlstate.clone(),
@@ -105,10 +129,16 @@ impl ParticipantLinks {
                     }
                 }
             }
-            Ok(Err(status)) => Vote::No(unavailable(shard, format!("prepare failed: {}", status.message()))),
+            Ok(Err(status)) => Vote::No(unavailable(
+                shard,
+                format!("prepare failed: {}", status.message()),
+            )),
             Err(_) => Vote::No(
-                AbortReason::new(AbortCause::Timeout, format!("no vote within {} ms", timeout.as_millis()))
-                    .on_shard(shard),
+                AbortReason::new(
+                    AbortCause::Timeout,
+                    format!("no vote within {} ms", timeout.as_millis()),
+                )
+                .on_shard(shard),
             ),
         }
     }
@@ -123,14 +153,21 @@ impl ParticipantLinks {
     }
 
     async fn finish(&self, shard: &ShardName, gid: &Gid, commit: bool) -> Event {
-        let failed = |error: String| Event::PhaseTwoFailed { shard: shard.clone(), error };
+        let failed = |error: String| Event::PhaseTwoFailed {
+            shard: shard.clone(),
+            error,
+        };
         let mut client = match self.client(shard) {
             Ok(client) => client,
             Err(e) => return failed(e.to_string()),
         };
         let request = pb::FinishRequest { gid: gid.to_string() };
         let call = async {
-            if commit { client.commit(request).await } else { client.abort(request).await }
+            if commit {
+                client.commit(request).await
+            } else {
+                client.abort(request).await
+            }
         };
         match tokio::time::timeout(PHASE_TWO_TIMEOUT, call).await {
             Ok(Ok(_)) => Event::Acknowledged { shard: shard.clone() },
@@ -149,22 +186,35 @@ impl ParticipantLinks {
     pub async fn commit_one_phase(&self, shard: &ShardName, gid: &Gid) -> Event {
         let mut client = match self.client(shard) {
             Ok(client) => client,
-            Err(e) => return Event::OnePhaseFailed { reason: unavailable(shard, e.to_string()) },
+            Err(e) => {
+                return Event::OnePhaseFailed {
+                    reason: unavailable(shard, e.to_string()),
+                };
+            }
         };
         let request = pb::FinishRequest { gid: gid.to_string() };
         match tokio::time::timeout(PHASE_TWO_TIMEOUT, client.commit_one_phase(request)).await {
             Ok(Ok(_)) => Event::OnePhaseCommitted,
             Ok(Err(status)) => match ApiError::from(status) {
-                ApiError::Sql(sql) => Event::OnePhaseFailed { reason: statement_failed(shard, &sql) },
+                ApiError::Sql(sql) => Event::OnePhaseFailed {
+                    reason: statement_failed(shard, &sql),
+                },
                 // The participant answered without committing (no such branch, timed out, ...).
                 ApiError::FailedPrecondition(message) | ApiError::InvalidArgument(message) => {
-                    Event::OnePhaseFailed { reason: unavailable(shard, message) }
+                    Event::OnePhaseFailed {
+                        reason: unavailable(shard, message),
+                    }
                 }
                 // The connection broke: the COMMIT may or may not have run.
-                other => Event::OnePhaseUnknown { error: format!("shard {shard}: {other}") },
+                other => Event::OnePhaseUnknown {
+                    error: format!("shard {shard}: {other}"),
+                },
             },
             Err(_) => Event::OnePhaseUnknown {
-                error: format!("shard {shard}: no answer to COMMIT within {} ms", PHASE_TWO_TIMEOUT.as_millis()),
+                error: format!(
+                    "shard {shard}: no answer to COMMIT within {} ms",
+                    PHASE_TWO_TIMEOUT.as_millis()
+                ),
             },
         }
     }

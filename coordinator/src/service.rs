@@ -24,10 +24,18 @@ impl CoordinatorService {
             Ok(pb::Protocol::Unspecified) => None,
             Ok(pb::Protocol::TwoPhase) => Some(Protocol::TwoPhase),
             Ok(pb::Protocol::ThreePhase) => Some(Protocol::ThreePhase),
-            Err(_) => return Err(ApiError::InvalidArgument(format!("unknown protocol {}", options.protocol))),
+            Err(_) => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "unknown protocol {}",
+                    options.protocol
+                )));
+            }
         };
         if pb::IsolationLevel::try_from(options.isolation).is_err() {
-            return Err(ApiError::InvalidArgument(format!("unknown isolation level {}", options.isolation)));
+            return Err(ApiError::InvalidArgument(format!(
+                "unknown isolation level {}",
+                options.isolation
+            )));
         }
         if options.label.len() > 256 {
             return Err(ApiError::InvalidArgument("label is longer than 256 bytes".into()));
@@ -54,10 +62,16 @@ impl CoordinatorService {
 
 fn outcome_to_pb(txid: u64, outcome: Outcome) -> Result<pb::Outcome, ApiError> {
     match outcome {
-        Outcome::Committed => Ok(pb::Outcome { txid, kind: pb::OutcomeKind::Committed as i32, abort: None }),
-        Outcome::Aborted(reason) => {
-            Ok(pb::Outcome { txid, kind: pb::OutcomeKind::Aborted as i32, abort: Some(reason_to_pb(&reason)) })
-        }
+        Outcome::Committed => Ok(pb::Outcome {
+            txid,
+            kind: pb::OutcomeKind::Committed as i32,
+            abort: None,
+        }),
+        Outcome::Aborted(reason) => Ok(pb::Outcome {
+            txid,
+            kind: pb::OutcomeKind::Aborted as i32,
+            abort: Some(reason_to_pb(&reason)),
+        }),
         Outcome::Unknown(error) => Err(ApiError::Unavailable(format!(
             "transaction {txid}: the commit's answer was lost, so its outcome is unknown: {error}"
         ))),
@@ -87,7 +101,9 @@ fn reason_to_pb(reason: &AbortReason) -> pb::AbortReason {
 fn phase_to_pb(phase: Phase) -> pb::TransactionState {
     match phase {
         Phase::Active => pb::TransactionState::Active,
-        Phase::Preparing | Phase::LoggingCommit | Phase::CommittingOnePhase => pb::TransactionState::Preparing,
+        Phase::Preparing | Phase::LoggingCommit | Phase::CommittingOnePhase => {
+            pb::TransactionState::Preparing
+        }
         Phase::PreCommitting => pb::TransactionState::PreCommitting,
         Phase::Committing => pb::TransactionState::Committing,
         Phase::Aborting => pb::TransactionState::Aborting,
@@ -151,11 +167,17 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         Ok(Response::new(pb::BeginResponse { txid }))
     }
 
-    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::ExecuteResult>, Status> {
+    async fn execute(
+        &self,
+        request: Request<pb::ExecuteRequest>,
+    ) -> Result<Response<pb::ExecuteResult>, Status> {
         let request = request.into_inner();
         let values = treaty_proto::params_from_pb(request.params.clone())?;
         treaty_proto::validate_statement(&request.sql, &values)?;
-        let result = self.engine.execute(request.txid, &request.shard, request.sql, request.params).await?;
+        let result = self
+            .engine
+            .execute(request.txid, &request.shard, request.sql, request.params)
+            .await?;
         Ok(Response::new(result))
     }
 
@@ -172,12 +194,18 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         Ok(Response::new(outcome_to_pb(txid, outcome)?))
     }
 
-    async fn submit(&self, request: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
         let request = request.into_inner();
         let options = self.options(request.options)?;
         let (txid, outcome, results) =
             crate::submit::submit(&self.engine, request.ops, options, request.wait_for_apply).await?;
-        Ok(Response::new(pb::SubmitResponse { outcome: Some(outcome_to_pb(txid, outcome)?), results }))
+        Ok(Response::new(pb::SubmitResponse {
+            outcome: Some(outcome_to_pb(txid, outcome)?),
+            results,
+        }))
     }
 
     async fn get_transaction(
@@ -193,7 +221,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::ListTransactionsRequest>,
     ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
         let request = request.into_inner();
-        let limit = if request.limit == 0 { 1000 } else { request.limit as usize };
+        let limit = if request.limit == 0 {
+            1000
+        } else {
+            request.limit as usize
+        };
         let filter = pb::ListFilter::try_from(request.filter)
             .map_err(|_| ApiError::InvalidArgument(format!("unknown filter {}", request.filter)))?;
         let keep = move |phase: Phase| match filter {
@@ -201,7 +233,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             pb::ListFilter::Active => phase.is_undecided(),
             pb::ListFilter::InDoubt => phase.is_in_doubt(),
         };
-        let transactions = self.engine.list(keep, limit).iter().map(|h| info_to_pb(h)).collect();
+        let transactions = self
+            .engine
+            .list(keep, limit)
+            .iter()
+            .map(|h| info_to_pb(h))
+            .collect();
         Ok(Response::new(pb::ListTransactionsResponse { transactions }))
     }
 
@@ -218,7 +255,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .into_iter()
             .map(|gid| {
                 let (decision, tracked) = self.engine.decision(&gid);
-                pb::DecisionAnswer { gid, decision: decision as i32, tracked }
+                pb::DecisionAnswer {
+                    gid,
+                    decision: decision as i32,
+                    tracked,
+                }
             })
             .collect();
         Ok(Response::new(pb::QueryDecisionResponse { answers }))
@@ -227,7 +268,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn info(&self, _request: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         Ok(Response::new(pb::InfoResponse {
             coordinator_id: self.engine.id().to_string(),
-            shards: self.engine.links().shard_names().map(ToString::to_string).collect(),
+            shards: self
+                .engine
+                .links()
+                .shard_names()
+                .map(ToString::to_string)
+                .collect(),
             next_txid: self.engine.next_txid(),
         }))
     }

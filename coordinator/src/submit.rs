@@ -23,7 +23,9 @@ struct CheckedOp {
 /// Validates every op up front so a bad request runs nothing.
 fn check_ops(engine: &Engine, ops: Vec<pb::Op>) -> Result<BTreeMap<ShardName, Vec<CheckedOp>>, ApiError> {
     if ops.is_empty() {
-        return Err(ApiError::InvalidArgument("ops is empty: a submit needs at least one op".into()));
+        return Err(ApiError::InvalidArgument(
+            "ops is empty: a submit needs at least one op".into(),
+        ));
     }
     let mut by_shard: BTreeMap<ShardName, Vec<CheckedOp>> = BTreeMap::new();
     for (index, op) in ops.into_iter().enumerate() {
@@ -50,17 +52,23 @@ async fn run_shard(
 ) -> Result<Vec<(usize, pb::ExecuteResult)>, AbortReason> {
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
-        let result = engine.execute(txid, op.shard.as_str(), op.sql, op.params).await.map_err(|error| match error {
-            ApiError::Sql(sql) => crate::participants::statement_failed(&op.shard, &sql),
-            other => AbortReason::new(AbortCause::StatementFailed, format!("op {}: {other}", op.index))
-                .on_shard(&op.shard),
-        })?;
+        let result = engine
+            .execute(txid, op.shard.as_str(), op.sql, op.params)
+            .await
+            .map_err(|error| match error {
+                ApiError::Sql(sql) => crate::participants::statement_failed(&op.shard, &sql),
+                other => AbortReason::new(AbortCause::StatementFailed, format!("op {}: {other}", op.index))
+                    .on_shard(&op.shard),
+            })?;
         if let Some(expected) = op.expect_rows
             && result.rows_affected != expected
         {
             return Err(AbortReason::new(
                 AbortCause::ExpectRows,
-                format!("op {} affected {} rows, expected {expected}", op.index, result.rows_affected),
+                format!(
+                    "op {} affected {} rows, expected {expected}",
+                    op.index, result.rows_affected
+                ),
             )
             .on_shard(&op.shard));
         }
@@ -92,7 +100,12 @@ pub async fn submit(
         // the one the client hears. An expect_rows miss aborts it here.
         let outcome = match engine.rollback(txid, reason.clone()).await {
             Ok(outcome) => outcome,
-            Err(_) => engine.handle(txid)?.machine().outcome().cloned().unwrap_or(Outcome::Aborted(reason)),
+            Err(_) => engine
+                .handle(txid)?
+                .machine()
+                .outcome()
+                .cloned()
+                .unwrap_or(Outcome::Aborted(reason)),
         };
         return Ok((txid, outcome, Vec::new()));
     }

@@ -21,7 +21,8 @@ impl SqlError {
     /// Whether running the transaction again may succeed: serialization failure, deadlock, lock or
     /// statement timeout, a lost connection.
     pub fn retryable(&self) -> bool {
-        matches!(self.sqlstate.as_str(), "40001" | "40P01" | "55P03" | "57014") || self.sqlstate.starts_with("08")
+        matches!(self.sqlstate.as_str(), "40001" | "40P01" | "55P03" | "57014")
+            || self.sqlstate.starts_with("08")
     }
 
     /// The gRPC code a client should branch on for this SQLSTATE.
@@ -42,7 +43,11 @@ impl std::fmt::Display for SqlError {
         if self.shard.is_empty() {
             write!(f, "SQLSTATE {}: {}", self.sqlstate, self.message)
         } else {
-            write!(f, "shard {}: SQLSTATE {}: {}", self.shard, self.sqlstate, self.message)
+            write!(
+                f,
+                "shard {}: SQLSTATE {}: {}",
+                self.shard, self.sqlstate, self.message
+            )
         }
     }
 }
@@ -90,7 +95,12 @@ impl From<ApiError> for Status {
                 if let Ok(v) = sql.shard.parse() {
                     metadata.insert(SHARD_KEY, v);
                 }
-                metadata.insert(RETRYABLE_KEY, if sql.retryable() { "true" } else { "false" }.parse().expect("ascii"));
+                metadata.insert(
+                    RETRYABLE_KEY,
+                    if sql.retryable() { "true" } else { "false" }
+                        .parse()
+                        .expect("ascii"),
+                );
                 status
             }
         }
@@ -106,8 +116,14 @@ impl From<Status> for ApiError {
             let shard = text(SHARD_KEY).unwrap_or_default();
             // Strip the prefix Display added so the message is PostgreSQL's own.
             let message = status.message();
-            let message = message.split_once(&format!("SQLSTATE {sqlstate}: ")).map_or(message, |(_, m)| m);
-            return ApiError::Sql(SqlError { shard, sqlstate, message: message.to_owned() });
+            let message = message
+                .split_once(&format!("SQLSTATE {sqlstate}: "))
+                .map_or(message, |(_, m)| m);
+            return ApiError::Sql(SqlError {
+                shard,
+                sqlstate,
+                message: message.to_owned(),
+            });
         }
         let message = status.message().to_owned();
         match status.code() {
@@ -129,7 +145,11 @@ mod tests {
 
     #[test]
     fn sql_error_survives_a_round_trip_through_status() {
-        let original = SqlError { shard: "s1".into(), sqlstate: "23505".into(), message: "duplicate key".into() };
+        let original = SqlError {
+            shard: "s1".into(),
+            sqlstate: "23505".into(),
+            message: "duplicate key".into(),
+        };
         let status = Status::from(ApiError::Sql(original.clone()));
         assert_eq!(status.code(), Code::FailedPrecondition);
         assert_eq!(ApiError::from(status), ApiError::Sql(original));
@@ -137,7 +157,11 @@ mod tests {
 
     #[test]
     fn retryable_states() {
-        let e = |s: &str| SqlError { shard: String::new(), sqlstate: s.into(), message: String::new() };
+        let e = |s: &str| SqlError {
+            shard: String::new(),
+            sqlstate: s.into(),
+            message: String::new(),
+        };
         assert!(e("40001").retryable());
         assert!(e("40P01").retryable());
         assert!(e("55P03").retryable());

@@ -21,7 +21,11 @@ pub enum IdError {
     #[error("{what} {value:?} is empty or longer than {MAX_NAME_BYTES} bytes")]
     Length { what: &'static str, value: String },
     #[error("{what} {value:?} may only contain {alphabet}")]
-    Alphabet { what: &'static str, value: String, alphabet: &'static str },
+    Alphabet {
+        what: &'static str,
+        value: String,
+        alphabet: &'static str,
+    },
     #[error("{0:?} is not a Treaty GID (expected treaty:<coordinator id>:<txid>)")]
     NotAGid(String),
 }
@@ -33,10 +37,17 @@ fn check_name(
     allowed: fn(char) -> bool,
 ) -> Result<(), IdError> {
     if value.is_empty() || value.len() > MAX_NAME_BYTES {
-        return Err(IdError::Length { what, value: value.into() });
+        return Err(IdError::Length {
+            what,
+            value: value.into(),
+        });
     }
     if !value.chars().all(allowed) {
-        return Err(IdError::Alphabet { what, value: value.into(), alphabet });
+        return Err(IdError::Alphabet {
+            what,
+            value: value.into(),
+            alphabet,
+        });
     }
     Ok(())
 }
@@ -54,6 +65,14 @@ impl ShardName {
     }
 
     pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Lets maps keyed by `ShardName` be looked up with a plain `&str` (derived `Eq`, `Ord` and `Hash`
+/// on `Arc<str>` agree with `str`'s).
+impl std::borrow::Borrow<str> for ShardName {
+    fn borrow(&self) -> &str {
         &self.0
     }
 }
@@ -98,7 +117,11 @@ pub struct Gid {
 
 impl Gid {
     pub fn new(coordinator: &CoordinatorId, txid: TxId) -> Self {
-        Self { text: format!("{GID_PREFIX}{coordinator}:{txid}").into(), coordinator: coordinator.clone(), txid }
+        Self {
+            text: format!("{GID_PREFIX}{coordinator}:{txid}").into(),
+            coordinator: coordinator.clone(),
+            txid,
+        }
     }
 
     /// Parses a GID as sent by a coordinator or read from `pg_prepared_xacts`.
@@ -107,7 +130,9 @@ impl Gid {
         let rest = text.strip_prefix(GID_PREFIX).ok_or_else(not_a_gid)?;
         let (coordinator, txid) = rest.rsplit_once(':').ok_or_else(not_a_gid)?;
         let coordinator = CoordinatorId::new(coordinator).map_err(|_| not_a_gid())?;
-        if txid.is_empty() || !txid.bytes().all(|b| b.is_ascii_digit()) || (txid.len() > 1 && txid.starts_with('0'))
+        if txid.is_empty()
+            || !txid.bytes().all(|b| b.is_ascii_digit())
+            || (txid.len() > 1 && txid.starts_with('0'))
         {
             return Err(not_a_gid());
         }

@@ -12,7 +12,7 @@ mod ids;
 mod value;
 
 pub use error::{ApiError, SqlError};
-pub use ids::{CoordinatorId, Gid, IdError, ShardName, TxId, GID_PREFIX};
+pub use ids::{CoordinatorId, GID_PREFIX, Gid, IdError, ShardName, TxId};
 pub use value::{Value, ValueError};
 
 /// Largest SQL text accepted in one statement, in bytes. Bigger statements are refused with

@@ -20,7 +20,9 @@ pub enum Value {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValueError {
-    #[error("value has no kind set (set exactly one of null, bool, int64, float64, text, bytes, numeric, timestamptz_micros, uuid, json)")]
+    #[error(
+        "value has no kind set (set exactly one of null, bool, int64, float64, text, bytes, numeric, timestamptz_micros, uuid, json)"
+    )]
     Missing,
     #[error("numeric {0:?} is not a decimal number (expected e.g. \"-12.50\")")]
     Numeric(String),
@@ -101,7 +103,10 @@ mod tests {
 
     #[test]
     fn missing_kind_is_an_error() {
-        assert_eq!(Value::try_from(pb::Value { kind: None }), Err(ValueError::Missing));
+        assert_eq!(
+            Value::try_from(pb::Value { kind: None }),
+            Err(ValueError::Missing)
+        );
     }
 
     #[test]

@@ -1,1 +1,7 @@
-//! placeholder
+//! End-to-end tests: real PostgreSQL clusters started by the harness, real `treaty-coordinator` and
+//! `treaty-participant` processes, real gRPC over loopback. One test binary, grouped by theme.
+
+mod bad_input;
+mod commit;
+mod fixture;
+mod recovery;

@@ -28,7 +28,13 @@ pub enum AbortCause {
 impl AbortReason {
     pub fn new(cause: AbortCause, message: impl Into<String>) -> Self {
         let retryable = matches!(cause, AbortCause::Timeout | AbortCause::ParticipantUnavailable);
-        Self { cause, shard: None, sqlstate: String::new(), message: message.into(), retryable }
+        Self {
+            cause,
+            shard: None,
+            sqlstate: String::new(),
+            message: message.into(),
+            retryable,
+        }
     }
 
     pub fn on_shard(mut self, shard: &ShardName) -> Self {
@@ -72,24 +78,47 @@ pub enum Vote {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The client is about to run a statement on `shard`; enlists it. Refused unless active.
-    Enlist { shard: ShardName },
+    Enlist {
+        shard: ShardName,
+    },
     /// A statement finished on `shard`; restarts the idle timer.
-    ExecuteSucceeded { shard: ShardName },
+    ExecuteSucceeded {
+        shard: ShardName,
+    },
     /// A statement failed on `shard`; the whole transaction aborts.
-    ExecuteFailed { shard: ShardName, reason: AbortReason },
+    ExecuteFailed {
+        shard: ShardName,
+        reason: AbortReason,
+    },
     /// The client asks for the transaction to abort before it commits (an `expect_rows` miss too).
-    AbortRequested { reason: AbortReason },
-    CommitRequested { wait_for_apply: bool },
-    VoteReceived { shard: ShardName, vote: Vote },
+    AbortRequested {
+        reason: AbortReason,
+    },
+    CommitRequested {
+        wait_for_apply: bool,
+    },
+    VoteReceived {
+        shard: ShardName,
+        vote: Vote,
+    },
     /// The commit decision asked for by `PersistCommit` is durable.
     DecisionDurable,
     /// A participant applied the phase-two message (commit or abort) sent to it.
-    Acknowledged { shard: ShardName },
+    Acknowledged {
+        shard: ShardName,
+    },
     /// A phase-two message did not reach `shard` or was not applied; it will be sent again.
-    PhaseTwoFailed { shard: ShardName, error: String },
+    PhaseTwoFailed {
+        shard: ShardName,
+        error: String,
+    },
     OnePhaseCommitted,
-    OnePhaseFailed { reason: AbortReason },
-    OnePhaseUnknown { error: String },
+    OnePhaseFailed {
+        reason: AbortReason,
+    },
+    OnePhaseUnknown {
+        error: String,
+    },
     /// Time passed: checks the transaction, idle and vote deadlines.
     Tick,
 }

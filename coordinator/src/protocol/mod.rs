@@ -32,5 +32,7 @@ pub fn retry_delay_ms(attempts: u32) -> u64 {
     if attempts == 0 {
         return 0;
     }
-    FIRST_MS.saturating_mul(1u64 << (attempts - 1).min(16)).min(MAX_MS)
+    FIRST_MS
+        .saturating_mul(1u64 << (attempts - 1).min(16))
+        .min(MAX_MS)
 }

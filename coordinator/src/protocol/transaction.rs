@@ -69,7 +69,11 @@ impl Phase {
     pub fn is_undecided(self) -> bool {
         matches!(
             self,
-            Phase::Active | Phase::Preparing | Phase::LoggingCommit | Phase::PreCommitting | Phase::CommittingOnePhase
+            Phase::Active
+                | Phase::Preparing
+                | Phase::LoggingCommit
+                | Phase::PreCommitting
+                | Phase::CommittingOnePhase
         )
     }
 }
@@ -159,12 +163,20 @@ impl Transaction {
         txn.phase = Phase::Committing;
         txn.branches = participants
             .into_iter()
-            .map(|shard| Branch { shard, phase: BranchPhase::Committing, attempts: 1, last_error: None })
+            .map(|shard| Branch {
+                shard,
+                phase: BranchPhase::Committing,
+                attempts: 1,
+                last_error: None,
+            })
             .collect();
         let mut actions: Vec<Action> = txn
             .branches
             .iter()
-            .map(|b| Action::SendCommit { shard: b.shard.clone(), delay_ms: 0 })
+            .map(|b| Action::SendCommit {
+                shard: b.shard.clone(),
+                delay_ms: 0,
+            })
             .collect();
         txn.finish_if_applied(now_ms, &mut actions);
         (txn, actions)
@@ -229,14 +241,20 @@ impl Transaction {
                 }
             }
             Event::AbortRequested { reason } => self.abort_requested(reason, now_ms, &mut actions)?,
-            Event::CommitRequested { wait_for_apply } => self.commit_requested(wait_for_apply, now_ms, &mut actions)?,
+            Event::CommitRequested { wait_for_apply } => {
+                self.commit_requested(wait_for_apply, now_ms, &mut actions)?
+            }
             Event::VoteReceived { shard, vote } => self.vote_received(&shard, vote, now_ms, &mut actions),
             Event::DecisionDurable => self.decision_durable(now_ms, &mut actions),
             Event::Acknowledged { shard } => self.acknowledged(&shard, now_ms, &mut actions),
             Event::PhaseTwoFailed { shard, error } => self.phase_two_failed(&shard, error, &mut actions),
             Event::OnePhaseCommitted => self.one_phase_finished(Outcome::Committed, now_ms, &mut actions),
-            Event::OnePhaseFailed { reason } => self.one_phase_finished(Outcome::Aborted(reason), now_ms, &mut actions),
-            Event::OnePhaseUnknown { error } => self.one_phase_finished(Outcome::Unknown(error), now_ms, &mut actions),
+            Event::OnePhaseFailed { reason } => {
+                self.one_phase_finished(Outcome::Aborted(reason), now_ms, &mut actions)
+            }
+            Event::OnePhaseUnknown { error } => {
+                self.one_phase_finished(Outcome::Unknown(error), now_ms, &mut actions)
+            }
             Event::Tick => self.tick(now_ms, &mut actions),
         }
         Ok(actions)
@@ -246,10 +264,21 @@ impl Transaction {
     fn refusal(&self) -> ProtocolError {
         let txid = self.txid;
         match &self.outcome {
-            Some(Outcome::Aborted(reason)) => ProtocolError::AlreadyAborted { txid, reason: reason.clone() },
-            Some(Outcome::Committed) if !self.phase.is_undecided() => ProtocolError::AlreadyCommitted { txid },
-            Some(Outcome::Unknown(error)) => ProtocolError::OutcomeUnknown { txid, error: error.clone() },
-            _ => ProtocolError::NotActive { txid, phase: self.phase.name() },
+            Some(Outcome::Aborted(reason)) => ProtocolError::AlreadyAborted {
+                txid,
+                reason: reason.clone(),
+            },
+            Some(Outcome::Committed) if !self.phase.is_undecided() => {
+                ProtocolError::AlreadyCommitted { txid }
+            }
+            Some(Outcome::Unknown(error)) => ProtocolError::OutcomeUnknown {
+                txid,
+                error: error.clone(),
+            },
+            _ => ProtocolError::NotActive {
+                txid,
+                phase: self.phase.name(),
+            },
         }
     }
 
@@ -258,7 +287,12 @@ impl Transaction {
             return Err(self.refusal());
         }
         if !self.branches.iter().any(|b| b.shard == shard) {
-            self.branches.push(Branch { shard, phase: BranchPhase::Active, attempts: 0, last_error: None });
+            self.branches.push(Branch {
+                shard,
+                phase: BranchPhase::Active,
+                attempts: 0,
+                last_error: None,
+            });
         }
         self.statements_running += 1;
         self.last_activity_ms = now_ms;
@@ -306,7 +340,11 @@ impl Transaction {
             }
             _ => return Err(self.refusal()),
         }
-        self.reply = Some(if wait_for_apply { ReplyWhen::Applied } else { ReplyWhen::Decided });
+        self.reply = Some(if wait_for_apply {
+            ReplyWhen::Applied
+        } else {
+            ReplyWhen::Decided
+        });
         match self.branches.len() {
             0 => {
                 self.decided_at_ms = Some(now_ms);
@@ -316,7 +354,9 @@ impl Transaction {
                 self.phase = Phase::CommittingOnePhase;
                 self.branches[0].phase = BranchPhase::Committing;
                 self.branches[0].attempts = 1;
-                actions.push(Action::CommitOnePhase { shard: self.branches[0].shard.clone() });
+                actions.push(Action::CommitOnePhase {
+                    shard: self.branches[0].shard.clone(),
+                });
             }
             _ => {
                 self.phase = Phase::Preparing;
@@ -324,7 +364,9 @@ impl Transaction {
                 for branch in &mut self.branches {
                     branch.phase = BranchPhase::Preparing;
                 }
-                actions.push(Action::SendPrepare { shards: self.branches.iter().map(|b| b.shard.clone()).collect() });
+                actions.push(Action::SendPrepare {
+                    shards: self.branches.iter().map(|b| b.shard.clone()).collect(),
+                });
             }
         }
         Ok(())
@@ -334,7 +376,9 @@ impl Transaction {
         if self.phase != Phase::Preparing {
             return; // late: the transaction already decided, and sent abort to every undecided branch
         }
-        let Some(branch) = self.branches.iter_mut().find(|b| &b.shard == shard) else { return };
+        let Some(branch) = self.branches.iter_mut().find(|b| &b.shard == shard) else {
+            return;
+        };
         if branch.phase != BranchPhase::Preparing {
             return; // duplicate
         }
@@ -350,15 +394,21 @@ impl Transaction {
         if self.branches.iter().any(|b| b.phase == BranchPhase::Preparing) {
             return;
         }
-        let prepared: Vec<ShardName> =
-            self.branches.iter().filter(|b| b.phase == BranchPhase::Prepared).map(|b| b.shard.clone()).collect();
+        let prepared: Vec<ShardName> = self
+            .branches
+            .iter()
+            .filter(|b| b.phase == BranchPhase::Prepared)
+            .map(|b| b.shard.clone())
+            .collect();
         if prepared.is_empty() {
             // Every branch was read-only and has finished: nothing to decide or log.
             self.decided_at_ms = Some(now_ms);
             self.finish(Phase::Committed, Outcome::Committed, now_ms, actions);
         } else {
             self.phase = Phase::LoggingCommit;
-            actions.push(Action::PersistCommit { participants: prepared });
+            actions.push(Action::PersistCommit {
+                participants: prepared,
+            });
         }
     }
 
@@ -369,10 +419,17 @@ impl Transaction {
         self.phase = Phase::Committing;
         self.decided_at_ms = Some(now_ms);
         self.outcome = Some(Outcome::Committed);
-        for branch in self.branches.iter_mut().filter(|b| b.phase == BranchPhase::Prepared) {
+        for branch in self
+            .branches
+            .iter_mut()
+            .filter(|b| b.phase == BranchPhase::Prepared)
+        {
             branch.phase = BranchPhase::Committing;
             branch.attempts = 1;
-            actions.push(Action::SendCommit { shard: branch.shard.clone(), delay_ms: 0 });
+            actions.push(Action::SendCommit {
+                shard: branch.shard.clone(),
+                delay_ms: 0,
+            });
         }
         if self.reply == Some(ReplyWhen::Decided) {
             self.reply = None;
@@ -386,7 +443,11 @@ impl Transaction {
             Phase::Aborting => (BranchPhase::Aborting, BranchPhase::Aborted),
             _ => return,
         };
-        if let Some(branch) = self.branches.iter_mut().find(|b| &b.shard == shard && b.phase == from) {
+        if let Some(branch) = self
+            .branches
+            .iter_mut()
+            .find(|b| &b.shard == shard && b.phase == from)
+        {
             branch.phase = to;
             branch.last_error = None;
         }
@@ -402,7 +463,11 @@ impl Transaction {
             Phase::Aborting => BranchPhase::Aborting,
             _ => return,
         };
-        let Some(branch) = self.branches.iter_mut().find(|b| &b.shard == shard && b.phase == pending) else {
+        let Some(branch) = self
+            .branches
+            .iter_mut()
+            .find(|b| &b.shard == shard && b.phase == pending)
+        else {
             return;
         };
         let delay_ms = retry_delay_ms(branch.attempts);
@@ -430,25 +495,42 @@ impl Transaction {
     }
 
     fn tick(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
-        let Some(deadline) = self.next_deadline_ms() else { return };
+        let Some(deadline) = self.next_deadline_ms() else {
+            return;
+        };
         if now_ms < deadline {
             return;
         }
         let message = match self.phase {
             Phase::Active if now_ms >= self.begun_at_ms.saturating_add(self.timeouts.transaction_ms) => {
-                format!("transaction ran longer than its {} ms limit", self.timeouts.transaction_ms)
+                format!(
+                    "transaction ran longer than its {} ms limit",
+                    self.timeouts.transaction_ms
+                )
             }
             Phase::Active => format!("no client call for {} ms (idle timeout)", self.timeouts.idle_ms),
             Phase::Preparing => {
-                let missing: Vec<&str> =
-                    self.branches.iter().filter(|b| b.phase == BranchPhase::Preparing).map(|b| b.shard.as_str()).collect();
-                format!("no vote within {} ms from {}", self.timeouts.vote_ms, missing.join(", "))
+                let missing: Vec<&str> = self
+                    .branches
+                    .iter()
+                    .filter(|b| b.phase == BranchPhase::Preparing)
+                    .map(|b| b.shard.as_str())
+                    .collect();
+                format!(
+                    "no vote within {} ms from {}",
+                    self.timeouts.vote_ms,
+                    missing.join(", ")
+                )
             }
             _ => return,
         };
         let mut reason = AbortReason::new(AbortCause::Timeout, message);
         if self.phase == Phase::Preparing {
-            reason.shard = self.branches.iter().find(|b| b.phase == BranchPhase::Preparing).map(|b| b.shard.clone());
+            reason.shard = self
+                .branches
+                .iter()
+                .find(|b| b.phase == BranchPhase::Preparing)
+                .map(|b| b.shard.clone());
         }
         self.abort(reason, now_ms, actions);
     }
@@ -456,7 +538,11 @@ impl Transaction {
     /// Decides abort from `Active` or `Preparing`: every branch that may hold work is told to roll
     /// back. Nothing is logged (presumed abort).
     fn abort(&mut self, reason: AbortReason, now_ms: u64, actions: &mut Vec<Action>) {
-        debug_assert!(matches!(self.phase, Phase::Active | Phase::Preparing), "abort from {:?}", self.phase);
+        debug_assert!(
+            matches!(self.phase, Phase::Active | Phase::Preparing),
+            "abort from {:?}",
+            self.phase
+        );
         self.phase = Phase::Aborting;
         self.decided_at_ms = Some(now_ms);
         self.outcome = Some(Outcome::Aborted(reason.clone()));
@@ -465,7 +551,10 @@ impl Transaction {
                 BranchPhase::Active | BranchPhase::Preparing | BranchPhase::Prepared => {
                     branch.phase = BranchPhase::Aborting;
                     branch.attempts = 1;
-                    actions.push(Action::SendAbort { shard: branch.shard.clone(), delay_ms: 0 });
+                    actions.push(Action::SendAbort {
+                        shard: branch.shard.clone(),
+                        delay_ms: 0,
+                    });
                 }
                 BranchPhase::VotedNo => branch.phase = BranchPhase::Aborted,
                 _ => {}

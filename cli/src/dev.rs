@@ -1,0 +1,177 @@
+//! `treaty dev up` / `treaty dev down`: a local cluster that outlives the command, described by a
+//! state file (`cluster.json`) in its directory so that `down` and the client commands find it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use treaty_harness::{ClusterSpec, LocalCluster, PgCluster, PgOptions};
+
+const STATE_FILE: &str = "cluster.json";
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Number of shards (PostgreSQL clusters, one participant each).
+    #[arg(long, default_value_t = 3)]
+    pub shards: usize,
+    /// Where data, logs and the state file go.
+    #[arg(long, default_value = ".treaty/dev")]
+    pub dir: PathBuf,
+    /// Coordinator port on 127.0.0.1 (0 picks a free one).
+    #[arg(long, default_value_t = 7600)]
+    pub port: u16,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DownArgs {
+    #[arg(long, default_value = ".treaty/dev")]
+    pub dir: PathBuf,
+    /// Also delete the data directory.
+    #[arg(long)]
+    pub purge: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ShardState {
+    pub name: String,
+    pub participant: String,
+    pub participant_pid: Option<u32>,
+    pub postgres_url: String,
+    pub postgres_data_dir: PathBuf,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub coordinator: String,
+    pub coordinator_pid: Option<u32>,
+    pub shards: Vec<ShardState>,
+}
+
+impl ClusterState {
+    pub fn load(dir: &Path) -> Result<ClusterState> {
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not a cluster state file", path.display()))
+    }
+
+    fn of(cluster: &LocalCluster, database: &str) -> ClusterState {
+        ClusterState {
+            coordinator: cluster.coordinator_endpoint(),
+            coordinator_pid: cluster.coordinator.pid(),
+            shards: cluster
+                .shard_names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| ShardState {
+                    name: name.clone(),
+                    participant: cluster.participants[i].endpoint(),
+                    participant_pid: cluster.participants[i].pid(),
+                    postgres_url: cluster.pgs[i].url(database),
+                    postgres_data_dir: cluster.pgs[i].data_dir().to_path_buf(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+pub async fn up(args: UpArgs) -> Result<()> {
+    if args.shards == 0 || args.shards > 16 {
+        bail!("--shards must be between 1 and 16");
+    }
+    if let Ok(state) = ClusterState::load(&args.dir)
+        && state.coordinator_pid.is_some_and(pid_alive)
+    {
+        bail!(
+            "a cluster is already running from {} (coordinator {}); run `treaty dev down` first",
+            args.dir.display(),
+            state.coordinator
+        );
+    }
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    let base_dir = std::fs::canonicalize(&args.dir)?;
+    eprintln!(
+        "starting {} PostgreSQL clusters, {} participants and a coordinator under {} ...",
+        args.shards,
+        args.shards,
+        base_dir.display()
+    );
+    let spec = ClusterSpec {
+        shards: args.shards,
+        base_dir: base_dir.clone(),
+        pg: PgOptions::default(),
+        coordinator_args: Vec::new(),
+        participant_args: Vec::new(),
+        database: "treaty".into(),
+        coordinator_port: args.port,
+    };
+    let mut cluster = LocalCluster::start(spec)
+        .await
+        .context("starting the local cluster")?;
+    let state = ClusterState::of(&cluster, "treaty");
+    for pg in &mut cluster.pgs {
+        pg.keep_on_drop();
+    }
+    for participant in &mut cluster.participants {
+        participant.keep_on_drop();
+    }
+    cluster.coordinator.keep_on_drop();
+    std::fs::write(base_dir.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+    println!("coordinator  {}", state.coordinator);
+    for shard in &state.shards {
+        println!(
+            "shard {:<6} participant {}  postgres {}",
+            shard.name, shard.participant, shard.postgres_url
+        );
+    }
+    println!("logs in {}/logs; stop with `treaty dev down`", base_dir.display());
+    Ok(())
+}
+
+fn terminate(pid: u32) {
+    // `kill` keeps this crate free of unsafe code; a process that is already gone is fine.
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+}
+
+pub async fn down(args: DownArgs) -> Result<()> {
+    let state = ClusterState::load(&args.dir).context("no cluster to stop")?;
+    let pids: Vec<u32> = state
+        .coordinator_pid
+        .into_iter()
+        .chain(state.shards.iter().filter_map(|s| s.participant_pid))
+        .filter(|pid| pid_alive(*pid))
+        .collect();
+    for pid in &pids {
+        terminate(*pid);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pids.iter().any(|pid| pid_alive(*pid)) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for shard in &state.shards {
+        if shard.postgres_data_dir.join("postmaster.pid").exists() {
+            let pg = PgCluster::open_existing(&shard.postgres_data_dir, &PgOptions::default())
+                .await
+                .with_context(|| format!("reaching PostgreSQL of shard {}", shard.name))?;
+            pg.stop_fast()
+                .await
+                .with_context(|| format!("stopping PostgreSQL of shard {}", shard.name))?;
+        }
+    }
+    std::fs::remove_file(args.dir.join(STATE_FILE)).ok();
+    if args.purge {
+        std::fs::remove_dir_all(&args.dir).with_context(|| format!("removing {}", args.dir.display()))?;
+    }
+    println!(
+        "stopped {} processes and {} PostgreSQL clusters",
+        pids.len(),
+        state.shards.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! Commit and abort across shards as a client sees them.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use treaty_proto::pb;
+
+use crate::fixture::*;
+
+#[tokio::test]
+async fn commit_across_three_shards_is_visible_on_all() -> Result<()> {
+    let t = TestCluster::start(Options::default()).await?;
+    let mut client = t.client().await?;
+    let ops = (0..3).map(|i| insert(&t.shard(i), i as i64, "one")).collect();
+    let response = client.submit(submit(ops)).await?.into_inner();
+    assert!(committed(&response.outcome), "{response:?}");
+    assert_eq!(response.results.len(), 3);
+    for shard in 0..3 {
+        assert_eq!(
+            t.kv(shard).await?,
+            vec![(shard as i64, "one".to_owned())],
+            "shard {shard}"
+        );
+    }
+    assert_eq!(t.prepared_everywhere().await?, 0);
+
+    // Interactive: begin, execute on each shard, read back inside the transaction, commit.
+    let txid = begin(&mut client).await?;
+    for shard in 0..3 {
+        execute(
+            &mut client,
+            txid,
+            &t.shard(shard),
+            "UPDATE kv SET v = $1",
+            vec![text("two")],
+        )
+        .await?;
+    }
+    let read = execute(&mut client, txid, &t.shard(1), "SELECT k, v FROM kv", vec![]).await?;
+    assert_eq!(
+        read.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["k", "v"]
+    );
+    assert_eq!(read.rows[0].values, vec![int(1), text("two")]);
+    let outcome = client
+        .commit(pb::CommitRequest {
+            txid,
+            wait_for_apply: true,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(outcome.kind, pb::OutcomeKind::Committed as i32);
+    for shard in 0..3 {
+        assert_eq!(t.kv(shard).await?[0].1, "two");
+    }
+    let info = client
+        .get_transaction(pb::GetTransactionRequest { txid })
+        .await?
+        .into_inner();
+    assert_eq!(info.state, pb::TransactionState::Committed as i32);
+    assert!(
+        info.participants
+            .iter()
+            .all(|p| p.state == pb::ParticipantState::Committed as i32),
+        "{info:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn statement_error_on_one_shard_aborts_all_with_its_sqlstate() -> Result<()> {
+    let t = TestCluster::start(Options::default()).await?;
+    let mut client = t.client().await?;
+    t.sql(2, "INSERT INTO kv VALUES (7, 'taken')").await?;
+    let ops = vec![
+        insert(&t.shard(0), 7, "x"),
+        insert(&t.shard(1), 7, "x"),
+        insert(&t.shard(2), 7, "x"),
+    ];
+    let response = client.submit(submit(ops)).await?.into_inner();
+    let outcome = response.outcome.expect("an outcome");
+    assert_eq!(outcome.kind, pb::OutcomeKind::Aborted as i32);
+    let reason = outcome.abort.expect("a reason");
+    assert_eq!(reason.cause, pb::AbortCause::StatementFailed as i32);
+    assert_eq!(reason.shard, t.shard(2));
+    assert_eq!(reason.sqlstate, "23505", "unique violation: {reason:?}");
+    assert!(reason.message.contains("duplicate key"), "{}", reason.message);
+    assert_eq!(t.kv(0).await?, vec![]);
+    assert_eq!(t.kv(1).await?, vec![]);
+    eventually("no prepared branch left", Duration::from_secs(10), || async {
+        Ok(t.prepared_everywhere().await? == 0)
+    })
+    .await?;
+
+    // Interactive: the failing Execute carries the SQLSTATE, and the transaction is aborted.
+    let txid = begin(&mut client).await?;
+    execute(
+        &mut client,
+        txid,
+        &t.shard(0),
+        "INSERT INTO kv VALUES (1, 'a')",
+        vec![],
+    )
+    .await?;
+    let error = execute(
+        &mut client,
+        txid,
+        &t.shard(1),
+        "SELECT * FROM missing_table",
+        vec![],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    assert_eq!(error.metadata().get("treaty-sqlstate").unwrap(), "42P01");
+    assert!(error.message().contains("missing_table"), "{}", error.message());
+    let commit = client
+        .commit(pb::CommitRequest {
+            txid,
+            wait_for_apply: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(commit.code(), tonic::Code::FailedPrecondition);
+    assert!(commit.message().contains("aborted"), "{}", commit.message());
+    eventually("shard 0 rolled back", Duration::from_secs(10), || async {
+        Ok(t.kv(0).await?.is_empty())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn expect_rows_not_met_aborts_all() -> Result<()> {
+    let t = TestCluster::start(Options::default()).await?;
+    let mut client = t.client().await?;
+    let mut update = insert(&t.shard(1), 0, "");
+    update.sql = "UPDATE kv SET v = 'x' WHERE k = $1 AND v = $2".into();
+    let ops = vec![insert(&t.shard(0), 1, "a"), update];
+    let response = client.submit(submit(ops)).await?.into_inner();
+    let outcome = response.outcome.expect("an outcome");
+    assert_eq!(outcome.kind, pb::OutcomeKind::Aborted as i32);
+    let reason = outcome.abort.expect("a reason");
+    assert_eq!(reason.cause, pb::AbortCause::ExpectRows as i32);
+    assert!(reason.message.contains("expected 1"), "{}", reason.message);
+    eventually("shard 0 rolled back", Duration::from_secs(10), || async {
+        Ok(t.kv(0).await?.is_empty() && t.prepared_everywhere().await? == 0)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn conflicting_transactions_do_not_hang_past_the_lock_timeout() -> Result<()> {
+    let t = TestCluster::start(Options::default()).await?;
+    let mut client = t.client().await?;
+    t.sql(0, "INSERT INTO kv VALUES (1, 'a')").await?;
+    t.sql(1, "INSERT INTO kv VALUES (1, 'a')").await?;
+    // The first transaction holds the row lock on shard 0 and stays open.
+    let first = begin(&mut client).await?;
+    execute(
+        &mut client,
+        first,
+        &t.shard(0),
+        "UPDATE kv SET v = 'first' WHERE k = 1",
+        vec![],
+    )
+    .await?;
+    // The second wants the same row: it waits for lock_timeout (2 s here) and aborts with a reason.
+    let mut update = insert(&t.shard(0), 1, "second");
+    update.sql = "UPDATE kv SET v = $2 WHERE k = $1".into();
+    let mut other = insert(&t.shard(1), 1, "second");
+    other.sql = update.sql.clone();
+    let response = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.submit(submit(vec![update, other])),
+    )
+    .await
+    .expect("the conflicting submit must not hang")?
+    .into_inner();
+    let outcome = response.outcome.expect("an outcome");
+    assert_eq!(outcome.kind, pb::OutcomeKind::Aborted as i32);
+    let reason = outcome.abort.expect("a reason");
+    assert_eq!(reason.sqlstate, "55P03", "lock_not_available: {reason:?}");
+    assert!(reason.retryable);
+    // The first still commits.
+    let outcome = client
+        .commit(pb::CommitRequest {
+            txid: first,
+            wait_for_apply: true,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(outcome.kind, pb::OutcomeKind::Committed as i32);
+    assert_eq!(t.kv(0).await?, vec![(1, "first".to_owned())]);
+    assert_eq!(t.kv(1).await?, vec![(1, "a".to_owned())]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn rollback_undoes_every_shard_and_single_shard_commits_in_one_phase() -> Result<()> {
+    let t = TestCluster::start(Options::default()).await?;
+    let mut client = t.client().await?;
+    let txid = begin(&mut client).await?;
+    execute(
+        &mut client,
+        txid,
+        &t.shard(0),
+        "INSERT INTO kv VALUES (1, 'a')",
+        vec![],
+    )
+    .await?;
+    execute(
+        &mut client,
+        txid,
+        &t.shard(1),
+        "INSERT INTO kv VALUES (1, 'a')",
+        vec![],
+    )
+    .await?;
+    let outcome = client.rollback(pb::RollbackRequest { txid }).await?.into_inner();
+    assert_eq!(
+        outcome.abort.unwrap().cause,
+        pb::AbortCause::ClientRollback as i32
+    );
+    eventually("rolled back", Duration::from_secs(10), || async {
+        Ok(t.kv(0).await?.is_empty() && t.kv(1).await?.is_empty())
+    })
+    .await?;
+
+    let response = client
+        .submit(submit(vec![insert(&t.shard(2), 5, "solo")]))
+        .await?
+        .into_inner();
+    assert!(committed(&response.outcome));
+    assert_eq!(t.kv(2).await?, vec![(5, "solo".to_owned())]);
+    let info = client
+        .get_transaction(pb::GetTransactionRequest {
+            txid: response.outcome.unwrap().txid,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(info.state, pb::TransactionState::Committed as i32);
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! A three-shard cluster per test, with helpers to read the shards directly and to wait for
+//! conditions (polling with a deadline, never a bare sleep).
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use sqlx::Row;
+use tempfile::TempDir;
+use tonic::transport::Channel;
+use treaty_harness::{ClusterSpec, LocalCluster, PgOptions};
+use treaty_proto::pb;
+use treaty_proto::pb::coordinator_client::CoordinatorClient;
+
+pub const DATABASE: &str = "treaty";
+
+pub struct TestCluster {
+    pub cluster: LocalCluster,
+    pub dir: TempDir,
+}
+
+#[derive(Default)]
+pub struct Options {
+    pub coordinator_args: Vec<String>,
+    pub participant_args: Vec<String>,
+}
+
+impl TestCluster {
+    pub async fn start(options: Options) -> Result<TestCluster> {
+        let dir = tempfile::Builder::new().prefix("treaty-e2e-").tempdir()?;
+        let mut coordinator_args: Vec<String> = ["--vote-timeout-ms", "5000", "--lock-timeout-ms", "2000"]
+            .map(String::from)
+            .to_vec();
+        coordinator_args.extend(options.coordinator_args);
+        let mut participant_args: Vec<String> =
+            ["--in-doubt-after-ms", "500", "--reconcile-interval-ms", "200"]
+                .map(String::from)
+                .to_vec();
+        participant_args.extend(options.participant_args);
+        let spec = ClusterSpec {
+            shards: 3,
+            base_dir: dir.path().to_path_buf(),
+            pg: PgOptions {
+                fsync: false,
+                ..PgOptions::default()
+            },
+            coordinator_args,
+            participant_args,
+            database: DATABASE.into(),
+            coordinator_port: 0,
+        };
+        let cluster = LocalCluster::start(spec)
+            .await
+            .context("starting the test cluster")?;
+        let test = TestCluster { cluster, dir };
+        for shard in 0..3 {
+            test.sql(shard, "CREATE TABLE kv (k bigint PRIMARY KEY, v text NOT NULL)")
+                .await?;
+        }
+        Ok(test)
+    }
+
+    pub async fn client(&self) -> Result<CoordinatorClient<Channel>> {
+        Ok(self.cluster.client().await?)
+    }
+
+    pub fn shard(&self, index: usize) -> String {
+        self.cluster.shard_names[index].clone()
+    }
+
+    /// Runs SQL directly on a shard's database (not through Treaty).
+    pub async fn sql(&self, shard: usize, sql: &str) -> Result<()> {
+        let mut conn = self.cluster.pgs[shard].connect(DATABASE).await?;
+        sqlx::raw_sql(sql)
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("shard {shard}: {sql}"))?;
+        Ok(())
+    }
+
+    /// The kv rows of a shard, read directly.
+    pub async fn kv(&self, shard: usize) -> Result<Vec<(i64, String)>> {
+        let mut conn = self.cluster.pgs[shard].connect(DATABASE).await?;
+        let rows = sqlx::query("SELECT k, v FROM kv ORDER BY k")
+            .fetch_all(&mut conn)
+            .await?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+    }
+
+    /// Treaty GIDs prepared on a shard.
+    pub async fn prepared(&self, shard: usize) -> Result<Vec<String>> {
+        let mut conn = self.cluster.pgs[shard].connect(DATABASE).await?;
+        Ok(
+            sqlx::query_scalar("SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'treaty:%' ORDER BY gid")
+                .fetch_all(&mut conn)
+                .await?,
+        )
+    }
+
+    pub async fn prepared_everywhere(&self) -> Result<usize> {
+        let mut total = 0;
+        for shard in 0..3 {
+            total += self.prepared(shard).await?.len();
+        }
+        Ok(total)
+    }
+
+    pub fn coordinator_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("logs").join("coordinator.log")).unwrap_or_default()
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds or `within` passes.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut condition: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        let last = condition().await;
+        if matches!(last, Ok(true)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {within:?} waiting for {what} (last check: {last:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn int(value: i64) -> pb::Value {
+    pb::Value {
+        kind: Some(pb::value::Kind::Int64(value)),
+    }
+}
+
+pub fn text(value: &str) -> pb::Value {
+    pb::Value {
+        kind: Some(pb::value::Kind::Text(value.into())),
+    }
+}
+
+pub fn insert(shard: &str, k: i64, v: &str) -> pb::Op {
+    pb::Op {
+        shard: shard.into(),
+        sql: "INSERT INTO kv (k, v) VALUES ($1, $2)".into(),
+        params: vec![int(k), text(v)],
+        expect_rows: Some(1),
+    }
+}
+
+pub fn submit(ops: Vec<pb::Op>) -> pb::SubmitRequest {
+    pb::SubmitRequest {
+        ops,
+        options: None,
+        wait_for_apply: true,
+    }
+}
+
+pub fn committed(outcome: &Option<pb::Outcome>) -> bool {
+    outcome
+        .as_ref()
+        .is_some_and(|o| o.kind == pb::OutcomeKind::Committed as i32)
+}
+
+pub async fn begin(client: &mut CoordinatorClient<Channel>) -> Result<u64> {
+    Ok(client
+        .begin(pb::BeginRequest { options: None })
+        .await?
+        .into_inner()
+        .txid)
+}
+
+pub async fn execute(
+    client: &mut CoordinatorClient<Channel>,
+    txid: u64,
+    shard: &str,
+    sql: &str,
+    params: Vec<pb::Value>,
+) -> Result<pb::ExecuteResult, tonic::Status> {
+    client
+        .execute(pb::ExecuteRequest {
+            txid,
+            shard: shard.into(),
+            sql: sql.into(),
+            params,
+        })
+        .await
+        .map(|r| r.into_inner())
+}

@@ -1,0 +1,159 @@
+//! Crashes at chosen protocol steps, restarts, and all-or-nothing afterwards.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use treaty_proto::pb;
+
+use crate::fixture::*;
+
+const RECOVERY: Duration = Duration::from_secs(30);
+
+fn crash_at(point: &str) -> Options {
+    Options {
+        coordinator_args: vec!["--crash-at".into(), point.into()],
+        ..Options::default()
+    }
+}
+
+fn three_inserts(t: &TestCluster, k: i64) -> pb::SubmitRequest {
+    submit((0..3).map(|i| insert(&t.shard(i), k, "v")).collect())
+}
+
+/// Submits a three-shard insert to a coordinator armed to crash, and waits until it is gone.
+async fn submit_into_crash(t: &mut TestCluster, k: i64) -> Result<()> {
+    let mut client = t.client().await?;
+    let result = client.submit(three_inserts(t, k)).await;
+    assert!(
+        result.is_err(),
+        "the coordinator should have died before answering: {result:?}"
+    );
+    let exit = t.cluster.coordinator.wait_exit(Duration::from_secs(10)).await?;
+    assert!(exit.is_some(), "the coordinator process should have ended");
+    Ok(())
+}
+
+async fn all_have(t: &TestCluster, k: i64) -> Result<bool> {
+    for shard in 0..3 {
+        if !t.kv(shard).await?.iter().any(|(key, _)| *key == k) {
+            return Ok(false);
+        }
+    }
+    Ok(t.prepared_everywhere().await? == 0)
+}
+
+async fn none_have(t: &TestCluster, k: i64) -> Result<bool> {
+    for shard in 0..3 {
+        if t.kv(shard).await?.iter().any(|(key, _)| *key == k) {
+            return Ok(false);
+        }
+    }
+    Ok(t.prepared_everywhere().await? == 0)
+}
+
+#[tokio::test]
+async fn coordinator_killed_after_the_durable_decision_commits_on_all_after_restart() -> Result<()> {
+    let mut t = TestCluster::start(crash_at("after-commit-decision")).await?;
+    submit_into_crash(&mut t, 1).await?;
+    // Every branch is prepared and none committed: the decision is only in the log.
+    for shard in 0..3 {
+        assert_eq!(t.prepared(shard).await?.len(), 1, "shard {shard}");
+        assert!(t.kv(shard).await?.is_empty());
+    }
+    t.cluster.coordinator.restart().await?;
+    eventually("committed on every shard", RECOVERY, || all_have(&t, 1)).await?;
+    // The recovered transaction is visible with its outcome.
+    let mut client = t.client().await?;
+    let info = client
+        .list_transactions(pb::ListTransactionsRequest::default())
+        .await?
+        .into_inner();
+    let recovered = info
+        .transactions
+        .iter()
+        .find(|i| i.recovered)
+        .expect("a recovered transaction");
+    assert_eq!(recovered.state, pb::TransactionState::Committed as i32);
+    Ok(())
+}
+
+#[tokio::test]
+async fn coordinator_killed_before_the_decision_aborts_on_all_after_restart() -> Result<()> {
+    let mut t = TestCluster::start(crash_at("before-commit-decision")).await?;
+    submit_into_crash(&mut t, 1).await?;
+    assert_eq!(t.prepared_everywhere().await?, 3);
+    t.cluster.coordinator.restart().await?;
+    eventually("aborted on every shard, nothing prepared", RECOVERY, || {
+        none_have(&t, 1)
+    })
+    .await?;
+    // Presumed abort: the coordinator has no record and says so.
+    let mut client = t.client().await?;
+    let txid = client.info(pb::InfoRequest {}).await?.into_inner();
+    assert!(txid.next_txid > 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn participant_killed_while_prepared_resolves_to_the_decision() -> Result<()> {
+    // Commit decided, then the participant of shard 1 dies with its branch prepared.
+    let mut t = TestCluster::start(crash_at("after-commit-decision")).await?;
+    submit_into_crash(&mut t, 1).await?;
+    t.cluster.participants[1].kill9()?;
+    t.cluster.participants[1].restart().await?;
+    t.cluster.coordinator.restart().await?;
+    eventually("committed on every shard", RECOVERY, || all_have(&t, 1)).await?;
+
+    // Abort decided (presumed), the participant of shard 2 dies with its branch prepared.
+    let mut t = TestCluster::start(crash_at("before-commit-decision")).await?;
+    submit_into_crash(&mut t, 2).await?;
+    t.cluster.participants[2].kill9()?;
+    t.cluster.participants[2].restart().await?;
+    t.cluster.coordinator.restart().await?;
+    eventually("aborted on every shard", RECOVERY, || none_have(&t, 2)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn prepared_branch_survives_an_immediate_postgres_stop_and_is_resolved() -> Result<()> {
+    let mut t = TestCluster::start(crash_at("after-commit-decision")).await?;
+    submit_into_crash(&mut t, 1).await?;
+    let before = t.prepared(1).await?;
+    assert_eq!(before.len(), 1);
+    t.cluster.pgs[1].stop_immediate().await?;
+    t.cluster.pgs[1].restart().await?;
+    assert_eq!(
+        t.prepared(1).await?,
+        before,
+        "the prepared branch survives a PostgreSQL crash"
+    );
+    t.cluster.coordinator.restart().await?;
+    eventually("committed on every shard", RECOVERY, || all_have(&t, 1)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn torn_decision_log_tail_is_cut_and_the_coordinator_serves() -> Result<()> {
+    let mut t = TestCluster::start(crash_at("after-commit-decision")).await?;
+    submit_into_crash(&mut t, 1).await?;
+    let log = t.dir.path().join("coordinator").join("decisions.log");
+    let mut bytes = std::fs::read(&log)?;
+    let good_len = bytes.len();
+    // Half of a record's frame, as a crash in the middle of a write leaves it.
+    bytes.extend_from_slice(&bytes[..good_len.min(9)].to_vec());
+    std::fs::write(&log, &bytes)?;
+    t.cluster.coordinator.restart().await?;
+    // The good commit record before the torn tail is kept and re-driven.
+    eventually("committed on every shard", RECOVERY, || all_have(&t, 1)).await?;
+    assert!(
+        t.coordinator_log().to_lowercase().contains("damage"),
+        "the damage is reported"
+    );
+    let mut client = t.client().await?;
+    let response = client.submit(three_inserts(&t, 2)).await?.into_inner();
+    assert!(
+        committed(&response.outcome),
+        "the coordinator serves after repair"
+    );
+    Ok(())
+}
