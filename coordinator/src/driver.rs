@@ -66,10 +66,19 @@ impl TxnHandle {
     }
 }
 
+/// Live transactions apart from finished ones, so the ticker only looks at the few that can time
+/// out; finished ones stay (bounded) for `GetTransaction` and `QueryDecision`.
 #[derive(Default)]
 struct Table {
-    txns: HashMap<TxId, Arc<TxnHandle>>,
-    finished: VecDeque<TxId>,
+    live: HashMap<TxId, Arc<TxnHandle>>,
+    finished: HashMap<TxId, Arc<TxnHandle>>,
+    finished_order: VecDeque<TxId>,
+}
+
+impl Table {
+    fn get(&self, txid: TxId) -> Option<&Arc<TxnHandle>> {
+        self.live.get(&txid).or_else(|| self.finished.get(&txid))
+    }
 }
 
 /// Defaults applied to transactions that do not choose their own.
@@ -196,7 +205,7 @@ impl Engine {
             machine: Mutex::new(machine),
             waiter: Mutex::new(None),
         });
-        self.table().txns.insert(txid, Arc::clone(&handle));
+        self.table().live.insert(txid, Arc::clone(&handle));
         handle
     }
 
@@ -240,7 +249,7 @@ impl Engine {
 
     /// The transaction, or NOT_FOUND naming the id.
     pub fn handle(&self, txid: TxId) -> Result<Arc<TxnHandle>, ApiError> {
-        self.table().txns.get(&txid).cloned().ok_or_else(|| {
+        self.table().get(txid).cloned().ok_or_else(|| {
             ApiError::NotFound(format!(
                 "transaction {txid} is unknown to coordinator {} (never begun, or finished long ago)",
                 self.id
@@ -345,10 +354,12 @@ impl Engine {
 
     fn retire(&self, txid: TxId) {
         let mut table = self.table();
-        table.finished.push_back(txid);
-        while table.finished.len() > HISTORY {
-            if let Some(old) = table.finished.pop_front() {
-                table.txns.remove(&old);
+        let Some(handle) = table.live.remove(&txid) else { return };
+        table.finished.insert(txid, handle);
+        table.finished_order.push_back(txid);
+        while table.finished_order.len() > HISTORY {
+            if let Some(old) = table.finished_order.pop_front() {
+                table.finished.remove(&old);
             }
         }
     }
@@ -430,7 +441,7 @@ impl Engine {
         let now = now_ms();
         let due: Vec<Arc<TxnHandle>> = self
             .table()
-            .txns
+            .live
             .values()
             .filter(|h| h.machine().next_deadline_ms().is_some_and(|d| d <= now))
             .cloned()
@@ -456,13 +467,15 @@ impl Engine {
 
     /// Every tracked transaction matching `keep`, newest first, at most `limit`.
     pub fn list(&self, keep: impl Fn(Phase) -> bool, limit: usize) -> Vec<Arc<TxnHandle>> {
-        let mut found: Vec<Arc<TxnHandle>> = self
-            .table()
-            .txns
+        let table = self.table();
+        let mut found: Vec<Arc<TxnHandle>> = table
+            .live
             .values()
+            .chain(table.finished.values())
             .filter(|h| keep(h.machine().phase()))
             .cloned()
             .collect();
+        drop(table);
         found.sort_by_key(|h| std::cmp::Reverse(h.gid.txid()));
         found.truncate(limit);
         found
@@ -477,7 +490,7 @@ impl Engine {
         if gid.coordinator() != &self.id {
             return (pb::Decision::Unspecified, false);
         }
-        let Some(handle) = self.table().txns.get(&gid.txid()).cloned() else {
+        let Some(handle) = self.table().get(gid.txid()).cloned() else {
             // Presumed abort: no record means no commit was ever decided.
             return (pb::Decision::Abort, false);
         };

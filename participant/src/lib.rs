@@ -1,1 +1,229 @@
-//! placeholder
+//! Treaty's participant agent: sits next to one PostgreSQL database and serves the `Participant`
+//! gRPC service to the coordinator. Each transaction branch is a local PostgreSQL transaction on a
+//! pooled connection, voted on with `PREPARE TRANSACTION`, and finished by the coordinator's
+//! decision, directly or through recovery.
+//!
+//! - `config`: flags, environment and TOML configuration;
+//! - `service`: the gRPC service (wire ⇄ domain conversions);
+//! - `agent`: the behaviour of every RPC, the idle sweep and shutdown;
+//! - `branches`: the in-memory branch table, per-GID locks and tombstones;
+//! - `sql_guard`: refuses transaction control in client SQL;
+//! - `statement`, `values`: running client statements, parameters and row decoding;
+//! - `postgres`: the participant's own SQL (vote, phase two, markers, `pg_prepared_xacts`);
+//! - `reconcile`, `coordinator_link`: recovery of prepared branches with the coordinator;
+//! - `error`: the error types and their mapping to `ApiError`.
+
+mod agent;
+mod branches;
+pub mod config;
+mod coordinator_link;
+pub mod error;
+mod postgres;
+mod reconcile;
+mod service;
+pub mod sql_guard;
+mod statement;
+mod values;
+
+use std::future::Future;
+use std::io::Write;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions as _, Connection as _};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use treaty_proto::pb::participant_server::ParticipantServer;
+
+pub use crate::config::Config;
+pub use crate::error::ParticipantError;
+
+use crate::agent::{Admission, Agent};
+use crate::coordinator_link::CoordinatorLink;
+use crate::reconcile::Reconciler;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// How long a call waits for a free pooled connection before answering UNAVAILABLE.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long startup waits for the coordinator's `Info` (see `Admission`).
+const STARTUP_INFO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connects to PostgreSQL, checks and migrates it, and serves until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ParticipantError> {
+    tokio::fs::create_dir_all(&config.data_dir)
+        .await
+        .map_err(|source| ParticipantError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+    let pool = connect(&config).await?;
+    check_server(&pool).await?;
+    MIGRATOR.run(&pool).await?;
+    let database = postgres::current_database(&pool)
+        .await
+        .map_err(ParticipantError::ServerCheck)?;
+    // Listed before serving: none of these can be a vote this process is about to cast.
+    let inherited = postgres::list_prepared(&pool)
+        .await
+        .map_err(ParticipantError::ServerCheck)?
+        .into_iter()
+        .map(|xact| xact.gid)
+        .collect();
+    let link = CoordinatorLink::new(&config.coordinator_url)?;
+    let admission = startup_admission(&link).await;
+    let agent = Agent::new(
+        config.shard.clone(),
+        database.clone(),
+        pool.clone(),
+        config.branch_idle_timeout(),
+        admission,
+    );
+
+    let (stop, stopped) = watch::channel(false);
+    let reconciler = Reconciler::new(
+        agent.clone(),
+        link,
+        config.in_doubt_after_ms,
+        config.marker_retention_ms,
+        inherited,
+    );
+    let reconciling = tokio::spawn(reconciler.run(config.reconcile_interval(), stopped.clone()));
+    let sweeping = tokio::spawn(sweep_idle_branches(
+        agent.clone(),
+        config.branch_idle_timeout(),
+        stopped,
+    ));
+
+    let addr = listener.local_addr().map_err(ParticipantError::ListenAddr)?;
+    tracing::info!(%addr, shard = %config.shard, %database, "participant serving");
+    announce(addr);
+    let served = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(ParticipantServer::new(service::ParticipantService::new(
+            agent.clone(),
+        )))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+
+    let _ = stop.send(true);
+    let _ = reconciling.await;
+    let _ = sweeping.await;
+    agent.shutdown().await;
+    pool.close().await;
+    tracing::info!("participant stopped");
+    served?;
+    Ok(())
+}
+
+async fn connect(config: &Config) -> Result<PgPool, ParticipantError> {
+    let unreachable = |source| ParticipantError::DatabaseUnreachable {
+        url: redact(&config.database_url),
+        source,
+    };
+    let options = PgConnectOptions::from_str(&config.database_url)
+        .map_err(unreachable)?
+        .application_name("treaty-participant");
+    // One direct connection first: the pool would only report "timed out" where this reports the
+    // cause (refused, authentication failed, no such database).
+    let probe = options.connect().await.map_err(unreachable)?;
+    let _ = probe.close().await;
+    PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        // Saves a round trip per acquire; a dead pooled connection is noticed and replaced by the
+        // callers whose statements are safe to repeat (BEGIN, COMMIT/ROLLBACK PREPARED).
+        .test_before_acquire(false)
+        .connect_with(options)
+        .await
+        .map_err(unreachable)
+}
+
+async fn check_server(pool: &PgPool) -> Result<(), ParticipantError> {
+    let max_prepared = postgres::max_prepared_transactions(pool)
+        .await
+        .map_err(ParticipantError::ServerCheck)?;
+    if max_prepared <= 0 {
+        return Err(ParticipantError::PreparedTransactionsDisabled);
+    }
+    Ok(())
+}
+
+/// Asks the coordinator once, briefly, for its id and next txid; see `Admission`. If it does not
+/// answer (usually because it is not running yet, and so has no transactions that could have had a
+/// branch in a previous process), every transaction may open branches.
+async fn startup_admission(link: &CoordinatorLink) -> Option<Admission> {
+    match tokio::time::timeout(STARTUP_INFO_TIMEOUT, link.info()).await {
+        Ok(Ok(info)) => {
+            tracing::info!(coordinator = %info.id, first_txid = info.next_txid, "coordinator reached at start");
+            Some(Admission {
+                coordinator: info.id,
+                first_txid: info.next_txid,
+            })
+        }
+        Ok(Err(error)) => {
+            tracing::info!("coordinator not reached at start ({error}); recovery keeps asking");
+            None
+        }
+        Err(_) => {
+            tracing::info!(
+                url = link.url(),
+                "coordinator did not answer at start; recovery keeps asking"
+            );
+            None
+        }
+    }
+}
+
+async fn sweep_idle_branches(agent: Arc<Agent>, idle_timeout: Duration, mut stop: watch::Receiver<bool>) {
+    let every = (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => agent.sweep_idle().await,
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Tells whoever started the process where it serves (the test harness waits for this line).
+fn announce(addr: std::net::SocketAddr) {
+    let mut stdout = std::io::stdout().lock();
+    // Nobody reading stdout is not a reason to stop serving.
+    let _ = writeln!(stdout, "listening on {addr}");
+    let _ = stdout.flush();
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("postgres://u:secret@h:5/db"), "postgres://u:***@h:5/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("host=h"), "host=h");
+    }
+}

@@ -1,0 +1,130 @@
+//! `Execute`: the first statement for a GID opens its branch (a pooled connection and `BEGIN`);
+//! later ones run on the same connection. Any failure once the branch is open ends it: the
+//! transaction is rolled back and the GID remembered as aborted.
+
+use std::time::Instant;
+
+use treaty_proto::Gid;
+
+use super::Agent;
+use crate::branches::{ActiveBranch, Finished};
+use crate::error::BranchError;
+use crate::postgres::{self, BranchOptions, DbError};
+use crate::sql_guard;
+use crate::statement::{self, StatementOutput};
+use crate::values::Param;
+
+impl Agent {
+    pub async fn execute(
+        &self,
+        gid: &Gid,
+        sql: &str,
+        params: Vec<Param>,
+        options: &BranchOptions,
+    ) -> Result<StatementOutput, BranchError> {
+        let mut slot = self.branches.lock(gid.as_str()).await;
+        let opening = slot.active.is_none();
+        let analysis = sql_guard::check(sql, opening)?;
+        if analysis.statements == 0 {
+            return Err(BranchError::InvalidRequest(
+                "sql holds no statement, only comments or semicolons".into(),
+            ));
+        }
+        let batch = analysis.statements > 1;
+        if batch && !params.is_empty() {
+            return Err(BranchError::InvalidRequest(format!(
+                "sql holds {} statements and {} parameters; parameters need a single statement, so \
+                 send the statements in separate Execute calls",
+                analysis.statements,
+                params.len()
+            )));
+        }
+        if opening {
+            self.check_can_open(gid)?;
+            slot.active = Some(self.open(options).await?);
+        }
+        let Some(branch) = slot.active.as_mut() else {
+            return Err(BranchError::Internal(format!(
+                "branch {gid} vanished while locked"
+            )));
+        };
+        match statement::run(&mut branch.connection, sql, params, batch).await {
+            Ok(output) => {
+                branch.last_used = Instant::now();
+                branch.statements += 1;
+                branch.session_changed |= analysis.changes_session;
+                Ok(output)
+            }
+            Err(error) => {
+                let error = BranchError::from(error);
+                if let Some(branch) = slot.active.take() {
+                    if matches!(error, BranchError::Unavailable(_)) {
+                        branch.discard();
+                    } else {
+                        self.roll_back(branch, gid).await;
+                    }
+                }
+                tracing::info!(%gid, %error, "statement failed; branch rolled back");
+                self.branches.record(
+                    gid.as_str(),
+                    Finished::Aborted(format!("a statement failed: {error}")),
+                );
+                Err(error)
+            }
+        }
+    }
+
+    /// Refuses to open a branch for a GID that already ended here, or whose transaction may have
+    /// had a branch in a previous process (see `Admission`).
+    fn check_can_open(&self, gid: &Gid) -> Result<(), BranchError> {
+        if let Some(finished) = self.branches.finished(gid.as_str()) {
+            return Err(BranchError::WrongState(format!(
+                "branch {gid} on shard {} {}; it cannot run more statements",
+                self.shard,
+                finished.describe()
+            )));
+        }
+        if let Some(admission) = &self.admission
+            && gid.coordinator() == &admission.coordinator
+            && gid.txid() < admission.first_txid
+        {
+            let reason = format!(
+                "transaction {} began before this participant started (the coordinator's next txid was \
+                 then {}); statements it ran on shard {} earlier were lost with the previous process, \
+                 so it cannot continue here; run the transaction again",
+                gid.txid(),
+                admission.first_txid,
+                self.shard
+            );
+            self.branches
+                .record(gid.as_str(), Finished::Aborted(reason.clone()));
+            return Err(BranchError::WrongState(reason));
+        }
+        Ok(())
+    }
+
+    /// Takes a pooled connection and opens the branch's transaction on it.
+    async fn open(&self, options: &BranchOptions) -> Result<ActiveBranch, BranchError> {
+        // A pooled connection that died (e.g. PostgreSQL restarted) is replaced: BEGIN is safe to
+        // repeat, and each dead connection is closed as it is found.
+        let attempts = self.pool.options().get_max_connections() + 1;
+        let mut tried = 0;
+        loop {
+            tried += 1;
+            let connection = self.pool.acquire().await.map_err(|error| {
+                BranchError::Unavailable(format!(
+                    "no PostgreSQL connection within the acquire timeout: the server is unreachable or all \
+                     {} connections (--max-connections) are held by open branches ({error})",
+                    self.pool.options().get_max_connections()
+                ))
+            })?;
+            // Until BEGIN succeeds, dropping the branch closes the connection.
+            let mut branch = ActiveBranch::new(connection);
+            match postgres::begin(&mut branch.connection, options).await {
+                Ok(()) => return Ok(branch),
+                Err(DbError::Connection(_)) if tried < attempts => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The participant's behaviour, one method per RPC, on domain types: `execute` (open a branch, run
+//! statements), `prepare` and `commit_one_phase` (the vote), `commit` and `abort` (phase two, also
+//! used by reconciliation), `status`; plus the idle-branch sweep and shutdown.
+//!
+//! Every method that touches a GID holds that GID's lock from the branch table for its whole
+//! duration, so RPCs, the sweep and reconciliation never interleave on one GID.
+
+mod execute;
+mod finish;
+mod vote;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgPool;
+use treaty_proto::{CoordinatorId, Gid, ShardName, TxId};
+
+use crate::branches::{ActiveBranch, Branches, Finished};
+use crate::error::BranchError;
+use crate::postgres;
+
+pub use vote::Vote;
+
+/// How long finished GIDs are remembered (tombstones and outcomes).
+const HISTORY_RETENTION: Duration = Duration::from_secs(600);
+/// How long `Status` waits for a call in progress on the same GID.
+const STATUS_LOCK_WAIT: Duration = Duration::from_millis(500);
+
+/// A branch's state as `Status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BranchState {
+    Unknown,
+    Active,
+    Prepared,
+    Committed,
+    Aborted,
+}
+
+/// Which transactions may open a branch here: those of `coordinator` begun after this process
+/// started. A transaction begun earlier may have had a branch in the previous process, lost with
+/// it; opening a fresh branch for its next statement would commit that statement without the
+/// earlier ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    pub coordinator: CoordinatorId,
+    /// The coordinator's next txid when this process started.
+    pub first_txid: TxId,
+}
+
+pub struct Agent {
+    shard: ShardName,
+    database: String,
+    pool: PgPool,
+    branches: Arc<Branches>,
+    idle_timeout: Duration,
+    admission: Option<Admission>,
+}
+
+impl Agent {
+    pub fn new(
+        shard: ShardName,
+        database: String,
+        pool: PgPool,
+        idle_timeout: Duration,
+        admission: Option<Admission>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            shard,
+            database,
+            pool,
+            branches: Branches::new(HISTORY_RETENTION),
+            idle_timeout,
+            admission,
+        })
+    }
+
+    pub fn shard(&self) -> &ShardName {
+        &self.shard
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Whether an RPC is working on the GID right now (recovery leaves such GIDs alone).
+    pub fn is_busy(&self, gid: &str) -> bool {
+        self.branches.is_busy(gid)
+    }
+
+    /// Ends an open branch's transaction with ROLLBACK and frees its connection.
+    async fn roll_back(&self, mut branch: ActiveBranch, gid: &Gid) {
+        match postgres::rollback(&mut branch.connection).await {
+            Ok(()) => branch.transaction_ended(),
+            Err(error) => {
+                // PostgreSQL rolls the transaction back itself when the connection closes.
+                tracing::warn!(%gid, %error, "ROLLBACK failed; closing the connection instead");
+                branch.discard();
+            }
+        }
+    }
+
+    pub async fn status(&self, gid: &Gid) -> Result<BranchState, BranchError> {
+        // Waits briefly for a call in progress (a vote, phase two) so the answer reflects its outcome;
+        // a call that takes longer is almost always a statement on an open branch.
+        let _slot = match tokio::time::timeout(STATUS_LOCK_WAIT, self.branches.lock(gid.as_str())).await {
+            Ok(slot) if slot.active.is_some() => return Ok(BranchState::Active),
+            Ok(slot) => slot,
+            Err(_) => return Ok(BranchState::Active),
+        };
+        let (prepared, marker) = postgres::prepared_and_marker(&self.pool, gid).await?;
+        if prepared {
+            return Ok(BranchState::Prepared);
+        }
+        if marker {
+            return Ok(BranchState::Committed);
+        }
+        Ok(match self.branches.finished(gid.as_str()) {
+            Some(Finished::ReadOnly | Finished::CommittedOnePhase | Finished::Committed) => {
+                BranchState::Committed
+            }
+            // Prepared here, now neither prepared nor committed: rolled back since.
+            Some(Finished::Aborted(_) | Finished::Prepared) => BranchState::Aborted,
+            Some(Finished::OutcomeUnknown(_)) | None => BranchState::Unknown,
+        })
+    }
+
+    /// Rolls back open branches that have had no call for longer than the idle timeout, and
+    /// forgets old history. Prepared branches are never touched here.
+    pub async fn sweep_idle(&self) {
+        for gid in self.branches.gids() {
+            let (Some(mut slot), Ok(parsed)) = (self.branches.try_lock(&gid), Gid::parse(&gid)) else {
+                continue;
+            };
+            let idle = slot.active.as_ref().map(|b| b.last_used.elapsed());
+            if let Some(idle) = idle
+                && idle > self.idle_timeout
+                && let Some(branch) = slot.active.take()
+            {
+                let reason = format!(
+                    "no call for {} ms, over --branch-idle-timeout-ms {}",
+                    idle.as_millis(),
+                    self.idle_timeout.as_millis()
+                );
+                tracing::warn!(gid = %parsed, "rolling back an idle branch: {reason}");
+                self.roll_back(branch, &parsed).await;
+                self.branches.record(&gid, Finished::Aborted(reason));
+            }
+        }
+        self.branches.prune_history();
+    }
+
+    /// Rolls back every open branch (graceful shutdown); prepared ones stay prepared.
+    pub async fn shutdown(&self) {
+        for gid in self.branches.gids() {
+            let Ok(parsed) = Gid::parse(&gid) else {
+                continue;
+            };
+            let mut slot = self.branches.lock(&gid).await;
+            if let Some(branch) = slot.active.take() {
+                tracing::info!(gid = %parsed, "rolling back an open branch at shutdown");
+                self.roll_back(branch, &parsed).await;
+                self.branches
+                    .record(&gid, Finished::Aborted("participant shut down".into()));
+            }
+        }
+    }
+}

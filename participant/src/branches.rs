@@ -1,0 +1,306 @@
+//! The in-memory branch table: which GIDs have an open transaction here (with its pooled
+//! connection), a per-GID lock that serializes every call touching a GID (RPCs, the idle sweep,
+//! reconciliation), and the recent history of finished GIDs (tombstones).
+//!
+//! The table holds no truth that PostgreSQL also holds: whether a GID is prepared or committed is
+//! asked of `pg_prepared_xacts` and the marker table. What only this process knows lives here: the
+//! open transactions (lost with the process, by design: PostgreSQL rolls them back when their
+//! connections close) and how recently finished GIDs ended, so that a late `Execute` or `Prepare`
+//! for a GID that was rolled back is refused instead of starting a fresh transaction.
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
+use tokio::sync::OwnedMutexGuard;
+
+/// Most finished GIDs remembered at once; the oldest are forgotten first.
+const MAX_HISTORY: usize = 200_000;
+
+/// An open transaction: `BEGIN` has run on `connection` and nothing has ended it yet.
+///
+/// Dropped without `transaction_ended`, the connection is closed rather than pooled, so an open
+/// transaction can never be handed to another branch (PostgreSQL rolls it back on disconnect).
+pub struct ActiveBranch {
+    pub connection: PoolConnection<Postgres>,
+    pub last_used: Instant,
+    pub statements: u64,
+    /// A statement changed session state (`SET`, `RESET`): the connection is closed when the
+    /// branch ends instead of going back to the pool.
+    pub session_changed: bool,
+    ended: bool,
+}
+
+impl ActiveBranch {
+    pub fn new(connection: PoolConnection<Postgres>) -> Self {
+        Self {
+            connection,
+            last_used: Instant::now(),
+            statements: 0,
+            session_changed: false,
+            ended: false,
+        }
+    }
+
+    /// The transaction is over (COMMIT, ROLLBACK or PREPARE succeeded): the connection may go back
+    /// to the pool.
+    pub fn transaction_ended(mut self) {
+        self.ended = true;
+    }
+
+    /// Closes the connection: its transaction or protocol state is unknown.
+    pub fn discard(self) {}
+}
+
+impl Drop for ActiveBranch {
+    fn drop(&mut self) {
+        if !self.ended || self.session_changed {
+            self.connection.close_on_drop();
+        }
+    }
+}
+
+/// How a GID ended here, remembered for a while.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finished {
+    /// `PREPARE TRANSACTION` succeeded; phase two is pending or done (PostgreSQL knows which).
+    Prepared,
+    /// Wrote nothing and was committed locally at prepare.
+    ReadOnly,
+    /// Committed with a plain `COMMIT` (the transaction's only participant).
+    CommittedOnePhase,
+    /// `COMMIT PREPARED` succeeded (or the marker row proved it had).
+    Committed,
+    /// Rolled back, never prepared, or refused; the reason is for messages.
+    Aborted(String),
+    /// A `COMMIT` was sent and the connection broke before the answer.
+    OutcomeUnknown(String),
+}
+
+impl Finished {
+    /// A short name for messages, e.g. "was rolled back (idle for 30000 ms)".
+    pub fn describe(&self) -> String {
+        match self {
+            Finished::Prepared => "is already prepared".into(),
+            Finished::ReadOnly => "already finished as read-only".into(),
+            Finished::CommittedOnePhase | Finished::Committed => "is already committed".into(),
+            Finished::Aborted(reason) => format!("was rolled back ({reason})"),
+            Finished::OutcomeUnknown(reason) => format!("has an unknown outcome ({reason})"),
+        }
+    }
+}
+
+/// What one GID's lock protects.
+#[derive(Default)]
+pub struct Slot {
+    pub active: Option<ActiveBranch>,
+}
+
+#[derive(Default)]
+struct History {
+    entries: HashMap<Arc<str>, (Instant, Finished)>,
+    order: VecDeque<(Instant, Arc<str>)>,
+}
+
+pub struct Branches {
+    slots: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<Slot>>>>,
+    history: Mutex<History>,
+    history_retention: Duration,
+}
+
+/// Holds one GID's lock. Dropping it releases the lock and forgets the slot if it is empty and
+/// nobody else is waiting for it.
+pub struct SlotGuard {
+    branches: Arc<Branches>,
+    gid: Arc<str>,
+    guard: OwnedMutexGuard<Slot>,
+}
+
+impl Deref for SlotGuard {
+    type Target = Slot;
+    fn deref(&self) -> &Slot {
+        &self.guard
+    }
+}
+
+impl DerefMut for SlotGuard {
+    fn deref_mut(&mut self) -> &mut Slot {
+        &mut self.guard
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if self.guard.active.is_some() {
+            return;
+        }
+        let mut slots = self.branches.slots();
+        // Arcs of a slot are only cloned under the table lock: two of them (the table's and the one
+        // inside this guard) mean nobody is waiting, so the next caller may start a fresh slot.
+        if let Some(slot) = slots.get(&self.gid)
+            && Arc::strong_count(slot) == 2
+        {
+            slots.remove(&self.gid);
+        }
+    }
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data stays consistent at every await-free step, so a panic elsewhere does not taint it.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Branches {
+    pub fn new(history_retention: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            slots: Mutex::default(),
+            history: Mutex::default(),
+            history_retention,
+        })
+    }
+
+    fn slots(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<tokio::sync::Mutex<Slot>>>> {
+        locked(&self.slots)
+    }
+
+    fn slot(&self, gid: &str) -> (Arc<str>, Arc<tokio::sync::Mutex<Slot>>) {
+        let mut slots = self.slots();
+        if let Some((key, slot)) = slots.get_key_value(gid) {
+            return (key.clone(), slot.clone());
+        }
+        let key: Arc<str> = gid.into();
+        let slot = Arc::new(tokio::sync::Mutex::new(Slot::default()));
+        slots.insert(key.clone(), slot.clone());
+        (key, slot)
+    }
+
+    /// Waits for the GID's lock.
+    pub async fn lock(self: &Arc<Self>, gid: &str) -> SlotGuard {
+        let (gid, slot) = self.slot(gid);
+        SlotGuard {
+            branches: self.clone(),
+            gid,
+            guard: slot.lock_owned().await,
+        }
+    }
+
+    /// The GID's lock if nobody holds it now.
+    pub fn try_lock(self: &Arc<Self>, gid: &str) -> Option<SlotGuard> {
+        let (gid, slot) = self.slot(gid);
+        let guard = slot.try_lock_owned().ok()?;
+        Some(SlotGuard {
+            branches: self.clone(),
+            gid,
+            guard,
+        })
+    }
+
+    /// Whether a call is working on the GID or it has an open transaction here.
+    pub fn is_busy(&self, gid: &str) -> bool {
+        self.slots().contains_key(gid)
+    }
+
+    /// Every GID with a slot (open or in use), for sweeps.
+    pub fn gids(&self) -> Vec<Arc<str>> {
+        self.slots().keys().cloned().collect()
+    }
+
+    pub fn record(&self, gid: &str, finished: Finished) {
+        let now = Instant::now();
+        let key: Arc<str> = gid.into();
+        let mut history = locked(&self.history);
+        history.entries.insert(key.clone(), (now, finished));
+        history.order.push_back((now, key));
+        self.prune(&mut history, now);
+    }
+
+    pub fn finished(&self, gid: &str) -> Option<Finished> {
+        locked(&self.history).entries.get(gid).map(|(_, f)| f.clone())
+    }
+
+    /// Forgets finished GIDs older than the retention.
+    pub fn prune_history(&self) {
+        let mut history = locked(&self.history);
+        self.prune(&mut history, Instant::now());
+    }
+
+    fn prune(&self, history: &mut History, now: Instant) {
+        while let Some((at, gid)) = history.order.front() {
+            let expired = now.duration_since(*at) > self.history_retention;
+            if !expired && history.order.len() <= MAX_HISTORY {
+                break;
+            }
+            // A GID recorded twice has a newer entry; only its own entry is removed.
+            if history
+                .entries
+                .get(gid)
+                .is_some_and(|(recorded, _)| recorded == at)
+            {
+                history.entries.remove(gid);
+            }
+            history.order.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn calls_for_one_gid_are_serialized_and_empty_slots_forgotten() {
+        let branches = Branches::new(Duration::from_secs(60));
+        let first = branches.lock("treaty:c:1").await;
+        assert!(branches.is_busy("treaty:c:1"));
+        assert!(
+            branches.try_lock("treaty:c:1").is_none(),
+            "second caller must wait"
+        );
+        assert!(
+            branches.try_lock("treaty:c:2").is_some(),
+            "other GIDs are independent"
+        );
+        drop(first);
+        assert!(!branches.is_busy("treaty:c:1"));
+        assert!(!branches.is_busy("treaty:c:2"));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_caller_keeps_the_slot() {
+        let branches = Branches::new(Duration::from_secs(60));
+        let first = branches.lock("g").await;
+        let waiter = {
+            let branches = branches.clone();
+            tokio::spawn(async move {
+                let _second = branches.lock("g").await;
+            })
+        };
+        tokio::task::yield_now().await;
+        while Arc::strong_count(&branches.slot("g").1) < 4 {
+            tokio::task::yield_now().await;
+        }
+        drop(first);
+        assert!(branches.is_busy("g"), "the waiter still needs the same slot");
+        waiter.await.unwrap();
+        assert!(!branches.is_busy("g"));
+    }
+
+    #[test]
+    fn history_remembers_the_latest_outcome_and_expires() {
+        let branches = Branches::new(Duration::from_millis(0));
+        branches.record("a", Finished::Prepared);
+        branches.record("a", Finished::Committed);
+        std::thread::sleep(Duration::from_millis(2));
+        branches.prune_history();
+        assert_eq!(branches.finished("a"), None);
+
+        let branches = Branches::new(Duration::from_secs(60));
+        branches.record("a", Finished::Prepared);
+        branches.record("a", Finished::Aborted("x".into()));
+        branches.prune_history();
+        assert_eq!(branches.finished("a"), Some(Finished::Aborted("x".into())));
+    }
+}

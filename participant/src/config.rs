@@ -1,0 +1,288 @@
+//! The participant's configuration: command-line flags, `TREATY_PARTICIPANT_*` environment
+//! variables and an optional TOML file with the same keys, in that order of precedence, resolved
+//! into one `Config`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use treaty_proto::ShardName;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "treaty-participant",
+    version,
+    about = "Treaty participant: runs transaction branches on one PostgreSQL database for the coordinator"
+)]
+pub struct Args {
+    /// TOML file with any of the settings below (flags and environment win over it).
+    #[arg(long, env = "TREATY_PARTICIPANT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to serve gRPC on.
+    #[arg(long, env = "TREATY_PARTICIPANT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// This participant's shard name, as the coordinator knows it.
+    #[arg(long, env = "TREATY_PARTICIPANT_SHARD")]
+    pub shard: Option<String>,
+    /// PostgreSQL URL, e.g. postgres://user@127.0.0.1:5432/db.
+    #[arg(long, env = "TREATY_PARTICIPANT_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// The coordinator, as http://HOST:PORT (asked about prepared branches during recovery).
+    #[arg(long, env = "TREATY_PARTICIPANT_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Directory for the participant's local files.
+    #[arg(long, env = "TREATY_PARTICIPANT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Roll back an open, unprepared branch after this long without a call, in ms.
+    #[arg(long, env = "TREATY_PARTICIPANT_BRANCH_IDLE_TIMEOUT_MS")]
+    pub branch_idle_timeout_ms: Option<u64>,
+    /// Ask the coordinator about a branch left prepared this long, in ms.
+    #[arg(long, env = "TREATY_PARTICIPANT_IN_DOUBT_AFTER_MS")]
+    pub in_doubt_after_ms: Option<u64>,
+    /// How often recovery looks at prepared branches and old marker rows, in ms.
+    #[arg(long, env = "TREATY_PARTICIPANT_RECONCILE_INTERVAL_MS")]
+    pub reconcile_interval_ms: Option<u64>,
+    /// Keep marker rows of committed branches at least this long, in ms.
+    #[arg(long, env = "TREATY_PARTICIPANT_MARKER_RETENTION_MS")]
+    pub marker_retention_ms: Option<u64>,
+    /// Size of the PostgreSQL connection pool (each open branch holds one connection).
+    #[arg(long, env = "TREATY_PARTICIPANT_MAX_CONNECTIONS")]
+    pub max_connections: Option<u32>,
+    #[arg(long, env = "TREATY_PARTICIPANT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The TOML file: the same settings under the same names (`coordinator` is the URL).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    shard: Option<String>,
+    database_url: Option<String>,
+    coordinator: Option<String>,
+    data_dir: Option<PathBuf>,
+    branch_idle_timeout_ms: Option<u64>,
+    in_doubt_after_ms: Option<u64>,
+    reconcile_interval_ms: Option<u64>,
+    marker_retention_ms: Option<u64>,
+    max_connections: Option<u32>,
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub shard: ShardName,
+    pub database_url: String,
+    pub coordinator_url: String,
+    pub data_dir: PathBuf,
+    pub branch_idle_timeout_ms: u64,
+    pub in_doubt_after_ms: u64,
+    pub reconcile_interval_ms: u64,
+    pub marker_retention_ms: u64,
+    pub max_connections: u32,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    pub fn branch_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.branch_idle_timeout_ms)
+    }
+
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_millis(self.reconcile_interval_ms)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{flag} is required (or {env}, or `{key}` in the --config file)")]
+    Missing {
+        flag: &'static str,
+        env: &'static str,
+        key: &'static str,
+    },
+    #[error("--shard {0:?}: {1}")]
+    Shard(String, treaty_proto::IdError),
+    #[error("{0} must be greater than 0")]
+    Zero(&'static str),
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.into(),
+        message: e.to_string(),
+    })
+}
+
+fn required<T>(
+    value: Option<T>,
+    flag: &'static str,
+    env: &'static str,
+    key: &'static str,
+) -> Result<T, ConfigError> {
+    value.ok_or(ConfigError::Missing { flag, env, key })
+}
+
+impl Config {
+    pub fn resolve(args: Args) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let shard = required(
+            args.shard.or(file.shard),
+            "--shard",
+            "TREATY_PARTICIPANT_SHARD",
+            "shard",
+        )?;
+        let shard = ShardName::new(&shard).map_err(|e| ConfigError::Shard(shard.clone(), e))?;
+        let config = Config {
+            listen: required(
+                args.listen.or(file.listen),
+                "--listen",
+                "TREATY_PARTICIPANT_LISTEN",
+                "listen",
+            )?,
+            shard,
+            database_url: required(
+                args.database_url.or(file.database_url),
+                "--database-url",
+                "TREATY_PARTICIPANT_DATABASE_URL",
+                "database_url",
+            )?,
+            coordinator_url: required(
+                args.coordinator.or(file.coordinator),
+                "--coordinator",
+                "TREATY_PARTICIPANT_COORDINATOR",
+                "coordinator",
+            )?,
+            data_dir: required(
+                args.data_dir.or(file.data_dir),
+                "--data-dir",
+                "TREATY_PARTICIPANT_DATA_DIR",
+                "data_dir",
+            )?,
+            branch_idle_timeout_ms: args
+                .branch_idle_timeout_ms
+                .or(file.branch_idle_timeout_ms)
+                .unwrap_or(30_000),
+            in_doubt_after_ms: args.in_doubt_after_ms.or(file.in_doubt_after_ms).unwrap_or(5_000),
+            reconcile_interval_ms: args
+                .reconcile_interval_ms
+                .or(file.reconcile_interval_ms)
+                .unwrap_or(1_000),
+            marker_retention_ms: args
+                .marker_retention_ms
+                .or(file.marker_retention_ms)
+                .unwrap_or(60_000),
+            max_connections: args.max_connections.or(file.max_connections).unwrap_or(64),
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        };
+        for (name, value) in [
+            ("--branch-idle-timeout-ms", config.branch_idle_timeout_ms),
+            ("--reconcile-interval-ms", config.reconcile_interval_ms),
+            ("--max-connections", config.max_connections.into()),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        Config::resolve(
+            Args::try_parse_from(std::iter::once("treaty-participant").chain(args.iter().copied())).unwrap(),
+        )
+    }
+
+    const REQUIRED: [&str; 10] = [
+        "--listen",
+        "127.0.0.1:0",
+        "--shard",
+        "s0",
+        "--database-url",
+        "postgres://x@127.0.0.1/db",
+        "--coordinator",
+        "http://127.0.0.1:1",
+        "--data-dir",
+        "/tmp/x",
+    ];
+
+    #[test]
+    fn flags_resolve_with_defaults() {
+        let config = parse(&REQUIRED).unwrap();
+        assert_eq!(config.shard.as_str(), "s0");
+        assert_eq!(config.branch_idle_timeout_ms, 30_000);
+        assert_eq!(config.in_doubt_after_ms, 5_000);
+        assert_eq!(config.reconcile_interval_ms, 1_000);
+        assert_eq!(config.marker_retention_ms, 60_000);
+        assert_eq!(config.max_connections, 64);
+        assert_eq!(config.log_format, LogFormat::Human);
+    }
+
+    #[test]
+    fn missing_and_bad_settings_are_named() {
+        let err = parse(&REQUIRED[2..]).unwrap_err().to_string();
+        assert!(err.starts_with("--listen is required"), "{err}");
+        let mut args = REQUIRED.to_vec();
+        args[3] = "a b";
+        assert!(matches!(parse(&args), Err(ConfigError::Shard(..))));
+        args[3] = "s0";
+        args.extend(["--max-connections", "0"]);
+        assert!(matches!(
+            parse(&args),
+            Err(ConfigError::Zero("--max-connections"))
+        ));
+    }
+
+    #[test]
+    fn file_settings_apply_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:7000\"\nshard = \"s1\"\ndatabase_url = \"postgres://db\"\n\
+             coordinator = \"http://127.0.0.1:7600\"\ndata_dir = \"/tmp/p\"\nin_doubt_after_ms = 7\n\
+             reconcile_interval_ms = 9\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let config = parse(&["--config", path.to_str().unwrap(), "--reconcile-interval-ms", "8"]).unwrap();
+        assert_eq!(config.shard.as_str(), "s1");
+        assert_eq!(config.in_doubt_after_ms, 7);
+        assert_eq!(config.reconcile_interval_ms, 8);
+        assert_eq!(config.log_format, LogFormat::Json);
+        std::fs::write(&path, "nonsense = 1\n").unwrap();
+        assert!(matches!(
+            parse(&["--config", path.to_str().unwrap()]),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+}

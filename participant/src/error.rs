@@ -1,0 +1,106 @@
+//! The participant's errors: `ParticipantError` for starting and serving, `BranchError` for one
+//! call on a branch, and the one mapping of `BranchError` to the wire's `ApiError`.
+
+use std::path::PathBuf;
+
+use treaty_proto::{ApiError, ShardName, SqlError};
+
+use crate::coordinator_link::LinkError;
+use crate::postgres::DbError;
+use crate::sql_guard::Refusal;
+use crate::statement::StatementError;
+use crate::values::{DecodeError, ParamError};
+
+/// Why the participant could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ParticipantError {
+    #[error("creating the data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot connect to PostgreSQL at {url}: {source}; check --database-url and that the server accepts connections"
+    )]
+    DatabaseUnreachable { url: String, source: sqlx::Error },
+    #[error(
+        "PostgreSQL has max_prepared_transactions = 0, which disables PREPARE TRANSACTION; set \
+         max_prepared_transactions in postgresql.conf to a value > 0 (e.g. equal to max_connections) \
+         and restart PostgreSQL"
+    )]
+    PreparedTransactionsDisabled,
+    #[error("checking the PostgreSQL server: {0}")]
+    ServerCheck(DbError),
+    #[error("running the participant's migrations (schema treaty): {0}")]
+    Migrations(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Coordinator(#[from] LinkError),
+    #[error("reading the listen address: {0}")]
+    ListenAddr(std::io::Error),
+    #[error("serving gRPC: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Why one call on a branch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BranchError {
+    /// The request is malformed (bad GID, empty SQL, unknown option).
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Param(#[from] ParamError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The GID is not in a state that allows the call.
+    #[error("{0}")]
+    WrongState(String),
+    /// PostgreSQL refused a statement.
+    #[error("SQLSTATE {sqlstate}: {message}")]
+    Sql { sqlstate: String, message: String },
+    /// The database (or the coordinator) could not be reached; the outcome may be unknown.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The client side of sqlx refused something it should not have.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<DbError> for BranchError {
+    fn from(error: DbError) -> Self {
+        match error {
+            DbError::Sql { sqlstate, message } => BranchError::Sql { sqlstate, message },
+            DbError::Connection(message) => BranchError::Unavailable(format!(
+                "PostgreSQL is unreachable or the connection broke: {message}"
+            )),
+            DbError::Client(message) => BranchError::InvalidRequest(message),
+        }
+    }
+}
+
+impl From<StatementError> for BranchError {
+    fn from(error: StatementError) -> Self {
+        match error {
+            StatementError::Db(db) => db.into(),
+            StatementError::Decode(decode) => decode.into(),
+        }
+    }
+}
+
+impl BranchError {
+    /// The wire error, with the shard named on PostgreSQL errors.
+    pub fn into_api(self, shard: &ShardName) -> ApiError {
+        match self {
+            BranchError::Sql { sqlstate, message } => ApiError::Sql(SqlError {
+                shard: shard.to_string(),
+                sqlstate,
+                message,
+            }),
+            BranchError::InvalidRequest(_)
+            | BranchError::Refused(_)
+            | BranchError::Param(_)
+            | BranchError::Decode(_) => ApiError::InvalidArgument(self.to_string()),
+            BranchError::WrongState(message) => ApiError::FailedPrecondition(message),
+            BranchError::Unavailable(message) => ApiError::Unavailable(message),
+            BranchError::Internal(message) => ApiError::Internal(message),
+        }
+    }
+}

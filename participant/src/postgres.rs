@@ -1,0 +1,336 @@
+//! The SQL the participant sends on its own behalf: opening a branch, the vote (marker row and
+//! `PREPARE TRANSACTION` in one round trip), phase two, the marker table, `pg_prepared_xacts`, and
+//! the classification of sqlx errors.
+//!
+//! A GID is formatted into SQL text only here and only from a `Gid`, whose constructor restricts it
+//! to `[a-z0-9-:]`; PostgreSQL does not accept it as a bind parameter.
+
+use futures::future::BoxFuture;
+use sqlx::postgres::{PgConnection, PgDatabaseError, PgPool, PgSeverity};
+use sqlx::{AssertSqlSafe, Executor as _};
+use treaty_proto::Gid;
+
+/// SQLSTATE `undefined_object`: "prepared transaction with identifier ... does not exist".
+const UNDEFINED_OBJECT: &str = "42704";
+
+/// A failed database call, sorted by what the caller can conclude from it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DbError {
+    /// PostgreSQL answered with an error; the connection is fine.
+    #[error("SQLSTATE {sqlstate}: {message}")]
+    Sql { sqlstate: String, message: String },
+    /// The connection broke or none could be had: whether the statement ran is unknown.
+    #[error("database connection failed: {0}")]
+    Connection(String),
+    /// The client side refused (encoding a parameter, an unexpected answer).
+    #[error("{0}")]
+    Client(String),
+}
+
+impl DbError {
+    pub fn is_undefined_object(&self) -> bool {
+        matches!(self, DbError::Sql { sqlstate, .. } if sqlstate == UNDEFINED_OBJECT)
+    }
+
+    pub fn is_connection(&self) -> bool {
+        matches!(self, DbError::Connection(_))
+    }
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(error: sqlx::Error) -> DbError {
+        match error {
+            sqlx::Error::Database(database) => {
+                let sqlstate = database
+                    .code()
+                    .map_or_else(|| "XX000".to_owned(), |c| c.into_owned());
+                let mut message = database.message().to_owned();
+                let pg = database.try_downcast_ref::<PgDatabaseError>();
+                if let Some(pg) = pg {
+                    for extra in [pg.detail(), pg.hint()].into_iter().flatten() {
+                        message.push_str(" (");
+                        message.push_str(extra);
+                        message.push(')');
+                    }
+                }
+                // FATAL ends the session (e.g. 57P01 when the server shuts down or the backend is
+                // terminated): the connection is gone, not just the statement.
+                let session_ended = pg
+                    .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic))
+                    || sqlstate.starts_with("08")
+                    || sqlstate.starts_with("57P");
+                if session_ended {
+                    DbError::Connection(format!("SQLSTATE {sqlstate}: {message}"))
+                } else {
+                    DbError::Sql { sqlstate, message }
+                }
+            }
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => DbError::Connection(error.to_string()),
+            other => DbError::Client(other.to_string()),
+        }
+    }
+}
+
+/// Runs text without parameters (one or more statements, simple protocol).
+async fn simple(connection: &mut PgConnection, sql: String) -> Result<(), DbError> {
+    connection.execute(sqlx::raw_sql(AssertSqlSafe(sql))).await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    #[default]
+    ReadCommitted,
+    RepeatableRead,
+    Serializable,
+}
+
+/// How a branch's transaction is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BranchOptions {
+    pub isolation: Isolation,
+    /// `SET LOCAL lock_timeout`, when given.
+    pub lock_timeout_ms: Option<u32>,
+    /// `SET LOCAL statement_timeout`, when given.
+    pub statement_timeout_ms: Option<u32>,
+}
+
+fn begin_sql(options: &BranchOptions) -> String {
+    let isolation = match options.isolation {
+        Isolation::ReadCommitted => "READ COMMITTED",
+        Isolation::RepeatableRead => "REPEATABLE READ",
+        Isolation::Serializable => "SERIALIZABLE",
+    };
+    let mut sql = format!("BEGIN ISOLATION LEVEL {isolation}");
+    if let Some(ms) = options.lock_timeout_ms {
+        sql.push_str(&format!("; SET LOCAL lock_timeout = {ms}"));
+    }
+    if let Some(ms) = options.statement_timeout_ms {
+        sql.push_str(&format!("; SET LOCAL statement_timeout = {ms}"));
+    }
+    sql
+}
+
+/// Opens the branch's transaction (one round trip, settings included).
+pub async fn begin(connection: &mut PgConnection, options: &BranchOptions) -> Result<(), DbError> {
+    simple(connection, begin_sql(options)).await
+}
+
+pub async fn rollback(connection: &mut PgConnection) -> Result<(), DbError> {
+    simple(connection, "ROLLBACK".into()).await
+}
+
+pub async fn commit(connection: &mut PgConnection) -> Result<(), DbError> {
+    simple(connection, "COMMIT".into()).await
+}
+
+/// True when the open transaction has no transaction id, i.e. wrote nothing.
+pub async fn wrote_nothing(connection: &mut PgConnection) -> Result<bool, DbError> {
+    Ok(sqlx::query_scalar("SELECT txid_current_if_assigned() IS NULL")
+        .fetch_one(connection)
+        .await?)
+}
+
+fn prepare_sql(gid: &Gid) -> Result<String, DbError> {
+    let txid = i64::try_from(gid.txid())
+        .map_err(|_| DbError::Client(format!("txid of {gid} does not fit the marker table's bigint")))?;
+    Ok(format!(
+        "INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('{gid}', '{}', {txid}); \
+         PREPARE TRANSACTION '{gid}'",
+        gid.coordinator()
+    ))
+}
+
+/// Writes the marker row inside the branch and prepares it, in one round trip. After success the
+/// session has no open transaction.
+pub async fn insert_marker_and_prepare(connection: &mut PgConnection, gid: &Gid) -> Result<(), DbError> {
+    simple(connection, prepare_sql(gid)?).await
+}
+
+/// Runs `attempt` on a pooled connection, and again on another one while the connection turns out
+/// to be dead. Pooled connections are not pinged before use (that would cost a round trip on every
+/// call); after a PostgreSQL restart each one finds out on first use and is closed. Only for work
+/// that is safe to repeat.
+pub async fn retrying<T, F>(pool: &PgPool, mut attempt: F) -> Result<T, DbError>
+where
+    F: for<'c> FnMut(&'c mut PgConnection) -> BoxFuture<'c, Result<T, DbError>>,
+{
+    let attempts = pool.options().get_max_connections() + 1;
+    let mut tried = 0;
+    loop {
+        let mut connection = pool.acquire().await?;
+        tried += 1;
+        match attempt(&mut connection).await {
+            Err(DbError::Connection(_)) if tried < attempts => connection.close_on_drop(),
+            Err(error) => {
+                if error.is_connection() {
+                    connection.close_on_drop();
+                }
+                return Err(error);
+            }
+            Ok(value) => return Ok(value),
+        }
+    }
+}
+
+async fn on_pool(pool: &PgPool, sql: String) -> Result<(), DbError> {
+    retrying(pool, |connection| Box::pin(simple(connection, sql.clone()))).await
+}
+
+pub async fn commit_prepared(pool: &PgPool, gid: &Gid) -> Result<(), DbError> {
+    on_pool(pool, format!("COMMIT PREPARED '{gid}'")).await
+}
+
+pub async fn rollback_prepared(pool: &PgPool, gid: &Gid) -> Result<(), DbError> {
+    on_pool(pool, format!("ROLLBACK PREPARED '{gid}'")).await
+}
+
+/// Whether the GID's marker row is committed: the branch was prepared and then committed.
+pub async fn marker_exists(pool: &PgPool, gid: &Gid) -> Result<bool, DbError> {
+    retrying(pool, |connection| {
+        let gid = gid.to_string();
+        Box::pin(async move {
+            Ok(
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM treaty.branches WHERE gid = $1)")
+                    .bind(gid)
+                    .fetch_one(connection)
+                    .await?,
+            )
+        })
+    })
+    .await
+}
+
+/// Whether the GID is prepared and whether its marker row is committed, in one query.
+pub async fn prepared_and_marker(pool: &PgPool, gid: &Gid) -> Result<(bool, bool), DbError> {
+    retrying(pool, |connection| {
+        let gid = gid.to_string();
+        Box::pin(async move {
+            Ok(sqlx::query_as(
+                "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1 AND database = current_database()), \
+                        EXISTS (SELECT 1 FROM treaty.branches WHERE gid = $1)",
+            )
+            .bind(gid)
+            .fetch_one(connection)
+            .await?)
+        })
+    })
+    .await
+}
+
+/// A Treaty-looking GID prepared in this database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedXact {
+    pub gid: String,
+    pub age_ms: i64,
+}
+
+pub async fn list_prepared(pool: &PgPool) -> Result<Vec<PreparedXact>, DbError> {
+    let rows: Vec<(String, i64)> = retrying(pool, |connection| {
+        Box::pin(async move {
+            Ok(sqlx::query_as(
+                "SELECT gid, (extract(epoch FROM clock_timestamp() - prepared) * 1000)::bigint \
+                 FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'treaty:%' \
+                 ORDER BY prepared",
+            )
+            .fetch_all(connection)
+            .await?)
+        })
+    })
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(gid, age_ms)| PreparedXact { gid, age_ms })
+        .collect())
+}
+
+/// Marker rows older than `older_than_ms`, oldest first. (A prepared branch's own row is not
+/// visible to other sessions until it commits, so every row seen here belongs to a committed one.)
+pub async fn old_markers(pool: &PgPool, older_than_ms: u64, limit: i64) -> Result<Vec<String>, DbError> {
+    let older_than_ms = i64::try_from(older_than_ms).unwrap_or(i64::MAX);
+    retrying(pool, |connection| {
+        Box::pin(async move {
+            Ok(sqlx::query_scalar(
+                "SELECT gid FROM treaty.branches \
+                 WHERE prepared_at < now() - make_interval(secs => $1::float8 / 1000) \
+                 ORDER BY prepared_at LIMIT $2",
+            )
+            .bind(older_than_ms)
+            .bind(limit)
+            .fetch_all(connection)
+            .await?)
+        })
+    })
+    .await
+}
+
+pub async fn delete_markers(pool: &PgPool, gids: &[String]) -> Result<u64, DbError> {
+    retrying(pool, |connection| {
+        let gids = gids.to_vec();
+        Box::pin(async move {
+            Ok(sqlx::query("DELETE FROM treaty.branches WHERE gid = ANY($1)")
+                .bind(gids)
+                .execute(connection)
+                .await?
+                .rows_affected())
+        })
+    })
+    .await
+}
+
+pub async fn max_prepared_transactions(pool: &PgPool) -> Result<i64, DbError> {
+    let setting: String = sqlx::query_scalar("SELECT current_setting('max_prepared_transactions')")
+        .fetch_one(pool)
+        .await?;
+    setting
+        .trim()
+        .parse()
+        .map_err(|_| DbError::Client(format!("max_prepared_transactions is {setting:?}, not a number")))
+}
+
+pub async fn current_database(pool: &PgPool) -> Result<String, DbError> {
+    Ok(sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(pool)
+        .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use treaty_proto::CoordinatorId;
+
+    #[test]
+    fn begin_carries_the_options() {
+        assert_eq!(
+            begin_sql(&BranchOptions::default()),
+            "BEGIN ISOLATION LEVEL READ COMMITTED"
+        );
+        let options = BranchOptions {
+            isolation: Isolation::Serializable,
+            lock_timeout_ms: Some(2000),
+            statement_timeout_ms: Some(60_000),
+        };
+        assert_eq!(
+            begin_sql(&options),
+            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = 2000; \
+             SET LOCAL statement_timeout = 60000"
+        );
+    }
+
+    #[test]
+    fn prepare_is_one_batch_with_the_marker_first() {
+        let gid = Gid::new(&CoordinatorId::new("c1").unwrap(), 42);
+        assert_eq!(
+            prepare_sql(&gid).unwrap(),
+            "INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('treaty:c1:42', 'c1', 42); \
+             PREPARE TRANSACTION 'treaty:c1:42'"
+        );
+        let huge = Gid::new(&CoordinatorId::new("c1").unwrap(), u64::MAX);
+        assert!(prepare_sql(&huge).is_err());
+    }
+}

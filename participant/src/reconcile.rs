@@ -1,0 +1,178 @@
+//! Recovery: resolves branches PostgreSQL holds prepared by asking the coordinator, and deletes
+//! marker rows the coordinator no longer needs.
+//!
+//! Candidates are the Treaty GIDs that were already prepared when this process started (listed
+//! before it served anything, so none of them can be this process's own fresh vote), and any
+//! prepared longer than `--in-doubt-after-ms` that no RPC is working on. Only GIDs of the coordinator that `Info` names are touched. The participant
+//! never decides: it applies COMMIT or ABORT answers through the same serialized paths as the
+//! coordinator's own phase-two calls, and leaves PENDING ones for a later tick. While the
+//! coordinator is unreachable it warns once per tick and keeps asking.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use treaty_proto::{CoordinatorId, Gid};
+
+use crate::agent::Agent;
+use crate::coordinator_link::{Answer, CoordinatorLink, Decision, MAX_GIDS_PER_QUERY};
+use crate::postgres::{self, DbError};
+
+/// At most this many foreign GIDs are remembered for "log once".
+const MAX_REPORTED: usize = 10_000;
+
+pub struct Reconciler {
+    agent: Arc<Agent>,
+    link: CoordinatorLink,
+    in_doubt_after_ms: u64,
+    marker_retention_ms: u64,
+    /// Prepared before this process started and not yet seen resolved.
+    inherited: HashSet<String>,
+    reported: HashSet<String>,
+}
+
+/// Why one pass stopped early; logged by the loop.
+#[derive(Debug, thiserror::Error)]
+enum PassError {
+    #[error("reading PostgreSQL: {0}")]
+    Database(#[from] DbError),
+    #[error("{0}; prepared branches stay prepared until it answers")]
+    Coordinator(#[from] crate::coordinator_link::LinkError),
+}
+
+impl Reconciler {
+    pub fn new(
+        agent: Arc<Agent>,
+        link: CoordinatorLink,
+        in_doubt_after_ms: u64,
+        marker_retention_ms: u64,
+        inherited: HashSet<String>,
+    ) -> Self {
+        Self {
+            agent,
+            link,
+            in_doubt_after_ms,
+            marker_retention_ms,
+            inherited,
+            reported: HashSet::new(),
+        }
+    }
+
+    /// Runs a pass now and then every `interval` until `stop` turns true.
+    pub async fn run(mut self, interval: Duration, mut stop: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => return,
+            }
+            if let Err(error) = self.pass().await {
+                tracing::warn!("recovery pass: {error}");
+            }
+        }
+    }
+
+    async fn pass(&mut self) -> Result<(), PassError> {
+        let prepared = self.in_doubt().await?;
+        let markers = postgres::old_markers(
+            self.agent.pool(),
+            self.marker_retention_ms,
+            MAX_GIDS_PER_QUERY as i64,
+        )
+        .await?;
+        if prepared.is_empty() && markers.is_empty() {
+            return Ok(());
+        }
+        // Asked every pass: a coordinator restarted with a new log would have a new id.
+        let coordinator = self.link.info().await?.id;
+        let prepared = self.own(prepared, &coordinator);
+        if !prepared.is_empty() {
+            let answers = self
+                .link
+                .query_decision(prepared.keys().cloned().collect())
+                .await?;
+            for answer in answers {
+                if let Some(gid) = prepared.get(&answer.gid) {
+                    self.apply(gid, answer.decision).await;
+                }
+            }
+        }
+        let markers = self.own(markers, &coordinator);
+        if !markers.is_empty() {
+            let answers = self.link.query_decision(markers.into_keys().collect()).await?;
+            self.delete_unneeded_markers(answers).await?;
+        }
+        Ok(())
+    }
+
+    /// Prepared Treaty GIDs to ask about now.
+    async fn in_doubt(&mut self) -> Result<Vec<String>, DbError> {
+        let all = postgres::list_prepared(self.agent.pool()).await?;
+        let still_prepared: HashSet<&str> = all.iter().map(|xact| xact.gid.as_str()).collect();
+        self.inherited.retain(|gid| still_prepared.contains(gid.as_str()));
+        Ok(all
+            .into_iter()
+            .filter(|xact| {
+                let old_enough = u64::try_from(xact.age_ms).unwrap_or(0) >= self.in_doubt_after_ms;
+                (old_enough || self.inherited.contains(&xact.gid)) && !self.agent.is_busy(&xact.gid)
+            })
+            .map(|xact| xact.gid)
+            .take(MAX_GIDS_PER_QUERY)
+            .collect())
+    }
+
+    /// Keeps the GIDs of `coordinator`; logs each other one once.
+    fn own(&mut self, gids: Vec<String>, coordinator: &CoordinatorId) -> HashMap<String, Gid> {
+        let mut own = HashMap::new();
+        for text in gids {
+            match Gid::parse(&text) {
+                Ok(gid) if gid.coordinator() == coordinator => {
+                    own.insert(text, gid);
+                }
+                parsed => {
+                    if self.reported.len() < MAX_REPORTED && self.reported.insert(text.clone()) {
+                        let why = match parsed {
+                            Ok(_) => format!("it belongs to another coordinator than {coordinator}"),
+                            Err(error) => error.to_string(),
+                        };
+                        tracing::warn!(gid = %text, "recovery leaves this GID alone: {why}");
+                    }
+                }
+            }
+        }
+        own
+    }
+
+    async fn apply(&self, gid: &Gid, decision: Decision) {
+        let result = match decision {
+            Decision::Commit => self.agent.commit(gid).await,
+            Decision::Abort => self.agent.abort(gid).await,
+            Decision::Pending | Decision::Unknown => {
+                tracing::debug!(%gid, ?decision, "prepared branch left for a later pass");
+                return;
+            }
+        };
+        match result {
+            Ok(state) => tracing::info!(%gid, ?decision, ?state, "resolved a prepared branch"),
+            Err(error) => {
+                tracing::error!(%gid, ?decision, %error, "could not apply the coordinator's decision")
+            }
+        }
+    }
+
+    async fn delete_unneeded_markers(&self, answers: Vec<Answer>) -> Result<(), DbError> {
+        let unneeded: Vec<String> = answers
+            .into_iter()
+            .filter(|a| !a.tracked && matches!(a.decision, Decision::Commit | Decision::Abort))
+            .map(|a| a.gid)
+            .collect();
+        if unneeded.is_empty() {
+            return Ok(());
+        }
+        let deleted = postgres::delete_markers(self.agent.pool(), &unneeded).await?;
+        tracing::debug!(deleted, "deleted marker rows the coordinator no longer tracks");
+        Ok(())
+    }
+}

@@ -1,0 +1,234 @@
+//! The gRPC `Participant` service: validates requests, converts between wire and domain types, and
+//! hands the work to the agent on a task of its own, so a caller that gives up (a timeout on the
+//! coordinator's side) cannot cancel a database call halfway and leave a branch in an unknown state.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use treaty_proto::{ApiError, Gid, pb};
+
+use crate::agent::{Agent, BranchState, Vote};
+use crate::error::BranchError;
+use crate::postgres::{BranchOptions, Isolation};
+use crate::statement::StatementOutput;
+use crate::values;
+
+pub struct ParticipantService {
+    agent: Arc<Agent>,
+}
+
+impl ParticipantService {
+    pub fn new(agent: Arc<Agent>) -> Self {
+        Self { agent }
+    }
+
+    fn error(&self, error: BranchError) -> Status {
+        // Handled by the caller (the coordinator); the agent already logged what matters here.
+        tracing::debug!(%error, "call failed");
+        Status::from(error.into_api(self.agent.shard()))
+    }
+
+    /// Runs `work` to completion on its own task, whatever happens to the request.
+    async fn spawn<T, F>(&self, work: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, BranchError>> + Send + 'static,
+    {
+        match tokio::spawn(work).await {
+            Ok(result) => result.map_err(|e| self.error(e)),
+            Err(join) => Err(Status::from(ApiError::Internal(format!(
+                "participant task failed: {join}"
+            )))),
+        }
+    }
+}
+
+fn parse_gid(gid: &str) -> Result<Gid, Status> {
+    Gid::parse(gid).map_err(|e| Status::from(ApiError::InvalidArgument(format!("gid: {e}"))))
+}
+
+/// PostgreSQL's limit for `lock_timeout` and `statement_timeout`.
+fn timeout_ms(name: &str, value: u64) -> Result<Option<u32>, Status> {
+    match value {
+        0 => Ok(None),
+        ms => i32::try_from(ms).map(|ms| Some(ms.unsigned_abs())).map_err(|_| {
+            Status::from(ApiError::InvalidArgument(format!(
+                "{name} {ms} is over PostgreSQL's limit of {} ms",
+                i32::MAX
+            )))
+        }),
+    }
+}
+
+fn branch_options(options: Option<pb::BranchOptions>) -> Result<BranchOptions, Status> {
+    let options = options.unwrap_or_default();
+    let isolation = match pb::IsolationLevel::try_from(options.isolation) {
+        Ok(pb::IsolationLevel::Unspecified | pb::IsolationLevel::ReadCommitted) => Isolation::ReadCommitted,
+        Ok(pb::IsolationLevel::RepeatableRead) => Isolation::RepeatableRead,
+        Ok(pb::IsolationLevel::Serializable) => Isolation::Serializable,
+        Err(_) => {
+            return Err(Status::from(ApiError::InvalidArgument(format!(
+                "unknown isolation level {}",
+                options.isolation
+            ))));
+        }
+    };
+    Ok(BranchOptions {
+        isolation,
+        lock_timeout_ms: timeout_ms("lock_timeout_ms", options.lock_timeout_ms)?,
+        statement_timeout_ms: timeout_ms("statement_timeout_ms", options.statement_timeout_ms)?,
+    })
+}
+
+fn result_to_pb(output: StatementOutput) -> pb::ExecuteResult {
+    pb::ExecuteResult {
+        columns: output
+            .columns
+            .into_iter()
+            .map(|c| pb::Column {
+                name: c.name,
+                type_name: c.type_name,
+            })
+            .collect(),
+        rows: output
+            .rows
+            .into_iter()
+            .map(|row| pb::Row {
+                values: row.into_iter().map(pb::Value::from).collect(),
+            })
+            .collect(),
+        rows_affected: output.rows_affected,
+    }
+}
+
+fn state_to_pb(state: BranchState) -> pb::BranchState {
+    match state {
+        BranchState::Unknown => pb::BranchState::Unknown,
+        BranchState::Active => pb::BranchState::Active,
+        BranchState::Prepared => pb::BranchState::Prepared,
+        BranchState::Committed => pb::BranchState::Committed,
+        BranchState::Aborted => pb::BranchState::Aborted,
+    }
+}
+
+fn finish_response(state: BranchState) -> Response<pb::FinishResponse> {
+    Response::new(pb::FinishResponse {
+        state: state_to_pb(state) as i32,
+    })
+}
+
+#[tonic::async_trait]
+impl pb::participant_server::Participant for ParticipantService {
+    async fn execute(
+        &self,
+        request: Request<pb::BranchExecuteRequest>,
+    ) -> Result<Response<pb::ExecuteResult>, Status> {
+        let request = request.into_inner();
+        let gid = parse_gid(&request.gid)?;
+        let params = treaty_proto::params_from_pb(request.params)?;
+        treaty_proto::validate_statement(&request.sql, &params)?;
+        let params = values::params(params).map_err(|e| self.error(e.into()))?;
+        let options = branch_options(request.options)?;
+        let agent = self.agent.clone();
+        let sql = request.sql;
+        let output = self
+            .spawn(async move { agent.execute(&gid, &sql, params, &options).await })
+            .await?;
+        Ok(Response::new(result_to_pb(output)))
+    }
+
+    async fn prepare(
+        &self,
+        request: Request<pb::PrepareRequest>,
+    ) -> Result<Response<pb::PrepareResponse>, Status> {
+        let gid = parse_gid(&request.into_inner().gid)?;
+        let agent = self.agent.clone();
+        let vote = self.spawn(async move { Ok(agent.prepare(&gid).await) }).await?;
+        let (vote, sqlstate, message) = match vote {
+            Vote::Yes => (pb::Vote::Yes, String::new(), String::new()),
+            Vote::ReadOnly => (pb::Vote::ReadOnly, String::new(), String::new()),
+            Vote::No { sqlstate, message } => (pb::Vote::No, sqlstate, message),
+        };
+        Ok(Response::new(pb::PrepareResponse {
+            vote: vote as i32,
+            sqlstate,
+            message,
+        }))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::FinishRequest>,
+    ) -> Result<Response<pb::FinishResponse>, Status> {
+        let gid = parse_gid(&request.into_inner().gid)?;
+        let agent = self.agent.clone();
+        let state = self.spawn(async move { agent.commit(&gid).await }).await?;
+        Ok(finish_response(state))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<pb::FinishRequest>,
+    ) -> Result<Response<pb::FinishResponse>, Status> {
+        let gid = parse_gid(&request.into_inner().gid)?;
+        let agent = self.agent.clone();
+        let state = self.spawn(async move { agent.abort(&gid).await }).await?;
+        Ok(finish_response(state))
+    }
+
+    async fn commit_one_phase(
+        &self,
+        request: Request<pb::FinishRequest>,
+    ) -> Result<Response<pb::FinishResponse>, Status> {
+        let gid = parse_gid(&request.into_inner().gid)?;
+        let agent = self.agent.clone();
+        let state = self
+            .spawn(async move { agent.commit_one_phase(&gid).await })
+            .await?;
+        Ok(finish_response(state))
+    }
+
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let gid = parse_gid(&request.into_inner().gid)?;
+        let agent = self.agent.clone();
+        let state = self.spawn(async move { agent.status(&gid).await }).await?;
+        Ok(Response::new(pb::StatusResponse {
+            state: state_to_pb(state) as i32,
+            shard: self.agent.shard().to_string(),
+            database: self.agent.database().to_owned(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn branch_options_convert_and_validate() {
+        let options = branch_options(Some(pb::BranchOptions {
+            isolation: pb::IsolationLevel::RepeatableRead as i32,
+            lock_timeout_ms: 100,
+            statement_timeout_ms: 0,
+        }))
+        .unwrap();
+        assert_eq!(options.isolation, Isolation::RepeatableRead);
+        assert_eq!(options.lock_timeout_ms, Some(100));
+        assert_eq!(options.statement_timeout_ms, None);
+        assert_eq!(branch_options(None).unwrap(), BranchOptions::default());
+        let bad = branch_options(Some(pb::BranchOptions {
+            isolation: 99,
+            ..Default::default()
+        }));
+        assert_eq!(bad.unwrap_err().code(), tonic::Code::InvalidArgument);
+        let too_long = branch_options(Some(pb::BranchOptions {
+            lock_timeout_ms: u64::MAX,
+            ..Default::default()
+        }));
+        assert!(too_long.unwrap_err().message().contains("lock_timeout_ms"));
+    }
+}

@@ -1,0 +1,462 @@
+//! The life of a branch: execute, vote, phase two, and the refusals around them.
+
+use std::time::Duration;
+
+use tonic::Code;
+use treaty_proto::{ApiError, pb};
+
+use crate::support::{Env, SERVER, int, state, text, vote};
+
+async fn kv(env: &Env) {
+    env.db
+        .sql("CREATE TABLE kv (k bigint PRIMARY KEY, v text NOT NULL)")
+        .await;
+}
+
+#[tokio::test]
+async fn execute_prepare_commit_makes_the_row_visible_and_keeps_a_marker() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("commit-path", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    let gid = env.gid(1);
+    let result = env
+        .execute(
+            &gid,
+            "INSERT INTO kv (k, v) VALUES ($1, $2)",
+            vec![int(1), text("one")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.rows_affected, 1);
+    assert_eq!(state(env.status(&gid).await.state), pb::BranchState::Active);
+    assert_eq!(
+        env.db.count("SELECT count(*) FROM kv").await,
+        0,
+        "not visible before commit"
+    );
+
+    assert_eq!(vote(&env.prepare(&gid).await), pb::Vote::Yes);
+    assert!(env.db.is_prepared(&gid).await);
+    let status = env.status(&gid).await;
+    assert_eq!(state(status.state), pb::BranchState::Prepared);
+    assert_eq!(status.shard, "s0");
+    assert_eq!(status.database, env.db.name);
+    assert_eq!(
+        vote(&env.prepare(&gid).await),
+        pb::Vote::Yes,
+        "a repeated Prepare is YES"
+    );
+
+    assert_eq!(env.commit(&gid).await.unwrap(), pb::BranchState::Committed);
+    assert_eq!(env.db.count("SELECT count(*) FROM kv WHERE v = 'one'").await, 1);
+    assert!(env.db.has_marker(&gid).await);
+    assert!(!env.db.is_prepared(&gid).await);
+    assert_eq!(
+        env.commit(&gid).await.unwrap(),
+        pb::BranchState::Committed,
+        "idempotent"
+    );
+    assert_eq!(state(env.status(&gid).await.state), pb::BranchState::Committed);
+
+    let err = env.abort(&gid).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("already committed, cannot abort"),
+        "{}",
+        err.message()
+    );
+    let err = env.execute(&gid, "SELECT 1", vec![]).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn prepare_then_abort_leaves_nothing_and_commit_is_refused() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("abort-path", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    let gid = env.gid(1);
+    env.execute(&gid, "INSERT INTO kv VALUES (1, 'x')", vec![])
+        .await
+        .unwrap();
+    assert_eq!(vote(&env.prepare(&gid).await), pb::Vote::Yes);
+    assert_eq!(env.abort(&gid).await.unwrap(), pb::BranchState::Aborted);
+    assert_eq!(
+        env.abort(&gid).await.unwrap(),
+        pb::BranchState::Aborted,
+        "idempotent"
+    );
+    assert!(!env.db.is_prepared(&gid).await);
+    assert!(!env.db.has_marker(&gid).await);
+    assert_eq!(env.db.count("SELECT count(*) FROM kv").await, 0);
+    assert_eq!(state(env.status(&gid).await.state), pb::BranchState::Aborted);
+
+    // "Does not exist" with no marker row is a rollback, never a successful commit.
+    let err = env.commit(&gid).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("was rolled back, cannot commit"),
+        "{}",
+        err.message()
+    );
+    let no = env.prepare(&gid).await;
+    assert_eq!(vote(&no), pb::Vote::No);
+}
+
+#[tokio::test]
+async fn abort_of_an_open_or_unknown_branch_refuses_late_calls() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("abort-open", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    let open = env.gid(1);
+    env.execute(&open, "INSERT INTO kv VALUES (1, 'x')", vec![])
+        .await
+        .unwrap();
+    assert_eq!(env.abort(&open).await.unwrap(), pb::BranchState::Aborted);
+    let err = env.execute(&open, "SELECT 1", vec![]).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("rolled back"), "{}", err.message());
+
+    // An Abort that overtakes the branch's first Execute.
+    let early = env.gid(2);
+    assert_eq!(env.abort(&early).await.unwrap(), pb::BranchState::Aborted);
+    assert_eq!(
+        env.execute(&early, "SELECT 1", vec![]).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(vote(&env.prepare(&early).await), pb::Vote::No);
+    assert_eq!(env.db.count("SELECT count(*) FROM kv").await, 0);
+}
+
+#[tokio::test]
+async fn a_statement_error_returns_its_sqlstate_and_ends_the_branch() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("statement-error", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    let gid = env.gid(1);
+    env.execute(&gid, "INSERT INTO kv VALUES (1, 'x')", vec![])
+        .await
+        .unwrap();
+    let status = env
+        .execute(&gid, "INSERT INTO kv VALUES (1, 'again')", vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "constraint violations are preconditions"
+    );
+    match ApiError::from(status) {
+        ApiError::Sql(sql) => {
+            assert_eq!(sql.sqlstate, "23505");
+            assert_eq!(sql.shard, "s0");
+            assert!(sql.message.contains("duplicate key"), "{}", sql.message);
+            assert!(
+                sql.message.contains("Key (k)=(1)"),
+                "detail is kept: {}",
+                sql.message
+            );
+        }
+        other => panic!("expected a SQL error, got {other:?}"),
+    }
+    let after = env.execute(&gid, "SELECT 1", vec![]).await.unwrap_err();
+    assert_eq!(after.code(), Code::FailedPrecondition);
+    assert!(
+        after.message().contains("a statement failed"),
+        "{}",
+        after.message()
+    );
+    assert_eq!(vote(&env.prepare(&gid).await), pb::Vote::No);
+
+    let other = env.gid(2);
+    let status = env
+        .execute(&other, "SELECT * FROM missing", vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        status
+            .metadata()
+            .get("treaty-sqlstate")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        "42P01"
+    );
+    assert_eq!(env.db.count("SELECT count(*) FROM kv").await, 0);
+}
+
+#[tokio::test]
+async fn select_only_branch_votes_read_only() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("read-only", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    env.db.sql("INSERT INTO kv VALUES (7, 'seven')").await;
+    let gid = env.gid(1);
+    let result = env.execute(&gid, "SELECT k, v FROM kv", vec![]).await.unwrap();
+    assert_eq!(result.rows.len(), 1);
+    assert_eq!(vote(&env.prepare(&gid).await), pb::Vote::ReadOnly);
+    assert!(!env.db.is_prepared(&gid).await);
+    assert!(!env.db.has_marker(&gid).await);
+    assert_eq!(vote(&env.prepare(&gid).await), pb::Vote::ReadOnly, "repeat");
+    assert_eq!(env.commit(&gid).await.unwrap(), pb::BranchState::Committed);
+}
+
+#[tokio::test]
+async fn transaction_control_in_client_sql_is_refused_without_ending_the_branch() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("refused", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    let gid = env.gid(1);
+    env.execute(&gid, "INSERT INTO kv VALUES (1, 'x')", vec![])
+        .await
+        .unwrap();
+    for sql in [
+        "COMMIT",
+        "/* sneaky */ commit",
+        "SELECT 1; PREPARE TRANSACTION 'x'",
+        "SAVEPOINT a",
+    ] {
+        let err = env.execute(&gid, sql, vec![]).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{sql}");
+        assert!(
+            err.message().contains("is not allowed in a Treaty branch"),
+            "{}",
+            err.message()
+        );
+    }
+    let err = env.execute(&gid, "COMMIT", vec![]).await.unwrap_err();
+    assert!(
+        err.message().starts_with("COMMIT is not allowed"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        env.db.count("SELECT count(*) FROM kv").await,
+        0,
+        "nothing committed"
+    );
+    assert_eq!(
+        vote(&env.prepare(&gid).await),
+        pb::Vote::Yes,
+        "the branch is still usable"
+    );
+    assert_eq!(env.commit(&gid).await.unwrap(), pb::BranchState::Committed);
+    assert_eq!(env.db.count("SELECT count(*) FROM kv").await, 1);
+}
+
+#[tokio::test]
+async fn one_phase_commit_needs_no_marker_and_reports_commit_errors() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("one-phase", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    let gid = env.gid(1);
+    env.execute(&gid, "INSERT INTO kv VALUES (1, 'x')", vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        env.commit_one_phase(&gid).await.unwrap(),
+        pb::BranchState::Committed
+    );
+    assert_eq!(
+        env.commit_one_phase(&gid).await.unwrap(),
+        pb::BranchState::Committed,
+        "repeat"
+    );
+    assert_eq!(env.db.count("SELECT count(*) FROM kv").await, 1);
+    assert!(!env.db.has_marker(&gid).await);
+
+    // A deferred constraint fails at COMMIT: the transaction did not commit.
+    env.db
+        .sql(
+            "CREATE TABLE parent (id int PRIMARY KEY); \
+             CREATE TABLE child (p int REFERENCES parent DEFERRABLE INITIALLY DEFERRED)",
+        )
+        .await;
+    let failing = env.gid(2);
+    env.execute(&failing, "INSERT INTO child VALUES (42)", vec![])
+        .await
+        .unwrap();
+    let status = env.commit_one_phase(&failing).await.unwrap_err();
+    match ApiError::from(status) {
+        ApiError::Sql(sql) => assert_eq!(sql.sqlstate, "23503"),
+        other => panic!("expected a SQL error, got {other:?}"),
+    }
+    assert_eq!(env.db.count("SELECT count(*) FROM child").await, 0);
+
+    let unknown = env.commit_one_phase(&env.gid(3)).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn a_failed_prepare_votes_no_with_the_sqlstate() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("prepare-fails", |_| {}).await else {
+        return;
+    };
+    env.db
+        .sql(
+            "CREATE TABLE parent (id int PRIMARY KEY); \
+             CREATE TABLE child (p int REFERENCES parent DEFERRABLE INITIALLY DEFERRED)",
+        )
+        .await;
+    let gid = env.gid(1);
+    env.execute(&gid, "INSERT INTO child VALUES (42)", vec![])
+        .await
+        .unwrap();
+    let no = env.prepare(&gid).await;
+    assert_eq!(vote(&no), pb::Vote::No);
+    assert_eq!(no.sqlstate, "23503");
+    assert!(!env.db.is_prepared(&gid).await);
+    assert!(!env.db.has_marker(&gid).await);
+    assert_eq!(env.abort(&gid).await.unwrap(), pb::BranchState::Aborted);
+    assert_eq!(
+        vote(&env.prepare(&env.gid(99)).await),
+        pb::Vote::No,
+        "unknown branch"
+    );
+}
+
+#[tokio::test]
+async fn idle_branches_are_rolled_back_and_refused_afterwards() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("idle", |c| c.branch_idle_timeout_ms = 200).await else {
+        return;
+    };
+    kv(&env).await;
+    let gid = env.gid(1);
+    env.execute(&gid, "INSERT INTO kv VALUES (1, 'x')", vec![])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let err = env.execute(&gid, "SELECT 1", vec![]).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("branch-idle-timeout"), "{}", err.message());
+    let no = env.prepare(&gid).await;
+    assert_eq!(vote(&no), pb::Vote::No);
+    assert_eq!(env.db.count("SELECT count(*) FROM kv").await, 0);
+    // The connection went back to the pool clean: a new branch works.
+    let next = env.gid(2);
+    env.execute(&next, "INSERT INTO kv VALUES (2, 'y')", vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        env.commit_one_phase(&next).await.unwrap(),
+        pb::BranchState::Committed
+    );
+}
+
+#[tokio::test]
+async fn branch_options_reach_postgres_and_lock_timeouts_are_retryable() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("options", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    env.db.sql("INSERT INTO kv VALUES (1, 'x')").await;
+    let holder = env.gid(1);
+    env.execute(&holder, "UPDATE kv SET v = 'held' WHERE k = 1", vec![])
+        .await
+        .unwrap();
+
+    let waiter = env.gid(2);
+    let request = pb::BranchExecuteRequest {
+        gid: waiter.clone(),
+        sql: "SELECT current_setting('transaction_isolation'), current_setting('lock_timeout')".into(),
+        params: vec![],
+        options: Some(pb::BranchOptions {
+            isolation: pb::IsolationLevel::Serializable as i32,
+            lock_timeout_ms: 150,
+            statement_timeout_ms: 0,
+        }),
+    };
+    let result = env.client().execute(request).await.unwrap().into_inner();
+    assert_eq!(result.rows[0].values[0], text("serializable"));
+    assert_eq!(result.rows[0].values[1], text("150ms"));
+    let status = env
+        .execute(&waiter, "UPDATE kv SET v = 'waiter' WHERE k = 1", vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status
+            .metadata()
+            .get("treaty-retryable")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        "true"
+    );
+    match ApiError::from(status) {
+        ApiError::Sql(sql) => assert_eq!(sql.sqlstate, "55P03"),
+        other => panic!("expected lock_not_available, got {other:?}"),
+    }
+    assert_eq!(env.abort(&holder).await.unwrap(), pb::BranchState::Aborted);
+}
+
+#[tokio::test]
+async fn multi_statement_strings_run_without_parameters() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("batch", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    let gid = env.gid(1);
+    let result = env
+        .execute(
+            &gid,
+            "INSERT INTO kv VALUES (1, 'a'); INSERT INTO kv VALUES (2, 'b'); SELECT k, v FROM kv ORDER BY k",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.rows.len(), 2);
+    assert_eq!(result.rows[1].values, vec![int(2), text("b")]);
+    assert_eq!(result.columns[0].name, "k");
+    assert_eq!(result.columns[0].type_name, "int8");
+    let err = env
+        .execute(&gid, "SELECT $1; SELECT 2", vec![int(1)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        env.commit_one_phase(&gid).await.unwrap(),
+        pb::BranchState::Committed
+    );
+    assert_eq!(env.db.count("SELECT count(*) FROM kv").await, 2);
+}
+
+#[tokio::test]
+async fn session_settings_do_not_leak_into_other_branches() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("session-leak", |c| c.max_connections = 1).await else {
+        return;
+    };
+    let gid = env.gid(1);
+    env.execute(&gid, "SET search_path = nowhere", vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        env.commit_one_phase(&gid).await.unwrap(),
+        pb::BranchState::Committed
+    );
+    let next = env.gid(2);
+    let result = env.execute(&next, "SHOW search_path", vec![]).await.unwrap();
+    assert_eq!(result.rows[0].values[0], text("\"$user\", public"));
+    assert_eq!(
+        env.commit_one_phase(&next).await.unwrap(),
+        pb::BranchState::Committed
+    );
+}

@@ -1,0 +1,204 @@
+//! Recovery: prepared branches outliving the participant or PostgreSQL, resolved only by the
+//! coordinator's answer; marker cleanup; refusing transactions whose branch may have been lost.
+
+use std::time::Duration;
+
+use tonic::Code;
+use treaty_proto::pb;
+
+use crate::support::{Env, SERVER, eventually, int, text, vote};
+
+const RESOLVED: Duration = Duration::from_secs(15);
+
+async fn prepared_insert(env: &Env, txid: u64, k: i64) -> String {
+    let gid = env.gid(txid);
+    env.execute(&gid, "INSERT INTO kv VALUES ($1, $2)", vec![int(k), text("v")])
+        .await
+        .unwrap();
+    assert_eq!(vote(&env.prepare(&gid).await), pb::Vote::Yes);
+    gid
+}
+
+async fn kv(env: &Env) {
+    env.db.sql("CREATE TABLE kv (k bigint PRIMARY KEY, v text)").await;
+}
+
+#[tokio::test]
+async fn a_restarted_participant_applies_the_coordinators_decision() {
+    let _shared = SERVER.read().await;
+    let Some(mut env) = Env::start("restart-participant", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    let committed = prepared_insert(&env, 1, 1).await;
+    let aborted = prepared_insert(&env, 2, 2).await;
+    let pending = prepared_insert(&env, 3, 3).await;
+    let open = env.gid(4);
+    env.execute(&open, "INSERT INTO kv VALUES (4, 'open')", vec![])
+        .await
+        .unwrap();
+
+    env.coordinator.decide(&committed, pb::Decision::Commit, true);
+    env.coordinator.decide(&pending, pb::Decision::Pending, true);
+    env.coordinator
+        .next_txid
+        .store(10, std::sync::atomic::Ordering::SeqCst);
+
+    // The open branch dies with the process; the prepared ones are PostgreSQL's to keep.
+    let mut config = env.config();
+    config.reconcile_interval_ms = 100;
+    env.restart_participant(config).await;
+    let db = &env.db;
+    eventually("committed and aborted resolved", RESOLVED, || async {
+        !db.is_prepared(&committed).await && !db.is_prepared(&aborted).await
+    })
+    .await;
+    assert_eq!(db.count("SELECT count(*) FROM kv WHERE k = 1").await, 1);
+    assert_eq!(db.count("SELECT count(*) FROM kv WHERE k = 2").await, 0);
+    assert!(db.has_marker(&committed).await);
+    assert!(db.is_prepared(&pending).await, "PENDING is left alone");
+    assert_eq!(db.count("SELECT count(*) FROM kv WHERE k = 4").await, 0);
+
+    // The open branch's transaction began before this process: its next statement is refused
+    // rather than run in a fresh branch without the first one.
+    let err = env
+        .execute(&open, "INSERT INTO kv VALUES (5, 'x')", vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("began before this participant started"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(vote(&env.prepare(&open).await), pb::Vote::No);
+    let fresh = env.gid(10);
+    env.execute(&fresh, "SELECT 1", vec![]).await.unwrap();
+
+    // The coordinator's own phase-two call still works after recovery, and repeats are fine.
+    assert_eq!(env.commit(&committed).await.unwrap(), pb::BranchState::Committed);
+    assert_eq!(env.commit(&pending).await.unwrap(), pb::BranchState::Committed);
+    assert_eq!(db.count("SELECT count(*) FROM kv").await, 2);
+}
+
+#[tokio::test]
+async fn branches_in_doubt_are_asked_about_and_never_decided_alone() {
+    let _shared = SERVER.read().await;
+    // The coordinator's port is reserved but nobody serves on it yet.
+    let unreachable = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = unreachable.local_addr().unwrap().port();
+    drop(unreachable);
+    let Some(env) = Env::start("in-doubt", |c| {
+        c.in_doubt_after_ms = 200;
+        c.reconcile_interval_ms = 100;
+        c.coordinator_url = format!("http://127.0.0.1:{port}");
+    })
+    .await
+    else {
+        return;
+    };
+    kv(&env).await;
+    let gid = prepared_insert(&env, 1, 1).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(env.db.is_prepared(&gid).await, "no answer, no action");
+
+    // The coordinator comes up (on the port the participant keeps trying) and says ABORT.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::coordinator_server::CoordinatorServer::new(
+                env.coordinator.clone(),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let db = &env.db;
+    eventually("the in-doubt branch rolled back", RESOLVED, || async {
+        !db.is_prepared(&gid).await
+    })
+    .await;
+    assert_eq!(db.count("SELECT count(*) FROM kv").await, 0);
+    assert_eq!(env.abort(&gid).await.unwrap(), pb::BranchState::Aborted);
+}
+
+#[tokio::test]
+async fn marker_rows_are_deleted_once_the_coordinator_stops_tracking() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("markers", |c| {
+        c.marker_retention_ms = 100;
+        c.reconcile_interval_ms = 100;
+    })
+    .await
+    else {
+        return;
+    };
+    kv(&env).await;
+    let gid = prepared_insert(&env, 1, 1).await;
+    env.coordinator.decide(&gid, pb::Decision::Commit, true);
+    assert_eq!(env.commit(&gid).await.unwrap(), pb::BranchState::Committed);
+    let queries = env.coordinator.queries.load(std::sync::atomic::Ordering::SeqCst);
+    let coordinator = &env.coordinator;
+    eventually("the coordinator was asked about the marker", RESOLVED, || async {
+        coordinator.queries.load(std::sync::atomic::Ordering::SeqCst) > queries + 1
+    })
+    .await;
+    assert!(env.db.has_marker(&gid).await, "kept while tracked");
+
+    env.coordinator.decide(&gid, pb::Decision::Commit, false);
+    let db = &env.db;
+    eventually("the marker deleted", RESOLVED, || async {
+        !db.has_marker(&gid).await
+    })
+    .await;
+    assert_eq!(db.count("SELECT count(*) FROM kv").await, 1);
+}
+
+#[tokio::test]
+async fn commit_after_postgres_restarts_with_the_branch_prepared() {
+    let _exclusive = SERVER.write().await;
+    let Some(env) = Env::start("restart-postgres", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    let gid = prepared_insert(&env, 1, 1).await;
+    // Warm the pool so that the participant holds connections the restart kills.
+    env.execute(&env.gid(2), "SELECT 1", vec![]).await.unwrap();
+    assert_eq!(vote(&env.prepare(&env.gid(2)).await), pb::Vote::ReadOnly);
+
+    match std::env::var("TREATY_TEST_PG_RESTART") {
+        Ok(command) if !command.is_empty() => {
+            let status = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&command)
+                .status()
+                .unwrap();
+            assert!(status.success(), "{command} failed");
+        }
+        _ => {
+            eprintln!("TREATY_TEST_PG_RESTART unset: terminating the participant's connections instead");
+            env.db
+                .sql(&format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = '{}' AND application_name = 'treaty-participant'",
+                    env.db.name
+                ))
+                .await;
+        }
+    }
+    let db = &env.db;
+    eventually("PostgreSQL accepting connections", RESOLVED, || async {
+        sqlx::query("SELECT 1").execute(&db.pool).await.is_ok()
+    })
+    .await;
+    assert!(db.is_prepared(&gid).await, "the prepared branch survives");
+    assert_eq!(env.commit(&gid).await.unwrap(), pb::BranchState::Committed);
+    assert_eq!(db.count("SELECT count(*) FROM kv").await, 1);
+    // Fresh branches work on the replaced connections.
+    let next = env.gid(3);
+    env.execute(&next, "INSERT INTO kv VALUES (2, 'after')", vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        env.commit_one_phase(&next).await.unwrap(),
+        pb::BranchState::Committed
+    );
+}
