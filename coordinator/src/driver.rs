@@ -354,7 +354,9 @@ impl Engine {
 
     fn retire(&self, txid: TxId) {
         let mut table = self.table();
-        let Some(handle) = table.live.remove(&txid) else { return };
+        let Some(handle) = table.live.remove(&txid) else {
+            return;
+        };
         table.finished.insert(txid, handle);
         table.finished_order.push_back(txid);
         while table.finished_order.len() > HISTORY {

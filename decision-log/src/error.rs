@@ -41,12 +41,20 @@ pub enum LogError {
         "{path} has format version {found} but this build reads version {supported}; \
          run the Treaty version that wrote it"
     )]
-    UnsupportedVersion { path: PathBuf, found: u32, supported: u32 },
+    UnsupportedVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
     #[error(
         "{path} holds a record of unknown type {type_tag} (with a valid checksum) at offset {offset}: \
          it was written by a newer Treaty; run that version"
     )]
-    UnknownRecordType { path: PathBuf, offset: u64, type_tag: u8 },
+    UnknownRecordType {
+        path: PathBuf,
+        offset: u64,
+        type_tag: u8,
+    },
     #[error(
         "the decision log belongs to coordinator {logged:?}, refusing to relabel it {requested:?}; \
          point this coordinator at its own data directory"
@@ -56,7 +64,11 @@ pub enum LogError {
         "a {what} record would take {bytes} bytes, over the {limit}-byte limit of one log record; \
          use fewer or shorter participant names and ids"
     )]
-    RecordTooLarge { what: &'static str, bytes: usize, limit: u32 },
+    RecordTooLarge {
+        what: &'static str,
+        bytes: usize,
+        limit: u32,
+    },
 }
 
 impl LogError {

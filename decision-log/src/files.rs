@@ -153,9 +153,11 @@ pub(crate) fn write_compacted(
             .truncate(true)
             .open(&paths.compact)
             .map_err(before_rename("creating", &paths.compact))?;
-        file.write_all(buf).map_err(before_rename("writing", &paths.compact))?;
+        file.write_all(buf)
+            .map_err(before_rename("writing", &paths.compact))?;
         hooks.compaction_step(CompactionStep::TempWritten);
-        file.sync_data().map_err(before_rename("fdatasync of", &paths.compact))?;
+        file.sync_data()
+            .map_err(before_rename("fdatasync of", &paths.compact))?;
         hooks.compaction_step(CompactionStep::TempSynced);
         Ok(file)
     })();

@@ -65,8 +65,10 @@ impl DecisionLog {
             (file, len, None)
         } else {
             let preserved = files::preserve_damaged(&paths, &bytes)?;
-            let (file, len) = files::write_compacted(&paths, &scan.state, &mut Vec::new(), &hooks)
-                .map_err(|failed| LogError::io(failed.failure.action, failed.failure.path, failed.failure.source))?;
+            let (file, len) =
+                files::write_compacted(&paths, &scan.state, &mut Vec::new(), &hooks).map_err(|failed| {
+                    LogError::io(failed.failure.action, failed.failure.path, failed.failure.source)
+                })?;
             tracing::warn!(
                 damaged_copy = %preserved.display(),
                 regions = scan.damage.len(),
@@ -105,7 +107,9 @@ impl DecisionLog {
             thread: Some(thread),
             shared,
         };
-        let log = DecisionLog { inner: Arc::new(inner) };
+        let log = DecisionLog {
+            inner: Arc::new(inner),
+        };
         Ok((log, replay))
     }
 
@@ -144,7 +148,10 @@ impl DecisionLog {
             return;
         }
         if let Err(e) = self.send(Request::End { txid }) {
-            tracing::warn!(txid, "end record dropped ({e}); recovery will re-drive this commit");
+            tracing::warn!(
+                txid,
+                "end record dropped ({e}); recovery will re-drive this commit"
+            );
         }
     }
 

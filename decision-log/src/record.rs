@@ -17,10 +17,17 @@ const TYPE_END: u8 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Record {
-    Header { coordinator_id: String, format_version: u32 },
-    TxidsReserved { up_to: u64 },
+    Header {
+        coordinator_id: String,
+        format_version: u32,
+    },
+    TxidsReserved {
+        up_to: u64,
+    },
     Commit(CommitRecord),
-    End { txid: u64 },
+    End {
+        txid: u64,
+    },
 }
 
 impl Record {
@@ -30,7 +37,10 @@ impl Record {
             Record::Header { coordinator_id, .. } => 4 + string_len(coordinator_id),
             Record::TxidsReserved { .. } | Record::End { .. } => 8,
             Record::Commit(commit) => {
-                8 + 8 + string_len(&commit.gid) + 4 + commit.participants.iter().map(|p| string_len(p)).sum::<usize>()
+                8 + 8
+                    + string_len(&commit.gid)
+                    + 4
+                    + commit.participants.iter().map(|p| string_len(p)).sum::<usize>()
             }
         };
         FRAME_HEADER_LEN + 1 + payload
@@ -62,7 +72,9 @@ impl Record {
                 coordinator_id,
                 format_version,
             } => encode_header(coordinator_id, *format_version, buf),
-            Record::TxidsReserved { up_to } => encode_frame(buf, TYPE_TXIDS_RESERVED, |buf| put_u64(buf, *up_to)),
+            Record::TxidsReserved { up_to } => {
+                encode_frame(buf, TYPE_TXIDS_RESERVED, |buf| put_u64(buf, *up_to))
+            }
             Record::Commit(commit) => encode_commit(commit, buf),
             Record::End { txid } => encode_frame(buf, TYPE_END, |buf| put_u64(buf, *txid)),
         }
@@ -96,7 +108,10 @@ fn encode_frame(buf: &mut Vec<u8>, type_tag: u8, write_payload: impl FnOnce(&mut
     buf.push(type_tag);
     write_payload(buf);
     let body = &buf[start + FRAME_HEADER_LEN..];
-    debug_assert!(body.len() <= MAX_RECORD_BODY_BYTES as usize, "check_size was skipped");
+    debug_assert!(
+        body.len() <= MAX_RECORD_BODY_BYTES as usize,
+        "check_size was skipped"
+    );
     let length = body.len() as u32;
     let crc = crc32fast::hash(body);
     buf[start..start + 4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -124,14 +139,31 @@ fn put_str(buf: &mut Vec<u8>, value: &str) {
 /// Why the bytes at some offset are not a good record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum FrameError {
-    ShortHeader { available: usize },
-    BadMagic { found: u32 },
-    BadLength { length: u32 },
-    PastEnd { length: u32, available: usize },
-    Checksum { stored: u32, computed: u32 },
+    ShortHeader {
+        available: usize,
+    },
+    BadMagic {
+        found: u32,
+    },
+    BadLength {
+        length: u32,
+    },
+    PastEnd {
+        length: u32,
+        available: usize,
+    },
+    Checksum {
+        stored: u32,
+        computed: u32,
+    },
     /// A checksummed record this build does not know: a newer format, never skipped silently.
-    UnknownType { type_tag: u8 },
-    Payload { type_tag: u8, problem: &'static str },
+    UnknownType {
+        type_tag: u8,
+    },
+    Payload {
+        type_tag: u8,
+        problem: &'static str,
+    },
 }
 
 impl fmt::Display for FrameError {
@@ -145,10 +177,16 @@ impl fmt::Display for FrameError {
                 write!(f, "record length {length} outside 1..={MAX_RECORD_BODY_BYTES}")
             }
             FrameError::PastEnd { length, available } => {
-                write!(f, "record length {length} runs past the end of the file ({available} bytes left)")
+                write!(
+                    f,
+                    "record length {length} runs past the end of the file ({available} bytes left)"
+                )
             }
             FrameError::Checksum { stored, computed } => {
-                write!(f, "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")
+                write!(
+                    f,
+                    "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+                )
             }
             FrameError::UnknownType { type_tag } => write!(f, "unknown record type {type_tag}"),
             FrameError::Payload { type_tag, problem } => {
@@ -172,10 +210,12 @@ pub(crate) fn decode_frame(bytes: &[u8]) -> Result<(Record, usize), FrameError> 
         return Err(FrameError::BadLength { length });
     }
     let frame_len = FRAME_HEADER_LEN + length as usize;
-    let body = bytes.get(FRAME_HEADER_LEN..frame_len).ok_or(FrameError::PastEnd {
-        length,
-        available: bytes.len() - FRAME_HEADER_LEN,
-    })?;
+    let body = bytes
+        .get(FRAME_HEADER_LEN..frame_len)
+        .ok_or(FrameError::PastEnd {
+            length,
+            available: bytes.len() - FRAME_HEADER_LEN,
+        })?;
     let computed = crc32fast::hash(body);
     if computed != stored {
         return Err(FrameError::Checksum { stored, computed });
@@ -195,7 +235,9 @@ pub(crate) fn decode_frame(bytes: &[u8]) -> Result<(Record, usize), FrameError> 
         TYPE_END => Record::End { txid: reader.u64() },
         other => return Err(FrameError::UnknownType { type_tag: other }),
     };
-    reader.finish().map_err(|problem| FrameError::Payload { type_tag, problem })?;
+    reader
+        .finish()
+        .map_err(|problem| FrameError::Payload { type_tag, problem })?;
     Ok((record, frame_len))
 }
 
@@ -322,7 +364,10 @@ mod tests {
         Record::End { txid: 5 }.encode(&mut buf);
         assert_eq!(&buf[0..4], b"TRDL");
         assert_eq!(u32::from_le_bytes(buf[4..8].try_into().unwrap()), 9);
-        assert_eq!(u32::from_le_bytes(buf[8..12].try_into().unwrap()), crc32fast::hash(&buf[12..]));
+        assert_eq!(
+            u32::from_le_bytes(buf[8..12].try_into().unwrap()),
+            crc32fast::hash(&buf[12..])
+        );
         assert_eq!(buf[12], TYPE_END);
         assert_eq!(u64::from_le_bytes(buf[13..21].try_into().unwrap()), 5);
     }
@@ -354,7 +399,10 @@ mod tests {
         payload.extend_from_slice(&u32::MAX.to_le_bytes()); // participant count
         assert!(matches!(
             decode_frame(&frame(TYPE_COMMIT, &payload)),
-            Err(FrameError::Payload { type_tag: TYPE_COMMIT, .. })
+            Err(FrameError::Payload {
+                type_tag: TYPE_COMMIT,
+                ..
+            })
         ));
         let mut header = MAGIC.to_le_bytes().to_vec();
         header.extend_from_slice(&u32::MAX.to_le_bytes());
@@ -387,7 +435,10 @@ mod tests {
         let mut commit = sample_commit(1);
         commit.gid = "g".repeat(MAX_RECORD_BODY_BYTES as usize);
         let error = Record::Commit(commit).check_size().unwrap_err();
-        assert!(matches!(error, crate::LogError::RecordTooLarge { what: "commit", .. }));
+        assert!(matches!(
+            error,
+            crate::LogError::RecordTooLarge { what: "commit", .. }
+        ));
         assert!(Record::Commit(sample_commit(1)).check_size().is_ok());
     }
 }

@@ -78,10 +78,12 @@ fn apply(state: &mut LiveState, record: Record, path: &Path) -> Result<(), LogEr
             supported: FORMAT_VERSION,
         });
     }
-    state.apply(record).map_err(|conflict| LogError::ConflictingHeader {
-        logged: conflict.logged,
-        requested: conflict.requested,
-    })
+    state
+        .apply(record)
+        .map_err(|conflict| LogError::ConflictingHeader {
+            logged: conflict.logged,
+            requested: conflict.requested,
+        })
 }
 
 /// The first offset at or after `from` where a complete record with a valid checksum starts.
@@ -89,7 +91,11 @@ fn apply(state: &mut LiveState, record: Record, path: &Path) -> Result<(), LogEr
 fn find_next_record(bytes: &[u8], from: usize) -> Option<usize> {
     let magic = MAGIC.to_le_bytes();
     let mut candidate = from;
-    while let Some(found) = bytes.get(candidate..)?.windows(magic.len()).position(|w| w == magic) {
+    while let Some(found) = bytes
+        .get(candidate..)?
+        .windows(magic.len())
+        .position(|w| w == magic)
+    {
         let at = candidate + found;
         match decode_frame(&bytes[at..]) {
             Ok(_) | Err(FrameError::UnknownType { .. }) => return Some(at),
@@ -135,7 +141,13 @@ mod tests {
     #[test]
     fn clean_log_of_commits_and_ends_yields_the_unfinished_ones() {
         let mut bytes = Vec::new();
-        for record in [commit(1), commit(2), Record::End { txid: 1 }, commit(3), Record::End { txid: 3 }] {
+        for record in [
+            commit(1),
+            commit(2),
+            Record::End { txid: 1 },
+            commit(3),
+            Record::End { txid: 3 },
+        ] {
             record.encode(&mut bytes);
         }
         let scan = scan_ok(&bytes);
@@ -170,7 +182,10 @@ mod tests {
             assert_eq!(scan.damage.len(), 1, "flip at {at}");
             let damage = &scan.damage[0];
             assert_eq!(damage.kind, DamageKind::CorruptRecord, "flip at {at}");
-            assert_eq!((damage.offset, damage.length), (k_start as u64, (k_end - k_start) as u64));
+            assert_eq!(
+                (damage.offset, damage.length),
+                (k_start as u64, (k_end - k_start) as u64)
+            );
         }
     }
 
@@ -219,7 +234,10 @@ mod tests {
         let crc = crc32fast::hash(&bytes[at + 12..]);
         bytes[at + 8..at + 12].copy_from_slice(&crc.to_le_bytes());
         let error = scan(&bytes, Path::new("test.log")).unwrap_err();
-        assert!(matches!(error, LogError::UnknownRecordType { type_tag: 200, .. }), "{error}");
+        assert!(
+            matches!(error, LogError::UnknownRecordType { type_tag: 200, .. }),
+            "{error}"
+        );
         assert!(error.to_string().contains("newer Treaty"));
     }
 
@@ -232,6 +250,13 @@ mod tests {
         }
         .encode(&mut bytes);
         let error = scan(&bytes, Path::new("test.log")).unwrap_err();
-        assert!(matches!(error, LogError::UnsupportedVersion { found: 2, supported: 1, .. }));
+        assert!(matches!(
+            error,
+            LogError::UnsupportedVersion {
+                found: 2,
+                supported: 1,
+                ..
+            }
+        ));
     }
 }

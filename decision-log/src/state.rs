@@ -49,11 +49,9 @@ impl LiveState {
                 self.txids_reserved_up_to = self.txids_reserved_up_to.max(commit.txid);
                 let sequence = self.next_sequence;
                 // A duplicate decision for the same txid keeps the first, which holds its place in the order.
-                self.unfinished.entry(commit.txid).or_insert_with(|| {
-                    Unfinished {
-                        sequence,
-                        record: commit,
-                    }
+                self.unfinished.entry(commit.txid).or_insert_with(|| Unfinished {
+                    sequence,
+                    record: commit,
                 });
                 self.next_sequence += 1;
             }
@@ -145,7 +143,10 @@ mod tests {
             state.apply(record).unwrap();
         }
         assert_eq!(txids(&state), vec![3, 9]);
-        assert_eq!(state.txids_reserved_up_to, 9, "raised to the highest committed txid, even an ended one");
+        assert_eq!(
+            state.txids_reserved_up_to, 9,
+            "raised to the highest committed txid, even an ended one"
+        );
     }
 
     #[test]

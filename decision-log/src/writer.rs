@@ -20,12 +20,25 @@ use crate::{CommitRecord, LogStats};
 pub(crate) type Waiter = oneshot::Sender<Result<(), LogError>>;
 
 pub(crate) enum Request {
-    Header { coordinator_id: String, done: Waiter },
-    ReserveTxids { up_to: u64, done: Waiter },
-    Commit { record: CommitRecord, done: Waiter },
+    Header {
+        coordinator_id: String,
+        done: Waiter,
+    },
+    ReserveTxids {
+        up_to: u64,
+        done: Waiter,
+    },
+    Commit {
+        record: CommitRecord,
+        done: Waiter,
+    },
     /// Lazy: written with the next batch, never waits for an fsync of its own.
-    End { txid: u64 },
-    Flush { done: Waiter },
+    End {
+        txid: u64,
+    },
+    Flush {
+        done: Waiter,
+    },
 }
 
 /// What the handles and the writer thread share.
@@ -171,11 +184,14 @@ impl Loop {
     fn append_and_sync(&mut self, forced: bool) -> Result<(), WriteFailure> {
         let path = &self.log.paths.log;
         if !self.buf.is_empty() {
-            self.log.file.write_all(&self.buf).map_err(|source| WriteFailure {
-                action: "appending to",
-                path: path.clone(),
-                source,
-            })?;
+            self.log
+                .file
+                .write_all(&self.buf)
+                .map_err(|source| WriteFailure {
+                    action: "appending to",
+                    path: path.clone(),
+                    source,
+                })?;
             let len = self.buf.len() as u64;
             self.log.file_len += len;
             self.unsynced = true;
@@ -230,7 +246,10 @@ impl Loop {
                 Shared::count(&self.log.shared.compactions, 1);
                 Shared::count(&self.log.shared.bytes_written, len);
             }
-            Err(CompactionFailure { renamed: false, failure }) => {
+            Err(CompactionFailure {
+                renamed: false,
+                failure,
+            }) => {
                 tracing::warn!(
                     "decision log compaction failed, the log is intact and keeps growing: {failure}; \
                      check free space in {}",
@@ -238,7 +257,10 @@ impl Loop {
                 );
                 self.compact_at = log.file_len.saturating_add(log.compact_after_bytes);
             }
-            Err(CompactionFailure { renamed: true, failure }) => self.poison(failure),
+            Err(CompactionFailure {
+                renamed: true,
+                failure,
+            }) => self.poison(failure),
         }
     }
 

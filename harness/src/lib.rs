@@ -1,1 +1,21 @@
-//! placeholder
+//! Starts real PostgreSQL clusters and real Treaty processes on loopback, for the integration tests,
+//! the `treaty` CLI (`dev up`, `demo`) and benchmarks.
+//!
+//! - `postgres`: [`PgCluster`], one `initdb`-ed PostgreSQL server in a directory of its own, run as
+//!   an unprivileged user when we are root (PostgreSQL refuses to run as root);
+//! - `process`: [`ServiceProcess`], a coordinator or participant child process that can be
+//!   SIGKILLed and restarted on the same address;
+//! - `cluster`: [`LocalCluster`], N shards (PostgreSQL + participant) and one coordinator;
+//! - `os`: ports, users and binaries.
+
+mod cluster;
+mod error;
+mod os;
+mod postgres;
+mod process;
+
+pub use cluster::{ClusterSpec, LocalCluster};
+pub use error::HarnessError;
+pub use os::{binary_path, free_loopback_port};
+pub use postgres::{PgCluster, PgOptions, postgres_bin_dir};
+pub use process::{ServiceProcess, ServiceSpec};

@@ -57,7 +57,9 @@ impl From<sqlx::Error> for DbError {
                 // terminated): the connection is gone, not just the statement.
                 let session_ended = pg
                     .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic))
-                    || sqlstate.starts_with("08")
+                    // 08P01 at ERROR severity is a bad bind (e.g. wrong parameter count): the
+                    // statement failed, the session lives on.
+                    || (sqlstate.starts_with("08") && sqlstate != "08P01")
                     || sqlstate.starts_with("57P");
                 if session_ended {
                     DbError::Connection(format!("SQLSTATE {sqlstate}: {message}"))

@@ -71,7 +71,7 @@ impl TestCluster {
     /// Runs SQL directly on a shard's database (not through Treaty).
     pub async fn sql(&self, shard: usize, sql: &str) -> Result<()> {
         let mut conn = self.cluster.pgs[shard].connect(DATABASE).await?;
-        sqlx::raw_sql(sql)
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
             .execute(&mut conn)
             .await
             .with_context(|| format!("shard {shard}: {sql}"))?;
