@@ -81,7 +81,7 @@ fn param(index: usize, value: serde_json::Value) -> Result<pb::Value> {
 }
 
 fn decode_hex(text: &str) -> Result<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         bail!("hex string has an odd number of digits");
     }
     (0..text.len())

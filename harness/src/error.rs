@@ -18,7 +18,7 @@ pub enum HarnessError {
         output: String,
     },
     #[error(
-        "PostgreSQL server binaries (initdb, pg_ctl) not found; install PostgreSQL or set TREATY_PG_BIN to the directory holding them"
+        "PostgreSQL server binaries (initdb, pg_ctl) not found; install PostgreSQL or set TREATY_PG_BIN_DIR to the directory holding them"
     )]
     PostgresNotFound,
     #[error(

@@ -43,10 +43,10 @@ impl Default for PgOptions {
     }
 }
 
-/// The directory holding `initdb` and `pg_ctl`: `$TREATY_PG_BIN`, else the one on `PATH`, else the
+/// The directory holding `initdb` and `pg_ctl`: `$TREATY_PG_BIN_DIR`, else the one on `PATH`, else the
 /// newest `/usr/lib/postgresql/<version>/bin`.
 pub fn postgres_bin_dir() -> Result<PathBuf, HarnessError> {
-    if let Some(dir) = std::env::var_os("TREATY_PG_BIN") {
+    if let Some(dir) = std::env::var_os("TREATY_PG_BIN_DIR") {
         let dir = PathBuf::from(dir);
         if dir.join("pg_ctl").is_file() {
             return Ok(dir);

@@ -140,7 +140,8 @@ async fn torn_decision_log_tail_is_cut_and_the_coordinator_serves() -> Result<()
     let mut bytes = std::fs::read(&log)?;
     let good_len = bytes.len();
     // Half of a record's frame, as a crash in the middle of a write leaves it.
-    bytes.extend_from_slice(&bytes[..good_len.min(9)].to_vec());
+    let frame_start = bytes[..good_len.min(9)].to_vec();
+    bytes.extend_from_slice(&frame_start);
     std::fs::write(&log, &bytes)?;
     t.cluster.coordinator.restart().await?;
     // The good commit record before the torn tail is kept and re-driven.
