@@ -22,7 +22,7 @@ use crate::protocol::{
 
 /// Transaction ids are reserved in the log this many at a time, so only one begin in this many
 /// waits for an fsync, and no id is handed out twice across restarts.
-const TXID_BLOCK: u64 = 10_000;
+pub(crate) const TXID_BLOCK: u64 = 10_000;
 /// Finished transactions kept for `GetTransaction`.
 const HISTORY: usize = 10_000;
 

@@ -45,6 +45,12 @@ pub enum CoordinatorError {
         logged: String,
         configured: String,
     },
+    #[error(
+        "the decision log in {dir} is damaged and its header (which holds this coordinator's id) was lost; \
+         restart with --id set to the id in the GIDs this coordinator wrote (treaty:<id>:<txid> in the \
+         participants' pg_prepared_xacts or logs), so that its transactions keep their names"
+    )]
+    HeaderLost { dir: std::path::PathBuf },
     #[error("coordinator id: {0}")]
     BadId(treaty_proto::IdError),
     #[error(transparent)]
@@ -93,6 +99,21 @@ pub async fn run(
             });
         }
         (Some(logged), _) => logged.clone(),
+        (None, None) if !replay.damage.is_empty() => {
+            // A damaged log without its header: the id is still written in every commit record's
+            // GID; a fresh id would orphan every prepared branch named with the old one.
+            let from_gids = replay
+                .unfinished
+                .iter()
+                .find_map(|record| treaty_proto::Gid::parse(&record.gid).ok())
+                .map(|gid| gid.coordinator().to_string());
+            let Some(id) = from_gids else {
+                return Err(CoordinatorError::HeaderLost { dir });
+            };
+            tracing::warn!(coordinator = %id, "decision log header lost; id recovered from the logged GIDs");
+            log.write_header(&id).await.map_err(log_error)?;
+            id
+        }
         (None, configured) => {
             let id = configured.clone().unwrap_or_else(generate_id);
             CoordinatorId::new(&id).map_err(CoordinatorError::BadId)?;
@@ -106,7 +127,10 @@ pub async fn run(
         timeouts: config.timeouts,
         lock_timeout_ms: config.lock_timeout_ms,
     };
-    let engine = Engine::new(id.clone(), log, links, settings, replay.txids_reserved_up_to);
+    // A damaged region may have held the latest txid reservation: skip a block per damaged region
+    // so that no txid handed out before the damage is handed out again.
+    let reserved_up_to = replay.txids_reserved_up_to + driver::TXID_BLOCK * replay.damage.len() as u64;
+    let engine = Engine::new(id.clone(), log, links, settings, reserved_up_to);
     tracing::info!(
         coordinator = %id,
         records = replay.records,
