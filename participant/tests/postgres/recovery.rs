@@ -165,6 +165,11 @@ async fn commit_after_postgres_restarts_with_the_branch_prepared() {
     assert_eq!(vote(&env.prepare(&env.gid(2)).await), pb::Vote::ReadOnly);
 
     match std::env::var("TREATY_TEST_PG_RESTART") {
+        _ if env.pg.is_some() => {
+            let (pg, _) = env.pg.as_ref().unwrap();
+            pg.stop_immediate().await.unwrap();
+            pg.restart().await.unwrap();
+        }
         Ok(command) if !command.is_empty() => {
             let status = std::process::Command::new("sh")
                 .arg("-c")

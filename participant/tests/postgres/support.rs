@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use treaty_harness::{PgCluster, PgOptions};
 use treaty_participant::{Config, ParticipantError};
 use treaty_proto::pb;
 use treaty_proto::pb::participant_client::ParticipantClient;
@@ -24,7 +25,7 @@ pub static SERVER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
-pub fn admin_url() -> Option<String> {
+fn init_logging() {
     // Participant logs go to the test's captured output (shown for failing tests); RUST_LOG filters.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -33,15 +34,29 @@ pub fn admin_url() -> Option<String> {
         )
         .with_test_writer()
         .try_init();
-    match std::env::var("TREATY_TEST_DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            eprintln!(
-                "skipped: set TREATY_TEST_DATABASE_URL to a PostgreSQL with max_prepared_transactions > 0"
-            );
-            None
-        }
+}
+
+/// The PostgreSQL a test runs against: the server named by `TREATY_TEST_DATABASE_URL` if set,
+/// else a cluster of the test's own started by the harness (stopped when the test ends).
+async fn server() -> (String, Option<(PgCluster, tempfile::TempDir)>) {
+    init_logging();
+    if let Ok(url) = std::env::var("TREATY_TEST_DATABASE_URL")
+        && !url.is_empty()
+    {
+        return (url, None);
     }
+    let dir = tempfile::Builder::new()
+        .prefix("treaty-participant-test-")
+        .tempdir()
+        .unwrap();
+    let options = PgOptions {
+        fsync: false,
+        ..PgOptions::default()
+    };
+    let pg = PgCluster::start(dir.path(), "pg", &options)
+        .await
+        .expect("starting a PostgreSQL cluster for the test");
+    (pg.url("postgres"), Some((pg, dir)))
 }
 
 /// `url` with its database name replaced (URLs of the form `postgres://.../db`, no query string).
@@ -277,12 +292,14 @@ pub struct Env {
     pub coordinator_addr: SocketAddr,
     pub participant: Option<Participant>,
     pub data_dir: tempfile::TempDir,
+    /// The test's own PostgreSQL (None with `TREATY_TEST_DATABASE_URL`); last, so dropped last.
+    pub pg: Option<(PgCluster, tempfile::TempDir)>,
 }
 
 impl Env {
-    /// `None` (after printing "skipped") when no test database is configured.
+    /// Always `Some`; an `Option` so that tests read `let Some(env) = ... else` uniformly.
     pub async fn start(name: &str, tweak: impl FnOnce(&mut Config)) -> Option<Env> {
-        let admin = admin_url()?;
+        let (admin, pg) = server().await;
         let unique = format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
         let db = TestDb::create(&admin, &format!("treaty_test_{}", name.replace('-', "_"))).await;
         let coordinator = FakeCoordinator {
@@ -302,6 +319,7 @@ impl Env {
             coordinator_addr,
             participant: Some(participant),
             data_dir,
+            pg,
         })
     }
 
