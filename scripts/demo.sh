@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-postgres.sh
-cargo build --release --bins --quiet
-export TREATY_BIN_DIR="$PWD/target/release"
-exec target/release/treaty demo "$@"
+echo "building the release binaries (a few minutes on a fresh clone) ..." >&2
+cargo build --release --bins
+export TREATY_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/release"
+exec "$TREATY_BIN_DIR/treaty" demo "$@"
