@@ -144,11 +144,12 @@ impl Loop {
             self.poison(failure);
             return;
         }
+        // Counted before the waiters wake, so that `stats()` after an acknowledged append includes it.
+        Shared::count(&self.log.shared.records_appended, records);
+        Shared::count(&self.log.shared.batches, 1);
         for waiter in self.waiters.drain(..) {
             let _ = waiter.send(Ok(()));
         }
-        Shared::count(&self.log.shared.records_appended, records);
-        Shared::count(&self.log.shared.batches, 1);
         self.maybe_compact();
     }
 
