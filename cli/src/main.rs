@@ -1,10 +1,15 @@
 //! `treaty`: the command users run. `demo` is the README's main job; `dev up`/`dev down` manage a
-//! local cluster; `submit`, `txn` and `in-doubt` talk to a running coordinator.
+//! local cluster; `scenario run` and `chaos` replay
+//! failures and check atomicity; `submit`, `txn` and `in-doubt` talk to a running coordinator; `bench` measures
+//! Treaty against hand-driven PostgreSQL two-phase commit on the same databases.
 
+mod bench;
+mod chaos;
 mod client;
 mod demo;
 mod dev;
 mod ops_file;
+mod scenario;
 
 use std::path::PathBuf;
 
@@ -25,6 +30,15 @@ struct Cli {
 enum Command {
     /// Run a local cluster, a bank workload with coordinator crashes, and print a verdict.
     Demo(demo::DemoArgs),
+    /// Benchmark Treaty against PREPARE/COMMIT PREPARED by hand and plain COMMITs.
+    Bench(bench::BenchArgs),
+    /// Replay recovery scenarios (TOML files or directories of them) and check atomicity.
+    Scenario {
+        #[command(subcommand)]
+        command: scenario::ScenarioCommand,
+    },
+    /// Bank transfers while random processes are killed and links fail, then the checker.
+    Chaos(chaos::ChaosArgs),
     /// Manage a local development cluster.
     Dev {
         #[command(subcommand)]
@@ -95,6 +109,9 @@ async fn main() -> std::process::ExitCode {
 async fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
+        Command::Scenario { command } => scenario::run(command).await,
+        Command::Chaos(args) => chaos::run(args).await,
         Command::Dev {
             command: DevCommand::Up(args),
         } => dev::up(args).await,

@@ -59,7 +59,12 @@ pub struct Args {
     pub compact_after_bytes: Option<u64>,
     #[arg(long, env = "TREATY_COORDINATOR_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
-    /// Testing only: abort the process the first time it reaches this protocol step.
+    /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax, e.g.
+    /// `coordinator::between-commit-sends=1*return(crash)` (docs/failpoints.md).
+    #[arg(long, env = "TREATY_COORDINATOR_FAILPOINTS")]
+    pub failpoints: Option<String>,
+    /// Testing only: abort the process the first time it reaches this failpoint (once per data
+    /// directory: a marker file stops a restart from crashing there again).
     #[arg(long, hide = true)]
     pub crash_at: Option<String>,
 }
@@ -79,6 +84,7 @@ struct FileConfig {
     lock_timeout_ms: Option<u64>,
     compact_after_bytes: Option<u64>,
     log_format: Option<LogFormat>,
+    failpoints: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +97,7 @@ pub struct Config {
     pub lock_timeout_ms: u64,
     pub compact_after_bytes: u64,
     pub log_format: LogFormat,
+    pub failpoints: Option<String>,
     pub crash_at: Option<String>,
 }
 
@@ -184,6 +191,7 @@ impl Config {
                 .or(file.compact_after_bytes)
                 .unwrap_or(64 << 20),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            failpoints: args.failpoints.or(file.failpoints),
             crash_at: args.crash_at,
         })
     }
@@ -244,6 +252,17 @@ mod tests {
         assert_eq!(config.timeouts.idle_ms, 5);
         assert_eq!(config.timeouts.vote_ms, 8);
         assert_eq!(config.shards.len(), 1);
+        assert_eq!(config.failpoints, None);
+        std::fs::write(
+            &path,
+            "failpoints = \"coordinator::after-end-record=pause\"\n[shards]\ns0 = \"http://127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let config = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            config.failpoints.as_deref(),
+            Some("coordinator::after-end-record=pause")
+        );
         std::fs::write(&path, "nonsense = 1\n").unwrap();
         assert!(matches!(
             parse(&["--config", path.to_str().unwrap()]),

@@ -1,33 +1,49 @@
-//! One-shot crash points: `--crash-at POINT` makes the process abort, as SIGKILL would, the first
-//! time it reaches POINT. A marker file in the data directory makes it one-shot, so the restarted
-//! process (same flags) runs through. Recovery tests use these to stop at an exact protocol step.
-//!
-//! Points: `before-commit-decision` (all votes in, nothing logged), `after-commit-decision` (the
-//! decision is durable, no participant told).
+//! `--crash-at POINT`: a one-shot crash at a coordinator failpoint, for recovery tests. It arms
+//! `coordinator::POINT` with `1*return(crash)` (the `coordinator::` prefix may be left out), and
+//! writes a marker file in the data directory as the process aborts, so the restarted process
+//! (same flags) finds the marker and does not arm it again. The crash itself is the failpoints'
+//! `return(crash)`: there is one crash mechanism.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+
+use treaty_proto::failpoints::{self, FailpointError};
+
+use crate::failpoints::CATALOG;
 
 struct Armed {
     point: String,
     marker: PathBuf,
 }
 
-static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+static ARMED: OnceLock<Armed> = OnceLock::new();
 
-/// Arms `point` (if any) for this process; later calls are ignored.
-pub fn arm(point: Option<&str>, data_dir: &Path) {
-    let armed = point.map(|point| Armed {
-        point: point.to_owned(),
-        marker: data_dir.join(format!("crashed-at-{point}")),
-    });
-    let _ = ARMED.set(armed);
+/// Arms `point` (if any) for this process unless its marker says it already crashed there.
+pub fn arm(point: Option<&str>, data_dir: &Path) -> Result<(), FailpointError> {
+    let Some(point) = point else {
+        return Ok(());
+    };
+    let short = point.strip_prefix("coordinator::").unwrap_or(point);
+    let name = format!("coordinator::{short}");
+    let marker = data_dir.join(format!("crashed-at-{short}"));
+    if marker.exists() {
+        tracing::info!(
+            point = name,
+            marker = %marker.display(),
+            "--crash-at: crashed there once already; not arming it again"
+        );
+        return Ok(());
+    }
+    failpoints::set(&CATALOG, &name, "1*return(crash)")?;
+    let _ = ARMED.set(Armed { point: name, marker });
+    failpoints::set_crash_hook(write_marker);
+    Ok(())
 }
 
-/// Aborts the process if `point` is armed and has not fired before.
-pub fn hit(point: &str) {
-    let Some(Some(armed)) = ARMED.get() else { return };
-    if armed.point != point || armed.marker.exists() {
+/// Runs just before the abort of a `return(crash)`.
+fn write_marker(point: &str) {
+    let Some(armed) = ARMED.get() else { return };
+    if armed.point != point {
         return;
     }
     if let Err(e) = std::fs::write(&armed.marker, point) {
@@ -36,6 +52,4 @@ pub fn hit(point: &str) {
             armed.marker.display()
         );
     }
-    eprintln!("crash point {point} reached: aborting");
-    std::process::abort();
 }

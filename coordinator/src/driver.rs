@@ -5,6 +5,8 @@
 //!
 //! Architecture invariant: only `perform` turns actions into I/O, and it never holds a
 //! transaction's lock across an await; every result comes back through `feed`.
+//!
+//! The coordinator's failpoints (`crate::failpoints`) sit here, where actions are carried out.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +17,7 @@ use tokio::sync::oneshot;
 use treaty_decision_log::{CommitRecord, DecisionLog};
 use treaty_proto::{ApiError, CoordinatorId, Gid, ShardName, TxId, pb};
 
+use crate::failpoints::{self, Delivery, Fired};
 use crate::participants::ParticipantLinks;
 use crate::protocol::{
     AbortCause, AbortReason, Action, Event, Outcome, Phase, Protocol, ProtocolError, Timeouts, Transaction,
@@ -229,7 +232,7 @@ impl Engine {
 
     /// A log that cannot write leaves decisions in an unknown state: stop, and let a restart
     /// replay what is durable.
-    fn log_failed(&self, error: treaty_decision_log::LogError) -> ApiError {
+    fn log_failed(&self, error: impl std::fmt::Display) -> ApiError {
         tracing::error!("decision log failed: {error}; stopping so that a restart recovers from the log");
         std::process::exit(70);
     }
@@ -272,12 +275,19 @@ impl Engine {
     }
 
     fn perform(self: &Arc<Self>, handle: &Arc<TxnHandle>, actions: Vec<Action>) {
+        // Commits sent without delay are a round's first sends (retries come with a backoff).
+        let mut commit_round = Vec::new();
         for action in actions {
             match action {
                 Action::SendPrepare { shards } => self.send_prepare(handle, shards),
                 Action::PersistCommit { participants } => self.persist_commit(handle, participants),
-                Action::SendCommit { shard, delay_ms } => self.send_phase_two(handle, shard, delay_ms, true),
-                Action::SendAbort { shard, delay_ms } => self.send_phase_two(handle, shard, delay_ms, false),
+                Action::SendCommit { shard, delay_ms: 0 } => commit_round.push(shard),
+                Action::SendCommit { shard, delay_ms } => {
+                    self.send_phase_two(handle, shard, delay_ms, true, Delivery::Send)
+                }
+                Action::SendAbort { shard, delay_ms } => {
+                    self.send_phase_two(handle, shard, delay_ms, false, Delivery::Send)
+                }
                 Action::CommitOnePhase { shard } => {
                     let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
                     tokio::spawn(async move {
@@ -291,21 +301,127 @@ impl Engine {
                         let _ = waiter.send(outcome);
                     }
                 }
-                Action::PersistEnd => self.log.end(handle.gid.txid()),
+                Action::PersistEnd => self.persist_end(handle),
                 Action::Finished => self.retire(handle.gid.txid()),
             }
         }
+        if !commit_round.is_empty() {
+            self.send_commit_round(handle, commit_round);
+        }
     }
 
+    /// Sends PREPARE to every shard in parallel. With `after-some-prepares` armed, the first is
+    /// sent (and answered) alone, the failpoint is evaluated, and only then are the others sent.
     fn send_prepare(self: &Arc<Self>, handle: &Arc<TxnHandle>, shards: Vec<ShardName>) {
         let all: Vec<String> = shards.iter().map(ToString::to_string).collect();
-        let vote_timeout = Duration::from_millis(self.default_timeouts.vote_ms);
-        for shard in shards {
-            let (engine, handle, all) = (Arc::clone(self), Arc::clone(handle), all.clone());
+        if shards.len() > 1 && failpoints::armed(failpoints::AFTER_SOME_PREPARES) {
+            let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
             tokio::spawn(async move {
-                let vote = engine.links.prepare(&shard, &handle.gid, all, vote_timeout).await;
-                engine.feed_result(&handle, Event::VoteReceived { shard, vote });
+                let mut shards = shards.into_iter();
+                if let Some(first) = shards.next() {
+                    engine
+                        .prepare_one(&handle, first, all.clone(), Delivery::Send)
+                        .await;
+                }
+                let delivery = failpoints::delivery(failpoints::AFTER_SOME_PREPARES);
+                for shard in shards {
+                    engine.spawn_prepare(&handle, shard, all.clone(), delivery);
+                }
             });
+            return;
+        }
+        for shard in shards {
+            self.spawn_prepare(handle, shard, all.clone(), Delivery::Send);
+        }
+    }
+
+    fn spawn_prepare(
+        self: &Arc<Self>,
+        handle: &Arc<TxnHandle>,
+        shard: ShardName,
+        all: Vec<String>,
+        delivery: Delivery,
+    ) {
+        let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
+        tokio::spawn(async move { engine.prepare_one(&handle, shard, all, delivery).await });
+    }
+
+    async fn prepare_one(
+        self: &Arc<Self>,
+        handle: &Arc<TxnHandle>,
+        shard: ShardName,
+        all: Vec<String>,
+        delivery: Delivery,
+    ) {
+        let vote_timeout = Duration::from_millis(self.default_timeouts.vote_ms);
+        let vote = self
+            .links
+            .prepare(&shard, &handle.gid, all, vote_timeout, delivery)
+            .await;
+        self.feed_result(handle, Event::VoteReceived { shard, vote });
+    }
+
+    /// The first COMMIT of every participant after a decision, in parallel, with the failpoints
+    /// `before-commit-sends` (before any is sent) and `between-commit-sends` (with it armed, the
+    /// first is sent alone and the others only after it acknowledged). A recovered transaction's
+    /// re-drive skips them, so that a restart with the same `--failpoints` converges.
+    fn send_commit_round(self: &Arc<Self>, handle: &Arc<TxnHandle>, shards: Vec<ShardName>) {
+        let armed = failpoints::armed(failpoints::BEFORE_COMMIT_SENDS)
+            || failpoints::armed(failpoints::BETWEEN_COMMIT_SENDS);
+        if !armed || handle.machine().recovered() {
+            for shard in shards {
+                self.send_phase_two(handle, shard, 0, true, Delivery::Send);
+            }
+            return;
+        }
+        let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
+        tokio::spawn(async move {
+            let mut delivery = failpoints::delivery(failpoints::BEFORE_COMMIT_SENDS);
+            let mut shards = shards.into_iter();
+            if delivery == Delivery::Send
+                && shards.len() > 1
+                && failpoints::armed(failpoints::BETWEEN_COMMIT_SENDS)
+                && let Some(first) = shards.next()
+            {
+                let event = engine
+                    .links
+                    .finish(&first, &handle.gid, true, Delivery::Send)
+                    .await;
+                let acknowledged = matches!(event, Event::Acknowledged { .. });
+                engine.feed_result(&handle, event);
+                if acknowledged {
+                    delivery = failpoints::delivery(failpoints::BETWEEN_COMMIT_SENDS);
+                }
+            }
+            for shard in shards {
+                engine.send_phase_two(&handle, shard, 0, true, delivery);
+            }
+        });
+    }
+
+    /// The lazy end record, between `before-end-record` and `after-end-record` (not for a
+    /// recovered transaction's re-drive, as for the commit round).
+    fn persist_end(&self, handle: &Arc<TxnHandle>) {
+        let txid = handle.gid.txid();
+        let live = !handle.machine().recovered();
+        let fired = if live {
+            failpoints::hit(failpoints::BEFORE_END_RECORD)
+        } else {
+            None
+        };
+        match fired {
+            None | Some(Fired::On) => {}
+            Some(Fired::Drop) => return,
+            Some(Fired::Error) => {
+                self.log_failed(format!(
+                    "failpoint {}: writing the end record of {txid} failed",
+                    failpoints::BEFORE_END_RECORD
+                ));
+            }
+        }
+        self.log.end(txid);
+        if live {
+            failpoints::hit(failpoints::AFTER_END_RECORD);
         }
     }
 
@@ -318,10 +434,22 @@ impl Engine {
         };
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
         tokio::spawn(async move {
-            crate::crash::hit("before-commit-decision");
+            if failpoints::hit(failpoints::BEFORE_COMMIT_DECISION).is_some() {
+                engine.log_failed(format!(
+                    "failpoint {}: writing the commit record of {} failed",
+                    failpoints::BEFORE_COMMIT_DECISION,
+                    handle.gid
+                ));
+            }
             match engine.log.commit(record).await {
                 Ok(()) => {
-                    crate::crash::hit("after-commit-decision");
+                    if failpoints::hit(failpoints::AFTER_COMMIT_DECISION).is_some() {
+                        engine.log_failed(format!(
+                            "failpoint {}: the commit record of {} was written but its fsync failed",
+                            failpoints::AFTER_COMMIT_DECISION,
+                            handle.gid
+                        ));
+                    }
                     engine.feed_result(&handle, Event::DecisionDurable);
                 }
                 Err(e) => {
@@ -337,17 +465,14 @@ impl Engine {
         shard: ShardName,
         delay_ms: u64,
         commit: bool,
+        delivery: Delivery,
     ) {
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
         tokio::spawn(async move {
             if delay_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
             }
-            let event = if commit {
-                engine.links.commit(&shard, &handle.gid).await
-            } else {
-                engine.links.abort(&shard, &handle.gid).await
-            };
+            let event = engine.links.finish(&shard, &handle.gid, commit, delivery).await;
             engine.feed_result(&handle, event);
         });
     }

@@ -6,11 +6,13 @@
 //! - `participants`: the gRPC links to participant agents;
 //! - `submit`: one-shot cross-shard submits;
 //! - `service`: the gRPC `Coordinator` service;
-//! - `config`: flags, environment and TOML configuration.
+//! - `config`: flags, environment and TOML configuration;
+//! - `failpoints`: the coordinator's failpoints (`crash`: the one-shot `--crash-at` on top of them).
 
 pub mod config;
 mod crash;
 pub mod driver;
+pub mod failpoints;
 pub mod participants;
 pub mod protocol;
 pub mod service;
@@ -61,6 +63,8 @@ pub enum CoordinatorError {
     ListenAddr(std::io::Error),
     #[error("opening the decision log was interrupted: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("arming failpoints: {0}")]
+    Failpoints(#[from] treaty_proto::failpoints::FailpointError),
 }
 
 /// A fresh coordinator id: short, lowercase, unlikely to collide with another coordinator's.
@@ -75,7 +79,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CoordinatorError> {
     let dir = config.data_dir.clone();
-    crash::arm(config.crash_at.as_deref(), &dir);
+    failpoints::arm_at_start(config.failpoints.as_deref())?;
+    crash::arm(config.crash_at.as_deref(), &dir)?;
     let log_error = |source| CoordinatorError::Log {
         dir: dir.clone(),
         source,
@@ -148,6 +153,7 @@ pub async fn run(
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(service)
+        .add_service(treaty_proto::admin::AdminService::server(&failpoints::CATALOG))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     engine.flush().await;

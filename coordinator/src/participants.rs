@@ -8,6 +8,7 @@ use tonic::transport::{Channel, Endpoint};
 use treaty_proto::pb::participant_client::ParticipantClient;
 use treaty_proto::{ApiError, Gid, ShardName, pb};
 
+use crate::failpoints::Delivery;
 use crate::protocol::{AbortCause, AbortReason, Event, Vote};
 
 /// How long one phase-two message may take before it is counted as lost and sent again.
@@ -93,14 +94,39 @@ impl ParticipantLinks {
         }
     }
 
-    /// Asks for a vote; anything but a clear YES or READ-ONLY within `timeout` is a NO.
+    /// Asks for a vote; anything but a clear YES or READ-ONLY within `timeout` is a NO. A message
+    /// a failpoint fails or loses (`delivery`) ends the same way as an unreachable participant
+    /// or a lost message.
     pub async fn prepare(
         &self,
         shard: &ShardName,
         gid: &Gid,
         participants: Vec<String>,
         timeout: Duration,
+        delivery: Delivery,
     ) -> Vote {
+        let no_vote = || {
+            Vote::No(
+                AbortReason::new(
+                    AbortCause::Timeout,
+                    format!("no vote within {} ms", timeout.as_millis()),
+                )
+                .on_shard(shard),
+            )
+        };
+        match delivery {
+            Delivery::Send => {}
+            Delivery::Fail(failpoint) => {
+                return Vote::No(unavailable(
+                    shard,
+                    format!("prepare failed: failpoint {failpoint}"),
+                ));
+            }
+            Delivery::Lose => {
+                tokio::time::sleep(timeout).await;
+                return no_vote();
+            }
+        }
         let mut client = match self.client(shard) {
             Ok(client) => client,
             Err(e) => return Vote::No(unavailable(shard, e.to_string())),
@@ -133,30 +159,26 @@ impl ParticipantLinks {
                 shard,
                 format!("prepare failed: {}", status.message()),
             )),
-            Err(_) => Vote::No(
-                AbortReason::new(
-                    AbortCause::Timeout,
-                    format!("no vote within {} ms", timeout.as_millis()),
-                )
-                .on_shard(shard),
-            ),
+            Err(_) => no_vote(),
         }
     }
 
-    /// Sends COMMIT PREPARED and turns the answer into the event the protocol expects.
-    pub async fn commit(&self, shard: &ShardName, gid: &Gid) -> Event {
-        self.finish(shard, gid, true).await
-    }
-
-    pub async fn abort(&self, shard: &ShardName, gid: &Gid) -> Event {
-        self.finish(shard, gid, false).await
-    }
-
-    async fn finish(&self, shard: &ShardName, gid: &Gid, commit: bool) -> Event {
+    /// Sends COMMIT PREPARED (or the abort) and turns the answer into the event the protocol
+    /// expects; a message a failpoint fails or loses (`delivery`) fails as one that did not arrive.
+    pub async fn finish(&self, shard: &ShardName, gid: &Gid, commit: bool, delivery: Delivery) -> Event {
         let failed = |error: String| Event::PhaseTwoFailed {
             shard: shard.clone(),
             error,
         };
+        let lost = || failed(format!("no answer within {} ms", PHASE_TWO_TIMEOUT.as_millis()));
+        match delivery {
+            Delivery::Send => {}
+            Delivery::Fail(failpoint) => return failed(format!("failpoint {failpoint}")),
+            Delivery::Lose => {
+                tokio::time::sleep(PHASE_TWO_TIMEOUT).await;
+                return lost();
+            }
+        }
         let mut client = match self.client(shard) {
             Ok(client) => client,
             Err(e) => return failed(e.to_string()),
@@ -179,7 +201,7 @@ impl ParticipantLinks {
                 }
                 failed(status.message().to_owned())
             }
-            Err(_) => failed(format!("no answer within {} ms", PHASE_TWO_TIMEOUT.as_millis())),
+            Err(_) => lost(),
         }
     }
 

@@ -18,6 +18,7 @@ use crate::error::HarnessError;
 use crate::os;
 use crate::postgres::{PgCluster, PgOptions};
 use crate::process::{ServiceProcess, ServiceSpec};
+use crate::proxy::FaultNetwork;
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -46,6 +47,10 @@ pub struct LocalCluster {
     /// `s0`, `s1`, ...: shard i is `pgs[i]` + `participants[i]`.
     pub shard_names: Vec<String>,
     pub base_dir: PathBuf,
+    /// With [`LocalCluster::start_proxied`]: a fault proxy on every link, named `client`,
+    /// `coordinator` and the shard names (`client -> coordinator`, `coordinator -> s0`,
+    /// `s0 -> coordinator`, ...).
+    pub network: Option<FaultNetwork>,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -54,6 +59,16 @@ fn loopback(port: u16) -> SocketAddr {
 
 impl LocalCluster {
     pub async fn start(spec: ClusterSpec) -> Result<LocalCluster, HarnessError> {
+        Self::start_inner(spec, false).await
+    }
+
+    /// Like [`LocalCluster::start`], with every process talking to every other through a
+    /// [`FaultNetwork`] proxy, so that links can be delayed, cut or reset by name.
+    pub async fn start_proxied(spec: ClusterSpec) -> Result<LocalCluster, HarnessError> {
+        Self::start_inner(spec, true).await
+    }
+
+    async fn start_inner(spec: ClusterSpec, proxied: bool) -> Result<LocalCluster, HarnessError> {
         if spec.shards == 0 {
             return Err(HarnessError::Invalid("a cluster needs at least one shard".into()));
         }
@@ -84,12 +99,26 @@ impl LocalCluster {
             .map(|_| os::free_loopback_port().map(loopback))
             .collect::<Result<_, _>>()?;
         let coordinator_addr = loopback(coordinator_port);
+        // What each process dials: the real address, or the proxy of its link.
+        let mut network = proxied.then(FaultNetwork::new);
+        let mut participant_dials: Vec<SocketAddr> = participant_addrs.clone();
+        let mut coordinator_dials: Vec<SocketAddr> = vec![coordinator_addr; shard_names.len()];
+        if let Some(network) = network.as_mut() {
+            network.link("client", "coordinator", coordinator_addr).await?;
+            for (i, name) in shard_names.iter().enumerate() {
+                participant_dials[i] = network
+                    .link("coordinator", name, participant_addrs[i])
+                    .await?
+                    .addr();
+                coordinator_dials[i] = network.link(name, "coordinator", coordinator_addr).await?.addr();
+            }
+        }
 
         let mut coordinator_args = vec![
             "--data-dir".to_string(),
             base_dir.join("coordinator").display().to_string(),
         ];
-        for (name, addr) in shard_names.iter().zip(&participant_addrs) {
+        for (name, addr) in shard_names.iter().zip(&participant_dials) {
             coordinator_args.push("--shard".into());
             coordinator_args.push(format!("{name}=http://{addr}"));
         }
@@ -105,16 +134,20 @@ impl LocalCluster {
         .await?;
 
         let participant_binary = os::binary_path("treaty-participant")?;
-        let participants =
-            futures::future::try_join_all(shard_names.iter().zip(&participant_addrs).zip(&pgs).map(
-                |((name, addr), pg)| {
+        let participants = futures::future::try_join_all(
+            shard_names
+                .iter()
+                .zip(&participant_addrs)
+                .zip(&pgs)
+                .zip(&coordinator_dials)
+                .map(|(((name, addr), pg), coordinator_dial)| {
                     let mut args = vec![
                         "--shard".to_string(),
                         name.clone(),
                         "--database-url".into(),
                         pg.url(&spec.database),
                         "--coordinator".into(),
-                        format!("http://{coordinator_addr}"),
+                        format!("http://{coordinator_dial}"),
                         "--data-dir".into(),
                         base_dir.join(format!("participant-{name}")).display().to_string(),
                     ];
@@ -127,9 +160,9 @@ impl LocalCluster {
                         listen: *addr,
                         log_path: logs.join(format!("participant-{name}.log")),
                     })
-                },
-            ))
-            .await?;
+                }),
+        )
+        .await?;
 
         Ok(LocalCluster {
             coordinator,
@@ -137,12 +170,21 @@ impl LocalCluster {
             pgs,
             shard_names,
             base_dir,
+            network,
         })
     }
 
     /// `http://127.0.0.1:<port>` of the coordinator.
     pub fn coordinator_endpoint(&self) -> String {
         self.coordinator.endpoint()
+    }
+
+    /// Where clients dial the coordinator: its `client -> coordinator` proxy when proxied.
+    pub fn client_endpoint(&self) -> String {
+        match self.network.as_ref().and_then(|n| n.get("client", "coordinator")) {
+            Some(proxy) => proxy.endpoint(),
+            None => self.coordinator_endpoint(),
+        }
     }
 
     /// A connected gRPC client of the coordinator.

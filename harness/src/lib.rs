@@ -6,6 +6,8 @@
 //! - `process`: [`ServiceProcess`], a coordinator or participant child process that can be
 //!   SIGKILLed and restarted on the same address;
 //! - `cluster`: [`LocalCluster`], N shards (PostgreSQL + participant) and one coordinator;
+//! - `proxy`: [`FaultProxy`] and [`FaultNetwork`], loopback TCP proxies that delay, black-hole or
+//!   reset traffic between named endpoints, for recovery scenarios;
 //! - `os`: ports, users and binaries.
 
 mod cluster;
@@ -13,9 +15,11 @@ mod error;
 mod os;
 mod postgres;
 mod process;
+mod proxy;
 
 pub use cluster::{ClusterSpec, LocalCluster};
 pub use error::HarnessError;
 pub use os::{binary_path, free_loopback_port};
 pub use postgres::{PgCluster, PgOptions, postgres_bin_dir};
 pub use process::{ServiceProcess, ServiceSpec};
+pub use proxy::{Fault, FaultNetwork, FaultProxy, ProxyStats};

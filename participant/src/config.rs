@@ -61,6 +61,10 @@ pub struct Args {
     pub max_connections: Option<u32>,
     #[arg(long, env = "TREATY_PARTICIPANT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax, e.g.
+    /// `participant::after-prepare=1*return(crash)` (docs/failpoints.md).
+    #[arg(long, env = "TREATY_PARTICIPANT_FAILPOINTS")]
+    pub failpoints: Option<String>,
 }
 
 /// The TOML file: the same settings under the same names (`coordinator` is the URL).
@@ -78,6 +82,7 @@ struct FileConfig {
     marker_retention_ms: Option<u64>,
     max_connections: Option<u32>,
     log_format: Option<LogFormat>,
+    failpoints: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +98,7 @@ pub struct Config {
     pub marker_retention_ms: u64,
     pub max_connections: u32,
     pub log_format: LogFormat,
+    pub failpoints: Option<String>,
 }
 
 impl Config {
@@ -197,6 +203,7 @@ impl Config {
                 .unwrap_or(60_000),
             max_connections: args.max_connections.or(file.max_connections).unwrap_or(64),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            failpoints: args.failpoints.or(file.failpoints),
         };
         for (name, value) in [
             ("--branch-idle-timeout-ms", config.branch_idle_timeout_ms),
@@ -271,7 +278,8 @@ mod tests {
             &path,
             "listen = \"127.0.0.1:7000\"\nshard = \"s1\"\ndatabase_url = \"postgres://db\"\n\
              coordinator = \"http://127.0.0.1:7600\"\ndata_dir = \"/tmp/p\"\nin_doubt_after_ms = 7\n\
-             reconcile_interval_ms = 9\nlog_format = \"json\"\n",
+             reconcile_interval_ms = 9\nlog_format = \"json\"\n\
+             failpoints = \"participant::after-prepare=pause\"\n",
         )
         .unwrap();
         let config = parse(&["--config", path.to_str().unwrap(), "--reconcile-interval-ms", "8"]).unwrap();
@@ -279,6 +287,10 @@ mod tests {
         assert_eq!(config.in_doubt_after_ms, 7);
         assert_eq!(config.reconcile_interval_ms, 8);
         assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(
+            config.failpoints.as_deref(),
+            Some("participant::after-prepare=pause")
+        );
         std::fs::write(&path, "nonsense = 1\n").unwrap();
         assert!(matches!(
             parse(&["--config", path.to_str().unwrap()]),

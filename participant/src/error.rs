@@ -36,6 +36,8 @@ pub enum ParticipantError {
     ListenAddr(std::io::Error),
     #[error("serving gRPC: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("arming failpoints: {0}")]
+    Failpoints(#[from] treaty_proto::failpoints::FailpointError),
 }
 
 /// Why one call on a branch failed.

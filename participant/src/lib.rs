@@ -11,13 +11,15 @@
 //! - `statement`, `values`: running client statements, parameters and row decoding;
 //! - `postgres`: the participant's own SQL (vote, phase two, markers, `pg_prepared_xacts`);
 //! - `reconcile`, `coordinator_link`: recovery of prepared branches with the coordinator;
-//! - `error`: the error types and their mapping to `ApiError`.
+//! - `error`: the error types and their mapping to `ApiError`;
+//! - `failpoints`: the participant's failpoints (served by the `Admin` service).
 
 mod agent;
 mod branches;
 pub mod config;
 mod coordinator_link;
 pub mod error;
+pub mod failpoints;
 mod postgres;
 mod reconcile;
 mod service;
@@ -64,6 +66,7 @@ pub async fn run(
             path: config.data_dir.clone(),
             source,
         })?;
+    failpoints::arm_at_start(config.failpoints.as_deref())?;
     let pool = connect(&config).await?;
     check_server(&pool).await?;
     MIGRATOR.run(&pool).await?;
@@ -110,6 +113,7 @@ pub async fn run(
         .add_service(ParticipantServer::new(service::ParticipantService::new(
             agent.clone(),
         )))
+        .add_service(treaty_proto::admin::AdminService::server(&failpoints::CATALOG))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
 

@@ -6,7 +6,9 @@
 //! prepared longer than `--in-doubt-after-ms` that no RPC is working on. Only GIDs of the coordinator that `Info` names are touched. The participant
 //! never decides: it applies COMMIT or ABORT answers through the same serialized paths as the
 //! coordinator's own phase-two calls, and leaves PENDING ones for a later tick. While the
-//! coordinator is unreachable it warns once per tick and keeps asking.
+//! coordinator is unreachable it warns once per tick and keeps asking. (The one exception is the
+//! deliberately unsafe failpoint `participant::unsafe-commit-in-doubt`, which exists only to prove
+//! that the scenario checker catches a participant that decides on its own.)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use treaty_proto::{CoordinatorId, Gid};
 
 use crate::agent::Agent;
 use crate::coordinator_link::{Answer, CoordinatorLink, Decision, MAX_GIDS_PER_QUERY};
+use crate::failpoints;
 use crate::postgres::{self, DbError};
 
 /// At most this many foreign GIDs are remembered for "log once".
@@ -76,6 +79,10 @@ impl Reconciler {
 
     async fn pass(&mut self) -> Result<(), PassError> {
         let prepared = self.in_doubt().await?;
+        if !prepared.is_empty() && failpoints::hit(failpoints::UNSAFE_COMMIT_IN_DOUBT).is_some() {
+            self.commit_on_its_own(&prepared).await;
+            return Ok(());
+        }
         let markers = postgres::old_markers(
             self.agent.pool(),
             self.marker_retention_ms,
@@ -143,6 +150,18 @@ impl Reconciler {
             }
         }
         own
+    }
+
+    /// The deliberately broken heuristic behind `participant::unsafe-commit-in-doubt`: commits
+    /// every branch in doubt without asking anyone. Never reached unless that failpoint is armed.
+    async fn commit_on_its_own(&self, prepared: &[String]) {
+        for text in prepared {
+            let Ok(gid) = Gid::parse(text) else { continue };
+            tracing::error!(%gid, "UNSAFE (failpoint): committing an in-doubt branch without asking the coordinator");
+            if let Err(error) = self.agent.commit(&gid).await {
+                tracing::error!(%gid, %error, "UNSAFE (failpoint): the heuristic commit failed");
+            }
+        }
     }
 
     async fn apply(&self, gid: &Gid, decision: Decision) {

@@ -10,6 +10,7 @@ use treaty_proto::{ApiError, Gid, pb};
 
 use crate::agent::{Agent, BranchState, Vote};
 use crate::error::BranchError;
+use crate::failpoints;
 use crate::postgres::{BranchOptions, Isolation};
 use crate::statement::StatementOutput;
 use crate::values;
@@ -144,7 +145,8 @@ impl pb::participant_server::Participant for ParticipantService {
     ) -> Result<Response<pb::PrepareResponse>, Status> {
         let gid = parse_gid(&request.into_inner().gid)?;
         let agent = self.agent.clone();
-        let vote = self.spawn(async move { Ok(agent.prepare(&gid).await) }).await?;
+        let vote = self.spawn(async move { agent.prepare(&gid).await }).await?;
+        failpoints::reply(failpoints::BEFORE_PREPARE_REPLY).await?;
         let (vote, sqlstate, message) = match vote {
             Vote::Yes => (pb::Vote::Yes, String::new(), String::new()),
             Vote::ReadOnly => (pb::Vote::ReadOnly, String::new(), String::new()),
@@ -164,6 +166,7 @@ impl pb::participant_server::Participant for ParticipantService {
         let gid = parse_gid(&request.into_inner().gid)?;
         let agent = self.agent.clone();
         let state = self.spawn(async move { agent.commit(&gid).await }).await?;
+        failpoints::reply(failpoints::BEFORE_COMMIT_REPLY).await?;
         Ok(finish_response(state))
     }
 

@@ -1,13 +1,17 @@
 //! Treaty's wire protocol: the generated gRPC code (`pb`) and, beside it, the domain types the rest
 //! of the workspace uses. Generated types stay at this edge: conversions validate on arrival, and
-//! one error type (`ApiError`) maps to and from `tonic::Status`.
+//! one error type (`ApiError`) maps to and from `tonic::Status`. `failpoints` and `admin` hold the
+//! failpoint registry and the `Admin` service both binaries serve (the registry needs the
+//! `failpoints` feature; without it nothing can be armed).
 
 #[allow(clippy::all, clippy::unwrap_used, missing_docs)]
 pub mod pb {
     tonic::include_proto!("treaty.v1");
 }
 
+pub mod admin;
 mod error;
+pub mod failpoints;
 mod ids;
 mod value;
 

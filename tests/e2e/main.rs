@@ -3,5 +3,7 @@
 
 mod bad_input;
 mod commit;
+mod failpoints;
 mod fixture;
 mod recovery;
+mod scenarios;

@@ -7,6 +7,7 @@ use treaty_proto::Gid;
 use super::{Agent, BranchState};
 use crate::branches::Finished;
 use crate::error::BranchError;
+use crate::failpoints;
 use crate::postgres;
 
 impl Agent {
@@ -20,11 +21,13 @@ impl Agent {
         if let Some(Finished::ReadOnly | Finished::CommittedOnePhase) = self.branches.finished(gid.as_str()) {
             return Ok(BranchState::Committed);
         }
+        failpoints::step(failpoints::BEFORE_COMMIT_PREPARED)?;
         match postgres::commit_prepared(&self.pool, gid).await {
             Ok(()) => {
+                let after = failpoints::step(failpoints::AFTER_COMMIT_PREPARED);
                 tracing::debug!(%gid, "committed");
                 self.branches.record(gid.as_str(), Finished::Committed);
-                Ok(BranchState::Committed)
+                after.map(|()| BranchState::Committed)
             }
             Err(error) if error.is_undefined_object() => {
                 if postgres::marker_exists(&self.pool, gid).await? {
@@ -72,14 +75,16 @@ impl Agent {
             }
             _ => {}
         }
+        failpoints::step(failpoints::BEFORE_ROLLBACK_PREPARED)?;
         match postgres::rollback_prepared(&self.pool, gid).await {
             Ok(()) => {
+                let after = failpoints::step(failpoints::AFTER_ROLLBACK_PREPARED);
                 tracing::debug!(%gid, "rolled back a prepared branch");
                 self.branches.record(
                     gid.as_str(),
                     Finished::Aborted("rolled back after prepare".into()),
                 );
-                Ok(BranchState::Aborted)
+                after.map(|()| BranchState::Aborted)
             }
             Err(error) if error.is_undefined_object() => {
                 if postgres::marker_exists(&self.pool, gid).await? {

@@ -7,6 +7,7 @@ use treaty_proto::Gid;
 use super::{Agent, BranchState};
 use crate::branches::{ActiveBranch, Finished};
 use crate::error::BranchError;
+use crate::failpoints;
 use crate::postgres::{self, DbError};
 
 /// SQLSTATE `connection_failure`, reported with a NO vote when the database connection broke.
@@ -29,36 +30,48 @@ impl Vote {
 }
 
 impl Agent {
-    pub async fn prepare(&self, gid: &Gid) -> Vote {
+    /// The vote; an error only where a failpoint failed the step (`before-prepare`,
+    /// `after-prepare` with `return(error)`).
+    pub async fn prepare(&self, gid: &Gid) -> Result<Vote, BranchError> {
         let mut slot = self.branches.lock(gid.as_str()).await;
         match slot.active.take() {
             Some(branch) => self.prepare_open(gid, branch).await,
-            None => self.vote_without_branch(gid).await,
+            None => Ok(self.vote_without_branch(gid).await),
         }
     }
 
-    async fn prepare_open(&self, gid: &Gid, mut branch: ActiveBranch) -> Vote {
+    async fn prepare_open(&self, gid: &Gid, mut branch: ActiveBranch) -> Result<Vote, BranchError> {
         let wrote_nothing = match postgres::wrote_nothing(&mut branch.connection).await {
             Ok(wrote_nothing) => wrote_nothing,
-            Err(error) => return self.vote_no(gid, branch, error).await,
+            Err(error) => return Ok(self.vote_no(gid, branch, error).await),
         };
         if wrote_nothing {
-            return match postgres::commit(&mut branch.connection).await {
+            return Ok(match postgres::commit(&mut branch.connection).await {
                 Ok(()) => {
                     branch.transaction_ended();
                     self.branches.record(gid.as_str(), Finished::ReadOnly);
                     Vote::ReadOnly
                 }
                 Err(error) => self.vote_no(gid, branch, error).await,
-            };
+            });
+        }
+        if let Err(error) = failpoints::step(failpoints::BEFORE_PREPARE) {
+            // As a PREPARE that failed: the branch is rolled back.
+            self.roll_back(branch, gid).await;
+            self.branches
+                .record(gid.as_str(), Finished::Aborted(error.to_string()));
+            return Err(error);
         }
         match postgres::insert_marker_and_prepare(&mut branch.connection, gid).await {
             Ok(()) => {
+                let after = failpoints::step(failpoints::AFTER_PREPARE);
                 branch.transaction_ended();
                 self.branches.record(gid.as_str(), Finished::Prepared);
-                Vote::Yes
+                // On an error the branch stays prepared: the coordinator counts the failed call
+                // as a NO and its abort (or recovery) rolls the branch back.
+                after.map(|()| Vote::Yes)
             }
-            Err(error) => self.vote_no(gid, branch, error).await,
+            Err(error) => Ok(self.vote_no(gid, branch, error).await),
         }
     }
 

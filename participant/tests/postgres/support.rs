@@ -412,6 +412,7 @@ pub fn config(db: &TestDb, coordinator: SocketAddr, data_dir: &std::path::Path) 
         marker_retention_ms: 60_000,
         max_connections: 8,
         log_format: treaty_participant::config::LogFormat::Human,
+        failpoints: None,
     }
 }
 

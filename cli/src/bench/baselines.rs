@@ -1,0 +1,275 @@
+//! The baselines: the same transactions driven from the bench process straight at the same
+//! PostgreSQL databases with sqlx, no coordinator, one connection per shard per client.
+//!
+//! - `direct`: on every shard in parallel `BEGIN`; statements; then `PREPARE TRANSACTION
+//!   'bench:<pid>:<client>:<n>'` where the shard wrote and more than one shard wrote (otherwise a
+//!   plain `COMMIT`, as Treaty's one-phase and read-only paths do); then `COMMIT PREPARED` on each
+//!   prepared shard in parallel. Any failure rolls back everything (prepared or open).
+//! - `independent`: per shard `BEGIN`; statements; `COMMIT`, in parallel: no atomicity, the floor.
+
+use std::str::FromStr;
+
+use futures::future::join_all;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Connection};
+
+use super::workload::{ShardWork, TxnPlan};
+
+/// Attempts of `COMMIT PREPARED` / `ROLLBACK PREPARED` before giving up on one branch.
+const FINISH_ATTEMPTS: u32 = 5;
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Baseline {
+    /// PREPARE TRANSACTION / COMMIT PREPARED from the bench process.
+    Direct,
+    /// Plain per-shard COMMIT (no atomicity).
+    Independent,
+}
+
+impl Baseline {
+    pub fn name(self) -> &'static str {
+        match self {
+            Baseline::Direct => "direct",
+            Baseline::Independent => "independent",
+        }
+    }
+}
+
+/// How a shard's branch ends its first phase.
+#[derive(Clone)]
+enum Finish {
+    Prepare(String),
+    Commit,
+}
+
+enum Ended {
+    Prepared,
+    Committed,
+}
+
+/// One client's connections (opened lazily, reopened after a connection error).
+pub struct DirectClient {
+    mode: Baseline,
+    urls: Vec<String>,
+    lock_timeout_ms: u64,
+    conns: Vec<Option<PgConnection>>,
+    gid_prefix: String,
+    sequence: u64,
+}
+
+async fn open(url: &str, lock_timeout_ms: u64) -> Result<PgConnection, String> {
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|e| format!("bad url: {e}"))?
+        .disable_statement_logging();
+    let mut conn = options.connect().await.map_err(|_| "connect".to_string())?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET lock_timeout = '{lock_timeout_ms}ms'"
+    )))
+    .execute(&mut conn)
+    .await
+    .map_err(|_| "connect".to_string())?;
+    Ok(conn)
+}
+
+/// `statement_failed/<sqlstate>` for a database error, `connection` otherwise; whether the
+/// connection is still usable.
+fn classify(error: &sqlx::Error) -> (String, bool) {
+    match error {
+        sqlx::Error::Database(db) => (
+            format!("statement_failed/{}", db.code().unwrap_or_default()),
+            true,
+        ),
+        _ => ("connection".into(), false),
+    }
+}
+
+async fn run_branch(
+    conn: &mut PgConnection,
+    work: &ShardWork,
+    finish: &Finish,
+) -> Result<Ended, (String, bool)> {
+    let mut open = false;
+    let result: Result<Ended, (String, bool)> = async {
+        sqlx::raw_sql("BEGIN")
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| classify(&e))?;
+        open = true;
+        for stmt in &work.stmts {
+            let mut query = sqlx::query(stmt.sql);
+            for param in &stmt.params {
+                query = query.bind(*param);
+            }
+            let done = query.execute(&mut *conn).await.map_err(|e| classify(&e))?;
+            if let Some(expected) = stmt.expect_rows
+                && done.rows_affected() != expected
+            {
+                return Err(("expect_rows".to_string(), true));
+            }
+        }
+        match finish {
+            Finish::Prepare(gid) => {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE TRANSACTION '{gid}'")))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| classify(&e))?;
+                Ok(Ended::Prepared)
+            }
+            Finish::Commit => {
+                sqlx::raw_sql("COMMIT")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| classify(&e))?;
+                Ok(Ended::Committed)
+            }
+        }
+    }
+    .await;
+    if let Err((_, usable)) = &result
+        && *usable
+        && open
+    {
+        // A failed PREPARE or COMMIT already ended the transaction; ROLLBACK then only warns.
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+    }
+    result
+}
+
+impl DirectClient {
+    pub fn new(mode: Baseline, urls: Vec<String>, lock_timeout_ms: u64, client: usize) -> DirectClient {
+        let conns = urls.iter().map(|_| None).collect();
+        DirectClient {
+            mode,
+            urls,
+            lock_timeout_ms,
+            conns,
+            gid_prefix: format!("bench:{}:{client}", std::process::id()),
+            sequence: 0,
+        }
+    }
+
+    /// Opens every shard's connection up front, so that connecting is not measured.
+    pub async fn connect_all(&mut self) -> Result<(), String> {
+        for (slot, url) in self.conns.iter_mut().zip(&self.urls) {
+            if slot.is_none() {
+                *slot = Some(open(url, self.lock_timeout_ms).await?);
+            }
+        }
+        Ok(())
+    }
+
+    async fn take(&mut self, shard: usize) -> Result<PgConnection, String> {
+        match self.conns.get_mut(shard).and_then(Option::take) {
+            Some(conn) => Ok(conn),
+            None => {
+                let url = self.urls.get(shard).ok_or("no such shard")?;
+                open(url, self.lock_timeout_ms).await
+            }
+        }
+    }
+
+    /// Runs one transaction; `Err(reason)` when it did not commit.
+    pub async fn run_txn(&mut self, plan: &TxnPlan) -> Result<(), String> {
+        self.sequence += 1;
+        let two_phase = self.mode == Baseline::Direct && plan.writers() > 1;
+        let gid = format!("{}:{}", self.gid_prefix, self.sequence);
+        let mut taken = Vec::with_capacity(plan.work.len());
+        for work in &plan.work {
+            taken.push((work, self.take(work.shard).await?));
+        }
+        let branches = join_all(taken.into_iter().map(|(work, mut conn)| {
+            let finish = if two_phase && work.writes() {
+                Finish::Prepare(gid.clone())
+            } else {
+                Finish::Commit
+            };
+            async move {
+                let result = run_branch(&mut conn, work, &finish).await;
+                (work.shard, conn, result)
+            }
+        }))
+        .await;
+
+        let mut prepared = Vec::new();
+        let mut failure = None;
+        for (shard, conn, result) in branches {
+            match result {
+                Ok(Ended::Prepared) => {
+                    prepared.push(shard);
+                    self.conns[shard] = Some(conn);
+                }
+                Ok(Ended::Committed) => self.conns[shard] = Some(conn),
+                Err((reason, usable)) => {
+                    if usable {
+                        self.conns[shard] = Some(conn);
+                    }
+                    failure.get_or_insert(reason);
+                }
+            }
+        }
+        let verb = if failure.is_none() {
+            "COMMIT PREPARED"
+        } else {
+            "ROLLBACK PREPARED"
+        };
+        let mut finishing = Vec::with_capacity(prepared.len());
+        for shard in prepared {
+            finishing.push((shard, self.take(shard).await?));
+        }
+        let finished = join_all(finishing.into_iter().map(|(shard, conn)| {
+            let sql = format!("{verb} '{gid}'");
+            let url = self.urls.get(shard).cloned().unwrap_or_default();
+            let lock_timeout_ms = self.lock_timeout_ms;
+            async move {
+                let mut conn = Some(conn);
+                let mut last = String::new();
+                for _ in 0..FINISH_ATTEMPTS {
+                    let mut current = match conn.take() {
+                        Some(c) => c,
+                        None => match open(&url, lock_timeout_ms).await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                last = e;
+                                continue;
+                            }
+                        },
+                    };
+                    match sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                        .execute(&mut current)
+                        .await
+                    {
+                        Ok(_) => return (shard, Some(current), Ok(())),
+                        Err(error) => {
+                            let (reason, usable) = classify(&error);
+                            last = reason;
+                            if usable {
+                                conn = Some(current);
+                            }
+                        }
+                    }
+                }
+                (shard, conn, Err(format!("finish_failed/{last}")))
+            }
+        }))
+        .await;
+        for (shard, conn, result) in finished {
+            if conn.is_some() {
+                self.conns[shard] = conn;
+            }
+            if let Err(reason) = result {
+                failure.get_or_insert(reason);
+            }
+        }
+        match failure {
+            None => Ok(()),
+            Some(reason) => Err(reason),
+        }
+    }
+
+    /// Closes every connection politely.
+    pub async fn close(self) {
+        for conn in self.conns.into_iter().flatten() {
+            let _ = conn.close().await;
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! `treaty bench`: measures Treaty against the raw PostgreSQL ceiling on the same databases.
+//!
+//! It starts its own local cluster (PostgreSQL with fsync on, a participant per shard, a
+//! coordinator), creates `bench_accounts`, then runs the workload with `--clients` concurrent
+//! clients, alternating Treaty and each `--baseline` in `--rounds` rounds (so drift of the machine
+//! hits both alike), and reports throughput, latency percentiles, aborts by reason and CPU per
+//! transaction (see `report`). `recovery` measures how fast a restarted coordinator finishes logged
+//! commits (see `recovery`).
+//!
+//! Modules: `workload` (transactions), `zipf`, `treaty_driver` and `baselines` (the systems),
+//! `stats` (histograms), `cpu` (/proc), `report` (table and JSON), `plot` (SVG), `recovery`.
+
+mod baselines;
+mod cpu;
+mod plot;
+mod recovery;
+mod report;
+mod stats;
+mod treaty_driver;
+mod workload;
+mod zipf;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use serde_json::{Map, Value, json};
+use treaty_harness::{ClusterSpec, LocalCluster, PgOptions};
+use treaty_proto::pb;
+
+use baselines::{Baseline, DirectClient};
+use cpu::Watched;
+use report::{BenchReport, SweepPoint, SystemRun};
+use stats::{Counts, Figures};
+use treaty_driver::TreatyTarget;
+use workload::{DATABASE, Generator, Skew, TxnPlan, WorkloadKind};
+
+/// Upper bound on transactions one client runs in one phase (the duration bounds it first).
+const MAX_TXNS_PER_CLIENT_PHASE: u64 = 5_000_000;
+/// Upper bound on the whole load: phases × seconds.
+const MAX_TOTAL_LOAD_SECONDS: u64 = 4 * 3600;
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolArg {
+    #[value(name = "2pc")]
+    TwoPhase,
+    #[value(name = "3pc")]
+    ThreePhase,
+}
+
+impl ProtocolArg {
+    fn name(self) -> &'static str {
+        match self {
+            ProtocolArg::TwoPhase => "2pc",
+            ProtocolArg::ThreePhase => "3pc",
+        }
+    }
+
+    fn pb(self) -> pb::Protocol {
+        match self {
+            ProtocolArg::TwoPhase => pb::Protocol::TwoPhase,
+            ProtocolArg::ThreePhase => pb::Protocol::ThreePhase,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaselineArg {
+    None,
+    Direct,
+    Independent,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// The workload (`recovery` measures coordinator recovery instead of load).
+    #[arg(value_enum, default_value = "transfer")]
+    pub workload: WorkloadKind,
+    /// Shards in the cluster; a transfer touches all of them (K = shards).
+    #[arg(long, default_value_t = 2)]
+    pub shards: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 32)]
+    pub clients: usize,
+    /// Run every client count in this list (for the throughput-vs-clients plot), e.g. 1,8,32.
+    #[arg(long, value_delimiter = ',')]
+    pub clients_list: Vec<usize>,
+    /// Seconds of measured load per system, split evenly over --rounds.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Unmeasured seconds per system before the first round.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+    /// Rounds; each runs Treaty, then each baseline.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: u32,
+    /// Accounts over all shards.
+    #[arg(long, default_value_t = 100_000)]
+    pub accounts: u64,
+    #[arg(long, value_enum, default_value = "uniform")]
+    pub skew: Skew,
+    /// Zipf exponent for --skew zipfian, in (0, 1).
+    #[arg(long, default_value_t = 0.99)]
+    pub zipf_theta: f64,
+    #[arg(long, value_enum, default_value = "2pc")]
+    pub protocol: ProtocolArg,
+    /// Baselines on the same databases: none, direct (PREPARE/COMMIT PREPARED by hand),
+    /// independent (plain per-shard COMMIT); a comma-separated list runs several.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "none")]
+    pub baseline: Vec<BaselineArg>,
+    /// Drive Treaty with Begin/Execute/Commit instead of one Submit per transaction.
+    #[arg(long)]
+    pub interactive: bool,
+    /// PostgreSQL lock_timeout per branch, for Treaty and the baselines alike (cross-shard waits
+    /// are not seen by PostgreSQL's deadlock detector).
+    #[arg(long, default_value_t = 1000)]
+    pub lock_timeout_ms: u64,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+    /// Write SVG plots into this directory.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Keep the cluster's data here instead of a temporary directory.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// recovery: committed-but-unfinished transactions to leave in the log.
+    #[arg(long, default_value_t = 10_000)]
+    pub txns: u64,
+}
+
+/// What one phase runs against.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum System {
+    Treaty,
+    Baseline(Baseline),
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Treaty => "treaty",
+            System::Baseline(b) => b.name(),
+        }
+    }
+}
+
+struct Ctx {
+    generator: Generator,
+    treaty: TreatyTarget,
+    pg_urls: Vec<String>,
+    watched: Watched,
+    lock_timeout_ms: u64,
+    seed: u64,
+}
+
+struct PhaseResult {
+    counts: Counts,
+    elapsed: Duration,
+    cpu: cpu::CpuSample,
+}
+
+enum Client {
+    Treaty(treaty_proto::pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>),
+    Direct(DirectClient),
+}
+
+impl Client {
+    async fn run(&mut self, ctx_treaty: &TreatyTarget, plan: &TxnPlan) -> Result<(), String> {
+        match self {
+            Client::Treaty(client) => treaty_driver::run_txn(client, ctx_treaty, plan).await,
+            Client::Direct(client) => client.run_txn(plan).await,
+        }
+    }
+}
+
+fn bar(seconds: u64, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(seconds.max(1));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {prefix:<28} [{elapsed_precise}] {bar:25} {pos}/{len}s {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(label.to_string());
+    bar
+}
+
+async fn run_phase(
+    ctx: &Ctx,
+    system: System,
+    clients: usize,
+    seconds: u64,
+    label: &str,
+    salt: u64,
+) -> Result<PhaseResult> {
+    // Connect every client before the clock starts.
+    let mut connected = Vec::with_capacity(clients);
+    for index in 0..clients {
+        connected.push(match system {
+            System::Treaty => Client::Treaty(treaty_driver::connect(&ctx.treaty.endpoint).await?),
+            System::Baseline(mode) => {
+                let mut client = DirectClient::new(mode, ctx.pg_urls.clone(), ctx.lock_timeout_ms, index);
+                client.connect_all().await.map_err(anyhow::Error::msg)?;
+                Client::Direct(client)
+            }
+        });
+    }
+    let progress = bar(seconds, label);
+    let committed = Arc::new(AtomicU64::new(0));
+    let before = ctx.watched.sample();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let tasks: Vec<_> = connected
+        .into_iter()
+        .enumerate()
+        .map(|(index, mut client)| {
+            let generator = ctx.generator.clone();
+            let target = ctx.treaty.clone();
+            let committed = Arc::clone(&committed);
+            let seed = ctx.seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index as u64;
+            tokio::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                let mut counts = Counts::default();
+                for _ in 0..MAX_TXNS_PER_CLIENT_PHASE {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    let plan = generator.next(&mut rng);
+                    let begun = Instant::now();
+                    match client.run(&target, &plan).await {
+                        Ok(()) => {
+                            counts.commit(begun.elapsed());
+                            committed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(reason) => {
+                            let back_off = reason.starts_with("rpc/Unavailable") || reason == "connect";
+                            counts.abort(reason);
+                            if back_off {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                }
+                if let Client::Direct(client) = client {
+                    client.close().await;
+                }
+                counts
+            })
+        })
+        .collect();
+    while Instant::now() < deadline {
+        progress.set_position(started.elapsed().as_secs());
+        progress.set_message(format!("{} commits", committed.load(Ordering::Relaxed)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut counts = Counts::default();
+    for task in tasks {
+        counts.merge(&task.await.context("a bench client panicked")?);
+    }
+    let elapsed = started.elapsed();
+    let cpu = ctx.watched.sample().since(&before);
+    progress.finish_and_clear();
+    Ok(PhaseResult { counts, elapsed, cpu })
+}
+
+fn phase_line(label: &str, result: &PhaseResult) -> String {
+    let f = Figures::of(&result.counts, result.elapsed);
+    format!(
+        "{label:<28} {:>9.1} commits/s  p50 {:>7.2} ms  p95 {:>7.2} ms  p99 {:>7.2} ms  aborts {}",
+        f.tps,
+        f.p50_ms,
+        f.p95_ms,
+        f.p99_ms,
+        result.counts.aborted()
+    )
+}
+
+fn params(args: &BenchArgs, baselines: &[Baseline], per_round: u64) -> Map<String, Value> {
+    let mut map = Map::new();
+    map.insert("workload".into(), json!(args.workload.name()));
+    map.insert("shards".into(), json!(args.shards));
+    map.insert("clients".into(), json!(args.clients));
+    map.insert("duration_s".into(), json!(args.duration));
+    map.insert("round_s".into(), json!(per_round));
+    map.insert("rounds".into(), json!(args.rounds));
+    map.insert("warmup_s".into(), json!(args.warmup));
+    map.insert("accounts".into(), json!(args.accounts));
+    map.insert(
+        "skew".into(),
+        json!(match args.skew {
+            Skew::Uniform => "uniform",
+            Skew::Zipfian => "zipfian",
+        }),
+    );
+    map.insert(
+        "zipf_theta".into(),
+        if args.skew == Skew::Zipfian {
+            json!(args.zipf_theta)
+        } else {
+            Value::Null
+        },
+    );
+    map.insert("protocol".into(), json!(args.protocol.name()));
+    map.insert("interactive".into(), json!(args.interactive));
+    map.insert("lock_timeout_ms".into(), json!(args.lock_timeout_ms));
+    map.insert(
+        "baselines".into(),
+        json!(baselines.iter().map(|b| b.name()).collect::<Vec<_>>()),
+    );
+    map.insert("fsync".into(), json!(true));
+    map.insert("cpu_ticks_per_s".into(), json!(cpu::ticks_per_second()));
+    map
+}
+
+async fn count_prepared(cluster: &LocalCluster) -> Result<i64> {
+    let mut total = 0;
+    for pg in &cluster.pgs {
+        let mut conn = pg.connect(DATABASE).await?;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_prepared_xacts")
+            .fetch_one(&mut conn)
+            .await?;
+        total += n;
+    }
+    Ok(total)
+}
+
+fn validate(args: &BenchArgs) -> Result<()> {
+    anyhow::ensure!((1..=8).contains(&args.shards), "--shards must be between 1 and 8");
+    anyhow::ensure!(
+        args.workload != WorkloadKind::Transfer || args.shards >= 2,
+        "transfer needs --shards of at least 2"
+    );
+    anyhow::ensure!(
+        (1..=512).contains(&args.clients),
+        "--clients must be between 1 and 512"
+    );
+    anyhow::ensure!(
+        args.clients_list.iter().all(|c| (1..=512).contains(c)),
+        "--clients-list entries must be between 1 and 512"
+    );
+    anyhow::ensure!(
+        (1..=3600).contains(&args.duration),
+        "--duration must be 1..=3600 seconds"
+    );
+    anyhow::ensure!(args.warmup <= 600, "--warmup must be at most 600 seconds");
+    anyhow::ensure!((1..=100).contains(&args.rounds), "--rounds must be 1..=100");
+    anyhow::ensure!(
+        u64::from(args.rounds) <= args.duration,
+        "--duration is split over --rounds: give at least one second per round"
+    );
+    anyhow::ensure!(
+        args.accounts >= args.shards as u64 && args.accounts <= 100_000_000,
+        "--accounts must be between --shards and 100000000"
+    );
+    Ok(())
+}
+
+pub async fn run(args: BenchArgs) -> Result<()> {
+    if args.workload == WorkloadKind::Recovery {
+        return recovery::run(&args).await;
+    }
+    validate(&args)?;
+    let mut baselines: Vec<Baseline> = Vec::new();
+    for arg in &args.baseline {
+        let baseline = match arg {
+            BaselineArg::None => continue,
+            BaselineArg::Direct => Baseline::Direct,
+            BaselineArg::Independent => Baseline::Independent,
+        };
+        if !baselines.contains(&baseline) {
+            baselines.push(baseline);
+        }
+    }
+    let mut sweep_clients: Vec<usize> = if args.clients_list.is_empty() {
+        vec![args.clients]
+    } else {
+        args.clients_list.clone()
+    };
+    sweep_clients.dedup();
+    let systems: Vec<System> = std::iter::once(System::Treaty)
+        .chain(baselines.iter().copied().map(System::Baseline))
+        .collect();
+    let per_round = (args.duration / u64::from(args.rounds)).max(1);
+    let total = (per_round * u64::from(args.rounds) * sweep_clients.len() as u64 + args.warmup)
+        * systems.len() as u64;
+    anyhow::ensure!(
+        total <= MAX_TOTAL_LOAD_SECONDS,
+        "this would run {total} s of load; keep it under {MAX_TOTAL_LOAD_SECONDS} s"
+    );
+    let generator = Generator::new(
+        args.workload,
+        args.shards,
+        args.accounts,
+        args.skew,
+        args.zipf_theta,
+    )?;
+    let seed = args.seed.unwrap_or_else(crate::demo::now_ms);
+    let params = params(&args, &baselines, per_round);
+
+    let temp = tempfile::Builder::new().prefix("treaty-bench-").tempdir()?;
+    let base_dir = match &args.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            std::fs::canonicalize(dir)?
+        }
+        None => temp.path().to_path_buf(),
+    };
+    let max_clients = sweep_clients.iter().copied().max().unwrap_or(args.clients);
+    eprintln!(
+        "starting {} shards (PostgreSQL with fsync on + participant each) and a coordinator in {}",
+        args.shards,
+        base_dir.display()
+    );
+    let cluster = LocalCluster::start(ClusterSpec {
+        shards: args.shards,
+        base_dir: base_dir.clone(),
+        pg: PgOptions {
+            max_connections: (max_clients as u32 + 150).max(200),
+            ..PgOptions::default()
+        },
+        coordinator_args: Vec::new(),
+        participant_args: Vec::new(),
+        database: DATABASE.into(),
+        coordinator_port: 0,
+    })
+    .await
+    .context("starting the local cluster")?;
+    workload::create_schema(&cluster.pgs, args.accounts).await?;
+
+    let endpoint = cluster.coordinator_endpoint();
+    if let Err(message) = treaty_driver::probe_protocol(&endpoint, args.protocol.pb()).await? {
+        println!(
+            "protocol {}: unsupported by this coordinator ({message}); nothing measured",
+            args.protocol.name()
+        );
+        if args.json {
+            println!("{}", report::unsupported_json(params, &message));
+        }
+        return Ok(());
+    }
+
+    let watched = Watched {
+        coordinator: cluster.coordinator.pid(),
+        participants: cluster.participants.iter().filter_map(|p| p.pid()).collect(),
+        postmasters: cluster
+            .pgs
+            .iter()
+            .filter_map(|pg| cpu::postmaster_pid(pg.data_dir()))
+            .collect(),
+    };
+    let ctx = Ctx {
+        generator,
+        treaty: TreatyTarget {
+            endpoint,
+            shard_names: cluster.shard_names.clone(),
+            protocol: args.protocol.pb(),
+            interactive: args.interactive,
+            lock_timeout_ms: args.lock_timeout_ms,
+        },
+        pg_urls: cluster.pgs.iter().map(|pg| pg.url(DATABASE)).collect(),
+        watched,
+        lock_timeout_ms: args.lock_timeout_ms,
+        seed,
+    };
+    eprintln!(
+        "{} on {} shards, {} accounts ({:?}), {} s per system in {} rounds of {per_round} s, systems: {}",
+        args.workload.name(),
+        args.shards,
+        args.accounts,
+        args.skew,
+        args.duration,
+        args.rounds,
+        systems.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
+    );
+
+    let mut salt = 0u64;
+    if args.warmup > 0 {
+        for system in &systems {
+            salt += 1;
+            let label = format!("warm-up {}", system.name());
+            let result = run_phase(&ctx, *system, sweep_clients[0], args.warmup, &label, salt).await?;
+            eprintln!("{}", phase_line(&label, &result));
+        }
+    }
+    let mut sweep = Vec::new();
+    let mut rounds = Vec::new();
+    for &clients in &sweep_clients {
+        let mut runs: Vec<SystemRun> = systems.iter().map(|s| SystemRun::new(s.name())).collect();
+        for round in 1..=args.rounds {
+            for (system, run) in systems.iter().zip(runs.iter_mut()) {
+                salt += 1;
+                let label = format!("{clients} clients r{round}/{} {}", args.rounds, system.name());
+                let result = run_phase(&ctx, *system, clients, per_round, &label, salt).await?;
+                eprintln!("{}", phase_line(&label, &result));
+                let f = Figures::of(&result.counts, result.elapsed);
+                rounds.push(json!({
+                    "clients": clients,
+                    "round": round,
+                    "system": system.name(),
+                    "tps": (f.tps * 10.0).round() / 10.0,
+                    "p50_ms": f.p50_ms,
+                    "p99_ms": f.p99_ms,
+                    "committed": result.counts.committed,
+                    "aborted": result.counts.aborted(),
+                }));
+                run.add(&result.counts, result.elapsed, &result.cpu);
+            }
+        }
+        sweep.push(SweepPoint {
+            clients,
+            systems: runs,
+        });
+    }
+    let main = sweep
+        .iter()
+        .find(|point| point.clients == args.clients)
+        .or(sweep.last())
+        .cloned()
+        .context("no measurement")?;
+    let prepared_left = count_prepared(&cluster).await.unwrap_or(-1);
+    let mut report = BenchReport {
+        params,
+        main,
+        sweep,
+        rounds,
+        prepared_left,
+        plots: Vec::new(),
+    };
+    if let Some(dir) = &args.plot {
+        report.plots = plot::write_plots(dir, args.workload.name(), &report)
+            .with_context(|| format!("writing plots into {}", dir.display()))?;
+    }
+    report.print_table();
+    if args.json {
+        println!("{}", report.to_json());
+    }
+    drop(cluster);
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! `treaty bench recovery --txns N`: how fast a restarted coordinator finishes N logged commits.
+//!
+//! 1. Start a local cluster (fsync on, `max_prepared_transactions` above N), then SIGKILL the
+//!    coordinator.
+//! 2. Do by hand what a participant does before voting YES, N times on every shard: `BEGIN`; a row
+//!    in `bench_recovery`; the marker row in `treaty.branches`; `PREPARE TRANSACTION
+//!    'treaty:<coordinator id>:<txid>'` (see `participant/src/postgres.rs`).
+//! 3. Write what the coordinator writes when it decides: open its decision log
+//!    (`DecisionLog::open`, which hands back the id from the header), reserve the txids, and a
+//!    commit record per transaction naming every shard; close the log.
+//! 4. Restart the coordinator and time until `pg_prepared_xacts` holds no Treaty GID on any shard;
+//!    then check that every shard holds all N rows.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::future::try_join_all;
+use indicatif::ProgressBar;
+use serde_json::json;
+use treaty_decision_log::{CommitRecord, DecisionLog, LogOptions};
+use treaty_harness::{ClusterSpec, LocalCluster, PgCluster, PgOptions};
+use treaty_proto::{CoordinatorId, Gid};
+
+use super::BenchArgs;
+use super::cpu;
+use super::workload::DATABASE;
+
+/// Connections per shard that prepare the transactions.
+const PREPARE_CONNECTIONS: u64 = 16;
+/// How long recovery may take before the bench gives up.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(300);
+const POLL: Duration = Duration::from_millis(10);
+/// The issue's target: 10,000 transactions finished within 2 s of the restart.
+const TARGET_SECONDS: f64 = 2.0;
+
+async fn prepared_treaty_gids(pgs: &[PgCluster]) -> Result<i64> {
+    let mut total = 0;
+    for pg in pgs {
+        let mut conn = pg.connect(DATABASE).await?;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'treaty:%'")
+            .fetch_one(&mut conn)
+            .await?;
+        total += n;
+    }
+    Ok(total)
+}
+
+/// Prepares `txids` on one shard as a participant would, over several connections.
+async fn prepare_on_shard(
+    pg: &PgCluster,
+    id: &CoordinatorId,
+    txids: std::ops::Range<u64>,
+    progress: &ProgressBar,
+) -> Result<()> {
+    let count = txids.end - txids.start;
+    let per_connection = count.div_ceil(PREPARE_CONNECTIONS);
+    let workers = (0..PREPARE_CONNECTIONS).map(|k| {
+        let from = txids.start + k * per_connection;
+        let to = (from + per_connection).min(txids.end);
+        async move {
+            if from >= to {
+                return Ok(());
+            }
+            let mut conn = pg.connect(DATABASE).await?;
+            for txid in from..to {
+                let gid = Gid::new(id, txid);
+                // Every piece is a validated id or an integer: safe to format into SQL.
+                let sql = format!(
+                    "BEGIN; INSERT INTO bench_recovery (id) VALUES ({txid}); \
+                     INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('{gid}', '{id}', {txid}); \
+                     PREPARE TRANSACTION '{gid}'"
+                );
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut conn)
+                    .await
+                    .with_context(|| format!("preparing {gid} on {}", pg.name()))?;
+                progress.inc(1);
+            }
+            anyhow::Ok(())
+        }
+    });
+    try_join_all(workers).await?;
+    Ok(())
+}
+
+pub async fn run(args: &BenchArgs) -> Result<()> {
+    anyhow::ensure!(
+        (1..=50_000).contains(&args.txns),
+        "--txns must be between 1 and 50000"
+    );
+    anyhow::ensure!((1..=8).contains(&args.shards), "--shards must be between 1 and 8");
+    let txns = args.txns;
+    let temp = tempfile::Builder::new()
+        .prefix("treaty-bench-recovery-")
+        .tempdir()?;
+    let base_dir = match &args.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            std::fs::canonicalize(dir)?
+        }
+        None => temp.path().to_path_buf(),
+    };
+    eprintln!(
+        "starting {} shards and a coordinator in {} (max_prepared_transactions {})",
+        args.shards,
+        base_dir.display(),
+        txns + 100
+    );
+    let mut cluster = LocalCluster::start(ClusterSpec {
+        shards: args.shards,
+        base_dir: base_dir.clone(),
+        pg: PgOptions {
+            max_prepared_transactions: (txns as u32).saturating_add(100),
+            ..PgOptions::default()
+        },
+        coordinator_args: Vec::new(),
+        participant_args: Vec::new(),
+        database: DATABASE.into(),
+        coordinator_port: 0,
+    })
+    .await
+    .context("starting the local cluster")?;
+    for pg in &cluster.pgs {
+        let mut conn = pg.connect(DATABASE).await?;
+        sqlx::raw_sql("CREATE TABLE bench_recovery (id bigint PRIMARY KEY)")
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("creating bench_recovery on {}", pg.name()))?;
+    }
+
+    // 1. The coordinator goes away; its log stays.
+    cluster.coordinator.kill9()?;
+    cluster
+        .coordinator
+        .wait_exit(Duration::from_secs(10))
+        .await?
+        .context("the coordinator did not exit after SIGKILL")?;
+    let log_dir = base_dir.join("coordinator");
+    let (log, replay) = {
+        let dir = log_dir.clone();
+        tokio::task::spawn_blocking(move || DecisionLog::open(&dir, LogOptions::default()))
+            .await?
+            .with_context(|| format!("opening the decision log in {}", log_dir.display()))?
+    };
+    let id_text = replay
+        .coordinator_id
+        .clone()
+        .context("the coordinator's log has no header")?;
+    let id = CoordinatorId::new(&id_text).context("the coordinator id in the log")?;
+    let first = replay.txids_reserved_up_to + 1;
+    let txids = first..first + txns;
+    log.reserve_txids(txids.end).await?;
+
+    // 2. Prepared branches, as participants leave them after voting YES.
+    let setup = Instant::now();
+    let progress = ProgressBar::new(txns * cluster.pgs.len() as u64);
+    progress.set_message("preparing");
+    try_join_all(
+        cluster
+            .pgs
+            .iter()
+            .map(|pg| prepare_on_shard(pg, &id, txids.clone(), &progress)),
+    )
+    .await?;
+    progress.finish_and_clear();
+    let prepare_seconds = setup.elapsed().as_secs_f64();
+
+    // 3. The commit decisions, as the coordinator logs them (forced, group-committed).
+    let participants = cluster.shard_names.clone();
+    let decided_at_ms = crate::demo::now_ms();
+    let mut next = txids.start;
+    while next < txids.end {
+        let chunk_end = (next + 1000).min(txids.end);
+        try_join_all((next..chunk_end).map(|txid| {
+            log.commit(CommitRecord {
+                txid,
+                gid: Gid::new(&id, txid).to_string(),
+                participants: participants.clone(),
+                decided_at_ms,
+            })
+        }))
+        .await?;
+        next = chunk_end;
+    }
+    // Dropping the last handle joins the writer thread after a final sync.
+    tokio::task::spawn_blocking(move || drop(log)).await?;
+    eprintln!(
+        "{txns} transactions prepared on {} shards in {prepare_seconds:.1} s and logged as committed; restarting the coordinator",
+        cluster.pgs.len()
+    );
+    let before = prepared_treaty_gids(&cluster.pgs).await?;
+    anyhow::ensure!(
+        before == (txns * cluster.pgs.len() as u64) as i64,
+        "expected {} prepared branches, found {before}",
+        txns * cluster.pgs.len() as u64
+    );
+    let participants_before: u64 = cluster
+        .participants
+        .iter()
+        .filter_map(|p| p.pid())
+        .map(cpu::process_ticks)
+        .sum();
+
+    // 4. Restart and time.
+    let restarted = Instant::now();
+    cluster
+        .coordinator
+        .restart()
+        .await
+        .context("restarting the coordinator")?;
+    let listening = restarted.elapsed();
+    let mut last_print = Instant::now();
+    let left = loop {
+        let left = prepared_treaty_gids(&cluster.pgs).await?;
+        if left == 0 || restarted.elapsed() > RECOVERY_LIMIT {
+            break left;
+        }
+        if last_print.elapsed() >= Duration::from_secs(2) {
+            eprintln!(
+                "[{:>6.1}s] {left} prepared branches left",
+                restarted.elapsed().as_secs_f64()
+            );
+            last_print = Instant::now();
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let seconds = restarted.elapsed().as_secs_f64();
+    let coordinator_ticks = cluster.coordinator.pid().map_or(0, cpu::process_ticks);
+    let participant_ticks = cluster
+        .participants
+        .iter()
+        .filter_map(|p| p.pid())
+        .map(cpu::process_ticks)
+        .sum::<u64>()
+        .saturating_sub(participants_before);
+    let mut rows_ok = true;
+    for pg in &cluster.pgs {
+        let mut conn = pg.connect(DATABASE).await?;
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_recovery")
+            .fetch_one(&mut conn)
+            .await?;
+        rows_ok &= rows == txns as i64;
+    }
+    let txns_per_s = if seconds > 0.0 { txns as f64 / seconds } else { 0.0 };
+    let coordinator_cpu_s = cpu::ticks_to_us(coordinator_ticks) / 1e6;
+    let participant_cpu_s = cpu::ticks_to_us(participant_ticks) / 1e6;
+    let met = left == 0 && rows_ok && seconds < TARGET_SECONDS * (txns as f64 / 10_000.0).max(1.0);
+    println!(
+        "recovery of {txns} logged, unfinished commits over {} shards",
+        cluster.pgs.len()
+    );
+    println!(
+        "  restart to listening:          {:.3} s",
+        listening.as_secs_f64()
+    );
+    println!("  restart to all finished:       {seconds:.3} s ({txns_per_s:.0} txns/s)");
+    println!("  prepared branches left:        {left}");
+    println!("  every shard holds every row:   {rows_ok}");
+    println!("  coordinator CPU (whole life):  {coordinator_cpu_s:.2} s");
+    println!("  participants CPU (recovery):   {participant_cpu_s:.2} s");
+    println!(
+        "  setup (prepare {} branches):   {prepare_seconds:.1} s",
+        txns * cluster.pgs.len() as u64
+    );
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "workload": "recovery",
+                "status": if left == 0 && rows_ok { "ok" } else { "incomplete" },
+                "txns": txns,
+                "shards": cluster.pgs.len(),
+                "branches": txns * cluster.pgs.len() as u64,
+                "seconds": (seconds * 1000.0).round() / 1000.0,
+                "listening_s": (listening.as_secs_f64() * 1000.0).round() / 1000.0,
+                "txns_per_s": txns_per_s.round(),
+                "prepared_left": left,
+                "rows_ok": rows_ok,
+                "coordinator_cpu_s": (coordinator_cpu_s * 1000.0).round() / 1000.0,
+                "participant_cpu_s": (participant_cpu_s * 1000.0).round() / 1000.0,
+                "prepare_setup_s": (prepare_seconds * 10.0).round() / 10.0,
+                "target_s_per_10k": TARGET_SECONDS,
+                "target_met": met,
+                "fsync": true,
+            })
+        );
+    }
+    drop(cluster);
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! `treaty chaos`: the bank under chaos. Clients move money between accounts spread over the
+//! shards (every transfer also writes its markers) while random processes — the coordinator,
+//! participants, PostgreSQL servers — are SIGKILLed and restarted and network faults come and go on
+//! the proxied links. Bounded in time; then recovery converges and the checker runs: atomicity per
+//! transaction, acknowledged outcomes, conservation of money, nothing left prepared.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rand::{Rng, SeedableRng};
+use treaty_harness::{Fault, LocalCluster};
+use treaty_proto::pb;
+
+use crate::scenario::checker::{self, DATABASE};
+use crate::scenario::spec::{Action, Process};
+use crate::scenario::timeline::Timeline;
+use crate::scenario::workload::{self, Progress, WorkloadConfig};
+use crate::scenario::{StepRunner, cluster_spec};
+
+const INITIAL_BALANCE: i64 = 1_000;
+
+#[derive(clap::Args, Debug)]
+pub struct ChaosArgs {
+    /// Seconds of chaos (faults and transfers); recovery and the check come after.
+    #[arg(long, default_value_t = 60)]
+    pub duration: u64,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, default_value_t = 3)]
+    pub shards: usize,
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    #[arg(long, default_value_t = 300)]
+    pub accounts: i64,
+    /// Mean milliseconds between faults.
+    #[arg(long, default_value_t = 2000)]
+    pub fault_every_ms: u64,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(args: ChaosArgs) -> Result<()> {
+    if !(2..=8).contains(&args.shards) {
+        bail!("--shards must be between 2 and 8");
+    }
+    if !(1..=7200).contains(&args.duration) {
+        bail!("--duration must be between 1 and 7200 seconds");
+    }
+    if !(1..=128).contains(&args.clients) {
+        bail!("--clients must be between 1 and 128");
+    }
+    if args.accounts < args.shards as i64 * 2 {
+        bail!("--accounts must be at least twice --shards");
+    }
+    if args.fault_every_ms < 100 {
+        bail!("--fault-every-ms must be at least 100");
+    }
+    let seed = args.seed.unwrap_or_else(crate::demo::now_ms);
+    let dir = tempfile::Builder::new().prefix("treaty-chaos-").tempdir()?;
+    eprintln!(
+        "chaos: {} shards, {} clients, {} s, seed {seed}, a fault every ~{} ms; data in {}",
+        args.shards,
+        args.clients,
+        args.duration,
+        args.fault_every_ms,
+        dir.path().display()
+    );
+    let spec = cluster_spec(args.shards, dir.path().to_path_buf(), &[], &[]);
+    let mut cluster = LocalCluster::start_proxied(spec)
+        .await
+        .context("starting the cluster")?;
+    checker::create_markers(&cluster).await?;
+    create_accounts(&cluster, args.accounts).await?;
+
+    let timeline = Timeline::new(!args.json);
+    let progress = Arc::new(Progress::default());
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let config = Arc::new(WorkloadConfig {
+        endpoint: cluster.client_endpoint(),
+        shards: cluster.shard_names.clone(),
+        transactions: 10_000_000,
+        concurrency: args.clients,
+        shards_per_txn: 2,
+        seed,
+        protocol: pb::Protocol::TwoPhase,
+        deadline,
+        accounts: Some(args.accounts),
+    });
+    let clients = tokio::spawn(workload::run(Arc::clone(&config), Arc::clone(&progress)));
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut kills = 0u64;
+    let mut network_faults = 0u64;
+    let mut runner = StepRunner::new(&mut cluster, &timeline);
+    let shards = args.shards;
+    let mut n = 0;
+    while Instant::now() < deadline {
+        let pause = rng.random_range(args.fault_every_ms / 2..=args.fault_every_ms * 3 / 2);
+        tokio::time::sleep(
+            Duration::from_millis(pause).min(deadline.saturating_duration_since(Instant::now())),
+        )
+        .await;
+        if Instant::now() >= deadline {
+            break;
+        }
+        n += 1;
+        let shard = rng.random_range(0..shards);
+        let down_for = Duration::from_millis(rng.random_range(0..=800));
+        match rng.random_range(0..10) {
+            0..=2 => {
+                runner.perform(n, &Action::Kill9(Process::Coordinator)).await?;
+                tokio::time::sleep(down_for).await;
+                runner.perform(n, &Action::Restart(Process::Coordinator)).await?;
+                kills += 1;
+            }
+            3..=5 => {
+                runner
+                    .perform(n, &Action::Kill9(Process::Participant(shard)))
+                    .await?;
+                tokio::time::sleep(down_for).await;
+                runner
+                    .perform(n, &Action::Restart(Process::Participant(shard)))
+                    .await?;
+                kills += 1;
+            }
+            6 => {
+                runner.perform(n, &Action::PgStop(shard)).await?;
+                tokio::time::sleep(down_for).await;
+                runner.perform(n, &Action::PgStart(shard)).await?;
+                kills += 1;
+            }
+            kind => {
+                let name = format!("s{shard}");
+                let (from, to) = match rng.random_range(0..3) {
+                    0 => ("coordinator".to_string(), name),
+                    1 => (name, "coordinator".to_string()),
+                    _ => ("client".to_string(), "coordinator".to_string()),
+                };
+                let fault = match kind {
+                    7 => Fault::Drop,
+                    8 => Fault::Reset,
+                    _ => Fault::Delay(Duration::from_millis(rng.random_range(10..=300))),
+                };
+                runner.perform(n, &Action::Fault { from, to, fault }).await?;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(200..=1500))).await;
+                runner.perform(n, &Action::Heal).await?;
+                network_faults += 1;
+            }
+        }
+        if args.json {
+            // Keep a heartbeat on stderr even when the timeline is not live.
+            eprintln!(
+                "[{:>6.1}s] faults {n}: kills {kills}, network {network_faults}; finished {}",
+                timeline.elapsed_s(),
+                progress.finished.load(Ordering::SeqCst)
+            );
+        }
+    }
+    progress.stop.store(true, Ordering::SeqCst);
+    let _ = tokio::time::timeout(Duration::from_secs(30), clients).await;
+    runner.epilogue().await?;
+    drop(runner);
+    eprintln!("chaos over; waiting for recovery to converge ...");
+    let (converged, took) = checker::await_convergence(&cluster, Duration::from_secs(120)).await?;
+    let told = progress.told.lock().map(|t| t.clone()).unwrap_or_default();
+    let report = checker::check(&cluster, &told, converged, took).await?;
+    let total = total_balance(&cluster).await?;
+    let expected = args.accounts * INITIAL_BALANCE;
+    let conserved = total == expected;
+    let violations = report.violation_count() + usize::from(!conserved);
+
+    println!(
+        "faults injected:    {} process kills, {network_faults} network faults",
+        kills
+    );
+    println!(
+        "transactions:       committed {} aborted {} unknown {} abandoned {}",
+        report.committed, report.aborted, report.unknown, report.abandoned
+    );
+    println!("balance conserved:  {conserved} ({expected} expected, {total} found)");
+    println!("prepared left:      {}", report.prepared_left);
+    println!(
+        "converged:          {converged} ({} ms after the last fault)",
+        report.convergence_ms
+    );
+    println!("violations:         {violations}");
+    for v in &report.violations {
+        println!("  txid {} {}: {:?}", v.txid, v.kind, v.evidence);
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "seed": seed,
+                "duration_s": args.duration,
+                "kills": kills,
+                "network_faults": network_faults,
+                "committed": report.committed,
+                "aborted": report.aborted,
+                "unknown": report.unknown,
+                "abandoned": report.abandoned,
+                "violations": violations,
+                "prepared_left": report.prepared_left,
+                "balance_conserved": conserved,
+                "converged": converged,
+                "convergence_ms": report.convergence_ms,
+                "violation_details": report.violations,
+            })
+        );
+    }
+    if violations > 0 {
+        bail!("{violations} violations (seed {seed})");
+    }
+    Ok(())
+}
+
+async fn create_accounts(cluster: &LocalCluster, accounts: i64) -> Result<()> {
+    let shards = cluster.pgs.len() as i64;
+    for (index, pg) in cluster.pgs.iter().enumerate() {
+        let mut conn = pg.connect(DATABASE).await?;
+        sqlx::raw_sql("CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint NOT NULL)")
+            .execute(&mut conn)
+            .await?;
+        sqlx::query(
+            "INSERT INTO accounts (id, balance) SELECT id, $3 FROM generate_series(0, $1 - 1) id WHERE id % $2 = $4",
+        )
+        .bind(accounts)
+        .bind(shards)
+        .bind(INITIAL_BALANCE)
+        .bind(index as i64)
+        .execute(&mut conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn total_balance(cluster: &LocalCluster) -> Result<i64> {
+    let mut total = 0;
+    for pg in &cluster.pgs {
+        let mut conn = pg.connect(DATABASE).await?;
+        let sum: Option<i64> = sqlx::query_scalar("SELECT sum(balance)::bigint FROM accounts")
+            .fetch_one(&mut conn)
+            .await?;
+        total += sum.unwrap_or(0);
+    }
+    Ok(total)
+}

@@ -1,0 +1,93 @@
+//! The `treaty scenario` and `treaty chaos` commands as a user runs them: the real binary, real
+//! clusters, the JSON verdict on the last line. The scenario matrix in `scenarios/` runs here,
+//! one test per directory so that the test runner can spread them over cores.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Runs `treaty <args>` and returns (success, last line parsed as JSON, whole stdout).
+fn treaty(args: &[&str]) -> Result<(bool, serde_json::Value, String)> {
+    let binary = treaty_harness::binary_path("treaty")?;
+    let output = Command::new(&binary)
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .with_context(|| format!("running {}", binary.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last = stdout.lines().last().unwrap_or_default();
+    let json = serde_json::from_str(last)
+        .with_context(|| format!("the last line is not JSON:\n{stdout}\n--- stderr ---\n{stderr}"))?;
+    Ok((output.status.success(), json, stdout))
+}
+
+fn run_dir(dir: &str) -> Result<()> {
+    let path = repo().join("scenarios").join(dir);
+    let files = std::fs::read_dir(&path)?
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "toml"))
+        })
+        .count();
+    assert!(files > 0, "no scenarios in {}", path.display());
+    let (ok, json, stdout) = treaty(&["scenario", "run", path.to_str().unwrap_or_default(), "--json"])?;
+    assert!(ok, "scenarios in {dir} failed:\n{stdout}");
+    assert_eq!(json["failed"], 0, "{stdout}");
+    assert_eq!(json["violations"], 0, "{stdout}");
+    assert_eq!(json["passed"], files, "{stdout}");
+    Ok(())
+}
+
+#[test]
+fn scenarios_coordinator_failpoints() -> Result<()> {
+    run_dir("coordinator")
+}
+
+#[test]
+fn scenarios_participant_failpoints() -> Result<()> {
+    run_dir("participant")
+}
+
+#[test]
+fn scenarios_network() -> Result<()> {
+    run_dir("network")
+}
+
+#[test]
+fn the_checker_catches_a_participant_that_commits_on_its_own() -> Result<()> {
+    let file = repo().join("tests/scenarios/broken-participant-commits-alone.toml");
+    let (_, json, stdout) = treaty(&["scenario", "run", file.to_str().unwrap_or_default(), "--json"])?;
+    let scenario = &json["scenarios"][0];
+    let violations = scenario["report"]["violations"]
+        .as_array()
+        .context("a report with violations")?;
+    assert!(
+        violations
+            .iter()
+            .any(|v| v["kind"] == "half-applied" && v["evidence"]["s1"] == true),
+        "the checker must report the transaction applied on s1 only:\n{stdout}"
+    );
+    // The scenario expects the violation, so as a scenario it passes.
+    assert_eq!(json["passed"], 1, "{stdout}");
+    Ok(())
+}
+
+#[test]
+fn a_short_chaos_run_ends_with_no_violations() -> Result<()> {
+    let (ok, json, stdout) = treaty(&["chaos", "--duration", "20", "--seed", "7", "--json"])?;
+    assert!(ok, "{stdout}");
+    assert_eq!(json["violations"], 0, "{stdout}");
+    assert_eq!(json["prepared_left"], 0, "{stdout}");
+    assert!(json["kills"].as_u64().unwrap_or(0) >= 3, "{stdout}");
+    assert!(json["committed"].as_u64().unwrap_or(0) > 0, "{stdout}");
+    Ok(())
+}
