@@ -20,6 +20,10 @@ pub const BEFORE_END_RECORD: &str = "coordinator::before-end-record";
 /// The end record was handed to the log (lazily: it may not be durable yet).
 pub const AFTER_END_RECORD: &str = "coordinator::after-end-record";
 
+/// Before an fsync of appended records: a bare `return` cuts `decisions.log` back to what is
+/// already synced and aborts, as a power cut would (see `log_faults`).
+pub const LOG_LOSES_UNSYNCED_TAIL: &str = "coordinator::log-loses-unsynced-tail";
+
 static POINTS: &[Point] = &[
     Point {
         name: BEFORE_COMMIT_DECISION,
@@ -48,6 +52,10 @@ static POINTS: &[Point] = &[
     Point {
         name: AFTER_END_RECORD,
         returns: &[],
+    },
+    Point {
+        name: LOG_LOSES_UNSYNCED_TAIL,
+        returns: &[Return::On],
     },
 ];
 

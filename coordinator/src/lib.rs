@@ -13,6 +13,7 @@ pub mod config;
 mod crash;
 pub mod driver;
 pub mod failpoints;
+mod log_faults;
 pub mod participants;
 pub mod protocol;
 pub mod service;
@@ -23,7 +24,7 @@ use std::io::Write;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use treaty_decision_log::{DecisionLog, LogOptions};
+use treaty_decision_log::{DecisionLog, LogOptions, TestHooks};
 use treaty_proto::CoordinatorId;
 use treaty_proto::pb::coordinator_server::CoordinatorServer;
 
@@ -89,9 +90,18 @@ pub async fn run(
         compact_after_bytes: config.compact_after_bytes,
     };
     let open_dir = dir.clone();
-    let (log, replay) = tokio::task::spawn_blocking(move || DecisionLog::open(&open_dir, options))
-        .await?
-        .map_err(log_error)?;
+    let synced = log_faults::SyncedLength::new(&dir);
+    // The hooks cost an `Option` check per batch; without the feature they are not installed.
+    let hooks = if cfg!(feature = "failpoints") {
+        synced.hooks()
+    } else {
+        TestHooks::default()
+    };
+    let (log, replay) =
+        tokio::task::spawn_blocking(move || DecisionLog::open_with_hooks(&open_dir, options, hooks))
+            .await?
+            .map_err(log_error)?;
+    synced.opened();
     for damage in &replay.damage {
         tracing::warn!(kind = ?damage.kind, offset = damage.offset, length = damage.length, "decision log damage repaired: {}", damage.detail);
     }

@@ -19,8 +19,10 @@ use crate::os::{self, RunAs};
 /// Server settings for a test or demo cluster.
 #[derive(Debug, Clone)]
 pub struct PgOptions {
-    /// `fsync`; off makes tests faster and loses nothing unless the machine itself crashes (a
-    /// PostgreSQL `-m immediate` stop keeps the page cache).
+    /// `fsync` (and `full_page_writes`); off makes tests faster and loses nothing unless the
+    /// machine itself crashes (a PostgreSQL `-m immediate` stop keeps the page cache).
+    /// `synchronous_commit` stays on regardless: an asynchronous commit lives only in shared
+    /// memory until the WAL writer runs, and an immediate stop would lose it.
     pub fsync: bool,
     pub max_connections: u32,
     /// Must be above zero for two-phase commit.
@@ -254,14 +256,13 @@ impl PgCluster {
              max_prepared_transactions = {}\n\
              shared_buffers = '64MB'\n\
              fsync = {}\n\
-             synchronous_commit = {}\n\
+             synchronous_commit = on\n\
              full_page_writes = {}\n\
              log_statement = '{}'\n\
              log_line_prefix = '%m [%p] %q%a '\n",
             self.port,
             o.max_connections,
             o.max_prepared_transactions,
-            on_off(o.fsync),
             on_off(o.fsync),
             on_off(o.fsync),
             if o.log_statements { "all" } else { "none" },

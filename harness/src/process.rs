@@ -171,6 +171,9 @@ impl ServiceProcess {
             .args(&self.spec.args)
             .arg("--listen")
             .arg(self.spec.listen.to_string())
+            // A startup error should end the log with its message, not a backtrace of `main`
+            // (anyhow reads this before RUST_BACKTRACE; panics still get theirs).
+            .env("RUST_LIB_BACKTRACE", "0")
             .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(std::process::Stdio::null())
             .stdout(open()?)

@@ -239,6 +239,9 @@ async fn run_one(scenario: &Scenario, file: &Path, keep: bool) -> ScenarioResult
             result.reasons.push(format!("{error:#}"));
         }
     }
+    // The live lines above went to stderr as progress; this is the merged record, with what the
+    // processes logged about themselves, on stdout.
+    println!("timeline of {}:", result.name);
     for line in timeline.render() {
         println!("  {line}");
     }

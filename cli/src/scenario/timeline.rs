@@ -18,6 +18,10 @@ pub struct Timeline {
 /// Log lines worth showing in a timeline.
 const NOTABLE: &[&str] = &[
     "failpoint fired",
+    ": crash",
+    "unsynced tail",
+    "log replayed",
+    "re-driving",
     "recover",
     "damage",
     "in doubt",
@@ -58,6 +62,7 @@ impl Timeline {
         };
         let mut found = Vec::new();
         for line in text.lines() {
+            let line = strip_ansi(line);
             let lower = line.to_lowercase();
             if !NOTABLE.iter().any(|n| lower.contains(n)) {
                 continue;
@@ -75,7 +80,7 @@ impl Timeline {
             if offset < 0.0 {
                 continue;
             }
-            let message: String = strip_ansi(rest.trim()).chars().take(160).collect();
+            let message: String = rest.trim().chars().take(160).collect();
             found.push((offset, format!("{process}: {message}")));
         }
         if let Ok(mut events) = self.events.lock() {
