@@ -424,6 +424,24 @@ impl<'a> StepRunner<'a> {
             .count()
     }
 
+    fn exit_text(&mut self, process: &Process) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        let status = match process {
+            Process::Coordinator => self.cluster.coordinator.try_exit_status(),
+            Process::Participant(i) => self.cluster.participants[*i].try_exit_status(),
+            Process::Postgres(_) => return "server stopped".into(),
+        };
+        match status {
+            Some(status) => match status.signal() {
+                Some(6) => "aborted (SIGABRT, as a crash)".into(),
+                Some(9) => "killed (SIGKILL)".into(),
+                Some(signal) => format!("signal {signal}"),
+                None => format!("exit code {}", status.code().unwrap_or(-1)),
+            },
+            None => "gone".into(),
+        }
+    }
+
     fn exited(&mut self, process: &Process) -> bool {
         match process {
             Process::Coordinator => self.cluster.coordinator.try_exit_status().is_some(),
@@ -452,6 +470,9 @@ impl<'a> StepRunner<'a> {
                 }
             };
             if ready {
+                if let Trigger::Exit(process) = trigger {
+                    self.timeline.note(format!("{process} exited: {}", self.exit_text(process)));
+                }
                 return Ok(true);
             }
             if now > deadline {
