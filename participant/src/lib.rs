@@ -237,4 +237,3 @@ mod tests {
         assert_eq!(redact("host=h"), "host=h");
     }
 }
-

@@ -471,7 +471,8 @@ impl<'a> StepRunner<'a> {
             };
             if ready {
                 if let Trigger::Exit(process) = trigger {
-                    self.timeline.note(format!("{process} exited: {}", self.exit_text(process)));
+                    self.timeline
+                        .note(format!("{process} exited: {}", self.exit_text(process)));
                 }
                 return Ok(true);
             }
