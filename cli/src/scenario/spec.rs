@@ -341,12 +341,41 @@ impl Scenario {
         if !matches!(self.expect.verdict.as_str(), "pass" | "violation") {
             bail!("expect.verdict must be pass or violation");
         }
+        // (process, failpoint) armed by an earlier step: a `fired=` trigger on anything else
+        // could never fire, and the run would only end at its deadline.
+        let mut armed: Vec<(Process, String)> = Vec::new();
         for (i, step) in self.steps.iter().enumerate() {
-            step.trigger(t.shards)
+            let trigger = step
+                .trigger(t.shards)
                 .with_context(|| format!("step {}", i + 1))?;
+            if let Trigger::Fired { failpoint, process } = &trigger
+                && !armed.iter().any(|(p, f)| p == process && f == failpoint)
+            {
+                bail!(
+                    "step {}: `fired={failpoint}@{process}` waits for a failpoint no earlier step arms on {process}",
+                    i + 1
+                );
+            }
             let action = step
                 .parsed_action(t.shards)
                 .with_context(|| format!("step {}", i + 1))?;
+            if let Action::Arm {
+                process, failpoint, ..
+            } = &action
+            {
+                let side = if matches!(process, Process::Coordinator) {
+                    "coordinator::"
+                } else {
+                    "participant::"
+                };
+                if !failpoint.starts_with(side) {
+                    bail!(
+                        "step {}: {failpoint} is not a failpoint of {process} (its failpoints start with `{side}`; see docs/failpoints.md)",
+                        i + 1
+                    );
+                }
+                armed.push((process.clone(), failpoint.clone()));
+            }
             let needs_proxies = matches!(
                 action,
                 Action::Fault { .. } | Action::Partition(..) | Action::Heal
@@ -433,5 +462,31 @@ mod tests {
         let scenario: Scenario = toml::from_str(text).unwrap();
         scenario.validate().unwrap();
         assert!(toml::from_str::<Scenario>("name = \"x\"\nshardz = 3").is_err());
+    }
+
+    #[test]
+    fn a_trigger_on_a_failpoint_never_armed_or_armed_on_the_wrong_process_is_refused() {
+        let parse = |steps: &str| -> Result<()> {
+            let scenario: Scenario = toml::from_str(&format!("name = \"x\"\n{steps}"))?;
+            scenario.validate()
+        };
+        let never_armed = r#"
+            [[steps]]
+            at = "fired=coordinator::after-commit-decision@coordinator"
+            do = "kill9"
+            target = "s0"
+        "#;
+        let error = format!("{:#}", parse(never_armed).unwrap_err());
+        assert!(error.contains("no earlier step arms"), "{error}");
+        let wrong_side = r#"
+            [[steps]]
+            at = "start"
+            do = "arm"
+            target = "s1"
+            failpoint = "coordinator::after-commit-decision"
+            actions = "1*return(crash)"
+        "#;
+        let error = format!("{:#}", parse(wrong_side).unwrap_err());
+        assert!(error.contains("is not a failpoint of"), "{error}");
     }
 }
