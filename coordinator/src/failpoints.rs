@@ -112,7 +112,7 @@ mod tests {
     #[test]
     fn every_point_is_named_for_its_binary_and_unique() {
         let names: Vec<&str> = CATALOG.names().collect();
-        assert_eq!(names.len(), 7);
+        assert_eq!(names.len(), 8);
         let mut unique = names.clone();
         unique.sort_unstable();
         unique.dedup();
