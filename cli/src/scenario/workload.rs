@@ -1,7 +1,9 @@
 //! The scenario workload: concurrent clients, each running interactive transactions (Begin, one
 //! marker insert per chosen shard, Commit) and recording exactly what the coordinator told it.
 //! A client that cannot reach the coordinator (it is down, or its link is cut) retries with a
-//! short backoff, bounded by the scenario's deadline.
+//! short backoff, bounded by the scenario's deadline; a transaction abandoned before its commit
+//! (a shard was unreachable) is checked like any other and backs off, and its budget slot is
+//! handed back (at most `transactions` times).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +23,8 @@ pub struct Progress {
     /// Transactions that reached an outcome (committed, aborted, unknown or abandoned).
     pub finished: AtomicU64,
     pub started: AtomicU64,
+    /// Abandoned transactions whose slot in the budget was handed back (at most the budget again).
+    pub retried: AtomicU64,
     pub told: Mutex<Told>,
     pub stop: AtomicBool,
 }
@@ -122,7 +126,6 @@ async fn client(
                 continue;
             }
         };
-        backoff = Duration::from_millis(20);
         let mut shards = config.shards.clone();
         shards.shuffle(&mut rng);
         shards.truncate(config.shards_per_txn);
@@ -174,8 +177,19 @@ async fn client(
             progress.record(|t| {
                 t.abandoned.insert(txid);
             });
+            // It never reached a decision, so it does not use up the budget (once per budgeted
+            // transaction at most, so the loop stays bounded in count as well as by the deadline):
+            // a scenario that kills a participant still gets decided transactions after it returns.
+            if progress.retried.fetch_add(1, Ordering::SeqCst) < config.transactions {
+                progress.started.fetch_sub(1, Ordering::SeqCst);
+            }
+            // A shard is down or being recovered: back off as a real client would, instead of
+            // spending the whole budget on it before it returns.
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
             continue;
         }
+        backoff = Duration::from_millis(20);
         // An occasional client rollback keeps acknowledged aborts in the mix.
         if rng.random_ratio(1, 10) {
             match client.rollback(pb::RollbackRequest { txid }).await {
