@@ -1,4 +1,5 @@
-//! Commands that talk to a running coordinator: `submit`, `txn`, `in-doubt`, and how they find it.
+//! Commands that talk to a running coordinator: `submit`, `txn`, `in-doubt`, `resolve`, and how they
+//! find it.
 
 use std::path::{Path, PathBuf};
 
@@ -131,7 +132,42 @@ fn info_json(info: &pb::TransactionInfo) -> serde_json::Value {
         "participants": info.participants.iter().map(|p| serde_json::json!({
             "shard": p.shard, "state": participant_state_name(p.state), "attempts": p.attempts, "last_error": p.last_error,
         })).collect::<Vec<_>>(),
+        "heuristic": info.heuristic.as_ref().map(heuristic_json),
     })
+}
+
+fn heuristic_json(heuristic: &pb::Heuristic) -> serde_json::Value {
+    serde_json::json!({
+        "decision": heuristic_decision(heuristic),
+        "operator": heuristic.operator,
+        "reason": heuristic.reason,
+        "decided_at_ms": heuristic.decided_at_ms,
+    })
+}
+
+fn heuristic_decision(heuristic: &pb::Heuristic) -> &'static str {
+    if heuristic.commit { "COMMIT" } else { "ABORT" }
+}
+
+/// Unix milliseconds as a UTC time.
+fn utc(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or_else(
+            || format!("unix ms {ms}"),
+            |time| time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        )
+}
+
+fn heuristic_text(heuristic: &pb::Heuristic) -> String {
+    format!(
+        "{} by {} at {}: {}",
+        heuristic_decision(heuristic),
+        heuristic.operator,
+        utc(heuristic.decided_at_ms),
+        heuristic.reason
+    )
 }
 
 fn print_info(info: &pb::TransactionInfo) {
@@ -161,6 +197,9 @@ fn print_info(info: &pb::TransactionInfo) {
     println!("  finished:  {}", age(info.finished_at_ms));
     if let Some(outcome) = &info.outcome {
         println!("  outcome:   {}", outcome_text(outcome));
+    }
+    if let Some(heuristic) = &info.heuristic {
+        println!("  heuristic: {}", heuristic_text(heuristic));
     }
     for p in &info.participants {
         let error = if p.last_error.is_empty() {
@@ -193,27 +232,187 @@ pub async fn show_transaction(txid: u64, target: &Target, json: bool) -> Result<
     Ok(())
 }
 
+/// `treaty in-doubt`: every branch the participants hold prepared, with the coordinator's view.
 pub async fn in_doubt(target: &Target, json: bool) -> Result<()> {
     let mut client = target.connect().await?;
-    let request = pb::ListTransactionsRequest {
-        filter: pb::ListFilter::InDoubt as i32,
-        limit: 0,
-    };
     let list = client
-        .list_transactions(request)
+        .list_in_doubt(pb::ListInDoubtRequest::default())
         .await
         .map_err(status_error)?
         .into_inner();
     if json {
-        let all: Vec<_> = list.transactions.iter().map(info_json).collect();
-        println!("{}", serde_json::Value::Array(all));
+        println!("{}", in_doubt_json(&list));
         return Ok(());
     }
-    if list.transactions.is_empty() {
-        println!("no transactions in doubt");
+    for down in &list.unreachable {
+        println!(
+            "shard {} did not answer: {} (its branches are not listed)",
+            down.shard, down.error
+        );
     }
-    for info in &list.transactions {
-        print_info(info);
+    if list.branches.is_empty() {
+        println!("no prepared branches on the shards that answered");
+        return Ok(());
+    }
+    let rows: Vec<[String; 6]> = list
+        .branches
+        .iter()
+        .map(|b| {
+            [
+                b.txid.to_string(),
+                b.shard.clone(),
+                b.gid.clone(),
+                age_text(b.age_ms),
+                b.coordinator_decision.clone(),
+                locks_text(&b.locks),
+            ]
+        })
+        .collect();
+    print_table(["TXID", "SHARD", "GID", "AGE", "COORDINATOR", "LOCKS"], &rows);
+    Ok(())
+}
+
+fn in_doubt_json(list: &pb::ListInDoubtResponse) -> serde_json::Value {
+    serde_json::json!({
+        "branches": list.branches.iter().map(|b| serde_json::json!({
+            "txid": b.txid,
+            "shard": b.shard,
+            "gid": b.gid,
+            "prepared_at_ms": b.prepared_at_ms,
+            "age_ms": b.age_ms,
+            "coordinator_decision": b.coordinator_decision,
+            "heuristic": b.heuristic.as_ref().map(heuristic_json),
+            "locks": b.locks.iter().map(|l| serde_json::json!({
+                "locktype": l.locktype, "mode": l.mode, "relation": l.relation, "granted": l.granted,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "unreachable": list.unreachable.iter().map(|u| serde_json::json!({
+            "shard": u.shard, "error": u.error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn age_text(age_ms: u64) -> String {
+    match age_ms {
+        ms if ms < 1_000 => format!("{ms}ms"),
+        ms if ms < 120_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        ms if ms < 7_200_000 => format!("{}m", ms / 60_000),
+        ms => format!("{}h", ms / 3_600_000),
+    }
+}
+
+/// "RowExclusiveLock on kv; ExclusiveLock transactionid": a lock on a relation names it, any
+/// other names its type; one not granted (waiting) says so.
+fn locks_text(locks: &[pb::PreparedLock]) -> String {
+    if locks.is_empty() {
+        return "-".into();
+    }
+    locks
+        .iter()
+        .map(|l| {
+            let mut text = if l.relation.is_empty() {
+                format!("{} {}", l.mode, l.locktype)
+            } else if l.locktype == "relation" {
+                format!("{} on {}", l.mode, l.relation)
+            } else {
+                format!("{} {} on {}", l.mode, l.locktype, l.relation)
+            };
+            if !l.granted {
+                text.push_str(" (waiting)");
+            }
+            text
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// `treaty resolve`: an operator's heuristic decision, logged by the coordinator and carried out.
+pub async fn resolve(
+    txid: u64,
+    commit: bool,
+    reason: String,
+    operator: Option<String>,
+    target: &Target,
+    json: bool,
+) -> Result<()> {
+    let operator = operator
+        .or_else(|| std::env::var("USER").ok())
+        .filter(|name| !name.trim().is_empty())
+        .context("no operator name: pass --operator NAME (or set $USER)")?;
+    let mut client = target.connect().await?;
+    let response = client
+        .resolve(pb::ResolveRequest {
+            txid,
+            commit,
+            reason,
+            operator,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "txid": txid,
+                "decision": response.decision,
+                "recorded": response.recorded,
+                "shards": response.shards,
+                "message": response.message,
+            })
+        );
+    } else {
+        println!("{}", response.message);
+        if response.recorded {
+            println!("follow it with `treaty txn {txid}` and `treaty in-doubt`");
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locks_read_as_mode_on_relation() {
+        let lock = |locktype: &str, mode: &str, relation: &str, granted: bool| pb::PreparedLock {
+            locktype: locktype.into(),
+            mode: mode.into(),
+            relation: relation.into(),
+            granted,
+        };
+        let text = locks_text(&[
+            lock("relation", "RowExclusiveLock", "kv", true),
+            lock("transactionid", "ExclusiveLock", "", true),
+            lock("tuple", "ShareLock", "kv", false),
+        ]);
+        assert_eq!(
+            text,
+            "RowExclusiveLock on kv; ExclusiveLock transactionid; ShareLock tuple on kv (waiting)"
+        );
+        assert_eq!(locks_text(&[]), "-");
+        assert_eq!(age_text(1_500), "1.5s");
+    }
 }

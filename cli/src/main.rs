@@ -1,6 +1,6 @@
 //! `treaty`: the command users run. `demo` is the README's main job; `dev up`/`dev down` manage a
 //! local cluster; `scenario run` and `chaos` replay
-//! failures and check atomicity; `submit`, `txn` and `in-doubt` talk to a running coordinator; `bench` measures
+//! failures and check atomicity; `submit`, `txn`, `in-doubt` and `resolve` talk to a running coordinator; `bench` measures
 //! Treaty against hand-driven PostgreSQL two-phase commit on the same databases.
 
 mod bench;
@@ -62,8 +62,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List transactions decided but not yet finished on every participant.
+    /// List prepared branches waiting for a decision on every shard: age, locks held, and what
+    /// the coordinator holds for each transaction.
     InDoubt {
+        #[command(flatten)]
+        target: client::Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decide an in-doubt transaction by hand (a heuristic decision, logged with who, when, why).
+    #[command(group(clap::ArgGroup::new("decision").required(true).args(["commit", "abort"])))]
+    Resolve {
+        txid: u64,
+        /// Commit the transaction's prepared branches.
+        #[arg(long)]
+        commit: bool,
+        /// Roll back the transaction's prepared branches.
+        #[arg(long)]
+        abort: bool,
+        /// Why (required; kept in the coordinator's log and shown by `treaty txn`).
+        #[arg(long)]
+        reason: String,
+        /// Who decides. Default: $USER.
+        #[arg(long)]
+        operator: Option<String>,
         #[command(flatten)]
         target: client::Target,
         #[arg(long)]
@@ -123,5 +145,14 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Submit { file, target, json } => client::submit(&file, &target, json).await,
         Command::Txn { txid, target, json } => client::show_transaction(txid, &target, json).await,
         Command::InDoubt { target, json } => client::in_doubt(&target, json).await,
+        Command::Resolve {
+            txid,
+            commit,
+            abort: _,
+            reason,
+            operator,
+            target,
+            json,
+        } => client::resolve(txid, commit, reason, operator, &target, json).await,
     }
 }

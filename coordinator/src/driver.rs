@@ -7,6 +7,11 @@
 //! transaction's lock across an await; every result comes back through `feed`.
 //!
 //! The coordinator's failpoints (`crate::failpoints`) sit here, where actions are carried out.
+//! `in_doubt`: the operator's listing of prepared branches and heuristic decisions (`resolve`).
+
+mod in_doubt;
+
+pub use in_doubt::{ResolveRequest, format_ms, heuristic_to_pb};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,13 +19,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
-use treaty_decision_log::{CommitRecord, DecisionLog};
+use treaty_decision_log::{CommitRecord, DecisionLog, HeuristicRecord};
 use treaty_proto::{ApiError, CoordinatorId, Gid, ShardName, TxId, pb};
 
 use crate::failpoints::{self, Delivery, Fired};
 use crate::participants::ParticipantLinks;
 use crate::protocol::{
     AbortCause, AbortReason, Action, Event, Outcome, Phase, Protocol, ProtocolError, Timeouts, Transaction,
+    Vote,
 };
 
 /// Transaction ids are reserved in the log this many at a time, so only one begin in this many
@@ -28,6 +34,8 @@ use crate::protocol::{
 pub(crate) const TXID_BLOCK: u64 = 10_000;
 /// Finished transactions kept for `GetTransaction`.
 const HISTORY: usize = 10_000;
+/// Up to this many re-driven commits are logged one by one at info.
+const REDRIVES_LOGGED_ONE_BY_ONE: usize = 100;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -51,6 +59,11 @@ pub struct TxnHandle {
     branch_options: pb::BranchOptions,
     machine: Mutex<Transaction>,
     waiter: Mutex<Option<oneshot::Sender<Outcome>>>,
+    /// Votes cast together with a branch's last statement (`execute_and_prepare`), fed to the
+    /// machine in place of a Prepare message once it asks for the votes.
+    early_votes: Mutex<Vec<(ShardName, Vote)>>,
+    /// An operator's decision (`treaty resolve`), once it is durable in the log.
+    heuristic: Mutex<Option<HeuristicRecord>>,
 }
 
 impl TxnHandle {
@@ -66,6 +79,19 @@ impl TxnHandle {
         self.waiter
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn early_votes(&self) -> MutexGuard<'_, Vec<(ShardName, Vote)>> {
+        self.early_votes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn heuristic(&self) -> Option<HeuristicRecord> {
+        self.heuristic
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 }
 
@@ -101,6 +127,7 @@ pub struct Engine {
     next_txid: AtomicU64,
     reserved_up_to: AtomicU64,
     reserve_lock: tokio::sync::Mutex<()>,
+    resolving: in_doubt::Resolving,
 }
 
 impl Engine {
@@ -122,6 +149,7 @@ impl Engine {
             next_txid: AtomicU64::new(txids_reserved_up_to + 1),
             reserved_up_to: AtomicU64::new(txids_reserved_up_to),
             reserve_lock: tokio::sync::Mutex::new(()),
+            resolving: in_doubt::Resolving::default(),
         })
     }
 
@@ -152,6 +180,15 @@ impl Engine {
     /// Re-drives every commit decision the log holds without an end record.
     pub fn recover(self: &Arc<Self>, unfinished: Vec<CommitRecord>) {
         let now = now_ms();
+        // A line per transaction helps read a small recovery (scenario timelines); a restart that
+        // re-drives thousands gets the summary only (per transaction at debug).
+        let detailed = unfinished.len() <= REDRIVES_LOGGED_ONE_BY_ONE;
+        if !unfinished.is_empty() {
+            tracing::info!(
+                transactions = unfinished.len(),
+                "re-driving logged commits without an end record"
+            );
+        }
         for record in unfinished {
             let gid = match Gid::parse(&record.gid) {
                 Ok(gid) => gid,
@@ -180,7 +217,11 @@ impl Engine {
                     }
                 })
                 .collect();
-            tracing::info!(txid = record.txid, shards = ?record.participants, "re-driving a logged commit");
+            if detailed {
+                tracing::info!(txid = record.txid, shards = ?record.participants, "re-driving a logged commit");
+            } else {
+                tracing::debug!(txid = record.txid, shards = ?record.participants, "re-driving a logged commit");
+            }
             let (machine, actions) = Transaction::recover_commit(
                 record.txid,
                 participants,
@@ -207,6 +248,8 @@ impl Engine {
             branch_options,
             machine: Mutex::new(machine),
             waiter: Mutex::new(None),
+            early_votes: Mutex::new(Vec::new()),
+            heuristic: Mutex::new(None),
         });
         self.table().live.insert(txid, Arc::clone(&handle));
         handle
@@ -277,9 +320,10 @@ impl Engine {
     fn perform(self: &Arc<Self>, handle: &Arc<TxnHandle>, actions: Vec<Action>) {
         // Commits sent without delay are a round's first sends (retries come with a backoff).
         let mut commit_round = Vec::new();
+        let mut votes_cast = Vec::new();
         for action in actions {
             match action {
-                Action::SendPrepare { shards } => self.send_prepare(handle, shards),
+                Action::SendPrepare { shards } => votes_cast = self.send_prepare(handle, shards),
                 Action::PersistCommit { participants } => self.persist_commit(handle, participants),
                 Action::SendCommit { shard, delay_ms: 0 } => commit_round.push(shard),
                 Action::SendCommit { shard, delay_ms } => {
@@ -302,18 +346,43 @@ impl Engine {
                     }
                 }
                 Action::PersistEnd => self.persist_end(handle),
-                Action::Finished => self.retire(handle.gid.txid()),
+                Action::Finished => {
+                    // A heuristic decision stays in the log until this end record (an abort
+                    // writes none of its own).
+                    if handle.heuristic().is_some() {
+                        self.log.end(handle.gid.txid());
+                    }
+                    self.retire(handle.gid.txid());
+                }
             }
         }
         if !commit_round.is_empty() {
             self.send_commit_round(handle, commit_round);
         }
+        // After the other actions, as if each vote had come back from its own Prepare.
+        for (shard, vote) in votes_cast {
+            self.feed_result(handle, Event::VoteReceived { shard, vote });
+        }
     }
 
-    /// Sends PREPARE to every shard in parallel. With `after-some-prepares` armed, the first is
-    /// sent (and answered) alone, the failpoint is evaluated, and only then are the others sent.
-    fn send_prepare(self: &Arc<Self>, handle: &Arc<TxnHandle>, shards: Vec<ShardName>) {
+    /// Sends PREPARE in parallel to every shard that has not voted yet, and returns the votes cast
+    /// already with a last statement. With `after-some-prepares` armed, the first is sent (and
+    /// answered) alone, the failpoint is evaluated, and only then are the others sent.
+    fn send_prepare(
+        self: &Arc<Self>,
+        handle: &Arc<TxnHandle>,
+        shards: Vec<ShardName>,
+    ) -> Vec<(ShardName, Vote)> {
         let all: Vec<String> = shards.iter().map(ToString::to_string).collect();
+        let cast = std::mem::take(&mut *handle.early_votes());
+        let shards: Vec<ShardName> = if cast.is_empty() {
+            shards
+        } else {
+            shards
+                .into_iter()
+                .filter(|shard| !cast.iter().any(|(voted, _)| voted == shard))
+                .collect()
+        };
         if shards.len() > 1 && failpoints::armed(failpoints::AFTER_SOME_PREPARES) {
             let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
             tokio::spawn(async move {
@@ -328,11 +397,12 @@ impl Engine {
                     engine.spawn_prepare(&handle, shard, all.clone(), delivery);
                 }
             });
-            return;
+            return cast;
         }
         for shard in shards {
             self.spawn_prepare(handle, shard, all.clone(), Delivery::Send);
         }
+        cast
     }
 
     fn spawn_prepare(
@@ -498,6 +568,33 @@ impl Engine {
         sql: String,
         params: Vec<pb::Value>,
     ) -> Result<pb::ExecuteResult, ApiError> {
+        self.run_statement(txid, shard, sql, params, false).await
+    }
+
+    /// `execute` for a branch's last statement when the caller will commit right after (one-shot
+    /// submits over several shards): the participant votes in the same call, and the vote is kept
+    /// for the machine's `SendPrepare` instead of a Prepare message. A branch prepared this way and
+    /// then aborted is rolled back by the abort like any prepared branch. With the
+    /// `after-some-prepares` failpoint armed the votes go through Prepare messages as before.
+    pub async fn execute_and_prepare(
+        self: &Arc<Self>,
+        txid: TxId,
+        shard: &str,
+        sql: String,
+        params: Vec<pb::Value>,
+    ) -> Result<pb::ExecuteResult, ApiError> {
+        let fuse = !failpoints::armed(failpoints::AFTER_SOME_PREPARES);
+        self.run_statement(txid, shard, sql, params, fuse).await
+    }
+
+    async fn run_statement(
+        self: &Arc<Self>,
+        txid: TxId,
+        shard: &str,
+        sql: String,
+        params: Vec<pb::Value>,
+        prepare: bool,
+    ) -> Result<pb::ExecuteResult, ApiError> {
         let shard = self.links.resolve(shard)?;
         let handle = self.handle(txid)?;
         self.feed(&handle, Event::Enlist { shard: shard.clone() })
@@ -512,10 +609,18 @@ impl Engine {
             params,
             options: Some(handle.branch_options),
         };
-        let result = self
-            .links
-            .execute(&shard, request, Duration::from_millis(remaining.max(1)))
-            .await;
+        let timeout = Duration::from_millis(remaining.max(1));
+        let result = if prepare {
+            match self.links.execute_and_prepare(&shard, request, timeout).await {
+                Ok((result, vote)) => {
+                    handle.early_votes().push((shard.clone(), vote));
+                    Ok(result)
+                }
+                Err(error) => Err(error),
+            }
+        } else {
+            self.links.execute(&shard, request, timeout).await
+        };
         match &result {
             Ok(_) => self.feed_result(&handle, Event::ExecuteSucceeded { shard }),
             Err(error) => {
@@ -618,6 +723,10 @@ impl Engine {
             return (pb::Decision::Unspecified, false);
         }
         let Some(handle) = self.table().get(gid.txid()).cloned() else {
+            // An operator's resolve may be about to decide it: ask again later.
+            if !self.resolving.presume_abort(gid.txid()) {
+                return (pb::Decision::Pending, true);
+            }
             // Presumed abort: no record means no commit was ever decided.
             return (pb::Decision::Abort, false);
         };

@@ -154,6 +154,7 @@ pub async fn run(
         "decision log replayed"
     );
     engine.recover(replay.unfinished);
+    engine.recover_heuristics(replay.heuristics);
     engine.spawn_ticker();
 
     let addr = listener.local_addr().map_err(CoordinatorError::ListenAddr)?;

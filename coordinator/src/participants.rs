@@ -1,8 +1,12 @@
-//! Links to the participant agents: one lazily connected gRPC channel per shard, and the
-//! translation of their answers into protocol events (votes, acknowledgements, abort reasons).
+//! Links to the participant agents: one lazily connected gRPC channel per shard, the per-shard
+//! queue that coalesces commits into `CommitBatch` calls, and the translation of their answers
+//! into protocol events (votes, acknowledgements, abort reasons).
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use tonic::transport::{Channel, Endpoint};
 use treaty_proto::pb::participant_client::ParticipantClient;
@@ -24,9 +28,28 @@ pub enum LinkError {
     },
 }
 
+/// Most GIDs in one `CommitBatch`.
+const MAX_COMMIT_BATCH: usize = 128;
+/// `CommitBatch` calls in flight per shard; commits that arrive meanwhile wait and go together.
+const COMMIT_BATCHES_IN_FLIGHT: usize = 4;
+
+/// A commit waiting for its batch, and where its answer goes.
+type PendingCommit = (String, oneshot::Sender<Result<(), PhaseTwoError>>);
+
+/// Why a phase-two message did not succeed.
+#[derive(Debug)]
+struct PhaseTwoError {
+    message: String,
+    /// The participant's records contradict the decision (FAILED_PRECONDITION).
+    contradicts: bool,
+}
+
 #[derive(Clone)]
 pub struct ParticipantLinks {
     clients: BTreeMap<ShardName, ParticipantClient<Channel>>,
+    /// Per shard, the queue of the task that coalesces commits into `CommitBatch` calls; started
+    /// on first use (it needs the runtime).
+    commit_queues: Arc<BTreeMap<ShardName, OnceLock<mpsc::UnboundedSender<PendingCommit>>>>,
 }
 
 impl ParticipantLinks {
@@ -34,6 +57,7 @@ impl ParticipantLinks {
     /// reached when it comes back.
     pub fn new(shards: &BTreeMap<ShardName, String>) -> Result<Self, LinkError> {
         let mut clients = BTreeMap::new();
+        let mut commit_queues = BTreeMap::new();
         for (shard, url) in shards {
             let bad = |reason: String| LinkError::BadUrl {
                 shard: shard.to_string(),
@@ -47,8 +71,12 @@ impl ParticipantLinks {
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(5));
             clients.insert(shard.clone(), ParticipantClient::new(endpoint.connect_lazy()));
+            commit_queues.insert(shard.clone(), OnceLock::new());
         }
-        Ok(Self { clients })
+        Ok(Self {
+            clients,
+            commit_queues: Arc::new(commit_queues),
+        })
     }
 
     pub fn shard_names(&self) -> impl Iterator<Item = &ShardName> {
@@ -86,6 +114,36 @@ impl ParticipantLinks {
         let call = client.execute(request);
         match tokio::time::timeout(timeout, call).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(with_shard(ApiError::from(status), shard)),
+            Err(_) => Err(ApiError::DeadlineExceeded(format!(
+                "shard {shard}: statement did not finish within the transaction's remaining {} ms",
+                timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Runs a branch's last statement and has the participant vote right after it (one-shot
+    /// submits): the statement's result, and the vote as `prepare` would have turned it into one.
+    pub async fn execute_and_prepare(
+        &self,
+        shard: &ShardName,
+        request: pb::BranchExecuteRequest,
+        timeout: Duration,
+    ) -> Result<(pb::ExecuteResult, Vote), ApiError> {
+        let mut client = self.client(shard)?;
+        let call = client.execute_and_prepare(request);
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(response)) => {
+                let response = response.into_inner();
+                let vote = match response.vote {
+                    Some(vote) => vote_from_pb(shard, vote),
+                    None => Vote::No(unavailable(
+                        shard,
+                        "the participant's answer carried no vote".into(),
+                    )),
+                };
+                Ok((response.result.unwrap_or_default(), vote))
+            }
             Ok(Err(status)) => Err(with_shard(ApiError::from(status), shard)),
             Err(_) => Err(ApiError::DeadlineExceeded(format!(
                 "shard {shard}: statement did not finish within the transaction's remaining {} ms",
@@ -136,25 +194,7 @@ impl ParticipantLinks {
             participants,
         };
         match tokio::time::timeout(timeout, client.prepare(request)).await {
-            Ok(Ok(response)) => {
-                let response = response.into_inner();
-                match pb::Vote::try_from(response.vote) {
-                    Ok(pb::Vote::Yes) => Vote::Yes,
-                    Ok(pb::Vote::ReadOnly) => Vote::ReadOnly,
-                    _ => {
-                        let mut reason =
-                            AbortReason::new(AbortCause::VoteNo, response.message).on_shard(shard);
-                        reason.retryable = treaty_proto::SqlError {
-                            shard: String::new(),
-                            sqlstate: response.sqlstate.clone(),
-                            message: String::new(),
-                        }
-                        .retryable();
-                        reason.sqlstate = response.sqlstate;
-                        Vote::No(reason)
-                    }
-                }
-            }
+            Ok(Ok(response)) => vote_from_pb(shard, response.into_inner()),
             Ok(Err(status)) => Vote::No(unavailable(
                 shard,
                 format!("prepare failed: {}", status.message()),
@@ -186,23 +226,55 @@ impl ParticipantLinks {
         let request = pb::FinishRequest { gid: gid.to_string() };
         let call = async {
             if commit {
-                client.commit(request).await
+                self.commit_batched(shard, &client, gid.to_string()).await
             } else {
-                client.abort(request).await
+                client
+                    .abort(request)
+                    .await
+                    .map(|_| ())
+                    .map_err(PhaseTwoError::from)
             }
         };
         match tokio::time::timeout(PHASE_TWO_TIMEOUT, call).await {
-            Ok(Ok(_)) => Event::Acknowledged { shard: shard.clone() },
-            Ok(Err(status)) => {
-                if status.code() == tonic::Code::FailedPrecondition {
+            Ok(Ok(())) => Event::Acknowledged { shard: shard.clone() },
+            Ok(Err(error)) => {
+                if error.contradicts {
                     // The participant's own records contradict the decision: this must never
                     // happen. Keep retrying (visible in GetTransaction) and say so loudly.
-                    tracing::error!(%shard, %gid, commit, error = status.message(), "participant contradicts the decision");
+                    tracing::error!(%shard, %gid, commit, error = error.message, "participant contradicts the decision");
                 }
-                failed(status.message().to_owned())
+                failed(error.message)
             }
             Err(_) => lost(),
         }
+    }
+
+    /// Queues a commit for the shard's next `CommitBatch` and waits for its own answer. Under
+    /// load, the commits of many transactions to one shard share a message (fewer messages and
+    /// wake-ups on both sides); alone, a commit is sent at once.
+    async fn commit_batched(
+        &self,
+        shard: &ShardName,
+        client: &ParticipantClient<Channel>,
+        gid: String,
+    ) -> Result<(), PhaseTwoError> {
+        let Some(queue) = self.commit_queues.get(shard) else {
+            return Err(PhaseTwoError::new(format!(
+                "shard {shard} is not configured on this coordinator"
+            )));
+        };
+        let queue = queue.get_or_init(|| {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            tokio::spawn(send_commit_batches(client.clone(), receiver));
+            sender
+        });
+        let (answer, answered) = oneshot::channel();
+        queue
+            .send((gid, answer))
+            .map_err(|_| PhaseTwoError::new("the commit queue has stopped".into()))?;
+        answered
+            .await
+            .map_err(|_| PhaseTwoError::new("the commit batch was dropped unanswered".into()))?
     }
 
     pub async fn commit_one_phase(&self, shard: &ShardName, gid: &Gid) -> Event {
@@ -242,6 +314,119 @@ impl ParticipantLinks {
     }
 }
 
+/// A participant's answer to a vote request; anything but a clear YES or READ-ONLY is a NO.
+fn vote_from_pb(shard: &ShardName, response: pb::PrepareResponse) -> Vote {
+    match pb::Vote::try_from(response.vote) {
+        Ok(pb::Vote::Yes) => Vote::Yes,
+        Ok(pb::Vote::ReadOnly) => Vote::ReadOnly,
+        _ => {
+            let mut reason = AbortReason::new(AbortCause::VoteNo, response.message).on_shard(shard);
+            reason.retryable = treaty_proto::SqlError {
+                shard: String::new(),
+                sqlstate: response.sqlstate.clone(),
+                message: String::new(),
+            }
+            .retryable();
+            reason.sqlstate = response.sqlstate;
+            Vote::No(reason)
+        }
+    }
+}
+
+impl PhaseTwoError {
+    fn new(message: String) -> Self {
+        Self {
+            message,
+            contradicts: false,
+        }
+    }
+}
+
+impl From<tonic::Status> for PhaseTwoError {
+    fn from(status: tonic::Status) -> Self {
+        Self {
+            message: status.message().to_owned(),
+            contradicts: status.code() == tonic::Code::FailedPrecondition,
+        }
+    }
+}
+
+/// The task behind one shard's commit queue: takes whatever is queued (up to `MAX_COMMIT_BATCH`)
+/// as soon as a slot among `COMMIT_BATCHES_IN_FLIGHT` is free, and sends it as one `CommitBatch`.
+/// Ends when the links are dropped.
+async fn send_commit_batches(
+    client: ParticipantClient<Channel>,
+    mut queue: mpsc::UnboundedReceiver<PendingCommit>,
+) {
+    let slots = Arc::new(Semaphore::new(COMMIT_BATCHES_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        // A commit whose caller stopped waiting (it timed out and will send it again) is left out:
+        // under a backlog, resending it too would only lengthen the queue.
+        let mut batch = Vec::with_capacity(MAX_COMMIT_BATCH);
+        if !first.1.is_closed() {
+            batch.push(first);
+        }
+        while batch.len() < MAX_COMMIT_BATCH {
+            match queue.try_recv() {
+                Ok(pending) if pending.1.is_closed() => {}
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let (gids, answers): (Vec<String>, Vec<_>) = batch.into_iter().unzip();
+            let gids_again = gids.clone();
+            let call = client.commit_batch(pb::FinishBatchRequest { gids });
+            let outcome = tokio::time::timeout(PHASE_TWO_TIMEOUT, call).await;
+            drop(slot);
+            match outcome {
+                Ok(Ok(response)) => {
+                    let mut results = response.into_inner().results.into_iter();
+                    for answer in answers {
+                        let result = match results.next() {
+                            Some(result) if result.error.is_empty() => Ok(()),
+                            Some(result) => Err(PhaseTwoError {
+                                message: result.error,
+                                contradicts: result.contradicts,
+                            }),
+                            None => Err(PhaseTwoError::new(
+                                "the participant's batch answer left this commit out".into(),
+                            )),
+                        };
+                        // The waiter may have timed out; it sends the commit again.
+                        let _ = answer.send(result);
+                    }
+                }
+                Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                    // A participant from before CommitBatch: one Commit per GID.
+                    for (gid, answer) in gids_again.into_iter().zip(answers) {
+                        let result = client.commit(pb::FinishRequest { gid }).await;
+                        let _ = answer.send(result.map(|_| ()).map_err(PhaseTwoError::from));
+                    }
+                }
+                Ok(Err(status)) => {
+                    for answer in answers {
+                        let _ = answer.send(Err(PhaseTwoError::from(status.clone())));
+                    }
+                }
+                Err(_) => {
+                    let lost = format!("no answer within {} ms", PHASE_TWO_TIMEOUT.as_millis());
+                    for answer in answers {
+                        let _ = answer.send(Err(PhaseTwoError::new(lost.clone())));
+                    }
+                }
+            }
+        });
+    }
+}
+
 fn with_shard(error: ApiError, shard: &ShardName) -> ApiError {
     match error {
         ApiError::Sql(mut sql) => {
@@ -267,5 +452,26 @@ pub fn statement_failed(shard: &ShardName, sql: &treaty_proto::SqlError) -> Abor
         sqlstate: sql.sqlstate.clone(),
         message: sql.message.clone(),
         retryable: sql.retryable(),
+    }
+}
+
+impl ParticipantLinks {
+    /// The branches `shard` holds prepared, with their locks (`treaty in-doubt`); an error when the
+    /// participant does not answer within `timeout`.
+    pub async fn list_prepared(
+        &self,
+        shard: &ShardName,
+        timeout: Duration,
+    ) -> Result<pb::ListPreparedResponse, ApiError> {
+        let mut client = self.client(shard)?;
+        let call = client.list_prepared(pb::ListPreparedRequest {});
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(with_shard(ApiError::from(status), shard)),
+            Err(_) => Err(ApiError::DeadlineExceeded(format!(
+                "shard {shard}: no answer within {} ms",
+                timeout.as_millis()
+            ))),
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use treaty_proto::{ApiError, pb};
 
-use crate::driver::{Engine, TxnHandle, TxnOptions};
+use crate::driver::{Engine, ResolveRequest, TxnHandle, TxnOptions, heuristic_to_pb};
 use crate::protocol::{AbortCause, AbortReason, BranchPhase, Outcome, Phase, Protocol, Timeouts};
 
 pub struct CoordinatorService {
@@ -156,6 +156,7 @@ fn info_to_pb(handle: &TxnHandle) -> pb::TransactionInfo {
             .filter(|_| !machine.phase().is_undecided())
             .and_then(|o| outcome_to_pb(txid, o.clone()).ok()),
         recovered: machine.recovered(),
+        heuristic: handle.heuristic().as_ref().map(heuristic_to_pb),
     }
 }
 
@@ -263,6 +264,23 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             })
             .collect();
         Ok(Response::new(pb::QueryDecisionResponse { answers }))
+    }
+
+    async fn list_in_doubt(
+        &self,
+        request: Request<pb::ListInDoubtRequest>,
+    ) -> Result<Response<pb::ListInDoubtResponse>, Status> {
+        let timeout_ms = request.into_inner().participant_timeout_ms;
+        let timeout = (timeout_ms > 0).then(|| std::time::Duration::from_millis(timeout_ms));
+        Ok(Response::new(self.engine.list_in_doubt(timeout).await))
+    }
+
+    async fn resolve(
+        &self,
+        request: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::ResolveResponse>, Status> {
+        let request = ResolveRequest::try_from(request.into_inner())?;
+        Ok(Response::new(self.engine.resolve(request).await?))
     }
 
     async fn info(&self, _request: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {

@@ -44,22 +44,30 @@ fn check_ops(engine: &Engine, ops: Vec<pb::Op>) -> Result<BTreeMap<ShardName, Ve
     Ok(by_shard)
 }
 
-/// Runs one shard's ops in order; stops at the first failure.
+/// Runs one shard's ops in order; stops at the first failure. With `vote_with_last`, the
+/// participant votes together with the last op (the transaction spans several shards and commits
+/// next unless something fails).
 async fn run_shard(
     engine: &Arc<Engine>,
     txid: TxId,
     ops: Vec<CheckedOp>,
+    vote_with_last: bool,
 ) -> Result<Vec<(usize, pb::ExecuteResult)>, AbortReason> {
     let mut results = Vec::with_capacity(ops.len());
-    for op in ops {
-        let result = engine
-            .execute(txid, op.shard.as_str(), op.sql, op.params)
-            .await
-            .map_err(|error| match error {
-                ApiError::Sql(sql) => crate::participants::statement_failed(&op.shard, &sql),
-                other => AbortReason::new(AbortCause::StatementFailed, format!("op {}: {other}", op.index))
-                    .on_shard(&op.shard),
-            })?;
+    let last = ops.len().saturating_sub(1);
+    for (position, op) in ops.into_iter().enumerate() {
+        let executed = if vote_with_last && position == last {
+            engine
+                .execute_and_prepare(txid, op.shard.as_str(), op.sql, op.params)
+                .await
+        } else {
+            engine.execute(txid, op.shard.as_str(), op.sql, op.params).await
+        };
+        let result = executed.map_err(|error| match error {
+            ApiError::Sql(sql) => crate::participants::statement_failed(&op.shard, &sql),
+            other => AbortReason::new(AbortCause::StatementFailed, format!("op {}: {other}", op.index))
+                .on_shard(&op.shard),
+        })?;
         if let Some(expected) = op.expect_rows
             && result.rows_affected != expected
         {
@@ -86,7 +94,14 @@ pub async fn submit(
     let by_shard = check_ops(engine, ops)?;
     let op_count = by_shard.values().map(Vec::len).sum();
     let txid = engine.begin(options).await?;
-    let runs = join_all(by_shard.into_values().map(|ops| run_shard(engine, txid, ops))).await;
+    // One shard commits in one phase: nothing to vote on.
+    let vote_with_last = by_shard.len() > 1;
+    let runs = join_all(
+        by_shard
+            .into_values()
+            .map(|ops| run_shard(engine, txid, ops, vote_with_last)),
+    )
+    .await;
     let mut results: Vec<(usize, pb::ExecuteResult)> = Vec::with_capacity(op_count);
     let mut failure = None;
     for run in runs {

@@ -14,7 +14,7 @@ use crate::hooks::TestHooks;
 use crate::record::{FORMAT_VERSION, Record};
 use crate::replay;
 use crate::writer::{Request, Shared, Waiter, Writer};
-use crate::{CommitRecord, LogError, LogOptions, LogStats, Replay};
+use crate::{CommitRecord, HeuristicRecord, LogError, LogOptions, LogStats, Replay};
 
 /// The coordinator's decision log. Clones share one writer thread; when the last clone is dropped the
 /// writer finishes what was queued, syncs, and is joined (so the drop may block briefly).
@@ -82,6 +82,7 @@ impl DecisionLog {
             coordinator_id: scan.state.coordinator_id.clone(),
             txids_reserved_up_to: scan.state.txids_reserved_up_to,
             unfinished: scan.state.unfinished_records(),
+            heuristics: scan.state.heuristic_records(),
             damage: scan.damage,
             records: scan.records,
             preserved_damaged_file: preserved,
@@ -138,6 +139,17 @@ impl DecisionLog {
             unreachable!("constructed as a commit just above")
         };
         self.forced(|done| Request::Commit { record, done }).await
+    }
+
+    /// Records an operator's heuristic decision; returns only after an fdatasync covering it. A
+    /// heuristic commit is a commit decision: replay re-drives it until `end(txid)`.
+    pub async fn heuristic(&self, record: HeuristicRecord) -> Result<(), LogError> {
+        let record = Record::Heuristic(record);
+        record.check_size()?;
+        let Record::Heuristic(record) = record else {
+            unreachable!("constructed as a heuristic just above")
+        };
+        self.forced(|done| Request::Heuristic { record, done }).await
     }
 
     /// Records that `txid` is finished everywhere. Lazy: queued for the next batch, never waits. If it is

@@ -24,6 +24,11 @@
 //! | 2    | `TxidsReserved` | up_to u64                                                        |
 //! | 3    | `Commit`        | txid u64, decided_at_ms u64, gid string, count u32, participant strings |
 //! | 4    | `End`           | txid u64                                                         |
+//! | 5    | `Heuristic`     | txid u64, decided_at_ms u64, decision u8 (1 commit, 2 abort), gid string, operator string, reason string, count u32, participant strings |
+//!
+//! A `Heuristic` record is an operator's decision (`treaty resolve`): who, when, why. A heuristic
+//! commit is a commit decision like type 3 (replay re-drives it until its end record); a heuristic
+//! abort is kept only so the note survives a restart until the transaction's end record.
 //!
 //! A record with a valid checksum but an unknown type, or a header with another format version,
 //! was written by a newer Treaty: opening fails with an error naming it rather than skipping it.
@@ -106,6 +111,47 @@ pub struct CommitRecord {
     pub decided_at_ms: u64,
 }
 
+/// What an operator decided for a transaction by hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeuristicDecision {
+    Commit,
+    Abort,
+}
+
+impl HeuristicDecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            HeuristicDecision::Commit => "COMMIT",
+            HeuristicDecision::Abort => "ABORT",
+        }
+    }
+}
+
+/// A heuristic decision taken by an operator (`treaty resolve`), with who, when and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeuristicRecord {
+    pub txid: u64,
+    pub gid: String,
+    pub decision: HeuristicDecision,
+    /// The shards the decision is sent to.
+    pub participants: Vec<String>,
+    pub operator: String,
+    pub reason: String,
+    pub decided_at_ms: u64,
+}
+
+impl HeuristicRecord {
+    /// The commit decision a heuristic commit amounts to (what recovery re-drives).
+    pub fn as_commit(&self) -> Option<CommitRecord> {
+        (self.decision == HeuristicDecision::Commit).then(|| CommitRecord {
+            txid: self.txid,
+            gid: self.gid.clone(),
+            participants: self.participants.clone(),
+            decided_at_ms: self.decided_at_ms,
+        })
+    }
+}
+
 /// Whether damage ended the log or was followed by good records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DamageKind {
@@ -133,8 +179,10 @@ pub struct Replay {
     pub coordinator_id: Option<String>,
     /// Highest `TxidsReserved` seen (0 if none), and at least every txid in a commit record.
     pub txids_reserved_up_to: u64,
-    /// Commit records without an end record, in log order.
+    /// Commit records (heuristic commits included) without an end record, in log order.
     pub unfinished: Vec<CommitRecord>,
+    /// Heuristic decisions without an end record, in log order.
+    pub heuristics: Vec<HeuristicRecord>,
     /// What was found and cut or skipped; empty for a clean log.
     pub damage: Vec<Damage>,
     /// Good records read.

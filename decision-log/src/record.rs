@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::{CommitRecord, MAX_RECORD_BODY_BYTES};
+use crate::{CommitRecord, HeuristicDecision, HeuristicRecord, MAX_RECORD_BODY_BYTES};
 
 /// The bytes "TRDL" read as a little-endian u32.
 pub(crate) const MAGIC: u32 = 0x4C44_5254;
@@ -14,6 +14,10 @@ const TYPE_HEADER: u8 = 1;
 const TYPE_TXIDS_RESERVED: u8 = 2;
 const TYPE_COMMIT: u8 = 3;
 const TYPE_END: u8 = 4;
+const TYPE_HEURISTIC: u8 = 5;
+
+const HEURISTIC_COMMIT: u8 = 1;
+const HEURISTIC_ABORT: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Record {
@@ -28,6 +32,7 @@ pub(crate) enum Record {
     End {
         txid: u64,
     },
+    Heuristic(HeuristicRecord),
 }
 
 impl Record {
@@ -41,6 +46,19 @@ impl Record {
                     + string_len(&commit.gid)
                     + 4
                     + commit.participants.iter().map(|p| string_len(p)).sum::<usize>()
+            }
+            Record::Heuristic(heuristic) => {
+                8 + 8
+                    + 1
+                    + string_len(&heuristic.gid)
+                    + string_len(&heuristic.operator)
+                    + string_len(&heuristic.reason)
+                    + 4
+                    + heuristic
+                        .participants
+                        .iter()
+                        .map(|p| string_len(p))
+                        .sum::<usize>()
             }
         };
         FRAME_HEADER_LEN + 1 + payload
@@ -57,6 +75,7 @@ impl Record {
             Record::TxidsReserved { .. } => "txid reservation",
             Record::Commit(_) => "commit",
             Record::End { .. } => "end",
+            Record::Heuristic(_) => "heuristic decision",
         };
         Err(crate::LogError::RecordTooLarge {
             what,
@@ -77,6 +96,7 @@ impl Record {
             }
             Record::Commit(commit) => encode_commit(commit, buf),
             Record::End { txid } => encode_frame(buf, TYPE_END, |buf| put_u64(buf, *txid)),
+            Record::Heuristic(heuristic) => encode_heuristic(heuristic, buf),
         }
     }
 }
@@ -96,6 +116,25 @@ pub(crate) fn encode_commit(commit: &CommitRecord, buf: &mut Vec<u8>) {
         put_str(buf, &commit.gid);
         put_u32(buf, commit.participants.len() as u32);
         for participant in &commit.participants {
+            put_str(buf, participant);
+        }
+    });
+}
+
+/// Encodes a borrowed heuristic decision (compaction writes what the state holds).
+pub(crate) fn encode_heuristic(heuristic: &HeuristicRecord, buf: &mut Vec<u8>) {
+    encode_frame(buf, TYPE_HEURISTIC, |buf| {
+        put_u64(buf, heuristic.txid);
+        put_u64(buf, heuristic.decided_at_ms);
+        buf.push(match heuristic.decision {
+            HeuristicDecision::Commit => HEURISTIC_COMMIT,
+            HeuristicDecision::Abort => HEURISTIC_ABORT,
+        });
+        put_str(buf, &heuristic.gid);
+        put_str(buf, &heuristic.operator);
+        put_str(buf, &heuristic.reason);
+        put_u32(buf, heuristic.participants.len() as u32);
+        for participant in &heuristic.participants {
             put_str(buf, participant);
         }
     });
@@ -233,6 +272,7 @@ pub(crate) fn decode_frame(bytes: &[u8]) -> Result<(Record, usize), FrameError> 
         TYPE_TXIDS_RESERVED => Record::TxidsReserved { up_to: reader.u64() },
         TYPE_COMMIT => Record::Commit(decode_commit(&mut reader)),
         TYPE_END => Record::End { txid: reader.u64() },
+        TYPE_HEURISTIC => Record::Heuristic(decode_heuristic(&mut reader)),
         other => return Err(FrameError::UnknownType { type_tag: other }),
     };
     reader
@@ -245,6 +285,43 @@ fn decode_commit(reader: &mut Reader<'_>) -> CommitRecord {
     let txid = reader.u64();
     let decided_at_ms = reader.u64();
     let gid = reader.string();
+    let participants = decode_participants(reader);
+    CommitRecord {
+        txid,
+        gid,
+        participants,
+        decided_at_ms,
+    }
+}
+
+fn decode_heuristic(reader: &mut Reader<'_>) -> HeuristicRecord {
+    let txid = reader.u64();
+    let decided_at_ms = reader.u64();
+    let decision = match reader.u8() {
+        HEURISTIC_COMMIT => HeuristicDecision::Commit,
+        HEURISTIC_ABORT => HeuristicDecision::Abort,
+        _ => {
+            // A checksummed record with a decision this build does not know is damage, not a guess.
+            reader.failed.get_or_insert("unknown heuristic decision");
+            HeuristicDecision::Abort
+        }
+    };
+    let gid = reader.string();
+    let operator = reader.string();
+    let reason = reader.string();
+    let participants = decode_participants(reader);
+    HeuristicRecord {
+        txid,
+        gid,
+        decision,
+        participants,
+        operator,
+        reason,
+        decided_at_ms,
+    }
+}
+
+fn decode_participants(reader: &mut Reader<'_>) -> Vec<String> {
     let count = reader.u32() as usize;
     // A corrupt count must not allocate: each participant takes at least 4 bytes of what is left.
     let mut participants = Vec::with_capacity(count.min(reader.rest.len() / 4));
@@ -254,12 +331,7 @@ fn decode_commit(reader: &mut Reader<'_>) -> CommitRecord {
         }
         participants.push(reader.string());
     }
-    CommitRecord {
-        txid,
-        gid,
-        participants,
-        decided_at_ms,
-    }
+    participants
 }
 
 /// Reads fields from a checksummed payload; the first problem sticks and is reported by `finish`,
@@ -284,6 +356,10 @@ impl<'a> Reader<'a> {
                 &[]
             }
         }
+    }
+
+    fn u8(&mut self) -> u8 {
+        self.take(1).first().copied().unwrap_or(0)
     }
 
     fn u32(&mut self) -> u32 {
@@ -343,7 +419,51 @@ mod tests {
                 decided_at_ms: 0,
             }),
             Record::End { txid: 42 },
+            Record::Heuristic(sample_heuristic(9, HeuristicDecision::Abort)),
+            Record::Heuristic(sample_heuristic(10, HeuristicDecision::Commit)),
         ]
+    }
+
+    fn sample_heuristic(txid: u64, decision: HeuristicDecision) -> HeuristicRecord {
+        HeuristicRecord {
+            txid,
+            gid: format!("treaty:c1:{txid}"),
+            decision,
+            participants: vec!["shard-a".into(), "shard-b".into()],
+            operator: "alice".into(),
+            reason: "coordinator host lost; ticket ÜNI-42".into(),
+            decided_at_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn heuristic_payload_layout_is_as_documented() {
+        let mut buf = Vec::new();
+        Record::Heuristic(sample_heuristic(3, HeuristicDecision::Commit)).encode(&mut buf);
+        assert_eq!(buf[12], TYPE_HEURISTIC);
+        assert_eq!(u64::from_le_bytes(buf[13..21].try_into().unwrap()), 3);
+        assert_eq!(
+            u64::from_le_bytes(buf[21..29].try_into().unwrap()),
+            1_700_000_000_000
+        );
+        assert_eq!(buf[29], HEURISTIC_COMMIT);
+        assert_eq!(u32::from_le_bytes(buf[30..34].try_into().unwrap()), 11);
+        assert_eq!(&buf[34..45], b"treaty:c1:3");
+    }
+
+    #[test]
+    fn a_heuristic_with_an_unknown_decision_is_undecodable() {
+        let mut buf = Vec::new();
+        Record::Heuristic(sample_heuristic(3, HeuristicDecision::Abort)).encode(&mut buf);
+        let mut payload = buf[13..].to_vec();
+        payload[16] = 7;
+        assert!(matches!(
+            decode_frame(&frame(TYPE_HEURISTIC, &payload)),
+            Err(FrameError::Payload {
+                type_tag: TYPE_HEURISTIC,
+                problem: "unknown heuristic decision"
+            })
+        ));
     }
 
     #[test]

@@ -1,10 +1,11 @@
-//! The live state of a log: the header, the txid reservation and the unfinished commits. Replay builds it,
-//! the writer keeps it current, and compaction writes exactly it.
+//! The live state of a log: the header, the txid reservation, the unfinished commits and the
+//! heuristic decisions of unfinished transactions. Replay builds it, the writer keeps it current,
+//! and compaction writes exactly it.
 
 use std::collections::HashMap;
 
-use crate::CommitRecord;
-use crate::record::{FORMAT_VERSION, Record, encode_commit, encode_header};
+use crate::record::{FORMAT_VERSION, Record, encode_commit, encode_header, encode_heuristic};
+use crate::{CommitRecord, HeuristicRecord};
 
 /// A header record naming another coordinator than the log already belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +20,8 @@ pub(crate) struct LiveState {
     /// Highest reservation, raised to every committed txid so a restart never reuses one.
     pub(crate) txids_reserved_up_to: u64,
     unfinished: HashMap<u64, Unfinished>,
+    /// Operators' decisions, kept (like commits) until the transaction's end record.
+    heuristics: HashMap<u64, (u64, HeuristicRecord)>,
     next_sequence: u64,
 }
 
@@ -58,6 +61,23 @@ impl LiveState {
             Record::End { txid } => {
                 // An end for a txid the log does not hold (already ended, or compacted away) changes nothing.
                 self.unfinished.remove(&txid);
+                self.heuristics.remove(&txid);
+            }
+            Record::Heuristic(heuristic) => {
+                self.txids_reserved_up_to = self.txids_reserved_up_to.max(heuristic.txid);
+                let sequence = self.next_sequence;
+                self.next_sequence += 1;
+                // A heuristic commit is a commit decision: recovery must re-drive it like one.
+                if let Some(commit) = heuristic.as_commit() {
+                    self.unfinished.entry(commit.txid).or_insert(Unfinished {
+                        sequence,
+                        record: commit,
+                    });
+                }
+                // The first decision for a txid stands, as for commits (the coordinator never logs two).
+                self.heuristics
+                    .entry(heuristic.txid)
+                    .or_insert((sequence, heuristic));
             }
         }
         Ok(())
@@ -75,8 +95,9 @@ impl LiveState {
         }
     }
 
+    /// Whether the log holds a commit or a heuristic decision for `txid` without an end record.
     pub(crate) fn is_unfinished(&self, txid: u64) -> bool {
-        self.unfinished.contains_key(&txid)
+        self.unfinished.contains_key(&txid) || self.heuristics.contains_key(&txid)
     }
 
     pub(crate) fn unfinished_count(&self) -> usize {
@@ -93,6 +114,16 @@ impl LiveState {
         self.unfinished_in_order().into_iter().cloned().collect()
     }
 
+    fn heuristics_in_order(&self) -> Vec<&HeuristicRecord> {
+        let mut entries: Vec<&(u64, HeuristicRecord)> = self.heuristics.values().collect();
+        entries.sort_unstable_by_key(|(sequence, _)| *sequence);
+        entries.into_iter().map(|(_, record)| record).collect()
+    }
+
+    pub(crate) fn heuristic_records(&self) -> Vec<HeuristicRecord> {
+        self.heuristics_in_order().into_iter().cloned().collect()
+    }
+
     /// Appends the records of a compacted log holding exactly this state.
     pub(crate) fn encode_compacted(&self, buf: &mut Vec<u8>) {
         if let Some(coordinator_id) = &self.coordinator_id {
@@ -106,6 +137,11 @@ impl LiveState {
         }
         for commit in self.unfinished_in_order() {
             encode_commit(commit, buf);
+        }
+        // After the commits: a heuristic commit's own commit entry then comes first on replay and
+        // the heuristic adds only the note (the two carry the same decision).
+        for heuristic in self.heuristics_in_order() {
+            encode_heuristic(heuristic, buf);
         }
     }
 }
@@ -122,6 +158,64 @@ mod tests {
             participants: vec!["a".into(), "b".into()],
             decided_at_ms: txid * 10,
         })
+    }
+
+    fn heuristic(txid: u64, decision: crate::HeuristicDecision) -> Record {
+        Record::Heuristic(HeuristicRecord {
+            txid,
+            gid: format!("g{txid}"),
+            decision,
+            participants: vec!["a".into()],
+            operator: "op".into(),
+            reason: "why".into(),
+            decided_at_ms: 5,
+        })
+    }
+
+    #[test]
+    fn a_heuristic_commit_is_an_unfinished_commit_and_both_kinds_last_until_the_end() {
+        use crate::HeuristicDecision::{Abort, Commit};
+        let mut state = LiveState::default();
+        for record in [heuristic(7, Commit), heuristic(8, Abort), commit(9)] {
+            state.apply(record).unwrap();
+        }
+        assert_eq!(txids(&state), vec![7, 9], "the heuristic abort is no commit");
+        let heuristics: Vec<u64> = state.heuristic_records().iter().map(|h| h.txid).collect();
+        assert_eq!(heuristics, vec![7, 8]);
+        assert!(state.is_unfinished(8), "an end record for it must be written");
+        assert_eq!(state.txids_reserved_up_to, 9);
+        state.apply(Record::End { txid: 7 }).unwrap();
+        state.apply(Record::End { txid: 8 }).unwrap();
+        assert_eq!(txids(&state), vec![9]);
+        assert!(state.heuristic_records().is_empty());
+        assert!(!state.is_unfinished(8));
+    }
+
+    #[test]
+    fn compaction_keeps_heuristics_of_unfinished_transactions() {
+        use crate::HeuristicDecision::{Abort, Commit};
+        let mut state = LiveState::default();
+        for record in [
+            commit(1),
+            heuristic(2, Commit),
+            heuristic(3, Abort),
+            heuristic(4, Abort),
+        ] {
+            state.apply(record).unwrap();
+        }
+        state.apply(Record::End { txid: 4 }).unwrap();
+        let mut buf = Vec::new();
+        state.encode_compacted(&mut buf);
+        let mut copy = LiveState::default();
+        let mut rest = &buf[..];
+        while !rest.is_empty() {
+            let (record, len) = decode_frame(rest).unwrap();
+            copy.apply(record).unwrap();
+            rest = &rest[len..];
+        }
+        assert_eq!(copy.unfinished_records(), state.unfinished_records());
+        assert_eq!(copy.heuristic_records(), state.heuristic_records());
+        assert_eq!(txids(&copy), vec![1, 2]);
     }
 
     fn txids(state: &LiveState) -> Vec<u64> {

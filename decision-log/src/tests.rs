@@ -16,7 +16,8 @@ use tempfile::TempDir;
 
 use crate::record::{FORMAT_VERSION, MAGIC, Record, decode_frame};
 use crate::{
-    CommitRecord, CompactionStep, Damage, DamageKind, DecisionLog, LogError, LogOptions, Replay, TestHooks,
+    CommitRecord, CompactionStep, Damage, DamageKind, DecisionLog, HeuristicDecision, HeuristicRecord,
+    LogError, LogOptions, Replay, TestHooks,
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -194,6 +195,80 @@ async fn round_trip_replays_header_reservation_and_unfinished_commits_in_order()
         replay.records, 13,
         "nothing was appended by the refused or repeated headers"
     );
+}
+
+fn heuristic_record(txid: u64, decision: HeuristicDecision) -> HeuristicRecord {
+    HeuristicRecord {
+        txid,
+        gid: format!("treaty:c1:{txid}"),
+        decision,
+        participants: vec!["shard-a".into(), "shard-b".into()],
+        operator: "alice".into(),
+        reason: format!("ticket {txid}: shard-c host lost"),
+        decided_at_ms: 1_700_000_000_000 + txid,
+    }
+}
+
+#[tokio::test]
+async fn heuristic_decisions_survive_reopen_and_compaction_until_their_end_record() {
+    let dir = TempDir::new().unwrap();
+    let (log, _) = open(dir.path());
+    log.write_header("coord-1").await.unwrap();
+    log.commit(commit_record(1)).await.unwrap();
+    log.heuristic(heuristic_record(2, HeuristicDecision::Abort))
+        .await
+        .unwrap();
+    log.heuristic(heuristic_record(3, HeuristicDecision::Commit))
+        .await
+        .unwrap();
+    log.heuristic(heuristic_record(4, HeuristicDecision::Abort))
+        .await
+        .unwrap();
+    log.end(4);
+    log.flush().await.unwrap();
+    // header, commit, three heuristics (each forced like a commit), and the flush of the lazy end
+    assert_eq!(log.stats().fsyncs, 6);
+    drop(log);
+
+    let (log, replay) = open(dir.path());
+    assert_eq!(
+        replay.heuristics,
+        vec![
+            heuristic_record(2, HeuristicDecision::Abort),
+            heuristic_record(3, HeuristicDecision::Commit)
+        ]
+    );
+    assert_eq!(
+        txids(&replay),
+        vec![1, 3],
+        "a heuristic commit is re-driven like a logged commit"
+    );
+    assert_eq!(replay.unfinished[1].participants, vec!["shard-a", "shard-b"]);
+    assert_eq!(replay.txids_reserved_up_to, 4);
+    drop(log);
+
+    // A compacted log keeps exactly the same live state.
+    let (log, _) = open_with(
+        dir.path(),
+        LogOptions {
+            compact_after_bytes: 1,
+        },
+        TestHooks::default(),
+    );
+    log.end(3);
+    log.flush().await.unwrap();
+    drop(log); // joins the writer, which compacts after the batch
+    let (_log, replay) = open(dir.path());
+    assert_eq!(
+        replay.records, 4,
+        "compacted: header, reservation, commit 1, heuristic 2"
+    );
+    assert_eq!(txids(&replay), vec![1]);
+    assert_eq!(
+        replay.heuristics,
+        vec![heuristic_record(2, HeuristicDecision::Abort)]
+    );
+    assert!(replay.damage.is_empty(), "{:?}", replay.damage);
 }
 
 #[tokio::test]

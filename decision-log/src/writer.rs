@@ -15,7 +15,7 @@ use crate::files::{CompactionFailure, LogPaths, write_compacted};
 use crate::hooks::TestHooks;
 use crate::record::{FORMAT_VERSION, Record};
 use crate::state::LiveState;
-use crate::{CommitRecord, LogStats};
+use crate::{CommitRecord, HeuristicRecord, LogStats};
 
 pub(crate) type Waiter = oneshot::Sender<Result<(), LogError>>;
 
@@ -30,6 +30,10 @@ pub(crate) enum Request {
     },
     Commit {
         record: CommitRecord,
+        done: Waiter,
+    },
+    Heuristic {
+        record: HeuristicRecord,
         done: Waiter,
     },
     /// Lazy: written with the next batch, never waits for an fsync of its own.
@@ -175,6 +179,7 @@ impl Loop {
             },
             Request::ReserveTxids { up_to, done } => (Some(Record::TxidsReserved { up_to }), Some(done)),
             Request::Commit { record, done } => (Some(Record::Commit(record)), Some(done)),
+            Request::Heuristic { record, done } => (Some(Record::Heuristic(record)), Some(done)),
             // An end for a txid the log does not hold would only take space until the next compaction.
             Request::End { txid } if self.log.state.is_unfinished(txid) => (Some(Record::End { txid }), None),
             Request::End { .. } => (None, None),
@@ -285,6 +290,7 @@ fn reply_poisoned(request: Request, failure: &Arc<WriteFailure>) {
         Request::Header { done, .. }
         | Request::ReserveTxids { done, .. }
         | Request::Commit { done, .. }
+        | Request::Heuristic { done, .. }
         | Request::Flush { done } => done,
         Request::End { .. } => return,
     };

@@ -31,6 +31,9 @@ pub struct ActiveBranch {
     /// A statement changed session state (`SET`, `RESET`): the connection is closed when the
     /// branch ends instead of going back to the pool.
     pub session_changed: bool,
+    /// A statement certainly wrote (a single INSERT/UPDATE/DELETE/MERGE that affected rows), so the
+    /// vote need not ask PostgreSQL whether the transaction has an id.
+    pub wrote: bool,
     ended: bool,
 }
 
@@ -41,6 +44,7 @@ impl ActiveBranch {
             last_used: Instant::now(),
             statements: 0,
             session_changed: false,
+            wrote: false,
             ended: false,
         }
     }

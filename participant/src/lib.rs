@@ -11,6 +11,7 @@
 //! - `statement`, `values`: running client statements, parameters and row decoding;
 //! - `postgres`: the participant's own SQL (vote, phase two, markers, `pg_prepared_xacts`);
 //! - `reconcile`, `coordinator_link`: recovery of prepared branches with the coordinator;
+//! - `prepared`: the prepared branches and the locks they hold (`ListPrepared`, `treaty in-doubt`);
 //! - `error`: the error types and their mapping to `ApiError`;
 //! - `failpoints`: the participant's failpoints (served by the `Admin` service).
 
@@ -21,6 +22,7 @@ mod coordinator_link;
 pub mod error;
 pub mod failpoints;
 mod postgres;
+mod prepared;
 mod reconcile;
 mod service;
 pub mod sql_guard;

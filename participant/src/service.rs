@@ -5,6 +5,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use futures::StreamExt as _;
+
 use tonic::{Request, Response, Status};
 use treaty_proto::{ApiError, Gid, pb};
 
@@ -103,6 +105,50 @@ fn result_to_pb(output: StatementOutput) -> pb::ExecuteResult {
     }
 }
 
+fn vote_to_pb(vote: Vote) -> pb::PrepareResponse {
+    let (vote, sqlstate, message) = match vote {
+        Vote::Yes => (pb::Vote::Yes, String::new(), String::new()),
+        Vote::ReadOnly => (pb::Vote::ReadOnly, String::new(), String::new()),
+        Vote::No { sqlstate, message } => (pb::Vote::No, sqlstate, message),
+    };
+    pb::PrepareResponse {
+        vote: vote as i32,
+        sqlstate,
+        message,
+    }
+}
+
+/// At most this many `COMMIT PREPARED`s of one `CommitBatch` run at once.
+const COMMITS_IN_PARALLEL: usize = 16;
+
+/// One GID of a `CommitBatch`, answered as `Commit` would answer it.
+async fn commit_one(agent: &Agent, text: String) -> pb::FinishResult {
+    let outcome = match Gid::parse(&text) {
+        Ok(gid) => agent
+            .commit(&gid)
+            .await
+            .map_err(|error| Status::from(error.into_api(agent.shard()))),
+        Err(e) => Err(Status::from(ApiError::InvalidArgument(format!("gid: {e}")))),
+    };
+    match outcome {
+        Ok(state) => pb::FinishResult {
+            gid: text,
+            state: state_to_pb(state) as i32,
+            error: String::new(),
+            contradicts: false,
+        },
+        Err(status) => {
+            tracing::debug!(gid = %text, error = status.message(), "commit in a batch failed");
+            pb::FinishResult {
+                gid: text,
+                state: pb::BranchState::Unspecified as i32,
+                error: status.message().to_owned(),
+                contradicts: status.code() == tonic::Code::FailedPrecondition,
+            }
+        }
+    }
+}
+
 fn state_to_pb(state: BranchState) -> pb::BranchState {
     match state {
         BranchState::Unknown => pb::BranchState::Unknown,
@@ -139,6 +185,29 @@ impl pb::participant_server::Participant for ParticipantService {
         Ok(Response::new(result_to_pb(output)))
     }
 
+    async fn execute_and_prepare(
+        &self,
+        request: Request<pb::BranchExecuteRequest>,
+    ) -> Result<Response<pb::ExecuteAndPrepareResponse>, Status> {
+        let request = request.into_inner();
+        let gid = parse_gid(&request.gid)?;
+        let params = treaty_proto::params_from_pb(request.params)?;
+        treaty_proto::validate_statement(&request.sql, &params)?;
+        let params = values::params(params).map_err(|e| self.error(e.into()))?;
+        let options = branch_options(request.options)?;
+        let agent = self.agent.clone();
+        let sql = request.sql;
+        let (output, vote) = self
+            .spawn(async move { agent.execute_and_prepare(&gid, &sql, params, &options).await })
+            .await?;
+        // The same reply failpoint as a separate Prepare: the vote was cast, its answer is lost.
+        failpoints::reply(failpoints::BEFORE_PREPARE_REPLY).await?;
+        Ok(Response::new(pb::ExecuteAndPrepareResponse {
+            result: Some(result_to_pb(output)),
+            vote: Some(vote_to_pb(vote)),
+        }))
+    }
+
     async fn prepare(
         &self,
         request: Request<pb::PrepareRequest>,
@@ -147,16 +216,7 @@ impl pb::participant_server::Participant for ParticipantService {
         let agent = self.agent.clone();
         let vote = self.spawn(async move { agent.prepare(&gid).await }).await?;
         failpoints::reply(failpoints::BEFORE_PREPARE_REPLY).await?;
-        let (vote, sqlstate, message) = match vote {
-            Vote::Yes => (pb::Vote::Yes, String::new(), String::new()),
-            Vote::ReadOnly => (pb::Vote::ReadOnly, String::new(), String::new()),
-            Vote::No { sqlstate, message } => (pb::Vote::No, sqlstate, message),
-        };
-        Ok(Response::new(pb::PrepareResponse {
-            vote: vote as i32,
-            sqlstate,
-            message,
-        }))
+        Ok(Response::new(vote_to_pb(vote)))
     }
 
     async fn commit(
@@ -168,6 +228,28 @@ impl pb::participant_server::Participant for ParticipantService {
         let state = self.spawn(async move { agent.commit(&gid).await }).await?;
         failpoints::reply(failpoints::BEFORE_COMMIT_REPLY).await?;
         Ok(finish_response(state))
+    }
+
+    async fn commit_batch(
+        &self,
+        request: Request<pb::FinishBatchRequest>,
+    ) -> Result<Response<pb::FinishBatchResponse>, Status> {
+        let gids = request.into_inner().gids;
+        let agent = self.agent.clone();
+        let results = self
+            .spawn(async move {
+                // In order, a few at a time: each commit takes a pooled connection of its own, and
+                // the branches opening meanwhile need some too.
+                let results = futures::stream::iter(gids)
+                    .map(|text| commit_one(&agent, text))
+                    .buffered(COMMITS_IN_PARALLEL)
+                    .collect()
+                    .await;
+                Ok(results)
+            })
+            .await?;
+        failpoints::reply(failpoints::BEFORE_COMMIT_REPLY).await?;
+        Ok(Response::new(pb::FinishBatchResponse { results }))
     }
 
     async fn abort(
@@ -203,6 +285,21 @@ impl pb::participant_server::Participant for ParticipantService {
             state: state_to_pb(state) as i32,
             shard: self.agent.shard().to_string(),
             database: self.agent.database().to_owned(),
+        }))
+    }
+
+    async fn list_prepared(
+        &self,
+        _request: Request<pb::ListPreparedRequest>,
+    ) -> Result<Response<pb::ListPreparedResponse>, Status> {
+        let agent = self.agent.clone();
+        let branches = self
+            .spawn(async move { Ok(crate::prepared::list(agent.pool()).await?) })
+            .await?;
+        Ok(Response::new(pb::ListPreparedResponse {
+            shard: self.agent.shard().to_string(),
+            database: self.agent.database().to_owned(),
+            branches,
         }))
     }
 }

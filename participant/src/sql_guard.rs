@@ -16,6 +16,11 @@ pub struct Analysis {
     /// A statement may change session state (plain `SET`, `RESET`) that would outlive the branch on
     /// its pooled connection; such a connection is closed instead of reused.
     pub changes_session: bool,
+    /// A single statement that leads with `INSERT`, `UPDATE`, `DELETE` or `MERGE`: when it reports
+    /// affected rows, the branch certainly wrote, and the vote can skip asking PostgreSQL whether it
+    /// did. A wrong "yes" would only cost a prepare (the marker row makes the branch a writer anyway);
+    /// anything else keeps the check.
+    pub single_write: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,9 +81,15 @@ pub fn check(sql: &str, opening: bool) -> Result<Analysis, Refusal> {
             _ => {}
         }
     }
+    let single_write = count == 1
+        && statements
+            .first()
+            .and_then(|words| words.first())
+            .is_some_and(|word| matches!(word.as_str(), "INSERT" | "UPDATE" | "DELETE" | "MERGE"));
     Ok(Analysis {
         statements: count,
         changes_session,
+        single_write,
     })
 }
 
@@ -334,6 +345,16 @@ mod tests {
         assert_eq!(refused("COMMIT PREPARED 'treaty:c:1'"), "COMMIT PREPARED");
         assert_eq!(refused("ROLLBACK PREPARED 'treaty:c:1'"), "ROLLBACK PREPARED");
         assert_eq!(refused("COMMIT AND CHAIN"), "COMMIT");
+    }
+
+    #[test]
+    fn single_writes_are_recognised() {
+        assert!(accepted("UPDATE t SET a = 1").single_write);
+        assert!(accepted("/* c */ insert into t values (1);").single_write);
+        assert!(accepted("DELETE FROM t").single_write);
+        assert!(!accepted("SELECT * FROM t").single_write);
+        assert!(!accepted("WITH x AS (DELETE FROM t RETURNING 1) SELECT 1").single_write);
+        assert!(!accepted("UPDATE t SET a = 1; UPDATE t SET a = 2").single_write);
     }
 
     #[test]

@@ -5,5 +5,6 @@ mod bad_input;
 mod commit;
 mod failpoints;
 mod fixture;
+mod in_doubt;
 mod recovery;
 mod scenarios;

@@ -121,6 +121,11 @@ pub enum Event {
     },
     /// Time passed: checks the transaction, idle and vote deadlines.
     Tick,
+    /// An operator aborts the transaction by hand (`treaty resolve --abort`). Taken only before a
+    /// commit decision exists (`Active` or `Preparing`); refused once the commit is being logged.
+    HeuristicAbort {
+        reason: AbortReason,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -671,3 +671,85 @@ fn retry_delay_grows_and_is_capped() {
     assert_eq!(retry_delay_ms(2), 40);
     assert_eq!(retry_delay_ms(40), 2_000);
 }
+
+#[test]
+fn heuristic_abort_while_preparing_aborts_every_branch_and_answers_the_waiting_client() {
+    // Rule: before the commit decision is logged, abort is always safe (presumed abort).
+    let mut txn = active(&["a", "b"]);
+    step(
+        &mut txn,
+        Event::CommitRequested {
+            wait_for_apply: false,
+        },
+    );
+    vote(&mut txn, "a", Vote::Yes);
+    let actions = step(
+        &mut txn,
+        Event::HeuristicAbort {
+            reason: reason(AbortCause::Heuristic),
+        },
+    );
+    assert_eq!(txn.phase(), Phase::Aborting);
+    assert!(actions.contains(&Action::SendAbort {
+        shard: shard("a"),
+        delay_ms: 0
+    }));
+    assert!(actions.contains(&Action::SendAbort {
+        shard: shard("b"),
+        delay_ms: 0
+    }));
+    assert!(actions.contains(&Action::Reply(Outcome::Aborted(reason(AbortCause::Heuristic)))));
+    assert!(!actions.iter().any(|a| matches!(a, Action::PersistCommit { .. })));
+    // A late YES changes nothing: no commit can be decided any more.
+    assert!(vote(&mut txn, "b", Vote::Yes).is_empty());
+}
+
+#[test]
+fn heuristic_abort_is_refused_once_the_commit_is_being_logged_or_decided() {
+    // Rule: the commit record must never race an abort.
+    let mut txn = active(&["a", "b"]);
+    step(
+        &mut txn,
+        Event::CommitRequested {
+            wait_for_apply: false,
+        },
+    );
+    vote(&mut txn, "a", Vote::Yes);
+    vote(&mut txn, "b", Vote::Yes);
+    assert_eq!(txn.phase(), Phase::LoggingCommit);
+    let abort = Event::HeuristicAbort {
+        reason: reason(AbortCause::Heuristic),
+    };
+    assert!(txn.step(abort.clone(), 1).is_err());
+    let mut decided = decided_commit(false);
+    assert_eq!(
+        decided.step(abort, 1),
+        Err(ProtocolError::AlreadyCommitted { txid: 7 })
+    );
+}
+
+#[test]
+fn recover_abort_sends_aborts_and_finishes_when_all_acknowledge() {
+    let (mut txn, actions) = Transaction::recover_abort(
+        9,
+        vec![shard("a"), shard("b")],
+        5,
+        reason(AbortCause::Heuristic),
+        TIMEOUTS,
+        10,
+    );
+    assert_eq!(txn.phase(), Phase::Aborting);
+    assert_eq!(actions.len(), 2);
+    step(&mut txn, Event::Acknowledged { shard: shard("a") });
+    let actions = step(&mut txn, Event::Acknowledged { shard: shard("b") });
+    assert_eq!(txn.phase(), Phase::Aborted);
+    assert_eq!(
+        actions,
+        vec![Action::Finished],
+        "an abort writes no end record of its own"
+    );
+    let (txn, actions) =
+        Transaction::recover_abort(9, vec![], 5, reason(AbortCause::Heuristic), TIMEOUTS, 10);
+    assert_eq!(txn.phase(), Phase::Aborted);
+    assert_eq!(actions, vec![Action::Finished]);
+}

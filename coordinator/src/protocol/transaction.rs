@@ -182,6 +182,44 @@ impl Transaction {
         (txn, actions)
     }
 
+    /// Rebuilds a transaction an operator aborted by hand (`treaty resolve --abort`) that the
+    /// coordinator was not tracking (or that the log holds a heuristic abort for), and returns the
+    /// aborts to send. Safe without a commit record: with presumed abort, abort is the answer anyway.
+    pub fn recover_abort(
+        txid: TxId,
+        participants: Vec<ShardName>,
+        decided_at_ms: u64,
+        reason: AbortReason,
+        timeouts: Timeouts,
+        now_ms: u64,
+    ) -> (Self, Vec<Action>) {
+        let mut txn = Self::begin(txid, Protocol::TwoPhase, timeouts, now_ms);
+        txn.begun_at_ms = 0;
+        txn.recovered = true;
+        txn.decided_at_ms = Some(decided_at_ms);
+        txn.outcome = Some(Outcome::Aborted(reason));
+        txn.phase = Phase::Aborting;
+        txn.branches = participants
+            .into_iter()
+            .map(|shard| Branch {
+                shard,
+                phase: BranchPhase::Aborting,
+                attempts: 1,
+                last_error: None,
+            })
+            .collect();
+        let mut actions: Vec<Action> = txn
+            .branches
+            .iter()
+            .map(|b| Action::SendAbort {
+                shard: b.shard.clone(),
+                delay_ms: 0,
+            })
+            .collect();
+        txn.finish_if_aborted(now_ms, &mut actions);
+        (txn, actions)
+    }
+
     pub fn txid(&self) -> TxId {
         self.txid
     }
@@ -256,6 +294,7 @@ impl Transaction {
                 self.one_phase_finished(Outcome::Unknown(error), now_ms, &mut actions)
             }
             Event::Tick => self.tick(now_ms, &mut actions),
+            Event::HeuristicAbort { reason } => self.heuristic_abort(reason, now_ms, &mut actions)?,
         }
         Ok(actions)
     }
@@ -319,6 +358,24 @@ impl Transaction {
             // A repeated rollback gets the same answer.
             (Phase::Aborting | Phase::Aborted, Some(Outcome::Aborted(first))) => {
                 actions.push(Action::Reply(Outcome::Aborted(first.clone())));
+                Ok(())
+            }
+            _ => Err(self.refusal()),
+        }
+    }
+
+    /// Until every vote is in and the commit is being logged, abort is as safe as a vote timeout:
+    /// no participant can have been told to commit. From `LoggingCommit` on it would race the
+    /// commit record, so it is refused.
+    fn heuristic_abort(
+        &mut self,
+        reason: AbortReason,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), ProtocolError> {
+        match self.phase {
+            Phase::Active | Phase::Preparing => {
+                self.abort(reason, now_ms, actions);
                 Ok(())
             }
             _ => Err(self.refusal()),

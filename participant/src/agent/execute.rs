@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use treaty_proto::Gid;
 
-use super::Agent;
-use crate::branches::{ActiveBranch, Finished};
+use super::{Agent, Vote};
+use crate::branches::{ActiveBranch, Finished, SlotGuard};
 use crate::error::BranchError;
 use crate::postgres::{self, BranchOptions, DbError};
 use crate::sql_guard;
@@ -23,6 +23,37 @@ impl Agent {
         options: &BranchOptions,
     ) -> Result<StatementOutput, BranchError> {
         let mut slot = self.branches.lock(gid.as_str()).await;
+        self.execute_locked(&mut slot, gid, sql, params, options).await
+    }
+
+    /// `execute`, then the vote as `prepare` casts it, under one hold of the GID's lock (a one-shot
+    /// submit's last statement on this shard). A failed statement fails the call as `execute` does.
+    pub async fn execute_and_prepare(
+        &self,
+        gid: &Gid,
+        sql: &str,
+        params: Vec<Param>,
+        options: &BranchOptions,
+    ) -> Result<(StatementOutput, Vote), BranchError> {
+        let mut slot = self.branches.lock(gid.as_str()).await;
+        let output = self.execute_locked(&mut slot, gid, sql, params, options).await?;
+        let Some(branch) = slot.active.take() else {
+            return Err(BranchError::Internal(format!(
+                "branch {gid} vanished while locked"
+            )));
+        };
+        let vote = self.prepare_open(gid, branch).await?;
+        Ok((output, vote))
+    }
+
+    async fn execute_locked(
+        &self,
+        slot: &mut SlotGuard,
+        gid: &Gid,
+        sql: &str,
+        params: Vec<Param>,
+        options: &BranchOptions,
+    ) -> Result<StatementOutput, BranchError> {
         let opening = slot.active.is_none();
         let analysis = sql_guard::check(sql, opening)?;
         if analysis.statements == 0 {
@@ -53,6 +84,7 @@ impl Agent {
                 branch.last_used = Instant::now();
                 branch.statements += 1;
                 branch.session_changed |= analysis.changes_session;
+                branch.wrote |= analysis.single_write && output.rows_affected > 0;
                 Ok(output)
             }
             Err(error) => {

@@ -40,10 +40,19 @@ impl Agent {
         }
     }
 
-    async fn prepare_open(&self, gid: &Gid, mut branch: ActiveBranch) -> Result<Vote, BranchError> {
-        let wrote_nothing = match postgres::wrote_nothing(&mut branch.connection).await {
-            Ok(wrote_nothing) => wrote_nothing,
-            Err(error) => return Ok(self.vote_no(gid, branch, error).await),
+    pub(super) async fn prepare_open(
+        &self,
+        gid: &Gid,
+        mut branch: ActiveBranch,
+    ) -> Result<Vote, BranchError> {
+        // A branch known to have written skips the round trip that asks PostgreSQL.
+        let wrote_nothing = if branch.wrote {
+            false
+        } else {
+            match postgres::wrote_nothing(&mut branch.connection).await {
+                Ok(wrote_nothing) => wrote_nothing,
+                Err(error) => return Ok(self.vote_no(gid, branch, error).await),
+            }
         };
         if wrote_nothing {
             return Ok(match postgres::commit(&mut branch.connection).await {

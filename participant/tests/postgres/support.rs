@@ -222,6 +222,15 @@ impl pb::coordinator_server::Coordinator for FakeCoordinator {
             .collect();
         Ok(Response::new(pb::QueryDecisionResponse { answers }))
     }
+    async fn list_in_doubt(
+        &self,
+        _: Request<pb::ListInDoubtRequest>,
+    ) -> Result<Response<pb::ListInDoubtResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn resolve(&self, _: Request<pb::ResolveRequest>) -> Result<Response<pb::ResolveResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         Ok(Response::new(pb::InfoResponse {
             coordinator_id: self.id.clone(),
