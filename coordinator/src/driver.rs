@@ -64,6 +64,22 @@ pub struct TxnHandle {
     early_votes: Mutex<Vec<(ShardName, Vote)>>,
     /// An operator's decision (`treaty resolve`), once it is durable in the log.
     heuristic: Mutex<Option<HeuristicRecord>>,
+    /// A single-shard submit's last statement, sent together with its COMMIT
+    /// (`commit_with_statement`): the request until the machine asks for the one-phase commit,
+    /// then the statement's result.
+    fused: Mutex<Fused>,
+}
+
+#[derive(Default)]
+enum Fused {
+    #[default]
+    None,
+    Pending {
+        request: pb::ExecuteAndCommitRequest,
+        op: usize,
+        timeout: Duration,
+    },
+    Ran(pb::ExecuteResult),
 }
 
 impl TxnHandle {
@@ -85,6 +101,10 @@ impl TxnHandle {
         self.early_votes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn fused(&self) -> MutexGuard<'_, Fused> {
+        self.fused.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn heuristic(&self) -> Option<HeuristicRecord> {
@@ -250,6 +270,7 @@ impl Engine {
             waiter: Mutex::new(None),
             early_votes: Mutex::new(Vec::new()),
             heuristic: Mutex::new(None),
+            fused: Mutex::new(Fused::None),
         });
         self.table().live.insert(txid, Arc::clone(&handle));
         handle
@@ -333,9 +354,25 @@ impl Engine {
                     self.send_phase_two(handle, shard, delay_ms, false, Delivery::Send)
                 }
                 Action::CommitOnePhase { shard } => {
+                    let fused = std::mem::take(&mut *handle.fused());
                     let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
                     tokio::spawn(async move {
-                        let event = engine.links.commit_one_phase(&shard, &handle.gid).await;
+                        let event = match fused {
+                            Fused::Pending { request, op, timeout } => {
+                                let (event, result) = engine
+                                    .links
+                                    .execute_and_commit(&shard, request, op, timeout)
+                                    .await;
+                                // Before the event, whose Reply wakes the submit that reads it.
+                                if let Some(result) = result {
+                                    *handle.fused() = Fused::Ran(result);
+                                }
+                                event
+                            }
+                            Fused::None | Fused::Ran(_) => {
+                                engine.links.commit_one_phase(&shard, &handle.gid).await
+                            }
+                        };
                         engine.feed_result(&handle, event);
                     });
                 }
@@ -634,6 +671,55 @@ impl Engine {
             }
         }
         result
+    }
+
+    /// A single-shard transaction's last statement and its commit in one participant call
+    /// (`ExecuteAndCommit`; one-shot submits on one shard). The statement is handed to the machine's
+    /// `CommitOnePhase`, so it runs only once the transaction is committing and no timeout or
+    /// rollback can abort it under a COMMIT already sent. Answers the outcome and, when the
+    /// statement ran, its result; `expect_rows` is checked by the participant before COMMIT.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn commit_with_statement(
+        self: &Arc<Self>,
+        txid: TxId,
+        shard: &str,
+        sql: String,
+        params: Vec<pb::Value>,
+        expect_rows: Option<u64>,
+        op: usize,
+        wait_for_apply: bool,
+    ) -> Result<(Outcome, Option<pb::ExecuteResult>), ApiError> {
+        let shard = self.links.resolve(shard)?;
+        let handle = self.handle(txid)?;
+        self.feed(&handle, Event::Enlist { shard: shard.clone() })
+            .map_err(refused)?;
+        let remaining = handle
+            .machine()
+            .next_deadline_ms()
+            .map_or(0, |d| d.saturating_sub(now_ms()));
+        *handle.fused() = Fused::Pending {
+            request: pb::ExecuteAndCommitRequest {
+                execute: Some(pb::BranchExecuteRequest {
+                    gid: handle.gid.to_string(),
+                    sql,
+                    params,
+                    options: Some(handle.branch_options),
+                }),
+                expect_rows,
+            },
+            op,
+            // The statement may use what is left of the transaction's time; the COMMIT gets the
+            // time a one-phase commit gets.
+            timeout: Duration::from_millis(remaining.max(1)) + crate::participants::PHASE_TWO_TIMEOUT,
+        };
+        let outcome = self
+            .request_outcome(&handle, Event::CommitRequested { wait_for_apply })
+            .await;
+        let result = match std::mem::take(&mut *handle.fused()) {
+            Fused::Ran(result) => Some(result),
+            Fused::None | Fused::Pending { .. } => None,
+        };
+        Ok((outcome?, result))
     }
 
     /// Asks the transaction to commit and waits for the outcome.

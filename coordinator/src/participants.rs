@@ -16,7 +16,7 @@ use crate::failpoints::Delivery;
 use crate::protocol::{AbortCause, AbortReason, Event, Vote};
 
 /// How long one phase-two message may take before it is counted as lost and sent again.
-const PHASE_TWO_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const PHASE_TWO_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -275,6 +275,79 @@ impl ParticipantLinks {
         answered
             .await
             .map_err(|_| PhaseTwoError::new("the commit batch was dropped unanswered".into()))?
+    }
+
+    /// Runs a single-shard transaction's last statement and commits it in the same call
+    /// (`ExecuteAndCommit`): the one-phase outcome as `commit_one_phase` reports it, and the
+    /// statement's result when it ran. `op` names the statement in an abort reason.
+    pub async fn execute_and_commit(
+        &self,
+        shard: &ShardName,
+        request: pb::ExecuteAndCommitRequest,
+        op: usize,
+        timeout: Duration,
+    ) -> (Event, Option<pb::ExecuteResult>) {
+        let mut client = match self.client(shard) {
+            Ok(client) => client,
+            Err(e) => {
+                let reason = unavailable(shard, e.to_string());
+                return (Event::OnePhaseFailed { reason }, None);
+            }
+        };
+        let expect_rows = request.expect_rows;
+        match tokio::time::timeout(timeout, client.execute_and_commit(request)).await {
+            Ok(Ok(response)) => {
+                let response = response.into_inner();
+                let result = response.result.unwrap_or_default();
+                let event = if response.committed {
+                    Event::OnePhaseCommitted
+                } else {
+                    let reason = AbortReason::new(
+                        AbortCause::ExpectRows,
+                        format!(
+                            "op {op} affected {} rows, expected {}",
+                            result.rows_affected,
+                            expect_rows.unwrap_or_default()
+                        ),
+                    )
+                    .on_shard(shard);
+                    Event::OnePhaseFailed { reason }
+                };
+                (event, Some(result))
+            }
+            Ok(Err(status)) => {
+                let event = match ApiError::from(status) {
+                    // The statement or the COMMIT failed in PostgreSQL: rolled back.
+                    ApiError::Sql(sql) => Event::OnePhaseFailed {
+                        reason: statement_failed(shard, &sql),
+                    },
+                    // Refused before anything ran (bad request, branch in the wrong state).
+                    ApiError::FailedPrecondition(message) | ApiError::InvalidArgument(message) => {
+                        Event::OnePhaseFailed {
+                            reason: AbortReason::new(
+                                AbortCause::StatementFailed,
+                                format!("op {op}: {message}"),
+                            )
+                            .on_shard(shard),
+                        }
+                    }
+                    // The call broke: the COMMIT may or may not have run.
+                    other => Event::OnePhaseUnknown {
+                        error: format!("shard {shard}: {other}"),
+                    },
+                };
+                (event, None)
+            }
+            Err(_) => (
+                Event::OnePhaseUnknown {
+                    error: format!(
+                        "shard {shard}: no answer to the statement and its COMMIT within {} ms",
+                        timeout.as_millis()
+                    ),
+                },
+                None,
+            ),
+        }
     }
 
     pub async fn commit_one_phase(&self, shard: &ShardName, gid: &Gid) -> Event {

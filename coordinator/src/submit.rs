@@ -94,8 +94,12 @@ pub async fn submit(
     let by_shard = check_ops(engine, ops)?;
     let op_count = by_shard.values().map(Vec::len).sum();
     let txid = engine.begin(options).await?;
-    // One shard commits in one phase: nothing to vote on.
-    let vote_with_last = by_shard.len() > 1;
+    if by_shard.len() == 1 {
+        let ops = by_shard.into_values().next().unwrap_or_default();
+        return submit_one_shard(engine, txid, ops, wait_for_apply).await;
+    }
+    // Several shards: each votes together with its last statement.
+    let vote_with_last = true;
     let runs = join_all(
         by_shard
             .into_values()
@@ -126,5 +130,50 @@ pub async fn submit(
     }
     let outcome = engine.commit(txid, wait_for_apply).await?;
     results.sort_by_key(|(index, _)| *index);
+    Ok((txid, outcome, results.into_iter().map(|(_, r)| r).collect()))
+}
+
+/// One shard commits in one phase: the ops before the last run as usual, and the last one goes
+/// with the COMMIT in a single participant call.
+async fn submit_one_shard(
+    engine: &Arc<Engine>,
+    txid: TxId,
+    mut ops: Vec<CheckedOp>,
+    wait_for_apply: bool,
+) -> Result<(TxId, Outcome, Vec<pb::ExecuteResult>), ApiError> {
+    let Some(last) = ops.pop() else {
+        return Err(ApiError::InvalidArgument(
+            "ops is empty: a submit needs at least one op".into(),
+        ));
+    };
+    let mut results = match run_shard(engine, txid, ops, false).await {
+        Ok(results) => results,
+        Err(reason) => {
+            let outcome = match engine.rollback(txid, reason.clone()).await {
+                Ok(outcome) => outcome,
+                Err(_) => engine
+                    .handle(txid)?
+                    .machine()
+                    .outcome()
+                    .cloned()
+                    .unwrap_or(Outcome::Aborted(reason)),
+            };
+            return Ok((txid, outcome, Vec::new()));
+        }
+    };
+    let (outcome, result) = engine
+        .commit_with_statement(
+            txid,
+            last.shard.as_str(),
+            last.sql,
+            last.params,
+            last.expect_rows,
+            last.index,
+            wait_for_apply,
+        )
+        .await?;
+    if let Some(result) = result {
+        results.push((last.index, result));
+    }
     Ok((txid, outcome, results.into_iter().map(|(_, r)| r).collect()))
 }

@@ -274,6 +274,38 @@ impl pb::participant_server::Participant for ParticipantService {
         Ok(finish_response(state))
     }
 
+    async fn execute_and_commit(
+        &self,
+        request: Request<pb::ExecuteAndCommitRequest>,
+    ) -> Result<Response<pb::ExecuteAndCommitResponse>, Status> {
+        let request = request.into_inner();
+        let expect_rows = request.expect_rows;
+        let Some(request) = request.execute else {
+            return Err(ApiError::InvalidArgument(
+                "execute is missing: ExecuteAndCommit needs the statement to run".into(),
+            )
+            .into());
+        };
+        let gid = parse_gid(&request.gid)?;
+        let params = treaty_proto::params_from_pb(request.params)?;
+        treaty_proto::validate_statement(&request.sql, &params)?;
+        let params = values::params(params).map_err(|e| self.error(e.into()))?;
+        let options = branch_options(request.options)?;
+        let agent = self.agent.clone();
+        let sql = request.sql;
+        let (output, committed) = self
+            .spawn(async move {
+                agent
+                    .execute_and_commit(&gid, &sql, params, &options, expect_rows)
+                    .await
+            })
+            .await?;
+        Ok(Response::new(pb::ExecuteAndCommitResponse {
+            result: Some(result_to_pb(output)),
+            committed,
+        }))
+    }
+
     async fn status(
         &self,
         request: Request<pb::StatusRequest>,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use treaty_proto::pb;
 
 use crate::fixture::*;
@@ -147,6 +147,49 @@ async fn expect_rows_not_met_aborts_all() -> Result<()> {
         Ok(t.kv(0).await?.is_empty() && t.prepared_everywhere().await? == 0)
     })
     .await?;
+    Ok(())
+}
+
+/// A submit on one shard sends its last op with the COMMIT (`ExecuteAndCommit`): it commits with
+/// the op's result, an `expect_rows` miss rolls it back, and a failing statement aborts it.
+#[tokio::test]
+async fn single_shard_submits_commit_check_expect_rows_and_abort_on_errors() -> Result<()> {
+    let t = TestCluster::start(Options::default()).await?;
+    let mut client = t.client().await?;
+    let ops = vec![insert(&t.shard(0), 1, "a"), insert(&t.shard(0), 2, "b")];
+    let response = client.submit(submit(ops)).await?.into_inner();
+    assert!(committed(&response.outcome), "{response:?}");
+    assert_eq!(response.results.len(), 2, "{response:?}");
+    assert!(
+        response.results.iter().all(|r| r.rows_affected == 1),
+        "{response:?}"
+    );
+    assert_eq!(t.kv(0).await?, vec![(1, "a".to_string()), (2, "b".to_string())]);
+
+    let mut update = insert(&t.shard(0), 9, "nobody");
+    update.sql = "UPDATE kv SET v = $2 WHERE k = $1".into();
+    let ops = vec![insert(&t.shard(0), 3, "c"), update];
+    let response = client.submit(submit(ops)).await?.into_inner();
+    let outcome = response.outcome.context("an outcome")?;
+    assert_eq!(outcome.kind, pb::OutcomeKind::Aborted as i32, "{outcome:?}");
+    let reason = outcome.abort.context("a reason")?;
+    assert_eq!(reason.cause, pb::AbortCause::ExpectRows as i32, "{reason:?}");
+    assert!(
+        reason.message.contains("op 1 affected 0 rows, expected 1"),
+        "{reason:?}"
+    );
+
+    let response = client
+        .submit(submit(vec![insert(&t.shard(0), 1, "duplicate")]))
+        .await?
+        .into_inner();
+    let outcome = response.outcome.context("an outcome")?;
+    assert_eq!(outcome.kind, pb::OutcomeKind::Aborted as i32, "{outcome:?}");
+    assert_eq!(outcome.abort.context("a reason")?.sqlstate, "23505");
+
+    // Neither aborted submit left anything behind.
+    assert_eq!(t.kv(0).await?, vec![(1, "a".to_string()), (2, "b".to_string())]);
+    assert_eq!(t.prepared_everywhere().await?, 0);
     Ok(())
 }
 

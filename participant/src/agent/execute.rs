@@ -46,6 +46,39 @@ impl Agent {
         Ok((output, vote))
     }
 
+    /// `execute`, then a plain `COMMIT`, under one hold of the GID's lock (a one-shot submit on a
+    /// single shard). Answers `None` when `expect_rows` is set and not met: the branch is rolled
+    /// back and nothing is committed. A statement or COMMIT error fails the call, as `execute` and
+    /// `commit_one_phase` do.
+    pub async fn execute_and_commit(
+        &self,
+        gid: &Gid,
+        sql: &str,
+        params: Vec<Param>,
+        options: &BranchOptions,
+        expect_rows: Option<u64>,
+    ) -> Result<(StatementOutput, bool), BranchError> {
+        let mut slot = self.branches.lock(gid.as_str()).await;
+        let output = self.execute_locked(&mut slot, gid, sql, params, options).await?;
+        if let Some(expected) = expect_rows
+            && output.rows_affected != expected
+        {
+            if let Some(branch) = slot.active.take() {
+                self.roll_back(branch, gid).await;
+            }
+            self.branches.record(
+                gid.as_str(),
+                Finished::Aborted(format!(
+                    "the statement affected {} rows, expected {expected}",
+                    output.rows_affected
+                )),
+            );
+            return Ok((output, false));
+        }
+        self.commit_one_phase_locked(&mut slot, gid).await?;
+        Ok((output, true))
+    }
+
     async fn execute_locked(
         &self,
         slot: &mut SlotGuard,

@@ -5,7 +5,7 @@
 use treaty_proto::Gid;
 
 use super::{Agent, BranchState};
-use crate::branches::{ActiveBranch, Finished};
+use crate::branches::{ActiveBranch, Finished, SlotGuard};
 use crate::error::BranchError;
 use crate::failpoints;
 use crate::postgres::{self, DbError};
@@ -153,6 +153,15 @@ impl Agent {
 
     pub async fn commit_one_phase(&self, gid: &Gid) -> Result<BranchState, BranchError> {
         let mut slot = self.branches.lock(gid.as_str()).await;
+        self.commit_one_phase_locked(&mut slot, gid).await
+    }
+
+    /// `commit_one_phase` under a hold of the GID's lock the caller already has.
+    pub(super) async fn commit_one_phase_locked(
+        &self,
+        slot: &mut SlotGuard,
+        gid: &Gid,
+    ) -> Result<BranchState, BranchError> {
         let Some(mut branch) = slot.active.take() else {
             return self.repeat_commit_one_phase(gid);
         };

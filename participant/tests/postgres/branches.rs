@@ -302,6 +302,58 @@ async fn one_phase_commit_needs_no_marker_and_reports_commit_errors() {
 }
 
 #[tokio::test]
+async fn execute_and_commit_runs_checks_and_commits_in_one_call() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("execute-and-commit", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    let gid = env.gid(1);
+    env.execute(&gid, "INSERT INTO kv VALUES (1, 'x')", vec![])
+        .await
+        .unwrap();
+    let done = env
+        .execute_and_commit(&gid, "INSERT INTO kv VALUES (2, 'y')", Some(1))
+        .await
+        .unwrap();
+    assert!(done.committed);
+    assert_eq!(done.result.unwrap().rows_affected, 1);
+    assert_eq!(env.db.count("SELECT count(*) FROM kv").await, 2);
+    assert!(
+        !env.db.has_marker(&gid).await,
+        "a one-phase commit writes no marker"
+    );
+    // Asked again (a retried call), the branch is not run twice and is not open any more.
+    assert_eq!(
+        env.commit_one_phase(&gid).await.unwrap(),
+        pb::BranchState::Committed
+    );
+
+    // expect_rows not met: rolled back, nothing committed.
+    let missed = env.gid(2);
+    let done = env
+        .execute_and_commit(&missed, "UPDATE kv SET v = 'z' WHERE k = 42", Some(1))
+        .await
+        .unwrap();
+    assert!(!done.committed);
+    assert_eq!(done.result.unwrap().rows_affected, 0);
+    let again = env.commit_one_phase(&missed).await.unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+
+    // A failing statement fails the call with its SQLSTATE; nothing is committed.
+    let failing = env.gid(3);
+    let status = env
+        .execute_and_commit(&failing, "INSERT INTO kv VALUES (1, 'dup')", None)
+        .await
+        .unwrap_err();
+    match ApiError::from(status) {
+        ApiError::Sql(sql) => assert_eq!(sql.sqlstate, "23505"),
+        other => panic!("expected a SQL error, got {other:?}"),
+    }
+    assert_eq!(env.db.count("SELECT count(*) FROM kv").await, 2);
+}
+
+#[tokio::test]
 async fn a_failed_prepare_votes_no_with_the_sqlstate() {
     let _shared = SERVER.read().await;
     let Some(env) = Env::start("prepare-fails", |_| {}).await else {

@@ -394,6 +394,26 @@ impl Env {
         Ok(state(response.into_inner().state))
     }
 
+    pub async fn execute_and_commit(
+        &self,
+        gid: &str,
+        sql: &str,
+        expect_rows: Option<u64>,
+    ) -> Result<pb::ExecuteAndCommitResponse, Status> {
+        self.client()
+            .execute_and_commit(pb::ExecuteAndCommitRequest {
+                execute: Some(pb::BranchExecuteRequest {
+                    gid: gid.into(),
+                    sql: sql.into(),
+                    params: Vec::new(),
+                    options: None,
+                }),
+                expect_rows,
+            })
+            .await
+            .map(Response::into_inner)
+    }
+
     pub async fn commit_one_phase(&self, gid: &str) -> Result<pb::BranchState, Status> {
         let response = self.client().commit_one_phase(finish(gid)).await?;
         Ok(state(response.into_inner().state))
