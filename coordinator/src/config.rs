@@ -57,6 +57,11 @@ pub struct Args {
     /// Compact the decision log once it grows past this many bytes.
     #[arg(long, env = "TREATY_COORDINATOR_COMPACT_AFTER_BYTES")]
     pub compact_after_bytes: Option<u64>,
+    /// Threads of the async runtime (default: one per core). On a machine shared with the
+    /// databases and other Treaty processes, fewer threads mean fewer cross-thread wake-ups
+    /// (docs/performance.md).
+    #[arg(long, env = "TREATY_COORDINATOR_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     #[arg(long, env = "TREATY_COORDINATOR_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
     /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax, e.g.

@@ -59,6 +59,11 @@ pub struct Args {
     /// Size of the PostgreSQL connection pool (each open branch holds one connection).
     #[arg(long, env = "TREATY_PARTICIPANT_MAX_CONNECTIONS")]
     pub max_connections: Option<u32>,
+    /// Threads of the async runtime (default: one per core). On a machine shared with the
+    /// databases and other Treaty processes, fewer threads mean fewer cross-thread wake-ups
+    /// (docs/performance.md).
+    #[arg(long, env = "TREATY_PARTICIPANT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     #[arg(long, env = "TREATY_PARTICIPANT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
     /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax, e.g.

@@ -41,9 +41,21 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Config::resolve(Args::parse()).context("configuration")?;
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(threads) = args.worker_threads {
+        runtime.worker_threads(usize::from(threads));
+    }
+    runtime
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let config = Config::resolve(args).context("configuration")?;
     init_tracing(config.log_format);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

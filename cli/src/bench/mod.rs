@@ -133,6 +133,21 @@ pub struct BenchArgs {
     /// recovery: committed-but-unfinished transactions to leave in the log.
     #[arg(long, default_value_t = 10_000)]
     pub txns: u64,
+    /// Async runtime threads of the coordinator and of each participant (their
+    /// `--worker-threads`). The benchmark runs every process on one machine, PostgreSQL servers
+    /// included, so one thread each avoids cross-thread wake-ups between processes competing for
+    /// the same cores; 0 keeps the services' default (one per core).
+    #[arg(long, default_value_t = 1)]
+    pub service_threads: u16,
+}
+
+/// `--worker-threads N` for a service, or nothing for its default.
+pub fn service_thread_args(threads: u16) -> Vec<String> {
+    if threads == 0 {
+        Vec::new()
+    } else {
+        vec!["--worker-threads".into(), threads.to_string()]
+    }
 }
 
 /// What one phase runs against.
@@ -287,6 +302,7 @@ fn params(args: &BenchArgs, baselines: &[Baseline], per_round: u64) -> Map<Strin
     map.insert("workload".into(), json!(args.workload.name()));
     map.insert("shards".into(), json!(args.shards));
     map.insert("clients".into(), json!(args.clients));
+    map.insert("service_threads".into(), json!(args.service_threads));
     map.insert("duration_s".into(), json!(args.duration));
     map.insert("round_s".into(), json!(per_round));
     map.insert("rounds".into(), json!(args.rounds));
@@ -425,8 +441,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             max_connections: (max_clients as u32 + 150).max(200),
             ..PgOptions::default()
         },
-        coordinator_args: Vec::new(),
-        participant_args: Vec::new(),
+        coordinator_args: service_thread_args(args.service_threads),
+        participant_args: service_thread_args(args.service_threads),
         database: DATABASE.into(),
         coordinator_port: 0,
     })

@@ -113,8 +113,8 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
             max_prepared_transactions: (txns as u32).saturating_add(100),
             ..PgOptions::default()
         },
-        coordinator_args: Vec::new(),
-        participant_args: Vec::new(),
+        coordinator_args: super::service_thread_args(args.service_threads),
+        participant_args: super::service_thread_args(args.service_threads),
         database: DATABASE.into(),
         coordinator_port: 0,
     })
