@@ -930,3 +930,6 @@ impl Transaction {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod three_phase_tests;

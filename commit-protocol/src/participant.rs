@@ -547,3 +547,153 @@ impl Participant {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(name: &str) -> ShardName {
+        ShardName::new(name).unwrap()
+    }
+
+    fn prepared(name: &str) -> Participant {
+        let mut p = Participant::new(shard(name), Protocol::ThreePhase, Rules::Classical, 100, 0);
+        p.step(
+            ParticipantEvent::PrepareRequested {
+                participants: vec![shard("a"), shard("b")],
+            },
+            0,
+        );
+        assert_eq!(
+            p.step(ParticipantEvent::BranchPrepared, 0),
+            vec![ParticipantAction::SendVote { yes: true }]
+        );
+        p
+    }
+
+    fn leader_ballot(round: u64) -> Ballot {
+        Ballot {
+            round,
+            proposer: Proposer::Participant(shard("a")),
+        }
+    }
+
+    #[test]
+    fn pre_commit_is_durable_before_it_is_acknowledged() {
+        let mut p = prepared("b");
+        let from = Proposer::Coordinator { incarnation: 0 };
+        let actions = p.step(
+            ParticipantEvent::PreCommitRequested {
+                from: from.clone(),
+                ballot: Ballot::COORDINATOR,
+            },
+            1,
+        );
+        assert_eq!(
+            actions,
+            vec![ParticipantAction::PersistPreCommitState {
+                ballot: Ballot::COORDINATOR
+            }]
+        );
+        assert_eq!(
+            p.step(ParticipantEvent::PreCommitDurable, 2),
+            vec![ParticipantAction::AcknowledgePreCommit {
+                to: from,
+                ballot: Ballot::COORDINATOR
+            }]
+        );
+        assert_eq!(p.phase(), ParticipantPhase::PreCommitted);
+    }
+
+    #[test]
+    fn an_answered_query_shuts_out_lower_pre_commits() {
+        // Rule: a participant that answers ballot b ignores every pre-commit below b.
+        let mut p = prepared("b");
+        let from = Proposer::Participant(shard("a"));
+        p.step(
+            ParticipantEvent::StateQueried {
+                from,
+                ballot: leader_ballot(1),
+            },
+            1,
+        );
+        let actions = p.step(
+            ParticipantEvent::PreCommitRequested {
+                from: Proposer::Coordinator { incarnation: 0 },
+                ballot: Ballot::COORDINATOR,
+            },
+            2,
+        );
+        assert!(actions.is_empty());
+        assert_eq!(p.phase(), ParticipantPhase::Prepared);
+    }
+
+    #[test]
+    fn the_leader_decides_only_with_every_state_and_aborts_when_all_are_merely_prepared() {
+        let mut leader = prepared("a");
+        let actions = leader.step(ParticipantEvent::Tick, 100);
+        let ballot = leader_ballot(1);
+        assert_eq!(
+            actions,
+            vec![ParticipantAction::QueryStates {
+                ballot: ballot.clone(),
+                shards: vec![shard("a"), shard("b")]
+            }]
+        );
+        let report = |s: &str| ParticipantEvent::StateReported {
+            shard: shard(s),
+            ballot: ballot.clone(),
+            report: Report::State(ReportedState::Prepared),
+        };
+        assert!(leader.step(report("a"), 101).is_empty());
+        assert_eq!(
+            leader.step(report("b"), 101),
+            vec![
+                ParticipantAction::SendAbort { shard: shard("a") },
+                ParticipantAction::SendAbort { shard: shard("b") },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_non_leader_asks_the_leader_and_a_2pc_participant_asks_the_coordinator() {
+        let mut b = prepared("b");
+        assert_eq!(
+            b.step(ParticipantEvent::Tick, 100),
+            vec![ParticipantAction::RequestTermination {
+                leader: shard("a"),
+                participants: vec![shard("a"), shard("b")]
+            }]
+        );
+        let mut two_phase = Participant::new(shard("b"), Protocol::TwoPhase, Rules::Classical, 100, 0);
+        two_phase.step(
+            ParticipantEvent::PrepareRequested {
+                participants: vec![shard("a"), shard("b")],
+            },
+            0,
+        );
+        two_phase.step(ParticipantEvent::BranchPrepared, 0);
+        assert_eq!(
+            two_phase.step(ParticipantEvent::Tick, 100),
+            vec![ParticipantAction::AskCoordinator]
+        );
+    }
+
+    #[test]
+    fn a_participant_that_has_not_voted_aborts_when_asked() {
+        let mut p = Participant::new(shard("b"), Protocol::ThreePhase, Rules::Classical, 100, 0);
+        let actions = p.step(
+            ParticipantEvent::StateQueried {
+                from: Proposer::Participant(shard("a")),
+                ballot: leader_ballot(1),
+            },
+            1,
+        );
+        assert_eq!(p.phase(), ParticipantPhase::Aborted);
+        assert!(actions.contains(&ParticipantAction::ReportState {
+            to: Proposer::Participant(shard("a")),
+            ballot: leader_ballot(1),
+            report: Report::State(ReportedState::Aborted),
+        }));
+    }
+}
