@@ -383,6 +383,13 @@ impl Engine {
                     }
                 }
                 Action::PersistEnd => self.persist_end(handle),
+                // 3PC actions: `begin` refuses three-phase transactions until the services carry
+                // pre-commits and termination queries, so a machine here never asks for them.
+                Action::PersistPreCommit { .. }
+                | Action::SendPreCommit { .. }
+                | Action::QueryParticipantStates { .. } => {
+                    tracing::error!(gid = %handle.gid, ?action, "three-phase commit action without three-phase support in this driver; ignored");
+                }
                 Action::Finished => {
                     // A heuristic decision stays in the log until this end record (an abort
                     // writes none of its own).

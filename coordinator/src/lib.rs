@@ -1,7 +1,7 @@
 //! Treaty's coordinator: drives two-phase commit across participant agents and keeps the durable
 //! decision log that recovery replays.
 //!
-//! - `protocol`: the pure state machine (no I/O);
+//! - `protocol`: the pure state machine (no I/O), re-exported from `treaty-commit-protocol`;
 //! - `driver`: carries out the machine's actions (RPCs to participants, log writes, timers);
 //! - `participants`: the gRPC links to participant agents;
 //! - `submit`: one-shot cross-shard submits;
@@ -15,9 +15,11 @@ pub mod driver;
 pub mod failpoints;
 mod log_faults;
 pub mod participants;
-pub mod protocol;
 pub mod service;
 mod submit;
+
+/// The pure commit protocol lives in its own crate so that the model checker runs the same code.
+pub use treaty_commit_protocol as protocol;
 
 use std::future::Future;
 use std::io::Write;

@@ -116,7 +116,8 @@ fn branch_to_pb(phase: BranchPhase) -> pb::ParticipantState {
     match phase {
         BranchPhase::Active => pb::ParticipantState::Active,
         BranchPhase::Preparing => pb::ParticipantState::Preparing,
-        BranchPhase::Prepared => pb::ParticipantState::Prepared,
+        BranchPhase::Prepared | BranchPhase::PreCommitting => pb::ParticipantState::Prepared,
+        BranchPhase::PreCommitted => pb::ParticipantState::PreCommitted,
         BranchPhase::ReadOnly => pb::ParticipantState::ReadOnly,
         BranchPhase::VotedNo => pb::ParticipantState::VotedNo,
         BranchPhase::Committing => pb::ParticipantState::Committing,

@@ -1,6 +1,6 @@
 //! The commit protocol as a pure state machine: one [`Transaction`] per transaction, driven by
 //! [`Event`]s and answering with [`Action`]s. Nothing in here does I/O, reads a clock or touches
-//! tokio: time comes in as `now_ms` arguments, and the driver (`crate::driver`) carries out the
+//! tokio: time comes in as `now_ms` arguments, and the coordinator's driver (`treaty_coordinator::driver`) carries out the
 //! actions and feeds their results back. The same code is unit-tested here, and run by the service.
 //!
 //! Two-phase commit with presumed abort:
@@ -11,17 +11,27 @@
 //! - one writer among the participants commits with a plain local COMMIT and writes no record; a
 //!   participant that wrote nothing votes read-only and is left out of phase two.
 //!
-//! The phases leave room for three-phase commit: `PreCommitting` sits between the votes and the
-//! commit decision, and [`Protocol::ThreePhase`] selects it per transaction.
+//! Three-phase commit, selected per transaction by [`Protocol::ThreePhase`]: after the votes the
+//! coordinator forces a pre-commit record, pre-commits every YES voter (each records it durably
+//! before acknowledging), and only then forces the commit decision. The participant's machine
+//! ([`participant`]) runs the cooperative termination protocol ([`termination`]) when the
+//! coordinator falls silent.
+//!
+//! Guarantee: 3PC finishes without the coordinator when the coordinator is down but every
+//! participant of the transaction is up and reachable; with a participant also down or
+//! partitioned away, it waits like 2PC; it never decides both ways, under any partition.
+//!
+//! Modules: `coordinator` (the coordinator's [`Transaction`]), `participant` (one branch),
+//! `termination` (ballots and the termination rules), `events` (the coordinator's events and
+//! actions). The model checker (`tests/model.rs`) explores these same machines.
 
+pub mod coordinator;
 mod events;
-mod transaction;
+pub mod participant;
+pub mod termination;
 
-#[cfg(test)]
-mod tests;
-
+pub use coordinator::{Branch, BranchPhase, Phase, Protocol, Timeouts, Transaction};
 pub use events::{AbortCause, AbortReason, Action, Event, Outcome, ProtocolError, Vote};
-pub use transaction::{Branch, BranchPhase, Phase, Protocol, Timeouts, Transaction};
 
 /// Delay before the next phase-two attempt to a participant that did not answer: doubles from
 /// 20 ms up to 2 s so a participant that comes back is reached quickly and one that stays down

@@ -1,23 +1,35 @@
-//! One transaction's state as the coordinator sees it, and `step`, the only way it changes.
+//! One transaction's state as the coordinator sees it, and `step`, the only way it changes; for
+//! 2PC (presumed abort) and 3PC (a forced pre-commit record, `PreCommit` to every YES voter, then
+//! the commit decision as in 2PC).
 //!
 //! Architecture invariant: a transaction reaches `Committing` only through `DecisionDurable`
 //! (or through `recover_commit`, which starts from a durable decision), so no participant is ever
 //! told to commit before the decision is in the log. Every other path out of `Active` or
 //! `Preparing` leads to `Aborting`, which is safe to take without logging (presumed abort).
+//!
+//! 3PC: once a `PreCommit` may have been sent (from `PreCommitDurable` on, and for a transaction
+//! recovered from a pre-commit record), the coordinator never decides abort by itself: it only
+//! learns the participants' states under a ballot and applies `termination::decide`, the same rule
+//! the participants' termination leader applies.
+
+use std::collections::BTreeMap;
 
 use treaty_proto::{ShardName, TxId};
 
-use super::events::{AbortCause, AbortReason, Action, Event, Outcome, ProtocolError, Vote};
-use super::retry_delay_ms;
+use crate::participant::Report;
+use crate::termination::{self, Ballot, Proposer, ReportedState, Rules, TerminationOutcome};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+use crate::events::{AbortCause, AbortReason, Action, Event, Outcome, ProtocolError, Vote};
+use crate::retry_delay_ms;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     TwoPhase,
     ThreePhase,
 }
 
 /// Limits a transaction runs under, in milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Timeouts {
     /// From begin to the end of voting.
     pub transaction_ms: u64,
@@ -27,13 +39,15 @@ pub struct Timeouts {
     pub vote_ms: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Phase {
     Active,
     Preparing,
     /// Every vote was YES or READ-ONLY; the commit decision is being forced to the log.
     LoggingCommit,
-    /// Reserved for three-phase commit: between the votes and the commit decision.
+    /// Three-phase commit, between the votes and the commit decision: the pre-commit record is
+    /// being forced, pre-commits are out, or (after a timeout or a restart) the participants'
+    /// states are being learned.
     PreCommitting,
     CommittingOnePhase,
     /// Decided commit (durable); phase two in progress.
@@ -78,11 +92,15 @@ impl Phase {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BranchPhase {
     Active,
     Preparing,
     Prepared,
+    /// 3PC: sent a pre-commit, not acknowledged yet.
+    PreCommitting,
+    /// 3PC: durably pre-committed.
+    PreCommitted,
     ReadOnly,
     VotedNo,
     Committing,
@@ -92,7 +110,7 @@ pub enum BranchPhase {
 }
 
 /// One participant's part in the transaction.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Branch {
     pub shard: ShardName,
     pub phase: BranchPhase,
@@ -101,13 +119,13 @@ pub struct Branch {
     pub last_error: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum ReplyWhen {
     Decided,
     Applied,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Transaction {
     txid: TxId,
     protocol: Protocol,
@@ -123,6 +141,14 @@ pub struct Transaction {
     outcome: Option<Outcome>,
     reply: Option<ReplyWhen>,
     recovered: bool,
+    /// 3PC: the log holds this transaction's pre-commit record (so finishing needs an end record).
+    pre_commit_logged: bool,
+    /// 3PC: the ballot of this coordinator's pre-commits and queries.
+    ballot: Ballot,
+    /// 3PC: the highest ballot a participant refused a query for (a termination leader's).
+    highest_refusal: Ballot,
+    /// 3PC: the states learned so far under `ballot`, while learning.
+    learning: Option<BTreeMap<ShardName, ReportedState>>,
 }
 
 impl Transaction {
@@ -142,7 +168,45 @@ impl Transaction {
             outcome: None,
             reply: None,
             recovered: false,
+            pre_commit_logged: false,
+            ballot: Ballot::COORDINATOR,
+            highest_refusal: Ballot::COORDINATOR,
+            learning: None,
         }
+    }
+
+    /// Rebuilds a 3PC transaction whose pre-commit record was found in the log without a commit
+    /// record. Pre-commits may have been sent, so abort cannot be presumed: the transaction learns
+    /// every participant's state under a ballot of this `incarnation` (a number the driver makes
+    /// higher at every restart) and applies the termination rules, like a termination leader.
+    pub fn recover_pre_committed(
+        txid: TxId,
+        participants: Vec<ShardName>,
+        incarnation: u64,
+        timeouts: Timeouts,
+        now_ms: u64,
+    ) -> (Self, Vec<Action>) {
+        let mut txn = Self::begin(txid, Protocol::ThreePhase, timeouts, now_ms);
+        txn.begun_at_ms = 0;
+        txn.recovered = true;
+        txn.phase = Phase::PreCommitting;
+        txn.pre_commit_logged = true;
+        txn.ballot = Ballot {
+            round: 0,
+            proposer: Proposer::Coordinator { incarnation },
+        };
+        txn.branches = participants
+            .into_iter()
+            .map(|shard| Branch {
+                shard,
+                phase: BranchPhase::Prepared,
+                attempts: 0,
+                last_error: None,
+            })
+            .collect();
+        let mut actions = Vec::new();
+        txn.start_learning(now_ms, &mut actions);
+        (txn, actions)
     }
 
     /// Rebuilds a transaction whose commit decision was found in the log without an end record,
@@ -260,6 +324,7 @@ impl Transaction {
                 }
             }
             Phase::Preparing => Some(self.vote_deadline_ms),
+            Phase::PreCommitting if self.pre_commit_logged => Some(self.vote_deadline_ms),
             _ => None,
         }
     }
@@ -295,6 +360,13 @@ impl Transaction {
             }
             Event::Tick => self.tick(now_ms, &mut actions),
             Event::HeuristicAbort { reason } => self.heuristic_abort(reason, now_ms, &mut actions)?,
+            Event::PreCommitDurable => self.pre_commit_durable(now_ms, &mut actions),
+            Event::PreCommitAcknowledged { shard, ballot } => {
+                self.pre_commit_acknowledged(&shard, &ballot, &mut actions)
+            }
+            Event::ParticipantStatesLearned { ballot, reports } => {
+                self.states_learned(&ballot, reports, now_ms, &mut actions)
+            }
         }
         Ok(actions)
     }
@@ -461,12 +533,202 @@ impl Transaction {
             // Every branch was read-only and has finished: nothing to decide or log.
             self.decided_at_ms = Some(now_ms);
             self.finish(Phase::Committed, Outcome::Committed, now_ms, actions);
+        } else if self.protocol == Protocol::ThreePhase {
+            // Force the pre-commit record before any pre-commit leaves: from then on a restart
+            // must learn the outcome instead of presuming abort.
+            self.phase = Phase::PreCommitting;
+            actions.push(Action::PersistPreCommit {
+                participants: prepared,
+            });
         } else {
             self.phase = Phase::LoggingCommit;
             actions.push(Action::PersistCommit {
                 participants: prepared,
             });
         }
+    }
+
+    /// The 3PC participants: every YES voter.
+    fn yes_voters(&self) -> Vec<ShardName> {
+        self.branches
+            .iter()
+            .filter(|b| {
+                matches!(
+                    b.phase,
+                    BranchPhase::Prepared | BranchPhase::PreCommitting | BranchPhase::PreCommitted
+                )
+            })
+            .map(|b| b.shard.clone())
+            .collect()
+    }
+
+    fn pre_commit_durable(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        if self.phase != Phase::PreCommitting || self.pre_commit_logged {
+            return;
+        }
+        self.pre_commit_logged = true;
+        self.vote_deadline_ms = now_ms.saturating_add(self.timeouts.vote_ms);
+        let ballot = self.ballot.clone();
+        for branch in self
+            .branches
+            .iter_mut()
+            .filter(|b| b.phase == BranchPhase::Prepared)
+        {
+            branch.phase = BranchPhase::PreCommitting;
+            branch.attempts = 1;
+            actions.push(Action::SendPreCommit {
+                shard: branch.shard.clone(),
+                ballot: ballot.clone(),
+                delay_ms: 0,
+            });
+        }
+    }
+
+    fn pre_commit_acknowledged(&mut self, shard: &ShardName, ballot: &Ballot, actions: &mut Vec<Action>) {
+        if self.phase != Phase::PreCommitting || ballot != &self.ballot || self.learning.is_some() {
+            return;
+        }
+        if let Some(branch) = self
+            .branches
+            .iter_mut()
+            .find(|b| &b.shard == shard && b.phase == BranchPhase::PreCommitting)
+        {
+            branch.phase = BranchPhase::PreCommitted;
+            branch.last_error = None;
+        }
+        self.log_commit_if_pre_committed(actions);
+    }
+
+    /// Once every YES voter is pre-committed, the commit decision is forced as in 2PC.
+    fn log_commit_if_pre_committed(&mut self, actions: &mut Vec<Action>) {
+        if self
+            .branches
+            .iter()
+            .any(|b| matches!(b.phase, BranchPhase::PreCommitting | BranchPhase::Prepared))
+        {
+            return;
+        }
+        self.phase = Phase::LoggingCommit;
+        actions.push(Action::PersistCommit {
+            participants: self.yes_voters(),
+        });
+    }
+
+    /// 3PC, pre-commits out and silence (or a restart): ask every YES voter for its state under a
+    /// ballot above any seen, which also stops lower pre-commits still in flight.
+    fn start_learning(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        let proposer = self.ballot.proposer.clone();
+        self.ballot = self
+            .ballot
+            .clone()
+            .max(self.highest_refusal.clone())
+            .next_for(proposer);
+        self.vote_deadline_ms = now_ms.saturating_add(self.timeouts.vote_ms);
+        for branch in &mut self.branches {
+            if branch.phase == BranchPhase::PreCommitting || branch.phase == BranchPhase::PreCommitted {
+                branch.phase = BranchPhase::Prepared;
+            }
+        }
+        self.learning = Some(BTreeMap::new());
+        actions.push(Action::QueryParticipantStates {
+            shards: self.yes_voters(),
+            ballot: self.ballot.clone(),
+        });
+    }
+
+    fn states_learned(
+        &mut self,
+        ballot: &Ballot,
+        reports: Vec<(ShardName, Report)>,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        if self.phase != Phase::PreCommitting || ballot != &self.ballot {
+            return;
+        }
+        let voters = self.yes_voters();
+        let Some(states) = self.learning.as_mut() else {
+            return;
+        };
+        for (shard, report) in reports {
+            match report {
+                Report::State(state) => {
+                    states.insert(shard, state);
+                }
+                Report::Refused { promised } => {
+                    if promised > self.highest_refusal {
+                        self.highest_refusal = promised;
+                    }
+                }
+            }
+        }
+        // The guard: decide only with the state of every participant; else ask again on the tick.
+        if !voters.iter().all(|shard| states.contains_key(shard)) {
+            return;
+        }
+        let learned: Vec<ReportedState> = states.values().copied().collect();
+        let Some(outcome) = termination::decide(&learned, Rules::Classical) else {
+            return;
+        };
+        let states = std::mem::take(states);
+        self.learning = None;
+        self.vote_deadline_ms = now_ms.saturating_add(self.timeouts.vote_ms);
+        match outcome {
+            TerminationOutcome::Abort => {
+                let reason = AbortReason::new(
+                    AbortCause::Timeout,
+                    "three-phase termination: no participant had pre-committed",
+                );
+                self.abort_after_termination(reason, now_ms, actions);
+            }
+            TerminationOutcome::Commit | TerminationOutcome::PreCommitThenCommit => {
+                let ballot = self.ballot.clone();
+                for branch in &mut self.branches {
+                    let Some(state) = states.get(&branch.shard) else {
+                        continue;
+                    };
+                    // With someone committed the decision is made: commit the rest directly.
+                    if *state == ReportedState::Prepared && outcome == TerminationOutcome::PreCommitThenCommit
+                    {
+                        branch.phase = BranchPhase::PreCommitting;
+                        branch.attempts = 1;
+                        actions.push(Action::SendPreCommit {
+                            shard: branch.shard.clone(),
+                            ballot: ballot.clone(),
+                            delay_ms: 0,
+                        });
+                    } else {
+                        branch.phase = BranchPhase::PreCommitted;
+                    }
+                }
+                self.log_commit_if_pre_committed(actions);
+            }
+        }
+    }
+
+    /// Abort decided by the termination rules: only from states where no participant was
+    /// pre-committed or one had aborted.
+    fn abort_after_termination(&mut self, reason: AbortReason, now_ms: u64, actions: &mut Vec<Action>) {
+        self.phase = Phase::Aborting;
+        self.decided_at_ms = Some(now_ms);
+        self.outcome = Some(Outcome::Aborted(reason.clone()));
+        for branch in &mut self.branches {
+            if matches!(
+                branch.phase,
+                BranchPhase::Prepared | BranchPhase::PreCommitting | BranchPhase::PreCommitted
+            ) {
+                branch.phase = BranchPhase::Aborting;
+                branch.attempts = 1;
+                actions.push(Action::SendAbort {
+                    shard: branch.shard.clone(),
+                    delay_ms: 0,
+                });
+            }
+        }
+        if self.reply.take().is_some() {
+            actions.push(Action::Reply(Outcome::Aborted(reason)));
+        }
+        self.finish_if_aborted(now_ms, actions);
     }
 
     fn decision_durable(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
@@ -479,7 +741,7 @@ impl Transaction {
         for branch in self
             .branches
             .iter_mut()
-            .filter(|b| b.phase == BranchPhase::Prepared)
+            .filter(|b| matches!(b.phase, BranchPhase::Prepared | BranchPhase::PreCommitted))
         {
             branch.phase = BranchPhase::Committing;
             branch.attempts = 1;
@@ -518,6 +780,7 @@ impl Transaction {
         let pending = match self.phase {
             Phase::Committing => BranchPhase::Committing,
             Phase::Aborting => BranchPhase::Aborting,
+            Phase::PreCommitting => BranchPhase::PreCommitting,
             _ => return,
         };
         let Some(branch) = self
@@ -533,6 +796,11 @@ impl Transaction {
         let shard = branch.shard.clone();
         actions.push(match pending {
             BranchPhase::Committing => Action::SendCommit { shard, delay_ms },
+            BranchPhase::PreCommitting => Action::SendPreCommit {
+                shard,
+                ballot: self.ballot.clone(),
+                delay_ms,
+            },
             _ => Action::SendAbort { shard, delay_ms },
         });
     }
@@ -556,6 +824,11 @@ impl Transaction {
             return;
         };
         if now_ms < deadline {
+            return;
+        }
+        if self.phase == Phase::PreCommitting {
+            // Never abort here: a pre-commit may be out. Learn what the participants hold.
+            self.start_learning(now_ms, actions);
             return;
         }
         let message = match self.phase {
@@ -636,6 +909,10 @@ impl Transaction {
             return;
         }
         if let Some(outcome) = self.outcome.clone() {
+            if self.pre_commit_logged {
+                // The pre-commit record must go: the log would otherwise re-learn this one.
+                actions.push(Action::PersistEnd);
+            }
             self.finish(Phase::Aborted, outcome, now_ms, actions);
         }
     }
@@ -650,3 +927,9 @@ impl Transaction {
         actions.push(Action::Finished);
     }
 }
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod three_phase_tests;

@@ -3,8 +3,11 @@
 
 use treaty_proto::ShardName;
 
+use crate::participant::Report;
+use crate::termination::Ballot;
+
 /// Why a transaction aborted: enough for a client to report it and decide whether to retry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct AbortReason {
     pub cause: AbortCause,
     pub shard: Option<ShardName>,
@@ -13,7 +16,7 @@ pub struct AbortReason {
     pub retryable: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AbortCause {
     ClientRollback,
     StatementFailed,
@@ -59,7 +62,7 @@ impl std::fmt::Display for AbortReason {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Outcome {
     Committed,
     Aborted(AbortReason),
@@ -67,7 +70,7 @@ pub enum Outcome {
     Unknown(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Vote {
     Yes,
     /// The branch wrote nothing and has already finished locally; it takes no part in phase two.
@@ -75,7 +78,7 @@ pub enum Vote {
     No(AbortReason),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Event {
     /// The client is about to run a statement on `shard`; enlists it. Refused unless active.
     Enlist {
@@ -126,9 +129,22 @@ pub enum Event {
     HeuristicAbort {
         reason: AbortReason,
     },
+    /// 3PC: the record asked for by `PersistPreCommit` is durable.
+    PreCommitDurable,
+    /// 3PC: `shard` durably pre-committed under `ballot`.
+    PreCommitAcknowledged {
+        shard: ShardName,
+        ballot: Ballot,
+    },
+    /// 3PC: answers to `QueryParticipantStates` under `ballot` (any subset; missing ones are asked
+    /// again after the vote timeout).
+    ParticipantStatesLearned {
+        ballot: Ballot,
+        reports: Vec<(ShardName, Report)>,
+    },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Action {
     /// Ask every listed participant to prepare, in parallel; each answers with `VoteReceived`.
     SendPrepare { shards: Vec<ShardName> },
@@ -146,6 +162,19 @@ pub enum Action {
     PersistEnd,
     /// The transaction needs nothing more; the driver may move it to its history.
     Finished,
+    /// 3PC: force "this transaction entered pre-commit, with these participants" to the log, so a
+    /// restarted coordinator never presumes abort for it; answered by `PreCommitDurable`.
+    PersistPreCommit { participants: Vec<ShardName> },
+    /// 3PC: ask `shard` to pre-commit under `ballot` after `delay_ms`; answered by
+    /// `PreCommitAcknowledged`, or `PhaseTwoFailed` if it did not get there.
+    SendPreCommit {
+        shard: ShardName,
+        ballot: Ballot,
+        delay_ms: u64,
+    },
+    /// 3PC: ask every listed participant for its state under `ballot` (a participant that answers
+    /// promises to ignore lower ballots); answered by `ParticipantStatesLearned`.
+    QueryParticipantStates { shards: Vec<ShardName>, ballot: Ballot },
 }
 
 /// An event the transaction cannot take in its current phase. Each says what the caller did wrong.
