@@ -631,14 +631,13 @@ impl Engine {
         self.run_statement(txid, shard, sql, params, fuse).await
     }
 
-    async fn run_statement(
+    /// Enlists `shard` in the transaction for a statement: the shard, the transaction, and the
+    /// milliseconds left before its next deadline (the statement's time budget).
+    fn enlist(
         self: &Arc<Self>,
         txid: TxId,
         shard: &str,
-        sql: String,
-        params: Vec<pb::Value>,
-        prepare: bool,
-    ) -> Result<pb::ExecuteResult, ApiError> {
+    ) -> Result<(ShardName, Arc<TxnHandle>, u64), ApiError> {
         let shard = self.links.resolve(shard)?;
         let handle = self.handle(txid)?;
         self.feed(&handle, Event::Enlist { shard: shard.clone() })
@@ -647,6 +646,18 @@ impl Engine {
             .machine()
             .next_deadline_ms()
             .map_or(0, |d| d.saturating_sub(now_ms()));
+        Ok((shard, handle, remaining))
+    }
+
+    async fn run_statement(
+        self: &Arc<Self>,
+        txid: TxId,
+        shard: &str,
+        sql: String,
+        params: Vec<pb::Value>,
+        prepare: bool,
+    ) -> Result<pb::ExecuteResult, ApiError> {
+        let (shard, handle, remaining) = self.enlist(txid, shard)?;
         let request = pb::BranchExecuteRequest {
             gid: handle.gid.to_string(),
             sql,
@@ -696,14 +707,7 @@ impl Engine {
         op: usize,
         wait_for_apply: bool,
     ) -> Result<(Outcome, Option<pb::ExecuteResult>), ApiError> {
-        let shard = self.links.resolve(shard)?;
-        let handle = self.handle(txid)?;
-        self.feed(&handle, Event::Enlist { shard: shard.clone() })
-            .map_err(refused)?;
-        let remaining = handle
-            .machine()
-            .next_deadline_ms()
-            .map_or(0, |d| d.saturating_sub(now_ms()));
+        let (_, handle, remaining) = self.enlist(txid, shard)?;
         *handle.fused() = Fused::Pending {
             request: pb::ExecuteAndCommitRequest {
                 execute: Some(pb::BranchExecuteRequest {

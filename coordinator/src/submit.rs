@@ -85,6 +85,20 @@ async fn run_shard(
     Ok(results)
 }
 
+/// Aborts after an op failed. A failed statement already aborted the transaction; the first
+/// reason recorded there is the one the client hears. An expect_rows miss aborts it here.
+async fn abort_with(engine: &Arc<Engine>, txid: TxId, reason: AbortReason) -> Result<Outcome, ApiError> {
+    Ok(match engine.rollback(txid, reason.clone()).await {
+        Ok(outcome) => outcome,
+        Err(_) => engine
+            .handle(txid)?
+            .machine()
+            .outcome()
+            .cloned()
+            .unwrap_or(Outcome::Aborted(reason)),
+    })
+}
+
 pub async fn submit(
     engine: &Arc<Engine>,
     ops: Vec<pb::Op>,
@@ -115,18 +129,7 @@ pub async fn submit(
         }
     }
     if let Some(reason) = failure {
-        // A failed statement already aborted the transaction; the first reason recorded there is
-        // the one the client hears. An expect_rows miss aborts it here.
-        let outcome = match engine.rollback(txid, reason.clone()).await {
-            Ok(outcome) => outcome,
-            Err(_) => engine
-                .handle(txid)?
-                .machine()
-                .outcome()
-                .cloned()
-                .unwrap_or(Outcome::Aborted(reason)),
-        };
-        return Ok((txid, outcome, Vec::new()));
+        return Ok((txid, abort_with(engine, txid, reason).await?, Vec::new()));
     }
     let outcome = engine.commit(txid, wait_for_apply).await?;
     results.sort_by_key(|(index, _)| *index);
@@ -148,18 +151,7 @@ async fn submit_one_shard(
     };
     let mut results = match run_shard(engine, txid, ops, false).await {
         Ok(results) => results,
-        Err(reason) => {
-            let outcome = match engine.rollback(txid, reason.clone()).await {
-                Ok(outcome) => outcome,
-                Err(_) => engine
-                    .handle(txid)?
-                    .machine()
-                    .outcome()
-                    .cloned()
-                    .unwrap_or(Outcome::Aborted(reason)),
-            };
-            return Ok((txid, outcome, Vec::new()));
-        }
+        Err(reason) => return Ok((txid, abort_with(engine, txid, reason).await?, Vec::new())),
     };
     let (outcome, result) = engine
         .commit_with_statement(

@@ -165,6 +165,30 @@ fn finish_response(state: BranchState) -> Response<pb::FinishResponse> {
     })
 }
 
+/// A branch statement request, checked and converted.
+struct Statement {
+    gid: Gid,
+    sql: String,
+    params: Vec<values::Param>,
+    options: crate::postgres::BranchOptions,
+}
+
+impl ParticipantService {
+    fn statement(&self, request: pb::BranchExecuteRequest) -> Result<Statement, Status> {
+        let gid = parse_gid(&request.gid)?;
+        let params = treaty_proto::params_from_pb(request.params)?;
+        treaty_proto::validate_statement(&request.sql, &params)?;
+        let params = values::params(params).map_err(|e| self.error(e.into()))?;
+        let options = branch_options(request.options)?;
+        Ok(Statement {
+            gid,
+            sql: request.sql,
+            params,
+            options,
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl pb::participant_server::Participant for ParticipantService {
     async fn execute(
@@ -172,13 +196,13 @@ impl pb::participant_server::Participant for ParticipantService {
         request: Request<pb::BranchExecuteRequest>,
     ) -> Result<Response<pb::ExecuteResult>, Status> {
         let request = request.into_inner();
-        let gid = parse_gid(&request.gid)?;
-        let params = treaty_proto::params_from_pb(request.params)?;
-        treaty_proto::validate_statement(&request.sql, &params)?;
-        let params = values::params(params).map_err(|e| self.error(e.into()))?;
-        let options = branch_options(request.options)?;
+        let Statement {
+            gid,
+            sql,
+            params,
+            options,
+        } = self.statement(request)?;
         let agent = self.agent.clone();
-        let sql = request.sql;
         let output = self
             .spawn(async move { agent.execute(&gid, &sql, params, &options).await })
             .await?;
@@ -190,13 +214,13 @@ impl pb::participant_server::Participant for ParticipantService {
         request: Request<pb::BranchExecuteRequest>,
     ) -> Result<Response<pb::ExecuteAndPrepareResponse>, Status> {
         let request = request.into_inner();
-        let gid = parse_gid(&request.gid)?;
-        let params = treaty_proto::params_from_pb(request.params)?;
-        treaty_proto::validate_statement(&request.sql, &params)?;
-        let params = values::params(params).map_err(|e| self.error(e.into()))?;
-        let options = branch_options(request.options)?;
+        let Statement {
+            gid,
+            sql,
+            params,
+            options,
+        } = self.statement(request)?;
         let agent = self.agent.clone();
-        let sql = request.sql;
         let (output, vote) = self
             .spawn(async move { agent.execute_and_prepare(&gid, &sql, params, &options).await })
             .await?;
@@ -286,13 +310,13 @@ impl pb::participant_server::Participant for ParticipantService {
             )
             .into());
         };
-        let gid = parse_gid(&request.gid)?;
-        let params = treaty_proto::params_from_pb(request.params)?;
-        treaty_proto::validate_statement(&request.sql, &params)?;
-        let params = values::params(params).map_err(|e| self.error(e.into()))?;
-        let options = branch_options(request.options)?;
+        let Statement {
+            gid,
+            sql,
+            params,
+            options,
+        } = self.statement(request)?;
         let agent = self.agent.clone();
-        let sql = request.sql;
         let (output, committed) = self
             .spawn(async move {
                 agent
