@@ -192,6 +192,7 @@ impl ParticipantLinks {
         let request = pb::PrepareRequest {
             gid: gid.to_string(),
             participants,
+            ..Default::default()
         };
         match tokio::time::timeout(timeout, client.prepare(request)).await {
             Ok(Ok(response)) => vote_from_pb(shard, response.into_inner()),

@@ -358,6 +358,33 @@ impl pb::participant_server::Participant for ParticipantService {
             branches,
         }))
     }
+
+    async fn pre_commit(
+        &self,
+        _request: Request<pb::PreCommitRequest>,
+    ) -> Result<Response<pb::PreCommitResponse>, Status> {
+        Err(Status::unimplemented(
+            "three-phase commit: pre-commit is not wired yet",
+        ))
+    }
+
+    async fn query_state(
+        &self,
+        _request: Request<pb::QueryStateRequest>,
+    ) -> Result<Response<pb::QueryStateResponse>, Status> {
+        Err(Status::unimplemented(
+            "three-phase commit: state queries are not wired yet",
+        ))
+    }
+
+    async fn request_termination(
+        &self,
+        _request: Request<pb::TerminationRequest>,
+    ) -> Result<Response<pb::TerminationResponse>, Status> {
+        Err(Status::unimplemented(
+            "three-phase commit: termination is not wired yet",
+        ))
+    }
 }
 
 #[cfg(test)]

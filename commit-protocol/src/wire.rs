@@ -1,0 +1,143 @@
+//! Conversions between the protocol's termination types ([`Ballot`], [`ReportedState`], [`Report`])
+//! and their `treaty.v1` wire forms, shared by the coordinator and the participant so that both
+//! read a peer's ballot the same way. Pure: a malformed message is an error naming the field.
+
+use treaty_proto::{ShardName, pb};
+
+use crate::participant::Report;
+use crate::termination::{Ballot, Proposer, ReportedState};
+
+/// A wire message that does not describe a ballot or a state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("ballot missing from a three-phase message")]
+    MissingBallot,
+    #[error("ballot names no proposer (neither coordinator_incarnation nor participant is set)")]
+    NoProposer,
+    #[error("ballot's participant {name:?} is not a valid shard name: {reason}")]
+    BadProposer { name: String, reason: String },
+    #[error("reported state {0} is not one this version knows")]
+    UnknownState(i32),
+}
+
+pub fn ballot_to_pb(ballot: &Ballot) -> pb::Ballot {
+    pb::Ballot {
+        round: ballot.round,
+        proposer: Some(match &ballot.proposer {
+            Proposer::Coordinator { incarnation } => {
+                pb::ballot::Proposer::CoordinatorIncarnation(*incarnation)
+            }
+            Proposer::Participant(shard) => pb::ballot::Proposer::Participant(shard.to_string()),
+        }),
+    }
+}
+
+pub fn ballot_from_pb(ballot: Option<&pb::Ballot>) -> Result<Ballot, WireError> {
+    let ballot = ballot.ok_or(WireError::MissingBallot)?;
+    let proposer = match &ballot.proposer {
+        None => return Err(WireError::NoProposer),
+        Some(pb::ballot::Proposer::CoordinatorIncarnation(incarnation)) => Proposer::Coordinator {
+            incarnation: *incarnation,
+        },
+        Some(pb::ballot::Proposer::Participant(name)) => {
+            Proposer::Participant(ShardName::new(name).map_err(|e| WireError::BadProposer {
+                name: name.clone(),
+                reason: e.to_string(),
+            })?)
+        }
+    };
+    Ok(Ballot {
+        round: ballot.round,
+        proposer,
+    })
+}
+
+pub fn state_to_pb(state: ReportedState) -> pb::ReportedState {
+    match state {
+        ReportedState::Prepared => pb::ReportedState::Prepared,
+        ReportedState::PreCommitted => pb::ReportedState::PreCommitted,
+        ReportedState::Committed => pb::ReportedState::Committed,
+        ReportedState::Aborted => pb::ReportedState::Aborted,
+    }
+}
+
+/// A `QueryState` answer as the machines take it.
+pub fn report_to_pb(report: &Report) -> pb::QueryStateResponse {
+    match report {
+        Report::State(state) => pb::QueryStateResponse {
+            state: state_to_pb(*state) as i32,
+            refused: false,
+            promised: None,
+        },
+        Report::Refused { promised } => pb::QueryStateResponse {
+            state: pb::ReportedState::Unspecified as i32,
+            refused: true,
+            promised: Some(ballot_to_pb(promised)),
+        },
+    }
+}
+
+pub fn report_from_pb(response: &pb::QueryStateResponse) -> Result<Report, WireError> {
+    if response.refused {
+        return Ok(Report::Refused {
+            promised: ballot_from_pb(response.promised.as_ref())?,
+        });
+    }
+    let state = match pb::ReportedState::try_from(response.state) {
+        Ok(pb::ReportedState::Prepared) => ReportedState::Prepared,
+        Ok(pb::ReportedState::PreCommitted) => ReportedState::PreCommitted,
+        Ok(pb::ReportedState::Committed) => ReportedState::Committed,
+        Ok(pb::ReportedState::Aborted) => ReportedState::Aborted,
+        Ok(pb::ReportedState::Unspecified) | Err(_) => return Err(WireError::UnknownState(response.state)),
+    };
+    Ok(Report::State(state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ballots_and_reports_round_trip() {
+        let shard = ShardName::new("s1").unwrap();
+        for ballot in [
+            Ballot::COORDINATOR,
+            Ballot {
+                round: 7,
+                proposer: Proposer::Coordinator { incarnation: 3 },
+            },
+            Ballot {
+                round: 2,
+                proposer: Proposer::Participant(shard.clone()),
+            },
+        ] {
+            assert_eq!(ballot_from_pb(Some(&ballot_to_pb(&ballot))), Ok(ballot.clone()));
+            let refused = Report::Refused { promised: ballot };
+            assert_eq!(report_from_pb(&report_to_pb(&refused)), Ok(refused));
+        }
+        for state in [
+            ReportedState::Prepared,
+            ReportedState::PreCommitted,
+            ReportedState::Committed,
+            ReportedState::Aborted,
+        ] {
+            let report = Report::State(state);
+            assert_eq!(report_from_pb(&report_to_pb(&report)), Ok(report));
+        }
+    }
+
+    #[test]
+    fn malformed_messages_name_the_problem() {
+        assert_eq!(ballot_from_pb(None), Err(WireError::MissingBallot));
+        let no_proposer = pb::Ballot {
+            round: 1,
+            proposer: None,
+        };
+        assert_eq!(ballot_from_pb(Some(&no_proposer)), Err(WireError::NoProposer));
+        let bad = pb::QueryStateResponse {
+            state: 99,
+            ..Default::default()
+        };
+        assert_eq!(report_from_pb(&bad), Err(WireError::UnknownState(99)));
+    }
+}
