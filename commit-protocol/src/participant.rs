@@ -19,8 +19,9 @@
 //! In 2PC a participant never finishes a prepared branch on its own: on a timeout it asks the
 //! coordinator ([`ParticipantAction::AskCoordinator`]).
 //!
-//! Not modelled here yet: a participant restart. A real participant must keep its promised ballot
-//! durable next to its pre-commit state, so that a restart cannot forget a promise.
+//! A participant restart is not modelled: the service keeps the participants, the pre-commit and the
+//! promised ballot durable before it votes or answers, and rebuilds the machine with
+//! [`Participant::recover`], so a restart cannot forget a promise.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -213,6 +214,43 @@ impl Participant {
             deadline_ms: Some(now_ms.saturating_add(timeout_ms)),
             round: None,
         }
+    }
+
+    /// A 3PC branch rebuilt after a participant restart from what it recorded durably before
+    /// voting and before answering: the participants, whether it pre-committed, and the highest
+    /// ballot it promised. It times out at once (`now_ms`), so termination runs without waiting for
+    /// a coordinator that may be gone.
+    pub fn recover(
+        shard: ShardName,
+        participants: Vec<ShardName>,
+        pre_committed: bool,
+        promised: Ballot,
+        rules: Rules,
+        timeout_ms: u64,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            shard,
+            protocol: Protocol::ThreePhase,
+            rules,
+            participants,
+            phase: if pre_committed {
+                ParticipantPhase::PreCommitted
+            } else {
+                ParticipantPhase::Prepared
+            },
+            promised: promised.clone(),
+            highest_seen: promised,
+            pending_pre_commit: None,
+            deferred_queries: Vec::new(),
+            timeout_ms,
+            deadline_ms: Some(now_ms),
+            round: None,
+        }
+    }
+
+    pub fn participants(&self) -> &[ShardName] {
+        &self.participants
     }
 
     pub fn shard(&self) -> &ShardName {

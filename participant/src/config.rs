@@ -50,6 +50,10 @@ pub struct Args {
     /// Ask the coordinator about a branch left prepared this long, in ms.
     #[arg(long, env = "TREATY_PARTICIPANT_IN_DOUBT_AFTER_MS")]
     pub in_doubt_after_ms: Option<u64>,
+    /// Three-phase commit: how long a prepared or pre-committed branch waits for the coordinator
+    /// before the participants run termination among themselves, in ms.
+    #[arg(long, env = "TREATY_PARTICIPANT_THREE_PHASE_TIMEOUT_MS")]
+    pub three_phase_timeout_ms: Option<u64>,
     /// How often recovery looks at prepared branches and old marker rows, in ms.
     #[arg(long, env = "TREATY_PARTICIPANT_RECONCILE_INTERVAL_MS")]
     pub reconcile_interval_ms: Option<u64>,
@@ -83,6 +87,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     branch_idle_timeout_ms: Option<u64>,
     in_doubt_after_ms: Option<u64>,
+    three_phase_timeout_ms: Option<u64>,
     reconcile_interval_ms: Option<u64>,
     marker_retention_ms: Option<u64>,
     max_connections: Option<u32>,
@@ -99,6 +104,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub branch_idle_timeout_ms: u64,
     pub in_doubt_after_ms: u64,
+    pub three_phase_timeout_ms: u64,
     pub reconcile_interval_ms: u64,
     pub marker_retention_ms: u64,
     pub max_connections: u32,
@@ -198,6 +204,10 @@ impl Config {
                 .or(file.branch_idle_timeout_ms)
                 .unwrap_or(30_000),
             in_doubt_after_ms: args.in_doubt_after_ms.or(file.in_doubt_after_ms).unwrap_or(5_000),
+            three_phase_timeout_ms: args
+                .three_phase_timeout_ms
+                .or(file.three_phase_timeout_ms)
+                .unwrap_or(2_000),
             reconcile_interval_ms: args
                 .reconcile_interval_ms
                 .or(file.reconcile_interval_ms)
@@ -213,6 +223,7 @@ impl Config {
         for (name, value) in [
             ("--branch-idle-timeout-ms", config.branch_idle_timeout_ms),
             ("--reconcile-interval-ms", config.reconcile_interval_ms),
+            ("--three-phase-timeout-ms", config.three_phase_timeout_ms),
             ("--max-connections", config.max_connections.into()),
         ] {
             if value == 0 {
@@ -254,6 +265,7 @@ mod tests {
         assert_eq!(config.shard.as_str(), "s0");
         assert_eq!(config.branch_idle_timeout_ms, 30_000);
         assert_eq!(config.in_doubt_after_ms, 5_000);
+        assert_eq!(config.three_phase_timeout_ms, 2_000);
         assert_eq!(config.reconcile_interval_ms, 1_000);
         assert_eq!(config.marker_retention_ms, 60_000);
         assert_eq!(config.max_connections, 64);

@@ -13,7 +13,8 @@
 //! - `reconcile`, `coordinator_link`: recovery of prepared branches with the coordinator;
 //! - `prepared`: the prepared branches and the locks they hold (`ListPrepared`, `treaty in-doubt`);
 //! - `error`: the error types and their mapping to `ApiError`;
-//! - `failpoints`: the participant's failpoints (served by the `Admin` service).
+//! - `failpoints`: the participant's failpoints (served by the `Admin` service);
+//! - `three_phase`: three-phase branches (durable pre-commit and promises, the termination protocol).
 
 mod agent;
 mod branches;
@@ -27,6 +28,7 @@ mod reconcile;
 mod service;
 pub mod sql_guard;
 mod statement;
+mod three_phase;
 mod values;
 
 use std::future::Future;
@@ -92,9 +94,15 @@ pub async fn run(
         admission,
     );
 
+    let three_phase = three_phase::ThreePhase::start(agent.clone(), config.three_phase_timeout_ms)
+        .await
+        .map_err(ParticipantError::ServerCheck)?;
+
     let (stop, stopped) = watch::channel(false);
+    let terminating = tokio::spawn(three_phase.clone().run_ticker(stopped.clone()));
     let reconciler = Reconciler::new(
         agent.clone(),
+        three_phase.clone(),
         link,
         config.in_doubt_after_ms,
         config.marker_retention_ms,
@@ -113,6 +121,7 @@ pub async fn run(
     let served = tonic::transport::Server::builder()
         .add_service(ParticipantServer::new(service::ParticipantService::new(
             agent.clone(),
+            three_phase,
         )))
         .add_service(treaty_proto::admin::AdminService::server(&failpoints::CATALOG))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
@@ -121,6 +130,7 @@ pub async fn run(
     let _ = stop.send(true);
     let _ = reconciling.await;
     let _ = sweeping.await;
+    let _ = terminating.await;
     agent.shutdown().await;
     pool.close().await;
     tracing::info!("participant stopped");

@@ -21,12 +21,15 @@ use crate::agent::Agent;
 use crate::coordinator_link::{Answer, CoordinatorLink, Decision, MAX_GIDS_PER_QUERY};
 use crate::failpoints;
 use crate::postgres::{self, DbError};
+use crate::three_phase::ThreePhase;
 
 /// At most this many foreign GIDs are remembered for "log once".
 const MAX_REPORTED: usize = 10_000;
 
 pub struct Reconciler {
     agent: Arc<Agent>,
+    /// Decisions go through three-phase machines where a branch has one.
+    three_phase: Arc<ThreePhase>,
     link: CoordinatorLink,
     in_doubt_after_ms: u64,
     marker_retention_ms: u64,
@@ -47,6 +50,7 @@ enum PassError {
 impl Reconciler {
     pub fn new(
         agent: Arc<Agent>,
+        three_phase: Arc<ThreePhase>,
         link: CoordinatorLink,
         in_doubt_after_ms: u64,
         marker_retention_ms: u64,
@@ -54,6 +58,7 @@ impl Reconciler {
     ) -> Self {
         Self {
             agent,
+            three_phase,
             link,
             in_doubt_after_ms,
             marker_retention_ms,
@@ -166,8 +171,8 @@ impl Reconciler {
 
     async fn apply(&self, gid: &Gid, decision: Decision) {
         let result = match decision {
-            Decision::Commit => self.agent.commit(gid).await,
-            Decision::Abort => self.agent.abort(gid).await,
+            Decision::Commit => self.three_phase.commit(gid).await,
+            Decision::Abort => self.three_phase.abort(gid).await,
             Decision::Pending | Decision::Unknown => {
                 tracing::debug!(%gid, ?decision, "prepared branch left for a later pass");
                 return;

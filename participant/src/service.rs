@@ -15,15 +15,18 @@ use crate::error::BranchError;
 use crate::failpoints;
 use crate::postgres::{BranchOptions, Isolation};
 use crate::statement::StatementOutput;
+use crate::three_phase::{Peer, PreCommitAnswer, ThreePhase};
 use crate::values;
+use treaty_commit_protocol::wire;
 
 pub struct ParticipantService {
     agent: Arc<Agent>,
+    three_phase: Arc<ThreePhase>,
 }
 
 impl ParticipantService {
-    pub fn new(agent: Arc<Agent>) -> Self {
-        Self { agent }
+    pub fn new(agent: Arc<Agent>, three_phase: Arc<ThreePhase>) -> Self {
+        Self { agent, three_phase }
     }
 
     fn error(&self, error: BranchError) -> Status {
@@ -49,6 +52,37 @@ impl ParticipantService {
 
 fn parse_gid(gid: &str) -> Result<Gid, Status> {
     Gid::parse(gid).map_err(|e| Status::from(ApiError::InvalidArgument(format!("gid: {e}"))))
+}
+
+fn invalid(message: String) -> Status {
+    Status::from(ApiError::InvalidArgument(message))
+}
+
+/// The participants of a three-phase transaction, checked: valid names, an address each, no
+/// repeats, and this participant among them.
+fn parse_peers(peers: Vec<pb::Peer>, me: &treaty_proto::ShardName) -> Result<Vec<Peer>, Status> {
+    let mut parsed: Vec<Peer> = Vec::with_capacity(peers.len());
+    for peer in peers {
+        let shard = treaty_proto::ShardName::new(&peer.shard)
+            .map_err(|e| invalid(format!("peers: shard {:?}: {e}", peer.shard)))?;
+        if peer.url.is_empty() {
+            return Err(invalid(format!("peers: participant {shard} has no url")));
+        }
+        if parsed.iter().any(|p| p.shard == shard) {
+            return Err(invalid(format!("peers: participant {shard} is listed twice")));
+        }
+        parsed.push(Peer { shard, url: peer.url });
+    }
+    if !parsed.iter().any(|p| &p.shard == me) {
+        return Err(invalid(format!(
+            "peers must list every participant of the transaction, this one ({me}) included"
+        )));
+    }
+    Ok(parsed)
+}
+
+fn ballot(ballot: Option<&pb::Ballot>) -> Result<treaty_commit_protocol::termination::Ballot, Status> {
+    wire::ballot_from_pb(ballot).map_err(|e| invalid(e.to_string()))
 }
 
 /// PostgreSQL's limit for `lock_timeout` and `statement_timeout`.
@@ -122,12 +156,16 @@ fn vote_to_pb(vote: Vote) -> pb::PrepareResponse {
 const COMMITS_IN_PARALLEL: usize = 16;
 
 /// One GID of a `CommitBatch`, answered as `Commit` would answer it.
-async fn commit_one(agent: &Agent, text: String) -> pb::FinishResult {
+async fn commit_one(
+    three_phase: &Arc<ThreePhase>,
+    shard: &treaty_proto::ShardName,
+    text: String,
+) -> pb::FinishResult {
     let outcome = match Gid::parse(&text) {
-        Ok(gid) => agent
+        Ok(gid) => three_phase
             .commit(&gid)
             .await
-            .map_err(|error| Status::from(error.into_api(agent.shard()))),
+            .map_err(|error| Status::from(error.into_api(shard))),
         Err(e) => Err(Status::from(ApiError::InvalidArgument(format!("gid: {e}")))),
     };
     match outcome {
@@ -236,9 +274,17 @@ impl pb::participant_server::Participant for ParticipantService {
         &self,
         request: Request<pb::PrepareRequest>,
     ) -> Result<Response<pb::PrepareResponse>, Status> {
-        let gid = parse_gid(&request.into_inner().gid)?;
-        let agent = self.agent.clone();
-        let vote = self.spawn(async move { agent.prepare(&gid).await }).await?;
+        let request = request.into_inner();
+        let gid = parse_gid(&request.gid)?;
+        let vote = if request.protocol == pb::Protocol::ThreePhase as i32 {
+            let peers = parse_peers(request.peers, self.agent.shard())?;
+            let three_phase = self.three_phase.clone();
+            self.spawn(async move { three_phase.prepare(&gid, peers).await })
+                .await?
+        } else {
+            let agent = self.agent.clone();
+            self.spawn(async move { agent.prepare(&gid).await }).await?
+        };
         failpoints::reply(failpoints::BEFORE_PREPARE_REPLY).await?;
         Ok(Response::new(vote_to_pb(vote)))
     }
@@ -248,8 +294,8 @@ impl pb::participant_server::Participant for ParticipantService {
         request: Request<pb::FinishRequest>,
     ) -> Result<Response<pb::FinishResponse>, Status> {
         let gid = parse_gid(&request.into_inner().gid)?;
-        let agent = self.agent.clone();
-        let state = self.spawn(async move { agent.commit(&gid).await }).await?;
+        let three_phase = self.three_phase.clone();
+        let state = self.spawn(async move { three_phase.commit(&gid).await }).await?;
         failpoints::reply(failpoints::BEFORE_COMMIT_REPLY).await?;
         Ok(finish_response(state))
     }
@@ -259,13 +305,14 @@ impl pb::participant_server::Participant for ParticipantService {
         request: Request<pb::FinishBatchRequest>,
     ) -> Result<Response<pb::FinishBatchResponse>, Status> {
         let gids = request.into_inner().gids;
-        let agent = self.agent.clone();
+        let three_phase = self.three_phase.clone();
+        let shard = self.agent.shard().clone();
         let results = self
             .spawn(async move {
                 // In order, a few at a time: each commit takes a pooled connection of its own, and
                 // the branches opening meanwhile need some too.
                 let results = futures::stream::iter(gids)
-                    .map(|text| commit_one(&agent, text))
+                    .map(|text| commit_one(&three_phase, &shard, text))
                     .buffered(COMMITS_IN_PARALLEL)
                     .collect()
                     .await;
@@ -281,8 +328,8 @@ impl pb::participant_server::Participant for ParticipantService {
         request: Request<pb::FinishRequest>,
     ) -> Result<Response<pb::FinishResponse>, Status> {
         let gid = parse_gid(&request.into_inner().gid)?;
-        let agent = self.agent.clone();
-        let state = self.spawn(async move { agent.abort(&gid).await }).await?;
+        let three_phase = self.three_phase.clone();
+        let state = self.spawn(async move { three_phase.abort(&gid).await }).await?;
         Ok(finish_response(state))
     }
 
@@ -361,29 +408,54 @@ impl pb::participant_server::Participant for ParticipantService {
 
     async fn pre_commit(
         &self,
-        _request: Request<pb::PreCommitRequest>,
+        request: Request<pb::PreCommitRequest>,
     ) -> Result<Response<pb::PreCommitResponse>, Status> {
-        Err(Status::unimplemented(
-            "three-phase commit: pre-commit is not wired yet",
-        ))
+        let request = request.into_inner();
+        let gid = parse_gid(&request.gid)?;
+        let ballot = ballot(request.ballot.as_ref())?;
+        let three_phase = self.three_phase.clone();
+        let answer = self
+            .spawn(async move { three_phase.pre_commit(&gid, ballot).await })
+            .await?;
+        Ok(Response::new(match answer {
+            PreCommitAnswer::Acknowledged => pb::PreCommitResponse {
+                acknowledged: true,
+                ..Default::default()
+            },
+            PreCommitAnswer::Refused { promised, why } => pb::PreCommitResponse {
+                acknowledged: false,
+                promised: Some(wire::ballot_to_pb(&promised)),
+                message: why,
+            },
+        }))
     }
 
     async fn query_state(
         &self,
-        _request: Request<pb::QueryStateRequest>,
+        request: Request<pb::QueryStateRequest>,
     ) -> Result<Response<pb::QueryStateResponse>, Status> {
-        Err(Status::unimplemented(
-            "three-phase commit: state queries are not wired yet",
-        ))
+        let request = request.into_inner();
+        let gid = parse_gid(&request.gid)?;
+        let ballot = ballot(request.ballot.as_ref())?;
+        let peers = parse_peers(request.participants, self.agent.shard())?;
+        let three_phase = self.three_phase.clone();
+        let report = self
+            .spawn(async move { three_phase.query_state(&gid, ballot, peers).await })
+            .await?;
+        Ok(Response::new(wire::report_to_pb(&report)))
     }
 
     async fn request_termination(
         &self,
-        _request: Request<pb::TerminationRequest>,
+        request: Request<pb::TerminationRequest>,
     ) -> Result<Response<pb::TerminationResponse>, Status> {
-        Err(Status::unimplemented(
-            "three-phase commit: termination is not wired yet",
-        ))
+        let request = request.into_inner();
+        let gid = parse_gid(&request.gid)?;
+        let peers = parse_peers(request.participants, self.agent.shard())?;
+        let three_phase = self.three_phase.clone();
+        self.spawn(async move { three_phase.termination_requested(&gid, peers).await })
+            .await?;
+        Ok(Response::new(pb::TerminationResponse {}))
     }
 }
 

@@ -42,7 +42,7 @@ impl Agent {
                 "branch {gid} vanished while locked"
             )));
         };
-        let vote = self.prepare_open(gid, branch).await?;
+        let vote = self.prepare_open(gid, branch, false).await?;
         Ok((output, vote))
     }
 

@@ -35,18 +35,38 @@ impl Agent {
     pub async fn prepare(&self, gid: &Gid) -> Result<Vote, BranchError> {
         let mut slot = self.branches.lock(gid.as_str()).await;
         match slot.active.take() {
-            Some(branch) => self.prepare_open(gid, branch).await,
+            Some(branch) => self.prepare_open(gid, branch, false).await,
             None => Ok(self.vote_without_branch(gid).await),
         }
+    }
+
+    /// The vote of a three-phase branch: the participants are recorded durably first (termination
+    /// needs them after a restart), and a branch that wrote nothing is prepared all the same, since
+    /// a READ-ONLY voter would take no part in termination and could report nothing.
+    pub async fn prepare_three_phase(
+        &self,
+        gid: &Gid,
+        peers: &[crate::three_phase::Peer],
+        promised: &treaty_commit_protocol::termination::Ballot,
+    ) -> Result<Vote, BranchError> {
+        let mut slot = self.branches.lock(gid.as_str()).await;
+        let Some(branch) = slot.active.take() else {
+            return Ok(self.vote_without_branch(gid).await);
+        };
+        if let Err(error) = crate::three_phase::store::insert(&self.pool, gid, peers, promised).await {
+            return Ok(self.vote_no(gid, branch, error).await);
+        }
+        self.prepare_open(gid, branch, true).await
     }
 
     pub(super) async fn prepare_open(
         &self,
         gid: &Gid,
         mut branch: ActiveBranch,
+        always_prepare: bool,
     ) -> Result<Vote, BranchError> {
         // A branch known to have written skips the round trip that asks PostgreSQL.
-        let wrote_nothing = if branch.wrote {
+        let wrote_nothing = if branch.wrote || always_prepare {
             false
         } else {
             match postgres::wrote_nothing(&mut branch.connection).await {

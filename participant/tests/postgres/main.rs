@@ -11,4 +11,5 @@
 mod branches;
 mod recovery;
 mod support;
+mod three_phase;
 mod values;

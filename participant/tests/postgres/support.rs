@@ -38,7 +38,7 @@ fn init_logging() {
 
 /// The PostgreSQL a test runs against: the server named by `TREATY_TEST_DATABASE_URL` if set,
 /// else a cluster of the test's own started by the harness (stopped when the test ends).
-async fn server() -> (String, Option<(PgCluster, tempfile::TempDir)>) {
+pub async fn server() -> (String, Option<(PgCluster, tempfile::TempDir)>) {
     init_logging();
     if let Ok(url) = std::env::var("TREATY_TEST_DATABASE_URL")
         && !url.is_empty()
@@ -253,13 +253,20 @@ async fn serve_fake(fake: FakeCoordinator) -> SocketAddr {
 
 pub struct Participant {
     pub client: ParticipantClient<Channel>,
+    /// Where it serves (`http://127.0.0.1:PORT`).
+    pub url: String,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), ParticipantError>>,
 }
 
 impl Participant {
     pub async fn start(config: Config) -> Participant {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(config, "127.0.0.1:0").await
+    }
+
+    /// Starts on a given address (a restart that keeps the address its peers know).
+    pub async fn start_at(config: Config, addr: &str) -> Participant {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(treaty_participant::run(config, listener, async {
@@ -278,6 +285,7 @@ impl Participant {
             }
         };
         Participant {
+            url: format!("http://{addr}"),
             client: ParticipantClient::new(channel),
             stop: Some(stop),
             task,
@@ -378,6 +386,7 @@ impl Env {
             .prepare(pb::PrepareRequest {
                 gid: gid.into(),
                 participants: vec!["s0".into()],
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -437,6 +446,7 @@ pub fn config(db: &TestDb, coordinator: SocketAddr, data_dir: &std::path::Path) 
         data_dir: data_dir.to_path_buf(),
         branch_idle_timeout_ms: 30_000,
         in_doubt_after_ms: 5_000,
+        three_phase_timeout_ms: 2_000,
         reconcile_interval_ms: 1_000,
         marker_retention_ms: 60_000,
         max_connections: 8,

@@ -1,0 +1,641 @@
+//! Three-phase commit at the participant: one pure `treaty_commit_protocol::participant::Participant`
+//! machine per prepared three-phase branch, driven here. This module owns the table of those
+//! machines, carries out their actions (the vote, the durable pre-commit and promises in
+//! `store`, COMMIT/ROLLBACK PREPARED through the agent, messages to the other participants in
+//! `peers`) and the timeout ticker that starts the termination protocol when the coordinator falls
+//! silent (docs/three-phase-commit.md).
+//!
+//! Each GID's machine sits behind an async lock held while its local I/O runs (the vote, the
+//! pre-commit write, the promise write, phase two), so the machine never sees a state that is
+//! about to change underneath it; messages to other participants (and to itself, as the
+//! termination leader) are sent only after the lock is released, and their answers come back as
+//! events through the same lock.
+//!
+//! Durability rule: a promise (a termination query answered) and a pre-commit are written to
+//! `treaty.three_phase` before the answer leaves; a step whose write fails drops the machine, which
+//! is rebuilt from what is durable on its next use (as after a restart).
+//!
+//! Two-phase branches never get a machine: the 2PC paths only look at an empty table.
+
+pub mod store;
+
+mod peers;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use treaty_commit_protocol::Protocol;
+use treaty_commit_protocol::participant::{
+    Participant, ParticipantAction, ParticipantEvent, ParticipantPhase, Report,
+};
+use treaty_commit_protocol::termination::{Ballot, Proposer, ReportedState, Rules};
+use treaty_proto::Gid;
+
+use crate::agent::{Agent, BranchState, Vote};
+use crate::error::BranchError;
+
+pub use store::Peer;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One three-phase branch: its machine and who the other participants are.
+struct Entry {
+    gid: Gid,
+    machine: Participant,
+    peers: Vec<Peer>,
+    /// The `treaty.three_phase` row may exist: promises must be written to it.
+    recorded: bool,
+    /// Taken out of the table (finished, or dropped to be rebuilt): a caller that waited for the
+    /// lock looks the GID up again.
+    gone: bool,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Entry>>;
+
+/// What one step of a machine left for the caller: answers to the request that caused it, and
+/// messages to send once the lock is released.
+#[derive(Default)]
+struct Driven {
+    replies: Vec<ParticipantAction>,
+    remote: Vec<ParticipantAction>,
+    /// Why the vote was NO, when the branch refused to prepare.
+    no_vote: Option<(String, String)>,
+    /// The machine's phase after the step.
+    phase: Option<ParticipantPhase>,
+}
+
+pub struct ThreePhase {
+    agent: Arc<Agent>,
+    timeout_ms: u64,
+    entries: Mutex<HashMap<String, Slot>>,
+    /// `entries.len()`, read without the lock by the two-phase paths.
+    live: AtomicUsize,
+    peers: peers::PeerClients,
+}
+
+/// An answer to a `PreCommit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PreCommitAnswer {
+    Acknowledged,
+    /// Not taken: the branch promised `promised` (a higher ballot), or is not prepared.
+    Refused {
+        promised: Ballot,
+        why: String,
+    },
+}
+
+impl ThreePhase {
+    /// Rebuilds a machine for every three-phase branch PostgreSQL still holds prepared; each times
+    /// out at once, so termination (or the coordinator) finishes it.
+    pub async fn start(agent: Arc<Agent>, timeout_ms: u64) -> Result<Arc<Self>, crate::postgres::DbError> {
+        let recorded = store::load_prepared(agent.pool()).await?;
+        let this = Arc::new(Self {
+            agent,
+            timeout_ms,
+            entries: Mutex::new(HashMap::new()),
+            live: AtomicUsize::new(0),
+            peers: peers::PeerClients::default(),
+        });
+        for branch in recorded {
+            tracing::info!(gid = %branch.gid, pre_committed = branch.pre_committed, "three-phase branch prepared before this start");
+            let entry = this.rebuild(branch);
+            this.insert(entry);
+        }
+        Ok(this)
+    }
+
+    fn rebuild(&self, recorded: store::Recorded) -> Entry {
+        let machine = Participant::recover(
+            self.agent.shard().clone(),
+            recorded.peers.iter().map(|p| p.shard.clone()).collect(),
+            recorded.pre_committed,
+            recorded.promised,
+            Rules::Classical,
+            self.timeout_ms,
+            now_ms(),
+        );
+        Entry {
+            gid: recorded.gid,
+            machine,
+            peers: recorded.peers,
+            recorded: true,
+            gone: false,
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn insert(&self, entry: Entry) -> Slot {
+        let mut table = self.table();
+        let slot = table
+            .entry(entry.gid.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(entry)))
+            .clone();
+        self.live.store(table.len(), Ordering::Relaxed);
+        slot
+    }
+
+    fn remove(&self, gid: &Gid) {
+        let mut table = self.table();
+        table.remove(gid.as_str());
+        self.live.store(table.len(), Ordering::Relaxed);
+    }
+
+    fn get(&self, gid: &Gid) -> Option<Slot> {
+        if self.live.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        self.table().get(gid.as_str()).cloned()
+    }
+
+    /// The machine for `gid`, rebuilt from `treaty.three_phase` when it was dropped after a failed
+    /// write; `None` for a branch that is not a prepared three-phase branch here.
+    async fn find(&self, gid: &Gid) -> Result<Option<Slot>, BranchError> {
+        if let Some(slot) = self.get(gid) {
+            return Ok(Some(slot));
+        }
+        Ok(store::load_one(self.agent.pool(), gid)
+            .await?
+            .map(|recorded| self.insert(self.rebuild(recorded))))
+    }
+
+    fn new_entry(&self, gid: &Gid, peers: Vec<Peer>) -> Entry {
+        let mut machine = Participant::new(
+            self.agent.shard().clone(),
+            Protocol::ThreePhase,
+            Rules::Classical,
+            self.timeout_ms,
+            now_ms(),
+        );
+        if !peers.is_empty() {
+            // Names the participants without voting (a query reached this branch first).
+            machine.step(
+                ParticipantEvent::TerminationRequested {
+                    participants: peers.iter().map(|p| p.shard.clone()).collect(),
+                },
+                now_ms(),
+            );
+        }
+        Entry {
+            gid: gid.clone(),
+            machine,
+            peers,
+            recorded: false,
+            gone: false,
+        }
+    }
+
+    /// Steps the machine with `event` and carries out its local actions, under the entry's lock.
+    async fn drive(&self, entry: &mut Entry, event: ParticipantEvent) -> Result<Driven, BranchError> {
+        let result = self.drive_inner(entry, event).await;
+        if result.is_err() || entry.machine.phase().is_decided() {
+            // Finished, or a durable write failed: the next use starts from what is durable.
+            entry.gone = true;
+            self.remove(&entry.gid);
+        }
+        result
+    }
+
+    async fn drive_inner(&self, entry: &mut Entry, event: ParticipantEvent) -> Result<Driven, BranchError> {
+        let pool = self.agent.pool();
+        let mut driven = Driven::default();
+        let mut queue = VecDeque::from([event]);
+        while let Some(event) = queue.pop_front() {
+            let promised = entry.machine.promised().clone();
+            let actions = entry.machine.step(event, now_ms());
+            let pre_commits = actions
+                .iter()
+                .any(|a| matches!(a, ParticipantAction::PersistPreCommitState { .. }));
+            if entry.recorded && !pre_commits && *entry.machine.promised() != promised {
+                store::record(pool, &entry.gid, false, entry.machine.promised()).await?;
+            }
+            for action in actions {
+                match action {
+                    ParticipantAction::PrepareBranch => {
+                        entry.recorded = true;
+                        let vote = self
+                            .agent
+                            .prepare_three_phase(&entry.gid, &entry.peers, entry.machine.promised())
+                            .await;
+                        queue.push_back(match vote {
+                            Ok(Vote::Yes) => ParticipantEvent::BranchPrepared,
+                            Ok(Vote::No { sqlstate, message }) => {
+                                driven.no_vote = Some((sqlstate, message));
+                                ParticipantEvent::BranchPrepareFailed
+                            }
+                            Ok(Vote::ReadOnly) => {
+                                driven.no_vote = Some((
+                                    String::new(),
+                                    "branch finished read-only; three-phase branches must prepare".into(),
+                                ));
+                                ParticipantEvent::BranchPrepareFailed
+                            }
+                            Err(error) => {
+                                driven.no_vote = Some((String::new(), error.to_string()));
+                                ParticipantEvent::BranchPrepareFailed
+                            }
+                        });
+                    }
+                    ParticipantAction::PersistPreCommitState { ballot } => {
+                        store::record(pool, &entry.gid, true, &ballot).await?;
+                        queue.push_back(ParticipantEvent::PreCommitDurable);
+                    }
+                    ParticipantAction::ApplyCommit => {
+                        self.agent.commit(&entry.gid).await?;
+                        self.forget_row(entry).await;
+                    }
+                    ParticipantAction::ApplyAbort => {
+                        self.agent.abort(&entry.gid).await?;
+                        self.forget_row(entry).await;
+                    }
+                    ParticipantAction::SendVote { .. }
+                    | ParticipantAction::AcknowledgePreCommit { .. }
+                    | ParticipantAction::AcknowledgeDecision
+                    | ParticipantAction::ReportState { .. } => driven.replies.push(action),
+                    ParticipantAction::AskCoordinator => {
+                        // Not asked by a three-phase machine; the reconciler asks the coordinator
+                        // about every branch left in doubt anyway.
+                    }
+                    ParticipantAction::RequestTermination { .. }
+                    | ParticipantAction::QueryStates { .. }
+                    | ParticipantAction::SendPreCommit { .. }
+                    | ParticipantAction::SendCommit { .. }
+                    | ParticipantAction::SendAbort { .. } => driven.remote.push(action),
+                }
+            }
+        }
+        driven.phase = Some(entry.machine.phase());
+        Ok(driven)
+    }
+
+    async fn forget_row(&self, entry: &mut Entry) {
+        if !entry.recorded {
+            return;
+        }
+        // A row left behind is deleted at the next start (its branch is no longer prepared).
+        if let Err(error) = store::delete(self.agent.pool(), &entry.gid).await {
+            tracing::warn!(gid = %entry.gid, %error, "could not delete the three-phase row of a finished branch");
+        }
+        entry.recorded = false;
+    }
+
+    /// Sends what a step asked for, after its lock was released.
+    fn send(self: &Arc<Self>, gid: &Gid, peers: &[Peer], remote: Vec<ParticipantAction>) {
+        for action in remote {
+            let (this, gid, peers) = (Arc::clone(self), gid.clone(), peers.to_vec());
+            tokio::spawn(async move { this.send_one(&gid, &peers, action).await });
+        }
+    }
+
+    async fn send_one(self: &Arc<Self>, gid: &Gid, peers: &[Peer], action: ParticipantAction) {
+        let me = self.agent.shard().clone();
+        let commit = matches!(action, ParticipantAction::SendCommit { .. });
+        match action {
+            ParticipantAction::QueryStates { ballot, shards } => {
+                for shard in shards {
+                    let (this, gid, peers, ballot) =
+                        (Arc::clone(self), gid.clone(), peers.to_vec(), ballot.clone());
+                    tokio::spawn(async move {
+                        let report = if shard == *this.agent.shard() {
+                            this.query_state(&gid, ballot.clone(), peers.clone()).await
+                        } else {
+                            this.peers.query_state(&gid, &shard, &peers, &ballot).await
+                        };
+                        match report {
+                            Ok(report) => {
+                                let event = ParticipantEvent::StateReported {
+                                    shard,
+                                    ballot,
+                                    report,
+                                };
+                                this.feed(&gid, event).await;
+                            }
+                            Err(error) => {
+                                tracing::info!(%gid, %shard, %error, "termination: no state from a participant; asking again on the next timeout")
+                            }
+                        }
+                    });
+                }
+            }
+            ParticipantAction::SendPreCommit { shard, ballot } => {
+                let answer = if shard == me {
+                    self.pre_commit(gid, ballot.clone()).await
+                } else {
+                    self.peers.pre_commit(gid, &shard, peers, &ballot).await
+                };
+                match answer {
+                    Ok(PreCommitAnswer::Acknowledged) => {
+                        self.feed(gid, ParticipantEvent::PreCommitAcknowledged { shard, ballot })
+                            .await
+                    }
+                    Ok(PreCommitAnswer::Refused { why, .. }) => {
+                        tracing::info!(%gid, %shard, "termination: pre-commit refused: {why}")
+                    }
+                    Err(error) => {
+                        tracing::info!(%gid, %shard, %error, "termination: pre-commit not delivered")
+                    }
+                }
+            }
+            ParticipantAction::SendCommit { shard } | ParticipantAction::SendAbort { shard } => {
+                let result = if shard == me {
+                    if commit {
+                        self.commit(gid).await
+                    } else {
+                        self.abort(gid).await
+                    }
+                    .map(|_| ())
+                } else {
+                    self.peers.finish(gid, &shard, peers, commit).await
+                };
+                let decision = if commit { "commit" } else { "abort" };
+                match result {
+                    Ok(()) => tracing::info!(%gid, %shard, "termination: {decision} applied"),
+                    // The participant asks again (termination request) when its own timeout fires.
+                    Err(error) => tracing::warn!(%gid, %shard, %error, "termination: {decision} not applied"),
+                }
+            }
+            ParticipantAction::RequestTermination { leader, .. } => {
+                if let Err(error) = self.peers.request_termination(gid, &leader, peers).await {
+                    tracing::info!(%gid, %leader, %error, "termination leader not reached; asking again on the next timeout");
+                }
+            }
+            other => tracing::error!(%gid, ?other, "not a message to another participant"),
+        }
+    }
+
+    /// Feeds an answer from another participant (or from itself) to the machine.
+    async fn feed(self: &Arc<Self>, gid: &Gid, event: ParticipantEvent) {
+        let Some(slot) = self.get(gid) else { return };
+        let mut entry = slot.lock().await;
+        if entry.gone {
+            return;
+        }
+        match self.drive(&mut entry, event).await {
+            Ok(driven) => {
+                let peers = entry.peers.clone();
+                drop(entry);
+                self.send(gid, &peers, driven.remote);
+            }
+            Err(error) => {
+                tracing::warn!(%gid, %error, "three-phase step failed; the branch is rebuilt from its durable state")
+            }
+        }
+    }
+
+    /// Locks the machine of `gid`, creating one with `create` when there is none, and runs
+    /// `event`; answers what the step replied and sends the rest.
+    async fn run(
+        self: &Arc<Self>,
+        gid: &Gid,
+        create: Option<Vec<Peer>>,
+        event: ParticipantEvent,
+    ) -> Result<Option<Driven>, BranchError> {
+        loop {
+            let slot = match (self.find(gid).await?, &create) {
+                (Some(slot), _) => slot,
+                (None, Some(peers)) => self.insert(self.new_entry(gid, peers.clone())),
+                (None, None) => return Ok(None),
+            };
+            let mut entry = slot.lock().await;
+            if entry.gone {
+                continue;
+            }
+            if entry.peers.is_empty()
+                && let Some(peers) = &create
+            {
+                entry.peers = peers.clone();
+            }
+            let mut driven = self.drive(&mut entry, event).await?;
+            let peers = entry.peers.clone();
+            drop(entry);
+            self.send(gid, &peers, std::mem::take(&mut driven.remote));
+            return Ok(Some(driven));
+        }
+    }
+
+    /// The coordinator's Prepare of a three-phase branch.
+    pub async fn prepare(self: &Arc<Self>, gid: &Gid, peers: Vec<Peer>) -> Result<Vote, BranchError> {
+        let participants = peers.iter().map(|p| p.shard.clone()).collect();
+        let driven = self
+            .run(
+                gid,
+                Some(peers),
+                ParticipantEvent::PrepareRequested { participants },
+            )
+            .await?
+            .unwrap_or_default();
+        let yes = driven.replies.iter().find_map(|a| match a {
+            ParticipantAction::SendVote { yes } => Some(*yes),
+            _ => None,
+        });
+        Ok(match (yes, driven.no_vote) {
+            (Some(true), _) => Vote::Yes,
+            (_, Some((sqlstate, message))) => Vote::No { sqlstate, message },
+            _ => Vote::No {
+                sqlstate: String::new(),
+                message: format!("branch {gid} was aborted by three-phase termination before it voted"),
+            },
+        })
+    }
+
+    /// A `PreCommit` from the coordinator or a termination leader (the ballot names which).
+    pub async fn pre_commit(
+        self: &Arc<Self>,
+        gid: &Gid,
+        ballot: Ballot,
+    ) -> Result<PreCommitAnswer, BranchError> {
+        let event = ParticipantEvent::PreCommitRequested {
+            from: ballot.proposer.clone(),
+            ballot: ballot.clone(),
+        };
+        let Some(driven) = self.run(gid, None, event).await? else {
+            // No machine: finished here already, or not a prepared three-phase branch.
+            return Ok(match self.agent.status(gid).await? {
+                BranchState::Committed => PreCommitAnswer::Acknowledged,
+                state => PreCommitAnswer::Refused {
+                    promised: ballot,
+                    why: format!("branch {gid} is not a prepared three-phase branch here ({state:?})"),
+                },
+            });
+        };
+        if driven
+            .replies
+            .iter()
+            .any(|a| matches!(a, ParticipantAction::AcknowledgePreCommit { .. }))
+        {
+            return Ok(PreCommitAnswer::Acknowledged);
+        }
+        let promised = match self.get(gid) {
+            Some(slot) => slot.lock().await.machine.promised().clone(),
+            None => ballot.clone(),
+        };
+        Ok(PreCommitAnswer::Refused {
+            why: format!("branch {gid} promised ballot {promised:?}, above {ballot:?}, or is not prepared"),
+            promised,
+        })
+    }
+
+    /// A termination proposer's `QueryState`.
+    pub async fn query_state(
+        self: &Arc<Self>,
+        gid: &Gid,
+        ballot: Ballot,
+        peers: Vec<Peer>,
+    ) -> Result<Report, BranchError> {
+        let event = ParticipantEvent::StateQueried {
+            from: ballot.proposer.clone(),
+            ballot: ballot.clone(),
+        };
+        let create = match self.find(gid).await? {
+            Some(_) => None,
+            None => match self.agent.status(gid).await? {
+                // Working, not voted: a machine of its own, which aborts it and answers ABORTED.
+                BranchState::Active => Some(peers),
+                BranchState::Committed => return Ok(Report::State(ReportedState::Committed)),
+                BranchState::Prepared => {
+                    return Err(BranchError::WrongState(format!(
+                        "branch {gid} is prepared under two-phase commit here; it takes no part in \
+                         three-phase termination"
+                    )));
+                }
+                BranchState::Aborted | BranchState::Unknown => {
+                    // Never voted YES here: abort for good, so that a late Prepare votes NO.
+                    self.agent.abort(gid).await?;
+                    return Ok(Report::State(ReportedState::Aborted));
+                }
+            },
+        };
+        let driven = match self.run(gid, create, event).await? {
+            Some(driven) => driven,
+            None => return Ok(Report::State(ReportedState::Aborted)),
+        };
+        driven
+            .replies
+            .into_iter()
+            .find_map(|a| match a {
+                ParticipantAction::ReportState { report, .. } => Some(report),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                BranchError::Unavailable(format!("branch {gid} did not answer the query; ask again"))
+            })
+    }
+
+    /// Another participant's timeout fired and it asks this one (the leader) to run termination.
+    pub async fn termination_requested(
+        self: &Arc<Self>,
+        gid: &Gid,
+        peers: Vec<Peer>,
+    ) -> Result<(), BranchError> {
+        let participants = peers.iter().map(|p| p.shard.clone()).collect();
+        if self
+            .run(gid, None, ParticipantEvent::TerminationRequested { participants })
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        // Finished here already: tell everyone how, so that the one asking learns it.
+        let commit = match self.agent.status(gid).await? {
+            BranchState::Committed => true,
+            BranchState::Aborted | BranchState::Unknown => false,
+            BranchState::Active | BranchState::Prepared => return Ok(()),
+        };
+        let remote = peers
+            .iter()
+            .map(|p| {
+                let shard = p.shard.clone();
+                if commit {
+                    ParticipantAction::SendCommit { shard }
+                } else {
+                    ParticipantAction::SendAbort { shard }
+                }
+            })
+            .collect();
+        self.send(gid, &peers, remote);
+        Ok(())
+    }
+
+    /// `Commit` from the coordinator, a termination leader or recovery: through the machine when
+    /// the branch has one, so that it never runs termination for a branch already finished.
+    pub async fn commit(self: &Arc<Self>, gid: &Gid) -> Result<BranchState, BranchError> {
+        let event = ParticipantEvent::CommitRequested {
+            from: Proposer::Coordinator { incarnation: 0 },
+        };
+        self.finish(gid, event, ParticipantPhase::Committed).await
+    }
+
+    pub async fn abort(self: &Arc<Self>, gid: &Gid) -> Result<BranchState, BranchError> {
+        let event = ParticipantEvent::AbortRequested {
+            from: Proposer::Coordinator { incarnation: 0 },
+        };
+        self.finish(gid, event, ParticipantPhase::Aborted).await
+    }
+
+    async fn finish(
+        self: &Arc<Self>,
+        gid: &Gid,
+        event: ParticipantEvent,
+        wanted: ParticipantPhase,
+    ) -> Result<BranchState, BranchError> {
+        if self.get(gid).is_some()
+            && let Some(driven) = self.run(gid, None, event).await?
+            && driven.phase == Some(wanted)
+        {
+            return Ok(if wanted == ParticipantPhase::Committed {
+                BranchState::Committed
+            } else {
+                BranchState::Aborted
+            });
+        }
+        // Whatever the machine did, PostgreSQL has the last word (and the 2PC answers).
+        match wanted {
+            ParticipantPhase::Committed => self.agent.commit(gid).await,
+            _ => self.agent.abort(gid).await,
+        }
+    }
+
+    /// Steps every machine whose timeout passed, until `stop`.
+    pub async fn run_ticker(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let every = Duration::from_millis((self.timeout_ms / 4).clamp(10, 250));
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let slots: Vec<(String, Slot)> = if self.live.load(Ordering::Relaxed) == 0 {
+                continue;
+            } else {
+                self.table()
+                    .iter()
+                    .map(|(gid, slot)| (gid.clone(), slot.clone()))
+                    .collect()
+            };
+            let now = now_ms();
+            for (text, slot) in slots {
+                let due = match slot.try_lock() {
+                    Ok(entry) => !entry.gone && entry.machine.next_deadline_ms().is_some_and(|d| d <= now),
+                    Err(_) => false,
+                };
+                let Ok(gid) = Gid::parse(&text) else { continue };
+                if due {
+                    let this = Arc::clone(&self);
+                    tokio::spawn(async move { this.feed(&gid, ParticipantEvent::Tick).await });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! The durable half of a three-phase branch: the `treaty.three_phase` row (migrations/0002) that
+//! says who the other participants are, whether the branch pre-committed, and the highest ballot it
+//! promised. Each write here is its own autocommit transaction on a pooled connection and returns
+//! only once PostgreSQL has committed it, so the caller may then vote, acknowledge or answer.
+
+use sqlx::postgres::PgPool;
+use treaty_commit_protocol::termination::{Ballot, Proposer};
+use treaty_proto::{Gid, ShardName};
+
+use crate::postgres::{DbError, retrying};
+
+/// A participant of the transaction and the address the coordinator reaches it at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub shard: ShardName,
+    pub url: String,
+}
+
+/// One prepared three-phase branch as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub gid: Gid,
+    pub peers: Vec<Peer>,
+    pub pre_committed: bool,
+    pub promised: Ballot,
+}
+
+type BallotColumns = (i64, Option<i64>, Option<String>);
+
+fn ballot_columns(ballot: &Ballot) -> BallotColumns {
+    let round = i64::try_from(ballot.round).unwrap_or(i64::MAX);
+    match &ballot.proposer {
+        Proposer::Coordinator { incarnation } => {
+            (round, Some(i64::try_from(*incarnation).unwrap_or(i64::MAX)), None)
+        }
+        Proposer::Participant(shard) => (round, None, Some(shard.to_string())),
+    }
+}
+
+fn ballot_from_columns(
+    gid: &str,
+    (round, incarnation, participant): BallotColumns,
+) -> Result<Ballot, DbError> {
+    let proposer = match participant {
+        Some(name) => Proposer::Participant(ShardName::new(&name).map_err(|e| {
+            DbError::Client(format!(
+                "treaty.three_phase row {gid}: promised_participant {name:?}: {e}"
+            ))
+        })?),
+        None => Proposer::Coordinator {
+            incarnation: incarnation.unwrap_or(0).max(0) as u64,
+        },
+    };
+    Ok(Ballot {
+        round: round.max(0) as u64,
+        proposer,
+    })
+}
+
+/// Records the participants before the branch votes (a repeated prepare keeps the first row).
+pub async fn insert(pool: &PgPool, gid: &Gid, peers: &[Peer], promised: &Ballot) -> Result<(), DbError> {
+    let shards: Vec<String> = peers.iter().map(|p| p.shard.to_string()).collect();
+    let urls: Vec<String> = peers.iter().map(|p| p.url.clone()).collect();
+    let (round, incarnation, participant) = ballot_columns(promised);
+    retrying(pool, |connection| {
+        let (gid, shards, urls, participant) =
+            (gid.to_string(), shards.clone(), urls.clone(), participant.clone());
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO treaty.three_phase \
+                   (gid, shards, urls, promised_round, promised_incarnation, promised_participant) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (gid) DO NOTHING",
+            )
+            .bind(gid)
+            .bind(shards)
+            .bind(urls)
+            .bind(round)
+            .bind(incarnation)
+            .bind(participant)
+            .execute(connection)
+            .await?;
+            Ok(())
+        })
+    })
+    .await
+}
+
+/// Records a promise (a termination query answered) and, with `pre_committed`, the pre-commit.
+pub async fn record(pool: &PgPool, gid: &Gid, pre_committed: bool, promised: &Ballot) -> Result<(), DbError> {
+    let (round, incarnation, participant) = ballot_columns(promised);
+    let updated = retrying(pool, |connection| {
+        let (gid, participant) = (gid.to_string(), participant.clone());
+        Box::pin(async move {
+            Ok(sqlx::query(
+                "UPDATE treaty.three_phase SET pre_committed = pre_committed OR $2, promised_round = $3, \
+                   promised_incarnation = $4, promised_participant = $5, updated_at = now() \
+                 WHERE gid = $1",
+            )
+            .bind(gid)
+            .bind(pre_committed)
+            .bind(round)
+            .bind(incarnation)
+            .bind(participant)
+            .execute(connection)
+            .await?
+            .rows_affected())
+        })
+    })
+    .await?;
+    if updated == 0 {
+        return Err(DbError::Client(format!(
+            "no treaty.three_phase row for {gid}: the branch is not a prepared three-phase branch here"
+        )));
+    }
+    Ok(())
+}
+
+/// Forgets a branch that is committed or rolled back.
+pub async fn delete(pool: &PgPool, gid: &Gid) -> Result<(), DbError> {
+    retrying(pool, |connection| {
+        let gid = gid.to_string();
+        Box::pin(async move {
+            sqlx::query("DELETE FROM treaty.three_phase WHERE gid = $1")
+                .bind(gid)
+                .execute(connection)
+                .await?;
+            Ok(())
+        })
+    })
+    .await
+}
+
+type RowColumns = (
+    String,
+    Vec<String>,
+    Vec<String>,
+    bool,
+    i64,
+    Option<i64>,
+    Option<String>,
+);
+
+/// At start: deletes rows whose branch is no longer prepared (finished, or never prepared because
+/// the participant died between the row and PREPARE) and returns the others.
+pub async fn load_prepared(pool: &PgPool) -> Result<Vec<Recorded>, DbError> {
+    let rows: Vec<RowColumns> = retrying(pool, |connection| {
+        Box::pin(async move {
+            sqlx::query(
+                "DELETE FROM treaty.three_phase t WHERE NOT EXISTS \
+                   (SELECT 1 FROM pg_prepared_xacts p WHERE p.gid = t.gid AND p.database = current_database())",
+            )
+            .execute(&mut *connection)
+            .await?;
+            Ok(sqlx::query_as(
+                "SELECT gid, shards, urls, pre_committed, promised_round, promised_incarnation, \
+                        promised_participant FROM treaty.three_phase ORDER BY gid",
+            )
+            .fetch_all(&mut *connection)
+            .await?)
+        })
+    })
+    .await?;
+    rows.into_iter().map(parse_row).collect()
+}
+
+fn parse_row(row: RowColumns) -> Result<Recorded, DbError> {
+    let (gid, shards, urls, pre_committed, round, incarnation, participant) = row;
+    let bad = |what: String| DbError::Client(format!("treaty.three_phase row {gid}: {what}"));
+    let parsed = Gid::parse(&gid).map_err(|e| bad(e.to_string()))?;
+    if shards.len() != urls.len() {
+        return Err(bad(format!("{} shards but {} urls", shards.len(), urls.len())));
+    }
+    let mut peers = Vec::with_capacity(shards.len());
+    for (shard, url) in shards.into_iter().zip(urls) {
+        let shard = ShardName::new(&shard).map_err(|e| bad(format!("shard {shard:?}: {e}")))?;
+        peers.push(Peer { shard, url });
+    }
+    let promised = ballot_from_columns(&gid, (round, incarnation, participant))?;
+    Ok(Recorded {
+        gid: parsed,
+        peers,
+        pre_committed,
+        promised,
+    })
+}
+
+/// The row of `gid` if its branch is still prepared here.
+pub async fn load_one(pool: &PgPool, gid: &Gid) -> Result<Option<Recorded>, DbError> {
+    let row: Option<RowColumns> = retrying(pool, |connection| {
+        let gid = gid.to_string();
+        Box::pin(async move {
+            Ok(sqlx::query_as(
+                "SELECT gid, shards, urls, pre_committed, promised_round, promised_incarnation, \
+                        promised_participant FROM treaty.three_phase t WHERE gid = $1 AND EXISTS \
+                   (SELECT 1 FROM pg_prepared_xacts p WHERE p.gid = t.gid AND p.database = current_database())",
+            )
+            .bind(gid)
+            .fetch_optional(connection)
+            .await?)
+        })
+    })
+    .await?;
+    row.map(parse_row).transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ballots_round_trip_through_columns() {
+        for ballot in [
+            Ballot::COORDINATOR,
+            Ballot {
+                round: 4,
+                proposer: Proposer::Coordinator { incarnation: 9 },
+            },
+            Ballot {
+                round: 2,
+                proposer: Proposer::Participant(ShardName::new("s1").unwrap()),
+            },
+        ] {
+            assert_eq!(ballot_from_columns("g", ballot_columns(&ballot)).unwrap(), ballot);
+        }
+        let bad = ballot_from_columns("g", (1, None, Some("NOT A SHARD!".into())));
+        assert!(bad.unwrap_err().to_string().contains("promised_participant"));
+    }
+}

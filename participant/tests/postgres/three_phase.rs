@@ -1,0 +1,255 @@
+//! Three-phase commit between two real participants (s0 and s1, each on its own database) with the
+//! coordinator silent: the fake coordinator only answers PENDING, so whatever finishes the
+//! transaction is the participants' termination protocol.
+
+use std::time::Duration;
+
+use treaty_proto::pb;
+
+use crate::support::{Env, Participant, SERVER, TestDb, eventually, int, vote};
+
+const FINISHED: Duration = Duration::from_secs(20);
+/// Short, so termination starts soon after the coordinator falls silent.
+const TIMEOUT_MS: u64 = 300;
+
+struct Pair {
+    env: Env,
+    db1: TestDb,
+    s1: Option<Participant>,
+    data_dir1: tempfile::TempDir,
+    /// s1's own PostgreSQL: a GID is unique per server, so two branches of one transaction cannot
+    /// be prepared in two databases of the same server. Last, so dropped last.
+    _pg1: Option<(treaty_harness::PgCluster, tempfile::TempDir)>,
+}
+
+impl Pair {
+    async fn start(name: &str) -> Option<Pair> {
+        let env = Env::start(name, |config| config.three_phase_timeout_ms = TIMEOUT_MS).await?;
+        let (admin, pg1) = crate::support::server().await;
+        let db1 = TestDb::create(&admin, &format!("treaty_test_{}_s1", name.replace('-', "_"))).await;
+        let data_dir1 = tempfile::tempdir().unwrap();
+        let mut pair = Pair {
+            env,
+            db1,
+            s1: None,
+            data_dir1,
+            _pg1: pg1,
+        };
+        pair.s1 = Some(Participant::start(pair.s1_config()).await);
+        for db in [&pair.env.db, &pair.db1] {
+            db.sql("CREATE TABLE kv (k bigint PRIMARY KEY)").await;
+        }
+        Some(pair)
+    }
+
+    fn s1_config(&self) -> treaty_participant::Config {
+        let mut config = crate::support::config(&self.db1, self.env.coordinator_addr, self.data_dir1.path());
+        config.shard = treaty_proto::ShardName::new("s1").unwrap();
+        config.three_phase_timeout_ms = TIMEOUT_MS;
+        config
+    }
+
+    fn s1(&self) -> &Participant {
+        self.s1.as_ref().unwrap()
+    }
+
+    fn peers(&self) -> Vec<pb::Peer> {
+        let s0 = self.env.participant.as_ref().unwrap();
+        vec![
+            pb::Peer {
+                shard: "s0".into(),
+                url: s0.url.clone(),
+            },
+            pb::Peer {
+                shard: "s1".into(),
+                url: self.s1().url.clone(),
+            },
+        ]
+    }
+
+    /// Inserts `k` on both shards under `gid` and prepares both branches under 3PC.
+    async fn prepared(&self, gid: &str, k: i64) {
+        // The silent coordinator: recovery must not get an ABORT (presumed) from it.
+        self.env.coordinator.decide(gid, pb::Decision::Pending, true);
+        let request = |sql: &str| pb::BranchExecuteRequest {
+            gid: gid.into(),
+            sql: sql.into(),
+            params: vec![int(k)],
+            options: None,
+        };
+        let sql = "INSERT INTO kv VALUES ($1)";
+        for mut client in [self.env.client(), self.s1().client.clone()] {
+            client.execute(request(sql)).await.unwrap();
+            let prepare = pb::PrepareRequest {
+                gid: gid.into(),
+                participants: vec!["s0".into(), "s1".into()],
+                protocol: pb::Protocol::ThreePhase as i32,
+                peers: self.peers(),
+            };
+            let answer = client.prepare(prepare).await.unwrap().into_inner();
+            assert_eq!(vote(&answer), pb::Vote::Yes, "{answer:?}");
+        }
+    }
+
+    async fn finished_everywhere(&self, gid: &str) {
+        let (db0, db1) = (&self.env.db, &self.db1);
+        eventually("both branches finished", FINISHED, || async {
+            !db0.is_prepared(gid).await && !db1.is_prepared(gid).await
+        })
+        .await;
+        for db in [db0, db1] {
+            assert_eq!(
+                db.count("SELECT count(*) FROM treaty.three_phase").await,
+                0,
+                "the three-phase rows of finished branches are deleted"
+            );
+        }
+    }
+}
+
+fn coordinator_ballot() -> pb::Ballot {
+    pb::Ballot {
+        round: 0,
+        proposer: Some(pb::ballot::Proposer::CoordinatorIncarnation(0)),
+    }
+}
+
+#[tokio::test]
+async fn a_pre_commit_at_one_participant_makes_both_commit_without_the_coordinator() {
+    let _shared = SERVER.read().await;
+    let Some(mut pair) = Pair::start("tpc-commit").await else {
+        return;
+    };
+    let gid = pair.env.gid(1);
+    pair.prepared(&gid, 1).await;
+    // The coordinator's pre-commit reaches s1 only, then the coordinator falls silent.
+    let answer = pair
+        .s1()
+        .client
+        .clone()
+        .pre_commit(pb::PreCommitRequest {
+            gid: gid.clone(),
+            ballot: Some(coordinator_ballot()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.acknowledged, "{answer:?}");
+    assert_eq!(
+        pair.db1
+            .count("SELECT count(*) FROM treaty.three_phase WHERE pre_committed")
+            .await,
+        1,
+        "the pre-commit is durable before it is acknowledged"
+    );
+    // s1 restarts: only what it recorded durably tells it that it pre-committed.
+    let s1 = pair.s1.take().unwrap();
+    let addr = s1.url.trim_start_matches("http://").to_owned();
+    s1.stop().await;
+    pair.s1 = Some(Participant::start_at(pair.s1_config(), &addr).await);
+
+    pair.finished_everywhere(&gid).await;
+    for db in [&pair.env.db, &pair.db1] {
+        assert_eq!(db.count("SELECT count(*) FROM kv WHERE k = 1").await, 1);
+        assert!(db.has_marker(&gid).await, "committed with its marker");
+    }
+}
+
+#[tokio::test]
+async fn without_any_pre_commit_both_abort_and_a_late_pre_commit_is_refused() {
+    let _shared = SERVER.read().await;
+    let Some(pair) = Pair::start("tpc-abort").await else {
+        return;
+    };
+    let gid = pair.env.gid(1);
+    pair.prepared(&gid, 2).await;
+    pair.finished_everywhere(&gid).await;
+    for db in [&pair.env.db, &pair.db1] {
+        assert_eq!(db.count("SELECT count(*) FROM kv").await, 0);
+    }
+    // The coordinator's pre-commit arriving after termination aborted cannot revive it.
+    let late = pair
+        .s1()
+        .client
+        .clone()
+        .pre_commit(pb::PreCommitRequest {
+            gid: gid.clone(),
+            ballot: Some(coordinator_ballot()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!late.acknowledged, "{late:?}");
+}
+
+#[tokio::test]
+async fn a_query_before_the_vote_aborts_the_branch_and_the_vote_is_no() {
+    let _shared = SERVER.read().await;
+    let Some(pair) = Pair::start("tpc-query-first").await else {
+        return;
+    };
+    let gid = pair.env.gid(1);
+    pair.env
+        .execute(&gid, "INSERT INTO kv VALUES (3)", vec![])
+        .await
+        .unwrap();
+    let leader_ballot = pb::Ballot {
+        round: 1,
+        proposer: Some(pb::ballot::Proposer::Participant("s1".into())),
+    };
+    let report = pair
+        .env
+        .client()
+        .query_state(pb::QueryStateRequest {
+            gid: gid.clone(),
+            ballot: Some(leader_ballot),
+            participants: pair.peers(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.state, pb::ReportedState::Aborted as i32, "{report:?}");
+    let prepare = pb::PrepareRequest {
+        gid: gid.clone(),
+        participants: vec!["s0".into(), "s1".into()],
+        protocol: pb::Protocol::ThreePhase as i32,
+        peers: pair.peers(),
+    };
+    let answer = pair.env.client().prepare(prepare).await.unwrap().into_inner();
+    assert_eq!(vote(&answer), pb::Vote::No, "{answer:?}");
+    assert!(!pair.env.db.is_prepared(&gid).await);
+    assert_eq!(pair.env.db.count("SELECT count(*) FROM kv").await, 0);
+}
+
+#[tokio::test]
+async fn bad_three_phase_requests_are_refused_with_the_reason() {
+    let _shared = SERVER.read().await;
+    let Some(pair) = Pair::start("tpc-bad").await else {
+        return;
+    };
+    let gid = pair.env.gid(1);
+    let mut client = pair.env.client();
+    let missing_me = client
+        .prepare(pb::PrepareRequest {
+            gid: gid.clone(),
+            participants: vec!["s1".into()],
+            protocol: pb::Protocol::ThreePhase as i32,
+            peers: vec![pb::Peer {
+                shard: "s1".into(),
+                url: pair.s1().url.clone(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing_me.code(), tonic::Code::InvalidArgument);
+    assert!(missing_me.message().contains("(s0)"), "{}", missing_me.message());
+    let no_ballot = client
+        .pre_commit(pb::PreCommitRequest {
+            gid: gid.clone(),
+            ballot: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(no_ballot.code(), tonic::Code::InvalidArgument);
+    assert!(no_ballot.message().contains("ballot"), "{}", no_ballot.message());
+}
