@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use treaty_proto::ShardName;
 
-use crate::protocol::Timeouts;
+use crate::protocol::{Protocol, Timeouts};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
@@ -18,6 +18,27 @@ pub enum LogFormat {
     Human,
     /// One JSON object per line.
     Json,
+}
+
+/// The commit protocol of a transaction whose client leaves it unspecified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DefaultProtocol {
+    /// Two-phase commit with presumed abort (the default).
+    #[default]
+    TwoPhase,
+    /// Three-phase commit: the participants can finish a transaction without the coordinator
+    /// (docs/three-phase-commit.md).
+    ThreePhase,
+}
+
+impl DefaultProtocol {
+    pub fn protocol(self) -> Protocol {
+        match self {
+            DefaultProtocol::TwoPhase => Protocol::TwoPhase,
+            DefaultProtocol::ThreePhase => Protocol::ThreePhase,
+        }
+    }
 }
 
 #[derive(Debug, clap::Parser)]
@@ -54,6 +75,9 @@ pub struct Args {
     /// Default PostgreSQL lock_timeout of each branch, in ms.
     #[arg(long, env = "TREATY_COORDINATOR_LOCK_TIMEOUT_MS")]
     pub lock_timeout_ms: Option<u64>,
+    /// Commit protocol of a transaction that does not choose one (two-phase or three-phase).
+    #[arg(long, env = "TREATY_COORDINATOR_DEFAULT_PROTOCOL", value_enum)]
+    pub default_protocol: Option<DefaultProtocol>,
     /// Compact the decision log once it grows past this many bytes.
     #[arg(long, env = "TREATY_COORDINATOR_COMPACT_AFTER_BYTES")]
     pub compact_after_bytes: Option<u64>,
@@ -87,6 +111,7 @@ struct FileConfig {
     idle_timeout_ms: Option<u64>,
     vote_timeout_ms: Option<u64>,
     lock_timeout_ms: Option<u64>,
+    default_protocol: Option<DefaultProtocol>,
     compact_after_bytes: Option<u64>,
     log_format: Option<LogFormat>,
     failpoints: Option<String>,
@@ -100,6 +125,8 @@ pub struct Config {
     pub id: Option<String>,
     pub timeouts: Timeouts,
     pub lock_timeout_ms: u64,
+    /// Used when a client leaves `TransactionOptions.protocol` unspecified.
+    pub default_protocol: Protocol,
     pub compact_after_bytes: u64,
     pub log_format: LogFormat,
     pub failpoints: Option<String>,
@@ -191,6 +218,11 @@ impl Config {
             id: args.id.or(file.id),
             timeouts,
             lock_timeout_ms: args.lock_timeout_ms.or(file.lock_timeout_ms).unwrap_or(10_000),
+            default_protocol: args
+                .default_protocol
+                .or(file.default_protocol)
+                .unwrap_or_default()
+                .protocol(),
             compact_after_bytes: args
                 .compact_after_bytes
                 .or(file.compact_after_bytes)
@@ -225,6 +257,41 @@ mod tests {
         .unwrap();
         assert_eq!(config.shards.len(), 2);
         assert_eq!(config.timeouts.vote_ms, 10_000);
+        assert_eq!(config.default_protocol, Protocol::TwoPhase);
+    }
+
+    #[test]
+    fn the_default_protocol_comes_from_the_flag_or_the_file_and_a_bad_one_is_named() {
+        let shard = ["--shard", "s0=http://127.0.0.1:1"];
+        let config = parse(&[&shard[..], &["--default-protocol", "three-phase"]].concat()).unwrap();
+        assert_eq!(config.default_protocol, Protocol::ThreePhase);
+
+        let error = Args::try_parse_from(["treaty-coordinator", "--default-protocol", "3pc"]).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("two-phase") && message.contains("three-phase"),
+            "{message}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "default_protocol = \"three-phase\"\n[shards]\ns0 = \"http://127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let from_file = ["--config", path.to_str().unwrap()];
+        assert_eq!(parse(&from_file).unwrap().default_protocol, Protocol::ThreePhase);
+        let flag_wins = parse(&[&from_file[..], &["--default-protocol", "two-phase"]].concat()).unwrap();
+        assert_eq!(flag_wins.default_protocol, Protocol::TwoPhase);
+
+        std::fs::write(&path, "default_protocol = \"3pc\"\n").unwrap();
+        match parse(&from_file) {
+            Err(ConfigError::Parse { message, .. }) => {
+                assert!(message.contains("three-phase"), "{message}")
+            }
+            other => panic!("expected a parse error, got {other:?}"),
+        }
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The driver: owns the table of transactions, feeds events into each one's protocol state
 //! machine and carries out the actions that come back (RPCs to participants, decision-log writes,
 //! answers to waiting clients). It also allocates transaction ids, runs the timeout ticker and
-//! re-drives unfinished commits found in the log at start.
+//! re-drives unfinished commits found in the log at start; for three-phase commit it forces the
+//! pre-commit record, sends pre-commits, asks the participants for their states, and at start
+//! re-learns the outcome of every transaction the log holds a pre-commit record for.
 //!
 //! Architecture invariant: only `perform` turns actions into I/O, and it never holds a
 //! transaction's lock across an await; every result comes back through `feed`.
@@ -19,11 +21,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
-use treaty_decision_log::{CommitRecord, DecisionLog, HeuristicRecord};
+use treaty_decision_log::{CommitRecord, DecisionLog, HeuristicRecord, PreCommitRecord};
 use treaty_proto::{ApiError, CoordinatorId, Gid, ShardName, TxId, pb};
 
 use crate::failpoints::{self, Delivery, Fired};
 use crate::participants::ParticipantLinks;
+use crate::protocol::termination::Ballot;
 use crate::protocol::{
     AbortCause, AbortReason, Action, Event, Outcome, Phase, Protocol, ProtocolError, Timeouts, Transaction,
     Vote,
@@ -135,6 +138,8 @@ impl Table {
 pub struct EngineSettings {
     pub timeouts: Timeouts,
     pub lock_timeout_ms: u64,
+    /// The protocol of a transaction that does not choose one.
+    pub protocol: Protocol,
 }
 
 pub struct Engine {
@@ -143,6 +148,7 @@ pub struct Engine {
     links: ParticipantLinks,
     default_timeouts: Timeouts,
     default_lock_timeout_ms: u64,
+    default_protocol: Protocol,
     table: Mutex<Table>,
     next_txid: AtomicU64,
     reserved_up_to: AtomicU64,
@@ -164,6 +170,7 @@ impl Engine {
             links,
             default_timeouts: settings.timeouts,
             default_lock_timeout_ms: settings.lock_timeout_ms,
+            default_protocol: settings.protocol,
             table: Mutex::new(Table::default()),
             // Skip the whole block reserved before the restart: some of it may have been handed out.
             next_txid: AtomicU64::new(txids_reserved_up_to + 1),
@@ -221,22 +228,7 @@ impl Engine {
                     continue;
                 }
             };
-            let participants: Vec<ShardName> = record
-                .participants
-                .iter()
-                .filter_map(|name| match self.links.resolve(name) {
-                    Ok(shard) => Some(shard),
-                    Err(_) => {
-                        tracing::error!(
-                            txid = record.txid,
-                            shard = name,
-                            "a logged commit names a shard this coordinator is not configured with; \
-                             add it back with --shard so the commit can finish"
-                        );
-                        ShardName::new(name).ok()
-                    }
-                })
-                .collect();
+            let participants = self.logged_participants(record.txid, &record.participants);
             if detailed {
                 tracing::info!(txid = record.txid, shards = ?record.participants, "re-driving a logged commit");
             } else {
@@ -252,6 +244,66 @@ impl Engine {
             let handle = self.register(gid, String::new(), pb::BranchOptions::default(), machine);
             self.perform(&handle, actions);
         }
+    }
+
+    /// Re-learns the outcome of every 3PC transaction whose pre-commit record the log holds without
+    /// a commit or end record: pre-commits may have been sent, so abort cannot be presumed. Each
+    /// asks every participant for its state under a ballot of this `incarnation` (durable, higher
+    /// than any earlier start's) and applies the termination rules; until then `QueryDecision`
+    /// answers PENDING for it.
+    pub fn recover_pre_committed(self: &Arc<Self>, records: Vec<PreCommitRecord>, incarnation: u64) {
+        let now = now_ms();
+        if !records.is_empty() {
+            tracing::info!(
+                transactions = records.len(),
+                incarnation,
+                "learning the outcome of logged pre-commits without a commit or end record"
+            );
+        }
+        for record in records {
+            let gid = match Gid::parse(&record.gid) {
+                Ok(gid) => gid,
+                Err(e) => {
+                    tracing::error!(
+                        txid = record.txid,
+                        gid = record.gid,
+                        "unusable GID in a pre-commit record: {e}"
+                    );
+                    continue;
+                }
+            };
+            let participants = self.logged_participants(record.txid, &record.participants);
+            tracing::info!(txid = record.txid, shards = ?record.participants, "learning the outcome of a pre-committed transaction");
+            let (machine, actions) = Transaction::recover_pre_committed(
+                record.txid,
+                participants,
+                incarnation,
+                self.default_timeouts,
+                now,
+            );
+            let handle = self.register(gid, String::new(), pb::BranchOptions::default(), machine);
+            self.perform(&handle, actions);
+        }
+    }
+
+    /// The shards a log record names, each as configured; one this coordinator no longer knows is
+    /// kept by name (its messages fail until it is configured again) and reported.
+    fn logged_participants(&self, txid: TxId, names: &[String]) -> Vec<ShardName> {
+        names
+            .iter()
+            .filter_map(|name| match self.links.resolve(name) {
+                Ok(shard) => Some(shard),
+                Err(_) => {
+                    tracing::error!(
+                        txid,
+                        shard = name,
+                        "a logged transaction names a shard this coordinator is not configured with; \
+                         add it back with --shard so the transaction can finish"
+                    );
+                    ShardName::new(name).ok()
+                }
+            })
+            .collect()
     }
 
     fn register(
@@ -302,14 +354,10 @@ impl Engine {
     }
 
     pub async fn begin(&self, options: TxnOptions) -> Result<TxId, ApiError> {
-        if options.protocol == Some(Protocol::ThreePhase) {
-            return Err(ApiError::FailedPrecondition(
-                "three-phase commit is not available yet in this build; begin with PROTOCOL_TWO_PHASE".into(),
-            ));
-        }
         let txid = self.allocate_txid().await?;
         let timeouts = options.timeouts.unwrap_or(self.default_timeouts);
-        let machine = Transaction::begin(txid, Protocol::TwoPhase, timeouts, now_ms());
+        let protocol = options.protocol.unwrap_or(self.default_protocol);
+        let machine = Transaction::begin(txid, protocol, timeouts, now_ms());
         self.register(Gid::new(&self.id, txid), options.label, options.branch, machine);
         Ok(txid)
     }
@@ -341,6 +389,7 @@ impl Engine {
     fn perform(self: &Arc<Self>, handle: &Arc<TxnHandle>, actions: Vec<Action>) {
         // Commits sent without delay are a round's first sends (retries come with a backoff).
         let mut commit_round = Vec::new();
+        let mut pre_commit_round: Option<(Ballot, Vec<ShardName>)> = None;
         let mut votes_cast = Vec::new();
         for action in actions {
             match action {
@@ -383,12 +432,24 @@ impl Engine {
                     }
                 }
                 Action::PersistEnd => self.persist_end(handle),
-                // 3PC actions: `begin` refuses three-phase transactions until the services carry
-                // pre-commits and termination queries, so a machine here never asks for them.
-                Action::PersistPreCommit { .. }
-                | Action::SendPreCommit { .. }
-                | Action::QueryParticipantStates { .. } => {
-                    tracing::error!(gid = %handle.gid, ?action, "three-phase commit action without three-phase support in this driver; ignored");
+                Action::PersistPreCommit { participants } => self.persist_pre_commit(handle, participants),
+                // Pre-commits sent without delay are a round's first sends (retries come with a
+                // backoff); one action list holds at most one ballot's round.
+                Action::SendPreCommit {
+                    shard,
+                    ballot,
+                    delay_ms: 0,
+                } => pre_commit_round
+                    .get_or_insert_with(|| (ballot, Vec::new()))
+                    .1
+                    .push(shard),
+                Action::SendPreCommit {
+                    shard,
+                    ballot,
+                    delay_ms,
+                } => self.send_pre_commit(handle, shard, ballot, delay_ms, Delivery::Send),
+                Action::QueryParticipantStates { shards, ballot } => {
+                    self.query_participant_states(handle, shards, ballot)
                 }
                 Action::Finished => {
                     // A heuristic decision stays in the log until this end record (an abort
@@ -402,6 +463,9 @@ impl Engine {
         }
         if !commit_round.is_empty() {
             self.send_commit_round(handle, commit_round);
+        }
+        if let Some((ballot, shards)) = pre_commit_round {
+            self.send_pre_commit_round(handle, shards, ballot);
         }
         // After the other actions, as if each vote had come back from its own Prepare.
         for (shard, vote) in votes_cast {
@@ -418,6 +482,7 @@ impl Engine {
         shards: Vec<ShardName>,
     ) -> Vec<(ShardName, Vote)> {
         let all: Vec<String> = shards.iter().map(ToString::to_string).collect();
+        let protocol = handle.machine().protocol();
         let cast = std::mem::take(&mut *handle.early_votes());
         let shards: Vec<ShardName> = if cast.is_empty() {
             shards
@@ -433,18 +498,18 @@ impl Engine {
                 let mut shards = shards.into_iter();
                 if let Some(first) = shards.next() {
                     engine
-                        .prepare_one(&handle, first, all.clone(), Delivery::Send)
+                        .prepare_one(&handle, first, all.clone(), protocol, Delivery::Send)
                         .await;
                 }
                 let delivery = failpoints::delivery(failpoints::AFTER_SOME_PREPARES);
                 for shard in shards {
-                    engine.spawn_prepare(&handle, shard, all.clone(), delivery);
+                    engine.spawn_prepare(&handle, shard, all.clone(), protocol, delivery);
                 }
             });
             return cast;
         }
         for shard in shards {
-            self.spawn_prepare(handle, shard, all.clone(), Delivery::Send);
+            self.spawn_prepare(handle, shard, all.clone(), protocol, Delivery::Send);
         }
         cast
     }
@@ -454,10 +519,11 @@ impl Engine {
         handle: &Arc<TxnHandle>,
         shard: ShardName,
         all: Vec<String>,
+        protocol: Protocol,
         delivery: Delivery,
     ) {
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
-        tokio::spawn(async move { engine.prepare_one(&handle, shard, all, delivery).await });
+        tokio::spawn(async move { engine.prepare_one(&handle, shard, all, protocol, delivery).await });
     }
 
     async fn prepare_one(
@@ -465,12 +531,13 @@ impl Engine {
         handle: &Arc<TxnHandle>,
         shard: ShardName,
         all: Vec<String>,
+        protocol: Protocol,
         delivery: Delivery,
     ) {
         let vote_timeout = Duration::from_millis(self.default_timeouts.vote_ms);
         let vote = self
             .links
-            .prepare(&shard, &handle.gid, all, vote_timeout, delivery)
+            .prepare(&shard, &handle.gid, all, protocol, vote_timeout, delivery)
             .await;
         self.feed_result(handle, Event::VoteReceived { shard, vote });
     }
@@ -511,6 +578,133 @@ impl Engine {
                 engine.send_phase_two(&handle, shard, 0, true, delivery);
             }
         });
+    }
+
+    /// 3PC: forces the pre-commit record (after `before-pre-commit-record`), then feeds
+    /// `PreCommitDurable`; no PreCommit leaves before it is durable.
+    fn persist_pre_commit(self: &Arc<Self>, handle: &Arc<TxnHandle>, participants: Vec<ShardName>) {
+        let record = PreCommitRecord {
+            txid: handle.gid.txid(),
+            gid: handle.gid.to_string(),
+            participants: participants.iter().map(ToString::to_string).collect(),
+            at_ms: now_ms(),
+        };
+        let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
+        tokio::spawn(async move {
+            if failpoints::hit(failpoints::BEFORE_PRE_COMMIT_RECORD).is_some() {
+                engine.log_failed(format!(
+                    "failpoint {}: writing the pre-commit record of {} failed",
+                    failpoints::BEFORE_PRE_COMMIT_RECORD,
+                    handle.gid
+                ));
+            }
+            match engine.log.pre_commit(record).await {
+                Ok(()) => engine.feed_result(&handle, Event::PreCommitDurable),
+                Err(e) => {
+                    engine.log_failed(e);
+                }
+            }
+        });
+    }
+
+    /// 3PC: a round of PreCommits under `ballot`, in parallel. The coordinator's own first round
+    /// (`Ballot::COORDINATOR`) of a transaction this process runs passes the failpoints
+    /// `before-pre-commit-sends` (before any is sent) and `after-some-pre-commits` (with it armed,
+    /// the first is sent alone and the others only after it acknowledged); a round decided by the
+    /// termination rules (a learned state, or a recovered transaction) skips them, so that a
+    /// restart with the same `--failpoints` converges.
+    fn send_pre_commit_round(
+        self: &Arc<Self>,
+        handle: &Arc<TxnHandle>,
+        shards: Vec<ShardName>,
+        ballot: Ballot,
+    ) {
+        let first_round = ballot == Ballot::COORDINATOR && !handle.machine().recovered();
+        let armed = failpoints::armed(failpoints::BEFORE_PRE_COMMIT_SENDS)
+            || failpoints::armed(failpoints::AFTER_SOME_PRE_COMMITS);
+        if !first_round || !armed {
+            for shard in shards {
+                self.send_pre_commit(handle, shard, ballot.clone(), 0, Delivery::Send);
+            }
+            return;
+        }
+        let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
+        tokio::spawn(async move {
+            let mut delivery = failpoints::delivery(failpoints::BEFORE_PRE_COMMIT_SENDS);
+            let mut shards = shards.into_iter();
+            if delivery == Delivery::Send
+                && shards.len() > 1
+                && failpoints::armed(failpoints::AFTER_SOME_PRE_COMMITS)
+                && let Some(first) = shards.next()
+            {
+                let event = engine
+                    .links
+                    .pre_commit(&first, &handle.gid, &ballot, Delivery::Send)
+                    .await;
+                let acknowledged = matches!(event, Event::PreCommitAcknowledged { .. });
+                engine.feed_result(&handle, event);
+                if acknowledged {
+                    delivery = failpoints::delivery(failpoints::AFTER_SOME_PRE_COMMITS);
+                }
+            }
+            for shard in shards {
+                engine.send_pre_commit(&handle, shard, ballot.clone(), 0, delivery);
+            }
+        });
+    }
+
+    /// 3PC: one PreCommit after `delay_ms`; its answer comes back as `PreCommitAcknowledged` or
+    /// `PhaseTwoFailed` (which the machine retries with backoff until it learns states instead).
+    fn send_pre_commit(
+        self: &Arc<Self>,
+        handle: &Arc<TxnHandle>,
+        shard: ShardName,
+        ballot: Ballot,
+        delay_ms: u64,
+        delivery: Delivery,
+    ) {
+        let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
+        tokio::spawn(async move {
+            if delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            }
+            let event = engine
+                .links
+                .pre_commit(&shard, &handle.gid, &ballot, delivery)
+                .await;
+            engine.feed_result(&handle, event);
+        });
+    }
+
+    /// 3PC: asks every shard for its state under `ballot`, in parallel; each answer is fed on its
+    /// own as it comes. An unanswered shard is simply missing: the machine decides only with every
+    /// state and asks again, under a new ballot, on its next deadline.
+    fn query_participant_states(
+        self: &Arc<Self>,
+        handle: &Arc<TxnHandle>,
+        shards: Vec<ShardName>,
+        ballot: Ballot,
+    ) {
+        let peers = self.links.peers(shards.iter().map(ShardName::as_str));
+        // An answer later than the machine's next round would be for a ballot it has left.
+        let timeout = Duration::from_millis(self.default_timeouts.vote_ms);
+        for shard in shards {
+            let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
+            let (ballot, peers) = (ballot.clone(), peers.clone());
+            tokio::spawn(async move {
+                let report = engine
+                    .links
+                    .query_state(&shard, &handle.gid, &ballot, peers, timeout)
+                    .await;
+                if let Some(report) = report {
+                    let event = Event::ParticipantStatesLearned {
+                        ballot,
+                        reports: vec![(shard, report)],
+                    };
+                    engine.feed_result(&handle, event);
+                }
+            });
+        }
     }
 
     /// The lazy end record, between `before-end-record` and `after-end-record` (not for a
@@ -619,7 +813,8 @@ impl Engine {
     /// submits over several shards): the participant votes in the same call, and the vote is kept
     /// for the machine's `SendPrepare` instead of a Prepare message. A branch prepared this way and
     /// then aborted is rolled back by the abort like any prepared branch. With the
-    /// `after-some-prepares` failpoint armed the votes go through Prepare messages as before.
+    /// `after-some-prepares` failpoint armed the votes go through Prepare messages as before, and
+    /// so do a three-phase transaction's (its Prepare names the protocol and every peer).
     pub async fn execute_and_prepare(
         self: &Arc<Self>,
         txid: TxId,
@@ -658,6 +853,7 @@ impl Engine {
         prepare: bool,
     ) -> Result<pb::ExecuteResult, ApiError> {
         let (shard, handle, remaining) = self.enlist(txid, shard)?;
+        let prepare = prepare && handle.machine().protocol() == Protocol::TwoPhase;
         let request = pb::BranchExecuteRequest {
             gid: handle.gid.to_string(),
             sql,
@@ -833,6 +1029,8 @@ impl Engine {
             Phase::Aborting => (pb::Decision::Abort, true),
             Phase::Committed => (pb::Decision::Commit, false),
             Phase::Aborted | Phase::OutcomeUnknown => (pb::Decision::Abort, false),
+            // Includes `PreCommitting`: a 3PC transaction whose outcome is being learned (a
+            // pre-commit may be out) is never presumed aborted.
             _ => (pb::Decision::Pending, true),
         }
     }

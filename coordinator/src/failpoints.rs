@@ -15,6 +15,12 @@ pub const AFTER_SOME_PREPARES: &str = "coordinator::after-some-prepares";
 pub const BEFORE_COMMIT_SENDS: &str = "coordinator::before-commit-sends";
 /// The first participant acknowledged COMMIT; the others are not sent yet.
 pub const BETWEEN_COMMIT_SENDS: &str = "coordinator::between-commit-sends";
+/// 3PC: every vote is YES; the pre-commit record is not written yet.
+pub const BEFORE_PRE_COMMIT_RECORD: &str = "coordinator::before-pre-commit-record";
+/// 3PC: the pre-commit record is durable; no PreCommit has been sent.
+pub const BEFORE_PRE_COMMIT_SENDS: &str = "coordinator::before-pre-commit-sends";
+/// 3PC: the first participant acknowledged PreCommit; the others are not sent yet.
+pub const AFTER_SOME_PRE_COMMITS: &str = "coordinator::after-some-pre-commits";
 /// Every participant acknowledged; the end record is not written yet.
 pub const BEFORE_END_RECORD: &str = "coordinator::before-end-record";
 /// The end record was handed to the log (lazily: it may not be durable yet).
@@ -43,6 +49,18 @@ static POINTS: &[Point] = &[
     },
     Point {
         name: BETWEEN_COMMIT_SENDS,
+        returns: &[Return::Error, Return::Drop],
+    },
+    Point {
+        name: BEFORE_PRE_COMMIT_RECORD,
+        returns: &[Return::Error],
+    },
+    Point {
+        name: BEFORE_PRE_COMMIT_SENDS,
+        returns: &[Return::Error, Return::Drop],
+    },
+    Point {
+        name: AFTER_SOME_PRE_COMMITS,
         returns: &[Return::Error, Return::Drop],
     },
     Point {
@@ -112,7 +130,7 @@ mod tests {
     #[test]
     fn every_point_is_named_for_its_binary_and_unique() {
         let names: Vec<&str> = CATALOG.names().collect();
-        assert_eq!(names.len(), 8);
+        assert_eq!(names.len(), 11);
         let mut unique = names.clone();
         unique.sort_unstable();
         unique.dedup();

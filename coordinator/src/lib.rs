@@ -1,5 +1,5 @@
-//! Treaty's coordinator: drives two-phase commit across participant agents and keeps the durable
-//! decision log that recovery replays.
+//! Treaty's coordinator: drives two-phase (or, per transaction, three-phase) commit across
+//! participant agents and keeps the durable decision log that recovery replays.
 //!
 //! - `protocol`: the pure state machine (no I/O), re-exported from `treaty-commit-protocol`;
 //! - `driver`: carries out the machine's actions (RPCs to participants, log writes, timers);
@@ -143,7 +143,10 @@ pub async fn run(
     let settings = EngineSettings {
         timeouts: config.timeouts,
         lock_timeout_ms: config.lock_timeout_ms,
+        protocol: config.default_protocol,
     };
+    // Durable before any 3PC ballot of this start goes out (recovery below uses it first).
+    let incarnation = log.new_incarnation().await.map_err(log_error)?;
     // A damaged region may have held the latest txid reservation: skip a block per damaged region
     // so that no txid handed out before the damage is handed out again.
     let reserved_up_to = replay.txids_reserved_up_to + driver::TXID_BLOCK * replay.damage.len() as u64;
@@ -152,10 +155,13 @@ pub async fn run(
         coordinator = %id,
         records = replay.records,
         unfinished = replay.unfinished.len(),
+        pre_committed = replay.pre_committed.len(),
+        incarnation,
         next_txid = engine.next_txid(),
         "decision log replayed"
     );
     engine.recover(replay.unfinished);
+    engine.recover_pre_committed(replay.pre_committed, incarnation);
     engine.recover_heuristics(replay.heuristics);
     engine.spawn_ticker();
 

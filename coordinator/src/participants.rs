@@ -1,6 +1,7 @@
 //! Links to the participant agents: one lazily connected gRPC channel per shard, the per-shard
 //! queue that coalesces commits into `CommitBatch` calls, and the translation of their answers
-//! into protocol events (votes, acknowledgements, abort reasons).
+//! into protocol events (votes, acknowledgements, abort reasons, and for three-phase commit
+//! pre-commit acknowledgements and reported states).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -13,7 +14,10 @@ use treaty_proto::pb::participant_client::ParticipantClient;
 use treaty_proto::{ApiError, Gid, ShardName, pb};
 
 use crate::failpoints::Delivery;
-use crate::protocol::{AbortCause, AbortReason, Event, Vote};
+use crate::protocol::participant::Report;
+use crate::protocol::termination::Ballot;
+use crate::protocol::wire::{ballot_from_pb, ballot_to_pb, report_from_pb};
+use crate::protocol::{AbortCause, AbortReason, Event, Protocol, Vote};
 
 /// How long one phase-two message may take before it is counted as lost and sent again.
 pub(crate) const PHASE_TWO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,6 +51,9 @@ struct PhaseTwoError {
 #[derive(Clone)]
 pub struct ParticipantLinks {
     clients: BTreeMap<ShardName, ParticipantClient<Channel>>,
+    /// Where each shard's participant serves, as configured: 3PC tells every participant where
+    /// its peers are (`pb::Peer`).
+    urls: Arc<BTreeMap<ShardName, String>>,
     /// Per shard, the queue of the task that coalesces commits into `CommitBatch` calls; started
     /// on first use (it needs the runtime).
     commit_queues: Arc<BTreeMap<ShardName, OnceLock<mpsc::UnboundedSender<PendingCommit>>>>,
@@ -75,6 +82,7 @@ impl ParticipantLinks {
         }
         Ok(Self {
             clients,
+            urls: Arc::new(shards.clone()),
             commit_queues: Arc::new(commit_queues),
         })
     }
@@ -95,6 +103,19 @@ impl ParticipantLinks {
                     known.join(", ")
                 ))
             })
+    }
+
+    /// The participants of a 3PC transaction with the addresses the coordinator reaches them at.
+    /// A shard this coordinator is not configured with (a logged one, removed since) goes with an
+    /// empty URL: its peers cannot reach it, and termination waits for it, as it must.
+    pub fn peers<'a>(&self, shards: impl IntoIterator<Item = &'a str>) -> Vec<pb::Peer> {
+        shards
+            .into_iter()
+            .map(|shard| pb::Peer {
+                shard: shard.to_owned(),
+                url: self.urls.get(shard).cloned().unwrap_or_default(),
+            })
+            .collect()
     }
 
     fn client(&self, shard: &ShardName) -> Result<ParticipantClient<Channel>, ApiError> {
@@ -154,12 +175,15 @@ impl ParticipantLinks {
 
     /// Asks for a vote; anything but a clear YES or READ-ONLY within `timeout` is a NO. A message
     /// a failpoint fails or loses (`delivery`) ends the same way as an unreachable participant
-    /// or a lost message.
+    /// or a lost message. For three-phase commit the request names the protocol and every
+    /// participant with its address, and a READ-ONLY vote counts as NO: a 3PC participant must
+    /// prepare (one that committed on its own would report a commit to the termination protocol).
     pub async fn prepare(
         &self,
         shard: &ShardName,
         gid: &Gid,
         participants: Vec<String>,
+        protocol: Protocol,
         timeout: Duration,
         delivery: Delivery,
     ) -> Vote {
@@ -189,13 +213,29 @@ impl ParticipantLinks {
             Ok(client) => client,
             Err(e) => return Vote::No(unavailable(shard, e.to_string())),
         };
-        let request = pb::PrepareRequest {
-            gid: gid.to_string(),
-            participants,
-            ..Default::default()
+        let request = match protocol {
+            Protocol::TwoPhase => pb::PrepareRequest {
+                gid: gid.to_string(),
+                participants,
+                ..Default::default()
+            },
+            Protocol::ThreePhase => pb::PrepareRequest {
+                gid: gid.to_string(),
+                peers: self.peers(participants.iter().map(String::as_str)),
+                participants,
+                protocol: pb::Protocol::ThreePhase as i32,
+            },
         };
         match tokio::time::timeout(timeout, client.prepare(request)).await {
-            Ok(Ok(response)) => vote_from_pb(shard, response.into_inner()),
+            Ok(Ok(response)) => match (vote_from_pb(shard, response.into_inner()), protocol) {
+                (Vote::ReadOnly, Protocol::ThreePhase) => Vote::No(unavailable(
+                    shard,
+                    "voted READ-ONLY in a three-phase transaction (a participant without \
+                     three-phase commit?); every 3PC participant must prepare"
+                        .into(),
+                )),
+                (vote, _) => vote,
+            },
             Ok(Err(status)) => Vote::No(unavailable(
                 shard,
                 format!("prepare failed: {}", status.message()),
@@ -247,6 +287,96 @@ impl ParticipantLinks {
                 failed(error.message)
             }
             Err(_) => lost(),
+        }
+    }
+
+    /// 3PC: sends `PreCommit` under `ballot` and turns the answer into the event the machine
+    /// expects: `PreCommitAcknowledged`, or `PhaseTwoFailed` (retried with backoff until the
+    /// machine stops asking: past its deadline it learns the participants' states instead, under
+    /// a ballot above any promise a refusal names).
+    pub async fn pre_commit(
+        &self,
+        shard: &ShardName,
+        gid: &Gid,
+        ballot: &Ballot,
+        delivery: Delivery,
+    ) -> Event {
+        let failed = |error: String| Event::PhaseTwoFailed {
+            shard: shard.clone(),
+            error,
+        };
+        let lost = || {
+            failed(format!(
+                "no answer to PreCommit within {} ms",
+                PHASE_TWO_TIMEOUT.as_millis()
+            ))
+        };
+        match delivery {
+            Delivery::Send => {}
+            Delivery::Fail(failpoint) => return failed(format!("failpoint {failpoint}")),
+            Delivery::Lose => {
+                tokio::time::sleep(PHASE_TWO_TIMEOUT).await;
+                return lost();
+            }
+        }
+        let mut client = match self.client(shard) {
+            Ok(client) => client,
+            Err(e) => return failed(e.to_string()),
+        };
+        let request = pb::PreCommitRequest {
+            gid: gid.to_string(),
+            ballot: Some(ballot_to_pb(ballot)),
+        };
+        match tokio::time::timeout(PHASE_TWO_TIMEOUT, client.pre_commit(request)).await {
+            Ok(Ok(response)) => {
+                let response = response.into_inner();
+                if response.acknowledged {
+                    return Event::PreCommitAcknowledged {
+                        shard: shard.clone(),
+                        ballot: ballot.clone(),
+                    };
+                }
+                let promised = match ballot_from_pb(response.promised.as_ref()) {
+                    Ok(promised) => format!(" (it promised ballot {promised:?})"),
+                    Err(_) => String::new(),
+                };
+                failed(format!("PreCommit refused{promised}: {}", response.message))
+            }
+            Ok(Err(status)) => failed(format!("PreCommit failed: {}", status.message())),
+            Err(_) => lost(),
+        }
+    }
+
+    /// 3PC: asks one participant for its branch's state under `ballot` (`peers`: every participant,
+    /// so that one that never got the prepare can take part). `None` when it does not answer
+    /// within `timeout` or answers something unreadable: the machine asks again on its tick.
+    pub async fn query_state(
+        &self,
+        shard: &ShardName,
+        gid: &Gid,
+        ballot: &Ballot,
+        peers: Vec<pb::Peer>,
+        timeout: Duration,
+    ) -> Option<Report> {
+        let mut client = self.client(shard).ok()?;
+        let request = pb::QueryStateRequest {
+            gid: gid.to_string(),
+            ballot: Some(ballot_to_pb(ballot)),
+            participants: peers,
+        };
+        match tokio::time::timeout(timeout, client.query_state(request)).await {
+            Ok(Ok(response)) => match report_from_pb(&response.into_inner()) {
+                Ok(report) => Some(report),
+                Err(e) => {
+                    tracing::warn!(%shard, %gid, "unreadable QueryState answer: {e}");
+                    None
+                }
+            },
+            Ok(Err(status)) => {
+                tracing::debug!(%shard, %gid, "QueryState failed: {}", status.message());
+                None
+            }
+            Err(_) => None,
         }
     }
 

@@ -9,7 +9,7 @@ use futures::future::join_all;
 use treaty_proto::{ApiError, ShardName, TxId, pb};
 
 use crate::driver::{Engine, TxnOptions};
-use crate::protocol::{AbortCause, AbortReason, Outcome};
+use crate::protocol::{AbortCause, AbortReason, Outcome, Protocol};
 
 /// An op that passed validation.
 struct CheckedOp {
@@ -112,8 +112,9 @@ pub async fn submit(
         let ops = by_shard.into_values().next().unwrap_or_default();
         return submit_one_shard(engine, txid, ops, wait_for_apply).await;
     }
-    // Several shards: each votes together with its last statement.
-    let vote_with_last = true;
+    // Several shards: under 2PC each votes together with its last statement; a 3PC vote comes from
+    // a 3PC Prepare, which names the protocol and every peer.
+    let vote_with_last = engine.handle(txid)?.machine().protocol() == Protocol::TwoPhase;
     let runs = join_all(
         by_shard
             .into_values()

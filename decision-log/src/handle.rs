@@ -2,7 +2,7 @@
 //! append calls, which send requests to the writer thread and await its answer.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -14,7 +14,7 @@ use crate::hooks::TestHooks;
 use crate::record::{FORMAT_VERSION, Record};
 use crate::replay;
 use crate::writer::{Request, Shared, Waiter, Writer};
-use crate::{CommitRecord, HeuristicRecord, LogError, LogOptions, LogStats, Replay};
+use crate::{CommitRecord, HeuristicRecord, LogError, LogOptions, LogStats, PreCommitRecord, Replay};
 
 /// The coordinator's decision log. Clones share one writer thread; when the last clone is dropped the
 /// writer finishes what was queued, syncs, and is joined (so the drop may block briefly).
@@ -28,6 +28,8 @@ struct Inner {
     sender: Option<Sender<Request>>,
     thread: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
+    /// The number `new_incarnation` hands out next: above every incarnation the log may have held.
+    next_incarnation: AtomicU64,
 }
 
 impl Drop for Inner {
@@ -78,11 +80,21 @@ impl DecisionLog {
             (file, len, Some(preserved))
         };
         drop(bytes);
+        // A damaged region may have held incarnation records (21 bytes each): skip past every
+        // number it could have held, so that none is handed out twice.
+        let damaged_bytes: u64 = scan.damage.iter().map(|d| d.length).sum();
+        let next_incarnation = scan
+            .state
+            .incarnation
+            .saturating_add(1)
+            .saturating_add(damaged_bytes);
         let replay = Replay {
             coordinator_id: scan.state.coordinator_id.clone(),
             txids_reserved_up_to: scan.state.txids_reserved_up_to,
             unfinished: scan.state.unfinished_records(),
             heuristics: scan.state.heuristic_records(),
+            pre_committed: scan.state.pre_commit_records(),
+            incarnation: scan.state.incarnation,
             damage: scan.damage,
             records: scan.records,
             preserved_damaged_file: preserved,
@@ -107,6 +119,7 @@ impl DecisionLog {
             sender: Some(sender),
             thread: Some(thread),
             shared,
+            next_incarnation: AtomicU64::new(next_incarnation),
         };
         let log = DecisionLog {
             inner: Arc::new(inner),
@@ -150,6 +163,28 @@ impl DecisionLog {
             unreachable!("constructed as a heuristic just above")
         };
         self.forced(|done| Request::Heuristic { record, done }).await
+    }
+
+    /// 3PC: records that the transaction enters pre-commit with these participants; returns only
+    /// after an fdatasync covering it (group-committed like `commit`). Replay hands it back in
+    /// [`Replay::pre_committed`] until a commit or end record for the txid supersedes it.
+    pub async fn pre_commit(&self, record: PreCommitRecord) -> Result<(), LogError> {
+        let record = Record::PreCommit(record);
+        record.check_size()?;
+        let Record::PreCommit(record) = record else {
+            unreachable!("constructed as a pre-commit just above")
+        };
+        self.forced(|done| Request::PreCommit { record, done }).await
+    }
+
+    /// Starts a new incarnation of the coordinator: forces a record with a number above every
+    /// incarnation this log has held (and above any a damaged region may have held), and returns it
+    /// once durable. Every call returns a higher number; the coordinator calls it once per start and
+    /// puts the number in its 3PC ballots.
+    pub async fn new_incarnation(&self) -> Result<u64, LogError> {
+        let number = self.inner.next_incarnation.fetch_add(1, Ordering::AcqRel);
+        self.forced(|done| Request::Incarnation { number, done }).await?;
+        Ok(number)
     }
 
     /// Records that `txid` is finished everywhere. Lazy: queued for the next batch, never waits. If it is

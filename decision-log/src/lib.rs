@@ -1,7 +1,9 @@
-//! The coordinator's durable decision log for two-phase commit with presumed abort.
+//! The coordinator's durable decision log for two-phase commit with presumed abort, and for
+//! three-phase commit.
 //!
-//! Only commit decisions are forced to disk; end records are lazy; aborts are never logged (a
-//! transaction the log does not hold is aborted). The log is the source of truth for recovery.
+//! Only commit decisions (and, in 3PC, pre-commit records) are forced to disk; end records are
+//! lazy; aborts are never logged (a transaction the log does not hold a commit or pre-commit record
+//! for is aborted). The log is the source of truth for recovery.
 //!
 //! # On-disk format
 //!
@@ -25,6 +27,14 @@
 //! | 3    | `Commit`        | txid u64, decided_at_ms u64, gid string, count u32, participant strings |
 //! | 4    | `End`           | txid u64                                                         |
 //! | 5    | `Heuristic`     | txid u64, decided_at_ms u64, decision u8 (1 commit, 2 abort), gid string, operator string, reason string, count u32, participant strings |
+//! | 6    | `PreCommit`     | txid u64, at_ms u64, gid string, count u32, participant strings  |
+//! | 7    | `Incarnation`   | number u64                                                       |
+//!
+//! A `PreCommit` record (3PC) says that pre-commits may have been sent to these participants: a
+//! restarted coordinator must learn the outcome from them instead of presuming abort. A later
+//! commit or end record for the same txid supersedes it. An `Incarnation` record is written at every
+//! coordinator start ([`DecisionLog::new_incarnation`]); the coordinator's 3PC ballots carry the
+//! number, so a restarted coordinator never reuses a ballot of an earlier life.
 //!
 //! A `Heuristic` record is an operator's decision (`treaty resolve`): who, when, why. A heuristic
 //! commit is a commit decision like type 3 (replay re-drives it until its end record); a heuristic
@@ -48,8 +58,9 @@
 //!
 //! After a batch, when the file exceeds [`LogOptions::compact_after_bytes`], the writer
 //!
-//! 1. writes `decisions.log.compact` with only the header, the txid reservation and the
-//!    unfinished commits;
+//! 1. writes `decisions.log.compact` with only the header, the txid reservation, the highest
+//!    incarnation, the unfinished commits, the live pre-commit records and the heuristic decisions
+//!    of unfinished transactions;
 //! 2. `fdatasync`s it;
 //! 3. renames it over `decisions.log` (the commit point of compaction);
 //! 4. `fsync`s the directory, and appends to the new file from then on.
@@ -109,6 +120,17 @@ pub struct CommitRecord {
     pub gid: String,
     pub participants: Vec<String>,
     pub decided_at_ms: u64,
+}
+
+/// 3PC: the transaction entered pre-commit with these participants (every YES voter), so
+/// pre-commits may have been sent. Forced before the first `PreCommit` leaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreCommitRecord {
+    pub txid: u64,
+    pub gid: String,
+    pub participants: Vec<String>,
+    /// When the record was written, in ms since the Unix epoch.
+    pub at_ms: u64,
 }
 
 /// What an operator decided for a transaction by hand.
@@ -183,6 +205,11 @@ pub struct Replay {
     pub unfinished: Vec<CommitRecord>,
     /// Heuristic decisions without an end record, in log order.
     pub heuristics: Vec<HeuristicRecord>,
+    /// 3PC pre-commit records with neither a commit (or heuristic commit) nor an end record after
+    /// them, in log order: their outcome must be learned from the participants.
+    pub pre_committed: Vec<PreCommitRecord>,
+    /// The highest incarnation logged (0 if none); [`DecisionLog::new_incarnation`] starts the next.
+    pub incarnation: u64,
     /// What was found and cut or skipped; empty for a clean log.
     pub damage: Vec<Damage>,
     /// Good records read.

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::{CommitRecord, HeuristicDecision, HeuristicRecord, MAX_RECORD_BODY_BYTES};
+use crate::{CommitRecord, HeuristicDecision, HeuristicRecord, MAX_RECORD_BODY_BYTES, PreCommitRecord};
 
 /// The bytes "TRDL" read as a little-endian u32.
 pub(crate) const MAGIC: u32 = 0x4C44_5254;
@@ -15,6 +15,8 @@ const TYPE_TXIDS_RESERVED: u8 = 2;
 const TYPE_COMMIT: u8 = 3;
 const TYPE_END: u8 = 4;
 const TYPE_HEURISTIC: u8 = 5;
+const TYPE_PRE_COMMIT: u8 = 6;
+const TYPE_INCARNATION: u8 = 7;
 
 const HEURISTIC_COMMIT: u8 = 1;
 const HEURISTIC_ABORT: u8 = 2;
@@ -33,6 +35,10 @@ pub(crate) enum Record {
         txid: u64,
     },
     Heuristic(HeuristicRecord),
+    PreCommit(PreCommitRecord),
+    Incarnation {
+        number: u64,
+    },
 }
 
 impl Record {
@@ -40,12 +46,12 @@ impl Record {
     pub(crate) fn encoded_len(&self) -> usize {
         let payload = match self {
             Record::Header { coordinator_id, .. } => 4 + string_len(coordinator_id),
-            Record::TxidsReserved { .. } | Record::End { .. } => 8,
+            Record::TxidsReserved { .. } | Record::End { .. } | Record::Incarnation { .. } => 8,
             Record::Commit(commit) => {
-                8 + 8
-                    + string_len(&commit.gid)
-                    + 4
-                    + commit.participants.iter().map(|p| string_len(p)).sum::<usize>()
+                8 + 8 + string_len(&commit.gid) + participants_len(&commit.participants)
+            }
+            Record::PreCommit(pre_commit) => {
+                8 + 8 + string_len(&pre_commit.gid) + participants_len(&pre_commit.participants)
             }
             Record::Heuristic(heuristic) => {
                 8 + 8
@@ -76,6 +82,8 @@ impl Record {
             Record::Commit(_) => "commit",
             Record::End { .. } => "end",
             Record::Heuristic(_) => "heuristic decision",
+            Record::PreCommit(_) => "pre-commit",
+            Record::Incarnation { .. } => "incarnation",
         };
         Err(crate::LogError::RecordTooLarge {
             what,
@@ -97,6 +105,10 @@ impl Record {
             Record::Commit(commit) => encode_commit(commit, buf),
             Record::End { txid } => encode_frame(buf, TYPE_END, |buf| put_u64(buf, *txid)),
             Record::Heuristic(heuristic) => encode_heuristic(heuristic, buf),
+            Record::PreCommit(pre_commit) => encode_pre_commit(pre_commit, buf),
+            Record::Incarnation { number } => {
+                encode_frame(buf, TYPE_INCARNATION, |buf| put_u64(buf, *number))
+            }
         }
     }
 }
@@ -116,6 +128,20 @@ pub(crate) fn encode_commit(commit: &CommitRecord, buf: &mut Vec<u8>) {
         put_str(buf, &commit.gid);
         put_u32(buf, commit.participants.len() as u32);
         for participant in &commit.participants {
+            put_str(buf, participant);
+        }
+    });
+}
+
+/// Encodes a borrowed pre-commit record (compaction writes what the state holds); the layout of a
+/// commit record under its own type.
+pub(crate) fn encode_pre_commit(pre_commit: &PreCommitRecord, buf: &mut Vec<u8>) {
+    encode_frame(buf, TYPE_PRE_COMMIT, |buf| {
+        put_u64(buf, pre_commit.txid);
+        put_u64(buf, pre_commit.at_ms);
+        put_str(buf, &pre_commit.gid);
+        put_u32(buf, pre_commit.participants.len() as u32);
+        for participant in &pre_commit.participants {
             put_str(buf, participant);
         }
     });
@@ -160,6 +186,11 @@ fn encode_frame(buf: &mut Vec<u8>, type_tag: u8, write_payload: impl FnOnce(&mut
 
 fn string_len(s: &str) -> usize {
     4 + s.len()
+}
+
+/// A participant count and the participants' names.
+fn participants_len(participants: &[String]) -> usize {
+    4 + participants.iter().map(|p| string_len(p)).sum::<usize>()
 }
 
 fn put_u32(buf: &mut Vec<u8>, value: u32) {
@@ -273,6 +304,8 @@ pub(crate) fn decode_frame(bytes: &[u8]) -> Result<(Record, usize), FrameError> 
         TYPE_COMMIT => Record::Commit(decode_commit(&mut reader)),
         TYPE_END => Record::End { txid: reader.u64() },
         TYPE_HEURISTIC => Record::Heuristic(decode_heuristic(&mut reader)),
+        TYPE_PRE_COMMIT => Record::PreCommit(decode_pre_commit(&mut reader)),
+        TYPE_INCARNATION => Record::Incarnation { number: reader.u64() },
         other => return Err(FrameError::UnknownType { type_tag: other }),
     };
     reader
@@ -291,6 +324,19 @@ fn decode_commit(reader: &mut Reader<'_>) -> CommitRecord {
         gid,
         participants,
         decided_at_ms,
+    }
+}
+
+fn decode_pre_commit(reader: &mut Reader<'_>) -> PreCommitRecord {
+    let txid = reader.u64();
+    let at_ms = reader.u64();
+    let gid = reader.string();
+    let participants = decode_participants(reader);
+    PreCommitRecord {
+        txid,
+        gid,
+        participants,
+        at_ms,
     }
 }
 
@@ -421,6 +467,13 @@ mod tests {
             Record::End { txid: 42 },
             Record::Heuristic(sample_heuristic(9, HeuristicDecision::Abort)),
             Record::Heuristic(sample_heuristic(10, HeuristicDecision::Commit)),
+            Record::PreCommit(PreCommitRecord {
+                txid: 11,
+                gid: "treaty:c1:11".into(),
+                participants: vec!["shard-a".into(), "ünïcode".into()],
+                at_ms: 1_700_000_000_011,
+            }),
+            Record::Incarnation { number: u64::MAX },
         ]
     }
 
@@ -449,6 +502,35 @@ mod tests {
         assert_eq!(buf[29], HEURISTIC_COMMIT);
         assert_eq!(u32::from_le_bytes(buf[30..34].try_into().unwrap()), 11);
         assert_eq!(&buf[34..45], b"treaty:c1:3");
+    }
+
+    #[test]
+    fn pre_commit_and_incarnation_payload_layouts_are_as_documented() {
+        let mut buf = Vec::new();
+        Record::PreCommit(PreCommitRecord {
+            txid: 3,
+            gid: "treaty:c1:3".into(),
+            participants: vec!["s0".into()],
+            at_ms: 1_700_000_000_000,
+        })
+        .encode(&mut buf);
+        assert_eq!(buf[12], TYPE_PRE_COMMIT);
+        assert_eq!(u64::from_le_bytes(buf[13..21].try_into().unwrap()), 3);
+        assert_eq!(
+            u64::from_le_bytes(buf[21..29].try_into().unwrap()),
+            1_700_000_000_000
+        );
+        assert_eq!(u32::from_le_bytes(buf[29..33].try_into().unwrap()), 11);
+        assert_eq!(&buf[33..44], b"treaty:c1:3");
+        assert_eq!(u32::from_le_bytes(buf[44..48].try_into().unwrap()), 1);
+        assert_eq!(u32::from_le_bytes(buf[48..52].try_into().unwrap()), 2);
+        assert_eq!(&buf[52..], b"s0");
+
+        let mut buf = Vec::new();
+        Record::Incarnation { number: 9 }.encode(&mut buf);
+        assert_eq!(buf.len(), 21);
+        assert_eq!(buf[12], TYPE_INCARNATION);
+        assert_eq!(u64::from_le_bytes(buf[13..21].try_into().unwrap()), 9);
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! The live state of a log: the header, the txid reservation, the unfinished commits and the
-//! heuristic decisions of unfinished transactions. Replay builds it, the writer keeps it current,
-//! and compaction writes exactly it.
+//! The live state of a log: the header, the txid reservation, the highest incarnation, the
+//! unfinished commits, the live 3PC pre-commit records and the heuristic decisions of unfinished
+//! transactions. Replay builds it, the writer keeps it current, and compaction writes exactly it.
 
 use std::collections::HashMap;
 
-use crate::record::{FORMAT_VERSION, Record, encode_commit, encode_header, encode_heuristic};
-use crate::{CommitRecord, HeuristicRecord};
+use crate::record::{
+    FORMAT_VERSION, Record, encode_commit, encode_header, encode_heuristic, encode_pre_commit,
+};
+use crate::{CommitRecord, HeuristicRecord, PreCommitRecord};
 
 /// A header record naming another coordinator than the log already belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +24,10 @@ pub(crate) struct LiveState {
     unfinished: HashMap<u64, Unfinished>,
     /// Operators' decisions, kept (like commits) until the transaction's end record.
     heuristics: HashMap<u64, (u64, HeuristicRecord)>,
+    /// 3PC pre-commit records without a commit or end record yet (a commit decision supersedes one).
+    pre_commits: HashMap<u64, (u64, PreCommitRecord)>,
+    /// Highest coordinator incarnation logged.
+    pub(crate) incarnation: u64,
     next_sequence: u64,
 }
 
@@ -51,6 +57,8 @@ impl LiveState {
             Record::Commit(commit) => {
                 self.txids_reserved_up_to = self.txids_reserved_up_to.max(commit.txid);
                 let sequence = self.next_sequence;
+                // The commit decision supersedes the pre-commit record: the outcome is known.
+                self.pre_commits.remove(&commit.txid);
                 // A duplicate decision for the same txid keeps the first, which holds its place in the order.
                 self.unfinished.entry(commit.txid).or_insert_with(|| Unfinished {
                     sequence,
@@ -62,6 +70,7 @@ impl LiveState {
                 // An end for a txid the log does not hold (already ended, or compacted away) changes nothing.
                 self.unfinished.remove(&txid);
                 self.heuristics.remove(&txid);
+                self.pre_commits.remove(&txid);
             }
             Record::Heuristic(heuristic) => {
                 self.txids_reserved_up_to = self.txids_reserved_up_to.max(heuristic.txid);
@@ -69,6 +78,7 @@ impl LiveState {
                 self.next_sequence += 1;
                 // A heuristic commit is a commit decision: recovery must re-drive it like one.
                 if let Some(commit) = heuristic.as_commit() {
+                    self.pre_commits.remove(&commit.txid);
                     self.unfinished.entry(commit.txid).or_insert(Unfinished {
                         sequence,
                         record: commit,
@@ -79,6 +89,19 @@ impl LiveState {
                     .entry(heuristic.txid)
                     .or_insert((sequence, heuristic));
             }
+            Record::PreCommit(pre_commit) => {
+                self.txids_reserved_up_to = self.txids_reserved_up_to.max(pre_commit.txid);
+                let sequence = self.next_sequence;
+                self.next_sequence += 1;
+                // Written before the commit record: one that comes after a commit decision (never
+                // written so) adds nothing to it. The first pre-commit for a txid stands.
+                if !self.unfinished.contains_key(&pre_commit.txid) {
+                    self.pre_commits
+                        .entry(pre_commit.txid)
+                        .or_insert((sequence, pre_commit));
+                }
+            }
+            Record::Incarnation { number } => self.incarnation = self.incarnation.max(number),
         }
         Ok(())
     }
@@ -95,9 +118,12 @@ impl LiveState {
         }
     }
 
-    /// Whether the log holds a commit or a heuristic decision for `txid` without an end record.
+    /// Whether the log holds a commit, a pre-commit or a heuristic decision for `txid` without an
+    /// end record.
     pub(crate) fn is_unfinished(&self, txid: u64) -> bool {
-        self.unfinished.contains_key(&txid) || self.heuristics.contains_key(&txid)
+        self.unfinished.contains_key(&txid)
+            || self.heuristics.contains_key(&txid)
+            || self.pre_commits.contains_key(&txid)
     }
 
     pub(crate) fn unfinished_count(&self) -> usize {
@@ -124,6 +150,16 @@ impl LiveState {
         self.heuristics_in_order().into_iter().cloned().collect()
     }
 
+    fn pre_commits_in_order(&self) -> Vec<&PreCommitRecord> {
+        let mut entries: Vec<&(u64, PreCommitRecord)> = self.pre_commits.values().collect();
+        entries.sort_unstable_by_key(|(sequence, _)| *sequence);
+        entries.into_iter().map(|(_, record)| record).collect()
+    }
+
+    pub(crate) fn pre_commit_records(&self) -> Vec<PreCommitRecord> {
+        self.pre_commits_in_order().into_iter().cloned().collect()
+    }
+
     /// Appends the records of a compacted log holding exactly this state.
     pub(crate) fn encode_compacted(&self, buf: &mut Vec<u8>) {
         if let Some(coordinator_id) = &self.coordinator_id {
@@ -135,8 +171,19 @@ impl LiveState {
             }
             .encode(buf);
         }
+        if self.incarnation > 0 {
+            Record::Incarnation {
+                number: self.incarnation,
+            }
+            .encode(buf);
+        }
         for commit in self.unfinished_in_order() {
             encode_commit(commit, buf);
+        }
+        // Live pre-commits have no commit record (it would have superseded them), so their place
+        // relative to the commits does not matter.
+        for pre_commit in self.pre_commits_in_order() {
+            encode_pre_commit(pre_commit, buf);
         }
         // After the commits: a heuristic commit's own commit entry then comes first on replay and
         // the heuristic adds only the note (the two carry the same decision).
@@ -216,6 +263,67 @@ mod tests {
         assert_eq!(copy.unfinished_records(), state.unfinished_records());
         assert_eq!(copy.heuristic_records(), state.heuristic_records());
         assert_eq!(txids(&copy), vec![1, 2]);
+    }
+
+    fn pre_commit(txid: u64) -> Record {
+        Record::PreCommit(PreCommitRecord {
+            txid,
+            gid: format!("g{txid}"),
+            participants: vec!["a".into(), "b".into()],
+            at_ms: txid * 10,
+        })
+    }
+
+    fn pre_committed(state: &LiveState) -> Vec<u64> {
+        state.pre_commit_records().iter().map(|p| p.txid).collect()
+    }
+
+    #[test]
+    fn a_pre_commit_lives_until_a_commit_or_end_supersedes_it_and_compaction_keeps_it() {
+        use crate::HeuristicDecision::{Abort, Commit};
+        let mut state = LiveState::default();
+        for record in [
+            pre_commit(1),
+            pre_commit(2),
+            pre_commit(3),
+            pre_commit(4),
+            pre_commit(5),
+            commit(1),
+            Record::End { txid: 2 },
+            heuristic(3, Commit),
+            heuristic(4, Abort),
+            Record::Incarnation { number: 4 },
+            Record::Incarnation { number: 2 },
+        ] {
+            state.apply(record).unwrap();
+        }
+        assert_eq!(
+            pre_committed(&state),
+            vec![4, 5],
+            "a heuristic abort decides nothing for it"
+        );
+        assert!(state.is_unfinished(5), "an end record for it must be written");
+        assert_eq!(state.txids_reserved_up_to, 5);
+        assert_eq!(state.incarnation, 4);
+        state.apply(pre_commit(1)).unwrap();
+        assert_eq!(
+            pre_committed(&state),
+            vec![4, 5],
+            "after its commit it adds nothing"
+        );
+
+        let mut buf = Vec::new();
+        state.encode_compacted(&mut buf);
+        let mut copy = LiveState::default();
+        let mut rest = &buf[..];
+        while !rest.is_empty() {
+            let (record, len) = decode_frame(rest).unwrap();
+            copy.apply(record).unwrap();
+            rest = &rest[len..];
+        }
+        assert_eq!(copy.pre_commit_records(), state.pre_commit_records());
+        assert_eq!(copy.unfinished_records(), state.unfinished_records());
+        assert_eq!(copy.incarnation, 4);
     }
 
     fn txids(state: &LiveState) -> Vec<u64> {

@@ -17,7 +17,7 @@ use tempfile::TempDir;
 use crate::record::{FORMAT_VERSION, MAGIC, Record, decode_frame};
 use crate::{
     CommitRecord, CompactionStep, Damage, DamageKind, DecisionLog, HeuristicDecision, HeuristicRecord,
-    LogError, LogOptions, Replay, TestHooks,
+    LogError, LogOptions, PreCommitRecord, Replay, TestHooks,
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -269,6 +269,177 @@ async fn heuristic_decisions_survive_reopen_and_compaction_until_their_end_recor
         vec![heuristic_record(2, HeuristicDecision::Abort)]
     );
     assert!(replay.damage.is_empty(), "{:?}", replay.damage);
+}
+
+fn pre_commit_record(txid: u64) -> PreCommitRecord {
+    PreCommitRecord {
+        txid,
+        gid: format!("treaty:c1:{txid}"),
+        participants: vec!["shard-a".into(), "shard-b".into(), "shard-c".into()],
+        at_ms: 1_700_000_000_000 + txid,
+    }
+}
+
+fn pre_committed(replay: &Replay) -> Vec<u64> {
+    replay.pre_committed.iter().map(|p| p.txid).collect()
+}
+
+#[tokio::test]
+async fn a_pre_commit_without_commit_or_end_is_replayed_forced_like_a_commit() {
+    let dir = TempDir::new().unwrap();
+    let (log, _) = open(dir.path());
+    log.write_header("coord-1").await.unwrap();
+    log.pre_commit(pre_commit_record(5)).await.unwrap();
+    log.pre_commit(pre_commit_record(2)).await.unwrap();
+    // header and two pre-commits, each forced: a restart must find it before a PreCommit leaves
+    assert_eq!(log.stats().fsyncs, 3);
+    drop(log);
+
+    let (_log, replay) = open(dir.path());
+    assert_eq!(
+        replay.pre_committed,
+        vec![pre_commit_record(5), pre_commit_record(2)],
+        "every live pre-commit, whole, in log order"
+    );
+    assert!(replay.unfinished.is_empty(), "a pre-commit is no commit decision");
+    assert_eq!(
+        replay.txids_reserved_up_to, 5,
+        "its txid is never handed out again"
+    );
+}
+
+#[tokio::test]
+async fn a_commit_record_supersedes_the_pre_commit_record() {
+    let dir = TempDir::new().unwrap();
+    let (log, _) = open(dir.path());
+    for txid in [1, 2] {
+        log.pre_commit(pre_commit_record(txid)).await.unwrap();
+    }
+    log.commit(commit_record(1)).await.unwrap();
+    log.heuristic(heuristic_record(2, HeuristicDecision::Commit))
+        .await
+        .unwrap();
+    drop(log);
+
+    let (log, replay) = open(dir.path());
+    assert!(replay.pre_committed.is_empty(), "{:?}", replay.pre_committed);
+    assert_eq!(
+        txids(&replay),
+        vec![1, 2],
+        "re-driven as commits (a heuristic commit is one)"
+    );
+    // Its end record then finishes it like any commit.
+    log.end(1);
+    log.end(2);
+    log.flush().await.unwrap();
+    drop(log);
+    let (_log, replay) = open(dir.path());
+    assert!(replay.unfinished.is_empty() && replay.pre_committed.is_empty());
+}
+
+#[tokio::test]
+async fn an_end_record_supersedes_the_pre_commit_record() {
+    let dir = TempDir::new().unwrap();
+    let (log, _) = open(dir.path());
+    for txid in [1, 2, 3] {
+        log.pre_commit(pre_commit_record(txid)).await.unwrap();
+    }
+    // Aborted by the termination rules: no commit record, only the end.
+    log.end(2);
+    log.flush().await.unwrap();
+    assert_eq!(
+        log.stats().records_appended,
+        4,
+        "the end of a pre-committed transaction is written (the writer skips ends of txids it does not hold)"
+    );
+    drop(log);
+
+    let (_log, replay) = open(dir.path());
+    assert_eq!(pre_committed(&replay), vec![1, 3]);
+    assert!(replay.unfinished.is_empty());
+}
+
+#[tokio::test]
+async fn a_live_pre_commit_survives_compaction_and_a_finished_one_is_dropped() {
+    let dir = TempDir::new().unwrap();
+    let (log, _) = open(dir.path());
+    log.write_header("coord-1").await.unwrap();
+    log.new_incarnation().await.unwrap();
+    log.pre_commit(pre_commit_record(1)).await.unwrap();
+    log.pre_commit(pre_commit_record(2)).await.unwrap();
+    log.pre_commit(pre_commit_record(3)).await.unwrap();
+    log.commit(commit_record(3)).await.unwrap();
+    drop(log);
+
+    let (log, _) = open_with(
+        dir.path(),
+        LogOptions {
+            compact_after_bytes: 1,
+        },
+        TestHooks::default(),
+    );
+    log.end(2);
+    log.flush().await.unwrap();
+    drop(log); // joins the writer, which compacts after the batch
+
+    let scan = assert_clean_file(dir.path());
+    assert_eq!(
+        scan.records, 5,
+        "compacted: header, reservation, incarnation, commit 3, pre-commit 1"
+    );
+    let (_log, replay) = open(dir.path());
+    assert_eq!(replay.pre_committed, vec![pre_commit_record(1)]);
+    assert_eq!(txids(&replay), vec![3]);
+    assert_eq!(replay.incarnation, 1, "the incarnation survives compaction");
+}
+
+#[tokio::test]
+async fn the_incarnation_grows_at_every_start_and_is_durable_before_it_is_returned() {
+    let dir = TempDir::new().unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let (log, replay) = open(dir.path());
+        assert_eq!(replay.incarnation, seen.last().copied().unwrap_or(0));
+        let fsyncs = log.stats().fsyncs;
+        let incarnation = log.new_incarnation().await.unwrap();
+        assert_eq!(log.stats().fsyncs, fsyncs + 1, "forced");
+        seen.push(incarnation);
+    }
+    assert_eq!(seen, vec![1, 2, 3]);
+
+    // Two starts on one open still get two numbers.
+    let (log, _) = open(dir.path());
+    let (a, b) = tokio::join!(log.new_incarnation(), log.new_incarnation());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_ne!(a, b);
+    assert_eq!(a.max(b), 5);
+    drop(log);
+    let (_log, replay) = open(dir.path());
+    assert_eq!(replay.incarnation, 5);
+}
+
+#[test]
+fn an_incarnation_lost_in_a_damaged_region_is_never_handed_out_again() {
+    let dir = TempDir::new().unwrap();
+    let rt = runtime();
+    let (log, _) = open(dir.path());
+    rt.block_on(log.commit(commit_record(1))).unwrap();
+    rt.block_on(log.new_incarnation()).unwrap();
+    rt.block_on(log.new_incarnation()).unwrap();
+    rt.block_on(log.commit(commit_record(2))).unwrap();
+    drop(log);
+    // Flip a byte in the second incarnation record (the third record): replay skips it.
+    let mut bytes = fs::read(log_file(dir.path())).unwrap();
+    let starts = frame_starts(&bytes);
+    bytes[starts[2] + 14] ^= 0x01;
+    fs::write(log_file(dir.path()), &bytes).unwrap();
+
+    let (log, replay) = open(dir.path());
+    assert_eq!(replay.damage.len(), 1, "{:?}", replay.damage);
+    assert_eq!(replay.incarnation, 1, "the damaged record held 2");
+    let next = rt.block_on(log.new_incarnation()).unwrap();
+    assert!(next > 2, "{next} may have been used before the damage");
+    assert_eq!(txids(&replay), vec![1, 2]);
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use crate::files::{CompactionFailure, LogPaths, write_compacted};
 use crate::hooks::TestHooks;
 use crate::record::{FORMAT_VERSION, Record};
 use crate::state::LiveState;
-use crate::{CommitRecord, HeuristicRecord, LogStats};
+use crate::{CommitRecord, HeuristicRecord, LogStats, PreCommitRecord};
 
 pub(crate) type Waiter = oneshot::Sender<Result<(), LogError>>;
 
@@ -34,6 +34,14 @@ pub(crate) enum Request {
     },
     Heuristic {
         record: HeuristicRecord,
+        done: Waiter,
+    },
+    PreCommit {
+        record: PreCommitRecord,
+        done: Waiter,
+    },
+    Incarnation {
+        number: u64,
         done: Waiter,
     },
     /// Lazy: written with the next batch, never waits for an fsync of its own.
@@ -180,6 +188,8 @@ impl Loop {
             Request::ReserveTxids { up_to, done } => (Some(Record::TxidsReserved { up_to }), Some(done)),
             Request::Commit { record, done } => (Some(Record::Commit(record)), Some(done)),
             Request::Heuristic { record, done } => (Some(Record::Heuristic(record)), Some(done)),
+            Request::PreCommit { record, done } => (Some(Record::PreCommit(record)), Some(done)),
+            Request::Incarnation { number, done } => (Some(Record::Incarnation { number }), Some(done)),
             // An end for a txid the log does not hold would only take space until the next compaction.
             Request::End { txid } if self.log.state.is_unfinished(txid) => (Some(Record::End { txid }), None),
             Request::End { .. } => (None, None),
@@ -291,6 +301,8 @@ fn reply_poisoned(request: Request, failure: &Arc<WriteFailure>) {
         | Request::ReserveTxids { done, .. }
         | Request::Commit { done, .. }
         | Request::Heuristic { done, .. }
+        | Request::PreCommit { done, .. }
+        | Request::Incarnation { done, .. }
         | Request::Flush { done } => done,
         Request::End { .. } => return,
     };
