@@ -8,3 +8,4 @@ mod fixture;
 mod in_doubt;
 mod recovery;
 mod scenarios;
+mod three_phase;

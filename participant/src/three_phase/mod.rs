@@ -170,23 +170,16 @@ impl ThreePhase {
             .map(|recorded| self.insert(self.rebuild(recorded))))
     }
 
+    /// A machine for a branch that has not voted: the prepare names the participants, and a query
+    /// that comes first aborts it (participants do not matter then).
     fn new_entry(&self, gid: &Gid, peers: Vec<Peer>) -> Entry {
-        let mut machine = Participant::new(
+        let machine = Participant::new(
             self.agent.shard().clone(),
             Protocol::ThreePhase,
             Rules::Classical,
             self.timeout_ms,
             now_ms(),
         );
-        if !peers.is_empty() {
-            // Names the participants without voting (a query reached this branch first).
-            machine.step(
-                ParticipantEvent::TerminationRequested {
-                    participants: peers.iter().map(|p| p.shard.clone()).collect(),
-                },
-                now_ms(),
-            );
-        }
         Entry {
             gid: gid.clone(),
             machine,

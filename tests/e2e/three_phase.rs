@@ -1,0 +1,125 @@
+//! Three-phase commit through the coordinator, chosen per transaction or by the coordinator's
+//! default: real participants prepare, pre-commit durably and commit; a NO vote aborts everywhere.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use treaty_proto::pb;
+
+use crate::fixture::*;
+
+fn three_phase() -> Option<pb::TransactionOptions> {
+    Some(pb::TransactionOptions {
+        protocol: pb::Protocol::ThreePhase as i32,
+        ..Default::default()
+    })
+}
+
+/// The `treaty.three_phase` rows left on every shard (each is deleted once its branch finished).
+async fn three_phase_rows(t: &TestCluster) -> Result<i64> {
+    let mut total = 0;
+    for shard in 0..3 {
+        total += t.count(shard, "SELECT count(*) FROM treaty.three_phase").await?;
+    }
+    Ok(total)
+}
+
+#[tokio::test]
+async fn three_phase_commits_interactive_and_one_shot_transactions_on_every_shard() -> Result<()> {
+    let t = TestCluster::start(Options::default()).await?;
+    let mut client = t.client().await?;
+
+    let txid = client
+        .begin(pb::BeginRequest {
+            options: three_phase(),
+        })
+        .await?
+        .into_inner()
+        .txid;
+    for shard in 0..3 {
+        execute(
+            &mut client,
+            txid,
+            &t.shard(shard),
+            "INSERT INTO kv (k, v) VALUES ($1, 'interactive')",
+            vec![int(shard as i64)],
+        )
+        .await?;
+    }
+    let outcome = client
+        .commit(pb::CommitRequest {
+            txid,
+            wait_for_apply: true,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(outcome.kind, pb::OutcomeKind::Committed as i32, "{outcome:?}");
+    let info = client
+        .get_transaction(pb::GetTransactionRequest { txid })
+        .await?
+        .into_inner();
+    assert_eq!(info.protocol, pb::Protocol::ThreePhase as i32, "{info:?}");
+    assert_eq!(info.state, pb::TransactionState::Committed as i32, "{info:?}");
+
+    let mut request = submit(
+        (0..3)
+            .map(|i| insert(&t.shard(i), 10 + i as i64, "one-shot"))
+            .collect(),
+    );
+    request.options = three_phase();
+    let response = client.submit(request).await?.into_inner();
+    assert!(committed(&response.outcome), "{response:?}");
+
+    for shard in 0..3 {
+        assert_eq!(t.kv(shard).await?.len(), 2, "shard {shard}");
+    }
+    assert_eq!(t.prepared_everywhere().await?, 0);
+    eventually("three-phase rows deleted", Duration::from_secs(10), || async {
+        Ok(three_phase_rows(&t).await? == 0)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_no_vote_aborts_a_three_phase_transaction_everywhere() -> Result<()> {
+    let t = TestCluster::start(Options::default()).await?;
+    t.sql(2, "INSERT INTO kv VALUES (7, 'taken')").await?;
+    let mut client = t.client().await?;
+    // Deferred, so the duplicate surfaces at PREPARE, as a NO vote.
+    t.sql(
+        2,
+        "ALTER TABLE kv ADD CONSTRAINT kv_v_unique UNIQUE (v) DEFERRABLE INITIALLY DEFERRED",
+    )
+    .await?;
+    let mut request = submit(vec![
+        insert(&t.shard(0), 7, "x"),
+        insert(&t.shard(1), 7, "x"),
+        insert(&t.shard(2), 8, "taken"),
+    ]);
+    request.options = three_phase();
+    let response = client.submit(request).await?.into_inner();
+    let outcome = response.outcome.expect("an outcome");
+    assert_eq!(outcome.kind, pb::OutcomeKind::Aborted as i32, "{outcome:?}");
+    assert_eq!(t.kv(0).await?, vec![]);
+    assert_eq!(t.kv(1).await?, vec![]);
+    assert_eq!(t.prepared_everywhere().await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_coordinators_default_protocol_applies_when_begin_leaves_it_unset() -> Result<()> {
+    let t = TestCluster::start(Options {
+        coordinator_args: vec!["--default-protocol".into(), "three-phase".into()],
+        ..Options::default()
+    })
+    .await?;
+    let mut client = t.client().await?;
+    let txid = begin(&mut client).await?;
+    let info = client
+        .get_transaction(pb::GetTransactionRequest { txid })
+        .await?
+        .into_inner();
+    assert_eq!(info.protocol, pb::Protocol::ThreePhase as i32, "{info:?}");
+    Ok(())
+}
