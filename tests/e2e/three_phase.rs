@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use tonic::transport::Channel;
 use treaty_proto::pb;
+use treaty_proto::pb::coordinator_client::CoordinatorClient;
 
 use crate::fixture::*;
 
@@ -121,5 +123,123 @@ async fn the_coordinators_default_protocol_applies_when_begin_leaves_it_unset() 
         .await?
         .into_inner();
     assert_eq!(info.protocol, pb::Protocol::ThreePhase as i32, "{info:?}");
+    Ok(())
+}
+
+/// A cluster whose coordinator dies at `failpoint`, with participants that run termination 300 ms
+/// after the coordinator falls silent.
+async fn crashing_at(failpoint: &str) -> Result<TestCluster> {
+    TestCluster::start(Options {
+        coordinator_args: vec!["--failpoints".into(), format!("{failpoint}=return(crash)")],
+        participant_args: vec!["--three-phase-timeout-ms".into(), "300".into()],
+    })
+    .await
+}
+
+/// Begins a 3PC transaction inserting `k` on every shard and asks to commit it; the coordinator
+/// dies before answering. Returns the txid.
+async fn commit_into_a_crash(t: &mut TestCluster, k: i64) -> Result<u64> {
+    let mut client = t.client().await?;
+    let txid = client
+        .begin(pb::BeginRequest {
+            options: three_phase(),
+        })
+        .await?
+        .into_inner()
+        .txid;
+    for shard in 0..3 {
+        execute(
+            &mut client,
+            txid,
+            &t.shard(shard),
+            "INSERT INTO kv (k, v) VALUES ($1, 'crash')",
+            vec![int(k)],
+        )
+        .await?;
+    }
+    let answer = client
+        .commit(pb::CommitRequest {
+            txid,
+            wait_for_apply: false,
+        })
+        .await;
+    assert!(
+        answer.is_err(),
+        "the coordinator should have died first: {answer:?}"
+    );
+    let exit = t.cluster.coordinator.wait_exit(Duration::from_secs(10)).await?;
+    assert!(exit.is_some(), "the coordinator process should have ended");
+    Ok(txid)
+}
+
+async fn rows_everywhere(t: &TestCluster, k: i64) -> Result<usize> {
+    let mut rows = 0;
+    for shard in 0..3 {
+        rows += t.kv(shard).await?.iter().filter(|(key, _)| *key == k).count();
+    }
+    Ok(rows)
+}
+
+async fn state_after_restart(t: &mut TestCluster, txid: u64) -> Result<i32> {
+    t.cluster.coordinator.restart().await?;
+    let client = t.client().await?;
+    let state = |client: &CoordinatorClient<Channel>| {
+        let mut client = client.clone();
+        async move {
+            let info = client
+                .get_transaction(pb::GetTransactionRequest { txid })
+                .await?
+                .into_inner();
+            anyhow::Ok(info.state)
+        }
+    };
+    let finished =
+        |s: i32| s == pb::TransactionState::Committed as i32 || s == pb::TransactionState::Aborted as i32;
+    eventually(
+        "the coordinator learns the outcome",
+        Duration::from_secs(20),
+        || async { Ok(finished(state(&client).await?)) },
+    )
+    .await?;
+    state(&client).await
+}
+
+#[tokio::test]
+async fn after_some_pre_commits_the_participants_commit_while_the_coordinator_is_down() -> Result<()> {
+    let mut t = crashing_at("coordinator::after-some-pre-commits").await?;
+    let txid = commit_into_a_crash(&mut t, 41).await?;
+    // The coordinator stays down: only the participants' termination can finish it.
+    eventually(
+        "committed on every shard without the coordinator",
+        Duration::from_secs(20),
+        || async { Ok(rows_everywhere(&t, 41).await? == 3 && t.prepared_everywhere().await? == 0) },
+    )
+    .await?;
+    assert!(
+        t.cluster
+            .coordinator
+            .wait_exit(Duration::from_millis(1))
+            .await?
+            .is_some()
+    );
+    // Restarted, the coordinator finds its pre-commit record, learns the outcome and keeps it.
+    let state = state_after_restart(&mut t, txid).await?;
+    assert_eq!(state, pb::TransactionState::Committed as i32);
+    Ok(())
+}
+
+#[tokio::test]
+async fn before_any_pre_commit_the_participants_abort_while_the_coordinator_is_down() -> Result<()> {
+    let mut t = crashing_at("coordinator::before-pre-commit-sends").await?;
+    let txid = commit_into_a_crash(&mut t, 42).await?;
+    eventually(
+        "rolled back on every shard without the coordinator",
+        Duration::from_secs(20),
+        || async { Ok(t.prepared_everywhere().await? == 0) },
+    )
+    .await?;
+    assert_eq!(rows_everywhere(&t, 42).await?, 0);
+    let state = state_after_restart(&mut t, txid).await?;
+    assert_eq!(state, pb::TransactionState::Aborted as i32);
     Ok(())
 }
