@@ -37,9 +37,27 @@ pub struct ChaosArgs {
     /// Mean milliseconds between faults.
     #[arg(long, default_value_t = 2000)]
     pub fault_every_ms: u64,
+    /// The commit protocol of every transfer.
+    #[arg(long, value_enum, default_value_t = ChaosProtocol::TwoPhase)]
+    pub protocol: ChaosProtocol,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChaosProtocol {
+    TwoPhase,
+    ThreePhase,
+}
+
+impl ChaosProtocol {
+    fn to_pb(self) -> pb::Protocol {
+        match self {
+            ChaosProtocol::TwoPhase => pb::Protocol::TwoPhase,
+            ChaosProtocol::ThreePhase => pb::Protocol::ThreePhase,
+        }
+    }
 }
 
 pub async fn run(args: ChaosArgs) -> Result<()> {
@@ -61,9 +79,10 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     let seed = args.seed.unwrap_or_else(crate::demo::now_ms);
     let dir = tempfile::Builder::new().prefix("treaty-chaos-").tempdir()?;
     eprintln!(
-        "chaos: {} shards, {} clients, {} s, seed {seed}, a fault every ~{} ms; data in {}",
+        "chaos: {} shards, {} clients, {:?}, {} s, seed {seed}, a fault every ~{} ms; data in {}",
         args.shards,
         args.clients,
+        args.protocol,
         args.duration,
         args.fault_every_ms,
         dir.path().display()
@@ -85,7 +104,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
         concurrency: args.clients,
         shards_per_txn: 2,
         seed,
-        protocol: pb::Protocol::TwoPhase,
+        protocol: args.protocol.to_pb(),
         deadline,
         accounts: Some(args.accounts),
     });
@@ -196,6 +215,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
             serde_json::json!({
                 "seed": seed,
                 "duration_s": args.duration,
+                "protocol": format!("{:?}", args.protocol.to_pb()),
                 "kills": kills,
                 "network_faults": network_faults,
                 "committed": report.committed,
