@@ -314,6 +314,10 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
     ));
 
     let w = &scenario.workload;
+    let protocol = w.parsed_protocol()?;
+    if protocol == Protocol::ThreePhase {
+        ensure_served(&cluster, protocol).await?;
+    }
     let deadline = Instant::now() + Duration::from_secs(w.deadline_s);
     let progress = Arc::new(Progress::default());
     let config = Arc::new(WorkloadConfig {
@@ -323,10 +327,7 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
         concurrency: w.concurrency,
         shards_per_txn: w.shards_per_txn,
         seed: w.seed,
-        protocol: match w.parsed_protocol()? {
-            Protocol::TwoPhase => pb::Protocol::TwoPhase,
-            Protocol::ThreePhase => pb::Protocol::ThreePhase,
-        },
+        protocol: protocol.wire(),
         deadline,
         accounts: None,
     });
@@ -357,7 +358,7 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
         w.transactions,
         w.concurrency,
         w.shards_per_txn,
-        w.parsed_protocol()?.name()
+        protocol.name()
     ));
     runner.workload_started = Instant::now();
     let workload = tokio::spawn(workload::run(Arc::clone(&config), Arc::clone(&progress)));
@@ -420,6 +421,35 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
         reasons,
         while_coordinator_down,
     })
+}
+
+/// Fails at once, naming the protocol, when the coordinator refuses to begin a transaction with
+/// it (3PC before the services serve it): otherwise the clients would retry `Begin` until the
+/// deadline and the scenario would fail late and vaguely.
+async fn ensure_served(cluster: &LocalCluster, protocol: Protocol) -> Result<()> {
+    let mut client = cluster.client().await.context("reaching the coordinator")?;
+    let begun = client
+        .begin(pb::BeginRequest {
+            options: Some(pb::TransactionOptions {
+                protocol: protocol.wire() as i32,
+                label: "scenario protocol probe".into(),
+                ..Default::default()
+            }),
+        })
+        .await;
+    match begun {
+        Ok(response) => {
+            let txid = response.into_inner().txid;
+            let _ = client.rollback(pb::RollbackRequest { txid }).await;
+            Ok(())
+        }
+        Err(status) => bail!(
+            "the coordinator refuses workload.protocol = \"{}\" ({:?}: {}); this scenario needs services that serve it",
+            protocol.name(),
+            status.code(),
+            status.message()
+        ),
+    }
 }
 
 /// Carries out steps on a running cluster.

@@ -88,6 +88,14 @@ impl Protocol {
             Protocol::ThreePhase => "three-phase",
         }
     }
+
+    /// `TransactionOptions.protocol`.
+    pub fn wire(self) -> treaty_proto::pb::Protocol {
+        match self {
+            Protocol::TwoPhase => treaty_proto::pb::Protocol::TwoPhase,
+            Protocol::ThreePhase => treaty_proto::pb::Protocol::ThreePhase,
+        }
+    }
 }
 
 impl Workload {
