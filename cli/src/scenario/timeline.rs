@@ -27,6 +27,8 @@ const NOTABLE: &[&str] = &[
     "in doubt",
     "resolved",
     "reconcil",
+    // 3PC: participants finishing a transaction without the coordinator.
+    "terminat",
 ];
 
 impl Timeline {
