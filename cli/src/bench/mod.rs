@@ -4,7 +4,8 @@
 //! coordinator), creates `bench_accounts`, then runs the workload with `--clients` concurrent
 //! clients, alternating Treaty and each `--baseline` in `--rounds` rounds (so drift of the machine
 //! hits both alike), and reports throughput, latency percentiles, aborts by reason and CPU per
-//! transaction (see `report`). `recovery` measures how fast a restarted coordinator finishes logged
+//! transaction (see `report`). `--protocol 2pc,3pc` (or `both`) runs Treaty once per protocol in
+//! the same rounds and reports them side by side. `recovery` measures how fast a restarted coordinator finishes logged
 //! commits (see `recovery`).
 //!
 //! Modules: `workload` (transactions), `zipf`, `treaty_driver` and `baselines` (the systems),
@@ -50,6 +51,9 @@ pub enum ProtocolArg {
     TwoPhase,
     #[value(name = "3pc")]
     ThreePhase,
+    /// 2pc and 3pc side by side.
+    #[value(name = "both")]
+    Both,
 }
 
 impl ProtocolArg {
@@ -57,12 +61,24 @@ impl ProtocolArg {
         match self {
             ProtocolArg::TwoPhase => "2pc",
             ProtocolArg::ThreePhase => "3pc",
+            ProtocolArg::Both => "both",
         }
+    }
+
+    /// The protocols a `--protocol` list asks for: `both` expanded, duplicates dropped, 2PC first
+    /// (it keeps the `treaty_*` names when the two run side by side).
+    fn expand(list: &[ProtocolArg]) -> Vec<ProtocolArg> {
+        let wants = |p: ProtocolArg| list.iter().any(|&a| a == p || a == ProtocolArg::Both);
+        [ProtocolArg::TwoPhase, ProtocolArg::ThreePhase]
+            .into_iter()
+            .filter(|&p| wants(p))
+            .collect()
     }
 
     fn pb(self) -> pb::Protocol {
         match self {
-            ProtocolArg::TwoPhase => pb::Protocol::TwoPhase,
+            // `Both` is expanded before anything runs.
+            ProtocolArg::TwoPhase | ProtocolArg::Both => pb::Protocol::TwoPhase,
             ProtocolArg::ThreePhase => pb::Protocol::ThreePhase,
         }
     }
@@ -106,8 +122,10 @@ pub struct BenchArgs {
     /// Zipf exponent for --skew zipfian, in (0, 1).
     #[arg(long, default_value_t = 0.99)]
     pub zipf_theta: f64,
-    #[arg(long, value_enum, default_value = "2pc")]
-    pub protocol: ProtocolArg,
+    /// Treaty's commit protocol; `2pc,3pc` (or `both`) runs Treaty with each, side by side in the
+    /// same rounds (3PC reported as `treaty_3pc_*`).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "2pc")]
+    pub protocol: Vec<ProtocolArg>,
     /// Baselines on the same databases: none, direct (PREPARE/COMMIT PREPARED by hand),
     /// independent (plain per-shard COMMIT); a comma-separated list runs several.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "none")]
@@ -153,14 +171,28 @@ pub fn service_thread_args(threads: u16) -> Vec<String> {
 /// What one phase runs against.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum System {
-    Treaty,
+    /// Treaty with this protocol, reported under `name`.
+    Treaty {
+        protocol: ProtocolArg,
+        name: &'static str,
+    },
     Baseline(Baseline),
 }
 
 impl System {
+    /// Treaty with `protocol`: `treaty` on its own (whichever protocol, as always), and with 3PC
+    /// beside 2PC, 2PC stays `treaty` and 3PC is `treaty_3pc`.
+    fn treaty(protocol: ProtocolArg, side_by_side: bool) -> System {
+        let name = match protocol {
+            ProtocolArg::ThreePhase if side_by_side => report::TREATY_3PC,
+            _ => "treaty",
+        };
+        System::Treaty { protocol, name }
+    }
+
     fn name(self) -> &'static str {
         match self {
-            System::Treaty => "treaty",
+            System::Treaty { name, .. } => name,
             System::Baseline(b) => b.name(),
         }
     }
@@ -219,7 +251,7 @@ async fn run_phase(
     let mut connected = Vec::with_capacity(clients);
     for index in 0..clients {
         connected.push(match system {
-            System::Treaty => Client::Treaty(treaty_driver::connect(&ctx.treaty.endpoint).await?),
+            System::Treaty { .. } => Client::Treaty(treaty_driver::connect(&ctx.treaty.endpoint).await?),
             System::Baseline(mode) => {
                 let mut client = DirectClient::new(mode, ctx.pg_urls.clone(), ctx.lock_timeout_ms, index);
                 client.connect_all().await.map_err(anyhow::Error::msg)?;
@@ -227,6 +259,13 @@ async fn run_phase(
             }
         });
     }
+    let treaty_target = match system {
+        System::Treaty { protocol, .. } => TreatyTarget {
+            protocol: protocol.pb(),
+            ..ctx.treaty.clone()
+        },
+        System::Baseline(_) => ctx.treaty.clone(),
+    };
     let progress = bar(seconds, label);
     let committed = Arc::new(AtomicU64::new(0));
     let before = ctx.watched.sample();
@@ -237,7 +276,7 @@ async fn run_phase(
         .enumerate()
         .map(|(index, mut client)| {
             let generator = ctx.generator.clone();
-            let target = ctx.treaty.clone();
+            let target = treaty_target.clone();
             let committed = Arc::clone(&committed);
             let seed = ctx.seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index as u64;
             tokio::spawn(async move {
@@ -297,7 +336,12 @@ fn phase_line(label: &str, result: &PhaseResult) -> String {
     )
 }
 
-fn params(args: &BenchArgs, baselines: &[Baseline], per_round: u64) -> Map<String, Value> {
+fn params(
+    args: &BenchArgs,
+    protocols: &[ProtocolArg],
+    baselines: &[Baseline],
+    per_round: u64,
+) -> Map<String, Value> {
     let mut map = Map::new();
     map.insert("workload".into(), json!(args.workload.name()));
     map.insert("shards".into(), json!(args.shards));
@@ -323,7 +367,17 @@ fn params(args: &BenchArgs, baselines: &[Baseline], per_round: u64) -> Map<Strin
             Value::Null
         },
     );
-    map.insert("protocol".into(), json!(args.protocol.name()));
+    // What `treaty_*` measured: the one protocol, or 2PC when 3PC runs beside it.
+    map.insert(
+        "protocol".into(),
+        json!(protocols.first().copied().unwrap_or(ProtocolArg::TwoPhase).name()),
+    );
+    if protocols.len() > 1 {
+        map.insert(
+            "protocols".into(),
+            json!(protocols.iter().map(|p| p.name()).collect::<Vec<_>>()),
+        );
+    }
     map.insert("interactive".into(), json!(args.interactive));
     map.insert("lock_timeout_ms".into(), json!(args.lock_timeout_ms));
     map.insert(
@@ -400,12 +454,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.clients_list.clone()
     };
     sweep_clients.dedup();
-    let systems: Vec<System> = std::iter::once(System::Treaty)
-        .chain(baselines.iter().copied().map(System::Baseline))
-        .collect();
+    let protocols = ProtocolArg::expand(&args.protocol);
+    let side_by_side = protocols.len() > 1;
     let per_round = (args.duration / u64::from(args.rounds)).max(1);
     let total = (per_round * u64::from(args.rounds) * sweep_clients.len() as u64 + args.warmup)
-        * systems.len() as u64;
+        * (protocols.len() + baselines.len()) as u64;
     anyhow::ensure!(
         total <= MAX_TOTAL_LOAD_SECONDS,
         "this would run {total} s of load; keep it under {MAX_TOTAL_LOAD_SECONDS} s"
@@ -418,7 +471,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.zipf_theta,
     )?;
     let seed = args.seed.unwrap_or_else(crate::demo::now_ms);
-    let params = params(&args, &baselines, per_round);
+    let params = params(&args, &protocols, &baselines, per_round);
 
     let temp = tempfile::Builder::new().prefix("treaty-bench-").tempdir()?;
     let base_dir = match &args.dir {
@@ -451,16 +504,48 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     workload::create_schema(&cluster.pgs, args.accounts).await?;
 
     let endpoint = cluster.coordinator_endpoint();
-    if let Err(message) = treaty_driver::probe_protocol(&endpoint, args.protocol.pb()).await? {
+    let mut measured = Vec::new();
+    let mut unsupported = Vec::new();
+    for &protocol in &protocols {
+        match treaty_driver::probe_protocol(&endpoint, protocol.pb()).await? {
+            Ok(()) => measured.push(protocol),
+            Err(message) => unsupported.push((protocol, message)),
+        }
+    }
+    if measured.is_empty() {
+        let message = unsupported
+            .first()
+            .map(|(_, message)| message.clone())
+            .unwrap_or_default();
         println!(
             "protocol {}: unsupported by this coordinator ({message}); nothing measured",
-            args.protocol.name()
+            protocols.iter().map(|p| p.name()).collect::<Vec<_>>().join(",")
         );
         if args.json {
             println!("{}", report::unsupported_json(params, &message));
         }
         return Ok(());
     }
+    for (protocol, message) in &unsupported {
+        println!(
+            "protocol {}: unsupported by this coordinator ({message}); measuring {} only",
+            protocol.name(),
+            measured.iter().map(|p| p.name()).collect::<Vec<_>>().join(",")
+        );
+    }
+    let three_phase = if !side_by_side {
+        report::SideBySide::Off
+    } else {
+        match unsupported.iter().find(|(p, _)| *p == ProtocolArg::ThreePhase) {
+            Some((_, message)) => report::SideBySide::Unsupported(message.clone()),
+            None => report::SideBySide::Measured,
+        }
+    };
+    let systems: Vec<System> = measured
+        .iter()
+        .map(|&protocol| System::treaty(protocol, side_by_side))
+        .chain(baselines.iter().copied().map(System::Baseline))
+        .collect();
 
     let watched = Watched {
         coordinator: cluster.coordinator.pid(),
@@ -476,7 +561,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         treaty: TreatyTarget {
             endpoint,
             shard_names: cluster.shard_names.clone(),
-            protocol: args.protocol.pb(),
+            // Set per phase from the system (run_phase).
+            protocol: measured[0].pb(),
             interactive: args.interactive,
             lock_timeout_ms: args.lock_timeout_ms,
         },
@@ -548,6 +634,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         rounds,
         prepared_left,
         plots: Vec::new(),
+        three_phase,
     };
     if let Some(dir) = &args.plot {
         report.plots = plot::write_plots(dir, args.workload.name(), &report)
@@ -559,4 +646,42 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     drop(cluster);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn protocols(args: &[&str]) -> Vec<ProtocolArg> {
+        let cli = Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).unwrap();
+        ProtocolArg::expand(&cli.bench.protocol)
+    }
+
+    #[test]
+    fn protocol_lists_expand_with_two_phase_first() {
+        use ProtocolArg::{ThreePhase, TwoPhase};
+        assert_eq!(protocols(&[]), vec![TwoPhase]);
+        assert_eq!(protocols(&["--protocol", "3pc"]), vec![ThreePhase]);
+        assert_eq!(protocols(&["--protocol", "2pc,3pc"]), vec![TwoPhase, ThreePhase]);
+        assert_eq!(protocols(&["--protocol", "3pc,2pc"]), vec![TwoPhase, ThreePhase]);
+        assert_eq!(protocols(&["--protocol", "both"]), vec![TwoPhase, ThreePhase]);
+        assert_eq!(protocols(&["--protocol", "3pc,3pc"]), vec![ThreePhase]);
+        assert!(Cli::try_parse_from(["bench", "--protocol", "4pc"]).is_err());
+    }
+
+    #[test]
+    fn treaty_keeps_its_name_unless_three_phase_runs_beside_two_phase() {
+        assert_eq!(System::treaty(ProtocolArg::TwoPhase, false).name(), "treaty");
+        assert_eq!(System::treaty(ProtocolArg::ThreePhase, false).name(), "treaty");
+        assert_eq!(System::treaty(ProtocolArg::TwoPhase, true).name(), "treaty");
+        assert_eq!(System::treaty(ProtocolArg::ThreePhase, true).name(), "treaty_3pc");
+    }
 }

@@ -13,6 +13,7 @@ const SIZE: (u32, u32) = (900, 540);
 fn colour(name: &str) -> RGBColor {
     match name {
         "treaty" => RGBColor(0xd6, 0x27, 0x28),
+        "treaty_3pc" => RGBColor(0xff, 0x7f, 0x0e),
         "direct" => RGBColor(0x1f, 0x77, 0xb4),
         "independent" => RGBColor(0x2c, 0xa0, 0x2c),
         _ => RGBColor(0x7f, 0x7f, 0x7f),

@@ -2,6 +2,11 @@
 //! line). Field names are part of the interface (docs/performance.md, scripts): `treaty_tps`,
 //! `direct_tps`, `throughput_ratio`, `treaty_p99_ms`, `direct_p99_ms`, `p99_ratio`,
 //! `coordinator_cpu_us_per_txn` and the rest are always present, `null` when not measured.
+//!
+//! With 3PC beside 2PC (`--protocol 2pc,3pc`), `treaty_*` stay 2PC's and 3PC adds `treaty_3pc_*`,
+//! `coordinator_cpu_us_per_txn_3pc`, `participant_cpu_us_per_txn_3pc`, `*_ratio_3pc_vs_2pc`,
+//! `ratios_3pc` and `treaty_3pc_status` (`ok` or `unsupported`, with `treaty_3pc_message`); those
+//! keys are present whenever 3PC was asked for beside 2PC, and absent from a single-protocol run.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,7 +16,27 @@ use serde_json::{Map, Value, json};
 use super::cpu::{CpuSample, ticks_to_us};
 use super::stats::{Counts, Figures, ratio};
 
-/// Everything measured for one system (`treaty`, `direct`, `independent`) at one client count.
+/// The name of Treaty run with 3PC beside 2PC (2PC keeps `treaty`).
+pub const TREATY_3PC: &str = "treaty_3pc";
+
+/// Whether a system is Treaty (`treaty`, `treaty_3pc`) rather than a baseline.
+pub fn is_treaty(name: &str) -> bool {
+    name == "treaty" || name == TREATY_3PC
+}
+
+/// 3PC beside 2PC in one invocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SideBySide {
+    /// One protocol: `treaty_*` is that protocol, nothing else is added.
+    Off,
+    /// Both measured: `treaty` is 2PC, `treaty_3pc` is 3PC.
+    Measured,
+    /// 3PC asked for beside 2PC, refused by the coordinator (the message); 2PC measured alone.
+    Unsupported(String),
+}
+
+/// Everything measured for one system (`treaty`, `treaty_3pc`, `direct`, `independent`) at one
+/// client count.
 #[derive(Clone, Default)]
 pub struct SystemRun {
     pub name: String,
@@ -55,13 +80,15 @@ pub struct SweepPoint {
 pub struct BenchReport {
     /// Workload parameters, copied into the JSON as they are.
     pub params: Map<String, Value>,
-    /// The main measurement (at `--clients`): Treaty first, then the baselines in order.
+    /// The main measurement (at `--clients`): Treaty first (2PC, then 3PC when side by side),
+    /// then the baselines in order.
     pub main: SweepPoint,
     pub sweep: Vec<SweepPoint>,
     /// One object per measured phase.
     pub rounds: Vec<Value>,
     pub prepared_left: i64,
     pub plots: Vec<String>,
+    pub three_phase: SideBySide,
 }
 
 fn round3(x: f64) -> Value {
@@ -77,8 +104,80 @@ impl BenchReport {
         self.main.systems.iter().find(|s| s.name == "treaty")
     }
 
+    fn treaty_3pc(&self) -> Option<&SystemRun> {
+        self.main.systems.iter().find(|s| s.name == TREATY_3PC)
+    }
+
     fn baselines(&self) -> impl Iterator<Item = &SystemRun> {
-        self.main.systems.iter().filter(|s| s.name != "treaty")
+        self.main.systems.iter().filter(|s| !is_treaty(&s.name))
+    }
+
+    /// A system's name in the table: says the protocol when the two run side by side.
+    fn label(&self, name: &str) -> String {
+        match (&self.three_phase, name) {
+            (SideBySide::Off, _) => name.to_string(),
+            (_, "treaty") => "treaty 2pc".into(),
+            (_, TREATY_3PC) => "treaty 3pc".into(),
+            _ => name.to_string(),
+        }
+    }
+
+    /// Treaty / each baseline.
+    fn ratios_to_baselines(&self, treaty: &SystemRun) -> Vec<(String, Value)> {
+        let t = treaty.figures();
+        self.baselines()
+            .map(|baseline| {
+                let b = baseline.figures();
+                let ratios = json!({
+                    "throughput_ratio": opt3(ratio(t.tps, b.tps)),
+                    "p50_ratio": opt3(ratio(t.p50_ms, b.p50_ms)),
+                    "p95_ratio": opt3(ratio(t.p95_ms, b.p95_ms)),
+                    "p99_ratio": opt3(ratio(t.p99_ms, b.p99_ms)),
+                    "max_ratio": opt3(ratio(t.max_ms, b.max_ms)),
+                });
+                (baseline.name.clone(), ratios)
+            })
+            .collect()
+    }
+
+    /// The 3PC keys, when 3PC was asked for beside 2PC (null when not measured).
+    fn insert_three_phase(&self, out: &mut Map<String, Value>) {
+        let status = match &self.three_phase {
+            SideBySide::Off => return,
+            SideBySide::Measured => "ok",
+            SideBySide::Unsupported(message) => {
+                out.insert(format!("{TREATY_3PC}_message"), json!(message));
+                "unsupported"
+            }
+        };
+        out.insert(format!("{TREATY_3PC}_status"), json!(status));
+        for key in ["tps", "p50_ms", "p95_ms", "p99_ms", "max_ms"] {
+            out.entry(format!("{TREATY_3PC}_{key}")).or_insert(Value::Null);
+        }
+        for key in THREE_PHASE_KEYS {
+            out.insert(key.into(), Value::Null);
+        }
+        let Some(three) = self.treaty_3pc() else {
+            return;
+        };
+        out.insert(
+            "coordinator_cpu_us_per_txn_3pc".into(),
+            opt3(three.per_txn(three.cpu.coordinator)),
+        );
+        out.insert(
+            "participant_cpu_us_per_txn_3pc".into(),
+            opt3(three.per_txn(three.cpu.participants)),
+        );
+        if let Some(two) = self.treaty() {
+            let (t, s) = (three.figures(), two.figures());
+            out.insert("throughput_ratio_3pc_vs_2pc".into(), opt3(ratio(t.tps, s.tps)));
+            out.insert("p50_ratio_3pc_vs_2pc".into(), opt3(ratio(t.p50_ms, s.p50_ms)));
+            out.insert("p99_ratio_3pc_vs_2pc".into(), opt3(ratio(t.p99_ms, s.p99_ms)));
+        }
+        out.insert(
+            "ratios_3pc".into(),
+            Value::Object(self.ratios_to_baselines(three).into_iter().collect()),
+        );
     }
 
     pub fn to_json(&self) -> Value {
@@ -133,29 +232,21 @@ impl BenchReport {
                 "participant_cpu_us_per_txn".into(),
                 opt3(treaty.per_txn(treaty.cpu.participants)),
             );
-            let t = treaty.figures();
             let mut all_ratios = Map::new();
-            for (index, baseline) in self.baselines().enumerate() {
-                let b = baseline.figures();
-                let ratios = json!({
-                    "throughput_ratio": opt3(ratio(t.tps, b.tps)),
-                    "p50_ratio": opt3(ratio(t.p50_ms, b.p50_ms)),
-                    "p95_ratio": opt3(ratio(t.p95_ms, b.p95_ms)),
-                    "p99_ratio": opt3(ratio(t.p99_ms, b.p99_ms)),
-                    "max_ratio": opt3(ratio(t.max_ms, b.max_ms)),
-                });
+            for (index, (baseline, ratios)) in self.ratios_to_baselines(treaty).into_iter().enumerate() {
                 if index == 0 {
-                    out.insert("baseline".into(), json!(baseline.name));
+                    out.insert("baseline".into(), json!(baseline));
                     if let Value::Object(fields) = &ratios {
                         for (key, value) in fields {
                             out.insert(key.clone(), value.clone());
                         }
                     }
                 }
-                all_ratios.insert(baseline.name.clone(), ratios);
+                all_ratios.insert(baseline, ratios);
             }
             out.insert("ratios".into(), Value::Object(all_ratios));
         }
+        self.insert_three_phase(&mut out);
         out.insert(
             "sweep".into(),
             json!(
@@ -189,7 +280,7 @@ impl BenchReport {
             let f = system.figures();
             println!(
                 "{:<12} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>10} {:>9}",
-                system.name,
+                self.label(&system.name),
                 f.tps,
                 f.p50_ms,
                 f.p95_ms,
@@ -199,14 +290,19 @@ impl BenchReport {
                 system.counts.aborted()
             );
         }
-        if let Some(treaty) = self.treaty() {
+        let show = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.3}"));
+        for treaty in [self.treaty(), self.treaty_3pc()].into_iter().flatten() {
             let t = treaty.figures();
+            let prefix = if treaty.name == TREATY_3PC {
+                "treaty 3pc/"
+            } else {
+                "treaty/"
+            };
             for baseline in self.baselines() {
                 let b = baseline.figures();
-                let show = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.3}"));
                 println!(
-                    "treaty/{:<11} throughput {}  p50 {}  p95 {}  p99 {}  max {}",
-                    baseline.name,
+                    "{:<18} throughput {}  p50 {}  p95 {}  p99 {}  max {}",
+                    format!("{prefix}{}", baseline.name),
                     show(ratio(t.tps, b.tps)),
                     show(ratio(t.p50_ms, b.p50_ms)),
                     show(ratio(t.p95_ms, b.p95_ms)),
@@ -215,6 +311,21 @@ impl BenchReport {
                 );
             }
         }
+        if let (Some(two), Some(three)) = (self.treaty(), self.treaty_3pc()) {
+            let (s, t) = (two.figures(), three.figures());
+            println!(
+                "{:<18} throughput {}  p50 {}  p95 {}  p99 {}  max {}",
+                "treaty 3pc/2pc",
+                show(ratio(t.tps, s.tps)),
+                show(ratio(t.p50_ms, s.p50_ms)),
+                show(ratio(t.p95_ms, s.p95_ms)),
+                show(ratio(t.p99_ms, s.p99_ms)),
+                show(ratio(t.max_ms, s.max_ms)),
+            );
+        }
+        if let SideBySide::Unsupported(message) = &self.three_phase {
+            println!("treaty 3pc: unsupported by this coordinator ({message}); not measured");
+        }
         println!("CPU µs per committed transaction:");
         for system in &self.main.systems {
             let show = |ticks: u64| {
@@ -222,9 +333,10 @@ impl BenchReport {
                     .per_txn(ticks)
                     .map_or("-".to_string(), |us| format!("{us:.1}"))
             };
-            if system.name == "treaty" {
+            if is_treaty(&system.name) {
                 println!(
-                    "  treaty:      coordinator {}  participants {}  postgres {}  bench client {}",
+                    "  {:<12} coordinator {}  participants {}  postgres {}  bench client {}",
+                    format!("{}:", self.label(&system.name)),
                     show(system.cpu.coordinator),
                     show(system.cpu.participants),
                     show(system.cpu.postgres),
@@ -242,7 +354,7 @@ impl BenchReport {
         for system in &self.main.systems {
             if !system.counts.aborts.is_empty() {
                 let reasons: BTreeMap<&String, &u64> = system.counts.aborts.iter().collect();
-                println!("aborts ({}): {reasons:?}", system.name);
+                println!("aborts ({}): {reasons:?}", self.label(&system.name));
             }
         }
         if self.sweep.len() > 1 {
@@ -251,7 +363,7 @@ impl BenchReport {
                 let cells: Vec<String> = point
                     .systems
                     .iter()
-                    .map(|s| format!("{} {:.1}", s.name, s.figures().tps))
+                    .map(|s| format!("{} {:.1}", self.label(&s.name), s.figures().tps))
                     .collect();
                 println!("  {:>4} clients: {}", point.clients, cells.join(", "));
             }
@@ -262,6 +374,15 @@ impl BenchReport {
         }
     }
 }
+
+/// Keys added beside `treaty_3pc_*` when 3PC runs beside 2PC; null when not measured.
+const THREE_PHASE_KEYS: [&str; 5] = [
+    "coordinator_cpu_us_per_txn_3pc",
+    "participant_cpu_us_per_txn_3pc",
+    "throughput_ratio_3pc_vs_2pc",
+    "p50_ratio_3pc_vs_2pc",
+    "p99_ratio_3pc_vs_2pc",
+];
 
 /// The JSON printed when the requested protocol is not supported by the coordinator.
 pub fn unsupported_json(mut params: Map<String, Value>, message: &str) -> Value {
@@ -315,6 +436,7 @@ mod tests {
             rounds: Vec::new(),
             prepared_left: 0,
             plots: Vec::new(),
+            three_phase: SideBySide::Off,
         };
         let value = report.to_json();
         for key in [
@@ -353,5 +475,82 @@ mod tests {
         let value = unsupported_json(Map::new(), "3PC is not implemented");
         assert_eq!(value["status"], json!("unsupported"));
         assert_eq!(value["treaty_tps"], Value::Null);
+    }
+
+    fn side_by_side(three_phase: SideBySide, systems: Vec<SystemRun>) -> Value {
+        let main = SweepPoint { clients: 32, systems };
+        BenchReport {
+            params: Map::from_iter([("protocol".to_string(), json!("2pc"))]),
+            main: main.clone(),
+            sweep: vec![main],
+            rounds: Vec::new(),
+            prepared_left: 0,
+            plots: Vec::new(),
+            three_phase,
+        }
+        .to_json()
+    }
+
+    #[test]
+    fn three_phase_beside_two_phase_adds_its_keys_and_keeps_the_old_ones() {
+        let value = side_by_side(
+            SideBySide::Measured,
+            vec![
+                run("treaty", 900, 4, 100),
+                run(TREATY_3PC, 600, 6, 200),
+                run("direct", 1000, 2, 0),
+            ],
+        );
+        // The 2PC figures keep their names; the baseline ratios are still Treaty (2PC)'s.
+        assert_eq!(value["treaty_tps"], json!(90.0));
+        assert_eq!(value["throughput_ratio"], json!(0.9));
+        assert_eq!(value["baseline"], json!("direct"));
+        let cpu_2pc = value["coordinator_cpu_us_per_txn"].as_f64().unwrap();
+        assert!((cpu_2pc - ticks_to_us(100) / 900.0).abs() < 0.01, "{cpu_2pc}");
+        // 3PC beside it.
+        assert_eq!(value["treaty_3pc_status"], json!("ok"));
+        assert_eq!(value["treaty_3pc_tps"], json!(60.0));
+        // Histogram buckets: close to, not exactly, the recorded latency.
+        let p99 = value["treaty_3pc_p99_ms"].as_f64().unwrap();
+        assert!((5.99..6.01).contains(&p99), "{p99}");
+        assert_eq!(value["treaty_3pc_committed"], json!(600));
+        let cpu_3pc = value["coordinator_cpu_us_per_txn_3pc"].as_f64().unwrap();
+        assert!((cpu_3pc - ticks_to_us(200) / 600.0).abs() < 0.01, "{cpu_3pc}");
+        let participants_3pc = value["participant_cpu_us_per_txn_3pc"].as_f64().unwrap();
+        assert!((participants_3pc - ticks_to_us(400) / 600.0).abs() < 0.01);
+        let tps_ratio = value["throughput_ratio_3pc_vs_2pc"].as_f64().unwrap();
+        assert!((tps_ratio - 60.0 / 90.0).abs() < 0.001, "{tps_ratio}");
+        let p99_ratio = value["p99_ratio_3pc_vs_2pc"].as_f64().unwrap();
+        assert!((1.49..1.51).contains(&p99_ratio), "{p99_ratio}");
+        assert_eq!(value["ratios_3pc"]["direct"]["throughput_ratio"], json!(0.6));
+        // 3PC is not a baseline: the 2PC ratios are against direct only.
+        assert!(value["ratios"].get(TREATY_3PC).is_none());
+        assert_eq!(value["ratios"].as_object().unwrap().len(), 1);
+        assert_eq!(value["sweep"][0]["treaty_3pc_tps"], json!(60.0));
+    }
+
+    #[test]
+    fn three_phase_refused_beside_two_phase_is_null_with_its_reason() {
+        let value = side_by_side(
+            SideBySide::Unsupported("3PC is not served yet".into()),
+            vec![run("treaty", 900, 4, 100)],
+        );
+        assert_eq!(value["status"], json!("ok"));
+        assert_eq!(value["treaty_tps"], json!(90.0));
+        assert_eq!(value["treaty_3pc_status"], json!("unsupported"));
+        assert_eq!(value["treaty_3pc_message"], json!("3PC is not served yet"));
+        for key in ["treaty_3pc_tps", "treaty_3pc_p99_ms"]
+            .into_iter()
+            .chain(THREE_PHASE_KEYS)
+        {
+            assert_eq!(value.get(key), Some(&Value::Null), "{key}");
+        }
+    }
+
+    #[test]
+    fn a_single_protocol_run_has_no_three_phase_keys() {
+        let value = side_by_side(SideBySide::Off, vec![run("treaty", 900, 4, 100)]);
+        let keys: Vec<&String> = value.as_object().unwrap().keys().collect();
+        assert!(keys.iter().all(|k| !k.contains("3pc")), "{keys:?}");
     }
 }

@@ -125,15 +125,12 @@ pub async fn await_convergence(cluster: &LocalCluster, within: Duration) -> Resu
     }
 }
 
-/// Reads every shard's markers and checks them against what clients were told.
-pub async fn check(
-    cluster: &LocalCluster,
-    told: &Told,
-    converged: bool,
-    convergence: Duration,
-) -> Result<Report> {
-    // txid -> (declared shards, shards where present)
-    let mut seen: BTreeMap<u64, (Vec<String>, BTreeSet<String>)> = BTreeMap::new();
+/// txid -> (the shards its marker declares, the shards where its marker is committed).
+pub type Markers = BTreeMap<u64, (Vec<String>, BTreeSet<String>)>;
+
+/// Every shard's committed markers.
+pub async fn read_markers(cluster: &LocalCluster) -> Result<Markers> {
+    let mut seen = Markers::new();
     for (name, pg) in cluster.shard_names.iter().zip(&cluster.pgs) {
         let mut conn = pg.connect(DATABASE).await?;
         let rows = sqlx::query("SELECT txid, shards FROM treaty_markers")
@@ -149,6 +146,17 @@ pub async fn check(
             entry.1.insert(name.clone());
         }
     }
+    Ok(seen)
+}
+
+/// Reads every shard's markers and checks them against what clients were told.
+pub async fn check(
+    cluster: &LocalCluster,
+    told: &Told,
+    converged: bool,
+    convergence: Duration,
+) -> Result<Report> {
+    let seen = read_markers(cluster).await?;
     let evidence = |declared: &[String], present: &BTreeSet<String>| -> BTreeMap<String, bool> {
         declared
             .iter()

@@ -4,9 +4,12 @@
 //! faults), lets recovery converge, runs the atomicity checker, and prints a timeline and a verdict.
 //!
 //! - `spec`: the file format; `workload`: the clients; `checker`: the verdict;
-//! - `timeline`: what happened, in order.
+//! - `timeline`: what happened, in order;
+//! - `coordinator_down`: the `await-convergence` step (do the participants finish while the
+//!   coordinator stays down?) and its expectations.
 
 pub mod checker;
+pub mod coordinator_down;
 pub mod spec;
 pub mod timeline;
 pub mod workload;
@@ -23,7 +26,8 @@ use treaty_harness::{ClusterSpec, LocalCluster, PgOptions};
 use treaty_proto::pb;
 
 use checker::Report;
-use spec::{Action, Process, Scenario, Trigger};
+use coordinator_down::DownObservation;
+use spec::{Action, Process, Protocol, Scenario, Trigger};
 use timeline::Timeline;
 use workload::{Progress, WorkloadConfig};
 
@@ -54,7 +58,17 @@ pub struct ScenarioResult {
     pub reasons: Vec<String>,
     pub violations: usize,
     pub report: Option<Report>,
+    /// What the `await-convergence` step saw, if the scenario has one.
+    pub while_coordinator_down: Option<DownObservation>,
     pub seconds: f64,
+}
+
+/// What [`drive`] hands back: the checker's report, reasons the schedule did not go as written,
+/// and what the `await-convergence` step saw.
+struct Driven {
+    report: Report,
+    reasons: Vec<String>,
+    while_coordinator_down: Option<DownObservation>,
 }
 
 pub async fn run(command: ScenarioCommand) -> Result<()> {
@@ -198,11 +212,16 @@ async fn run_one(scenario: &Scenario, file: &Path, keep: bool) -> ScenarioResult
         reasons: Vec::new(),
         violations: 0,
         report: None,
+        while_coordinator_down: None,
         seconds: 0.0,
     };
     let timeline = Arc::new(Timeline::new(true));
     match drive(scenario, keep, &timeline).await {
-        Ok((report, mut reasons)) => {
+        Ok(Driven {
+            report,
+            mut reasons,
+            while_coordinator_down,
+        }) => {
             let violations = report.violation_count();
             let e = &scenario.expect;
             match e.verdict.as_str() {
@@ -229,8 +248,13 @@ async fn run_one(scenario: &Scenario, file: &Path, keep: bool) -> ScenarioResult
                     }
                 }
             }
+            reasons.extend(coordinator_down::expectation_reasons(
+                e,
+                while_coordinator_down.as_ref(),
+            ));
             result.violations = violations;
             result.report = Some(report);
+            result.while_coordinator_down = while_coordinator_down;
             result.passed = reasons.is_empty();
             result.reasons = reasons;
         }
@@ -261,13 +285,16 @@ async fn run_one(scenario: &Scenario, file: &Path, keep: bool) -> ScenarioResult
             println!("  violation: txid {} {}: {:?}", v.txid, v.kind, v.evidence);
         }
     }
+    if let Some(down) = &result.while_coordinator_down {
+        println!("  while the coordinator was down: {}", down.summary());
+    }
     result.seconds = started.elapsed().as_secs_f64();
     result
 }
 
-/// Runs the cluster, workload and steps; returns the checker's report and any reasons the
-/// scenario itself did not go as written (a step that never triggered).
-async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Result<(Report, Vec<String>)> {
+/// Runs the cluster, workload and steps; returns the checker's report, any reasons the scenario
+/// itself did not go as written (a step that never triggered), and what `await-convergence` saw.
+async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Result<Driven> {
     let dir = tempfile::Builder::new().prefix("treaty-scenario-").tempdir()?;
     let base = dir.path().to_path_buf();
     let t = &scenario.topology;
@@ -287,6 +314,10 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
     ));
 
     let w = &scenario.workload;
+    let protocol = w.parsed_protocol()?;
+    if protocol == Protocol::ThreePhase {
+        ensure_served(&cluster, protocol).await?;
+    }
     let deadline = Instant::now() + Duration::from_secs(w.deadline_s);
     let progress = Arc::new(Progress::default());
     let config = Arc::new(WorkloadConfig {
@@ -296,11 +327,7 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
         concurrency: w.concurrency,
         shards_per_txn: w.shards_per_txn,
         seed: w.seed,
-        protocol: if w.protocol == "3pc" {
-            pb::Protocol::ThreePhase
-        } else {
-            pb::Protocol::TwoPhase
-        },
+        protocol: protocol.wire(),
         deadline,
         accounts: None,
     });
@@ -311,6 +338,7 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
         fired_baseline: HashMap::new(),
         workload_started: Instant::now(),
         last_step: Instant::now(),
+        while_coordinator_down: None,
     };
     // Steps at `start` run before the first transaction (e.g. arming a failpoint).
     let steps: Vec<(usize, Trigger, Action)> = scenario
@@ -326,8 +354,11 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
         runner.perform(n, &action).await?;
     }
     timeline.note(format!(
-        "workload: {} transactions, {} clients, {} shards each",
-        w.transactions, w.concurrency, w.shards_per_txn
+        "workload: {} transactions, {} clients, {} shards each, {}",
+        w.transactions,
+        w.concurrency,
+        w.shards_per_txn,
+        protocol.name()
     ));
     runner.workload_started = Instant::now();
     let workload = tokio::spawn(workload::run(Arc::clone(&config), Arc::clone(&progress)));
@@ -355,6 +386,7 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
         reasons.push("the workload did not finish before the deadline".into());
     }
     let _ = tokio::time::timeout(Duration::from_secs(20), workload).await;
+    let while_coordinator_down = runner.while_coordinator_down.take();
     timeline.note(format!(
         "workload done: {} transactions finished",
         progress.finished.load(Ordering::SeqCst)
@@ -384,7 +416,40 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
         }
         eprintln!("  kept {} (PostgreSQL servers left running)", kept.display());
     }
-    Ok((report, reasons))
+    Ok(Driven {
+        report,
+        reasons,
+        while_coordinator_down,
+    })
+}
+
+/// Fails at once, naming the protocol, when the coordinator refuses to begin a transaction with
+/// it (3PC before the services serve it): otherwise the clients would retry `Begin` until the
+/// deadline and the scenario would fail late and vaguely.
+async fn ensure_served(cluster: &LocalCluster, protocol: Protocol) -> Result<()> {
+    let mut client = cluster.client().await.context("reaching the coordinator")?;
+    let begun = client
+        .begin(pb::BeginRequest {
+            options: Some(pb::TransactionOptions {
+                protocol: protocol.wire() as i32,
+                label: "scenario protocol probe".into(),
+                ..Default::default()
+            }),
+        })
+        .await;
+    match begun {
+        Ok(response) => {
+            let txid = response.into_inner().txid;
+            let _ = client.rollback(pb::RollbackRequest { txid }).await;
+            Ok(())
+        }
+        Err(status) => bail!(
+            "the coordinator refuses workload.protocol = \"{}\" ({:?}: {}); this scenario needs services that serve it",
+            protocol.name(),
+            status.code(),
+            status.message()
+        ),
+    }
 }
 
 /// Carries out steps on a running cluster.
@@ -395,6 +460,8 @@ pub struct StepRunner<'a> {
     fired_baseline: HashMap<(String, String), usize>,
     workload_started: Instant,
     last_step: Instant,
+    /// What the `await-convergence` step saw.
+    pub while_coordinator_down: Option<DownObservation>,
 }
 
 impl<'a> StepRunner<'a> {
@@ -405,6 +472,7 @@ impl<'a> StepRunner<'a> {
             fired_baseline: HashMap::new(),
             workload_started: Instant::now(),
             last_step: Instant::now(),
+            while_coordinator_down: None,
         }
     }
 
@@ -580,6 +648,12 @@ impl<'a> StepRunner<'a> {
                     network.heal();
                 }
                 self.timeline.note(format!("step {n}: network healed"));
+            }
+            Action::AwaitConvergence { within } => {
+                let observed = coordinator_down::observe(self.cluster, n, *within, self.timeline).await?;
+                self.while_coordinator_down = Some(observed);
+                // It lasts seconds: a following `+N` counts from its end.
+                self.last_step = Instant::now();
             }
         }
         Ok(())

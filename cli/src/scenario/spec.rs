@@ -54,7 +54,8 @@ pub struct Workload {
     /// Shards each transaction writes a marker on (at least 2 for a cross-shard commit).
     pub shards_per_txn: usize,
     pub seed: u64,
-    /// `2pc` (default) or `3pc`.
+    /// The commit protocol of every transaction the workload begins: `two-phase` (default) or
+    /// `three-phase` (`2pc` and `3pc` are accepted too). See [`Workload::parsed_protocol`].
     pub protocol: String,
     /// The whole scenario (workload and steps) must finish within this many seconds.
     pub deadline_s: u64,
@@ -67,8 +68,45 @@ impl Default for Workload {
             concurrency: 2,
             shards_per_txn: 3,
             seed: 1,
-            protocol: "2pc".into(),
+            protocol: "two-phase".into(),
             deadline_s: 60,
+        }
+    }
+}
+
+/// The commit protocol a workload's transactions ask for at `Begin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    TwoPhase,
+    ThreePhase,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::TwoPhase => "two-phase",
+            Protocol::ThreePhase => "three-phase",
+        }
+    }
+
+    /// `TransactionOptions.protocol`.
+    pub fn wire(self) -> treaty_proto::pb::Protocol {
+        match self {
+            Protocol::TwoPhase => treaty_proto::pb::Protocol::TwoPhase,
+            Protocol::ThreePhase => treaty_proto::pb::Protocol::ThreePhase,
+        }
+    }
+}
+
+impl Workload {
+    /// `workload.protocol`, parsed; the error names the field and the values it takes.
+    pub fn parsed_protocol(&self) -> Result<Protocol> {
+        match self.protocol.trim() {
+            "two-phase" | "2pc" => Ok(Protocol::TwoPhase),
+            "three-phase" | "3pc" => Ok(Protocol::ThreePhase),
+            other => bail!(
+                "workload.protocol = \"{other}\" is not a protocol: expected \"two-phase\" (the default) or \"three-phase\""
+            ),
         }
     }
 }
@@ -82,6 +120,46 @@ pub struct Expect {
     pub min_aborted: u64,
     /// Recovery must converge (nothing prepared, nothing in doubt) within this many seconds.
     pub converge_within_s: u64,
+    /// What the `await-convergence` step must see while the coordinator is down: `true`, the
+    /// participants finished every transaction without it (3PC); `false`, they did not within the
+    /// step's `within_ms` (2PC blocks; 3PC's guard holds while a participant is cut off).
+    /// Unset: not checked.
+    pub converged_while_coordinator_down: Option<bool>,
+    /// How every transaction in doubt when the `await-convergence` step began (a branch prepared
+    /// on some shard) must stand when it ends: `committed` (on all its shards), `aborted` (on
+    /// none), or `undecided` (every one of its branches still prepared: nobody decided).
+    /// Unset: not checked.
+    pub outcome_while_coordinator_down: Option<String>,
+}
+
+/// `expect.outcome_while_coordinator_down`, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DownOutcome {
+    Committed,
+    Aborted,
+    Undecided,
+}
+
+impl DownOutcome {
+    pub fn parse(text: &str) -> Result<DownOutcome> {
+        match text.trim() {
+            "committed" => Ok(DownOutcome::Committed),
+            "aborted" => Ok(DownOutcome::Aborted),
+            "undecided" => Ok(DownOutcome::Undecided),
+            other => bail!(
+                "expect.outcome_while_coordinator_down = \"{other}\": expected \"committed\", \"aborted\" or \"undecided\""
+            ),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DownOutcome::Committed => "committed",
+            DownOutcome::Aborted => "aborted",
+            DownOutcome::Undecided => "undecided",
+        }
+    }
 }
 
 impl Default for Expect {
@@ -91,6 +169,8 @@ impl Default for Expect {
             min_committed: 0,
             min_aborted: 0,
             converge_within_s: 60,
+            converged_while_coordinator_down: None,
+            outcome_while_coordinator_down: None,
         }
     }
 }
@@ -103,7 +183,9 @@ pub struct Step {
     /// `+N` (N ms after the previous step), `exit=<process>` (it died),
     /// `fired=<failpoint>@<process>` (its log shows the failpoint fired).
     pub at: String,
-    /// `arm`, `disarm`, `kill9`, `restart`, `pg-stop`, `pg-start`, `fault`, `partition`, `heal`.
+    /// `arm`, `disarm`, `kill9`, `restart`, `pg-stop`, `pg-start`, `fault`, `partition`, `heal`,
+    /// `await-convergence` (the coordinator is down: wait up to `within_ms` for the participants
+    /// to finish without it, and record whether they did; nothing restarts it meanwhile).
     #[serde(rename = "do")]
     pub action: String,
     /// `coordinator`, a shard name (its participant), `pg:<shard>`, or a link `a->b` for `fault`.
@@ -120,6 +202,9 @@ pub struct Step {
     /// For `partition`: the two sides, e.g. `[["coordinator"], ["s1"]]`.
     #[serde(default)]
     pub between: Option<[Vec<String>; 2]>,
+    /// For `await-convergence`: the longest to wait, in milliseconds.
+    #[serde(default)]
+    pub within_ms: Option<u64>,
 }
 
 /// A parsed trigger.
@@ -171,6 +256,11 @@ pub enum Action {
     },
     Partition(Vec<String>, Vec<String>),
     Heal,
+    /// The coordinator is down (and stays down): wait at most this long for the participants to
+    /// converge without it.
+    AwaitConvergence {
+        within: Duration,
+    },
 }
 
 pub fn parse_process(text: &str, shards: usize) -> Result<Process> {
@@ -240,7 +330,7 @@ impl Step {
                 Process::Coordinator => bail!("`{}` needs a shard's PostgreSQL, e.g. pg:s1", self.action),
             }
         };
-        Ok(match self.action.as_str() {
+        let action = match self.action.as_str() {
             "arm" => {
                 let process = target()?;
                 if matches!(process, Process::Postgres(_)) {
@@ -283,10 +373,35 @@ impl Step {
                 Action::Partition(a, b)
             }
             "heal" => Action::Heal,
+            "await-convergence" => {
+                if let Some(target) = self.target.as_deref()
+                    && target != "coordinator"
+                {
+                    bail!(
+                        "`await-convergence` watches the participants while the coordinator is down; its target can only be `coordinator`, not `{target}`"
+                    );
+                }
+                let within_ms = self.within_ms.context(
+                    "`await-convergence` needs `within_ms`, the longest to wait for the participants (e.g. 6000)",
+                )?;
+                if within_ms == 0 {
+                    bail!("`await-convergence`: within_ms must be at least 1");
+                }
+                Action::AwaitConvergence {
+                    within: Duration::from_millis(within_ms),
+                }
+            }
             other => bail!(
-                "unknown action `{other}`: expected arm, disarm, kill9, restart, pg-stop, pg-start, fault, partition or heal"
+                "unknown action `{other}`: expected arm, disarm, kill9, restart, pg-stop, pg-start, fault, partition, heal or await-convergence"
             ),
-        })
+        };
+        if self.within_ms.is_some() && !matches!(action, Action::AwaitConvergence { .. }) {
+            bail!(
+                "`within_ms` is only for `await-convergence`, not `{}`",
+                self.action
+            );
+        }
+        Ok(action)
     }
 }
 
@@ -335,15 +450,17 @@ impl Scenario {
         if !(1..=3600).contains(&w.deadline_s) {
             bail!("workload.deadline_s must be between 1 and 3600");
         }
-        if !matches!(w.protocol.as_str(), "2pc" | "3pc") {
-            bail!("workload.protocol must be 2pc or 3pc");
-        }
+        w.parsed_protocol()?;
         if !matches!(self.expect.verdict.as_str(), "pass" | "violation") {
             bail!("expect.verdict must be pass or violation");
         }
         // (process, failpoint) armed by an earlier step: a `fired=` trigger on anything else
         // could never fire, and the run would only end at its deadline.
         let mut armed: Vec<(Process, String)> = Vec::new();
+        // Whether an earlier step takes the coordinator down (a crash armed, or kill -9) with no
+        // restart since: `await-convergence` needs it down.
+        let mut coordinator_goes_down = false;
+        let mut awaits = 0;
         for (i, step) in self.steps.iter().enumerate() {
             let trigger = step
                 .trigger(t.shards)
@@ -376,6 +493,42 @@ impl Scenario {
                 }
                 armed.push((process.clone(), failpoint.clone()));
             }
+            match &action {
+                Action::Kill9(Process::Coordinator) => coordinator_goes_down = true,
+                Action::Arm {
+                    process: Process::Coordinator,
+                    failpoint,
+                    actions,
+                } if actions.contains("return(crash)")
+                    || failpoint == "coordinator::log-loses-unsynced-tail" =>
+                {
+                    coordinator_goes_down = true
+                }
+                Action::Restart(Process::Coordinator) => coordinator_goes_down = false,
+                Action::AwaitConvergence { within } => {
+                    awaits += 1;
+                    if awaits > 1 {
+                        bail!("step {}: only one `await-convergence` step per scenario", i + 1);
+                    }
+                    if !coordinator_goes_down {
+                        bail!(
+                            "step {}: `await-convergence` watches the participants while the coordinator is down, \
+                             but no earlier step takes it down (arm a coordinator failpoint with \"1*return(crash)\", \
+                             or kill9 it, and do not restart it before this step)",
+                            i + 1
+                        );
+                    }
+                    if within.as_millis() > u128::from(w.deadline_s) * 1000 {
+                        bail!(
+                            "step {}: within_ms = {} is longer than the scenario's workload.deadline_s = {}",
+                            i + 1,
+                            within.as_millis(),
+                            w.deadline_s
+                        );
+                    }
+                }
+                _ => {}
+            }
             let needs_proxies = matches!(
                 action,
                 Action::Fault { .. } | Action::Partition(..) | Action::Heal
@@ -383,6 +536,26 @@ impl Scenario {
             if needs_proxies && !t.proxies {
                 bail!("step {}: `{}` needs topology.proxies = true", i + 1, step.action);
             }
+        }
+        let e = &self.expect;
+        let outcome = e
+            .outcome_while_coordinator_down
+            .as_deref()
+            .map(DownOutcome::parse)
+            .transpose()?;
+        if awaits == 0 {
+            if e.converged_while_coordinator_down.is_some() {
+                bail!("expect.converged_while_coordinator_down needs an `await-convergence` step");
+            }
+            if outcome.is_some() {
+                bail!("expect.outcome_while_coordinator_down needs an `await-convergence` step");
+            }
+        }
+        if outcome == Some(DownOutcome::Undecided) && e.converged_while_coordinator_down == Some(true) {
+            bail!(
+                "expect.outcome_while_coordinator_down = \"undecided\" contradicts \
+                 expect.converged_while_coordinator_down = true (undecided branches stay prepared)"
+            );
         }
         Ok(())
     }
@@ -401,6 +574,7 @@ mod tests {
             actions: None,
             fault: None,
             between: None,
+            within_ms: None,
         }
     }
 
@@ -488,5 +662,201 @@ mod tests {
         "#;
         let error = format!("{:#}", parse(wrong_side).unwrap_err());
         assert!(error.contains("is not a failpoint of"), "{error}");
+    }
+
+    fn parse(text: &str) -> Result<Scenario> {
+        let scenario: Scenario = toml::from_str(text)?;
+        scenario.validate()?;
+        Ok(scenario)
+    }
+
+    fn error_of(text: &str) -> String {
+        format!("{:#}", parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn the_workload_protocol_defaults_to_two_phase_and_names_the_field_when_wrong() {
+        let scenario = parse("name = \"x\"").unwrap();
+        assert_eq!(scenario.workload.parsed_protocol().unwrap(), Protocol::TwoPhase);
+        for (text, protocol) in [
+            ("two-phase", Protocol::TwoPhase),
+            ("three-phase", Protocol::ThreePhase),
+            ("2pc", Protocol::TwoPhase),
+            ("3pc", Protocol::ThreePhase),
+        ] {
+            let scenario = parse(&format!("name = \"x\"\n[workload]\nprotocol = \"{text}\"")).unwrap();
+            assert_eq!(scenario.workload.parsed_protocol().unwrap(), protocol, "{text}");
+        }
+        let error = error_of("name = \"x\"\n[workload]\nprotocol = \"four-phase\"");
+        assert!(error.contains("workload.protocol"), "{error}");
+        assert!(error.contains("four-phase"), "{error}");
+        assert!(error.contains("three-phase"), "{error}");
+    }
+
+    #[test]
+    fn a_bad_protocol_in_a_file_names_the_file_and_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad-protocol.toml");
+        std::fs::write(&path, "name = \"x\"\n[workload]\nprotocol = \"3PC\"\n").unwrap();
+        let error = format!("{:#}", Scenario::load(&path).unwrap_err());
+        assert!(error.contains("bad-protocol.toml"), "{error}");
+        assert!(error.contains("workload.protocol = \"3PC\""), "{error}");
+    }
+
+    const CRASH_AND_AWAIT: &str = r#"
+        name = "x"
+        [workload]
+        protocol = "three-phase"
+        transactions = 3
+        concurrency = 1
+        deadline_s = 60
+        [expect]
+        converged_while_coordinator_down = true
+        outcome_while_coordinator_down = "committed"
+        [[steps]]
+        at = "start"
+        do = "arm"
+        target = "coordinator"
+        failpoint = "coordinator::after-some-pre-commits"
+        actions = "1*return(crash)"
+        [[steps]]
+        at = "exit=coordinator"
+        do = "await-convergence"
+        within_ms = 6000
+        [[steps]]
+        at = "+0"
+        do = "restart"
+        target = "coordinator"
+    "#;
+
+    #[test]
+    fn a_crash_the_coordinator_stays_down_for_parses() {
+        let scenario = parse(CRASH_AND_AWAIT).unwrap();
+        assert_eq!(
+            scenario.steps[1].parsed_action(3).unwrap(),
+            Action::AwaitConvergence {
+                within: Duration::from_millis(6000)
+            }
+        );
+        assert_eq!(scenario.expect.converged_while_coordinator_down, Some(true));
+        assert_eq!(
+            DownOutcome::parse(scenario.expect.outcome_while_coordinator_down.as_deref().unwrap()).unwrap(),
+            DownOutcome::Committed
+        );
+        // kill -9 takes it down too.
+        let killed = CRASH_AND_AWAIT.replace(
+            "do = \"arm\"\n        target = \"coordinator\"\n        failpoint = \"coordinator::after-some-pre-commits\"\n        actions = \"1*return(crash)\"",
+            "do = \"kill9\"\n        target = \"coordinator\"",
+        );
+        assert!(killed.contains("kill9"));
+        parse(&killed).unwrap();
+    }
+
+    #[test]
+    fn await_convergence_mistakes_are_refused_with_the_field_named() {
+        let cases: [(&str, &str, &str); 9] = [
+            ("within_ms = 6000", "", "needs `within_ms`"),
+            ("within_ms = 6000", "within_ms = 0", "at least 1"),
+            (
+                "within_ms = 6000",
+                "within_ms = 61000",
+                "longer than the scenario's workload.deadline_s",
+            ),
+            (
+                "within_ms = 6000",
+                "within_ms = 6000\n        target = \"s1\"",
+                "its target can only be `coordinator`",
+            ),
+            ("1*return(crash)", "1*sleep(100)", "no earlier step takes it down"),
+            (
+                "outcome_while_coordinator_down = \"committed\"",
+                "outcome_while_coordinator_down = \"done\"",
+                "expect.outcome_while_coordinator_down = \"done\"",
+            ),
+            (
+                "outcome_while_coordinator_down = \"committed\"",
+                "outcome_while_coordinator_down = \"undecided\"",
+                "contradicts",
+            ),
+            (
+                "do = \"restart\"",
+                "do = \"restart\"\n        within_ms = 5",
+                "`within_ms` is only for `await-convergence`",
+            ),
+            (
+                "[[steps]]\n        at = \"exit=coordinator\"",
+                "[[steps]]\n        at = \"+0\"\n        do = \"restart\"\n        target = \"coordinator\"\n        [[steps]]\n        at = \"exit=coordinator\"",
+                "no earlier step takes it down",
+            ),
+        ];
+        for (from, to, wanted) in cases {
+            assert!(CRASH_AND_AWAIT.contains(from), "{from}");
+            let error = error_of(&CRASH_AND_AWAIT.replacen(from, to, 1));
+            assert!(error.contains(wanted), "{from} -> {to}: {error}");
+        }
+        let twice = format!(
+            "{CRASH_AND_AWAIT}\n        [[steps]]\n        at = \"+0\"\n        do = \"await-convergence\"\n        within_ms = 10"
+        );
+        assert!(error_of(&twice).contains("only one `await-convergence`"));
+        let no_step = r#"
+            name = "x"
+            [expect]
+            converged_while_coordinator_down = false
+        "#;
+        let error = error_of(no_step);
+        assert!(
+            error.contains("expect.converged_while_coordinator_down needs an `await-convergence` step"),
+            "{error}"
+        );
+        let error = error_of(&no_step.replace(
+            "converged_while_coordinator_down = false",
+            "outcome_while_coordinator_down = \"aborted\"",
+        ));
+        assert!(
+            error.contains("expect.outcome_while_coordinator_down needs"),
+            "{error}"
+        );
+        let error = error_of(&no_step.replace(
+            "converged_while_coordinator_down = false",
+            "converged_while_down = false",
+        ));
+        assert!(error.contains("unknown field"), "{error}");
+    }
+
+    #[test]
+    fn every_scenario_file_in_the_repository_parses() {
+        fn walk(dir: &Path, found: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, found);
+                } else if path.extension().is_some_and(|e| e == "toml") {
+                    found.push(path);
+                }
+            }
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let mut files = Vec::new();
+        walk(&root, &mut files);
+        assert!(files.len() >= 60, "{} scenario files", files.len());
+        for file in &files {
+            Scenario::load(file).unwrap_or_else(|e| panic!("{e:#}"));
+        }
+        let three_phase: Vec<_> = files
+            .iter()
+            .filter(|f| f.parent().is_some_and(|p| p.ends_with("3pc")))
+            .collect();
+        assert!(three_phase.len() >= 5, "{three_phase:?}");
+        for file in three_phase {
+            let scenario = Scenario::load(file).unwrap();
+            if !file.ends_with("two-phase-blocks-while-coordinator-down.toml") {
+                assert_eq!(
+                    scenario.workload.parsed_protocol().unwrap(),
+                    Protocol::ThreePhase,
+                    "{}",
+                    file.display()
+                );
+            }
+        }
     }
 }

@@ -27,6 +27,8 @@ const NOTABLE: &[&str] = &[
     "in doubt",
     "resolved",
     "reconcil",
+    // 3PC: participants finishing a transaction without the coordinator.
+    "terminat",
 ];
 
 impl Timeline {
@@ -81,10 +83,15 @@ impl Timeline {
                 continue;
             }
             let message: String = rest.trim().chars().take(160).collect();
-            found.push((offset, format!("{process}: {message}")));
+            found.push((offset, message));
         }
+        let found = collapse_repeats(found);
         if let Ok(mut events) = self.events.lock() {
-            events.extend(found);
+            events.extend(
+                found
+                    .into_iter()
+                    .map(|(at, message)| (at, format!("{process}: {message}"))),
+            );
         }
     }
 
@@ -96,6 +103,46 @@ impl Timeline {
             .map(|(at, what)| format!("[{at:>7.3}s] {what}"))
             .collect()
     }
+}
+
+/// Lines of one process that say the same thing, give or take numbers (a participant warning
+/// every reconcile tick while the coordinator is down), in runs of at least this many, are shown
+/// once with a count.
+const REPEAT_RUN: usize = 3;
+
+fn repeat_key(message: &str) -> String {
+    message.chars().filter(|c| !c.is_ascii_digit()).take(80).collect()
+}
+
+/// Folds each run of [`REPEAT_RUN`] or more consecutive similar lines into its first line,
+/// annotated with how many followed and until when.
+fn collapse_repeats(lines: Vec<(f64, String)>) -> Vec<(f64, String)> {
+    let mut out: Vec<(f64, String)> = Vec::new();
+    let mut run: Vec<(f64, String)> = Vec::new();
+    let flush = |run: &mut Vec<(f64, String)>, out: &mut Vec<(f64, String)>| {
+        if run.len() >= REPEAT_RUN {
+            let (first_at, first) = run[0].clone();
+            let last_at = run[run.len() - 1].0;
+            out.push((
+                first_at,
+                format!("{first} [and {} more like it until {last_at:.3}s]", run.len() - 1),
+            ));
+        } else {
+            out.append(run);
+        }
+        run.clear();
+    };
+    for line in lines {
+        if run
+            .last()
+            .is_some_and(|(_, last)| repeat_key(last) != repeat_key(&line.1))
+        {
+            flush(&mut run, &mut out);
+        }
+        run.push(line);
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 fn strip_ansi(text: &str) -> String {
@@ -113,4 +160,42 @@ fn strip_ansi(text: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_of_the_same_warning_fold_into_one_line_with_a_count() {
+        let warn = |at: f64, error: &str| {
+            (
+                at,
+                format!(
+                    "WARN treaty_participant::reconcile: recovery pass: coordinator at http://127.0.0.1:{} is unreachable: {error}",
+                    4000 + at as u32
+                ),
+            )
+        };
+        let lines = vec![
+            (0.1, "INFO re-driving a logged commit txid=1".to_string()),
+            (0.2, "INFO re-driving a logged commit txid=2".to_string()),
+            warn(1.0, "tcp connect error"),
+            warn(1.2, "transport error"),
+            warn(1.4, "tcp connect error"),
+            (2.0, "INFO resolved txid=1".to_string()),
+        ];
+        let folded = collapse_repeats(lines);
+        assert_eq!(folded.len(), 4, "{folded:?}");
+        // Two alike stay as they are.
+        assert_eq!(folded[0].1, "INFO re-driving a logged commit txid=1");
+        assert_eq!(folded[1].1, "INFO re-driving a logged commit txid=2");
+        assert_eq!(folded[2].0, 1.0);
+        assert!(
+            folded[2].1.ends_with("[and 2 more like it until 1.400s]"),
+            "{}",
+            folded[2].1
+        );
+        assert_eq!(folded[3].1, "INFO resolved txid=1");
+    }
 }
