@@ -63,6 +63,11 @@ fn scenarios_network() -> Result<()> {
 }
 
 #[test]
+fn scenarios_three_phase() -> Result<()> {
+    run_dir("3pc")
+}
+
+#[test]
 fn scenarios_decision_log() -> Result<()> {
     run_dir("log")
 }
