@@ -12,6 +12,8 @@
 //! `in_doubt`: the operator's listing of prepared branches and heuristic decisions (`resolve`).
 
 mod in_doubt;
+#[cfg(test)]
+mod three_phase_tests;
 
 pub use in_doubt::{ResolveRequest, format_ms, heuristic_to_pb};
 

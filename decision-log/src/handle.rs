@@ -188,7 +188,8 @@ impl DecisionLog {
     }
 
     /// Records that `txid` is finished everywhere. Lazy: queued for the next batch, never waits. If it is
-    /// lost (crash, stopped writer), recovery re-drives the commit, which participants answer idempotently.
+    /// lost (crash, stopped writer), recovery re-drives the commit (or re-learns a 3PC pre-commit's
+    /// outcome), which participants answer idempotently.
     pub fn end(&self, txid: u64) {
         if self.inner.shared.poison.get().is_some() {
             tracing::debug!(txid, "end record dropped: the decision log is poisoned");
