@@ -183,13 +183,18 @@ async fn corrupt_decision_log_record_is_skipped_and_the_records_around_it_kept()
         .into_inner()
         .coordinator_id;
     submit_into_crash(&mut t, 1).await?;
-    // The log now holds: header, txid reservation, commit of the crashed transaction.
+    // The log now holds: header, the start's incarnation, txid reservation, commit of the crashed
+    // transaction.
     let log = t.dir.path().join("coordinator").join("decisions.log");
     let mut bytes = std::fs::read(&log)?;
     let offsets = record_offsets(&bytes);
-    assert_eq!(offsets.len(), 3, "header, reservation, commit: {offsets:?}");
-    // Rot one byte in the body of the middle record (the reservation): its checksum no longer holds.
-    bytes[offsets[1] + 13] ^= 0xff;
+    assert_eq!(
+        offsets.len(),
+        4,
+        "header, incarnation, reservation, commit: {offsets:?}"
+    );
+    // Rot one byte in the body of the reservation: its checksum no longer holds.
+    bytes[offsets[2] + 13] ^= 0xff;
     std::fs::write(&log, &bytes)?;
 
     t.cluster.coordinator.restart().await?;
