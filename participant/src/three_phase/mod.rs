@@ -78,6 +78,8 @@ pub struct ThreePhase {
     /// `entries.len()`, read without the lock by the two-phase paths.
     live: AtomicUsize,
     peers: peers::PeerClients,
+    /// Rows of finished branches, deleted in batches by the ticker.
+    finished_rows: Mutex<Vec<Gid>>,
 }
 
 /// An answer to a `PreCommit`.
@@ -102,6 +104,7 @@ impl ThreePhase {
             entries: Mutex::new(HashMap::new()),
             live: AtomicUsize::new(0),
             peers: peers::PeerClients::default(),
+            finished_rows: Mutex::new(Vec::new()),
         });
         for branch in recorded {
             tracing::info!(gid = %branch.gid, pre_committed = branch.pre_committed, "three-phase branch prepared before this start");
@@ -246,11 +249,11 @@ impl ThreePhase {
                     }
                     ParticipantAction::ApplyCommit => {
                         self.agent.commit(&entry.gid).await?;
-                        self.forget_row(entry).await;
+                        self.forget_row(entry);
                     }
                     ParticipantAction::ApplyAbort => {
                         self.agent.abort(&entry.gid).await?;
-                        self.forget_row(entry).await;
+                        self.forget_row(entry);
                     }
                     ParticipantAction::SendVote { .. }
                     | ParticipantAction::AcknowledgePreCommit { .. }
@@ -272,15 +275,38 @@ impl ThreePhase {
         Ok(driven)
     }
 
-    async fn forget_row(&self, entry: &mut Entry) {
+    /// Queues the row of a finished branch for deletion: the ticker deletes the queue in one
+    /// statement, so a commit costs no durable write of its own here. A row left behind by a crash
+    /// is harmless (nothing reads the row of a branch that is no longer prepared) and is deleted
+    /// at the next start.
+    fn forget_row(&self, entry: &mut Entry) {
         if !entry.recorded {
             return;
         }
-        // A row left behind is deleted at the next start (its branch is no longer prepared).
-        if let Err(error) = store::delete(self.agent.pool(), &entry.gid).await {
-            tracing::warn!(gid = %entry.gid, %error, "could not delete the three-phase row of a finished branch");
-        }
+        self.finished_rows
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(entry.gid.clone());
         entry.recorded = false;
+    }
+
+    async fn delete_finished_rows(&self) {
+        let gids = std::mem::take(
+            &mut *self
+                .finished_rows
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        if gids.is_empty() {
+            return;
+        }
+        if let Err(error) = store::delete(self.agent.pool(), &gids).await {
+            tracing::warn!(%error, rows = gids.len(), "could not delete the three-phase rows of finished branches; trying again");
+            self.finished_rows
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .extend(gids);
+        }
     }
 
     /// Sends what a step asked for, after its lock was released.
@@ -607,8 +633,12 @@ impl ThreePhase {
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
-                _ = stop.changed() => return,
+                _ = stop.changed() => {
+                    self.delete_finished_rows().await;
+                    return;
+                }
             }
+            self.delete_finished_rows().await;
             let slots: Vec<(String, Slot)> = if self.live.load(Ordering::Relaxed) == 0 {
                 continue;
             } else {

@@ -115,13 +115,14 @@ pub async fn record(pool: &PgPool, gid: &Gid, pre_committed: bool, promised: &Ba
     Ok(())
 }
 
-/// Forgets a branch that is committed or rolled back.
-pub async fn delete(pool: &PgPool, gid: &Gid) -> Result<(), DbError> {
+/// Forgets branches that are committed or rolled back.
+pub async fn delete(pool: &PgPool, gids: &[Gid]) -> Result<(), DbError> {
+    let gids: Vec<String> = gids.iter().map(ToString::to_string).collect();
     retrying(pool, |connection| {
-        let gid = gid.to_string();
+        let gids = gids.clone();
         Box::pin(async move {
-            sqlx::query("DELETE FROM treaty.three_phase WHERE gid = $1")
-                .bind(gid)
+            sqlx::query("DELETE FROM treaty.three_phase WHERE gid = ANY($1)")
+                .bind(gids)
                 .execute(connection)
                 .await?;
             Ok(())
