@@ -86,6 +86,13 @@ impl Agent {
         &self.pool
     }
 
+    /// Whether the GID has an open (not yet voted) branch here that nobody is using right now.
+    pub fn has_open_branch(&self, gid: &str) -> bool {
+        self.branches
+            .try_lock(gid)
+            .is_some_and(|slot| slot.active.is_some())
+    }
+
     /// Whether an RPC is working on the GID right now (recovery leaves such GIDs alone).
     pub fn is_busy(&self, gid: &str) -> bool {
         self.branches.is_busy(gid)

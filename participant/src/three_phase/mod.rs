@@ -421,7 +421,14 @@ impl ThreePhase {
         event: ParticipantEvent,
     ) -> Result<Option<Driven>, BranchError> {
         loop {
-            let slot = match (self.find(gid).await?, &create) {
+            // A branch still open has never been prepared, so it has no row to rebuild from: the
+            // prepare skips looking for one.
+            let found = if create.is_some() && self.agent.has_open_branch(gid.as_str()) {
+                self.get(gid)
+            } else {
+                self.find(gid).await?
+            };
+            let slot = match (found, &create) {
                 (Some(slot), _) => slot,
                 (None, Some(peers)) => self.insert(self.new_entry(gid, peers.clone())),
                 (None, None) => return Ok(None),

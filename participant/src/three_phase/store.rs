@@ -1,7 +1,8 @@
 //! The durable half of a three-phase branch: the `treaty.three_phase` row (migrations/0002) that
 //! says who the other participants are, whether the branch pre-committed, and the highest ballot it
-//! promised. Each write here is its own autocommit transaction on a pooled connection and returns
-//! only once PostgreSQL has committed it, so the caller may then vote, acknowledge or answer.
+//! promised. Each write here is its own autocommit transaction on a pooled connection. The pre-commit
+//! and promise writes return only once durable, so the caller may then acknowledge or answer; the
+//! insert before the vote is made durable by the `PREPARE TRANSACTION` that follows it (`insert`).
 
 use sqlx::postgres::PgPool;
 use treaty_commit_protocol::termination::{Ballot, Proposer};
@@ -58,6 +59,7 @@ fn ballot_from_columns(
 }
 
 /// Records the participants before the branch votes (a repeated prepare keeps the first row).
+/// Durable once the branch's `PREPARE TRANSACTION` returns, which flushes the WAL past it.
 pub async fn insert(pool: &PgPool, gid: &Gid, peers: &[Peer], promised: &Ballot) -> Result<(), DbError> {
     let shards: Vec<String> = peers.iter().map(|p| p.shard.to_string()).collect();
     let urls: Vec<String> = peers.iter().map(|p| p.url.clone()).collect();
@@ -66,10 +68,14 @@ pub async fn insert(pool: &PgPool, gid: &Gid, peers: &[Peer], promised: &Ballot)
         let (gid, shards, urls, participant) =
             (gid.to_string(), shards.clone(), urls.clone(), participant.clone());
         Box::pin(async move {
+            // Committed without waiting for its WAL flush: the branch's PREPARE TRANSACTION comes
+            // next and flushes the WAL past this commit before the vote leaves, and a row whose
+            // PREPARE never happened is deleted at the next start anyway.
             sqlx::query(
-                "INSERT INTO treaty.three_phase \
+                "WITH async AS (SELECT set_config('synchronous_commit', 'off', true)) \
+                 INSERT INTO treaty.three_phase \
                    (gid, shards, urls, promised_round, promised_incarnation, promised_participant) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (gid) DO NOTHING",
+                 SELECT $1, $2, $3, $4, $5, $6 FROM async ON CONFLICT (gid) DO NOTHING",
             )
             .bind(gid)
             .bind(shards)
