@@ -65,9 +65,8 @@ fn parse_peers(peers: Vec<pb::Peer>, me: &treaty_proto::ShardName) -> Result<Vec
     for peer in peers {
         let shard = treaty_proto::ShardName::new(&peer.shard)
             .map_err(|e| invalid(format!("peers: shard {:?}: {e}", peer.shard)))?;
-        if peer.url.is_empty() {
-            return Err(invalid(format!("peers: participant {shard} has no url")));
-        }
+        // An empty url is a participant the coordinator no longer knows the address of: calls to
+        // it fail, so termination waits for it (checked where it is called, `peers.rs`).
         if parsed.iter().any(|p| p.shard == shard) {
             return Err(invalid(format!("peers: participant {shard} is listed twice")));
         }
@@ -82,7 +81,16 @@ fn parse_peers(peers: Vec<pb::Peer>, me: &treaty_proto::ShardName) -> Result<Vec
 }
 
 fn ballot(ballot: Option<&pb::Ballot>) -> Result<treaty_commit_protocol::termination::Ballot, Status> {
-    wire::ballot_from_pb(ballot).map_err(|e| invalid(e.to_string()))
+    let ballot = wire::ballot_from_pb(ballot).map_err(|e| invalid(e.to_string()))?;
+    // Promises are stored as bigint: a larger round could not be kept exactly.
+    if i64::try_from(ballot.round).is_err() {
+        return Err(invalid(format!(
+            "ballot round {} is over {}",
+            ballot.round,
+            i64::MAX
+        )));
+    }
+    Ok(ballot)
 }
 
 /// PostgreSQL's limit for `lock_timeout` and `statement_timeout`.

@@ -21,7 +21,7 @@ pub mod store;
 
 mod peers;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -80,6 +80,9 @@ pub struct ThreePhase {
     peers: peers::PeerClients,
     /// Rows of finished branches, deleted in batches by the ticker.
     finished_rows: Mutex<Vec<Gid>>,
+    /// Branches whose machine was dropped after a failed step: the ticker rebuilds them from their
+    /// rows, so that termination goes on without waiting for a message about them.
+    dropped: Mutex<HashSet<Gid>>,
 }
 
 /// An answer to a `PreCommit`.
@@ -105,6 +108,7 @@ impl ThreePhase {
             live: AtomicUsize::new(0),
             peers: peers::PeerClients::default(),
             finished_rows: Mutex::new(Vec::new()),
+            dropped: Mutex::new(HashSet::new()),
         });
         for branch in recorded {
             tracing::info!(gid = %branch.gid, pre_committed = branch.pre_committed, "three-phase branch prepared before this start");
@@ -199,6 +203,12 @@ impl ThreePhase {
             // Finished, or a durable write failed: the next use starts from what is durable.
             entry.gone = true;
             self.remove(&entry.gid);
+            if result.is_err() {
+                self.dropped
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .insert(entry.gid.clone());
+            }
         }
         result
     }
@@ -288,6 +298,30 @@ impl ThreePhase {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push(entry.gid.clone());
         entry.recorded = false;
+    }
+
+    /// Rebuilds the machines dropped after a failed step, from their rows (`find`); one no longer
+    /// prepared is forgotten, one that cannot be read yet is tried again on the next tick.
+    async fn rebuild_dropped(&self) {
+        let gids: Vec<Gid> = {
+            let mut dropped = self
+                .dropped
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if dropped.is_empty() {
+                return;
+            }
+            dropped.drain().collect()
+        };
+        for gid in gids {
+            if let Err(error) = self.find(&gid).await {
+                tracing::warn!(%gid, %error, "three-phase branch not rebuilt yet; trying again");
+                self.dropped
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .insert(gid);
+            }
+        }
     }
 
     async fn delete_finished_rows(&self) {
@@ -523,29 +557,35 @@ impl ThreePhase {
             from: ballot.proposer.clone(),
             ballot: ballot.clone(),
         };
-        let create = match self.find(gid).await? {
-            Some(_) => None,
-            None => match self.agent.status(gid).await? {
-                // Working, not voted: a machine of its own, which aborts it and answers ABORTED.
-                BranchState::Active => Some(peers),
-                BranchState::Committed => return Ok(Report::State(ReportedState::Committed)),
-                BranchState::Prepared => {
-                    return Err(BranchError::WrongState(format!(
-                        "branch {gid} is prepared under two-phase commit here; it takes no part in \
-                         three-phase termination"
-                    )));
-                }
-                BranchState::Aborted | BranchState::Unknown => {
-                    // Never voted YES here: abort for good, so that a late Prepare votes NO.
-                    self.agent.abort(gid).await?;
-                    return Ok(Report::State(ReportedState::Aborted));
-                }
+        // Through the machine when there is one. No machine (any more) is not "aborted": it may
+        // have finished while this query waited for its lock, so PostgreSQL is asked next.
+        if self.find(gid).await?.is_some()
+            && let Some(driven) = self.run(gid, None, event.clone()).await?
+        {
+            return Self::report(gid, driven);
+        }
+        match self.agent.status(gid).await? {
+            // Working, not voted: a machine of its own, which aborts it and answers ABORTED.
+            BranchState::Active => match self.run(gid, Some(peers), event).await? {
+                Some(driven) => Self::report(gid, driven),
+                None => Err(BranchError::Unavailable(format!(
+                    "branch {gid} changed while it was queried; ask again"
+                ))),
             },
-        };
-        let driven = match self.run(gid, create, event).await? {
-            Some(driven) => driven,
-            None => return Ok(Report::State(ReportedState::Aborted)),
-        };
+            BranchState::Committed => Ok(Report::State(ReportedState::Committed)),
+            BranchState::Prepared => Err(BranchError::WrongState(format!(
+                "branch {gid} is prepared here without a three-phase record (a two-phase branch, or \
+                 one whose record was lost); it takes no part in three-phase termination"
+            ))),
+            BranchState::Aborted | BranchState::Unknown => {
+                // Never voted YES here, or rolled back: abort for good, so a late Prepare votes NO.
+                self.agent.abort(gid).await?;
+                Ok(Report::State(ReportedState::Aborted))
+            }
+        }
+    }
+
+    fn report(gid: &Gid, driven: Driven) -> Result<Report, BranchError> {
         driven
             .replies
             .into_iter()
@@ -646,6 +686,7 @@ impl ThreePhase {
                 }
             }
             self.delete_finished_rows().await;
+            self.rebuild_dropped().await;
             let slots: Vec<(String, Slot)> = if self.live.load(Ordering::Relaxed) == 0 {
                 continue;
             } else {

@@ -41,8 +41,11 @@ impl PeerClients {
             .iter()
             .find(|p| &p.shard == shard)
             .map(|p| p.url.clone())
+            .filter(|url| !url.is_empty())
             .ok_or_else(|| {
-                BranchError::WrongState(format!("no address for participant {shard} in the prepare"))
+                BranchError::Unavailable(format!(
+                    "no address for participant {shard}: the coordinator did not name one"
+                ))
             })?;
         let mut channels = self
             .channels

@@ -97,10 +97,12 @@ pub async fn record(pool: &PgPool, gid: &Gid, pre_committed: bool, promised: &Ba
     let updated = retrying(pool, |connection| {
         let (gid, participant) = (gid.to_string(), participant.clone());
         Box::pin(async move {
+            // Durable before the answer whatever the server's synchronous_commit says.
             Ok(sqlx::query(
-                "UPDATE treaty.three_phase SET pre_committed = pre_committed OR $2, promised_round = $3, \
+                "WITH sync AS (SELECT set_config('synchronous_commit', 'on', true)) \
+                 UPDATE treaty.three_phase SET pre_committed = pre_committed OR $2, promised_round = $3, \
                    promised_incarnation = $4, promised_participant = $5, updated_at = now() \
-                 WHERE gid = $1",
+                 FROM sync WHERE gid = $1",
             )
             .bind(gid)
             .bind(pre_committed)
@@ -167,7 +169,18 @@ pub async fn load_prepared(pool: &PgPool) -> Result<Vec<Recorded>, DbError> {
         })
     })
     .await?;
-    rows.into_iter().map(parse_row).collect()
+    // A row that cannot be read is left alone (its branch waits for the coordinator, through the
+    // reconciler) rather than stopping the participant from starting.
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| match parse_row(row) {
+            Ok(recorded) => Some(recorded),
+            Err(error) => {
+                tracing::error!(%error, "unreadable treaty.three_phase row skipped");
+                None
+            }
+        })
+        .collect())
 }
 
 fn parse_row(row: RowColumns) -> Result<Recorded, DbError> {

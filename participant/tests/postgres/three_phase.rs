@@ -156,6 +156,24 @@ async fn a_pre_commit_at_one_participant_makes_both_commit_without_the_coordinat
         assert_eq!(db.count("SELECT count(*) FROM kv WHERE k = 1").await, 1);
         assert!(db.has_marker(&gid).await, "committed with its marker");
     }
+    // A late query (a restarted coordinator learning) finds no machine any more: the answer comes
+    // from PostgreSQL, never a presumed abort.
+    let late = pair
+        .s1()
+        .client
+        .clone()
+        .query_state(pb::QueryStateRequest {
+            gid: gid.clone(),
+            ballot: Some(pb::Ballot {
+                round: 9,
+                proposer: Some(pb::ballot::Proposer::CoordinatorIncarnation(2)),
+            }),
+            participants: pair.peers(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(late.state, pb::ReportedState::Committed as i32, "{late:?}");
 }
 
 #[tokio::test]
