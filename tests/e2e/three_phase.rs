@@ -17,6 +17,32 @@ fn three_phase() -> Option<pb::TransactionOptions> {
     })
 }
 
+/// Begins a 3PC transaction and inserts `key(shard)` on every shard; returns its txid.
+async fn begin_inserting(
+    t: &TestCluster,
+    client: &mut CoordinatorClient<Channel>,
+    key: impl Fn(usize) -> i64,
+) -> Result<u64> {
+    let txid = client
+        .begin(pb::BeginRequest {
+            options: three_phase(),
+        })
+        .await?
+        .into_inner()
+        .txid;
+    for shard in 0..3 {
+        execute(
+            client,
+            txid,
+            &t.shard(shard),
+            "INSERT INTO kv (k, v) VALUES ($1, 'three-phase')",
+            vec![int(key(shard))],
+        )
+        .await?;
+    }
+    Ok(txid)
+}
+
 /// The `treaty.three_phase` rows left on every shard (each is deleted once its branch finished).
 async fn three_phase_rows(t: &TestCluster) -> Result<i64> {
     let mut total = 0;
@@ -31,23 +57,7 @@ async fn three_phase_commits_interactive_and_one_shot_transactions_on_every_shar
     let t = TestCluster::start(Options::default()).await?;
     let mut client = t.client().await?;
 
-    let txid = client
-        .begin(pb::BeginRequest {
-            options: three_phase(),
-        })
-        .await?
-        .into_inner()
-        .txid;
-    for shard in 0..3 {
-        execute(
-            &mut client,
-            txid,
-            &t.shard(shard),
-            "INSERT INTO kv (k, v) VALUES ($1, 'interactive')",
-            vec![int(shard as i64)],
-        )
-        .await?;
-    }
+    let txid = begin_inserting(&t, &mut client, |shard| shard as i64).await?;
     let outcome = client
         .commit(pb::CommitRequest {
             txid,
@@ -140,23 +150,7 @@ async fn crashing_at(failpoint: &str) -> Result<TestCluster> {
 /// dies before answering. Returns the txid.
 async fn commit_into_a_crash(t: &mut TestCluster, k: i64) -> Result<u64> {
     let mut client = t.client().await?;
-    let txid = client
-        .begin(pb::BeginRequest {
-            options: three_phase(),
-        })
-        .await?
-        .into_inner()
-        .txid;
-    for shard in 0..3 {
-        execute(
-            &mut client,
-            txid,
-            &t.shard(shard),
-            "INSERT INTO kv (k, v) VALUES ($1, 'crash')",
-            vec![int(k)],
-        )
-        .await?;
-    }
+    let txid = begin_inserting(t, &mut client, |_| k).await?;
     let answer = client
         .commit(pb::CommitRequest {
             txid,

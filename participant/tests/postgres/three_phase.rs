@@ -49,6 +49,20 @@ impl Pair {
         config
     }
 
+    /// The coordinator's first-round pre-commit, sent to s1 only.
+    async fn coordinator_pre_commit_to_s1(&self, gid: &str) -> pb::PreCommitResponse {
+        self.s1()
+            .client
+            .clone()
+            .pre_commit(pb::PreCommitRequest {
+                gid: gid.into(),
+                ballot: Some(coordinator_ballot()),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     fn s1(&self) -> &Participant {
         self.s1.as_ref().unwrap()
     }
@@ -126,17 +140,7 @@ async fn a_pre_commit_at_one_participant_makes_both_commit_without_the_coordinat
     let gid = pair.env.gid(1);
     pair.prepared(&gid, 1).await;
     // The coordinator's pre-commit reaches s1 only, then the coordinator falls silent.
-    let answer = pair
-        .s1()
-        .client
-        .clone()
-        .pre_commit(pb::PreCommitRequest {
-            gid: gid.clone(),
-            ballot: Some(coordinator_ballot()),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let answer = pair.coordinator_pre_commit_to_s1(&gid).await;
     assert!(answer.acknowledged, "{answer:?}");
     assert_eq!(
         pair.db1
@@ -189,17 +193,7 @@ async fn without_any_pre_commit_both_abort_and_a_late_pre_commit_is_refused() {
         assert_eq!(db.count("SELECT count(*) FROM kv").await, 0);
     }
     // The coordinator's pre-commit arriving after termination aborted cannot revive it.
-    let late = pair
-        .s1()
-        .client
-        .clone()
-        .pre_commit(pb::PreCommitRequest {
-            gid: gid.clone(),
-            ballot: Some(coordinator_ballot()),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let late = pair.coordinator_pre_commit_to_s1(&gid).await;
     assert!(!late.acknowledged, "{late:?}");
 }
 
