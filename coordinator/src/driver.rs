@@ -75,6 +75,12 @@ pub struct TxnHandle {
     fused: Mutex<Fused>,
 }
 
+/// A record `force` writes to the decision log before the machine may go on.
+enum Forced {
+    Commit(CommitRecord),
+    PreCommit(PreCommitRecord),
+}
+
 #[derive(Default)]
 enum Fused {
     #[default]
@@ -582,8 +588,8 @@ impl Engine {
         });
     }
 
-    /// 3PC: forces the pre-commit record (after `before-pre-commit-record`), then feeds
-    /// `PreCommitDurable`; no PreCommit leaves before it is durable.
+    /// 3PC: forces the pre-commit record, then feeds `PreCommitDurable`; no PreCommit leaves
+    /// before it is durable.
     fn persist_pre_commit(self: &Arc<Self>, handle: &Arc<TxnHandle>, participants: Vec<ShardName>) {
         let record = PreCommitRecord {
             txid: handle.gid.txid(),
@@ -591,22 +597,7 @@ impl Engine {
             participants: participants.iter().map(ToString::to_string).collect(),
             at_ms: now_ms(),
         };
-        let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
-        tokio::spawn(async move {
-            if failpoints::hit(failpoints::BEFORE_PRE_COMMIT_RECORD).is_some() {
-                engine.log_failed(format!(
-                    "failpoint {}: writing the pre-commit record of {} failed",
-                    failpoints::BEFORE_PRE_COMMIT_RECORD,
-                    handle.gid
-                ));
-            }
-            match engine.log.pre_commit(record).await {
-                Ok(()) => engine.feed_result(&handle, Event::PreCommitDurable),
-                Err(e) => {
-                    engine.log_failed(e);
-                }
-            }
-        });
+        self.force(handle, Forced::PreCommit(record));
     }
 
     /// 3PC: a round of PreCommits under `ballot`, in parallel. The coordinator's own first round
@@ -742,30 +733,51 @@ impl Engine {
             participants: participants.iter().map(ToString::to_string).collect(),
             decided_at_ms: now_ms(),
         };
+        self.force(handle, Forced::Commit(record));
+    }
+
+    /// Forces one record to the log on a task of its own (group-committed with whatever else is
+    /// waiting), then feeds the event saying it is durable. The record's failpoints fail the write
+    /// as a failed fsync would: the coordinator exits and a restart recovers from the log.
+    fn force(self: &Arc<Self>, handle: &Arc<TxnHandle>, record: Forced) {
+        let (before, after, what, durable) = match &record {
+            Forced::Commit(_) => (
+                failpoints::BEFORE_COMMIT_DECISION,
+                Some(failpoints::AFTER_COMMIT_DECISION),
+                "commit record",
+                Event::DecisionDurable,
+            ),
+            Forced::PreCommit(_) => (
+                failpoints::BEFORE_PRE_COMMIT_RECORD,
+                None,
+                "pre-commit record",
+                Event::PreCommitDurable,
+            ),
+        };
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
         tokio::spawn(async move {
-            if failpoints::hit(failpoints::BEFORE_COMMIT_DECISION).is_some() {
+            if failpoints::hit(before).is_some() {
                 engine.log_failed(format!(
-                    "failpoint {}: writing the commit record of {} failed",
-                    failpoints::BEFORE_COMMIT_DECISION,
+                    "failpoint {before}: writing the {what} of {} failed",
                     handle.gid
                 ));
             }
-            match engine.log.commit(record).await {
-                Ok(()) => {
-                    if failpoints::hit(failpoints::AFTER_COMMIT_DECISION).is_some() {
-                        engine.log_failed(format!(
-                            "failpoint {}: the commit record of {} was written but its fsync failed",
-                            failpoints::AFTER_COMMIT_DECISION,
-                            handle.gid
-                        ));
-                    }
-                    engine.feed_result(&handle, Event::DecisionDurable);
-                }
-                Err(e) => {
-                    engine.log_failed(e);
-                }
+            let written = match record {
+                Forced::Commit(record) => engine.log.commit(record).await,
+                Forced::PreCommit(record) => engine.log.pre_commit(record).await,
+            };
+            if let Err(e) = written {
+                engine.log_failed(e);
             }
+            if let Some(after) = after
+                && failpoints::hit(after).is_some()
+            {
+                engine.log_failed(format!(
+                    "failpoint {after}: the {what} of {} was written but its fsync failed",
+                    handle.gid
+                ));
+            }
+            engine.feed_result(&handle, durable);
         });
     }
 

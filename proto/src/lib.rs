@@ -13,6 +13,8 @@ pub mod admin;
 mod error;
 pub mod failpoints;
 mod ids;
+#[cfg(feature = "process")]
+pub mod process;
 mod value;
 
 pub use error::{ApiError, SqlError};
