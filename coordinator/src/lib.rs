@@ -52,8 +52,8 @@ pub enum CoordinatorError {
     },
     #[error(
         "the decision log in {dir} is damaged and its header (which holds this coordinator's id) was lost; \
-         restart with --id set to the id in the GIDs this coordinator wrote (treaty:<id>:<txid> in the \
-         participants' pg_prepared_xacts or logs), so that its transactions keep their names"
+         restart with --id set to the id in the GIDs this coordinator wrote (treaty:<id>:<txid>:<shard> in \
+         the participants' pg_prepared_xacts, treaty:<id>:<txid> in their logs), so that its transactions keep their names"
     )]
     HeaderLost { dir: std::path::PathBuf },
     #[error("coordinator id: {0}")]

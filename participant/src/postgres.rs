@@ -2,13 +2,18 @@
 //! `PREPARE TRANSACTION` in one round trip), phase two, the marker table, `pg_prepared_xacts`, and
 //! the classification of sqlx errors.
 //!
-//! A GID is formatted into SQL text only here and only from a `Gid`, whose constructor restricts it
-//! to `[a-z0-9-:]`; PostgreSQL does not accept it as a bind parameter.
+//! A GID is formatted into SQL text only here and only from a `Gid` or `BranchGid`, whose
+//! constructors restrict it to `[A-Za-z0-9_-:]`; PostgreSQL does not accept it as a bind parameter.
+//!
+//! PostgreSQL holds a branch prepared under its `BranchGid` (`<gid>:<shard>`, unique per server);
+//! the marker row keeps the transaction's `Gid` (the marker table is per database). A branch an
+//! older participant prepared under the bare `Gid` text (the legacy form) is still found and
+//! finished here, under that exact text.
 
 use futures::future::BoxFuture;
 use sqlx::postgres::{PgConnection, PgDatabaseError, PgPool, PgSeverity};
 use sqlx::{AssertSqlSafe, Executor as _};
-use treaty_proto::Gid;
+use treaty_proto::{BranchGid, Gid, ShardName};
 
 /// SQLSTATE `undefined_object`: "prepared transaction with identifier ... does not exist".
 const UNDEFINED_OBJECT: &str = "42704";
@@ -138,20 +143,24 @@ pub async fn wrote_nothing(connection: &mut PgConnection) -> Result<bool, DbErro
         .await?)
 }
 
-fn prepare_sql(gid: &Gid) -> Result<String, DbError> {
+fn prepare_sql(gid: &Gid, branch: &BranchGid) -> Result<String, DbError> {
     let txid = i64::try_from(gid.txid())
         .map_err(|_| DbError::Client(format!("txid of {gid} does not fit the marker table's bigint")))?;
     Ok(format!(
         "INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('{gid}', '{}', {txid}); \
-         PREPARE TRANSACTION '{gid}'",
+         PREPARE TRANSACTION '{branch}'",
         gid.coordinator()
     ))
 }
 
-/// Writes the marker row inside the branch and prepares it, in one round trip. After success the
-/// session has no open transaction.
-pub async fn insert_marker_and_prepare(connection: &mut PgConnection, gid: &Gid) -> Result<(), DbError> {
-    simple(connection, prepare_sql(gid)?).await
+/// Writes the marker row (under `gid`) inside the branch and prepares it (as `branch`), in one
+/// round trip. After success the session has no open transaction.
+pub async fn insert_marker_and_prepare(
+    connection: &mut PgConnection,
+    gid: &Gid,
+    branch: &BranchGid,
+) -> Result<(), DbError> {
+    simple(connection, prepare_sql(gid, branch)?).await
 }
 
 /// Runs `attempt` on a pooled connection, and again on another one while the connection turns out
@@ -184,12 +193,54 @@ async fn on_pool(pool: &PgPool, sql: String) -> Result<(), DbError> {
     retrying(pool, |connection| Box::pin(simple(connection, sql.clone()))).await
 }
 
-pub async fn commit_prepared(pool: &PgPool, gid: &Gid) -> Result<(), DbError> {
-    on_pool(pool, format!("COMMIT PREPARED '{gid}'")).await
+pub async fn commit_prepared(pool: &PgPool, branch: &BranchGid) -> Result<(), DbError> {
+    finish_prepared(pool, "COMMIT PREPARED", branch).await
 }
 
-pub async fn rollback_prepared(pool: &PgPool, gid: &Gid) -> Result<(), DbError> {
-    on_pool(pool, format!("ROLLBACK PREPARED '{gid}'")).await
+pub async fn rollback_prepared(pool: &PgPool, branch: &BranchGid) -> Result<(), DbError> {
+    finish_prepared(pool, "ROLLBACK PREPARED", branch).await
+}
+
+/// `verb` on `branch`; when PostgreSQL holds no such branch but holds the legacy form in this
+/// database, `verb` on that. The fallback costs a query only on the "does not exist" path, which
+/// is rare (repeats, branches rolled back meanwhile), so the common case stays one round trip.
+async fn finish_prepared(pool: &PgPool, verb: &str, branch: &BranchGid) -> Result<(), DbError> {
+    let error = match on_pool(pool, format!("{verb} '{branch}'")).await {
+        Err(error) if error.is_undefined_object() && !branch.is_legacy() => error,
+        done => return done,
+    };
+    let legacy = BranchGid::legacy(branch.gid());
+    // Only from this database: the same text prepared in another database of the server is not
+    // this shard's branch, and finishing it from here would fail anyway.
+    if !is_prepared_here(pool, &legacy).await? {
+        return Err(error);
+    }
+    tracing::info!(gid = %legacy, "finishing a branch prepared under the legacy GID form");
+    on_pool(pool, format!("{verb} '{legacy}'")).await
+}
+
+/// The texts PostgreSQL may hold `branch`'s transaction prepared under in this shard's database:
+/// the branch form, and the legacy form an older participant used.
+pub fn prepared_names(branch: &BranchGid) -> Vec<String> {
+    let legacy = BranchGid::legacy(branch.gid());
+    vec![branch.as_str().to_owned(), legacy.as_str().to_owned()]
+}
+
+/// Whether PostgreSQL holds exactly `name` prepared in this database.
+async fn is_prepared_here(pool: &PgPool, name: &BranchGid) -> Result<bool, DbError> {
+    retrying(pool, |connection| {
+        let name = name.to_string();
+        Box::pin(async move {
+            Ok(sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts \
+                 WHERE gid = $1 AND database = current_database())",
+            )
+            .bind(name)
+            .fetch_one(connection)
+            .await?)
+        })
+    })
+    .await
 }
 
 /// Whether the GID's marker row is committed: the branch was prepared and then committed.
@@ -208,16 +259,19 @@ pub async fn marker_exists(pool: &PgPool, gid: &Gid) -> Result<bool, DbError> {
     .await
 }
 
-/// Whether the GID is prepared and whether its marker row is committed, in one query.
-pub async fn prepared_and_marker(pool: &PgPool, gid: &Gid) -> Result<(bool, bool), DbError> {
+/// Whether the branch is prepared (in either form) and whether its transaction's marker row is
+/// committed, in one query.
+pub async fn prepared_and_marker(pool: &PgPool, branch: &BranchGid) -> Result<(bool, bool), DbError> {
+    let names = prepared_names(branch);
     retrying(pool, |connection| {
-        let gid = gid.to_string();
+        let (gid, names) = (branch.gid().to_string(), names.clone());
         Box::pin(async move {
             Ok(sqlx::query_as(
-                "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1 AND database = current_database()), \
+                "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = ANY($2) AND database = current_database()), \
                         EXISTS (SELECT 1 FROM treaty.branches WHERE gid = $1)",
             )
             .bind(gid)
+            .bind(names)
             .fetch_one(connection)
             .await?)
         })
@@ -225,11 +279,23 @@ pub async fn prepared_and_marker(pool: &PgPool, gid: &Gid) -> Result<(bool, bool
     .await
 }
 
-/// A Treaty-looking GID prepared in this database.
+/// A Treaty-looking GID prepared in this database, as PostgreSQL holds it (a branch GID, or the
+/// legacy form; see `BranchGid::parse`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreparedXact {
     pub gid: String,
     pub age_ms: i64,
+}
+
+/// The transactions whose branches of `shard` PostgreSQL holds prepared in this database (either
+/// form), with the text each is prepared under.
+pub async fn prepared_branches(pool: &PgPool, shard: &ShardName) -> Result<Vec<BranchGid>, DbError> {
+    Ok(list_prepared(pool)
+        .await?
+        .into_iter()
+        .filter_map(|xact| BranchGid::parse(&xact.gid).ok())
+        .filter(|branch| branch.is_of(shard))
+        .collect())
 }
 
 pub async fn list_prepared(pool: &PgPool) -> Result<Vec<PreparedXact>, DbError> {
@@ -327,12 +393,21 @@ mod tests {
     #[test]
     fn prepare_is_one_batch_with_the_marker_first() {
         let gid = Gid::new(&CoordinatorId::new("c1").unwrap(), 42);
+        let shard = ShardName::new("s0").unwrap();
+        // The marker row keeps the transaction's GID; the branch is prepared under its own name.
         assert_eq!(
-            prepare_sql(&gid).unwrap(),
+            prepare_sql(&gid, &BranchGid::new(&gid, &shard)).unwrap(),
             "INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('treaty:c1:42', 'c1', 42); \
-             PREPARE TRANSACTION 'treaty:c1:42'"
+             PREPARE TRANSACTION 'treaty:c1:42:s0'"
         );
         let huge = Gid::new(&CoordinatorId::new("c1").unwrap(), u64::MAX);
-        assert!(prepare_sql(&huge).is_err());
+        assert!(prepare_sql(&huge, &BranchGid::new(&huge, &shard)).is_err());
+    }
+
+    #[test]
+    fn a_branch_is_looked_for_in_both_forms() {
+        let gid = Gid::new(&CoordinatorId::new("c1").unwrap(), 7);
+        let branch = BranchGid::new(&gid, &ShardName::new("s1").unwrap());
+        assert_eq!(prepared_names(&branch), ["treaty:c1:7:s1", "treaty:c1:7"]);
     }
 }

@@ -1,6 +1,10 @@
 //! `ListPrepared`: the Treaty branches PostgreSQL holds prepared in this participant's database,
 //! each with its age and the locks it holds, for the operator's `treaty in-doubt`.
 //!
+//! This shard's branches are reported under their transaction's GID (what the coordinator, its log
+//! and `treaty resolve` know), whichever form PostgreSQL holds them under; any other Treaty-looking
+//! GID in this database is reported as PostgreSQL holds it.
+//!
 //! A prepared transaction has no backend: its locks show in `pg_locks` with a NULL pid under the
 //! virtual transaction id of the dummy process that holds them. That id is not derived from the xid
 //! (on PostgreSQL 15 it reads like `3/7`, not `-1/<xid>`), so the query finds it through the lock
@@ -8,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use treaty_proto::pb;
+use treaty_proto::{BranchGid, ShardName, pb};
 
 use crate::postgres::{DbError, retrying};
 
@@ -39,12 +43,24 @@ const QUERY: &str = "SELECT p.gid, \
      ORDER BY p.prepared, p.gid, l.locktype, l.relation";
 
 /// Every Treaty-looking branch prepared in this database, oldest first.
-pub async fn list(pool: &sqlx::PgPool) -> Result<Vec<pb::PreparedBranch>, DbError> {
+pub async fn list(pool: &sqlx::PgPool, shard: &ShardName) -> Result<Vec<pb::PreparedBranch>, DbError> {
     let rows: Vec<Row> = retrying(pool, |connection| {
         Box::pin(async move { Ok(sqlx::query_as(QUERY).fetch_all(connection).await?) })
     })
     .await?;
-    Ok(group(rows))
+    let mut branches = group(rows);
+    for branch in &mut branches {
+        branch.gid = transaction_gid(&branch.gid, shard);
+    }
+    Ok(branches)
+}
+
+/// The transaction's GID for this shard's branch, else the text as PostgreSQL holds it.
+fn transaction_gid(prepared: &str, shard: &ShardName) -> String {
+    match BranchGid::parse(prepared) {
+        Ok(branch) if branch.is_of(shard) => branch.gid().to_string(),
+        _ => prepared.to_owned(),
+    }
 }
 
 /// Folds the one-row-per-lock join into one entry per GID, keeping the query's order.
@@ -97,6 +113,15 @@ mod tests {
             relation,
             lock.map(|_| true),
         )
+    }
+
+    #[test]
+    fn branches_are_reported_under_their_transactions_gid() {
+        let s0 = ShardName::new("s0").unwrap();
+        assert_eq!(transaction_gid("treaty:c1:9:s0", &s0), "treaty:c1:9");
+        assert_eq!(transaction_gid("treaty:c1:9", &s0), "treaty:c1:9", "legacy form");
+        assert_eq!(transaction_gid("treaty:c1:9:s1", &s0), "treaty:c1:9:s1");
+        assert_eq!(transaction_gid("treaty:junk", &s0), "treaty:junk");
     }
 
     #[test]

@@ -3,7 +3,11 @@
 //!
 //! Candidates are the Treaty GIDs that were already prepared when this process started (listed
 //! before it served anything, so none of them can be this process's own fresh vote), and any
-//! prepared longer than `--in-doubt-after-ms` that no RPC is working on. Only GIDs of the coordinator that `Info` names are touched. The participant
+//! prepared longer than `--in-doubt-after-ms` that no RPC is working on. Only this shard's branches
+//! in its own database are candidates (the branch GID names the shard; a legacy GID without the
+//! shard, left by an older participant, is this database's and so this shard's), and each is asked
+//! about and finished under its transaction's GID. Only GIDs of the coordinator that `Info` names
+//! are touched. The participant
 //! never decides: it applies COMMIT or ABORT answers through the same serialized paths as the
 //! coordinator's own phase-two calls, and leaves PENDING ones for a later tick. While the
 //! coordinator is unreachable it warns once per tick and keeps asking. (The one exception is the
@@ -15,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use treaty_proto::{CoordinatorId, Gid};
+use treaty_proto::{BranchGid, CoordinatorId, Gid};
 
 use crate::agent::Agent;
 use crate::coordinator_link::{Answer, CoordinatorLink, Decision, MAX_GIDS_PER_QUERY};
@@ -33,7 +37,7 @@ pub struct Reconciler {
     link: CoordinatorLink,
     in_doubt_after_ms: u64,
     marker_retention_ms: u64,
-    /// Prepared before this process started and not yet seen resolved.
+    /// Prepared before this process started and not yet seen resolved (as PostgreSQL names them).
     inherited: HashSet<String>,
     reported: HashSet<String>,
 }
@@ -119,20 +123,50 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Prepared Treaty GIDs to ask about now.
+    /// The transaction GIDs of this shard's prepared branches to ask about now.
     async fn in_doubt(&mut self) -> Result<Vec<String>, DbError> {
         let all = postgres::list_prepared(self.agent.pool()).await?;
         let still_prepared: HashSet<&str> = all.iter().map(|xact| xact.gid.as_str()).collect();
         self.inherited.retain(|gid| still_prepared.contains(gid.as_str()));
-        Ok(all
-            .into_iter()
-            .filter(|xact| {
-                let old_enough = u64::try_from(xact.age_ms).unwrap_or(0) >= self.in_doubt_after_ms;
-                (old_enough || self.inherited.contains(&xact.gid)) && !self.agent.is_busy(&xact.gid)
-            })
-            .map(|xact| xact.gid)
-            .take(MAX_GIDS_PER_QUERY)
-            .collect())
+        let mut in_doubt = Vec::new();
+        for xact in all {
+            let old_enough = u64::try_from(xact.age_ms).unwrap_or(0) >= self.in_doubt_after_ms;
+            if !old_enough && !self.inherited.contains(&xact.gid) {
+                continue;
+            }
+            let Some(gid) = self.branch_of_this_shard(&xact.gid) else {
+                continue;
+            };
+            // The branch table knows branches by their transaction's GID.
+            if !self.agent.is_busy(gid.as_str()) {
+                in_doubt.push(gid.to_string());
+            }
+            if in_doubt.len() == MAX_GIDS_PER_QUERY {
+                break;
+            }
+        }
+        Ok(in_doubt)
+    }
+
+    /// The transaction of a GID prepared in this database, if it is this shard's branch; logs each
+    /// other one once.
+    fn branch_of_this_shard(&mut self, text: &str) -> Option<Gid> {
+        match BranchGid::parse(text) {
+            Ok(branch) if branch.is_of(self.agent.shard()) => Some(branch.gid().clone()),
+            Ok(branch) => {
+                let why = format!(
+                    "it is the branch of shard {} (this is shard {})",
+                    branch.shard().map_or("?", |shard| shard.as_str()),
+                    self.agent.shard()
+                );
+                self.report(text, &why);
+                None
+            }
+            Err(error) => {
+                self.report(text, &error.to_string());
+                None
+            }
+        }
     }
 
     /// Keeps the GIDs of `coordinator`; logs each other one once.
@@ -143,18 +177,21 @@ impl Reconciler {
                 Ok(gid) if gid.coordinator() == coordinator => {
                     own.insert(text, gid);
                 }
-                parsed => {
-                    if self.reported.len() < MAX_REPORTED && self.reported.insert(text.clone()) {
-                        let why = match parsed {
-                            Ok(_) => format!("it belongs to another coordinator than {coordinator}"),
-                            Err(error) => error.to_string(),
-                        };
-                        tracing::warn!(gid = %text, "recovery leaves this GID alone: {why}");
-                    }
-                }
+                Ok(_) => self.report(
+                    &text,
+                    &format!("it belongs to another coordinator than {coordinator}"),
+                ),
+                Err(error) => self.report(&text, &error.to_string()),
             }
         }
         own
+    }
+
+    /// Logs once per GID why recovery leaves it alone.
+    fn report(&mut self, text: &str, why: &str) {
+        if self.reported.len() < MAX_REPORTED && self.reported.insert(text.to_owned()) {
+            tracing::warn!(gid = %text, "recovery leaves this GID alone: {why}");
+        }
     }
 
     /// The deliberately broken heuristic behind `participant::unsafe-commit-in-doubt`: commits

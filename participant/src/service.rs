@@ -405,7 +405,7 @@ impl pb::participant_server::Participant for ParticipantService {
     ) -> Result<Response<pb::ListPreparedResponse>, Status> {
         let agent = self.agent.clone();
         let branches = self
-            .spawn(async move { Ok(crate::prepared::list(agent.pool()).await?) })
+            .spawn(async move { Ok(crate::prepared::list(agent.pool(), agent.shard()).await?) })
             .await?;
         Ok(Response::new(pb::ListPreparedResponse {
             shard: self.agent.shard().to_string(),

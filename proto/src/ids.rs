@@ -1,9 +1,17 @@
 //! Identifiers shared by the coordinator and the participants: transaction ids, shard names,
-//! coordinator ids and the PostgreSQL GID built from them.
+//! coordinator ids, the transaction's GID built from them, and the branch GID a participant hands
+//! PostgreSQL.
+//!
+//! The `Gid` (`treaty:<coordinator id>:<txid>`) names a transaction everywhere Treaty speaks: the
+//! decision log, every protocol message, the marker rows. PostgreSQL names a prepared transaction
+//! per *server*, not per database, so two shards that are two databases of one server cannot both
+//! prepare under the same text; each participant therefore prepares its branch as `BranchGid`
+//! (`<gid>:<shard>`).
 //!
 //! A GID cannot be a bind parameter of `PREPARE TRANSACTION`, so it is formatted into SQL text. That
-//! is only safe because every GID comes from `Gid::new` or `Gid::parse`, which allow a fixed
-//! alphabet (`[a-z0-9-]`, `:` as separator, decimal digits) and at most 199 bytes.
+//! is only safe because every GID comes from `Gid::new`, `Gid::parse`, `BranchGid::new` or
+//! `BranchGid::parse`, which allow a fixed alphabet (`[A-Za-z0-9_-]`, `:` as separator, decimal
+//! digits) and at most 199 bytes.
 
 use std::fmt;
 use std::sync::Arc;
@@ -28,6 +36,8 @@ pub enum IdError {
     },
     #[error("{0:?} is not a Treaty GID (expected treaty:<coordinator id>:<txid>)")]
     NotAGid(String),
+    #[error("{0:?} is not a Treaty branch GID (expected treaty:<coordinator id>:<txid>:<shard>)")]
+    NotABranchGid(String),
 }
 
 fn check_name(
@@ -159,6 +169,94 @@ impl fmt::Display for Gid {
     }
 }
 
+/// The name under which one shard's branch of a transaction is prepared in PostgreSQL:
+/// `treaty:<coordinator id>:<txid>:<shard>`, at most 92 + 1 + 64 = 157 bytes (PostgreSQL allows
+/// 199). PostgreSQL GIDs are unique per server, so the shard suffix is what lets two shards that
+/// are databases of one server prepare the same transaction.
+///
+/// Participants before this form prepared under the bare `Gid` text; `parse` still reads it (the
+/// `legacy` form, naming no shard), so that branches such a version left prepared are recovered and
+/// finished under the exact text PostgreSQL holds. Nothing prepares under it any more.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BranchGid {
+    text: Arc<str>,
+    gid: Gid,
+    /// `None` for the legacy form.
+    shard: Option<ShardName>,
+}
+
+impl BranchGid {
+    /// The branch of `gid` on `shard`: what a participant prepares under.
+    pub fn new(gid: &Gid, shard: &ShardName) -> Self {
+        Self {
+            text: format!("{gid}:{shard}").into(),
+            gid: gid.clone(),
+            shard: Some(shard.clone()),
+        }
+    }
+
+    /// The form before branch GIDs named their shard (the transaction's own GID text), only to
+    /// find and finish a branch an older participant left prepared.
+    pub fn legacy(gid: &Gid) -> Self {
+        Self {
+            text: gid.as_str().into(),
+            gid: gid.clone(),
+            shard: None,
+        }
+    }
+
+    /// Parses a GID read from `pg_prepared_xacts`: the branch form, or the legacy form. The two
+    /// cannot be confused: a coordinator id has no `:`, so the legacy form has exactly two
+    /// separators after the prefix and the branch form three.
+    pub fn parse(text: &str) -> Result<Self, IdError> {
+        let not_a_branch = || IdError::NotABranchGid(text.into());
+        let rest = text.strip_prefix(GID_PREFIX).ok_or_else(not_a_branch)?;
+        match rest.matches(':').count() {
+            1 => Ok(Self::legacy(&Gid::parse(text).map_err(|_| not_a_branch())?)),
+            2 => {
+                let (gid, shard) = text.rsplit_once(':').ok_or_else(not_a_branch)?;
+                let gid = Gid::parse(gid).map_err(|_| not_a_branch())?;
+                let shard = ShardName::new(shard).map_err(|_| not_a_branch())?;
+                Ok(Self::new(&gid, &shard))
+            }
+            _ => Err(not_a_branch()),
+        }
+    }
+
+    /// The text PostgreSQL holds (safe to format into SQL: see the module documentation).
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The transaction this branch belongs to.
+    pub fn gid(&self) -> &Gid {
+        &self.gid
+    }
+
+    /// The shard the branch names; `None` for the legacy form.
+    pub fn shard(&self) -> Option<&ShardName> {
+        self.shard.as_ref()
+    }
+
+    pub fn is_legacy(&self) -> bool {
+        self.shard.is_none()
+    }
+
+    /// Whether the branch is `shard`'s: it names `shard`, or it is in the legacy form. Call this
+    /// only for GIDs prepared in `shard`'s own database: the legacy form names no shard, and is
+    /// `shard`'s because an older participant, the only one to prepare under it, served one shard
+    /// per database.
+    pub fn is_of(&self, shard: &ShardName) -> bool {
+        self.shard.as_ref().is_none_or(|own| own == shard)
+    }
+}
+
+impl fmt::Display for BranchGid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +282,76 @@ mod tests {
         ] {
             assert!(Gid::parse(bad).is_err(), "{bad} should be rejected");
         }
+    }
+
+    #[test]
+    fn branch_gid_names_the_shard_and_round_trips() {
+        let gid = Gid::new(&CoordinatorId::new("c1").unwrap(), 42);
+        let s0 = ShardName::new("s0").unwrap();
+        let branch = BranchGid::new(&gid, &s0);
+        assert_eq!(branch.as_str(), "treaty:c1:42:s0");
+        assert_eq!(branch.to_string(), "treaty:c1:42:s0");
+        let parsed = BranchGid::parse("treaty:c1:42:s0").unwrap();
+        assert_eq!(parsed, branch);
+        assert_eq!(parsed.gid(), &gid);
+        assert_eq!(parsed.shard(), Some(&s0));
+        assert!(parsed.is_of(&s0));
+        assert!(!parsed.is_of(&ShardName::new("s1").unwrap()));
+        assert!(!parsed.is_legacy());
+        // Two shards of one transaction never share a PostgreSQL name.
+        assert_ne!(
+            BranchGid::new(&gid, &ShardName::new("s1").unwrap()).as_str(),
+            branch.as_str()
+        );
+    }
+
+    #[test]
+    fn branch_gid_reads_the_legacy_form_as_any_shards() {
+        let gid = Gid::new(&CoordinatorId::new("c1").unwrap(), 42);
+        let legacy = BranchGid::parse("treaty:c1:42").unwrap();
+        assert_eq!(legacy, BranchGid::legacy(&gid));
+        assert_eq!(
+            legacy.as_str(),
+            gid.as_str(),
+            "finished under the exact text prepared"
+        );
+        assert_eq!(legacy.gid(), &gid);
+        assert!(legacy.is_legacy());
+        assert_eq!(legacy.shard(), None);
+        assert!(legacy.is_of(&ShardName::new("s0").unwrap()));
+        assert!(legacy.is_of(&ShardName::new("any_Other-1").unwrap()));
+    }
+
+    #[test]
+    fn branch_gid_fits_postgres_limit_at_the_longest() {
+        let id = CoordinatorId::new(&"a".repeat(64)).unwrap();
+        let shard = ShardName::new(&"Z".repeat(64)).unwrap();
+        let branch = BranchGid::new(&Gid::new(&id, u64::MAX), &shard);
+        assert_eq!(branch.as_str().len(), 157);
+        assert!(branch.as_str().len() <= 199);
+        assert_eq!(BranchGid::parse(branch.as_str()).unwrap(), branch);
+    }
+
+    #[test]
+    fn branch_gid_rejects_foreign_and_malformed_text() {
+        for bad in [
+            "treaty:c1:1:",
+            "treaty:c1:1:s0:s1",
+            "treaty:c1:01:s0",
+            "treaty:c1:x:s0",
+            "treaty::1:s0",
+            "treaty:c1:1:a b",
+            "treaty:c1:1:s0'; DROP TABLE x; --",
+            "treaty:c1:1:s0'",
+            "other:c1:1:s0",
+            "treaty:c1",
+            "treaty:",
+            &format!("treaty:c1:1:{}", "x".repeat(65)),
+        ] {
+            assert!(BranchGid::parse(bad).is_err(), "{bad} should be rejected");
+        }
+        // The wire GID type never takes a branch GID for a transaction's.
+        assert!(Gid::parse("treaty:c1:1:s0").is_err());
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub mod process;
 mod value;
 
 pub use error::{ApiError, SqlError};
-pub use ids::{CoordinatorId, GID_PREFIX, Gid, IdError, ShardName, TxId};
+pub use ids::{BranchGid, CoordinatorId, GID_PREFIX, Gid, IdError, ShardName, TxId};
 pub use value::{Value, ValueError};
 
 /// Largest SQL text accepted in one statement, in bytes. Bigger statements are refused with

@@ -96,14 +96,16 @@ impl TestCluster {
         rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
     }
 
-    /// Treaty GIDs prepared on a shard.
+    /// Treaty GIDs prepared in a shard's database, as PostgreSQL holds them (branch GIDs,
+    /// `<gid>:<shard>`).
     pub async fn prepared(&self, shard: usize) -> Result<Vec<String>> {
         let mut conn = self.cluster.pgs[shard].connect(DATABASE).await?;
-        Ok(
-            sqlx::query_scalar("SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'treaty:%' ORDER BY gid")
-                .fetch_all(&mut conn)
-                .await?,
+        Ok(sqlx::query_scalar(
+            "SELECT gid FROM pg_prepared_xacts \
+             WHERE database = current_database() AND gid LIKE 'treaty:%' ORDER BY gid",
         )
+        .fetch_all(&mut conn)
+        .await?)
     }
 
     pub async fn prepared_everywhere(&self) -> Result<usize> {

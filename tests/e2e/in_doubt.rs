@@ -226,9 +226,11 @@ async fn an_untracked_branch_missing_on_some_shards_cannot_be_committed_by_hand(
     let coordinator = client.info(pb::InfoRequest {}).await?.into_inner().coordinator_id;
     let txid = 5u64;
     let gid = format!("treaty:{coordinator}:{txid}");
+    // Prepared under shard 0's branch GID, as its participant would have.
+    let prepared_as = format!("{gid}:{}", t.shard(0));
     t.sql(
         0,
-        &format!("BEGIN; INSERT INTO kv (k, v) VALUES (9, 'orphan'); PREPARE TRANSACTION '{gid}'"),
+        &format!("BEGIN; INSERT INTO kv (k, v) VALUES (9, 'orphan'); PREPARE TRANSACTION '{prepared_as}'"),
     )
     .await?;
     let listed = in_doubt(&mut client).await?;
@@ -253,7 +255,7 @@ async fn an_untracked_branch_missing_on_some_shards_cannot_be_committed_by_hand(
     );
     assert_eq!(
         t.prepared(0).await?,
-        vec![gid.clone()],
+        vec![prepared_as],
         "the refusal changed nothing"
     );
 

@@ -8,4 +8,5 @@ mod fixture;
 mod in_doubt;
 mod recovery;
 mod scenarios;
+mod shared_server;
 mod three_phase;

@@ -393,9 +393,10 @@ async fn count_prepared(cluster: &LocalCluster) -> Result<i64> {
     let mut total = 0;
     for pg in &cluster.pgs {
         let mut conn = pg.connect(DATABASE).await?;
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_prepared_xacts")
-            .fetch_one(&mut conn)
-            .await?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()")
+                .fetch_one(&mut conn)
+                .await?;
         total += n;
     }
     Ok(total)

@@ -3,8 +3,9 @@
 //! 1. Start a local cluster (fsync on, `max_prepared_transactions` above N), then SIGKILL the
 //!    coordinator.
 //! 2. Do by hand what a participant does before voting YES, N times on every shard: `BEGIN`; a row
-//!    in `bench_recovery`; the marker row in `treaty.branches`; `PREPARE TRANSACTION
-//!    'treaty:<coordinator id>:<txid>'` (see `participant/src/postgres.rs`).
+//!    in `bench_recovery`; the marker row in `treaty.branches` (under the transaction's GID);
+//!    `PREPARE TRANSACTION 'treaty:<coordinator id>:<txid>:<shard>'`, the branch GID (see
+//!    `participant/src/postgres.rs`).
 //! 3. Write what the coordinator writes when it decides: open its decision log
 //!    (`DecisionLog::open`, which hands back the id from the header), reserve the txids, and a
 //!    commit record per transaction naming every shard; close the log.
@@ -19,7 +20,7 @@ use indicatif::ProgressBar;
 use serde_json::json;
 use treaty_decision_log::{CommitRecord, DecisionLog, LogOptions};
 use treaty_harness::{ClusterSpec, LocalCluster, PgCluster, PgOptions};
-use treaty_proto::{CoordinatorId, Gid};
+use treaty_proto::{BranchGid, CoordinatorId, Gid, ShardName};
 
 use super::BenchArgs;
 use super::cpu;
@@ -37,9 +38,11 @@ async fn prepared_treaty_gids(pgs: &[PgCluster]) -> Result<i64> {
     let mut total = 0;
     for pg in pgs {
         let mut conn = pg.connect(DATABASE).await?;
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'treaty:%'")
-            .fetch_one(&mut conn)
-            .await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'treaty:%'",
+        )
+        .fetch_one(&mut conn)
+        .await?;
         total += n;
     }
     Ok(total)
@@ -48,6 +51,7 @@ async fn prepared_treaty_gids(pgs: &[PgCluster]) -> Result<i64> {
 /// Prepares `txids` on one shard as a participant would, over several connections.
 async fn prepare_on_shard(
     pg: &PgCluster,
+    shard: &ShardName,
     id: &CoordinatorId,
     txids: std::ops::Range<u64>,
     progress: &ProgressBar,
@@ -61,11 +65,12 @@ async fn prepare_on_shard(
             let mut conn = pg.connect(DATABASE).await?;
             for txid in txids.skip(k as usize).step_by(PREPARE_CONNECTIONS as usize) {
                 let gid = Gid::new(id, txid);
+                let branch = BranchGid::new(&gid, shard);
                 // Every piece is a validated id or an integer: safe to format into SQL.
                 let sql = format!(
                     "BEGIN; INSERT INTO bench_recovery (id) VALUES ({txid}); \
                      INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('{gid}', '{id}', {txid}); \
-                     PREPARE TRANSACTION '{gid}'"
+                     PREPARE TRANSACTION '{branch}'"
                 );
                 sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                     .execute(&mut conn)
@@ -152,11 +157,17 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     let setup = Instant::now();
     let progress = ProgressBar::new(txns * cluster.pgs.len() as u64);
     progress.set_message("preparing");
+    let shards = cluster
+        .shard_names
+        .iter()
+        .map(|name| ShardName::new(name))
+        .collect::<Result<Vec<_>, _>>()?;
     try_join_all(
         cluster
             .pgs
             .iter()
-            .map(|pg| prepare_on_shard(pg, &id, txids.clone(), &progress)),
+            .zip(&shards)
+            .map(|(pg, shard)| prepare_on_shard(pg, shard, &id, txids.clone(), &progress)),
     )
     .await?;
     progress.finish_and_clear();

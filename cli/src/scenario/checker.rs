@@ -81,15 +81,18 @@ impl Report {
     }
 }
 
-/// Treaty GIDs prepared on each shard.
+/// Treaty GIDs prepared in each shard's database, as PostgreSQL holds them (branch GIDs,
+/// `treaty_proto::BranchGid`, which `BranchGid::parse` maps back to their transaction).
 pub async fn prepared(cluster: &LocalCluster) -> Result<Vec<(String, Vec<String>)>> {
     let mut out = Vec::new();
     for (name, pg) in cluster.shard_names.iter().zip(&cluster.pgs) {
         let mut conn = pg.connect(DATABASE).await?;
-        let gids: Vec<String> =
-            sqlx::query_scalar("SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'treaty:%' ORDER BY gid")
-                .fetch_all(&mut conn)
-                .await?;
+        let gids: Vec<String> = sqlx::query_scalar(
+            "SELECT gid FROM pg_prepared_xacts \
+             WHERE database = current_database() AND gid LIKE 'treaty:%' ORDER BY gid",
+        )
+        .fetch_all(&mut conn)
+        .await?;
         out.push((name.clone(), gids));
     }
     Ok(out)

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use serde::Serialize;
 use treaty_harness::LocalCluster;
-use treaty_proto::Gid;
+use treaty_proto::BranchGid;
 
 use super::checker;
 use super::spec::{DownOutcome, Expect};
@@ -60,11 +60,12 @@ async fn read_state(cluster: &LocalCluster) -> Result<ShardState> {
     for (shard, gids) in checker::prepared(cluster).await? {
         state.prepared_by_shard.insert(shard.clone(), gids.len());
         for gid in gids {
-            // Only Treaty GIDs are listed; one that does not parse is still counted above.
-            if let Ok(gid) = Gid::parse(&gid) {
+            // Only Treaty GIDs are listed; one that does not parse is still counted above. A
+            // branch GID names its transaction's GID and the shard.
+            if let Ok(branch) = BranchGid::parse(&gid) {
                 state
                     .prepared
-                    .entry(gid.txid())
+                    .entry(branch.gid().txid())
                     .or_default()
                     .insert(shard.clone());
             }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use treaty_decision_log::{HeuristicDecision, HeuristicRecord};
-use treaty_proto::{ApiError, Gid, ShardName, TxId, pb};
+use treaty_proto::{ApiError, BranchGid, Gid, ShardName, TxId, pb};
 
 use super::{Engine, TxnHandle, now_ms};
 use crate::protocol::{AbortCause, AbortReason, Outcome, Phase, Transaction};
@@ -233,7 +233,9 @@ impl Engine {
     }
 
     fn in_doubt_branch(&self, shard: &ShardName, branch: pb::PreparedBranch) -> pb::InDoubtBranch {
-        let (txid, view, heuristic) = match Gid::parse(&branch.gid) {
+        // Participants report their branches under the transaction's GID; a branch GID (naming a
+        // shard, e.g. one this participant does not own) is read back to its transaction too.
+        let (txid, view, heuristic) = match BranchGid::parse(&branch.gid).map(|b| b.gid().clone()) {
             Ok(gid) if gid.coordinator() == &self.id => match self.table().get(gid.txid()).cloned() {
                 Some(handle) => (
                     gid.txid(),

@@ -22,7 +22,7 @@ impl Agent {
             return Ok(BranchState::Committed);
         }
         failpoints::step(failpoints::BEFORE_COMMIT_PREPARED)?;
-        match postgres::commit_prepared(&self.pool, gid).await {
+        match postgres::commit_prepared(&self.pool, &self.branch_gid(gid)).await {
             Ok(()) => {
                 let after = failpoints::step(failpoints::AFTER_COMMIT_PREPARED);
                 tracing::debug!(%gid, "committed");
@@ -76,7 +76,7 @@ impl Agent {
             _ => {}
         }
         failpoints::step(failpoints::BEFORE_ROLLBACK_PREPARED)?;
-        match postgres::rollback_prepared(&self.pool, gid).await {
+        match postgres::rollback_prepared(&self.pool, &self.branch_gid(gid)).await {
             Ok(()) => {
                 let after = failpoints::step(failpoints::AFTER_ROLLBACK_PREPARED);
                 tracing::debug!(%gid, "rolled back a prepared branch");

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgPool;
-use treaty_proto::{CoordinatorId, Gid, ShardName, TxId};
+use treaty_proto::{BranchGid, CoordinatorId, Gid, ShardName, TxId};
 
 use crate::branches::{ActiveBranch, Branches, Finished};
 use crate::error::BranchError;
@@ -78,6 +78,11 @@ impl Agent {
         &self.shard
     }
 
+    /// The name this shard's branch of `gid` is prepared under in PostgreSQL (unique per server).
+    pub fn branch_gid(&self, gid: &Gid) -> BranchGid {
+        BranchGid::new(gid, &self.shard)
+    }
+
     pub fn database(&self) -> &str {
         &self.database
     }
@@ -118,7 +123,7 @@ impl Agent {
             Ok(slot) => slot,
             Err(_) => return Ok(BranchState::Active),
         };
-        let (prepared, marker) = postgres::prepared_and_marker(&self.pool, gid).await?;
+        let (prepared, marker) = postgres::prepared_and_marker(&self.pool, &self.branch_gid(gid)).await?;
         if prepared {
             return Ok(BranchState::Prepared);
         }

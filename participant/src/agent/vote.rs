@@ -91,7 +91,7 @@ impl Agent {
                 .record(gid.as_str(), Finished::Aborted(error.to_string()));
             return Err(error);
         }
-        match postgres::insert_marker_and_prepare(&mut branch.connection, gid).await {
+        match postgres::insert_marker_and_prepare(&mut branch.connection, gid, &self.branch_gid(gid)).await {
             Ok(()) => {
                 let after = failpoints::step(failpoints::AFTER_PREPARE);
                 branch.transaction_ended();
@@ -140,7 +140,7 @@ impl Agent {
             Some(finished) => return Vote::no(format!("branch {gid} {}", finished.describe())),
             None => {}
         }
-        match postgres::prepared_and_marker(&self.pool, gid).await {
+        match postgres::prepared_and_marker(&self.pool, &self.branch_gid(gid)).await {
             Ok((true, _)) | Ok((_, true)) => {
                 tracing::info!(%gid, "Prepare repeated for a branch PostgreSQL holds prepared or committed");
                 Vote::Yes

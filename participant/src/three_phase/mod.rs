@@ -100,7 +100,7 @@ impl ThreePhase {
     /// Rebuilds a machine for every three-phase branch PostgreSQL still holds prepared; each times
     /// out at once, so termination (or the coordinator) finishes it.
     pub async fn start(agent: Arc<Agent>, timeout_ms: u64) -> Result<Arc<Self>, crate::postgres::DbError> {
-        let recorded = store::load_prepared(agent.pool()).await?;
+        let recorded = store::load_prepared(agent.pool(), agent.shard()).await?;
         let this = Arc::new(Self {
             agent,
             timeout_ms,
@@ -172,7 +172,7 @@ impl ThreePhase {
         if let Some(slot) = self.get(gid) {
             return Ok(Some(slot));
         }
-        Ok(store::load_one(self.agent.pool(), gid)
+        Ok(store::load_one(self.agent.pool(), &self.agent.branch_gid(gid))
             .await?
             .map(|recorded| self.insert(self.rebuild(recorded))))
     }

@@ -3,12 +3,15 @@
 //! promised. Each write here is its own autocommit transaction on a pooled connection. The pre-commit
 //! and promise writes return only once durable, so the caller may then acknowledge or answer; the
 //! insert before the vote is made durable by the `PREPARE TRANSACTION` that follows it (`insert`).
+//!
+//! Rows are keyed by the transaction's GID; whether the branch is still prepared is asked of
+//! `pg_prepared_xacts` under the shard's branch GID (or the legacy form).
 
 use sqlx::postgres::PgPool;
 use treaty_commit_protocol::termination::{Ballot, Proposer};
-use treaty_proto::{Gid, ShardName};
+use treaty_proto::{BranchGid, Gid, ShardName};
 
-use crate::postgres::{DbError, retrying};
+use crate::postgres::{self, DbError, retrying};
 
 /// A participant of the transaction and the address the coordinator reaches it at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,16 +153,21 @@ type RowColumns = (
 );
 
 /// At start: deletes rows whose branch is no longer prepared (finished, or never prepared because
-/// the participant died between the row and PREPARE) and returns the others.
-pub async fn load_prepared(pool: &PgPool) -> Result<Vec<Recorded>, DbError> {
+/// the participant died between the row and PREPARE) and returns the others. Runs before the
+/// participant serves, so no branch can be prepared between the listing and the delete.
+pub async fn load_prepared(pool: &PgPool, shard: &ShardName) -> Result<Vec<Recorded>, DbError> {
+    let prepared: Vec<String> = postgres::prepared_branches(pool, shard)
+        .await?
+        .iter()
+        .map(|branch| branch.gid().to_string())
+        .collect();
     let rows: Vec<RowColumns> = retrying(pool, |connection| {
+        let prepared = prepared.clone();
         Box::pin(async move {
-            sqlx::query(
-                "DELETE FROM treaty.three_phase t WHERE NOT EXISTS \
-                   (SELECT 1 FROM pg_prepared_xacts p WHERE p.gid = t.gid AND p.database = current_database())",
-            )
-            .execute(&mut *connection)
-            .await?;
+            sqlx::query("DELETE FROM treaty.three_phase WHERE gid <> ALL($1)")
+                .bind(prepared)
+                .execute(&mut *connection)
+                .await?;
             Ok(sqlx::query_as(
                 "SELECT gid, shards, urls, pre_committed, promised_round, promised_incarnation, \
                         promised_participant FROM treaty.three_phase ORDER BY gid",
@@ -204,17 +212,19 @@ fn parse_row(row: RowColumns) -> Result<Recorded, DbError> {
     })
 }
 
-/// The row of `gid` if its branch is still prepared here.
-pub async fn load_one(pool: &PgPool, gid: &Gid) -> Result<Option<Recorded>, DbError> {
+/// The row of `branch`'s transaction if the branch is still prepared here.
+pub async fn load_one(pool: &PgPool, branch: &BranchGid) -> Result<Option<Recorded>, DbError> {
+    let names = postgres::prepared_names(branch);
     let row: Option<RowColumns> = retrying(pool, |connection| {
-        let gid = gid.to_string();
+        let (gid, names) = (branch.gid().to_string(), names.clone());
         Box::pin(async move {
             Ok(sqlx::query_as(
                 "SELECT gid, shards, urls, pre_committed, promised_round, promised_incarnation, \
                         promised_participant FROM treaty.three_phase t WHERE gid = $1 AND EXISTS \
-                   (SELECT 1 FROM pg_prepared_xacts p WHERE p.gid = t.gid AND p.database = current_database())",
+                   (SELECT 1 FROM pg_prepared_xacts p WHERE p.gid = ANY($2) AND p.database = current_database())",
             )
             .bind(gid)
+            .bind(names)
             .fetch_optional(connection)
             .await?)
         })

@@ -207,3 +207,128 @@ async fn commit_after_postgres_restarts_with_the_branch_prepared() {
         pb::BranchState::Committed
     );
 }
+
+/// Two shards may be two databases of one PostgreSQL server, and GIDs are unique per server: each
+/// branch is prepared under its branch GID (`<gid>:<shard>`). Recovery reads only its own database
+/// and only this shard's branches, and still finishes a branch an older participant left prepared
+/// under the bare GID (the legacy form), under that exact text.
+#[tokio::test]
+async fn recovery_leaves_other_databases_alone_and_finishes_legacy_gids() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("neighbour", |c| {
+        c.in_doubt_after_ms = 200;
+        c.reconcile_interval_ms = 100;
+        // Every pass then asks about the committed marker, so passes can be counted.
+        c.marker_retention_ms = 100;
+    })
+    .await
+    else {
+        return;
+    };
+    kv(&env).await;
+    let neighbour = crate::support::TestDb::create(&env.admin_url, "treaty_test_neighbour_other").await;
+    // As the neighbour shard's participant would have migrated it.
+    neighbour
+        .sql(include_str!("../../../migrations/0001_treaty_branches.sql"))
+        .await;
+    neighbour
+        .sql("CREATE TABLE kv (k bigint PRIMARY KEY, v text)")
+        .await;
+    let coordinator = &env.coordinator;
+    let gid = |txid: u64| env.gid(txid);
+    // As a participant of the same coordinator would leave them: the marker row under the
+    // transaction's GID, then PREPARE under `name`.
+    let prepare_by_hand = |db: &crate::support::TestDb, txid: u64, name: String| {
+        let sql = format!(
+            "BEGIN; INSERT INTO kv VALUES ({txid}, 'by hand'); \
+             INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('{}', '{}', {txid}); \
+             PREPARE TRANSACTION '{name}'",
+            gid(txid),
+            coordinator.id
+        );
+        let db = db.pool.clone();
+        async move {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&db)
+                .await
+                .unwrap();
+        }
+    };
+    // Nothing is finished until the test says so.
+    for txid in [3, 4] {
+        coordinator.decide(&gid(txid), pb::Decision::Pending, true);
+    }
+    // Another database of the same server: names that would be this shard's in its own database.
+    prepare_by_hand(&neighbour, 1, format!("{}:s0", gid(1))).await;
+    prepare_by_hand(&neighbour, 2, gid(2)).await;
+    // This database: a legacy branch, a branch GID, and another shard's branch GID.
+    prepare_by_hand(&env.db, 3, gid(3)).await;
+    prepare_by_hand(&env.db, 4, format!("{}:s0", gid(4))).await;
+    prepare_by_hand(&env.db, 5, format!("{}:s1", gid(5))).await;
+
+    // The operator's listing names this shard's branches by their transaction, whatever the form.
+    let listed = env
+        .client()
+        .list_prepared(pb::ListPreparedRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut listed: Vec<String> = listed.branches.into_iter().map(|b| b.gid).collect();
+    listed.sort();
+    assert_eq!(listed, [gid(3), gid(4), format!("{}:s1", gid(5))]);
+
+    eventually("both own branches asked about", RESOLVED, || async {
+        let asked = coordinator.asked.lock().unwrap().clone();
+        asked.contains(&gid(3)) && asked.contains(&gid(4))
+    })
+    .await;
+    coordinator.decide(&gid(3), pb::Decision::Commit, true);
+    coordinator.decide(&gid(4), pb::Decision::Abort, true);
+    let db = &env.db;
+    let other_shards = vec![format!("{}:s1", gid(5))];
+    eventually("this shard's branches finished", RESOLVED, || async {
+        db.prepared().await == other_shards
+    })
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM kv WHERE k = 3").await,
+        1,
+        "legacy branch committed"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM kv WHERE k = 4").await,
+        0,
+        "branch rolled back"
+    );
+
+    // A few more passes: still nothing asked about the neighbour's GIDs or the other shard's.
+    let queries = coordinator.queries.load(std::sync::atomic::Ordering::SeqCst);
+    eventually("more recovery passes", RESOLVED, || async {
+        coordinator.queries.load(std::sync::atomic::Ordering::SeqCst) > queries + 2
+    })
+    .await;
+    let asked = coordinator.asked.lock().unwrap().clone();
+    for txid in [1, 2, 5] {
+        assert!(
+            !asked.contains(&gid(txid)),
+            "asked about {}: {asked:?}",
+            gid(txid)
+        );
+    }
+    // Phase two for a GID prepared only in the neighbour's database does not reach it either.
+    assert_eq!(env.abort(&gid(2)).await.unwrap(), pb::BranchState::Aborted);
+    let mut expected = vec![gid(2), format!("{}:s0", gid(1))];
+    expected.sort();
+    assert_eq!(neighbour.prepared().await, expected);
+    assert_eq!(neighbour.count("SELECT count(*) FROM kv").await, 0);
+    assert_eq!(
+        db.prepared().await,
+        other_shards,
+        "the other shard's branch is left alone"
+    );
+    // Prepared transactions outlive the test on a shared server (`TREATY_TEST_DATABASE_URL`).
+    db.sql(&format!("ROLLBACK PREPARED '{}:s1'", gid(5))).await;
+    for name in expected {
+        neighbour.sql(&format!("ROLLBACK PREPARED '{name}'")).await;
+    }
+}

@@ -133,12 +133,23 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
+    /// Whether a branch of the transaction `gid` is prepared in this database, under whichever
+    /// name (the branch GID `<gid>:<shard>`, or the legacy bare GID).
     pub async fn is_prepared(&self, gid: &str) -> bool {
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1)")
-            .bind(gid)
-            .fetch_one(&self.pool)
+        self.prepared()
             .await
-            .unwrap()
+            .iter()
+            .any(|text| treaty_proto::BranchGid::parse(text).is_ok_and(|branch| branch.gid().as_str() == gid))
+    }
+
+    /// The GIDs prepared in this database, exactly as PostgreSQL holds them.
+    pub async fn prepared(&self) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() ORDER BY gid",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
     }
 
     pub async fn has_marker(&self, gid: &str) -> bool {
@@ -158,6 +169,8 @@ pub struct FakeCoordinator {
     /// gid → (decision, tracked); GIDs not listed get ABORT, untracked (presumed abort).
     pub decisions: Arc<Mutex<HashMap<String, (pb::Decision, bool)>>>,
     pub queries: Arc<AtomicUsize>,
+    /// Every GID `QueryDecision` was asked about, in order.
+    pub asked: Arc<Mutex<Vec<String>>>,
 }
 
 impl FakeCoordinator {
@@ -202,11 +215,11 @@ impl pb::coordinator_server::Coordinator for FakeCoordinator {
         &self,
         request: Request<pb::QueryDecisionRequest>,
     ) -> Result<Response<pb::QueryDecisionResponse>, Status> {
+        let gids = request.into_inner().gids;
+        self.asked.lock().unwrap().extend(gids.iter().cloned());
         self.queries.fetch_add(1, Ordering::SeqCst);
         let decisions = self.decisions.lock().unwrap();
-        let answers = request
-            .into_inner()
-            .gids
+        let answers = gids
             .into_iter()
             .map(|gid| {
                 let (decision, tracked) = decisions
@@ -304,6 +317,8 @@ impl Participant {
 /// One test's world: its database, a fake coordinator with a unique id (GIDs are unique across the
 /// whole PostgreSQL cluster), and a participant.
 pub struct Env {
+    /// The server's `postgres` database, for creating more databases on the same server.
+    pub admin_url: String,
     pub db: TestDb,
     pub coordinator: FakeCoordinator,
     pub coordinator_addr: SocketAddr,
@@ -324,6 +339,7 @@ impl Env {
             next_txid: Arc::new(AtomicU64::new(1)),
             decisions: Arc::default(),
             queries: Arc::default(),
+            asked: Arc::default(),
         };
         let coordinator_addr = serve_fake(coordinator.clone()).await;
         let data_dir = tempfile::tempdir().unwrap();
@@ -331,6 +347,7 @@ impl Env {
         tweak(&mut config);
         let participant = Participant::start(config).await;
         Some(Env {
+            admin_url: admin,
             db,
             coordinator,
             coordinator_addr,

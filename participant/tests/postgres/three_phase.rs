@@ -1,5 +1,5 @@
-//! Three-phase commit between two real participants (s0 and s1, each on its own database) with the
-//! coordinator silent: the fake coordinator only answers PENDING, so whatever finishes the
+//! Three-phase commit between two real participants (s0 and s1, two databases of one PostgreSQL
+//! server, as branch GIDs allow) with the coordinator silent: the fake coordinator only answers PENDING, so whatever finishes the
 //! transaction is the participants' termination protocol.
 
 use std::time::Duration;
@@ -13,27 +13,28 @@ const FINISHED: Duration = Duration::from_secs(20);
 const TIMEOUT_MS: u64 = 300;
 
 struct Pair {
-    env: Env,
     db1: TestDb,
     s1: Option<Participant>,
     data_dir1: tempfile::TempDir,
-    /// s1's own PostgreSQL: a GID is unique per server, so two branches of one transaction cannot
-    /// be prepared in two databases of the same server. Last, so dropped last.
-    _pg1: Option<(treaty_harness::PgCluster, tempfile::TempDir)>,
+    /// Last, so dropped last: it holds the PostgreSQL server both databases are on.
+    env: Env,
 }
 
 impl Pair {
     async fn start(name: &str) -> Option<Pair> {
         let env = Env::start(name, |config| config.three_phase_timeout_ms = TIMEOUT_MS).await?;
-        let (admin, pg1) = crate::support::server().await;
-        let db1 = TestDb::create(&admin, &format!("treaty_test_{}_s1", name.replace('-', "_"))).await;
+        // On s0's server: each participant prepares under its own branch GID.
+        let db1 = TestDb::create(
+            &env.admin_url,
+            &format!("treaty_test_{}_s1", name.replace('-', "_")),
+        )
+        .await;
         let data_dir1 = tempfile::tempdir().unwrap();
         let mut pair = Pair {
             env,
             db1,
             s1: None,
             data_dir1,
-            _pg1: pg1,
         };
         pair.s1 = Some(Participant::start(pair.s1_config()).await);
         for db in [&pair.env.db, &pair.db1] {
