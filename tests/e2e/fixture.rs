@@ -183,6 +183,17 @@ pub async fn begin(client: &mut CoordinatorClient<Channel>) -> Result<u64> {
         .txid)
 }
 
+/// Commits `txid` and waits until every branch has applied it; the outcome.
+pub async fn commit_applied(client: &mut CoordinatorClient<Channel>, txid: u64) -> Result<pb::Outcome> {
+    Ok(client
+        .commit(pb::CommitRequest {
+            txid,
+            wait_for_apply: true,
+        })
+        .await?
+        .into_inner())
+}
+
 pub async fn execute(
     client: &mut CoordinatorClient<Channel>,
     txid: u64,

@@ -14,7 +14,7 @@ use treaty_harness::{PgCluster, PgOptions, ServiceProcess, ServiceSpec, binary_p
 use treaty_proto::pb;
 use treaty_proto::pb::coordinator_client::CoordinatorClient;
 
-use crate::fixture::{begin, committed, eventually, execute, insert, int, submit, text};
+use crate::fixture::{begin, commit_applied, committed, eventually, execute, insert, int, submit, text};
 
 const SHARDS: [&str; 2] = ["s0", "s1"];
 const WITHIN: Duration = Duration::from_secs(30);
@@ -215,13 +215,7 @@ async fn two_databases_of_one_server_commit_and_abort_together() -> Result<()> {
         vec![],
     )
     .await?;
-    let outcome = client
-        .commit(pb::CommitRequest {
-            txid,
-            wait_for_apply: true,
-        })
-        .await?
-        .into_inner();
+    let outcome = commit_applied(&mut client, txid).await?;
     assert_eq!(outcome.kind, pb::OutcomeKind::Aborted as i32, "{outcome:?}");
     eventually("nothing prepared on the server", WITHIN, || async {
         Ok(t.prepared_on_server().await?.is_empty())
@@ -251,13 +245,7 @@ async fn two_databases_of_one_server_commit_and_abort_together() -> Result<()> {
         )
         .await?;
     }
-    let outcome = client
-        .commit(pb::CommitRequest {
-            txid,
-            wait_for_apply: true,
-        })
-        .await?
-        .into_inner();
+    let outcome = commit_applied(&mut client, txid).await?;
     assert_eq!(outcome.kind, pb::OutcomeKind::Committed as i32, "{outcome:?}");
     assert_eq!(t.keys(0).await?, [1, 4]);
     assert_eq!(t.keys(1).await?, [1, 4]);
