@@ -820,7 +820,7 @@ impl Engine {
         sql: String,
         params: Vec<pb::Value>,
     ) -> Result<pb::ExecuteResult, ApiError> {
-        self.run_statement(txid, shard, sql, params, false).await
+        self.run_statement(txid, shard, sql, params, None).await
     }
 
     /// `execute` for a branch's last statement when the caller will commit right after (one-shot
@@ -829,15 +829,19 @@ impl Engine {
     /// then aborted is rolled back by the abort like any prepared branch. With the
     /// `after-some-prepares` failpoint armed the votes go through Prepare messages as before, and
     /// so do a three-phase transaction's (its Prepare names the protocol and every peer).
+    /// `participants`: every shard of the transaction (a one-shot submit knows them all up
+    /// front); a three-phase vote names them, with their addresses, to the participant.
     pub async fn execute_and_prepare(
         self: &Arc<Self>,
         txid: TxId,
         shard: &str,
         sql: String,
         params: Vec<pb::Value>,
+        participants: &[&str],
     ) -> Result<pb::ExecuteResult, ApiError> {
         let fuse = !failpoints::armed(failpoints::AFTER_SOME_PREPARES);
-        self.run_statement(txid, shard, sql, params, fuse).await
+        self.run_statement(txid, shard, sql, params, fuse.then_some(participants))
+            .await
     }
 
     /// Enlists `shard` in the transaction for a statement: the shard, the transaction, and the
@@ -864,20 +868,30 @@ impl Engine {
         shard: &str,
         sql: String,
         params: Vec<pb::Value>,
-        prepare: bool,
+        prepare_with: Option<&[&str]>,
     ) -> Result<pb::ExecuteResult, ApiError> {
         let (shard, handle, remaining) = self.enlist(txid, shard)?;
-        let prepare = prepare && handle.machine().protocol() == Protocol::TwoPhase;
+        let prepare = prepare_with.is_some();
+        let (protocol, peers) = match (prepare_with, handle.machine().protocol()) {
+            (Some(participants), Protocol::ThreePhase) => (
+                pb::Protocol::ThreePhase as i32,
+                self.links.peers(participants.iter().copied()),
+            ),
+            _ => (pb::Protocol::Unspecified as i32, Vec::new()),
+        };
         let request = pb::BranchExecuteRequest {
             gid: handle.gid.to_string(),
             sql,
             params,
             options: Some(handle.branch_options),
+            protocol,
+            peers,
         };
         let timeout = Duration::from_millis(remaining.max(1));
         let result = if prepare {
             match self.links.execute_and_prepare(&shard, request, timeout).await {
                 Ok((result, vote)) => {
+                    let vote = crate::participants::checked_vote(&shard, vote, handle.machine().protocol());
                     handle.early_votes().push((shard.clone(), vote));
                     Ok(result)
                 }
@@ -925,6 +939,7 @@ impl Engine {
                     sql,
                     params,
                     options: Some(handle.branch_options),
+                    ..Default::default()
                 }),
                 expect_rows,
             },

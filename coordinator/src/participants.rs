@@ -227,15 +227,7 @@ impl ParticipantLinks {
             },
         };
         match tokio::time::timeout(timeout, client.prepare(request)).await {
-            Ok(Ok(response)) => match (vote_from_pb(shard, response.into_inner()), protocol) {
-                (Vote::ReadOnly, Protocol::ThreePhase) => Vote::No(unavailable(
-                    shard,
-                    "voted READ-ONLY in a three-phase transaction (a participant without \
-                     three-phase commit?); every 3PC participant must prepare"
-                        .into(),
-                )),
-                (vote, _) => vote,
-            },
+            Ok(Ok(response)) => checked_vote(shard, vote_from_pb(shard, response.into_inner()), protocol),
             Ok(Err(status)) => Vote::No(unavailable(
                 shard,
                 format!("prepare failed: {}", status.message()),
@@ -628,6 +620,21 @@ async fn send_commit_batches(
                 }
             }
         });
+    }
+}
+
+/// A vote as the protocol may count it: a READ-ONLY vote in a three-phase transaction is a NO,
+/// since such a participant (one without three-phase commit?) holds no branch that termination
+/// could ask about.
+pub(crate) fn checked_vote(shard: &ShardName, vote: Vote, protocol: Protocol) -> Vote {
+    match (vote, protocol) {
+        (Vote::ReadOnly, Protocol::ThreePhase) => Vote::No(unavailable(
+            shard,
+            "voted READ-ONLY in a three-phase transaction (a participant without three-phase \
+             commit?); every 3PC participant must prepare"
+                .into(),
+        )),
+        (vote, _) => vote,
     }
 }
 

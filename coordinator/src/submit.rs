@@ -9,7 +9,7 @@ use futures::future::join_all;
 use treaty_proto::{ApiError, ShardName, TxId, pb};
 
 use crate::driver::{Engine, TxnOptions};
-use crate::protocol::{AbortCause, AbortReason, Outcome, Protocol};
+use crate::protocol::{AbortCause, AbortReason, Outcome};
 
 /// An op that passed validation.
 struct CheckedOp {
@@ -44,21 +44,23 @@ fn check_ops(engine: &Engine, ops: Vec<pb::Op>) -> Result<BTreeMap<ShardName, Ve
     Ok(by_shard)
 }
 
-/// Runs one shard's ops in order; stops at the first failure. With `vote_with_last`, the
-/// participant votes together with the last op (the transaction spans several shards and commits
-/// next unless something fails).
+/// Runs one shard's ops in order; stops at the first failure. With `vote_with_last` (every shard
+/// of the transaction), the participant votes together with the last op (the transaction spans
+/// several shards and commits next unless something fails).
 async fn run_shard(
     engine: &Arc<Engine>,
     txid: TxId,
     ops: Vec<CheckedOp>,
-    vote_with_last: bool,
+    vote_with_last: Option<&[&str]>,
 ) -> Result<Vec<(usize, pb::ExecuteResult)>, AbortReason> {
     let mut results = Vec::with_capacity(ops.len());
     let last = ops.len().saturating_sub(1);
     for (position, op) in ops.into_iter().enumerate() {
-        let executed = if vote_with_last && position == last {
+        let executed = if let Some(shards) = vote_with_last
+            && position == last
+        {
             engine
-                .execute_and_prepare(txid, op.shard.as_str(), op.sql, op.params)
+                .execute_and_prepare(txid, op.shard.as_str(), op.sql, op.params, shards)
                 .await
         } else {
             engine.execute(txid, op.shard.as_str(), op.sql, op.params).await
@@ -112,13 +114,14 @@ pub async fn submit(
         let ops = by_shard.into_values().next().unwrap_or_default();
         return submit_one_shard(engine, txid, ops, wait_for_apply).await;
     }
-    // Several shards: under 2PC each votes together with its last statement; a 3PC vote comes from
-    // a 3PC Prepare, which names the protocol and every peer.
-    let vote_with_last = engine.handle(txid)?.machine().protocol() == Protocol::TwoPhase;
+    // Several shards: each votes together with its last statement; a 3PC vote names every shard
+    // of the transaction, all known here.
+    let shards: Vec<String> = by_shard.keys().map(ToString::to_string).collect();
+    let shards: Vec<&str> = shards.iter().map(String::as_str).collect();
     let runs = join_all(
         by_shard
             .into_values()
-            .map(|ops| run_shard(engine, txid, ops, vote_with_last)),
+            .map(|ops| run_shard(engine, txid, ops, Some(&shards))),
     )
     .await;
     let mut results: Vec<(usize, pb::ExecuteResult)> = Vec::with_capacity(op_count);
@@ -150,7 +153,7 @@ async fn submit_one_shard(
             "ops is empty: a submit needs at least one op".into(),
         ));
     };
-    let mut results = match run_shard(engine, txid, ops, false).await {
+    let mut results = match run_shard(engine, txid, ops, None).await {
         Ok(results) => results,
         Err(reason) => return Ok((txid, abort_with(engine, txid, reason).await?, Vec::new())),
     };

@@ -259,17 +259,31 @@ impl pb::participant_server::Participant for ParticipantService {
         &self,
         request: Request<pb::BranchExecuteRequest>,
     ) -> Result<Response<pb::ExecuteAndPrepareResponse>, Status> {
-        let request = request.into_inner();
+        let mut request = request.into_inner();
+        let three_phase = request.protocol == pb::Protocol::ThreePhase as i32;
+        let peers = std::mem::take(&mut request.peers);
         let Statement {
             gid,
             sql,
             params,
             options,
         } = self.statement(request)?;
-        let agent = self.agent.clone();
-        let (output, vote) = self
-            .spawn(async move { agent.execute_and_prepare(&gid, &sql, params, &options).await })
-            .await?;
+        let (output, vote) = if three_phase {
+            // The statement, then the vote as a 3PC Prepare casts it: the same two steps as the
+            // separate calls, without the message between them.
+            let peers = parse_peers(peers, self.agent.shard())?;
+            let (agent, three_phase) = (self.agent.clone(), self.three_phase.clone());
+            self.spawn(async move {
+                let output = agent.execute(&gid, &sql, params, &options).await?;
+                let vote = three_phase.prepare(&gid, peers).await?;
+                Ok((output, vote))
+            })
+            .await?
+        } else {
+            let agent = self.agent.clone();
+            self.spawn(async move { agent.execute_and_prepare(&gid, &sql, params, &options).await })
+                .await?
+        };
         // The same reply failpoint as a separate Prepare: the vote was cast, its answer is lost.
         failpoints::reply(failpoints::BEFORE_PREPARE_REPLY).await?;
         Ok(Response::new(pb::ExecuteAndPrepareResponse {

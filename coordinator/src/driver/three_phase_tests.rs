@@ -29,6 +29,8 @@ const WAIT_LIMIT: Duration = Duration::from_secs(20);
 struct Seen {
     executes: u32,
     execute_and_prepares: u32,
+    /// (protocol, peers' shards) of each `ExecuteAndPrepare`.
+    fused_votes: Vec<(i32, Vec<String>)>,
     prepares: Vec<pb::PrepareRequest>,
     pre_commits: Vec<pb::PreCommitRequest>,
     queries: Vec<pb::QueryStateRequest>,
@@ -72,9 +74,14 @@ impl Participant for Fake {
 
     async fn execute_and_prepare(
         &self,
-        _: Request<pb::BranchExecuteRequest>,
+        request: Request<pb::BranchExecuteRequest>,
     ) -> Result<Response<pb::ExecuteAndPrepareResponse>, Status> {
-        self.seen().execute_and_prepares += 1;
+        let request = request.into_inner();
+        let mut seen = self.seen();
+        seen.execute_and_prepares += 1;
+        let peers = request.peers.into_iter().map(|peer| peer.shard).collect();
+        seen.fused_votes.push((request.protocol, peers));
+        drop(seen);
         Ok(Response::new(pb::ExecuteAndPrepareResponse {
             result: Some(pb::ExecuteResult::default()),
             vote: Some(yes()),
@@ -345,7 +352,7 @@ async fn the_configured_default_protocol_applies_when_the_client_leaves_it_unspe
 }
 
 #[tokio::test]
-async fn a_three_phase_submit_over_several_shards_votes_through_prepare_not_with_its_last_statement() {
+async fn a_three_phase_submit_over_several_shards_votes_with_its_last_statement_naming_every_peer() {
     let shards = Shards::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = DecisionLog::open(dir.path(), LogOptions::default()).unwrap();
@@ -366,8 +373,16 @@ async fn a_three_phase_submit_over_several_shards_votes_through_prepare_not_with
         let seen = shards.seen(shard);
         assert_eq!(
             (seen.execute_and_prepares, seen.executes, seen.prepares.len()),
-            (0, 1, 1),
+            (1, 0, 0),
             "{shard}"
+        );
+        assert_eq!(
+            seen.fused_votes,
+            vec![(
+                pb::Protocol::ThreePhase as i32,
+                vec!["s0".to_owned(), "s1".to_owned()]
+            )],
+            "{shard}: the vote is a three-phase one and names both peers"
         );
         assert_eq!(seen.pre_commits.len(), 1, "{shard}");
     }

@@ -434,6 +434,7 @@ async fn branch_options_reach_postgres_and_lock_timeouts_are_retryable() {
             lock_timeout_ms: 150,
             statement_timeout_ms: 0,
         }),
+        ..Default::default()
     };
     let result = env.client().execute(request).await.unwrap().into_inner();
     assert_eq!(result.rows[0].values[0], text("serializable"));

@@ -393,6 +393,7 @@ impl Env {
                 sql: sql.into(),
                 params,
                 options: None,
+                ..Default::default()
             })
             .await
             .map(Response::into_inner)
@@ -433,6 +434,7 @@ impl Env {
                     sql: sql.into(),
                     params: Vec::new(),
                     options: None,
+                    ..Default::default()
                 }),
                 expect_rows,
             })

@@ -91,6 +91,7 @@ impl Pair {
             sql: sql.into(),
             params: vec![int(k)],
             options: None,
+            ..Default::default()
         };
         let sql = "INSERT INTO kv VALUES ($1)";
         for mut client in [self.env.client(), self.s1().client.clone()] {
