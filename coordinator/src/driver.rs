@@ -57,6 +57,15 @@ pub struct TxnOptions {
     pub branch: pb::BranchOptions,
 }
 
+/// A vote cast with a branch's last statement.
+struct EarlyVote {
+    shard: ShardName,
+    vote: Vote,
+    /// Three-phase: the participants the vote named to the participant (sorted), which its
+    /// termination will ask; empty under two-phase.
+    named: Vec<String>,
+}
+
 /// One transaction: its protocol state plus what the driver needs to talk about it.
 pub struct TxnHandle {
     pub gid: Gid,
@@ -66,7 +75,7 @@ pub struct TxnHandle {
     waiter: Mutex<Option<oneshot::Sender<Outcome>>>,
     /// Votes cast together with a branch's last statement (`execute_and_prepare`), fed to the
     /// machine in place of a Prepare message once it asks for the votes.
-    early_votes: Mutex<Vec<(ShardName, Vote)>>,
+    early_votes: Mutex<Vec<EarlyVote>>,
     /// An operator's decision (`treaty resolve`), once it is durable in the log.
     heuristic: Mutex<Option<HeuristicRecord>>,
     /// A single-shard submit's last statement, sent together with its COMMIT
@@ -108,7 +117,7 @@ impl TxnHandle {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn early_votes(&self) -> MutexGuard<'_, Vec<(ShardName, Vote)>> {
+    fn early_votes(&self) -> MutexGuard<'_, Vec<EarlyVote>> {
         self.early_votes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -491,7 +500,10 @@ impl Engine {
     ) -> Vec<(ShardName, Vote)> {
         let all: Vec<String> = shards.iter().map(ToString::to_string).collect();
         let protocol = handle.machine().protocol();
-        let cast = std::mem::take(&mut *handle.early_votes());
+        let cast: Vec<(ShardName, Vote)> = std::mem::take(&mut *handle.early_votes())
+            .into_iter()
+            .map(|early| named_as_prepared(early, &all, protocol))
+            .collect();
         let shards: Vec<ShardName> = if cast.is_empty() {
             shards
         } else {
@@ -827,10 +839,10 @@ impl Engine {
     /// submits over several shards): the participant votes in the same call, and the vote is kept
     /// for the machine's `SendPrepare` instead of a Prepare message. A branch prepared this way and
     /// then aborted is rolled back by the abort like any prepared branch. With the
-    /// `after-some-prepares` failpoint armed the votes go through Prepare messages as before, and
-    /// so do a three-phase transaction's (its Prepare names the protocol and every peer).
+    /// `after-some-prepares` failpoint armed the votes go through Prepare messages as before.
     /// `participants`: every shard of the transaction (a one-shot submit knows them all up
-    /// front); a three-phase vote names them, with their addresses, to the participant.
+    /// front); a three-phase vote names them, with their addresses, to the participant, and counts
+    /// only if the machine prepares with exactly those (`named_as_prepared`).
     pub async fn execute_and_prepare(
         self: &Arc<Self>,
         txid: TxId,
@@ -872,13 +884,15 @@ impl Engine {
     ) -> Result<pb::ExecuteResult, ApiError> {
         let (shard, handle, remaining) = self.enlist(txid, shard)?;
         let prepare = prepare_with.is_some();
-        let (protocol, peers) = match (prepare_with, handle.machine().protocol()) {
+        let (protocol, peers, mut named) = match (prepare_with, handle.machine().protocol()) {
             (Some(participants), Protocol::ThreePhase) => (
                 pb::Protocol::ThreePhase as i32,
                 self.links.peers(participants.iter().copied()),
+                participants.iter().map(|p| (*p).to_owned()).collect(),
             ),
-            _ => (pb::Protocol::Unspecified as i32, Vec::new()),
+            _ => (pb::Protocol::Unspecified as i32, Vec::new(), Vec::new()),
         };
+        named.sort();
         let request = pb::BranchExecuteRequest {
             gid: handle.gid.to_string(),
             sql,
@@ -892,7 +906,11 @@ impl Engine {
             match self.links.execute_and_prepare(&shard, request, timeout).await {
                 Ok((result, vote)) => {
                     let vote = crate::participants::checked_vote(&shard, vote, handle.machine().protocol());
-                    handle.early_votes().push((shard.clone(), vote));
+                    handle.early_votes().push(EarlyVote {
+                        shard: shard.clone(),
+                        vote,
+                        named,
+                    });
                     Ok(result)
                 }
                 Err(error) => Err(error),
@@ -1072,6 +1090,63 @@ impl Engine {
     }
 }
 
+/// An early vote as the machine may count it. A three-phase vote is a YES only if it named
+/// exactly the participants the transaction prepares with: termination decides with the states of
+/// the participants each one was told about, so two lists must never differ (a client that enlists
+/// another shard in a running submit's transaction would make them differ).
+fn named_as_prepared(early: EarlyVote, all: &[String], protocol: Protocol) -> (ShardName, Vote) {
+    if protocol != Protocol::ThreePhase {
+        return (early.shard, early.vote);
+    }
+    let mut prepared: Vec<&str> = all.iter().map(String::as_str).collect();
+    prepared.sort_unstable();
+    if early
+        .named
+        .iter()
+        .map(String::as_str)
+        .eq(prepared.iter().copied())
+    {
+        return (early.shard, early.vote);
+    }
+    let reason = AbortReason::new(
+        AbortCause::VoteNo,
+        format!(
+            "its three-phase vote named the participants {:?}, but the transaction prepares with {prepared:?}",
+            early.named
+        ),
+    )
+    .on_shard(&early.shard);
+    (early.shard, Vote::No(reason))
+}
+
 fn refused(error: ProtocolError) -> ApiError {
     ApiError::FailedPrecondition(error.to_string())
+}
+
+#[cfg(test)]
+mod early_vote_tests {
+    use super::*;
+
+    fn early(named: &[&str]) -> EarlyVote {
+        EarlyVote {
+            shard: ShardName::new("s0").unwrap(),
+            vote: Vote::Yes,
+            named: named.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_three_phase_vote_counts_only_if_it_named_exactly_the_prepared_participants() {
+        let all = vec!["s1".to_owned(), "s0".to_owned()];
+        let (_, vote) = named_as_prepared(early(&["s0", "s1"]), &all, Protocol::ThreePhase);
+        assert_eq!(vote, Vote::Yes, "the same set, in another order");
+        let three = vec!["s0".to_owned(), "s1".to_owned(), "s2".to_owned()];
+        let (_, vote) = named_as_prepared(early(&["s0", "s1"]), &three, Protocol::ThreePhase);
+        let Vote::No(reason) = vote else {
+            panic!("a vote that named fewer participants must be a NO, got {vote:?}");
+        };
+        assert!(reason.message.contains("s2"), "{}", reason.message);
+        let (_, vote) = named_as_prepared(early(&[]), &three, Protocol::TwoPhase);
+        assert_eq!(vote, Vote::Yes, "two-phase votes name nobody");
+    }
 }

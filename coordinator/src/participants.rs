@@ -152,11 +152,20 @@ impl ParticipantLinks {
         timeout: Duration,
     ) -> Result<(pb::ExecuteResult, Vote), ApiError> {
         let mut client = self.client(shard)?;
+        let three_phase = request.protocol == pb::Protocol::ThreePhase as i32;
         let call = client.execute_and_prepare(request);
         match tokio::time::timeout(timeout, call).await {
             Ok(Ok(response)) => {
                 let response = response.into_inner();
                 let vote = match response.vote {
+                    Some(_) if three_phase && response.protocol != pb::Protocol::ThreePhase as i32 => {
+                        Vote::No(unavailable(
+                            shard,
+                            "asked for a three-phase vote, the participant answered for another \
+                             protocol (a participant without three-phase ExecuteAndPrepare?)"
+                                .into(),
+                        ))
+                    }
                     Some(vote) => vote_from_pb(shard, vote),
                     None => Vote::No(unavailable(
                         shard,

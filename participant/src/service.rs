@@ -289,6 +289,11 @@ impl pb::participant_server::Participant for ParticipantService {
         Ok(Response::new(pb::ExecuteAndPrepareResponse {
             result: Some(result_to_pb(output)),
             vote: Some(vote_to_pb(vote)),
+            protocol: if three_phase {
+                pb::Protocol::ThreePhase as i32
+            } else {
+                pb::Protocol::TwoPhase as i32
+            },
         }))
     }
 

@@ -85,6 +85,7 @@ impl Participant for Fake {
         Ok(Response::new(pb::ExecuteAndPrepareResponse {
             result: Some(pb::ExecuteResult::default()),
             vote: Some(yes()),
+            protocol: request.protocol,
         }))
     }
 
