@@ -107,6 +107,33 @@ impl Pair {
         }
     }
 
+    /// As `prepared`, with each vote cast together with the statement (`ExecuteAndPrepare`
+    /// carrying the protocol and the peers, as a one-shot submit sends it).
+    async fn prepared_fused(&self, gid: &str, k: i64) {
+        self.env.coordinator.decide(gid, pb::Decision::Pending, true);
+        for mut client in [self.env.client(), self.s1().client.clone()] {
+            let answer = client
+                .execute_and_prepare(pb::BranchExecuteRequest {
+                    gid: gid.into(),
+                    sql: "INSERT INTO kv VALUES ($1)".into(),
+                    params: vec![int(k)],
+                    options: None,
+                    protocol: pb::Protocol::ThreePhase as i32,
+                    peers: self.peers(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(answer.result.map(|r| r.rows_affected), Some(1));
+            assert_eq!(
+                answer.protocol,
+                pb::Protocol::ThreePhase as i32,
+                "the vote says it is 3PC"
+            );
+            assert_eq!(vote(answer.vote.as_ref().unwrap()), pb::Vote::Yes);
+        }
+    }
+
     async fn finished_everywhere(&self, gid: &str) {
         let (db0, db1) = (&self.env.db, &self.db1);
         eventually("both branches finished", FINISHED, || async {
@@ -269,4 +296,27 @@ async fn bad_three_phase_requests_are_refused_with_the_reason() {
         .unwrap_err();
     assert_eq!(no_ballot.code(), tonic::Code::InvalidArgument);
     assert!(no_ballot.message().contains("ballot"), "{}", no_ballot.message());
+}
+
+#[tokio::test]
+async fn a_vote_cast_with_the_statement_takes_part_in_termination() {
+    let _shared = SERVER.read().await;
+    let Some(pair) = Pair::start("tpc-fused").await else {
+        return;
+    };
+    let gid = pair.env.gid(1);
+    pair.prepared_fused(&gid, 3).await;
+    assert_eq!(
+        pair.db1.count("SELECT count(*) FROM treaty.three_phase").await,
+        1,
+        "the fused vote recorded its peers, as a 3PC Prepare does"
+    );
+    // The coordinator's pre-commit reaches s1 only, then it falls silent: the participants'
+    // termination, which needs both fused voters' states, commits both.
+    let answer = pair.coordinator_pre_commit_to_s1(&gid).await;
+    assert!(answer.acknowledged, "{answer:?}");
+    pair.finished_everywhere(&gid).await;
+    for db in [&pair.env.db, &pair.db1] {
+        assert_eq!(db.count("SELECT count(*) FROM kv WHERE k = 3").await, 1);
+    }
 }
