@@ -63,7 +63,7 @@ struct EarlyVote {
     vote: Vote,
     /// Three-phase: the participants the vote named to the participant (sorted), which its
     /// termination will ask; empty under two-phase.
-    named: Vec<String>,
+    named: Vec<ShardName>,
 }
 
 /// One transaction: its protocol state plus what the driver needs to talk about it.
@@ -502,7 +502,7 @@ impl Engine {
         let protocol = handle.machine().protocol();
         let cast: Vec<(ShardName, Vote)> = std::mem::take(&mut *handle.early_votes())
             .into_iter()
-            .map(|early| named_as_prepared(early, &all, protocol))
+            .map(|early| named_as_prepared(early, &shards, protocol))
             .collect();
         let shards: Vec<ShardName> = if cast.is_empty() {
             shards
@@ -849,7 +849,7 @@ impl Engine {
         shard: &str,
         sql: String,
         params: Vec<pb::Value>,
-        participants: &[&str],
+        participants: &[ShardName],
     ) -> Result<pb::ExecuteResult, ApiError> {
         let fuse = !failpoints::armed(failpoints::AFTER_SOME_PREPARES);
         self.run_statement(txid, shard, sql, params, fuse.then_some(participants))
@@ -880,19 +880,19 @@ impl Engine {
         shard: &str,
         sql: String,
         params: Vec<pb::Value>,
-        prepare_with: Option<&[&str]>,
+        prepare_with: Option<&[ShardName]>,
     ) -> Result<pb::ExecuteResult, ApiError> {
         let (shard, handle, remaining) = self.enlist(txid, shard)?;
         let prepare = prepare_with.is_some();
         let (protocol, peers, mut named) = match (prepare_with, handle.machine().protocol()) {
             (Some(participants), Protocol::ThreePhase) => (
                 pb::Protocol::ThreePhase as i32,
-                self.links.peers(participants.iter().copied()),
-                participants.iter().map(|p| (*p).to_owned()).collect(),
+                self.links.peers(participants.iter().map(ShardName::as_str)),
+                participants.to_vec(),
             ),
             _ => (pb::Protocol::Unspecified as i32, Vec::new(), Vec::new()),
         };
-        named.sort();
+        named.sort_unstable();
         let request = pb::BranchExecuteRequest {
             gid: handle.gid.to_string(),
             sql,
@@ -905,7 +905,6 @@ impl Engine {
         let result = if prepare {
             match self.links.execute_and_prepare(&shard, request, timeout).await {
                 Ok((result, vote)) => {
-                    let vote = crate::participants::checked_vote(&shard, vote, handle.machine().protocol());
                     handle.early_votes().push(EarlyVote {
                         shard: shard.clone(),
                         vote,
@@ -1094,18 +1093,13 @@ impl Engine {
 /// exactly the participants the transaction prepares with: termination decides with the states of
 /// the participants each one was told about, so two lists must never differ (a client that enlists
 /// another shard in a running submit's transaction would make them differ).
-fn named_as_prepared(early: EarlyVote, all: &[String], protocol: Protocol) -> (ShardName, Vote) {
+fn named_as_prepared(early: EarlyVote, shards: &[ShardName], protocol: Protocol) -> (ShardName, Vote) {
     if protocol != Protocol::ThreePhase {
         return (early.shard, early.vote);
     }
-    let mut prepared: Vec<&str> = all.iter().map(String::as_str).collect();
+    let mut prepared = shards.to_vec();
     prepared.sort_unstable();
-    if early
-        .named
-        .iter()
-        .map(String::as_str)
-        .eq(prepared.iter().copied())
-    {
+    if early.named == prepared {
         return (early.shard, early.vote);
     }
     let reason = AbortReason::new(
@@ -1127,20 +1121,24 @@ fn refused(error: ProtocolError) -> ApiError {
 mod early_vote_tests {
     use super::*;
 
+    fn shards(names: &[&str]) -> Vec<ShardName> {
+        names.iter().map(|s| ShardName::new(s).unwrap()).collect()
+    }
+
     fn early(named: &[&str]) -> EarlyVote {
         EarlyVote {
             shard: ShardName::new("s0").unwrap(),
             vote: Vote::Yes,
-            named: named.iter().map(|s| (*s).to_owned()).collect(),
+            named: shards(named),
         }
     }
 
     #[test]
     fn a_three_phase_vote_counts_only_if_it_named_exactly_the_prepared_participants() {
-        let all = vec!["s1".to_owned(), "s0".to_owned()];
+        let all = shards(&["s1", "s0"]);
         let (_, vote) = named_as_prepared(early(&["s0", "s1"]), &all, Protocol::ThreePhase);
         assert_eq!(vote, Vote::Yes, "the same set, in another order");
-        let three = vec!["s0".to_owned(), "s1".to_owned(), "s2".to_owned()];
+        let three = shards(&["s0", "s1", "s2"]);
         let (_, vote) = named_as_prepared(early(&["s0", "s1"]), &three, Protocol::ThreePhase);
         let Vote::No(reason) = vote else {
             panic!("a vote that named fewer participants must be a NO, got {vote:?}");

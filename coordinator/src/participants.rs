@@ -166,6 +166,9 @@ impl ParticipantLinks {
                                 .into(),
                         ))
                     }
+                    Some(vote) if three_phase => {
+                        checked_vote(shard, vote_from_pb(shard, vote), Protocol::ThreePhase)
+                    }
                     Some(vote) => vote_from_pb(shard, vote),
                     None => Vote::No(unavailable(
                         shard,
@@ -635,7 +638,7 @@ async fn send_commit_batches(
 /// A vote as the protocol may count it: a READ-ONLY vote in a three-phase transaction is a NO,
 /// since such a participant (one without three-phase commit?) holds no branch that termination
 /// could ask about.
-pub(crate) fn checked_vote(shard: &ShardName, vote: Vote, protocol: Protocol) -> Vote {
+fn checked_vote(shard: &ShardName, vote: Vote, protocol: Protocol) -> Vote {
     match (vote, protocol) {
         (Vote::ReadOnly, Protocol::ThreePhase) => Vote::No(unavailable(
             shard,

@@ -51,7 +51,7 @@ async fn run_shard(
     engine: &Arc<Engine>,
     txid: TxId,
     ops: Vec<CheckedOp>,
-    vote_with_last: Option<&[&str]>,
+    vote_with_last: Option<&[ShardName]>,
 ) -> Result<Vec<(usize, pb::ExecuteResult)>, AbortReason> {
     let mut results = Vec::with_capacity(ops.len());
     let last = ops.len().saturating_sub(1);
@@ -116,8 +116,7 @@ pub async fn submit(
     }
     // Several shards: each votes together with its last statement; a 3PC vote names every shard
     // of the transaction, all known here.
-    let shards: Vec<String> = by_shard.keys().map(ToString::to_string).collect();
-    let shards: Vec<&str> = shards.iter().map(String::as_str).collect();
+    let shards: Vec<ShardName> = by_shard.keys().cloned().collect();
     let runs = join_all(
         by_shard
             .into_values()

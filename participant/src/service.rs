@@ -58,6 +58,23 @@ fn invalid(message: String) -> Status {
     Status::from(ApiError::InvalidArgument(message))
 }
 
+/// Whether a vote request asks for a three-phase vote, and its peers if so. An unknown protocol,
+/// or peers on a two-phase vote, is refused rather than read as two-phase.
+fn vote_protocol(
+    protocol: i32,
+    peers: Vec<pb::Peer>,
+    me: &treaty_proto::ShardName,
+) -> Result<Option<Vec<crate::three_phase::Peer>>, Status> {
+    match pb::Protocol::try_from(protocol) {
+        Ok(pb::Protocol::ThreePhase) => Ok(Some(parse_peers(peers, me)?)),
+        Ok(pb::Protocol::Unspecified | pb::Protocol::TwoPhase) if peers.is_empty() => Ok(None),
+        Ok(_) => Err(invalid(
+            "peers are for a three-phase vote; this request asks for a two-phase one".into(),
+        )),
+        Err(_) => Err(invalid(format!("unknown protocol {protocol}"))),
+    }
+}
+
 /// The participants of a three-phase transaction, checked: valid names, an address each, no
 /// repeats, and this participant among them.
 fn parse_peers(peers: Vec<pb::Peer>, me: &treaty_proto::ShardName) -> Result<Vec<Peer>, Status> {
@@ -260,18 +277,18 @@ impl pb::participant_server::Participant for ParticipantService {
         request: Request<pb::BranchExecuteRequest>,
     ) -> Result<Response<pb::ExecuteAndPrepareResponse>, Status> {
         let mut request = request.into_inner();
-        let three_phase = request.protocol == pb::Protocol::ThreePhase as i32;
         let peers = std::mem::take(&mut request.peers);
+        let three_phase_peers = vote_protocol(request.protocol, peers, self.agent.shard())?;
+        let three_phase = three_phase_peers.is_some();
         let Statement {
             gid,
             sql,
             params,
             options,
         } = self.statement(request)?;
-        let (output, vote) = if three_phase {
+        let (output, vote) = if let Some(peers) = three_phase_peers {
             // The statement, then the vote as a 3PC Prepare casts it: the same two steps as the
             // separate calls, without the message between them.
-            let peers = parse_peers(peers, self.agent.shard())?;
             let (agent, three_phase) = (self.agent.clone(), self.three_phase.clone());
             self.spawn(async move {
                 let output = agent.execute(&gid, &sql, params, &options).await?;
@@ -303,8 +320,7 @@ impl pb::participant_server::Participant for ParticipantService {
     ) -> Result<Response<pb::PrepareResponse>, Status> {
         let request = request.into_inner();
         let gid = parse_gid(&request.gid)?;
-        let vote = if request.protocol == pb::Protocol::ThreePhase as i32 {
-            let peers = parse_peers(request.peers, self.agent.shard())?;
+        let vote = if let Some(peers) = vote_protocol(request.protocol, request.peers, self.agent.shard())? {
             let three_phase = self.three_phase.clone();
             self.spawn(async move { three_phase.prepare(&gid, peers).await })
                 .await?
@@ -489,6 +505,33 @@ impl pb::participant_server::Participant for ParticipantService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vote_request_names_a_known_protocol_and_peers_only_for_three_phase() {
+        let me = treaty_proto::ShardName::new("s0").unwrap();
+        let peer = |shard: &str| pb::Peer {
+            shard: shard.into(),
+            url: format!("http://127.0.0.1:1/{shard}"),
+        };
+        let two_phase = vote_protocol(pb::Protocol::Unspecified as i32, vec![], &me).unwrap();
+        assert!(two_phase.is_none());
+        let three = vote_protocol(pb::Protocol::ThreePhase as i32, vec![peer("s0"), peer("s1")], &me)
+            .unwrap()
+            .expect("a three-phase vote");
+        assert_eq!(three.len(), 2);
+        let unknown = vote_protocol(9, vec![], &me).unwrap_err();
+        assert!(
+            unknown.message().contains("unknown protocol 9"),
+            "{}",
+            unknown.message()
+        );
+        let stray = vote_protocol(pb::Protocol::TwoPhase as i32, vec![peer("s0")], &me).unwrap_err();
+        assert!(
+            stray.message().contains("peers are for a three-phase vote"),
+            "{}",
+            stray.message()
+        );
+    }
 
     #[test]
     fn branch_options_convert_and_validate() {

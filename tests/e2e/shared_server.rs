@@ -161,6 +161,21 @@ impl SharedServer {
     }
 }
 
+/// Inserts `k` on both shards inside the open transaction `txid`.
+async fn insert_on_both(client: &mut CoordinatorClient<Channel>, txid: u64, k: i64) -> Result<()> {
+    for shard in SHARDS {
+        execute(
+            client,
+            txid,
+            shard,
+            "INSERT INTO kv VALUES ($1, $2)",
+            vec![int(k), text("v")],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 fn on_both(k: i64) -> pb::SubmitRequest {
     submit(SHARDS.iter().map(|shard| insert(shard, k, "v")).collect())
 }
@@ -179,16 +194,7 @@ async fn two_databases_of_one_server_commit_and_abort_together() -> Result<()> {
 
     // Interactive, then rolled back: nothing anywhere.
     let txid = begin(&mut client).await?;
-    for shard in SHARDS {
-        execute(
-            &mut client,
-            txid,
-            shard,
-            "INSERT INTO kv VALUES ($1, $2)",
-            vec![int(2), text("v")],
-        )
-        .await?;
-    }
+    insert_on_both(&mut client, txid, 2).await?;
     client.rollback(pb::RollbackRequest { txid }).await?;
     // Rolled back after a prepare: s1's deferred check fails at PREPARE (vote NO), so s0's
     // prepared branch is rolled back under its branch GID.
@@ -235,16 +241,7 @@ async fn two_databases_of_one_server_commit_and_abort_together() -> Result<()> {
         .await?
         .into_inner()
         .txid;
-    for shard in SHARDS {
-        execute(
-            &mut client,
-            txid,
-            shard,
-            "INSERT INTO kv VALUES ($1, $2)",
-            vec![int(4), text("v")],
-        )
-        .await?;
-    }
+    insert_on_both(&mut client, txid, 4).await?;
     let outcome = commit_applied(&mut client, txid).await?;
     assert_eq!(outcome.kind, pb::OutcomeKind::Committed as i32, "{outcome:?}");
     assert_eq!(t.keys(0).await?, [1, 4]);
