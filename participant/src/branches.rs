@@ -13,9 +13,9 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use sqlx::Postgres;
-use sqlx::pool::PoolConnection;
 use tokio::sync::OwnedMutexGuard;
+
+use crate::pool::PooledConnection;
 
 /// Most finished GIDs remembered at once; the oldest are forgotten first.
 const MAX_HISTORY: usize = 200_000;
@@ -25,7 +25,7 @@ const MAX_HISTORY: usize = 200_000;
 /// Dropped without `transaction_ended`, the connection is closed rather than pooled, so an open
 /// transaction can never be handed to another branch (PostgreSQL rolls it back on disconnect).
 pub struct ActiveBranch {
-    pub connection: PoolConnection<Postgres>,
+    pub connection: PooledConnection,
     pub last_used: Instant,
     pub statements: u64,
     /// A statement changed session state (`SET`, `RESET`): the connection is closed when the
@@ -38,7 +38,7 @@ pub struct ActiveBranch {
 }
 
 impl ActiveBranch {
-    pub fn new(connection: PoolConnection<Postgres>) -> Self {
+    pub fn new(connection: PooledConnection) -> Self {
         Self {
             connection,
             last_used: Instant::now(),

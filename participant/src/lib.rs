@@ -9,6 +9,7 @@
 //! - `branches`: the in-memory branch table, per-GID locks and tombstones;
 //! - `sql_guard`: refuses transaction control in client SQL;
 //! - `statement`, `values`: running client statements, parameters and row decoding;
+//! - `pool`: the PostgreSQL connection pool (no round trip when a connection is returned);
 //! - `postgres`: the participant's own SQL (vote, phase two, markers, `pg_prepared_xacts`);
 //! - `reconcile`, `coordinator_link`: recovery of prepared branches with the coordinator;
 //! - `prepared`: the prepared branches and the locks they hold (`ListPrepared`, `treaty in-doubt`);
@@ -22,6 +23,7 @@ pub mod config;
 mod coordinator_link;
 pub mod error;
 pub mod failpoints;
+pub mod pool;
 mod postgres;
 mod prepared;
 mod reconcile;
@@ -37,7 +39,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Connection as _};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -46,9 +48,11 @@ use treaty_proto::pb::participant_server::ParticipantServer;
 
 pub use crate::config::Config;
 pub use crate::error::ParticipantError;
+pub use crate::postgres::DbError;
 
 use crate::agent::{Admission, Agent};
 use crate::coordinator_link::CoordinatorLink;
+use crate::pool::Pool;
 use crate::reconcile::Reconciler;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -73,7 +77,7 @@ pub async fn run(
     failpoints::arm_at_start(config.failpoints.as_deref())?;
     let pool = connect(&config).await?;
     check_server(&pool).await?;
-    MIGRATOR.run(&pool).await?;
+    migrate(&config).await?;
     let database = postgres::current_database(&pool)
         .await
         .map_err(ParticipantError::ServerCheck)?;
@@ -138,30 +142,43 @@ pub async fn run(
     Ok(())
 }
 
-async fn connect(config: &Config) -> Result<PgPool, ParticipantError> {
-    let unreachable = |source| ParticipantError::DatabaseUnreachable {
+fn unreachable(config: &Config) -> impl FnOnce(sqlx::Error) -> ParticipantError + '_ {
+    |source| ParticipantError::DatabaseUnreachable {
         url: redact(&config.database_url),
         source,
-    };
-    let options = PgConnectOptions::from_str(&config.database_url)
-        .map_err(unreachable)?
-        .application_name("treaty-participant");
-    // One direct connection first: the pool would only report "timed out" where this reports the
-    // cause (refused, authentication failed, no such database).
-    let probe = options.connect().await.map_err(unreachable)?;
-    let _ = probe.close().await;
-    PgPoolOptions::new()
-        .max_connections(config.max_connections)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        // Saves a round trip per acquire; a dead pooled connection is noticed and replaced by the
-        // callers whose statements are safe to repeat (BEGIN, COMMIT/ROLLBACK PREPARED).
-        .test_before_acquire(false)
-        .connect_with(options)
-        .await
-        .map_err(unreachable)
+    }
 }
 
-async fn check_server(pool: &PgPool) -> Result<(), ParticipantError> {
+fn connect_options(config: &Config) -> Result<PgConnectOptions, ParticipantError> {
+    Ok(PgConnectOptions::from_str(&config.database_url)
+        .map_err(unreachable(config))?
+        .application_name("treaty-participant"))
+}
+
+async fn connect(config: &Config) -> Result<Pool, ParticipantError> {
+    let options = connect_options(config)?;
+    // One direct connection first: the pool would only report "timed out" where this reports the
+    // cause (refused, authentication failed, no such database).
+    let probe = options.connect().await.map_err(unreachable(config))?;
+    let _ = probe.close().await;
+    Ok(Pool::new(options, config.max_connections, ACQUIRE_TIMEOUT))
+}
+
+/// Applies the migrations over a sqlx pool of one connection of its own: sqlx's migrator takes
+/// a pool (or anything it can acquire from), and this is the only use of one.
+async fn migrate(config: &Config) -> Result<(), ParticipantError> {
+    let options = connect_options(config)?;
+    let migrations = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .map_err(unreachable(config))?;
+    let result = MIGRATOR.run(&migrations).await;
+    migrations.close().await;
+    Ok(result?)
+}
+
+async fn check_server(pool: &Pool) -> Result<(), ParticipantError> {
     let max_prepared = postgres::max_prepared_transactions(pool)
         .await
         .map_err(ParticipantError::ServerCheck)?;

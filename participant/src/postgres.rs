@@ -11,9 +11,11 @@
 //! finished here, under that exact text.
 
 use futures::future::BoxFuture;
-use sqlx::postgres::{PgConnection, PgDatabaseError, PgPool, PgSeverity};
+use sqlx::postgres::{PgConnection, PgDatabaseError, PgSeverity};
 use sqlx::{AssertSqlSafe, Executor as _};
 use treaty_proto::{BranchGid, Gid, ShardName};
+
+use crate::pool::Pool;
 
 /// SQLSTATE `undefined_object`: "prepared transaction with identifier ... does not exist".
 const UNDEFINED_OBJECT: &str = "42704";
@@ -167,11 +169,11 @@ pub async fn insert_marker_and_prepare(
 /// to be dead. Pooled connections are not pinged before use (that would cost a round trip on every
 /// call); after a PostgreSQL restart each one finds out on first use and is closed. Only for work
 /// that is safe to repeat.
-pub async fn retrying<T, F>(pool: &PgPool, mut attempt: F) -> Result<T, DbError>
+pub async fn retrying<T, F>(pool: &Pool, mut attempt: F) -> Result<T, DbError>
 where
     F: for<'c> FnMut(&'c mut PgConnection) -> BoxFuture<'c, Result<T, DbError>>,
 {
-    let attempts = pool.options().get_max_connections() + 1;
+    let attempts = pool.max_connections() + 1;
     let mut tried = 0;
     loop {
         let mut connection = pool.acquire().await?;
@@ -189,22 +191,22 @@ where
     }
 }
 
-async fn on_pool(pool: &PgPool, sql: String) -> Result<(), DbError> {
+async fn on_pool(pool: &Pool, sql: String) -> Result<(), DbError> {
     retrying(pool, |connection| Box::pin(simple(connection, sql.clone()))).await
 }
 
-pub async fn commit_prepared(pool: &PgPool, branch: &BranchGid) -> Result<(), DbError> {
+pub async fn commit_prepared(pool: &Pool, branch: &BranchGid) -> Result<(), DbError> {
     finish_prepared(pool, "COMMIT PREPARED", branch).await
 }
 
-pub async fn rollback_prepared(pool: &PgPool, branch: &BranchGid) -> Result<(), DbError> {
+pub async fn rollback_prepared(pool: &Pool, branch: &BranchGid) -> Result<(), DbError> {
     finish_prepared(pool, "ROLLBACK PREPARED", branch).await
 }
 
 /// `verb` on `branch`; when PostgreSQL holds no such branch but holds the legacy form in this
 /// database, `verb` on that. The fallback costs a query only on the "does not exist" path, which
 /// is rare (repeats, branches rolled back meanwhile), so the common case stays one round trip.
-async fn finish_prepared(pool: &PgPool, verb: &str, branch: &BranchGid) -> Result<(), DbError> {
+async fn finish_prepared(pool: &Pool, verb: &str, branch: &BranchGid) -> Result<(), DbError> {
     let error = match on_pool(pool, format!("{verb} '{branch}'")).await {
         Err(error) if error.is_undefined_object() && !branch.is_legacy() => error,
         done => return done,
@@ -227,7 +229,7 @@ pub fn prepared_names(branch: &BranchGid) -> Vec<String> {
 }
 
 /// Whether PostgreSQL holds exactly `name` prepared in this database.
-async fn is_prepared_here(pool: &PgPool, name: &BranchGid) -> Result<bool, DbError> {
+async fn is_prepared_here(pool: &Pool, name: &BranchGid) -> Result<bool, DbError> {
     retrying(pool, |connection| {
         let name = name.to_string();
         Box::pin(async move {
@@ -244,7 +246,7 @@ async fn is_prepared_here(pool: &PgPool, name: &BranchGid) -> Result<bool, DbErr
 }
 
 /// Whether the GID's marker row is committed: the branch was prepared and then committed.
-pub async fn marker_exists(pool: &PgPool, gid: &Gid) -> Result<bool, DbError> {
+pub async fn marker_exists(pool: &Pool, gid: &Gid) -> Result<bool, DbError> {
     retrying(pool, |connection| {
         let gid = gid.to_string();
         Box::pin(async move {
@@ -261,7 +263,7 @@ pub async fn marker_exists(pool: &PgPool, gid: &Gid) -> Result<bool, DbError> {
 
 /// Whether the branch is prepared (in either form) and whether its transaction's marker row is
 /// committed, in one query.
-pub async fn prepared_and_marker(pool: &PgPool, branch: &BranchGid) -> Result<(bool, bool), DbError> {
+pub async fn prepared_and_marker(pool: &Pool, branch: &BranchGid) -> Result<(bool, bool), DbError> {
     let names = prepared_names(branch);
     retrying(pool, |connection| {
         let (gid, names) = (branch.gid().to_string(), names.clone());
@@ -289,7 +291,7 @@ pub struct PreparedXact {
 
 /// The transactions whose branches of `shard` PostgreSQL holds prepared in this database (either
 /// form), with the text each is prepared under.
-pub async fn prepared_branches(pool: &PgPool, shard: &ShardName) -> Result<Vec<BranchGid>, DbError> {
+pub async fn prepared_branches(pool: &Pool, shard: &ShardName) -> Result<Vec<BranchGid>, DbError> {
     Ok(list_prepared(pool)
         .await?
         .into_iter()
@@ -298,7 +300,7 @@ pub async fn prepared_branches(pool: &PgPool, shard: &ShardName) -> Result<Vec<B
         .collect())
 }
 
-pub async fn list_prepared(pool: &PgPool) -> Result<Vec<PreparedXact>, DbError> {
+pub async fn list_prepared(pool: &Pool) -> Result<Vec<PreparedXact>, DbError> {
     let rows: Vec<(String, i64)> = retrying(pool, |connection| {
         Box::pin(async move {
             Ok(sqlx::query_as(
@@ -319,7 +321,7 @@ pub async fn list_prepared(pool: &PgPool) -> Result<Vec<PreparedXact>, DbError> 
 
 /// Marker rows older than `older_than_ms`, oldest first. (A prepared branch's own row is not
 /// visible to other sessions until it commits, so every row seen here belongs to a committed one.)
-pub async fn old_markers(pool: &PgPool, older_than_ms: u64, limit: i64) -> Result<Vec<String>, DbError> {
+pub async fn old_markers(pool: &Pool, older_than_ms: u64, limit: i64) -> Result<Vec<String>, DbError> {
     let older_than_ms = i64::try_from(older_than_ms).unwrap_or(i64::MAX);
     retrying(pool, |connection| {
         Box::pin(async move {
@@ -337,7 +339,7 @@ pub async fn old_markers(pool: &PgPool, older_than_ms: u64, limit: i64) -> Resul
     .await
 }
 
-pub async fn delete_markers(pool: &PgPool, gids: &[String]) -> Result<u64, DbError> {
+pub async fn delete_markers(pool: &Pool, gids: &[String]) -> Result<u64, DbError> {
     retrying(pool, |connection| {
         let gids = gids.to_vec();
         Box::pin(async move {
@@ -351,9 +353,10 @@ pub async fn delete_markers(pool: &PgPool, gids: &[String]) -> Result<u64, DbErr
     .await
 }
 
-pub async fn max_prepared_transactions(pool: &PgPool) -> Result<i64, DbError> {
+pub async fn max_prepared_transactions(pool: &Pool) -> Result<i64, DbError> {
+    let mut connection = pool.acquire().await?;
     let setting: String = sqlx::query_scalar("SELECT current_setting('max_prepared_transactions')")
-        .fetch_one(pool)
+        .fetch_one(&mut *connection)
         .await?;
     setting
         .trim()
@@ -361,9 +364,10 @@ pub async fn max_prepared_transactions(pool: &PgPool) -> Result<i64, DbError> {
         .map_err(|_| DbError::Client(format!("max_prepared_transactions is {setting:?}, not a number")))
 }
 
-pub async fn current_database(pool: &PgPool) -> Result<String, DbError> {
+pub async fn current_database(pool: &Pool) -> Result<String, DbError> {
+    let mut connection = pool.acquire().await?;
     Ok(sqlx::query_scalar("SELECT current_database()::text")
-        .fetch_one(pool)
+        .fetch_one(&mut *connection)
         .await?)
 }
 

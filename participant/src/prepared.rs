@@ -43,7 +43,7 @@ const QUERY: &str = "SELECT p.gid, \
      ORDER BY p.prepared, p.gid, l.locktype, l.relation";
 
 /// Every Treaty-looking branch prepared in this database, oldest first.
-pub async fn list(pool: &sqlx::PgPool, shard: &ShardName) -> Result<Vec<pb::PreparedBranch>, DbError> {
+pub async fn list(pool: &crate::pool::Pool, shard: &ShardName) -> Result<Vec<pb::PreparedBranch>, DbError> {
     let rows: Vec<Row> = retrying(pool, |connection| {
         Box::pin(async move { Ok(sqlx::query_as(QUERY).fetch_all(connection).await?) })
     })

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use futures::StreamExt as _;
+use tokio::sync::Semaphore;
 
 use tonic::{Request, Response, Status};
 use treaty_proto::{ApiError, Gid, pb};
@@ -22,11 +23,17 @@ use treaty_commit_protocol::wire;
 pub struct ParticipantService {
     agent: Arc<Agent>,
     three_phase: Arc<ThreePhase>,
+    /// `COMMIT PREPARED`s of all `CommitBatch` calls at once; see `COMMITS_IN_PARALLEL`.
+    commit_slots: Arc<Semaphore>,
 }
 
 impl ParticipantService {
     pub fn new(agent: Arc<Agent>, three_phase: Arc<ThreePhase>) -> Self {
-        Self { agent, three_phase }
+        Self {
+            agent,
+            three_phase,
+            commit_slots: Arc::new(Semaphore::new(COMMITS_IN_PARALLEL)),
+        }
     }
 
     fn error(&self, error: BranchError) -> Status {
@@ -177,7 +184,10 @@ fn vote_to_pb(vote: Vote) -> pb::PrepareResponse {
     }
 }
 
-/// At most this many `COMMIT PREPARED`s of one `CommitBatch` run at once.
+/// At most this many `COMMIT PREPARED`s of `CommitBatch` calls run at once, over all the batches
+/// in flight. Enough for PostgreSQL to flush several commits' WAL together; more only makes the
+/// pool open connections (a backend start each) and the backends contend for the same cores and
+/// the same prepared-transaction array, which is what a coordinator's recovery backlog did.
 const COMMITS_IN_PARALLEL: usize = 16;
 
 /// One GID of a `CommitBatch`, answered as `Commit` would answer it.
@@ -350,12 +360,17 @@ impl pb::participant_server::Participant for ParticipantService {
         let gids = request.into_inner().gids;
         let three_phase = self.three_phase.clone();
         let shard = self.agent.shard().clone();
+        let slots = self.commit_slots.clone();
         let results = self
             .spawn(async move {
                 // In order, a few at a time: each commit takes a pooled connection of its own, and
                 // the branches opening meanwhile need some too.
                 let results = futures::stream::iter(gids)
-                    .map(|text| commit_one(&three_phase, &shard, text))
+                    .map(|text| async {
+                        // Never closed, so acquiring cannot fail; if it somehow did, commit anyway.
+                        let _slot = slots.acquire().await.ok();
+                        commit_one(&three_phase, &shard, text).await
+                    })
                     .buffered(COMMITS_IN_PARALLEL)
                     .collect()
                     .await;

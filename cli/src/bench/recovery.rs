@@ -18,6 +18,7 @@ use anyhow::{Context, Result};
 use futures::future::try_join_all;
 use indicatif::ProgressBar;
 use serde_json::json;
+use sqlx::PgConnection;
 use treaty_decision_log::{CommitRecord, DecisionLog, LogOptions};
 use treaty_harness::{ClusterSpec, LocalCluster, PgCluster, PgOptions};
 use treaty_proto::{BranchGid, CoordinatorId, Gid, ShardName};
@@ -34,14 +35,16 @@ const POLL: Duration = Duration::from_millis(100);
 /// The target: 10,000 transactions finished within 2 s of the restart.
 const TARGET_SECONDS: f64 = 2.0;
 
-async fn prepared_treaty_gids(pgs: &[PgCluster]) -> Result<i64> {
+/// Prepared Treaty branches left on every shard, over connections the caller keeps: a new
+/// connection per poll would start and end a PostgreSQL backend each time, work that would be
+/// counted as recovery's.
+async fn prepared_treaty_gids(conns: &mut [PgConnection]) -> Result<i64> {
     let mut total = 0;
-    for pg in pgs {
-        let mut conn = pg.connect(DATABASE).await?;
+    for conn in conns {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'treaty:%'",
         )
-        .fetch_one(&mut conn)
+        .fetch_one(&mut *conn)
         .await?;
         total += n;
     }
@@ -196,7 +199,8 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         "{txns} transactions prepared on {} shards in {prepare_seconds:.1} s and logged as committed; restarting the coordinator",
         cluster.pgs.len()
     );
-    let before = prepared_treaty_gids(&cluster.pgs).await?;
+    let mut polls = try_join_all(cluster.pgs.iter().map(|pg| pg.connect(DATABASE))).await?;
+    let before = prepared_treaty_gids(&mut polls).await?;
     anyhow::ensure!(
         before == (txns * cluster.pgs.len() as u64) as i64,
         "expected {} prepared branches, found {before}",
@@ -229,7 +233,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     let listening = restarted.elapsed();
     let mut last_print = Instant::now();
     let left = loop {
-        let left = prepared_treaty_gids(&cluster.pgs).await?;
+        let left = prepared_treaty_gids(&mut polls).await?;
         if left == 0 || restarted.elapsed() > RECOVERY_LIMIT {
             break left;
         }

@@ -172,7 +172,7 @@ impl Agent {
     async fn open(&self, options: &BranchOptions) -> Result<ActiveBranch, BranchError> {
         // A pooled connection that died (e.g. PostgreSQL restarted) is replaced: BEGIN is safe to
         // repeat, and each dead connection is closed as it is found.
-        let attempts = self.pool.options().get_max_connections() + 1;
+        let attempts = self.pool.max_connections() + 1;
         let mut tried = 0;
         loop {
             tried += 1;
@@ -180,7 +180,7 @@ impl Agent {
                 BranchError::Unavailable(format!(
                     "no PostgreSQL connection within the acquire timeout: the server is unreachable or all \
                      {} connections (--max-connections) are held by open branches ({error})",
-                    self.pool.options().get_max_connections()
+                    self.pool.max_connections()
                 ))
             })?;
             // Until BEGIN succeeds, dropping the branch closes the connection.

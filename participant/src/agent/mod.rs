@@ -12,11 +12,11 @@ mod vote;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::PgPool;
 use treaty_proto::{BranchGid, CoordinatorId, Gid, ShardName, TxId};
 
 use crate::branches::{ActiveBranch, Branches, Finished};
 use crate::error::BranchError;
+use crate::pool::Pool;
 use crate::postgres;
 
 pub use vote::Vote;
@@ -50,7 +50,7 @@ pub struct Admission {
 pub struct Agent {
     shard: ShardName,
     database: String,
-    pool: PgPool,
+    pool: Pool,
     branches: Arc<Branches>,
     idle_timeout: Duration,
     admission: Option<Admission>,
@@ -60,7 +60,7 @@ impl Agent {
     pub fn new(
         shard: ShardName,
         database: String,
-        pool: PgPool,
+        pool: Pool,
         idle_timeout: Duration,
         admission: Option<Admission>,
     ) -> Arc<Self> {
@@ -87,7 +87,7 @@ impl Agent {
         &self.database
     }
 
-    pub fn pool(&self) -> &PgPool {
+    pub fn pool(&self) -> &Pool {
         &self.pool
     }
 

@@ -7,10 +7,10 @@
 //! Rows are keyed by the transaction's GID; whether the branch is still prepared is asked of
 //! `pg_prepared_xacts` under the shard's branch GID (or the legacy form).
 
-use sqlx::postgres::PgPool;
 use treaty_commit_protocol::termination::{Ballot, Proposer};
 use treaty_proto::{BranchGid, Gid, ShardName};
 
+use crate::pool::Pool;
 use crate::postgres::{self, DbError, retrying};
 
 /// A participant of the transaction and the address the coordinator reaches it at.
@@ -63,7 +63,7 @@ fn ballot_from_columns(
 
 /// Records the participants before the branch votes (a repeated prepare keeps the first row).
 /// Durable once the branch's `PREPARE TRANSACTION` returns, which flushes the WAL past it.
-pub async fn insert(pool: &PgPool, gid: &Gid, peers: &[Peer], promised: &Ballot) -> Result<(), DbError> {
+pub async fn insert(pool: &Pool, gid: &Gid, peers: &[Peer], promised: &Ballot) -> Result<(), DbError> {
     let shards: Vec<String> = peers.iter().map(|p| p.shard.to_string()).collect();
     let urls: Vec<String> = peers.iter().map(|p| p.url.clone()).collect();
     let (round, incarnation, participant) = ballot_columns(promised);
@@ -95,7 +95,7 @@ pub async fn insert(pool: &PgPool, gid: &Gid, peers: &[Peer], promised: &Ballot)
 }
 
 /// Records a promise (a termination query answered) and, with `pre_committed`, the pre-commit.
-pub async fn record(pool: &PgPool, gid: &Gid, pre_committed: bool, promised: &Ballot) -> Result<(), DbError> {
+pub async fn record(pool: &Pool, gid: &Gid, pre_committed: bool, promised: &Ballot) -> Result<(), DbError> {
     let (round, incarnation, participant) = ballot_columns(promised);
     let updated = retrying(pool, |connection| {
         let (gid, participant) = (gid.to_string(), participant.clone());
@@ -127,7 +127,7 @@ pub async fn record(pool: &PgPool, gid: &Gid, pre_committed: bool, promised: &Ba
 }
 
 /// Forgets branches that are committed or rolled back.
-pub async fn delete(pool: &PgPool, gids: &[Gid]) -> Result<(), DbError> {
+pub async fn delete(pool: &Pool, gids: &[Gid]) -> Result<(), DbError> {
     let gids: Vec<String> = gids.iter().map(ToString::to_string).collect();
     retrying(pool, |connection| {
         let gids = gids.clone();
@@ -155,7 +155,7 @@ type RowColumns = (
 /// At start: deletes rows whose branch is no longer prepared (finished, or never prepared because
 /// the participant died between the row and PREPARE) and returns the others. Runs before the
 /// participant serves, so no branch can be prepared between the listing and the delete.
-pub async fn load_prepared(pool: &PgPool, shard: &ShardName) -> Result<Vec<Recorded>, DbError> {
+pub async fn load_prepared(pool: &Pool, shard: &ShardName) -> Result<Vec<Recorded>, DbError> {
     let prepared: Vec<String> = postgres::prepared_branches(pool, shard)
         .await?
         .iter()
@@ -213,7 +213,7 @@ fn parse_row(row: RowColumns) -> Result<Recorded, DbError> {
 }
 
 /// The row of `branch`'s transaction if the branch is still prepared here.
-pub async fn load_one(pool: &PgPool, branch: &BranchGid) -> Result<Option<Recorded>, DbError> {
+pub async fn load_one(pool: &Pool, branch: &BranchGid) -> Result<Option<Recorded>, DbError> {
     let names = postgres::prepared_names(branch);
     let row: Option<RowColumns> = retrying(pool, |connection| {
         let (gid, names) = (branch.gid().to_string(), names.clone());

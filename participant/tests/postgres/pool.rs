@@ -1,0 +1,130 @@
+//! The participant's connection pool: a connection goes back without a round trip and is reused
+//! at once, the pool's limit and timeout hold, and under a burst of commits the `COMMIT
+//! PREPARED`s of all batches in flight share one limit, so that a recovery backlog does not make
+//! the participant open a backend per commit.
+
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+use treaty_participant::pool::Pool;
+use treaty_proto::pb;
+
+use crate::support::{Env, SERVER, int, vote};
+
+/// Branches prepared before the burst (the test server allows 200 prepared at once, shared with
+/// the other tests).
+const BRANCHES: u64 = 96;
+/// Batches sent at once, as a coordinator re-driving a backlog does.
+const BATCHES: usize = 4;
+/// The participant's limit on `COMMIT PREPARED`s in flight over all batches.
+const COMMITS_IN_PARALLEL: i64 = 16;
+
+#[tokio::test]
+async fn a_burst_of_commit_batches_uses_a_bounded_number_of_connections() {
+    let _shared = SERVER.read().await;
+    // Room for more connections than the commit limit, so that only the limit keeps them few.
+    let Some(env) = Env::start("commit-burst", |c| c.max_connections = 64).await else {
+        return;
+    };
+    env.db.sql("CREATE TABLE burst (k bigint PRIMARY KEY)").await;
+    let gids: Vec<String> = (1..=BRANCHES).map(|txid| env.gid(txid)).collect();
+    for (k, gid) in gids.iter().enumerate() {
+        env.execute(gid, "INSERT INTO burst (k) VALUES ($1)", vec![int(k as i64)])
+            .await
+            .unwrap();
+        assert_eq!(vote(&env.prepare(gid).await), pb::Vote::Yes);
+    }
+    let before = participant_backends(&env).await;
+    assert!(
+        before <= 2,
+        "one branch at a time needs one connection (and the pool reuses it at once), found {before}"
+    );
+
+    let chunk = gids.len().div_ceil(BATCHES);
+    let batches = gids.chunks(chunk).map(|gids| {
+        let mut client = env.client();
+        let gids = gids.to_vec();
+        async move {
+            client
+                .commit_batch(pb::FinishBatchRequest { gids })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    });
+    let answers = futures::future::join_all(batches).await;
+    for result in answers.iter().flat_map(|answer| &answer.results) {
+        assert!(result.error.is_empty(), "{}: {}", result.gid, result.error);
+        assert_eq!(result.state, pb::BranchState::Committed as i32, "{}", result.gid);
+    }
+    assert_eq!(
+        answers.iter().map(|answer| answer.results.len()).sum::<usize>(),
+        gids.len()
+    );
+    assert_eq!(env.db.count("SELECT count(*) FROM burst").await, BRANCHES as i64);
+    assert!(env.db.prepared().await.is_empty());
+
+    let after = participant_backends(&env).await;
+    assert!(
+        after <= COMMITS_IN_PARALLEL + before,
+        "{BATCHES} batches of {chunk} commits opened {after} connections; at most {COMMITS_IN_PARALLEL} \
+         commits run at once, and a connection is reusable as soon as its commit is done"
+    );
+}
+
+/// The participant's backends on the test's database.
+async fn participant_backends(env: &Env) -> i64 {
+    env.db
+        .count(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'treaty-participant'",
+        )
+        .await
+}
+
+async fn backend_pid(pool: &Pool) -> i32 {
+    let mut connection = pool.acquire().await.unwrap();
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *connection)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_returned_connection_is_reused_at_once_and_a_closed_one_is_not() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("pool-reuse", |_| {}).await else {
+        return;
+    };
+    let options = PgConnectOptions::from_str(&env.db.url).unwrap();
+    let pool = Pool::new(options, 2, Duration::from_millis(300));
+
+    // Back among the idle connections as soon as it is dropped: no test round trip first (with
+    // one, the next acquire would find none idle and open a second backend).
+    let first = backend_pid(&pool).await;
+    for _ in 0..5 {
+        assert_eq!(backend_pid(&pool).await, first, "the same backend, reused");
+    }
+
+    let mut closing = pool.acquire().await.unwrap();
+    closing.close_on_drop();
+    drop(closing);
+    assert_ne!(
+        backend_pid(&pool).await,
+        first,
+        "a connection closed on drop is not reused"
+    );
+
+    let _a = pool.acquire().await.unwrap();
+    let _b = pool.acquire().await.unwrap();
+    let Err(error) = pool.acquire().await else {
+        panic!("a third connection from a pool of two");
+    };
+    let message = error.to_string();
+    assert!(
+        message.contains("no PostgreSQL connection within 300 ms") && message.contains("2 of 2 in use"),
+        "{message}"
+    );
+    assert!(error.is_connection(), "{error:?}");
+}
