@@ -78,7 +78,6 @@ pub async fn run(
     let pool = connect(&config).await?;
     check_server(&pool).await?;
     migrate(&config).await?;
-    pool.on_connect(postgres::PREPARE_MARKER_INSERT.into());
     let database = postgres::current_database(&pool)
         .await
         .map_err(ParticipantError::ServerCheck)?;

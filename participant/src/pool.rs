@@ -18,11 +18,11 @@
 //! those idle longer than `IDLE_TIMEOUT` are closed when the pool is next used.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use sqlx::ConnectOptions as _;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{AssertSqlSafe, ConnectOptions as _, Executor as _};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::postgres::DbError;
@@ -45,8 +45,6 @@ struct Shared {
     permits: Arc<Semaphore>,
     /// Oldest first; taken from the back.
     idle: Mutex<Vec<Idle>>,
-    /// Run on every connection the pool opens (see `on_connect`).
-    on_connect: OnceLock<String>,
 }
 
 struct Idle {
@@ -64,19 +62,8 @@ impl Pool {
                 acquire_timeout,
                 permits: Arc::new(Semaphore::new(max_connections as usize)),
                 idle: Mutex::new(Vec::new()),
-                on_connect: OnceLock::new(),
             }),
         }
-    }
-
-    /// From now on, runs `sql` (simple protocol, e.g. `PREPARE` of a statement every connection
-    /// needs) on each connection the pool opens, and closes the idle ones opened before. Once,
-    /// at startup: the statements may need tables that the migrations create.
-    pub fn on_connect(&self, sql: String) {
-        if self.shared.on_connect.set(sql).is_err() {
-            tracing::warn!("the pool's on-connect statements were already set; kept the first");
-        }
-        self.shared.idle().clear();
     }
 
     pub fn max_connections(&self) -> u32 {
@@ -98,7 +85,7 @@ impl Pool {
                 .map_err(|_| DbError::Connection("the connection pool is closed".into()))?;
             let connection = match self.shared.take_idle() {
                 Some(connection) => connection,
-                None => self.shared.open().await?,
+                None => self.shared.options.connect().await?,
             };
             Ok(PooledConnection {
                 connection: Some(connection),
@@ -130,16 +117,6 @@ impl Pool {
 }
 
 impl Shared {
-    async fn open(&self) -> Result<PgConnection, DbError> {
-        let mut connection = self.options.connect().await?;
-        if let Some(sql) = self.on_connect.get() {
-            connection
-                .execute(sqlx::raw_sql(AssertSqlSafe(sql.clone())))
-                .await?;
-        }
-        Ok(connection)
-    }
-
     fn idle(&self) -> MutexGuard<'_, Vec<Idle>> {
         // The lists are left whole by every holder (pushes and pops only), so a panic elsewhere
         // while holding the lock leaves nothing half-done.

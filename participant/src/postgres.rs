@@ -145,17 +145,12 @@ pub async fn wrote_nothing(connection: &mut PgConnection) -> Result<bool, DbErro
         .await?)
 }
 
-/// The marker INSERT, prepared once on each pooled connection (`Pool::on_connect`): parsing and
-/// planning it for every vote cost PostgreSQL about 20 µs per branch. User SQL cannot drop it
-/// (`sql_guard` refuses `DEALLOCATE` and `DISCARD`).
-pub const PREPARE_MARKER_INSERT: &str = "PREPARE treaty_marker_insert (text, text, bigint) AS \
-     INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ($1, $2, $3)";
-
 fn prepare_sql(gid: &Gid, branch: &BranchGid) -> Result<String, DbError> {
     let txid = i64::try_from(gid.txid())
         .map_err(|_| DbError::Client(format!("txid of {gid} does not fit the marker table's bigint")))?;
     Ok(format!(
-        "EXECUTE treaty_marker_insert ('{gid}', '{}', {txid}); PREPARE TRANSACTION '{branch}'",
+        "INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('{gid}', '{}', {txid}); \
+         PREPARE TRANSACTION '{branch}'",
         gid.coordinator()
     ))
 }
@@ -406,7 +401,8 @@ mod tests {
         // The marker row keeps the transaction's GID; the branch is prepared under its own name.
         assert_eq!(
             prepare_sql(&gid, &BranchGid::new(&gid, &shard)).unwrap(),
-            "EXECUTE treaty_marker_insert ('treaty:c1:42', 'c1', 42); PREPARE TRANSACTION 'treaty:c1:42:s0'"
+            "INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('treaty:c1:42', 'c1', 42); \
+             PREPARE TRANSACTION 'treaty:c1:42:s0'"
         );
         let huge = Gid::new(&CoordinatorId::new("c1").unwrap(), u64::MAX);
         assert!(prepare_sql(&huge, &BranchGid::new(&huge, &shard)).is_err());
