@@ -7,12 +7,13 @@
 //! so a burst of commits made the pool open more backends than it ever used at once (a recovery
 //! of 10,000 transactions opened about 45 per shard for 16 commits in flight).
 //!
-//! Here a connection goes back as it is. That is safe because its users already decide whether
-//! it may: a branch's connection is closed unless its transaction ended (`ActiveBranch`), a call
-//! that lost its connection closes it (`close_on_drop`), and sqlx itself reads any answer left
-//! over from an interrupted call before it sends the next statement. A dead idle connection is
-//! found on its next use, by the callers that may repeat their statement (`retrying`, `open`), as
-//! with sqlx's pool under `test_before_acquire(false)`.
+//! Here a connection goes back as it is. That is safe because its users decide whether it may: a
+//! branch's connection is closed unless its transaction ended (`ActiveBranch`), and the
+//! participant's own statements (`retrying`) mark theirs `close_on_drop` until the statement
+//! completed, so a call dropped halfway (or one whose connection broke) closes it instead of
+//! leaving an unread answer for the next user. A dead idle connection is found on its next use,
+//! by the callers that may repeat their statement (`retrying`, `open`), as with sqlx's pool under
+//! `test_before_acquire(false)`.
 //!
 //! Idle connections are reused newest first, so a light load keeps the same few backends warm;
 //! those idle longer than `IDLE_TIMEOUT` are closed when the pool is next used.
@@ -70,45 +71,45 @@ impl Pool {
         self.shared.max_connections
     }
 
-    fn in_use(&self) -> usize {
-        self.shared.max_connections as usize - self.shared.permits.available_permits()
-    }
-
     /// An idle connection, or a new one when none is idle; waits for one to come back while all
-    /// `max_connections` are in use, at most the acquire timeout in all.
+    /// `max_connections` are in use, at most the acquire timeout in all. A server that refuses
+    /// connections for a moment (restarting, starting up) is tried again until then, as sqlx's
+    /// pool did; one that refuses for good (authentication, no such database) fails at once.
     pub async fn acquire(&self) -> Result<PooledConnection, DbError> {
         let timeout = self.shared.acquire_timeout;
-        let acquiring = async {
-            let permit = Arc::clone(&self.shared.permits)
-                .acquire_owned()
-                .await
-                .map_err(|_| DbError::Connection("the connection pool is closed".into()))?;
-            let connection = match self.shared.take_idle() {
-                Some(connection) => connection,
-                None => self.shared.options.connect().await?,
-            };
-            Ok(PooledConnection {
-                connection: Some(connection),
-                shared: Arc::clone(&self.shared),
-                close: false,
-                _permit: permit,
-            })
-        };
-        match tokio::time::timeout(timeout, acquiring).await {
-            Ok(result) => result,
-            Err(_) => Err(DbError::Connection(format!(
-                "no PostgreSQL connection within {} ms ({} of {} in use)",
+        let deadline = tokio::time::Instant::now() + timeout;
+        let waited = || {
+            DbError::Connection(format!(
+                "no PostgreSQL connection within {} ms: all {} are in use (--max-connections; each open \
+                 branch holds one)",
                 timeout.as_millis(),
-                self.in_use(),
                 self.shared.max_connections
-            ))),
-        }
+            ))
+        };
+        let permit =
+            match tokio::time::timeout_at(deadline, Arc::clone(&self.shared.permits).acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_)) => return Err(DbError::Connection("the connection pool is closed".into())),
+                Err(_) => return Err(waited()),
+            };
+        let connection = match self.shared.take_idle() {
+            Some(connection) => connection,
+            None => self.shared.open(deadline).await?,
+        };
+        Ok(PooledConnection {
+            connection: Some(connection),
+            shared: Arc::clone(&self.shared),
+            close: false,
+            _permit: permit,
+        })
     }
 
     /// Closes the idle connections and refuses further acquires; connections in use close when
     /// they are dropped.
     pub async fn close(&self) {
         self.shared.permits.close();
+        // Under the lock, after closing: a connection dropped meanwhile either sees the pool
+        // closed or is pushed before this takes the list.
         let idle = std::mem::take(&mut *self.shared.idle());
         for Idle { connection, .. } in idle {
             let _ = sqlx::Connection::close(connection).await;
@@ -117,6 +118,34 @@ impl Pool {
 }
 
 impl Shared {
+    /// A new connection, retried with a growing pause while the server refuses for a moment,
+    /// until `deadline`.
+    async fn open(&self, deadline: tokio::time::Instant) -> Result<PgConnection, DbError> {
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let error = match self.options.connect().await {
+                Ok(connection) => return Ok(connection),
+                Err(error) => error,
+            };
+            let transient = match &error {
+                sqlx::Error::Io(_) => true,
+                // 57P03 "the database system is starting up", 57P01/57P02 shutting down, 53300
+                // too many connections.
+                sqlx::Error::Database(e) => e
+                    .code()
+                    .is_some_and(|code| code.starts_with("57P") || code == "53300"),
+                _ => false,
+            };
+            if !transient || tokio::time::Instant::now() + pause >= deadline {
+                return Err(DbError::Connection(format!(
+                    "cannot connect to PostgreSQL: {error}"
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
     fn idle(&self) -> MutexGuard<'_, Vec<Idle>> {
         // The lists are left whole by every holder (pushes and pops only), so a panic elsewhere
         // while holding the lock leaves nothing half-done.
@@ -153,6 +182,13 @@ impl PooledConnection {
     pub fn close_on_drop(&mut self) {
         self.close = true;
     }
+
+    /// Undoes `close_on_drop`: the caller knows the connection is clean again (its statement
+    /// completed). With the pair around a statement, a call dropped halfway closes the
+    /// connection instead of leaving an unread answer (an error, say) for the next user.
+    pub fn return_on_drop(&mut self) {
+        self.close = false;
+    }
 }
 
 impl Deref for PooledConnection {
@@ -179,13 +215,17 @@ impl Drop for PooledConnection {
         let Some(connection) = self.connection.take() else {
             return;
         };
-        if self.close || self.shared.permits.is_closed() {
+        if self.close {
             // Dropping closes the socket; the backend ends when it reads end-of-file.
             return;
         }
-        self.shared.idle().push(Idle {
-            connection,
-            since: Instant::now(),
-        });
+        let mut idle = self.shared.idle();
+        // Checked under the lock, which `close` takes after closing the pool.
+        if !self.shared.permits.is_closed() {
+            idle.push(Idle {
+                connection,
+                since: Instant::now(),
+            });
+        }
     }
 }

@@ -178,15 +178,21 @@ where
     loop {
         let mut connection = pool.acquire().await?;
         tried += 1;
+        // Until the statement completes: if this call is dropped halfway, an answer left unread
+        // (an error, say) would otherwise be read as the next user's.
+        connection.close_on_drop();
         match attempt(&mut connection).await {
-            Err(DbError::Connection(_)) if tried < attempts => connection.close_on_drop(),
+            Err(DbError::Connection(_)) if tried < attempts => {}
             Err(error) => {
-                if error.is_connection() {
-                    connection.close_on_drop();
+                if !error.is_connection() {
+                    connection.return_on_drop();
                 }
                 return Err(error);
             }
-            Ok(value) => return Ok(value),
+            Ok(value) => {
+                connection.return_on_drop();
+                return Ok(value);
+            }
         }
     }
 }
@@ -354,10 +360,16 @@ pub async fn delete_markers(pool: &Pool, gids: &[String]) -> Result<u64, DbError
 }
 
 pub async fn max_prepared_transactions(pool: &Pool) -> Result<i64, DbError> {
-    let mut connection = pool.acquire().await?;
-    let setting: String = sqlx::query_scalar("SELECT current_setting('max_prepared_transactions')")
-        .fetch_one(&mut *connection)
-        .await?;
+    let setting: String = retrying(pool, |connection| {
+        Box::pin(async move {
+            Ok(
+                sqlx::query_scalar("SELECT current_setting('max_prepared_transactions')")
+                    .fetch_one(connection)
+                    .await?,
+            )
+        })
+    })
+    .await?;
     setting
         .trim()
         .parse()
@@ -365,10 +377,14 @@ pub async fn max_prepared_transactions(pool: &Pool) -> Result<i64, DbError> {
 }
 
 pub async fn current_database(pool: &Pool) -> Result<String, DbError> {
-    let mut connection = pool.acquire().await?;
-    Ok(sqlx::query_scalar("SELECT current_database()::text")
-        .fetch_one(&mut *connection)
-        .await?)
+    retrying(pool, |connection| {
+        Box::pin(async move {
+            Ok(sqlx::query_scalar("SELECT current_database()::text")
+                .fetch_one(connection)
+                .await?)
+        })
+    })
+    .await
 }
 
 #[cfg(test)]

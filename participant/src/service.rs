@@ -184,10 +184,13 @@ fn vote_to_pb(vote: Vote) -> pb::PrepareResponse {
     }
 }
 
-/// At most this many `COMMIT PREPARED`s of `CommitBatch` calls run at once, over all the batches
-/// in flight. Enough for PostgreSQL to flush several commits' WAL together; more only makes the
-/// pool open connections (a backend start each) and the backends contend for the same cores and
-/// the same prepared-transaction array, which is what a coordinator's recovery backlog did.
+/// At most this many commits of `CommitBatch` calls run at once, over all the batches in flight
+/// (single `Commit` calls do not count). Enough for PostgreSQL to flush several commits' WAL
+/// together; more only makes the pool open connections (a backend start each) and the backends
+/// contend for the same cores and the same prepared-transaction array, which is what a
+/// coordinator's recovery backlog did. A commit keeps its slot while it waits for its GID's lock
+/// or a pooled connection, so a few stuck ones slow every batch down; none of those waits is on
+/// another slot holder, so they cannot deadlock.
 const COMMITS_IN_PARALLEL: usize = 16;
 
 /// One GID of a `CommitBatch`, answered as `Commit` would answer it.

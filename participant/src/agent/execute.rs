@@ -176,13 +176,11 @@ impl Agent {
         let mut tried = 0;
         loop {
             tried += 1;
-            let connection = self.pool.acquire().await.map_err(|error| {
-                BranchError::Unavailable(format!(
-                    "no PostgreSQL connection within the acquire timeout: the server is unreachable or all \
-                     {} connections (--max-connections) are held by open branches ({error})",
-                    self.pool.max_connections()
-                ))
-            })?;
+            let connection = self
+                .pool
+                .acquire()
+                .await
+                .map_err(|error| BranchError::Unavailable(format!("opening the branch: {error}")))?;
             // Until BEGIN succeeds, dropping the branch closes the connection.
             let mut branch = ActiveBranch::new(connection);
             match postgres::begin(&mut branch.connection, options).await {

@@ -7,7 +7,7 @@ use std::str::FromStr as _;
 use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
-use treaty_participant::pool::Pool;
+use treaty_participant::pool::{Pool, PooledConnection};
 use treaty_proto::pb;
 
 use crate::support::{Env, SERVER, int, vote};
@@ -83,12 +83,15 @@ async fn participant_backends(env: &Env) -> i64 {
         .await
 }
 
-async fn backend_pid(pool: &Pool) -> i32 {
-    let mut connection = pool.acquire().await.unwrap();
+async fn pid_of(connection: &mut PooledConnection) -> i32 {
     sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut *connection)
+        .fetch_one(&mut **connection)
         .await
         .unwrap()
+}
+
+async fn backend_pid(pool: &Pool) -> i32 {
+    pid_of(&mut pool.acquire().await.unwrap()).await
 }
 
 #[tokio::test]
@@ -107,23 +110,40 @@ async fn a_returned_connection_is_reused_at_once_and_a_closed_one_is_not() {
         assert_eq!(backend_pid(&pool).await, first, "the same backend, reused");
     }
 
+    // Newest first: of two idle connections, the one returned last is taken (a light load keeps
+    // the same backends warm).
+    let mut a = pool.acquire().await.unwrap();
+    let mut b = pool.acquire().await.unwrap();
+    let (pid_a, pid_b) = (pid_of(&mut a).await, pid_of(&mut b).await);
+    drop(b);
+    drop(a);
+    assert_eq!(backend_pid(&pool).await, pid_a, "the connection returned last");
+    drop(pool.acquire().await.unwrap());
+    let mut a = pool.acquire().await.unwrap();
+    let mut b = pool.acquire().await.unwrap();
+    let (again_a, again_b) = (pid_of(&mut a).await, pid_of(&mut b).await);
+    assert_eq!((again_a, again_b), (pid_a, pid_b), "both reused, newest first");
+    drop((a, b));
+
     let mut closing = pool.acquire().await.unwrap();
+    let closed = pid_of(&mut closing).await;
     closing.close_on_drop();
     drop(closing);
-    assert_ne!(
-        backend_pid(&pool).await,
-        first,
-        "a connection closed on drop is not reused"
+    let mut a = pool.acquire().await.unwrap();
+    let mut b = pool.acquire().await.unwrap();
+    let now = [pid_of(&mut a).await, pid_of(&mut b).await];
+    assert!(
+        !now.contains(&closed),
+        "a connection closed on drop is not reused: {closed} in {now:?}"
     );
 
-    let _a = pool.acquire().await.unwrap();
-    let _b = pool.acquire().await.unwrap();
+    // Both of the pool's two connections are in use.
     let Err(error) = pool.acquire().await else {
         panic!("a third connection from a pool of two");
     };
     let message = error.to_string();
     assert!(
-        message.contains("no PostgreSQL connection within 300 ms") && message.contains("2 of 2 in use"),
+        message.contains("no PostgreSQL connection within 300 ms: all 2 are in use"),
         "{message}"
     );
     assert!(error.is_connection(), "{error:?}");
