@@ -28,6 +28,11 @@ pub enum ParticipantError {
     PreparedTransactionsDisabled,
     #[error("checking the PostgreSQL server: {0}")]
     ServerCheck(DbError),
+    #[error(
+        "database {database} is already served by another participant ({holder}); a database has \
+         exactly one participant: stop the other one, or give this shard a database of its own"
+    )]
+    DatabaseClaimed { database: String, holder: String },
     #[error("running the participant's migrations (schema treaty): {0}")]
     Migrations(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]

@@ -7,6 +7,7 @@
 //! - `service`: the gRPC service (wire ⇄ domain conversions);
 //! - `agent`: the behaviour of every RPC, the idle sweep and shutdown;
 //! - `branches`: the in-memory branch table, per-GID locks and tombstones;
+//! - `claim`: the advisory lock that keeps a second participant off this database;
 //! - `sql_guard`: refuses transaction control in client SQL;
 //! - `statement`, `values`: running client statements, parameters and row decoding;
 //! - `pool`: the PostgreSQL connection pool (no round trip when a connection is returned);
@@ -19,6 +20,7 @@
 
 mod agent;
 mod branches;
+mod claim;
 pub mod config;
 mod coordinator_link;
 pub mod error;
@@ -77,10 +79,12 @@ pub async fn run(
     failpoints::arm_at_start(config.failpoints.as_deref())?;
     let pool = connect(&config).await?;
     check_server(&pool).await?;
-    migrate(&config).await?;
     let database = postgres::current_database(&pool)
         .await
         .map_err(ParticipantError::ServerCheck)?;
+    // Before anything reads or writes the database as this shard's.
+    let claim = claim::take(&connect_options(&config)?, &config.shard, &database).await?;
+    migrate(&config).await?;
     // Listed before serving: none of these can be a vote this process is about to cast.
     let inherited = postgres::list_prepared(&pool)
         .await
@@ -137,6 +141,7 @@ pub async fn run(
     let _ = terminating.await;
     agent.shutdown().await;
     pool.close().await;
+    drop(claim);
     tracing::info!("participant stopped");
     served?;
     Ok(())

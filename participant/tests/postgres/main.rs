@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod branches;
+mod claim;
 mod pool;
 mod recovery;
 mod support;
