@@ -14,7 +14,7 @@ use treaty_harness::{Fault, LocalCluster};
 use treaty_proto::pb;
 
 use crate::scenario::checker::{self, DATABASE};
-use crate::scenario::spec::{Action, Process};
+use crate::scenario::spec::{Action, Mode, Process};
 use crate::scenario::timeline::Timeline;
 use crate::scenario::workload::{self, Progress, WorkloadConfig};
 use crate::scenario::{StepRunner, cluster_spec};
@@ -40,6 +40,11 @@ pub struct ChaosArgs {
     /// The commit protocol of every transfer.
     #[arg(long, value_enum, default_value_t = ChaosProtocol::TwoPhase)]
     pub protocol: ChaosProtocol,
+    /// Send each transfer as one `Submit` (every statement in one request; each shard's last
+    /// statement votes in the same participant call) instead of Begin, Execute per statement and
+    /// Commit.
+    #[arg(long)]
+    pub submit: bool,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -77,12 +82,18 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
         bail!("--fault-every-ms must be at least 100");
     }
     let seed = args.seed.unwrap_or_else(crate::demo::now_ms);
+    let mode = if args.submit {
+        Mode::Submit
+    } else {
+        Mode::Interactive
+    };
     let dir = tempfile::Builder::new().prefix("treaty-chaos-").tempdir()?;
     eprintln!(
-        "chaos: {} shards, {} clients, {:?}, {} s, seed {seed}, a fault every ~{} ms; data in {}",
+        "chaos: {} shards, {} clients, {:?}, {}, {} s, seed {seed}, a fault every ~{} ms; data in {}",
         args.shards,
         args.clients,
         args.protocol,
+        mode.name(),
         args.duration,
         args.fault_every_ms,
         dir.path().display()
@@ -105,6 +116,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
         shards_per_txn: 2,
         seed,
         protocol: args.protocol.to_pb(),
+        mode,
         deadline,
         accounts: Some(args.accounts),
     });
@@ -216,6 +228,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
                 "seed": seed,
                 "duration_s": args.duration,
                 "protocol": format!("{:?}", args.protocol.to_pb()),
+                "mode": mode.name(),
                 "kills": kills,
                 "network_faults": network_faults,
                 "committed": report.committed,

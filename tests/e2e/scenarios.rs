@@ -73,6 +73,11 @@ fn scenarios_decision_log() -> Result<()> {
 }
 
 #[test]
+fn scenarios_submit() -> Result<()> {
+    run_dir("submit")
+}
+
+#[test]
 fn the_checker_catches_a_participant_that_commits_on_its_own() -> Result<()> {
     let file = repo().join("tests/scenarios/broken-participant-commits-alone.toml");
     let (_, json, stdout) = treaty(&["scenario", "run", file.to_str().unwrap_or_default(), "--json"])?;

@@ -44,7 +44,7 @@ pub fn marker_op(shard: &str, txid: u64, shards: &[String]) -> (String, String, 
     )
 }
 
-/// What the clients were told, per txid.
+/// What the clients were told, per marker id (the txid, or a submitted transaction's own id).
 #[derive(Debug, Default, Clone)]
 pub struct Told {
     pub committed: BTreeSet<u64>,
@@ -84,16 +84,29 @@ impl Report {
 /// Treaty GIDs prepared in each shard's database, as PostgreSQL holds them (branch GIDs,
 /// `treaty_proto::BranchGid`, which `BranchGid::parse` maps back to their transaction).
 pub async fn prepared(cluster: &LocalCluster) -> Result<Vec<(String, Vec<String>)>> {
+    Ok(prepared_with_xids(cluster)
+        .await?
+        .into_iter()
+        .map(|(shard, branches)| (shard, branches.into_iter().map(|(gid, _)| gid).collect()))
+        .collect())
+}
+
+/// As [`prepared`], each GID with the local transaction id PostgreSQL gave the branch. A row the
+/// branch wrote keeps that id as its `xmin` once committed: that is how a transaction in doubt is
+/// matched to its marker when the marker carries an id the client chose (a submitted
+/// transaction's txid is the coordinator's to pick).
+pub async fn prepared_with_xids(cluster: &LocalCluster) -> Result<Vec<(String, Vec<(String, u64)>)>> {
     let mut out = Vec::new();
     for (name, pg) in cluster.shard_names.iter().zip(&cluster.pgs) {
         let mut conn = pg.connect(DATABASE).await?;
-        let gids: Vec<String> = sqlx::query_scalar(
-            "SELECT gid FROM pg_prepared_xacts \
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT gid, transaction::text::bigint FROM pg_prepared_xacts \
              WHERE database = current_database() AND gid LIKE 'treaty:%' ORDER BY gid",
         )
         .fetch_all(&mut conn)
         .await?;
-        out.push((name.clone(), gids));
+        let branches = rows.into_iter().map(|(gid, xid)| (gid, xid as u64)).collect();
+        out.push((name.clone(), branches));
     }
     Ok(out)
 }
@@ -128,28 +141,41 @@ pub async fn await_convergence(cluster: &LocalCluster, within: Duration) -> Resu
     }
 }
 
-/// txid -> (the shards its marker declares, the shards where its marker is committed).
+/// marker id -> (the shards its marker declares, the shards where its marker is committed). The
+/// marker id is the transaction's txid (interactive) or the id its client picked (submit, above
+/// `workload::SUBMIT_MARKER_BASE`).
 pub type Markers = BTreeMap<u64, (Vec<String>, BTreeSet<String>)>;
+
+/// (shard, `xmin` of a committed marker row) -> its marker id.
+pub type MarkerRows = BTreeMap<(String, u64), u64>;
 
 /// Every shard's committed markers.
 pub async fn read_markers(cluster: &LocalCluster) -> Result<Markers> {
+    Ok(read_markers_with_rows(cluster).await?.0)
+}
+
+/// Every shard's committed markers, and the local transaction that wrote each row.
+pub async fn read_markers_with_rows(cluster: &LocalCluster) -> Result<(Markers, MarkerRows)> {
     let mut seen = Markers::new();
+    let mut rows_by_xmin = MarkerRows::new();
     for (name, pg) in cluster.shard_names.iter().zip(&cluster.pgs) {
         let mut conn = pg.connect(DATABASE).await?;
-        let rows = sqlx::query("SELECT txid, shards FROM treaty_markers")
+        let rows = sqlx::query("SELECT txid, shards, xmin::text::bigint FROM treaty_markers")
             .fetch_all(&mut conn)
             .await
             .with_context(|| format!("reading markers on {name}"))?;
         for row in rows {
             let txid: i64 = row.try_get(0)?;
             let shards: String = row.try_get(1)?;
+            let xmin: i64 = row.try_get(2)?;
             let entry = seen
                 .entry(txid as u64)
                 .or_insert_with(|| (shards.split(',').map(String::from).collect(), BTreeSet::new()));
             entry.1.insert(name.clone());
+            rows_by_xmin.insert((name.clone(), xmin as u64), txid as u64);
         }
     }
-    Ok(seen)
+    Ok((seen, rows_by_xmin))
 }
 
 /// Reads every shard's markers and checks them against what clients were told.

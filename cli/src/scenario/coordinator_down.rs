@@ -32,13 +32,33 @@ struct ShardState {
     prepared: BTreeMap<u64, BTreeSet<String>>,
     /// Prepared Treaty branches per shard (every shard listed, 0 included).
     prepared_by_shard: BTreeMap<String, usize>,
-    /// txid -> (declared shards, shards where its marker is committed).
+    /// txid -> (shard, PostgreSQL's local transaction id) of each of its prepared branches.
+    prepared_xids: BTreeMap<u64, Vec<(String, u64)>>,
+    /// marker id -> (declared shards, shards where its marker is committed).
     markers: checker::Markers,
+    /// (shard, local transaction that wrote it) -> marker id, for every committed marker row.
+    marker_rows: checker::MarkerRows,
 }
 
 impl ShardState {
     fn prepared_branches(&self) -> usize {
         self.prepared_by_shard.values().sum()
+    }
+
+    /// The marker of `txid`, a transaction in doubt in `start`. A submitted transaction's marker
+    /// carries its client's id, not the txid: it is the row a branch prepared in `start` wrote
+    /// (a committed row keeps the branch's local transaction id as its `xmin`). An interactive
+    /// one's carries the txid, which also finds it when only shards not prepared at the start
+    /// hold it.
+    fn marker_of(&self, txid: u64, start: &ShardState) -> Option<&(Vec<String>, BTreeSet<String>)> {
+        start
+            .prepared_xids
+            .get(&txid)
+            .into_iter()
+            .flatten()
+            .find_map(|(shard, xid)| self.marker_rows.get(&(shard.clone(), *xid)))
+            .and_then(|id| self.markers.get(id))
+            .or_else(|| self.markers.get(&txid))
     }
 
     fn half_applied(&self) -> Vec<u64> {
@@ -57,21 +77,23 @@ impl ShardState {
 
 async fn read_state(cluster: &LocalCluster) -> Result<ShardState> {
     let mut state = ShardState::default();
-    for (shard, gids) in checker::prepared(cluster).await? {
-        state.prepared_by_shard.insert(shard.clone(), gids.len());
-        for gid in gids {
+    for (shard, branches) in checker::prepared_with_xids(cluster).await? {
+        state.prepared_by_shard.insert(shard.clone(), branches.len());
+        for (gid, xid) in branches {
             // Only Treaty GIDs are listed; one that does not parse is still counted above. A
             // branch GID names its transaction's GID and the shard.
             if let Ok(branch) = BranchGid::parse(&gid) {
+                let txid = branch.gid().txid();
+                state.prepared.entry(txid).or_default().insert(shard.clone());
                 state
-                    .prepared
-                    .entry(branch.gid().txid())
+                    .prepared_xids
+                    .entry(txid)
                     .or_default()
-                    .insert(shard.clone());
+                    .push((shard.clone(), xid));
             }
         }
     }
-    state.markers = checker::read_markers(cluster).await?;
+    (state.markers, state.marker_rows) = checker::read_markers_with_rows(cluster).await?;
     Ok(state)
 }
 
@@ -159,7 +181,7 @@ fn classify(start: &ShardState, end: &ShardState) -> [Vec<u64>; 4] {
     let (mut committed, mut aborted, mut undecided, mut partly) = (vec![], vec![], vec![], vec![]);
     for (txid, prepared_at_start) in &start.prepared {
         let still_prepared = end.prepared.get(txid).cloned().unwrap_or_default();
-        let marker = end.markers.get(txid);
+        let marker = end.marker_of(*txid, start);
         let list = match marker {
             Some((declared, present)) if still_prepared.is_empty() => {
                 if declared.iter().all(|s| present.contains(s)) {
@@ -344,6 +366,33 @@ mod tests {
             !state(&[], &[(1, ALL, &["s0"])]).converged(),
             "half-applied is not converged"
         );
+    }
+
+    #[test]
+    fn a_submitted_transaction_is_matched_to_its_marker_by_the_branch_that_wrote_it() {
+        // Txid 9 was prepared on every shard as local transactions 100, 200, 300; its marker
+        // carries the client's id. Txid 10 (local 101, 201, 301) ended with no marker.
+        let id = 1 << 48;
+        let mut start = state(&[(9, ALL), (10, ALL)], &[]);
+        for (txid, base) in [(9, 100), (10, 101)] {
+            let xids = ALL
+                .iter()
+                .zip([0, 100, 200])
+                .map(|(s, d)| (s.to_string(), base + d));
+            start.prepared_xids.insert(txid, xids.collect());
+        }
+        let mut end = state(&[], &[(id, ALL, ALL)]);
+        for (shard, xmin) in ALL.iter().zip([100, 200, 300]) {
+            end.marker_rows.insert((shard.to_string(), xmin), id);
+        }
+        let [committed, aborted, undecided, partly] = classify(&start, &end);
+        assert_eq!(committed, vec![9]);
+        assert_eq!(aborted, vec![10]);
+        assert!(undecided.is_empty() && partly.is_empty());
+        // Without the rows' origin the marker is not found, and a committed one would pass for
+        // aborted: that is what the match is for.
+        end.marker_rows.clear();
+        assert_eq!(classify(&start, &end)[1], vec![9, 10]);
     }
 
     fn observation(converged: bool) -> DownObservation {

@@ -315,6 +315,7 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
 
     let w = &scenario.workload;
     let protocol = w.parsed_protocol()?;
+    let mode = w.parsed_mode()?;
     if protocol == Protocol::ThreePhase {
         ensure_served(&cluster, protocol).await?;
     }
@@ -328,6 +329,7 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
         shards_per_txn: w.shards_per_txn,
         seed: w.seed,
         protocol: protocol.wire(),
+        mode,
         deadline,
         accounts: None,
     });
@@ -354,11 +356,12 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
         runner.perform(n, &action).await?;
     }
     timeline.note(format!(
-        "workload: {} transactions, {} clients, {} shards each, {}",
+        "workload: {} transactions, {} clients, {} shards each, {}, {}",
         w.transactions,
         w.concurrency,
         w.shards_per_txn,
-        protocol.name()
+        protocol.name(),
+        mode.name()
     ));
     runner.workload_started = Instant::now();
     let workload = tokio::spawn(workload::run(Arc::clone(&config), Arc::clone(&progress)));

@@ -57,6 +57,11 @@ pub struct Workload {
     /// The commit protocol of every transaction the workload begins: `two-phase` (default) or
     /// `three-phase` (`2pc` and `3pc` are accepted too). See [`Workload::parsed_protocol`].
     pub protocol: String,
+    /// How each transaction reaches the coordinator: `interactive` (default: `Begin`, one
+    /// `Execute` per statement, `Commit`) or `submit` (one `Submit` carrying every statement, the
+    /// one-shot path whose last statement per shard votes in the same participant call). See
+    /// [`Workload::parsed_mode`].
+    pub mode: String,
     /// The whole scenario (workload and steps) must finish within this many seconds.
     pub deadline_s: u64,
 }
@@ -69,6 +74,7 @@ impl Default for Workload {
             shards_per_txn: 3,
             seed: 1,
             protocol: "two-phase".into(),
+            mode: "interactive".into(),
             deadline_s: 60,
         }
     }
@@ -98,7 +104,37 @@ impl Protocol {
     }
 }
 
+/// How the workload's transactions reach the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `Begin`, `Execute` per statement, `Commit` (or an occasional `Rollback`).
+    Interactive,
+    /// One `Submit` per transaction: on several shards each shard's last statement is sent as
+    /// `ExecuteAndPrepare` (statement and vote in one call), on one shard as `ExecuteAndCommit`.
+    Submit,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Interactive => "interactive",
+            Mode::Submit => "submit",
+        }
+    }
+}
+
 impl Workload {
+    /// `workload.mode`, parsed; the error names the field and the values it takes.
+    pub fn parsed_mode(&self) -> Result<Mode> {
+        match self.mode.trim() {
+            "interactive" => Ok(Mode::Interactive),
+            "submit" => Ok(Mode::Submit),
+            other => bail!(
+                "workload.mode = \"{other}\" is not a workload mode: expected \"interactive\" (the default) or \"submit\""
+            ),
+        }
+    }
+
     /// `workload.protocol`, parsed; the error names the field and the values it takes.
     pub fn parsed_protocol(&self) -> Result<Protocol> {
         match self.protocol.trim() {
@@ -451,6 +487,7 @@ impl Scenario {
             bail!("workload.deadline_s must be between 1 and 3600");
         }
         w.parsed_protocol()?;
+        w.parsed_mode()?;
         if !matches!(self.expect.verdict.as_str(), "pass" | "violation") {
             bail!("expect.verdict must be pass or violation");
         }
@@ -694,6 +731,32 @@ mod tests {
     }
 
     #[test]
+    fn the_workload_mode_defaults_to_interactive_and_names_the_field_when_wrong() {
+        let scenario = parse("name = \"x\"").unwrap();
+        assert_eq!(scenario.workload.parsed_mode().unwrap(), Mode::Interactive);
+        for (text, mode) in [("interactive", Mode::Interactive), ("submit", Mode::Submit)] {
+            let scenario = parse(&format!("name = \"x\"\n[workload]\nmode = \"{text}\"")).unwrap();
+            assert_eq!(scenario.workload.parsed_mode().unwrap(), mode, "{text}");
+        }
+        let error = error_of("name = \"x\"\n[workload]\nmode = \"one-shot\"");
+        assert!(error.contains("workload.mode = \"one-shot\""), "{error}");
+        assert!(error.contains("\"interactive\""), "{error}");
+        assert!(error.contains("\"submit\""), "{error}");
+        // The mode is a string field: a bare word or a boolean is refused by the parser.
+        assert!(parse("name = \"x\"\n[workload]\nmode = true").is_err());
+    }
+
+    #[test]
+    fn a_bad_mode_in_a_file_names_the_file_and_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad-mode.toml");
+        std::fs::write(&path, "name = \"x\"\n[workload]\nmode = \"Submit\"\n").unwrap();
+        let error = format!("{:#}", Scenario::load(&path).unwrap_err());
+        assert!(error.contains("bad-mode.toml"), "{error}");
+        assert!(error.contains("workload.mode = \"Submit\""), "{error}");
+    }
+
+    #[test]
     fn a_bad_protocol_in_a_file_names_the_file_and_the_field() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad-protocol.toml");
@@ -858,5 +921,24 @@ mod tests {
                 );
             }
         }
+        // The one-shot path has its own directory; everything else stays interactive.
+        let mut submit = 0;
+        for file in &files {
+            let scenario = Scenario::load(file).unwrap();
+            let in_submit_dir = file.parent().is_some_and(|p| p.ends_with("submit"));
+            let wanted = if in_submit_dir {
+                Mode::Submit
+            } else {
+                Mode::Interactive
+            };
+            assert_eq!(
+                scenario.workload.parsed_mode().unwrap(),
+                wanted,
+                "{}",
+                file.display()
+            );
+            submit += usize::from(in_submit_dir);
+        }
+        assert!(submit >= 4, "{submit} scenarios in scenarios/submit");
     }
 }
