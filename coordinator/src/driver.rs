@@ -920,12 +920,7 @@ impl Engine {
         match &result {
             Ok(_) => self.feed_result(&handle, Event::ExecuteSucceeded { shard }),
             Err(error) => {
-                let reason = match error {
-                    ApiError::Sql(sql) => crate::participants::statement_failed(&shard, sql),
-                    other => {
-                        AbortReason::new(AbortCause::StatementFailed, other.to_string()).on_shard(&shard)
-                    }
-                };
+                let reason = crate::participants::execute_failed(&shard, error);
                 self.feed_result(&handle, Event::ExecuteFailed { shard, reason });
             }
         }

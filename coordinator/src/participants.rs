@@ -663,6 +663,20 @@ fn with_shard(error: ApiError, shard: &ShardName) -> ApiError {
     }
 }
 
+/// The abort reason for a statement that did not run to completion on `shard`. A shard that could
+/// not be reached, or that lost the branch in a restart (ABORTED), says the transaction may succeed
+/// when run again; a refused request does not.
+pub fn execute_failed(shard: &ShardName, error: &ApiError) -> AbortReason {
+    match error {
+        ApiError::Sql(sql) => statement_failed(shard, sql),
+        ApiError::Unavailable(_) | ApiError::Aborted(_) => unavailable(shard, error.to_string()),
+        ApiError::DeadlineExceeded(_) => {
+            AbortReason::new(AbortCause::Timeout, error.to_string()).on_shard(shard)
+        }
+        other => AbortReason::new(AbortCause::StatementFailed, other.to_string()).on_shard(shard),
+    }
+}
+
 fn unavailable(shard: &ShardName, message: String) -> AbortReason {
     AbortReason::new(AbortCause::ParticipantUnavailable, message).on_shard(shard)
 }

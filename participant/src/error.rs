@@ -60,6 +60,10 @@ pub enum BranchError {
     /// The GID is not in a state that allows the call.
     #[error("{0}")]
     WrongState(String),
+    /// The branch's earlier statements were lost with a previous participant process: the
+    /// transaction cannot continue, but run again it may succeed (ABORTED on the wire).
+    #[error("{0}")]
+    Lost(String),
     /// PostgreSQL refused a statement.
     #[error("SQLSTATE {sqlstate}: {message}")]
     Sql { sqlstate: String, message: String },
@@ -106,6 +110,7 @@ impl BranchError {
             | BranchError::Param(_)
             | BranchError::Decode(_) => ApiError::InvalidArgument(self.to_string()),
             BranchError::WrongState(message) => ApiError::FailedPrecondition(message),
+            BranchError::Lost(message) => ApiError::Aborted(message),
             BranchError::Unavailable(message) => ApiError::Unavailable(message),
             BranchError::Internal(message) => ApiError::Internal(message),
         }

@@ -286,3 +286,32 @@ async fn rollback_undoes_every_shard_and_single_shard_commits_in_one_phase() -> 
     assert_eq!(info.state, pb::TransactionState::Committed as i32);
     Ok(())
 }
+
+/// A submit that needs a shard whose participant is down aborts with a reason a client can act
+/// on: the participant was unavailable, and running the transaction again may succeed.
+#[tokio::test]
+async fn a_submit_to_a_shard_that_is_down_aborts_as_retryable() -> Result<()> {
+    let mut t = TestCluster::start(Options::default()).await?;
+    let mut client = t.client().await?;
+    t.cluster.participants[1].kill9()?;
+    let ops = vec![insert(&t.shard(0), 7, "x"), insert(&t.shard(1), 7, "x")];
+    let response = tokio::time::timeout(Duration::from_secs(60), client.submit(submit(ops)))
+        .await
+        .context("the submit must not hang on a dead participant")??
+        .into_inner();
+    let outcome = response.outcome.context("an outcome")?;
+    assert_eq!(outcome.kind, pb::OutcomeKind::Aborted as i32, "{outcome:?}");
+    let reason = outcome.abort.context("a reason")?;
+    assert_eq!(
+        reason.cause,
+        pb::AbortCause::ParticipantUnavailable as i32,
+        "{reason:?}"
+    );
+    assert_eq!(reason.shard, t.shard(1), "{reason:?}");
+    assert!(reason.retryable, "{reason:?}");
+    assert!(
+        t.kv(0).await?.is_empty(),
+        "nothing applied on the shard that was up"
+    );
+    Ok(())
+}

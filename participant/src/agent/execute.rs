@@ -163,7 +163,7 @@ impl Agent {
             );
             self.branches
                 .record(gid.as_str(), Finished::Aborted(reason.clone()));
-            return Err(BranchError::WrongState(reason));
+            return Err(BranchError::Lost(reason));
         }
         Ok(())
     }
