@@ -13,8 +13,11 @@
 pub struct Analysis {
     /// Non-empty statements in the string (`;;` and comment-only pieces do not count).
     pub statements: usize,
-    /// A statement may change session state (plain `SET`, `RESET`) that would outlive the branch on
-    /// its pooled connection; such a connection is closed instead of reused.
+    /// A statement may change session state that would outlive the branch on its pooled
+    /// connection: plain `SET` and `RESET`, a `DO` block (it may run any of them, even
+    /// `DEALLOCATE`, through `EXECUTE`), SQL-level `PREPARE`, or a temporary table. Such a
+    /// connection is closed instead of reused. (A function the client calls can still change a
+    /// setting, e.g. `set_config(..., false)`; the leading keywords cannot show that.)
     pub changes_session: bool,
     /// A single statement that leads with `INSERT`, `UPDATE`, `DELETE` or `MERGE`: when it reports
     /// affected rows, the branch certainly wrote, and the vote can skip asking PostgreSQL whether it
@@ -77,7 +80,11 @@ pub fn check(sql: &str, opening: bool) -> Result<Analysis, Refusal> {
             ("COPY" | "LISTEN" | "UNLISTEN", _) => return Err(refuse(1, PROTOCOL)),
             ("DEALLOCATE" | "DISCARD", _) => return Err(refuse(1, STATEMENT_CACHE)),
             ("SET", "LOCAL" | "TRANSACTION" | "CONSTRAINTS") => {}
-            ("SET" | "RESET", _) => changes_session = true,
+            ("SET" | "RESET" | "DO" | "PREPARE", _) => changes_session = true,
+            ("CREATE", "TEMP" | "TEMPORARY") => changes_session = true,
+            ("CREATE", "LOCAL" | "GLOBAL") if matches!(word(2), "TEMP" | "TEMPORARY") => {
+                changes_session = true
+            }
             _ => {}
         }
     }
@@ -467,6 +474,11 @@ mod tests {
         assert!(accepted("RESET ALL").changes_session);
         assert!(!accepted("SET LOCAL search_path = a").changes_session);
         assert!(!accepted("SELECT 'SET x = 1'").changes_session);
+        assert!(accepted("DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$").changes_session);
+        assert!(accepted("PREPARE q (int) AS SELECT $1").changes_session);
+        assert!(accepted("CREATE TEMP TABLE t (k int)").changes_session);
+        assert!(accepted("create local temporary table t (k int)").changes_session);
+        assert!(!accepted("CREATE TABLE t (k int)").changes_session);
     }
 
     #[test]
