@@ -30,7 +30,8 @@ pub enum ParticipantError {
     ServerCheck(DbError),
     #[error(
         "database {database} is already served by another participant ({holder}); a database has \
-         exactly one participant: stop the other one, or give this shard a database of its own"
+         exactly one participant: stop the other one (if it is gone but PostgreSQL still holds its \
+         session, end that backend with pg_terminate_backend), or give this shard a database of its own"
     )]
     DatabaseClaimed { database: String, holder: String },
     #[error("running the participant's migrations (schema treaty): {0}")]
