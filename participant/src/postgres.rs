@@ -227,6 +227,12 @@ async fn finish_prepared(pool: &Pool, verb: &str, branch: &BranchGid) -> Result<
     on_pool(pool, format!("{verb} '{legacy}'")).await
 }
 
+/// `verb` (`COMMIT PREPARED` or `ROLLBACK PREPARED`) on exactly `branch`, whichever shard it
+/// names: for recovery's orphans (see `reconcile`).
+pub async fn finish_exactly(pool: &Pool, verb: &str, branch: &BranchGid) -> Result<(), DbError> {
+    on_pool(pool, format!("{verb} '{branch}'")).await
+}
+
 /// The texts PostgreSQL may hold `branch`'s transaction prepared under in this shard's database:
 /// the branch form, and the legacy form an older participant used.
 pub fn prepared_names(branch: &BranchGid) -> Vec<String> {

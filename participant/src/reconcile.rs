@@ -3,11 +3,16 @@
 //!
 //! Candidates are the Treaty GIDs that were already prepared when this process started (listed
 //! before it served anything, so none of them can be this process's own fresh vote), and any
-//! prepared longer than `--in-doubt-after-ms` that no RPC is working on. Only this shard's branches
-//! in its own database are candidates (the branch GID names the shard; a legacy GID without the
-//! shard, left by an older participant, is this database's and so this shard's), and each is asked
-//! about and finished under its transaction's GID. Only GIDs of the coordinator that `Info` names
-//! are touched. The participant
+//! prepared longer than `--in-doubt-after-ms` that no RPC is working on. Only branches in this
+//! shard's own database are candidates. This shard's (the branch GID names the shard; a legacy GID
+//! without the shard, left by an older participant, is this database's and so this shard's) are
+//! asked about and finished under their transaction's GID, through the same paths as phase two.
+//! A branch named for another shard is an orphan: this process holds the database's claim
+//! (`claim.rs`), so no running participant serves that name here; it was left by this database's
+//! participant under an earlier `--shard` name (or by two shards that shared the database before
+//! the claim existed). It is finished under its exact name once the coordinator answers COMMIT or
+//! ABORT, so a renamed shard does not strand its branches and their locks. Only GIDs of the
+//! coordinator that `Info` names are touched. The participant
 //! never decides: it applies COMMIT or ABORT answers through the same serialized paths as the
 //! coordinator's own phase-two calls, and leaves PENDING ones for a later tick. While the
 //! coordinator is unreachable it warns once per tick and keeps asking. (The one exception is the
@@ -87,7 +92,7 @@ impl Reconciler {
     }
 
     async fn pass(&mut self) -> Result<(), PassError> {
-        let prepared = self.in_doubt().await?;
+        let (prepared, orphans) = self.in_doubt().await?;
         if !prepared.is_empty() && failpoints::hit(failpoints::UNSAFE_COMMIT_IN_DOUBT).is_some() {
             self.commit_on_its_own(&prepared).await;
             return Ok(());
@@ -98,20 +103,34 @@ impl Reconciler {
             MAX_GIDS_PER_QUERY as i64,
         )
         .await?;
-        if prepared.is_empty() && markers.is_empty() {
+        if prepared.is_empty() && orphans.is_empty() && markers.is_empty() {
             return Ok(());
         }
         // Asked every pass: a coordinator restarted with a new log would have a new id.
         let coordinator = self.link.info().await?.id;
         let prepared = self.own(prepared, &coordinator);
-        if !prepared.is_empty() {
-            let answers = self
-                .link
-                .query_decision(prepared.keys().cloned().collect())
-                .await?;
-            for answer in answers {
-                if let Some(gid) = prepared.get(&answer.gid) {
-                    self.apply(gid, answer.decision).await;
+        let orphans: Vec<BranchGid> = orphans
+            .into_iter()
+            .filter(|branch| self.is_of_coordinator(branch.as_str(), branch.gid(), &coordinator))
+            .collect();
+        if !prepared.is_empty() || !orphans.is_empty() {
+            let mut ask: Vec<String> = prepared.keys().cloned().collect();
+            ask.extend(orphans.iter().map(|branch| branch.gid().to_string()));
+            ask.sort_unstable();
+            ask.dedup();
+            let answers = self.link.query_decision(ask).await?;
+            let decisions: HashMap<String, Decision> = answers
+                .into_iter()
+                .map(|answer| (answer.gid, answer.decision))
+                .collect();
+            for (text, gid) in &prepared {
+                if let Some(decision) = decisions.get(text) {
+                    self.apply(gid, *decision).await;
+                }
+            }
+            for branch in &orphans {
+                if let Some(decision) = decisions.get(branch.gid().as_str()) {
+                    self.finish_orphan(branch, *decision).await;
                 }
             }
         }
@@ -123,49 +142,67 @@ impl Reconciler {
         Ok(())
     }
 
-    /// The transaction GIDs of this shard's prepared branches to ask about now.
-    async fn in_doubt(&mut self) -> Result<Vec<String>, DbError> {
+    /// The transaction GIDs of this shard's prepared branches to ask about now, and the orphans
+    /// (branches in this database named for another shard).
+    async fn in_doubt(&mut self) -> Result<(Vec<String>, Vec<BranchGid>), DbError> {
         let all = postgres::list_prepared(self.agent.pool()).await?;
         let still_prepared: HashSet<&str> = all.iter().map(|xact| xact.gid.as_str()).collect();
         self.inherited.retain(|gid| still_prepared.contains(gid.as_str()));
-        let mut in_doubt = Vec::new();
+        let (mut in_doubt, mut orphans) = (Vec::new(), Vec::new());
         for xact in all {
             let old_enough = u64::try_from(xact.age_ms).unwrap_or(0) >= self.in_doubt_after_ms;
             if !old_enough && !self.inherited.contains(&xact.gid) {
                 continue;
             }
-            let Some(gid) = self.branch_of_this_shard(&xact.gid) else {
-                continue;
-            };
-            // The branch table knows branches by their transaction's GID.
-            if !self.agent.is_busy(gid.as_str()) {
-                in_doubt.push(gid.to_string());
+            match BranchGid::parse(&xact.gid) {
+                // The branch table knows branches by their transaction's GID.
+                Ok(branch) if branch.is_of(self.agent.shard()) => {
+                    if !self.agent.is_busy(branch.gid().as_str()) {
+                        in_doubt.push(branch.gid().to_string());
+                    }
+                }
+                Ok(branch) => orphans.push(branch),
+                Err(error) => self.report(&xact.gid, &error.to_string()),
             }
-            if in_doubt.len() == MAX_GIDS_PER_QUERY {
+            if in_doubt.len() + orphans.len() == MAX_GIDS_PER_QUERY {
                 break;
             }
         }
-        Ok(in_doubt)
+        Ok((in_doubt, orphans))
     }
 
-    /// The transaction of a GID prepared in this database, if it is this shard's branch; logs each
-    /// other one once.
-    fn branch_of_this_shard(&mut self, text: &str) -> Option<Gid> {
-        match BranchGid::parse(text) {
-            Ok(branch) if branch.is_of(self.agent.shard()) => Some(branch.gid().clone()),
-            Ok(branch) => {
-                let why = format!(
-                    "it is the branch of shard {} (this is shard {})",
-                    branch.shard().map_or("?", |shard| shard.as_str()),
-                    self.agent.shard()
-                );
-                self.report(text, &why);
-                None
-            }
-            Err(error) => {
-                self.report(text, &error.to_string());
-                None
-            }
+    /// Whether `gid` belongs to `coordinator`; logs each other one once.
+    fn is_of_coordinator(&mut self, text: &str, gid: &Gid, coordinator: &CoordinatorId) -> bool {
+        if gid.coordinator() == coordinator {
+            return true;
+        }
+        self.report(
+            text,
+            &format!("it belongs to another coordinator than {coordinator}"),
+        );
+        false
+    }
+
+    /// Finishes an orphan under its exact name once the coordinator has decided; a PENDING or
+    /// unknown answer leaves it for a later pass. Not through the branch table or a three-phase
+    /// machine: they know this shard's branches only, and no live call works on this name.
+    async fn finish_orphan(&self, branch: &BranchGid, decision: Decision) {
+        let (verb, done) = match decision {
+            Decision::Commit => ("COMMIT PREPARED", "committed"),
+            Decision::Abort => ("ROLLBACK PREPARED", "rolled back"),
+            Decision::Pending | Decision::Unknown => return,
+        };
+        let shard = branch.shard().map_or("?", |shard| shard.as_str());
+        match postgres::finish_exactly(self.agent.pool(), verb, branch).await {
+            Ok(()) => tracing::warn!(
+                gid = %branch,
+                "{done} a branch prepared in this database under shard name {shard} (this is shard {}); \
+                 was the shard renamed while it held prepared branches?",
+                self.agent.shard()
+            ),
+            // Finished meanwhile by someone else (an operator, an earlier pass).
+            Err(error) if error.is_undefined_object() => {}
+            Err(error) => tracing::error!(gid = %branch, %error, "could not finish an orphaned branch"),
         }
     }
 

@@ -211,10 +211,12 @@ async fn commit_after_postgres_restarts_with_the_branch_prepared() {
 
 /// Two shards may be two databases of one PostgreSQL server, and GIDs are unique per server: each
 /// branch is prepared under its branch GID (`<gid>:<shard>`). Recovery reads only its own database
-/// and only this shard's branches, and still finishes a branch an older participant left prepared
-/// under the bare GID (the legacy form), under that exact text.
+/// only. It finishes a branch an older participant left prepared under the bare GID (the legacy
+/// form) under that exact text, and a branch of its own database named for another shard (left
+/// under an earlier `--shard` name: the database has only one participant) under that name, once
+/// the coordinator has decided.
 #[tokio::test]
-async fn recovery_leaves_other_databases_alone_and_finishes_legacy_gids() {
+async fn recovery_leaves_other_databases_alone_and_finishes_legacy_and_orphaned_branches() {
     let _shared = SERVER.read().await;
     let Some(env) = Env::start("neighbour", |c| {
         c.in_doubt_after_ms = 200;
@@ -256,7 +258,7 @@ async fn recovery_leaves_other_databases_alone_and_finishes_legacy_gids() {
         }
     };
     // Nothing is finished until the test says so.
-    for txid in [3, 4] {
+    for txid in [3, 4, 5] {
         coordinator.decide(&gid(txid), pb::Decision::Pending, true);
     }
     // Another database of the same server: names that would be this shard's in its own database.
@@ -278,17 +280,22 @@ async fn recovery_leaves_other_databases_alone_and_finishes_legacy_gids() {
     listed.sort();
     assert_eq!(listed, [gid(3), gid(4), format!("{}:s1", gid(5))]);
 
-    eventually("both own branches asked about", RESOLVED, || async {
-        let asked = coordinator.asked.lock().unwrap().clone();
-        asked.contains(&gid(3)) && asked.contains(&gid(4))
-    })
+    eventually(
+        "both own branches and the orphan asked about",
+        RESOLVED,
+        || async {
+            let asked = coordinator.asked.lock().unwrap().clone();
+            asked.contains(&gid(3)) && asked.contains(&gid(4)) && asked.contains(&gid(5))
+        },
+    )
     .await;
     coordinator.decide(&gid(3), pb::Decision::Commit, true);
     coordinator.decide(&gid(4), pb::Decision::Abort, true);
     let db = &env.db;
-    let other_shards = vec![format!("{}:s1", gid(5))];
+    // The orphan stays prepared while its transaction is undecided.
+    let orphan = vec![format!("{}:s1", gid(5))];
     eventually("this shard's branches finished", RESOLVED, || async {
-        db.prepared().await == other_shards
+        db.prepared().await == orphan
     })
     .await;
     assert_eq!(
@@ -302,14 +309,14 @@ async fn recovery_leaves_other_databases_alone_and_finishes_legacy_gids() {
         "branch rolled back"
     );
 
-    // A few more passes: still nothing asked about the neighbour's GIDs or the other shard's.
+    // A few more passes: still nothing asked about the neighbour's GIDs.
     let queries = coordinator.queries.load(std::sync::atomic::Ordering::SeqCst);
     eventually("more recovery passes", RESOLVED, || async {
         coordinator.queries.load(std::sync::atomic::Ordering::SeqCst) > queries + 2
     })
     .await;
     let asked = coordinator.asked.lock().unwrap().clone();
-    for txid in [1, 2, 5] {
+    for txid in [1, 2] {
         assert!(
             !asked.contains(&gid(txid)),
             "asked about {}: {asked:?}",
@@ -322,13 +329,20 @@ async fn recovery_leaves_other_databases_alone_and_finishes_legacy_gids() {
     expected.sort();
     assert_eq!(neighbour.prepared().await, expected);
     assert_eq!(neighbour.count("SELECT count(*) FROM kv").await, 0);
+    assert_eq!(db.prepared().await, orphan, "the undecided orphan waits");
+
+    // Once decided, the orphan is finished under its own name.
+    coordinator.decide(&gid(5), pb::Decision::Commit, true);
+    eventually("the orphan committed", RESOLVED, || async {
+        db.prepared().await.is_empty()
+    })
+    .await;
     assert_eq!(
-        db.prepared().await,
-        other_shards,
-        "the other shard's branch is left alone"
+        db.count("SELECT count(*) FROM kv WHERE k = 5").await,
+        1,
+        "the orphan's write"
     );
     // Prepared transactions outlive the test on a shared server (`TREATY_TEST_DATABASE_URL`).
-    db.sql(&format!("ROLLBACK PREPARED '{}:s1'", gid(5))).await;
     for name in expected {
         neighbour.sql(&format!("ROLLBACK PREPARED '{name}'")).await;
     }
