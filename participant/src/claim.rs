@@ -45,8 +45,8 @@ pub async fn take(
     let options = options
         .clone()
         .application_name(&format!("treaty-participant shard={shard}"));
-    let failed = |error: DbError| ParticipantError::ServerCheck(error);
-    let mut connection = options.connect().await.map_err(|e| failed(e.into()))?;
+    let failed = ParticipantError::ServerCheck;
+    let mut connection = options.connect().await.map_err(|e| failed(DbError::from(e)))?;
     let deadline = tokio::time::Instant::now() + WAIT;
     while !try_lock(&mut connection).await.map_err(failed)? {
         if tokio::time::Instant::now() >= deadline {

@@ -213,7 +213,7 @@ pub async fn rollback_prepared(pool: &Pool, branch: &BranchGid) -> Result<(), Db
 /// database, `verb` on that. The fallback costs a query only on the "does not exist" path, which
 /// is rare (repeats, branches rolled back meanwhile), so the common case stays one round trip.
 async fn finish_prepared(pool: &Pool, verb: &str, branch: &BranchGid) -> Result<(), DbError> {
-    let error = match on_pool(pool, format!("{verb} '{branch}'")).await {
+    let error = match finish_exactly(pool, verb, branch).await {
         Err(error) if error.is_undefined_object() && !branch.is_legacy() => error,
         done => return done,
     };
@@ -224,11 +224,12 @@ async fn finish_prepared(pool: &Pool, verb: &str, branch: &BranchGid) -> Result<
         return Err(error);
     }
     tracing::info!(gid = %legacy, "finishing a branch prepared under the legacy GID form");
-    on_pool(pool, format!("{verb} '{legacy}'")).await
+    finish_exactly(pool, verb, &legacy).await
 }
 
 /// `verb` (`COMMIT PREPARED` or `ROLLBACK PREPARED`) on exactly `branch`, whichever shard it
-/// names: for recovery's orphans (see `reconcile`).
+/// names, with no legacy fallback: the step `finish_prepared` is made of, and what recovery uses
+/// for orphans (see `reconcile`).
 pub async fn finish_exactly(pool: &Pool, verb: &str, branch: &BranchGid) -> Result<(), DbError> {
     on_pool(pool, format!("{verb} '{branch}'")).await
 }

@@ -211,13 +211,11 @@ impl Reconciler {
         let mut own = HashMap::new();
         for text in gids {
             match Gid::parse(&text) {
-                Ok(gid) if gid.coordinator() == coordinator => {
-                    own.insert(text, gid);
+                Ok(gid) => {
+                    if self.is_of_coordinator(&text, &gid, coordinator) {
+                        own.insert(text, gid);
+                    }
                 }
-                Ok(_) => self.report(
-                    &text,
-                    &format!("it belongs to another coordinator than {coordinator}"),
-                ),
                 Err(error) => self.report(&text, &error.to_string()),
             }
         }

@@ -346,9 +346,9 @@ async fn submit(
             }
             // Marker inserts fail only under a fault (a shard down, cut off, or timed out), where
             // the interactive client sees a failed Execute: back off as a real client would and
-            // hand the slot back, so the budget is not spent before the shard returns. (The abort
-            // reason's `retryable` cannot say so: the coordinator marks an unreachable shard's
-            // statement as failed, not retryable.)
+            // hand the slot back, so the budget is not spent before the shard returns. (Any such
+            // abort counts, whatever its `retryable` says: the workload only needs to know the
+            // abort was not its own.)
             hand_back_slot(config, progress);
             Attempt::BackOff
         }
