@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::ConnectOptions as _;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::postgres::DbError;
 
@@ -86,12 +86,21 @@ impl Pool {
                 self.shared.max_connections
             ))
         };
-        let permit =
-            match tokio::time::timeout_at(deadline, Arc::clone(&self.shared.permits).acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_)) => return Err(DbError::Connection("the connection pool is closed".into())),
-                Err(_) => return Err(waited()),
-            };
+        let closed = || DbError::Connection("the connection pool is closed".into());
+        // A free permit is the common case: taken without registering a timer.
+        let permit = match Arc::clone(&self.shared.permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(closed()),
+            Err(TryAcquireError::NoPermits) => {
+                match tokio::time::timeout_at(deadline, Arc::clone(&self.shared.permits).acquire_owned())
+                    .await
+                {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => return Err(closed()),
+                    Err(_) => return Err(waited()),
+                }
+            }
+        };
         let connection = match self.shared.take_idle() {
             Some(connection) => connection,
             None => self.shared.open(deadline).await?,
