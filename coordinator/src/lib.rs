@@ -3,7 +3,8 @@
 //!
 //! - `protocol`: the pure state machine (no I/O), re-exported from `treaty-commit-protocol`;
 //! - `driver`: carries out the machine's actions (RPCs to participants, log writes, timers);
-//! - `participants`: the gRPC links to participant agents;
+//! - `participants`: the gRPC links to participant agents (`h2_channel`: the HTTP/2 connection
+//!   each link runs on);
 //! - `submit`: one-shot cross-shard submits;
 //! - `service`: the gRPC `Coordinator` service;
 //! - `config`: flags, environment and TOML configuration;
@@ -13,6 +14,7 @@ pub mod config;
 mod crash;
 pub mod driver;
 pub mod failpoints;
+pub mod h2_channel;
 mod log_faults;
 pub mod participants;
 pub mod service;

@@ -9,15 +9,18 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use tonic::transport::{Channel, Endpoint};
 use treaty_proto::pb::participant_client::ParticipantClient;
 use treaty_proto::{ApiError, Gid, ShardName, pb};
 
 use crate::failpoints::Delivery;
+use crate::h2_channel::H2Channel;
 use crate::protocol::participant::Report;
 use crate::protocol::termination::Ballot;
 use crate::protocol::wire::{ballot_from_pb, ballot_to_pb, report_from_pb};
 use crate::protocol::{AbortCause, AbortReason, Event, Protocol, Vote};
+
+/// How long connecting (TCP and the HTTP/2 handshake) to a participant may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long one phase-two message may take before it is counted as lost and sent again.
 pub(crate) const PHASE_TWO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,7 +53,7 @@ struct PhaseTwoError {
 
 #[derive(Clone)]
 pub struct ParticipantLinks {
-    clients: BTreeMap<ShardName, ParticipantClient<Channel>>,
+    clients: BTreeMap<ShardName, ParticipantClient<H2Channel>>,
     /// Where each shard's participant serves, as configured: 3PC tells every participant where
     /// its peers are (`pb::Peer`).
     urls: Arc<BTreeMap<ShardName, String>>,
@@ -71,13 +74,8 @@ impl ParticipantLinks {
                 url: url.clone(),
                 reason,
             };
-            let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| bad(e.to_string()))?
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(5));
-            clients.insert(shard.clone(), ParticipantClient::new(endpoint.connect_lazy()));
+            let channel = H2Channel::new(url, CONNECT_TIMEOUT).map_err(|e| bad(e.to_string()))?;
+            clients.insert(shard.clone(), ParticipantClient::new(channel));
             commit_queues.insert(shard.clone(), OnceLock::new());
         }
         Ok(Self {
@@ -118,7 +116,7 @@ impl ParticipantLinks {
             .collect()
     }
 
-    fn client(&self, shard: &ShardName) -> Result<ParticipantClient<Channel>, ApiError> {
+    fn client(&self, shard: &ShardName) -> Result<ParticipantClient<H2Channel>, ApiError> {
         self.clients
             .get(shard)
             .cloned()
@@ -390,7 +388,7 @@ impl ParticipantLinks {
     async fn commit_batched(
         &self,
         shard: &ShardName,
-        client: &ParticipantClient<Channel>,
+        client: &ParticipantClient<H2Channel>,
         gid: String,
     ) -> Result<(), PhaseTwoError> {
         let Some(queue) = self.commit_queues.get(shard) else {
@@ -563,7 +561,7 @@ impl From<tonic::Status> for PhaseTwoError {
 /// as soon as a slot among `COMMIT_BATCHES_IN_FLIGHT` is free, and sends it as one `CommitBatch`.
 /// Ends when the links are dropped.
 async fn send_commit_batches(
-    client: ParticipantClient<Channel>,
+    client: ParticipantClient<H2Channel>,
     mut queue: mpsc::UnboundedReceiver<PendingCommit>,
 ) {
     let slots = Arc::new(Semaphore::new(COMMIT_BATCHES_IN_FLIGHT));

@@ -1,0 +1,380 @@
+//! The gRPC channel to one participant: one HTTP/2 connection driven by the `h2` crate directly,
+//! connected on first use and again after it breaks, with keep-alive pings.
+//!
+//! Why not tonic's `Channel`: it puts every call through a buffer task and hyper's dispatch task,
+//! and hyper holds a request's body until h2 grants the new stream send capacity, which only
+//! happens once the connection task has already written the HEADERS frame. So every call the
+//! coordinator makes left as two writes (HEADERS, then DATA), woke the participant twice, and
+//! cost the coordinator a `writev` and two task hand-offs more than needed. Here a unary
+//! request's body is in memory before the stream opens, so it is queued with the HEADERS and
+//! both leave in one write; the caller's task talks to the connection task directly.
+//!
+//! Errors are `tonic::Status`: a call that never reached the wire (no connection, connection
+//! already closed) is `UNAVAILABLE`, which is always safe to retry; a failure after the request
+//! was sent is mapped from the HTTP/2 error the way tonic maps it (an I/O failure is `UNKNOWN`:
+//! the participant may have acted on it).
+
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use h2::client::SendRequest;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use http_body::{Body, Frame};
+use tokio::net::TcpStream;
+use tonic::Status;
+
+/// Ping the participant this often; a missing pong after `KEEP_ALIVE_TIMEOUT` drops the
+/// connection, so calls fail and the next one reconnects instead of waiting on a dead peer.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Flow-control windows as hyper's client sets them: large enough that no unary message waits.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+
+/// A cheap handle (clone per call) on one participant's connection.
+#[derive(Clone)]
+pub struct H2Channel {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `host:port`, as dialled.
+    address: String,
+    scheme: Scheme,
+    authority: Authority,
+    connect_timeout: Duration,
+    keep_alive: KeepAlive,
+    /// The live connection, if any. Held only to clone or replace it, never across an await.
+    current: Mutex<Option<Connection>>,
+    /// Serialises reconnects, so a burst of calls after a break opens one connection, not many.
+    connecting: tokio::sync::Mutex<()>,
+    next_id: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct KeepAlive {
+    interval: Duration,
+    timeout: Duration,
+}
+
+#[derive(Clone)]
+struct Connection {
+    id: u64,
+    sender: SendRequest<Bytes>,
+}
+
+/// Why a URL cannot be a participant's address.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelUrlError {
+    #[error("not a URL: {0}")]
+    Parse(#[from] http::uri::InvalidUri),
+    #[error("the scheme must be http:// (TLS is not supported), found {0:?}")]
+    Scheme(String),
+    #[error("the URL has no host")]
+    NoHost,
+}
+
+impl H2Channel {
+    /// A channel to `url` (`http://host:port`). Nothing connects until the first call.
+    pub fn new(url: &str, connect_timeout: Duration) -> Result<Self, ChannelUrlError> {
+        let keep_alive = KeepAlive {
+            interval: KEEP_ALIVE_INTERVAL,
+            timeout: KEEP_ALIVE_TIMEOUT,
+        };
+        Self::with_keep_alive(url, connect_timeout, keep_alive)
+    }
+
+    fn with_keep_alive(
+        url: &str,
+        connect_timeout: Duration,
+        keep_alive: KeepAlive,
+    ) -> Result<Self, ChannelUrlError> {
+        let uri: Uri = url.parse()?;
+        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+        if scheme != Scheme::HTTP {
+            return Err(ChannelUrlError::Scheme(scheme.to_string()));
+        }
+        let authority = uri.authority().cloned().ok_or(ChannelUrlError::NoHost)?;
+        let address = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                address,
+                scheme,
+                authority,
+                connect_timeout,
+                keep_alive,
+                current: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                next_id: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+impl tower_service::Service<Request<tonic::body::Body>> for H2Channel {
+    type Response = Response<ResponseBody>;
+    type Error = Status;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Status>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        // Readiness (a connection, a free stream) is awaited inside the call.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.send(request).await })
+    }
+}
+
+impl Inner {
+    async fn send(
+        self: &Arc<Self>,
+        request: Request<tonic::body::Body>,
+    ) -> Result<Response<ResponseBody>, Status> {
+        let (mut parts, body) = request.into_parts();
+        let body = collect(body).await?;
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| Status::internal(format!("building the request URI for {}: {e}", self.address)))?;
+        parts.version = http::Version::HTTP_2;
+        let request = Request::from_parts(parts, ());
+
+        let mut sender = self.ready_sender().await?;
+        let end_of_stream = body.is_empty();
+        let (response, mut stream) = sender
+            .send_request(request, end_of_stream)
+            .map_err(|e| self.not_sent(&e))?;
+        if !end_of_stream {
+            // Queued without waiting for send capacity: h2 writes it right after the HEADERS once
+            // the stream opens. The body is one message already in memory, so nothing unbounded
+            // is buffered.
+            stream.send_data(body, true).map_err(|e| self.not_sent(&e))?;
+        }
+        let response = response.await.map_err(|e| sent_and_failed(&self.address, &e))?;
+        Ok(response.map(|recv| ResponseBody {
+            recv,
+            address: self.address.clone(),
+            data_done: false,
+            done: false,
+        }))
+    }
+
+    /// A sender ready for one more stream: the live connection's, or a new connection's.
+    async fn ready_sender(self: &Arc<Self>) -> Result<SendRequest<Bytes>, Status> {
+        let live = self.lock_current().clone();
+        let dead = match live {
+            Some(connection) => match connection.sender.ready().await {
+                Ok(sender) => return Ok(sender),
+                Err(_) => Some(connection.id),
+            },
+            None => None,
+        };
+        let _connecting = self.connecting.lock().await;
+        // Another call may have reconnected while this one waited.
+        let live = self.lock_current().clone();
+        if let Some(connection) = live
+            && Some(connection.id) != dead
+            && let Ok(sender) = connection.sender.ready().await
+        {
+            return Ok(sender);
+        }
+        let connection = self.connect().await?;
+        *self.lock_current() = Some(connection.clone());
+        connection.sender.ready().await.map_err(|e| self.not_sent(&e))
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<Connection, Status> {
+        let unavailable =
+            |what: String| Status::unavailable(format!("cannot connect to {}: {what}", self.address));
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.address))
+            .await
+            .map_err(|_| {
+                unavailable(format!(
+                    "no answer within {} ms",
+                    self.connect_timeout.as_millis()
+                ))
+            })?
+            .map_err(|e| unavailable(e.to_string()))?;
+        tcp.set_nodelay(true).map_err(|e| unavailable(e.to_string()))?;
+        let (sender, mut connection) = tokio::time::timeout(
+            self.connect_timeout,
+            h2::client::Builder::new()
+                .enable_push(false)
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .handshake::<_, Bytes>(tcp),
+        )
+        .await
+        .map_err(|_| unavailable("no HTTP/2 handshake within the connect timeout".into()))?
+        .map_err(|e| unavailable(format!("HTTP/2 handshake: {e}")))?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let ping_pong = connection.ping_pong();
+        let owner = Arc::downgrade(self);
+        let every = self.keep_alive;
+        tokio::spawn(async move {
+            let outcome = tokio::select! {
+                result = &mut connection => match result {
+                    Ok(()) => "closed".to_string(),
+                    Err(error) => error.to_string(),
+                },
+                reason = keep_alive(ping_pong, every) => reason,
+            };
+            forget(&owner, id, &outcome);
+        });
+        tracing::debug!(address = %self.address, id, "connected to participant");
+        Ok(Connection { id, sender })
+    }
+
+    fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<Connection>> {
+        // The guarded value is always whole (a clone or a replacement), so a panic elsewhere
+        // while holding the lock leaves nothing half-done.
+        self.current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The request never reached the wire: safe to send again.
+    fn not_sent(&self, error: &h2::Error) -> Status {
+        Status::unavailable(format!("connection to {} is closed: {error}", self.address))
+    }
+}
+
+/// Drops the connection's handle once its task ends, so the next call reconnects at once.
+fn forget(owner: &Weak<Inner>, id: u64, outcome: &str) {
+    let Some(inner) = owner.upgrade() else {
+        return;
+    };
+    tracing::debug!(address = %inner.address, id, outcome, "connection to participant ended");
+    let mut current = inner.lock_current();
+    if current.as_ref().is_some_and(|c| c.id == id) {
+        *current = None;
+    }
+}
+
+/// Pings forever; returns (ending the connection) when a pong does not come back in time.
+async fn keep_alive(ping_pong: Option<h2::PingPong>, every: KeepAlive) -> String {
+    let Some(mut ping_pong) = ping_pong else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(every.interval).await;
+        match tokio::time::timeout(every.timeout, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(error)) => return format!("keep-alive ping failed: {error}"),
+            Err(_) => {
+                return format!("no keep-alive pong within {} ms", every.timeout.as_millis());
+            }
+        }
+    }
+}
+
+/// A failure after the request may have reached the participant, coded as tonic codes it.
+fn sent_and_failed(address: &str, error: &h2::Error) -> Status {
+    use h2::Reason;
+    use tonic::Code;
+    let code = match error.reason() {
+        Some(Reason::REFUSED_STREAM) => Code::Unavailable,
+        Some(Reason::CANCEL) => Code::Cancelled,
+        Some(Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
+        Some(Reason::INADEQUATE_SECURITY) => Code::PermissionDenied,
+        Some(_) => Code::Internal,
+        None => Code::Unknown,
+    };
+    Status::new(code, format!("h2 protocol error talking to {address}: {error}"))
+}
+
+/// A unary request's body: the one encoded message (more frames are joined).
+async fn collect(mut body: tonic::body::Body) -> Result<Bytes, Status> {
+    let mut first: Option<Bytes> = None;
+    let mut rest: Option<BytesMut> = None;
+    while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let Ok(data) = frame?.into_data() else {
+            continue; // request trailers: gRPC clients send none
+        };
+        match (&mut first, &mut rest) {
+            (None, _) => first = Some(data),
+            (Some(first), None) => {
+                let mut joined = BytesMut::from(&first[..]);
+                joined.extend_from_slice(&data);
+                rest = Some(joined);
+            }
+            (Some(_), Some(joined)) => joined.extend_from_slice(&data),
+        }
+    }
+    Ok(match (first, rest) {
+        (_, Some(joined)) => joined.freeze(),
+        (Some(first), None) => first,
+        (None, None) => Bytes::new(),
+    })
+}
+
+/// A response's body: its DATA frames, then its trailers (where gRPC puts the status).
+pub struct ResponseBody {
+    recv: h2::RecvStream,
+    address: String,
+    data_done: bool,
+    done: bool,
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match this.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(data))) => {
+                    // Read, so the window opens again for the next message.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(sent_and_failed(&this.address, &error))));
+                }
+                Poll::Ready(None) => this.data_done = true,
+            }
+        }
+        match this.recv.poll_trailers(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(trailers)) => {
+                this.done = true;
+                Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
+            }
+            Poll::Ready(Err(error)) => {
+                this.done = true;
+                Poll::Ready(Some(Err(sent_and_failed(&this.address, &error))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.recv.is_end_stream()
+    }
+}

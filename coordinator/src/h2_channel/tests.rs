@@ -1,0 +1,267 @@
+//! `H2Channel` against a small HTTP/2 server (the `h2` crate's) on loopback that speaks just
+//! enough gRPC for `Participant/Status`: answers, error statuses, restarts, and a peer that stops
+//! answering.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use treaty_proto::pb;
+use treaty_proto::pb::participant_client::ParticipantClient;
+
+use super::{H2Channel, KeepAlive};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Behaviour {
+    /// `StatusResponse { shard: <the request's gid> }`.
+    Echo,
+    /// A trailers-only answer: FAILED_PRECONDITION.
+    Refuse,
+}
+
+struct Server {
+    address: String,
+    /// Connections accepted so far.
+    accepted: Arc<AtomicUsize>,
+    /// Stops every connection from being polled (no more answers, no pongs); sockets stay open.
+    hang: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    async fn start(behaviour: Behaviour) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::on(listener, behaviour)
+    }
+
+    fn on(listener: TcpListener, behaviour: Behaviour) -> Server {
+        let address = listener.local_addr().expect("local address").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let hang = Arc::new(Notify::new());
+        let task = tokio::spawn({
+            let accepted = accepted.clone();
+            let hang = hang.clone();
+            async move {
+                // Dropped with this task, which aborts every connection: a stopped server's
+                // sockets close.
+                let mut connections = tokio::task::JoinSet::new();
+                while let Ok((socket, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    connections.spawn(serve(socket, behaviour, hang.clone()));
+                }
+            }
+        });
+        Server {
+            address,
+            accepted,
+            hang,
+            task,
+        }
+    }
+
+    /// Stops accepting and closes every connection; returns once the port is free again.
+    async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(socket: TcpStream, behaviour: Behaviour, hang: Arc<Notify>) {
+    let Ok(mut connection) = h2::server::handshake(socket).await else {
+        return;
+    };
+    loop {
+        let next = tokio::select! {
+            next = connection.accept() => next,
+            () = hang.notified() => {
+                // Keep the socket open and never poll it again: no answers, no pongs.
+                let _silent = connection;
+                return std::future::pending().await;
+            }
+        };
+        let Some(Ok((request, respond))) = next else {
+            return;
+        };
+        tokio::spawn(answer(request, respond, behaviour));
+    }
+}
+
+async fn answer(
+    request: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    behaviour: Behaviour,
+) {
+    assert_eq!(request.uri().path(), "/treaty.v1.Participant/Status");
+    let mut body = request.into_body();
+    let mut received = BytesMut::new();
+    while let Some(Ok(chunk)) = body.data().await {
+        let _ = body.flow_control().release_capacity(chunk.len());
+        received.extend_from_slice(&chunk);
+    }
+    // gRPC framing: 1 byte compressed flag, 4 bytes length, the message.
+    let request = pb::StatusRequest::decode(&received[5..]).expect("a StatusRequest");
+    let headers = |status: &str| {
+        http::Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .header("grpc-status", status)
+    };
+    match behaviour {
+        Behaviour::Refuse => {
+            let response = headers("9")
+                .header("grpc-message", "branch is still open")
+                .body(())
+                .expect("response");
+            let _ = respond.send_response(response, true);
+        }
+        Behaviour::Echo => {
+            let response = http::Response::builder()
+                .status(200)
+                .header("content-type", "application/grpc")
+                .body(())
+                .expect("response");
+            let Ok(mut stream) = respond.send_response(response, false) else {
+                return;
+            };
+            let message = pb::StatusResponse {
+                shard: request.gid,
+                ..Default::default()
+            }
+            .encode_to_vec();
+            let mut frame = BytesMut::new();
+            frame.put_u8(0);
+            frame.put_u32(message.len() as u32);
+            frame.extend_from_slice(&message);
+            let _ = stream.send_data(frame.freeze(), false);
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            let _ = stream.send_trailers(trailers);
+        }
+    }
+}
+
+fn client(url: &str) -> ParticipantClient<H2Channel> {
+    let keep_alive = KeepAlive {
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(200),
+    };
+    let channel = H2Channel::with_keep_alive(url, Duration::from_secs(1), keep_alive).expect("a valid URL");
+    ParticipantClient::new(channel)
+}
+
+async fn status(
+    client: &ParticipantClient<H2Channel>,
+    gid: &str,
+) -> Result<pb::StatusResponse, tonic::Status> {
+    let mut client = client.clone();
+    let request = pb::StatusRequest { gid: gid.to_owned() };
+    tokio::time::timeout(Duration::from_secs(5), client.status(request))
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("test call took over 5 s"))?
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn concurrent_calls_get_their_own_answers_over_one_connection() {
+    let server = Server::start(Behaviour::Echo).await;
+    let client = client(&server.url());
+    let calls = (0..32).map(|i| {
+        let client = client.clone();
+        async move { (i, status(&client, &format!("treaty:c1:{i}")).await) }
+    });
+    for (i, answer) in futures::future::join_all(calls).await {
+        let answer = answer.expect("the server answers every call");
+        assert_eq!(
+            answer.shard,
+            format!("treaty:c1:{i}"),
+            "call {i} got another call's answer"
+        );
+    }
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        1,
+        "every call shares one connection"
+    );
+}
+
+#[tokio::test]
+async fn an_error_status_reaches_the_caller_with_its_code_and_message() {
+    let server = Server::start(Behaviour::Refuse).await;
+    let error = status(&client(&server.url()), "treaty:c1:1")
+        .await
+        .expect_err("the server refuses");
+    assert_eq!(error.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(error.message(), "branch is still open");
+}
+
+#[tokio::test]
+async fn a_participant_that_is_down_is_unavailable_and_is_reached_once_it_is_back() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("local address");
+    drop(listener);
+    let client = client(&format!("http://{address}"));
+
+    let error = status(&client, "treaty:c1:1").await.expect_err("nothing listens");
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    assert!(error.message().contains("cannot connect"), "{error:?}");
+
+    let server = Server::on(TcpListener::bind(address).await.expect("rebind"), Behaviour::Echo);
+    let answer = status(&client, "treaty:c1:2")
+        .await
+        .expect("reached after the restart");
+    assert_eq!(answer.shard, "treaty:c1:2");
+
+    // The participant restarts again: its old connection is gone, a new one is opened.
+    server.stop().await;
+    let server = Server::on(TcpListener::bind(address).await.expect("rebind"), Behaviour::Echo);
+    let mut answered = false;
+    for _ in 0..50 {
+        // A call racing the close of the old connection may fail once; the next one reconnects.
+        if status(&client, "treaty:c1:3").await.is_ok() {
+            answered = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(answered, "calls never reached the restarted participant");
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_dropped_and_the_next_call_reconnects() {
+    let server = Server::start(Behaviour::Echo).await;
+    let client = client(&server.url());
+    status(&client, "treaty:c1:1").await.expect("first call");
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+
+    // The connection's socket stays open but nothing answers, not even pings.
+    server.hang.notify_waiters();
+    let mut answered = false;
+    for _ in 0..10 {
+        // A call sent before keep-alive gave up on the silent connection times out (5 s).
+        if status(&client, "treaty:c1:2").await.is_ok() {
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "no call got through after the connection went silent");
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        2,
+        "keep-alive dropped the silent connection and the call opened a new one"
+    );
+}
