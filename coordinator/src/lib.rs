@@ -94,10 +94,9 @@ pub async fn run(
         compact_after_bytes: config.compact_after_bytes,
     };
     let open_dir = dir.clone();
-    let synced = log_faults::SyncedLength::new(&dir);
     // The hooks cost an `Option` check per batch; without the feature they are not installed.
     let hooks = if cfg!(feature = "failpoints") {
-        synced.hooks()
+        log_faults::hooks(&dir)
     } else {
         TestHooks::default()
     };
@@ -105,7 +104,6 @@ pub async fn run(
         tokio::task::spawn_blocking(move || DecisionLog::open_with_hooks(&open_dir, options, hooks))
             .await?
             .map_err(log_error)?;
-    synced.opened();
     for damage in &replay.damage {
         tracing::warn!(kind = ?damage.kind, offset = damage.offset, length = damage.length, "decision log damage repaired: {}", damage.detail);
     }

@@ -20,13 +20,23 @@ pub enum CompactionStep {
 
 type Hook<T> = Option<Box<dyn Fn() -> T + Send + Sync>>;
 
+/// Where the log stands when an fsync of appended records is about to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsyncAt {
+    /// Bytes of `decisions.log` known durable: everything up to the previous fsync (or what the
+    /// log was opened or compacted with).
+    pub durable_len: u64,
+    /// Bytes written so far, the ones this fsync makes durable included.
+    pub file_len: u64,
+}
+
 #[derive(Default)]
 pub struct TestHooks {
     /// Runs on the writer thread after it received the first request of a batch, before it drains the
     /// rest: a hook that blocks makes every request sent meanwhile part of one batch.
     pub before_batch: Hook<()>,
     /// Runs before each fdatasync of appended records; an error is treated as the fsync's.
-    pub before_fsync: Hook<io::Result<()>>,
+    pub before_fsync: Option<Box<dyn Fn(FsyncAt) -> io::Result<()> + Send + Sync>>,
     /// Runs after each step of a compaction (including the one that repairs a damaged log on open).
     pub after_compaction_step: Option<Box<dyn Fn(CompactionStep) + Send + Sync>>,
 }
@@ -38,9 +48,9 @@ impl TestHooks {
         }
     }
 
-    pub(crate) fn before_fsync(&self) -> io::Result<()> {
+    pub(crate) fn before_fsync(&self, at: FsyncAt) -> io::Result<()> {
         match &self.before_fsync {
-            Some(hook) => hook(),
+            Some(hook) => hook(at),
             None => Ok(()),
         }
     }

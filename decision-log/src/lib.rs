@@ -92,7 +92,7 @@ use std::path::PathBuf;
 pub use error::{LogError, WriteFailure};
 pub use handle::DecisionLog;
 #[doc(hidden)]
-pub use hooks::{CompactionStep, TestHooks};
+pub use hooks::{CompactionStep, FsyncAt, TestHooks};
 
 /// The largest body (type + payload) of one record; also what replay accepts as a sane length.
 pub const MAX_RECORD_BODY_BYTES: u32 = 1 << 20;

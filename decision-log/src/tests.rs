@@ -16,8 +16,8 @@ use tempfile::TempDir;
 
 use crate::record::{FORMAT_VERSION, MAGIC, Record, decode_frame};
 use crate::{
-    CommitRecord, CompactionStep, Damage, DamageKind, DecisionLog, HeuristicDecision, HeuristicRecord,
-    LogError, LogOptions, PreCommitRecord, Replay, TestHooks,
+    CommitRecord, CompactionStep, Damage, DamageKind, DecisionLog, FsyncAt, HeuristicDecision,
+    HeuristicRecord, LogError, LogOptions, PreCommitRecord, Replay, TestHooks,
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1323,6 +1323,50 @@ fn acknowledged_commits_survive_sigkill_of_the_process() {
     assert!(txids(&replay).contains(&1_000_000));
 }
 
+/// The fsync hook is told what is durable: the length at the previous fsync, or what the log was
+/// opened with. The coordinator's "loses its unsynced tail" failpoint truncates to exactly that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fsync_hook_is_told_the_length_made_durable_by_the_previous_fsync() {
+    let dir = TempDir::new().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::<FsyncAt>::new()));
+    let recording = |seen: &Arc<Mutex<Vec<FsyncAt>>>| {
+        let seen = seen.clone();
+        TestHooks {
+            before_fsync: Some(Box::new(move |at| {
+                seen.lock().unwrap().push(at);
+                Ok(())
+            })),
+            ..TestHooks::default()
+        }
+    };
+    let (log, _) = open_with(dir.path(), LogOptions::default(), recording(&seen));
+    log.write_header("c1").await.unwrap();
+    log.commit(commit_record(1)).await.unwrap();
+    log.end(1);
+    log.commit(commit_record(2)).await.unwrap();
+    drop(log);
+    let first = seen.lock().unwrap().clone();
+    assert_eq!(first.len(), 3, "one fsync per forced write: {first:?}");
+    assert_eq!(first[0].durable_len, 0, "a new log has nothing durable");
+    for pair in first.windows(2) {
+        assert_eq!(pair[1].durable_len, pair[0].file_len, "{first:?}");
+        assert!(pair[1].file_len > pair[1].durable_len, "{first:?}");
+    }
+
+    // Reopened: what is on disk counts as durable.
+    let on_disk = std::fs::metadata(dir.path().join("decisions.log")).unwrap().len();
+    seen.lock().unwrap().clear();
+    let (log, _) = open_with(dir.path(), LogOptions::default(), recording(&seen));
+    log.commit(commit_record(3)).await.unwrap();
+    drop(log);
+    let reopened = seen.lock().unwrap().clone();
+    assert_eq!(
+        reopened.first().map(|at| at.durable_len),
+        Some(on_disk),
+        "{reopened:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // 8. Poisoning
 // ---------------------------------------------------------------------------------------------------------
@@ -1336,7 +1380,7 @@ async fn a_failed_fsync_poisons_the_log_for_good() {
         before_batch: Some(gate.hook()),
         before_fsync: Some({
             let fail = fail.clone();
-            Box::new(move || {
+            Box::new(move |_| {
                 if fail.load(Ordering::SeqCst) {
                     Err(std::io::Error::other("injected fsync failure"))
                 } else {

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{LogError, WriteFailure};
 use crate::files::{CompactionFailure, LogPaths, write_compacted};
-use crate::hooks::TestHooks;
+use crate::hooks::{FsyncAt, TestHooks};
 use crate::record::{FORMAT_VERSION, Record};
 use crate::state::LiveState;
 use crate::{CommitRecord, HeuristicRecord, LogStats, PreCommitRecord};
@@ -100,6 +100,8 @@ struct Loop {
     compact_at: u64,
     /// Bytes written since the last fdatasync (lazy end records), so a flush knows it must sync.
     unsynced: bool,
+    /// The file's length at the last fdatasync (or as opened or compacted): known durable.
+    synced_len: u64,
     buf: Vec<u8>,
     batch: Vec<Request>,
     waiters: Vec<Waiter>,
@@ -109,6 +111,7 @@ impl Writer {
     pub(crate) fn run(self, requests: Receiver<Request>) {
         let mut writer = Loop {
             compact_at: self.compact_after_bytes,
+            synced_len: self.file_len,
             log: self,
             unsynced: false,
             buf: Vec::with_capacity(64 * 1024),
@@ -214,9 +217,13 @@ impl Loop {
             Shared::count(&self.log.shared.bytes_written, len);
         }
         if forced && self.unsynced {
+            let at = FsyncAt {
+                durable_len: self.synced_len,
+                file_len: self.log.file_len,
+            };
             self.log
                 .hooks
-                .before_fsync()
+                .before_fsync(at)
                 .and_then(|()| self.log.file.sync_data())
                 .map_err(|source| WriteFailure {
                     action: "fdatasync of",
@@ -224,6 +231,7 @@ impl Loop {
                     source,
                 })?;
             self.unsynced = false;
+            self.synced_len = self.log.file_len;
             Shared::count(&self.log.shared.fsyncs, 1);
         }
         Ok(())
@@ -256,6 +264,7 @@ impl Loop {
                 );
                 self.log.file = file;
                 self.log.file_len = len;
+                self.synced_len = len;
                 self.unsynced = false;
                 // Twice the live size: a large live set must not make every batch compact.
                 self.compact_at = self.log.compact_after_bytes.max(len.saturating_mul(2));
