@@ -52,9 +52,14 @@ struct Inner {
     keep_alive: KeepAlive,
     /// The live connection, if any. Held only to clone or replace it, never across an await.
     current: Mutex<Option<Connection>>,
-    /// Serialises reconnects, so a burst of calls after a break opens one connection, not many.
-    connecting: tokio::sync::Mutex<()>,
+    /// Serialises connects, so a burst of calls after a break opens one connection, not many.
+    /// Holds the last attempt's failure, which the calls that waited for that attempt share.
+    connecting: Arc<tokio::sync::Mutex<Option<String>>>,
+    /// Connect attempts finished so far.
+    attempts: AtomicU64,
     next_id: AtomicU64,
+    /// Pongs received on any connection (tests await keep-alive rounds with it).
+    pongs: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -110,8 +115,10 @@ impl H2Channel {
                 connect_timeout,
                 keep_alive,
                 current: Mutex::new(None),
-                connecting: tokio::sync::Mutex::new(()),
+                connecting: Arc::new(tokio::sync::Mutex::new(None)),
+                attempts: AtomicU64::new(0),
                 next_id: AtomicU64::new(0),
+                pongs: Arc::new(AtomicU64::new(0)),
             }),
         })
     }
@@ -187,8 +194,9 @@ impl Inner {
             },
             None => None,
         };
-        let _connecting = self.connecting.lock().await;
-        // Another call may have reconnected while this one waited.
+        let seen = self.attempts.load(Ordering::Acquire);
+        let last_failure = self.connecting.clone().lock_owned().await;
+        // Another call may have connected while this one waited.
         let live = self.lock_current().clone();
         if let Some(connection) = live
             && Some(connection.id) != dead
@@ -196,9 +204,32 @@ impl Inner {
         {
             return Ok(sender);
         }
-        let connection = self.connect().await?;
-        *self.lock_current() = Some(connection.clone());
-        connection.sender.ready().await.map_err(|e| self.not_sent(&e))
+        if self.attempts.load(Ordering::Acquire) != seen
+            && let Some(failure) = last_failure.as_ref()
+        {
+            // The attempt this call waited for failed: share its answer rather than queue
+            // another full connect timeout behind it.
+            return Err(Status::unavailable(failure.clone()));
+        }
+        // The connect runs in its own task, holding the lock: a caller whose deadline passes
+        // mid-connect does not cancel it, and the calls waiting behind get its outcome.
+        let inner = self.clone();
+        let connected = tokio::spawn(async move {
+            let mut last_failure = last_failure;
+            let result = inner.connect().await;
+            match &result {
+                Ok(connection) => {
+                    *inner.lock_current() = Some(connection.clone());
+                    *last_failure = None;
+                }
+                Err(status) => *last_failure = Some(status.message().to_owned()),
+            }
+            inner.attempts.fetch_add(1, Ordering::Release);
+            result
+        })
+        .await
+        .map_err(|e| Status::unavailable(format!("connecting to {} did not finish: {e}", self.address)))??;
+        connected.sender.ready().await.map_err(|e| self.not_sent(&e))
     }
 
     async fn connect(self: &Arc<Self>) -> Result<Connection, Status> {
@@ -229,14 +260,17 @@ impl Inner {
         let ping_pong = connection.ping_pong();
         let owner = Arc::downgrade(self);
         let every = self.keep_alive;
+        let pongs = self.pongs.clone();
         tokio::spawn(async move {
             let outcome = tokio::select! {
                 result = &mut connection => match result {
                     Ok(()) => "closed".to_string(),
                     Err(error) => error.to_string(),
                 },
-                reason = keep_alive(ping_pong, every) => reason,
+                reason = keep_alive(ping_pong, every, &pongs) => reason,
             };
+            // Closed before it is forgotten: a call that still picks it up fails as not sent.
+            drop(connection);
             forget(&owner, id, &outcome);
         });
         tracing::debug!(address = %self.address, id, "connected to participant");
@@ -253,7 +287,7 @@ impl Inner {
 
     /// The request never reached the wire: safe to send again.
     fn not_sent(&self, error: &h2::Error) -> Status {
-        Status::unavailable(format!("connection to {} is closed: {error}", self.address))
+        Status::unavailable(format!("request not sent to {}: {error}", self.address))
     }
 }
 
@@ -270,14 +304,16 @@ fn forget(owner: &Weak<Inner>, id: u64, outcome: &str) {
 }
 
 /// Pings forever; returns (ending the connection) when a pong does not come back in time.
-async fn keep_alive(ping_pong: Option<h2::PingPong>, every: KeepAlive) -> String {
+async fn keep_alive(ping_pong: Option<h2::PingPong>, every: KeepAlive, pongs: &AtomicU64) -> String {
     let Some(mut ping_pong) = ping_pong else {
         return std::future::pending().await;
     };
     loop {
         tokio::time::sleep(every.interval).await;
         match tokio::time::timeout(every.timeout, ping_pong.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
+            Ok(Ok(_pong)) => {
+                pongs.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(Err(error)) => return format!("keep-alive ping failed: {error}"),
             Err(_) => {
                 return format!("no keep-alive pong within {} ms", every.timeout.as_millis());
@@ -290,13 +326,23 @@ async fn keep_alive(ping_pong: Option<h2::PingPong>, every: KeepAlive) -> String
 fn sent_and_failed(address: &str, error: &h2::Error) -> Status {
     use h2::Reason;
     use tonic::Code;
+    // tonic's table (`Status::code_from_h2`), which follows gRPC's PROTOCOL-HTTP2.md.
     let code = match error.reason() {
+        Some(
+            Reason::NO_ERROR
+            | Reason::PROTOCOL_ERROR
+            | Reason::INTERNAL_ERROR
+            | Reason::FLOW_CONTROL_ERROR
+            | Reason::SETTINGS_TIMEOUT
+            | Reason::FRAME_SIZE_ERROR
+            | Reason::COMPRESSION_ERROR
+            | Reason::CONNECT_ERROR,
+        ) => Code::Internal,
         Some(Reason::REFUSED_STREAM) => Code::Unavailable,
         Some(Reason::CANCEL) => Code::Cancelled,
         Some(Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
         Some(Reason::INADEQUATE_SECURITY) => Code::PermissionDenied,
-        Some(_) => Code::Internal,
-        None => Code::Unknown,
+        _ => Code::Unknown,
     };
     Status::new(code, format!("h2 protocol error talking to {address}: {error}"))
 }

@@ -613,8 +613,15 @@ async fn send_commit_batches(
                 Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
                     // A participant from before CommitBatch: one Commit per GID.
                     for (gid, answer) in gids_again.into_iter().zip(answers) {
-                        let result = client.commit(pb::FinishRequest { gid }).await;
-                        let _ = answer.send(result.map(|_| ()).map_err(PhaseTwoError::from));
+                        let call = client.commit(pb::FinishRequest { gid });
+                        let result = match tokio::time::timeout(PHASE_TWO_TIMEOUT, call).await {
+                            Ok(result) => result.map(|_| ()).map_err(PhaseTwoError::from),
+                            Err(_) => Err(PhaseTwoError::new(format!(
+                                "no answer within {} ms",
+                                PHASE_TWO_TIMEOUT.as_millis()
+                            ))),
+                        };
+                        let _ = answer.send(result);
                     }
                 }
                 Ok(Err(status)) => {

@@ -21,7 +21,14 @@ enum Behaviour {
     Echo,
     /// A trailers-only answer: FAILED_PRECONDITION.
     Refuse,
+    /// Headers, then UNIMPLEMENTED in the trailers (what an older participant answers).
+    UnimplementedInTrailers,
+    /// An answer larger than the client's 2 MiB stream window.
+    Large,
 }
+
+/// Bytes in a `Large` answer: more than one stream window, so the client must give the window back.
+const LARGE: usize = 3 * 1024 * 1024;
 
 struct Server {
     address: String,
@@ -128,7 +135,7 @@ async fn answer(
                 .expect("response");
             let _ = respond.send_response(response, true);
         }
-        Behaviour::Echo => {
+        Behaviour::UnimplementedInTrailers => {
             let response = http::Response::builder()
                 .status(200)
                 .header("content-type", "application/grpc")
@@ -137,8 +144,31 @@ async fn answer(
             let Ok(mut stream) = respond.send_response(response, false) else {
                 return;
             };
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("12"));
+            trailers.insert(
+                "grpc-message",
+                http::HeaderValue::from_static("no CommitBatch here"),
+            );
+            let _ = stream.send_trailers(trailers);
+        }
+        Behaviour::Echo | Behaviour::Large => {
+            let response = http::Response::builder()
+                .status(200)
+                .header("content-type", "application/grpc")
+                .body(())
+                .expect("response");
+            let Ok(mut stream) = respond.send_response(response, false) else {
+                return;
+            };
+            let database = if behaviour == Behaviour::Large {
+                "x".repeat(LARGE)
+            } else {
+                String::new()
+            };
             let message = pb::StatusResponse {
                 shard: request.gid,
+                database,
                 ..Default::default()
             }
             .encode_to_vec();
@@ -155,12 +185,28 @@ async fn answer(
 }
 
 fn client(url: &str) -> ParticipantClient<H2Channel> {
+    ParticipantClient::new(H2Channel::new(url, Duration::from_secs(1)).expect("a valid URL"))
+}
+
+/// A channel that pings every 50 ms and gives up on a pong after 500 ms.
+fn fast_keep_alive_channel(url: &str) -> H2Channel {
     let keep_alive = KeepAlive {
-        interval: Duration::from_millis(100),
-        timeout: Duration::from_millis(200),
+        interval: Duration::from_millis(50),
+        timeout: Duration::from_millis(500),
     };
-    let channel = H2Channel::with_keep_alive(url, Duration::from_secs(1), keep_alive).expect("a valid URL");
-    ParticipantClient::new(channel)
+    H2Channel::with_keep_alive(url, Duration::from_secs(1), keep_alive).expect("a valid URL")
+}
+
+/// Waits (bounded) until the channel has received `n` more pongs than it had.
+async fn await_pongs(channel: &H2Channel, n: u64) {
+    let start = channel.inner.pongs.load(Ordering::Relaxed);
+    let waited = tokio::time::timeout(Duration::from_secs(10), async {
+        while channel.inner.pongs.load(Ordering::Relaxed) < start + n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "no {n} keep-alive rounds within 10 s");
 }
 
 async fn status(
@@ -242,9 +288,46 @@ async fn a_participant_that_is_down_is_unavailable_and_is_reached_once_it_is_bac
 }
 
 #[tokio::test]
+async fn an_error_status_in_the_trailers_reaches_the_caller() {
+    let server = Server::start(Behaviour::UnimplementedInTrailers).await;
+    let error = status(&client(&server.url()), "treaty:c1:1")
+        .await
+        .expect_err("the server has no such method");
+    // participants.rs falls back from CommitBatch to Commit on exactly this code.
+    assert_eq!(error.code(), tonic::Code::Unimplemented, "{error:?}");
+    assert_eq!(error.message(), "no CommitBatch here");
+}
+
+#[tokio::test]
+async fn an_answer_larger_than_the_stream_window_arrives_whole() {
+    let server = Server::start(Behaviour::Large).await;
+    let answer = status(&client(&server.url()), "treaty:c1:1")
+        .await
+        .expect("the whole answer: the client gives the flow-control window back as it reads");
+    assert_eq!(answer.database.len(), LARGE);
+}
+
+#[tokio::test]
+async fn a_healthy_connection_survives_keep_alive_rounds() {
+    let server = Server::start(Behaviour::Echo).await;
+    let channel = fast_keep_alive_channel(&server.url());
+    let client = ParticipantClient::new(channel.clone());
+    status(&client, "treaty:c1:1").await.expect("first call");
+    await_pongs(&channel, 3).await;
+    status(&client, "treaty:c1:2")
+        .await
+        .expect("a call after the pings");
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        1,
+        "the answered pings kept the connection"
+    );
+}
+
+#[tokio::test]
 async fn a_peer_that_stops_answering_pings_is_dropped_and_the_next_call_reconnects() {
     let server = Server::start(Behaviour::Echo).await;
-    let client = client(&server.url());
+    let client = ParticipantClient::new(fast_keep_alive_channel(&server.url()));
     status(&client, "treaty:c1:1").await.expect("first call");
     assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
 
