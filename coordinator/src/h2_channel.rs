@@ -44,8 +44,9 @@ pub struct H2Channel {
 }
 
 struct Inner {
-    /// `host:port`, as dialled.
-    address: String,
+    /// `host:port`, as dialled; shared with every response body (for its error messages) without
+    /// a copy per call.
+    address: Arc<str>,
     scheme: Scheme,
     authority: Authority,
     connect_timeout: Duration,
@@ -55,9 +56,8 @@ struct Inner {
     /// Serialises connects, so a burst of calls after a break opens one connection, not many.
     /// Holds the last attempt's failure, which the calls that waited for that attempt share.
     connecting: Arc<tokio::sync::Mutex<Option<String>>>,
-    /// Connect attempts finished so far.
+    /// Connect attempts finished so far; the next attempt's number is its connection's id.
     attempts: AtomicU64,
-    next_id: AtomicU64,
     /// Pongs received on any connection (tests await keep-alive rounds with it).
     pongs: Arc<AtomicU64>,
 }
@@ -106,7 +106,7 @@ impl H2Channel {
             return Err(ChannelUrlError::Scheme(scheme.to_string()));
         }
         let authority = uri.authority().cloned().ok_or(ChannelUrlError::NoHost)?;
-        let address = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
+        let address: Arc<str> = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80)).into();
         Ok(Self {
             inner: Arc::new(Inner {
                 address,
@@ -117,7 +117,6 @@ impl H2Channel {
                 current: Mutex::new(None),
                 connecting: Arc::new(tokio::sync::Mutex::new(None)),
                 attempts: AtomicU64::new(0),
-                next_id: AtomicU64::new(0),
                 pongs: Arc::new(AtomicU64::new(0)),
             }),
         })
@@ -216,7 +215,9 @@ impl Inner {
         let inner = self.clone();
         let connected = tokio::spawn(async move {
             let mut last_failure = last_failure;
-            let result = inner.connect().await;
+            // Stable while the lock is held: only the holder ends an attempt.
+            let id = inner.attempts.load(Ordering::Acquire);
+            let result = inner.connect(id).await;
             match &result {
                 Ok(connection) => {
                     *inner.lock_current() = Some(connection.clone());
@@ -232,10 +233,10 @@ impl Inner {
         connected.sender.ready().await.map_err(|e| self.not_sent(&e))
     }
 
-    async fn connect(self: &Arc<Self>) -> Result<Connection, Status> {
+    async fn connect(self: &Arc<Self>, id: u64) -> Result<Connection, Status> {
         let unavailable =
             |what: String| Status::unavailable(format!("cannot connect to {}: {what}", self.address));
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.address))
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&*self.address))
             .await
             .map_err(|_| {
                 unavailable(format!(
@@ -256,7 +257,6 @@ impl Inner {
         .await
         .map_err(|_| unavailable("no HTTP/2 handshake within the connect timeout".into()))?
         .map_err(|e| unavailable(format!("HTTP/2 handshake: {e}")))?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let ping_pong = connection.ping_pong();
         let owner = Arc::downgrade(self);
         let every = self.keep_alive;
@@ -347,35 +347,29 @@ fn sent_and_failed(address: &str, error: &h2::Error) -> Status {
     Status::new(code, format!("h2 protocol error talking to {address}: {error}"))
 }
 
-/// A unary request's body: the one encoded message (more frames are joined).
+/// A unary request's body: the one encoded message (frames, should there be several, joined).
 async fn collect(mut body: tonic::body::Body) -> Result<Bytes, Status> {
-    let mut first: Option<Bytes> = None;
-    let mut rest: Option<BytesMut> = None;
+    let mut message = Bytes::new();
     while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
         let Ok(data) = frame?.into_data() else {
             continue; // request trailers: gRPC clients send none
         };
-        match (&mut first, &mut rest) {
-            (None, _) => first = Some(data),
-            (Some(first), None) => {
-                let mut joined = BytesMut::from(&first[..]);
-                joined.extend_from_slice(&data);
-                rest = Some(joined);
-            }
-            (Some(_), Some(joined)) => joined.extend_from_slice(&data),
-        }
+        message = if message.is_empty() {
+            data
+        } else {
+            let mut joined = BytesMut::with_capacity(message.len() + data.len());
+            joined.extend_from_slice(&message);
+            joined.extend_from_slice(&data);
+            joined.freeze()
+        };
     }
-    Ok(match (first, rest) {
-        (_, Some(joined)) => joined.freeze(),
-        (Some(first), None) => first,
-        (None, None) => Bytes::new(),
-    })
+    Ok(message)
 }
 
 /// A response's body: its DATA frames, then its trailers (where gRPC puts the status).
 pub struct ResponseBody {
     recv: h2::RecvStream,
-    address: String,
+    address: Arc<str>,
     data_done: bool,
     done: bool,
 }

@@ -546,6 +546,11 @@ impl PhaseTwoError {
             contradicts: false,
         }
     }
+
+    /// No answer within `PHASE_TWO_TIMEOUT`: counted as lost, and sent again.
+    fn lost() -> Self {
+        Self::new(format!("no answer within {} ms", PHASE_TWO_TIMEOUT.as_millis()))
+    }
 }
 
 impl From<tonic::Status> for PhaseTwoError {
@@ -616,10 +621,7 @@ async fn send_commit_batches(
                         let call = client.commit(pb::FinishRequest { gid });
                         let result = match tokio::time::timeout(PHASE_TWO_TIMEOUT, call).await {
                             Ok(result) => result.map(|_| ()).map_err(PhaseTwoError::from),
-                            Err(_) => Err(PhaseTwoError::new(format!(
-                                "no answer within {} ms",
-                                PHASE_TWO_TIMEOUT.as_millis()
-                            ))),
+                            Err(_) => Err(PhaseTwoError::lost()),
                         };
                         let _ = answer.send(result);
                     }
@@ -630,9 +632,8 @@ async fn send_commit_batches(
                     }
                 }
                 Err(_) => {
-                    let lost = format!("no answer within {} ms", PHASE_TWO_TIMEOUT.as_millis());
                     for answer in answers {
-                        let _ = answer.send(Err(PhaseTwoError::new(lost.clone())));
+                        let _ = answer.send(Err(PhaseTwoError::lost()));
                     }
                 }
             }

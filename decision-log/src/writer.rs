@@ -98,9 +98,8 @@ pub(crate) struct Writer {
 struct Loop {
     log: Writer,
     compact_at: u64,
-    /// Bytes written since the last fdatasync (lazy end records), so a flush knows it must sync.
-    unsynced: bool,
-    /// The file's length at the last fdatasync (or as opened or compacted): known durable.
+    /// The file's length at the last fdatasync (or as opened or compacted): known durable. Bytes
+    /// beyond it (lazy end records) tell a flush that it must sync.
     synced_len: u64,
     buf: Vec<u8>,
     batch: Vec<Request>,
@@ -113,7 +112,6 @@ impl Writer {
             compact_at: self.compact_after_bytes,
             synced_len: self.file_len,
             log: self,
-            unsynced: false,
             buf: Vec::with_capacity(64 * 1024),
             batch: Vec::with_capacity(256),
             waiters: Vec::with_capacity(256),
@@ -129,6 +127,10 @@ impl Writer {
 }
 
 impl Loop {
+    fn unsynced(&self) -> bool {
+        self.log.file_len != self.synced_len
+    }
+
     fn process_batch(&mut self) {
         let mut batch = std::mem::take(&mut self.batch);
         if let Some(failure) = self.log.shared.poison.get().cloned() {
@@ -213,10 +215,9 @@ impl Loop {
                 })?;
             let len = self.buf.len() as u64;
             self.log.file_len += len;
-            self.unsynced = true;
             Shared::count(&self.log.shared.bytes_written, len);
         }
-        if forced && self.unsynced {
+        if forced && self.unsynced() {
             let at = FsyncAt {
                 durable_len: self.synced_len,
                 file_len: self.log.file_len,
@@ -230,7 +231,6 @@ impl Loop {
                     path: path.clone(),
                     source,
                 })?;
-            self.unsynced = false;
             self.synced_len = self.log.file_len;
             Shared::count(&self.log.shared.fsyncs, 1);
         }
@@ -265,7 +265,6 @@ impl Loop {
                 self.log.file = file;
                 self.log.file_len = len;
                 self.synced_len = len;
-                self.unsynced = false;
                 // Twice the live size: a large live set must not make every batch compact.
                 self.compact_at = self.log.compact_after_bytes.max(len.saturating_mul(2));
                 Shared::count(&self.log.shared.compactions, 1);
@@ -291,7 +290,7 @@ impl Loop {
 
     /// Lazy end records still in the page cache: sync them when the last handle goes, best effort.
     fn sync_at_exit(&mut self) {
-        if !self.unsynced || self.log.shared.poison.get().is_some() {
+        if !self.unsynced() || self.log.shared.poison.get().is_some() {
             return;
         }
         match self.log.file.sync_data() {
