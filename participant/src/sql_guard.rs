@@ -15,9 +15,10 @@ pub struct Analysis {
     pub statements: usize,
     /// A statement may change session state that would outlive the branch on its pooled
     /// connection: plain `SET` and `RESET`, a `DO` block (it may run any of them, even
-    /// `DEALLOCATE`, through `EXECUTE`), SQL-level `PREPARE`, or a temporary table. Such a
-    /// connection is closed instead of reused. (A function the client calls can still change a
-    /// setting, e.g. `set_config(..., false)`; the leading keywords cannot show that.)
+    /// `DEALLOCATE`, through `EXECUTE`), SQL-level `PREPARE`, a temporary table, or a call of
+    /// `set_config` whose third argument is not the literal `true`. Such a connection is closed
+    /// instead of reused. (A function of the client's own that changes a setting inside its body
+    /// cannot be seen from here.)
     pub changes_session: bool,
     /// A single statement that leads with `INSERT`, `UPDATE`, `DELETE` or `MERGE`: when it reports
     /// affected rows, the branch certainly wrote, and the vote can skip asking PostgreSQL whether it
@@ -54,7 +55,8 @@ pub fn check(sql: &str, opening: bool) -> Result<Analysis, Refusal> {
     let statements = split(sql);
     let count = statements.len();
     let mut changes_session = false;
-    for (index, words) in statements.iter().enumerate() {
+    for (index, Parsed { words, sets_config }) in statements.iter().enumerate() {
+        changes_session |= sets_config;
         let word = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
         let refuse = |keywords: usize, why: &'static str| Refusal {
             statement: words[..keywords.min(words.len())].join(" "),
@@ -91,7 +93,7 @@ pub fn check(sql: &str, opening: bool) -> Result<Analysis, Refusal> {
     let single_write = count == 1
         && statements
             .first()
-            .and_then(|words| words.first())
+            .and_then(|statement| statement.words.first())
             .is_some_and(|word| matches!(word.as_str(), "INSERT" | "UPDATE" | "DELETE" | "MERGE"));
     Ok(Analysis {
         statements: count,
@@ -103,8 +105,16 @@ pub fn check(sql: &str, opening: bool) -> Result<Analysis, Refusal> {
 /// How many leading keywords of a statement the rules look at.
 const LEADING_WORDS: usize = 3;
 
-/// The leading keywords (upper-cased) of every non-empty statement.
-fn split(sql: &str) -> Vec<Vec<String>> {
+/// What the rules need from one non-empty statement.
+struct Parsed {
+    /// Its leading keywords, upper-cased.
+    words: Vec<String>,
+    /// It calls `set_config` with a session-wide effect (or one this lexer cannot rule out).
+    sets_config: bool,
+}
+
+/// Every non-empty statement of `sql`.
+fn split(sql: &str) -> Vec<Parsed> {
     let mut statements = Vec::new();
     let mut current = Statement::default();
     for token in Lexer::new(sql) {
@@ -115,7 +125,8 @@ fn split(sql: &str) -> Vec<Vec<String>> {
                 }
                 current = Statement::default();
             }
-            Token::Semicolon | Token::Other => current.other(),
+            Token::Semicolon | Token::Other => current.other(None),
+            Token::Punctuation(byte) => current.other(Some(byte)),
             Token::Word(word) => current.word(word),
         }
     }
@@ -134,11 +145,55 @@ struct Statement {
     tokens: usize,
     previous: Option<String>,
     atomic_depth: usize,
+    set_config: SetConfig,
+    sets_config: bool,
+}
+
+/// Where the statement is in a `set_config(name, value, is_local)` call. Only `is_local` written
+/// as the literal `true` keeps the setting inside the branch's transaction (the usual row-level
+/// security idiom); `false`, a parameter or an expression may change it for the whole session.
+#[derive(Default, Clone, Copy, PartialEq)]
+enum SetConfig {
+    #[default]
+    Outside,
+    /// Just read the word `set_config`: a call if `(` follows.
+    Named,
+    /// Inside the call's parentheses.
+    Arguments {
+        depth: usize,
+        commas: usize,
+        third: ThirdArgument,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum ThirdArgument {
+    NotYet,
+    LiteralTrue,
+    Anything,
 }
 
 impl Statement {
     fn word(&mut self, word: &str) {
         let upper = word.to_ascii_uppercase();
+        self.set_config = match self.set_config {
+            SetConfig::Arguments {
+                depth,
+                commas: 2,
+                third,
+            } => SetConfig::Arguments {
+                depth,
+                commas: 2,
+                third: if depth == 1 && third == ThirdArgument::NotYet && upper == "TRUE" {
+                    ThirdArgument::LiteralTrue
+                } else {
+                    ThirdArgument::Anything
+                },
+            },
+            arguments @ SetConfig::Arguments { .. } => arguments,
+            SetConfig::Outside | SetConfig::Named if upper == "SET_CONFIG" => SetConfig::Named,
+            SetConfig::Outside | SetConfig::Named => SetConfig::Outside,
+        };
         if self.tokens == 0 {
             self.leading = true;
         }
@@ -157,14 +212,61 @@ impl Statement {
         self.previous = Some(upper);
     }
 
-    fn other(&mut self) {
+    /// A token that is not a word; `punctuation` is its byte when it is a single one.
+    fn other(&mut self, punctuation: Option<u8>) {
         self.tokens += 1;
         self.leading = false;
         self.previous = None;
+        self.set_config = match (self.set_config, punctuation) {
+            (SetConfig::Named, Some(b'(')) => SetConfig::Arguments {
+                depth: 1,
+                commas: 0,
+                third: ThirdArgument::NotYet,
+            },
+            (
+                SetConfig::Arguments {
+                    depth: 1,
+                    commas,
+                    third,
+                },
+                Some(b')'),
+            ) => {
+                self.sets_config |= !(commas == 2 && third == ThirdArgument::LiteralTrue);
+                SetConfig::Outside
+            }
+            (SetConfig::Arguments { depth, commas, third }, Some(byte)) => SetConfig::Arguments {
+                depth: match byte {
+                    b'(' => depth + 1,
+                    b')' => depth - 1,
+                    _ => depth,
+                },
+                commas: commas + usize::from(depth == 1 && byte == b','),
+                third: if commas == 2 {
+                    ThirdArgument::Anything
+                } else {
+                    third
+                },
+            },
+            (SetConfig::Arguments { depth, commas, .. }, None) => SetConfig::Arguments {
+                depth,
+                commas,
+                third: if commas == 2 {
+                    ThirdArgument::Anything
+                } else {
+                    ThirdArgument::NotYet
+                },
+            },
+            (SetConfig::Outside | SetConfig::Named, _) => SetConfig::Outside,
+        };
     }
 
-    fn finish(self) -> Option<Vec<String>> {
-        (self.tokens > 0).then_some(self.words)
+    fn finish(self) -> Option<Parsed> {
+        // A call the statement never closed is not known to be local.
+        let unfinished = matches!(self.set_config, SetConfig::Arguments { .. });
+        (self.tokens > 0).then_some(Parsed {
+            words: self.words,
+            sets_config: self.sets_config || unfinished,
+        })
     }
 }
 
@@ -172,7 +274,9 @@ impl Statement {
 enum Token<'a> {
     Word(&'a str),
     Semicolon,
-    /// Anything else: punctuation, numbers, strings, quoted identifiers, parameters.
+    /// One byte of punctuation or an operator, e.g. `(`, `,`, `=`.
+    Punctuation(u8),
+    /// Anything else: numbers, strings, quoted identifiers, parameters.
     Other,
 }
 
@@ -317,9 +421,18 @@ impl<'a> Iterator for Lexer<'a> {
                     }
                     return Some(Token::Word(word));
                 }
-                _ => {
-                    self.position += 1;
+                b if b.is_ascii_digit() => {
+                    while self
+                        .peek(0)
+                        .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'.')
+                    {
+                        self.position += 1;
+                    }
                     return Some(Token::Other);
+                }
+                other => {
+                    self.position += 1;
+                    return Some(Token::Punctuation(other));
                 }
             }
         }
@@ -479,6 +592,33 @@ mod tests {
         assert!(accepted("CREATE TEMP TABLE t (k int)").changes_session);
         assert!(accepted("create local temporary table t (k int)").changes_session);
         assert!(!accepted("CREATE TABLE t (k int)").changes_session);
+    }
+
+    #[test]
+    fn set_config_changes_the_session_unless_it_is_literally_local() {
+        for session in [
+            "SELECT set_config('app.user', 'alice', false)",
+            "SELECT pg_catalog.SET_CONFIG('app.user', 'alice', FALSE)",
+            "SELECT set_config('app.user', $1, $2)",
+            "SELECT set_config('app.user', 'alice', (true))",
+            "SELECT set_config('app.user', 'alice', true OR x)",
+            "SELECT set_config('app.user', 'alice')",
+            "SELECT 1; SELECT set_config('app.user', lower('A'), false) FROM t",
+            "SELECT set_config('app.user', 'alice', true), set_config('b', '1', false)",
+            "SELECT set_config('app.user', 'alice', true",
+        ] {
+            assert!(accepted(session).changes_session, "{session}");
+        }
+        for local in [
+            "SELECT set_config('app.user', 'alice', true)",
+            "select set_config('app.user', concat('a', 'b,c', f(1, 2)), TRUE) from t",
+            "SELECT set_config('app.user', $1, true); UPDATE t SET v = 1",
+            "SELECT 'set_config(1, 2, false)', \"set_config\" FROM t",
+            "SELECT set_config_value FROM t",
+            "UPDATE t SET set_config = 1.5e3",
+        ] {
+            assert!(!accepted(local).changes_session, "{local}");
+        }
     }
 
     #[test]

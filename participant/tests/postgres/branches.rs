@@ -5,7 +5,7 @@ use std::time::Duration;
 use tonic::Code;
 use treaty_proto::{ApiError, pb};
 
-use crate::support::{Env, SERVER, int, state, text, vote};
+use crate::support::{Env, SERVER, boolean, int, state, text, vote};
 
 async fn kv(env: &Env) {
     env.db
@@ -497,19 +497,32 @@ async fn session_settings_do_not_leak_into_other_branches() {
     let Some(env) = Env::start("session-leak", |c| c.max_connections = 1).await else {
         return;
     };
-    let gid = env.gid(1);
-    env.execute(&gid, "SET search_path = nowhere", vec![])
-        .await
-        .unwrap();
-    assert_eq!(
-        env.commit_one_phase(&gid).await.unwrap(),
-        pb::BranchState::Committed
-    );
-    let next = env.gid(2);
-    let result = env.execute(&next, "SHOW search_path", vec![]).await.unwrap();
-    assert_eq!(result.rows[0].values[0], text("\"$user\", public"));
-    assert_eq!(
-        env.commit_one_phase(&next).await.unwrap(),
-        pb::BranchState::Committed
-    );
+    // With one connection, every branch reuses the previous one's unless it was closed.
+    let changes = [
+        ("SET search_path = nowhere", vec![]),
+        ("SELECT set_config('search_path', 'nowhere', false)", vec![]),
+        (
+            "SELECT set_config('search_path', $1, $2)",
+            vec![text("nowhere"), boolean(false)],
+        ),
+    ];
+    for (n, (sql, params)) in changes.into_iter().enumerate() {
+        let gid = env.gid(2 * n as u64 + 1);
+        env.execute(&gid, sql, params).await.unwrap();
+        assert_eq!(
+            env.commit_one_phase(&gid).await.unwrap(),
+            pb::BranchState::Committed
+        );
+        let next = env.gid(2 * n as u64 + 2);
+        let result = env.execute(&next, "SHOW search_path", vec![]).await.unwrap();
+        assert_eq!(
+            result.rows[0].values[0],
+            text("\"$user\", public"),
+            "{sql} leaked into the next branch"
+        );
+        assert_eq!(
+            env.commit_one_phase(&next).await.unwrap(),
+            pb::BranchState::Committed
+        );
+    }
 }

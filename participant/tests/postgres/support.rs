@@ -498,6 +498,10 @@ pub fn text(v: &str) -> pb::Value {
     value(pb::value::Kind::Text(v.into()))
 }
 
+pub fn boolean(v: bool) -> pb::Value {
+    value(pb::value::Kind::Bool(v))
+}
+
 pub fn null() -> pb::Value {
     value(pb::value::Kind::Null(true))
 }
