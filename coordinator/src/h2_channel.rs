@@ -9,10 +9,13 @@
 //! request's body is in memory before the stream opens, so it is queued with the HEADERS and
 //! both leave in one write; the caller's task talks to the connection task directly.
 //!
-//! Errors are `tonic::Status`: a call that never reached the wire (no connection, connection
-//! already closed) is `UNAVAILABLE`, which is always safe to retry; a failure after the request
-//! was sent is mapped from the HTTP/2 error the way tonic maps it (an I/O failure is `UNKNOWN`:
-//! the participant may have acted on it).
+//! Errors are `tonic::Status`. A call the participant certainly did not act on is sent once more
+//! before it fails: one that never reached the wire (the connection was already closed), one
+//! above the last stream a `GOAWAY` says was processed (a participant shutting down), or one
+//! reset with `REFUSED_STREAM` (RFC 9113 §8.7: "no application processing"). If the second try
+//! fails the same way, the call is `UNAVAILABLE`, which is always safe to retry. Any other
+//! failure after the request was sent is mapped from the HTTP/2 error the way tonic maps it (an
+//! I/O failure is `UNKNOWN`: the participant may have acted on it).
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
@@ -161,26 +164,60 @@ impl Inner {
             .build()
             .map_err(|e| Status::internal(format!("building the request URI for {}: {e}", self.address)))?;
         parts.version = http::Version::HTTP_2;
-        let request = Request::from_parts(parts, ());
-
-        let mut sender = self.ready_sender().await?;
-        let end_of_stream = body.is_empty();
-        let (response, mut stream) = sender
-            .send_request(request, end_of_stream)
-            .map_err(|e| self.not_sent(&e))?;
-        if !end_of_stream {
-            // Queued without waiting for send capacity: h2 writes it right after the HEADERS once
-            // the stream opens. The body is one message already in memory, so nothing unbounded
-            // is buffered.
-            stream.send_data(body, true).map_err(|e| self.not_sent(&e))?;
+        // h2 consumes the request even when it refuses it, so the second try needs a copy made
+        // beforehand (the headers are the only allocation: the URI and body are reference
+        // counted).
+        let mut first_try = Request::new(());
+        *first_try.method_mut() = parts.method.clone();
+        *first_try.uri_mut() = parts.uri.clone();
+        *first_try.version_mut() = parts.version;
+        *first_try.headers_mut() = parts.headers.clone();
+        let response = match self.send_once(first_try, body.clone()).await {
+            Err(Failure::NotProcessed(first)) => {
+                // The next ready sender is the same connection if it still takes streams, or a
+                // new one if it is closing (h2 refuses new streams after a GOAWAY).
+                tracing::debug!(address = %self.address, %first, "call not processed; sending it again");
+                self.send_once(Request::from_parts(parts, ()), body).await
+            }
+            first => first,
         }
-        let response = response.await.map_err(|e| sent_and_failed(&self.address, &e))?;
+        .map_err(Failure::into_status)?;
         Ok(response.map(|recv| ResponseBody {
             recv,
             address: self.address.clone(),
             data_done: false,
             done: false,
         }))
+    }
+
+    /// One try. `NotProcessed` when the participant certainly did not act on the request.
+    async fn send_once(
+        self: &Arc<Self>,
+        request: Request<()>,
+        body: Bytes,
+    ) -> Result<Response<h2::RecvStream>, Failure> {
+        let mut sender = self.ready_sender().await.map_err(Failure::Other)?;
+        let end_of_stream = body.is_empty();
+        let (response, mut stream) = sender
+            .send_request(request, end_of_stream)
+            .map_err(|e| self.not_processed("request not sent to", &e))?;
+        if !end_of_stream {
+            // Queued without waiting for send capacity: h2 writes it right after the HEADERS once
+            // the stream opens. The body is one message already in memory, so nothing unbounded
+            // is buffered.
+            stream
+                .send_data(body, true)
+                .map_err(|e| self.not_processed("request not sent to", &e))?;
+        }
+        response.await.map_err(|error| {
+            let refused = error.is_remote()
+                && (error.is_go_away() || error.reason() == Some(h2::Reason::REFUSED_STREAM));
+            if refused {
+                self.not_processed("request refused unprocessed by", &error)
+            } else {
+                Failure::Other(sent_and_failed(&self.address, &error))
+            }
+        })
     }
 
     /// A sender ready for one more stream: the live connection's, or a new connection's.
@@ -288,6 +325,26 @@ impl Inner {
     /// The request never reached the wire: safe to send again.
     fn not_sent(&self, error: &h2::Error) -> Status {
         Status::unavailable(format!("request not sent to {}: {error}", self.address))
+    }
+
+    fn not_processed(&self, what: &str, error: &h2::Error) -> Failure {
+        Failure::NotProcessed(Status::unavailable(format!("{what} {}: {error}", self.address)))
+    }
+}
+
+/// Why one try of a call failed.
+enum Failure {
+    /// The participant did not act on the request (`UNAVAILABLE`): it may be sent again.
+    NotProcessed(Status),
+    /// Anything else, coded as the caller gets it.
+    Other(Status),
+}
+
+impl Failure {
+    fn into_status(self) -> Status {
+        match self {
+            Failure::NotProcessed(status) | Failure::Other(status) => status,
+        }
     }
 }
 

@@ -25,7 +25,18 @@ enum Behaviour {
     UnimplementedInTrailers,
     /// An answer larger than the client's 2 MiB stream window.
     Large,
+    /// The first request this server gets is reset with REFUSED_STREAM (as a server at its stream
+    /// limit does); later ones are echoed.
+    RefuseFirstStream,
+    /// Every request is reset with REFUSED_STREAM.
+    RefuseEveryStream,
+    /// The first connection answers its first request with a GOAWAY saying no stream was
+    /// processed (as a server shutting down does); later connections echo.
+    GoAwayFirstConnection,
 }
+
+/// An echoing server never answers a request for this GID.
+const NEVER_ANSWERED: &str = "treaty:c1:never";
 
 /// Bytes in a `Large` answer: more than one stream window, so the client must give the window back.
 const LARGE: usize = 3 * 1024 * 1024;
@@ -34,6 +45,8 @@ struct Server {
     address: String,
     /// Connections accepted so far.
     accepted: Arc<AtomicUsize>,
+    /// Requests received so far, answered or not (on connections `serve` speaks on).
+    requests: Arc<AtomicUsize>,
     /// Stops every connection from being polled (no more answers, no pongs); sockets stay open.
     hang: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
@@ -48,23 +61,35 @@ impl Server {
     fn on(listener: TcpListener, behaviour: Behaviour) -> Server {
         let address = listener.local_addr().expect("local address").to_string();
         let accepted = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
         let hang = Arc::new(Notify::new());
         let task = tokio::spawn({
             let accepted = accepted.clone();
+            let requests = requests.clone();
             let hang = hang.clone();
             async move {
                 // Dropped with this task, which aborts every connection: a stopped server's
                 // sockets close.
                 let mut connections = tokio::task::JoinSet::new();
                 while let Ok((socket, _)) = listener.accept().await {
-                    accepted.fetch_add(1, Ordering::SeqCst);
-                    connections.spawn(serve(socket, behaviour, hang.clone()));
+                    let first = accepted.fetch_add(1, Ordering::SeqCst) == 0;
+                    if behaviour == Behaviour::GoAwayFirstConnection && first {
+                        connections.spawn(go_away_unprocessed(socket));
+                        continue;
+                    }
+                    let connection = Connection {
+                        behaviour,
+                        requests: requests.clone(),
+                        hang: hang.clone(),
+                    };
+                    connections.spawn(serve(socket, connection));
                 }
             }
         });
         Server {
             address,
             accepted,
+            requests,
             hang,
             task,
         }
@@ -87,23 +112,75 @@ impl Drop for Server {
     }
 }
 
-async fn serve(socket: TcpStream, behaviour: Behaviour, hang: Arc<Notify>) {
+/// What one served connection shares with its server.
+struct Connection {
+    behaviour: Behaviour,
+    requests: Arc<AtomicUsize>,
+    hang: Arc<Notify>,
+}
+
+async fn serve(socket: TcpStream, shared: Connection) {
     let Ok(mut connection) = h2::server::handshake(socket).await else {
         return;
     };
     loop {
         let next = tokio::select! {
             next = connection.accept() => next,
-            () = hang.notified() => {
+            () = shared.hang.notified() => {
                 // Keep the socket open and never poll it again: no answers, no pongs.
                 let _silent = connection;
                 return std::future::pending().await;
             }
         };
-        let Some(Ok((request, respond))) = next else {
+        let Some(Ok((request, mut respond))) = next else {
             return;
         };
-        tokio::spawn(answer(request, respond, behaviour));
+        let nth = shared.requests.fetch_add(1, Ordering::SeqCst);
+        let refuse = match shared.behaviour {
+            Behaviour::RefuseFirstStream => nth == 0,
+            Behaviour::RefuseEveryStream => true,
+            _ => false,
+        };
+        if refuse {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+            continue;
+        }
+        tokio::spawn(answer(request, respond, shared.behaviour));
+    }
+}
+
+/// Speaks just enough HTTP/2 to answer the first request with a GOAWAY whose last processed
+/// stream is 0, which the `h2` server cannot be made to send once it has read the request.
+async fn go_away_unprocessed(mut socket: TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut preface = [0u8; 24];
+    if socket.read_exact(&mut preface).await.is_err() {
+        return;
+    }
+    // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+    if socket.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.is_err() {
+        return;
+    }
+    loop {
+        let mut header = [0u8; 9];
+        if socket.read_exact(&mut header).await.is_err() {
+            return;
+        }
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0; length];
+        if socket.read_exact(&mut payload).await.is_err() {
+            return;
+        }
+        const HEADERS: u8 = 1;
+        if header[3] == HEADERS {
+            // GOAWAY: length 8, type 7, stream 0; last stream id 0, error code NO_ERROR.
+            let mut go_away = vec![0, 0, 8, 7, 0, 0, 0, 0, 0];
+            go_away.extend_from_slice(&[0; 8]);
+            let _ = socket.write_all(&go_away).await;
+            // Open until the client closes it, so the GOAWAY is read before any end of file.
+            let _ = socket.read_to_end(&mut Vec::new()).await;
+            return;
+        }
     }
 }
 
@@ -137,7 +214,12 @@ async fn answer(
             };
             let _ = stream.send_trailers(grpc_trailers("12", Some("no CommitBatch here")));
         }
-        Behaviour::Echo | Behaviour::Large => {
+        _ if request.gid == NEVER_ANSWERED => std::future::pending().await,
+        Behaviour::Echo
+        | Behaviour::Large
+        | Behaviour::RefuseFirstStream
+        | Behaviour::RefuseEveryStream
+        | Behaviour::GoAwayFirstConnection => {
             let response = grpc_headers().body(()).expect("response");
             let Ok(mut stream) = respond.send_response(response, false) else {
                 return;
@@ -342,5 +424,69 @@ async fn a_peer_that_stops_answering_pings_is_dropped_and_the_next_call_reconnec
         server.accepted.load(Ordering::SeqCst),
         2,
         "keep-alive dropped the silent connection and the call opened a new one"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_refused_unprocessed_is_sent_again_on_the_same_connection() {
+    let server = Server::start(Behaviour::RefuseFirstStream).await;
+    let answer = status(&client(&server.url()), "treaty:c1:1")
+        .await
+        .expect("the refused call is sent once more and answered");
+    assert_eq!(answer.shard, "treaty:c1:1");
+    assert_eq!(server.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        1,
+        "a refused stream leaves its connection usable"
+    );
+}
+
+#[tokio::test]
+async fn a_call_refused_twice_is_unavailable_after_exactly_two_tries() {
+    let server = Server::start(Behaviour::RefuseEveryStream).await;
+    let error = status(&client(&server.url()), "treaty:c1:1")
+        .await
+        .expect_err("every stream is refused");
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    assert!(error.message().contains("refused unprocessed"), "{error:?}");
+    assert_eq!(server.requests.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_call_above_a_goaway_is_sent_again_on_a_new_connection() {
+    let server = Server::start(Behaviour::GoAwayFirstConnection).await;
+    let answer = status(&client(&server.url()), "treaty:c1:1")
+        .await
+        .expect("the call the closing connection did not process is answered on a new one");
+    assert_eq!(answer.shard, "treaty:c1:1");
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_call_dropped_in_flight_leaves_the_connection_usable() {
+    let server = Server::start(Behaviour::Echo).await;
+    let client = client(&server.url());
+    let mut dropped = client.clone();
+    let request = pb::StatusRequest {
+        gid: NEVER_ANSWERED.to_owned(),
+    };
+    tokio::select! {
+        answer = dropped.status(request) => panic!("the server never answers this call: {answer:?}"),
+        // Dropped once the server has it, so the stream really is in flight.
+        () = async {
+            while server.requests.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        } => {}
+    }
+    let answer = status(&client, "treaty:c1:2")
+        .await
+        .expect("a later call is answered");
+    assert_eq!(answer.shard, "treaty:c1:2");
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        1,
+        "no new connection was needed"
     );
 }
