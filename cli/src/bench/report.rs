@@ -3,6 +3,11 @@
 //! `direct_tps`, `throughput_ratio`, `treaty_p99_ms`, `direct_p99_ms`, `p99_ratio`,
 //! `coordinator_cpu_us_per_txn` and the rest are always present, `null` when not measured.
 //!
+//! `throughput_ceiling` (per baseline, and at the top level for the first one) is the throughput
+//! ratio Treaty would reach if its coordinator and participants cost no CPU at all: the baseline's
+//! PostgreSQL and client CPU per transaction over Treaty's. It is what the ratio is bounded by when
+//! every process shares the same cores, as in this bench; with cores to spare it means nothing.
+//!
 //! With 3PC beside 2PC (`--protocol 2pc,3pc`), `treaty_*` stay 2PC's and 3PC adds `treaty_3pc_*`,
 //! `coordinator_cpu_us_per_txn_3pc`, `participant_cpu_us_per_txn_3pc`, `*_ratio_3pc_vs_2pc`,
 //! `ratios_3pc` and `treaty_3pc_status` (`ok` or `unsupported`, with `treaty_3pc_message`); those
@@ -130,6 +135,7 @@ impl BenchReport {
                 let b = baseline.figures();
                 let ratios = json!({
                     "throughput_ratio": opt3(ratio(t.tps, b.tps)),
+                    "throughput_ceiling": opt3(throughput_ceiling(treaty, baseline)),
                     "p50_ratio": opt3(ratio(t.p50_ms, b.p50_ms)),
                     "p95_ratio": opt3(ratio(t.p95_ms, b.p95_ms)),
                     "p99_ratio": opt3(ratio(t.p99_ms, b.p99_ms)),
@@ -196,6 +202,7 @@ impl BenchReport {
             "p95_ratio",
             "p99_ratio",
             "max_ratio",
+            "throughput_ceiling",
             "coordinator_cpu_us_per_txn",
             "participant_cpu_us_per_txn",
         ] {
@@ -309,6 +316,11 @@ impl BenchReport {
                     show(ratio(t.p99_ms, b.p99_ms)),
                     show(ratio(t.max_ms, b.max_ms)),
                 );
+                println!(
+                    "{:<18} throughput ceiling {} (if coordinator and participants cost no CPU, on shared cores)",
+                    "",
+                    show(throughput_ceiling(treaty, baseline)),
+                );
             }
         }
         if let (Some(two), Some(three)) = (self.treaty(), self.treaty_3pc()) {
@@ -402,6 +414,17 @@ pub fn unsupported_json(mut params: Map<String, Value>, message: &str) -> Value 
     Value::Object(params)
 }
 
+/// Treaty's throughput / the baseline's if Treaty's coordinator and participants cost nothing and
+/// every process shares the cores: the baseline's PostgreSQL and client CPU per transaction over
+/// Treaty's. `None` when either side committed nothing or used no CPU there.
+fn throughput_ceiling(treaty: &SystemRun, baseline: &SystemRun) -> Option<f64> {
+    let unavoidable = |run: &SystemRun| {
+        run.per_txn(run.cpu.postgres + run.cpu.bench)
+            .filter(|&us| us > 0.0)
+    };
+    ratio(unavoidable(baseline)?, unavoidable(treaty)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,8 +489,41 @@ mod tests {
         let expected = ticks_to_us(100) / 900.0;
         let cpu = value["coordinator_cpu_us_per_txn"].as_f64().unwrap_or(0.0);
         assert!((cpu - expected).abs() < 0.01, "{cpu} vs {expected}");
+        // Baseline: 0 ticks of PostgreSQL and client over 1000 commits; nothing to bound by.
+        assert_eq!(value["throughput_ceiling"], Value::Null);
         // A baseline that was not run is null, not missing.
         assert_eq!(value["independent_tps"], Value::Null);
+    }
+
+    #[test]
+    fn the_ceiling_counts_only_postgres_and_the_client() {
+        // `run` gives every system coordinator t, participants 2t, PostgreSQL 3t, client t ticks.
+        let treaty = run("treaty", 900, 4, 100);
+        let direct = run("direct", 1000, 2, 50);
+        let main = SweepPoint {
+            clients: 32,
+            systems: vec![treaty, direct],
+        };
+        let report = BenchReport {
+            params: Map::new(),
+            main: main.clone(),
+            sweep: vec![main],
+            rounds: Vec::new(),
+            prepared_left: 0,
+            plots: Vec::new(),
+            three_phase: SideBySide::Off,
+        };
+        let value = report.to_json();
+        // (3 + 1) * 50 / 1000 over (3 + 1) * 100 / 900: the coordinator's and participants' ticks
+        // do not count.
+        let expected = (200.0 / 1000.0) / (400.0 / 900.0);
+        for ceiling in [
+            &value["throughput_ceiling"],
+            &value["ratios"]["direct"]["throughput_ceiling"],
+        ] {
+            let ceiling = ceiling.as_f64().unwrap_or(0.0);
+            assert!((ceiling - expected).abs() < 0.001, "{ceiling} vs {expected}");
+        }
     }
 
     #[test]
