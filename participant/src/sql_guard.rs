@@ -7,6 +7,10 @@
 //! `--` and nested `/* */` comments, quoted strings (including `E'...'` escapes), quoted identifiers
 //! and dollar quotes, splits on `;` outside them, and looks at the leading keywords of every
 //! statement. Anything it cannot classify is left for PostgreSQL to accept or reject.
+//!
+//! A client may turn `standard_conforming_strings` off, after which a backslash escapes in plain
+//! `'...'` strings too and a string can end somewhere else. So SQL holding a backslash is read
+//! both ways, and either reading's refusal or session change counts.
 
 /// What the guard learned about an accepted SQL string.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,10 +19,12 @@ pub struct Analysis {
     pub statements: usize,
     /// A statement may change session state that would outlive the branch on its pooled
     /// connection: plain `SET` and `RESET`, a `DO` block (it may run any of them, even
-    /// `DEALLOCATE`, through `EXECUTE`), SQL-level `PREPARE`, a temporary table, or a call of
-    /// `set_config` whose third argument is not the literal `true`. Such a connection is closed
+    /// `DEALLOCATE`, through `EXECUTE`), SQL-level `PREPARE`, a temporary table (also through
+    /// `pg_temp.`), a call of `set_config` whose third argument is not the literal `true` (or
+    /// one nested in another's arguments), an `UPDATE` of `pg_settings` (a rule turns it into
+    /// `set_config(..., false)`), or a session-level advisory lock. Such a connection is closed
     /// instead of reused. (A function of the client's own that changes a setting inside its body
-    /// cannot be seen from here.)
+    /// cannot be seen from here, nor can a name spelt with Unicode escapes, `U&"..."`.)
     pub changes_session: bool,
     /// A single statement that leads with `INSERT`, `UPDATE`, `DELETE` or `MERGE`: when it reports
     /// affected rows, the branch certainly wrote, and the vote can skip asking PostgreSQL whether it
@@ -52,11 +58,35 @@ const STATEMENT_CACHE: &str =
 /// Checks every statement of `sql`. `opening` is true when this call opens the branch, the only
 /// time `SET TRANSACTION` (as the first statement) is allowed.
 pub fn check(sql: &str, opening: bool) -> Result<Analysis, Refusal> {
-    let statements = split(sql);
+    let standard = check_reading(sql, opening, Strings::Standard)?;
+    if !sql.contains('\\') {
+        return Ok(standard);
+    }
+    let escaping = check_reading(sql, opening, Strings::BackslashEscapes)?;
+    Ok(Analysis {
+        // What PostgreSQL sees with its default settings. Were the other count the true one, a
+        // single statement goes through the extended protocol, where PostgreSQL refuses several.
+        statements: standard.statements,
+        changes_session: standard.changes_session || escaping.changes_session,
+        single_write: standard.single_write && escaping.single_write,
+    })
+}
+
+/// How plain `'...'` strings treat a backslash.
+#[derive(Clone, Copy, PartialEq)]
+enum Strings {
+    /// `standard_conforming_strings = on`, PostgreSQL's default: a backslash is just a character.
+    Standard,
+    /// `standard_conforming_strings = off`: a backslash escapes the next character.
+    BackslashEscapes,
+}
+
+fn check_reading(sql: &str, opening: bool, strings: Strings) -> Result<Analysis, Refusal> {
+    let statements = split(sql, strings);
     let count = statements.len();
     let mut changes_session = false;
-    for (index, Parsed { words, sets_config }) in statements.iter().enumerate() {
-        changes_session |= sets_config;
+    for (index, Parsed { words, changes }) in statements.iter().enumerate() {
+        changes_session |= changes;
         let word = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
         let refuse = |keywords: usize, why: &'static str| Refusal {
             statement: words[..keywords.min(words.len())].join(" "),
@@ -109,15 +139,16 @@ const LEADING_WORDS: usize = 3;
 struct Parsed {
     /// Its leading keywords, upper-cased.
     words: Vec<String>,
-    /// It calls `set_config` with a session-wide effect (or one this lexer cannot rule out).
-    sets_config: bool,
+    /// Something past its leading keywords changes session state (`set_config` with a
+    /// session-wide effect, or one this lexer cannot rule out; `pg_settings`; advisory locks).
+    changes: bool,
 }
 
 /// Every non-empty statement of `sql`.
-fn split(sql: &str) -> Vec<Parsed> {
+fn split(sql: &str, strings: Strings) -> Vec<Parsed> {
     let mut statements = Vec::new();
     let mut current = Statement::default();
-    for token in Lexer::new(sql) {
+    for token in Lexer::new(sql, strings) {
         match token {
             Token::Semicolon if current.atomic_depth == 0 => {
                 if let Some(words) = current.finish() {
@@ -128,6 +159,7 @@ fn split(sql: &str) -> Vec<Parsed> {
             Token::Semicolon | Token::Other => current.other(None),
             Token::Punctuation(byte) => current.other(Some(byte)),
             Token::Word(word) => current.word(word),
+            Token::QuotedName(name) => current.quoted_name(name),
         }
     }
     if let Some(words) = current.finish() {
@@ -146,7 +178,9 @@ struct Statement {
     previous: Option<String>,
     atomic_depth: usize,
     set_config: SetConfig,
-    sets_config: bool,
+    changes: bool,
+    mentions_pg_settings: bool,
+    mentions_update: bool,
 }
 
 /// Where the statement is in a `set_config(name, value, is_local)` call. Only `is_local` written
@@ -176,24 +210,39 @@ enum ThirdArgument {
 impl Statement {
     fn word(&mut self, word: &str) {
         let upper = word.to_ascii_uppercase();
-        self.set_config = match self.set_config {
-            SetConfig::Arguments {
-                depth,
-                commas: 2,
-                third,
-            } => SetConfig::Arguments {
-                depth,
-                commas: 2,
-                third: if depth == 1 && third == ThirdArgument::NotYet && upper == "TRUE" {
-                    ThirdArgument::LiteralTrue
-                } else {
-                    ThirdArgument::Anything
+        match upper.as_str() {
+            // Session-level advisory locks outlive the branch (the `_xact_` ones do not);
+            // `pg_temp.` names the session's temporary schema.
+            "PG_ADVISORY_LOCK"
+            | "PG_ADVISORY_LOCK_SHARED"
+            | "PG_TRY_ADVISORY_LOCK"
+            | "PG_TRY_ADVISORY_LOCK_SHARED"
+            | "PG_TEMP" => self.changes = true,
+            "PG_SETTINGS" => self.mentions_pg_settings = true,
+            "UPDATE" => self.mentions_update = true,
+            _ => {}
+        }
+        if upper == "SET_CONFIG" {
+            self.set_config_named();
+        } else {
+            self.set_config = match self.set_config {
+                SetConfig::Arguments {
+                    depth,
+                    commas: 2,
+                    third,
+                } => SetConfig::Arguments {
+                    depth,
+                    commas: 2,
+                    third: if depth == 1 && third == ThirdArgument::NotYet && upper == "TRUE" {
+                        ThirdArgument::LiteralTrue
+                    } else {
+                        ThirdArgument::Anything
+                    },
                 },
-            },
-            arguments @ SetConfig::Arguments { .. } => arguments,
-            SetConfig::Outside | SetConfig::Named if upper == "SET_CONFIG" => SetConfig::Named,
-            SetConfig::Outside | SetConfig::Named => SetConfig::Outside,
-        };
+                arguments @ SetConfig::Arguments { .. } => arguments,
+                SetConfig::Outside | SetConfig::Named => SetConfig::Outside,
+            };
+        }
         if self.tokens == 0 {
             self.leading = true;
         }
@@ -210,6 +259,28 @@ impl Statement {
             }
         }
         self.previous = Some(upper);
+    }
+
+    /// The name `set_config`, as a word or a quoted identifier.
+    fn set_config_named(&mut self) {
+        match &mut self.set_config {
+            // A call inside another's arguments: not followed further, so taken as session-wide.
+            SetConfig::Arguments { commas, third, .. } => {
+                self.changes = true;
+                if *commas == 2 {
+                    *third = ThirdArgument::Anything;
+                }
+            }
+            state => *state = SetConfig::Named,
+        }
+    }
+
+    /// A quoted identifier: never a keyword, but `"set_config"` still names the function.
+    fn quoted_name(&mut self, name: &str) {
+        self.other(None);
+        if name == "set_config" {
+            self.set_config_named();
+        }
     }
 
     /// A token that is not a word; `punctuation` is its byte when it is a single one.
@@ -231,7 +302,7 @@ impl Statement {
                 },
                 Some(b')'),
             ) => {
-                self.sets_config |= !(commas == 2 && third == ThirdArgument::LiteralTrue);
+                self.changes |= !(commas == 2 && third == ThirdArgument::LiteralTrue);
                 SetConfig::Outside
             }
             (SetConfig::Arguments { depth, commas, third }, Some(byte)) => SetConfig::Arguments {
@@ -263,9 +334,10 @@ impl Statement {
     fn finish(self) -> Option<Parsed> {
         // A call the statement never closed is not known to be local.
         let unfinished = matches!(self.set_config, SetConfig::Arguments { .. });
+        let settings_rule = self.mentions_pg_settings && self.mentions_update;
         (self.tokens > 0).then_some(Parsed {
             words: self.words,
-            sets_config: self.sets_config || unfinished,
+            changes: self.changes || unfinished || settings_rule,
         })
     }
 }
@@ -274,9 +346,11 @@ impl Statement {
 enum Token<'a> {
     Word(&'a str),
     Semicolon,
-    /// One byte of punctuation or an operator, e.g. `(`, `,`, `=`.
+    /// One byte of punctuation, an operator or a digit, e.g. `(`, `,`, `=`.
     Punctuation(u8),
-    /// Anything else: numbers, strings, quoted identifiers, parameters.
+    /// A quoted identifier's text between its quotes (doubled quotes left as they are).
+    QuotedName(&'a str),
+    /// Anything else: strings, parameters.
     Other,
 }
 
@@ -286,6 +360,7 @@ struct Lexer<'a> {
     text: &'a str,
     bytes: &'a [u8],
     position: usize,
+    strings: Strings,
 }
 
 fn is_word_start(byte: u8) -> bool {
@@ -297,11 +372,12 @@ fn is_word_continue(byte: u8) -> bool {
 }
 
 impl<'a> Lexer<'a> {
-    fn new(text: &'a str) -> Self {
+    fn new(text: &'a str, strings: Strings) -> Self {
         Self {
             text,
             bytes: text.as_bytes(),
             position: 0,
+            strings,
         }
     }
 
@@ -397,12 +473,14 @@ impl<'a> Iterator for Lexer<'a> {
                     return Some(Token::Semicolon);
                 }
                 b'\'' => {
-                    self.skip_quoted(b'\'', false);
+                    self.skip_quoted(b'\'', self.strings == Strings::BackslashEscapes);
                     return Some(Token::Other);
                 }
                 b'"' => {
+                    let start = self.position + 1;
                     self.skip_quoted(b'"', false);
-                    return Some(Token::Other);
+                    let end = self.position.saturating_sub(1).max(start);
+                    return Some(Token::QuotedName(self.text.get(start..end).unwrap_or_default()));
                 }
                 b'$' => {
                     self.skip_dollar();
@@ -420,15 +498,6 @@ impl<'a> Iterator for Lexer<'a> {
                         return Some(Token::Other);
                     }
                     return Some(Token::Word(word));
-                }
-                b if b.is_ascii_digit() => {
-                    while self
-                        .peek(0)
-                        .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'.')
-                    {
-                        self.position += 1;
-                    }
-                    return Some(Token::Other);
                 }
                 other => {
                     self.position += 1;
@@ -616,9 +685,54 @@ mod tests {
             "SELECT 'set_config(1, 2, false)', \"set_config\" FROM t",
             "SELECT set_config_value FROM t",
             "UPDATE t SET set_config = 1.5e3",
+            "SELECT set_config('app.user', $1::text, true)",
         ] {
             assert!(!accepted(local).changes_session, "{local}");
         }
+    }
+
+    #[test]
+    fn session_state_changed_past_the_leading_keywords_is_reported() {
+        for session in [
+            "SELECT set_config('app.x', set_config('search_path', 'evil', false), true)",
+            "SELECT \"set_config\"('search_path', 'x', false)",
+            "SELECT pg_catalog.\"set_config\"('search_path', 'x', false)",
+            "UPDATE pg_settings SET setting = 'nowhere' WHERE name = 'search_path'",
+            "WITH s AS (UPDATE pg_catalog.pg_settings SET setting = 'x' RETURNING 1) SELECT 1",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT pg_try_advisory_lock_shared(1, 2)",
+            "CREATE TABLE pg_temp.t (k int)",
+        ] {
+            assert!(accepted(session).changes_session, "{session}");
+        }
+        for branch_only in [
+            "SELECT \"SET_CONFIG\"('search_path', 'x', false)",
+            "SELECT name, setting FROM pg_settings",
+            "SELECT pg_advisory_xact_lock(1)",
+            "CREATE TABLE pg_temp_schema.t (k int)",
+        ] {
+            assert!(!accepted(branch_only).changes_session, "{branch_only}");
+        }
+    }
+
+    #[test]
+    fn strings_are_read_both_ways_when_they_hold_a_backslash() {
+        // With standard_conforming_strings off, '\'' is a string holding a quote, and what
+        // follows is SQL again.
+        assert!(accepted("SELECT '\\'', set_config($1, $2, false), '\\''").changes_session);
+        assert_eq!(refused("SELECT 1; SELECT '\\''; COMMIT; SELECT '\\''"), "COMMIT");
+        // Both readings agree on an ordinary path.
+        let path = accepted("SELECT 'C:\\temp' FROM t");
+        assert_eq!(path.statements, 1);
+        assert!(!path.changes_session);
+    }
+
+    #[test]
+    fn a_letter_after_a_number_starts_a_word() {
+        // PostgreSQL 14 reads `2END` as `2 END`, which closes the atomic body.
+        let sql = "SELECT 1; CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC \
+                   SELECT CASE WHEN true THEN 1 ELSE 2END; END; COMMIT; SELECT 1";
+        assert_eq!(refused(sql), "COMMIT");
     }
 
     #[test]

@@ -505,6 +505,11 @@ async fn session_settings_do_not_leak_into_other_branches() {
             "SELECT set_config('search_path', $1, $2)",
             vec![text("nowhere"), boolean(false)],
         ),
+        // A rule on pg_settings turns this into set_config(..., false).
+        (
+            "UPDATE pg_settings SET setting = 'nowhere' WHERE name = 'search_path'",
+            vec![],
+        ),
     ];
     for (n, (sql, params)) in changes.into_iter().enumerate() {
         let gid = env.gid(2 * n as u64 + 1);
