@@ -523,6 +523,13 @@ mod tests {
         check(sql, false).unwrap_or_else(|e| panic!("{sql:?} was refused: {e}"))
     }
 
+    /// Every one of `cases` is accepted, and reported as changing the session or not.
+    fn assert_changes_session(changes: bool, cases: &[&str]) {
+        for sql in cases {
+            assert_eq!(accepted(sql).changes_session, changes, "{sql}");
+        }
+    }
+
     #[test]
     fn refuses_statements_that_end_the_branch() {
         assert_eq!(refused("COMMIT"), "COMMIT");
@@ -665,54 +672,58 @@ mod tests {
 
     #[test]
     fn set_config_changes_the_session_unless_it_is_literally_local() {
-        for session in [
-            "SELECT set_config('app.user', 'alice', false)",
-            "SELECT pg_catalog.SET_CONFIG('app.user', 'alice', FALSE)",
-            "SELECT set_config('app.user', $1, $2)",
-            "SELECT set_config('app.user', 'alice', (true))",
-            "SELECT set_config('app.user', 'alice', true OR x)",
-            "SELECT set_config('app.user', 'alice')",
-            "SELECT 1; SELECT set_config('app.user', lower('A'), false) FROM t",
-            "SELECT set_config('app.user', 'alice', true), set_config('b', '1', false)",
-            "SELECT set_config('app.user', 'alice', true",
-        ] {
-            assert!(accepted(session).changes_session, "{session}");
-        }
-        for local in [
-            "SELECT set_config('app.user', 'alice', true)",
-            "select set_config('app.user', concat('a', 'b,c', f(1, 2)), TRUE) from t",
-            "SELECT set_config('app.user', $1, true); UPDATE t SET v = 1",
-            "SELECT 'set_config(1, 2, false)', \"set_config\" FROM t",
-            "SELECT set_config_value FROM t",
-            "UPDATE t SET set_config = 1.5e3",
-            "SELECT set_config('app.user', $1::text, true)",
-        ] {
-            assert!(!accepted(local).changes_session, "{local}");
-        }
+        assert_changes_session(
+            true,
+            &[
+                "SELECT set_config('app.user', 'alice', false)",
+                "SELECT pg_catalog.SET_CONFIG('app.user', 'alice', FALSE)",
+                "SELECT set_config('app.user', $1, $2)",
+                "SELECT set_config('app.user', 'alice', (true))",
+                "SELECT set_config('app.user', 'alice', true OR x)",
+                "SELECT set_config('app.user', 'alice')",
+                "SELECT 1; SELECT set_config('app.user', lower('A'), false) FROM t",
+                "SELECT set_config('app.user', 'alice', true), set_config('b', '1', false)",
+                "SELECT set_config('app.user', 'alice', true",
+            ],
+        );
+        assert_changes_session(
+            false,
+            &[
+                "SELECT set_config('app.user', 'alice', true)",
+                "select set_config('app.user', concat('a', 'b,c', f(1, 2)), TRUE) from t",
+                "SELECT set_config('app.user', $1, true); UPDATE t SET v = 1",
+                "SELECT 'set_config(1, 2, false)', \"set_config\" FROM t",
+                "SELECT set_config_value FROM t",
+                "UPDATE t SET set_config = 1.5e3",
+                "SELECT set_config('app.user', $1::text, true)",
+            ],
+        );
     }
 
     #[test]
     fn session_state_changed_past_the_leading_keywords_is_reported() {
-        for session in [
-            "SELECT set_config('app.x', set_config('search_path', 'evil', false), true)",
-            "SELECT \"set_config\"('search_path', 'x', false)",
-            "SELECT pg_catalog.\"set_config\"('search_path', 'x', false)",
-            "UPDATE pg_settings SET setting = 'nowhere' WHERE name = 'search_path'",
-            "WITH s AS (UPDATE pg_catalog.pg_settings SET setting = 'x' RETURNING 1) SELECT 1",
-            "SELECT pg_advisory_lock(1)",
-            "SELECT pg_try_advisory_lock_shared(1, 2)",
-            "CREATE TABLE pg_temp.t (k int)",
-        ] {
-            assert!(accepted(session).changes_session, "{session}");
-        }
-        for branch_only in [
-            "SELECT \"SET_CONFIG\"('search_path', 'x', false)",
-            "SELECT name, setting FROM pg_settings",
-            "SELECT pg_advisory_xact_lock(1)",
-            "CREATE TABLE pg_temp_schema.t (k int)",
-        ] {
-            assert!(!accepted(branch_only).changes_session, "{branch_only}");
-        }
+        assert_changes_session(
+            true,
+            &[
+                "SELECT set_config('app.x', set_config('search_path', 'evil', false), true)",
+                "SELECT \"set_config\"('search_path', 'x', false)",
+                "SELECT pg_catalog.\"set_config\"('search_path', 'x', false)",
+                "UPDATE pg_settings SET setting = 'nowhere' WHERE name = 'search_path'",
+                "WITH s AS (UPDATE pg_catalog.pg_settings SET setting = 'x' RETURNING 1) SELECT 1",
+                "SELECT pg_advisory_lock(1)",
+                "SELECT pg_try_advisory_lock_shared(1, 2)",
+                "CREATE TABLE pg_temp.t (k int)",
+            ],
+        );
+        assert_changes_session(
+            false,
+            &[
+                "SELECT \"SET_CONFIG\"('search_path', 'x', false)",
+                "SELECT name, setting FROM pg_settings",
+                "SELECT pg_advisory_xact_lock(1)",
+                "CREATE TABLE pg_temp_schema.t (k int)",
+            ],
+        );
     }
 
     #[test]

@@ -498,22 +498,8 @@ mod tests {
     #[test]
     fn the_ceiling_counts_only_postgres_and_the_client() {
         // `run` gives every system coordinator t, participants 2t, PostgreSQL 3t, client t ticks.
-        let treaty = run("treaty", 900, 4, 100);
-        let direct = run("direct", 1000, 2, 50);
-        let main = SweepPoint {
-            clients: 32,
-            systems: vec![treaty, direct],
-        };
-        let report = BenchReport {
-            params: Map::new(),
-            main: main.clone(),
-            sweep: vec![main],
-            rounds: Vec::new(),
-            prepared_left: 0,
-            plots: Vec::new(),
-            three_phase: SideBySide::Off,
-        };
-        let value = report.to_json();
+        let systems = vec![run("treaty", 900, 4, 100), run("direct", 1000, 2, 50)];
+        let value = side_by_side(SideBySide::Off, systems);
         // (3 + 1) * 50 / 1000 over (3 + 1) * 100 / 900: the coordinator's and participants' ticks
         // do not count.
         let expected = (200.0 / 1000.0) / (400.0 / 900.0);
