@@ -267,7 +267,11 @@ impl Inner {
         })
         .await
         .map_err(|e| Status::unavailable(format!("connecting to {} did not finish: {e}", self.address)))??;
-        connected.sender.ready().await.map_err(|e| self.not_sent(&e))
+        connected
+            .sender
+            .ready()
+            .await
+            .map_err(|e| self.not_processed("request not sent to", &e).into_status())
     }
 
     async fn connect(self: &Arc<Self>, id: u64) -> Result<Connection, Status> {
@@ -322,11 +326,7 @@ impl Inner {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The request never reached the wire: safe to send again.
-    fn not_sent(&self, error: &h2::Error) -> Status {
-        Status::unavailable(format!("request not sent to {}: {error}", self.address))
-    }
-
+    /// The participant did not act on the request: `UNAVAILABLE`, safe to send again.
     fn not_processed(&self, what: &str, error: &h2::Error) -> Failure {
         Failure::NotProcessed(Status::unavailable(format!("{what} {}: {error}", self.address)))
     }

@@ -7,7 +7,7 @@
 //! length and aborts. With no failpoint armed the hook costs one atomic load per fsync: no file
 //! system call and no lock on the group-commit path.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use treaty_decision_log::{FsyncAt, TestHooks};
 
@@ -25,7 +25,7 @@ pub fn hooks(dir: &Path) -> TestHooks {
     }
 }
 
-fn before_fsync(log: &PathBuf, at: FsyncAt) {
+fn before_fsync(log: &Path, at: FsyncAt) {
     if !failpoints::armed(LOG_LOSES_UNSYNCED_TAIL)
         || failpoints::hit(LOG_LOSES_UNSYNCED_TAIL) != Some(Fired::On)
     {

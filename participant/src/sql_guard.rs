@@ -305,26 +305,18 @@ impl Statement {
                 self.changes |= !(commas == 2 && third == ThirdArgument::LiteralTrue);
                 SetConfig::Outside
             }
-            (SetConfig::Arguments { depth, commas, third }, Some(byte)) => SetConfig::Arguments {
-                depth: match byte {
-                    b'(' => depth + 1,
-                    b')' => depth - 1,
+            (SetConfig::Arguments { depth, commas, third }, _) => SetConfig::Arguments {
+                depth: match punctuation {
+                    Some(b'(') => depth + 1,
+                    Some(b')') => depth - 1,
                     _ => depth,
                 },
-                commas: commas + usize::from(depth == 1 && byte == b','),
+                commas: commas + usize::from(depth == 1 && punctuation == Some(b',')),
+                // Anything but a lone `true` in the third place may be `false` at run time.
                 third: if commas == 2 {
                     ThirdArgument::Anything
                 } else {
                     third
-                },
-            },
-            (SetConfig::Arguments { depth, commas, .. }, None) => SetConfig::Arguments {
-                depth,
-                commas,
-                third: if commas == 2 {
-                    ThirdArgument::Anything
-                } else {
-                    ThirdArgument::NotYet
                 },
             },
             (SetConfig::Outside | SetConfig::Named, _) => SetConfig::Outside,

@@ -297,6 +297,13 @@ async fn status(
         .map(tonic::Response::into_inner)
 }
 
+/// A server behaving as told, and the answer to one call to it (GID `treaty:c1:1`).
+async fn one_call(behaviour: Behaviour) -> (Server, Result<pb::StatusResponse, tonic::Status>) {
+    let server = Server::start(behaviour).await;
+    let answer = status(&client(&server.url()), "treaty:c1:1").await;
+    (server, answer)
+}
+
 /// Whether one of up to `tries` calls, one after another, is answered.
 async fn answered_within(client: &ParticipantClient<H2Channel>, tries: usize) -> bool {
     for _ in 0..tries {
@@ -333,10 +340,8 @@ async fn concurrent_calls_get_their_own_answers_over_one_connection() {
 
 #[tokio::test]
 async fn an_error_status_reaches_the_caller_with_its_code_and_message() {
-    let server = Server::start(Behaviour::Refuse).await;
-    let error = status(&client(&server.url()), "treaty:c1:1")
-        .await
-        .expect_err("the server refuses");
+    let (_server, error) = one_call(Behaviour::Refuse).await;
+    let error = error.expect_err("the server refuses");
     assert_eq!(error.code(), tonic::Code::FailedPrecondition);
     assert_eq!(error.message(), "branch is still open");
 }
@@ -371,10 +376,8 @@ async fn a_participant_that_is_down_is_unavailable_and_is_reached_once_it_is_bac
 
 #[tokio::test]
 async fn an_error_status_in_the_trailers_reaches_the_caller() {
-    let server = Server::start(Behaviour::UnimplementedInTrailers).await;
-    let error = status(&client(&server.url()), "treaty:c1:1")
-        .await
-        .expect_err("the server has no such method");
+    let (_server, error) = one_call(Behaviour::UnimplementedInTrailers).await;
+    let error = error.expect_err("the server has no such method");
     // participants.rs falls back from CommitBatch to Commit on exactly this code.
     assert_eq!(error.code(), tonic::Code::Unimplemented, "{error:?}");
     assert_eq!(error.message(), "no CommitBatch here");
@@ -382,10 +385,8 @@ async fn an_error_status_in_the_trailers_reaches_the_caller() {
 
 #[tokio::test]
 async fn an_answer_larger_than_the_stream_window_arrives_whole() {
-    let server = Server::start(Behaviour::Large).await;
-    let answer = status(&client(&server.url()), "treaty:c1:1")
-        .await
-        .expect("the whole answer: the client gives the flow-control window back as it reads");
+    let (_server, answer) = one_call(Behaviour::Large).await;
+    let answer = answer.expect("the whole answer: the client gives the flow-control window back as it reads");
     assert_eq!(answer.database.len(), LARGE);
 }
 
@@ -429,10 +430,8 @@ async fn a_peer_that_stops_answering_pings_is_dropped_and_the_next_call_reconnec
 
 #[tokio::test]
 async fn a_stream_refused_unprocessed_is_sent_again_on_the_same_connection() {
-    let server = Server::start(Behaviour::RefuseFirstStream).await;
-    let answer = status(&client(&server.url()), "treaty:c1:1")
-        .await
-        .expect("the refused call is sent once more and answered");
+    let (server, answer) = one_call(Behaviour::RefuseFirstStream).await;
+    let answer = answer.expect("the refused call is sent once more and answered");
     assert_eq!(answer.shard, "treaty:c1:1");
     assert_eq!(server.requests.load(Ordering::SeqCst), 2);
     assert_eq!(
@@ -444,10 +443,8 @@ async fn a_stream_refused_unprocessed_is_sent_again_on_the_same_connection() {
 
 #[tokio::test]
 async fn a_call_refused_twice_is_unavailable_after_exactly_two_tries() {
-    let server = Server::start(Behaviour::RefuseEveryStream).await;
-    let error = status(&client(&server.url()), "treaty:c1:1")
-        .await
-        .expect_err("every stream is refused");
+    let (server, error) = one_call(Behaviour::RefuseEveryStream).await;
+    let error = error.expect_err("every stream is refused");
     assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
     assert!(error.message().contains("refused unprocessed"), "{error:?}");
     assert_eq!(server.requests.load(Ordering::SeqCst), 2);
@@ -455,10 +452,8 @@ async fn a_call_refused_twice_is_unavailable_after_exactly_two_tries() {
 
 #[tokio::test]
 async fn a_call_above_a_goaway_is_sent_again_on_a_new_connection() {
-    let server = Server::start(Behaviour::GoAwayFirstConnection).await;
-    let answer = status(&client(&server.url()), "treaty:c1:1")
-        .await
-        .expect("the call the closing connection did not process is answered on a new one");
+    let (server, answer) = one_call(Behaviour::GoAwayFirstConnection).await;
+    let answer = answer.expect("the call the closing connection did not process is answered on a new one");
     assert_eq!(answer.shard, "treaty:c1:1");
     assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
 }
