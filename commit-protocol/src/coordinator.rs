@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use treaty_proto::{ShardName, TxId};
+use treaty_types::{ShardName, TxId};
 
 use crate::participant::Report;
 use crate::termination::{self, Ballot, Proposer, ReportedState, Rules, TerminationOutcome};

@@ -1,7 +1,7 @@
 //! What goes into the protocol state machine ([`Event`]) and what comes out ([`Action`]), plus the
 //! outcome and abort reasons a client sees.
 
-use treaty_proto::ShardName;
+use treaty_types::ShardName;
 
 use crate::participant::Report;
 use crate::termination::Ballot;

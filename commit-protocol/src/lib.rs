@@ -23,13 +23,12 @@
 //!
 //! Modules: `coordinator` (the coordinator's [`Transaction`]), `participant` (one branch),
 //! `termination` (ballots and the termination rules), `events` (the coordinator's events and
-//! actions), `wire` (ballots and states to and from `treaty.v1`). The model checker (`tests/model.rs`) explores these same machines.
+//! actions). Their wire forms live at the edge, in `treaty_proto::wire`. The model checker (`tests/model.rs`) explores these same machines.
 
 pub mod coordinator;
 mod events;
 pub mod participant;
 pub mod termination;
-pub mod wire;
 
 pub use coordinator::{Branch, BranchPhase, Phase, Protocol, Timeouts, Transaction};
 pub use events::{AbortCause, AbortReason, Action, Event, Outcome, ProtocolError, Vote};

@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use treaty_proto::ShardName;
+use treaty_types::ShardName;
 
 use crate::coordinator::Protocol;
 use crate::termination::{self, Ballot, Proposer, ReportedState, Rules, TerminationOutcome};

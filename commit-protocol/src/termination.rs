@@ -17,7 +17,7 @@
 //! - a pre-commit is durable at the participant before it is acknowledged, so once any participant
 //!   is pre-committed every later complete set of states shows it, and the rules say commit.
 
-use treaty_proto::ShardName;
+use treaty_types::ShardName;
 
 /// Who proposes a ballot. The coordinator's ballots order below any participant's of the same
 /// round, and participants' by name, so two proposers never share a ballot.

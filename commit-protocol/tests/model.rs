@@ -28,7 +28,7 @@ use treaty_commit_protocol::termination::{Ballot, Proposer, Rules};
 use treaty_commit_protocol::{
     AbortCause, AbortReason, Action, Event, Outcome, Phase, Protocol, Timeouts, Transaction, Vote,
 };
-use treaty_proto::ShardName;
+use treaty_types::ShardName;
 
 const TXID: u64 = 1;
 const PARTICIPANT_TIMEOUT_MS: u64 = 100;

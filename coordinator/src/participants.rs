@@ -16,7 +16,7 @@ use crate::failpoints::Delivery;
 use crate::h2_channel::H2Channel;
 use crate::protocol::participant::Report;
 use crate::protocol::termination::Ballot;
-use crate::protocol::wire::{ballot_from_pb, ballot_to_pb, report_from_pb};
+use treaty_proto::wire::{ballot_from_pb, ballot_to_pb, report_from_pb};
 use crate::protocol::{AbortCause, AbortReason, Event, Protocol, Vote};
 
 /// How long connecting (TCP and the HTTP/2 handshake) to a participant may take.

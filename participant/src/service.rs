@@ -18,7 +18,7 @@ use crate::postgres::{BranchOptions, Isolation};
 use crate::statement::StatementOutput;
 use crate::three_phase::{Peer, PreCommitAnswer, ThreePhase};
 use crate::values;
-use treaty_commit_protocol::wire;
+use treaty_proto::wire;
 
 pub struct ParticipantService {
     agent: Arc<Agent>,

@@ -1,6 +1,7 @@
 //! Treaty's wire protocol: the generated gRPC code (`pb`) and, beside it, the domain types the rest
 //! of the workspace uses. Generated types stay at this edge: conversions validate on arrival, and
-//! one error type (`ApiError`) maps to and from `tonic::Status`. `failpoints` and `admin` hold the
+//! one error type (`ApiError`) maps to and from `tonic::Status`. The domain types themselves live in
+//! `treaty-types` and are re-exported here; `wire` converts the protocol core's termination types. `failpoints` and `admin` hold the
 //! failpoint registry and the `Admin` service both binaries serve (the registry needs the
 //! `failpoints` feature; without it nothing can be armed).
 
@@ -12,13 +13,13 @@ pub mod pb {
 pub mod admin;
 mod error;
 pub mod failpoints;
-mod ids;
 #[cfg(feature = "process")]
 pub mod process;
 mod value;
+pub mod wire;
 
 pub use error::{ApiError, SqlError};
-pub use ids::{BranchGid, CoordinatorId, GID_PREFIX, Gid, IdError, ShardName, TxId};
+pub use treaty_types::{BranchGid, CoordinatorId, GID_PREFIX, Gid, IdError, ShardName, TxId};
 pub use value::{Value, ValueError};
 
 /// Largest SQL text accepted in one statement, in bytes. Bigger statements are refused with

@@ -1,7 +1,7 @@
 //! Hand-driven tests of every transition of the protocol state machine. Each test names the rule
 //! it checks.
 
-use treaty_proto::ShardName;
+use treaty_types::ShardName;
 
 use super::*;
 

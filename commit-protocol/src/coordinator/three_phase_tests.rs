@@ -1,6 +1,6 @@
 //! Hand-driven tests of the coordinator's three-phase path. Each names the rule it checks.
 
-use treaty_proto::ShardName;
+use treaty_types::ShardName;
 
 use super::*;
 use crate::participant::Report;

@@ -19,7 +19,7 @@ use treaty_proto::{CoordinatorId, Gid, ShardName, pb};
 use super::{Engine, EngineSettings, TxnOptions};
 use crate::participants::ParticipantLinks;
 use crate::protocol::termination::{Ballot, Proposer};
-use crate::protocol::wire::ballot_from_pb;
+use treaty_proto::wire::ballot_from_pb;
 use crate::protocol::{Outcome, Phase, Protocol, Timeouts};
 
 const WAIT_LIMIT: Duration = Duration::from_secs(20);

@@ -2,10 +2,11 @@
 //! and their `treaty.v1` wire forms, shared by the coordinator and the participant so that both
 //! read a peer's ballot the same way. Pure: a malformed message is an error naming the field.
 
-use treaty_proto::{ShardName, pb};
+use treaty_commit_protocol::participant::Report;
+use treaty_commit_protocol::termination::{Ballot, Proposer, ReportedState};
+use treaty_types::ShardName;
 
-use crate::participant::Report;
-use crate::termination::{Ballot, Proposer, ReportedState};
+use crate::pb;
 
 /// A wire message that does not describe a ballot or a state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
