@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 
+pub use treaty_types::Protocol;
 use treaty_types::{ShardName, TxId};
 
 use crate::participant::Report;
@@ -21,12 +22,6 @@ use crate::termination::{self, Ballot, Proposer, ReportedState, Rules, Terminati
 
 use crate::events::{AbortCause, AbortReason, Action, Event, Outcome, ProtocolError, Vote};
 use crate::retry_delay_ms;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Protocol {
-    TwoPhase,
-    ThreePhase,
-}
 
 /// Limits a transaction runs under, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
