@@ -17,8 +17,7 @@ use std::collections::BTreeMap;
 pub use treaty_types::Protocol;
 use treaty_types::{ShardName, TxId};
 
-use crate::participant::Report;
-use crate::termination::{self, Ballot, Proposer, ReportedState, Rules, TerminationOutcome};
+use crate::termination::{Ballot, ReportedState};
 
 use crate::events::{AbortCause, AbortReason, Action, Event, Outcome, ProtocolError, Vote};
 use crate::retry_delay_ms;
@@ -144,6 +143,9 @@ pub struct Transaction {
     highest_refusal: Ballot,
     /// 3PC: the states learned so far under `ballot`, while learning.
     learning: Option<BTreeMap<ShardName, ReportedState>>,
+    /// Votes cast with a branch's last statement (one-shot submits), counted when the transaction
+    /// prepares instead of a Prepare message to that shard (`one_shot.rs`).
+    early_votes: Vec<one_shot::EarlyVote>,
 }
 
 impl Transaction {
@@ -167,116 +169,8 @@ impl Transaction {
             ballot: Ballot::COORDINATOR,
             highest_refusal: Ballot::COORDINATOR,
             learning: None,
+            early_votes: Vec::new(),
         }
-    }
-
-    /// Rebuilds a 3PC transaction whose pre-commit record was found in the log without a commit
-    /// record. Pre-commits may have been sent, so abort cannot be presumed: the transaction learns
-    /// every participant's state under a ballot of this `incarnation` (a number the driver makes
-    /// higher at every restart) and applies the termination rules, like a termination leader.
-    pub fn recover_pre_committed(
-        txid: TxId,
-        participants: Vec<ShardName>,
-        incarnation: u64,
-        timeouts: Timeouts,
-        now_ms: u64,
-    ) -> (Self, Vec<Action>) {
-        let mut txn = Self::begin(txid, Protocol::ThreePhase, timeouts, now_ms);
-        txn.begun_at_ms = 0;
-        txn.recovered = true;
-        txn.phase = Phase::PreCommitting;
-        txn.pre_commit_logged = true;
-        txn.ballot = Ballot {
-            round: 0,
-            proposer: Proposer::Coordinator { incarnation },
-        };
-        txn.branches = participants
-            .into_iter()
-            .map(|shard| Branch {
-                shard,
-                phase: BranchPhase::Prepared,
-                attempts: 0,
-                last_error: None,
-            })
-            .collect();
-        let mut actions = Vec::new();
-        txn.start_learning(now_ms, &mut actions);
-        (txn, actions)
-    }
-
-    /// Rebuilds a transaction whose commit decision was found in the log without an end record,
-    /// and returns the commits to send again. Participants that already committed answer from
-    /// their marker rows, so resending is safe.
-    pub fn recover_commit(
-        txid: TxId,
-        participants: Vec<ShardName>,
-        decided_at_ms: u64,
-        timeouts: Timeouts,
-        now_ms: u64,
-    ) -> (Self, Vec<Action>) {
-        let mut txn = Self::begin(txid, Protocol::TwoPhase, timeouts, now_ms);
-        txn.begun_at_ms = 0;
-        txn.recovered = true;
-        txn.decided_at_ms = Some(decided_at_ms);
-        txn.outcome = Some(Outcome::Committed);
-        txn.phase = Phase::Committing;
-        txn.branches = participants
-            .into_iter()
-            .map(|shard| Branch {
-                shard,
-                phase: BranchPhase::Committing,
-                attempts: 1,
-                last_error: None,
-            })
-            .collect();
-        let mut actions: Vec<Action> = txn
-            .branches
-            .iter()
-            .map(|b| Action::SendCommit {
-                shard: b.shard.clone(),
-                delay_ms: 0,
-            })
-            .collect();
-        txn.finish_if_applied(now_ms, &mut actions);
-        (txn, actions)
-    }
-
-    /// Rebuilds a transaction an operator aborted by hand (`treaty resolve --abort`) that the
-    /// coordinator was not tracking (or that the log holds a heuristic abort for), and returns the
-    /// aborts to send. Safe without a commit record: with presumed abort, abort is the answer anyway.
-    pub fn recover_abort(
-        txid: TxId,
-        participants: Vec<ShardName>,
-        decided_at_ms: u64,
-        reason: AbortReason,
-        timeouts: Timeouts,
-        now_ms: u64,
-    ) -> (Self, Vec<Action>) {
-        let mut txn = Self::begin(txid, Protocol::TwoPhase, timeouts, now_ms);
-        txn.begun_at_ms = 0;
-        txn.recovered = true;
-        txn.decided_at_ms = Some(decided_at_ms);
-        txn.outcome = Some(Outcome::Aborted(reason));
-        txn.phase = Phase::Aborting;
-        txn.branches = participants
-            .into_iter()
-            .map(|shard| Branch {
-                shard,
-                phase: BranchPhase::Aborting,
-                attempts: 1,
-                last_error: None,
-            })
-            .collect();
-        let mut actions: Vec<Action> = txn
-            .branches
-            .iter()
-            .map(|b| Action::SendAbort {
-                shard: b.shard.clone(),
-                delay_ms: 0,
-            })
-            .collect();
-        txn.finish_if_aborted(now_ms, &mut actions);
-        (txn, actions)
     }
 
     pub fn txid(&self) -> TxId {
@@ -340,8 +234,13 @@ impl Transaction {
             }
             Event::AbortRequested { reason } => self.abort_requested(reason, now_ms, &mut actions)?,
             Event::CommitRequested { wait_for_apply } => {
-                self.commit_requested(wait_for_apply, now_ms, &mut actions)?
+                self.commit_requested(wait_for_apply, None, now_ms, &mut actions)?
             }
+            Event::CommitWithLastStatement {
+                shard,
+                wait_for_apply,
+            } => self.commit_requested(wait_for_apply, Some(shard), now_ms, &mut actions)?,
+            Event::VoteCastEarly { shard, vote, named } => self.vote_cast_early(shard, vote, named),
             Event::VoteReceived { shard, vote } => self.vote_received(&shard, vote, now_ms, &mut actions),
             Event::DecisionDurable => self.decision_durable(now_ms, &mut actions),
             Event::Acknowledged { shard } => self.acknowledged(&shard, now_ms, &mut actions),
@@ -449,51 +348,80 @@ impl Transaction {
         }
     }
 
+    /// The client commits. `last_statement`: a one-shot submit's last statement waits to be sent
+    /// with the COMMIT (`ExecuteAndCommit`); only a transaction whose one branch is on that shard
+    /// may commit that way, so the statement runs only once the transaction is committing.
     fn commit_requested(
         &mut self,
         wait_for_apply: bool,
+        last_statement: Option<ShardName>,
         now_ms: u64,
         actions: &mut Vec<Action>,
     ) -> Result<(), ProtocolError> {
         match self.phase {
             Phase::Active => {}
             // A replayed commit succeeds.
-            Phase::Committing | Phase::Committed => {
+            Phase::Committing | Phase::Committed if last_statement.is_none() => {
                 actions.push(Action::Reply(Outcome::Committed));
                 return Ok(());
             }
             _ => return Err(self.refusal()),
+        }
+        if let Some(shard) = &last_statement
+            && (self.branches.len() != 1 || &self.branches[0].shard != shard || !self.early_votes.is_empty())
+        {
+            return Err(ProtocolError::LastStatementNeedsOneBranch {
+                txid: self.txid,
+                shard: shard.clone(),
+                branches: self.branches.iter().map(|b| b.shard.clone()).collect(),
+            });
         }
         self.reply = Some(if wait_for_apply {
             ReplyWhen::Applied
         } else {
             ReplyWhen::Decided
         });
-        match self.branches.len() {
-            0 => {
+        // A branch that already voted (it is prepared) cannot commit in one phase.
+        match (self.branches.len(), self.early_votes.is_empty()) {
+            (0, _) => {
                 self.decided_at_ms = Some(now_ms);
                 self.finish(Phase::Committed, Outcome::Committed, now_ms, actions);
             }
-            1 => {
+            (1, true) => {
                 self.phase = Phase::CommittingOnePhase;
                 self.branches[0].phase = BranchPhase::Committing;
                 self.branches[0].attempts = 1;
-                actions.push(Action::CommitOnePhase {
-                    shard: self.branches[0].shard.clone(),
+                let shard = self.branches[0].shard.clone();
+                actions.push(match last_statement {
+                    Some(_) => Action::ExecuteAndCommitOnePhase { shard },
+                    None => Action::CommitOnePhase { shard },
                 });
             }
-            _ => {
-                self.phase = Phase::Preparing;
-                self.vote_deadline_ms = now_ms.saturating_add(self.timeouts.vote_ms);
-                for branch in &mut self.branches {
-                    branch.phase = BranchPhase::Preparing;
-                }
-                actions.push(Action::SendPrepare {
-                    shards: self.branches.iter().map(|b| b.shard.clone()).collect(),
-                });
-            }
+            _ => self.prepare(now_ms, actions),
         }
         Ok(())
+    }
+
+    /// Asks every branch for its vote; votes cast early are counted instead of a Prepare message.
+    fn prepare(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        self.phase = Phase::Preparing;
+        self.vote_deadline_ms = now_ms.saturating_add(self.timeouts.vote_ms);
+        for branch in &mut self.branches {
+            branch.phase = BranchPhase::Preparing;
+        }
+        let cast = self.take_early_votes();
+        let to_ask: Vec<ShardName> = self
+            .branches
+            .iter()
+            .map(|b| b.shard.clone())
+            .filter(|shard| !cast.iter().any(|(voted, _)| voted == shard))
+            .collect();
+        if !to_ask.is_empty() {
+            actions.push(Action::SendPrepare { shards: to_ask });
+        }
+        for (shard, vote) in cast {
+            self.vote_received(&shard, vote, now_ms, actions);
+        }
     }
 
     fn vote_received(&mut self, shard: &ShardName, vote: Vote, now_ms: u64, actions: &mut Vec<Action>) {
@@ -555,175 +483,6 @@ impl Transaction {
             })
             .map(|b| b.shard.clone())
             .collect()
-    }
-
-    fn pre_commit_durable(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
-        if self.phase != Phase::PreCommitting || self.pre_commit_logged {
-            return;
-        }
-        self.pre_commit_logged = true;
-        self.vote_deadline_ms = now_ms.saturating_add(self.timeouts.vote_ms);
-        let ballot = self.ballot.clone();
-        for branch in self
-            .branches
-            .iter_mut()
-            .filter(|b| b.phase == BranchPhase::Prepared)
-        {
-            branch.phase = BranchPhase::PreCommitting;
-            branch.attempts = 1;
-            actions.push(Action::SendPreCommit {
-                shard: branch.shard.clone(),
-                ballot: ballot.clone(),
-                delay_ms: 0,
-            });
-        }
-    }
-
-    fn pre_commit_acknowledged(&mut self, shard: &ShardName, ballot: &Ballot, actions: &mut Vec<Action>) {
-        if self.phase != Phase::PreCommitting || ballot != &self.ballot || self.learning.is_some() {
-            return;
-        }
-        if let Some(branch) = self
-            .branches
-            .iter_mut()
-            .find(|b| &b.shard == shard && b.phase == BranchPhase::PreCommitting)
-        {
-            branch.phase = BranchPhase::PreCommitted;
-            branch.last_error = None;
-        }
-        self.log_commit_if_pre_committed(actions);
-    }
-
-    /// Once every YES voter is pre-committed, the commit decision is forced as in 2PC.
-    fn log_commit_if_pre_committed(&mut self, actions: &mut Vec<Action>) {
-        if self
-            .branches
-            .iter()
-            .any(|b| matches!(b.phase, BranchPhase::PreCommitting | BranchPhase::Prepared))
-        {
-            return;
-        }
-        self.phase = Phase::LoggingCommit;
-        actions.push(Action::PersistCommit {
-            participants: self.yes_voters(),
-        });
-    }
-
-    /// 3PC, pre-commits out and silence (or a restart): ask every YES voter for its state under a
-    /// ballot above any seen, which also stops lower pre-commits still in flight.
-    fn start_learning(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
-        let proposer = self.ballot.proposer.clone();
-        self.ballot = self
-            .ballot
-            .clone()
-            .max(self.highest_refusal.clone())
-            .next_for(proposer);
-        self.vote_deadline_ms = now_ms.saturating_add(self.timeouts.vote_ms);
-        for branch in &mut self.branches {
-            if branch.phase == BranchPhase::PreCommitting || branch.phase == BranchPhase::PreCommitted {
-                branch.phase = BranchPhase::Prepared;
-            }
-        }
-        self.learning = Some(BTreeMap::new());
-        actions.push(Action::QueryParticipantStates {
-            shards: self.yes_voters(),
-            ballot: self.ballot.clone(),
-        });
-    }
-
-    fn states_learned(
-        &mut self,
-        ballot: &Ballot,
-        reports: Vec<(ShardName, Report)>,
-        now_ms: u64,
-        actions: &mut Vec<Action>,
-    ) {
-        if self.phase != Phase::PreCommitting || ballot != &self.ballot {
-            return;
-        }
-        let voters = self.yes_voters();
-        let Some(states) = self.learning.as_mut() else {
-            return;
-        };
-        for (shard, report) in reports {
-            match report {
-                Report::State(state) => {
-                    states.insert(shard, state);
-                }
-                Report::Refused { promised } => {
-                    if promised > self.highest_refusal {
-                        self.highest_refusal = promised;
-                    }
-                }
-            }
-        }
-        // The guard: decide only with the state of every participant; else ask again on the tick.
-        if !voters.iter().all(|shard| states.contains_key(shard)) {
-            return;
-        }
-        let learned: Vec<ReportedState> = states.values().copied().collect();
-        let Some(outcome) = termination::decide(&learned, Rules::Classical) else {
-            return;
-        };
-        let states = std::mem::take(states);
-        self.learning = None;
-        self.vote_deadline_ms = now_ms.saturating_add(self.timeouts.vote_ms);
-        match outcome {
-            TerminationOutcome::Abort => {
-                let reason = AbortReason::new(
-                    AbortCause::Timeout,
-                    "three-phase termination: no participant had pre-committed",
-                );
-                self.abort_after_termination(reason, now_ms, actions);
-            }
-            TerminationOutcome::Commit | TerminationOutcome::PreCommitThenCommit => {
-                let ballot = self.ballot.clone();
-                for branch in &mut self.branches {
-                    let Some(state) = states.get(&branch.shard) else {
-                        continue;
-                    };
-                    // With someone committed the decision is made: commit the rest directly.
-                    if *state == ReportedState::Prepared && outcome == TerminationOutcome::PreCommitThenCommit
-                    {
-                        branch.phase = BranchPhase::PreCommitting;
-                        branch.attempts = 1;
-                        actions.push(Action::SendPreCommit {
-                            shard: branch.shard.clone(),
-                            ballot: ballot.clone(),
-                            delay_ms: 0,
-                        });
-                    } else {
-                        branch.phase = BranchPhase::PreCommitted;
-                    }
-                }
-                self.log_commit_if_pre_committed(actions);
-            }
-        }
-    }
-
-    /// Abort decided by the termination rules: only from states where no participant was
-    /// pre-committed or one had aborted.
-    fn abort_after_termination(&mut self, reason: AbortReason, now_ms: u64, actions: &mut Vec<Action>) {
-        self.phase = Phase::Aborting;
-        self.decided_at_ms = Some(now_ms);
-        self.outcome = Some(Outcome::Aborted(reason.clone()));
-        for branch in &mut self.branches {
-            if matches!(
-                branch.phase,
-                BranchPhase::Prepared | BranchPhase::PreCommitting | BranchPhase::PreCommitted
-            ) {
-                branch.phase = BranchPhase::Aborting;
-                branch.attempts = 1;
-                actions.push(Action::SendAbort {
-                    shard: branch.shard.clone(),
-                    delay_ms: 0,
-                });
-            }
-        }
-        if self.reply.take().is_some() {
-            actions.push(Action::Reply(Outcome::Aborted(reason)));
-        }
-        self.finish_if_aborted(now_ms, actions);
     }
 
     fn decision_durable(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
@@ -922,6 +681,10 @@ impl Transaction {
         actions.push(Action::Finished);
     }
 }
+
+mod one_shot;
+mod recovery;
+mod three_phase;
 
 #[cfg(test)]
 mod tests;

@@ -100,6 +100,22 @@ pub enum Event {
     CommitRequested {
         wait_for_apply: bool,
     },
+    /// A one-shot submit on one shard commits with its last statement on `shard`, sent together
+    /// with the COMMIT once the transaction is committing. Refused unless the transaction's only
+    /// branch is on `shard` and no vote was cast early.
+    CommitWithLastStatement {
+        shard: ShardName,
+        wait_for_apply: bool,
+    },
+    /// A vote cast with a branch's last statement (`ExecuteAndPrepare`, one-shot submits over
+    /// several shards), kept until the transaction prepares. `named`: under three-phase commit,
+    /// the participants the vote named to the participant (termination asks them); the vote counts
+    /// as a YES only if they are exactly the ones the transaction prepares with.
+    VoteCastEarly {
+        shard: ShardName,
+        vote: Vote,
+        named: Vec<ShardName>,
+    },
     VoteReceived {
         shard: ShardName,
         vote: Vote,
@@ -156,6 +172,9 @@ pub enum Action {
     SendAbort { shard: ShardName, delay_ms: u64 },
     /// Commit the only writing branch with a plain COMMIT; answered by a `OnePhase*` event.
     CommitOnePhase { shard: ShardName },
+    /// Send the last statement kept by `CommitWithLastStatement` together with the branch's plain
+    /// COMMIT (`ExecuteAndCommit`); answered by a `OnePhase*` event.
+    ExecuteAndCommitOnePhase { shard: ShardName },
     /// Answer the client waiting for the outcome.
     Reply(Outcome),
     /// Write the lazy end record: the log no longer needs this transaction.
@@ -188,4 +207,13 @@ pub enum ProtocolError {
     NotActive { txid: u64, phase: &'static str },
     #[error("transaction {txid} ended with an unknown outcome: {error}")]
     OutcomeUnknown { txid: u64, error: String },
+    #[error(
+        "transaction {txid} cannot commit with a last statement on shard {shard}: that needs exactly one \
+         branch, on that shard, with no vote cast yet; it has branches on {branches:?}"
+    )]
+    LastStatementNeedsOneBranch {
+        txid: u64,
+        shard: ShardName,
+        branches: Vec<ShardName>,
+    },
 }

@@ -23,15 +23,26 @@
 //!
 //! Modules: `coordinator` (the coordinator's [`Transaction`]), `participant` (one branch),
 //! `termination` (ballots and the termination rules), `events` (the coordinator's events and
-//! actions). Their wire forms live at the edge, in `treaty_proto::wire`. The model checker (`tests/model.rs`) explores these same machines.
+//! actions), `answers` (what a participant's answer means: vote checking, lost messages,
+//! refusals). The I/O the driver performs sits behind two traits this crate owns: `store`
+//! ([`DecisionStore`], where decisions are forced) and `transport` ([`ParticipantTransport`], the
+//! calls to participants), both on domain types. Their wire forms live at the edge, in
+//! `treaty_proto`. The model checker (`tests/model.rs`) explores these same machines.
 
+pub mod answers;
 pub mod coordinator;
 mod events;
 pub mod participant;
+pub mod store;
 pub mod termination;
+pub mod transport;
 
 pub use coordinator::{Branch, BranchPhase, Phase, Protocol, Timeouts, Transaction};
 pub use events::{AbortCause, AbortReason, Action, Event, Outcome, ProtocolError, Vote};
+pub use store::{
+    CommitRecord, DecisionStore, HeuristicDecision, HeuristicRecord, PreCommitRecord, StoreError, Unfinished,
+};
+pub use transport::{LinkError, ParticipantTransport};
 
 /// Delay before the next phase-two attempt to a participant that did not answer: doubles from
 /// 20 ms up to 2 s so a participant that comes back is reached quickly and one that stays down

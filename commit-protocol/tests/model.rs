@@ -224,7 +224,10 @@ impl CommitModel {
                 }
                 // The end record is lazy and only lets the log forget.
                 Action::PersistEnd => state.log.end = true,
-                Action::CommitOnePhase { .. } | Action::Reply(_) | Action::Finished => {}
+                Action::CommitOnePhase { .. }
+                | Action::ExecuteAndCommitOnePhase { .. }
+                | Action::Reply(_)
+                | Action::Finished => {}
             }
         }
     }

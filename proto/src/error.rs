@@ -21,8 +21,7 @@ impl SqlError {
     /// Whether running the transaction again may succeed: serialization failure, deadlock, lock or
     /// statement timeout, a lost connection.
     pub fn retryable(&self) -> bool {
-        matches!(self.sqlstate.as_str(), "40001" | "40P01" | "55P03" | "57014")
-            || self.sqlstate.starts_with("08")
+        treaty_commit_protocol::answers::sqlstate_is_retryable(&self.sqlstate)
     }
 
     /// The gRPC code a client should branch on for this SQLSTATE.

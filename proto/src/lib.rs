@@ -19,7 +19,9 @@ mod value;
 pub mod wire;
 
 pub use error::{ApiError, SqlError};
-pub use treaty_types::{BranchGid, CoordinatorId, GID_PREFIX, Gid, IdError, Protocol, ShardName, TxId, now_ms};
+pub use treaty_types::{
+    BranchGid, CoordinatorId, GID_PREFIX, Gid, IdError, Protocol, ShardName, TxId, now_ms,
+};
 pub use value::{Value, ValueError};
 
 /// Largest SQL text accepted in one statement, in bytes. Bigger statements are refused with
