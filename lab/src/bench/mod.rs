@@ -22,6 +22,7 @@ mod workload;
 mod zipf;
 
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -31,7 +32,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use serde_json::{Map, Value, json};
 use treaty_harness::{ClusterSpec, LocalCluster, PgOptions};
-use treaty_proto::pb;
+use treaty_proto::Protocol;
+use treaty_types::UnknownProtocol;
 
 use baselines::{Baseline, DirectClient};
 use cpu::Watched;
@@ -45,42 +47,35 @@ const MAX_TXNS_PER_CLIENT_PHASE: u64 = 5_000_000;
 /// Upper bound on the whole load: phases × seconds.
 const MAX_TOTAL_LOAD_SECONDS: u64 = 4 * 3600;
 
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProtocolArg {
-    #[value(name = "2pc")]
-    TwoPhase,
-    #[value(name = "3pc")]
-    ThreePhase,
+/// One item of `--protocol`: a protocol in any spelling [`Protocol`] accepts, or `both`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolChoice {
+    One(Protocol),
     /// 2pc and 3pc side by side.
-    #[value(name = "both")]
     Both,
 }
 
-impl ProtocolArg {
-    fn name(self) -> &'static str {
-        match self {
-            ProtocolArg::TwoPhase => "2pc",
-            ProtocolArg::ThreePhase => "3pc",
-            ProtocolArg::Both => "both",
+impl FromStr for ProtocolChoice {
+    type Err = UnknownProtocol;
+
+    fn from_str(text: &str) -> Result<Self, UnknownProtocol> {
+        if text.trim().eq_ignore_ascii_case("both") {
+            Ok(ProtocolChoice::Both)
+        } else {
+            text.parse().map(ProtocolChoice::One)
         }
     }
+}
 
+impl ProtocolChoice {
     /// The protocols a `--protocol` list asks for: `both` expanded, duplicates dropped, 2PC first
     /// (it keeps the `treaty_*` names when the two run side by side).
-    fn expand(list: &[ProtocolArg]) -> Vec<ProtocolArg> {
-        let wants = |p: ProtocolArg| list.iter().any(|&a| a == p || a == ProtocolArg::Both);
-        [ProtocolArg::TwoPhase, ProtocolArg::ThreePhase]
-            .into_iter()
-            .filter(|&p| wants(p))
-            .collect()
-    }
-
-    fn pb(self) -> pb::Protocol {
-        match self {
-            // `Both` is expanded before anything runs.
-            ProtocolArg::TwoPhase | ProtocolArg::Both => pb::Protocol::TwoPhase,
-            ProtocolArg::ThreePhase => pb::Protocol::ThreePhase,
-        }
+    fn expand(list: &[ProtocolChoice]) -> Vec<Protocol> {
+        let wants = |p: Protocol| {
+            list.iter()
+                .any(|&choice| choice == ProtocolChoice::One(p) || choice == ProtocolChoice::Both)
+        };
+        Protocol::ALL.into_iter().filter(|&p| wants(p)).collect()
     }
 }
 
@@ -122,10 +117,10 @@ pub struct BenchArgs {
     /// Zipf exponent for --skew zipfian, in (0, 1).
     #[arg(long, default_value_t = 0.99)]
     pub zipf_theta: f64,
-    /// Treaty's commit protocol; `2pc,3pc` (or `both`) runs Treaty with each, side by side in the
-    /// same rounds (3PC reported as `treaty_3pc_*`).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "2pc")]
-    pub protocol: Vec<ProtocolArg>,
+    /// Treaty's commit protocol (2pc or two-phase, 3pc or three-phase); `2pc,3pc` (or `both`)
+    /// runs Treaty with each, side by side in the same rounds (3PC reported as `treaty_3pc_*`).
+    #[arg(long, value_delimiter = ',', default_value = "2pc")]
+    pub protocol: Vec<ProtocolChoice>,
     /// Baselines on the same databases: none, direct (PREPARE/COMMIT PREPARED by hand),
     /// independent (plain per-shard COMMIT); a comma-separated list runs several.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "none")]
@@ -173,7 +168,7 @@ pub fn service_thread_args(threads: u16) -> Vec<String> {
 enum System {
     /// Treaty with this protocol, reported under `name`.
     Treaty {
-        protocol: ProtocolArg,
+        protocol: Protocol,
         name: &'static str,
     },
     Baseline(Baseline),
@@ -182,9 +177,9 @@ enum System {
 impl System {
     /// Treaty with `protocol`: `treaty` on its own (whichever protocol, as always), and with 3PC
     /// beside 2PC, 2PC stays `treaty` and 3PC is `treaty_3pc`.
-    fn treaty(protocol: ProtocolArg, side_by_side: bool) -> System {
+    fn treaty(protocol: Protocol, side_by_side: bool) -> System {
         let name = match protocol {
-            ProtocolArg::ThreePhase if side_by_side => report::TREATY_3PC,
+            Protocol::ThreePhase if side_by_side => report::TREATY_3PC,
             _ => "treaty",
         };
         System::Treaty { protocol, name }
@@ -261,7 +256,7 @@ async fn run_phase(
     }
     let treaty_target = match system {
         System::Treaty { protocol, .. } => TreatyTarget {
-            protocol: protocol.pb(),
+            protocol,
             ..ctx.treaty.clone()
         },
         System::Baseline(_) => ctx.treaty.clone(),
@@ -338,7 +333,7 @@ fn phase_line(label: &str, result: &PhaseResult) -> String {
 
 fn params(
     args: &BenchArgs,
-    protocols: &[ProtocolArg],
+    protocols: &[Protocol],
     baselines: &[Baseline],
     per_round: u64,
 ) -> Map<String, Value> {
@@ -370,12 +365,18 @@ fn params(
     // What `treaty_*` measured: the one protocol, or 2PC when 3PC runs beside it.
     map.insert(
         "protocol".into(),
-        json!(protocols.first().copied().unwrap_or(ProtocolArg::TwoPhase).name()),
+        json!(
+            protocols
+                .first()
+                .copied()
+                .unwrap_or(Protocol::TwoPhase)
+                .short_name()
+        ),
     );
     if protocols.len() > 1 {
         map.insert(
             "protocols".into(),
-            json!(protocols.iter().map(|p| p.name()).collect::<Vec<_>>()),
+            json!(protocols.iter().map(|p| p.short_name()).collect::<Vec<_>>()),
         );
     }
     map.insert("interactive".into(), json!(args.interactive));
@@ -455,7 +456,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.clients_list.clone()
     };
     sweep_clients.dedup();
-    let protocols = ProtocolArg::expand(&args.protocol);
+    let protocols = ProtocolChoice::expand(&args.protocol);
     let side_by_side = protocols.len() > 1;
     let per_round = (args.duration / u64::from(args.rounds)).max(1);
     let total = (per_round * u64::from(args.rounds) * sweep_clients.len() as u64 + args.warmup)
@@ -471,7 +472,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.skew,
         args.zipf_theta,
     )?;
-    let seed = args.seed.unwrap_or_else(crate::demo::now_ms);
+    let seed = args.seed.unwrap_or_else(treaty_proto::now_ms);
     let params = params(&args, &protocols, &baselines, per_round);
 
     let temp = tempfile::Builder::new().prefix("treaty-bench-").tempdir()?;
@@ -508,7 +509,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let mut measured = Vec::new();
     let mut unsupported = Vec::new();
     for &protocol in &protocols {
-        match treaty_driver::probe_protocol(&endpoint, protocol.pb()).await? {
+        match treaty_driver::probe_protocol(&endpoint, protocol).await? {
             Ok(()) => measured.push(protocol),
             Err(message) => unsupported.push((protocol, message)),
         }
@@ -520,7 +521,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             .unwrap_or_default();
         println!(
             "protocol {}: unsupported by this coordinator ({message}); nothing measured",
-            protocols.iter().map(|p| p.name()).collect::<Vec<_>>().join(",")
+            protocols
+                .iter()
+                .map(|p| p.short_name())
+                .collect::<Vec<_>>()
+                .join(",")
         );
         if args.json {
             println!("{}", report::unsupported_json(params, &message));
@@ -530,14 +535,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     for (protocol, message) in &unsupported {
         println!(
             "protocol {}: unsupported by this coordinator ({message}); measuring {} only",
-            protocol.name(),
-            measured.iter().map(|p| p.name()).collect::<Vec<_>>().join(",")
+            protocol.short_name(),
+            measured
+                .iter()
+                .map(|p| p.short_name())
+                .collect::<Vec<_>>()
+                .join(",")
         );
     }
     let three_phase = if !side_by_side {
         report::SideBySide::Off
     } else {
-        match unsupported.iter().find(|(p, _)| *p == ProtocolArg::ThreePhase) {
+        match unsupported.iter().find(|(p, _)| *p == Protocol::ThreePhase) {
             Some((_, message)) => report::SideBySide::Unsupported(message.clone()),
             None => report::SideBySide::Measured,
         }
@@ -563,7 +572,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             endpoint,
             shard_names: cluster.shard_names.clone(),
             // Set per phase from the system (run_phase).
-            protocol: measured[0].pb(),
+            protocol: measured[0],
             interactive: args.interactive,
             lock_timeout_ms: args.lock_timeout_ms,
         },
@@ -661,28 +670,36 @@ mod tests {
         bench: BenchArgs,
     }
 
-    fn protocols(args: &[&str]) -> Vec<ProtocolArg> {
+    fn protocols(args: &[&str]) -> Vec<Protocol> {
         let cli = Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).unwrap();
-        ProtocolArg::expand(&cli.bench.protocol)
+        ProtocolChoice::expand(&cli.bench.protocol)
     }
 
     #[test]
     fn protocol_lists_expand_with_two_phase_first() {
-        use ProtocolArg::{ThreePhase, TwoPhase};
+        use Protocol::{ThreePhase, TwoPhase};
         assert_eq!(protocols(&[]), vec![TwoPhase]);
         assert_eq!(protocols(&["--protocol", "3pc"]), vec![ThreePhase]);
         assert_eq!(protocols(&["--protocol", "2pc,3pc"]), vec![TwoPhase, ThreePhase]);
         assert_eq!(protocols(&["--protocol", "3pc,2pc"]), vec![TwoPhase, ThreePhase]);
         assert_eq!(protocols(&["--protocol", "both"]), vec![TwoPhase, ThreePhase]);
         assert_eq!(protocols(&["--protocol", "3pc,3pc"]), vec![ThreePhase]);
-        assert!(Cli::try_parse_from(["bench", "--protocol", "4pc"]).is_err());
+        assert_eq!(
+            protocols(&["--protocol", "three-phase,two-phase"]),
+            vec![TwoPhase, ThreePhase]
+        );
+        let error = Cli::try_parse_from(["bench", "--protocol", "2pc,4pc"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("4pc") && error.contains("three-phase"), "{error}");
     }
 
     #[test]
     fn treaty_keeps_its_name_unless_three_phase_runs_beside_two_phase() {
-        assert_eq!(System::treaty(ProtocolArg::TwoPhase, false).name(), "treaty");
-        assert_eq!(System::treaty(ProtocolArg::ThreePhase, false).name(), "treaty");
-        assert_eq!(System::treaty(ProtocolArg::TwoPhase, true).name(), "treaty");
-        assert_eq!(System::treaty(ProtocolArg::ThreePhase, true).name(), "treaty_3pc");
+        assert_eq!(System::treaty(Protocol::TwoPhase, false).name(), "treaty");
+        assert_eq!(System::treaty(Protocol::ThreePhase, false).name(), "treaty");
+        assert_eq!(System::treaty(Protocol::TwoPhase, true).name(), "treaty");
+        assert_eq!(System::treaty(Protocol::ThreePhase, true).name(), "treaty_3pc");
     }
 }
