@@ -1,5 +1,5 @@
 //! Commands that talk to a running coordinator: `submit`, `txn`, `in-doubt`, `resolve`, and how they
-//! find it.
+//! find it (`Target`); the state names, ages and tables `list` prints the same way.
 
 use std::path::{Path, PathBuf};
 
