@@ -174,6 +174,11 @@ pub trait ParticipantTransport: Send + Sync + 'static {
     fn shard(&self, name: &str) -> Option<ShardName>;
     /// Every configured shard, sorted.
     fn shards(&self) -> Vec<ShardName>;
+    /// Whether a one-shot submit may send a branch's vote with its last statement
+    /// (`execute_and_prepare`) instead of a Prepare message.
+    fn votes_with_last_statement(&self) -> bool {
+        true
+    }
 
     fn execute(
         &self,

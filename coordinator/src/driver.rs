@@ -12,8 +12,8 @@
 //! Modules: `table` (the transactions and their handles), `statements` (begin, statements,
 //! commit and rollback requests), `phases` (prepare, the decision's durable write, phase two, 3PC
 //! pre-commits and state queries), `recovery` (start-up: replay, incarnation, re-drives),
-//! `resolve` (operators' heuristic decisions). The coordinator's failpoints sit in `phases`, where
-//! actions are carried out.
+//! `resolve` (operators' heuristic decisions). No failpoint sits in the driver: a fault-injection
+//! build wraps the store and the transport in decorators (`crate::faults`).
 
 mod phases;
 mod recovery;
@@ -177,20 +177,12 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     }
 
     fn perform(self: &Arc<Self>, handle: &Arc<TxnHandle>, actions: Vec<Action>) {
-        // Commits sent without delay are a round's first sends (retries come with a backoff).
-        let mut commit_round = Vec::new();
-        let mut pre_commit_round = None;
         for action in actions {
             match action {
                 Action::SendPrepare { shards } => self.send_prepare(handle, shards),
                 Action::PersistCommit { participants } => self.persist_commit(handle, participants),
-                Action::SendCommit { shard, delay_ms: 0 } => commit_round.push(shard),
-                Action::SendCommit { shard, delay_ms } => {
-                    self.send_phase_two(handle, shard, delay_ms, true, phases::Delivery::Send)
-                }
-                Action::SendAbort { shard, delay_ms } => {
-                    self.send_phase_two(handle, shard, delay_ms, false, phases::Delivery::Send)
-                }
+                Action::SendCommit { shard, delay_ms } => self.send_phase_two(handle, shard, delay_ms, true),
+                Action::SendAbort { shard, delay_ms } => self.send_phase_two(handle, shard, delay_ms, false),
                 Action::CommitOnePhase { shard } => self.commit_one_phase(handle, shard),
                 Action::ExecuteAndCommitOnePhase { shard } => self.execute_and_commit(handle, shard),
                 Action::Reply(outcome) => {
@@ -201,21 +193,11 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                 }
                 Action::PersistEnd => self.persist_end(handle),
                 Action::PersistPreCommit { participants } => self.persist_pre_commit(handle, participants),
-                // Pre-commits sent without delay are a round's first sends (retries come with a
-                // backoff); one action list holds at most one ballot's round.
-                Action::SendPreCommit {
-                    shard,
-                    ballot,
-                    delay_ms: 0,
-                } => pre_commit_round
-                    .get_or_insert_with(|| (ballot, Vec::new()))
-                    .1
-                    .push(shard),
                 Action::SendPreCommit {
                     shard,
                     ballot,
                     delay_ms,
-                } => self.send_pre_commit(handle, shard, ballot, delay_ms, phases::Delivery::Send),
+                } => self.send_pre_commit(handle, shard, ballot, delay_ms),
                 Action::QueryParticipantStates { shards, ballot } => {
                     self.query_participant_states(handle, shards, ballot)
                 }
@@ -228,12 +210,6 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                     self.retire(handle.gid.txid());
                 }
             }
-        }
-        if !commit_round.is_empty() {
-            self.send_commit_round(handle, commit_round);
-        }
-        if let Some((ballot, shards)) = pre_commit_round {
-            self.send_pre_commit_round(handle, shards, ballot);
         }
     }
 

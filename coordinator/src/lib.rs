@@ -16,6 +16,7 @@ pub mod config;
 mod crash;
 pub mod driver;
 pub mod failpoints;
+mod faults;
 pub mod h2_channel;
 mod in_doubt;
 mod log_faults;
@@ -43,8 +44,24 @@ use crate::driver::{Engine, EngineSettings};
 use crate::participants::ParticipantLinks;
 use crate::store::FileStore;
 
-/// The coordinator as it runs in production: the file decision log and gRPC participant links.
+/// The coordinator as it runs: the file decision log and gRPC participant links (wrapped in the
+/// failpoint decorators in a fault-injection build).
+#[cfg(not(feature = "failpoints"))]
 pub type CoordinatorEngine = Engine<FileStore, ParticipantLinks>;
+#[cfg(feature = "failpoints")]
+pub type CoordinatorEngine =
+    Engine<faults::FaultyStore<FileStore>, faults::FaultyTransport<ParticipantLinks>>;
+
+/// The engine on `store` and `links`, with the failpoint decorators where the build has them.
+pub fn engine_on(
+    id: CoordinatorId,
+    store: FileStore,
+    links: ParticipantLinks,
+    settings: EngineSettings,
+) -> std::sync::Arc<CoordinatorEngine> {
+    let (store, links) = faults::install(store, links);
+    Engine::new(id, store, links, Arc::new(SystemClock), settings, 0)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -162,6 +179,7 @@ pub async fn run(
     let reserved_up_to = replay.txids_reserved_up_to + driver::TXID_BLOCK * replay.damage.len() as u64;
     tracing::info!(coordinator = %id, records = replay.records, "decision log opened");
     let store = FileStore::new(log, &replay, reserved_up_to);
+    let (store, links) = faults::install(store, links);
     let engine = driver::start(id.clone(), store, links, Arc::new(SystemClock), settings)
         .await
         .map_err(|error| CoordinatorError::Store(error.to_string()))?;

@@ -4,21 +4,19 @@
 //! Every call's result goes back to the machine through a rule of the core
 //! (`treaty_commit_protocol::answers`).
 //!
-//! The coordinator's failpoints sit here, at the steps they name (docs/failpoints.md); without the
-//! `failpoints` feature each is an inert check.
+//! No failpoint sits here: a fault-injection build wraps the store and the transport in the
+//! decorators of `crate::faults`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use treaty_commit_protocol::answers;
 use treaty_commit_protocol::store::{CommitRecord, DecisionStore, PreCommitRecord};
-use treaty_commit_protocol::transport::{LinkError, ParticipantTransport, VoteRequest};
+use treaty_commit_protocol::transport::{ParticipantTransport, VoteRequest};
 use treaty_proto::ShardName;
 
 use super::table::{Fused, TxnHandle};
 use super::{Engine, PHASE_TWO_TIMEOUT_MS};
-pub(super) use crate::failpoints::Delivery;
-use crate::failpoints::{self, Fired};
 use crate::protocol::termination::Ballot;
 use crate::protocol::{AbortCause, AbortReason, Event};
 
@@ -28,23 +26,8 @@ enum Forced {
     PreCommit(PreCommitRecord),
 }
 
-/// What a failpoint did to a message about to be sent: `Ok` to send it, or the failure the caller
-/// sees (after waiting out the call's time, for a lost message).
-async fn delivered(delivery: Delivery, timeout_ms: u64) -> Result<(), LinkError> {
-    match delivery {
-        Delivery::Send => Ok(()),
-        Delivery::Fail(failpoint) => Err(LinkError::Unavailable(format!("failpoint {failpoint}"))),
-        Delivery::Lose => {
-            tokio::time::sleep(Duration::from_millis(timeout_ms)).await;
-            Err(LinkError::TimedOut { after_ms: timeout_ms })
-        }
-    }
-}
-
 impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
-    /// Sends PREPARE in parallel to every listed shard. With `after-some-prepares` armed, the
-    /// first is sent (and answered) alone, the failpoint is evaluated, and only then are the others
-    /// sent.
+    /// Sends PREPARE in parallel to every listed shard; each vote comes back as `VoteReceived`.
     pub(super) fn send_prepare(self: &Arc<Self>, handle: &Arc<TxnHandle>, shards: Vec<ShardName>) {
         let (protocol, all) = {
             let machine = handle.machine();
@@ -55,57 +38,18 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             protocol,
             participants: all,
         };
-        if shards.len() > 1 && failpoints::armed(failpoints::AFTER_SOME_PREPARES) {
-            let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
-            tokio::spawn(async move {
-                let mut shards = shards.into_iter();
-                if let Some(first) = shards.next() {
-                    engine
-                        .prepare_one(&handle, first, request.clone(), Delivery::Send)
-                        .await;
-                }
-                let delivery = failpoints::delivery(failpoints::AFTER_SOME_PREPARES);
-                for shard in shards {
-                    engine.spawn_prepare(&handle, shard, request.clone(), delivery);
-                }
-            });
-            return;
-        }
         for shard in shards {
-            self.spawn_prepare(handle, shard, request.clone(), Delivery::Send);
-        }
-    }
-
-    fn spawn_prepare(
-        self: &Arc<Self>,
-        handle: &Arc<TxnHandle>,
-        shard: ShardName,
-        request: VoteRequest,
-        delivery: Delivery,
-    ) {
-        let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
-        tokio::spawn(async move { engine.prepare_one(&handle, shard, request, delivery).await });
-    }
-
-    async fn prepare_one(
-        self: &Arc<Self>,
-        handle: &Arc<TxnHandle>,
-        shard: ShardName,
-        request: VoteRequest,
-        delivery: Delivery,
-    ) {
-        let timeout_ms = self.default_timeouts.vote_ms;
-        let protocol = request.protocol;
-        let answer = match delivered(delivery, timeout_ms).await {
-            Ok(()) => {
-                self.transport
+            let (engine, handle, request) = (Arc::clone(self), Arc::clone(handle), request.clone());
+            tokio::spawn(async move {
+                let timeout_ms = engine.default_timeouts.vote_ms;
+                let answer = engine
+                    .transport
                     .prepare(&shard, &handle.gid, request, timeout_ms)
-                    .await
-            }
-            Err(error) => Err(error),
-        };
-        let vote = answers::vote(&shard, answer, protocol);
-        self.feed_result(handle, Event::VoteReceived { shard, vote });
+                    .await;
+                let vote = answers::vote(&shard, answer, protocol);
+                engine.feed_result(&handle, Event::VoteReceived { shard, vote });
+            });
+        }
     }
 
     pub(super) fn commit_one_phase(self: &Arc<Self>, handle: &Arc<TxnHandle>, shard: ShardName) {
@@ -150,73 +94,33 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         });
     }
 
-    /// The first COMMIT of every participant after a decision, in parallel, with the failpoints
-    /// `before-commit-sends` (before any is sent) and `between-commit-sends` (with it armed, the
-    /// first is sent alone and the others only after it acknowledged). A recovered transaction's
-    /// re-drive skips them, so that a restart with the same `--failpoints` converges.
-    pub(super) fn send_commit_round(self: &Arc<Self>, handle: &Arc<TxnHandle>, shards: Vec<ShardName>) {
-        let armed = failpoints::armed(failpoints::BEFORE_COMMIT_SENDS)
-            || failpoints::armed(failpoints::BETWEEN_COMMIT_SENDS);
-        if !armed || handle.machine().recovered() {
-            for shard in shards {
-                self.send_phase_two(handle, shard, 0, true, Delivery::Send);
-            }
-            return;
-        }
-        let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
-        tokio::spawn(async move {
-            let mut delivery = failpoints::delivery(failpoints::BEFORE_COMMIT_SENDS);
-            let mut shards = shards.into_iter();
-            if delivery == Delivery::Send
-                && shards.len() > 1
-                && failpoints::armed(failpoints::BETWEEN_COMMIT_SENDS)
-                && let Some(first) = shards.next()
-            {
-                let event = engine.finish(&handle, &first, true, Delivery::Send).await;
-                let acknowledged = matches!(event, Event::Acknowledged { .. });
-                engine.feed_result(&handle, event);
-                if acknowledged {
-                    delivery = failpoints::delivery(failpoints::BETWEEN_COMMIT_SENDS);
-                }
-            }
-            for shard in shards {
-                engine.send_phase_two(&handle, shard, 0, true, delivery);
-            }
-        });
-    }
-
     pub(super) fn send_phase_two(
         self: &Arc<Self>,
         handle: &Arc<TxnHandle>,
         shard: ShardName,
         delay_ms: u64,
         commit: bool,
-        delivery: Delivery,
     ) {
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
         tokio::spawn(async move {
             if delay_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
             }
-            let event = engine.finish(&handle, &shard, commit, delivery).await;
+            let event = engine.finish(&handle, &shard, commit).await;
             engine.feed_result(&handle, event);
         });
     }
 
     /// One COMMIT PREPARED (or abort) and the event its result feeds.
-    async fn finish(&self, handle: &TxnHandle, shard: &ShardName, commit: bool, delivery: Delivery) -> Event {
-        let result = match delivered(delivery, PHASE_TWO_TIMEOUT_MS).await {
-            Ok(()) if commit => {
-                self.transport
-                    .commit(shard, &handle.gid, PHASE_TWO_TIMEOUT_MS)
-                    .await
-            }
-            Ok(()) => {
-                self.transport
-                    .abort(shard, &handle.gid, PHASE_TWO_TIMEOUT_MS)
-                    .await
-            }
-            Err(error) => Err(error),
+    async fn finish(&self, handle: &TxnHandle, shard: &ShardName, commit: bool) -> Event {
+        let result = if commit {
+            self.transport
+                .commit(shard, &handle.gid, PHASE_TWO_TIMEOUT_MS)
+                .await
+        } else {
+            self.transport
+                .abort(shard, &handle.gid, PHASE_TWO_TIMEOUT_MS)
+                .await
         };
         if let Err(error) = &result
             && answers::contradicts_decision(error)
@@ -244,49 +148,6 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         self.force(handle, Forced::PreCommit(record));
     }
 
-    /// 3PC: a round of PreCommits under `ballot`, in parallel. The coordinator's own first round
-    /// (`Ballot::COORDINATOR`) of a transaction this process runs passes the failpoints
-    /// `before-pre-commit-sends` (before any is sent) and `after-some-pre-commits` (with it armed,
-    /// the first is sent alone and the others only after it acknowledged); a round decided by the
-    /// termination rules (a learned state, or a recovered transaction) skips them, so that a
-    /// restart with the same `--failpoints` converges.
-    pub(super) fn send_pre_commit_round(
-        self: &Arc<Self>,
-        handle: &Arc<TxnHandle>,
-        shards: Vec<ShardName>,
-        ballot: Ballot,
-    ) {
-        let first_round = ballot == Ballot::COORDINATOR && !handle.machine().recovered();
-        let armed = failpoints::armed(failpoints::BEFORE_PRE_COMMIT_SENDS)
-            || failpoints::armed(failpoints::AFTER_SOME_PRE_COMMITS);
-        if !first_round || !armed {
-            for shard in shards {
-                self.send_pre_commit(handle, shard, ballot.clone(), 0, Delivery::Send);
-            }
-            return;
-        }
-        let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
-        tokio::spawn(async move {
-            let mut delivery = failpoints::delivery(failpoints::BEFORE_PRE_COMMIT_SENDS);
-            let mut shards = shards.into_iter();
-            if delivery == Delivery::Send
-                && shards.len() > 1
-                && failpoints::armed(failpoints::AFTER_SOME_PRE_COMMITS)
-                && let Some(first) = shards.next()
-            {
-                let event = engine.pre_commit(&handle, &first, &ballot, Delivery::Send).await;
-                let acknowledged = matches!(event, Event::PreCommitAcknowledged { .. });
-                engine.feed_result(&handle, event);
-                if acknowledged {
-                    delivery = failpoints::delivery(failpoints::AFTER_SOME_PRE_COMMITS);
-                }
-            }
-            for shard in shards {
-                engine.send_pre_commit(&handle, shard, ballot.clone(), 0, delivery);
-            }
-        });
-    }
-
     /// 3PC: one PreCommit after `delay_ms`; its answer comes back as `PreCommitAcknowledged` or
     /// `PhaseTwoFailed` (which the machine retries with backoff until it learns states instead).
     pub(super) fn send_pre_commit(
@@ -295,33 +156,22 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         shard: ShardName,
         ballot: Ballot,
         delay_ms: u64,
-        delivery: Delivery,
     ) {
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
         tokio::spawn(async move {
             if delay_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
             }
-            let event = engine.pre_commit(&handle, &shard, &ballot, delivery).await;
+            let event = engine.pre_commit(&handle, &shard, &ballot).await;
             engine.feed_result(&handle, event);
         });
     }
 
-    async fn pre_commit(
-        &self,
-        handle: &TxnHandle,
-        shard: &ShardName,
-        ballot: &Ballot,
-        delivery: Delivery,
-    ) -> Event {
-        let result = match delivered(delivery, PHASE_TWO_TIMEOUT_MS).await {
-            Ok(()) => {
-                self.transport
-                    .pre_commit(shard, &handle.gid, ballot, PHASE_TWO_TIMEOUT_MS)
-                    .await
-            }
-            Err(error) => Err(error),
-        };
+    async fn pre_commit(&self, handle: &TxnHandle, shard: &ShardName, ballot: &Ballot) -> Event {
+        let result = self
+            .transport
+            .pre_commit(shard, &handle.gid, ballot, PHASE_TWO_TIMEOUT_MS)
+            .await;
         answers::pre_commit(shard, ballot, result)
     }
 
@@ -359,30 +209,9 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         }
     }
 
-    /// The lazy end record, between `before-end-record` and `after-end-record` (not for a
-    /// recovered transaction's re-drive, as for the commit round).
+    /// The lazy end record.
     pub(super) fn persist_end(&self, handle: &Arc<TxnHandle>) {
-        let txid = handle.gid.txid();
-        let live = !handle.machine().recovered();
-        let fired = if live {
-            failpoints::hit(failpoints::BEFORE_END_RECORD)
-        } else {
-            None
-        };
-        match fired {
-            None | Some(Fired::On) => {}
-            Some(Fired::Drop) => return,
-            Some(Fired::Error) => {
-                self.store_failed(format!(
-                    "failpoint {}: writing the end record of {txid} failed",
-                    failpoints::BEFORE_END_RECORD
-                ));
-            }
-        }
-        self.store.end(txid);
-        if live {
-            failpoints::hit(failpoints::AFTER_END_RECORD);
-        }
+        self.store.end(handle.gid.txid());
     }
 
     pub(super) fn persist_commit(self: &Arc<Self>, handle: &Arc<TxnHandle>, participants: Vec<ShardName>) {
@@ -396,45 +225,20 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     }
 
     /// Forces one record to the store on a task of its own (group-committed with whatever else is
-    /// waiting), then feeds the event saying it is durable. The record's failpoints fail the write
-    /// as a failed fsync would: the coordinator exits and a restart recovers from the store.
+    /// waiting), then feeds the event saying it is durable. A store that cannot write stops the
+    /// coordinator: a restart recovers from what is durable.
     fn force(self: &Arc<Self>, handle: &Arc<TxnHandle>, record: Forced) {
-        let (before, after, what, durable) = match &record {
-            Forced::Commit(_) => (
-                failpoints::BEFORE_COMMIT_DECISION,
-                Some(failpoints::AFTER_COMMIT_DECISION),
-                "commit record",
-                Event::DecisionDurable,
-            ),
-            Forced::PreCommit(_) => (
-                failpoints::BEFORE_PRE_COMMIT_RECORD,
-                None,
-                "pre-commit record",
-                Event::PreCommitDurable,
-            ),
-        };
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
         tokio::spawn(async move {
-            if failpoints::hit(before).is_some() {
-                engine.store_failed(format!(
-                    "failpoint {before}: writing the {what} of {} failed",
-                    handle.gid
-                ));
-            }
-            let written = match record {
-                Forced::Commit(record) => engine.store.force_commit(record).await,
-                Forced::PreCommit(record) => engine.store.force_pre_commit(record).await,
+            let (written, durable) = match record {
+                Forced::Commit(record) => (engine.store.force_commit(record).await, Event::DecisionDurable),
+                Forced::PreCommit(record) => (
+                    engine.store.force_pre_commit(record).await,
+                    Event::PreCommitDurable,
+                ),
             };
             if let Err(e) = written {
                 engine.store_failed(e);
-            }
-            if let Some(after) = after
-                && failpoints::hit(after).is_some()
-            {
-                engine.store_failed(format!(
-                    "failpoint {after}: the {what} of {} was written but its fsync failed",
-                    handle.gid
-                ));
             }
             engine.feed_result(&handle, durable);
         });

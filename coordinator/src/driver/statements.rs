@@ -13,7 +13,6 @@ use treaty_proto::{ApiError, Gid, ShardName, TxId, Value};
 
 use super::table::{Fused, TxnHandle};
 use super::{Engine, PHASE_TWO_TIMEOUT_MS, TXID_BLOCK, TxnOptions, api_error, refused};
-use crate::failpoints;
 use crate::protocol::{AbortReason, Event, Outcome, Protocol, Transaction};
 
 impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
@@ -57,8 +56,8 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     /// `execute` for a branch's last statement when the caller will commit right after (one-shot
     /// submits over several shards): the participant votes in the same call, and the machine keeps
     /// the vote (`Event::VoteCastEarly`) to count when it prepares, in place of a Prepare message.
-    /// `participants`: every shard of the transaction, which a three-phase vote names. With the
-    /// `after-some-prepares` failpoint armed the votes go through Prepare messages as before.
+    /// `participants`: every shard of the transaction, which a three-phase vote names. A transport
+    /// that does not take votes with statements gets a Prepare message instead.
     pub async fn execute_and_prepare(
         self: &Arc<Self>,
         txid: TxId,
@@ -67,7 +66,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         params: Vec<Value>,
         participants: &[ShardName],
     ) -> Result<StatementResult, ApiError> {
-        let fuse = !failpoints::armed(failpoints::AFTER_SOME_PREPARES);
+        let fuse = self.transport.votes_with_last_statement();
         self.run_statement(txid, shard, sql, params, fuse.then_some(participants))
             .await
     }

@@ -242,14 +242,7 @@ fn engine(log: DecisionLog, shards: &Shards, protocol: Protocol) -> Arc<Engine> 
     };
     let links = ParticipantLinks::new(&shards.urls).unwrap();
     let store = FileStore::new(log, &Replay::default(), 0);
-    Engine::new(
-        CoordinatorId::new("c1").unwrap(),
-        store,
-        links,
-        Arc::new(treaty_types::SystemClock),
-        settings,
-        0,
-    )
+    crate::engine_on(CoordinatorId::new("c1").unwrap(), store, links, settings)
 }
 
 fn three_phase() -> TxnOptions {
