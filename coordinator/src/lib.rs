@@ -69,7 +69,7 @@ pub enum CoordinatorError {
     #[error("opening the decision log was interrupted: {0}")]
     Join(#[from] tokio::task::JoinError),
     #[error("arming failpoints: {0}")]
-    Failpoints(#[from] treaty_proto::failpoints::FailpointError),
+    Failpoints(#[from] failpoints::FailpointError),
 }
 
 /// A fresh coordinator id: short, lowercase, unlikely to collide with another coordinator's.
@@ -169,9 +169,13 @@ pub async fn run(
     tracing::info!(%addr, shards = config.shards.len(), "coordinator serving");
     announce(addr);
     let service = CoordinatorServer::new(service::CoordinatorService::new(engine.clone()));
-    tonic::transport::Server::builder()
-        .add_service(service)
-        .add_service(treaty_proto::admin::AdminService::server(&failpoints::CATALOG))
+    let router = tonic::transport::Server::builder().add_service(service);
+    // Only a build with failpoints serves `Admin`; without, a call to it answers UNIMPLEMENTED.
+    #[cfg(feature = "failpoints")]
+    let router = router.add_service(treaty_failpoints::admin::AdminService::server(
+        &failpoints::CATALOG,
+    ));
+    router
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     engine.flush().await;
