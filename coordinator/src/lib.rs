@@ -8,7 +8,8 @@
 //! - `submit`: one-shot cross-shard submits;
 //! - `service`: the gRPC `Coordinator` service;
 //! - `config`: flags, environment and TOML configuration;
-//! - `failpoints`: the coordinator's failpoints (`crash`: the one-shot `--crash-at` on top of them).
+//! - `failpoints`: the coordinator's failpoints, only with the cargo feature `failpoints`, which
+//!   also serves the `Admin` service that arms them (`crash`: the one-shot `--crash-at` on top).
 
 pub mod config;
 mod crash;
@@ -19,6 +20,9 @@ mod log_faults;
 pub mod participants;
 pub mod service;
 mod submit;
+
+#[cfg(test)]
+mod serve_tests;
 
 /// The pure commit protocol lives in its own crate so that the model checker runs the same code.
 pub use treaty_commit_protocol as protocol;
