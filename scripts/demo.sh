@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-postgres.sh
-echo "building the release binaries with failpoints (a few minutes on a fresh clone) ..." >&2
-# `treaty demo` refuses service binaries built without failpoints (treaty-lab's fault_build.rs).
-cargo build --release --workspace --bins --features treaty-coordinator/failpoints,treaty-participant/failpoints
+# `treaty demo` runs on the fault-injection binaries (built with failpoints; their --version says
+# so): `cargo build-fi` is the alias in .cargo/config.toml.
+echo "building the fault-injection release binaries: cargo build-fi --release (a few minutes on a fresh clone) ..." >&2
+cargo build-fi --release
 export TREATY_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/release"
 exec "$TREATY_BIN_DIR/treaty" demo "$@"

@@ -9,15 +9,23 @@ step "checking PostgreSQL server binaries"
 scripts/ensure-postgres.sh
 step "cargo fmt --check"
 cargo fmt --all -- --check
-step "building the binaries (treaty, treaty-coordinator, treaty-participant)"
-cargo build --workspace --bins
+# The end-to-end tests arm failpoints, so everything is built, linted and tested with them: the
+# `build-fi` alias (.cargo/config.toml) and the same features for clippy and the tests. A step
+# without them would rebuild target/debug/treaty-* without failpoints.
+FI_FEATURES="treaty-coordinator/failpoints,treaty-participant/failpoints"
+step "building the fault-injection binaries (treaty, treaty-coordinator, treaty-participant): cargo build-fi"
+cargo build-fi
 export TREATY_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/debug"
-step "cargo clippy -D warnings"
-cargo clippy --workspace --all-targets -- -D warnings
-step "running the tests"
+step "cargo clippy -D warnings (with failpoints)"
+cargo clippy --workspace --all-targets --features "$FI_FEATURES" -- -D warnings
+step "cargo clippy -D warnings (the release configuration: no failpoints, no Admin service)"
+cargo clippy -p treaty-failpoints -p treaty-coordinator -p treaty-participant --all-targets -- -D warnings
+step "unit tests of the release configuration (arming refused, no Admin service)"
+cargo test -p treaty-failpoints -p treaty-coordinator -p treaty-participant --lib --no-fail-fast
+step "running the tests (with failpoints)"
 if command -v cargo-nextest >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
+  cargo nextest run --workspace --features "$FI_FEATURES" --no-fail-fast "$@"
 else
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --features "$FI_FEATURES" --no-fail-fast "$@"
 fi
 step "all tests passed"

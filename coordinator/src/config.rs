@@ -10,41 +10,20 @@ use treaty_proto::ShardName;
 
 use crate::protocol::{Protocol, Timeouts};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines (the default).
-    #[default]
-    Human,
-    /// One JSON object per line.
-    Json,
-}
+pub use treaty_proto::process::LogFormat;
 
-/// The commit protocol of a transaction whose client leaves it unspecified.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum DefaultProtocol {
-    /// Two-phase commit with presumed abort (the default).
-    #[default]
-    TwoPhase,
-    /// Three-phase commit: the participants can finish a transaction without the coordinator
-    /// (docs/three-phase-commit.md).
-    ThreePhase,
-}
-
-impl DefaultProtocol {
-    pub fn protocol(self) -> Protocol {
-        match self {
-            DefaultProtocol::TwoPhase => Protocol::TwoPhase,
-            DefaultProtocol::ThreePhase => Protocol::ThreePhase,
-        }
-    }
-}
+/// `--version`: the crate version, with `(failpoints)` in a build that has them. The lab tooling
+/// (`treaty scenario run`, `treaty chaos`, `treaty demo`) looks for that mark.
+const VERSION: &str = if cfg!(feature = "failpoints") {
+    concat!(env!("CARGO_PKG_VERSION"), " (failpoints)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
 
 #[derive(Debug, clap::Parser)]
 #[command(
     name = "treaty-coordinator",
-    version,
+    version = VERSION,
     about = "Treaty coordinator: atomic commit across PostgreSQL shards"
 )]
 pub struct Args {
@@ -75,9 +54,10 @@ pub struct Args {
     /// Default PostgreSQL lock_timeout of each branch, in ms.
     #[arg(long, env = "TREATY_COORDINATOR_LOCK_TIMEOUT_MS")]
     pub lock_timeout_ms: Option<u64>,
-    /// Commit protocol of a transaction that does not choose one (two-phase or three-phase).
-    #[arg(long, env = "TREATY_COORDINATOR_DEFAULT_PROTOCOL", value_enum)]
-    pub default_protocol: Option<DefaultProtocol>,
+    /// Commit protocol of a transaction that does not choose one: two-phase (2pc, the default)
+    /// or three-phase (3pc).
+    #[arg(long, env = "TREATY_COORDINATOR_DEFAULT_PROTOCOL")]
+    pub default_protocol: Option<Protocol>,
     /// Compact the decision log once it grows past this many bytes.
     #[arg(long, env = "TREATY_COORDINATOR_COMPACT_AFTER_BYTES")]
     pub compact_after_bytes: Option<u64>,
@@ -88,8 +68,8 @@ pub struct Args {
     pub worker_threads: Option<u16>,
     #[arg(long, env = "TREATY_COORDINATOR_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
-    /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax, e.g.
-    /// `coordinator::between-commit-sends=1*return(crash)` (docs/failpoints.md).
+    /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax
+    /// (docs/failpoints.md). Only a binary built with failpoints (`cargo build-fi`) accepts it.
     #[arg(long, env = "TREATY_COORDINATOR_FAILPOINTS")]
     pub failpoints: Option<String>,
     /// Testing only: abort the process the first time it reaches this failpoint (once per data
@@ -111,7 +91,8 @@ struct FileConfig {
     idle_timeout_ms: Option<u64>,
     vote_timeout_ms: Option<u64>,
     lock_timeout_ms: Option<u64>,
-    default_protocol: Option<DefaultProtocol>,
+    /// Either spelling, as the flag (`Protocol`'s `FromStr`).
+    default_protocol: Option<String>,
     compact_after_bytes: Option<u64>,
     log_format: Option<LogFormat>,
     failpoints: Option<String>,
@@ -149,6 +130,11 @@ pub enum ConfigError {
     NoShards,
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
+    #[error("config file {path}: default_protocol: {source}")]
+    Protocol {
+        path: PathBuf,
+        source: treaty_types::UnknownProtocol,
+    },
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -167,6 +153,15 @@ impl Config {
         let file = match &args.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
+        };
+        let file_protocol = match (&file.default_protocol, &args.config) {
+            (Some(name), Some(path)) => {
+                Some(name.parse::<Protocol>().map_err(|source| ConfigError::Protocol {
+                    path: path.clone(),
+                    source,
+                })?)
+            }
+            _ => None,
         };
         let mut shards = BTreeMap::new();
         let from_flags = args.shards.iter().map(|spec| {
@@ -218,11 +213,7 @@ impl Config {
             id: args.id.or(file.id),
             timeouts,
             lock_timeout_ms: args.lock_timeout_ms.or(file.lock_timeout_ms).unwrap_or(10_000),
-            default_protocol: args
-                .default_protocol
-                .or(file.default_protocol)
-                .unwrap_or_default()
-                .protocol(),
+            default_protocol: args.default_protocol.or(file_protocol).unwrap_or_default(),
             compact_after_bytes: args
                 .compact_after_bytes
                 .or(file.compact_after_bytes)
@@ -263,13 +254,20 @@ mod tests {
     #[test]
     fn the_default_protocol_comes_from_the_flag_or_the_file_and_a_bad_one_is_named() {
         let shard = ["--shard", "s0=http://127.0.0.1:1"];
-        let config = parse(&[&shard[..], &["--default-protocol", "three-phase"]].concat()).unwrap();
-        assert_eq!(config.default_protocol, Protocol::ThreePhase);
+        for (spelling, protocol) in [
+            ("three-phase", Protocol::ThreePhase),
+            ("3pc", Protocol::ThreePhase),
+            ("two-phase", Protocol::TwoPhase),
+            ("2pc", Protocol::TwoPhase),
+        ] {
+            let config = parse(&[&shard[..], &["--default-protocol", spelling]].concat()).unwrap();
+            assert_eq!(config.default_protocol, protocol, "{spelling}");
+        }
 
-        let error = Args::try_parse_from(["treaty-coordinator", "--default-protocol", "3pc"]).unwrap_err();
+        let error = Args::try_parse_from(["treaty-coordinator", "--default-protocol", "paxos"]).unwrap_err();
         let message = error.to_string();
         assert!(
-            message.contains("two-phase") && message.contains("three-phase"),
+            message.contains("paxos") && message.contains("two-phase") && message.contains("three-phase"),
             "{message}"
         );
 
@@ -285,12 +283,22 @@ mod tests {
         let flag_wins = parse(&[&from_file[..], &["--default-protocol", "two-phase"]].concat()).unwrap();
         assert_eq!(flag_wins.default_protocol, Protocol::TwoPhase);
 
-        std::fs::write(&path, "default_protocol = \"3pc\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "default_protocol = \"3pc\"\n[shards]\ns0 = \"http://127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        assert_eq!(parse(&from_file).unwrap().default_protocol, Protocol::ThreePhase);
+        std::fs::write(&path, "default_protocol = \"paxos\"\n").unwrap();
         match parse(&from_file) {
-            Err(ConfigError::Parse { message, .. }) => {
-                assert!(message.contains("three-phase"), "{message}")
+            Err(error @ ConfigError::Protocol { .. }) => {
+                let message = error.to_string();
+                assert!(
+                    message.contains("paxos") && message.contains("three-phase"),
+                    "{message}"
+                )
             }
-            other => panic!("expected a parse error, got {other:?}"),
+            other => panic!("expected a protocol error, got {other:?}"),
         }
     }
 

@@ -2,14 +2,12 @@
 //! `coordinator::POINT` with `1*return(crash)` (the `coordinator::` prefix may be left out), and
 //! writes a marker file in the data directory as the process aborts, so the restarted process
 //! (same flags) finds the marker and does not arm it again. The crash itself is the failpoints'
-//! `return(crash)`: there is one crash mechanism.
+//! `return(crash)`: there is one crash mechanism, so a build without failpoints refuses the flag.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use treaty_proto::failpoints::{self, FailpointError};
-
-use crate::failpoints::CATALOG;
+use crate::failpoints::{self, FailpointError};
 
 struct Armed {
     point: String,
@@ -34,9 +32,9 @@ pub fn arm(point: Option<&str>, data_dir: &Path) -> Result<(), FailpointError> {
         );
         return Ok(());
     }
-    failpoints::set(&CATALOG, &name, "1*return(crash)")?;
+    failpoints::set(&name, "1*return(crash)")?;
     let _ = ARMED.set(Armed { point: name, marker });
-    failpoints::set_crash_hook(write_marker);
+    treaty_failpoints::set_crash_hook(write_marker);
     Ok(())
 }
 

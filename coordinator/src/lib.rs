@@ -10,7 +10,8 @@
 //! - `submit`: one-shot cross-shard submits;
 //! - `service`: the gRPC `Coordinator` service; `in_doubt`: its `ListInDoubt` fan-out;
 //! - `config`: flags, environment and TOML configuration;
-//! - `failpoints`: the coordinator's failpoints (`crash`: the one-shot `--crash-at` on top of them).
+//! - `failpoints`: the coordinator's failpoints, only with the cargo feature `failpoints`, which
+//!   also serves the `Admin` service that arms them (`crash`: the one-shot `--crash-at` on top).
 
 pub mod config;
 mod crash;
@@ -24,6 +25,9 @@ pub mod participants;
 pub mod service;
 pub mod store;
 pub mod submit;
+
+#[cfg(test)]
+mod serve_tests;
 
 /// The pure commit protocol lives in its own crate so that the model checker runs the same code.
 pub use treaty_commit_protocol as protocol;
@@ -98,7 +102,7 @@ pub enum CoordinatorError {
     #[error("{0}")]
     Store(String),
     #[error("arming failpoints: {0}")]
-    Failpoints(#[from] treaty_proto::failpoints::FailpointError),
+    Failpoints(#[from] failpoints::FailpointError),
 }
 
 /// A fresh coordinator id: short, lowercase, unlikely to collide with another coordinator's.
@@ -189,9 +193,13 @@ pub async fn run(
     tracing::info!(%addr, shards = config.shards.len(), "coordinator serving");
     announce(addr);
     let service = CoordinatorServer::new(service::CoordinatorService::new(engine.clone()));
-    tonic::transport::Server::builder()
-        .add_service(service)
-        .add_service(treaty_proto::admin::AdminService::server(&failpoints::CATALOG))
+    let router = tonic::transport::Server::builder().add_service(service);
+    // Only a build with failpoints serves `Admin`; without, a call to it answers UNIMPLEMENTED.
+    #[cfg(feature = "failpoints")]
+    let router = router.add_service(treaty_failpoints::admin::AdminService::server(
+        &failpoints::CATALOG,
+    ));
+    router
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     engine.flush().await;

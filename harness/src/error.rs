@@ -33,9 +33,15 @@ pub enum HarnessError {
         tail: String,
     },
     #[error(
-        "binary `{name}` not found (looked in {looked}); build it with `cargo build --bins` or set TREATY_BIN_DIR"
+        "binary `{name}` not found (looked in {looked}); build it with `cargo build-fi` (fault-injection binaries, for tests and the lab tooling) or `cargo build --bins`, or set TREATY_BIN_DIR"
     )]
     BinaryNotFound { name: String, looked: String },
+    #[error(
+        "{binaries}: built without failpoints (`--version` lacks `(failpoints)`), but this needs the \
+         fault-injection binaries; {hint}, or point TREATY_BIN_DIR at a directory that has them",
+        hint = treaty_failpoints::BUILD_HINT
+    )]
+    NoFailpoints { binaries: String },
     #[error("connecting to {url}: {source}")]
     Connect {
         url: String,

@@ -8,18 +8,18 @@
 //! - `cluster`: [`LocalCluster`], N shards (PostgreSQL + participant) and one coordinator;
 //! - `proxy`: [`FaultProxy`] and [`FaultNetwork`], loopback TCP proxies that delay, black-hole or
 //!   reset traffic between named endpoints, for recovery scenarios;
-//! - `os`: ports, users and binaries.
+//! - `os`: ports, users, and binaries (where they are, whether they have failpoints).
 
 mod cluster;
 mod error;
-mod os;
+pub mod os;
 mod postgres;
 mod process;
 mod proxy;
 
 pub use cluster::{ClusterSpec, LocalCluster};
 pub use error::HarnessError;
-pub use os::{binary_path, free_loopback_port};
+pub use os::{binary_path, failpoints_built_in, free_loopback_port, require_failpoints};
 pub use postgres::{PgCluster, PgOptions, postgres_bin_dir};
 pub use process::{ServiceProcess, ServiceSpec};
 pub use proxy::{Fault, FaultNetwork, FaultProxy, ProxyStats};

@@ -1,5 +1,6 @@
 //! Operating-system odds and ends: free loopback ports, which user we are and which user runs
-//! PostgreSQL, where the Treaty binaries are, and reading the end of a log file.
+//! PostgreSQL, where the Treaty binaries are and whether they have failpoints, and reading the end
+//! of a log file.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -89,6 +90,48 @@ pub fn binary_path(name: &str) -> Result<PathBuf, HarnessError> {
     })
 }
 
+/// The mark a service binary's `--version` carries when it was built with failpoints.
+pub const FAILPOINTS_MARK: &str = "(failpoints)";
+
+/// Whether the Treaty service binary at `binary` was built with failpoints: runs
+/// `<binary> --version` and looks for `(failpoints)`.
+pub fn failpoints_built_in(binary: &Path) -> Result<bool, HarnessError> {
+    let command = format!("{} --version", binary.display());
+    let output = std::process::Command::new(binary)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(HarnessError::io(format!("running {command}")))?;
+    if !output.status.success() {
+        return Err(HarnessError::Command {
+            command,
+            status: output.status.to_string(),
+            output: String::from_utf8_lossy(&output.stderr).into_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).contains(FAILPOINTS_MARK))
+}
+
+/// The lab tooling's check (scenarios, chaos, the demo arm failpoints): `treaty-coordinator` and
+/// `treaty-participant`, as [`binary_path`] finds them, must both have been built with failpoints.
+/// The error names the binaries without and says how to build the ones with.
+pub fn require_failpoints() -> Result<(), HarnessError> {
+    let mut without = Vec::new();
+    for name in ["treaty-coordinator", "treaty-participant"] {
+        let path = binary_path(name)?;
+        if !failpoints_built_in(&path)? {
+            without.push(path.display().to_string());
+        }
+    }
+    if without.is_empty() {
+        Ok(())
+    } else {
+        Err(HarnessError::NoFailpoints {
+            binaries: without.join(", "),
+        })
+    }
+}
+
 /// The effective uid of this process (the owner of `/proc/self`), without unsafe code.
 pub(crate) fn effective_uid() -> u32 {
     std::fs::metadata("/proc/self")
@@ -158,4 +201,56 @@ pub(crate) fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// A stand-in for a service binary: a script whose `--version` prints `version` and exits with
+    /// `status`.
+    fn fake_binary(dir: &Path, name: &str, version: &str, status: u8) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho '{name} {version}'\necho 'a note' >&2\nexit {status}\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    /// One test, so that no other test of this process forks while a script is open for writing
+    /// (`ETXTBSY`).
+    #[test]
+    fn the_version_line_says_whether_a_binary_has_failpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = fake_binary(dir.path(), "with", "0.1.0 (failpoints)", 0);
+        let without = fake_binary(dir.path(), "without", "0.1.0", 0);
+        let broken = fake_binary(dir.path(), "broken", "0.1.0 (failpoints)", 3);
+        assert!(failpoints_built_in(&with).unwrap());
+        assert!(!failpoints_built_in(&without).unwrap());
+        let error = failpoints_built_in(&broken).unwrap_err().to_string();
+        assert!(error.contains("--version") && error.contains("a note"), "{error}");
+        let error = failpoints_built_in(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("missing --version"), "{error}");
+    }
+
+    #[test]
+    fn the_refusal_says_how_to_build_the_fault_injection_binaries() {
+        let message = HarnessError::NoFailpoints {
+            binaries: "target/release/treaty-participant".into(),
+        }
+        .to_string();
+        assert!(message.contains("target/release/treaty-participant"), "{message}");
+        assert!(message.contains("cargo build-fi"), "{message}");
+        assert!(
+            message.contains("--features treaty-coordinator/failpoints,treaty-participant/failpoints"),
+            "{message}"
+        );
+    }
 }

@@ -9,20 +9,20 @@ use std::time::Duration;
 use serde::Deserialize;
 use treaty_proto::ShardName;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines (the default).
-    #[default]
-    Human,
-    /// One JSON object per line.
-    Json,
-}
+pub use treaty_proto::process::LogFormat;
+
+/// `--version`: the crate version, with `(failpoints)` in a build that has them. The lab tooling
+/// (`treaty scenario run`, `treaty chaos`, `treaty demo`) looks for that mark.
+const VERSION: &str = if cfg!(feature = "failpoints") {
+    concat!(env!("CARGO_PKG_VERSION"), " (failpoints)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
 
 #[derive(Debug, clap::Parser)]
 #[command(
     name = "treaty-participant",
-    version,
+    version = VERSION,
     about = "Treaty participant: runs transaction branches on one PostgreSQL database for the coordinator"
 )]
 pub struct Args {
@@ -70,8 +70,8 @@ pub struct Args {
     pub worker_threads: Option<u16>,
     #[arg(long, env = "TREATY_PARTICIPANT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
-    /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax, e.g.
-    /// `participant::after-prepare=1*return(crash)` (docs/failpoints.md).
+    /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax
+    /// (docs/failpoints.md). Only a binary built with failpoints (`cargo build-fi`) accepts it.
     #[arg(long, env = "TREATY_PARTICIPANT_FAILPOINTS")]
     pub failpoints: Option<String>,
 }

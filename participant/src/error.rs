@@ -43,7 +43,7 @@ pub enum ParticipantError {
     #[error("serving gRPC: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("arming failpoints: {0}")]
-    Failpoints(#[from] treaty_proto::failpoints::FailpointError),
+    Failpoints(#[from] treaty_failpoints::FailpointError),
 }
 
 /// Why one call on a branch failed.

@@ -126,12 +126,15 @@ pub async fn run(
     let addr = listener.local_addr().map_err(ParticipantError::ListenAddr)?;
     tracing::info!(%addr, shard = %config.shard, %database, "participant serving");
     announce(addr);
-    let served = tonic::transport::Server::builder()
-        .add_service(ParticipantServer::new(service::ParticipantService::new(
-            agent.clone(),
-            three_phase,
-        )))
-        .add_service(treaty_proto::admin::AdminService::server(&failpoints::CATALOG))
+    let router = tonic::transport::Server::builder().add_service(ParticipantServer::new(
+        service::ParticipantService::new(agent.clone(), three_phase),
+    ));
+    // Only a build with failpoints serves `Admin`; without, a call to it answers UNIMPLEMENTED.
+    #[cfg(feature = "failpoints")]
+    let router = router.add_service(treaty_failpoints::admin::AdminService::server(
+        &failpoints::CATALOG,
+    ));
+    let served = router
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
 

@@ -1,18 +1,16 @@
 //! Treaty's wire protocol: the generated gRPC code (`pb`) and, beside it, the domain types the rest
 //! of the workspace uses. Generated types stay at this edge: conversions validate on arrival, and
 //! one error type (`ApiError`) maps to and from `tonic::Status`. The domain types themselves live in
-//! `treaty-types` and are re-exported here; `wire` converts the protocol core's termination types. `failpoints` and `admin` hold the
-//! failpoint registry and the `Admin` service both binaries serve (the registry needs the
-//! `failpoints` feature; without it nothing can be armed).
+//! `treaty-types` and are re-exported here; `wire` converts the protocol core's termination types.
+//! `process` (feature `process`) is what both service binaries set up the same way. Failpoints
+//! and the `Admin` service live in `treaty-failpoints`; only the `Admin` wire types are here.
 
 #[allow(clippy::all, clippy::unwrap_used, missing_docs)]
 pub mod pb {
     tonic::include_proto!("treaty.v1");
 }
 
-pub mod admin;
 mod error;
-pub mod failpoints;
 #[cfg(feature = "process")]
 pub mod process;
 mod value;

@@ -1,6 +1,37 @@
 //! What both service binaries (`treaty-coordinator`, `treaty-participant`) do the same way around
-//! their service: the async runtime they run on and the signals that stop them gracefully.
-//! Behind the `process` feature, so library users of the wire types do not pull in tokio's runtime.
+//! their service: the async runtime they run on, the signals that stop them gracefully, and their
+//! logs (`--log-format`, `RUST_LOG`, [`init_tracing`]). Behind the `process` feature, so library
+//! users of the wire types do not pull in tokio's runtime.
+
+/// How a service writes its logs (`--log-format`, `log_format` in its `--config` file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The filter when `RUST_LOG` is unset. PostgreSQL notices (e.g. "there is no transaction in
+/// progress" after a failed PREPARE) are not the operator's business unless asked for.
+const DEFAULT_FILTER: &str = "info,sqlx::postgres::notice=error";
+
+/// Sets up logging to stderr for the whole process, filtered by `RUST_LOG` (default: INFO).
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        // Colour only for a person watching: log files stay greppable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
 
 /// A multi-threaded runtime with `worker_threads` workers (tokio's default, one per core, when
 /// `None`). Fewer workers help when the services share a small machine with the databases

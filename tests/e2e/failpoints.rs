@@ -46,6 +46,23 @@ fn log_of(t: &TestCluster, participant: usize) -> String {
     std::fs::read_to_string(t.cluster.participants[participant].log_path()).unwrap_or_default()
 }
 
+/// The binaries these tests start are the fault-injection build (`cargo build-fi`, as
+/// scripts/test.sh does): without it every test here would fail on an absent `Admin` service; this
+/// one says why and how to build the right ones.
+#[test]
+fn the_binaries_under_test_have_failpoints() -> Result<()> {
+    treaty_harness::require_failpoints()?;
+    for name in ["treaty-coordinator", "treaty-participant"] {
+        let binary = treaty_harness::binary_path(name)?;
+        assert!(
+            treaty_harness::failpoints_built_in(&binary)?,
+            "{}",
+            binary.display()
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn participant_crashing_right_after_prepare_ends_all_or_nothing() -> Result<()> {
     let mut t = TestCluster::start(Options::default()).await?;

@@ -1,12 +1,12 @@
-//! The `Admin` gRPC service: arms, lists and clears a binary's failpoints (see `failpoints`).
+//! The `Admin` gRPC service (`treaty.v1.Admin`): arms, lists and clears a binary's failpoints.
 //! Both the coordinator and the participant serve it beside their main service, with their own
-//! [`Catalog`].
+//! [`Catalog`], and only when built with failpoints: this module does not exist without the
+//! feature, so a release binary has no `Admin` service and a call to it answers `UNIMPLEMENTED`.
 
 use tonic::{Request, Response, Status};
+use treaty_proto::{ApiError, pb};
 
-use crate::ApiError;
-use crate::failpoints::{self, Catalog};
-use crate::pb;
+use crate::{self as failpoints, Catalog};
 
 pub struct AdminService {
     catalog: &'static Catalog,
