@@ -1,0 +1,801 @@
+//! Simulated participants and `SimTransport`, the coordinator's link to them.
+//!
+//! Each shard is an in-memory "database" holding one branch per GID, with PostgreSQL's rules as
+//! the real participant applies them: a branch opens on its first statement, a statement may fail
+//! (the branch rolls back), `PREPARE TRANSACTION` makes it durable, a read-only branch commits at
+//! once and votes READ-ONLY under two-phase commit (under three-phase it prepares anyway), a vote
+//! may be NO. A finished branch keeps its outcome: that is the participant's marker row, so a
+//! repeated COMMIT of a committed branch succeeds and a COMMIT of a rolled-back one is refused
+//! (the participant's records contradict the decision). A crash loses every branch that is not
+//! prepared or finished; a restarted participant asks the coordinator about its prepared branches
+//! (`run.rs`). Three-phase branches keep a durable promised ballot and pre-commit, and answer
+//! `query_state` as the participant's machine does (a branch that has not voted aborts when asked).
+//!
+//! Every call goes through [`SimTransport::call`]: the seed decides its delay, whether the request
+//! or the answer is lost (the caller times out), and whether the request is applied twice.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rand::Rng;
+use treaty_commit_protocol::participant::Report;
+use treaty_commit_protocol::termination::{Ballot, ReportedState};
+use treaty_commit_protocol::transport::{
+    ExecutedAndCommitted, ExecutedAndVoted, LinkError, ParticipantTransport, PreCommitAnswer, Statement,
+    StatementResult, VoteAnswer, VoteRequest,
+};
+use treaty_types::{Gid, Protocol, ShardName};
+
+use crate::faults::{Chance, Fate, Life};
+use crate::store::SimStore;
+use crate::trace::Trace;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BranchState {
+    Active,
+    Prepared,
+    Committed,
+    Aborted,
+}
+
+/// One transaction's branch on one shard.
+#[derive(Debug, Clone)]
+pub struct Branch {
+    pub state: BranchState,
+    /// A statement that writes succeeded in it.
+    pub wrote: bool,
+    /// It was ever prepared (voted YES).
+    pub prepared: bool,
+    /// Lost in a participant crash while active.
+    pub lost: bool,
+    /// Three-phase: the highest ballot answered, and whether it durably pre-committed.
+    pub promised: Ballot,
+    pub pre_committed: bool,
+    pub touched_ms: u64,
+}
+
+impl Branch {
+    fn new(now_ms: u64) -> Self {
+        Self {
+            state: BranchState::Active,
+            wrote: false,
+            prepared: false,
+            lost: false,
+            promised: Ballot::COORDINATOR,
+            pre_committed: false,
+            touched_ms: now_ms,
+        }
+    }
+}
+
+/// One shard's database and whether its participant is up.
+#[derive(Debug, Default)]
+pub struct Database {
+    pub up: bool,
+    pub branches: BTreeMap<String, Branch>,
+}
+
+fn refused(message: impl Into<String>) -> LinkError {
+    LinkError::Refused(message.into())
+}
+
+fn serialization_failure() -> LinkError {
+    LinkError::Sql {
+        sqlstate: "40001".into(),
+        message: "could not serialize access due to concurrent update".into(),
+        retryable: true,
+    }
+}
+
+/// Every shard's database, the seed's chances, and the checks made as branches finish.
+pub struct Cluster {
+    pub shards: Vec<ShardName>,
+    databases: Mutex<BTreeMap<ShardName, Database>>,
+    pub chance: Arc<Chance>,
+    pub trace: Trace,
+    store: SimStore,
+    violations: Mutex<Vec<String>>,
+}
+
+impl Cluster {
+    pub fn new(shards: Vec<ShardName>, chance: Arc<Chance>, trace: Trace, store: SimStore) -> Arc<Self> {
+        let databases = shards
+            .iter()
+            .map(|shard| {
+                (
+                    shard.clone(),
+                    Database {
+                        up: true,
+                        ..Database::default()
+                    },
+                )
+            })
+            .collect();
+        Arc::new(Self {
+            shards,
+            databases: Mutex::new(databases),
+            chance,
+            trace,
+            store,
+            violations: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn databases(&self) -> MutexGuard<'_, BTreeMap<ShardName, Database>> {
+        self.databases
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn violations(&self) -> Vec<String> {
+        self.violations
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn violation(&self, what: String) {
+        self.trace.record(format!("VIOLATION: {what}"));
+        self.violations
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(what);
+    }
+
+    pub fn is_up(&self, shard: &ShardName) -> bool {
+        self.databases().get(shard).is_some_and(|db| db.up)
+    }
+
+    /// Every shard's branches, for the checker.
+    pub fn snapshot(&self) -> BTreeMap<ShardName, BTreeMap<String, Branch>> {
+        self.databases()
+            .iter()
+            .map(|(shard, db)| (shard.clone(), db.branches.clone()))
+            .collect()
+    }
+
+    /// The participant crashes: its active branches roll back, prepared and finished ones stay.
+    pub fn crash(&self, shard: &ShardName) {
+        let mut databases = self.databases();
+        let Some(db) = databases.get_mut(shard) else { return };
+        db.up = false;
+        for (gid, branch) in &mut db.branches {
+            if branch.state == BranchState::Active {
+                branch.state = BranchState::Aborted;
+                branch.lost = true;
+                self.trace.record(format!("{shard}: lost active branch {gid} in the crash"));
+            }
+        }
+        self.trace.record(format!("crash participant {shard}"));
+    }
+
+    pub fn restart(&self, shard: &ShardName) {
+        if let Some(db) = self.databases().get_mut(shard) {
+            db.up = true;
+        }
+        self.trace.record(format!("restart participant {shard}"));
+    }
+
+    /// The GIDs `shard` holds prepared (its `pg_prepared_xacts`), while it is up.
+    pub fn prepared(&self, shard: &ShardName) -> Vec<String> {
+        let databases = self.databases();
+        let Some(db) = databases.get(shard).filter(|db| db.up) else {
+            return Vec::new();
+        };
+        db.branches
+            .iter()
+            .filter(|(_, branch)| branch.state == BranchState::Prepared)
+            .map(|(gid, _)| gid.clone())
+            .collect()
+    }
+
+    /// The idle-branch cleanup: an active branch untouched for `idle_ms` rolls back (it has not
+    /// voted, so that is allowed).
+    pub fn roll_back_idle(&self, idle_ms: u64) {
+        let now = self.trace.now_ms();
+        let mut databases = self.databases();
+        for (shard, db) in databases.iter_mut().filter(|(_, db)| db.up) {
+            for (gid, branch) in &mut db.branches {
+                if branch.state == BranchState::Active && now.saturating_sub(branch.touched_ms) >= idle_ms {
+                    branch.state = BranchState::Aborted;
+                    self.trace.record(format!("{shard}: idle branch {gid} rolled back"));
+                }
+            }
+        }
+    }
+
+    fn with_branch<R>(
+        &self,
+        shard: &ShardName,
+        gid: &str,
+        apply: impl FnOnce(Option<&mut Branch>, u64) -> R,
+    ) -> R {
+        let now = self.trace.now_ms();
+        let mut databases = self.databases();
+        let branch = databases
+            .get_mut(shard)
+            .and_then(|db| db.branches.get_mut(gid));
+        apply(branch, now)
+    }
+
+    fn random(&self, key: &str, rate: impl Fn(&crate::faults::FaultRates) -> f64) -> bool {
+        let Some(rates) = self.chance.faults() else {
+            return false;
+        };
+        self.chance.rng(key).random_bool(rate(&rates))
+    }
+
+    fn finish(&self, shard: &ShardName, gid: &str, branch: &mut Branch, state: BranchState, how: &str) {
+        if state == BranchState::Committed && branch.prepared {
+            let txid = Gid::parse(gid).map(|gid| gid.txid()).unwrap_or(0);
+            if !self.store.commit_is_durable(txid) {
+                self.violation(format!(
+                    "{shard} applied COMMIT PREPARED of {gid} while no commit decision for txid {txid} is durable"
+                ));
+            }
+        }
+        branch.state = state;
+        self.trace.record(format!("{shard}: {gid} {how}"));
+    }
+
+    fn execute(&self, shard: &ShardName, statement: &Statement) -> Result<StatementResult, LinkError> {
+        let gid = statement.gid.as_str().to_owned();
+        let writes = statement.sql.starts_with("UPDATE");
+        let fails = self.random(&format!("fails/{shard}/{gid}"), |r| r.statement_fails);
+        let now = self.trace.now_ms();
+        let mut databases = self.databases();
+        let Some(db) = databases.get_mut(shard) else {
+            return Err(refused("no such shard"));
+        };
+        let branch = db
+            .branches
+            .entry(gid.clone())
+            .or_insert_with(|| Branch::new(now));
+        match branch.state {
+            BranchState::Active => {}
+            BranchState::Aborted if branch.lost => {
+                return Err(LinkError::BranchLost(format!("{gid}: the participant restarted")));
+            }
+            other => return Err(refused(format!("{gid} is {other:?}, not active"))),
+        }
+        branch.touched_ms = now;
+        if fails {
+            branch.state = BranchState::Aborted;
+            self.trace.record(format!("{shard}: {gid} statement failed, rolled back"));
+            return Err(serialization_failure());
+        }
+        branch.wrote |= writes;
+        Ok(StatementResult {
+            rows_affected: u64::from(writes),
+            ..StatementResult::default()
+        })
+    }
+
+    fn vote(&self, shard: &ShardName, gid: &str, protocol: Protocol) -> VoteAnswer {
+        let no = self.random(&format!("vote/{shard}/{gid}"), |r| r.vote_no);
+        let mut databases = self.databases();
+        let Some(branch) = databases
+            .get_mut(shard)
+            .and_then(|db| db.branches.get_mut(gid))
+        else {
+            return VoteAnswer::No {
+                sqlstate: "42704".into(),
+                message: format!("no branch {gid}"),
+            };
+        };
+        match branch.state {
+            BranchState::Active if no => {
+                self.finish(shard, gid, branch, BranchState::Aborted, "voted NO, rolled back");
+                VoteAnswer::No {
+                    sqlstate: "40001".into(),
+                    message: "could not serialize".into(),
+                }
+            }
+            BranchState::Active if !branch.wrote && protocol == Protocol::TwoPhase => {
+                self.finish(shard, gid, branch, BranchState::Committed, "read-only, committed");
+                VoteAnswer::ReadOnly
+            }
+            BranchState::Active => {
+                branch.prepared = true;
+                self.finish(shard, gid, branch, BranchState::Prepared, "PREPARED");
+                VoteAnswer::Yes
+            }
+            BranchState::Prepared => VoteAnswer::Yes,
+            BranchState::Committed if !branch.prepared => VoteAnswer::ReadOnly,
+            BranchState::Committed => VoteAnswer::Yes,
+            BranchState::Aborted => VoteAnswer::No {
+                sqlstate: "40001".into(),
+                message: format!("{gid} rolled back"),
+            },
+        }
+    }
+
+    fn commit_prepared(&self, shard: &ShardName, gid: &str) -> Result<(), LinkError> {
+        self.with_branch(shard, gid, |branch, _| match branch {
+            Some(branch) if branch.state == BranchState::Prepared => {
+                self.finish(shard, gid, branch, BranchState::Committed, "COMMIT PREPARED");
+                Ok(())
+            }
+            // The marker row says it committed.
+            Some(branch) if branch.state == BranchState::Committed => Ok(()),
+            Some(branch) => Err(refused(format!(
+                "COMMIT PREPARED {gid}: the branch is {:?}; this contradicts a commit decision",
+                branch.state
+            ))),
+            None => Err(refused(format!(
+                "COMMIT PREPARED {gid}: no such branch and no marker row; this contradicts a commit decision"
+            ))),
+        })
+    }
+
+    fn roll_back(&self, shard: &ShardName, gid: &str) -> Result<(), LinkError> {
+        self.with_branch(shard, gid, |branch, _| match branch {
+            Some(branch) if matches!(branch.state, BranchState::Active | BranchState::Prepared) => {
+                self.finish(shard, gid, branch, BranchState::Aborted, "ROLLBACK");
+                Ok(())
+            }
+            Some(branch) if branch.state == BranchState::Committed && branch.wrote => Err(refused(format!(
+                "ROLLBACK PREPARED {gid}: the marker row says it committed; this contradicts an abort"
+            ))),
+            _ => Ok(()),
+        })
+    }
+
+    fn commit_one_phase(&self, shard: &ShardName, gid: &str) -> Result<(), LinkError> {
+        let fails = self.random(&format!("commit-fails/{shard}/{gid}"), |r| r.statement_fails);
+        self.with_branch(shard, gid, |branch, _| match branch {
+            Some(branch) if branch.state == BranchState::Active && fails => {
+                self.finish(shard, gid, branch, BranchState::Aborted, "COMMIT failed, rolled back");
+                Err(serialization_failure())
+            }
+            Some(branch) if branch.state == BranchState::Active => {
+                self.finish(shard, gid, branch, BranchState::Committed, "COMMIT (one phase)");
+                Ok(())
+            }
+            Some(branch) if branch.state == BranchState::Committed && !branch.prepared => Ok(()),
+            Some(branch) if branch.lost => Err(LinkError::BranchLost(format!("{gid}: the participant restarted"))),
+            Some(branch) => Err(refused(format!("COMMIT {gid}: the branch is {:?}", branch.state))),
+            None => Err(refused(format!("COMMIT {gid}: no such branch"))),
+        })
+    }
+
+    fn pre_commit(&self, shard: &ShardName, gid: &str, ballot: &Ballot) -> PreCommitAnswer {
+        self.with_branch(shard, gid, |branch, _| {
+            let Some(branch) = branch else {
+                return PreCommitAnswer {
+                    acknowledged: false,
+                    promised: None,
+                    message: format!("no branch {gid}"),
+                };
+            };
+            if *ballot < branch.promised {
+                return PreCommitAnswer {
+                    acknowledged: false,
+                    promised: Some(branch.promised.clone()),
+                    message: "promised a higher ballot".into(),
+                };
+            }
+            match branch.state {
+                BranchState::Prepared | BranchState::Committed if branch.prepared => {
+                    branch.promised = ballot.clone();
+                    if !branch.pre_committed && branch.state == BranchState::Prepared {
+                        branch.pre_committed = true;
+                        self.trace.record(format!("{shard}: {gid} PRE-COMMITTED under {ballot:?}"));
+                    }
+                    PreCommitAnswer {
+                        acknowledged: true,
+                        promised: None,
+                        message: String::new(),
+                    }
+                }
+                state => PreCommitAnswer {
+                    acknowledged: false,
+                    promised: None,
+                    message: format!("{gid} is {state:?}"),
+                },
+            }
+        })
+    }
+
+    fn query_state(&self, shard: &ShardName, gid: &str, ballot: &Ballot) -> Report {
+        let now = self.trace.now_ms();
+        let mut databases = self.databases();
+        let Some(db) = databases.get_mut(shard) else {
+            return Report::State(ReportedState::Aborted);
+        };
+        // A branch never seen is recorded as aborted under this promise, so a late prepare votes NO.
+        let branch = db.branches.entry(gid.to_owned()).or_insert_with(|| {
+            let mut branch = Branch::new(now);
+            branch.state = BranchState::Aborted;
+            branch
+        });
+        if *ballot < branch.promised {
+            return Report::Refused {
+                promised: branch.promised.clone(),
+            };
+        }
+        branch.promised = ballot.clone();
+        if branch.state == BranchState::Active {
+            // Not voted yet: it may abort on its own, so the answer is final.
+            self.finish(shard, gid, branch, BranchState::Aborted, "aborted when asked its state");
+        }
+        Report::State(match branch.state {
+            BranchState::Prepared if branch.pre_committed => ReportedState::PreCommitted,
+            BranchState::Prepared => ReportedState::Prepared,
+            BranchState::Committed if branch.prepared => ReportedState::Committed,
+            _ => ReportedState::Aborted,
+        })
+    }
+
+    /// A restarted (or long-waiting) participant applies the coordinator's answer.
+    pub fn apply_decision(&self, shard: &ShardName, gid: &str, commit: bool) {
+        if !self.is_up(shard) {
+            return;
+        }
+        let result = if commit {
+            self.commit_prepared(shard, gid)
+        } else {
+            self.roll_back(shard, gid)
+        };
+        if let Err(error) = result {
+            self.violation(format!("{shard}: applying the coordinator's answer for {gid}: {error}"));
+        }
+    }
+}
+
+type Op<R> = Arc<dyn Fn(&Cluster, &ShardName) -> Result<R, LinkError> + Send + Sync>;
+
+/// One coordinator incarnation's links to every participant.
+#[derive(Clone)]
+pub struct SimTransport {
+    cluster: Arc<Cluster>,
+    life: Life,
+}
+
+impl SimTransport {
+    pub fn new(cluster: Arc<Cluster>, life: Life) -> Self {
+        Self { cluster, life }
+    }
+
+    /// One call: the seed decides its fate; a lost request or answer shows as a timeout, a shard
+    /// that is down as unavailable (at once) or a timeout (if it went down in flight).
+    async fn call<R>(
+        &self,
+        kind: &'static str,
+        shard: &ShardName,
+        gid: &str,
+        timeout_ms: u64,
+        duplicable: bool,
+        op: Op<R>,
+    ) -> Result<R, LinkError>
+    where
+        R: std::fmt::Debug + Send + 'static,
+    {
+        self.life.check().await;
+        let cluster = Arc::clone(&self.cluster);
+        let mut rng = cluster.chance.rng(&format!("{kind}/{shard}/{gid}"));
+        let fate = Fate::draw(&mut rng, cluster.chance.faults(), duplicable);
+        let label = format!("{kind} {gid} -> {shard} (coordinator {})", self.life.number);
+        cluster.trace.record(format!("send {label}"));
+        let shard = shard.clone();
+        let inner = {
+            let label = label.clone();
+            let cluster = Arc::clone(&cluster);
+            async move {
+                tokio::time::sleep(Duration::from_millis(fate.request_delay_ms)).await;
+                if fate.drop_request {
+                    cluster.trace.record(format!("drop request {label}"));
+                    return std::future::pending().await;
+                }
+                if !cluster.is_up(&shard) {
+                    cluster.trace.record(format!("refused {label}: participant down"));
+                    return Err(LinkError::Unavailable(format!("{shard} is down")));
+                }
+                let result = op(&cluster, &shard);
+                cluster.trace.record(format!("deliver {label}: {result:?}"));
+                if let Some(after_ms) = fate.duplicate_after_ms {
+                    let (cluster, label, op, shard) =
+                        (Arc::clone(&cluster), label.clone(), Arc::clone(&op), shard.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(after_ms)).await;
+                        if cluster.is_up(&shard) {
+                            let again = op(&cluster, &shard);
+                            cluster.trace.record(format!("duplicate {label}: {again:?}"));
+                        }
+                    });
+                }
+                if fate.drop_answer {
+                    cluster.trace.record(format!("drop answer {label}"));
+                    return std::future::pending().await;
+                }
+                tokio::time::sleep(Duration::from_millis(fate.answer_delay_ms)).await;
+                result
+            }
+        };
+        let result = match tokio::time::timeout(Duration::from_millis(timeout_ms.max(1)), inner).await {
+            Ok(result) => result,
+            Err(_) => {
+                cluster.trace.record(format!("timeout {label} after {timeout_ms} ms"));
+                Err(LinkError::TimedOut { after_ms: timeout_ms })
+            }
+        };
+        // The answer reaches only a live coordinator.
+        self.life.check().await;
+        result
+    }
+}
+
+impl ParticipantTransport for SimTransport {
+    fn shard(&self, name: &str) -> Option<ShardName> {
+        self.cluster
+            .shards
+            .iter()
+            .find(|shard| shard.as_str() == name)
+            .cloned()
+    }
+
+    fn shards(&self) -> Vec<ShardName> {
+        self.cluster.shards.clone()
+    }
+
+    async fn execute(
+        &self,
+        shard: &ShardName,
+        statement: Statement,
+        timeout_ms: u64,
+    ) -> Result<StatementResult, LinkError> {
+        let gid = statement.gid.to_string();
+        let op: Op<StatementResult> = Arc::new(move |cluster, shard| cluster.execute(shard, &statement));
+        self.call("execute", shard, &gid, timeout_ms, false, op).await
+    }
+
+    async fn execute_and_prepare(
+        &self,
+        shard: &ShardName,
+        statement: Statement,
+        vote: VoteRequest,
+        timeout_ms: u64,
+    ) -> Result<ExecutedAndVoted, LinkError> {
+        let gid = statement.gid.to_string();
+        let op: Op<ExecutedAndVoted> = Arc::new(move |cluster, shard| {
+            let result = cluster.execute(shard, &statement)?;
+            let answer = cluster.vote(shard, statement.gid.as_str(), vote.protocol);
+            Ok(ExecutedAndVoted {
+                result,
+                vote: Some(answer),
+                voted_under: Some(vote.protocol),
+            })
+        });
+        self.call("execute-and-prepare", shard, &gid, timeout_ms, false, op)
+            .await
+    }
+
+    async fn execute_and_commit(
+        &self,
+        shard: &ShardName,
+        statement: Statement,
+        expect_rows: Option<u64>,
+        timeout_ms: u64,
+    ) -> Result<ExecutedAndCommitted, LinkError> {
+        let gid = statement.gid.to_string();
+        let op: Op<ExecutedAndCommitted> = Arc::new(move |cluster, shard| {
+            let result = cluster.execute(shard, &statement)?;
+            let gid = statement.gid.as_str();
+            if expect_rows.is_some_and(|expected| expected != result.rows_affected) {
+                cluster.roll_back(shard, gid)?;
+                return Ok(ExecutedAndCommitted {
+                    result,
+                    committed: false,
+                });
+            }
+            cluster.commit_one_phase(shard, gid)?;
+            Ok(ExecutedAndCommitted {
+                result,
+                committed: true,
+            })
+        });
+        self.call("execute-and-commit", shard, &gid, timeout_ms, false, op)
+            .await
+    }
+
+    async fn prepare(
+        &self,
+        shard: &ShardName,
+        gid: &Gid,
+        vote: VoteRequest,
+        timeout_ms: u64,
+    ) -> Result<VoteAnswer, LinkError> {
+        let text = gid.to_string();
+        let key = text.clone();
+        let op: Op<VoteAnswer> = Arc::new(move |cluster, shard| Ok(cluster.vote(shard, &text, vote.protocol)));
+        self.call("prepare", shard, &key, timeout_ms, true, op).await
+    }
+
+    async fn commit(&self, shard: &ShardName, gid: &Gid, timeout_ms: u64) -> Result<(), LinkError> {
+        let text = gid.to_string();
+        let key = text.clone();
+        let op: Op<()> = Arc::new(move |cluster, shard| cluster.commit_prepared(shard, &text));
+        self.call("commit", shard, &key, timeout_ms, true, op).await
+    }
+
+    async fn abort(&self, shard: &ShardName, gid: &Gid, timeout_ms: u64) -> Result<(), LinkError> {
+        let text = gid.to_string();
+        let key = text.clone();
+        let op: Op<()> = Arc::new(move |cluster, shard| cluster.roll_back(shard, &text));
+        self.call("abort", shard, &key, timeout_ms, true, op).await
+    }
+
+    async fn commit_one_phase(&self, shard: &ShardName, gid: &Gid, timeout_ms: u64) -> Result<(), LinkError> {
+        let text = gid.to_string();
+        let key = text.clone();
+        let op: Op<()> = Arc::new(move |cluster, shard| cluster.commit_one_phase(shard, &text));
+        self.call("commit-one-phase", shard, &key, timeout_ms, false, op)
+            .await
+    }
+
+    async fn pre_commit(
+        &self,
+        shard: &ShardName,
+        gid: &Gid,
+        ballot: &Ballot,
+        timeout_ms: u64,
+    ) -> Result<PreCommitAnswer, LinkError> {
+        let text = gid.to_string();
+        let key = text.clone();
+        let ballot = ballot.clone();
+        let op: Op<PreCommitAnswer> = Arc::new(move |cluster, shard| Ok(cluster.pre_commit(shard, &text, &ballot)));
+        self.call("pre-commit", shard, &key, timeout_ms, true, op).await
+    }
+
+    async fn query_state(
+        &self,
+        shard: &ShardName,
+        gid: &Gid,
+        ballot: &Ballot,
+        _participants: &[ShardName],
+        timeout_ms: u64,
+    ) -> Result<Report, LinkError> {
+        let text = gid.to_string();
+        let key = text.clone();
+        let ballot = ballot.clone();
+        let op: Op<Report> = Arc::new(move |cluster, shard| Ok(cluster.query_state(shard, &text, &ballot)));
+        self.call("query-state", shard, &key, timeout_ms, true, op).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::faults::FaultRates;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+    use treaty_commit_protocol::termination::Proposer;
+    use treaty_commit_protocol::transport::BranchOptions;
+    use treaty_types::CoordinatorId;
+
+    fn cluster() -> (Arc<Cluster>, SimStore) {
+        let mut rng = StdRng::seed_from_u64(3);
+        let chance = Arc::new(Chance::new(3, FaultRates::random(&mut rng)));
+        chance.heal();
+        let trace = Trace::new();
+        let store = SimStore::new(Arc::clone(&chance), trace.clone());
+        let shards = vec![ShardName::new("s0").unwrap(), ShardName::new("s1").unwrap()];
+        (Cluster::new(shards, chance, trace, store.clone()), store)
+    }
+
+    fn gid(txid: u64) -> Gid {
+        Gid::new(&CoordinatorId::new("sim").unwrap(), txid)
+    }
+
+    fn write(gid: &Gid) -> Statement {
+        Statement {
+            gid: gid.clone(),
+            sql: "UPDATE t SET v = v + 1".into(),
+            params: Vec::new(),
+            options: BranchOptions::default(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn commit_prepared_answers_from_the_marker_and_refuses_a_rolled_back_branch() {
+        let (cluster, store) = cluster();
+        let s0 = cluster.shards[0].clone();
+        let (one, two) = (gid(1), gid(2));
+        cluster.execute(&s0, &write(&one)).unwrap();
+        assert_eq!(cluster.vote(&s0, one.as_str(), Protocol::TwoPhase), VoteAnswer::Yes);
+        let handle = store.handle(Life::new(1));
+        use treaty_commit_protocol::store::{CommitRecord, DecisionStore};
+        handle
+            .force_commit(CommitRecord {
+                txid: 1,
+                gid: one.to_string(),
+                participants: vec!["s0".into()],
+                decided_at_ms: 0,
+            })
+            .await
+            .unwrap();
+        cluster.commit_prepared(&s0, one.as_str()).unwrap();
+        cluster.commit_prepared(&s0, one.as_str()).unwrap();
+        assert!(matches!(cluster.roll_back(&s0, one.as_str()), Err(LinkError::Refused(_))));
+        cluster.execute(&s0, &write(&two)).unwrap();
+        cluster.roll_back(&s0, two.as_str()).unwrap();
+        assert!(matches!(
+            cluster.commit_prepared(&s0, two.as_str()),
+            Err(LinkError::Refused(_))
+        ));
+        assert!(cluster.violations().is_empty(), "{:?}", cluster.violations());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_commit_before_the_decision_is_durable_is_a_violation() {
+        let (cluster, _store) = cluster();
+        let s0 = cluster.shards[0].clone();
+        let one = gid(1);
+        cluster.execute(&s0, &write(&one)).unwrap();
+        cluster.vote(&s0, one.as_str(), Protocol::TwoPhase);
+        cluster.commit_prepared(&s0, one.as_str()).unwrap();
+        assert_eq!(cluster.violations().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_loses_active_branches_only_and_read_only_votes_depend_on_the_protocol() {
+        let (cluster, _store) = cluster();
+        let s0 = cluster.shards[0].clone();
+        let (active, prepared, read_only, read_only_3pc) = (gid(1), gid(2), gid(3), gid(4));
+        cluster.execute(&s0, &write(&active)).unwrap();
+        cluster.execute(&s0, &write(&prepared)).unwrap();
+        cluster.vote(&s0, prepared.as_str(), Protocol::TwoPhase);
+        let mut read = write(&read_only);
+        read.sql = "SELECT 1".into();
+        cluster.execute(&s0, &read).unwrap();
+        assert_eq!(
+            cluster.vote(&s0, read_only.as_str(), Protocol::TwoPhase),
+            VoteAnswer::ReadOnly
+        );
+        read.gid = read_only_3pc.clone();
+        cluster.execute(&s0, &read).unwrap();
+        assert_eq!(
+            cluster.vote(&s0, read_only_3pc.as_str(), Protocol::ThreePhase),
+            VoteAnswer::Yes,
+            "a three-phase participant prepares even a read-only branch"
+        );
+        cluster.crash(&s0);
+        cluster.restart(&s0);
+        assert!(matches!(
+            cluster.execute(&s0, &write(&active)),
+            Err(LinkError::BranchLost(_))
+        ));
+        assert_eq!(cluster.prepared(&s0), vec![prepared.to_string(), read_only_3pc.to_string()]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_state_query_promises_the_ballot_and_aborts_a_branch_that_has_not_voted() {
+        let (cluster, _store) = cluster();
+        let s0 = cluster.shards[0].clone();
+        let (voted, unvoted) = (gid(1), gid(2));
+        cluster.execute(&s0, &write(&voted)).unwrap();
+        cluster.vote(&s0, voted.as_str(), Protocol::ThreePhase);
+        cluster.execute(&s0, &write(&unvoted)).unwrap();
+        let higher = Ballot::COORDINATOR.next_for(Proposer::Coordinator { incarnation: 2 });
+        assert_eq!(
+            cluster.query_state(&s0, voted.as_str(), &higher),
+            Report::State(ReportedState::Prepared)
+        );
+        let late = cluster.pre_commit(&s0, voted.as_str(), &Ballot::COORDINATOR);
+        assert!(!late.acknowledged && late.promised == Some(higher.clone()));
+        assert!(cluster.pre_commit(&s0, voted.as_str(), &higher).acknowledged);
+        assert_eq!(
+            cluster.query_state(&s0, voted.as_str(), &higher),
+            Report::State(ReportedState::PreCommitted)
+        );
+        assert_eq!(
+            cluster.query_state(&s0, unvoted.as_str(), &higher),
+            Report::State(ReportedState::Aborted)
+        );
+        assert!(matches!(
+            cluster.vote(&s0, unvoted.as_str(), Protocol::ThreePhase),
+            VoteAnswer::No { .. }
+        ));
+    }
+}
