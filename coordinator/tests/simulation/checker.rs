@@ -91,7 +91,9 @@ pub fn check(facts: &Facts<'_>) -> Vec<String> {
             Record::Commit(commit) => {
                 let entry = decisions.entry(commit.gid.clone()).or_default();
                 entry.commit.get_or_insert_with(|| "commit record".into());
-                entry.commit_participants.extend(commit.participants.iter().cloned());
+                entry
+                    .commit_participants
+                    .extend(commit.participants.iter().cloned());
             }
             Record::Heuristic(heuristic) => {
                 let entry = decisions.entry(heuristic.gid.clone()).or_default();

@@ -1,6 +1,6 @@
 //! A deterministic simulation of the real coordinator (issue 14, item 6): the production driver
 //! (`treaty_coordinator::driver`) against an in-memory decision store (`store.rs`) and in-memory
-//! participants behind a faulty network (`participants.rs`, `faults.rs`), under a seeded scheduler
+//! participants behind a faulty network (`participants.rs`, `faults.rs`; the participants' own 3PC termination in `three_phase.rs`), under a seeded scheduler
 //! on virtual time (`run.rs`), checked after every seed (`checker.rs`). A failing seed prints its
 //! number, the command that replays it, and its trace (`trace.rs`).
 //!
@@ -13,6 +13,7 @@ mod faults;
 mod participants;
 mod run;
 mod store;
+mod three_phase;
 mod trace;
 
 use std::sync::Mutex;
@@ -85,7 +86,9 @@ fn simulation_of_the_real_coordinator_over_many_seeds() {
     });
     let elapsed = started.elapsed().as_secs_f64();
     let done = done.load(Ordering::Relaxed);
-    let mut failures = failures.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut failures = failures
+        .into_inner()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     failures.sort_by_key(|(seed, _)| *seed);
     if let Some((seed, failure)) = failures.first() {
         panic!(

@@ -52,6 +52,8 @@ pub struct Branch {
     /// Three-phase: the highest ballot answered, and whether it durably pre-committed.
     pub promised: Ballot,
     pub pre_committed: bool,
+    /// Three-phase: every participant the vote named (termination asks them all).
+    pub participants: Vec<ShardName>,
     pub touched_ms: u64,
 }
 
@@ -64,6 +66,7 @@ impl Branch {
             lost: false,
             promised: Ballot::COORDINATOR,
             pre_committed: false,
+            participants: Vec::new(),
             touched_ms: now_ms,
         }
     }
@@ -96,6 +99,9 @@ pub struct Cluster {
     pub trace: Trace,
     store: SimStore,
     violations: Mutex<Vec<String>>,
+    /// Three-phase termination: the highest ballot each leader saw per GID (in memory: a restart
+    /// forgets it, and the durable promise keeps rounds above it).
+    ballots_seen: Mutex<BTreeMap<(ShardName, String), Ballot>>,
 }
 
 impl Cluster {
@@ -119,6 +125,7 @@ impl Cluster {
             trace,
             store,
             violations: Mutex::new(Vec::new()),
+            ballots_seen: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -133,6 +140,43 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
+    }
+
+    fn ballots_seen(&self) -> MutexGuard<'_, BTreeMap<(ShardName, String), Ballot>> {
+        self.ballots_seen
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A ballot for `leader`'s next termination round of `gid`, above every ballot it saw or
+    /// promised, and remembered.
+    pub fn next_termination_ballot(&self, leader: &ShardName, gid: &str, promised: Ballot) -> Ballot {
+        let own = self.with_branch(leader, gid, |branch, _| branch.map(|b| b.promised.clone()));
+        let mut seen = self.ballots_seen();
+        let key = (leader.clone(), gid.to_owned());
+        let highest = [seen.get(&key).cloned(), own, Some(promised)]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(Ballot::COORDINATOR);
+        let ballot = highest.next_for(crate::three_phase::proposer(leader));
+        seen.insert(key, ballot.clone());
+        ballot
+    }
+
+    /// A participant refused `leader`'s round for a higher promise.
+    pub fn saw_ballot(&self, leader: &ShardName, gid: &str, ballot: Ballot) {
+        let mut seen = self.ballots_seen();
+        let entry = seen
+            .entry((leader.clone(), gid.to_owned()))
+            .or_insert_with(|| ballot.clone());
+        if ballot > *entry {
+            *entry = ballot;
+        }
+    }
+
+    pub fn report_violation(&self, what: String) {
+        self.violation(what);
     }
 
     fn violation(&self, what: String) {
@@ -158,13 +202,20 @@ impl Cluster {
     /// The participant crashes: its active branches roll back, prepared and finished ones stay.
     pub fn crash(&self, shard: &ShardName) {
         let mut databases = self.databases();
-        let Some(db) = databases.get_mut(shard) else { return };
+        let Some(db) = databases.get_mut(shard) else {
+            return;
+        };
         db.up = false;
+        self.ballots_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(leader, _), _| leader != shard);
         for (gid, branch) in &mut db.branches {
             if branch.state == BranchState::Active {
                 branch.state = BranchState::Aborted;
                 branch.lost = true;
-                self.trace.record(format!("{shard}: lost active branch {gid} in the crash"));
+                self.trace
+                    .record(format!("{shard}: lost active branch {gid} in the crash"));
             }
         }
         self.trace.record(format!("crash participant {shard}"));
@@ -190,6 +241,33 @@ impl Cluster {
             .collect()
     }
 
+    /// The three-phase branches `shard` holds prepared, untouched for `timeout_ms`, with their
+    /// participants and the highest ballot promised (the participant's timeout).
+    pub fn timed_out_three_phase(
+        &self,
+        shard: &ShardName,
+        timeout_ms: u64,
+    ) -> Vec<(String, Vec<ShardName>, Ballot)> {
+        let now = self.trace.now_ms();
+        let mut databases = self.databases();
+        let Some(db) = databases.get_mut(shard).filter(|db| db.up) else {
+            return Vec::new();
+        };
+        db.branches
+            .iter_mut()
+            .filter(|(_, b)| {
+                b.state == BranchState::Prepared
+                    && !b.participants.is_empty()
+                    && now.saturating_sub(b.touched_ms) >= timeout_ms
+            })
+            .map(|(gid, b)| {
+                // The timer restarts: the next round only after another timeout.
+                b.touched_ms = now;
+                (gid.clone(), b.participants.clone(), b.promised.clone())
+            })
+            .collect()
+    }
+
     /// The idle-branch cleanup: an active branch untouched for `idle_ms` rolls back (it has not
     /// voted, so that is allowed).
     pub fn roll_back_idle(&self, idle_ms: u64) {
@@ -199,7 +277,8 @@ impl Cluster {
             for (gid, branch) in &mut db.branches {
                 if branch.state == BranchState::Active && now.saturating_sub(branch.touched_ms) >= idle_ms {
                     branch.state = BranchState::Aborted;
-                    self.trace.record(format!("{shard}: idle branch {gid} rolled back"));
+                    self.trace
+                        .record(format!("{shard}: idle branch {gid} rolled back"));
                 }
             }
         }
@@ -213,9 +292,7 @@ impl Cluster {
     ) -> R {
         let now = self.trace.now_ms();
         let mut databases = self.databases();
-        let branch = databases
-            .get_mut(shard)
-            .and_then(|db| db.branches.get_mut(gid));
+        let branch = databases.get_mut(shard).and_then(|db| db.branches.get_mut(gid));
         apply(branch, now)
     }
 
@@ -226,8 +303,17 @@ impl Cluster {
         self.chance.rng(key).random_bool(rate(&rates))
     }
 
-    fn finish(&self, shard: &ShardName, gid: &str, branch: &mut Branch, state: BranchState, how: &str) {
-        if state == BranchState::Committed && branch.prepared {
+    pub(crate) fn finish(
+        &self,
+        shard: &ShardName,
+        gid: &str,
+        branch: &mut Branch,
+        state: BranchState,
+        how: &str,
+    ) {
+        // A three-phase termination leader commits without the coordinator's record: only after
+        // some participant pre-committed, which needed the coordinator's durable pre-commit record.
+        if state == BranchState::Committed && branch.prepared && !how.contains("termination") {
             let txid = Gid::parse(gid).map(|gid| gid.txid()).unwrap_or(0);
             if !self.store.commit_is_durable(txid) {
                 self.violation(format!(
@@ -248,10 +334,7 @@ impl Cluster {
         let Some(db) = databases.get_mut(shard) else {
             return Err(refused("no such shard"));
         };
-        let branch = db
-            .branches
-            .entry(gid.clone())
-            .or_insert_with(|| Branch::new(now));
+        let branch = db.branches.entry(gid.clone()).or_insert_with(|| Branch::new(now));
         match branch.state {
             BranchState::Active => {}
             BranchState::Aborted if branch.lost => {
@@ -262,7 +345,8 @@ impl Cluster {
         branch.touched_ms = now;
         if fails {
             branch.state = BranchState::Aborted;
-            self.trace.record(format!("{shard}: {gid} statement failed, rolled back"));
+            self.trace
+                .record(format!("{shard}: {gid} statement failed, rolled back"));
             return Err(serialization_failure());
         }
         branch.wrote |= writes;
@@ -272,13 +356,11 @@ impl Cluster {
         })
     }
 
-    fn vote(&self, shard: &ShardName, gid: &str, protocol: Protocol) -> VoteAnswer {
+    fn vote(&self, shard: &ShardName, gid: &str, request: &VoteRequest) -> VoteAnswer {
+        let protocol = request.protocol;
         let no = self.random(&format!("vote/{shard}/{gid}"), |r| r.vote_no);
         let mut databases = self.databases();
-        let Some(branch) = databases
-            .get_mut(shard)
-            .and_then(|db| db.branches.get_mut(gid))
-        else {
+        let Some(branch) = databases.get_mut(shard).and_then(|db| db.branches.get_mut(gid)) else {
             return VoteAnswer::No {
                 sqlstate: "42704".into(),
                 message: format!("no branch {gid}"),
@@ -298,6 +380,10 @@ impl Cluster {
             }
             BranchState::Active => {
                 branch.prepared = true;
+                branch.touched_ms = self.trace.now_ms();
+                if protocol == Protocol::ThreePhase {
+                    branch.participants = request.participants.clone();
+                }
                 self.finish(shard, gid, branch, BranchState::Prepared, "PREPARED");
                 VoteAnswer::Yes
             }
@@ -311,10 +397,19 @@ impl Cluster {
         }
     }
 
-    fn commit_prepared(&self, shard: &ShardName, gid: &str) -> Result<(), LinkError> {
+    pub(crate) fn commit_prepared(&self, shard: &ShardName, gid: &str) -> Result<(), LinkError> {
+        self.commit_prepared_by(shard, gid, "COMMIT PREPARED")
+    }
+
+    pub(crate) fn commit_prepared_by(
+        &self,
+        shard: &ShardName,
+        gid: &str,
+        how: &str,
+    ) -> Result<(), LinkError> {
         self.with_branch(shard, gid, |branch, _| match branch {
             Some(branch) if branch.state == BranchState::Prepared => {
-                self.finish(shard, gid, branch, BranchState::Committed, "COMMIT PREPARED");
+                self.finish(shard, gid, branch, BranchState::Committed, how);
                 Ok(())
             }
             // The marker row says it committed.
@@ -329,7 +424,7 @@ impl Cluster {
         })
     }
 
-    fn roll_back(&self, shard: &ShardName, gid: &str) -> Result<(), LinkError> {
+    pub(crate) fn roll_back(&self, shard: &ShardName, gid: &str) -> Result<(), LinkError> {
         self.with_branch(shard, gid, |branch, _| match branch {
             Some(branch) if matches!(branch.state, BranchState::Active | BranchState::Prepared) => {
                 self.finish(shard, gid, branch, BranchState::Aborted, "ROLLBACK");
@@ -346,7 +441,13 @@ impl Cluster {
         let fails = self.random(&format!("commit-fails/{shard}/{gid}"), |r| r.statement_fails);
         self.with_branch(shard, gid, |branch, _| match branch {
             Some(branch) if branch.state == BranchState::Active && fails => {
-                self.finish(shard, gid, branch, BranchState::Aborted, "COMMIT failed, rolled back");
+                self.finish(
+                    shard,
+                    gid,
+                    branch,
+                    BranchState::Aborted,
+                    "COMMIT failed, rolled back",
+                );
                 Err(serialization_failure())
             }
             Some(branch) if branch.state == BranchState::Active => {
@@ -354,13 +455,15 @@ impl Cluster {
                 Ok(())
             }
             Some(branch) if branch.state == BranchState::Committed && !branch.prepared => Ok(()),
-            Some(branch) if branch.lost => Err(LinkError::BranchLost(format!("{gid}: the participant restarted"))),
+            Some(branch) if branch.lost => {
+                Err(LinkError::BranchLost(format!("{gid}: the participant restarted")))
+            }
             Some(branch) => Err(refused(format!("COMMIT {gid}: the branch is {:?}", branch.state))),
             None => Err(refused(format!("COMMIT {gid}: no such branch"))),
         })
     }
 
-    fn pre_commit(&self, shard: &ShardName, gid: &str, ballot: &Ballot) -> PreCommitAnswer {
+    pub(crate) fn pre_commit(&self, shard: &ShardName, gid: &str, ballot: &Ballot) -> PreCommitAnswer {
         self.with_branch(shard, gid, |branch, _| {
             let Some(branch) = branch else {
                 return PreCommitAnswer {
@@ -379,9 +482,11 @@ impl Cluster {
             match branch.state {
                 BranchState::Prepared | BranchState::Committed if branch.prepared => {
                     branch.promised = ballot.clone();
+                    branch.touched_ms = self.trace.now_ms();
                     if !branch.pre_committed && branch.state == BranchState::Prepared {
                         branch.pre_committed = true;
-                        self.trace.record(format!("{shard}: {gid} PRE-COMMITTED under {ballot:?}"));
+                        self.trace
+                            .record(format!("{shard}: {gid} PRE-COMMITTED under {ballot:?}"));
                     }
                     PreCommitAnswer {
                         acknowledged: true,
@@ -398,7 +503,7 @@ impl Cluster {
         })
     }
 
-    fn query_state(&self, shard: &ShardName, gid: &str, ballot: &Ballot) -> Report {
+    pub(crate) fn query_state(&self, shard: &ShardName, gid: &str, ballot: &Ballot) -> Report {
         let now = self.trace.now_ms();
         let mut databases = self.databases();
         let Some(db) = databases.get_mut(shard) else {
@@ -418,7 +523,13 @@ impl Cluster {
         branch.promised = ballot.clone();
         if branch.state == BranchState::Active {
             // Not voted yet: it may abort on its own, so the answer is final.
-            self.finish(shard, gid, branch, BranchState::Aborted, "aborted when asked its state");
+            self.finish(
+                shard,
+                gid,
+                branch,
+                BranchState::Aborted,
+                "aborted when asked its state",
+            );
         }
         Report::State(match branch.state {
             BranchState::Prepared if branch.pre_committed => ReportedState::PreCommitted,
@@ -439,7 +550,9 @@ impl Cluster {
             self.roll_back(shard, gid)
         };
         if let Err(error) = result {
-            self.violation(format!("{shard}: applying the coordinator's answer for {gid}: {error}"));
+            self.violation(format!(
+                "{shard}: applying the coordinator's answer for {gid}: {error}"
+            ));
         }
     }
 }
@@ -495,8 +608,12 @@ impl SimTransport {
                 let result = op(&cluster, &shard);
                 cluster.trace.record(format!("deliver {label}: {result:?}"));
                 if let Some(after_ms) = fate.duplicate_after_ms {
-                    let (cluster, label, op, shard) =
-                        (Arc::clone(&cluster), label.clone(), Arc::clone(&op), shard.clone());
+                    let (cluster, label, op, shard) = (
+                        Arc::clone(&cluster),
+                        label.clone(),
+                        Arc::clone(&op),
+                        shard.clone(),
+                    );
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_millis(after_ms)).await;
                         if cluster.is_up(&shard) {
@@ -516,7 +633,9 @@ impl SimTransport {
         let result = match tokio::time::timeout(Duration::from_millis(timeout_ms.max(1)), inner).await {
             Ok(result) => result,
             Err(_) => {
-                cluster.trace.record(format!("timeout {label} after {timeout_ms} ms"));
+                cluster
+                    .trace
+                    .record(format!("timeout {label} after {timeout_ms} ms"));
                 Err(LinkError::TimedOut { after_ms: timeout_ms })
             }
         };
@@ -560,7 +679,7 @@ impl ParticipantTransport for SimTransport {
         let gid = statement.gid.to_string();
         let op: Op<ExecutedAndVoted> = Arc::new(move |cluster, shard| {
             let result = cluster.execute(shard, &statement)?;
-            let answer = cluster.vote(shard, statement.gid.as_str(), vote.protocol);
+            let answer = cluster.vote(shard, statement.gid.as_str(), &vote);
             Ok(ExecutedAndVoted {
                 result,
                 vote: Some(answer),
@@ -608,7 +727,7 @@ impl ParticipantTransport for SimTransport {
     ) -> Result<VoteAnswer, LinkError> {
         let text = gid.to_string();
         let key = text.clone();
-        let op: Op<VoteAnswer> = Arc::new(move |cluster, shard| Ok(cluster.vote(shard, &text, vote.protocol)));
+        let op: Op<VoteAnswer> = Arc::new(move |cluster, shard| Ok(cluster.vote(shard, &text, &vote)));
         self.call("prepare", shard, &key, timeout_ms, true, op).await
     }
 
@@ -644,7 +763,8 @@ impl ParticipantTransport for SimTransport {
         let text = gid.to_string();
         let key = text.clone();
         let ballot = ballot.clone();
-        let op: Op<PreCommitAnswer> = Arc::new(move |cluster, shard| Ok(cluster.pre_commit(shard, &text, &ballot)));
+        let op: Op<PreCommitAnswer> =
+            Arc::new(move |cluster, shard| Ok(cluster.pre_commit(shard, &text, &ballot)));
         self.call("pre-commit", shard, &key, timeout_ms, true, op).await
     }
 
@@ -684,6 +804,20 @@ mod tests {
         (Cluster::new(shards, chance, trace, store.clone()), store)
     }
 
+    fn two_phase() -> VoteRequest {
+        VoteRequest {
+            protocol: Protocol::TwoPhase,
+            participants: Vec::new(),
+        }
+    }
+
+    fn three_phase() -> VoteRequest {
+        VoteRequest {
+            protocol: Protocol::ThreePhase,
+            participants: vec![ShardName::new("s0").unwrap(), ShardName::new("s1").unwrap()],
+        }
+    }
+
     fn gid(txid: u64) -> Gid {
         Gid::new(&CoordinatorId::new("sim").unwrap(), txid)
     }
@@ -703,7 +837,7 @@ mod tests {
         let s0 = cluster.shards[0].clone();
         let (one, two) = (gid(1), gid(2));
         cluster.execute(&s0, &write(&one)).unwrap();
-        assert_eq!(cluster.vote(&s0, one.as_str(), Protocol::TwoPhase), VoteAnswer::Yes);
+        assert_eq!(cluster.vote(&s0, one.as_str(), &two_phase()), VoteAnswer::Yes);
         let handle = store.handle(Life::new(1));
         use treaty_commit_protocol::store::{CommitRecord, DecisionStore};
         handle
@@ -717,7 +851,10 @@ mod tests {
             .unwrap();
         cluster.commit_prepared(&s0, one.as_str()).unwrap();
         cluster.commit_prepared(&s0, one.as_str()).unwrap();
-        assert!(matches!(cluster.roll_back(&s0, one.as_str()), Err(LinkError::Refused(_))));
+        assert!(matches!(
+            cluster.roll_back(&s0, one.as_str()),
+            Err(LinkError::Refused(_))
+        ));
         cluster.execute(&s0, &write(&two)).unwrap();
         cluster.roll_back(&s0, two.as_str()).unwrap();
         assert!(matches!(
@@ -733,7 +870,7 @@ mod tests {
         let s0 = cluster.shards[0].clone();
         let one = gid(1);
         cluster.execute(&s0, &write(&one)).unwrap();
-        cluster.vote(&s0, one.as_str(), Protocol::TwoPhase);
+        cluster.vote(&s0, one.as_str(), &two_phase());
         cluster.commit_prepared(&s0, one.as_str()).unwrap();
         assert_eq!(cluster.violations().len(), 1);
     }
@@ -745,18 +882,18 @@ mod tests {
         let (active, prepared, read_only, read_only_3pc) = (gid(1), gid(2), gid(3), gid(4));
         cluster.execute(&s0, &write(&active)).unwrap();
         cluster.execute(&s0, &write(&prepared)).unwrap();
-        cluster.vote(&s0, prepared.as_str(), Protocol::TwoPhase);
+        cluster.vote(&s0, prepared.as_str(), &two_phase());
         let mut read = write(&read_only);
         read.sql = "SELECT 1".into();
         cluster.execute(&s0, &read).unwrap();
         assert_eq!(
-            cluster.vote(&s0, read_only.as_str(), Protocol::TwoPhase),
+            cluster.vote(&s0, read_only.as_str(), &two_phase()),
             VoteAnswer::ReadOnly
         );
         read.gid = read_only_3pc.clone();
         cluster.execute(&s0, &read).unwrap();
         assert_eq!(
-            cluster.vote(&s0, read_only_3pc.as_str(), Protocol::ThreePhase),
+            cluster.vote(&s0, read_only_3pc.as_str(), &three_phase()),
             VoteAnswer::Yes,
             "a three-phase participant prepares even a read-only branch"
         );
@@ -766,7 +903,10 @@ mod tests {
             cluster.execute(&s0, &write(&active)),
             Err(LinkError::BranchLost(_))
         ));
-        assert_eq!(cluster.prepared(&s0), vec![prepared.to_string(), read_only_3pc.to_string()]);
+        assert_eq!(
+            cluster.prepared(&s0),
+            vec![prepared.to_string(), read_only_3pc.to_string()]
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -775,7 +915,7 @@ mod tests {
         let s0 = cluster.shards[0].clone();
         let (voted, unvoted) = (gid(1), gid(2));
         cluster.execute(&s0, &write(&voted)).unwrap();
-        cluster.vote(&s0, voted.as_str(), Protocol::ThreePhase);
+        cluster.vote(&s0, voted.as_str(), &three_phase());
         cluster.execute(&s0, &write(&unvoted)).unwrap();
         let higher = Ballot::COORDINATOR.next_for(Proposer::Coordinator { incarnation: 2 });
         assert_eq!(
@@ -794,7 +934,7 @@ mod tests {
             Report::State(ReportedState::Aborted)
         );
         assert!(matches!(
-            cluster.vote(&s0, unvoted.as_str(), Protocol::ThreePhase),
+            cluster.vote(&s0, unvoted.as_str(), &three_phase()),
             VoteAnswer::No { .. }
         ));
     }

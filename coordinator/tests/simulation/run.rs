@@ -26,6 +26,7 @@ use crate::checker::{self, ClientRecord, Facts};
 use crate::faults::{Chance, FaultRates, Life};
 use crate::participants::{BranchState, Cluster, SimTransport};
 use crate::store::{SimStore, SimStoreHandle};
+use crate::three_phase;
 use crate::trace::Trace;
 
 type SimEngine = Engine<SimStoreHandle, SimTransport>;
@@ -253,16 +254,29 @@ async fn simulate(seed: u64) -> RunReport {
     }
     let mut faults: Vec<(u64, Option<ShardName>, u64)> = Vec::new();
     for _ in 0..plan.random_range(0..=2) {
-        faults.push((plan.random_range(0..heal_at_ms), None, plan.random_range(20..1_000)));
+        faults.push((
+            plan.random_range(0..heal_at_ms),
+            None,
+            plan.random_range(20..1_000),
+        ));
     }
     for _ in 0..plan.random_range(0..=2) {
         let shard = shards.choose(&mut plan).cloned();
-        faults.push((plan.random_range(0..heal_at_ms), shard, plan.random_range(20..1_000)));
+        faults.push((
+            plan.random_range(0..heal_at_ms),
+            shard,
+            plan.random_range(20..1_000),
+        ));
     }
     faults.sort_by_key(|(at, _, _)| *at);
     tokio::spawn(crashes(Arc::clone(&world), faults));
+    let three_phase_timeout_ms = plan.random_range(600..3_000);
     for shard in &shards {
-        tokio::spawn(reconcile(Arc::clone(&world), shard.clone()));
+        tokio::spawn(reconcile(
+            Arc::clone(&world),
+            shard.clone(),
+            three_phase_timeout_ms,
+        ));
     }
     let idle = Arc::clone(&world);
     tokio::spawn(async move {
@@ -377,7 +391,7 @@ async fn crashes(world: Arc<World>, faults: Vec<(u64, Option<ShardName>, u64)>) 
 /// A participant's reconciliation: it asks the coordinator about every branch it holds prepared
 /// (the real one does at start and for branches prepared longer than `--in-doubt-after-ms`) and
 /// applies the answer; while the coordinator is down it keeps asking.
-async fn reconcile(world: Arc<World>, shard: ShardName) {
+async fn reconcile(world: Arc<World>, shard: ShardName, three_phase_timeout_ms: u64) {
     loop {
         let pause_ms = world
             .chance
@@ -387,6 +401,19 @@ async fn reconcile(world: Arc<World>, shard: ShardName) {
         for gid in world.cluster.prepared(&shard) {
             let (world, shard) = (Arc::clone(&world), shard.clone());
             tokio::spawn(async move { ask_decision(&world, &shard, &gid).await });
+        }
+        // Three-phase branches also run termination among the participants on their timeout.
+        for (gid, participants, promised) in world
+            .cluster
+            .timed_out_three_phase(&shard, three_phase_timeout_ms)
+        {
+            tokio::spawn(three_phase::request_termination(
+                Arc::clone(&world.cluster),
+                shard.clone(),
+                gid,
+                participants,
+                promised,
+            ));
         }
     }
 }
@@ -527,7 +554,9 @@ async fn one_shot_multi(
     .await;
     for ((shard, sql), result) in statements.iter().zip(results) {
         if let Err(error) = result {
-            world.trace.record(format!("{}: execute-and-prepare on {shard}: {error}", record.gid));
+            world
+                .trace
+                .record(format!("{}: execute-and-prepare on {shard}: {error}", record.gid));
             // The statement failed: the transaction aborts; the client rolls back as a submit does.
             let reason = AbortReason::new(AbortCause::StatementFailed, error.to_string());
             return engine.rollback(txid, reason).await.map_err(|e| e.to_string());
@@ -536,7 +565,10 @@ async fn one_shot_multi(
             record.wrote.push(shard.clone());
         }
     }
-    engine.commit(txid, rng.random_bool(0.5)).await.map_err(|e| e.to_string())
+    engine
+        .commit(txid, rng.random_bool(0.5))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn one_shot_single(
@@ -558,9 +590,19 @@ async fn one_shot_single(
         }
     }
     let sql = write_sql(rng);
-    let expect_rows = rng.random_bool(0.5).then_some(u64::from(sql.starts_with("UPDATE")));
+    let expect_rows = rng
+        .random_bool(0.5)
+        .then_some(u64::from(sql.starts_with("UPDATE")));
     let (outcome, _) = engine
-        .commit_with_statement(txid, shard.as_str(), sql.clone(), Vec::new(), expect_rows, 0, rng.random_bool(0.5))
+        .commit_with_statement(
+            txid,
+            shard.as_str(),
+            sql.clone(),
+            Vec::new(),
+            expect_rows,
+            0,
+            rng.random_bool(0.5),
+        )
         .await
         .map_err(|e| e.to_string())?;
     if sql.starts_with("UPDATE") && !record.wrote.contains(&shard) {

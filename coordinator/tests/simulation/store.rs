@@ -156,9 +156,7 @@ pub fn replay(records: &[Record]) -> Unfinished {
             Record::Commit(commit) => {
                 reserved = reserved.max(commit.txid);
                 pre_commits.remove(&commit.txid);
-                commits
-                    .entry(commit.txid)
-                    .or_insert((sequence, commit.clone()));
+                commits.entry(commit.txid).or_insert((sequence, commit.clone()));
             }
             Record::End(txid) => {
                 commits.remove(txid);
@@ -330,8 +328,15 @@ mod tests {
             Record::Commit(commit(150)),
         ];
         let unfinished = replay(&records);
-        assert_eq!(unfinished.txids_reserved_up_to, 150, "a commit raises the reservation");
-        assert_eq!(unfinished.commits, vec![commit(3), commit(150)], "the end retired 5");
+        assert_eq!(
+            unfinished.txids_reserved_up_to, 150,
+            "a commit raises the reservation"
+        );
+        assert_eq!(
+            unfinished.commits,
+            vec![commit(3), commit(150)],
+            "the end retired 5"
+        );
         assert_eq!(
             unfinished.pre_committed,
             vec![pre_commit(4)],
