@@ -29,10 +29,10 @@ impl FaultRates {
     pub fn random(rng: &mut StdRng) -> Self {
         let scale = rng.random_range(0.0..1.0_f64);
         Self {
-            drop_request: 0.06 * scale,
-            drop_answer: 0.06 * scale,
-            duplicate: 0.08 * scale,
-            long_delay: 0.04 * scale,
+            drop_request: 0.1 * scale,
+            drop_answer: 0.1 * scale,
+            duplicate: 0.15 * scale,
+            long_delay: 0.08 * scale,
             statement_fails: rng.random_range(0.0..0.05),
             vote_no: rng.random_range(0.0..0.08),
         }

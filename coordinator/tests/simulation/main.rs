@@ -59,6 +59,7 @@ fn simulation_of_the_real_coordinator_over_many_seeds() {
     let next = AtomicU64::new(first);
     let done = AtomicU64::new(0);
     let transactions = AtomicU64::new(0);
+    let hazards: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
     let stop = AtomicBool::new(false);
     let failures: Mutex<Vec<(u64, run::Failure)>> = Mutex::new(Vec::new());
     let started = Instant::now();
@@ -73,6 +74,10 @@ fn simulation_of_the_real_coordinator_over_many_seeds() {
                     let report = run::run_seed(seed);
                     transactions.fetch_add(report.transactions as u64, Ordering::Relaxed);
                     done.fetch_add(1, Ordering::Relaxed);
+                    hazards
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .extend(report.hazards.iter().map(|gid| (seed, gid.clone())));
                     if let Some(failure) = report.failure {
                         stop.store(true, Ordering::Relaxed);
                         failures
@@ -97,10 +102,24 @@ fn simulation_of_the_real_coordinator_over_many_seeds() {
             failures.iter().map(|(seed, _)| seed).collect::<Vec<_>>()
         );
     }
+    let mut hazards = hazards
+        .into_inner()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    hazards.sort();
     println!(
-        "{done} seeds (from {first}, {} transactions) in {elapsed:.1} s on {threads} thread(s): {:.0} seeds/s",
+        "{done} seeds (from {first}, {} transactions) in {elapsed:.1} s on {threads} thread(s): {:.0} seeds/s; \
+         {} heuristic hazard(s){}",
         transactions.load(Ordering::Relaxed),
-        done as f64 / elapsed.max(1e-9)
+        done as f64 / elapsed.max(1e-9),
+        hazards.len(),
+        if hazards.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (operator resolves that raced the protocol, allowed by the coordinator; first: {:?})",
+                &hazards[..hazards.len().min(5)]
+            )
+        }
     );
 }
 

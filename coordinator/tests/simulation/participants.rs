@@ -4,9 +4,10 @@
 //! the real participant applies them: a branch opens on its first statement, a statement may fail
 //! (the branch rolls back), `PREPARE TRANSACTION` makes it durable, a read-only branch commits at
 //! once and votes READ-ONLY under two-phase commit (under three-phase it prepares anyway), a vote
-//! may be NO. A finished branch keeps its outcome: that is the participant's marker row, so a
-//! repeated COMMIT of a committed branch succeeds and a COMMIT of a rolled-back one is refused
-//! (the participant's records contradict the decision). A crash loses every branch that is not
+//! may be NO. A prepared branch that committed keeps its marker row, so a repeated COMMIT PREPARED
+//! succeeds and a ROLLBACK PREPARED is refused (the participant's records contradict the
+//! decision); a branch without a marker (never prepared, or rolled back) answers a COMMIT PREPARED
+//! with a refusal and a ROLLBACK with success, as "does not exist" without a marker does. A crash loses every branch that is not
 //! prepared or finished; a restarted participant asks the coordinator about its prepared branches
 //! (`run.rs`). Three-phase branches keep a durable promised ballot and pre-commit, and answer
 //! `query_state` as the participant's machine does (a branch that has not voted aborts when asked).
@@ -22,8 +23,8 @@ use rand::Rng;
 use treaty_commit_protocol::participant::Report;
 use treaty_commit_protocol::termination::{Ballot, ReportedState};
 use treaty_commit_protocol::transport::{
-    ExecutedAndCommitted, ExecutedAndVoted, LinkError, ParticipantTransport, PreCommitAnswer, Statement,
-    StatementResult, VoteAnswer, VoteRequest,
+    ExecutedAndCommitted, ExecutedAndVoted, LinkError, ParticipantTransport, PreCommitAnswer, PreparedBranch,
+    Statement, StatementResult, VoteAnswer, VoteRequest,
 };
 use treaty_types::{Gid, Protocol, ShardName};
 
@@ -412,8 +413,8 @@ impl Cluster {
                 self.finish(shard, gid, branch, BranchState::Committed, how);
                 Ok(())
             }
-            // The marker row says it committed.
-            Some(branch) if branch.state == BranchState::Committed => Ok(()),
+            // The marker row (written only by a prepared branch) says it committed.
+            Some(branch) if branch.state == BranchState::Committed && branch.prepared => Ok(()),
             Some(branch) => Err(refused(format!(
                 "COMMIT PREPARED {gid}: the branch is {:?}; this contradicts a commit decision",
                 branch.state
@@ -425,16 +426,27 @@ impl Cluster {
     }
 
     pub(crate) fn roll_back(&self, shard: &ShardName, gid: &str) -> Result<(), LinkError> {
-        self.with_branch(shard, gid, |branch, _| match branch {
-            Some(branch) if matches!(branch.state, BranchState::Active | BranchState::Prepared) => {
+        let now = self.trace.now_ms();
+        let mut databases = self.databases();
+        let Some(db) = databases.get_mut(shard) else {
+            return Err(refused("no such shard"));
+        };
+        // A GID never seen is remembered as aborted, so a late statement or prepare is refused.
+        let branch = db.branches.entry(gid.to_owned()).or_insert_with(|| {
+            let mut tombstone = Branch::new(now);
+            tombstone.state = BranchState::Aborted;
+            tombstone
+        });
+        match branch.state {
+            BranchState::Active | BranchState::Prepared => {
                 self.finish(shard, gid, branch, BranchState::Aborted, "ROLLBACK");
                 Ok(())
             }
-            Some(branch) if branch.state == BranchState::Committed && branch.wrote => Err(refused(format!(
+            BranchState::Committed if branch.prepared => Err(refused(format!(
                 "ROLLBACK PREPARED {gid}: the marker row says it committed; this contradicts an abort"
             ))),
-            _ => Ok(()),
-        })
+            BranchState::Committed | BranchState::Aborted => Ok(()),
+        }
     }
 
     fn commit_one_phase(&self, shard: &ShardName, gid: &str) -> Result<(), LinkError> {
@@ -766,6 +778,25 @@ impl ParticipantTransport for SimTransport {
         let op: Op<PreCommitAnswer> =
             Arc::new(move |cluster, shard| Ok(cluster.pre_commit(shard, &text, &ballot)));
         self.call("pre-commit", shard, &key, timeout_ms, true, op).await
+    }
+
+    async fn list_prepared(
+        &self,
+        shard: &ShardName,
+        timeout_ms: u64,
+    ) -> Result<Vec<PreparedBranch>, LinkError> {
+        let op: Op<Vec<PreparedBranch>> = Arc::new(|cluster, shard| {
+            Ok(cluster
+                .prepared(shard)
+                .into_iter()
+                .map(|gid| PreparedBranch {
+                    gid,
+                    ..PreparedBranch::default()
+                })
+                .collect())
+        });
+        self.call("list-prepared", shard, "*", timeout_ms, false, op)
+            .await
     }
 
     async fn query_state(

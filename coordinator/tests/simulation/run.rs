@@ -18,7 +18,7 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use tokio::task::JoinHandle;
 use treaty_commit_protocol::store::HeuristicDecision;
-use treaty_commit_protocol::{AbortCause, AbortReason, Outcome, Protocol, Timeouts};
+use treaty_commit_protocol::{AbortCause, AbortReason, Outcome, Phase, Protocol, Timeouts};
 use treaty_coordinator::driver::{self, Decision, Engine, EngineSettings, ResolveRequest, TxnOptions};
 use treaty_types::{Clock, CoordinatorId, Gid, ShardName};
 
@@ -58,6 +58,8 @@ pub struct RunReport {
     pub trace: Trace,
     pub failure: Option<Failure>,
     pub transactions: usize,
+    /// Transactions an operator's heuristic decision made finish both ways (`checker`).
+    pub hazards: Vec<String>,
 }
 
 /// Runs `seed` on a fresh runtime.
@@ -322,16 +324,22 @@ async fn simulate(seed: u64) -> RunReport {
         violations,
         trace: trace.render(),
     });
+    let hazards = checker::heuristic_hazards(&branches, &durable)
+        .into_iter()
+        .collect();
     RunReport {
         trace,
         failure,
         transactions,
+        hazards,
     }
 }
 
 /// What keeps the run from being finished, if anything.
 fn unfinished(world: &World, tasks: &[JoinHandle<()>]) -> Vec<String> {
     let mut left = Vec::new();
+    let branches = world.cluster.snapshot();
+    let hazards = checker::heuristic_hazards(&branches, &world.store.durable());
     let running = tasks.iter().filter(|task| !task.is_finished()).count();
     if running > 0 {
         left.push(format!("{running} client or operator task(s) still running"));
@@ -339,15 +347,24 @@ fn unfinished(world: &World, tasks: &[JoinHandle<()>]) -> Vec<String> {
     match world.current() {
         None => left.push("the coordinator is not up".into()),
         Some((engine, _)) => {
-            let live = engine.live_count();
-            if live > 0 {
-                left.push(format!("the coordinator has {live} live transaction(s)"));
+            let live: Vec<String> = engine
+                .list(
+                    |phase| !matches!(phase, Phase::Committed | Phase::Aborted | Phase::OutcomeUnknown),
+                    usize::MAX,
+                )
+                .iter()
+                .map(|handle| handle.gid.to_string())
+                .filter(|gid| !hazards.contains(gid))
+                .collect();
+            if !live.is_empty() {
+                left.push(format!("the coordinator has live transactions {live:?}"));
             }
         }
     }
-    for (shard, branches) in world.cluster.snapshot() {
+    for (shard, branches) in branches {
         for (gid, branch) in branches {
-            if matches!(branch.state, BranchState::Prepared | BranchState::Active) {
+            if matches!(branch.state, BranchState::Prepared | BranchState::Active) && !hazards.contains(&gid)
+            {
                 left.push(format!("{shard} holds {gid} {:?}", branch.state));
             }
         }
@@ -445,11 +462,12 @@ async fn ask_decision(world: &World, shard: &ShardName, gid: &str) {
 async fn client(world: Arc<World>, index: usize, kind: Kind, protocol: Protocol, start_ms: u64, seed: u64) {
     tokio::time::sleep(Duration::from_millis(start_ms)).await;
     let mut rng = StdRng::seed_from_u64(seed);
-    let Some((engine, life)) = world.current() else {
-        world
-            .trace
-            .record(format!("client {index}: the coordinator is down"));
-        return;
+    // A client whose coordinator is down tries again until it is back.
+    let (engine, life) = loop {
+        if let Some(current) = world.current() {
+            break current;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let options = TxnOptions {
         label: format!("client {index}"),
@@ -615,7 +633,25 @@ async fn one_shot_single(
 async fn operator(world: Arc<World>, at_ms: u64, seed: u64) {
     tokio::time::sleep(Duration::from_millis(at_ms)).await;
     let mut rng = StdRng::seed_from_u64(seed);
-    let Some(&txid) = lock(&world.begun).choose(&mut rng) else {
+    // Mostly what `treaty in-doubt` lists (a branch some shard holds prepared), sometimes any
+    // transaction a client began (one still in flight, or long finished).
+    let in_doubt: Vec<u64> = world
+        .cluster
+        .snapshot()
+        .values()
+        .flat_map(|branches| {
+            branches
+                .iter()
+                .filter(|(_, b)| b.state == BranchState::Prepared)
+                .filter_map(|(gid, _)| Gid::parse(gid).ok().map(|gid| gid.txid()))
+        })
+        .collect();
+    let pick = if !in_doubt.is_empty() && rng.random_bool(0.8) {
+        in_doubt.choose(&mut rng).copied()
+    } else {
+        lock(&world.begun).choose(&mut rng).copied()
+    };
+    let Some(txid) = pick else {
         return;
     };
     let Some((engine, life)) = world.current() else {
