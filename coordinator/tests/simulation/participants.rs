@@ -100,6 +100,7 @@ pub struct Cluster {
     pub trace: Trace,
     store: SimStore,
     violations: Mutex<Vec<String>>,
+    contradictions: Mutex<Vec<(String, String)>>,
     /// Three-phase termination: the highest ballot each leader saw per GID (in memory: a restart
     /// forgets it, and the durable promise keeps rounds above it).
     ballots_seen: Mutex<BTreeMap<(ShardName, String), Ballot>>,
@@ -126,6 +127,7 @@ impl Cluster {
             trace,
             store,
             violations: Mutex::new(Vec::new()),
+            contradictions: Mutex::new(Vec::new()),
             ballots_seen: Mutex::new(BTreeMap::new()),
         })
     }
@@ -174,6 +176,26 @@ impl Cluster {
         if ballot > *entry {
             *entry = ballot;
         }
+    }
+
+    /// A phase-two message the participant refused because its records say otherwise (it must
+    /// never happen; `checker` fails the seed unless an operator's heuristic caused it).
+    fn note_contradiction(&self, shard: &ShardName, gid: &str, result: &Result<(), LinkError>) {
+        if let Err(LinkError::Refused(message)) = result {
+            self.trace.record(format!("CONTRADICTION on {shard}: {message}"));
+            self.contradictions
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push((gid.to_owned(), format!("{shard} refused the coordinator: {message}")));
+        }
+    }
+
+    /// Every contradiction seen: (GID, what).
+    pub fn contradictions(&self) -> Vec<(String, String)> {
+        self.contradictions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     pub fn report_violation(&self, what: String) {
@@ -746,14 +768,22 @@ impl ParticipantTransport for SimTransport {
     async fn commit(&self, shard: &ShardName, gid: &Gid, timeout_ms: u64) -> Result<(), LinkError> {
         let text = gid.to_string();
         let key = text.clone();
-        let op: Op<()> = Arc::new(move |cluster, shard| cluster.commit_prepared(shard, &text));
+        let op: Op<()> = Arc::new(move |cluster, shard| {
+            let result = cluster.commit_prepared(shard, &text);
+            cluster.note_contradiction(shard, &text, &result);
+            result
+        });
         self.call("commit", shard, &key, timeout_ms, true, op).await
     }
 
     async fn abort(&self, shard: &ShardName, gid: &Gid, timeout_ms: u64) -> Result<(), LinkError> {
         let text = gid.to_string();
         let key = text.clone();
-        let op: Op<()> = Arc::new(move |cluster, shard| cluster.roll_back(shard, &text));
+        let op: Op<()> = Arc::new(move |cluster, shard| {
+            let result = cluster.roll_back(shard, &text);
+            cluster.note_contradiction(shard, &text, &result);
+            result
+        });
         self.call("abort", shard, &key, timeout_ms, true, op).await
     }
 

@@ -314,6 +314,14 @@ async fn simulate(seed: u64) -> RunReport {
     let branches = cluster.snapshot();
     let durable = world.store.durable();
     let clients = lock(&world.clients).clone();
+    let hazards = checker::heuristic_hazards(&branches, &durable);
+    let mut contradicted: Vec<String> = Vec::new();
+    for (gid, what) in cluster.contradictions() {
+        if !hazards.contains(&gid) && !contradicted.contains(&gid) {
+            violations.push(format!("contradiction for {gid}: {what}"));
+            contradicted.push(gid);
+        }
+    }
     violations.extend(checker::check(&Facts {
         branches: &branches,
         durable: &durable,
