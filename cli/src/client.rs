@@ -1,5 +1,5 @@
 //! Commands that talk to a running coordinator: `submit`, `txn`, `in-doubt`, `resolve`, and how they
-//! find it.
+//! find it (`Target`); the state names, ages and tables `list` prints the same way.
 
 use std::path::{Path, PathBuf};
 
@@ -42,7 +42,7 @@ impl Target {
     }
 }
 
-fn status_error(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 
@@ -102,7 +102,7 @@ pub fn outcome_text(outcome: &pb::Outcome) -> String {
     }
 }
 
-fn state_name(state: i32) -> String {
+pub(crate) fn state_name(state: i32) -> String {
     pb::TransactionState::try_from(state).map_or("?".into(), |s| {
         s.as_str_name()
             .trim_start_matches("TRANSACTION_STATE_")
@@ -171,7 +171,7 @@ fn heuristic_text(heuristic: &pb::Heuristic) -> String {
 }
 
 fn print_info(info: &pb::TransactionInfo) {
-    let now = crate::demo::now_ms();
+    let now = treaty_proto::now_ms();
     let age = |at: u64| {
         if at == 0 {
             "-".to_owned()
@@ -292,7 +292,7 @@ fn in_doubt_json(list: &pb::ListInDoubtResponse) -> serde_json::Value {
     })
 }
 
-fn age_text(age_ms: u64) -> String {
+pub(crate) fn age_text(age_ms: u64) -> String {
     match age_ms {
         ms if ms < 1_000 => format!("{ms}ms"),
         ms if ms < 120_000 => format!("{:.1}s", ms as f64 / 1000.0),
@@ -326,7 +326,7 @@ fn locks_text(locks: &[pb::PreparedLock]) -> String {
         .join("; ")
 }
 
-fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+pub(crate) fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
     let mut widths = header.map(str::len);
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {

@@ -1,20 +1,19 @@
-//! `treaty`: the command users run. `demo` is the README's main job; `dev up`/`dev down` manage a
-//! local cluster; `scenario run` and `chaos` replay
-//! failures and check atomicity; `submit`, `txn`, `in-doubt` and `resolve` talk to a running coordinator; `bench` measures
-//! Treaty against hand-driven PostgreSQL two-phase commit on the same databases.
+//! `treaty`: the command users run. The operator commands live here: `dev up`/`dev down` manage a
+//! local cluster; `submit`, `list`, `txn`, `in-doubt` and `resolve` talk to a running coordinator
+//! (`client`, `list`). The lab's commands come from `treaty-lab`: `demo` (the README's main job),
+//! `scenario run` and `chaos` replay failures and check atomicity, and `bench` measures Treaty
+//! against hand-driven PostgreSQL two-phase commit on the same databases.
 
-mod bench;
-mod chaos;
 mod client;
-mod demo;
 mod dev;
+mod list;
 mod ops_file;
-mod scenario;
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use treaty_lab::{bench, chaos, demo, scenario};
 
 #[derive(Parser)]
 #[command(name = "treaty", version, about = "Atomic commit across PostgreSQL shards")]
@@ -54,6 +53,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the transactions the coordinator tracks: txid, GID, state, protocol, shards, age.
+    List(list::ListArgs),
     /// Show one transaction: state, participants, phase-two progress, outcome.
     Txn {
         txid: u64,
@@ -143,6 +144,7 @@ async fn dispatch(command: Command) -> Result<()> {
             command: DevCommand::Down(args),
         } => dev::down(args).await,
         Command::Submit { file, target, json } => client::submit(&file, &target, json).await,
+        Command::List(args) => list::run(&args).await,
         Command::Txn { txid, target, json } => client::show_transaction(txid, &target, json).await,
         Command::InDoubt { target, json } => client::in_doubt(&target, json).await,
         Command::Resolve {

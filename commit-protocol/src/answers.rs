@@ -140,6 +140,9 @@ pub fn execute_failed(shard: &ShardName, error: &LinkError) -> AbortReason {
             format!("statement did not finish within the transaction's remaining {after_ms} ms"),
         )
         .on_shard(shard),
+        LinkError::Deadline(message) => {
+            AbortReason::new(AbortCause::Timeout, message.clone()).on_shard(shard)
+        }
         other => AbortReason::new(AbortCause::StatementFailed, other.to_string()).on_shard(shard),
     }
 }
@@ -152,7 +155,7 @@ pub fn one_phase(shard: &ShardName, result: Result<(), LinkError>) -> Event {
             reason: execute_failed(shard, &error),
         },
         // The participant answered without committing (no such branch, timed out, ...).
-        Err(LinkError::Refused(message)) => Event::OnePhaseFailed {
+        Err(LinkError::Refused(message) | LinkError::Invalid(message)) => Event::OnePhaseFailed {
             reason: unavailable(shard, message),
         },
         // The call broke: the COMMIT may or may not have run.
@@ -188,7 +191,7 @@ pub fn executed_and_committed(
             reason: execute_failed(shard, error),
         },
         // Refused before anything ran (bad request, branch in the wrong state).
-        Err(LinkError::Refused(message)) => Event::OnePhaseFailed {
+        Err(LinkError::Refused(message) | LinkError::Invalid(message)) => Event::OnePhaseFailed {
             reason: AbortReason::new(AbortCause::StatementFailed, format!("op {op}: {message}"))
                 .on_shard(shard),
         },

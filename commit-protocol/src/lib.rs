@@ -32,6 +32,7 @@
 pub mod answers;
 pub mod coordinator;
 mod events;
+pub mod heuristic;
 pub mod participant;
 pub mod store;
 pub mod termination;

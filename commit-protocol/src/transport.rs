@@ -100,6 +100,27 @@ pub struct PreCommitAnswer {
     pub message: String,
 }
 
+/// A lock a prepared branch holds (`pg_locks`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PreparedLock {
+    pub locktype: String,
+    pub mode: String,
+    pub relation: String,
+    pub granted: bool,
+}
+
+/// A branch a participant holds prepared, for operators (`treaty in-doubt`) and heuristic
+/// decisions.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PreparedBranch {
+    /// The transaction's GID (or, for a GID this build cannot read back, the text PostgreSQL holds).
+    pub gid: String,
+    pub prepared_at_ms: u64,
+    pub age_ms: u64,
+    pub owner: String,
+    pub locks: Vec<PreparedLock>,
+}
+
 /// How a call to a participant failed. The variants follow what a caller must distinguish: whether
 /// the participant may have acted, and whether PostgreSQL refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -122,6 +143,19 @@ pub enum LinkError {
     /// phase-two message it means the participant's records contradict the decision.
     #[error("refused: {0}")]
     Refused(String),
+    /// The participant gave up on a deadline of its own (a statement timeout, say).
+    #[error("deadline exceeded: {0}")]
+    Deadline(String),
+    /// The participant refused the request as malformed (a statement its SQL guard does not
+    /// allow, a bad value).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The participant does not know what the request names.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The participant is out of a resource (connections, branches); the call may succeed later.
+    #[error("out of resources: {0}")]
+    Exhausted(String),
     /// The participant lost the branch (it restarted): the transaction may succeed if run again.
     #[error("branch lost: {0}")]
     BranchLost(String),
@@ -206,6 +240,13 @@ pub trait ParticipantTransport: Send + Sync + 'static {
         ballot: &Ballot,
         timeout_ms: u64,
     ) -> impl Future<Output = Result<PreCommitAnswer, LinkError>> + Send;
+
+    /// The branches `shard` holds prepared, with their locks.
+    fn list_prepared(
+        &self,
+        shard: &ShardName,
+        timeout_ms: u64,
+    ) -> impl Future<Output = Result<Vec<PreparedBranch>, LinkError>> + Send;
 
     /// 3PC: the branch's state under `ballot`; `participants` lets one that never got the prepare
     /// take part.

@@ -2,11 +2,13 @@
 //! participant agents and keeps the durable decision log that recovery replays.
 //!
 //! - `protocol`: the pure state machine (no I/O), re-exported from `treaty-commit-protocol`;
-//! - `driver`: carries out the machine's actions (RPCs to participants, log writes, timers);
-//! - `participants`: the gRPC links to participant agents (`h2_channel`: the HTTP/2 connection
-//!   each link runs on);
+//! - `driver`: the executor that carries out the machine's actions through the core's two
+//!   traits, generic over them (the seeded simulation runs it in memory);
+//! - `store`: the file decision log as the core's `DecisionStore`;
+//! - `participants`: the gRPC links to participant agents as the core's `ParticipantTransport`
+//!   (`h2_channel`: the HTTP/2 connection each link runs on);
 //! - `submit`: one-shot cross-shard submits;
-//! - `service`: the gRPC `Coordinator` service;
+//! - `service`: the gRPC `Coordinator` service; `in_doubt`: its `ListInDoubt` fan-out;
 //! - `config`: flags, environment and TOML configuration;
 //! - `failpoints`: the coordinator's failpoints (`crash`: the one-shot `--crash-at` on top of them).
 
@@ -15,26 +17,34 @@ mod crash;
 pub mod driver;
 pub mod failpoints;
 pub mod h2_channel;
+mod in_doubt;
 mod log_faults;
 pub mod participants;
 pub mod service;
-mod submit;
+pub mod store;
+pub mod submit;
 
 /// The pure commit protocol lives in its own crate so that the model checker runs the same code.
 pub use treaty_commit_protocol as protocol;
 
 use std::future::Future;
 use std::io::Write;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use treaty_decision_log::{DecisionLog, LogOptions, TestHooks};
 use treaty_proto::CoordinatorId;
 use treaty_proto::pb::coordinator_server::CoordinatorServer;
+use treaty_types::SystemClock;
 
 use crate::config::Config;
 use crate::driver::{Engine, EngineSettings};
 use crate::participants::ParticipantLinks;
+use crate::store::FileStore;
+
+/// The coordinator as it runs in production: the file decision log and gRPC participant links.
+pub type CoordinatorEngine = Engine<FileStore, ParticipantLinks>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -61,13 +71,15 @@ pub enum CoordinatorError {
     #[error("coordinator id: {0}")]
     BadId(treaty_proto::IdError),
     #[error(transparent)]
-    Links(#[from] participants::LinkError),
+    Links(#[from] participants::LinkSetupError),
     #[error("serving gRPC: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("reading the listen address: {0}")]
     ListenAddr(std::io::Error),
     #[error("opening the decision log was interrupted: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("{0}")]
+    Store(String),
     #[error("arming failpoints: {0}")]
     Failpoints(#[from] treaty_proto::failpoints::FailpointError),
 }
@@ -145,24 +157,14 @@ pub async fn run(
         lock_timeout_ms: config.lock_timeout_ms,
         protocol: config.default_protocol,
     };
-    // Durable before any 3PC ballot of this start goes out (recovery below uses it first).
-    let incarnation = log.new_incarnation().await.map_err(log_error)?;
     // A damaged region may have held the latest txid reservation: skip a block per damaged region
     // so that no txid handed out before the damage is handed out again.
     let reserved_up_to = replay.txids_reserved_up_to + driver::TXID_BLOCK * replay.damage.len() as u64;
-    let engine = Engine::new(id.clone(), log, links, settings, reserved_up_to);
-    tracing::info!(
-        coordinator = %id,
-        records = replay.records,
-        unfinished = replay.unfinished.len(),
-        pre_committed = replay.pre_committed.len(),
-        incarnation,
-        next_txid = engine.next_txid(),
-        "decision log replayed"
-    );
-    engine.recover(replay.unfinished);
-    engine.recover_pre_committed(replay.pre_committed, incarnation);
-    engine.recover_heuristics(replay.heuristics);
+    tracing::info!(coordinator = %id, records = replay.records, "decision log opened");
+    let store = FileStore::new(log, &replay, reserved_up_to);
+    let engine = driver::start(id.clone(), store, links, Arc::new(SystemClock), settings)
+        .await
+        .map_err(|error| CoordinatorError::Store(error.to_string()))?;
     engine.spawn_ticker();
 
     let addr = listener.local_addr().map_err(CoordinatorError::ListenAddr)?;

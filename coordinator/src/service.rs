@@ -6,15 +6,22 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use treaty_proto::{ApiError, pb};
 
-use crate::driver::{Engine, ResolveRequest, TxnHandle, TxnOptions, heuristic_to_pb};
+use treaty_commit_protocol::store::HeuristicDecision;
+use treaty_commit_protocol::transport::{BranchOptions, Isolation, ParticipantTransport};
+
+use crate::CoordinatorEngine;
+use crate::driver::{Decision, ResolveRequest, TxnHandle, TxnOptions};
+use crate::in_doubt::heuristic_to_pb;
+use crate::participants::result_to_pb;
 use crate::protocol::{AbortCause, AbortReason, BranchPhase, Outcome, Phase, Protocol, Timeouts};
+use crate::submit::Op;
 
 pub struct CoordinatorService {
-    engine: Arc<Engine>,
+    engine: Arc<CoordinatorEngine>,
 }
 
 impl CoordinatorService {
-    pub fn new(engine: Arc<Engine>) -> Self {
+    pub fn new(engine: Arc<CoordinatorEngine>) -> Self {
         Self { engine }
     }
 
@@ -31,12 +38,18 @@ impl CoordinatorService {
                 )));
             }
         };
-        if pb::IsolationLevel::try_from(options.isolation).is_err() {
-            return Err(ApiError::InvalidArgument(format!(
-                "unknown isolation level {}",
-                options.isolation
-            )));
-        }
+        let isolation = match pb::IsolationLevel::try_from(options.isolation) {
+            Ok(pb::IsolationLevel::Unspecified) => Isolation::Default,
+            Ok(pb::IsolationLevel::ReadCommitted) => Isolation::ReadCommitted,
+            Ok(pb::IsolationLevel::RepeatableRead) => Isolation::RepeatableRead,
+            Ok(pb::IsolationLevel::Serializable) => Isolation::Serializable,
+            Err(_) => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "unknown isolation level {}",
+                    options.isolation
+                )));
+            }
+        };
         if options.label.len() > 256 {
             return Err(ApiError::InvalidArgument("label is longer than 256 bytes".into()));
         }
@@ -51,13 +64,30 @@ impl CoordinatorService {
             label: options.label,
             protocol,
             timeouts: Some(timeouts),
-            branch: pb::BranchOptions {
-                isolation: options.isolation,
+            branch: BranchOptions {
+                isolation,
                 lock_timeout_ms: pick(options.lock_timeout_ms, self.engine.default_lock_timeout_ms()),
                 statement_timeout_ms: timeouts.transaction_ms,
             },
         })
     }
+}
+
+/// A submit's ops as the driver takes them; a bad parameter is refused naming its op.
+fn ops_from_pb(ops: Vec<pb::Op>) -> Result<Vec<Op>, ApiError> {
+    ops.into_iter()
+        .enumerate()
+        .map(|(index, op)| {
+            let params = treaty_proto::params_from_pb(op.params)
+                .map_err(|e| ApiError::InvalidArgument(format!("op {index}: {e}")))?;
+            Ok(Op {
+                shard: op.shard,
+                sql: op.sql,
+                params,
+                expect_rows: op.expect_rows,
+            })
+        })
+        .collect()
 }
 
 fn outcome_to_pb(txid: u64, outcome: Outcome) -> Result<pb::Outcome, ApiError> {
@@ -174,13 +204,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::ExecuteRequest>,
     ) -> Result<Response<pb::ExecuteResult>, Status> {
         let request = request.into_inner();
-        let values = treaty_proto::params_from_pb(request.params.clone())?;
+        let values = treaty_proto::params_from_pb(request.params)?;
         treaty_proto::validate_statement(&request.sql, &values)?;
         let result = self
             .engine
-            .execute(request.txid, &request.shard, request.sql, request.params)
+            .execute(request.txid, &request.shard, request.sql, values)
             .await?;
-        Ok(Response::new(result))
+        Ok(Response::new(result_to_pb(result)))
     }
 
     async fn commit(&self, request: Request<pb::CommitRequest>) -> Result<Response<pb::Outcome>, Status> {
@@ -202,11 +232,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let request = request.into_inner();
         let options = self.options(request.options)?;
+        let ops = ops_from_pb(request.ops)?;
         let (txid, outcome, results) =
-            crate::submit::submit(&self.engine, request.ops, options, request.wait_for_apply).await?;
+            crate::submit::submit(&self.engine, ops, options, request.wait_for_apply).await?;
         Ok(Response::new(pb::SubmitResponse {
             outcome: Some(outcome_to_pb(txid, outcome)?),
-            results,
+            results: results.into_iter().map(result_to_pb).collect(),
         }))
     }
 
@@ -257,6 +288,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .into_iter()
             .map(|gid| {
                 let (decision, tracked) = self.engine.decision(&gid);
+                let decision = match decision {
+                    Decision::Commit => pb::Decision::Commit,
+                    Decision::Abort => pb::Decision::Abort,
+                    Decision::Pending => pb::Decision::Pending,
+                    Decision::Unknown => pb::Decision::Unspecified,
+                };
                 pb::DecisionAnswer {
                     gid,
                     decision: decision as i32,
@@ -272,16 +309,30 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::ListInDoubtRequest>,
     ) -> Result<Response<pb::ListInDoubtResponse>, Status> {
         let timeout_ms = request.into_inner().participant_timeout_ms;
-        let timeout = (timeout_ms > 0).then(|| std::time::Duration::from_millis(timeout_ms));
-        Ok(Response::new(self.engine.list_in_doubt(timeout).await))
+        Ok(Response::new(
+            crate::in_doubt::list(&self.engine, timeout_ms).await,
+        ))
     }
 
     async fn resolve(
         &self,
         request: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::ResolveResponse>, Status> {
-        let request = ResolveRequest::try_from(request.into_inner())?;
-        Ok(Response::new(self.engine.resolve(request).await?))
+        let request = request.into_inner();
+        let decision = if request.commit {
+            HeuristicDecision::Commit
+        } else {
+            HeuristicDecision::Abort
+        };
+        let request = ResolveRequest::new(request.txid, decision, &request.reason, &request.operator)
+            .map_err(|refused| ApiError::InvalidArgument(refused.to_string()))?;
+        let outcome = self.engine.resolve(request).await?;
+        Ok(Response::new(pb::ResolveResponse {
+            decision: outcome.decision.name().into(),
+            recorded: outcome.recorded,
+            shards: outcome.shards,
+            message: outcome.message,
+        }))
     }
 
     async fn info(&self, _request: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
@@ -289,8 +340,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             coordinator_id: self.engine.id().to_string(),
             shards: self
                 .engine
-                .links()
-                .shard_names()
+                .transport()
+                .shards()
+                .iter()
                 .map(ToString::to_string)
                 .collect(),
             next_txid: self.engine.next_txid(),

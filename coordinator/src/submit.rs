@@ -6,22 +6,37 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::future::join_all;
-use treaty_proto::{ApiError, ShardName, TxId, pb};
+use treaty_commit_protocol::answers;
+use treaty_commit_protocol::store::DecisionStore;
+use treaty_commit_protocol::transport::{LinkError, ParticipantTransport, StatementResult};
+use treaty_proto::{ApiError, ShardName, TxId, Value};
 
 use crate::driver::{Engine, TxnOptions};
 use crate::protocol::{AbortCause, AbortReason, Outcome};
+
+/// One op of a submit, its parameters already converted from the wire.
+#[derive(Debug, Clone)]
+pub struct Op {
+    pub shard: String,
+    pub sql: String,
+    pub params: Vec<Value>,
+    pub expect_rows: Option<u64>,
+}
 
 /// An op that passed validation.
 struct CheckedOp {
     index: usize,
     shard: ShardName,
     sql: String,
-    params: Vec<pb::Value>,
+    params: Vec<Value>,
     expect_rows: Option<u64>,
 }
 
 /// Validates every op up front so a bad request runs nothing.
-fn check_ops(engine: &Engine, ops: Vec<pb::Op>) -> Result<BTreeMap<ShardName, Vec<CheckedOp>>, ApiError> {
+fn check_ops<S: DecisionStore, T: ParticipantTransport>(
+    engine: &Engine<S, T>,
+    ops: Vec<Op>,
+) -> Result<BTreeMap<ShardName, Vec<CheckedOp>>, ApiError> {
     if ops.is_empty() {
         return Err(ApiError::InvalidArgument(
             "ops is empty: a submit needs at least one op".into(),
@@ -30,9 +45,8 @@ fn check_ops(engine: &Engine, ops: Vec<pb::Op>) -> Result<BTreeMap<ShardName, Ve
     let mut by_shard: BTreeMap<ShardName, Vec<CheckedOp>> = BTreeMap::new();
     for (index, op) in ops.into_iter().enumerate() {
         let in_op = |e: ApiError| ApiError::InvalidArgument(format!("op {index}: {e}"));
-        let shard = engine.links().resolve(&op.shard).map_err(in_op)?;
-        let values = treaty_proto::params_from_pb(op.params.clone()).map_err(in_op)?;
-        treaty_proto::validate_statement(&op.sql, &values).map_err(in_op)?;
+        let shard = engine.shard(&op.shard).map_err(in_op)?;
+        treaty_proto::validate_statement(&op.sql, &op.params).map_err(in_op)?;
         by_shard.entry(shard.clone()).or_default().push(CheckedOp {
             index,
             shard,
@@ -47,12 +61,12 @@ fn check_ops(engine: &Engine, ops: Vec<pb::Op>) -> Result<BTreeMap<ShardName, Ve
 /// Runs one shard's ops in order; stops at the first failure. With `vote_with_last` (every shard
 /// of the transaction), the participant votes together with the last op (the transaction spans
 /// several shards and commits next unless something fails).
-async fn run_shard(
-    engine: &Arc<Engine>,
+async fn run_shard<S: DecisionStore, T: ParticipantTransport>(
+    engine: &Arc<Engine<S, T>>,
     txid: TxId,
     ops: Vec<CheckedOp>,
     vote_with_last: Option<&[ShardName]>,
-) -> Result<Vec<(usize, pb::ExecuteResult)>, AbortReason> {
+) -> Result<Vec<(usize, StatementResult)>, AbortReason> {
     let mut results = Vec::with_capacity(ops.len());
     let last = ops.len().saturating_sub(1);
     for (position, op) in ops.into_iter().enumerate() {
@@ -66,7 +80,14 @@ async fn run_shard(
             engine.execute(txid, op.shard.as_str(), op.sql, op.params).await
         };
         let result = executed.map_err(|error| match error {
-            ApiError::Sql(sql) => crate::participants::statement_failed(&op.shard, &sql),
+            ApiError::Sql(sql) => answers::execute_failed(
+                &op.shard,
+                &LinkError::Sql {
+                    retryable: sql.retryable(),
+                    sqlstate: sql.sqlstate,
+                    message: sql.message,
+                },
+            ),
             other => AbortReason::new(AbortCause::StatementFailed, format!("op {}: {other}", op.index))
                 .on_shard(&op.shard),
         })?;
@@ -89,7 +110,11 @@ async fn run_shard(
 
 /// Aborts after an op failed. A failed statement already aborted the transaction; the first
 /// reason recorded there is the one the client hears. An expect_rows miss aborts it here.
-async fn abort_with(engine: &Arc<Engine>, txid: TxId, reason: AbortReason) -> Result<Outcome, ApiError> {
+async fn abort_with<S: DecisionStore, T: ParticipantTransport>(
+    engine: &Arc<Engine<S, T>>,
+    txid: TxId,
+    reason: AbortReason,
+) -> Result<Outcome, ApiError> {
     Ok(match engine.rollback(txid, reason.clone()).await {
         Ok(outcome) => outcome,
         Err(_) => engine
@@ -101,12 +126,12 @@ async fn abort_with(engine: &Arc<Engine>, txid: TxId, reason: AbortReason) -> Re
     })
 }
 
-pub async fn submit(
-    engine: &Arc<Engine>,
-    ops: Vec<pb::Op>,
+pub async fn submit<S: DecisionStore, T: ParticipantTransport>(
+    engine: &Arc<Engine<S, T>>,
+    ops: Vec<Op>,
     options: TxnOptions,
     wait_for_apply: bool,
-) -> Result<(TxId, Outcome, Vec<pb::ExecuteResult>), ApiError> {
+) -> Result<(TxId, Outcome, Vec<StatementResult>), ApiError> {
     let by_shard = check_ops(engine, ops)?;
     let op_count = by_shard.values().map(Vec::len).sum();
     let txid = engine.begin(options).await?;
@@ -123,7 +148,7 @@ pub async fn submit(
             .map(|ops| run_shard(engine, txid, ops, Some(&shards))),
     )
     .await;
-    let mut results: Vec<(usize, pb::ExecuteResult)> = Vec::with_capacity(op_count);
+    let mut results: Vec<(usize, StatementResult)> = Vec::with_capacity(op_count);
     let mut failure = None;
     for run in runs {
         match run {
@@ -141,12 +166,12 @@ pub async fn submit(
 
 /// One shard commits in one phase: the ops before the last run as usual, and the last one goes
 /// with the COMMIT in a single participant call.
-async fn submit_one_shard(
-    engine: &Arc<Engine>,
+async fn submit_one_shard<S: DecisionStore, T: ParticipantTransport>(
+    engine: &Arc<Engine<S, T>>,
     txid: TxId,
     mut ops: Vec<CheckedOp>,
     wait_for_apply: bool,
-) -> Result<(TxId, Outcome, Vec<pb::ExecuteResult>), ApiError> {
+) -> Result<(TxId, Outcome, Vec<StatementResult>), ApiError> {
     let Some(last) = ops.pop() else {
         return Err(ApiError::InvalidArgument(
             "ops is empty: a submit needs at least one op".into(),

@@ -113,66 +113,9 @@ impl Default for LogOptions {
     }
 }
 
-/// A durable commit decision: the participants must commit the prepared branch `gid`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommitRecord {
-    pub txid: u64,
-    pub gid: String,
-    pub participants: Vec<String>,
-    pub decided_at_ms: u64,
-}
-
-/// 3PC: the transaction entered pre-commit with these participants (every YES voter), so
-/// pre-commits may have been sent. Forced before the first `PreCommit` leaves.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PreCommitRecord {
-    pub txid: u64,
-    pub gid: String,
-    pub participants: Vec<String>,
-    /// When the record was written, in ms since the Unix epoch.
-    pub at_ms: u64,
-}
-
-/// What an operator decided for a transaction by hand.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeuristicDecision {
-    Commit,
-    Abort,
-}
-
-impl HeuristicDecision {
-    pub fn name(self) -> &'static str {
-        match self {
-            HeuristicDecision::Commit => "COMMIT",
-            HeuristicDecision::Abort => "ABORT",
-        }
-    }
-}
-
-/// A heuristic decision taken by an operator (`treaty resolve`), with who, when and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeuristicRecord {
-    pub txid: u64,
-    pub gid: String,
-    pub decision: HeuristicDecision,
-    /// The shards the decision is sent to.
-    pub participants: Vec<String>,
-    pub operator: String,
-    pub reason: String,
-    pub decided_at_ms: u64,
-}
-
-impl HeuristicRecord {
-    /// The commit decision a heuristic commit amounts to (what recovery re-drives).
-    pub fn as_commit(&self) -> Option<CommitRecord> {
-        (self.decision == HeuristicDecision::Commit).then(|| CommitRecord {
-            txid: self.txid,
-            gid: self.gid.clone(),
-            participants: self.participants.clone(),
-            decided_at_ms: self.decided_at_ms,
-        })
-    }
-}
+// The record types are the protocol core's (`treaty_commit_protocol::store`): the log stores
+// exactly what the core forces.
+pub use treaty_commit_protocol::store::{CommitRecord, HeuristicDecision, HeuristicRecord, PreCommitRecord};
 
 /// Whether damage ended the log or was followed by good records.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,7 +138,7 @@ pub struct Damage {
 }
 
 /// What [`DecisionLog::open`] found in the log.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Replay {
     /// From the header record; `None` for a new or empty log.
     pub coordinator_id: Option<String>,

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -19,12 +19,6 @@ use treaty_proto::pb::coordinator_client::CoordinatorClient;
 
 const INITIAL_BALANCE: i64 = 1_000;
 const DATABASE: &str = "treaty";
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -322,7 +316,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         (1..=256).contains(&args.clients),
         "--clients must be between 1 and 256"
     );
-    let seed = args.seed.unwrap_or_else(now_ms);
+    crate::fault_build::check_service_binaries()?;
+    let seed = args.seed.unwrap_or_else(treaty_proto::now_ms);
     let temp = tempfile::Builder::new().prefix("treaty-demo-").tempdir()?;
     let base_dir = match &args.dir {
         Some(dir) => {

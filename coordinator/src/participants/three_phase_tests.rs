@@ -16,11 +16,13 @@ use treaty_decision_log::{DecisionLog, LogError, LogOptions, PreCommitRecord, Re
 use treaty_proto::pb::participant_server::{Participant, ParticipantServer};
 use treaty_proto::{CoordinatorId, Gid, ShardName, pb};
 
-use super::{Engine, EngineSettings, TxnOptions};
+use crate::CoordinatorEngine as Engine;
+use crate::driver::{Decision, EngineSettings, TxnOptions};
 use crate::participants::ParticipantLinks;
 use crate::protocol::termination::{Ballot, Proposer};
-use treaty_proto::wire::ballot_from_pb;
 use crate::protocol::{Outcome, Phase, Protocol, Timeouts};
+use crate::store::FileStore;
+use treaty_proto::wire::ballot_from_pb;
 
 const WAIT_LIMIT: Duration = Duration::from_secs(20);
 
@@ -239,7 +241,15 @@ fn engine(log: DecisionLog, shards: &Shards, protocol: Protocol) -> Arc<Engine> 
         protocol,
     };
     let links = ParticipantLinks::new(&shards.urls).unwrap();
-    Engine::new(CoordinatorId::new("c1").unwrap(), log, links, settings, 0)
+    let store = FileStore::new(log, &Replay::default(), 0);
+    Engine::new(
+        CoordinatorId::new("c1").unwrap(),
+        store,
+        links,
+        Arc::new(treaty_types::SystemClock),
+        settings,
+        0,
+    )
 }
 
 fn three_phase() -> TxnOptions {
@@ -321,7 +331,7 @@ async fn a_three_phase_commit_prepares_with_peers_then_pre_commits_then_commits_
         assert_eq!(seen.commits, vec![gid.clone()], "{shard}");
         assert!(seen.queries.is_empty() && seen.aborts.is_empty());
     }
-    assert_eq!(engine.decision(&gid), (pb::Decision::Commit, false));
+    assert_eq!(engine.decision(&gid), (Decision::Commit, false));
 
     engine.flush().await;
     drop(engine);
@@ -360,10 +370,11 @@ async fn a_three_phase_submit_over_several_shards_votes_with_its_last_statement_
     let engine = engine(log, &shards, Protocol::ThreePhase);
     let ops = ["s0", "s1"]
         .into_iter()
-        .map(|shard| pb::Op {
+        .map(|shard| crate::submit::Op {
             shard: shard.into(),
             sql: "INSERT INTO t VALUES (1)".into(),
-            ..Default::default()
+            params: Vec::new(),
+            expect_rows: None,
         })
         .collect();
     let (_, outcome, _) = crate::submit::submit(&engine, ops, TxnOptions::default(), true)
@@ -424,7 +435,7 @@ async fn a_restart_learns_a_logged_pre_commit_answering_pending_meanwhile_then_c
 
     // Nobody answers yet: asked again on every deadline, never presumed aborted.
     wait_for("a second learning round", || shards.seen("s1").queries.len() >= 2).await;
-    assert_eq!(engine.decision(&gid), (pb::Decision::Pending, true));
+    assert_eq!(engine.decision(&gid), (Decision::Pending, true));
     assert_eq!(engine.handle(7).unwrap().machine().phase(), Phase::PreCommitting);
     {
         let seen = shards.seen("s0");
@@ -465,7 +476,7 @@ async fn a_restart_learns_a_logged_pre_commit_answering_pending_meanwhile_then_c
         engine.handle(7).unwrap().machine().phase() == Phase::Committed
     })
     .await;
-    assert_eq!(engine.decision(&gid), (pb::Decision::Commit, false));
+    assert_eq!(engine.decision(&gid), (Decision::Commit, false));
 
     engine.flush().await;
     drop(engine);
@@ -494,7 +505,7 @@ async fn a_restart_aborts_a_logged_pre_commit_when_every_participant_is_merely_p
         let seen = shards.seen(shard);
         assert!(seen.pre_commits.is_empty() && seen.commits.is_empty(), "{shard}");
     }
-    assert_eq!(engine.decision(&gid).0, pb::Decision::Abort);
+    assert_eq!(engine.decision(&gid).0, Decision::Abort);
 
     engine.flush().await;
     drop(engine);

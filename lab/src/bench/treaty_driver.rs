@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use tonic::transport::Channel;
-use treaty_proto::pb;
 use treaty_proto::pb::coordinator_client::CoordinatorClient;
+use treaty_proto::{Protocol, pb};
 
 use super::workload::{Stmt, TxnPlan};
 
@@ -18,7 +18,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct TreatyTarget {
     pub endpoint: String,
     pub shard_names: Vec<String>,
-    pub protocol: pb::Protocol,
+    pub protocol: Protocol,
     pub interactive: bool,
     pub lock_timeout_ms: u64,
 }
@@ -26,7 +26,7 @@ pub struct TreatyTarget {
 impl TreatyTarget {
     fn options(&self) -> pb::TransactionOptions {
         pb::TransactionOptions {
-            protocol: self.protocol as i32,
+            protocol: crate::wire_protocol(self.protocol) as i32,
             lock_timeout_ms: self.lock_timeout_ms,
             ..Default::default()
         }
@@ -175,12 +175,12 @@ async fn run_interactive(
 
 /// Whether the coordinator accepts transactions with `protocol`: `Err(message)` when it answers
 /// FAILED_PRECONDITION or UNIMPLEMENTED (3PC before it is implemented).
-pub async fn probe_protocol(endpoint: &str, protocol: pb::Protocol) -> anyhow::Result<Result<(), String>> {
+pub async fn probe_protocol(endpoint: &str, protocol: Protocol) -> anyhow::Result<Result<(), String>> {
     let mut client = connect(endpoint).await?;
     let begun = client
         .begin(request(pb::BeginRequest {
             options: Some(pb::TransactionOptions {
-                protocol: protocol as i32,
+                protocol: crate::wire_protocol(protocol) as i32,
                 ..Default::default()
             }),
         }))

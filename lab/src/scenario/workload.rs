@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
-use treaty_proto::pb;
 use treaty_proto::pb::coordinator_client::CoordinatorClient;
+use treaty_proto::{Protocol, pb};
 
 use super::checker::{Told, marker_op};
 use super::spec::Mode;
@@ -56,7 +56,7 @@ pub struct WorkloadConfig {
     pub concurrency: usize,
     pub shards_per_txn: usize,
     pub seed: u64,
-    pub protocol: pb::Protocol,
+    pub protocol: Protocol,
     pub mode: Mode,
     pub deadline: Instant,
     /// Bank mode: move money between `accounts` accounts (account `a` lives on shard
@@ -127,7 +127,7 @@ async fn client(
             return;
         }
         let options = pb::TransactionOptions {
-            protocol: config.protocol as i32,
+            protocol: crate::wire_protocol(config.protocol) as i32,
             label: format!("scenario client {worker}"),
             ..Default::default()
         };

@@ -178,7 +178,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
 
     // 3. The commit decisions, as the coordinator logs them (forced, group-committed).
     let participants = cluster.shard_names.clone();
-    let decided_at_ms = crate::demo::now_ms();
+    let decided_at_ms = treaty_proto::now_ms();
     let mut next = txids.start;
     while next < txids.end {
         let chunk_end = (next + 1000).min(txids.end);

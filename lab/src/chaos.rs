@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use rand::{Rng, SeedableRng};
 use treaty_harness::{Fault, LocalCluster};
-use treaty_proto::pb;
+use treaty_proto::Protocol;
 
 use crate::scenario::checker::{self, DATABASE};
-use crate::scenario::spec::{Action, Mode, Process};
+use crate::scenario::schedule::{Action, Process};
+use crate::scenario::spec::Mode;
 use crate::scenario::timeline::Timeline;
 use crate::scenario::workload::{self, Progress, WorkloadConfig};
 use crate::scenario::{StepRunner, cluster_spec};
@@ -37,9 +38,9 @@ pub struct ChaosArgs {
     /// Mean milliseconds between faults.
     #[arg(long, default_value_t = 2000)]
     pub fault_every_ms: u64,
-    /// The commit protocol of every transfer.
-    #[arg(long, value_enum, default_value_t = ChaosProtocol::TwoPhase)]
-    pub protocol: ChaosProtocol,
+    /// The commit protocol of every transfer: two-phase (or 2pc) or three-phase (or 3pc).
+    #[arg(long, default_value = "two-phase")]
+    pub protocol: Protocol,
     /// Send each transfer as one `Submit` (every statement in one request; each shard's last
     /// statement votes in the same participant call) instead of Begin, Execute per statement and
     /// Commit.
@@ -48,21 +49,6 @@ pub struct ChaosArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChaosProtocol {
-    TwoPhase,
-    ThreePhase,
-}
-
-impl ChaosProtocol {
-    fn to_pb(self) -> pb::Protocol {
-        match self {
-            ChaosProtocol::TwoPhase => pb::Protocol::TwoPhase,
-            ChaosProtocol::ThreePhase => pb::Protocol::ThreePhase,
-        }
-    }
 }
 
 pub async fn run(args: ChaosArgs) -> Result<()> {
@@ -81,7 +67,8 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     if args.fault_every_ms < 100 {
         bail!("--fault-every-ms must be at least 100");
     }
-    let seed = args.seed.unwrap_or_else(crate::demo::now_ms);
+    crate::fault_build::check_service_binaries()?;
+    let seed = args.seed.unwrap_or_else(treaty_proto::now_ms);
     let mode = if args.submit {
         Mode::Submit
     } else {
@@ -89,7 +76,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     };
     let dir = tempfile::Builder::new().prefix("treaty-chaos-").tempdir()?;
     eprintln!(
-        "chaos: {} shards, {} clients, {:?}, {}, {} s, seed {seed}, a fault every ~{} ms; data in {}",
+        "chaos: {} shards, {} clients, {}, {}, {} s, seed {seed}, a fault every ~{} ms; data in {}",
         args.shards,
         args.clients,
         args.protocol,
@@ -115,7 +102,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
         concurrency: args.clients,
         shards_per_txn: 2,
         seed,
-        protocol: args.protocol.to_pb(),
+        protocol: args.protocol,
         mode,
         deadline,
         accounts: Some(args.accounts),
@@ -227,7 +214,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
             serde_json::json!({
                 "seed": seed,
                 "duration_s": args.duration,
-                "protocol": format!("{:?}", args.protocol.to_pb()),
+                "protocol": args.protocol.name(),
                 "mode": mode.name(),
                 "kills": kills,
                 "network_faults": network_faults,

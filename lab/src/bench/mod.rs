@@ -8,9 +8,10 @@
 //! the same rounds and reports them side by side. `recovery` measures how fast a restarted coordinator finishes logged
 //! commits (see `recovery`).
 //!
-//! Modules: `workload` (transactions), `zipf`, `treaty_driver` and `baselines` (the systems),
+//! Modules: `args` (the command line), `workload` (transactions), `zipf`, `treaty_driver` and `baselines` (the systems),
 //! `stats` (histograms), `cpu` (/proc), `report` (table and JSON), `plot` (SVG), `recovery`.
 
+mod args;
 mod baselines;
 mod cpu;
 mod plot;
@@ -21,7 +22,6 @@ mod treaty_driver;
 mod workload;
 mod zipf;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -31,8 +31,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use serde_json::{Map, Value, json};
 use treaty_harness::{ClusterSpec, LocalCluster, PgOptions};
-use treaty_proto::pb;
+use treaty_proto::Protocol;
 
+pub use args::{BaselineArg, BenchArgs, ProtocolChoice, service_thread_args};
 use baselines::{Baseline, DirectClient};
 use cpu::Watched;
 use report::{BenchReport, SweepPoint, SystemRun};
@@ -45,135 +46,12 @@ const MAX_TXNS_PER_CLIENT_PHASE: u64 = 5_000_000;
 /// Upper bound on the whole load: phases × seconds.
 const MAX_TOTAL_LOAD_SECONDS: u64 = 4 * 3600;
 
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProtocolArg {
-    #[value(name = "2pc")]
-    TwoPhase,
-    #[value(name = "3pc")]
-    ThreePhase,
-    /// 2pc and 3pc side by side.
-    #[value(name = "both")]
-    Both,
-}
-
-impl ProtocolArg {
-    fn name(self) -> &'static str {
-        match self {
-            ProtocolArg::TwoPhase => "2pc",
-            ProtocolArg::ThreePhase => "3pc",
-            ProtocolArg::Both => "both",
-        }
-    }
-
-    /// The protocols a `--protocol` list asks for: `both` expanded, duplicates dropped, 2PC first
-    /// (it keeps the `treaty_*` names when the two run side by side).
-    fn expand(list: &[ProtocolArg]) -> Vec<ProtocolArg> {
-        let wants = |p: ProtocolArg| list.iter().any(|&a| a == p || a == ProtocolArg::Both);
-        [ProtocolArg::TwoPhase, ProtocolArg::ThreePhase]
-            .into_iter()
-            .filter(|&p| wants(p))
-            .collect()
-    }
-
-    fn pb(self) -> pb::Protocol {
-        match self {
-            // `Both` is expanded before anything runs.
-            ProtocolArg::TwoPhase | ProtocolArg::Both => pb::Protocol::TwoPhase,
-            ProtocolArg::ThreePhase => pb::Protocol::ThreePhase,
-        }
-    }
-}
-
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BaselineArg {
-    None,
-    Direct,
-    Independent,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct BenchArgs {
-    /// The workload (`recovery` measures coordinator recovery instead of load).
-    #[arg(value_enum, default_value = "transfer")]
-    pub workload: WorkloadKind,
-    /// Shards in the cluster; a transfer touches all of them (K = shards).
-    #[arg(long, default_value_t = 2)]
-    pub shards: usize,
-    /// Concurrent clients.
-    #[arg(long, default_value_t = 32)]
-    pub clients: usize,
-    /// Run every client count in this list (for the throughput-vs-clients plot), e.g. 1,8,32.
-    #[arg(long, value_delimiter = ',')]
-    pub clients_list: Vec<usize>,
-    /// Seconds of measured load per system, split evenly over --rounds.
-    #[arg(long, default_value_t = 10)]
-    pub duration: u64,
-    /// Unmeasured seconds per system before the first round.
-    #[arg(long, default_value_t = 2)]
-    pub warmup: u64,
-    /// Rounds; each runs Treaty, then each baseline.
-    #[arg(long, default_value_t = 2)]
-    pub rounds: u32,
-    /// Accounts over all shards.
-    #[arg(long, default_value_t = 100_000)]
-    pub accounts: u64,
-    #[arg(long, value_enum, default_value = "uniform")]
-    pub skew: Skew,
-    /// Zipf exponent for --skew zipfian, in (0, 1).
-    #[arg(long, default_value_t = 0.99)]
-    pub zipf_theta: f64,
-    /// Treaty's commit protocol; `2pc,3pc` (or `both`) runs Treaty with each, side by side in the
-    /// same rounds (3PC reported as `treaty_3pc_*`).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "2pc")]
-    pub protocol: Vec<ProtocolArg>,
-    /// Baselines on the same databases: none, direct (PREPARE/COMMIT PREPARED by hand),
-    /// independent (plain per-shard COMMIT); a comma-separated list runs several.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "none")]
-    pub baseline: Vec<BaselineArg>,
-    /// Drive Treaty with Begin/Execute/Commit instead of one Submit per transaction.
-    #[arg(long)]
-    pub interactive: bool,
-    /// PostgreSQL lock_timeout per branch, for Treaty and the baselines alike (cross-shard waits
-    /// are not seen by PostgreSQL's deadlock detector).
-    #[arg(long, default_value_t = 1000)]
-    pub lock_timeout_ms: u64,
-    /// Print one JSON object as the last line.
-    #[arg(long)]
-    pub json: bool,
-    /// Write SVG plots into this directory.
-    #[arg(long)]
-    pub plot: Option<PathBuf>,
-    /// Keep the cluster's data here instead of a temporary directory.
-    #[arg(long)]
-    pub dir: Option<PathBuf>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// recovery: committed-but-unfinished transactions to leave in the log.
-    #[arg(long, default_value_t = 10_000)]
-    pub txns: u64,
-    /// Async runtime threads of the coordinator and of each participant (their
-    /// `--worker-threads`). The benchmark runs every process on one machine, PostgreSQL servers
-    /// included, so one thread each avoids cross-thread wake-ups between processes competing for
-    /// the same cores; 0 keeps the services' default (one per core).
-    #[arg(long, default_value_t = 1)]
-    pub service_threads: u16,
-}
-
-/// `--worker-threads N` for a service, or nothing for its default.
-pub fn service_thread_args(threads: u16) -> Vec<String> {
-    if threads == 0 {
-        Vec::new()
-    } else {
-        vec!["--worker-threads".into(), threads.to_string()]
-    }
-}
-
 /// What one phase runs against.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum System {
     /// Treaty with this protocol, reported under `name`.
     Treaty {
-        protocol: ProtocolArg,
+        protocol: Protocol,
         name: &'static str,
     },
     Baseline(Baseline),
@@ -182,9 +60,9 @@ enum System {
 impl System {
     /// Treaty with `protocol`: `treaty` on its own (whichever protocol, as always), and with 3PC
     /// beside 2PC, 2PC stays `treaty` and 3PC is `treaty_3pc`.
-    fn treaty(protocol: ProtocolArg, side_by_side: bool) -> System {
+    fn treaty(protocol: Protocol, side_by_side: bool) -> System {
         let name = match protocol {
-            ProtocolArg::ThreePhase if side_by_side => report::TREATY_3PC,
+            Protocol::ThreePhase if side_by_side => report::TREATY_3PC,
             _ => "treaty",
         };
         System::Treaty { protocol, name }
@@ -261,7 +139,7 @@ async fn run_phase(
     }
     let treaty_target = match system {
         System::Treaty { protocol, .. } => TreatyTarget {
-            protocol: protocol.pb(),
+            protocol,
             ..ctx.treaty.clone()
         },
         System::Baseline(_) => ctx.treaty.clone(),
@@ -338,7 +216,7 @@ fn phase_line(label: &str, result: &PhaseResult) -> String {
 
 fn params(
     args: &BenchArgs,
-    protocols: &[ProtocolArg],
+    protocols: &[Protocol],
     baselines: &[Baseline],
     per_round: u64,
 ) -> Map<String, Value> {
@@ -370,12 +248,18 @@ fn params(
     // What `treaty_*` measured: the one protocol, or 2PC when 3PC runs beside it.
     map.insert(
         "protocol".into(),
-        json!(protocols.first().copied().unwrap_or(ProtocolArg::TwoPhase).name()),
+        json!(
+            protocols
+                .first()
+                .copied()
+                .unwrap_or(Protocol::TwoPhase)
+                .short_name()
+        ),
     );
     if protocols.len() > 1 {
         map.insert(
             "protocols".into(),
-            json!(protocols.iter().map(|p| p.name()).collect::<Vec<_>>()),
+            json!(protocols.iter().map(|p| p.short_name()).collect::<Vec<_>>()),
         );
     }
     map.insert("interactive".into(), json!(args.interactive));
@@ -402,42 +286,11 @@ async fn count_prepared(cluster: &LocalCluster) -> Result<i64> {
     Ok(total)
 }
 
-fn validate(args: &BenchArgs) -> Result<()> {
-    anyhow::ensure!((1..=8).contains(&args.shards), "--shards must be between 1 and 8");
-    anyhow::ensure!(
-        args.workload != WorkloadKind::Transfer || args.shards >= 2,
-        "transfer needs --shards of at least 2"
-    );
-    anyhow::ensure!(
-        (1..=512).contains(&args.clients),
-        "--clients must be between 1 and 512"
-    );
-    anyhow::ensure!(
-        args.clients_list.iter().all(|c| (1..=512).contains(c)),
-        "--clients-list entries must be between 1 and 512"
-    );
-    anyhow::ensure!(
-        (1..=3600).contains(&args.duration),
-        "--duration must be 1..=3600 seconds"
-    );
-    anyhow::ensure!(args.warmup <= 600, "--warmup must be at most 600 seconds");
-    anyhow::ensure!((1..=100).contains(&args.rounds), "--rounds must be 1..=100");
-    anyhow::ensure!(
-        u64::from(args.rounds) <= args.duration,
-        "--duration is split over --rounds: give at least one second per round"
-    );
-    anyhow::ensure!(
-        args.accounts >= args.shards as u64 && args.accounts <= 100_000_000,
-        "--accounts must be between --shards and 100000000"
-    );
-    Ok(())
-}
-
 pub async fn run(args: BenchArgs) -> Result<()> {
     if args.workload == WorkloadKind::Recovery {
         return recovery::run(&args).await;
     }
-    validate(&args)?;
+    args.validate()?;
     let mut baselines: Vec<Baseline> = Vec::new();
     for arg in &args.baseline {
         let baseline = match arg {
@@ -455,7 +308,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.clients_list.clone()
     };
     sweep_clients.dedup();
-    let protocols = ProtocolArg::expand(&args.protocol);
+    let protocols = ProtocolChoice::expand(&args.protocol);
     let side_by_side = protocols.len() > 1;
     let per_round = (args.duration / u64::from(args.rounds)).max(1);
     let total = (per_round * u64::from(args.rounds) * sweep_clients.len() as u64 + args.warmup)
@@ -471,7 +324,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.skew,
         args.zipf_theta,
     )?;
-    let seed = args.seed.unwrap_or_else(crate::demo::now_ms);
+    let seed = args.seed.unwrap_or_else(treaty_proto::now_ms);
     let params = params(&args, &protocols, &baselines, per_round);
 
     let temp = tempfile::Builder::new().prefix("treaty-bench-").tempdir()?;
@@ -508,7 +361,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let mut measured = Vec::new();
     let mut unsupported = Vec::new();
     for &protocol in &protocols {
-        match treaty_driver::probe_protocol(&endpoint, protocol.pb()).await? {
+        match treaty_driver::probe_protocol(&endpoint, protocol).await? {
             Ok(()) => measured.push(protocol),
             Err(message) => unsupported.push((protocol, message)),
         }
@@ -520,7 +373,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             .unwrap_or_default();
         println!(
             "protocol {}: unsupported by this coordinator ({message}); nothing measured",
-            protocols.iter().map(|p| p.name()).collect::<Vec<_>>().join(",")
+            protocols
+                .iter()
+                .map(|p| p.short_name())
+                .collect::<Vec<_>>()
+                .join(",")
         );
         if args.json {
             println!("{}", report::unsupported_json(params, &message));
@@ -530,14 +387,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     for (protocol, message) in &unsupported {
         println!(
             "protocol {}: unsupported by this coordinator ({message}); measuring {} only",
-            protocol.name(),
-            measured.iter().map(|p| p.name()).collect::<Vec<_>>().join(",")
+            protocol.short_name(),
+            measured
+                .iter()
+                .map(|p| p.short_name())
+                .collect::<Vec<_>>()
+                .join(",")
         );
     }
     let three_phase = if !side_by_side {
         report::SideBySide::Off
     } else {
-        match unsupported.iter().find(|(p, _)| *p == ProtocolArg::ThreePhase) {
+        match unsupported.iter().find(|(p, _)| *p == Protocol::ThreePhase) {
             Some((_, message)) => report::SideBySide::Unsupported(message.clone()),
             None => report::SideBySide::Measured,
         }
@@ -563,7 +424,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             endpoint,
             shard_names: cluster.shard_names.clone(),
             // Set per phase from the system (run_phase).
-            protocol: measured[0].pb(),
+            protocol: measured[0],
             interactive: args.interactive,
             lock_timeout_ms: args.lock_timeout_ms,
         },
@@ -651,38 +512,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        bench: BenchArgs,
-    }
-
-    fn protocols(args: &[&str]) -> Vec<ProtocolArg> {
-        let cli = Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).unwrap();
-        ProtocolArg::expand(&cli.bench.protocol)
-    }
-
-    #[test]
-    fn protocol_lists_expand_with_two_phase_first() {
-        use ProtocolArg::{ThreePhase, TwoPhase};
-        assert_eq!(protocols(&[]), vec![TwoPhase]);
-        assert_eq!(protocols(&["--protocol", "3pc"]), vec![ThreePhase]);
-        assert_eq!(protocols(&["--protocol", "2pc,3pc"]), vec![TwoPhase, ThreePhase]);
-        assert_eq!(protocols(&["--protocol", "3pc,2pc"]), vec![TwoPhase, ThreePhase]);
-        assert_eq!(protocols(&["--protocol", "both"]), vec![TwoPhase, ThreePhase]);
-        assert_eq!(protocols(&["--protocol", "3pc,3pc"]), vec![ThreePhase]);
-        assert!(Cli::try_parse_from(["bench", "--protocol", "4pc"]).is_err());
-    }
 
     #[test]
     fn treaty_keeps_its_name_unless_three_phase_runs_beside_two_phase() {
-        assert_eq!(System::treaty(ProtocolArg::TwoPhase, false).name(), "treaty");
-        assert_eq!(System::treaty(ProtocolArg::ThreePhase, false).name(), "treaty");
-        assert_eq!(System::treaty(ProtocolArg::TwoPhase, true).name(), "treaty");
-        assert_eq!(System::treaty(ProtocolArg::ThreePhase, true).name(), "treaty_3pc");
+        assert_eq!(System::treaty(Protocol::TwoPhase, false).name(), "treaty");
+        assert_eq!(System::treaty(Protocol::ThreePhase, false).name(), "treaty");
+        assert_eq!(System::treaty(Protocol::TwoPhase, true).name(), "treaty");
+        assert_eq!(System::treaty(Protocol::ThreePhase, true).name(), "treaty_3pc");
     }
 }

@@ -1,0 +1,239 @@
+//! What clients ask of a transaction: begin (with txid allocation), statements, a branch's last
+//! statement with its vote or with its COMMIT (one-shot submits), commit and rollback. Each feeds
+//! the machine and carries out the call it allows; the machine decides.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::oneshot;
+use treaty_commit_protocol::answers;
+use treaty_commit_protocol::store::DecisionStore;
+use treaty_commit_protocol::transport::{ParticipantTransport, Statement, StatementResult, VoteRequest};
+use treaty_proto::{ApiError, Gid, ShardName, TxId, Value};
+
+use super::table::{Fused, TxnHandle};
+use super::{Engine, PHASE_TWO_TIMEOUT_MS, TXID_BLOCK, TxnOptions, api_error, refused};
+use crate::failpoints;
+use crate::protocol::{AbortReason, Event, Outcome, Protocol, Transaction};
+
+impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
+    async fn allocate_txid(&self) -> Result<TxId, ApiError> {
+        let txid = self.next_txid.fetch_add(1, Ordering::Relaxed);
+        if txid <= self.reserved_up_to.load(Ordering::Acquire) {
+            return Ok(txid);
+        }
+        let _guard = self.reserve_lock.lock().await;
+        let reserved = self.reserved_up_to.load(Ordering::Acquire);
+        if txid > reserved {
+            let up_to = txid.max(reserved) + TXID_BLOCK;
+            self.store
+                .reserve_txids(up_to)
+                .await
+                .map_err(|e| self.store_failed(e))?;
+            self.reserved_up_to.store(up_to, Ordering::Release);
+        }
+        Ok(txid)
+    }
+
+    pub async fn begin(&self, options: TxnOptions) -> Result<TxId, ApiError> {
+        let txid = self.allocate_txid().await?;
+        let timeouts = options.timeouts.unwrap_or(self.default_timeouts);
+        let protocol = options.protocol.unwrap_or(self.default_protocol);
+        let machine = Transaction::begin(txid, protocol, timeouts, self.now_ms());
+        self.register(Gid::new(&self.id, txid), options.label, options.branch, machine);
+        Ok(txid)
+    }
+
+    pub async fn execute(
+        self: &Arc<Self>,
+        txid: TxId,
+        shard: &str,
+        sql: String,
+        params: Vec<Value>,
+    ) -> Result<StatementResult, ApiError> {
+        self.run_statement(txid, shard, sql, params, None).await
+    }
+
+    /// `execute` for a branch's last statement when the caller will commit right after (one-shot
+    /// submits over several shards): the participant votes in the same call, and the machine keeps
+    /// the vote (`Event::VoteCastEarly`) to count when it prepares, in place of a Prepare message.
+    /// `participants`: every shard of the transaction, which a three-phase vote names. With the
+    /// `after-some-prepares` failpoint armed the votes go through Prepare messages as before.
+    pub async fn execute_and_prepare(
+        self: &Arc<Self>,
+        txid: TxId,
+        shard: &str,
+        sql: String,
+        params: Vec<Value>,
+        participants: &[ShardName],
+    ) -> Result<StatementResult, ApiError> {
+        let fuse = !failpoints::armed(failpoints::AFTER_SOME_PREPARES);
+        self.run_statement(txid, shard, sql, params, fuse.then_some(participants))
+            .await
+    }
+
+    /// Enlists `shard` in the transaction for a statement: the shard, the transaction, and the
+    /// milliseconds left before its next deadline (the statement's time budget).
+    fn enlist(
+        self: &Arc<Self>,
+        txid: TxId,
+        shard: &str,
+    ) -> Result<(ShardName, Arc<TxnHandle>, u64), ApiError> {
+        let shard = self.shard(shard)?;
+        let handle = self.handle(txid)?;
+        self.feed(&handle, Event::Enlist { shard: shard.clone() })
+            .map_err(refused)?;
+        let now = self.now_ms();
+        let remaining = handle
+            .machine()
+            .next_deadline_ms()
+            .map_or(0, |d| d.saturating_sub(now));
+        Ok((shard, handle, remaining.max(1)))
+    }
+
+    async fn run_statement(
+        self: &Arc<Self>,
+        txid: TxId,
+        shard: &str,
+        sql: String,
+        params: Vec<Value>,
+        prepare_with: Option<&[ShardName]>,
+    ) -> Result<StatementResult, ApiError> {
+        let (shard, handle, timeout_ms) = self.enlist(txid, shard)?;
+        let statement = Statement {
+            gid: handle.gid.clone(),
+            sql,
+            params,
+            options: handle.branch_options,
+        };
+        let result = match prepare_with {
+            Some(participants) => {
+                let protocol = handle.machine().protocol();
+                let named = match protocol {
+                    Protocol::ThreePhase => participants.to_vec(),
+                    Protocol::TwoPhase => Vec::new(),
+                };
+                let request = VoteRequest {
+                    protocol,
+                    participants: named.clone(),
+                };
+                match self
+                    .transport
+                    .execute_and_prepare(&shard, statement, request, timeout_ms)
+                    .await
+                {
+                    Ok(answer) => {
+                        let vote = answers::early_vote(&shard, &answer, protocol);
+                        self.feed_result(
+                            &handle,
+                            Event::VoteCastEarly {
+                                shard: shard.clone(),
+                                vote,
+                                named,
+                            },
+                        );
+                        Ok(answer.result)
+                    }
+                    Err(error) => Err(error),
+                }
+            }
+            None => self.transport.execute(&shard, statement, timeout_ms).await,
+        };
+        match result {
+            Ok(result) => {
+                self.feed_result(&handle, Event::ExecuteSucceeded { shard });
+                Ok(result)
+            }
+            Err(error) => {
+                let reason = answers::execute_failed(&shard, &error);
+                self.feed_result(
+                    &handle,
+                    Event::ExecuteFailed {
+                        shard: shard.clone(),
+                        reason,
+                    },
+                );
+                Err(api_error(&shard, error))
+            }
+        }
+    }
+
+    /// A single-shard transaction's last statement and its commit in one participant call
+    /// (`ExecuteAndCommit`; one-shot submits on one shard). The machine decides when it runs
+    /// (`Action::ExecuteAndCommitOnePhase`, only once the transaction is committing), so no timeout
+    /// or rollback can abort it under a COMMIT already sent. Answers the outcome and, when the
+    /// statement ran, its result; `expect_rows` is checked by the participant before COMMIT.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn commit_with_statement(
+        self: &Arc<Self>,
+        txid: TxId,
+        shard: &str,
+        sql: String,
+        params: Vec<Value>,
+        expect_rows: Option<u64>,
+        op: usize,
+        wait_for_apply: bool,
+    ) -> Result<(Outcome, Option<StatementResult>), ApiError> {
+        let (shard, handle, remaining) = self.enlist(txid, shard)?;
+        *handle.fused() = Fused::Pending {
+            statement: Statement {
+                gid: handle.gid.clone(),
+                sql,
+                params,
+                options: handle.branch_options,
+            },
+            expect_rows,
+            op,
+            // The statement may use what is left of the transaction's time; the COMMIT gets the
+            // time a one-phase commit gets.
+            timeout_ms: remaining + PHASE_TWO_TIMEOUT_MS,
+        };
+        let outcome = self
+            .request_outcome(
+                &handle,
+                Event::CommitWithLastStatement {
+                    shard,
+                    wait_for_apply,
+                },
+            )
+            .await;
+        let result = match std::mem::take(&mut *handle.fused()) {
+            Fused::Ran(Ok(answer)) => Some(answer.result),
+            Fused::Ran(Err(_)) | Fused::None | Fused::Pending { .. } => None,
+        };
+        Ok((outcome?, result))
+    }
+
+    /// Asks the transaction to commit and waits for the outcome.
+    pub async fn commit(self: &Arc<Self>, txid: TxId, wait_for_apply: bool) -> Result<Outcome, ApiError> {
+        let handle = self.handle(txid)?;
+        self.request_outcome(&handle, Event::CommitRequested { wait_for_apply })
+            .await
+    }
+
+    pub async fn rollback(self: &Arc<Self>, txid: TxId, reason: AbortReason) -> Result<Outcome, ApiError> {
+        let handle = self.handle(txid)?;
+        self.request_outcome(&handle, Event::AbortRequested { reason })
+            .await
+    }
+
+    async fn request_outcome(
+        self: &Arc<Self>,
+        handle: &Arc<TxnHandle>,
+        event: Event,
+    ) -> Result<Outcome, ApiError> {
+        let (sender, receiver) = oneshot::channel();
+        *handle.waiter() = Some(sender);
+        if let Err(e) = self.feed(handle, event) {
+            handle.waiter().take();
+            *handle.fused() = Fused::None;
+            return Err(refused(e));
+        }
+        receiver.await.map_err(|_| {
+            ApiError::Unavailable(format!(
+                "transaction {} is still being decided by another request; ask GetTransaction for its outcome",
+                handle.gid.txid()
+            ))
+        })
+    }
+}

@@ -1,0 +1,176 @@
+//! The transaction table: one [`TxnHandle`] per transaction (its machine, the client waiting for
+//! its outcome, an operator's decision, and a one-shot submit's last statement while it waits for
+//! the commit), live apart from finished ones so the ticker only looks at the few that can time out.
+//! Finished ones stay (bounded) for `GetTransaction` and `QueryDecision`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+use treaty_commit_protocol::store::{DecisionStore, HeuristicRecord};
+use treaty_commit_protocol::transport::{
+    BranchOptions, ExecutedAndCommitted, LinkError, ParticipantTransport, Statement,
+};
+use treaty_proto::{ApiError, Gid, TxId};
+
+use super::Engine;
+use crate::protocol::{Outcome, Phase, Transaction};
+
+/// Finished transactions kept for `GetTransaction`.
+const HISTORY: usize = 10_000;
+
+/// One transaction: its protocol state plus what the driver needs to talk about it.
+pub struct TxnHandle {
+    pub gid: Gid,
+    pub label: String,
+    pub(super) branch_options: BranchOptions,
+    machine: Mutex<Transaction>,
+    waiter: Mutex<Option<oneshot::Sender<Outcome>>>,
+    /// An operator's decision (`treaty resolve`), once it is durable in the store.
+    heuristic: Mutex<Option<HeuristicRecord>>,
+    /// A single-shard submit's last statement, sent together with its COMMIT once the machine
+    /// asks for it (`ExecuteAndCommitOnePhase`), then the answer.
+    fused: Mutex<Fused>,
+}
+
+/// A one-shot submit's last statement: data the driver carries, never a decision.
+#[derive(Default)]
+pub(super) enum Fused {
+    #[default]
+    None,
+    Pending {
+        statement: Statement,
+        expect_rows: Option<u64>,
+        op: usize,
+        timeout_ms: u64,
+    },
+    Ran(Result<ExecutedAndCommitted, LinkError>),
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl TxnHandle {
+    /// The protocol state; a poisoned lock still holds a consistent machine because `step`
+    /// never panics half-way through a change it has not finished validating.
+    pub fn machine(&self) -> MutexGuard<'_, Transaction> {
+        lock(&self.machine)
+    }
+
+    pub(super) fn waiter(&self) -> MutexGuard<'_, Option<oneshot::Sender<Outcome>>> {
+        lock(&self.waiter)
+    }
+
+    pub(super) fn fused(&self) -> MutexGuard<'_, Fused> {
+        lock(&self.fused)
+    }
+
+    pub fn heuristic(&self) -> Option<HeuristicRecord> {
+        lock(&self.heuristic).clone()
+    }
+
+    pub(super) fn set_heuristic(&self, record: HeuristicRecord) {
+        *lock(&self.heuristic) = Some(record);
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Table {
+    live: HashMap<TxId, Arc<TxnHandle>>,
+    finished: HashMap<TxId, Arc<TxnHandle>>,
+    finished_order: VecDeque<TxId>,
+}
+
+impl Table {
+    fn get(&self, txid: TxId) -> Option<&Arc<TxnHandle>> {
+        self.live.get(&txid).or_else(|| self.finished.get(&txid))
+    }
+}
+
+impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
+    fn table(&self) -> MutexGuard<'_, Table> {
+        lock(&self.table)
+    }
+
+    pub(super) fn register(
+        &self,
+        gid: Gid,
+        label: String,
+        branch_options: BranchOptions,
+        machine: Transaction,
+    ) -> Arc<TxnHandle> {
+        let txid = machine.txid();
+        let handle = Arc::new(TxnHandle {
+            gid,
+            label,
+            branch_options,
+            machine: Mutex::new(machine),
+            waiter: Mutex::new(None),
+            heuristic: Mutex::new(None),
+            fused: Mutex::new(Fused::None),
+        });
+        self.table().live.insert(txid, Arc::clone(&handle));
+        handle
+    }
+
+    pub(super) fn retire(&self, txid: TxId) {
+        let mut table = self.table();
+        let Some(handle) = table.live.remove(&txid) else {
+            return;
+        };
+        table.finished.insert(txid, handle);
+        table.finished_order.push_back(txid);
+        while table.finished_order.len() > HISTORY {
+            if let Some(old) = table.finished_order.pop_front() {
+                table.finished.remove(&old);
+            }
+        }
+    }
+
+    /// The transaction if this coordinator tracks it (live or recently finished).
+    pub fn tracked(&self, txid: TxId) -> Option<Arc<TxnHandle>> {
+        self.table().get(txid).cloned()
+    }
+
+    /// The transaction, or NOT_FOUND naming the id.
+    pub fn handle(&self, txid: TxId) -> Result<Arc<TxnHandle>, ApiError> {
+        self.tracked(txid).ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "transaction {txid} is unknown to coordinator {} (never begun, or finished long ago)",
+                self.id
+            ))
+        })
+    }
+
+    /// Live transactions whose next deadline has passed.
+    pub(super) fn due(&self, now_ms: u64) -> Vec<Arc<TxnHandle>> {
+        self.table()
+            .live
+            .values()
+            .filter(|h| h.machine().next_deadline_ms().is_some_and(|d| d <= now_ms))
+            .cloned()
+            .collect()
+    }
+
+    /// Live transactions (for checks that every transaction finished).
+    pub fn live_count(&self) -> usize {
+        self.table().live.len()
+    }
+
+    /// Every tracked transaction matching `keep`, newest first, at most `limit`.
+    pub fn list(&self, keep: impl Fn(Phase) -> bool, limit: usize) -> Vec<Arc<TxnHandle>> {
+        let table = self.table();
+        let mut found: Vec<Arc<TxnHandle>> = table
+            .live
+            .values()
+            .chain(table.finished.values())
+            .filter(|h| keep(h.machine().phase()))
+            .cloned()
+            .collect();
+        drop(table);
+        found.sort_by_key(|h| std::cmp::Reverse(h.gid.txid()));
+        found.truncate(limit);
+        found
+    }
+}

@@ -1,0 +1,206 @@
+//! `treaty bench`'s command line: the workload, the cluster, the systems to compare (`--protocol`
+//! in any spelling [`Protocol`] accepts, or `both`; `--baseline`), and the bounds checked before
+//! anything starts.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use anyhow::Result;
+use treaty_proto::Protocol;
+use treaty_types::UnknownProtocol;
+
+use super::workload::{Skew, WorkloadKind};
+
+/// One item of `--protocol`: a protocol in any spelling [`Protocol`] accepts, or `both`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolChoice {
+    One(Protocol),
+    /// 2pc and 3pc side by side.
+    Both,
+}
+
+impl FromStr for ProtocolChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.trim().eq_ignore_ascii_case("both") {
+            Ok(ProtocolChoice::Both)
+        } else {
+            text.parse()
+                .map(ProtocolChoice::One)
+                .map_err(|error: UnknownProtocol| format!("{error}, or \"both\""))
+        }
+    }
+}
+
+impl ProtocolChoice {
+    /// The protocols a `--protocol` list asks for: `both` expanded, duplicates dropped, 2PC first
+    /// (it keeps the `treaty_*` names when the two run side by side).
+    pub(super) fn expand(list: &[ProtocolChoice]) -> Vec<Protocol> {
+        let wants = |p: Protocol| {
+            list.iter()
+                .any(|&choice| choice == ProtocolChoice::One(p) || choice == ProtocolChoice::Both)
+        };
+        Protocol::ALL.into_iter().filter(|&p| wants(p)).collect()
+    }
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaselineArg {
+    None,
+    Direct,
+    Independent,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// The workload (`recovery` measures coordinator recovery instead of load).
+    #[arg(value_enum, default_value = "transfer")]
+    pub workload: WorkloadKind,
+    /// Shards in the cluster; a transfer touches all of them (K = shards).
+    #[arg(long, default_value_t = 2)]
+    pub shards: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 32)]
+    pub clients: usize,
+    /// Run every client count in this list (for the throughput-vs-clients plot), e.g. 1,8,32.
+    #[arg(long, value_delimiter = ',')]
+    pub clients_list: Vec<usize>,
+    /// Seconds of measured load per system, split evenly over --rounds.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Unmeasured seconds per system before the first round.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+    /// Rounds; each runs Treaty, then each baseline.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: u32,
+    /// Accounts over all shards.
+    #[arg(long, default_value_t = 100_000)]
+    pub accounts: u64,
+    #[arg(long, value_enum, default_value = "uniform")]
+    pub skew: Skew,
+    /// Zipf exponent for --skew zipfian, in (0, 1).
+    #[arg(long, default_value_t = 0.99)]
+    pub zipf_theta: f64,
+    /// Treaty's commit protocol (2pc or two-phase, 3pc or three-phase); `2pc,3pc` (or `both`)
+    /// runs Treaty with each, side by side in the same rounds (3PC reported as `treaty_3pc_*`).
+    #[arg(long, value_delimiter = ',', default_value = "2pc")]
+    pub protocol: Vec<ProtocolChoice>,
+    /// Baselines on the same databases: none, direct (PREPARE/COMMIT PREPARED by hand),
+    /// independent (plain per-shard COMMIT); a comma-separated list runs several.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "none")]
+    pub baseline: Vec<BaselineArg>,
+    /// Drive Treaty with Begin/Execute/Commit instead of one Submit per transaction.
+    #[arg(long)]
+    pub interactive: bool,
+    /// PostgreSQL lock_timeout per branch, for Treaty and the baselines alike (cross-shard waits
+    /// are not seen by PostgreSQL's deadlock detector).
+    #[arg(long, default_value_t = 1000)]
+    pub lock_timeout_ms: u64,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+    /// Write SVG plots into this directory.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Keep the cluster's data here instead of a temporary directory.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// recovery: committed-but-unfinished transactions to leave in the log.
+    #[arg(long, default_value_t = 10_000)]
+    pub txns: u64,
+    /// Async runtime threads of the coordinator and of each participant (their
+    /// `--worker-threads`). The benchmark runs every process on one machine, PostgreSQL servers
+    /// included, so one thread each avoids cross-thread wake-ups between processes competing for
+    /// the same cores; 0 keeps the services' default (one per core).
+    #[arg(long, default_value_t = 1)]
+    pub service_threads: u16,
+}
+
+/// `--worker-threads N` for a service, or nothing for its default.
+pub fn service_thread_args(threads: u16) -> Vec<String> {
+    if threads == 0 {
+        Vec::new()
+    } else {
+        vec!["--worker-threads".into(), threads.to_string()]
+    }
+}
+
+impl BenchArgs {
+    /// Bounds on the arguments, checked before anything starts.
+    pub fn validate(&self) -> Result<()> {
+        let args = self;
+        anyhow::ensure!((1..=8).contains(&args.shards), "--shards must be between 1 and 8");
+        anyhow::ensure!(
+            args.workload != WorkloadKind::Transfer || args.shards >= 2,
+            "transfer needs --shards of at least 2"
+        );
+        anyhow::ensure!(
+            (1..=512).contains(&args.clients),
+            "--clients must be between 1 and 512"
+        );
+        anyhow::ensure!(
+            args.clients_list.iter().all(|c| (1..=512).contains(c)),
+            "--clients-list entries must be between 1 and 512"
+        );
+        anyhow::ensure!(
+            (1..=3600).contains(&args.duration),
+            "--duration must be 1..=3600 seconds"
+        );
+        anyhow::ensure!(args.warmup <= 600, "--warmup must be at most 600 seconds");
+        anyhow::ensure!((1..=100).contains(&args.rounds), "--rounds must be 1..=100");
+        anyhow::ensure!(
+            u64::from(args.rounds) <= args.duration,
+            "--duration is split over --rounds: give at least one second per round"
+        );
+        anyhow::ensure!(
+            args.accounts >= args.shards as u64 && args.accounts <= 100_000_000,
+            "--accounts must be between --shards and 100000000"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn protocols(args: &[&str]) -> Vec<Protocol> {
+        let cli = Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).unwrap();
+        ProtocolChoice::expand(&cli.bench.protocol)
+    }
+
+    #[test]
+    fn protocol_lists_expand_with_two_phase_first() {
+        use Protocol::{ThreePhase, TwoPhase};
+        assert_eq!(protocols(&[]), vec![TwoPhase]);
+        assert_eq!(protocols(&["--protocol", "3pc"]), vec![ThreePhase]);
+        assert_eq!(protocols(&["--protocol", "2pc,3pc"]), vec![TwoPhase, ThreePhase]);
+        assert_eq!(protocols(&["--protocol", "3pc,2pc"]), vec![TwoPhase, ThreePhase]);
+        assert_eq!(protocols(&["--protocol", "both"]), vec![TwoPhase, ThreePhase]);
+        assert_eq!(protocols(&["--protocol", "3pc,3pc"]), vec![ThreePhase]);
+        assert_eq!(
+            protocols(&["--protocol", "three-phase,two-phase"]),
+            vec![TwoPhase, ThreePhase]
+        );
+        let error = Cli::try_parse_from(["bench", "--protocol", "2pc,4pc"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            error.contains("4pc") && error.contains("three-phase") && error.contains("both"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,319 @@
+//! Checking a parsed scenario as a whole before anything runs: bounds on topology and workload,
+//! every step's trigger and action, failpoints armed on the process they belong to, `fired=`
+//! triggers that can fire, and the `await-convergence` step with its expectations.
+
+use anyhow::{Context, Result, bail};
+
+use super::schedule::{Action, Process, Trigger};
+use super::spec::{DownOutcome, Scenario};
+
+impl Scenario {
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.topology;
+        let w = &self.workload;
+        if !(1..=8).contains(&t.shards) {
+            bail!("topology.shards must be between 1 and 8");
+        }
+        if w.shards_per_txn == 0 || w.shards_per_txn > t.shards {
+            bail!("workload.shards_per_txn must be between 1 and topology.shards");
+        }
+        if !(1..=64).contains(&w.concurrency) {
+            bail!("workload.concurrency must be between 1 and 64");
+        }
+        if w.transactions > 100_000 {
+            bail!("workload.transactions is bounded at 100000");
+        }
+        if !(1..=3600).contains(&w.deadline_s) {
+            bail!("workload.deadline_s must be between 1 and 3600");
+        }
+        w.parsed_mode()?;
+        if !matches!(self.expect.verdict.as_str(), "pass" | "violation") {
+            bail!("expect.verdict must be pass or violation");
+        }
+        // (process, failpoint) armed by an earlier step: a `fired=` trigger on anything else
+        // could never fire, and the run would only end at its deadline.
+        let mut armed: Vec<(Process, String)> = Vec::new();
+        // Whether an earlier step takes the coordinator down (a crash armed, or kill -9) with no
+        // restart since: `await-convergence` needs it down.
+        let mut coordinator_goes_down = false;
+        let mut awaits = 0;
+        for (i, step) in self.steps.iter().enumerate() {
+            let trigger = step
+                .trigger(t.shards)
+                .with_context(|| format!("step {}", i + 1))?;
+            if let Trigger::Fired { failpoint, process } = &trigger
+                && !armed.iter().any(|(p, f)| p == process && f == failpoint)
+            {
+                bail!(
+                    "step {}: `fired={failpoint}@{process}` waits for a failpoint no earlier step arms on {process}",
+                    i + 1
+                );
+            }
+            let action = step
+                .parsed_action(t.shards)
+                .with_context(|| format!("step {}", i + 1))?;
+            if let Action::Arm {
+                process, failpoint, ..
+            } = &action
+            {
+                let side = if matches!(process, Process::Coordinator) {
+                    "coordinator::"
+                } else {
+                    "participant::"
+                };
+                if !failpoint.starts_with(side) {
+                    bail!(
+                        "step {}: {failpoint} is not a failpoint of {process} (its failpoints start with `{side}`; see docs/failpoints.md)",
+                        i + 1
+                    );
+                }
+                armed.push((process.clone(), failpoint.clone()));
+            }
+            match &action {
+                Action::Kill9(Process::Coordinator) => coordinator_goes_down = true,
+                Action::Arm {
+                    process: Process::Coordinator,
+                    failpoint,
+                    actions,
+                } if actions.contains("return(crash)")
+                    || failpoint == "coordinator::log-loses-unsynced-tail" =>
+                {
+                    coordinator_goes_down = true
+                }
+                Action::Restart(Process::Coordinator) => coordinator_goes_down = false,
+                Action::AwaitConvergence { within } => {
+                    awaits += 1;
+                    if awaits > 1 {
+                        bail!("step {}: only one `await-convergence` step per scenario", i + 1);
+                    }
+                    if !coordinator_goes_down {
+                        bail!(
+                            "step {}: `await-convergence` watches the participants while the coordinator is down, \
+                             but no earlier step takes it down (arm a coordinator failpoint with \"1*return(crash)\", \
+                             or kill9 it, and do not restart it before this step)",
+                            i + 1
+                        );
+                    }
+                    if within.as_millis() > u128::from(w.deadline_s) * 1000 {
+                        bail!(
+                            "step {}: within_ms = {} is longer than the scenario's workload.deadline_s = {}",
+                            i + 1,
+                            within.as_millis(),
+                            w.deadline_s
+                        );
+                    }
+                }
+                _ => {}
+            }
+            let needs_proxies = matches!(
+                action,
+                Action::Fault { .. } | Action::Partition(..) | Action::Heal
+            );
+            if needs_proxies && !t.proxies {
+                bail!("step {}: `{}` needs topology.proxies = true", i + 1, step.action);
+            }
+        }
+        let e = &self.expect;
+        let outcome = e
+            .outcome_while_coordinator_down
+            .as_deref()
+            .map(DownOutcome::parse)
+            .transpose()?;
+        if awaits == 0 {
+            if e.converged_while_coordinator_down.is_some() {
+                bail!("expect.converged_while_coordinator_down needs an `await-convergence` step");
+            }
+            if outcome.is_some() {
+                bail!("expect.outcome_while_coordinator_down needs an `await-convergence` step");
+            }
+        }
+        if outcome == Some(DownOutcome::Undecided) && e.converged_while_coordinator_down == Some(true) {
+            bail!(
+                "expect.outcome_while_coordinator_down = \"undecided\" contradicts \
+                 expect.converged_while_coordinator_down = true (undecided branches stay prepared)"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_whole_file_parses_and_unknown_keys_are_refused() {
+        let text = r#"
+            name = "x"
+            [workload]
+            transactions = 4
+            [[steps]]
+            at = "start"
+            do = "arm"
+            target = "coordinator"
+            failpoint = "coordinator::after-commit-decision"
+            actions = "1*return(crash)"
+        "#;
+        let scenario: Scenario = toml::from_str(text).unwrap();
+        scenario.validate().unwrap();
+        assert!(toml::from_str::<Scenario>("name = \"x\"\nshardz = 3").is_err());
+    }
+
+    #[test]
+    fn a_trigger_on_a_failpoint_never_armed_or_armed_on_the_wrong_process_is_refused() {
+        let parse = |steps: &str| -> Result<()> {
+            let scenario: Scenario = toml::from_str(&format!("name = \"x\"\n{steps}"))?;
+            scenario.validate()
+        };
+        let never_armed = r#"
+            [[steps]]
+            at = "fired=coordinator::after-commit-decision@coordinator"
+            do = "kill9"
+            target = "s0"
+        "#;
+        let error = format!("{:#}", parse(never_armed).unwrap_err());
+        assert!(error.contains("no earlier step arms"), "{error}");
+        let wrong_side = r#"
+            [[steps]]
+            at = "start"
+            do = "arm"
+            target = "s1"
+            failpoint = "coordinator::after-commit-decision"
+            actions = "1*return(crash)"
+        "#;
+        let error = format!("{:#}", parse(wrong_side).unwrap_err());
+        assert!(error.contains("is not a failpoint of"), "{error}");
+    }
+
+    fn parse(text: &str) -> Result<Scenario> {
+        let scenario: Scenario = toml::from_str(text)?;
+        scenario.validate()?;
+        Ok(scenario)
+    }
+
+    fn error_of(text: &str) -> String {
+        format!("{:#}", parse(text).unwrap_err())
+    }
+
+    const CRASH_AND_AWAIT: &str = r#"
+        name = "x"
+        [workload]
+        protocol = "three-phase"
+        transactions = 3
+        concurrency = 1
+        deadline_s = 60
+        [expect]
+        converged_while_coordinator_down = true
+        outcome_while_coordinator_down = "committed"
+        [[steps]]
+        at = "start"
+        do = "arm"
+        target = "coordinator"
+        failpoint = "coordinator::after-some-pre-commits"
+        actions = "1*return(crash)"
+        [[steps]]
+        at = "exit=coordinator"
+        do = "await-convergence"
+        within_ms = 6000
+        [[steps]]
+        at = "+0"
+        do = "restart"
+        target = "coordinator"
+    "#;
+
+    #[test]
+    fn a_crash_the_coordinator_stays_down_for_parses() {
+        let scenario = parse(CRASH_AND_AWAIT).unwrap();
+        assert_eq!(
+            scenario.steps[1].parsed_action(3).unwrap(),
+            Action::AwaitConvergence {
+                within: Duration::from_millis(6000)
+            }
+        );
+        assert_eq!(scenario.expect.converged_while_coordinator_down, Some(true));
+        assert_eq!(
+            DownOutcome::parse(scenario.expect.outcome_while_coordinator_down.as_deref().unwrap()).unwrap(),
+            DownOutcome::Committed
+        );
+        // kill -9 takes it down too.
+        let killed = CRASH_AND_AWAIT.replace(
+            "do = \"arm\"\n        target = \"coordinator\"\n        failpoint = \"coordinator::after-some-pre-commits\"\n        actions = \"1*return(crash)\"",
+            "do = \"kill9\"\n        target = \"coordinator\"",
+        );
+        assert!(killed.contains("kill9"));
+        parse(&killed).unwrap();
+    }
+
+    #[test]
+    fn await_convergence_mistakes_are_refused_with_the_field_named() {
+        let cases: [(&str, &str, &str); 9] = [
+            ("within_ms = 6000", "", "needs `within_ms`"),
+            ("within_ms = 6000", "within_ms = 0", "at least 1"),
+            (
+                "within_ms = 6000",
+                "within_ms = 61000",
+                "longer than the scenario's workload.deadline_s",
+            ),
+            (
+                "within_ms = 6000",
+                "within_ms = 6000\n        target = \"s1\"",
+                "its target can only be `coordinator`",
+            ),
+            ("1*return(crash)", "1*sleep(100)", "no earlier step takes it down"),
+            (
+                "outcome_while_coordinator_down = \"committed\"",
+                "outcome_while_coordinator_down = \"done\"",
+                "expect.outcome_while_coordinator_down = \"done\"",
+            ),
+            (
+                "outcome_while_coordinator_down = \"committed\"",
+                "outcome_while_coordinator_down = \"undecided\"",
+                "contradicts",
+            ),
+            (
+                "do = \"restart\"",
+                "do = \"restart\"\n        within_ms = 5",
+                "`within_ms` is only for `await-convergence`",
+            ),
+            (
+                "[[steps]]\n        at = \"exit=coordinator\"",
+                "[[steps]]\n        at = \"+0\"\n        do = \"restart\"\n        target = \"coordinator\"\n        [[steps]]\n        at = \"exit=coordinator\"",
+                "no earlier step takes it down",
+            ),
+        ];
+        for (from, to, wanted) in cases {
+            assert!(CRASH_AND_AWAIT.contains(from), "{from}");
+            let error = error_of(&CRASH_AND_AWAIT.replacen(from, to, 1));
+            assert!(error.contains(wanted), "{from} -> {to}: {error}");
+        }
+        let twice = format!(
+            "{CRASH_AND_AWAIT}\n        [[steps]]\n        at = \"+0\"\n        do = \"await-convergence\"\n        within_ms = 10"
+        );
+        assert!(error_of(&twice).contains("only one `await-convergence`"));
+        let no_step = r#"
+            name = "x"
+            [expect]
+            converged_while_coordinator_down = false
+        "#;
+        let error = error_of(no_step);
+        assert!(
+            error.contains("expect.converged_while_coordinator_down needs an `await-convergence` step"),
+            "{error}"
+        );
+        let error = error_of(&no_step.replace(
+            "converged_while_coordinator_down = false",
+            "outcome_while_coordinator_down = \"aborted\"",
+        ));
+        assert!(
+            error.contains("expect.outcome_while_coordinator_down needs"),
+            "{error}"
+        );
+        let error = error_of(&no_step.replace(
+            "converged_while_coordinator_down = false",
+            "converged_while_down = false",
+        ));
+        assert!(error.contains("unknown field"), "{error}");
+    }
+}
