@@ -186,7 +186,10 @@ impl Cluster {
             self.contradictions
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .push((gid.to_owned(), format!("{shard} refused the coordinator: {message}")));
+                .push((
+                    gid.to_owned(),
+                    format!("{shard} refused the coordinator: {message}"),
+                ));
         }
     }
 
