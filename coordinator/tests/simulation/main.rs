@@ -6,7 +6,8 @@
 //!
 //! - `cargo test -p treaty-coordinator --test simulation`: 10,000 seeds (0..10000), on every core;
 //! - `SIM_SEEDS=<n>`: n seeds; `SIM_FIRST_SEED=<k>`: start at seed k;
-//! - `SIM_SEED=<n>`: seed n alone (`SIM_TRACE=1` prints its trace even when it passes).
+//! - `SIM_SEED=<n>`: seed n alone (`SIM_TRACE=1` prints its trace even when it passes);
+//! - `SIM_REPLAY_SEEDS=<n>`: the replay test runs seeds 0..n twice each (default: a few).
 
 mod checker;
 mod faults;
@@ -125,7 +126,11 @@ fn simulation_of_the_real_coordinator_over_many_seeds() {
 
 #[test]
 fn simulation_replays_a_seed_with_the_same_trace() {
-    for seed in [1, 42, 4_242] {
+    let seeds: Vec<u64> = match env_u64("SIM_REPLAY_SEEDS") {
+        Some(count) => (0..count).collect(),
+        None => vec![1, 42, 553, 4_242],
+    };
+    for seed in seeds {
         let first = run::run_seed(seed).trace.canonical();
         let second = run::run_seed(seed).trace.canonical();
         assert!(first.len() > 10, "seed {seed} did almost nothing: {first:?}");
