@@ -1,7 +1,7 @@
 //! A deterministic simulation of the real coordinator (issue 14, item 6): the production driver
 //! (`treaty_coordinator::driver`) against an in-memory decision store (`store.rs`) and in-memory
-//! participants behind a faulty network (`participants.rs`, `faults.rs`; the participants' own 3PC termination in `three_phase.rs`), under a seeded scheduler
-//! on virtual time (`run.rs`), checked after every seed (`checker.rs`). A failing seed prints its
+//! participants behind a faulty network (`participants.rs`, `transport.rs`, `faults.rs`; the participants' own 3PC termination in `three_phase.rs`), under a seeded scheduler
+//! on virtual time (`run.rs`, the clients and operators in `workload.rs`), checked after every seed (`checker.rs`). A failing seed prints its
 //! number, the command that replays it, and its trace (`trace.rs`).
 //!
 //! - `cargo test -p treaty-coordinator --test simulation`: 10,000 seeds (0..10000), on every core;
@@ -16,6 +16,8 @@ mod run;
 mod store;
 mod three_phase;
 mod trace;
+mod transport;
+mod workload;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -196,7 +196,7 @@ mod tests {
         let shards = vec![ShardName::new("s0").unwrap(), ShardName::new("s1").unwrap()];
         let cluster = Cluster::new(shards.clone(), chance, trace, store);
         let transport =
-            crate::participants::SimTransport::new(Arc::clone(&cluster), crate::faults::Life::new(1));
+            crate::transport::SimTransport::new(Arc::clone(&cluster), crate::faults::Life::new(1));
         let gid = Gid::new(&CoordinatorId::new("sim").unwrap(), 1);
         for shard in &shards {
             let statement = Statement {
