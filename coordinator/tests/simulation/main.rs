@@ -63,6 +63,7 @@ fn simulation_of_the_real_coordinator_over_many_seeds() {
     let done = AtomicU64::new(0);
     let transactions = AtomicU64::new(0);
     let hazards: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
+    let exercised: Vec<AtomicU64> = run::EXERCISED.iter().map(|_| AtomicU64::new(0)).collect();
     let stop = AtomicBool::new(false);
     let failures: Mutex<Vec<(u64, run::Failure)>> = Mutex::new(Vec::new());
     let started = Instant::now();
@@ -77,6 +78,9 @@ fn simulation_of_the_real_coordinator_over_many_seeds() {
                     let report = run::run_seed(seed);
                     transactions.fetch_add(report.transactions as u64, Ordering::Relaxed);
                     done.fetch_add(1, Ordering::Relaxed);
+                    for (total, count) in exercised.iter().zip(&report.exercised) {
+                        total.fetch_add(*count, Ordering::Relaxed);
+                    }
                     hazards
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -105,6 +109,12 @@ fn simulation_of_the_real_coordinator_over_many_seeds() {
             failures.iter().map(|(seed, _)| seed).collect::<Vec<_>>()
         );
     }
+    let exercised: Vec<String> = run::EXERCISED
+        .iter()
+        .zip(&exercised)
+        .map(|((label, _), count)| format!("{} {label}", count.load(Ordering::Relaxed)))
+        .collect();
+    println!("exercised: {}", exercised.join(", "));
     let mut hazards = hazards
         .into_inner()
         .unwrap_or_else(|poisoned| poisoned.into_inner());

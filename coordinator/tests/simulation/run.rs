@@ -61,7 +61,25 @@ pub struct RunReport {
     pub transactions: usize,
     /// Transactions an operator's heuristic decision made finish both ways (`checker`).
     pub hazards: Vec<String>,
+    /// How often each kind of event happened (`EXERCISED`), to show what the seeds cover.
+    pub exercised: Vec<u64>,
 }
+
+/// Kinds of events counted over all seeds: (label, what the trace line contains).
+pub const EXERCISED: &[(&str, &str)] = &[
+    ("coordinator crashes", "crash coordinator"),
+    ("participant crashes", "crash participant"),
+    ("records lost in a crash", "store: lost "),
+    ("messages dropped", "drop "),
+    ("messages duplicated", "duplicate "),
+    ("calls timed out", "timeout "),
+    ("participants asking the coordinator for a decision", "asks about"),
+    ("3PC pre-commits", "PRE-COMMITTED"),
+    ("3PC participant termination rounds", "termination round"),
+    ("heuristic decisions recorded", "store: durable heuristic"),
+    ("clients told Committed", "told Committed"),
+    ("clients told Aborted", "told Aborted"),
+];
 
 /// Runs `seed` on a fresh runtime.
 pub fn run_seed(seed: u64) -> RunReport {
@@ -325,11 +343,13 @@ async fn simulate(seed: u64) -> RunReport {
     let hazards = checker::heuristic_hazards(&branches, &durable)
         .into_iter()
         .collect();
+    let exercised = trace.count_containing(EXERCISED.iter().map(|(_, needle)| *needle));
     RunReport {
         trace,
         failure,
         transactions,
         hazards,
+        exercised,
     }
 }
 

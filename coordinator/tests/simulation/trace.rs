@@ -56,6 +56,17 @@ impl Trace {
             .len()
     }
 
+    /// For each needle, how many events contain it.
+    pub fn count_containing<'a>(&self, needles: impl Iterator<Item = &'a str>) -> Vec<u64> {
+        let events = self
+            .events
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        needles
+            .map(|needle| events.iter().filter(|(_, event)| event.contains(needle)).count() as u64)
+            .collect()
+    }
+
     /// The whole trace, one event a line, as it happened.
     pub fn render(&self) -> String {
         let events = self
