@@ -334,7 +334,8 @@ impl Cluster {
         how: &str,
     ) {
         // A three-phase termination leader commits without the coordinator's record: only after
-        // some participant pre-committed, which needed the coordinator's durable pre-commit record.
+        // some participant pre-committed, which needed the coordinator's durable pre-commit record
+        // (checked in `pre_commit`).
         if state == BranchState::Committed && branch.prepared && !how.contains("termination") {
             let txid = Gid::parse(gid).map(|gid| gid.txid()).unwrap_or(0);
             if !self.store.commit_is_durable(txid) {
@@ -521,6 +522,12 @@ impl Cluster {
                     branch.promised = ballot.clone();
                     branch.touched_ms = self.trace.now_ms();
                     if !branch.pre_committed && branch.state == BranchState::Prepared {
+                        let txid = Gid::parse(gid).map(|gid| gid.txid()).unwrap_or(0);
+                        if !self.store.pre_commit_is_durable(txid) {
+                            self.violation(format!(
+                                "{shard} pre-committed {gid} while no pre-commit record for txid {txid} is durable"
+                            ));
+                        }
                         branch.pre_committed = true;
                         self.trace
                             .record(format!("{shard}: {gid} PRE-COMMITTED under {ballot:?}"));

@@ -109,6 +109,17 @@ impl SimStore {
         })
     }
 
+    /// Whether a 3PC pre-commit record (or a commit decision) for `txid` is durable: no
+    /// participant may pre-commit before.
+    pub fn pre_commit_is_durable(&self, txid: TxId) -> bool {
+        self.commit_is_durable(txid)
+            || self
+                .log()
+                .durable
+                .iter()
+                .any(|record| matches!(record, Record::PreCommit(r) if r.txid == txid))
+    }
+
     /// What a restart replays: the log's rules over the durable records.
     pub fn unfinished(&self) -> Unfinished {
         replay(&self.log().durable)

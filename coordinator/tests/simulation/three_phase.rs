@@ -194,7 +194,7 @@ mod tests {
         let trace = Trace::new();
         let store = SimStore::new(Arc::clone(&chance), trace.clone());
         let shards = vec![ShardName::new("s0").unwrap(), ShardName::new("s1").unwrap()];
-        let cluster = Cluster::new(shards.clone(), chance, trace, store);
+        let cluster = Cluster::new(shards.clone(), chance, trace, store.clone());
         let transport =
             crate::transport::SimTransport::new(Arc::clone(&cluster), crate::faults::Life::new(1));
         let gid = Gid::new(&CoordinatorId::new("sim").unwrap(), 1);
@@ -212,6 +212,18 @@ mod tests {
             };
             transport.prepare(shard, &gid, vote, 1_000).await.unwrap();
         }
+        use treaty_commit_protocol::store::{DecisionStore, PreCommitRecord};
+        let record = PreCommitRecord {
+            txid: 1,
+            gid: gid.to_string(),
+            participants: vec!["s0".into(), "s1".into()],
+            at_ms: 0,
+        };
+        store
+            .handle(crate::faults::Life::new(1))
+            .force_pre_commit(record)
+            .await
+            .unwrap();
         assert!(
             cluster
                 .pre_commit(&shards[1], gid.as_str(), &Ballot::COORDINATOR)
