@@ -583,6 +583,7 @@ impl Participant {
     }
 
     fn abort_requested(&mut self, from: &Proposer, actions: &mut Vec<ParticipantAction>) {
+        let already_aborted = self.phase == ParticipantPhase::Aborted;
         if matches!(
             self.phase,
             ParticipantPhase::Working | ParticipantPhase::Prepared | ParticipantPhase::PreCommitted
@@ -593,10 +594,16 @@ impl Participant {
             return;
         }
         match self.phase {
-            // A READ-ONLY voter wrote nothing, so there is nothing to undo.
-            ParticipantPhase::Aborted | ParticipantPhase::ReadOnly => {
-                actions.push(ParticipantAction::AcknowledgeDecision)
+            // A repeated abort is applied again: a branch whose PREPARE broke off voted NO but may
+            // be held prepared by the database, and undoing a branch that is gone is harmless.
+            ParticipantPhase::Aborted => {
+                if already_aborted {
+                    actions.push(ParticipantAction::ApplyAbort);
+                }
+                actions.push(ParticipantAction::AcknowledgeDecision);
             }
+            // A READ-ONLY voter wrote nothing, so there is nothing to undo.
+            ParticipantPhase::ReadOnly => actions.push(ParticipantAction::AcknowledgeDecision),
             ParticipantPhase::Committed => actions.push(ParticipantAction::Refuse(Refusal::Committed)),
             ParticipantPhase::OutcomeUnknown => {
                 actions.push(ParticipantAction::Refuse(Refusal::OutcomeUnknown))

@@ -322,8 +322,11 @@ fn a_commit_of_a_branch_that_never_prepared_or_rolled_back_is_refused() {
     );
     assert_eq!(
         aborted.step(ParticipantEvent::AbortRequested { from: coordinator() }, 0),
-        vec![ParticipantAction::AcknowledgeDecision],
-        "a repeated abort is acknowledged"
+        vec![
+            ParticipantAction::ApplyAbort,
+            ParticipantAction::AcknowledgeDecision
+        ],
+        "a repeated abort is applied again (the PREPARE may have gone through) and acknowledged"
     );
 }
 

@@ -268,7 +268,14 @@ impl ThreePhase {
                     ParticipantAction::SendVote { .. }
                     | ParticipantAction::AcknowledgePreCommit { .. }
                     | ParticipantAction::AcknowledgeDecision
+                    | ParticipantAction::Refuse(_)
                     | ParticipantAction::ReportState { .. } => driven.replies.push(action),
+                    ParticipantAction::CheckWrites
+                    | ParticipantAction::CommitLocally
+                    | ParticipantAction::SendReadOnlyVote => {
+                        // Two-phase only: a three-phase machine never asks for them.
+                        tracing::error!(gid = %entry.gid, ?action, "a three-phase branch asked for a two-phase action");
+                    }
                     ParticipantAction::AskCoordinator => {
                         // Not asked by a three-phase machine; the reconciler asks the coordinator
                         // about every branch left in doubt anyway.

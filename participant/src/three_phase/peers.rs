@@ -10,8 +10,8 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use treaty_commit_protocol::participant::Report;
 use treaty_commit_protocol::termination::Ballot;
-use treaty_proto::wire;
 use treaty_proto::pb::participant_client::ParticipantClient;
+use treaty_proto::wire;
 use treaty_proto::{Gid, ShardName, pb};
 
 use super::{Peer, PreCommitAnswer};
