@@ -394,6 +394,13 @@ impl Participant {
     /// take comes back as [`ParticipantAction::Refuse`] when the coordinator asked for it.
     pub fn step(&mut self, event: ParticipantEvent, now_ms: u64) -> Vec<ParticipantAction> {
         let mut actions = Vec::new();
+        self.step_into(event, now_ms, &mut actions);
+        actions
+    }
+
+    /// [`Participant::step`], appending the actions to `actions`: a driver that steps a machine
+    /// several times in a row reuses one buffer instead of allocating one per step.
+    pub fn step_into(&mut self, event: ParticipantEvent, now_ms: u64, actions: &mut Vec<ParticipantAction>) {
         match event {
             ParticipantEvent::StatementRan => {
                 // No action and so no allocation: this runs once per statement.
@@ -403,11 +410,11 @@ impl Participant {
             }
             ParticipantEvent::WorkAbandoned => {
                 if self.phase == ParticipantPhase::Working {
-                    self.decide(ParticipantPhase::Aborted, &mut actions);
+                    self.decide(ParticipantPhase::Aborted, actions);
                 }
             }
             ParticipantEvent::PrepareRequested { participants } => {
-                self.prepare_requested(participants, &mut actions)
+                self.prepare_requested(participants, actions)
             }
             ParticipantEvent::BranchWrote => {
                 if self.phase == ParticipantPhase::Working && self.protocol == Protocol::TwoPhase {
@@ -432,18 +439,18 @@ impl Participant {
             }
             ParticipantEvent::BranchPrepareFailed => {
                 if self.phase == ParticipantPhase::Working {
-                    self.decide(ParticipantPhase::Aborted, &mut actions);
+                    self.decide(ParticipantPhase::Aborted, actions);
                     actions.push(ParticipantAction::SendVote { yes: false });
                 }
             }
-            ParticipantEvent::CommitOnePhaseRequested => self.commit_one_phase_requested(&mut actions),
-            ParticipantEvent::LocalCommitSucceeded => self.local_commit_succeeded(&mut actions),
+            ParticipantEvent::CommitOnePhaseRequested => self.commit_one_phase_requested(actions),
+            ParticipantEvent::LocalCommitSucceeded => self.local_commit_succeeded(actions),
             ParticipantEvent::LocalCommitFailed => match self.phase {
                 ParticipantPhase::CommittingReadOnly => {
-                    self.decide(ParticipantPhase::Aborted, &mut actions);
+                    self.decide(ParticipantPhase::Aborted, actions);
                     actions.push(ParticipantAction::SendVote { yes: false });
                 }
-                ParticipantPhase::CommittingOnePhase => self.decide(ParticipantPhase::Aborted, &mut actions),
+                ParticipantPhase::CommittingOnePhase => self.decide(ParticipantPhase::Aborted, actions),
                 _ => {}
             },
             ParticipantEvent::LocalCommitOutcomeUnknown => match self.phase {
@@ -455,25 +462,25 @@ impl Participant {
                 }
                 // A branch that wrote nothing has nothing to lose: its vote is NO all the same.
                 ParticipantPhase::CommittingReadOnly => {
-                    self.decide(ParticipantPhase::Aborted, &mut actions);
+                    self.decide(ParticipantPhase::Aborted, actions);
                     actions.push(ParticipantAction::SendVote { yes: false });
                 }
                 _ => {}
             },
             ParticipantEvent::PreCommitRequested { from, ballot } => {
-                self.pre_commit_requested(from, ballot, now_ms, &mut actions)
+                self.pre_commit_requested(from, ballot, now_ms, actions)
             }
-            ParticipantEvent::PreCommitDurable => self.pre_commit_durable(now_ms, &mut actions),
-            ParticipantEvent::CommitRequested { from } => self.commit_requested(&from, &mut actions),
-            ParticipantEvent::AbortRequested { from } => self.abort_requested(&from, &mut actions),
-            ParticipantEvent::StateQueried { from, ballot } => self.state_queried(from, ballot, &mut actions),
+            ParticipantEvent::PreCommitDurable => self.pre_commit_durable(now_ms, actions),
+            ParticipantEvent::CommitRequested { from } => self.commit_requested(&from, actions),
+            ParticipantEvent::AbortRequested { from } => self.abort_requested(&from, actions),
+            ParticipantEvent::StateQueried { from, ballot } => self.state_queried(from, ballot, actions),
             ParticipantEvent::StateReported {
                 shard,
                 ballot,
                 report,
-            } => self.state_reported(shard, ballot, report, &mut actions),
+            } => self.state_reported(shard, ballot, report, actions),
             ParticipantEvent::PreCommitAcknowledged { shard, ballot } => {
-                self.pre_commit_acknowledged(&shard, &ballot, &mut actions)
+                self.pre_commit_acknowledged(&shard, &ballot, actions)
             }
             ParticipantEvent::TerminationRequested { participants } => {
                 if self.protocol == Protocol::ThreePhase {
@@ -481,13 +488,12 @@ impl Participant {
                         self.participants = participants;
                     }
                     if self.is_leader() {
-                        self.start_round(&mut actions);
+                        self.start_round(actions);
                     }
                 }
             }
-            ParticipantEvent::Tick => self.tick(now_ms, &mut actions),
+            ParticipantEvent::Tick => self.tick(now_ms, actions),
         }
-        actions
     }
 
     fn prepare_requested(&mut self, participants: Vec<ShardName>, actions: &mut Vec<ParticipantAction>) {

@@ -6,7 +6,9 @@
 //!
 //! Only the glue is model code: it plays the drivers, turning each machine's actions into
 //! messages and log records and each delivered message into the machine's event, as the services
-//! do. Time is abstract: ordinary steps run at `now_ms = 0` and a timeout action feeds the machine
+//! do (the participant's production driver, `participant/src/agent/machine.rs`, runs the same
+//! `Participant` for every 2PC branch). A 2PC prepare may find the branch wrote nothing: it then
+//! commits locally and votes READ-ONLY. Time is abstract: ordinary steps run at `now_ms = 0` and a timeout action feeds the machine
 //! a `Tick` at exactly its own next deadline.
 //!
 //! Assumptions that keep the state space finite (and the liveness property meaningful): at most

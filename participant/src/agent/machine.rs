@@ -136,14 +136,16 @@ impl Agent {
     ) -> Result<Answer, BranchError> {
         let mut answer = Answer::Nothing;
         let mut next = Some(event);
+        // One buffer for every step of the drive (a vote takes three).
+        let mut actions = Vec::new();
         while let Some(event) = next.take() {
             let Some(machine) = slot.machine.as_mut() else {
                 return Err(BranchError::Internal(format!("branch {gid} has no machine")));
             };
             let before = machine.phase();
-            let actions = machine.step(event, now_ms());
+            machine.step_into(event, now_ms(), &mut actions);
             let after = machine.phase();
-            for action in actions {
+            for action in actions.drain(..) {
                 match action {
                     ParticipantAction::CheckWrites => {
                         next = Some(self.check_writes(&mut slot.active, gid, &mut learned).await)
