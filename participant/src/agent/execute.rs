@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use treaty_commit_protocol::participant::ParticipantEvent;
-use treaty_proto::{Gid, now_ms};
+use treaty_proto::Gid;
 
 use super::{Agent, Vote};
 use crate::branches::{ActiveBranch, Finished, SlotGuard};
@@ -113,7 +113,7 @@ impl Agent {
                 branch.wrote |= analysis.single_write && output.rows_affected > 0;
                 if let Some(machine) = slot.machine.as_mut() {
                     // No action comes back (and nothing is allocated): only the timeout moves.
-                    machine.step(ParticipantEvent::StatementRan, now_ms());
+                    machine.step(ParticipantEvent::StatementRan, self.clock_ms());
                 }
                 Ok(output)
             }

@@ -16,7 +16,7 @@ use treaty_commit_protocol::participant::{
     Participant, ParticipantAction, ParticipantEvent, ParticipantPhase, Refusal, Remembered,
 };
 use treaty_commit_protocol::termination::Rules;
-use treaty_proto::{Gid, now_ms};
+use treaty_proto::Gid;
 
 use super::{Agent, Vote};
 use crate::branches::{ActiveBranch, Finished, Slot, SlotGuard};
@@ -56,7 +56,7 @@ impl Agent {
             Protocol::TwoPhase,
             Rules::Classical,
             self.idle_timeout_ms(),
-            now_ms(),
+            self.clock_ms(),
         )
     }
 
@@ -79,7 +79,12 @@ impl Agent {
         slot.machine = Some(if slot.active.is_some() {
             self.new_machine()
         } else {
-            Participant::resume(self.shard.clone(), remembered, self.idle_timeout_ms(), now_ms())
+            Participant::resume(
+                self.shard.clone(),
+                remembered,
+                self.idle_timeout_ms(),
+                self.clock_ms(),
+            )
         });
     }
 
@@ -143,7 +148,7 @@ impl Agent {
                 return Err(BranchError::Internal(format!("branch {gid} has no machine")));
             };
             let before = machine.phase();
-            machine.step_into(event, now_ms(), &mut actions);
+            machine.step_into(event, self.clock_ms(), &mut actions);
             let after = machine.phase();
             for action in actions.drain(..) {
                 match action {

@@ -15,7 +15,7 @@ mod vote;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use treaty_commit_protocol::participant::ParticipantEvent;
 
@@ -64,6 +64,8 @@ pub struct Agent {
     /// Prepared branches whose machine timed out and asked for the coordinator's decision; the
     /// reconciler asks about them on its next pass.
     asked: Mutex<HashSet<String>>,
+    /// The origin of the machines' clock (`clock_ms`).
+    epoch: Instant,
 }
 
 impl Agent {
@@ -82,6 +84,7 @@ impl Agent {
             idle_timeout,
             admission,
             asked: Mutex::default(),
+            epoch: Instant::now(),
         })
     }
 
@@ -112,6 +115,13 @@ impl Agent {
     /// Whether an RPC is working on the GID right now (recovery leaves such GIDs alone).
     pub fn is_busy(&self, gid: &str) -> bool {
         self.branches.is_busy(gid)
+    }
+
+    /// The time the two-phase machines run on: milliseconds since this agent started, monotonic,
+    /// so a wall-clock step cannot roll back an open branch early. The machines live only in
+    /// this process's memory, so a process-local origin is enough.
+    fn clock_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     fn idle_timeout_ms(&self) -> u64 {
@@ -173,7 +183,7 @@ impl Agent {
     /// timeout is rolled back, a prepared one asks the coordinator (it is never finished here).
     /// Also forgets old history.
     pub async fn sweep_idle(&self) {
-        let now_ms = treaty_proto::now_ms();
+        let now_ms = self.clock_ms();
         for gid in self.branches.gids() {
             let (Some(mut slot), Ok(parsed)) = (self.branches.try_lock(&gid), Gid::parse(&gid)) else {
                 continue;
