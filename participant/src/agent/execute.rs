@@ -96,6 +96,15 @@ impl Agent {
             )));
         }
         if opening {
+            // A machine without an open branch is a prepared branch waiting for its decision
+            // (its history may already be forgotten): no second transaction under its GID.
+            if let Some(machine) = &slot.machine {
+                return Err(BranchError::WrongState(format!(
+                    "branch {gid} on shard {} is {:?}; it cannot run more statements",
+                    self.shard,
+                    machine.phase()
+                )));
+            }
             self.check_can_open(gid)?;
             slot.active = Some(self.open(options).await?);
             slot.machine = Some(self.new_machine());
