@@ -175,6 +175,17 @@ impl Reconciler {
                 break;
             }
         }
+        // A machine that asked about a branch PostgreSQL no longer lists (finished by hand, say)
+        // still waits in the branch table: the coordinator's answer, applied with the usual
+        // marker-row checks, finishes it. One left out here asks again on its next timeout.
+        for gid in asked {
+            if in_doubt.len() + orphans.len() >= MAX_GIDS_PER_QUERY {
+                break;
+            }
+            if !in_doubt.contains(&gid) && !self.agent.is_busy(&gid) {
+                in_doubt.push(gid);
+            }
+        }
         Ok((in_doubt, orphans))
     }
 

@@ -160,6 +160,31 @@ async fn a_prepared_branch_whose_machine_times_out_asks_the_coordinator() {
         "the coordinator was asked about the branch"
     );
     assert_eq!(env.commit(&gid).await.unwrap(), pb::BranchState::Committed);
+
+    // A branch rolled back by hand behind the participant's back: its waiting machine still asks,
+    // although PostgreSQL no longer lists it, and the coordinator's ABORT finishes it.
+    let by_hand = env.gid(2);
+    env.coordinator.decide(&by_hand, pb::Decision::Abort, true);
+    env.execute(&by_hand, "INSERT INTO kv VALUES (2, 'v')", vec![])
+        .await
+        .unwrap();
+    assert_eq!(vote(&env.prepare(&by_hand).await), pb::Vote::Yes);
+    db.sql(&format!("ROLLBACK PREPARED '{by_hand}:s0'")).await;
+    let coordinator = &env.coordinator;
+    eventually(
+        "the coordinator was asked about the vanished branch",
+        RESOLVED,
+        || async {
+            coordinator
+                .asked
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|asked| asked == &by_hand)
+        },
+    )
+    .await;
+    assert_eq!(env.abort(&by_hand).await.unwrap(), pb::BranchState::Aborted);
 }
 
 #[tokio::test]
