@@ -19,21 +19,39 @@
 //! In 2PC a participant never finishes a prepared branch on its own: on a timeout it asks the
 //! coordinator ([`ParticipantAction::AskCoordinator`]).
 //!
+//! Two-phase branches in production also need what the model leaves out, and the machine owns those
+//! rules too: the idle timeout of a branch that has not voted ([`ParticipantEvent::StatementRan`]
+//! pushes it back), a branch whose work failed before its vote ([`ParticipantEvent::WorkAbandoned`]),
+//! the READ-ONLY vote of a branch that wrote nothing ([`ParticipantAction::CheckWrites`], then a
+//! local commit), the one-phase commit of a transaction's only participant
+//! ([`ParticipantEvent::CommitOnePhaseRequested`]), and the typed [`Refusal`]s for a decision the
+//! branch cannot take (a commit of a branch that never prepared or rolled back, an abort of one that
+//! committed).
+//!
 //! A participant restart is not modelled: the service keeps the participants, the pre-commit and the
 //! promised ballot durable before it votes or answers, and rebuilds the machine with
-//! [`Participant::recover`], so a restart cannot forget a promise.
+//! [`Participant::recover`], so a restart cannot forget a promise. A two-phase branch is rebuilt
+//! with [`Participant::resume`] from what the participant remembers or PostgreSQL holds.
+//!
+//! Modules: `three_phase` (pre-commit, promises and the termination leader's rounds), `tests`.
 
-use std::collections::{BTreeMap, BTreeSet};
+#[cfg(test)]
+mod tests;
+mod three_phase;
 
 use treaty_types::ShardName;
 
 use crate::coordinator::Protocol;
-use crate::termination::{self, Ballot, Proposer, ReportedState, Rules, TerminationOutcome};
+use crate::termination::{Ballot, Proposer, ReportedState, Rules};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ParticipantPhase {
     /// Running statements; has not voted.
     Working,
+    /// 2PC: wrote nothing; the local COMMIT that precedes the READ-ONLY vote is running.
+    CommittingReadOnly,
+    /// The transaction's only participant: the plain COMMIT is running.
+    CommittingOnePhase,
     /// `PREPARE TRANSACTION` done, voted YES.
     Prepared,
     /// A pre-commit is being made durable; the acknowledgement waits for it.
@@ -42,11 +60,23 @@ pub enum ParticipantPhase {
     PreCommitted,
     Committed,
     Aborted,
+    /// 2PC: wrote nothing, committed locally and voted READ-ONLY; it takes no part in phase two.
+    ReadOnly,
+    /// A one-phase COMMIT was sent and its answer lost: whether it committed is unknown, so the
+    /// branch can be neither committed nor aborted by a later request.
+    OutcomeUnknown,
 }
 
 impl ParticipantPhase {
+    /// Finished: nothing is left for the machine to do.
     pub fn is_decided(self) -> bool {
-        matches!(self, ParticipantPhase::Committed | ParticipantPhase::Aborted)
+        matches!(
+            self,
+            ParticipantPhase::Committed
+                | ParticipantPhase::Aborted
+                | ParticipantPhase::ReadOnly
+                | ParticipantPhase::OutcomeUnknown
+        )
     }
 }
 
@@ -60,17 +90,68 @@ pub enum Report {
     },
 }
 
+/// Why the machine refuses a request from the coordinator (or recovery): each says what the caller
+/// asked for that the branch cannot do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, thiserror::Error)]
+pub enum Refusal {
+    /// A two-phase commit of a branch that has not voted.
+    #[error("the branch is still open (not prepared); it must be prepared before it is committed")]
+    NotPrepared,
+    /// A commit of a branch that rolled back (voted NO, failed, idled out, or was aborted).
+    #[error("the branch was rolled back, cannot commit")]
+    RolledBack,
+    /// An abort of a branch that committed.
+    #[error("the branch already committed, cannot abort")]
+    Committed,
+    /// A one-phase commit of a prepared branch, which only `COMMIT PREPARED` may finish.
+    #[error("the branch is prepared; it is finished with a two-phase commit, not a one-phase commit")]
+    Prepared,
+    /// A decision for a branch whose one-phase COMMIT has an unknown outcome.
+    #[error("the branch sent a one-phase COMMIT and lost the answer; its outcome is unknown")]
+    OutcomeUnknown,
+}
+
+/// What a participant that holds no machine for a two-phase branch knows of it, from its own
+/// recent history or from PostgreSQL; [`Participant::resume`] rebuilds the machine from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Remembered {
+    /// Voted YES (or, with nothing remembered, may be held prepared by PostgreSQL: the coordinator
+    /// sends a decision only to YES voters, and carrying out a decision checks PostgreSQL).
+    Prepared,
+    ReadOnly,
+    Committed,
+    Aborted,
+    OutcomeUnknown,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ParticipantEvent {
+    /// A statement of a branch that has not voted succeeded: pushes its idle timeout back.
+    StatementRan,
+    /// The branch cannot go on before its vote (a statement failed, a one-shot's row count was not
+    /// met, the participant shuts down): it aborts unilaterally, which is allowed until it votes.
+    WorkAbandoned,
     /// The coordinator asks for a vote; `participants` names every participant of the transaction
     /// (termination needs them).
     PrepareRequested {
         participants: Vec<ShardName>,
     },
+    /// (2PC) answers `CheckWrites`: the branch wrote something, so it must prepare.
+    BranchWrote,
+    /// (2PC) answers `CheckWrites`: the branch wrote nothing, so it may vote READ-ONLY.
+    BranchWroteNothing,
     /// The driver's `PREPARE TRANSACTION` succeeded.
     BranchPrepared,
     /// The driver's `PREPARE TRANSACTION` failed (or the branch could not be prepared).
     BranchPrepareFailed,
+    /// The coordinator commits the transaction's only participant in one phase.
+    CommitOnePhaseRequested,
+    /// The local COMMIT asked for by `CommitLocally` succeeded.
+    LocalCommitSucceeded,
+    /// The local COMMIT failed (PostgreSQL rolled the transaction back).
+    LocalCommitFailed,
+    /// The connection broke while the local COMMIT was in flight: its outcome is unknown.
+    LocalCommitOutcomeUnknown,
     /// Pre-commit under `ballot`, from the coordinator (ballot [`Ballot::COORDINATOR`]) or a
     /// termination proposer.
     PreCommitRequested {
@@ -111,12 +192,20 @@ pub enum ParticipantEvent {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ParticipantAction {
+    /// (2PC) find out whether the branch wrote anything; answered by `BranchWrote` or
+    /// `BranchWroteNothing` (or `BranchPrepareFailed` if it cannot be found out).
+    CheckWrites,
     /// Run `PREPARE TRANSACTION`; answered by `BranchPrepared` or `BranchPrepareFailed`.
     PrepareBranch,
+    /// A plain `COMMIT` of the open transaction (one-phase, or before a READ-ONLY vote); answered
+    /// by `LocalCommitSucceeded`, `LocalCommitFailed` or `LocalCommitOutcomeUnknown`.
+    CommitLocally,
     /// Answer the coordinator's prepare.
     SendVote {
         yes: bool,
     },
+    /// Answer the coordinator's prepare with READ-ONLY: finished, leave me out of phase two.
+    SendReadOnlyVote,
     /// Durably record "pre-committed under this ballot" in the participant's own table before
     /// acknowledging; answered by `PreCommitDurable`.
     PersistPreCommitState {
@@ -132,6 +221,8 @@ pub enum ParticipantAction {
     ApplyAbort,
     /// Tell the coordinator its commit or abort was applied.
     AcknowledgeDecision,
+    /// Answer the coordinator's request with this refusal; nothing changed.
+    Refuse(Refusal),
     ReportState {
         to: Proposer,
         ballot: Ballot,
@@ -163,16 +254,6 @@ pub enum ParticipantAction {
     },
 }
 
-/// The leader's current termination round.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Round {
-    ballot: Ballot,
-    states: BTreeMap<ShardName, ReportedState>,
-    outcome: Option<TerminationOutcome>,
-    /// Pre-commits of this round still to be acknowledged.
-    awaiting_acks: BTreeSet<ShardName>,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Participant {
     shard: ShardName,
@@ -193,7 +274,7 @@ pub struct Participant {
     deferred_queries: Vec<(Proposer, Ballot)>,
     timeout_ms: u64,
     deadline_ms: Option<u64>,
-    round: Option<Round>,
+    round: Option<three_phase::Round>,
 }
 
 impl Participant {
@@ -230,9 +311,6 @@ impl Participant {
         now_ms: u64,
     ) -> Self {
         Self {
-            shard,
-            protocol: Protocol::ThreePhase,
-            rules,
             participants,
             phase: if pre_committed {
                 ParticipantPhase::PreCommitted
@@ -241,11 +319,26 @@ impl Participant {
             },
             promised: promised.clone(),
             highest_seen: promised,
-            pending_pre_commit: None,
-            deferred_queries: Vec::new(),
-            timeout_ms,
             deadline_ms: Some(now_ms),
-            round: None,
+            ..Self::new(shard, Protocol::ThreePhase, rules, timeout_ms, now_ms)
+        }
+    }
+
+    /// A 2PC branch whose machine this participant no longer holds (it finished a while ago, or
+    /// the participant restarted), rebuilt from what it remembers or PostgreSQL holds. A prepared
+    /// one asks the coordinator once `timeout_ms` passes; it never finishes on its own.
+    pub fn resume(shard: ShardName, remembered: Remembered, timeout_ms: u64, now_ms: u64) -> Self {
+        let phase = match remembered {
+            Remembered::Prepared => ParticipantPhase::Prepared,
+            Remembered::ReadOnly => ParticipantPhase::ReadOnly,
+            Remembered::Committed => ParticipantPhase::Committed,
+            Remembered::Aborted => ParticipantPhase::Aborted,
+            Remembered::OutcomeUnknown => ParticipantPhase::OutcomeUnknown,
+        };
+        Self {
+            phase,
+            deadline_ms: (!phase.is_decided()).then(|| now_ms.saturating_add(timeout_ms)),
+            ..Self::new(shard, Protocol::TwoPhase, Rules::Classical, timeout_ms, now_ms)
         }
     }
 
@@ -255,6 +348,9 @@ impl Participant {
 
     pub fn shard(&self) -> &ShardName {
         &self.shard
+    }
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
     }
     pub fn phase(&self) -> ParticipantPhase {
         self.phase
@@ -282,17 +378,57 @@ impl Participant {
             ParticipantPhase::Prepared | ParticipantPhase::PreCommitting => ReportedState::Prepared,
             ParticipantPhase::PreCommitted => ReportedState::PreCommitted,
             ParticipantPhase::Committed => ReportedState::Committed,
-            ParticipantPhase::Working | ParticipantPhase::Aborted => ReportedState::Aborted,
+            // Only 2PC branches reach the others, and they take no part in termination; none of
+            // them may be reported as anything but finished without a commit to lean on.
+            ParticipantPhase::Working
+            | ParticipantPhase::Aborted
+            | ParticipantPhase::CommittingReadOnly
+            | ParticipantPhase::CommittingOnePhase
+            | ParticipantPhase::ReadOnly
+            | ParticipantPhase::OutcomeUnknown => ReportedState::Aborted,
         }
     }
 
     /// Applies one event. Events out of place (late, duplicated, or under a stale ballot) are
-    /// ignored: every message here may be lost, repeated or overtaken.
+    /// ignored: every message here may be lost, repeated or overtaken. A decision the branch cannot
+    /// take comes back as [`ParticipantAction::Refuse`] when the coordinator asked for it.
     pub fn step(&mut self, event: ParticipantEvent, now_ms: u64) -> Vec<ParticipantAction> {
         let mut actions = Vec::new();
+        self.step_into(event, now_ms, &mut actions);
+        actions
+    }
+
+    /// [`Participant::step`], appending the actions to `actions`: a driver that steps a machine
+    /// several times in a row reuses one buffer instead of allocating one per step.
+    pub fn step_into(&mut self, event: ParticipantEvent, now_ms: u64, actions: &mut Vec<ParticipantAction>) {
         match event {
+            ParticipantEvent::StatementRan => {
+                // No action and so no allocation: this runs once per statement.
+                if self.phase == ParticipantPhase::Working {
+                    self.deadline_ms = Some(now_ms.saturating_add(self.timeout_ms));
+                }
+            }
+            ParticipantEvent::WorkAbandoned => {
+                if self.phase == ParticipantPhase::Working {
+                    self.decide(ParticipantPhase::Aborted, actions);
+                }
+            }
             ParticipantEvent::PrepareRequested { participants } => {
-                self.prepare_requested(participants, &mut actions)
+                self.prepare_requested(participants, actions)
+            }
+            ParticipantEvent::BranchWrote => {
+                if self.phase == ParticipantPhase::Working && self.protocol == Protocol::TwoPhase {
+                    actions.push(ParticipantAction::PrepareBranch);
+                }
+            }
+            ParticipantEvent::BranchWroteNothing => {
+                // Only 2PC may vote READ-ONLY: a 3PC voter that left would report nothing to
+                // termination, which needs every participant's state.
+                if self.phase == ParticipantPhase::Working && self.protocol == Protocol::TwoPhase {
+                    self.phase = ParticipantPhase::CommittingReadOnly;
+                    self.deadline_ms = None;
+                    actions.push(ParticipantAction::CommitLocally);
+                }
             }
             ParticipantEvent::BranchPrepared => {
                 if self.phase == ParticipantPhase::Working {
@@ -303,44 +439,48 @@ impl Participant {
             }
             ParticipantEvent::BranchPrepareFailed => {
                 if self.phase == ParticipantPhase::Working {
-                    self.decide(ParticipantPhase::Aborted, &mut actions);
+                    self.decide(ParticipantPhase::Aborted, actions);
                     actions.push(ParticipantAction::SendVote { yes: false });
                 }
             }
+            ParticipantEvent::CommitOnePhaseRequested => self.commit_one_phase_requested(actions),
+            ParticipantEvent::LocalCommitSucceeded => self.local_commit_succeeded(actions),
+            ParticipantEvent::LocalCommitFailed => match self.phase {
+                ParticipantPhase::CommittingReadOnly => {
+                    self.decide(ParticipantPhase::Aborted, actions);
+                    actions.push(ParticipantAction::SendVote { yes: false });
+                }
+                ParticipantPhase::CommittingOnePhase => self.decide(ParticipantPhase::Aborted, actions),
+                _ => {}
+            },
+            ParticipantEvent::LocalCommitOutcomeUnknown => match self.phase {
+                ParticipantPhase::CommittingOnePhase => {
+                    // Neither committed nor aborted can be claimed: the connection that carried
+                    // the COMMIT is gone, and nothing else can be asked.
+                    self.phase = ParticipantPhase::OutcomeUnknown;
+                    self.deadline_ms = None;
+                }
+                // A branch that wrote nothing has nothing to lose: its vote is NO all the same.
+                ParticipantPhase::CommittingReadOnly => {
+                    self.decide(ParticipantPhase::Aborted, actions);
+                    actions.push(ParticipantAction::SendVote { yes: false });
+                }
+                _ => {}
+            },
             ParticipantEvent::PreCommitRequested { from, ballot } => {
-                self.pre_commit_requested(from, ballot, now_ms, &mut actions)
+                self.pre_commit_requested(from, ballot, now_ms, actions)
             }
-            ParticipantEvent::PreCommitDurable => self.pre_commit_durable(now_ms, &mut actions),
-            ParticipantEvent::CommitRequested { from } => {
-                if matches!(
-                    self.phase,
-                    ParticipantPhase::Prepared | ParticipantPhase::PreCommitted
-                ) {
-                    self.decide(ParticipantPhase::Committed, &mut actions);
-                }
-                if self.phase == ParticipantPhase::Committed && matches!(from, Proposer::Coordinator { .. }) {
-                    actions.push(ParticipantAction::AcknowledgeDecision);
-                }
-            }
-            ParticipantEvent::AbortRequested { from } => {
-                if matches!(
-                    self.phase,
-                    ParticipantPhase::Working | ParticipantPhase::Prepared | ParticipantPhase::PreCommitted
-                ) {
-                    self.decide(ParticipantPhase::Aborted, &mut actions);
-                }
-                if self.phase == ParticipantPhase::Aborted && matches!(from, Proposer::Coordinator { .. }) {
-                    actions.push(ParticipantAction::AcknowledgeDecision);
-                }
-            }
-            ParticipantEvent::StateQueried { from, ballot } => self.state_queried(from, ballot, &mut actions),
+            ParticipantEvent::PreCommitDurable => self.pre_commit_durable(now_ms, actions),
+            ParticipantEvent::CommitRequested { from } => self.commit_requested(&from, actions),
+            ParticipantEvent::AbortRequested { from } => self.abort_requested(&from, actions),
+            ParticipantEvent::StateQueried { from, ballot } => self.state_queried(from, ballot, actions),
             ParticipantEvent::StateReported {
                 shard,
                 ballot,
                 report,
-            } => self.state_reported(shard, ballot, report, &mut actions),
+            } => self.state_reported(shard, ballot, report, actions),
             ParticipantEvent::PreCommitAcknowledged { shard, ballot } => {
-                self.pre_commit_acknowledged(&shard, &ballot, &mut actions)
+                self.pre_commit_acknowledged(&shard, &ballot, actions)
             }
             ParticipantEvent::TerminationRequested { participants } => {
                 if self.protocol == Protocol::ThreePhase {
@@ -348,13 +488,12 @@ impl Participant {
                         self.participants = participants;
                     }
                     if self.is_leader() {
-                        self.start_round(&mut actions);
+                        self.start_round(actions);
                     }
                 }
             }
-            ParticipantEvent::Tick => self.tick(now_ms, &mut actions),
+            ParticipantEvent::Tick => self.tick(now_ms, actions),
         }
-        actions
     }
 
     fn prepare_requested(&mut self, participants: Vec<ShardName>, actions: &mut Vec<ParticipantAction>) {
@@ -362,192 +501,126 @@ impl Participant {
             self.participants = participants;
         }
         match self.phase {
+            // 2PC asks first whether anything was written: a branch that wrote nothing commits
+            // locally and stays out of phase two.
+            ParticipantPhase::Working if self.protocol == Protocol::TwoPhase => {
+                actions.push(ParticipantAction::CheckWrites)
+            }
             ParticipantPhase::Working => actions.push(ParticipantAction::PrepareBranch),
-            // Aborted before voting (a termination query reached it first): the vote is NO.
-            ParticipantPhase::Aborted => actions.push(ParticipantAction::SendVote { yes: false }),
+            // Aborted before voting (a termination query reached it first, or its work failed), or
+            // a one-phase commit of unknown outcome: the vote is NO.
+            ParticipantPhase::Aborted | ParticipantPhase::OutcomeUnknown => {
+                actions.push(ParticipantAction::SendVote { yes: false })
+            }
             // A repeated prepare gets the same vote.
-            _ => actions.push(ParticipantAction::SendVote { yes: true }),
+            ParticipantPhase::ReadOnly => actions.push(ParticipantAction::SendReadOnlyVote),
+            ParticipantPhase::Prepared
+            | ParticipantPhase::PreCommitting
+            | ParticipantPhase::PreCommitted
+            | ParticipantPhase::Committed => actions.push(ParticipantAction::SendVote { yes: true }),
+            // A local commit is running; its outcome answers.
+            ParticipantPhase::CommittingReadOnly | ParticipantPhase::CommittingOnePhase => {}
         }
     }
 
-    fn pre_commit_requested(
-        &mut self,
-        from: Proposer,
-        ballot: Ballot,
-        now_ms: u64,
-        actions: &mut Vec<ParticipantAction>,
-    ) {
-        if ballot < self.promised {
-            return; // promised a higher proposer not to take this one
+    fn commit_one_phase_requested(&mut self, actions: &mut Vec<ParticipantAction>) {
+        match self.phase {
+            ParticipantPhase::Working => {
+                self.phase = ParticipantPhase::CommittingOnePhase;
+                self.deadline_ms = None;
+                actions.push(ParticipantAction::CommitLocally);
+            }
+            // A repeat: the commit (or the read-only finish, which needs nothing more) stands.
+            ParticipantPhase::Committed | ParticipantPhase::ReadOnly => {
+                actions.push(ParticipantAction::AcknowledgeDecision)
+            }
+            ParticipantPhase::Prepared | ParticipantPhase::PreCommitting | ParticipantPhase::PreCommitted => {
+                actions.push(ParticipantAction::Refuse(Refusal::Prepared))
+            }
+            ParticipantPhase::Aborted => actions.push(ParticipantAction::Refuse(Refusal::RolledBack)),
+            ParticipantPhase::OutcomeUnknown => {
+                actions.push(ParticipantAction::Refuse(Refusal::OutcomeUnknown))
+            }
+            ParticipantPhase::CommittingReadOnly | ParticipantPhase::CommittingOnePhase => {}
+        }
+    }
+
+    fn local_commit_succeeded(&mut self, actions: &mut Vec<ParticipantAction>) {
+        match self.phase {
+            ParticipantPhase::CommittingReadOnly => {
+                self.phase = ParticipantPhase::ReadOnly;
+                actions.push(ParticipantAction::SendReadOnlyVote);
+            }
+            ParticipantPhase::CommittingOnePhase => {
+                self.phase = ParticipantPhase::Committed;
+                actions.push(ParticipantAction::AcknowledgeDecision);
+            }
+            _ => {}
+        }
+    }
+
+    fn commit_requested(&mut self, from: &Proposer, actions: &mut Vec<ParticipantAction>) {
+        if matches!(
+            self.phase,
+            ParticipantPhase::Prepared | ParticipantPhase::PreCommitted
+        ) {
+            self.decide(ParticipantPhase::Committed, actions);
+        }
+        // Termination messages between participants get no answer; the coordinator's do.
+        if !matches!(from, Proposer::Coordinator { .. }) {
+            return;
         }
         match self.phase {
-            ParticipantPhase::Prepared => {
-                self.promised = ballot.clone();
-                self.phase = ParticipantPhase::PreCommitting;
-                self.pending_pre_commit = Some((from, ballot.clone()));
-                actions.push(ParticipantAction::PersistPreCommitState { ballot });
+            // A READ-ONLY voter is left out of phase two; a commit sent anyway finds it finished.
+            ParticipantPhase::Committed | ParticipantPhase::ReadOnly => {
+                actions.push(ParticipantAction::AcknowledgeDecision)
             }
-            // Already durable (or beyond): acknowledge again under the newer ballot.
-            ParticipantPhase::PreCommitted | ParticipantPhase::Committed => {
-                self.promised = ballot.clone();
-                self.deadline_ms = Some(now_ms.saturating_add(self.timeout_ms));
-                actions.push(ParticipantAction::AcknowledgePreCommit { to: from, ballot });
+            ParticipantPhase::Working => actions.push(ParticipantAction::Refuse(Refusal::NotPrepared)),
+            ParticipantPhase::Aborted => actions.push(ParticipantAction::Refuse(Refusal::RolledBack)),
+            ParticipantPhase::OutcomeUnknown => {
+                actions.push(ParticipantAction::Refuse(Refusal::OutcomeUnknown))
             }
-            ParticipantPhase::Working | ParticipantPhase::PreCommitting | ParticipantPhase::Aborted => {}
+            ParticipantPhase::CommittingReadOnly
+            | ParticipantPhase::CommittingOnePhase
+            | ParticipantPhase::Prepared
+            | ParticipantPhase::PreCommitting
+            | ParticipantPhase::PreCommitted => {}
         }
     }
 
-    fn pre_commit_durable(&mut self, now_ms: u64, actions: &mut Vec<ParticipantAction>) {
-        if self.phase != ParticipantPhase::PreCommitting {
-            return;
-        }
-        self.phase = ParticipantPhase::PreCommitted;
-        self.deadline_ms = Some(now_ms.saturating_add(self.timeout_ms));
-        if let Some((to, ballot)) = self.pending_pre_commit.take() {
-            actions.push(ParticipantAction::AcknowledgePreCommit { to, ballot });
-        }
-        for (from, ballot) in std::mem::take(&mut self.deferred_queries) {
-            self.state_queried(from, ballot, actions);
-        }
-    }
-
-    fn state_queried(&mut self, from: Proposer, ballot: Ballot, actions: &mut Vec<ParticipantAction>) {
-        if self.phase == ParticipantPhase::PreCommitting {
-            self.deferred_queries.push((from, ballot));
-            return;
-        }
-        if ballot < self.promised {
-            actions.push(ParticipantAction::ReportState {
-                to: from,
-                ballot,
-                report: Report::Refused {
-                    promised: self.promised.clone(),
-                },
-            });
-            return;
-        }
-        self.promised = ballot.clone();
-        if ballot > self.highest_seen {
-            self.highest_seen = ballot.clone();
-        }
-        // Not voted yet: abort unilaterally (allowed before a YES vote), so the answer is final.
-        if self.phase == ParticipantPhase::Working {
+    fn abort_requested(&mut self, from: &Proposer, actions: &mut Vec<ParticipantAction>) {
+        let already_aborted = self.phase == ParticipantPhase::Aborted;
+        if matches!(
+            self.phase,
+            ParticipantPhase::Working | ParticipantPhase::Prepared | ParticipantPhase::PreCommitted
+        ) {
             self.decide(ParticipantPhase::Aborted, actions);
         }
-        actions.push(ParticipantAction::ReportState {
-            to: from,
-            ballot,
-            report: Report::State(self.reported_state()),
-        });
-    }
-
-    fn state_reported(
-        &mut self,
-        shard: ShardName,
-        ballot: Ballot,
-        report: Report,
-        actions: &mut Vec<ParticipantAction>,
-    ) {
-        let Some(round) = self.round.as_mut() else {
-            return;
-        };
-        if round.ballot != ballot || round.outcome.is_some() {
+        if !matches!(from, Proposer::Coordinator { .. }) {
             return;
         }
-        match report {
-            Report::Refused { promised } => {
-                // Outbid: the next round (on the next timeout) goes above it.
-                if promised > self.highest_seen {
-                    self.highest_seen = promised;
+        match self.phase {
+            // A repeated abort is applied again: a branch whose PREPARE broke off voted NO but may
+            // be held prepared by the database, and undoing a branch that is gone is harmless.
+            ParticipantPhase::Aborted => {
+                if already_aborted {
+                    actions.push(ParticipantAction::ApplyAbort);
                 }
-                return;
+                actions.push(ParticipantAction::AcknowledgeDecision);
             }
-            Report::State(state) => {
-                round.states.insert(shard, state);
+            // A READ-ONLY voter wrote nothing, so there is nothing to undo.
+            ParticipantPhase::ReadOnly => actions.push(ParticipantAction::AcknowledgeDecision),
+            ParticipantPhase::Committed => actions.push(ParticipantAction::Refuse(Refusal::Committed)),
+            ParticipantPhase::OutcomeUnknown => {
+                actions.push(ParticipantAction::Refuse(Refusal::OutcomeUnknown))
             }
+            ParticipantPhase::Working
+            | ParticipantPhase::CommittingReadOnly
+            | ParticipantPhase::CommittingOnePhase
+            | ParticipantPhase::Prepared
+            | ParticipantPhase::PreCommitting
+            | ParticipantPhase::PreCommitted => {}
         }
-        // The guard: decide only with the state of every participant.
-        if !self.participants.iter().all(|p| round.states.contains_key(p)) {
-            return;
-        }
-        let states: Vec<ReportedState> = round.states.values().copied().collect();
-        let Some(outcome) = termination::decide(&states, self.rules) else {
-            return;
-        };
-        round.outcome = Some(outcome);
-        match outcome {
-            TerminationOutcome::Commit => self.send_to_all(true, actions),
-            TerminationOutcome::Abort => self.send_to_all(false, actions),
-            TerminationOutcome::PreCommitThenCommit => {
-                let to_pre_commit: BTreeSet<ShardName> = round
-                    .states
-                    .iter()
-                    .filter(|(_, state)| **state == ReportedState::Prepared)
-                    .map(|(shard, _)| shard.clone())
-                    .collect();
-                for shard in &to_pre_commit {
-                    actions.push(ParticipantAction::SendPreCommit {
-                        shard: shard.clone(),
-                        ballot: round.ballot.clone(),
-                    });
-                }
-                let done = to_pre_commit.is_empty();
-                round.awaiting_acks = to_pre_commit;
-                if done {
-                    self.send_to_all(true, actions);
-                }
-            }
-        }
-    }
-
-    fn pre_commit_acknowledged(
-        &mut self,
-        shard: &ShardName,
-        ballot: &Ballot,
-        actions: &mut Vec<ParticipantAction>,
-    ) {
-        let Some(round) = self.round.as_mut() else {
-            return;
-        };
-        if &round.ballot != ballot
-            || round.outcome != Some(TerminationOutcome::PreCommitThenCommit)
-            || !round.awaiting_acks.remove(shard)
-        {
-            return;
-        }
-        if round.awaiting_acks.is_empty() {
-            self.send_to_all(true, actions);
-        }
-    }
-
-    fn send_to_all(&self, commit: bool, actions: &mut Vec<ParticipantAction>) {
-        for shard in &self.participants {
-            let shard = shard.clone();
-            actions.push(if commit {
-                ParticipantAction::SendCommit { shard }
-            } else {
-                ParticipantAction::SendAbort { shard }
-            });
-        }
-    }
-
-    fn start_round(&mut self, actions: &mut Vec<ParticipantAction>) {
-        let ballot = self
-            .highest_seen
-            .clone()
-            .max(self.promised.clone())
-            .next_for(Proposer::Participant(self.shard.clone()));
-        self.highest_seen = ballot.clone();
-        self.round = Some(Round {
-            ballot: ballot.clone(),
-            states: BTreeMap::new(),
-            outcome: None,
-            awaiting_acks: BTreeSet::new(),
-        });
-        actions.push(ParticipantAction::QueryStates {
-            ballot,
-            shards: self.participants.clone(),
-        });
     }
 
     fn tick(&mut self, now_ms: u64, actions: &mut Vec<ParticipantAction>) {
@@ -583,155 +656,5 @@ impl Participant {
             ParticipantPhase::Committed => ParticipantAction::ApplyCommit,
             _ => ParticipantAction::ApplyAbort,
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn shard(name: &str) -> ShardName {
-        ShardName::new(name).unwrap()
-    }
-
-    fn prepared(name: &str) -> Participant {
-        let mut p = Participant::new(shard(name), Protocol::ThreePhase, Rules::Classical, 100, 0);
-        p.step(
-            ParticipantEvent::PrepareRequested {
-                participants: vec![shard("a"), shard("b")],
-            },
-            0,
-        );
-        assert_eq!(
-            p.step(ParticipantEvent::BranchPrepared, 0),
-            vec![ParticipantAction::SendVote { yes: true }]
-        );
-        p
-    }
-
-    fn leader_ballot(round: u64) -> Ballot {
-        Ballot {
-            round,
-            proposer: Proposer::Participant(shard("a")),
-        }
-    }
-
-    #[test]
-    fn pre_commit_is_durable_before_it_is_acknowledged() {
-        let mut p = prepared("b");
-        let from = Proposer::Coordinator { incarnation: 0 };
-        let actions = p.step(
-            ParticipantEvent::PreCommitRequested {
-                from: from.clone(),
-                ballot: Ballot::COORDINATOR,
-            },
-            1,
-        );
-        assert_eq!(
-            actions,
-            vec![ParticipantAction::PersistPreCommitState {
-                ballot: Ballot::COORDINATOR
-            }]
-        );
-        assert_eq!(
-            p.step(ParticipantEvent::PreCommitDurable, 2),
-            vec![ParticipantAction::AcknowledgePreCommit {
-                to: from,
-                ballot: Ballot::COORDINATOR
-            }]
-        );
-        assert_eq!(p.phase(), ParticipantPhase::PreCommitted);
-    }
-
-    #[test]
-    fn an_answered_query_shuts_out_lower_pre_commits() {
-        // Rule: a participant that answers ballot b ignores every pre-commit below b.
-        let mut p = prepared("b");
-        let from = Proposer::Participant(shard("a"));
-        p.step(
-            ParticipantEvent::StateQueried {
-                from,
-                ballot: leader_ballot(1),
-            },
-            1,
-        );
-        let actions = p.step(
-            ParticipantEvent::PreCommitRequested {
-                from: Proposer::Coordinator { incarnation: 0 },
-                ballot: Ballot::COORDINATOR,
-            },
-            2,
-        );
-        assert!(actions.is_empty());
-        assert_eq!(p.phase(), ParticipantPhase::Prepared);
-    }
-
-    #[test]
-    fn the_leader_decides_only_with_every_state_and_aborts_when_all_are_merely_prepared() {
-        let mut leader = prepared("a");
-        let actions = leader.step(ParticipantEvent::Tick, 100);
-        let ballot = leader_ballot(1);
-        assert_eq!(
-            actions,
-            vec![ParticipantAction::QueryStates {
-                ballot: ballot.clone(),
-                shards: vec![shard("a"), shard("b")]
-            }]
-        );
-        let report = |s: &str| ParticipantEvent::StateReported {
-            shard: shard(s),
-            ballot: ballot.clone(),
-            report: Report::State(ReportedState::Prepared),
-        };
-        assert!(leader.step(report("a"), 101).is_empty());
-        assert_eq!(
-            leader.step(report("b"), 101),
-            vec![
-                ParticipantAction::SendAbort { shard: shard("a") },
-                ParticipantAction::SendAbort { shard: shard("b") },
-            ]
-        );
-    }
-
-    #[test]
-    fn a_non_leader_asks_the_leader_and_a_2pc_participant_asks_the_coordinator() {
-        let mut b = prepared("b");
-        assert_eq!(
-            b.step(ParticipantEvent::Tick, 100),
-            vec![ParticipantAction::RequestTermination {
-                leader: shard("a"),
-                participants: vec![shard("a"), shard("b")]
-            }]
-        );
-        let mut two_phase = Participant::new(shard("b"), Protocol::TwoPhase, Rules::Classical, 100, 0);
-        two_phase.step(
-            ParticipantEvent::PrepareRequested {
-                participants: vec![shard("a"), shard("b")],
-            },
-            0,
-        );
-        two_phase.step(ParticipantEvent::BranchPrepared, 0);
-        assert_eq!(
-            two_phase.step(ParticipantEvent::Tick, 100),
-            vec![ParticipantAction::AskCoordinator]
-        );
-    }
-
-    #[test]
-    fn a_participant_that_has_not_voted_aborts_when_asked() {
-        let mut p = Participant::new(shard("b"), Protocol::ThreePhase, Rules::Classical, 100, 0);
-        let actions = p.step(
-            ParticipantEvent::StateQueried {
-                from: Proposer::Participant(shard("a")),
-                ballot: leader_ballot(1),
-            },
-            1,
-        );
-        assert_eq!(p.phase(), ParticipantPhase::Aborted);
-        assert!(actions.contains(&ParticipantAction::ReportState {
-            to: Proposer::Participant(shard("a")),
-            ballot: leader_ballot(1),
-            report: Report::State(ReportedState::Aborted),
-        }));
     }
 }

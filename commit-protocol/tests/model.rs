@@ -6,7 +6,9 @@
 //!
 //! Only the glue is model code: it plays the drivers, turning each machine's actions into
 //! messages and log records and each delivered message into the machine's event, as the services
-//! do. Time is abstract: ordinary steps run at `now_ms = 0` and a timeout action feeds the machine
+//! do (the participant's production driver, `participant/src/agent/machine.rs`, runs the same
+//! `Participant` for every 2PC branch). A 2PC prepare may find the branch wrote nothing: it then
+//! commits locally and votes READ-ONLY. Time is abstract: ordinary steps run at `now_ms = 0` and a timeout action feeds the machine
 //! a `Tick` at exactly its own next deadline.
 //!
 //! Assumptions that keep the state space finite (and the liveness property meaningful): at most
@@ -67,6 +69,15 @@ enum Record {
     Commit(Vec<ShardName>),
 }
 
+/// A participant's vote as the network carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum WireVote {
+    Yes,
+    No,
+    /// 2PC only: the branch wrote nothing, committed locally and leaves phase two.
+    ReadOnly,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Msg {
     Prepare {
@@ -95,7 +106,7 @@ enum Msg {
     },
     Vote {
         from: usize,
-        yes: bool,
+        vote: WireVote,
     },
     PreCommitAck {
         from: usize,
@@ -154,10 +165,11 @@ struct State {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Step {
     Deliver(Msg),
-    /// Deliver a prepare; `yes` is the participant's vote (PREPARE TRANSACTION succeeds or not).
+    /// Deliver a prepare; `vote` is what the branch can vote (PREPARE TRANSACTION succeeds or
+    /// not, or, in 2PC, the branch wrote nothing).
     DeliverPrepare {
         to: usize,
-        yes: bool,
+        vote: WireVote,
     },
     Lose(Msg),
     /// The coordinator crashes; with `writes_landed` its log writes in progress became durable
@@ -247,8 +259,20 @@ impl CommitModel {
         for action in actions {
             let msg = match action {
                 // Answered inline by `DeliverPrepare`, which carries the outcome.
-                ParticipantAction::PrepareBranch => continue,
-                ParticipantAction::SendVote { yes } => Msg::Vote { from: at, yes },
+                ParticipantAction::CheckWrites
+                | ParticipantAction::PrepareBranch
+                | ParticipantAction::CommitLocally => continue,
+                ParticipantAction::SendVote { yes } => Msg::Vote {
+                    from: at,
+                    vote: if yes { WireVote::Yes } else { WireVote::No },
+                },
+                ParticipantAction::SendReadOnlyVote => Msg::Vote {
+                    from: at,
+                    vote: WireVote::ReadOnly,
+                },
+                // A refused request is an error the coordinator retries; the properties below
+                // catch a refusal that would matter (a commit refused by an aborted branch).
+                ParticipantAction::Refuse(_) => continue,
                 ParticipantAction::PersistPreCommitState { .. } if self.atomic_participant_writes => {
                     write_completes = true;
                     continue;
@@ -411,12 +435,12 @@ impl CommitModel {
                     reports: vec![(shard(from), report)],
                 }),
             },
-            Msg::Vote { from, yes } => Some(Event::VoteReceived {
+            Msg::Vote { from, vote } => Some(Event::VoteReceived {
                 shard: shard(from),
-                vote: if yes {
-                    Vote::Yes
-                } else {
-                    Vote::No(AbortReason::new(AbortCause::VoteNo, "no"))
+                vote: match vote {
+                    WireVote::Yes => Vote::Yes,
+                    WireVote::ReadOnly => Vote::ReadOnly,
+                    WireVote::No => Vote::No(AbortReason::new(AbortCause::VoteNo, "no")),
                 },
             }),
             Msg::DecisionAck { from } => Some(Event::Acknowledged { shard: shard(from) }),
@@ -609,9 +633,21 @@ impl Model for CommitModel {
         for msg in &state.network {
             match msg {
                 Msg::Prepare { to } => {
-                    actions.push(Step::DeliverPrepare { to: *to, yes: true });
+                    actions.push(Step::DeliverPrepare {
+                        to: *to,
+                        vote: WireVote::Yes,
+                    });
                     if state.participants[*to].phase() == ParticipantPhase::Working {
-                        actions.push(Step::DeliverPrepare { to: *to, yes: false });
+                        actions.push(Step::DeliverPrepare {
+                            to: *to,
+                            vote: WireVote::No,
+                        });
+                        if self.protocol == Protocol::TwoPhase {
+                            actions.push(Step::DeliverPrepare {
+                                to: *to,
+                                vote: WireVote::ReadOnly,
+                            });
+                        }
                     }
                 }
                 _ => actions.push(Step::Deliver(msg.clone())),
@@ -643,7 +679,7 @@ impl Model for CommitModel {
     fn next_state(&self, last: &State, step: Step) -> Option<State> {
         let mut state = last.clone();
         match step {
-            Step::DeliverPrepare { to, yes } => {
+            Step::DeliverPrepare { to, vote } => {
                 state.network.remove(&Msg::Prepare { to });
                 let participants = self.all_shards();
                 self.feed_participant(
@@ -652,12 +688,22 @@ impl Model for CommitModel {
                     ParticipantEvent::PrepareRequested { participants },
                     0,
                 );
-                let outcome = if yes {
-                    ParticipantEvent::BranchPrepared
-                } else {
-                    ParticipantEvent::BranchPrepareFailed
+                // What the driver's steps report, in order (2PC first answers `CheckWrites`; a
+                // 3PC machine, or one that already voted, ignores the events it did not ask for).
+                let outcomes: &[ParticipantEvent] = match vote {
+                    WireVote::Yes => &[ParticipantEvent::BranchWrote, ParticipantEvent::BranchPrepared],
+                    WireVote::No => &[
+                        ParticipantEvent::BranchWrote,
+                        ParticipantEvent::BranchPrepareFailed,
+                    ],
+                    WireVote::ReadOnly => &[
+                        ParticipantEvent::BranchWroteNothing,
+                        ParticipantEvent::LocalCommitSucceeded,
+                    ],
                 };
-                self.feed_participant(&mut state, to, outcome, 0);
+                for outcome in outcomes {
+                    self.feed_participant(&mut state, to, outcome.clone(), 0);
+                }
             }
             Step::Deliver(msg) => {
                 state.network.remove(&msg);

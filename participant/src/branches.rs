@@ -1,6 +1,8 @@
 //! The in-memory branch table: which GIDs have an open transaction here (with its pooled
-//! connection), a per-GID lock that serializes every call touching a GID (RPCs, the idle sweep,
-//! reconciliation), and the recent history of finished GIDs (tombstones).
+//! connection), each two-phase branch's protocol machine from its first statement until it is
+//! finished, a per-GID lock that serializes every call touching a GID (RPCs, the idle sweep,
+//! reconciliation), and the recent history of finished GIDs (tombstones), from which a finished
+//! branch's machine is rebuilt when a late call needs one.
 //!
 //! The table holds no truth that PostgreSQL also holds: whether a GID is prepared or committed is
 //! asked of `pg_prepared_xacts` and the marker table. What only this process knows lives here: the
@@ -14,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedMutexGuard;
+use treaty_commit_protocol::participant::Participant;
 
 use crate::pool::PooledConnection;
 
@@ -101,6 +104,21 @@ impl Finished {
 #[derive(Default)]
 pub struct Slot {
     pub active: Option<ActiveBranch>,
+    /// The branch's machine (two-phase branches; a three-phase one's lives in `three_phase`):
+    /// created when the branch opens, kept while it is open or prepared, dropped once it is
+    /// finished (the history remembers how).
+    pub machine: Option<Participant>,
+}
+
+impl Slot {
+    /// Whether the slot must stay in the table when nobody holds its lock.
+    fn is_live(&self) -> bool {
+        self.active.is_some()
+            || self
+                .machine
+                .as_ref()
+                .is_some_and(|machine| !machine.phase().is_decided())
+    }
 }
 
 #[derive(Default)]
@@ -138,7 +156,7 @@ impl DerefMut for SlotGuard {
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        if self.guard.active.is_some() {
+        if self.guard.is_live() {
             return;
         }
         let mut slots = self.branches.slots();
@@ -202,12 +220,19 @@ impl Branches {
         })
     }
 
-    /// Whether a call is working on the GID or it has an open transaction here.
+    /// Whether a call is working on the GID or it has an open transaction here. A prepared branch
+    /// whose machine merely waits in the table is not busy: recovery may ask about it.
     pub fn is_busy(&self, gid: &str) -> bool {
-        self.slots().contains_key(gid)
+        let slots = self.slots();
+        let Some(slot) = slots.get(gid) else {
+            return false;
+        };
+        // Arcs of a slot are only cloned under the table lock: another one is a call holding or
+        // waiting for the lock.
+        Arc::strong_count(slot) > 1 || slot.try_lock().map_or(true, |slot| slot.active.is_some())
     }
 
-    /// Every GID with a slot (open or in use), for sweeps.
+    /// Every GID with a slot (open, prepared or in use), for sweeps.
     pub fn gids(&self) -> Vec<Arc<str>> {
         self.slots().keys().cloned().collect()
     }
@@ -290,6 +315,34 @@ mod tests {
         assert!(branches.is_busy("g"), "the waiter still needs the same slot");
         waiter.await.unwrap();
         assert!(!branches.is_busy("g"));
+    }
+
+    #[tokio::test]
+    async fn a_prepared_branch_keeps_its_machine_in_the_table_without_being_busy() {
+        use treaty_commit_protocol::participant::Remembered;
+        let branches = Branches::new(Duration::from_secs(60));
+        let shard = treaty_proto::ShardName::new("s0").unwrap();
+        {
+            let mut slot = branches.lock("g").await;
+            slot.machine = Some(Participant::resume(shard.clone(), Remembered::Prepared, 100, 0));
+        }
+        assert!(
+            branches.gids().iter().any(|gid| &**gid == "g"),
+            "the machine of a prepared branch stays until it is finished"
+        );
+        assert!(!branches.is_busy("g"), "nobody works on it: recovery may");
+        {
+            let _held = branches.lock("g").await;
+            assert!(branches.is_busy("g"));
+        }
+        {
+            let mut slot = branches.lock("g").await;
+            slot.machine = Some(Participant::resume(shard, Remembered::Committed, 100, 0));
+        }
+        assert!(
+            branches.gids().is_empty(),
+            "a finished machine leaves with its slot"
+        );
     }
 
     #[test]

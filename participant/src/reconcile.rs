@@ -2,8 +2,9 @@
 //! marker rows the coordinator no longer needs.
 //!
 //! Candidates are the Treaty GIDs that were already prepared when this process started (listed
-//! before it served anything, so none of them can be this process's own fresh vote), and any
-//! prepared longer than `--in-doubt-after-ms` that no RPC is working on. Only branches in this
+//! before it served anything, so none of them can be this process's own fresh vote), any
+//! prepared longer than `--in-doubt-after-ms`, and any whose machine timed out and asked for the
+//! decision (`AskCoordinator`), that no RPC is working on. Only branches in this
 //! shard's own database are candidates. This shard's (the branch GID names the shard; a legacy GID
 //! without the shard, left by an older participant, is this database's and so this shard's) are
 //! asked about and finished under their transaction's GID, through the same paths as phase two.
@@ -148,13 +149,19 @@ impl Reconciler {
         let all = postgres::list_prepared(self.agent.pool()).await?;
         let still_prepared: HashSet<&str> = all.iter().map(|xact| xact.gid.as_str()).collect();
         self.inherited.retain(|gid| still_prepared.contains(gid.as_str()));
+        // Branches whose machines timed out and asked for the decision are asked about now.
+        let asked = self.agent.take_asked();
         let (mut in_doubt, mut orphans) = (Vec::new(), Vec::new());
         for xact in all {
             let old_enough = u64::try_from(xact.age_ms).unwrap_or(0) >= self.in_doubt_after_ms;
-            if !old_enough && !self.inherited.contains(&xact.gid) {
+            let parsed = BranchGid::parse(&xact.gid);
+            let machine_asked = parsed
+                .as_ref()
+                .is_ok_and(|branch| asked.contains(branch.gid().as_str()));
+            if !old_enough && !machine_asked && !self.inherited.contains(&xact.gid) {
                 continue;
             }
-            match BranchGid::parse(&xact.gid) {
+            match parsed {
                 // The branch table knows branches by their transaction's GID.
                 Ok(branch) if branch.is_of(self.agent.shard()) => {
                     if !self.agent.is_busy(branch.gid().as_str()) {
@@ -166,6 +173,17 @@ impl Reconciler {
             }
             if in_doubt.len() + orphans.len() == MAX_GIDS_PER_QUERY {
                 break;
+            }
+        }
+        // A machine that asked about a branch PostgreSQL no longer lists (finished by hand, say)
+        // still waits in the branch table: the coordinator's answer, applied with the usual
+        // marker-row checks, finishes it. One left out here asks again on its next timeout.
+        for gid in asked {
+            if in_doubt.len() + orphans.len() >= MAX_GIDS_PER_QUERY {
+                break;
+            }
+            if !in_doubt.contains(&gid) && !self.agent.is_busy(&gid) {
+                in_doubt.push(gid);
             }
         }
         Ok((in_doubt, orphans))

@@ -1,9 +1,11 @@
-//! `Execute`: the first statement for a GID opens its branch (a pooled connection and `BEGIN`);
-//! later ones run on the same connection. Any failure once the branch is open ends it: the
-//! transaction is rolled back and the GID remembered as aborted.
+//! `Execute`: the first statement for a GID opens its branch (a pooled connection and `BEGIN`) and
+//! gives it its machine; later ones run on the same connection, each pushing the machine's idle
+//! timeout back. Any failure once the branch is open ends it: the machine abandons the branch, which
+//! is rolled back and remembered as aborted.
 
 use std::time::Instant;
 
+use treaty_commit_protocol::participant::ParticipantEvent;
 use treaty_proto::Gid;
 
 use super::{Agent, Vote};
@@ -37,12 +39,7 @@ impl Agent {
     ) -> Result<(StatementOutput, Vote), BranchError> {
         let mut slot = self.branches.lock(gid.as_str()).await;
         let output = self.execute_locked(&mut slot, gid, sql, params, options).await?;
-        let Some(branch) = slot.active.take() else {
-            return Err(BranchError::Internal(format!(
-                "branch {gid} vanished while locked"
-            )));
-        };
-        let vote = self.prepare_open(gid, branch, false).await?;
+        let vote = self.prepare_locked(&mut slot, gid).await?;
         Ok((output, vote))
     }
 
@@ -63,16 +60,11 @@ impl Agent {
         if let Some(expected) = expect_rows
             && output.rows_affected != expected
         {
-            if let Some(branch) = slot.active.take() {
-                self.roll_back(branch, gid).await;
-            }
-            self.branches.record(
-                gid.as_str(),
-                Finished::Aborted(format!(
-                    "the statement affected {} rows, expected {expected}",
-                    output.rows_affected
-                )),
+            let reason = format!(
+                "the statement affected {} rows, expected {expected}",
+                output.rows_affected
             );
+            self.abandon(&mut slot, gid, reason).await;
             return Ok((output, false));
         }
         self.commit_one_phase_locked(&mut slot, gid).await?;
@@ -104,8 +96,18 @@ impl Agent {
             )));
         }
         if opening {
+            // A machine without an open branch is a prepared branch waiting for its decision
+            // (its history may already be forgotten): no second transaction under its GID.
+            if let Some(machine) = &slot.machine {
+                return Err(BranchError::WrongState(format!(
+                    "branch {gid} on shard {} is {:?}; it cannot run more statements",
+                    self.shard,
+                    machine.phase()
+                )));
+            }
             self.check_can_open(gid)?;
             slot.active = Some(self.open(options).await?);
+            slot.machine = Some(self.new_machine());
         }
         let Some(branch) = slot.active.as_mut() else {
             return Err(BranchError::Internal(format!(
@@ -118,22 +120,23 @@ impl Agent {
                 branch.statements += 1;
                 branch.session_changed |= analysis.changes_session;
                 branch.wrote |= analysis.single_write && output.rows_affected > 0;
+                if let Some(machine) = slot.machine.as_mut() {
+                    // No action comes back (and nothing is allocated): only the timeout moves.
+                    machine.step(ParticipantEvent::StatementRan, self.clock_ms());
+                }
                 Ok(output)
             }
             Err(error) => {
                 let error = BranchError::from(error);
-                if let Some(branch) = slot.active.take() {
-                    if matches!(error, BranchError::Unavailable(_)) {
-                        branch.discard();
-                    } else {
-                        self.roll_back(branch, gid).await;
-                    }
+                if matches!(error, BranchError::Unavailable(_))
+                    && let Some(branch) = slot.active.take()
+                {
+                    // The connection's state is unknown: closed, not rolled back on it.
+                    branch.discard();
                 }
                 tracing::info!(%gid, %error, "statement failed; branch rolled back");
-                self.branches.record(
-                    gid.as_str(),
-                    Finished::Aborted(format!("a statement failed: {error}")),
-                );
+                self.abandon(slot, gid, format!("a statement failed: {error}"))
+                    .await;
                 Err(error)
             }
         }

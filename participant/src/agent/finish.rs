@@ -1,110 +1,80 @@
-//! Phase two: `Commit` (`COMMIT PREPARED`) and `Abort` (`ROLLBACK` of an open branch or
-//! `ROLLBACK PREPARED`). Both are idempotent, and neither takes "prepared transaction does not
-//! exist" for success: the marker row, committed with the branch, says which way it went.
+//! Phase two: `Commit` and `Abort` feed the branch's machine (`machine.rs`), which answers with
+//! `COMMIT PREPARED`, `ROLLBACK PREPARED` or a rollback of an open branch, an acknowledgement, or a
+//! typed refusal. Both are idempotent, and neither takes "prepared transaction does not exist" for
+//! success: the marker row, committed with the branch, says which way it went.
 
+use treaty_commit_protocol::participant::{ParticipantEvent, Refusal, Remembered};
+use treaty_commit_protocol::termination::Proposer;
 use treaty_proto::Gid;
 
+use super::machine::Answer;
 use super::{Agent, BranchState};
 use crate::branches::Finished;
 use crate::error::BranchError;
-use crate::failpoints;
-use crate::postgres;
+
+/// Phase-two requests come from the coordinator (directly, or through recovery's question).
+const COORDINATOR: Proposer = Proposer::Coordinator { incarnation: 0 };
 
 impl Agent {
     pub async fn commit(&self, gid: &Gid) -> Result<BranchState, BranchError> {
-        let slot = self.branches.lock(gid.as_str()).await;
-        if slot.active.is_some() {
-            return Err(BranchError::WrongState(format!(
-                "branch {gid} is still open (not prepared); send Prepare before Commit"
-            )));
-        }
-        if let Some(Finished::ReadOnly | Finished::CommittedOnePhase) = self.branches.finished(gid.as_str()) {
-            return Ok(BranchState::Committed);
-        }
-        failpoints::step(failpoints::BEFORE_COMMIT_PREPARED)?;
-        match postgres::commit_prepared(&self.pool, &self.branch_gid(gid)).await {
-            Ok(()) => {
-                let after = failpoints::step(failpoints::AFTER_COMMIT_PREPARED);
-                tracing::debug!(%gid, "committed");
-                self.branches.record(gid.as_str(), Finished::Committed);
-                after.map(|()| BranchState::Committed)
-            }
-            Err(error) if error.is_undefined_object() => {
-                if postgres::marker_exists(&self.pool, gid).await? {
-                    self.branches.record(gid.as_str(), Finished::Committed);
-                    return Ok(BranchState::Committed);
-                }
-                tracing::error!(
-                    %gid,
-                    "asked to commit a branch that is not prepared and has no marker row: it was rolled back \
-                     or never prepared here"
-                );
-                self.branches.record(
-                    gid.as_str(),
-                    Finished::Aborted("found rolled back at commit".into()),
-                );
-                Err(BranchError::WrongState(format!(
-                    "branch {gid} was rolled back, cannot commit"
-                )))
-            }
-            Err(error) => Err(error.into()),
-        }
+        let event = ParticipantEvent::CommitRequested { from: COORDINATOR };
+        self.finish(gid, event, BranchState::Committed).await
     }
 
     pub async fn abort(&self, gid: &Gid) -> Result<BranchState, BranchError> {
+        let event = ParticipantEvent::AbortRequested { from: COORDINATOR };
+        self.finish(gid, event, BranchState::Aborted).await
+    }
+
+    async fn finish(
+        &self,
+        gid: &Gid,
+        event: ParticipantEvent,
+        done: BranchState,
+    ) -> Result<BranchState, BranchError> {
         let mut slot = self.branches.lock(gid.as_str()).await;
-        if let Some(branch) = slot.active.take() {
-            self.roll_back(branch, gid).await;
-            self.branches
-                .record(gid.as_str(), Finished::Aborted("aborted before prepare".into()));
-            return Ok(BranchState::Aborted);
+        // With nothing remembered (after a restart) the branch may be held prepared: the
+        // coordinator finishes only branches that voted, and the decision's I/O checks PostgreSQL
+        // (no extra round trip first).
+        let remembered = self.remembered(gid).unwrap_or(Remembered::Prepared);
+        self.ensure_machine(&mut slot, remembered);
+        match self.drive(&mut slot, gid, event).await? {
+            Answer::Acknowledged => Ok(done),
+            Answer::Refused(refusal) => Err(self.finish_refused(gid, refusal)),
+            other => Err(BranchError::Internal(format!(
+                "branch {gid} answered a decision with {other:?}"
+            ))),
         }
-        match self.branches.finished(gid.as_str()) {
-            // Nothing was written, so there is nothing to undo.
-            Some(Finished::ReadOnly) => return Ok(BranchState::Aborted),
-            Some(Finished::CommittedOnePhase) => {
-                tracing::error!(%gid, "asked to abort a branch that committed in one phase");
-                return Err(BranchError::WrongState(format!(
-                    "branch {gid} already committed (one phase), cannot abort"
-                )));
+    }
+
+    fn finish_refused(&self, gid: &Gid, refusal: Refusal) -> BranchError {
+        match refusal {
+            Refusal::NotPrepared => BranchError::WrongState(format!(
+                "branch {gid} is still open (not prepared); send Prepare before Commit"
+            )),
+            Refusal::RolledBack => {
+                tracing::error!(%gid, "asked to commit a branch that was rolled back");
+                BranchError::WrongState(format!("branch {gid} was rolled back, cannot commit"))
             }
-            Some(Finished::OutcomeUnknown(message)) => {
-                return Err(BranchError::WrongState(format!(
-                    "branch {gid} sent COMMIT and lost the answer ({message}); it cannot be aborted"
-                )));
+            Refusal::Committed => {
+                tracing::error!(%gid, "asked to abort a branch that already committed");
+                let how = match self.branches.finished(gid.as_str()) {
+                    Some(Finished::CommittedOnePhase) => " (one phase)",
+                    _ => "",
+                };
+                BranchError::WrongState(format!("branch {gid} already committed{how}, cannot abort"))
             }
-            _ => {}
-        }
-        failpoints::step(failpoints::BEFORE_ROLLBACK_PREPARED)?;
-        match postgres::rollback_prepared(&self.pool, &self.branch_gid(gid)).await {
-            Ok(()) => {
-                let after = failpoints::step(failpoints::AFTER_ROLLBACK_PREPARED);
-                tracing::debug!(%gid, "rolled back a prepared branch");
-                self.branches.record(
-                    gid.as_str(),
-                    Finished::Aborted("rolled back after prepare".into()),
-                );
-                after.map(|()| BranchState::Aborted)
+            Refusal::OutcomeUnknown => {
+                let message = match self.branches.finished(gid.as_str()) {
+                    Some(Finished::OutcomeUnknown(message)) => message,
+                    _ => "no answer".into(),
+                };
+                BranchError::WrongState(format!(
+                    "branch {gid} sent COMMIT and lost the answer ({message}); it cannot be finished \
+                     another way"
+                ))
             }
-            Err(error) if error.is_undefined_object() => {
-                if postgres::marker_exists(&self.pool, gid).await? {
-                    tracing::error!(%gid, "asked to abort a branch that already committed");
-                    self.branches.record(gid.as_str(), Finished::Committed);
-                    return Err(BranchError::WrongState(format!(
-                        "branch {gid} already committed, cannot abort"
-                    )));
-                }
-                // Never prepared or already rolled back: aborted under presumed abort. Remembering
-                // it refuses a late Execute or Prepare for the GID.
-                if !matches!(self.branches.finished(gid.as_str()), Some(Finished::Aborted(_))) {
-                    self.branches.record(
-                        gid.as_str(),
-                        Finished::Aborted("aborted by the coordinator".into()),
-                    );
-                }
-                Ok(BranchState::Aborted)
-            }
-            Err(error) => Err(error.into()),
+            Refusal::Prepared => BranchError::WrongState(format!("branch {gid}: {refusal}")),
         }
     }
 }

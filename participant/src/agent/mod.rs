@@ -2,15 +2,22 @@
 //! statements), `prepare` and `commit_one_phase` (the vote), `commit` and `abort` (phase two, also
 //! used by reconciliation), `status`; plus the idle-branch sweep and shutdown.
 //!
+//! Every two-phase branch runs the protocol's `Participant` machine (`machine.rs` steps it and
+//! carries out its actions): the methods here feed it events and answer what it decides.
+//!
 //! Every method that touches a GID holds that GID's lock from the branch table for its whole
 //! duration, so RPCs, the sweep and reconciliation never interleave on one GID.
 
 mod execute;
 mod finish;
+mod machine;
 mod vote;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use treaty_commit_protocol::participant::ParticipantEvent;
 
 use treaty_proto::{BranchGid, CoordinatorId, Gid, ShardName, TxId};
 
@@ -54,6 +61,11 @@ pub struct Agent {
     branches: Arc<Branches>,
     idle_timeout: Duration,
     admission: Option<Admission>,
+    /// Prepared branches whose machine timed out and asked for the coordinator's decision; the
+    /// reconciler asks about them on its next pass.
+    asked: Mutex<HashSet<String>>,
+    /// The origin of the machines' clock (`clock_ms`).
+    epoch: Instant,
 }
 
 impl Agent {
@@ -71,6 +83,8 @@ impl Agent {
             branches: Branches::new(HISTORY_RETENTION),
             idle_timeout,
             admission,
+            asked: Mutex::default(),
+            epoch: Instant::now(),
         })
     }
 
@@ -101,6 +115,31 @@ impl Agent {
     /// Whether an RPC is working on the GID right now (recovery leaves such GIDs alone).
     pub fn is_busy(&self, gid: &str) -> bool {
         self.branches.is_busy(gid)
+    }
+
+    /// The time the two-phase machines run on: milliseconds since this agent started, monotonic,
+    /// so a wall-clock step cannot roll back an open branch early. The machines live only in
+    /// this process's memory, so a process-local origin is enough.
+    fn clock_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn idle_timeout_ms(&self) -> u64 {
+        u64::try_from(self.idle_timeout.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Carries out a machine's `AskCoordinator`: the reconciler asks on its next pass.
+    fn ask_coordinator(&self, gid: &Gid) {
+        tracing::info!(%gid, "prepared branch waited past its timeout; asking the coordinator");
+        self.asked
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(gid.to_string());
+    }
+
+    /// The GIDs whose machines asked for the coordinator's decision since the last call.
+    pub fn take_asked(&self) -> HashSet<String> {
+        std::mem::take(&mut *self.asked.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
     /// Ends an open branch's transaction with ROLLBACK and frees its connection.
@@ -140,26 +179,41 @@ impl Agent {
         })
     }
 
-    /// Rolls back open branches that have had no call for longer than the idle timeout, and
-    /// forgets old history. Prepared branches are never touched here.
+    /// Ticks every machine whose timeout passed: an open branch idle for longer than the idle
+    /// timeout is rolled back, a prepared one asks the coordinator (it is never finished here).
+    /// Also forgets old history.
     pub async fn sweep_idle(&self) {
+        let now_ms = self.clock_ms();
         for gid in self.branches.gids() {
             let (Some(mut slot), Ok(parsed)) = (self.branches.try_lock(&gid), Gid::parse(&gid)) else {
                 continue;
             };
+            let due = slot
+                .machine
+                .as_ref()
+                .and_then(|machine| machine.next_deadline_ms())
+                .is_some_and(|deadline_ms| deadline_ms <= now_ms);
+            if !due {
+                continue;
+            }
             let idle = slot.active.as_ref().map(|b| b.last_used.elapsed());
-            if let Some(idle) = idle
-                && idle > self.idle_timeout
-                && let Some(branch) = slot.active.take()
-            {
-                let reason = format!(
-                    "no call for {} ms, over --branch-idle-timeout-ms {}",
-                    idle.as_millis(),
-                    self.idle_timeout.as_millis()
-                );
+            let reason = format!(
+                "no call for {} ms, over --branch-idle-timeout-ms {}",
+                idle.unwrap_or_default().as_millis(),
+                self.idle_timeout.as_millis()
+            );
+            if idle.is_some() {
                 tracing::warn!(gid = %parsed, "rolling back an idle branch: {reason}");
-                self.roll_back(branch, &parsed).await;
-                self.branches.record(&gid, Finished::Aborted(reason));
+            }
+            let learned = machine::Learned {
+                abort_reason: Some(reason),
+                ..machine::Learned::default()
+            };
+            if let Err(error) = self
+                .drive_learning(&mut slot, &parsed, ParticipantEvent::Tick, learned)
+                .await
+            {
+                tracing::warn!(gid = %parsed, %error, "idle sweep step failed");
             }
         }
         self.branches.prune_history();
@@ -172,11 +226,10 @@ impl Agent {
                 continue;
             };
             let mut slot = self.branches.lock(&gid).await;
-            if let Some(branch) = slot.active.take() {
+            if slot.active.is_some() {
                 tracing::info!(gid = %parsed, "rolling back an open branch at shutdown");
-                self.roll_back(branch, &parsed).await;
-                self.branches
-                    .record(&gid, Finished::Aborted("participant shut down".into()));
+                self.abandon(&mut slot, &parsed, "participant shut down".into())
+                    .await;
             }
         }
     }

@@ -1,17 +1,16 @@
-//! The vote: `Prepare` (READ-ONLY for a branch that wrote nothing, YES after the marker row and
-//! `PREPARE TRANSACTION`, NO otherwise) and `CommitOnePhase` (plain `COMMIT` for a transaction's
-//! only participant).
+//! The vote: `Prepare` and `CommitOnePhase` (plain `COMMIT` for a transaction's only participant)
+//! feed the branch's machine (`machine.rs`), which decides between READ-ONLY (a branch that wrote
+//! nothing), YES (after the marker row and `PREPARE TRANSACTION`) and NO; and the three-phase vote,
+//! which `three_phase` drives with a machine of its own.
 
+use treaty_commit_protocol::participant::{ParticipantEvent, Refusal, Remembered};
 use treaty_proto::Gid;
 
+use super::machine::{Answer, CONNECTION_FAILURE, Learned};
 use super::{Agent, BranchState};
-use crate::branches::{ActiveBranch, Finished, SlotGuard};
+use crate::branches::{Finished, SlotGuard};
 use crate::error::BranchError;
-use crate::failpoints;
 use crate::postgres::{self, DbError};
-
-/// SQLSTATE `connection_failure`, reported with a NO vote when the database connection broke.
-const CONNECTION_FAILURE: &str = "08006";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Vote {
@@ -34,116 +33,45 @@ impl Agent {
     /// `after-prepare` with `return(error)`).
     pub async fn prepare(&self, gid: &Gid) -> Result<Vote, BranchError> {
         let mut slot = self.branches.lock(gid.as_str()).await;
-        match slot.active.take() {
-            Some(branch) => self.prepare_open(gid, branch, false).await,
-            None => Ok(self.vote_without_branch(gid).await),
-        }
+        self.prepare_locked(&mut slot, gid).await
     }
 
-    /// The vote of a three-phase branch: the participants are recorded durably first (termination
-    /// needs them after a restart), and a branch that wrote nothing is prepared all the same, since
-    /// a READ-ONLY voter would take no part in termination and could report nothing.
-    pub async fn prepare_three_phase(
-        &self,
-        gid: &Gid,
-        peers: &[crate::three_phase::Peer],
-        promised: &treaty_commit_protocol::termination::Ballot,
-    ) -> Result<Vote, BranchError> {
-        let mut slot = self.branches.lock(gid.as_str()).await;
-        let Some(branch) = slot.active.take() else {
-            return Ok(self.vote_without_branch(gid).await);
+    /// `prepare` under a hold of the GID's lock the caller already has.
+    pub(super) async fn prepare_locked(&self, slot: &mut SlotGuard, gid: &Gid) -> Result<Vote, BranchError> {
+        if slot.machine.is_none() && slot.active.is_none() {
+            let remembered = match self.remembered(gid) {
+                Some(remembered) => remembered,
+                None => match self.look_up_unremembered(gid).await {
+                    Ok(remembered) => remembered,
+                    Err(vote) => return Ok(vote),
+                },
+            };
+            self.ensure_machine(slot, remembered);
+        }
+        self.ensure_machine(slot, Remembered::Prepared);
+        let event = ParticipantEvent::PrepareRequested {
+            participants: Vec::new(),
         };
-        if let Err(error) = crate::three_phase::store::insert(&self.pool, gid, peers, promised).await {
-            return Ok(self.vote_no(gid, branch, error).await);
-        }
-        self.prepare_open(gid, branch, true).await
-    }
-
-    pub(super) async fn prepare_open(
-        &self,
-        gid: &Gid,
-        mut branch: ActiveBranch,
-        always_prepare: bool,
-    ) -> Result<Vote, BranchError> {
-        // A branch known to have written skips the round trip that asks PostgreSQL.
-        let wrote_nothing = if branch.wrote || always_prepare {
-            false
-        } else {
-            match postgres::wrote_nothing(&mut branch.connection).await {
-                Ok(wrote_nothing) => wrote_nothing,
-                Err(error) => return Ok(self.vote_no(gid, branch, error).await),
-            }
-        };
-        if wrote_nothing {
-            return Ok(match postgres::commit(&mut branch.connection).await {
-                Ok(()) => {
-                    branch.transaction_ended();
-                    self.branches.record(gid.as_str(), Finished::ReadOnly);
-                    Vote::ReadOnly
-                }
-                Err(error) => self.vote_no(gid, branch, error).await,
-            });
-        }
-        if let Err(error) = failpoints::step(failpoints::BEFORE_PREPARE) {
-            // As a PREPARE that failed: the branch is rolled back.
-            self.roll_back(branch, gid).await;
-            self.branches
-                .record(gid.as_str(), Finished::Aborted(error.to_string()));
-            return Err(error);
-        }
-        match postgres::insert_marker_and_prepare(&mut branch.connection, gid, &self.branch_gid(gid)).await {
-            Ok(()) => {
-                let after = failpoints::step(failpoints::AFTER_PREPARE);
-                branch.transaction_ended();
-                self.branches.record(gid.as_str(), Finished::Prepared);
-                // On an error the branch stays prepared: the coordinator counts the failed call
-                // as a NO and its abort (or recovery) rolls the branch back.
-                after.map(|()| Vote::Yes)
-            }
-            Err(error) => Ok(self.vote_no(gid, branch, error).await),
+        match self.drive(slot, gid, event).await? {
+            Answer::Vote(vote) => Ok(vote),
+            other => Err(BranchError::Internal(format!(
+                "branch {gid} answered a prepare with {other:?}"
+            ))),
         }
     }
 
-    /// Ends the branch after a failed vote step and says why.
-    async fn vote_no(&self, gid: &Gid, branch: ActiveBranch, error: DbError) -> Vote {
-        let (sqlstate, message) = match error {
-            DbError::Sql { sqlstate, message } => {
-                self.roll_back(branch, gid).await;
-                (sqlstate, message)
-            }
-            DbError::Connection(message) => {
-                // If PREPARE itself went through, the branch stays prepared until the coordinator's
-                // abort (or reconciliation) rolls it back.
-                branch.discard();
-                (
-                    CONNECTION_FAILURE.to_owned(),
-                    format!("the connection to PostgreSQL broke while preparing: {message}"),
-                )
-            }
-            DbError::Client(message) => {
-                self.roll_back(branch, gid).await;
-                (String::new(), message)
-            }
-        };
-        tracing::warn!(%gid, %sqlstate, %message, "voting NO");
-        self.branches
-            .record(gid.as_str(), Finished::Aborted(format!("voted NO: {message}")));
-        Vote::No { sqlstate, message }
-    }
-
-    /// A `Prepare` for a GID with no open branch: a repeat of an earlier vote, or a branch that was
-    /// never opened here or was lost.
-    async fn vote_without_branch(&self, gid: &Gid) -> Vote {
-        match self.branches.finished(gid.as_str()) {
-            Some(Finished::Prepared | Finished::Committed) => return Vote::Yes,
-            Some(Finished::ReadOnly) => return Vote::ReadOnly,
-            Some(finished) => return Vote::no(format!("branch {gid} {}", finished.describe())),
-            None => {}
-        }
+    /// A `Prepare` for a GID with no open branch and no memory here (a repeat after a restart, or a
+    /// branch never opened here or lost): PostgreSQL says whether it is prepared or committed. A
+    /// NO vote that cannot even be looked up comes back as `Err`.
+    async fn look_up_unremembered(&self, gid: &Gid) -> Result<Remembered, Vote> {
         match postgres::prepared_and_marker(&self.pool, &self.branch_gid(gid)).await {
-            Ok((true, _)) | Ok((_, true)) => {
-                tracing::info!(%gid, "Prepare repeated for a branch PostgreSQL holds prepared or committed");
-                Vote::Yes
+            Ok((true, _)) => {
+                tracing::info!(%gid, "Prepare repeated for a branch PostgreSQL holds prepared");
+                Ok(Remembered::Prepared)
+            }
+            Ok((false, true)) => {
+                tracing::info!(%gid, "Prepare repeated for a branch PostgreSQL committed");
+                Ok(Remembered::Committed)
             }
             Ok((false, false)) => {
                 let message = format!(
@@ -154,21 +82,61 @@ impl Agent {
                     self.idle_timeout.as_millis()
                 );
                 tracing::warn!(%gid, "voting NO: {message}");
-                self.branches
-                    .record(gid.as_str(), Finished::Aborted(message.clone()));
-                Vote::no(message)
+                self.branches.record(gid.as_str(), Finished::Aborted(message));
+                Ok(Remembered::Aborted)
             }
             Err(error) => {
                 tracing::warn!(%gid, %error, "voting NO: cannot check pg_prepared_xacts");
-                Vote::No {
+                Err(Vote::No {
                     sqlstate: match &error {
                         DbError::Sql { sqlstate, .. } => sqlstate.clone(),
                         _ => CONNECTION_FAILURE.to_owned(),
                     },
                     message: format!("cannot check whether {gid} is prepared: {error}"),
-                }
+                })
             }
         }
+    }
+
+    /// The vote of a three-phase branch, as the executor of its machine's `PrepareBranch` (that
+    /// machine lives in `three_phase`; the branch's two-phase one is dropped here): the
+    /// participants are recorded durably first (termination needs them after a restart), and a
+    /// branch that wrote nothing is prepared all the same, since a READ-ONLY voter would take no
+    /// part in termination and could report nothing.
+    pub async fn prepare_three_phase(
+        &self,
+        gid: &Gid,
+        peers: &[crate::three_phase::Peer],
+        promised: &treaty_commit_protocol::termination::Ballot,
+    ) -> Result<Vote, BranchError> {
+        let mut slot = self.branches.lock(gid.as_str()).await;
+        if slot.active.is_none() {
+            // A repeat, or a branch never opened here: answered as a two-phase prepare would be.
+            return self.prepare_locked(&mut slot, gid).await;
+        }
+        slot.machine = None;
+        let mut learned = Learned::default();
+        let mut active = slot.active.take();
+        let prepared = match crate::three_phase::store::insert(&self.pool, gid, peers, promised).await {
+            Ok(()) => {
+                self.prepare_branch(&mut active, gid, &mut learned).await == ParticipantEvent::BranchPrepared
+            }
+            Err(error) => {
+                self.vote_failed(&mut active, gid, error, &mut learned);
+                false
+            }
+        };
+        if !prepared {
+            self.end_unprepared(&mut active, gid, &mut learned).await;
+        }
+        if let Some(error) = learned.error {
+            return Err(error);
+        }
+        Ok(match (prepared, learned.no_vote) {
+            (true, _) => Vote::Yes,
+            (false, Some((sqlstate, message))) => Vote::No { sqlstate, message },
+            (false, None) => Vote::no(format!("branch {gid} could not be prepared")),
+        })
     }
 
     pub async fn commit_one_phase(&self, gid: &Gid) -> Result<BranchState, BranchError> {
@@ -182,55 +150,40 @@ impl Agent {
         slot: &mut SlotGuard,
         gid: &Gid,
     ) -> Result<BranchState, BranchError> {
-        let Some(mut branch) = slot.active.take() else {
-            return self.repeat_commit_one_phase(gid);
-        };
-        match postgres::commit(&mut branch.connection).await {
-            Ok(()) => {
-                branch.transaction_ended();
-                self.branches.record(gid.as_str(), Finished::CommittedOnePhase);
-                Ok(BranchState::Committed)
-            }
-            Err(DbError::Connection(message)) => {
-                branch.discard();
-                tracing::error!(%gid, %message, "connection broke during a one-phase COMMIT; outcome unknown");
-                self.branches
-                    .record(gid.as_str(), Finished::OutcomeUnknown(message.clone()));
-                Err(BranchError::Unavailable(format!(
-                    "the connection to PostgreSQL broke during COMMIT of {gid}; whether it committed is \
-                     unknown: {message}"
-                )))
-            }
-            Err(error) => {
-                // A failed COMMIT (deferred constraint, serialization failure) rolled back already.
-                self.roll_back(branch, gid).await;
-                tracing::info!(%gid, %error, "one-phase COMMIT failed; the transaction rolled back");
-                self.branches
-                    .record(gid.as_str(), Finished::Aborted(format!("COMMIT failed: {error}")));
-                Err(error.into())
-            }
+        // Nothing remembered and nothing open: the branch was lost (or never opened), which is
+        // as good as rolled back; nothing here can be committed in one phase.
+        let remembered = self.remembered(gid);
+        self.ensure_machine(slot, remembered.unwrap_or(Remembered::Aborted));
+        match self
+            .drive(slot, gid, ParticipantEvent::CommitOnePhaseRequested)
+            .await?
+        {
+            Answer::Acknowledged => Ok(BranchState::Committed),
+            Answer::Refused(refusal) => Err(self.one_phase_refused(gid, refusal, remembered.is_some())),
+            other => Err(BranchError::Internal(format!(
+                "branch {gid} answered a one-phase commit with {other:?}"
+            ))),
         }
     }
 
-    fn repeat_commit_one_phase(&self, gid: &Gid) -> Result<BranchState, BranchError> {
-        match self.branches.finished(gid.as_str()) {
-            Some(Finished::CommittedOnePhase | Finished::ReadOnly | Finished::Committed) => {
-                Ok(BranchState::Committed)
-            }
-            Some(Finished::OutcomeUnknown(message)) => Err(BranchError::Unavailable(format!(
-                "the earlier COMMIT of {gid} has an unknown outcome: {message}"
-            ))),
-            Some(Finished::Prepared) => Err(BranchError::WrongState(format!(
+    fn one_phase_refused(&self, gid: &Gid, refusal: Refusal, remembered: bool) -> BranchError {
+        let finished = self.branches.finished(gid.as_str());
+        match (refusal, finished) {
+            (Refusal::OutcomeUnknown, Some(Finished::OutcomeUnknown(message))) => BranchError::Unavailable(
+                format!("the earlier COMMIT of {gid} has an unknown outcome: {message}"),
+            ),
+            (Refusal::Prepared, _) => BranchError::WrongState(format!(
                 "branch {gid} is prepared; finish it with Commit (COMMIT PREPARED), not CommitOnePhase"
-            ))),
-            Some(Finished::Aborted(reason)) => Err(BranchError::WrongState(format!(
+            )),
+            (Refusal::RolledBack, Some(Finished::Aborted(reason))) => BranchError::WrongState(format!(
                 "branch {gid} was rolled back ({reason}); there is nothing to commit"
-            ))),
-            None => Err(BranchError::WrongState(format!(
+            )),
+            (_, _) if !remembered => BranchError::WrongState(format!(
                 "no open branch for {gid} on shard {}: nothing to commit (it was never opened here, or it \
                  was lost when the participant or PostgreSQL restarted, or it idled out)",
                 self.shard
-            ))),
+            )),
+            (refusal, _) => BranchError::WrongState(format!("branch {gid}: {refusal}")),
         }
     }
 }

@@ -122,6 +122,72 @@ async fn branches_in_doubt_are_asked_about_and_never_decided_alone() {
 }
 
 #[tokio::test]
+async fn a_prepared_branch_whose_machine_times_out_asks_the_coordinator() {
+    // Rule: a 2PC machine prepared past its timeout asks the coordinator (`AskCoordinator`), and
+    // recovery applies the answer, long before `--in-doubt-after-ms` would have.
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("machine-asks", |c| {
+        c.branch_idle_timeout_ms = 200;
+        c.in_doubt_after_ms = 600_000;
+        c.reconcile_interval_ms = 100;
+    })
+    .await
+    else {
+        return;
+    };
+    kv(&env).await;
+    let gid = env.gid(1);
+    env.coordinator.decide(&gid, pb::Decision::Commit, true);
+    env.execute(&gid, "INSERT INTO kv VALUES (1, 'v')", vec![])
+        .await
+        .unwrap();
+    assert_eq!(vote(&env.prepare(&gid).await), pb::Vote::Yes);
+    let db = &env.db;
+    eventually(
+        "the branch committed on the coordinator's answer",
+        RESOLVED,
+        || async { !db.is_prepared(&gid).await },
+    )
+    .await;
+    assert_eq!(db.count("SELECT count(*) FROM kv").await, 1);
+    assert!(
+        env.coordinator
+            .asked
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|asked| asked == &gid),
+        "the coordinator was asked about the branch"
+    );
+    assert_eq!(env.commit(&gid).await.unwrap(), pb::BranchState::Committed);
+
+    // A branch rolled back by hand behind the participant's back: its waiting machine still asks,
+    // although PostgreSQL no longer lists it, and the coordinator's ABORT finishes it.
+    let by_hand = env.gid(2);
+    env.coordinator.decide(&by_hand, pb::Decision::Abort, true);
+    env.execute(&by_hand, "INSERT INTO kv VALUES (2, 'v')", vec![])
+        .await
+        .unwrap();
+    assert_eq!(vote(&env.prepare(&by_hand).await), pb::Vote::Yes);
+    db.sql(&format!("ROLLBACK PREPARED '{by_hand}:s0'")).await;
+    let coordinator = &env.coordinator;
+    eventually(
+        "the coordinator was asked about the vanished branch",
+        RESOLVED,
+        || async {
+            coordinator
+                .asked
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|asked| asked == &by_hand)
+        },
+    )
+    .await;
+    assert_eq!(env.abort(&by_hand).await.unwrap(), pb::BranchState::Aborted);
+}
+
+#[tokio::test]
 async fn marker_rows_are_deleted_once_the_coordinator_stops_tracking() {
     let _shared = SERVER.read().await;
     let Some(env) = Env::start("markers", |c| {
