@@ -19,7 +19,7 @@ use treaty_commit_protocol::transport::{
 };
 use treaty_proto::{Gid, ShardName, TxId};
 
-use crate::failpoints::{self, Delivery, Fired};
+use crate::failpoints::{self, Delivery, Fired, Name};
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -64,7 +64,7 @@ pub struct FaultyStore<S> {
     live: Arc<Live>,
 }
 
-fn fired(name: &'static str, what: &str, gid: &str) -> StoreError {
+fn fired(name: Name, what: &str, gid: &str) -> StoreError {
     StoreError(format!("failpoint {name}: {what} of {gid}"))
 }
 
@@ -159,7 +159,7 @@ enum Step {
 impl Step {
     /// The failpoint evaluated before any send of the round, and the one evaluated after the
     /// first send succeeded.
-    fn failpoints(self) -> (Option<&'static str>, &'static str) {
+    fn failpoints(self) -> (Option<Name>, Name) {
         match self {
             Step::Prepare => (None, failpoints::AFTER_SOME_PREPARES),
             Step::Commit => (
