@@ -13,14 +13,14 @@
 //! fixed by name rather than by liveness because the guard needs every participant's answer
 //! anyway: with the lowest-named one down, nobody could finish, so nobody needs to lead. The leader
 //! asks every participant (itself included) for its state under a fresh ballot, applies
-//! [`termination::decide`] once it holds all of them, and then pre-commits the rest under that ballot
+//! [`crate::termination::decide`] once it holds all of them, and then pre-commits the rest under that ballot
 //! before committing, or aborts.
 //!
 //! In 2PC a participant never finishes a prepared branch on its own: on a timeout it asks the
 //! coordinator ([`ParticipantAction::AskCoordinator`]).
 //!
-//! Two-phase branches in production also need what the model leaves out, and the machine owns those
-//! rules too: the idle timeout of a branch that has not voted ([`ParticipantEvent::StatementRan`]
+//! Two-phase branches in production need more rules, and the machine owns them too (the model
+//! checks the READ-ONLY vote among them): the idle timeout of a branch that has not voted ([`ParticipantEvent::StatementRan`]
 //! pushes it back), a branch whose work failed before its vote ([`ParticipantEvent::WorkAbandoned`]),
 //! the READ-ONLY vote of a branch that wrote nothing ([`ParticipantAction::CheckWrites`], then a
 //! local commit), the one-phase commit of a transaction's only participant
