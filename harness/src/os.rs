@@ -234,7 +234,9 @@ mod tests {
         assert!(!failpoints_built_in(&without).unwrap());
         let error = failpoints_built_in(&broken).unwrap_err().to_string();
         assert!(error.contains("--version") && error.contains("a note"), "{error}");
-        let error = failpoints_built_in(&dir.path().join("missing")).unwrap_err().to_string();
+        let error = failpoints_built_in(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("missing --version"), "{error}");
     }
 

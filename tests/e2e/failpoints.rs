@@ -54,7 +54,11 @@ fn the_binaries_under_test_have_failpoints() -> Result<()> {
     treaty_harness::require_failpoints()?;
     for name in ["treaty-coordinator", "treaty-participant"] {
         let binary = treaty_harness::binary_path(name)?;
-        assert!(treaty_harness::failpoints_built_in(&binary)?, "{}", binary.display());
+        assert!(
+            treaty_harness::failpoints_built_in(&binary)?,
+            "{}",
+            binary.display()
+        );
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ mod ids;
 mod protocol;
 pub mod value;
 
-pub use ids::{BranchGid, CoordinatorId, GID_PREFIX, Gid, IdError, ShardName, TxId};
 pub use clock::{Clock, SystemClock, now_ms};
+pub use ids::{BranchGid, CoordinatorId, GID_PREFIX, Gid, IdError, ShardName, TxId};
 pub use protocol::{Protocol, UnknownProtocol};
 pub use value::{Value, ValueError};

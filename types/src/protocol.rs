@@ -40,7 +40,9 @@ impl fmt::Display for Protocol {
 
 /// A protocol name that is neither spelling of either protocol.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a commit protocol: expected \"two-phase\" (or \"2pc\") or \"three-phase\" (or \"3pc\")")]
+#[error(
+    "{0:?} is not a commit protocol: expected \"two-phase\" (or \"2pc\") or \"three-phase\" (or \"3pc\")"
+)]
 pub struct UnknownProtocol(pub String);
 
 impl FromStr for Protocol {
