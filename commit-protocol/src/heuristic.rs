@@ -97,6 +97,16 @@ pub enum ResolveRefusal {
          nothing to resolve"
     )]
     NothingToResolve { txid: TxId },
+    #[error(
+        "transaction {txid}: no reachable shard holds its branch prepared and shard {shard} did not answer \
+         ({error}); it may have committed the transaction, so a heuristic ABORT could contradict that; \
+         retry when it answers"
+    )]
+    OnlyUnreachableMayHoldIt {
+        txid: TxId,
+        shard: ShardName,
+        error: String,
+    },
 }
 
 impl ResolveRequest {
@@ -215,11 +225,21 @@ pub fn plan_untracked(
             Ok(view.holding)
         }
         HeuristicDecision::Abort => {
-            if view.holding.is_empty() && view.unreachable.is_empty() {
-                return Err(ResolveRefusal::NothingToResolve { txid });
+            if view.holding.is_empty() {
+                // With no shard holding the branch, an unreachable one may have committed it: a
+                // transaction committed everywhere and then forgotten (its end record written)
+                // looks just like this. An abort sent there would contradict a commit.
+                return match view.unreachable.into_iter().next() {
+                    Some((shard, error)) => {
+                        Err(ResolveRefusal::OnlyUnreachableMayHoldIt { txid, shard, error })
+                    }
+                    None => Err(ResolveRefusal::NothingToResolve { txid }),
+                };
             }
-            // An unreachable shard may hold the branch too: the abort goes there as well (a shard
-            // without it answers that there is nothing to roll back).
+            // Some shard still holds the branch prepared, so no commit decision was ever carried
+            // out to the end (the end record comes only after every participant committed), and
+            // an unreachable shard cannot have committed it: the abort goes there as well (a shard
+            // without the branch answers that there is nothing to roll back).
             let mut participants = view.holding;
             participants.extend(view.unreachable.into_iter().map(|(shard, _)| shard));
             Ok(participants)
@@ -319,5 +339,12 @@ mod tests {
             plan_untracked(7, Abort, false, view(&[], &[])),
             Err(ResolveRefusal::NothingToResolve { .. })
         ));
+        assert!(
+            matches!(
+                plan_untracked(7, Abort, false, view(&[], &["s1"])),
+                Err(ResolveRefusal::OnlyUnreachableMayHoldIt { .. })
+            ),
+            "a committed and forgotten transaction must not be aborted on the shard that did not answer"
+        );
     }
 }

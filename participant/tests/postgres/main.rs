@@ -8,6 +8,7 @@
 // Test code: a failed setup step should stop the test loudly.
 #![allow(clippy::unwrap_used)]
 
+mod admin;
 mod branches;
 mod claim;
 mod pool;
