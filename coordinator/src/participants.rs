@@ -16,12 +16,12 @@ use tokio::sync::{mpsc, oneshot};
 use treaty_commit_protocol::participant::Report;
 use treaty_commit_protocol::termination::Ballot;
 use treaty_commit_protocol::transport::{
-    BranchOptions, Column, ExecutedAndCommitted, ExecutedAndVoted, Isolation, LinkError,
-    ParticipantTransport, PreCommitAnswer, PreparedBranch, PreparedLock, Statement, StatementResult,
-    VoteAnswer, VoteRequest,
+    BranchOptions, ExecutedAndCommitted, ExecutedAndVoted, Isolation, LinkError, ParticipantTransport,
+    PreCommitAnswer, PreparedBranch, PreparedLock, Statement, StatementResult, VoteAnswer, VoteRequest,
 };
 use treaty_proto::pb::participant_client::ParticipantClient;
 use treaty_proto::wire::{ballot_from_pb, ballot_to_pb, report_from_pb};
+pub use treaty_proto::wire::{result_from_pb, result_to_pb};
 use treaty_proto::{ApiError, Gid, Protocol, ShardName, pb};
 
 use crate::h2_channel::H2Channel;
@@ -100,66 +100,6 @@ fn options_to_pb(options: BranchOptions) -> pb::BranchOptions {
         isolation: isolation as i32,
         lock_timeout_ms: options.lock_timeout_ms,
         statement_timeout_ms: options.statement_timeout_ms,
-    }
-}
-
-/// A cell as the participant sent it. Not re-validated: it came from PostgreSQL, and a value this
-/// version's syntax checks would refuse (say a numeric `Infinity`) must reach the client unchanged.
-fn cell_from_pb(value: pb::Value) -> treaty_proto::Value {
-    use pb::value::Kind;
-    use treaty_proto::Value;
-    match value.kind {
-        None | Some(Kind::Null(_)) => Value::Null,
-        Some(Kind::Bool(b)) => Value::Bool(b),
-        Some(Kind::Int64(i)) => Value::Int64(i),
-        Some(Kind::Float64(f)) => Value::Float64(f),
-        Some(Kind::Text(s)) => Value::Text(s),
-        Some(Kind::Bytes(b)) => Value::Bytes(b),
-        Some(Kind::Numeric(s)) => Value::Numeric(s),
-        Some(Kind::TimestamptzMicros(t)) => Value::TimestamptzMicros(t),
-        Some(Kind::Uuid(s)) => Value::Uuid(s),
-        Some(Kind::Json(s)) => Value::Json(s),
-    }
-}
-
-/// A participant's result as the domain holds it.
-pub fn result_from_pb(result: pb::ExecuteResult) -> StatementResult {
-    StatementResult {
-        columns: result
-            .columns
-            .into_iter()
-            .map(|c| Column {
-                name: c.name,
-                type_name: c.type_name,
-            })
-            .collect(),
-        rows: result
-            .rows
-            .into_iter()
-            .map(|row| row.values.into_iter().map(cell_from_pb).collect())
-            .collect(),
-        rows_affected: result.rows_affected,
-    }
-}
-
-pub fn result_to_pb(result: StatementResult) -> pb::ExecuteResult {
-    pb::ExecuteResult {
-        columns: result
-            .columns
-            .into_iter()
-            .map(|c| pb::Column {
-                name: c.name,
-                type_name: c.type_name,
-            })
-            .collect(),
-        rows: result
-            .rows
-            .into_iter()
-            .map(|row| pb::Row {
-                values: row.into_iter().map(pb::Value::from).collect(),
-            })
-            .collect(),
-        rows_affected: result.rows_affected,
     }
 }
 

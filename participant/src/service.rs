@@ -15,7 +15,6 @@ use crate::agent::{Agent, BranchState, Vote};
 use crate::error::BranchError;
 use crate::failpoints;
 use crate::postgres::{BranchOptions, Isolation};
-use crate::statement::StatementOutput;
 use crate::three_phase::{Peer, PreCommitAnswer, ThreePhase};
 use crate::values;
 use treaty_proto::wire;
@@ -150,27 +149,6 @@ fn branch_options(options: Option<pb::BranchOptions>) -> Result<BranchOptions, S
     })
 }
 
-fn result_to_pb(output: StatementOutput) -> pb::ExecuteResult {
-    pb::ExecuteResult {
-        columns: output
-            .columns
-            .into_iter()
-            .map(|c| pb::Column {
-                name: c.name,
-                type_name: c.type_name,
-            })
-            .collect(),
-        rows: output
-            .rows
-            .into_iter()
-            .map(|row| pb::Row {
-                values: row.into_iter().map(pb::Value::from).collect(),
-            })
-            .collect(),
-        rows_affected: output.rows_affected,
-    }
-}
-
 fn vote_to_pb(vote: Vote) -> pb::PrepareResponse {
     let (vote, sqlstate, message) = match vote {
         Vote::Yes => (pb::Vote::Yes, String::new(), String::new()),
@@ -282,7 +260,7 @@ impl pb::participant_server::Participant for ParticipantService {
         let output = self
             .spawn(async move { agent.execute(&gid, &sql, params, &options).await })
             .await?;
-        Ok(Response::new(result_to_pb(output)))
+        Ok(Response::new(wire::result_to_pb(output)))
     }
 
     async fn execute_and_prepare(
@@ -317,7 +295,7 @@ impl pb::participant_server::Participant for ParticipantService {
         // The same reply failpoint as a separate Prepare: the vote was cast, its answer is lost.
         failpoints::reply(failpoints::BEFORE_PREPARE_REPLY).await?;
         Ok(Response::new(pb::ExecuteAndPrepareResponse {
-            result: Some(result_to_pb(output)),
+            result: Some(wire::result_to_pb(output)),
             vote: Some(vote_to_pb(vote)),
             protocol: if three_phase {
                 pb::Protocol::ThreePhase as i32
@@ -433,7 +411,7 @@ impl pb::participant_server::Participant for ParticipantService {
             })
             .await?;
         Ok(Response::new(pb::ExecuteAndCommitResponse {
-            result: Some(result_to_pb(output)),
+            result: Some(wire::result_to_pb(output)),
             committed,
         }))
     }

@@ -9,17 +9,13 @@
 use futures::TryStreamExt as _;
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Either, Executor as _, Row as _, SqlSafeStr as _, Statement as _};
-use treaty_proto::Value;
 
 use crate::postgres::DbError;
-use crate::values::{self, Column, DecodeError, Param};
+use crate::values::{self, DecodeError, Param};
 
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct StatementOutput {
-    pub columns: Vec<Column>,
-    pub rows: Vec<Vec<Value>>,
-    pub rows_affected: u64,
-}
+/// What a statement returned: the core's `StatementResult`, so that the wire conversion is the one
+/// in `treaty_proto::wire`.
+pub type StatementOutput = treaty_commit_protocol::transport::StatementResult;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatementError {
@@ -66,7 +62,7 @@ async fn run_single(
                 Either::Left(done) => output.rows_affected += done.rows_affected(),
                 Either::Right(row) => {
                     if output.columns.is_empty() {
-                        output.columns = row.columns().iter().map(Column::from_pg).collect();
+                        output.columns = row.columns().iter().map(values::column_from_pg).collect();
                     }
                     output.rows.push(values::decode_row(&row)?);
                 }
@@ -78,7 +74,7 @@ async fn run_single(
         // exact text, so this is a cache lookup, not a round trip (a failed Parse here would abort
         // the branch's transaction, which is why it must never be the first preparation).
         let statement = connection.prepare(AssertSqlSafe(text).into_sql_str()).await?;
-        output.columns = statement.columns().iter().map(Column::from_pg).collect();
+        output.columns = statement.columns().iter().map(values::column_from_pg).collect();
     }
     Ok(output)
 }
@@ -98,7 +94,7 @@ async fn run_batch(connection: &mut PgConnection, sql: &str) -> Result<Statement
             }
             Either::Right(row) => {
                 if pending.rows.is_empty() {
-                    pending.columns = row.columns().iter().map(Column::from_pg).collect();
+                    pending.columns = row.columns().iter().map(values::column_from_pg).collect();
                 }
                 pending.rows.push(values::decode_row(&row)?);
             }

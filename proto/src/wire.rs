@@ -1,9 +1,10 @@
 //! Conversions between the protocol's termination types ([`Ballot`], [`ReportedState`], [`Report`])
-//! and their `treaty.v1` wire forms, shared by the coordinator and the participant so that both
-//! read a peer's ballot the same way. Pure: a malformed message is an error naming the field.
+//! and statement results ([`StatementResult`]), and their `treaty.v1` wire forms, shared by the
+//! coordinator and the participant so that both read a peer's ballot or a result the same way. Pure: a malformed message is an error naming the field.
 
 use treaty_commit_protocol::participant::Report;
 use treaty_commit_protocol::termination::{Ballot, Proposer, ReportedState};
+use treaty_commit_protocol::transport::{Column, StatementResult};
 use treaty_types::ShardName;
 
 use crate::pb;
@@ -19,6 +20,67 @@ pub enum WireError {
     BadProposer { name: String, reason: String },
     #[error("reported state {0} is not one this version knows")]
     UnknownState(i32),
+}
+
+/// A statement's result on the wire.
+pub fn result_to_pb(result: StatementResult) -> pb::ExecuteResult {
+    pb::ExecuteResult {
+        columns: result
+            .columns
+            .into_iter()
+            .map(|c| pb::Column {
+                name: c.name,
+                type_name: c.type_name,
+            })
+            .collect(),
+        rows: result
+            .rows
+            .into_iter()
+            .map(|row| pb::Row {
+                values: row.into_iter().map(pb::Value::from).collect(),
+            })
+            .collect(),
+        rows_affected: result.rows_affected,
+    }
+}
+
+/// A cell as a participant sent it. Not re-validated: it came from PostgreSQL, and a value this
+/// version's syntax checks would refuse (say a numeric `Infinity`) must reach the client unchanged.
+fn cell_from_pb(value: pb::Value) -> treaty_types::Value {
+    use pb::value::Kind;
+    use treaty_types::Value;
+    match value.kind {
+        None | Some(Kind::Null(_)) => Value::Null,
+        Some(Kind::Bool(b)) => Value::Bool(b),
+        Some(Kind::Int64(i)) => Value::Int64(i),
+        Some(Kind::Float64(f)) => Value::Float64(f),
+        Some(Kind::Text(s)) => Value::Text(s),
+        Some(Kind::Bytes(b)) => Value::Bytes(b),
+        Some(Kind::Numeric(s)) => Value::Numeric(s),
+        Some(Kind::TimestamptzMicros(t)) => Value::TimestamptzMicros(t),
+        Some(Kind::Uuid(s)) => Value::Uuid(s),
+        Some(Kind::Json(s)) => Value::Json(s),
+    }
+}
+
+/// A participant's result as the domain holds it.
+pub fn result_from_pb(result: pb::ExecuteResult) -> StatementResult {
+    StatementResult {
+        columns: result
+            .columns
+            .into_iter()
+            .map(|c| Column {
+                name: c.name,
+                type_name: c.type_name,
+            })
+            .collect(),
+        rows: result
+            .rows
+            .into_iter()
+            .map(|row| row.values.into_iter().map(cell_from_pb).collect())
+            .collect(),
+        rows_affected: result.rows_affected,
+    }
 }
 
 pub fn ballot_to_pb(ballot: &Ballot) -> pb::Ballot {

@@ -53,21 +53,14 @@ impl Transaction {
         timeouts: Timeouts,
         now_ms: u64,
     ) -> (Self, Vec<Action>) {
-        let mut txn = Self::begin(txid, Protocol::TwoPhase, timeouts, now_ms);
-        txn.begun_at_ms = 0;
-        txn.recovered = true;
-        txn.decided_at_ms = Some(decided_at_ms);
-        txn.outcome = Some(Outcome::Committed);
-        txn.phase = Phase::Committing;
-        txn.branches = participants
-            .into_iter()
-            .map(|shard| Branch {
-                shard,
-                phase: BranchPhase::Committing,
-                attempts: 1,
-                last_error: None,
-            })
-            .collect();
+        let mut txn = Self::decided(
+            txid,
+            participants,
+            decided_at_ms,
+            Outcome::Committed,
+            timeouts,
+            now_ms,
+        );
         let mut actions: Vec<Action> = txn
             .branches
             .iter()
@@ -91,21 +84,8 @@ impl Transaction {
         timeouts: Timeouts,
         now_ms: u64,
     ) -> (Self, Vec<Action>) {
-        let mut txn = Self::begin(txid, Protocol::TwoPhase, timeouts, now_ms);
-        txn.begun_at_ms = 0;
-        txn.recovered = true;
-        txn.decided_at_ms = Some(decided_at_ms);
-        txn.outcome = Some(Outcome::Aborted(reason));
-        txn.phase = Phase::Aborting;
-        txn.branches = participants
-            .into_iter()
-            .map(|shard| Branch {
-                shard,
-                phase: BranchPhase::Aborting,
-                attempts: 1,
-                last_error: None,
-            })
-            .collect();
+        let outcome = Outcome::Aborted(reason);
+        let mut txn = Self::decided(txid, participants, decided_at_ms, outcome, timeouts, now_ms);
         let mut actions: Vec<Action> = txn
             .branches
             .iter()
@@ -116,5 +96,37 @@ impl Transaction {
             .collect();
         txn.finish_if_aborted(now_ms, &mut actions);
         (txn, actions)
+    }
+
+    /// A rebuilt two-phase transaction whose `outcome` is decided, every participant's branch in
+    /// phase two (its first message counted as sent).
+    fn decided(
+        txid: TxId,
+        participants: Vec<ShardName>,
+        decided_at_ms: u64,
+        outcome: Outcome,
+        timeouts: Timeouts,
+        now_ms: u64,
+    ) -> Self {
+        let (phase, branch_phase) = match outcome {
+            Outcome::Committed => (Phase::Committing, BranchPhase::Committing),
+            Outcome::Aborted(_) | Outcome::Unknown(_) => (Phase::Aborting, BranchPhase::Aborting),
+        };
+        let mut txn = Self::begin(txid, Protocol::TwoPhase, timeouts, now_ms);
+        txn.begun_at_ms = 0;
+        txn.recovered = true;
+        txn.decided_at_ms = Some(decided_at_ms);
+        txn.outcome = Some(outcome);
+        txn.phase = phase;
+        txn.branches = participants
+            .into_iter()
+            .map(|shard| Branch {
+                shard,
+                phase: branch_phase,
+                attempts: 1,
+                last_error: None,
+            })
+            .collect();
+        txn
     }
 }

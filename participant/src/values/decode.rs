@@ -13,20 +13,15 @@ use treaty_proto::Value;
 
 use super::{POSTGRES_EPOCH_MICROS, numeric};
 
-/// A result column as the API reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Column {
-    pub name: String,
-    /// PostgreSQL's name for the type, e.g. `int4`, `varchar`, `timestamptz`.
-    pub type_name: String,
-}
+/// A result column as the API reports it (the core's `Column`: PostgreSQL's name for the type, e.g.
+/// `int4`, `varchar`, `timestamptz`).
+pub use treaty_commit_protocol::transport::Column;
 
-impl Column {
-    pub fn from_pg(column: &PgColumn) -> Column {
-        Column {
-            name: column.name().to_owned(),
-            type_name: type_name(column.type_info()),
-        }
+/// The column as PostgreSQL described it.
+pub fn column_from_pg(column: &PgColumn) -> Column {
+    Column {
+        name: column.name().to_owned(),
+        type_name: type_name(column.type_info()),
     }
 }
 

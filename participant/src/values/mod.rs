@@ -14,7 +14,7 @@ use sqlx::postgres::types::Oid;
 use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, Postgres};
 use treaty_proto::Value;
 
-pub use decode::{Column, DecodeError, decode_row};
+pub use decode::{DecodeError, column_from_pg, decode_row};
 
 /// Microseconds from 1970-01-01 (Unix) to 2000-01-01 (PostgreSQL's epoch).
 const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
