@@ -56,8 +56,10 @@ pub type CoordinatorEngine = Engine<FileStore, ParticipantLinks>;
 pub type CoordinatorEngine =
     Engine<faults::FaultyStore<FileStore>, faults::FaultyTransport<ParticipantLinks>>;
 
-/// The engine on `store` and `links`, with the failpoint decorators where the build has them.
-pub fn engine_on(
+/// The engine on `store` and `links`, with the failpoint decorators where the build has them (for
+/// the in-crate tests that drive it against fake participants; `run` starts it with `driver::start`).
+#[cfg(test)]
+pub(crate) fn engine_on(
     id: CoordinatorId,
     store: FileStore,
     links: ParticipantLinks,

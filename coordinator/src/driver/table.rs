@@ -153,11 +153,6 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             .collect()
     }
 
-    /// Live transactions (for checks that every transaction finished).
-    pub fn live_count(&self) -> usize {
-        self.table().live.len()
-    }
-
     /// Every tracked transaction matching `keep`, newest first, at most `limit`.
     pub fn list(&self, keep: impl Fn(Phase) -> bool, limit: usize) -> Vec<Arc<TxnHandle>> {
         let table = self.table();
