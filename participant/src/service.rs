@@ -245,6 +245,34 @@ impl ParticipantService {
 
 #[tonic::async_trait]
 impl pb::participant_server::Participant for ParticipantService {
+    async fn commit_decision(
+        &self,
+        _request: Request<pb::CommitDecisionRequest>,
+    ) -> Result<Response<pb::CommitDecisionResponse>, Status> {
+        Err(Status::unimplemented("CommitDecision is not implemented yet"))
+    }
+
+    async fn read_decisions(
+        &self,
+        _request: Request<pb::ReadDecisionsRequest>,
+    ) -> Result<Response<pb::ReadDecisionsResponse>, Status> {
+        Err(Status::unimplemented("ReadDecisions is not implemented yet"))
+    }
+
+    async fn list_decisions(
+        &self,
+        _request: Request<pb::ListDecisionsRequest>,
+    ) -> Result<Response<pb::ListDecisionsResponse>, Status> {
+        Err(Status::unimplemented("ListDecisions is not implemented yet"))
+    }
+
+    async fn forget_decisions(
+        &self,
+        _request: Request<pb::ForgetDecisionsRequest>,
+    ) -> Result<Response<pb::ForgetDecisionsResponse>, Status> {
+        Err(Status::unimplemented("ForgetDecisions is not implemented yet"))
+    }
+
     async fn execute(
         &self,
         request: Request<pb::BranchExecuteRequest>,

@@ -11,7 +11,7 @@
 //! A GID cannot be a bind parameter of `PREPARE TRANSACTION`, so it is formatted into SQL text. That
 //! is only safe because every GID comes from `Gid::new`, `Gid::parse`, `BranchGid::new` or
 //! `BranchGid::parse`, which allow a fixed alphabet (`[A-Za-z0-9_-]`, `:` as separator, decimal
-//! digits) and at most 199 bytes.
+//! digits, `@` before a decision shard) and at most 199 bytes.
 
 use std::fmt;
 use std::sync::Arc;
@@ -24,6 +24,9 @@ pub const GID_PREFIX: &str = "treaty:";
 
 const MAX_NAME_BYTES: usize = 64;
 
+/// PostgreSQL's limit on a prepared transaction's GID, in bytes.
+const MAX_GID_BYTES: usize = 199;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
     #[error("{what} {value:?} is empty or longer than {MAX_NAME_BYTES} bytes")]
@@ -34,7 +37,11 @@ pub enum IdError {
         value: String,
         alphabet: &'static str,
     },
-    #[error("{0:?} is not a Treaty GID (expected treaty:<coordinator id>:<txid>)")]
+    #[error(
+        "GID {text:?} is too long: with its decision shard it may have at most {limit} bytes, so that every branch GID fits PostgreSQL's 199; shorten the coordinator id or the shard names"
+    )]
+    TooLong { text: String, limit: usize },
+    #[error("{0:?} is not a Treaty GID (expected treaty:<coordinator id>:<txid>[@<decision shard>])")]
     NotAGid(String),
     #[error("{0:?} is not a Treaty branch GID (expected treaty:<coordinator id>:<txid>:<shard>)")]
     NotABranchGid(String),
@@ -117,12 +124,16 @@ impl fmt::Display for CoordinatorId {
     }
 }
 
-/// `treaty:<coordinator id>:<txid>`, at most 7 + 64 + 1 + 20 = 92 bytes (PostgreSQL allows 199).
+/// `treaty:<coordinator id>:<txid>`, at most 7 + 64 + 1 + 20 = 92 bytes (PostgreSQL allows 199);
+/// or, when the transaction's commit decision is a row in one of its own branches
+/// (`--decision-store shard`), `treaty:<coordinator id>:<txid>@<decision shard>`: every prepared
+/// branch then names where its decision is, so any coordinator can find it from PostgreSQL alone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Gid {
     text: Arc<str>,
     coordinator: CoordinatorId,
     txid: TxId,
+    decision_shard: Option<ShardName>,
 }
 
 impl Gid {
@@ -131,7 +142,37 @@ impl Gid {
             text: format!("{GID_PREFIX}{coordinator}:{txid}").into(),
             coordinator: coordinator.clone(),
             txid,
+            decision_shard: None,
         }
+    }
+
+    /// The GID of a transaction whose commit decision is a row committed on `decision_shard`.
+    /// Refused when a branch GID of it could exceed PostgreSQL's 199 bytes (with a shard name of
+    /// the longest allowed length): shorten the coordinator id or the shard names.
+    pub fn with_decision_shard(
+        coordinator: &CoordinatorId,
+        txid: TxId,
+        decision_shard: &ShardName,
+    ) -> Result<Self, IdError> {
+        let text = format!("{GID_PREFIX}{coordinator}:{txid}@{decision_shard}");
+        if text.len() + 1 + MAX_NAME_BYTES > MAX_GID_BYTES {
+            return Err(IdError::TooLong {
+                text,
+                limit: MAX_GID_BYTES - 1 - MAX_NAME_BYTES,
+            });
+        }
+        Ok(Self {
+            text: text.into(),
+            coordinator: coordinator.clone(),
+            txid,
+            decision_shard: Some(decision_shard.clone()),
+        })
+    }
+
+    /// The shard whose `treaty.decisions` holds this transaction's decision; `None` when the
+    /// decision is in the coordinator's own store (the file log).
+    pub fn decision_shard(&self) -> Option<&ShardName> {
+        self.decision_shard.as_ref()
     }
 
     /// Parses a GID as sent by a coordinator or read from `pg_prepared_xacts`.
@@ -140,6 +181,10 @@ impl Gid {
         let rest = text.strip_prefix(GID_PREFIX).ok_or_else(not_a_gid)?;
         let (coordinator, txid) = rest.rsplit_once(':').ok_or_else(not_a_gid)?;
         let coordinator = CoordinatorId::new(coordinator).map_err(|_| not_a_gid())?;
+        let (txid, decision_shard) = match txid.split_once('@') {
+            Some((txid, shard)) => (txid, Some(ShardName::new(shard).map_err(|_| not_a_gid())?)),
+            None => (txid, None),
+        };
         if txid.is_empty()
             || !txid.bytes().all(|b| b.is_ascii_digit())
             || (txid.len() > 1 && txid.starts_with('0'))
@@ -147,7 +192,10 @@ impl Gid {
             return Err(not_a_gid());
         }
         let txid = txid.parse().map_err(|_| not_a_gid())?;
-        Ok(Self::new(&coordinator, txid))
+        match decision_shard {
+            Some(shard) => Self::with_decision_shard(&coordinator, txid, &shard).map_err(|_| not_a_gid()),
+            None => Ok(Self::new(&coordinator, txid)),
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -352,6 +400,42 @@ mod tests {
         }
         // The wire GID type never takes a branch GID for a transaction's.
         assert!(Gid::parse("treaty:c1:1:s0").is_err());
+    }
+
+    #[test]
+    fn gid_names_its_decision_shard_and_round_trips() {
+        let id = CoordinatorId::new("c1").unwrap();
+        let s0 = ShardName::new("s0").unwrap();
+        let gid = Gid::with_decision_shard(&id, 42, &s0).unwrap();
+        assert_eq!(gid.as_str(), "treaty:c1:42@s0");
+        assert_eq!(gid.decision_shard(), Some(&s0));
+        assert_eq!(Gid::parse("treaty:c1:42@s0").unwrap(), gid);
+        assert_eq!(Gid::new(&id, 42).decision_shard(), None);
+        let branch = BranchGid::new(&gid, &ShardName::new("s1").unwrap());
+        assert_eq!(branch.as_str(), "treaty:c1:42@s0:s1");
+        let parsed = BranchGid::parse(branch.as_str()).unwrap();
+        assert_eq!(parsed.gid().decision_shard(), Some(&s0));
+        assert_eq!(parsed, branch);
+        for bad in [
+            "treaty:c1:42@",
+            "treaty:c1:@s0",
+            "treaty:c1:42@s 0",
+            "treaty:c1:42@s0@s1",
+            "treaty:c1:42@s0'",
+        ] {
+            assert!(Gid::parse(bad).is_err(), "{bad} should be rejected");
+        }
+        let long = CoordinatorId::new(&"a".repeat(64)).unwrap();
+        let err = Gid::with_decision_shard(&long, u64::MAX, &ShardName::new(&"Z".repeat(64)).unwrap());
+        assert!(matches!(err, Err(IdError::TooLong { .. })), "{err:?}");
+        let fits =
+            Gid::with_decision_shard(&long, u64::MAX, &ShardName::new(&"Z".repeat(20)).unwrap()).unwrap();
+        assert!(
+            BranchGid::new(&fits, &ShardName::new(&"Z".repeat(64)).unwrap())
+                .as_str()
+                .len()
+                <= 199
+        );
     }
 
     #[test]

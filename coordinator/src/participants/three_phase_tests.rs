@@ -66,6 +66,34 @@ fn yes() -> pb::PrepareResponse {
 
 #[tonic::async_trait]
 impl Participant for Fake {
+    async fn commit_decision(
+        &self,
+        _: Request<pb::CommitDecisionRequest>,
+    ) -> Result<Response<pb::CommitDecisionResponse>, Status> {
+        Err(Status::unimplemented("the fake keeps no decisions"))
+    }
+
+    async fn read_decisions(
+        &self,
+        _: Request<pb::ReadDecisionsRequest>,
+    ) -> Result<Response<pb::ReadDecisionsResponse>, Status> {
+        Err(Status::unimplemented("the fake keeps no decisions"))
+    }
+
+    async fn list_decisions(
+        &self,
+        _: Request<pb::ListDecisionsRequest>,
+    ) -> Result<Response<pb::ListDecisionsResponse>, Status> {
+        Err(Status::unimplemented("the fake keeps no decisions"))
+    }
+
+    async fn forget_decisions(
+        &self,
+        _: Request<pb::ForgetDecisionsRequest>,
+    ) -> Result<Response<pb::ForgetDecisionsResponse>, Status> {
+        Err(Status::unimplemented("the fake keeps no decisions"))
+    }
+
     async fn execute(
         &self,
         _: Request<pb::BranchExecuteRequest>,
