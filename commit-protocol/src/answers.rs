@@ -18,7 +18,10 @@ use treaty_types::{Protocol, ShardName};
 use crate::events::{AbortCause, AbortReason, Event, Vote};
 use crate::participant::Report;
 use crate::termination::Ballot;
-use crate::transport::{ExecutedAndCommitted, ExecutedAndVoted, LinkError, PreCommitAnswer, VoteAnswer};
+use crate::transport::{
+    DecisionWrite, ExecutedAndCommitted, ExecutedAndVoted, LinkError, PreCommitAnswer, StoredDecision,
+    StoredOutcome, VoteAnswer,
+};
 
 /// Whether running the transaction again may succeed after this SQLSTATE: serialization failure,
 /// deadlock, lock or statement timeout, a lost connection.
@@ -161,6 +164,46 @@ pub fn one_phase(shard: &ShardName, result: Result<(), LinkError>) -> Event {
         // The call broke: the COMMIT may or may not have run.
         Err(other) => Event::OnePhaseUnknown {
             error: format!("shard {shard}: {other}"),
+        },
+    }
+}
+
+/// The event a decision branch's `CommitDecision` feeds. Only a clear answer decides: the commit
+/// row committed, or the participant said it did not (an abort row won, the COMMIT failed). Any
+/// other failure leaves the decision unknown, and it is read back (concluding abort if no row):
+/// even a refusal or a lost branch could follow a first attempt that committed.
+pub fn decision_written(shard: &ShardName, result: Result<DecisionWrite, LinkError>) -> Event {
+    match result {
+        Ok(DecisionWrite::Committed) => Event::DecisionDurable,
+        Ok(DecisionWrite::NotCommitted { message }) => Event::DecisionRefused {
+            reason: AbortReason::new(AbortCause::ConcludedAbort, message).on_shard(shard),
+        },
+        Err(error) => Event::DecisionUnknown {
+            error: format!("decision branch on shard {shard}: {error}"),
+        },
+    }
+}
+
+/// The event a `ConcludeDecision` (a read with `conclude_abort`) feeds for `gid`.
+pub fn decision_read(
+    shard: &ShardName,
+    gid: &treaty_types::Gid,
+    result: Result<Vec<StoredDecision>, LinkError>,
+) -> Event {
+    match result {
+        Ok(rows) => match rows
+            .iter()
+            .find(|row| &row.gid == gid)
+            .and_then(|row| row.outcome)
+        {
+            Some(StoredOutcome::Commit) => Event::DecisionLearned { commit: true },
+            Some(StoredOutcome::Abort) => Event::DecisionLearned { commit: false },
+            None => Event::DecisionUnknown {
+                error: format!("shard {shard} answered without a decision for {gid}"),
+            },
+        },
+        Err(error) => Event::DecisionUnknown {
+            error: format!("reading the decision on shard {shard}: {error}"),
         },
     }
 }

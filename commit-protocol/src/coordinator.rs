@@ -146,6 +146,9 @@ pub struct Transaction {
     /// Votes cast with a branch's last statement (one-shot submits), counted when the transaction
     /// prepares instead of a Prepare message to that shard (`one_shot.rs`).
     early_votes: Vec<one_shot::EarlyVote>,
+    /// 2PC: the commit decision is a row committed by the first branch instead of a record in the
+    /// coordinator's store (`decision_branch.rs`).
+    decide_in_branch: bool,
 }
 
 impl Transaction {
@@ -170,6 +173,7 @@ impl Transaction {
             highest_refusal: Ballot::COORDINATOR,
             learning: None,
             early_votes: Vec::new(),
+            decide_in_branch: false,
         }
     }
 
@@ -243,6 +247,17 @@ impl Transaction {
             Event::VoteCastEarly { shard, vote, named } => self.vote_cast_early(shard, vote, named),
             Event::VoteReceived { shard, vote } => self.vote_received(&shard, vote, now_ms, &mut actions),
             Event::DecisionDurable => self.decision_durable(now_ms, &mut actions),
+            Event::DecisionRefused { reason } => self.decision_refused(reason, now_ms, &mut actions),
+            Event::DecisionUnknown { error } => self.decision_unknown(error, &mut actions),
+            Event::DecisionLearned { commit: true } => self.decision_durable(now_ms, &mut actions),
+            Event::DecisionLearned { commit: false } => self.decision_refused(
+                AbortReason::new(
+                    AbortCause::ConcludedAbort,
+                    "the transaction was concluded aborted before its decision branch committed",
+                ),
+                now_ms,
+                &mut actions,
+            ),
             Event::Acknowledged { shard } => self.acknowledged(&shard, now_ms, &mut actions),
             Event::PhaseTwoFailed { shard, error } => self.phase_two_failed(&shard, error, &mut actions),
             Event::OnePhaseCommitted => self.one_phase_finished(Outcome::Committed, now_ms, &mut actions),
@@ -410,11 +425,13 @@ impl Transaction {
             branch.phase = BranchPhase::Preparing;
         }
         let cast = self.take_early_votes();
+        let decision_shard = self.keep_decision_branch_open(&cast);
         let to_ask: Vec<ShardName> = self
             .branches
             .iter()
             .map(|b| b.shard.clone())
             .filter(|shard| !cast.iter().any(|(voted, _)| voted == shard))
+            .filter(|shard| Some(shard) != decision_shard.as_ref())
             .collect();
         if !to_ask.is_empty() {
             actions.push(Action::SendPrepare { shards: to_ask });
@@ -452,7 +469,9 @@ impl Transaction {
             .filter(|b| b.phase == BranchPhase::Prepared)
             .map(|b| b.shard.clone())
             .collect();
-        if prepared.is_empty() {
+        if self.decide_in_branch(prepared.clone(), actions) {
+            // The decision branch commits the decision (or alone, in one phase).
+        } else if prepared.is_empty() {
             // Every branch was read-only and has finished: nothing to decide or log.
             self.decided_at_ms = Some(now_ms);
             self.finish(Phase::Committed, Outcome::Committed, now_ms, actions);
@@ -489,6 +508,7 @@ impl Transaction {
         if self.phase != Phase::LoggingCommit {
             return;
         }
+        self.decision_branch_committed();
         self.phase = Phase::Committing;
         self.decided_at_ms = Some(now_ms);
         self.outcome = Some(Outcome::Committed);
@@ -508,6 +528,8 @@ impl Transaction {
             self.reply = None;
             actions.push(Action::Reply(Outcome::Committed));
         }
+        // Every prepared branch may have been read-only but the decision branch's.
+        self.finish_if_applied(now_ms, actions);
     }
 
     fn acknowledged(&mut self, shard: &ShardName, now_ms: u64, actions: &mut Vec<Action>) {
@@ -623,7 +645,8 @@ impl Transaction {
     /// back. Nothing is logged (presumed abort).
     fn abort(&mut self, reason: AbortReason, now_ms: u64, actions: &mut Vec<Action>) {
         debug_assert!(
-            matches!(self.phase, Phase::Active | Phase::Preparing),
+            matches!(self.phase, Phase::Active | Phase::Preparing)
+                || (self.decide_in_branch && self.phase == Phase::LoggingCommit),
             "abort from {:?}",
             self.phase
         );
@@ -682,6 +705,7 @@ impl Transaction {
     }
 }
 
+mod decision_branch;
 mod one_shot;
 mod recovery;
 mod three_phase;
@@ -691,3 +715,6 @@ mod tests;
 
 #[cfg(test)]
 mod three_phase_tests;
+
+#[cfg(test)]
+mod decision_branch_tests;

@@ -26,11 +26,17 @@ pub enum AbortCause {
     ParticipantUnavailable,
     CoordinatorRestart,
     Heuristic,
+    /// The decision row says abort: another coordinator or an operator concluded abort before
+    /// this transaction's decision branch committed (`--decision-store shard`).
+    ConcludedAbort,
 }
 
 impl AbortReason {
     pub fn new(cause: AbortCause, message: impl Into<String>) -> Self {
-        let retryable = matches!(cause, AbortCause::Timeout | AbortCause::ParticipantUnavailable);
+        let retryable = matches!(
+            cause,
+            AbortCause::Timeout | AbortCause::ParticipantUnavailable | AbortCause::ConcludedAbort
+        );
         Self {
             cause,
             shard: None,
@@ -120,8 +126,23 @@ pub enum Event {
         shard: ShardName,
         vote: Vote,
     },
-    /// The commit decision asked for by `PersistCommit` is durable.
+    /// The commit decision asked for by `PersistCommit` is durable, or the decision branch asked
+    /// for by `CommitDecision` committed its commit row.
     DecisionDurable,
+    /// The decision branch did not commit its commit row: an abort row won (someone concluded
+    /// abort first), or its COMMIT failed and it rolled back. The transaction aborts.
+    DecisionRefused {
+        reason: AbortReason,
+    },
+    /// The decision branch's commit (or a `ConcludeDecision`) got no clear answer: the decision
+    /// must be read back, concluding abort if there is none (`ConcludeDecision`).
+    DecisionUnknown {
+        error: String,
+    },
+    /// The decision row read back by `ConcludeDecision`: commit, or abort (it was concluded).
+    DecisionLearned {
+        commit: bool,
+    },
     /// A participant applied the phase-two message (commit or abort) sent to it.
     Acknowledged {
         shard: ShardName,
@@ -166,6 +187,20 @@ pub enum Action {
     SendPrepare { shards: Vec<ShardName> },
     /// Force the commit decision naming these participants to the log; answered by `DecisionDurable`.
     PersistCommit { participants: Vec<ShardName> },
+    /// `--decision-store shard`: insert the commit row into `treaty.decisions` inside the decision
+    /// branch on `shard` and commit it in one phase (`standalone`: the shard holds no open branch
+    /// of this transaction, the row is inserted in a transaction of its own). `participants`: the
+    /// prepared branches to commit after. Answered by `DecisionDurable`, `DecisionRefused` or
+    /// `DecisionUnknown`.
+    CommitDecision {
+        shard: ShardName,
+        participants: Vec<ShardName>,
+        standalone: bool,
+    },
+    /// Read the decision row on `shard` after `delay_ms`, first inserting an abort row if there is
+    /// none (waiting for a commit row still uncommitted), so the answer is final. Answered by
+    /// `DecisionLearned` or `DecisionUnknown`.
+    ConcludeDecision { shard: ShardName, delay_ms: u64 },
     /// Send `COMMIT PREPARED` after `delay_ms`; answered by `Acknowledged` or `PhaseTwoFailed`.
     SendCommit { shard: ShardName, delay_ms: u64 },
     /// Send an abort after `delay_ms`; answered by `Acknowledged` or `PhaseTwoFailed`.

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 
-use treaty_types::{Gid, Protocol, ShardName, Value};
+use treaty_types::{CoordinatorId, Gid, Protocol, ShardName, Value};
 
 use crate::participant::Report;
 use crate::termination::Ballot;
@@ -98,6 +98,34 @@ pub struct PreCommitAnswer {
     /// When refused: the higher ballot it promised, if that is why.
     pub promised: Option<Ballot>,
     pub message: String,
+}
+
+/// What a decision branch's `CommitDecision` came to, when the participant answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecisionWrite {
+    /// The commit row committed: the transaction is decided commit.
+    Committed,
+    /// The commit row did not commit (an abort row won, or the COMMIT failed); the branch rolled
+    /// back. `message` says why.
+    NotCommitted { message: String },
+}
+
+/// A decision as `treaty.decisions` holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoredOutcome {
+    Commit,
+    Abort,
+}
+
+/// One row of `treaty.decisions` (or its absence).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDecision {
+    pub gid: Gid,
+    /// `None`: no row (only when not concluding).
+    pub outcome: Option<StoredOutcome>,
+    /// The shards to commit (commit rows).
+    pub participants: Vec<ShardName>,
+    pub decided_at_ms: u64,
 }
 
 /// A lock a prepared branch holds (`pg_locks`).
@@ -236,6 +264,45 @@ pub trait ParticipantTransport: Send + Sync + 'static {
         gid: &Gid,
         timeout_ms: u64,
     ) -> impl Future<Output = Result<(), LinkError>> + Send;
+
+    /// `--decision-store shard`: inserts the commit row of `gid` inside its branch on `shard` and
+    /// commits the branch in one phase (`standalone`: in a transaction of its own).
+    fn commit_decision(
+        &self,
+        shard: &ShardName,
+        gid: &Gid,
+        participants: &[ShardName],
+        standalone: bool,
+        timeout_ms: u64,
+    ) -> impl Future<Output = Result<DecisionWrite, LinkError>> + Send;
+
+    /// The decision rows of `gids` on `shard` (their decision shard), one per GID in order. With
+    /// `conclude_abort`, an abort row is first inserted for every GID without a row, so every
+    /// answer is final.
+    fn read_decisions(
+        &self,
+        shard: &ShardName,
+        gids: &[Gid],
+        conclude_abort: bool,
+        timeout_ms: u64,
+    ) -> impl Future<Output = Result<Vec<StoredDecision>, LinkError>> + Send;
+
+    /// The commit rows on `shard`, oldest first, optionally only `coordinator`'s.
+    fn list_decisions(
+        &self,
+        shard: &ShardName,
+        coordinator: Option<&CoordinatorId>,
+        limit: u32,
+        timeout_ms: u64,
+    ) -> impl Future<Output = Result<Vec<StoredDecision>, LinkError>> + Send;
+
+    /// Deletes the commit rows of `gids` on `shard` (every branch of each has committed).
+    fn forget_decisions(
+        &self,
+        shard: &ShardName,
+        gids: &[Gid],
+        timeout_ms: u64,
+    ) -> impl Future<Output = Result<u64, LinkError>> + Send;
 
     /// 3PC: pre-commit under `ballot`.
     fn pre_commit(
