@@ -58,6 +58,12 @@ pub struct Args {
     /// or three-phase (3pc).
     #[arg(long, env = "TREATY_COORDINATOR_DEFAULT_PROTOCOL")]
     pub default_protocol: Option<Protocol>,
+    /// Where two-phase commit decisions are kept: `file` (the coordinator's decision log, the
+    /// default) or `shard` (a row in `treaty.decisions` committed inside each transaction's first
+    /// branch, so the decision is as durable and available as that database and any coordinator
+    /// can read it). Three-phase commit always uses the file log.
+    #[arg(long, env = "TREATY_COORDINATOR_DECISION_STORE", value_enum)]
+    pub decision_store: Option<DecisionStoreKind>,
     /// Compact the decision log once it grows past this many bytes.
     #[arg(long, env = "TREATY_COORDINATOR_COMPACT_AFTER_BYTES")]
     pub compact_after_bytes: Option<u64>,
@@ -94,8 +100,20 @@ struct FileConfig {
     /// Either spelling, as the flag (`Protocol`'s `FromStr`).
     default_protocol: Option<String>,
     compact_after_bytes: Option<u64>,
+    decision_store: Option<DecisionStoreKind>,
     log_format: Option<LogFormat>,
     failpoints: Option<String>,
+}
+
+/// Where two-phase commit decisions are kept (`--decision-store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecisionStoreKind {
+    /// The coordinator's decision log (fsync per group of commits).
+    #[default]
+    File,
+    /// A row committed inside the transaction's first branch (`treaty.decisions`).
+    Shard,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +127,7 @@ pub struct Config {
     /// Used when a client leaves `TransactionOptions.protocol` unspecified.
     pub default_protocol: Protocol,
     pub compact_after_bytes: u64,
+    pub decision_store: DecisionStoreKind,
     pub log_format: LogFormat,
     pub failpoints: Option<String>,
     pub crash_at: Option<String>,
@@ -218,6 +237,7 @@ impl Config {
                 .compact_after_bytes
                 .or(file.compact_after_bytes)
                 .unwrap_or(64 << 20),
+            decision_store: args.decision_store.or(file.decision_store).unwrap_or_default(),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             failpoints: args.failpoints.or(file.failpoints),
             crash_at: args.crash_at,

@@ -15,6 +15,7 @@
 //! `resolve` (operators' heuristic decisions). No failpoint sits in the driver: a fault-injection
 //! build wraps the store and the transport in decorators (`crate::faults`).
 
+mod decision_rows;
 mod phases;
 mod recovery;
 mod resolve;
@@ -60,6 +61,9 @@ pub struct EngineSettings {
     pub lock_timeout_ms: u64,
     /// The protocol of a transaction that does not choose one.
     pub protocol: Protocol,
+    /// `--decision-store shard`: two-phase commit decisions are rows committed inside each
+    /// transaction's first branch (`treaty.decisions`), not records in the store.
+    pub decide_in_branch: bool,
 }
 
 /// What a recovering participant is told about a transaction (`QueryDecision`).
@@ -81,6 +85,8 @@ pub struct Engine<S, T> {
     default_timeouts: Timeouts,
     default_lock_timeout_ms: u64,
     default_protocol: Protocol,
+    decide_in_branch: bool,
+    forgets: decision_rows::Forgets,
     table: std::sync::Mutex<Table>,
     next_txid: AtomicU64,
     reserved_up_to: AtomicU64,
@@ -105,6 +111,8 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             default_timeouts: settings.timeouts,
             default_lock_timeout_ms: settings.lock_timeout_ms,
             default_protocol: settings.protocol,
+            decide_in_branch: settings.decide_in_branch,
+            forgets: decision_rows::Forgets::default(),
             table: std::sync::Mutex::new(Table::default()),
             // Skip the whole block reserved before the restart: some of it may have been handed out.
             next_txid: AtomicU64::new(txids_reserved_up_to + 1),
@@ -172,7 +180,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     /// Feeds an event the machine never refuses (results of the driver's own actions).
     fn feed_result(self: &Arc<Self>, handle: &Arc<TxnHandle>, event: Event) {
         if let Err(e) = self.feed(handle, event) {
-            tracing::error!(gid = %handle.gid, "protocol refused an internal event: {e}");
+            tracing::error!(gid = %handle.gid(), "protocol refused an internal event: {e}");
         }
     }
 
@@ -181,6 +189,12 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             match action {
                 Action::SendPrepare { shards } => self.send_prepare(handle, shards),
                 Action::PersistCommit { participants } => self.persist_commit(handle, participants),
+                Action::CommitDecision {
+                    shard,
+                    participants,
+                    standalone,
+                } => self.commit_decision(handle, shard, participants, standalone),
+                Action::ConcludeDecision { shard, delay_ms } => self.conclude_decision(handle, shard, delay_ms),
                 Action::SendCommit { shard, delay_ms } => self.send_phase_two(handle, shard, delay_ms, true),
                 Action::SendAbort { shard, delay_ms } => self.send_phase_two(handle, shard, delay_ms, false),
                 Action::CommitOnePhase { shard } => self.commit_one_phase(handle, shard),
@@ -205,9 +219,9 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                     // A heuristic decision stays in the store until this end record (an abort
                     // writes none of its own).
                     if handle.heuristic().is_some() {
-                        self.store.end(handle.gid.txid());
+                        self.store.end(handle.gid().txid());
                     }
-                    self.retire(handle.gid.txid());
+                    self.retire(handle.gid().txid());
                 }
             }
         }
@@ -219,6 +233,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         for handle in self.due(now) {
             self.feed_result(&handle, Event::Tick);
         }
+        self.flush_forgets();
     }
 
     /// Runs `tick` until the engine is dropped by everyone else.
@@ -236,24 +251,37 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     }
 
     /// What a recovering participant should do with `gid`, and whether the coordinator still
-    /// needs the participant's marker row for it.
-    pub fn decision(&self, gid: &str) -> (Decision, bool) {
-        let Ok(gid) = Gid::parse(gid) else {
-            return (Decision::Unknown, false);
-        };
-        if gid.coordinator() != &self.id {
-            return (Decision::Unknown, false);
+    /// needs the participant's marker row for it. A GID whose decision is a row is answered for
+    /// any coordinator: from this process's table when it runs the transaction, otherwise from
+    /// the row (concluding abort when there is none).
+    pub async fn decision(&self, gid: &str) -> (Decision, bool) {
+        let mut answers = self.decisions(&[gid.to_owned()]).await;
+        answers.pop().unwrap_or((Decision::Unknown, false))
+    }
+
+    /// What this process knows of `gid` without reading a decision row: `Err(shard)` when the
+    /// answer is the row on that decision shard.
+    fn local_decision(&self, gid: &Gid) -> Result<(Decision, bool), ShardName> {
+        let tracked = self.tracked(gid.txid()).filter(|handle| handle.gid() == gid);
+        if let (Some(shard), None) = (gid.decision_shard(), &tracked) {
+            if gid.coordinator() == &self.id && !self.resolving.presume_abort(gid.txid()) {
+                return Ok((Decision::Pending, true));
+            }
+            return Err(shard.clone());
         }
-        let Some(handle) = self.tracked(gid.txid()) else {
+        if gid.coordinator() != &self.id {
+            return Ok((Decision::Unknown, false));
+        }
+        let Some(handle) = tracked else {
             // An operator's resolve may be about to decide it: ask again later.
             if !self.resolving.presume_abort(gid.txid()) {
-                return (Decision::Pending, true);
+                return Ok((Decision::Pending, true));
             }
             // Presumed abort: no record means no commit was ever decided.
-            return (Decision::Abort, false);
+            return Ok((Decision::Abort, false));
         };
         let phase = handle.machine().phase();
-        match phase {
+        Ok(match phase {
             Phase::Committing => (Decision::Commit, true),
             Phase::Aborting => (Decision::Abort, true),
             Phase::Committed => (Decision::Commit, false),
@@ -261,7 +289,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             // Includes `PreCommitting`: a 3PC transaction whose outcome is being learned (a
             // pre-commit may be out) is never presumed aborted.
             _ => (Decision::Pending, true),
-        }
+        })
     }
 
     /// Forces what is queued in the store (graceful shutdown).

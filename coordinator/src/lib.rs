@@ -43,7 +43,7 @@ use treaty_proto::CoordinatorId;
 use treaty_proto::pb::coordinator_server::CoordinatorServer;
 use treaty_types::SystemClock;
 
-use crate::config::Config;
+use crate::config::{Config, DecisionStoreKind};
 use crate::driver::{Engine, EngineSettings};
 use crate::participants::ParticipantLinks;
 use crate::store::FileStore;
@@ -93,6 +93,8 @@ pub enum CoordinatorError {
     HeaderLost { dir: std::path::PathBuf },
     #[error("coordinator id: {0}")]
     BadId(treaty_proto::IdError),
+    #[error("--decision-store shard: {0}")]
+    GidRoom(String),
     #[error(transparent)]
     Links(#[from] participants::LinkSetupError),
     #[error("serving gRPC: {0}")]
@@ -179,7 +181,11 @@ pub async fn run(
         timeouts: config.timeouts,
         lock_timeout_ms: config.lock_timeout_ms,
         protocol: config.default_protocol,
+        decide_in_branch: config.decision_store == DecisionStoreKind::Shard,
     };
+    if settings.decide_in_branch {
+        check_gid_room(&id, config.shards.keys())?;
+    }
     // A damaged region may have held the latest txid reservation: skip a block per damaged region
     // so that no txid handed out before the damage is handed out again.
     let reserved_up_to = replay.txids_reserved_up_to + driver::TXID_BLOCK * replay.damage.len() as u64;
@@ -222,4 +228,17 @@ fn announce(addr: std::net::SocketAddr) {
 /// delayed ACK (about 40 ms per round trip, measured with one client in `treaty bench`).
 fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// With decisions in a shard, every branch GID names two shards; refuse at start a coordinator id
+/// and shard names too long for PostgreSQL's 199-byte GIDs rather than fail transactions later.
+fn check_gid_room<'a>(
+    id: &CoordinatorId,
+    shards: impl Iterator<Item = &'a treaty_proto::ShardName>,
+) -> Result<(), CoordinatorError> {
+    for shard in shards {
+        treaty_proto::Gid::with_decision_shard(id, u64::MAX, shard)
+            .map_err(|e| CoordinatorError::GidRoom(e.to_string()))?;
+    }
+    Ok(())
 }

@@ -16,13 +16,14 @@ use tokio::sync::{mpsc, oneshot};
 use treaty_commit_protocol::participant::Report;
 use treaty_commit_protocol::termination::Ballot;
 use treaty_commit_protocol::transport::{
-    BranchOptions, ExecutedAndCommitted, ExecutedAndVoted, Isolation, LinkError, ParticipantTransport,
-    PreCommitAnswer, PreparedBranch, PreparedLock, Statement, StatementResult, VoteAnswer, VoteRequest,
+    BranchOptions, DecisionWrite, ExecutedAndCommitted, ExecutedAndVoted, Isolation, LinkError,
+    ParticipantTransport, PreCommitAnswer, PreparedBranch, PreparedLock, Statement, StatementResult,
+    StoredDecision, StoredOutcome, VoteAnswer, VoteRequest,
 };
 use treaty_proto::pb::participant_client::ParticipantClient;
 use treaty_proto::wire::{ballot_from_pb, ballot_to_pb, report_from_pb};
 pub use treaty_proto::wire::{result_from_pb, result_to_pb};
-use treaty_proto::{ApiError, Gid, Protocol, ShardName, pb};
+use treaty_proto::{ApiError, CoordinatorId, Gid, Protocol, ShardName, pb};
 
 use crate::h2_channel::H2Channel;
 use commit_batch::PendingCommit;
@@ -307,6 +308,70 @@ impl ParticipantTransport for ParticipantLinks {
             .map(|_| ())
     }
 
+    async fn commit_decision(
+        &self,
+        shard: &ShardName,
+        gid: &Gid,
+        participants: &[ShardName],
+        standalone: bool,
+        timeout_ms: u64,
+    ) -> Result<DecisionWrite, LinkError> {
+        let mut client = self.client(shard)?;
+        let request = pb::CommitDecisionRequest {
+            gid: gid.to_string(),
+            participants: participants.iter().map(ToString::to_string).collect(),
+            standalone,
+        };
+        let response = call(timeout_ms, client.commit_decision(request)).await?;
+        Ok(if response.committed {
+            DecisionWrite::Committed
+        } else {
+            DecisionWrite::NotCommitted {
+                message: response.message,
+            }
+        })
+    }
+
+    async fn read_decisions(
+        &self,
+        shard: &ShardName,
+        gids: &[Gid],
+        conclude_abort: bool,
+        timeout_ms: u64,
+    ) -> Result<Vec<StoredDecision>, LinkError> {
+        let mut client = self.client(shard)?;
+        let request = pb::ReadDecisionsRequest {
+            gids: gids.iter().map(ToString::to_string).collect(),
+            conclude_abort,
+        };
+        let response = call(timeout_ms, client.read_decisions(request)).await?;
+        response.decisions.into_iter().map(stored_decision_from_pb).collect()
+    }
+
+    async fn list_decisions(
+        &self,
+        shard: &ShardName,
+        coordinator: Option<&CoordinatorId>,
+        limit: u32,
+        timeout_ms: u64,
+    ) -> Result<Vec<StoredDecision>, LinkError> {
+        let mut client = self.client(shard)?;
+        let request = pb::ListDecisionsRequest {
+            coordinator: coordinator.map(ToString::to_string).unwrap_or_default(),
+            limit,
+        };
+        let response = call(timeout_ms, client.list_decisions(request)).await?;
+        response.decisions.into_iter().map(stored_decision_from_pb).collect()
+    }
+
+    async fn forget_decisions(&self, shard: &ShardName, gids: &[Gid], timeout_ms: u64) -> Result<u64, LinkError> {
+        let mut client = self.client(shard)?;
+        let request = pb::ForgetDecisionsRequest {
+            gids: gids.iter().map(ToString::to_string).collect(),
+        };
+        Ok(call(timeout_ms, client.forget_decisions(request)).await?.deleted)
+    }
+
     async fn pre_commit(
         &self,
         shard: &ShardName,
@@ -373,4 +438,28 @@ impl ParticipantTransport for ParticipantLinks {
         let response = call(timeout_ms, client.query_state(request)).await?;
         report_from_pb(&response).map_err(|e| LinkError::Other(format!("unreadable QueryState answer: {e}")))
     }
+}
+
+/// A decision row as a participant answered it; a GID or shard name it cannot have sent is an
+/// unreadable answer, never a decision.
+fn stored_decision_from_pb(row: pb::StoredDecision) -> Result<StoredDecision, LinkError> {
+    let unreadable = |what: String| LinkError::Other(format!("unreadable decision row: {what}"));
+    let gid = Gid::parse(&row.gid).map_err(|e| unreadable(e.to_string()))?;
+    let outcome = match pb::Decision::try_from(row.decision) {
+        Ok(pb::Decision::Commit) => Some(StoredOutcome::Commit),
+        Ok(pb::Decision::Abort) => Some(StoredOutcome::Abort),
+        Ok(pb::Decision::Unspecified) => None,
+        _ => return Err(unreadable(format!("decision {} for {gid}", row.decision))),
+    };
+    let participants = row
+        .participants
+        .iter()
+        .map(|shard| ShardName::new(shard).map_err(|e| unreadable(e.to_string())))
+        .collect::<Result<_, _>>()?;
+    Ok(StoredDecision {
+        gid,
+        outcome,
+        participants,
+        decided_at_ms: row.decided_at_ms,
+    })
 }

@@ -117,6 +117,7 @@ fn reason_to_pb(reason: &AbortReason) -> pb::AbortReason {
         AbortCause::ExpectRows => pb::AbortCause::ExpectRows,
         AbortCause::ParticipantUnavailable => pb::AbortCause::ParticipantUnavailable,
         AbortCause::CoordinatorRestart => pb::AbortCause::CoordinatorRestart,
+        AbortCause::ConcludedAbort => pb::AbortCause::ConcludedAbort,
         AbortCause::Heuristic => pb::AbortCause::Heuristic,
     };
     pb::AbortReason {
@@ -162,7 +163,7 @@ fn info_to_pb(handle: &TxnHandle) -> pb::TransactionInfo {
     let txid = machine.txid();
     pb::TransactionInfo {
         txid,
-        gid: handle.gid.to_string(),
+        gid: handle.gid().to_string(),
         state: phase_to_pb(machine.phase()) as i32,
         protocol: match machine.protocol() {
             Protocol::TwoPhase => pb::Protocol::TwoPhase,
@@ -283,11 +284,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         if request.gids.len() > 10_000 {
             return Err(ApiError::InvalidArgument("at most 10000 gids per QueryDecision".into()).into());
         }
+        let decisions = self.engine.decisions(&request.gids).await;
         let answers = request
             .gids
             .into_iter()
-            .map(|gid| {
-                let (decision, tracked) = self.engine.decision(&gid);
+            .zip(decisions)
+            .map(|(gid, (decision, tracked))| {
                 let decision = match decision {
                     Decision::Commit => pb::Decision::Commit,
                     Decision::Abort => pb::Decision::Abort,

@@ -44,7 +44,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                 let timeout_ms = engine.default_timeouts.vote_ms;
                 let answer = engine
                     .transport
-                    .prepare(&shard, &handle.gid, request, timeout_ms)
+                    .prepare(&shard, handle.gid(), request, timeout_ms)
                     .await;
                 let vote = answers::vote(&shard, answer, protocol);
                 engine.feed_result(&handle, Event::VoteReceived { shard, vote });
@@ -57,7 +57,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         tokio::spawn(async move {
             let result = engine
                 .transport
-                .commit_one_phase(&shard, &handle.gid, PHASE_TWO_TIMEOUT_MS)
+                .commit_one_phase(&shard, handle.gid(), PHASE_TWO_TIMEOUT_MS)
                 .await;
             engine.feed_result(&handle, answers::one_phase(&shard, result));
         });
@@ -115,11 +115,11 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     async fn finish(&self, handle: &TxnHandle, shard: &ShardName, commit: bool) -> Event {
         let result = if commit {
             self.transport
-                .commit(shard, &handle.gid, PHASE_TWO_TIMEOUT_MS)
+                .commit(shard, handle.gid(), PHASE_TWO_TIMEOUT_MS)
                 .await
         } else {
             self.transport
-                .abort(shard, &handle.gid, PHASE_TWO_TIMEOUT_MS)
+                .abort(shard, handle.gid(), PHASE_TWO_TIMEOUT_MS)
                 .await
         };
         if let Err(error) = &result
@@ -127,7 +127,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         {
             // The participant's own records contradict the decision: this must never happen.
             // Keep retrying (visible in GetTransaction) and say so loudly.
-            tracing::error!(%shard, gid = %handle.gid, commit, %error, "participant contradicts the decision");
+            tracing::error!(%shard, gid = %handle.gid(), commit, %error, "participant contradicts the decision");
         }
         answers::phase_two(shard, result)
     }
@@ -140,8 +140,8 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         participants: Vec<ShardName>,
     ) {
         let record = PreCommitRecord {
-            txid: handle.gid.txid(),
-            gid: handle.gid.to_string(),
+            txid: handle.gid().txid(),
+            gid: handle.gid().to_string(),
             participants: participants.iter().map(ToString::to_string).collect(),
             at_ms: self.now_ms(),
         };
@@ -170,7 +170,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     async fn pre_commit(&self, handle: &TxnHandle, shard: &ShardName, ballot: &Ballot) -> Event {
         let result = self
             .transport
-            .pre_commit(shard, &handle.gid, ballot, PHASE_TWO_TIMEOUT_MS)
+            .pre_commit(shard, handle.gid(), ballot, PHASE_TWO_TIMEOUT_MS)
             .await;
         answers::pre_commit(shard, ballot, result)
     }
@@ -193,10 +193,10 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             tokio::spawn(async move {
                 let result = engine
                     .transport
-                    .query_state(&shard, &handle.gid, &ballot, &all, timeout_ms)
+                    .query_state(&shard, handle.gid(), &ballot, &all, timeout_ms)
                     .await;
                 if let Err(error) = &result {
-                    tracing::debug!(%shard, gid = %handle.gid, "QueryState failed: {error}");
+                    tracing::debug!(%shard, gid = %handle.gid(), "QueryState failed: {error}");
                 }
                 if let Some(report) = answers::state_report(result) {
                     let event = Event::ParticipantStatesLearned {
@@ -211,13 +211,16 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
 
     /// The lazy end record.
     pub(super) fn persist_end(&self, handle: &Arc<TxnHandle>) {
-        self.store.end(handle.gid.txid());
+        match handle.gid().decision_shard() {
+            Some(shard) => self.forget_decision(shard, handle.gid()),
+            None => self.store.end(handle.gid().txid()),
+        }
     }
 
     pub(super) fn persist_commit(self: &Arc<Self>, handle: &Arc<TxnHandle>, participants: Vec<ShardName>) {
         let record = CommitRecord {
-            txid: handle.gid.txid(),
-            gid: handle.gid.to_string(),
+            txid: handle.gid().txid(),
+            gid: handle.gid().to_string(),
             participants: participants.iter().map(ToString::to_string).collect(),
             decided_at_ms: self.now_ms(),
         };

@@ -47,6 +47,9 @@ pub async fn start<S: DecisionStore, T: ParticipantTransport>(
         "decision store replayed"
     );
     engine.recover(unfinished.commits);
+    if engine.decide_in_branch {
+        engine.redrive_decision_rows();
+    }
     engine.recover_pre_committed(unfinished.pre_committed, incarnation);
     engine.recover_heuristics(unfinished.heuristics);
     Ok(engine)

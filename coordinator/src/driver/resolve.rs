@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use treaty_commit_protocol::heuristic::{self, PreparedView, ResolveRefusal, ResolveRequest, TrackedPlan};
 use treaty_commit_protocol::store::{DecisionStore, HeuristicDecision, HeuristicRecord};
-use treaty_commit_protocol::transport::{BranchOptions, LinkError, ParticipantTransport, PreparedBranch};
+use treaty_commit_protocol::transport::{
+    BranchOptions, LinkError, ParticipantTransport, PreparedBranch, StoredOutcome,
+};
 use treaty_proto::{ApiError, Gid, ShardName, TxId};
 
 use super::table::TxnHandle;
@@ -256,7 +258,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         })?;
         let participants = shards();
         let record = self
-            .force_heuristic(&handle.gid, &request, participants.clone())
+            .force_heuristic(handle.gid(), &request, participants.clone())
             .await?;
         handle.set_heuristic(record);
         // Every abort may have been acknowledged before the note was attached: end it here then.
@@ -285,19 +287,39 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             drop(guard);
             return self.resolve_tracked(&handle, request).await;
         }
-        let gid = Gid::new(&self.id, txid);
+        let mut gid = Gid::new(&self.id, txid);
         let mut view = PreparedView {
             shards: self.transport.shards(),
             ..PreparedView::default()
         };
+        let ours = |text: &str| Gid::parse(text).ok().filter(|g| g.coordinator() == &self.id && g.txid() == txid);
         for (shard, answer) in self.prepared_everywhere(LIST_PREPARED_TIMEOUT_MS).await {
             match answer {
-                Ok(branches) if branches.iter().any(|b| b.gid == gid.as_str()) => view.holding.push(shard),
-                Ok(_) => {}
+                Ok(branches) => {
+                    if let Some(found) = branches.iter().find_map(|b| ours(&b.gid)) {
+                        // Under `--decision-store shard` the GID names its decision shard.
+                        gid = found;
+                        view.holding.push(shard);
+                    }
+                }
                 Err(error) => view.unreachable.push((shard, error.to_string())),
             }
         }
+        if let Some(decision_shard) = gid.decision_shard().cloned() {
+            return self.resolve_by_row(gid, decision_shard, request, view.holding).await;
+        }
         let shards = heuristic::plan_untracked(txid, request.decision, presumed, view).map_err(refusal)?;
+        self.record_and_drive(gid, request, shards).await
+    }
+
+    /// Records an untracked transaction's heuristic decision and carries it out on `shards`.
+    async fn record_and_drive(
+        self: &Arc<Self>,
+        gid: Gid,
+        request: ResolveRequest,
+        shards: Vec<ShardName>,
+    ) -> Result<ResolveOutcome, ApiError> {
+        let txid = request.txid;
         let participants: Vec<String> = shards.iter().map(ToString::to_string).collect();
         let record = self.force_heuristic(&gid, &request, participants.clone()).await?;
         let now = self.now_ms();
@@ -328,6 +350,64 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             ),
             shards: participants,
         })
+    }
+
+    /// `--decision-store shard`: an untracked transaction's decision is its row on `shard`. ABORT
+    /// concludes abort there (an abort row, unless a commit row committed first: then it is
+    /// refused). COMMIT is allowed only when the row already says commit: without a committed
+    /// commit row the decision branch's writes are rolled back or may still commit, so committing
+    /// the others would break atomicity. The operator's note goes to the store for the record.
+    async fn resolve_by_row(
+        self: &Arc<Self>,
+        gid: Gid,
+        shard: ShardName,
+        request: ResolveRequest,
+        holding: Vec<ShardName>,
+    ) -> Result<ResolveOutcome, ApiError> {
+        let txid = request.txid;
+        let conclude = request.decision == HeuristicDecision::Abort;
+        let rows = self
+            .transport
+            .read_decisions(&shard, std::slice::from_ref(&gid), conclude, LIST_PREPARED_TIMEOUT_MS)
+            .await
+            .map_err(|e| {
+                ApiError::Unavailable(format!(
+                    "transaction {txid}: its decision is a row on shard {shard}, which did not answer ({e}); try again"
+                ))
+            })?;
+        let row = rows.into_iter().find(|row| row.gid == gid);
+        let held = row.as_ref().and_then(|row| row.outcome);
+        let shards = match (request.decision, held) {
+            (HeuristicDecision::Abort, Some(StoredOutcome::Abort)) => holding,
+            (HeuristicDecision::Commit, Some(StoredOutcome::Commit)) => {
+                row.map(|row| row.participants).unwrap_or_default()
+            }
+            (HeuristicDecision::Abort, Some(StoredOutcome::Commit)) => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "transaction {txid}: its decision row on shard {shard} says COMMIT; a heuristic ABORT would \
+                     contradict it (resolve with --commit, or let a coordinator finish it)"
+                )));
+            }
+            (HeuristicDecision::Commit, Some(StoredOutcome::Abort)) => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "transaction {txid}: its decision row on shard {shard} says ABORT; a heuristic COMMIT would \
+                     contradict it (resolve with --abort)"
+                )));
+            }
+            (HeuristicDecision::Commit, None) => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "transaction {txid}: shard {shard} holds no decision row for it, so its decision branch never \
+                     committed: those writes are rolled back or may still commit, and committing the other \
+                     shards would break atomicity; only --abort can be resolved"
+                )));
+            }
+            (HeuristicDecision::Abort, None) => {
+                return Err(ApiError::Unavailable(format!(
+                    "transaction {txid}: shard {shard} answered without concluding its decision; try again"
+                )));
+            }
+        };
+        self.record_and_drive(gid, request, shards).await
     }
 
     /// Forces the heuristic record; a store that cannot write stops the coordinator.

@@ -38,7 +38,10 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         let txid = self.allocate_txid().await?;
         let timeouts = options.timeouts.unwrap_or(self.default_timeouts);
         let protocol = options.protocol.unwrap_or(self.default_protocol);
-        let machine = Transaction::begin(txid, protocol, timeouts, self.now_ms());
+        let mut machine = Transaction::begin(txid, protocol, timeouts, self.now_ms());
+        if self.decide_in_branch {
+            machine.set_decision_in_branch();
+        }
         self.register(Gid::new(&self.id, txid), options.label, options.branch, machine);
         Ok(txid)
     }
@@ -82,6 +85,13 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         let handle = self.handle(txid)?;
         self.feed(&handle, Event::Enlist { shard: shard.clone() })
             .map_err(refused)?;
+        let decision_shard = handle.machine().decision_shard().cloned();
+        if let Some(decision_shard) = decision_shard {
+            // Before any participant hears the GID: every branch names where the decision is.
+            handle
+                .fix_decision_shard(&decision_shard)
+                .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        }
         let now = self.now_ms();
         let remaining = handle
             .machine()
@@ -100,7 +110,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     ) -> Result<StatementResult, ApiError> {
         let (shard, handle, timeout_ms) = self.enlist(txid, shard)?;
         let statement = Statement {
-            gid: handle.gid.clone(),
+            gid: handle.gid().clone(),
             sql,
             params,
             options: handle.branch_options,
@@ -176,7 +186,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         let (shard, handle, remaining) = self.enlist(txid, shard)?;
         *handle.fused() = Fused::Pending {
             statement: Statement {
-                gid: handle.gid.clone(),
+                gid: handle.gid().clone(),
                 sql,
                 params,
                 options: handle.branch_options,
@@ -231,7 +241,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         receiver.await.map_err(|_| {
             ApiError::Unavailable(format!(
                 "transaction {} is still being decided by another request; ask GetTransaction for its outcome",
-                handle.gid.txid()
+                handle.gid().txid()
             ))
         })
     }

@@ -4,14 +4,14 @@
 //! Finished ones stay (bounded) for `GetTransaction` and `QueryDecision`.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tokio::sync::oneshot;
 use treaty_commit_protocol::store::{DecisionStore, HeuristicRecord};
 use treaty_commit_protocol::transport::{
     BranchOptions, ExecutedAndCommitted, LinkError, ParticipantTransport, Statement,
 };
-use treaty_proto::{ApiError, Gid, TxId};
+use treaty_proto::{ApiError, Gid, ShardName, TxId};
 
 use super::Engine;
 use crate::protocol::{Outcome, Phase, Transaction};
@@ -21,7 +21,11 @@ const HISTORY: usize = 10_000;
 
 /// One transaction: its protocol state plus what the driver needs to talk about it.
 pub struct TxnHandle {
-    pub gid: Gid,
+    /// The GID the transaction begins with.
+    provisional_gid: Gid,
+    /// `--decision-store shard`: the GID naming the decision shard, fixed when the first branch is
+    /// enlisted (before any participant hears of the transaction).
+    gid_with_decision: OnceLock<Gid>,
     pub label: String,
     pub(super) branch_options: BranchOptions,
     machine: Mutex<Transaction>,
@@ -54,6 +58,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl TxnHandle {
     /// The protocol state; a poisoned lock still holds a consistent machine because `step`
     /// never panics half-way through a change it has not finished validating.
+    /// The transaction's GID, as every participant hears it.
+    pub fn gid(&self) -> &Gid {
+        self.gid_with_decision.get().unwrap_or(&self.provisional_gid)
+    }
+
+    /// Names the decision shard in the GID (once; every caller passes the same shard, the
+    /// machine's first branch's).
+    pub(super) fn fix_decision_shard(&self, shard: &ShardName) -> Result<(), treaty_proto::IdError> {
+        if self.gid_with_decision.get().is_none() {
+            let gid = &self.provisional_gid;
+            let fixed = Gid::with_decision_shard(gid.coordinator(), gid.txid(), shard)?;
+            let _ = self.gid_with_decision.set(fixed);
+        }
+        Ok(())
+    }
+
     pub fn machine(&self) -> MutexGuard<'_, Transaction> {
         lock(&self.machine)
     }
@@ -102,7 +122,8 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     ) -> Arc<TxnHandle> {
         let txid = machine.txid();
         let handle = Arc::new(TxnHandle {
-            gid,
+            provisional_gid: gid,
+            gid_with_decision: OnceLock::new(),
             label,
             branch_options,
             machine: Mutex::new(machine),
@@ -164,7 +185,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             .cloned()
             .collect();
         drop(table);
-        found.sort_by_key(|h| std::cmp::Reverse(h.gid.txid()));
+        found.sort_by_key(|h| std::cmp::Reverse(h.gid().txid()));
         found.truncate(limit);
         found
     }

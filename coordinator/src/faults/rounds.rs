@@ -14,10 +14,10 @@ use treaty_commit_protocol::store::{
 };
 use treaty_commit_protocol::termination::Ballot;
 use treaty_commit_protocol::transport::{
-    ExecutedAndCommitted, ExecutedAndVoted, LinkError, ParticipantTransport, PreCommitAnswer, PreparedBranch,
-    Statement, StatementResult, VoteAnswer, VoteRequest,
+    DecisionWrite, ExecutedAndCommitted, ExecutedAndVoted, LinkError, ParticipantTransport, PreCommitAnswer,
+    PreparedBranch, Statement, StatementResult, StoredDecision, VoteAnswer, VoteRequest,
 };
-use treaty_proto::{Gid, ShardName, TxId};
+use treaty_proto::{CoordinatorId, Gid, ShardName, TxId};
 
 use crate::failpoints::{self, Delivery, Fired, Name};
 
@@ -363,6 +363,63 @@ impl<T: ParticipantTransport> ParticipantTransport for FaultyTransport<T> {
 
     async fn commit_one_phase(&self, shard: &ShardName, gid: &Gid, timeout_ms: u64) -> Result<(), LinkError> {
         self.inner.commit_one_phase(shard, gid, timeout_ms).await
+    }
+
+    /// The decision branch's commit passes the same failpoints as the file log's commit record:
+    /// before it, nothing is sent; after it, the row committed but its answer is lost. Either way
+    /// the driver reads the decision back.
+    async fn commit_decision(
+        &self,
+        shard: &ShardName,
+        gid: &Gid,
+        participants: &[ShardName],
+        standalone: bool,
+        timeout_ms: u64,
+    ) -> Result<DecisionWrite, LinkError> {
+        if failpoints::hit(failpoints::BEFORE_COMMIT_DECISION).is_some() {
+            return Err(LinkError::Other(format!(
+                "failpoint {} fired before the decision branch of {gid} committed",
+                failpoints::BEFORE_COMMIT_DECISION.as_str()
+            )));
+        }
+        let written = self
+            .inner
+            .commit_decision(shard, gid, participants, standalone, timeout_ms)
+            .await?;
+        if written == DecisionWrite::Committed {
+            self.live.insert(gid.txid(), participants.len());
+        }
+        if failpoints::hit(failpoints::AFTER_COMMIT_DECISION).is_some() {
+            return Err(LinkError::Other(format!(
+                "failpoint {} fired: the decision branch of {gid} answered, the answer is lost",
+                failpoints::AFTER_COMMIT_DECISION.as_str()
+            )));
+        }
+        Ok(written)
+    }
+
+    async fn read_decisions(
+        &self,
+        shard: &ShardName,
+        gids: &[Gid],
+        conclude_abort: bool,
+        timeout_ms: u64,
+    ) -> Result<Vec<StoredDecision>, LinkError> {
+        self.inner.read_decisions(shard, gids, conclude_abort, timeout_ms).await
+    }
+
+    async fn list_decisions(
+        &self,
+        shard: &ShardName,
+        coordinator: Option<&CoordinatorId>,
+        limit: u32,
+        timeout_ms: u64,
+    ) -> Result<Vec<StoredDecision>, LinkError> {
+        self.inner.list_decisions(shard, coordinator, limit, timeout_ms).await
+    }
+
+    async fn forget_decisions(&self, shard: &ShardName, gids: &[Gid], timeout_ms: u64) -> Result<u64, LinkError> {
+        self.inner.forget_decisions(shard, gids, timeout_ms).await
     }
 
     /// Only the coordinator's own first round (`Ballot::COORDINATOR`) of a transaction this

@@ -1,0 +1,184 @@
+//! Carrying out the decision-row actions of `--decision-store shard` (the decision inside
+//! PostgreSQL, `treaty.decisions` on the transaction's decision shard): the decision branch's
+//! commit (`CommitDecision`), reading a decision back and concluding abort when there is none
+//! (`ConcludeDecision`, and `QueryDecision` for a transaction this process does not track),
+//! forgetting commit rows in batches once every branch committed, and re-driving the commit rows
+//! of this coordinator after a restart. What an answer means is the core's
+//! (`treaty_commit_protocol::answers`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use treaty_commit_protocol::answers;
+use treaty_commit_protocol::store::{CommitRecord, DecisionStore};
+use treaty_commit_protocol::transport::{ParticipantTransport, StoredOutcome};
+use treaty_proto::{Gid, ShardName};
+
+use super::table::TxnHandle;
+use super::{Decision, Engine, PHASE_TWO_TIMEOUT_MS};
+
+/// Commit rows forgotten per `ForgetDecisions` call, at most.
+const FORGET_BATCH: usize = 1_000;
+/// Commit rows listed per shard and call when re-driving after a restart.
+const LIST_BATCH: u32 = 10_000;
+/// Pause between attempts to list a shard's commit rows while it is unreachable.
+const LIST_RETRY: Duration = Duration::from_millis(500);
+
+/// GIDs whose commit rows can go, per decision shard, until the next flush.
+#[derive(Default)]
+pub(super) struct Forgets(std::sync::Mutex<BTreeMap<ShardName, Vec<Gid>>>);
+
+impl Forgets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ShardName, Vec<Gid>>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
+    /// The decision branch inserts the commit row and commits; its answer is fed back.
+    pub(super) fn commit_decision(
+        self: &Arc<Self>,
+        handle: &Arc<TxnHandle>,
+        shard: ShardName,
+        participants: Vec<ShardName>,
+        standalone: bool,
+    ) {
+        let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
+        tokio::spawn(async move {
+            let result = engine
+                .transport
+                .commit_decision(&shard, handle.gid(), &participants, standalone, PHASE_TWO_TIMEOUT_MS)
+                .await;
+            engine.feed_result(&handle, answers::decision_written(&shard, result));
+        });
+    }
+
+    /// Reads the decision back after `delay_ms`, concluding abort if there is no row.
+    pub(super) fn conclude_decision(self: &Arc<Self>, handle: &Arc<TxnHandle>, shard: ShardName, delay_ms: u64) {
+        let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
+        tokio::spawn(async move {
+            if delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            }
+            let gid = handle.gid().clone();
+            let result = engine
+                .transport
+                .read_decisions(&shard, std::slice::from_ref(&gid), true, PHASE_TWO_TIMEOUT_MS)
+                .await;
+            engine.feed_result(&handle, answers::decision_read(&shard, &gid, result));
+        });
+    }
+
+    /// The transaction's end: its commit row can go (batched; see `flush_forgets`).
+    pub(super) fn forget_decision(&self, shard: &ShardName, gid: &Gid) {
+        self.forgets.lock().entry(shard.clone()).or_default().push(gid.clone());
+    }
+
+    /// Deletes the commit rows queued by `forget_decision`, one call per shard. A failed call
+    /// loses nothing that matters: the rows stay, and a restart re-drives them (the commits are
+    /// answered as already done) and forgets them again.
+    pub(super) fn flush_forgets(self: &Arc<Self>) {
+        let queued = std::mem::take(&mut *self.forgets.lock());
+        for (shard, gids) in queued {
+            for batch in gids.chunks(FORGET_BATCH) {
+                let (engine, shard, batch) = (Arc::clone(self), shard.clone(), batch.to_vec());
+                tokio::spawn(async move {
+                    if let Err(error) = engine
+                        .transport
+                        .forget_decisions(&shard, &batch, PHASE_TWO_TIMEOUT_MS)
+                        .await
+                    {
+                        tracing::debug!(%shard, rows = batch.len(), "forgetting commit rows failed: {error}");
+                    }
+                });
+            }
+        }
+    }
+
+    /// `QueryDecision`: what a participant should do with each GID, and whether the coordinator
+    /// still needs its marker row. A GID whose decision is a row and that this process does not
+    /// run is answered from the row, and with none an abort row is inserted first, so the answer
+    /// is final whoever runs the transaction (any coordinator answers for any other); one read per
+    /// decision shard. `Pending` when that shard cannot be reached: ask again later.
+    pub async fn decisions(&self, gids: &[String]) -> Vec<(Decision, bool)> {
+        let mut answers = Vec::with_capacity(gids.len());
+        let mut to_read: BTreeMap<ShardName, Vec<(usize, Gid)>> = BTreeMap::new();
+        for (at, text) in gids.iter().enumerate() {
+            let Ok(gid) = Gid::parse(text) else {
+                answers.push((Decision::Unknown, false));
+                continue;
+            };
+            match self.local_decision(&gid) {
+                Ok(answer) => answers.push(answer),
+                Err(shard) => {
+                    answers.push((Decision::Pending, false));
+                    to_read.entry(shard).or_default().push((at, gid));
+                }
+            }
+        }
+        for (shard, wanted) in to_read {
+            let gids: Vec<Gid> = wanted.iter().map(|(_, gid)| gid.clone()).collect();
+            let rows = match self
+                .transport
+                .read_decisions(&shard, &gids, true, PHASE_TWO_TIMEOUT_MS)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(error) => {
+                    tracing::debug!(%shard, gids = gids.len(), "reading decisions failed: {error}");
+                    continue;
+                }
+            };
+            for (at, gid) in wanted {
+                let outcome = rows.iter().find(|row| row.gid == gid).and_then(|row| row.outcome);
+                answers[at].0 = match outcome {
+                    Some(StoredOutcome::Commit) => Decision::Commit,
+                    Some(StoredOutcome::Abort) => Decision::Abort,
+                    None => Decision::Pending,
+                };
+            }
+        }
+        answers
+    }
+
+    /// After a restart: lists this coordinator's commit rows on every shard and re-drives the
+    /// ones not tracked, shard by shard, retrying a shard until it answers.
+    pub(super) fn redrive_decision_rows(self: &Arc<Self>) {
+        for shard in self.transport.shards() {
+            let engine = Arc::clone(self);
+            tokio::spawn(async move {
+                loop {
+                    match engine
+                        .transport
+                        .list_decisions(&shard, Some(&engine.id), LIST_BATCH, PHASE_TWO_TIMEOUT_MS)
+                        .await
+                    {
+                        Ok(rows) => {
+                            let records: Vec<CommitRecord> = rows
+                                .into_iter()
+                                .filter(|row| row.outcome == Some(StoredOutcome::Commit))
+                                .filter(|row| engine.tracked(row.gid.txid()).is_none())
+                                .map(|row| CommitRecord {
+                                    txid: row.gid.txid(),
+                                    gid: row.gid.to_string(),
+                                    participants: row.participants.iter().map(ToString::to_string).collect(),
+                                    decided_at_ms: row.decided_at_ms,
+                                })
+                                .collect();
+                            let full = records.len() >= LIST_BATCH as usize;
+                            engine.recover(records);
+                            if !full {
+                                return;
+                            }
+                        }
+                        Err(error) => {
+                            tracing::info!(%shard, "listing commit rows to re-drive: {error}; retrying");
+                            tokio::time::sleep(LIST_RETRY).await;
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
