@@ -236,8 +236,12 @@ impl CommitModel {
                 }
                 // The end record is lazy and only lets the log forget.
                 Action::PersistEnd => state.log.end = true,
+                // This model keeps decisions in the store; `tests/decision_race.rs` checks the
+                // decision in a branch's row.
                 Action::CommitOnePhase { .. }
                 | Action::ExecuteAndCommitOnePhase { .. }
+                | Action::CommitDecision { .. }
+                | Action::ConcludeDecision { .. }
                 | Action::Reply(_)
                 | Action::Finished => {}
             }

@@ -194,7 +194,9 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                     participants,
                     standalone,
                 } => self.commit_decision(handle, shard, participants, standalone),
-                Action::ConcludeDecision { shard, delay_ms } => self.conclude_decision(handle, shard, delay_ms),
+                Action::ConcludeDecision { shard, delay_ms } => {
+                    self.conclude_decision(handle, shard, delay_ms)
+                }
                 Action::SendCommit { shard, delay_ms } => self.send_phase_two(handle, shard, delay_ms, true),
                 Action::SendAbort { shard, delay_ms } => self.send_phase_two(handle, shard, delay_ms, false),
                 Action::CommitOnePhase { shard } => self.commit_one_phase(handle, shard),

@@ -345,7 +345,11 @@ impl ParticipantTransport for ParticipantLinks {
             conclude_abort,
         };
         let response = call(timeout_ms, client.read_decisions(request)).await?;
-        response.decisions.into_iter().map(stored_decision_from_pb).collect()
+        response
+            .decisions
+            .into_iter()
+            .map(stored_decision_from_pb)
+            .collect()
     }
 
     async fn list_decisions(
@@ -361,10 +365,19 @@ impl ParticipantTransport for ParticipantLinks {
             limit,
         };
         let response = call(timeout_ms, client.list_decisions(request)).await?;
-        response.decisions.into_iter().map(stored_decision_from_pb).collect()
+        response
+            .decisions
+            .into_iter()
+            .map(stored_decision_from_pb)
+            .collect()
     }
 
-    async fn forget_decisions(&self, shard: &ShardName, gids: &[Gid], timeout_ms: u64) -> Result<u64, LinkError> {
+    async fn forget_decisions(
+        &self,
+        shard: &ShardName,
+        gids: &[Gid],
+        timeout_ms: u64,
+    ) -> Result<u64, LinkError> {
         let mut client = self.client(shard)?;
         let request = pb::ForgetDecisionsRequest {
             gids: gids.iter().map(ToString::to_string).collect(),

@@ -48,14 +48,25 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         tokio::spawn(async move {
             let result = engine
                 .transport
-                .commit_decision(&shard, handle.gid(), &participants, standalone, PHASE_TWO_TIMEOUT_MS)
+                .commit_decision(
+                    &shard,
+                    handle.gid(),
+                    &participants,
+                    standalone,
+                    PHASE_TWO_TIMEOUT_MS,
+                )
                 .await;
             engine.feed_result(&handle, answers::decision_written(&shard, result));
         });
     }
 
     /// Reads the decision back after `delay_ms`, concluding abort if there is no row.
-    pub(super) fn conclude_decision(self: &Arc<Self>, handle: &Arc<TxnHandle>, shard: ShardName, delay_ms: u64) {
+    pub(super) fn conclude_decision(
+        self: &Arc<Self>,
+        handle: &Arc<TxnHandle>,
+        shard: ShardName,
+        delay_ms: u64,
+    ) {
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
         tokio::spawn(async move {
             if delay_ms > 0 {
@@ -72,7 +83,11 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
 
     /// The transaction's end: its commit row can go (batched; see `flush_forgets`).
     pub(super) fn forget_decision(&self, shard: &ShardName, gid: &Gid) {
-        self.forgets.lock().entry(shard.clone()).or_default().push(gid.clone());
+        self.forgets
+            .lock()
+            .entry(shard.clone())
+            .or_default()
+            .push(gid.clone());
     }
 
     /// Deletes the commit rows queued by `forget_decision`, one call per shard. A failed call

@@ -292,7 +292,11 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             shards: self.transport.shards(),
             ..PreparedView::default()
         };
-        let ours = |text: &str| Gid::parse(text).ok().filter(|g| g.coordinator() == &self.id && g.txid() == txid);
+        let ours = |text: &str| {
+            Gid::parse(text)
+                .ok()
+                .filter(|g| g.coordinator() == &self.id && g.txid() == txid)
+        };
         for (shard, answer) in self.prepared_everywhere(LIST_PREPARED_TIMEOUT_MS).await {
             match answer {
                 Ok(branches) => {
@@ -306,7 +310,9 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             }
         }
         if let Some(decision_shard) = gid.decision_shard().cloned() {
-            return self.resolve_by_row(gid, decision_shard, request, view.holding).await;
+            return self
+                .resolve_by_row(gid, decision_shard, request, view.holding)
+                .await;
         }
         let shards = heuristic::plan_untracked(txid, request.decision, presumed, view).map_err(refusal)?;
         self.record_and_drive(gid, request, shards).await

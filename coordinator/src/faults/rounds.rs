@@ -405,7 +405,9 @@ impl<T: ParticipantTransport> ParticipantTransport for FaultyTransport<T> {
         conclude_abort: bool,
         timeout_ms: u64,
     ) -> Result<Vec<StoredDecision>, LinkError> {
-        self.inner.read_decisions(shard, gids, conclude_abort, timeout_ms).await
+        self.inner
+            .read_decisions(shard, gids, conclude_abort, timeout_ms)
+            .await
     }
 
     async fn list_decisions(
@@ -415,10 +417,17 @@ impl<T: ParticipantTransport> ParticipantTransport for FaultyTransport<T> {
         limit: u32,
         timeout_ms: u64,
     ) -> Result<Vec<StoredDecision>, LinkError> {
-        self.inner.list_decisions(shard, coordinator, limit, timeout_ms).await
+        self.inner
+            .list_decisions(shard, coordinator, limit, timeout_ms)
+            .await
     }
 
-    async fn forget_decisions(&self, shard: &ShardName, gids: &[Gid], timeout_ms: u64) -> Result<u64, LinkError> {
+    async fn forget_decisions(
+        &self,
+        shard: &ShardName,
+        gids: &[Gid],
+        timeout_ms: u64,
+    ) -> Result<u64, LinkError> {
         self.inner.forget_decisions(shard, gids, timeout_ms).await
     }
 

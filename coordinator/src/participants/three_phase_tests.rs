@@ -267,6 +267,7 @@ fn engine(log: DecisionLog, shards: &Shards, protocol: Protocol) -> Arc<Engine> 
         timeouts: timeouts(),
         lock_timeout_ms: 1_000,
         protocol,
+        decide_in_branch: false,
     };
     let links = ParticipantLinks::new(&shards.urls).unwrap();
     let store = FileStore::new(log, &Replay::default(), 0);
@@ -352,7 +353,7 @@ async fn a_three_phase_commit_prepares_with_peers_then_pre_commits_then_commits_
         assert_eq!(seen.commits, vec![gid.clone()], "{shard}");
         assert!(seen.queries.is_empty() && seen.aborts.is_empty());
     }
-    assert_eq!(engine.decision(&gid), (Decision::Commit, false));
+    assert_eq!(engine.decision(&gid).await, (Decision::Commit, false));
 
     engine.flush().await;
     drop(engine);
@@ -456,7 +457,7 @@ async fn a_restart_learns_a_logged_pre_commit_answering_pending_meanwhile_then_c
 
     // Nobody answers yet: asked again on every deadline, never presumed aborted.
     wait_for("a second learning round", || shards.seen("s1").queries.len() >= 2).await;
-    assert_eq!(engine.decision(&gid), (Decision::Pending, true));
+    assert_eq!(engine.decision(&gid).await, (Decision::Pending, true));
     assert_eq!(engine.handle(7).unwrap().machine().phase(), Phase::PreCommitting);
     {
         let seen = shards.seen("s0");
@@ -497,7 +498,7 @@ async fn a_restart_learns_a_logged_pre_commit_answering_pending_meanwhile_then_c
         engine.handle(7).unwrap().machine().phase() == Phase::Committed
     })
     .await;
-    assert_eq!(engine.decision(&gid), (Decision::Commit, false));
+    assert_eq!(engine.decision(&gid).await, (Decision::Commit, false));
 
     engine.flush().await;
     drop(engine);
@@ -526,7 +527,7 @@ async fn a_restart_aborts_a_logged_pre_commit_when_every_participant_is_merely_p
         let seen = shards.seen(shard);
         assert!(seen.pre_commits.is_empty() && seen.commits.is_empty(), "{shard}");
     }
-    assert_eq!(engine.decision(&gid).0, Decision::Abort);
+    assert_eq!(engine.decision(&gid).await.0, Decision::Abort);
 
     engine.flush().await;
     drop(engine);

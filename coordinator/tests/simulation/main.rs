@@ -10,6 +10,7 @@
 //! - `SIM_REPLAY_SEEDS=<n>`: the replay test runs seeds 0..n twice each (default: a few).
 
 mod checker;
+mod decision_rows;
 mod faults;
 mod participants;
 mod run;

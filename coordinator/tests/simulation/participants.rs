@@ -100,6 +100,8 @@ pub struct Cluster {
     /// Three-phase termination: the highest ballot each leader saw per GID (in memory: a restart
     /// forgets it, and the durable promise keeps rounds above it).
     ballots_seen: Mutex<BTreeMap<(ShardName, String), Ballot>>,
+    /// `treaty.decisions` of every decision shard (`decision_rows.rs`), durable.
+    rows: Mutex<crate::decision_rows::Rows>,
 }
 
 impl Cluster {
@@ -125,7 +127,17 @@ impl Cluster {
             violations: Mutex::new(Vec::new()),
             contradictions: Mutex::new(Vec::new()),
             ballots_seen: Mutex::new(BTreeMap::new()),
+            rows: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    pub(crate) fn rows(&self) -> MutexGuard<'_, crate::decision_rows::Rows> {
+        self.rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether a one-phase COMMIT (plain or with a decision row) fails, as the seed decides.
+    pub(crate) fn commit_fails(&self, shard: &ShardName, gid: &str) -> bool {
+        self.random(&format!("commit-fails/{shard}/{gid}"), |r| r.statement_fails)
     }
 
     fn databases(&self) -> MutexGuard<'_, BTreeMap<ShardName, Database>> {
@@ -306,7 +318,7 @@ impl Cluster {
         }
     }
 
-    fn with_branch<R>(
+    pub(crate) fn with_branch<R>(
         &self,
         shard: &ShardName,
         gid: &str,
@@ -337,8 +349,14 @@ impl Cluster {
         // some participant pre-committed, which needed the coordinator's durable pre-commit record
         // (checked in `pre_commit`).
         if state == BranchState::Committed && branch.prepared && !how.contains("termination") {
-            let txid = Gid::parse(gid).map(|gid| gid.txid()).unwrap_or(0);
-            if !self.store.commit_is_durable(txid) {
+            let parsed = Gid::parse(gid).ok();
+            let txid = parsed.as_ref().map_or(0, Gid::txid);
+            let in_row = parsed.as_ref().is_some_and(|g| g.decision_shard().is_some());
+            if in_row && !self.committed_by_row(gid) {
+                self.violation(format!(
+                    "{shard} applied COMMIT PREPARED of {gid} while its decision row is not a committed commit row"
+                ));
+            } else if !in_row && !self.store.commit_is_durable(txid) {
                 self.violation(format!(
                     "{shard} applied COMMIT PREPARED of {gid} while no commit decision for txid {txid} is durable"
                 ));
@@ -445,6 +463,9 @@ impl Cluster {
                 "COMMIT PREPARED {gid}: the branch is {:?}; this contradicts a commit decision",
                 branch.state
             ))),
+            // No marker rows for a GID whose decision is a row: the participant answers "nothing
+            // prepared here", and the coordinator, which sends COMMIT only on a commit row, takes it.
+            None if Gid::parse(gid).is_ok_and(|g| g.decision_shard().is_some()) => Ok(()),
             None => Err(refused(format!(
                 "COMMIT PREPARED {gid}: no such branch and no marker row; this contradicts a commit decision"
             ))),
@@ -468,6 +489,16 @@ impl Cluster {
                 self.finish(shard, gid, branch, BranchState::Aborted, "ROLLBACK");
                 Ok(())
             }
+            // No marker row for a GID whose decision is a row: ROLLBACK PREPARED of a branch that
+            // committed finds nothing, as for one that never prepared. Such a late abort comes
+            // from an abort row concluded after every branch committed and the commit row was
+            // forgotten (a question delayed past it): nothing is prepared for it to contradict.
+            BranchState::Committed if Gid::parse(gid).is_ok_and(|g| g.decision_shard().is_some()) => {
+                self.trace.record(format!(
+                    "{shard}: ROLLBACK PREPARED {gid} finds nothing (it committed)"
+                ));
+                Ok(())
+            }
             BranchState::Committed if branch.prepared => Err(refused(format!(
                 "ROLLBACK PREPARED {gid}: the marker row says it committed; this contradicts an abort"
             ))),
@@ -476,7 +507,7 @@ impl Cluster {
     }
 
     pub(crate) fn commit_one_phase(&self, shard: &ShardName, gid: &str) -> Result<(), LinkError> {
-        let fails = self.random(&format!("commit-fails/{shard}/{gid}"), |r| r.statement_fails);
+        let fails = self.commit_fails(shard, gid);
         self.with_branch(shard, gid, |branch, _| match branch {
             Some(branch) if branch.state == BranchState::Active && fails => {
                 self.finish(

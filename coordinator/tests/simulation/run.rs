@@ -77,6 +77,13 @@ pub const EXERCISED: &[(&str, &str)] = &[
     ("3PC pre-commits", "PRE-COMMITTED"),
     ("3PC participant termination rounds", "termination round"),
     ("heuristic decisions recorded", "store: durable heuristic"),
+    (
+        "decision branches committing their commit row",
+        "COMMIT with its commit row",
+    ),
+    ("abort rows concluded", "inserted (concluded)"),
+    ("decision branches that met an abort row", "met an abort row"),
+    ("commit rows forgotten", "deliver forget-decisions"),
     ("clients told Committed", "told Committed"),
     ("clients told Aborted", "told Aborted"),
 ];
@@ -201,10 +208,17 @@ async fn simulate(seed: u64) -> RunReport {
         },
         lock_timeout_ms: 0,
         protocol: Protocol::TwoPhase,
+        // Odd seeds keep 2PC decisions in the decision branch's row (`--decision-store shard`).
+        decide_in_branch: seed % 2 == 1,
     };
     trace.record(format!(
-        "seed {seed}: shards {shards:?}, {rates:?}, {:?}",
-        settings.timeouts
+        "seed {seed}: shards {shards:?}, {rates:?}, {:?}, decisions in {}",
+        settings.timeouts,
+        if settings.decide_in_branch {
+            "the first branch"
+        } else {
+            "the store"
+        }
     ));
     let world = Arc::new(World {
         chance: Arc::clone(&chance),
@@ -371,7 +385,7 @@ fn unfinished(world: &World, tasks: &[JoinHandle<()>]) -> Vec<String> {
                     usize::MAX,
                 )
                 .iter()
-                .map(|handle| handle.gid.to_string())
+                .map(|handle| handle.gid().to_string())
                 .filter(|gid| !hazards.contains(gid))
                 .collect();
             if !live.is_empty() {
@@ -464,7 +478,7 @@ async fn ask_decision(world: &World, shard: &ShardName, gid: &str) {
     if lost || !world.cluster.is_up(shard) {
         return;
     }
-    let (decision, _) = engine.decision(gid);
+    let (decision, _) = engine.decision(gid).await;
     world
         .trace
         .record(format!("{shard} asks about {gid}: {decision:?}"));

@@ -9,10 +9,10 @@ use std::time::Duration;
 use treaty_commit_protocol::participant::Report;
 use treaty_commit_protocol::termination::Ballot;
 use treaty_commit_protocol::transport::{
-    ExecutedAndCommitted, ExecutedAndVoted, LinkError, ParticipantTransport, PreCommitAnswer, PreparedBranch,
-    Statement, StatementResult, VoteAnswer, VoteRequest,
+    DecisionWrite, ExecutedAndCommitted, ExecutedAndVoted, LinkError, ParticipantTransport, PreCommitAnswer,
+    PreparedBranch, Statement, StatementResult, StoredDecision, VoteAnswer, VoteRequest,
 };
-use treaty_types::{Gid, ShardName};
+use treaty_types::{CoordinatorId, Gid, ShardName};
 
 use crate::faults::{Fate, Life};
 use crate::participants::Cluster;
@@ -218,6 +218,64 @@ impl ParticipantTransport for SimTransport {
         let key = text.clone();
         let op: Op<()> = Arc::new(move |cluster, shard| cluster.commit_one_phase(shard, &text));
         self.call("commit-one-phase", shard, &key, timeout_ms, false, op)
+            .await
+    }
+
+    async fn commit_decision(
+        &self,
+        shard: &ShardName,
+        gid: &Gid,
+        participants: &[ShardName],
+        standalone: bool,
+        timeout_ms: u64,
+    ) -> Result<DecisionWrite, LinkError> {
+        let (gid, key) = (gid.clone(), gid.to_string());
+        let participants = participants.to_vec();
+        let op: Op<DecisionWrite> =
+            Arc::new(move |cluster, shard| cluster.commit_decision(shard, &gid, &participants, standalone));
+        self.call("commit-decision", shard, &key, timeout_ms, false, op)
+            .await
+    }
+
+    async fn read_decisions(
+        &self,
+        shard: &ShardName,
+        gids: &[Gid],
+        conclude_abort: bool,
+        timeout_ms: u64,
+    ) -> Result<Vec<StoredDecision>, LinkError> {
+        let key = gids.first().map(ToString::to_string).unwrap_or_default();
+        let gids = gids.to_vec();
+        let op: Op<Vec<StoredDecision>> =
+            Arc::new(move |cluster, shard| cluster.read_decisions(shard, &gids, conclude_abort));
+        self.call("read-decisions", shard, &key, timeout_ms, true, op)
+            .await
+    }
+
+    async fn list_decisions(
+        &self,
+        shard: &ShardName,
+        coordinator: Option<&CoordinatorId>,
+        _limit: u32,
+        timeout_ms: u64,
+    ) -> Result<Vec<StoredDecision>, LinkError> {
+        let coordinator = coordinator.cloned();
+        let op: Op<Vec<StoredDecision>> =
+            Arc::new(move |cluster, shard| Ok(cluster.list_decisions(shard, coordinator.as_ref())));
+        self.call("list-decisions", shard, "*", timeout_ms, false, op)
+            .await
+    }
+
+    async fn forget_decisions(
+        &self,
+        shard: &ShardName,
+        gids: &[Gid],
+        timeout_ms: u64,
+    ) -> Result<u64, LinkError> {
+        let key = gids.first().map(ToString::to_string).unwrap_or_default();
+        let gids = gids.to_vec();
+        let op: Op<u64> = Arc::new(move |cluster, shard| cluster.forget_decisions(shard, &gids));
+        self.call("forget-decisions", shard, &key, timeout_ms, true, op)
             .await
     }
 

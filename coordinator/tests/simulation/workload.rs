@@ -89,7 +89,13 @@ pub async fn client(
         Some(Ok(outcome)) => format!("{outcome:?}"),
         Some(Err(error)) => format!("error: {error}"),
     };
-    world.trace.record(format!("client {index}: {gid} told {told}"));
+    // With the decision in a branch, the GID names the first shard enlisted.
+    if let Some(handle) = engine.tracked(txid) {
+        record.gid = handle.gid().to_string();
+    }
+    world
+        .trace
+        .record(format!("client {index}: {} told {told}", record.gid));
     if let Some(Ok(outcome)) = outcome {
         record.outcome = Some(outcome);
     }
