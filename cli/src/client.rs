@@ -12,33 +12,49 @@ use crate::dev::ClusterState;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Target {
-    /// Coordinator address. Default: the one `treaty dev up` recorded under --dev-dir, else
-    /// http://127.0.0.1:7600.
-    #[arg(long, env = "TREATY_COORDINATOR")]
-    pub coordinator: Option<String>,
+    /// Coordinator address, or several separated by commas: each is tried in turn until one
+    /// answers (any coordinator instance serves clients against the same shards). Default: the
+    /// one `treaty dev up` recorded under --dev-dir, else http://127.0.0.1:7600.
+    #[arg(long, env = "TREATY_COORDINATOR", value_delimiter = ',')]
+    pub coordinator: Vec<String>,
     /// Where `treaty dev up` keeps its cluster.
     #[arg(long, default_value = ".treaty/dev")]
     pub dev_dir: PathBuf,
 }
 
 impl Target {
-    fn endpoint(&self) -> String {
-        if let Some(url) = &self.coordinator {
-            return url.clone();
+    fn endpoints(&self) -> Vec<String> {
+        let given: Vec<String> = self
+            .coordinator
+            .iter()
+            .map(|url| url.trim().to_owned())
+            .filter(|url| !url.is_empty())
+            .collect();
+        if !given.is_empty() {
+            return given;
         }
         match ClusterState::load(&self.dev_dir) {
-            Ok(state) => state.coordinator,
-            Err(_) => "http://127.0.0.1:7600".into(),
+            Ok(state) => vec![state.coordinator],
+            Err(_) => vec!["http://127.0.0.1:7600".into()],
         }
     }
 
+    /// A connection to the first coordinator that answers. Only connecting fails over: a call
+    /// that broke after it was sent is reported, never sent again elsewhere, since it may have
+    /// been carried out.
     pub async fn connect(&self) -> Result<CoordinatorClient<Channel>> {
-        let endpoint = self.endpoint();
-        CoordinatorClient::connect(endpoint.clone())
-            .await
-            .with_context(|| {
-                format!("connecting to the coordinator at {endpoint} (is it running? try `treaty dev up`)")
-            })
+        let endpoints = self.endpoints();
+        let mut failures = Vec::new();
+        for endpoint in &endpoints {
+            match CoordinatorClient::connect(endpoint.clone()).await {
+                Ok(client) => return Ok(client),
+                Err(error) => failures.push(format!("{endpoint}: {error}")),
+            }
+        }
+        bail!(
+            "no coordinator answered ({}); is one running? try `treaty dev up`",
+            failures.join("; ")
+        )
     }
 }
 

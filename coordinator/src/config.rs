@@ -64,6 +64,11 @@ pub struct Args {
     /// can read it). Three-phase commit always uses the file log.
     #[arg(long, env = "TREATY_COORDINATOR_DECISION_STORE", value_enum)]
     pub decision_store: Option<DecisionStoreKind>,
+    /// With `--decision-store shard`: finish commit rows and prepared branches that no
+    /// coordinator instance has finished after this many ms (one that died for good); 0: never.
+    /// Safety does not depend on it; it only keeps live instances from doing each other's work.
+    #[arg(long, env = "TREATY_COORDINATOR_TAKEOVER_AFTER_MS")]
+    pub takeover_after_ms: Option<u64>,
     /// Compact the decision log once it grows past this many bytes.
     #[arg(long, env = "TREATY_COORDINATOR_COMPACT_AFTER_BYTES")]
     pub compact_after_bytes: Option<u64>,
@@ -101,6 +106,7 @@ struct FileConfig {
     default_protocol: Option<String>,
     compact_after_bytes: Option<u64>,
     decision_store: Option<DecisionStoreKind>,
+    takeover_after_ms: Option<u64>,
     log_format: Option<LogFormat>,
     failpoints: Option<String>,
 }
@@ -128,6 +134,7 @@ pub struct Config {
     pub default_protocol: Protocol,
     pub compact_after_bytes: u64,
     pub decision_store: DecisionStoreKind,
+    pub takeover_after_ms: u64,
     pub log_format: LogFormat,
     pub failpoints: Option<String>,
     pub crash_at: Option<String>,
@@ -238,6 +245,10 @@ impl Config {
                 .or(file.compact_after_bytes)
                 .unwrap_or(64 << 20),
             decision_store: args.decision_store.or(file.decision_store).unwrap_or_default(),
+            takeover_after_ms: args
+                .takeover_after_ms
+                .or(file.takeover_after_ms)
+                .unwrap_or(10_000),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             failpoints: args.failpoints.or(file.failpoints),
             crash_at: args.crash_at,

@@ -21,6 +21,7 @@ mod recovery;
 mod resolve;
 mod statements;
 mod table;
+mod takeover;
 
 pub use recovery::start;
 pub use resolve::{ResolveOutcome, coordinator_view, format_ms};
@@ -64,6 +65,9 @@ pub struct EngineSettings {
     /// `--decision-store shard`: two-phase commit decisions are rows committed inside each
     /// transaction's first branch (`treaty.decisions`), not records in the store.
     pub decide_in_branch: bool,
+    /// `--decision-store shard`: finish commit rows and prepared branches that no instance has
+    /// finished after this long (`takeover.rs`); 0: never.
+    pub takeover_after_ms: u64,
 }
 
 /// What a recovering participant is told about a transaction (`QueryDecision`).
@@ -86,6 +90,7 @@ pub struct Engine<S, T> {
     default_lock_timeout_ms: u64,
     default_protocol: Protocol,
     decide_in_branch: bool,
+    takeover_after_ms: u64,
     forgets: decision_rows::Forgets,
     table: std::sync::Mutex<Table>,
     next_txid: AtomicU64,
@@ -112,6 +117,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             default_lock_timeout_ms: settings.lock_timeout_ms,
             default_protocol: settings.protocol,
             decide_in_branch: settings.decide_in_branch,
+            takeover_after_ms: settings.takeover_after_ms,
             forgets: decision_rows::Forgets::default(),
             table: std::sync::Mutex::new(Table::default()),
             // Skip the whole block reserved before the restart: some of it may have been handed out.
@@ -223,7 +229,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                     if handle.heuristic().is_some() {
                         self.store.end(handle.gid().txid());
                     }
-                    self.retire(handle.gid().txid());
+                    self.retire_handle(handle);
                 }
             }
         }

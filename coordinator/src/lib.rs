@@ -182,6 +182,7 @@ pub async fn run(
         lock_timeout_ms: config.lock_timeout_ms,
         protocol: config.default_protocol,
         decide_in_branch: config.decision_store == DecisionStoreKind::Shard,
+        takeover_after_ms: config.takeover_after_ms,
     };
     if settings.decide_in_branch {
         check_gid_room(&id, config.shards.keys())?;

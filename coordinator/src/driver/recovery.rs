@@ -49,6 +49,9 @@ pub async fn start<S: DecisionStore, T: ParticipantTransport>(
     engine.recover(unfinished.commits);
     if engine.decide_in_branch {
         engine.redrive_decision_rows();
+        if engine.takeover_after_ms > 0 {
+            engine.spawn_takeover(engine.takeover_after_ms);
+        }
     }
     engine.recover_pre_committed(unfinished.pre_committed, incarnation);
     engine.recover_heuristics(unfinished.heuristics);

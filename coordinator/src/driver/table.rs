@@ -98,6 +98,9 @@ impl TxnHandle {
 #[derive(Default)]
 pub(super) struct Table {
     live: HashMap<TxId, Arc<TxnHandle>>,
+    /// Other coordinator instances' transactions this one finishes from their decision rows
+    /// (`--decision-store shard`), by GID: their txids are theirs, not this instance's.
+    foreign: HashMap<Gid, Arc<TxnHandle>>,
     finished: HashMap<TxId, Arc<TxnHandle>>,
     finished_order: VecDeque<TxId>,
 }
@@ -133,6 +136,42 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         });
         self.table().live.insert(txid, Arc::clone(&handle));
         handle
+    }
+
+    /// Registers a transaction of another coordinator instance, to finish from its decision row;
+    /// `None` when it is already being finished here.
+    pub(super) fn register_foreign(&self, gid: Gid, machine: Transaction) -> Option<Arc<TxnHandle>> {
+        let mut table = self.table();
+        if table.foreign.contains_key(&gid) {
+            return None;
+        }
+        let handle = Arc::new(TxnHandle {
+            provisional_gid: gid.clone(),
+            gid_with_decision: OnceLock::new(),
+            label: String::new(),
+            branch_options: BranchOptions::default(),
+            machine: Mutex::new(machine),
+            waiter: Mutex::new(None),
+            heuristic: Mutex::new(None),
+            fused: Mutex::new(Fused::None),
+        });
+        table.foreign.insert(gid, Arc::clone(&handle));
+        Some(handle)
+    }
+
+    /// Whether another instance's transaction `gid` is being finished here.
+    pub(super) fn finishing_foreign(&self, gid: &Gid) -> bool {
+        self.table().foreign.contains_key(gid)
+    }
+
+    /// The transaction needs nothing more: into the history, or (another instance's) dropped.
+    pub(super) fn retire_handle(&self, handle: &TxnHandle) {
+        let gid = handle.gid();
+        if gid.coordinator() != &self.id {
+            self.table().foreign.remove(gid);
+            return;
+        }
+        self.retire(gid.txid());
     }
 
     pub(super) fn retire(&self, txid: TxId) {

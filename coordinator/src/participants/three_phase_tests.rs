@@ -268,6 +268,7 @@ fn engine(log: DecisionLog, shards: &Shards, protocol: Protocol) -> Arc<Engine> 
         lock_timeout_ms: 1_000,
         protocol,
         decide_in_branch: false,
+        takeover_after_ms: 0,
     };
     let links = ParticipantLinks::new(&shards.urls).unwrap();
     let store = FileStore::new(log, &Replay::default(), 0);

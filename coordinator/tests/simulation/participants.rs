@@ -275,6 +275,20 @@ impl Cluster {
             .collect()
     }
 
+    /// How long each branch `shard` holds prepared has been untouched, in ms.
+    pub fn prepared_ages(&self, shard: &ShardName) -> BTreeMap<String, u64> {
+        let now = self.trace.now_ms();
+        let databases = self.databases();
+        let Some(db) = databases.get(shard).filter(|db| db.up) else {
+            return BTreeMap::new();
+        };
+        db.branches
+            .iter()
+            .filter(|(_, branch)| branch.state == BranchState::Prepared)
+            .map(|(gid, branch)| (gid.clone(), now.saturating_sub(branch.touched_ms)))
+            .collect()
+    }
+
     /// The three-phase branches `shard` holds prepared, untouched for `timeout_ms`, with their
     /// participants and the highest ballot promised (the participant's timeout).
     pub fn timed_out_three_phase(

@@ -210,6 +210,8 @@ async fn simulate(seed: u64) -> RunReport {
         protocol: Protocol::TwoPhase,
         // Odd seeds keep 2PC decisions in the decision branch's row (`--decision-store shard`).
         decide_in_branch: seed % 2 == 1,
+        // Shorter than a seed's run, so the sweep finishes what no coordinator drives.
+        takeover_after_ms: 1_500,
     };
     trace.record(format!(
         "seed {seed}: shards {shards:?}, {rates:?}, {:?}, decisions in {}",

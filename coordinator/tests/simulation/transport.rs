@@ -301,10 +301,11 @@ impl ParticipantTransport for SimTransport {
     ) -> Result<Vec<PreparedBranch>, LinkError> {
         let op: Op<Vec<PreparedBranch>> = Arc::new(|cluster, shard| {
             Ok(cluster
-                .prepared(shard)
+                .prepared_ages(shard)
                 .into_iter()
-                .map(|gid| PreparedBranch {
+                .map(|(gid, age_ms)| PreparedBranch {
                     gid,
+                    age_ms,
                     ..PreparedBranch::default()
                 })
                 .collect())
