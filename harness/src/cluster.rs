@@ -201,6 +201,32 @@ impl LocalCluster {
         Ok(CoordinatorClient::new(channel))
     }
 
+    /// Starts another coordinator instance serving the same shards (direct links, its own data
+    /// directory `coordinator-<id>` and log `coordinator-<id>.log`), with coordinator id `id` and
+    /// `args` added. With `--decision-store shard`, any instance can finish any transaction.
+    pub async fn spawn_coordinator(&self, id: &str, args: &[String]) -> Result<ServiceProcess, HarnessError> {
+        let mut coordinator_args = vec![
+            "--data-dir".to_string(),
+            self.base_dir.join(format!("coordinator-{id}")).display().to_string(),
+            "--id".into(),
+            id.into(),
+        ];
+        for (name, participant) in self.shard_names.iter().zip(&self.participants) {
+            coordinator_args.push("--shard".into());
+            coordinator_args.push(format!("{name}={}", participant.endpoint()));
+        }
+        coordinator_args.extend(args.iter().cloned());
+        ServiceProcess::spawn(ServiceSpec {
+            name: format!("coordinator-{id}"),
+            binary: os::binary_path("treaty-coordinator")?,
+            args: coordinator_args,
+            env: Vec::new(),
+            listen: loopback(os::free_loopback_port()?),
+            log_path: self.base_dir.join("logs").join(format!("coordinator-{id}.log")),
+        })
+        .await
+    }
+
     /// The index of shard `name` in `pgs` and `participants`.
     pub fn shard_index(&self, name: &str) -> Option<usize> {
         self.shard_names.iter().position(|n| n == name)
