@@ -14,7 +14,8 @@
 //! crashed backend). Messages in flight form a set: any may be delivered in any order, and up to
 //! `max_losses` may be lost (a lost request or answer is an RPC error to the machine, as the
 //! driver reports it). The original coordinator may crash at any point and then sends nothing
-//! more; its vote timeout may fire while it prepares.
+//! more; its vote timeout may fire while it prepares. Bounds that keep the space finite: at most
+//! two losses, one crash, one conclude by the second coordinator, each message delivered once.
 //!
 //! Checked exhaustively (BFS), always: atomicity (no committed branch beside an aborted branch
 //! that had prepared or is the decision branch), the row never changes once set, COMMIT PREPARED
