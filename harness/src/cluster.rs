@@ -207,7 +207,10 @@ impl LocalCluster {
     pub async fn spawn_coordinator(&self, id: &str, args: &[String]) -> Result<ServiceProcess, HarnessError> {
         let mut coordinator_args = vec![
             "--data-dir".to_string(),
-            self.base_dir.join(format!("coordinator-{id}")).display().to_string(),
+            self.base_dir
+                .join(format!("coordinator-{id}"))
+                .display()
+                .to_string(),
             "--id".into(),
             id.into(),
         ];

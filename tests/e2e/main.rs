@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod commit;
+mod decision_rows;
 mod failpoints;
 mod fixture;
 mod in_doubt;
