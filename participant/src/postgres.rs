@@ -226,7 +226,9 @@ async fn finish_prepared(pool: &Pool, verb: &str, branch: &BranchGid) -> Result<
         // Nothing prepares a GID that names a decision shard under the legacy form, which is
         // older than such GIDs: no query for it.
         Err(error)
-            if error.is_undefined_object() && !branch.is_legacy() && branch.gid().decision_shard().is_none() =>
+            if error.is_undefined_object()
+                && !branch.is_legacy()
+                && branch.gid().decision_shard().is_none() =>
         {
             error
         }

@@ -25,7 +25,11 @@ pub(super) struct DecisionCommit {
 impl DecisionCommit {
     /// The insert and COMMIT on the branch's connection. An error leaves the transaction for the
     /// rollback the machine asks for next (harmless where COMMIT already ended it).
-    pub(super) async fn insert_and_commit(&mut self, branch: &mut ActiveBranch, gid: &Gid) -> Result<(), DbError> {
+    pub(super) async fn insert_and_commit(
+        &mut self,
+        branch: &mut ActiveBranch,
+        gid: &Gid,
+    ) -> Result<(), DbError> {
         match decisions::insert_and_commit(&mut branch.connection, gid, &self.participants).await {
             Ok(()) => Ok(()),
             Err(failure) => {
@@ -43,11 +47,18 @@ impl Agent {
     /// Commits the decision branch of `gid` (open here, never prepared) with its commit row.
     /// Answers `RowCommit::NotCommitted` when PostgreSQL refused the row or the COMMIT (the branch
     /// rolled back); an error when there is no open branch, or when the outcome is unknown.
-    pub async fn commit_decision(&self, gid: &Gid, participants: Vec<ShardName>) -> Result<RowCommit, BranchError> {
+    pub async fn commit_decision(
+        &self,
+        gid: &Gid,
+        participants: Vec<ShardName>,
+    ) -> Result<RowCommit, BranchError> {
         let mut slot = self.branches.lock(gid.as_str()).await;
         if slot.active.is_none() {
             let why = self.branches.finished(gid.as_str()).map_or_else(
-                || "was never opened here, or was lost when the participant or PostgreSQL restarted".to_owned(),
+                || {
+                    "was never opened here, or was lost when the participant or PostgreSQL restarted"
+                        .to_owned()
+                },
                 |finished| finished.describe(),
             );
             return Err(BranchError::NotFound(format!(
@@ -66,7 +77,12 @@ impl Agent {
             ..Learned::default()
         };
         let answer = self
-            .drive_keeping(&mut slot, gid, ParticipantEvent::CommitOnePhaseRequested, &mut learned)
+            .drive_keeping(
+                &mut slot,
+                gid,
+                ParticipantEvent::CommitOnePhaseRequested,
+                &mut learned,
+            )
             .await;
         // PostgreSQL refused the row or the COMMIT: the branch is rolled back, whatever else
         // happened in the drive.

@@ -191,7 +191,9 @@ impl Agent {
                     ParticipantAction::ApplyCommit => {
                         nothing_prepared = self.commit_prepared(gid).await? == Applied::NothingPrepared
                     }
-                    ParticipantAction::ApplyAbort => self.apply_abort(&mut slot.active, gid, before, learned).await?,
+                    ParticipantAction::ApplyAbort => {
+                        self.apply_abort(&mut slot.active, gid, before, learned).await?
+                    }
                     ParticipantAction::SendVote { yes: true } => answer = Answer::Vote(Vote::Yes),
                     ParticipantAction::SendVote { yes: false } => {
                         answer = Answer::Vote(self.no_vote(gid, learned.no_vote.take()))
