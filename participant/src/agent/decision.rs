@@ -23,6 +23,11 @@ pub(super) struct DecisionCommit {
 }
 
 impl DecisionCommit {
+    /// Why PostgreSQL did not commit the row, once it said so.
+    pub(super) fn not_committed(&self) -> Option<&str> {
+        self.not_committed.as_deref()
+    }
+
     /// The insert and COMMIT on the branch's connection. An error leaves the transaction for the
     /// rollback the machine asks for next (harmless where COMMIT already ended it).
     pub(super) async fn insert_and_commit(

@@ -363,8 +363,13 @@ impl Agent {
                 *active = Some(branch);
                 tracing::info!(%gid, %error, "one-phase COMMIT failed; the transaction rolled back");
                 learned.abort_reason = Some(format!("COMMIT failed: {error}"));
-                // A decision branch answers that it did not commit; the error is not the call's.
-                if learned.decision.is_none() {
+                // A decision branch whose row or COMMIT PostgreSQL refused answers that it did not
+                // commit; the error is not the call's.
+                if !learned
+                    .decision
+                    .as_ref()
+                    .is_some_and(|d| d.not_committed().is_some())
+                {
                     learned.error = Some(error.into());
                 }
                 ParticipantEvent::LocalCommitFailed

@@ -532,3 +532,49 @@ async fn list_filters_by_coordinator_and_forget_deletes_commit_rows_only() {
     );
     assert_eq!(list("ca", 0).await, ["treaty:ca:2@s0"]);
 }
+
+#[tokio::test]
+async fn recovery_and_list_prepared_read_branch_gids_that_name_a_decision_shard() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("decision-recovery", |c| {
+        c.in_doubt_after_ms = 200;
+        c.reconcile_interval_ms = 100;
+    })
+    .await
+    else {
+        return;
+    };
+    kv(&env).await;
+    // Branches of transactions whose decision is kept on another shard, as s0 holds them.
+    let committed = format!("{}@s9", env.gid(1));
+    let aborted = format!("{}@s9", env.gid(2));
+    for (gid, k) in [(&committed, 1), (&aborted, 2)] {
+        insert_kv(&env, gid, k).await;
+        assert_eq!(vote(&env.prepare(gid).await), pb::Vote::Yes);
+    }
+    let listed = env
+        .client()
+        .list_prepared(pb::ListPreparedRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut listed: Vec<String> = listed.branches.into_iter().map(|b| b.gid).collect();
+    listed.sort();
+    assert_eq!(listed, [committed.clone(), aborted.clone()]);
+
+    env.coordinator.decide(&committed, pb::Decision::Commit, true);
+    env.coordinator.decide(&aborted, pb::Decision::Abort, true);
+    let db = &env.db;
+    crate::support::eventually("both branches resolved", Duration::from_secs(15), || async {
+        db.prepared().await.is_empty()
+    })
+    .await;
+    let asked = env.coordinator.asked.lock().unwrap().clone();
+    assert!(
+        asked.contains(&committed) && asked.contains(&aborted),
+        "{asked:?}"
+    );
+    assert_eq!(db.count("SELECT k FROM kv").await, 1);
+    assert_eq!(db.count("SELECT count(*) FROM treaty.branches").await, 0);
+    assert_eq!(env.commit(&committed).await.unwrap(), pb::BranchState::Committed);
+}
