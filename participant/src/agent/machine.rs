@@ -365,11 +365,8 @@ impl Agent {
                 learned.abort_reason = Some(format!("COMMIT failed: {error}"));
                 // A decision branch whose row or COMMIT PostgreSQL refused answers that it did not
                 // commit; the error is not the call's.
-                if !learned
-                    .decision
-                    .as_ref()
-                    .is_some_and(|d| d.not_committed().is_some())
-                {
+                let refused = learned.decision.as_ref().and_then(|d| d.not_committed());
+                if refused.is_none() {
                     learned.error = Some(error.into());
                 }
                 ParticipantEvent::LocalCommitFailed
