@@ -226,6 +226,9 @@ async fn end_transaction<T>(connection: &mut PgConnection, result: Result<T, DbE
 /// waits for it: afterwards every GID has a committed row, and the answer is final. Safe to
 /// repeat.
 pub async fn read(pool: &Pool, gids: &[Gid], conclude_abort: bool) -> Result<Vec<StoredDecision>, DbError> {
+    if gids.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut sorted: Vec<(&str, &str)> = gids
         .iter()
         .map(|gid| (gid.as_str(), gid.coordinator().as_str()))
