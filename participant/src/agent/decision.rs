@@ -13,6 +13,7 @@ use super::machine::{Answer, Learned};
 use crate::branches::ActiveBranch;
 use crate::decisions::{self, RowCommit};
 use crate::error::BranchError;
+use crate::failpoints;
 use crate::postgres::DbError;
 
 /// The commit row a decision branch's one-phase COMMIT inserts first, and, once that ran, why
@@ -72,6 +73,8 @@ impl Agent {
                 self.shard
             )));
         }
+        // As a database that cannot be reached: the branch stays open, nothing is decided.
+        failpoints::step(failpoints::BEFORE_COMMIT_DECISION)?;
         // An open branch always has its machine; should it not, a fresh one is what it would be.
         self.ensure_machine(&mut slot, Remembered::Aborted);
         let mut learned = Learned {

@@ -7,6 +7,7 @@ use treaty_proto::{CoordinatorId, Gid, ShardName, pb};
 
 use super::{ParticipantService, invalid, parse_gid};
 use crate::decisions::{self, Outcome, RowCommit, StoredDecision};
+use crate::failpoints;
 
 /// Most GIDs one `ReadDecisions` or `ForgetDecisions` may name: each is a row locked (or
 /// deleted) in one transaction, so a huge batch would hold them all at once.
@@ -107,6 +108,8 @@ impl ParticipantService {
             self.spawn(async move { agent.commit_decision(&gid, participants).await })
                 .await?
         };
+        // The decision is made (either way); its answer is lost.
+        failpoints::reply(failpoints::BEFORE_COMMIT_DECISION_REPLY).await?;
         Ok(Response::new(match outcome {
             RowCommit::Committed => pb::CommitDecisionResponse {
                 committed: true,

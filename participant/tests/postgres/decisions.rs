@@ -107,12 +107,12 @@ async fn commit_decision_commits_the_row_and_the_branch_writes_together() {
         "the decision branch is never prepared"
     );
 
-    let read = read(&env, &[&gid], false).await.unwrap();
-    assert_eq!(read.len(), 1);
-    assert_eq!(read[0].gid, gid);
-    assert_eq!(decision(&read[0]), pb::Decision::Commit);
-    assert_eq!(read[0].participants, ["s1", "s2"]);
-    let decided_at_ms = read[0].decided_at_ms;
+    let stored = read(&env, &[&gid], false).await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].gid, gid);
+    assert_eq!(decision(&stored[0]), pb::Decision::Commit);
+    assert_eq!(stored[0].participants, ["s1", "s2"]);
+    let decided_at_ms = stored[0].decided_at_ms;
     assert!(
         decided_at_ms + 60_000 > before_ms && decided_at_ms < unix_ms_now() + 60_000,
         "decided_at_ms {decided_at_ms} is not about now ({before_ms})"
@@ -124,6 +124,10 @@ async fn commit_decision_commits_the_row_and_the_branch_writes_together() {
             .await
             .unwrap();
     assert_eq!(row_coordinator, env.coordinator.id);
+    // A coordinator that lost the answer concludes: the abort insert does nothing, COMMIT stands.
+    let concluded = read(&env, &[&gid], true).await.unwrap();
+    assert_eq!(decision(&concluded[0]), pb::Decision::Commit);
+    assert_eq!(outcome_row(&env, &gid).await.as_deref(), Some("commit"));
 
     // The branch is finished: a repeat finds nothing open, and the branch is committed.
     let again = commit_decision(&env, &gid, &["s1", "s2"], false)
