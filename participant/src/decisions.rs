@@ -178,8 +178,13 @@ pub async fn insert_standalone(
             let Err(error) = simple(connection, sql).await else {
                 return Ok(RowCommit::Committed);
             };
-            // A failed statement skips the rest of the text and leaves the transaction open.
-            simple(connection, "ROLLBACK".into()).await?;
+            // A failed statement skips the rest of the text and leaves the transaction open; a
+            // connection whose ROLLBACK fails too is closed, never pooled in that state.
+            if let Err(rollback) = simple(connection, "ROLLBACK".into()).await {
+                return Err(DbError::Connection(format!(
+                    "{error}; then ROLLBACK failed too: {rollback}"
+                )));
+            }
             if !lost_to_abort(&error) {
                 return Err(error);
             }
