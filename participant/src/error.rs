@@ -61,6 +61,9 @@ pub enum BranchError {
     /// The GID is not in a state that allows the call.
     #[error("{0}")]
     WrongState(String),
+    /// The call needs something this participant does not hold (an open decision branch).
+    #[error("{0}")]
+    NotFound(String),
     /// The branch's earlier statements were lost with a previous participant process: the
     /// transaction cannot continue, but run again it may succeed (ABORTED on the wire).
     #[error("{0}")]
@@ -111,6 +114,7 @@ impl BranchError {
             | BranchError::Param(_)
             | BranchError::Decode(_) => ApiError::InvalidArgument(self.to_string()),
             BranchError::WrongState(message) => ApiError::FailedPrecondition(message),
+            BranchError::NotFound(message) => ApiError::NotFound(message),
             BranchError::Lost(message) => ApiError::Aborted(message),
             BranchError::Unavailable(message) => ApiError::Unavailable(message),
             BranchError::Internal(message) => ApiError::Internal(message),

@@ -30,6 +30,11 @@ pub const BEFORE_ROLLBACK_PREPARED: Name = failpoint_name!("participant::before-
 pub const AFTER_ROLLBACK_PREPARED: Name = failpoint_name!("participant::after-rollback-prepared");
 /// The commit is applied; the answer to `Commit` is about to go back.
 pub const BEFORE_COMMIT_REPLY: Name = failpoint_name!("participant::before-commit-reply");
+/// The decision branch is open and `CommitDecision` is about to insert its commit row and COMMIT.
+pub const BEFORE_COMMIT_DECISION: Name = failpoint_name!("participant::before-commit-decision");
+/// The commit row is committed (the decision is made); the answer to `CommitDecision` is about to
+/// go back.
+pub const BEFORE_COMMIT_DECISION_REPLY: Name = failpoint_name!("participant::before-commit-decision-reply");
 /// Deliberately unsafe, to prove the checker catches a broken build: recovery COMMITs a branch
 /// left prepared past `--in-doubt-after-ms` on its own instead of asking the coordinator.
 pub const UNSAFE_COMMIT_IN_DOUBT: Name = failpoint_name!("participant::unsafe-commit-in-doubt");
@@ -65,6 +70,14 @@ static POINTS: &[Point] = &[
     },
     Point {
         name: BEFORE_COMMIT_REPLY,
+        returns: &[Return::Error, Return::Drop],
+    },
+    Point {
+        name: BEFORE_COMMIT_DECISION,
+        returns: &[Return::Error],
+    },
+    Point {
+        name: BEFORE_COMMIT_DECISION_REPLY,
         returns: &[Return::Error, Return::Drop],
     },
     Point {
@@ -142,7 +155,7 @@ mod tests {
     #[test]
     fn every_point_is_named_for_its_binary_and_unique() {
         let names: Vec<&str> = CATALOG.names().collect();
-        assert_eq!(names.len(), 9);
+        assert_eq!(names.len(), 11);
         let mut unique = names.clone();
         unique.sort_unstable();
         unique.dedup();
@@ -182,7 +195,7 @@ mod tests {
             "{message}"
         );
         assert!(arm_at_start(None).is_ok());
-        assert_eq!(CATALOG.len(), 9);
+        assert_eq!(CATALOG.len(), 11);
         assert_eq!(std::mem::size_of::<Name>(), 0, "no name is in the binary");
     }
 }

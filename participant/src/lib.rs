@@ -12,6 +12,7 @@
 //! - `statement`, `values`: running client statements, parameters and row decoding;
 //! - `pool`: the PostgreSQL connection pool (no round trip when a connection is returned);
 //! - `postgres`: the participant's own SQL (vote, phase two, markers, `pg_prepared_xacts`);
+//! - `decisions`: commit decisions kept in `treaty.decisions` (`--decision-store shard`);
 //! - `reconcile`, `coordinator_link`: recovery of prepared branches with the coordinator;
 //! - `prepared`: the prepared branches and the locks they hold (`ListPrepared`, `treaty in-doubt`);
 //! - `error`: the error types and their mapping to `ApiError`;
@@ -23,6 +24,7 @@ mod branches;
 mod claim;
 pub mod config;
 mod coordinator_link;
+mod decisions;
 pub mod error;
 pub mod failpoints;
 pub mod pool;

@@ -1,6 +1,10 @@
 //! The gRPC `Participant` service: validates requests, converts between wire and domain types, and
 //! hands the work to the agent on a task of its own, so a caller that gives up (a timeout on the
 //! coordinator's side) cannot cancel a database call halfway and leave a branch in an unknown state.
+//!
+//! Modules: `decisions` (the decision RPCs of `--decision-store shard`).
+
+mod decisions;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -247,30 +251,30 @@ impl ParticipantService {
 impl pb::participant_server::Participant for ParticipantService {
     async fn commit_decision(
         &self,
-        _request: Request<pb::CommitDecisionRequest>,
+        request: Request<pb::CommitDecisionRequest>,
     ) -> Result<Response<pb::CommitDecisionResponse>, Status> {
-        Err(Status::unimplemented("CommitDecision is not implemented yet"))
+        self.commit_decision_call(request.into_inner()).await
     }
 
     async fn read_decisions(
         &self,
-        _request: Request<pb::ReadDecisionsRequest>,
+        request: Request<pb::ReadDecisionsRequest>,
     ) -> Result<Response<pb::ReadDecisionsResponse>, Status> {
-        Err(Status::unimplemented("ReadDecisions is not implemented yet"))
+        self.read_decisions_call(request.into_inner()).await
     }
 
     async fn list_decisions(
         &self,
-        _request: Request<pb::ListDecisionsRequest>,
+        request: Request<pb::ListDecisionsRequest>,
     ) -> Result<Response<pb::ListDecisionsResponse>, Status> {
-        Err(Status::unimplemented("ListDecisions is not implemented yet"))
+        self.list_decisions_call(request.into_inner()).await
     }
 
     async fn forget_decisions(
         &self,
-        _request: Request<pb::ForgetDecisionsRequest>,
+        request: Request<pb::ForgetDecisionsRequest>,
     ) -> Result<Response<pb::ForgetDecisionsResponse>, Status> {
-        Err(Status::unimplemented("ForgetDecisions is not implemented yet"))
+        self.forget_decisions_call(request.into_inner()).await
     }
 
     async fn execute(

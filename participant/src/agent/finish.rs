@@ -1,7 +1,10 @@
 //! Phase two: `Commit` and `Abort` feed the branch's machine (`machine.rs`), which answers with
 //! `COMMIT PREPARED`, `ROLLBACK PREPARED` or a rollback of an open branch, an acknowledgement, or a
 //! typed refusal. Both are idempotent, and neither takes "prepared transaction does not exist" for
-//! success: the marker row, committed with the branch, says which way it went.
+//! success: the marker row, committed with the branch, says which way it went. A GID that names a
+//! decision shard has no marker (its decision row is the authority): a Commit that finds nothing
+//! prepared answers UNKNOWN, "nothing prepared here", which the coordinator, holding a commit
+//! row, takes as committed.
 
 use treaty_commit_protocol::participant::{ParticipantEvent, Refusal, Remembered};
 use treaty_commit_protocol::termination::Proposer;
@@ -40,6 +43,7 @@ impl Agent {
         self.ensure_machine(&mut slot, remembered);
         match self.drive(&mut slot, gid, event).await? {
             Answer::Acknowledged => Ok(done),
+            Answer::NothingPrepared => Ok(BranchState::Unknown),
             Answer::Refused(refusal) => Err(self.finish_refused(gid, refusal)),
             other => Err(BranchError::Internal(format!(
                 "branch {gid} answered a decision with {other:?}"

@@ -35,6 +35,19 @@ pub(super) enum Answer {
     Refused(Refusal),
     /// Nothing to answer (a sweep's tick, an abandoned branch).
     Nothing,
+    /// The commit was acknowledged, but PostgreSQL held nothing prepared under the GID, which names
+    /// a decision shard: it committed earlier, or never prepared here. The decision row, not a
+    /// marker, is the authority for such a GID, so this participant cannot tell which; the
+    /// coordinator, which sends Commit only when that row says commit, takes it as committed.
+    NothingPrepared,
+}
+
+/// What `COMMIT PREPARED` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    Committed,
+    /// Nothing prepared under a GID that names a decision shard: see `Answer::NothingPrepared`.
+    NothingPrepared,
 }
 
 /// What the executors learned during one drive, for the answer and the history.
@@ -46,6 +59,8 @@ pub(super) struct Learned {
     pub(super) abort_reason: Option<String>,
     /// An error the call answers with whatever the machine says (a failpoint, a failed COMMIT).
     pub(super) error: Option<BranchError>,
+    /// `CommitDecision`: the commit row the one-phase COMMIT inserts first, and what became of it.
+    pub(super) decision: Option<super::decision::DecisionCommit>,
 }
 
 impl Agent {
@@ -121,7 +136,18 @@ impl Agent {
         slot: &mut SlotGuard,
         gid: &Gid,
         event: ParticipantEvent,
-        learned: Learned,
+        mut learned: Learned,
+    ) -> Result<Answer, BranchError> {
+        self.drive_keeping(slot, gid, event, &mut learned).await
+    }
+
+    /// `drive_learning`, leaving what the executors learned in `learned` for the caller.
+    pub(super) async fn drive_keeping(
+        &self,
+        slot: &mut SlotGuard,
+        gid: &Gid,
+        event: ParticipantEvent,
+        learned: &mut Learned,
     ) -> Result<Answer, BranchError> {
         let slot: &mut Slot = slot;
         let result = self.drive_inner(slot, gid, event, learned).await;
@@ -137,9 +163,10 @@ impl Agent {
         slot: &mut Slot,
         gid: &Gid,
         event: ParticipantEvent,
-        mut learned: Learned,
+        learned: &mut Learned,
     ) -> Result<Answer, BranchError> {
         let mut answer = Answer::Nothing;
+        let mut nothing_prepared = false;
         let mut next = Some(event);
         // One buffer for every step of the drive (a vote takes three).
         let mut actions = Vec::new();
@@ -153,21 +180,19 @@ impl Agent {
             for action in actions.drain(..) {
                 match action {
                     ParticipantAction::CheckWrites => {
-                        next = Some(self.check_writes(&mut slot.active, gid, &mut learned).await)
+                        next = Some(self.check_writes(&mut slot.active, gid, learned).await)
                     }
                     ParticipantAction::PrepareBranch => {
-                        next = Some(self.prepare_branch(&mut slot.active, gid, &mut learned).await)
+                        next = Some(self.prepare_branch(&mut slot.active, gid, learned).await)
                     }
                     ParticipantAction::CommitLocally => {
-                        next = Some(
-                            self.commit_locally(&mut slot.active, gid, after, &mut learned)
-                                .await,
-                        )
+                        next = Some(self.commit_locally(&mut slot.active, gid, after, learned).await)
                     }
-                    ParticipantAction::ApplyCommit => self.commit_prepared(gid).await?,
+                    ParticipantAction::ApplyCommit => {
+                        nothing_prepared = self.commit_prepared(gid).await? == Applied::NothingPrepared
+                    }
                     ParticipantAction::ApplyAbort => {
-                        self.apply_abort(&mut slot.active, gid, before, &mut learned)
-                            .await?
+                        self.apply_abort(&mut slot.active, gid, before, learned).await?
                     }
                     ParticipantAction::SendVote { yes: true } => answer = Answer::Vote(Vote::Yes),
                     ParticipantAction::SendVote { yes: false } => {
@@ -184,8 +209,9 @@ impl Agent {
                 }
             }
         }
-        match learned.error {
+        match learned.error.take() {
             Some(error) => Err(error),
+            None if nothing_prepared && answer == Answer::Acknowledged => Ok(Answer::NothingPrepared),
             None => Ok(answer),
         }
     }
@@ -305,7 +331,11 @@ impl Agent {
             learned.no_vote = Some((String::new(), format!("branch {gid} has no open transaction")));
             return ParticipantEvent::LocalCommitFailed;
         };
-        match postgres::commit(&mut branch.connection).await {
+        let committed = match learned.decision.as_mut() {
+            Some(decision) if one_phase => decision.insert_and_commit(&mut branch, gid).await,
+            _ => postgres::commit(&mut branch.connection).await,
+        };
+        match committed {
             Ok(()) => {
                 branch.transaction_ended();
                 let finished = if one_phase {
@@ -333,7 +363,12 @@ impl Agent {
                 *active = Some(branch);
                 tracing::info!(%gid, %error, "one-phase COMMIT failed; the transaction rolled back");
                 learned.abort_reason = Some(format!("COMMIT failed: {error}"));
-                learned.error = Some(error.into());
+                // A decision branch whose row or COMMIT PostgreSQL refused answers that it did not
+                // commit; the error is not the call's.
+                let refused = learned.decision.as_ref().and_then(|d| d.not_committed());
+                if refused.is_none() {
+                    learned.error = Some(error.into());
+                }
                 ParticipantEvent::LocalCommitFailed
             }
             Err(error) => {
@@ -384,20 +419,30 @@ impl Agent {
         self.branches.record(gid.as_str(), Finished::Aborted(reason));
     }
 
-    /// `COMMIT PREPARED`, never taking "does not exist" for success: the marker row says.
-    async fn commit_prepared(&self, gid: &Gid) -> Result<(), BranchError> {
+    /// `COMMIT PREPARED`, never taking "does not exist" for success: the marker row says, or, for
+    /// a GID that names a decision shard (no marker), the answer says nothing was prepared.
+    async fn commit_prepared(&self, gid: &Gid) -> Result<Applied, BranchError> {
         failpoints::step(failpoints::BEFORE_COMMIT_PREPARED)?;
         match postgres::commit_prepared(&self.pool, &self.branch_gid(gid)).await {
             Ok(()) => {
                 let after = failpoints::step(failpoints::AFTER_COMMIT_PREPARED);
                 tracing::debug!(%gid, "committed");
                 self.branches.record(gid.as_str(), Finished::Committed);
-                after
+                after.map(|()| Applied::Committed)
+            }
+            Err(error) if error.is_undefined_object() && gid.decision_shard().is_some() => {
+                // Nothing is recorded: this participant does not know that the branch committed,
+                // and a repeat asks PostgreSQL again.
+                tracing::info!(
+                    %gid,
+                    "asked to commit a branch that is not prepared; its decision row is the authority"
+                );
+                Ok(Applied::NothingPrepared)
             }
             Err(error) if error.is_undefined_object() => {
                 if postgres::marker_exists(&self.pool, gid).await? {
                     self.branches.record(gid.as_str(), Finished::Committed);
-                    return Ok(());
+                    return Ok(Applied::Committed);
                 }
                 tracing::error!(
                     %gid,
@@ -416,7 +461,8 @@ impl Agent {
         }
     }
 
-    /// `ROLLBACK PREPARED`; "does not exist" is an abort only without a marker row.
+    /// `ROLLBACK PREPARED`; "does not exist" is an abort only without a marker row (a GID that
+    /// names a decision shard has none to look up).
     async fn rollback_prepared(&self, gid: &Gid) -> Result<(), BranchError> {
         failpoints::step(failpoints::BEFORE_ROLLBACK_PREPARED)?;
         match postgres::rollback_prepared(&self.pool, &self.branch_gid(gid)).await {
@@ -430,7 +476,7 @@ impl Agent {
                 after
             }
             Err(error) if error.is_undefined_object() => {
-                if postgres::marker_exists(&self.pool, gid).await? {
+                if gid.decision_shard().is_none() && postgres::marker_exists(&self.pool, gid).await? {
                     tracing::error!(%gid, "asked to abort a branch that already committed");
                     self.branches.record(gid.as_str(), Finished::Committed);
                     return Err(BranchError::WrongState(format!(

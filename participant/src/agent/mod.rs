@@ -1,6 +1,7 @@
 //! The participant's behaviour, one method per RPC, on domain types: `execute` (open a branch, run
-//! statements), `prepare` and `commit_one_phase` (the vote), `commit` and `abort` (phase two, also
-//! used by reconciliation), `status`; plus the idle-branch sweep and shutdown.
+//! statements), `prepare` and `commit_one_phase` (the vote), `commit_decision` (the decision
+//! branch's one-phase commit with its decision row), `commit` and `abort` (phase two, also used by
+//! reconciliation), `status`; plus the idle-branch sweep and shutdown.
 //!
 //! Every two-phase branch runs the protocol's `Participant` machine (`machine.rs` steps it and
 //! carries out its actions): the methods here feed it events and answer what it decides.
@@ -8,6 +9,7 @@
 //! Every method that touches a GID holds that GID's lock from the branch table for its whole
 //! duration, so RPCs, the sweep and reconciliation never interleave on one GID.
 
+mod decision;
 mod execute;
 mod finish;
 mod machine;
@@ -173,6 +175,9 @@ impl Agent {
             Some(Finished::ReadOnly | Finished::CommittedOnePhase | Finished::Committed) => {
                 BranchState::Committed
             }
+            // No marker for a GID that names a decision shard: prepared here and gone since may
+            // be either way; its decision row says which.
+            Some(Finished::Prepared) if gid.decision_shard().is_some() => BranchState::Unknown,
             // Prepared here, now neither prepared nor committed: rolled back since.
             Some(Finished::Aborted(_) | Finished::Prepared) => BranchState::Aborted,
             Some(Finished::OutcomeUnknown(_)) | None => BranchState::Unknown,

@@ -11,6 +11,7 @@
 mod admin;
 mod branches;
 mod claim;
+mod decisions;
 mod pool;
 mod recovery;
 mod support;

@@ -1,0 +1,371 @@
+//! `treaty.decisions` (`migrations/0003_decisions.sql`): the commit decisions kept inside
+//! PostgreSQL (`--decision-store shard`), one row per transaction whose GID names this shard as its
+//! decision shard (`treaty:<coordinator>:<txid>@<shard>`). This module owns every statement on that
+//! table: the commit row that the decision branch inserts right before its one-phase COMMIT (one
+//! round trip: that COMMIT is the decision), the commit row of a dedicated decision database
+//! (`standalone`), the reads that first conclude abort where no row is committed, and the listing
+//! and forgetting of commit rows.
+//!
+//! The primary key on `gid` is what makes a decision final: a commit row and an abort row for the
+//! same GID cannot both commit. An insert that meets the other's uncommitted row waits for its
+//! transaction, then fails (unique violation) or goes on, so every statement here that must see a
+//! decision made concurrently runs at READ COMMITTED, never at the database's default isolation.
+//!
+//! GIDs, coordinator ids and shard names are formatted into SQL text only from `Gid` and
+//! `ShardName`, whose constructors restrict them to `[A-Za-z0-9_-:@]` (see `postgres.rs`); every
+//! other statement binds them as parameters.
+
+use sqlx::Executor as _;
+use sqlx::postgres::PgConnection;
+use treaty_proto::{CoordinatorId, Gid, ShardName};
+
+use crate::pool::Pool;
+use crate::postgres::{DbError, retrying, simple};
+
+/// SQLSTATE `unique_violation`: the other outcome's row for the GID committed first.
+const UNIQUE_VIOLATION: &str = "23505";
+/// SQLSTATE `serialization_failure`: at REPEATABLE READ or SERIALIZABLE, the decision branch's
+/// insert met an abort row committed after its snapshot; the same meaning as a unique violation.
+const SERIALIZATION_FAILURE: &str = "40001";
+
+/// Most rows `ListDecisions` answers with.
+pub const MAX_LIST: u32 = 100_000;
+/// What `ListDecisions` answers with when the request sets no limit.
+pub const DEFAULT_LIST: u32 = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Commit,
+    Abort,
+}
+
+/// One row of `treaty.decisions`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDecision {
+    pub gid: String,
+    pub outcome: Outcome,
+    pub participants: Vec<String>,
+    /// Unix milliseconds, from the database's clock.
+    pub decided_at_ms: u64,
+}
+
+/// The row as selected: gid, outcome, participants, decided_at in unix ms.
+type Row = (String, String, Vec<String>, i64);
+
+fn stored(row: Row) -> Result<StoredDecision, DbError> {
+    let (gid, outcome, participants, decided_at_ms) = row;
+    let outcome = match outcome.as_str() {
+        "commit" => Outcome::Commit,
+        "abort" => Outcome::Abort,
+        // The table's CHECK constraint allows no other value; a row that has one is not ours.
+        other => {
+            return Err(DbError::Client(format!(
+                "treaty.decisions holds outcome {other:?} for {gid}; expected 'commit' or 'abort'"
+            )));
+        }
+    };
+    Ok(StoredDecision {
+        gid,
+        outcome,
+        participants,
+        // Before 1970 only on a server whose clock is badly wrong; 0 says "unknown" plainly.
+        decided_at_ms: u64::try_from(decided_at_ms).unwrap_or(0),
+    })
+}
+
+const COLUMNS: &str = "gid, outcome, participants, (extract(epoch FROM decided_at) * 1000)::bigint";
+
+/// Whether the decision row's insert failed because the other outcome got there first.
+fn lost_to_abort(error: &DbError) -> bool {
+    matches!(error, DbError::Sql { sqlstate, .. }
+        if sqlstate == UNIQUE_VIOLATION || sqlstate == SERIALIZATION_FAILURE)
+}
+
+/// The `INSERT` of `gid`'s commit row. Safe to format: see the module documentation.
+fn commit_row_sql(gid: &Gid, participants: &[ShardName]) -> String {
+    let participants = participants
+        .iter()
+        .map(|shard| format!("'{shard}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO treaty.decisions (gid, outcome, coordinator_id, participants) \
+         VALUES ('{gid}', 'commit', '{}', ARRAY[{participants}]::text[])",
+        gid.coordinator()
+    )
+}
+
+/// Why the decision branch did not commit its commit row.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommitRowError {
+    /// An abort row for the GID was committed first (or is being: the insert waited for it).
+    #[error("the transaction was concluded aborted first: an abort row for {gid} won ({error})")]
+    ConcludedAbort { gid: String, error: DbError },
+    /// The insert failed for another reason; the branch's transaction cannot commit.
+    #[error("the decision row for {gid} could not be inserted: {error}")]
+    Insert { gid: String, error: DbError },
+    /// The insert went through and COMMIT failed: PostgreSQL rolled the branch back (a deferred
+    /// constraint, a serialization failure at commit).
+    #[error("COMMIT of the decision branch {gid} failed and rolled it back: {error}")]
+    Commit { gid: String, error: DbError },
+}
+
+impl CommitRowError {
+    pub fn db(&self) -> &DbError {
+        match self {
+            CommitRowError::ConcludedAbort { error, .. }
+            | CommitRowError::Insert { error, .. }
+            | CommitRowError::Commit { error, .. } => error,
+        }
+    }
+}
+
+/// Inserts `gid`'s commit row in the open transaction on `connection` (the decision branch) and
+/// commits it, in one round trip. On an error the transaction may still be open (a failed insert
+/// skips the COMMIT): the caller rolls it back, which is harmless if COMMIT already ended it. A
+/// connection error (`db().is_connection()`) leaves the outcome unknown.
+pub async fn insert_and_commit(
+    connection: &mut PgConnection,
+    gid: &Gid,
+    participants: &[ShardName],
+) -> Result<(), CommitRowError> {
+    use futures::TryStreamExt as _;
+    let sql = format!("{}; COMMIT", commit_row_sql(gid, participants));
+    // Counted per statement: PostgreSQL skips the rest of a simple query after an error, so an
+    // error after one completed statement is the COMMIT's, and one before it the insert's.
+    let mut completed = 0;
+    let mut results = connection.fetch_many(sqlx::raw_sql(sqlx::AssertSqlSafe(sql)));
+    let failed = loop {
+        match results.try_next().await {
+            Ok(Some(sqlx::Either::Left(_))) => completed += 1,
+            Ok(Some(sqlx::Either::Right(_))) => {}
+            Ok(None) => return Ok(()),
+            Err(error) => break DbError::from(error),
+        }
+    };
+    let gid = gid.to_string();
+    Err(match completed {
+        0 if lost_to_abort(&failed) => CommitRowError::ConcludedAbort { gid, error: failed },
+        0 => CommitRowError::Insert { gid, error: failed },
+        _ => CommitRowError::Commit { gid, error: failed },
+    })
+}
+
+/// The answer to a commit-row insert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowCommit {
+    Committed,
+    /// The abort row won; why, for the coordinator.
+    NotCommitted(String),
+}
+
+/// Inserts `gid`'s commit row in a transaction of its own (a dedicated decision database, which
+/// holds no branch of the transaction), at READ COMMITTED, one round trip. Safe to repeat: a
+/// commit row already there is this same decision, inserted by an earlier attempt whose answer was
+/// lost, and counts as committed.
+pub async fn insert_standalone(
+    pool: &Pool,
+    gid: &Gid,
+    participants: &[ShardName],
+) -> Result<RowCommit, DbError> {
+    let sql = format!(
+        "BEGIN ISOLATION LEVEL READ COMMITTED; {}; COMMIT",
+        commit_row_sql(gid, participants)
+    );
+    retrying(pool, |connection| {
+        let (sql, gid) = (sql.clone(), gid.to_string());
+        Box::pin(async move {
+            let Err(error) = simple(connection, sql).await else {
+                return Ok(RowCommit::Committed);
+            };
+            // A failed statement skips the rest of the text and leaves the transaction open; a
+            // connection whose ROLLBACK fails too is closed, never pooled in that state.
+            if let Err(rollback) = simple(connection, "ROLLBACK".into()).await {
+                return Err(DbError::Connection(format!(
+                    "{error}; then ROLLBACK failed too: {rollback}"
+                )));
+            }
+            if !lost_to_abort(&error) {
+                return Err(error);
+            }
+            let outcome: Option<String> =
+                sqlx::query_scalar("SELECT outcome FROM treaty.decisions WHERE gid = $1")
+                    .bind(&gid)
+                    .fetch_optional(&mut *connection)
+                    .await?;
+            Ok(match outcome.as_deref() {
+                Some("commit") => RowCommit::Committed,
+                _ => RowCommit::NotCommitted(format!(
+                    "the transaction was concluded aborted first: an abort row for {gid} won ({error})"
+                )),
+            })
+        })
+    })
+    .await
+}
+
+/// Ends the transaction `BEGIN ISOLATION LEVEL READ COMMITTED` opened on `connection`: COMMIT
+/// after `result` succeeded, ROLLBACK after it failed. A rollback that fails too comes back as a
+/// connection error, so that the connection (whose transaction state is then unknown) is closed
+/// rather than pooled.
+async fn end_transaction<T>(connection: &mut PgConnection, result: Result<T, DbError>) -> Result<T, DbError> {
+    match result {
+        Ok(value) => {
+            simple(connection, "COMMIT".into()).await?;
+            Ok(value)
+        }
+        Err(error) => {
+            if let Err(rollback) = simple(connection, "ROLLBACK".into()).await {
+                return Err(DbError::Connection(format!(
+                    "{error}; then ROLLBACK failed too: {rollback}"
+                )));
+            }
+            Err(error)
+        }
+    }
+}
+
+/// The decision rows of `gids` (those that have one). With `conclude_abort`, first inserts an abort
+/// row for every GID that has none, in GID order (two concluders then wait for each other in one
+/// order, never in a cycle). An insert that meets the uncommitted commit row of a decision branch
+/// waits for it: afterwards every GID has a committed row, and the answer is final. Safe to
+/// repeat.
+pub async fn read(pool: &Pool, gids: &[Gid], conclude_abort: bool) -> Result<Vec<StoredDecision>, DbError> {
+    if gids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sorted: Vec<(&str, &str)> = gids
+        .iter()
+        .map(|gid| (gid.as_str(), gid.coordinator().as_str()))
+        .collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let (texts, coordinators): (Vec<String>, Vec<String>) = sorted
+        .into_iter()
+        .map(|(gid, coordinator)| (gid.to_owned(), coordinator.to_owned()))
+        .unzip();
+    let rows: Vec<Row> = retrying(pool, |connection| {
+        let (texts, coordinators) = (texts.clone(), coordinators.clone());
+        Box::pin(async move {
+            // Never the database's default isolation: at REPEATABLE READ or SERIALIZABLE the
+            // insert that waited for a commit row would fail instead of letting the read see it.
+            simple(connection, "BEGIN ISOLATION LEVEL READ COMMITTED".into()).await?;
+            let result = read_in_transaction(connection, &texts, &coordinators, conclude_abort).await;
+            end_transaction(connection, result).await
+        })
+    })
+    .await?;
+    rows.into_iter().map(stored).collect()
+}
+
+async fn read_in_transaction(
+    connection: &mut PgConnection,
+    gids: &[String],
+    coordinators: &[String],
+    conclude_abort: bool,
+) -> Result<Vec<Row>, DbError> {
+    if conclude_abort {
+        sqlx::query(
+            "INSERT INTO treaty.decisions (gid, outcome, coordinator_id) \
+             SELECT t.gid, 'abort', t.coordinator_id \
+             FROM unnest($1::text[], $2::text[]) AS t(gid, coordinator_id) \
+             ORDER BY t.gid \
+             ON CONFLICT (gid) DO NOTHING",
+        )
+        .bind(gids)
+        .bind(coordinators)
+        .execute(&mut *connection)
+        .await?;
+    }
+    // A statement of its own: at READ COMMITTED it sees the rows committed while the insert
+    // waited.
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM treaty.decisions WHERE gid = ANY($1)"
+    )))
+    .bind(gids)
+    .fetch_all(&mut *connection)
+    .await?)
+}
+
+/// Commit rows, oldest first, at most `limit`, optionally only `coordinator`'s.
+pub async fn list(
+    pool: &Pool,
+    coordinator: Option<&CoordinatorId>,
+    limit: u32,
+) -> Result<Vec<StoredDecision>, DbError> {
+    let coordinator = coordinator.map(|id| id.as_str().to_owned());
+    let rows: Vec<Row> = retrying(pool, |connection| {
+        let coordinator = coordinator.clone();
+        Box::pin(async move {
+            // Two texts rather than `$2 IS NULL OR ...`, which would keep the filtered form off
+            // the partial index on coordinator_id.
+            let filter = if coordinator.is_some() {
+                "AND coordinator_id = $2 "
+            } else {
+                ""
+            };
+            let sql = format!(
+                "SELECT {COLUMNS} FROM treaty.decisions WHERE outcome = 'commit' {filter}\
+                 ORDER BY decided_at, gid LIMIT $1"
+            );
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(i64::from(limit));
+            if let Some(coordinator) = coordinator {
+                query = query.bind(coordinator);
+            }
+            Ok(query.fetch_all(connection).await?)
+        })
+    })
+    .await?;
+    rows.into_iter().map(stored).collect()
+}
+
+/// Deletes the commit rows of `gids`; abort rows stay (a late decision branch must still lose to
+/// them). Answers how many rows went.
+pub async fn forget(pool: &Pool, gids: &[Gid]) -> Result<u64, DbError> {
+    let texts: Vec<String> = gids.iter().map(|gid| gid.to_string()).collect();
+    retrying(pool, |connection| {
+        let texts = texts.clone();
+        Box::pin(async move {
+            Ok(
+                sqlx::query("DELETE FROM treaty.decisions WHERE outcome = 'commit' AND gid = ANY($1)")
+                    .bind(texts)
+                    .execute(connection)
+                    .await?
+                    .rows_affected(),
+            )
+        })
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_commit_row_is_formatted_from_checked_names() {
+        let coordinator = CoordinatorId::new("c1").unwrap();
+        let s0 = ShardName::new("s0").unwrap();
+        let gid = Gid::with_decision_shard(&coordinator, 42, &s0).unwrap();
+        let participants = [s0, ShardName::new("NULL").unwrap()];
+        // Quoted elements: an unquoted NULL in an array literal would be a null.
+        assert_eq!(
+            commit_row_sql(&gid, &participants),
+            "INSERT INTO treaty.decisions (gid, outcome, coordinator_id, participants) \
+             VALUES ('treaty:c1:42@s0', 'commit', 'c1', ARRAY['s0', 'NULL']::text[])"
+        );
+        assert!(commit_row_sql(&gid, &[]).ends_with("ARRAY[]::text[])"));
+    }
+
+    #[test]
+    fn only_the_other_outcome_winning_is_a_lost_decision() {
+        let sql = |sqlstate: &str| DbError::Sql {
+            sqlstate: sqlstate.into(),
+            message: String::new(),
+        };
+        assert!(lost_to_abort(&sql("23505")));
+        assert!(lost_to_abort(&sql("40001")));
+        assert!(!lost_to_abort(&sql("42P01")));
+        assert!(!lost_to_abort(&DbError::Connection("gone".into())));
+    }
+}
