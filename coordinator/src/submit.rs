@@ -140,13 +140,17 @@ pub async fn submit<S: DecisionStore, T: ParticipantTransport>(
         return submit_one_shard(engine, txid, ops, wait_for_apply).await;
     }
     // Several shards: each votes together with its last statement; a 3PC vote names every shard
-    // of the transaction, all known here.
+    // of the transaction, all known here. With the decision in a branch, the shard of the first op
+    // is the decision branch: it runs first (its first statement enlists it first) and does not
+    // vote, since it commits the decision instead of preparing.
     let shards: Vec<ShardName> = by_shard.keys().cloned().collect();
-    let runs = join_all(
-        by_shard
-            .into_values()
-            .map(|ops| run_shard(engine, txid, ops, Some(&shards))),
-    )
+    let in_branch = engine.decides_in_branch(txid);
+    let mut groups: Vec<Vec<CheckedOp>> = by_shard.into_values().collect();
+    groups.sort_by_key(|ops| ops.first().map_or(usize::MAX, |op| op.index));
+    let runs = join_all(groups.into_iter().enumerate().map(|(at, ops)| {
+        let votes = !(in_branch && at == 0);
+        run_shard(engine, txid, ops, votes.then_some(shards.as_slice()))
+    }))
     .await;
     let mut results: Vec<(usize, StatementResult)> = Vec::with_capacity(op_count);
     let mut failure = None;

@@ -190,7 +190,14 @@ async fn a_restarted_coordinator_finishes_its_commit_rows() -> Result<()> {
     // The decision branch committed with its row; the others are prepared.
     assert_eq!(t.kv(0).await?.len(), 1);
     assert_eq!(decision_rows(&t, 0).await?, 1);
-    assert_eq!(t.prepared(1).await?.len() + t.prepared(2).await?.len(), 2);
+    let prepared = (
+        t.prepared(0).await?,
+        t.prepared(1).await?,
+        t.prepared(2).await?,
+        t.kv(1).await?,
+        t.kv(2).await?,
+    );
+    assert_eq!(prepared.1.len() + prepared.2.len(), 2, "{prepared:?}");
     t.cluster.coordinator.restart().await?;
     eventually("committed on every shard", RECOVERY, || settled_with(&t, 3, 3)).await?;
     eventually("the commit row forgotten", RECOVERY, || async {

@@ -31,6 +31,11 @@ impl Transaction {
         self.decide_in_branch = self.protocol == Protocol::TwoPhase;
     }
 
+    /// Whether this transaction decides in its first branch.
+    pub fn decides_in_branch(&self) -> bool {
+        self.decide_in_branch
+    }
+
     /// The shard whose `treaty.decisions` holds this transaction's decision: its first branch's,
     /// when it decides in a branch and has one.
     pub fn decision_shard(&self) -> Option<&ShardName> {

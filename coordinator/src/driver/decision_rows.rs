@@ -36,6 +36,12 @@ impl Forgets {
 }
 
 impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
+    /// Whether transaction `txid` decides in its first branch (`--decision-store shard`, 2PC).
+    pub fn decides_in_branch(&self, txid: treaty_proto::TxId) -> bool {
+        self.tracked(txid)
+            .is_some_and(|h| h.machine().decides_in_branch())
+    }
+
     /// The decision branch inserts the commit row and commits; its answer is fed back.
     pub(super) fn commit_decision(
         self: &Arc<Self>,
