@@ -94,6 +94,10 @@ pub struct Engine<S, T> {
     forgets: decision_rows::Forgets,
     table: std::sync::Mutex<Table>,
     next_txid: AtomicU64,
+    /// The first txid this run hands out.
+    first_txid: TxId,
+    /// This run's incarnation (forced to the store at start; 0 until then).
+    incarnation: AtomicU64,
     reserved_up_to: AtomicU64,
     reserve_lock: tokio::sync::Mutex<()>,
     resolving: resolve::Resolving,
@@ -122,6 +126,8 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             table: std::sync::Mutex::new(Table::default()),
             // Skip the whole block reserved before the restart: some of it may have been handed out.
             next_txid: AtomicU64::new(txids_reserved_up_to + 1),
+            first_txid: txids_reserved_up_to + 1,
+            incarnation: AtomicU64::new(0),
             reserved_up_to: AtomicU64::new(txids_reserved_up_to),
             reserve_lock: tokio::sync::Mutex::new(()),
             resolving: resolve::Resolving::default(),
@@ -150,6 +156,16 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
 
     pub fn next_txid(&self) -> TxId {
         self.next_txid.load(Ordering::Relaxed)
+    }
+
+    /// The first txid this run of the coordinator hands out: every lower one is an earlier run's.
+    pub fn first_txid(&self) -> TxId {
+        self.first_txid
+    }
+
+    /// This run's incarnation, higher at every start (`Info`).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::Relaxed)
     }
 
     fn now_ms(&self) -> u64 {

@@ -348,6 +348,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 .map(ToString::to_string)
                 .collect(),
             next_txid: self.engine.next_txid(),
+            incarnation: self.engine.incarnation(),
+            first_txid: self.engine.first_txid(),
         }))
     }
 }

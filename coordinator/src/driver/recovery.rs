@@ -38,6 +38,9 @@ pub async fn start<S: DecisionStore, T: ParticipantTransport>(
         settings,
         unfinished.txids_reserved_up_to,
     );
+    engine
+        .incarnation
+        .store(incarnation, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         unfinished = unfinished.commits.len(),
         pre_committed = unfinished.pre_committed.len(),
