@@ -249,6 +249,7 @@ impl pb::coordinator_server::Coordinator for FakeCoordinator {
             coordinator_id: self.id.clone(),
             shards: vec!["s0".into()],
             next_txid: self.next_txid.load(Ordering::SeqCst),
+            ..Default::default()
         }))
     }
 }
