@@ -247,7 +247,7 @@ impl Transaction {
             Event::VoteCastEarly { shard, vote, named } => self.vote_cast_early(shard, vote, named),
             Event::VoteReceived { shard, vote } => self.vote_received(&shard, vote, now_ms, &mut actions),
             Event::DecisionDurable => self.decision_durable(now_ms, &mut actions),
-            Event::DecisionRefused { reason } => self.decision_refused(reason, now_ms, &mut actions),
+            Event::DecisionRefused { reason } => self.decision_refused(reason, true, now_ms, &mut actions),
             Event::DecisionUnknown { error } => self.decision_unknown(error, &mut actions),
             Event::DecisionLearned { commit: true } => self.decision_durable(now_ms, &mut actions),
             Event::DecisionLearned { commit: false } => self.decision_refused(
@@ -255,6 +255,7 @@ impl Transaction {
                     AbortCause::ConcludedAbort,
                     "the transaction was concluded aborted before its decision branch committed",
                 ),
+                false,
                 now_ms,
                 &mut actions,
             ),

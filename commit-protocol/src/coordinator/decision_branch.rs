@@ -98,13 +98,27 @@ impl Transaction {
         }
     }
 
-    /// The commit row did not commit: the decision branch rolled back, and the transaction aborts.
-    pub(super) fn decision_refused(&mut self, reason: AbortReason, now_ms: u64, actions: &mut Vec<Action>) {
+    /// The commit row did not commit, and the transaction aborts. `rolled_back`: the decision
+    /// branch's participant said so (it rolled the branch back). Otherwise the abort was read from
+    /// the row, and the decision branch may still be open (the `CommitDecision` may never have
+    /// reached it): it is told to roll back like any other branch, so it does not hold its locks
+    /// until the participant's idle timeout.
+    pub(super) fn decision_refused(
+        &mut self,
+        reason: AbortReason,
+        rolled_back: bool,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) {
         if !self.decide_in_branch || self.phase != Phase::LoggingCommit {
             return;
         }
         if self.branches[0].phase == BranchPhase::Committing {
-            self.branches[0].phase = BranchPhase::Aborted;
+            self.branches[0].phase = if rolled_back {
+                BranchPhase::Aborted
+            } else {
+                BranchPhase::Active
+            };
         }
         self.abort(reason, now_ms, actions);
     }

@@ -218,6 +218,17 @@ fn an_abort_row_read_back_aborts() {
         }))
     )));
     assert_eq!(txn.phase(), Phase::Aborting);
+    // The CommitDecision may never have arrived: the decision branch may still be open, and is
+    // rolled back like the prepared ones (found by the simulation, seed 1769).
+    for s in ["a", "b", "c"] {
+        assert!(
+            actions.contains(&Action::SendAbort {
+                shard: shard(s),
+                delay_ms: 0
+            }),
+            "{s}: {actions:?}"
+        );
+    }
 }
 
 #[test]
