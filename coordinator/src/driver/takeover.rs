@@ -113,6 +113,14 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         }
     }
 
+    /// Whether this instance finished `gid` (its own) and still remembers it.
+    fn finished_here(&self, gid: &Gid) -> bool {
+        gid.coordinator() == &self.id
+            && self
+                .tracked(gid.txid())
+                .is_some_and(|h| h.gid() == gid && h.machine().phase() == crate::protocol::Phase::Committed)
+    }
+
     /// Whether this instance already drives `gid`.
     fn drives(&self, gid: &Gid) -> bool {
         if gid.coordinator() == &self.id {
@@ -123,7 +131,17 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     }
 
     fn take_over_commit(self: &Arc<Self>, row: StoredDecision) {
-        if row.outcome != Some(StoredOutcome::Commit) || self.drives(&row.gid) {
+        if row.outcome != Some(StoredOutcome::Commit) {
+            return;
+        }
+        if self.finished_here(&row.gid) {
+            // Every branch committed, but forgetting the row failed (its shard was down): again.
+            if let Some(shard) = row.gid.decision_shard() {
+                self.forget_decision(shard, &row.gid);
+            }
+            return;
+        }
+        if self.drives(&row.gid) {
             return;
         }
         tracing::info!(gid = %row.gid, shards = ?row.participants, "finishing a commit row nobody here drives");
