@@ -12,6 +12,13 @@
 //! `coordinator_cpu_us_per_txn_3pc`, `participant_cpu_us_per_txn_3pc`, `*_ratio_3pc_vs_2pc`,
 //! `ratios_3pc` and `treaty_3pc_status` (`ok` or `unsupported`, with `treaty_3pc_message`); those
 //! keys are present whenever 3PC was asked for beside 2PC, and absent from a single-protocol run.
+//!
+//! PostgreSQL CPU per committed transaction is `<system>_postgres_cpu_us_per_txn` for every system
+//! (all processes of each shard's server: the postmaster, its backends and helpers, see `cpu`);
+//! `postgres_cpu_us_per_txn` is Treaty's (`treaty`), and `postgres_cpu_ratio` (top level for the
+//! first baseline, and in every `ratios*` object) is Treaty's over the baseline's. With several
+//! decision stores (`--decision-store file,shard`), `decision_stores` and the `*_<store>` keys
+//! are added by `stores`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
