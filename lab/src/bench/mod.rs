@@ -47,6 +47,8 @@ use workload::{DATABASE, Generator, Skew, TxnPlan, WorkloadKind};
 
 /// Upper bound on transactions one client runs in one phase (the duration bounds it first).
 const MAX_TXNS_PER_CLIENT_PHASE: u64 = 5_000_000;
+/// How long PostgreSQL's CPU is sampled with no load, before the warm-up.
+const IDLE_SAMPLE: Duration = Duration::from_secs(2);
 /// Upper bound on the whole load: phases × seconds.
 const MAX_TOTAL_LOAD_SECONDS: u64 = 4 * 3600;
 
@@ -532,6 +534,17 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         systems.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
     );
 
+    // PostgreSQL's CPU with no load at all (WAL writer, checkpointer, autovacuum, stats, the
+    // participants' and coordinators' own polls): a fixed cost per second that the per-transaction
+    // figures charge more heavily to the slower system, so the report gives it separately.
+    let idle_before = ctx.watched.sample();
+    let idle_started = Instant::now();
+    tokio::time::sleep(IDLE_SAMPLE).await;
+    let idle = ctx.watched.sample().since(&idle_before);
+    let idle_us_per_s = cpu::ticks_to_us(idle.postgres) / idle_started.elapsed().as_secs_f64();
+    let mut params = params;
+    params.insert("postgres_idle_cpu_us_per_s".into(), json!(idle_us_per_s.round()));
+    eprintln!("PostgreSQL CPU with no load: {idle_us_per_s:.0} µs/s");
     let mut salt = 0u64;
     if args.warmup > 0 {
         for system in &systems {
