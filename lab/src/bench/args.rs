@@ -1,6 +1,6 @@
 //! `treaty bench`'s command line: the workload, the cluster, the systems to compare (`--protocol`
-//! in any spelling [`Protocol`] accepts, or `both`; `--baseline`), and the bounds checked before
-//! anything starts.
+//! in any spelling [`Protocol`] accepts, or `both`; `--decision-store file,shard`; `--baseline`),
+//! and the bounds checked before anything starts.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -9,6 +9,7 @@ use anyhow::Result;
 use treaty_proto::Protocol;
 use treaty_types::UnknownProtocol;
 
+use super::stores::DecisionStore;
 use super::workload::{Skew, WorkloadKind};
 
 /// One item of `--protocol`: a protocol in any spelling [`Protocol`] accepts, or `both`.
@@ -87,6 +88,14 @@ pub struct BenchArgs {
     /// runs Treaty with each, side by side in the same rounds (3PC reported as `treaty_3pc_*`).
     #[arg(long, value_delimiter = ',', default_value = "2pc")]
     pub protocol: Vec<ProtocolChoice>,
+    /// Where the coordinator keeps 2PC commit decisions: file (its fsynced log, every branch
+    /// prepared with a marker row) or shard (a row committed in one phase inside the first
+    /// branch); `file,shard` runs Treaty on each, side by side in the same rounds, each on its own
+    /// coordinator over the same databases. The first of file, shard keeps the `treaty_*` keys,
+    /// the other is `treaty_<store>_*`; `decision_stores` in the JSON names the store of every
+    /// set of figures. recovery: the store whose decisions the restarted coordinator finishes.
+    #[arg(long, value_delimiter = ',', default_value = "file")]
+    pub decision_store: Vec<DecisionStore>,
     /// Baselines on the same databases: none, direct (PREPARE/COMMIT PREPARED by hand),
     /// independent (plain per-shard COMMIT); a comma-separated list runs several.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "none")]
@@ -156,6 +165,12 @@ impl BenchArgs {
             u64::from(args.rounds) <= args.duration,
             "--duration is split over --rounds: give at least one second per round"
         );
+        let three_phase = ProtocolChoice::expand(&args.protocol).contains(&Protocol::ThreePhase);
+        anyhow::ensure!(
+            !(three_phase && DecisionStore::expand(&args.decision_store).contains(&DecisionStore::Shard)),
+            "--decision-store shard applies to 2PC only (3PC always keeps its decisions in the file \
+             log): drop 3pc from --protocol or shard from --decision-store"
+        );
         anyhow::ensure!(
             args.accounts >= args.shards as u64 && args.accounts <= 100_000_000,
             "--accounts must be between --shards and 100000000"
@@ -179,6 +194,40 @@ mod tests {
     fn protocols(args: &[&str]) -> Vec<Protocol> {
         let cli = Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).unwrap();
         ProtocolChoice::expand(&cli.bench.protocol)
+    }
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, String> {
+        Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))
+            .map(|cli| cli.bench)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn decision_store_lists_parse_and_unknown_stores_are_refused_naming_the_choices() {
+        use DecisionStore::{File, Shard};
+        let stores = |args: &[&str]| DecisionStore::expand(&parse(args).unwrap().decision_store);
+        assert_eq!(stores(&[]), vec![File]);
+        assert_eq!(stores(&["--decision-store", "shard"]), vec![Shard]);
+        assert_eq!(stores(&["--decision-store", "file,shard"]), vec![File, Shard]);
+        assert_eq!(stores(&["--decision-store", "shard,file"]), vec![File, Shard]);
+        let error = parse(&["--decision-store", "file,zookeeper"])
+            .err()
+            .unwrap_or_default();
+        assert!(
+            error.contains("zookeeper") && error.contains("file") && error.contains("shard"),
+            "{error}"
+        );
+        // 3PC never decides in a shard: the pair is refused before anything starts.
+        let both = parse(&["--protocol", "both", "--decision-store", "file,shard"]).unwrap();
+        let error = both.validate().unwrap_err().to_string();
+        assert!(error.contains("2PC only"), "{error}");
+        assert!(
+            parse(&["--decision-store", "file,shard"])
+                .unwrap()
+                .validate()
+                .is_ok()
+        );
+        assert!(parse(&["--protocol", "both"]).unwrap().validate().is_ok());
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //! clients, alternating Treaty and each `--baseline` in `--rounds` rounds (so drift of the machine
 //! hits both alike), and reports throughput, latency percentiles, aborts by reason and CPU per
 //! transaction (see `report`). `--protocol 2pc,3pc` (or `both`) runs Treaty once per protocol in
-//! the same rounds and reports them side by side. `recovery` measures how fast a restarted coordinator finishes logged
-//! commits (see `recovery`).
+//! the same rounds and reports them side by side; `--decision-store file,shard` does the same per
+//! decision store, each on its own coordinator (see `stores`). `recovery` measures how fast a
+//! restarted coordinator finishes logged commits (see `recovery`, `recovery_rows`).
 //!
-//! Modules: `args` (the command line), `workload` (transactions), `zipf`, `treaty_driver` and `baselines` (the systems),
-//! `stats` (histograms), `cpu` (/proc), `report` (table and JSON), `plot` (SVG), `recovery`.
+//! Modules: `args` (the command line), `workload` (transactions), `zipf`, `treaty_driver` and
+//! `baselines` (the systems), `stores` (decision stores side by side), `stats` (histograms), `cpu`
+//! (/proc), `report` (table and JSON), `plot` (SVG), `recovery`.
 
 mod args;
 mod baselines;
@@ -18,6 +20,7 @@ mod plot;
 mod recovery;
 mod report;
 mod stats;
+mod stores;
 mod treaty_driver;
 mod workload;
 mod zipf;
@@ -38,21 +41,26 @@ use baselines::{Baseline, DirectClient};
 use cpu::Watched;
 use report::{BenchReport, SweepPoint, SystemRun};
 use stats::{Counts, Figures};
+pub use stores::DecisionStore;
 use treaty_driver::TreatyTarget;
 use workload::{DATABASE, Generator, Skew, TxnPlan, WorkloadKind};
 
 /// Upper bound on transactions one client runs in one phase (the duration bounds it first).
 const MAX_TXNS_PER_CLIENT_PHASE: u64 = 5_000_000;
+/// How long PostgreSQL's CPU is sampled with no load, before the warm-up.
+const IDLE_SAMPLE: Duration = Duration::from_secs(2);
 /// Upper bound on the whole load: phases × seconds.
 const MAX_TOTAL_LOAD_SECONDS: u64 = 4 * 3600;
 
 /// What one phase runs against.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum System {
-    /// Treaty with this protocol, reported under `name`.
+    /// Treaty with this protocol, reported under `name`, through coordinator `coordinator` (an
+    /// index into `Ctx::coordinators`: one per decision store).
     Treaty {
         protocol: Protocol,
         name: &'static str,
+        coordinator: usize,
     },
     Baseline(Baseline),
 }
@@ -65,7 +73,11 @@ impl System {
             Protocol::ThreePhase if side_by_side => report::TREATY_3PC,
             _ => "treaty",
         };
-        System::Treaty { protocol, name }
+        System::Treaty {
+            protocol,
+            name,
+            coordinator: 0,
+        }
     }
 
     fn name(self) -> &'static str {
@@ -76,9 +88,16 @@ impl System {
     }
 }
 
+/// A coordinator the bench drives: one per decision store.
+struct Coordinator {
+    endpoint: String,
+    pid: Option<u32>,
+}
+
 struct Ctx {
     generator: Generator,
     treaty: TreatyTarget,
+    coordinators: Vec<Coordinator>,
     pg_urls: Vec<String>,
     watched: Watched,
     lock_timeout_ms: u64,
@@ -125,11 +144,23 @@ async fn run_phase(
     label: &str,
     salt: u64,
 ) -> Result<PhaseResult> {
+    let coordinator = match system {
+        System::Treaty { coordinator, .. } => &ctx.coordinators[coordinator],
+        System::Baseline(_) => &ctx.coordinators[0],
+    };
+    let treaty_target = match system {
+        System::Treaty { protocol, .. } => TreatyTarget {
+            protocol,
+            endpoint: coordinator.endpoint.clone(),
+            ..ctx.treaty.clone()
+        },
+        System::Baseline(_) => ctx.treaty.clone(),
+    };
     // Connect every client before the clock starts.
     let mut connected = Vec::with_capacity(clients);
     for index in 0..clients {
         connected.push(match system {
-            System::Treaty { .. } => Client::Treaty(treaty_driver::connect(&ctx.treaty.endpoint).await?),
+            System::Treaty { .. } => Client::Treaty(treaty_driver::connect(&treaty_target.endpoint).await?),
             System::Baseline(mode) => {
                 let mut client = DirectClient::new(mode, ctx.pg_urls.clone(), ctx.lock_timeout_ms, index);
                 client.connect_all().await.map_err(anyhow::Error::msg)?;
@@ -137,16 +168,14 @@ async fn run_phase(
             }
         });
     }
-    let treaty_target = match system {
-        System::Treaty { protocol, .. } => TreatyTarget {
-            protocol,
-            ..ctx.treaty.clone()
-        },
-        System::Baseline(_) => ctx.treaty.clone(),
-    };
     let progress = bar(seconds, label);
     let committed = Arc::new(AtomicU64::new(0));
-    let before = ctx.watched.sample();
+    // The coordinator that serves this phase is the one whose CPU counts.
+    let watched = Watched {
+        coordinator: coordinator.pid,
+        ..ctx.watched.clone()
+    };
+    let before = watched.sample();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
     let tasks: Vec<_> = connected
@@ -197,7 +226,7 @@ async fn run_phase(
         counts.merge(&task.await.context("a bench client panicked")?);
     }
     let elapsed = started.elapsed();
-    let cpu = ctx.watched.sample().since(&before);
+    let cpu = watched.sample().since(&before);
     progress.finish_and_clear();
     Ok(PhaseResult { counts, elapsed, cpu })
 }
@@ -217,6 +246,7 @@ fn phase_line(label: &str, result: &PhaseResult) -> String {
 fn params(
     args: &BenchArgs,
     protocols: &[Protocol],
+    stores: &[DecisionStore],
     baselines: &[Baseline],
     per_round: u64,
 ) -> Map<String, Value> {
@@ -262,6 +292,11 @@ fn params(
             json!(protocols.iter().map(|p| p.short_name()).collect::<Vec<_>>()),
         );
     }
+    // What `treaty_*` measured; `decision_stores` in the report names every store's figures.
+    map.insert(
+        "decision_store".into(),
+        json!(stores.first().copied().unwrap_or(DecisionStore::File).name()),
+    );
     map.insert("interactive".into(), json!(args.interactive));
     map.insert("lock_timeout_ms".into(), json!(args.lock_timeout_ms));
     map.insert(
@@ -310,9 +345,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     sweep_clients.dedup();
     let protocols = ProtocolChoice::expand(&args.protocol);
     let side_by_side = protocols.len() > 1;
+    let stores = DecisionStore::expand(&args.decision_store);
     let per_round = (args.duration / u64::from(args.rounds)).max(1);
     let total = (per_round * u64::from(args.rounds) * sweep_clients.len() as u64 + args.warmup)
-        * (protocols.len() + baselines.len()) as u64;
+        * (protocols.len() + stores.len() - 1 + baselines.len()) as u64;
     anyhow::ensure!(
         total <= MAX_TOTAL_LOAD_SECONDS,
         "this would run {total} s of load; keep it under {MAX_TOTAL_LOAD_SECONDS} s"
@@ -325,7 +361,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.zipf_theta,
     )?;
     let seed = args.seed.unwrap_or_else(treaty_proto::now_ms);
-    let params = params(&args, &protocols, &baselines, per_round);
+    let params = params(&args, &protocols, &stores, &baselines, per_round);
 
     let temp = tempfile::Builder::new().prefix("treaty-bench-").tempdir()?;
     let base_dir = match &args.dir {
@@ -348,7 +384,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             max_connections: (max_clients as u32 + 150).max(200),
             ..PgOptions::default()
         },
-        coordinator_args: service_thread_args(args.service_threads),
+        // The cluster's coordinator serves the first store; the others get instances below.
+        coordinator_args: [
+            service_thread_args(args.service_threads),
+            stores[0].coordinator_args(),
+        ]
+        .concat(),
         participant_args: service_thread_args(args.service_threads),
         database: DATABASE.into(),
         coordinator_port: 0,
@@ -356,6 +397,32 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     .await
     .context("starting the local cluster")?;
     workload::create_schema(&cluster.pgs, args.accounts).await?;
+    // Another instance per further store, over the same participants and databases; kept until
+    // the end (dropping one stops it).
+    let mut extra_coordinators = Vec::new();
+    for store in &stores[1..] {
+        let process = cluster
+            .spawn_coordinator(
+                &format!("bench-{}", store.name()),
+                &[
+                    service_thread_args(args.service_threads),
+                    store.coordinator_args(),
+                ]
+                .concat(),
+            )
+            .await
+            .with_context(|| format!("starting a coordinator with --decision-store {}", store.name()))?;
+        extra_coordinators.push(process);
+    }
+    let coordinators: Vec<Coordinator> = std::iter::once(Coordinator {
+        endpoint: cluster.coordinator_endpoint(),
+        pid: cluster.coordinator.pid(),
+    })
+    .chain(extra_coordinators.iter().map(|process| Coordinator {
+        endpoint: process.endpoint(),
+        pid: process.pid(),
+    }))
+    .collect();
 
     let endpoint = cluster.coordinator_endpoint();
     let mut measured = Vec::new();
@@ -403,9 +470,31 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             None => report::SideBySide::Measured,
         }
     };
-    let systems: Vec<System> = measured
+    // Several stores run 2PC only (validate refuses 3PC beside the shard store): one system per
+    // store, the first keeping `treaty`.
+    let treaties: Vec<System> = if stores.len() > 1 {
+        stores
+            .iter()
+            .enumerate()
+            .map(|(index, store)| System::Treaty {
+                protocol: measured[0],
+                name: store.system_name(index == 0),
+                coordinator: index,
+            })
+            .collect()
+    } else {
+        measured
+            .iter()
+            .map(|&protocol| System::treaty(protocol, side_by_side))
+            .collect()
+    };
+    let store_systems: Vec<(DecisionStore, String)> = stores
         .iter()
-        .map(|&protocol| System::treaty(protocol, side_by_side))
+        .zip(&treaties)
+        .map(|(store, system)| (*store, system.name().to_string()))
+        .collect();
+    let systems: Vec<System> = treaties
+        .into_iter()
         .chain(baselines.iter().copied().map(System::Baseline))
         .collect();
 
@@ -420,6 +509,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     };
     let ctx = Ctx {
         generator,
+        coordinators,
         treaty: TreatyTarget {
             endpoint,
             shard_names: cluster.shard_names.clone(),
@@ -444,6 +534,17 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         systems.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
     );
 
+    // PostgreSQL's CPU with no load at all (WAL writer, checkpointer, autovacuum, stats, the
+    // participants' and coordinators' own polls): a fixed cost per second that the per-transaction
+    // figures charge more heavily to the slower system, so the report gives it separately.
+    let idle_before = ctx.watched.sample();
+    let idle_started = Instant::now();
+    tokio::time::sleep(IDLE_SAMPLE).await;
+    let idle = ctx.watched.sample().since(&idle_before);
+    let idle_us_per_s = cpu::ticks_to_us(idle.postgres) / idle_started.elapsed().as_secs_f64();
+    let mut params = params;
+    params.insert("postgres_idle_cpu_us_per_s".into(), json!(idle_us_per_s.round()));
+    eprintln!("PostgreSQL CPU with no load: {idle_us_per_s:.0} µs/s");
     let mut salt = 0u64;
     if args.warmup > 0 {
         for system in &systems {
@@ -497,6 +598,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         prepared_left,
         plots: Vec::new(),
         three_phase,
+        stores: store_systems,
     };
     if let Some(dir) = &args.plot {
         report.plots = plot::write_plots(dir, args.workload.name(), &report)
@@ -506,6 +608,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if args.json {
         println!("{}", report.to_json());
     }
+    drop(extra_coordinators);
     drop(cluster);
     Ok(())
 }

@@ -11,6 +11,18 @@
 //!    commit record per transaction naming every shard; close the log.
 //! 4. Restart the coordinator and time until `pg_prepared_xacts` holds no Treaty GID on any shard;
 //!    then check that every shard holds all N rows.
+//!
+//! With `--decision-store shard` the decisions are rows, not log records, so steps 2 and 3 are
+//! what the shard store leaves behind instead (the coordinator runs with `--decision-store shard`
+//! throughout; its log still names its id and reserves the txids):
+//! - on the decision shard (the first), each transaction's branch commits in one phase with its
+//!   commit row: `INSERT INTO treaty.decisions (gid, 'commit', coordinator_id, participants)`
+//!   under the GID `treaty:<id>:<txid>@<decision shard>`, naming every other shard;
+//! - every other shard prepares its branch under `treaty:<id>:<txid>@<decision shard>:<shard>`,
+//!   with no marker row (the row decides).
+//!
+//! The restarted coordinator re-drives its commit rows (`redrive_decision_rows`) and forgets them;
+//! the clock stops when nothing is prepared, and the time until the rows are gone is reported too.
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +37,7 @@ use treaty_proto::{BranchGid, CoordinatorId, Gid, ShardName};
 
 use super::BenchArgs;
 use super::cpu;
+use super::stores::DecisionStore;
 use super::workload::DATABASE;
 
 /// Connections per shard that prepare the transactions.
@@ -51,10 +64,102 @@ async fn prepared_treaty_gids(conns: &mut [PgConnection]) -> Result<i64> {
     Ok(total)
 }
 
-/// Prepares `txids` on one shard as a participant would, over several connections.
+/// What one shard holds of one transaction once it is decided, as SQL to run on that shard.
+#[derive(Debug, Clone)]
+enum Branch {
+    /// File store: the branch prepared with its marker row, under `treaty:<id>:<txid>:<shard>`.
+    PreparedWithMarker,
+    /// Shard store, the decision shard: the branch committed in one phase with its commit row,
+    /// naming the shards to send COMMIT PREPARED to.
+    DecisionRow {
+        decision_shard: ShardName,
+        participants: Vec<ShardName>,
+    },
+    /// Shard store, any other shard: the branch prepared under a GID naming the decision shard,
+    /// without a marker row.
+    PreparedUnderDecisionShard { decision_shard: ShardName },
+}
+
+impl Branch {
+    /// The statements for transaction `txid` on `shard`. Every piece is a validated id, a shard
+    /// name or an integer: safe to format into SQL (GIDs cannot be bind parameters).
+    fn sql(&self, id: &CoordinatorId, txid: u64, shard: &ShardName) -> Result<String> {
+        Ok(match self {
+            Branch::PreparedWithMarker => {
+                let gid = Gid::new(id, txid);
+                let branch = BranchGid::new(&gid, shard);
+                format!(
+                    "BEGIN; INSERT INTO bench_recovery (id) VALUES ({txid}); \
+                     INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('{gid}', '{id}', {txid}); \
+                     PREPARE TRANSACTION '{branch}'"
+                )
+            }
+            Branch::DecisionRow {
+                decision_shard,
+                participants,
+            } => {
+                let gid = Gid::with_decision_shard(id, txid, decision_shard)?;
+                let participants = participants
+                    .iter()
+                    .map(|shard| format!("'{shard}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!(
+                    "BEGIN; INSERT INTO bench_recovery (id) VALUES ({txid}); \
+                     INSERT INTO treaty.decisions (gid, outcome, coordinator_id, participants) \
+                     VALUES ('{gid}', 'commit', '{id}', ARRAY[{participants}]::text[]); COMMIT"
+                )
+            }
+            Branch::PreparedUnderDecisionShard { decision_shard } => {
+                let gid = Gid::with_decision_shard(id, txid, decision_shard)?;
+                let branch = BranchGid::new(&gid, shard);
+                format!(
+                    "BEGIN; INSERT INTO bench_recovery (id) VALUES ({txid}); PREPARE TRANSACTION '{branch}'"
+                )
+            }
+        })
+    }
+
+    /// What each shard holds under `store` (the first shard is the decision shard).
+    fn per_shard(store: DecisionStore, shards: &[ShardName]) -> Vec<Branch> {
+        match store {
+            DecisionStore::File => vec![Branch::PreparedWithMarker; shards.len()],
+            DecisionStore::Shard => {
+                let decision_shard = shards[0].clone();
+                std::iter::once(Branch::DecisionRow {
+                    decision_shard: decision_shard.clone(),
+                    participants: shards[1..].to_vec(),
+                })
+                .chain(shards[1..].iter().map(|_| Branch::PreparedUnderDecisionShard {
+                    decision_shard: decision_shard.clone(),
+                }))
+                .collect()
+            }
+        }
+    }
+
+    fn is_prepared(&self) -> bool {
+        !matches!(self, Branch::DecisionRow { .. })
+    }
+}
+
+/// Commit rows left in `treaty.decisions` on every shard.
+async fn decision_rows(conns: &mut [PgConnection]) -> Result<i64> {
+    let mut total = 0;
+    for conn in conns {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM treaty.decisions WHERE outcome = 'commit'")
+            .fetch_one(&mut *conn)
+            .await?;
+        total += n;
+    }
+    Ok(total)
+}
+
+/// Leaves `txids` on one shard as `branch` says, over several connections.
 async fn prepare_on_shard(
     pg: &PgCluster,
     shard: &ShardName,
+    branch: &Branch,
     id: &CoordinatorId,
     txids: std::ops::Range<u64>,
     progress: &ProgressBar,
@@ -67,18 +172,11 @@ async fn prepare_on_shard(
         async move {
             let mut conn = pg.connect(DATABASE).await?;
             for txid in txids.skip(k as usize).step_by(PREPARE_CONNECTIONS as usize) {
-                let gid = Gid::new(id, txid);
-                let branch = BranchGid::new(&gid, shard);
-                // Every piece is a validated id or an integer: safe to format into SQL.
-                let sql = format!(
-                    "BEGIN; INSERT INTO bench_recovery (id) VALUES ({txid}); \
-                     INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('{gid}', '{id}', {txid}); \
-                     PREPARE TRANSACTION '{branch}'"
-                );
+                let sql = branch.sql(id, txid, shard)?;
                 sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                     .execute(&mut conn)
                     .await
-                    .with_context(|| format!("preparing {gid} on {}", pg.name()))?;
+                    .with_context(|| format!("setting up txid {txid} on {}", pg.name()))?;
                 progress.inc(1);
             }
             anyhow::Ok(())
@@ -94,6 +192,17 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         "--txns must be between 1 and 50000"
     );
     anyhow::ensure!((1..=8).contains(&args.shards), "--shards must be between 1 and 8");
+    let stores = DecisionStore::expand(&args.decision_store);
+    anyhow::ensure!(
+        stores.len() == 1,
+        "recovery measures one decision store at a time: run it once per store"
+    );
+    let store = stores[0];
+    anyhow::ensure!(
+        store == DecisionStore::File || args.shards >= 2,
+        "recovery with --decision-store shard needs --shards of at least 2 (one decision shard, \
+         one prepared branch)"
+    );
     let txns = args.txns;
     let temp = tempfile::Builder::new()
         .prefix("treaty-bench-recovery-")
@@ -118,7 +227,11 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
             max_prepared_transactions: (txns as u32).saturating_add(100),
             ..PgOptions::default()
         },
-        coordinator_args: super::service_thread_args(args.service_threads),
+        coordinator_args: [
+            super::service_thread_args(args.service_threads),
+            store.coordinator_args(),
+        ]
+        .concat(),
         participant_args: super::service_thread_args(args.service_threads),
         database: DATABASE.into(),
         coordinator_port: 0,
@@ -156,7 +269,8 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     let txids = first..first + txns;
     log.reserve_txids(txids.end).await?;
 
-    // 2. Prepared branches, as participants leave them after voting YES.
+    // 2. Prepared branches, as participants leave them after voting YES (with the shard store,
+    //    the decision shard's branches committed with their commit rows instead).
     let setup = Instant::now();
     let progress = ProgressBar::new(txns * cluster.pgs.len() as u64);
     progress.set_message("preparing");
@@ -165,22 +279,26 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         .iter()
         .map(|name| ShardName::new(name))
         .collect::<Result<Vec<_>, _>>()?;
+    let branches = Branch::per_shard(store, &shards);
     try_join_all(
         cluster
             .pgs
             .iter()
             .zip(&shards)
-            .map(|(pg, shard)| prepare_on_shard(pg, shard, &id, txids.clone(), &progress)),
+            .zip(&branches)
+            .map(|((pg, shard), branch)| prepare_on_shard(pg, shard, branch, &id, txids.clone(), &progress)),
     )
     .await?;
     progress.finish_and_clear();
     let prepare_seconds = setup.elapsed().as_secs_f64();
+    let prepared_branches = txns * branches.iter().filter(|b| b.is_prepared()).count() as u64;
 
-    // 3. The commit decisions, as the coordinator logs them (forced, group-committed).
+    // 3. The commit decisions, as the coordinator logs them (forced, group-committed); none in
+    //    the log with the shard store, whose decisions are the rows written above.
     let participants = cluster.shard_names.clone();
     let decided_at_ms = treaty_proto::now_ms();
     let mut next = txids.start;
-    while next < txids.end {
+    while store == DecisionStore::File && next < txids.end {
         let chunk_end = (next + 1000).min(txids.end);
         try_join_all((next..chunk_end).map(|txid| {
             log.commit(CommitRecord {
@@ -196,16 +314,18 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     // Dropping the last handle joins the writer thread after a final sync.
     tokio::task::spawn_blocking(move || drop(log)).await?;
     eprintln!(
-        "{txns} transactions prepared on {} shards in {prepare_seconds:.1} s and logged as committed; restarting the coordinator",
-        cluster.pgs.len()
+        "{txns} transactions left on {} shards in {prepare_seconds:.1} s ({prepared_branches} prepared branches), \
+         decided in the {} store; restarting the coordinator",
+        cluster.pgs.len(),
+        store.name()
     );
     let mut polls = try_join_all(cluster.pgs.iter().map(|pg| pg.connect(DATABASE))).await?;
     let before = prepared_treaty_gids(&mut polls).await?;
     anyhow::ensure!(
-        before == (txns * cluster.pgs.len() as u64) as i64,
-        "expected {} prepared branches, found {before}",
-        txns * cluster.pgs.len() as u64
+        before == prepared_branches as i64,
+        "expected {prepared_branches} prepared branches, found {before}"
     );
+    let rows_before = decision_rows(&mut polls).await?;
     let participants_before: u64 = cluster
         .participants
         .iter()
@@ -257,6 +377,20 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         .saturating_sub(participants_before);
     // Includes this loop's polls of pg_prepared_xacts (10 a second per shard).
     let postgres_cpu_s = cpu::ticks_to_us(postgres_ticks().saturating_sub(postgres_before)) / 1e6;
+    // The shard store's commit rows outlive the commits a little: they are forgotten in batches
+    // after every branch committed. Not part of the recovery time (nothing waits on them), but a
+    // row never forgotten would be re-driven at every restart, so its time is reported too.
+    let mut rows_left = decision_rows(&mut polls).await?;
+    let mut rows_forgotten_s = None;
+    if rows_before > 0 {
+        while rows_left > 0 && restarted.elapsed() < RECOVERY_LIMIT {
+            tokio::time::sleep(POLL).await;
+            rows_left = decision_rows(&mut polls).await?;
+        }
+        if rows_left == 0 {
+            rows_forgotten_s = Some(restarted.elapsed().as_secs_f64());
+        }
+    }
     let mut rows_ok = true;
     for pg in &cluster.pgs {
         let mut conn = pg.connect(DATABASE).await?;
@@ -270,8 +404,9 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     let participant_cpu_s = cpu::ticks_to_us(participant_ticks) / 1e6;
     let met = left == 0 && rows_ok && seconds < TARGET_SECONDS * (txns as f64 / 10_000.0).max(1.0);
     println!(
-        "recovery of {txns} logged, unfinished commits over {} shards",
-        cluster.pgs.len()
+        "recovery of {txns} decided, unfinished commits over {} shards (decision store: {})",
+        cluster.pgs.len(),
+        store.name()
     );
     println!(
         "  restart to listening:          {:.3} s",
@@ -280,22 +415,30 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     println!("  restart to all finished:       {seconds:.3} s ({txns_per_s:.0} txns/s)");
     println!("  prepared branches left:        {left}");
     println!("  every shard holds every row:   {rows_ok}");
+    if rows_before > 0 {
+        println!(
+            "  commit rows forgotten after:   {} ({rows_before} rows, {rows_left} left)",
+            rows_forgotten_s.map_or("-".to_string(), |s| format!("{s:.3} s"))
+        );
+    }
     println!("  coordinator CPU (whole life):  {coordinator_cpu_s:.2} s");
     println!("  participants CPU (recovery):   {participant_cpu_s:.2} s");
     println!("  PostgreSQL CPU (recovery):     {postgres_cpu_s:.2} s");
-    println!(
-        "  setup (prepare {} branches):   {prepare_seconds:.1} s",
-        txns * cluster.pgs.len() as u64
-    );
+    println!("  setup (prepare {prepared_branches} branches):   {prepare_seconds:.1} s");
     if args.json {
         println!(
             "{}",
             json!({
                 "workload": "recovery",
                 "status": if left == 0 && rows_ok { "ok" } else { "incomplete" },
+                "decision_store": store.name(),
                 "txns": txns,
                 "shards": cluster.pgs.len(),
-                "branches": txns * cluster.pgs.len() as u64,
+                // Prepared branches to finish (the shard store's decision branches committed).
+                "branches": prepared_branches,
+                "decision_rows": rows_before,
+                "decision_rows_left": rows_left,
+                "rows_forgotten_s": rows_forgotten_s.map(|s| (s * 1000.0).round() / 1000.0),
                 "seconds": (seconds * 1000.0).round() / 1000.0,
                 "listening_s": (listening.as_secs_f64() * 1000.0).round() / 1000.0,
                 "txns_per_s": txns_per_s.round(),
@@ -313,4 +456,37 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     }
     drop(cluster);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shard_store_leaves_a_commit_row_on_the_decision_shard_and_bare_prepared_branches() {
+        let id = CoordinatorId::new("c1").unwrap();
+        let shards: Vec<ShardName> = ["s0", "s1", "s2"]
+            .into_iter()
+            .map(|name| ShardName::new(name).unwrap())
+            .collect();
+        let branches = Branch::per_shard(DecisionStore::Shard, &shards);
+        assert_eq!(branches.iter().filter(|b| b.is_prepared()).count(), 2);
+        assert_eq!(
+            branches[0].sql(&id, 7, &shards[0]).unwrap(),
+            "BEGIN; INSERT INTO bench_recovery (id) VALUES (7); \
+             INSERT INTO treaty.decisions (gid, outcome, coordinator_id, participants) \
+             VALUES ('treaty:c1:7@s0', 'commit', 'c1', ARRAY['s1', 's2']::text[]); COMMIT"
+        );
+        assert_eq!(
+            branches[2].sql(&id, 7, &shards[2]).unwrap(),
+            "BEGIN; INSERT INTO bench_recovery (id) VALUES (7); PREPARE TRANSACTION 'treaty:c1:7@s0:s2'"
+        );
+        let file = Branch::per_shard(DecisionStore::File, &shards);
+        assert!(file.iter().all(Branch::is_prepared));
+        let sql = file[1].sql(&id, 7, &shards[1]).unwrap();
+        assert!(
+            sql.contains("treaty.branches") && sql.ends_with("PREPARE TRANSACTION 'treaty:c1:7:s1'"),
+            "{sql}"
+        );
+    }
 }

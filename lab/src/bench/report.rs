@@ -12,6 +12,13 @@
 //! `coordinator_cpu_us_per_txn_3pc`, `participant_cpu_us_per_txn_3pc`, `*_ratio_3pc_vs_2pc`,
 //! `ratios_3pc` and `treaty_3pc_status` (`ok` or `unsupported`, with `treaty_3pc_message`); those
 //! keys are present whenever 3PC was asked for beside 2PC, and absent from a single-protocol run.
+//!
+//! PostgreSQL CPU per committed transaction is `<system>_postgres_cpu_us_per_txn` for every system
+//! (all processes of each shard's server: the postmaster, its backends and helpers, see `cpu`);
+//! `postgres_cpu_us_per_txn` is Treaty's (`treaty`), and `postgres_cpu_ratio` (top level for the
+//! first baseline, and in every `ratios*` object) is Treaty's over the baseline's. With several
+//! decision stores (`--decision-store file,shard`), `decision_stores` and the `*_<store>` keys
+//! are added by `stores`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -20,13 +27,14 @@ use serde_json::{Map, Value, json};
 
 use super::cpu::{CpuSample, ticks_to_us};
 use super::stats::{Counts, Figures, ratio};
+use super::stores::{self, DecisionStore};
 
 /// The name of Treaty run with 3PC beside 2PC (2PC keeps `treaty`).
 pub const TREATY_3PC: &str = "treaty_3pc";
 
-/// Whether a system is Treaty (`treaty`, `treaty_3pc`) rather than a baseline.
+/// Whether a system is Treaty (`treaty`, `treaty_3pc`, `treaty_<store>`) rather than a baseline.
 pub fn is_treaty(name: &str) -> bool {
-    name == "treaty" || name == TREATY_3PC
+    name == "treaty" || name.starts_with("treaty_")
 }
 
 /// 3PC beside 2PC in one invocation.
@@ -69,7 +77,7 @@ impl SystemRun {
     }
 
     /// Microseconds of CPU per committed transaction for `ticks`; `None` without commits.
-    fn per_txn(&self, ticks: u64) -> Option<f64> {
+    pub(super) fn per_txn(&self, ticks: u64) -> Option<f64> {
         (self.counts.committed > 0).then(|| ticks_to_us(ticks) / self.counts.committed as f64)
     }
 }
@@ -94,13 +102,16 @@ pub struct BenchReport {
     pub prepared_left: i64,
     pub plots: Vec<String>,
     pub three_phase: SideBySide,
+    /// The decision stores measured, each with the system that ran on it (`stores`); the first
+    /// is `treaty`.
+    pub stores: Vec<(DecisionStore, String)>,
 }
 
 fn round3(x: f64) -> Value {
     json!((x * 1000.0).round() / 1000.0)
 }
 
-fn opt3(x: Option<f64>) -> Value {
+pub(super) fn opt3(x: Option<f64>) -> Value {
     x.map_or(Value::Null, round3)
 }
 
@@ -117,8 +128,14 @@ impl BenchReport {
         self.main.systems.iter().filter(|s| !is_treaty(&s.name))
     }
 
-    /// A system's name in the table: says the protocol when the two run side by side.
+    /// A system's name in the table: says the protocol, or the decision store, when several run
+    /// side by side.
     fn label(&self, name: &str) -> String {
+        if self.stores.len() > 1
+            && let Some((store, _)) = self.stores.iter().find(|(_, system)| system == name)
+        {
+            return format!("treaty {}", store.name());
+        }
         match (&self.three_phase, name) {
             (SideBySide::Off, _) => name.to_string(),
             (_, "treaty") => "treaty 2pc".into(),
@@ -128,12 +145,18 @@ impl BenchReport {
     }
 
     /// Treaty / each baseline.
-    fn ratios_to_baselines(&self, treaty: &SystemRun) -> Vec<(String, Value)> {
+    pub(super) fn ratios_to_baselines(&self, treaty: &SystemRun) -> Vec<(String, Value)> {
         let t = treaty.figures();
+        let postgres = |run: &SystemRun| run.per_txn(run.cpu.postgres);
         self.baselines()
             .map(|baseline| {
                 let b = baseline.figures();
+                let postgres_ratio = postgres(treaty)
+                    .zip(postgres(baseline))
+                    .and_then(|(t, b)| ratio(t, b));
                 let ratios = json!({
+                    // PostgreSQL CPU per committed transaction, Treaty's over the baseline's.
+                    "postgres_cpu_ratio": opt3(postgres_ratio),
                     "throughput_ratio": opt3(ratio(t.tps, b.tps)),
                     "throughput_ceiling": opt3(throughput_ceiling(treaty, baseline)),
                     "p50_ratio": opt3(ratio(t.p50_ms, b.p50_ms)),
@@ -205,6 +228,8 @@ impl BenchReport {
             "throughput_ceiling",
             "coordinator_cpu_us_per_txn",
             "participant_cpu_us_per_txn",
+            "postgres_cpu_us_per_txn",
+            "postgres_cpu_ratio",
         ] {
             out.insert(key.into(), Value::Null);
         }
@@ -239,6 +264,10 @@ impl BenchReport {
                 "participant_cpu_us_per_txn".into(),
                 opt3(treaty.per_txn(treaty.cpu.participants)),
             );
+            out.insert(
+                "postgres_cpu_us_per_txn".into(),
+                opt3(treaty.per_txn(treaty.cpu.postgres)),
+            );
             let mut all_ratios = Map::new();
             for (index, (baseline, ratios)) in self.ratios_to_baselines(treaty).into_iter().enumerate() {
                 if index == 0 {
@@ -254,6 +283,7 @@ impl BenchReport {
             out.insert("ratios".into(), Value::Object(all_ratios));
         }
         self.insert_three_phase(&mut out);
+        stores::insert_store_keys(self, &mut out);
         out.insert(
             "sweep".into(),
             json!(
@@ -298,23 +328,28 @@ impl BenchReport {
             );
         }
         let show = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.3}"));
-        for treaty in [self.treaty(), self.treaty_3pc()].into_iter().flatten() {
+        for treaty in self.main.systems.iter().filter(|s| is_treaty(&s.name)) {
             let t = treaty.figures();
-            let prefix = if treaty.name == TREATY_3PC {
-                "treaty 3pc/"
-            } else {
-                "treaty/"
+            let prefix = match self.label(&treaty.name).as_str() {
+                "treaty 2pc" | "treaty" => "treaty/".to_string(),
+                label => format!("{label}/"),
             };
+            let postgres = |run: &SystemRun| run.per_txn(run.cpu.postgres);
             for baseline in self.baselines() {
                 let b = baseline.figures();
                 println!(
-                    "{:<18} throughput {}  p50 {}  p95 {}  p99 {}  max {}",
+                    "{:<18} throughput {}  p50 {}  p95 {}  p99 {}  max {}  postgres CPU {}",
                     format!("{prefix}{}", baseline.name),
                     show(ratio(t.tps, b.tps)),
                     show(ratio(t.p50_ms, b.p50_ms)),
                     show(ratio(t.p95_ms, b.p95_ms)),
                     show(ratio(t.p99_ms, b.p99_ms)),
                     show(ratio(t.max_ms, b.max_ms)),
+                    show(
+                        postgres(treaty)
+                            .zip(postgres(baseline))
+                            .and_then(|(t, b)| ratio(t, b))
+                    ),
                 );
                 println!(
                     "{:<18} throughput ceiling {} (if coordinator and participants cost no CPU, on shared cores)",
@@ -460,6 +495,7 @@ mod tests {
             prepared_left: 0,
             plots: Vec::new(),
             three_phase: SideBySide::Off,
+            stores: Vec::new(),
         };
         let value = report.to_json();
         for key in [
@@ -529,6 +565,7 @@ mod tests {
             prepared_left: 0,
             plots: Vec::new(),
             three_phase,
+            stores: Vec::new(),
         }
         .to_json()
     }
