@@ -1,11 +1,32 @@
 //! Checking a parsed scenario as a whole before anything runs: bounds on topology and workload,
 //! every step's trigger and action, failpoints armed on the process they belong to, `fired=`
-//! triggers that can fire, and the `await-convergence` step with its expectations.
+//! triggers that can fire, the `await-convergence` step with its expectations, and the decision
+//! store with the coordinator instances steps may name.
 
 use anyhow::{Context, Result, bail};
 
-use super::schedule::{Action, Process, Trigger};
-use super::spec::{DownOutcome, Scenario};
+use super::schedule::{Action, MAX_COORDINATORS, Process, Trigger};
+use super::spec::{DecisionStore, DownOutcome, Scenario, parse_abort_cause};
+
+/// The process a trigger waits on, if any.
+fn trigger_process(trigger: &Trigger) -> Option<&Process> {
+    match trigger {
+        Trigger::Exit(process) | Trigger::Fired { process, .. } => Some(process),
+        _ => None,
+    }
+}
+
+/// The process an action acts on, if any.
+fn action_process(action: &Action) -> Option<&Process> {
+    match action {
+        Action::Arm { process, .. }
+        | Action::Disarm(process)
+        | Action::Kill9(process)
+        | Action::Kill9ForGood(process)
+        | Action::Restart(process) => Some(process),
+        _ => None,
+    }
+}
 
 impl Scenario {
     pub fn validate(&self) -> Result<()> {
@@ -27,6 +48,25 @@ impl Scenario {
             bail!("workload.deadline_s must be between 1 and 3600");
         }
         w.parsed_mode()?;
+        let store = t.parsed_decision_store()?;
+        if !(1..=MAX_COORDINATORS).contains(&t.coordinators) {
+            bail!("topology.coordinators must be between 1 and {MAX_COORDINATORS}");
+        }
+        if t.coordinators > 1 && store != DecisionStore::Shard {
+            bail!(
+                "topology.coordinators = {} needs topology.decision_store = \"shard\": with the file store only the \
+                 coordinator that logged a decision can finish its transaction",
+                t.coordinators
+            );
+        }
+        if t.coordinators == 1 && !t.other_coordinator_args.is_empty() {
+            bail!("topology.other_coordinator_args needs topology.coordinators of 2 or more");
+        }
+        for cause in &self.expect.heard_abort_causes {
+            parse_abort_cause(cause)?;
+        }
+        // Coordinator instances killed for good, by the step that did it.
+        let mut killed_for_good: Vec<(Process, usize)> = Vec::new();
         if !matches!(self.expect.verdict.as_str(), "pass" | "violation") {
             bail!("expect.verdict must be pass or violation");
         }
@@ -52,11 +92,46 @@ impl Scenario {
             let action = step
                 .parsed_action(t.shards)
                 .with_context(|| format!("step {}", i + 1))?;
+            for process in trigger_process(&trigger).into_iter().chain(action_process(&action)) {
+                if let Process::OtherCoordinator(n) = process
+                    && *n > t.coordinators
+                {
+                    bail!(
+                        "step {}: {process} does not exist: topology.coordinators = {}",
+                        i + 1,
+                        t.coordinators
+                    );
+                }
+            }
+            match &action {
+                Action::Kill9ForGood(process) => {
+                    if t.coordinators < 2 {
+                        bail!(
+                            "step {}: `kill9-for-good` leaves {process} down, but no other coordinator instance would \
+                             finish its transactions (set topology.coordinators = 2 and decision_store = \"shard\")",
+                            i + 1
+                        );
+                    }
+                    killed_for_good.push((process.clone(), i + 1));
+                    if killed_for_good.len() >= t.coordinators {
+                        bail!("step {}: every coordinator instance would be killed for good", i + 1);
+                    }
+                }
+                Action::Restart(process) | Action::Arm { process, .. } | Action::Disarm(process) => {
+                    if let Some((_, by)) = killed_for_good.iter().find(|(p, _)| p == process) {
+                        bail!(
+                            "step {}: {process} was killed for good by step {by}; nothing may restart or reach it",
+                            i + 1
+                        );
+                    }
+                }
+                _ => {}
+            }
             if let Action::Arm {
                 process, failpoint, ..
             } = &action
             {
-                let side = if matches!(process, Process::Coordinator) {
+                let side = if process.is_coordinator() {
                     "coordinator::"
                 } else {
                     "participant::"
@@ -70,7 +145,9 @@ impl Scenario {
                 armed.push((process.clone(), failpoint.clone()));
             }
             match &action {
-                Action::Kill9(Process::Coordinator) => coordinator_goes_down = true,
+                Action::Kill9(Process::Coordinator) | Action::Kill9ForGood(Process::Coordinator) => {
+                    coordinator_goes_down = true
+                }
                 Action::Arm {
                     process: Process::Coordinator,
                     failpoint,
