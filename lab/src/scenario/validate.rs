@@ -393,4 +393,112 @@ mod tests {
         ));
         assert!(error.contains("unknown field"), "{error}");
     }
+
+    const TWO_COORDINATORS: &str = r#"
+        name = "x"
+        [topology]
+        decision_store = "shard"
+        coordinators = 2
+        other_coordinator_args = ["--takeover-after-ms", "500"]
+        [workload]
+        concurrency = 1
+        [expect]
+        heard_abort_causes = ["concluded-abort"]
+        [[steps]]
+        at = "start"
+        do = "arm"
+        target = "coordinator-2"
+        failpoint = "coordinator::before-commit-decision"
+        actions = "1*sleep(10)"
+        [[steps]]
+        at = "txns=2"
+        do = "kill9-for-good"
+        target = "coordinator"
+    "#;
+
+    #[test]
+    fn the_decision_store_is_file_or_shard_and_a_bad_one_names_the_choices() {
+        let scenario = parse("name = \"x\"").unwrap();
+        assert_eq!(
+            scenario.topology.parsed_decision_store().unwrap(),
+            DecisionStore::File
+        );
+        let scenario = parse("name = \"x\"\n[topology]\ndecision_store = \"shard\"").unwrap();
+        assert_eq!(
+            scenario.topology.parsed_decision_store().unwrap(),
+            DecisionStore::Shard
+        );
+        let error = error_of("name = \"x\"\n[topology]\ndecision_store = \"postgres\"");
+        assert!(error.contains("topology.decision_store = \"postgres\""), "{error}");
+        assert!(error.contains("\"file\"") && error.contains("\"shard\""), "{error}");
+        // The CLI flags share the parser's names.
+        use clap::ValueEnum;
+        let names: Vec<String> = DecisionStore::value_variants()
+            .iter()
+            .map(|v| v.name().to_string())
+            .collect();
+        assert_eq!(names, ["file", "shard"]);
+    }
+
+    #[test]
+    fn other_coordinator_instances_need_the_shard_store_and_steps_name_only_those_that_exist() {
+        let scenario = parse(TWO_COORDINATORS).unwrap();
+        assert_eq!(scenario.topology.coordinators, 2);
+        let cases: [(&str, &str, &str); 6] = [
+            (
+                "decision_store = \"shard\"",
+                "decision_store = \"file\"",
+                "needs topology.decision_store = \"shard\"",
+            ),
+            ("coordinators = 2", "coordinators = 4", "between 1 and 3"),
+            (
+                "target = \"coordinator-2\"",
+                "target = \"coordinator-3\"",
+                "coordinator-3 does not exist: topology.coordinators = 2",
+            ),
+            (
+                "coordinators = 2\n",
+                "coordinators = 1\n",
+                "topology.other_coordinator_args needs",
+            ),
+            (
+                "target = \"coordinator\"",
+                "target = \"coordinator-2\"\n        [[steps]]\n        at = \"+0\"\n        do = \"restart\"\n        target = \"coordinator-2\"",
+                "was killed for good by step 2",
+            ),
+            (
+                "[\"concluded-abort\"]",
+                "[\"concluded\"]",
+                "\"concluded\" is not an abort cause: expected one of client-rollback",
+            ),
+        ];
+        for (from, to, wanted) in cases {
+            assert!(TWO_COORDINATORS.contains(from), "{from}");
+            let error = error_of(&TWO_COORDINATORS.replacen(from, to, 1));
+            assert!(error.contains(wanted), "{from} -> {to}: {error}");
+        }
+        // Killed for good with no other instance left to finish its transactions.
+        let alone = r#"
+            name = "x"
+            [[steps]]
+            at = "start"
+            do = "kill9-for-good"
+            target = "coordinator"
+        "#;
+        assert!(error_of(alone).contains("no other coordinator instance"));
+    }
+
+    #[test]
+    fn abort_causes_read_as_the_wire_names_them() {
+        use treaty_proto::pb::AbortCause;
+        assert_eq!(
+            crate::scenario::spec::abort_cause_name(AbortCause::ConcludedAbort),
+            "concluded-abort"
+        );
+        assert_eq!(
+            parse_abort_cause("concluded-abort").unwrap(),
+            AbortCause::ConcludedAbort
+        );
+        assert!(parse_abort_cause("unspecified").is_err());
+    }
 }
