@@ -122,7 +122,10 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     let mut cluster = LocalCluster::start_proxied(spec)
         .await
         .context("starting the cluster")?;
-    let takeover = ["--takeover-after-ms".to_string(), args.takeover_after_ms.to_string()];
+    let takeover = [
+        "--takeover-after-ms".to_string(),
+        args.takeover_after_ms.to_string(),
+    ];
     start_other_coordinators(&mut cluster, args.coordinators, args.decision_store, &takeover).await?;
     checker::create_markers(&cluster).await?;
     create_accounts(&cluster, args.accounts).await?;

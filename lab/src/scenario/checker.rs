@@ -127,7 +127,8 @@ pub async fn await_convergence(cluster: &LocalCluster, within: Duration) -> Resu
 /// Transactions `endpoint`'s coordinator holds in doubt (at most 1 counted); 1 when it cannot be
 /// asked, so that an unreachable coordinator never passes for a converged one.
 async fn in_doubt_at(endpoint: &str) -> usize {
-    let Ok(mut client) = pb::coordinator_client::CoordinatorClient::connect(endpoint.to_string()).await else {
+    let Ok(mut client) = pb::coordinator_client::CoordinatorClient::connect(endpoint.to_string()).await
+    else {
         return 1;
     };
     client

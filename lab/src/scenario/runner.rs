@@ -85,7 +85,9 @@ impl<'a> StepRunner<'a> {
         let logs = self.cluster.base_dir.join("logs");
         match process {
             Process::Coordinator => logs.join("coordinator.log"),
-            Process::OtherCoordinator(n) => logs.join(format!("coordinator-{}.log", other_coordinator_id(*n))),
+            Process::OtherCoordinator(n) => {
+                logs.join(format!("coordinator-{}.log", other_coordinator_id(*n)))
+            }
             Process::Participant(i) | Process::Postgres(i) => logs.join(format!("participant-s{i}.log")),
         }
     }

@@ -449,5 +449,20 @@ mod tests {
             submit += usize::from(in_submit_dir);
         }
         assert!(submit >= 4, "{submit} scenarios in scenarios/submit");
+        // The decision-rows directory runs on the shard store; nothing else needs it.
+        let decision_rows: Vec<_> = files
+            .iter()
+            .filter(|f| f.parent().is_some_and(|p| p.ends_with("decision-rows")))
+            .collect();
+        assert!(decision_rows.len() >= 10, "{decision_rows:?}");
+        for file in decision_rows {
+            let scenario = Scenario::load(file).unwrap();
+            assert_eq!(
+                scenario.topology.parsed_decision_store().unwrap(),
+                DecisionStore::Shard,
+                "{}",
+                file.display()
+            );
+        }
     }
 }

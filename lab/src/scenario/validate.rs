@@ -92,7 +92,10 @@ impl Scenario {
             let action = step
                 .parsed_action(t.shards)
                 .with_context(|| format!("step {}", i + 1))?;
-            for process in trigger_process(&trigger).into_iter().chain(action_process(&action)) {
+            for process in trigger_process(&trigger)
+                .into_iter()
+                .chain(action_process(&action))
+            {
                 if let Process::OtherCoordinator(n) = process
                     && *n > t.coordinators
                 {
@@ -114,7 +117,10 @@ impl Scenario {
                     }
                     killed_for_good.push((process.clone(), i + 1));
                     if killed_for_good.len() >= t.coordinators {
-                        bail!("step {}: every coordinator instance would be killed for good", i + 1);
+                        bail!(
+                            "step {}: every coordinator instance would be killed for good",
+                            i + 1
+                        );
                     }
                 }
                 Action::Restart(process) | Action::Arm { process, .. } | Action::Disarm(process) => {
@@ -429,8 +435,14 @@ mod tests {
             DecisionStore::Shard
         );
         let error = error_of("name = \"x\"\n[topology]\ndecision_store = \"postgres\"");
-        assert!(error.contains("topology.decision_store = \"postgres\""), "{error}");
-        assert!(error.contains("\"file\"") && error.contains("\"shard\""), "{error}");
+        assert!(
+            error.contains("topology.decision_store = \"postgres\""),
+            "{error}"
+        );
+        assert!(
+            error.contains("\"file\"") && error.contains("\"shard\""),
+            "{error}"
+        );
         // The CLI flags share the parser's names.
         use clap::ValueEnum;
         let names: Vec<String> = DecisionStore::value_variants()
