@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use treaty_harness::{ClusterSpec, LocalCluster, PgCluster, PgOptions};
+use treaty_lab::scenario::spec::DecisionStore;
 
 const STATE_FILE: &str = "cluster.json";
 
@@ -20,6 +21,10 @@ pub struct UpArgs {
     /// Coordinator port on 127.0.0.1 (0 picks a free one).
     #[arg(long, default_value_t = 7600)]
     pub port: u16,
+    /// Where the coordinator keeps two-phase commit decisions: `file` (its decision log) or
+    /// `shard` (a row in `treaty.decisions` committed inside each transaction's first branch).
+    #[arg(long, value_enum, default_value_t = DecisionStore::File)]
+    pub decision_store: DecisionStore,
 }
 
 #[derive(clap::Args, Debug)]
@@ -103,7 +108,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         shards: args.shards,
         base_dir: base_dir.clone(),
         pg: PgOptions::default(),
-        coordinator_args: Vec::new(),
+        coordinator_args: args.decision_store.coordinator_args(),
         participant_args: Vec::new(),
         database: "treaty".into(),
         coordinator_port: args.port,
@@ -120,7 +125,11 @@ pub async fn up(args: UpArgs) -> Result<()> {
     }
     cluster.coordinator.keep_on_drop();
     std::fs::write(base_dir.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
-    println!("coordinator  {}", state.coordinator);
+    println!(
+        "coordinator  {} (decision store: {})",
+        state.coordinator,
+        args.decision_store.name()
+    );
     for shard in &state.shards {
         println!(
             "shard {:<6} participant {}  postgres {}",

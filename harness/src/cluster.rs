@@ -42,6 +42,10 @@ pub struct ClusterSpec {
 pub struct LocalCluster {
     // Declared first so that it is dropped first: processes go before their databases.
     pub coordinator: ServiceProcess,
+    /// Other coordinator instances over the same shards, added with
+    /// [`LocalCluster::add_coordinator`]: kept here so that they stop with the cluster, before its
+    /// databases. Empty unless a caller adds one.
+    pub extra_coordinators: Vec<ServiceProcess>,
     pub participants: Vec<ServiceProcess>,
     pub pgs: Vec<PgCluster>,
     /// `s0`, `s1`, ...: shard i is `pgs[i]` + `participants[i]`.
@@ -166,6 +170,7 @@ impl LocalCluster {
 
         Ok(LocalCluster {
             coordinator,
+            extra_coordinators: Vec::new(),
             participants,
             pgs,
             shard_names,
@@ -228,6 +233,14 @@ impl LocalCluster {
             log_path: self.base_dir.join("logs").join(format!("coordinator-{id}.log")),
         })
         .await
+    }
+
+    /// Like [`LocalCluster::spawn_coordinator`], keeping the instance in
+    /// [`LocalCluster::extra_coordinators`]; returns its index there.
+    pub async fn add_coordinator(&mut self, id: &str, args: &[String]) -> Result<usize, HarnessError> {
+        let process = self.spawn_coordinator(id, args).await?;
+        self.extra_coordinators.push(process);
+        Ok(self.extra_coordinators.len() - 1)
     }
 
     /// The index of shard `name` in `pgs` and `participants`.

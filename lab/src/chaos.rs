@@ -3,7 +3,13 @@
 //! participants, PostgreSQL servers — are SIGKILLed and restarted and network faults come and go on
 //! the proxied links. Bounded in time; then recovery converges and the checker runs: atomicity per
 //! transaction, acknowledged outcomes, conservation of money, nothing left prepared.
+//!
+//! With `--decision-store shard` the decisions are rows in the shards' `treaty.decisions`, and
+//! `--coordinators 2` runs a second instance over the same shards that finishes what a killed one
+//! leaves behind; both instances are killed in turn (the clients use the first), and convergence
+//! also waits for every commit row to be forgotten.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -14,11 +20,11 @@ use treaty_harness::{Fault, LocalCluster};
 use treaty_proto::Protocol;
 
 use crate::scenario::checker::{self, DATABASE};
-use crate::scenario::schedule::{Action, Process};
-use crate::scenario::spec::Mode;
+use crate::scenario::schedule::{Action, MAX_COORDINATORS, Process};
+use crate::scenario::spec::{DecisionStore, Mode};
 use crate::scenario::timeline::Timeline;
 use crate::scenario::workload::{self, Progress, WorkloadConfig};
-use crate::scenario::{StepRunner, cluster_spec};
+use crate::scenario::{StepRunner, cluster_spec, start_other_coordinators};
 
 const INITIAL_BALANCE: i64 = 1_000;
 
@@ -46,6 +52,18 @@ pub struct ChaosArgs {
     /// Commit.
     #[arg(long)]
     pub submit: bool,
+    /// Where the coordinators keep two-phase commit decisions: `file` (each one's decision log)
+    /// or `shard` (a row in `treaty.decisions` committed inside each transaction's first branch).
+    #[arg(long, value_enum, default_value_t = DecisionStore::File)]
+    pub decision_store: DecisionStore,
+    /// Coordinator instances over the same shards (more than one needs `--decision-store
+    /// shard`). The clients use the first; every instance is killed now and then.
+    #[arg(long, default_value_t = 1)]
+    pub coordinators: usize,
+    /// With the shard store: each instance finishes commit rows and prepared branches nobody
+    /// has finished after this long (`--takeover-after-ms` of every coordinator).
+    #[arg(long, default_value_t = 2000)]
+    pub takeover_after_ms: u64,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -67,6 +85,15 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     if args.fault_every_ms < 100 {
         bail!("--fault-every-ms must be at least 100");
     }
+    if !(1..=MAX_COORDINATORS).contains(&args.coordinators) {
+        bail!("--coordinators must be between 1 and {MAX_COORDINATORS}");
+    }
+    if args.coordinators > 1 && args.decision_store != DecisionStore::Shard {
+        bail!(
+            "--coordinators {} needs --decision-store shard: with the file store only the coordinator that logged a decision can finish its transaction",
+            args.coordinators
+        );
+    }
     crate::fault_build::check_service_binaries()?;
     let seed = args.seed.unwrap_or_else(treaty_proto::now_ms);
     let mode = if args.submit {
@@ -76,19 +103,30 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     };
     let dir = tempfile::Builder::new().prefix("treaty-chaos-").tempdir()?;
     eprintln!(
-        "chaos: {} shards, {} clients, {}, {}, {} s, seed {seed}, a fault every ~{} ms; data in {}",
+        "chaos: {} shards, {} clients, {}, {}, decision store {}, {} coordinators, {} s, seed {seed}, a fault every ~{} ms; data in {}",
         args.shards,
         args.clients,
         args.protocol,
         mode.name(),
+        args.decision_store.name(),
+        args.coordinators,
         args.duration,
         args.fault_every_ms,
         dir.path().display()
     );
-    let spec = cluster_spec(args.shards, dir.path().to_path_buf(), &[], &[]);
+    let mut store_args = args.decision_store.coordinator_args();
+    if args.decision_store == DecisionStore::Shard {
+        store_args.extend(["--takeover-after-ms".into(), args.takeover_after_ms.to_string()]);
+    }
+    let spec = cluster_spec(args.shards, dir.path().to_path_buf(), &store_args, &[]);
     let mut cluster = LocalCluster::start_proxied(spec)
         .await
         .context("starting the cluster")?;
+    let takeover = [
+        "--takeover-after-ms".to_string(),
+        args.takeover_after_ms.to_string(),
+    ];
+    start_other_coordinators(&mut cluster, args.coordinators, args.decision_store, &takeover).await?;
     checker::create_markers(&cluster).await?;
     create_accounts(&cluster, args.accounts).await?;
 
@@ -111,6 +149,9 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut kills = 0u64;
+    // Kills per target (`coordinator`, `coordinator-2`, `s1`, `pg:s0`, ...), so a run shows that
+    // each instance and the decision shards' servers were hit.
+    let mut kills_by_target: BTreeMap<String, u64> = BTreeMap::new();
     let mut network_faults = 0u64;
     let mut runner = StepRunner::new(&mut cluster, &timeline);
     let shards = args.shards;
@@ -129,10 +170,15 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
         let down_for = Duration::from_millis(rng.random_range(0..=800));
         match rng.random_range(0..10) {
             0..=2 => {
-                runner.perform(n, &Action::Kill9(Process::Coordinator)).await?;
+                let coordinator = match rng.random_range(1..=args.coordinators) {
+                    1 => Process::Coordinator,
+                    other => Process::OtherCoordinator(other),
+                };
+                runner.perform(n, &Action::Kill9(coordinator.clone())).await?;
                 tokio::time::sleep(down_for).await;
-                runner.perform(n, &Action::Restart(Process::Coordinator)).await?;
+                runner.perform(n, &Action::Restart(coordinator.clone())).await?;
                 kills += 1;
+                *kills_by_target.entry(coordinator.to_string()).or_default() += 1;
             }
             3..=5 => {
                 runner
@@ -143,12 +189,14 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
                     .perform(n, &Action::Restart(Process::Participant(shard)))
                     .await?;
                 kills += 1;
+                *kills_by_target.entry(format!("s{shard}")).or_default() += 1;
             }
             6 => {
                 runner.perform(n, &Action::PgStop(shard)).await?;
                 tokio::time::sleep(down_for).await;
                 runner.perform(n, &Action::PgStart(shard)).await?;
                 kills += 1;
+                *kills_by_target.entry(format!("pg:s{shard}")).or_default() += 1;
             }
             kind => {
                 let name = format!("s{shard}");
@@ -180,9 +228,12 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     progress.stop.store(true, Ordering::SeqCst);
     let _ = tokio::time::timeout(Duration::from_secs(30), clients).await;
     runner.epilogue().await?;
+    let live = runner.live_coordinator_endpoints();
     drop(runner);
     eprintln!("chaos over; waiting for recovery to converge ...");
-    let (converged, took) = checker::await_convergence(&cluster, Duration::from_secs(120)).await?;
+    let shard_store = args.decision_store == DecisionStore::Shard;
+    let (converged, took) =
+        checker::await_convergence_via(&cluster, &live, Duration::from_secs(120), shard_store).await?;
     let told = progress.told.lock().map(|t| t.clone()).unwrap_or_default();
     let report = checker::check(&cluster, &told, converged, took).await?;
     let total = total_balance(&cluster).await?;
@@ -200,6 +251,13 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     );
     println!("balance conserved:  {conserved} ({expected} expected, {total} found)");
     println!("prepared left:      {}", report.prepared_left);
+    println!("kills by target:    {kills_by_target:?}");
+    if shard_store {
+        println!(
+            "decision rows left: {} commit, {} abort; aborts heard by cause: {:?}",
+            report.decision_rows.commit, report.decision_rows.abort, report.abort_causes
+        );
+    }
     println!(
         "converged:          {converged} ({} ms after the last fault)",
         report.convergence_ms
@@ -217,6 +275,12 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
                 "protocol": args.protocol.name(),
                 "mode": mode.name(),
                 "kills": kills,
+                "kills_by_target": kills_by_target,
+                "decision_store": args.decision_store.name(),
+                "coordinators": args.coordinators,
+                "decision_commit_rows_left": report.decision_rows.commit,
+                "decision_abort_rows": report.decision_rows.abort,
+                "abort_causes": report.abort_causes,
                 "network_faults": network_faults,
                 "committed": report.committed,
                 "aborted": report.aborted,

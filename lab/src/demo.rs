@@ -17,6 +17,8 @@ use treaty_harness::{ClusterSpec, LocalCluster, PgOptions};
 use treaty_proto::pb;
 use treaty_proto::pb::coordinator_client::CoordinatorClient;
 
+use crate::scenario::spec::DecisionStore;
+
 const INITIAL_BALANCE: i64 = 1_000;
 const DATABASE: &str = "treaty";
 
@@ -37,6 +39,10 @@ pub struct DemoArgs {
     pub coordinator_kills: u32,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Where the coordinator keeps commit decisions: `file` (its decision log) or `shard` (a row
+    /// in `treaty.decisions` committed inside each transfer's first branch).
+    #[arg(long, value_enum, default_value_t = DecisionStore::File)]
+    pub decision_store: DecisionStore,
     /// Keep the cluster's data here instead of a temporary directory.
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -327,20 +333,25 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         None => temp.path().to_path_buf(),
     };
     eprintln!(
-        "starting {} shards (PostgreSQL + participant each) and a coordinator in {}",
+        "starting {} shards (PostgreSQL + participant each) and a coordinator (decision store: {}) in {}",
         args.shards,
+        args.decision_store.name(),
         base_dir.display()
     );
     let spec = ClusterSpec {
         shards: args.shards,
         base_dir: base_dir.clone(),
         pg: PgOptions::default(),
-        coordinator_args: vec![
-            "--idle-timeout-ms".into(),
-            "5000".into(),
-            "--lock-timeout-ms".into(),
-            "2000".into(),
-        ],
+        coordinator_args: [
+            vec![
+                "--idle-timeout-ms".into(),
+                "5000".into(),
+                "--lock-timeout-ms".into(),
+                "2000".into(),
+            ],
+            args.decision_store.coordinator_args(),
+        ]
+        .concat(),
         participant_args: vec![
             "--branch-idle-timeout-ms".into(),
             "3000".into(),
@@ -492,6 +503,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 "aborted": seen.aborted.len(),
                 "unknown": seen.unknown.len(),
                 "coordinator_kills": kills,
+                "decision_store": args.decision_store.name(),
                 "balance_conserved": verdict.total_before == verdict.total_after,
                 "half_applied": verdict.half_applied.len(),
                 "lost_commits": verdict.lost_commits.len(),

@@ -53,6 +53,9 @@ pub struct Told {
     pub abandoned: BTreeSet<u64>,
     /// The commit call failed in transport: either outcome, but all-or-nothing.
     pub unknown: BTreeSet<u64>,
+    /// How many aborts clients heard per cause (`concluded-abort`, ...: `spec::abort_cause_name`),
+    /// from the abort reason the coordinator's answer carried.
+    pub abort_causes: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -73,6 +76,10 @@ pub struct Report {
     pub converged: bool,
     pub convergence_ms: u64,
     pub violations: Vec<Violation>,
+    /// Decision rows left in `treaty.decisions` once converged (commit rows should be gone).
+    pub decision_rows: DecisionRows,
+    /// Aborts the clients heard, per cause.
+    pub abort_causes: BTreeMap<String, u64>,
 }
 
 impl Report {
@@ -114,24 +121,52 @@ pub async fn prepared_with_xids(cluster: &LocalCluster) -> Result<Vec<(String, V
 /// Waits (bounded) until nothing is prepared on any shard and the coordinator holds nothing in
 /// doubt. Returns whether it converged and how long it took.
 pub async fn await_convergence(cluster: &LocalCluster, within: Duration) -> Result<(bool, Duration)> {
+    await_convergence_via(cluster, &[cluster.coordinator_endpoint()], within, false).await
+}
+
+/// Transactions `endpoint`'s coordinator holds in doubt (at most 1 counted); 1 when it cannot be
+/// asked, so that an unreachable coordinator never passes for a converged one.
+async fn in_doubt_at(endpoint: &str) -> usize {
+    let Ok(mut client) = pb::coordinator_client::CoordinatorClient::connect(endpoint.to_string()).await
+    else {
+        return 1;
+    };
+    client
+        .list_transactions(pb::ListTransactionsRequest {
+            filter: pb::ListFilter::InDoubt as i32,
+            limit: 1,
+        })
+        .await
+        .map(|r| r.into_inner().transactions.len())
+        .unwrap_or(1)
+}
+
+/// As [`await_convergence`], asking every coordinator instance in `coordinators` (those still
+/// running: one killed for good answers nobody) and, with `commit_rows_gone` (the shard store),
+/// also waiting until no shard's `treaty.decisions` holds a commit row: a finished transaction's
+/// row is forgotten, so one left over means its end was never carried out.
+pub async fn await_convergence_via(
+    cluster: &LocalCluster,
+    coordinators: &[String],
+    within: Duration,
+    commit_rows_gone: bool,
+) -> Result<(bool, Duration)> {
     let started = Instant::now();
     loop {
         let prepared_now: usize = match prepared(cluster).await {
             Ok(p) => p.iter().map(|(_, g)| g.len()).sum(),
             Err(_) => usize::MAX,
         };
-        let in_doubt = match cluster.client().await {
-            Ok(mut client) => client
-                .list_transactions(pb::ListTransactionsRequest {
-                    filter: pb::ListFilter::InDoubt as i32,
-                    limit: 1,
-                })
-                .await
-                .map(|r| r.into_inner().transactions.len())
-                .unwrap_or(1),
-            Err(_) => 1,
+        let mut in_doubt = 0;
+        for endpoint in coordinators {
+            in_doubt += in_doubt_at(endpoint).await;
+        }
+        let rows_left = if commit_rows_gone {
+            decision_rows(cluster).await.map(|r| r.commit).unwrap_or(1)
+        } else {
+            0
         };
-        if prepared_now == 0 && in_doubt == 0 {
+        if prepared_now == 0 && in_doubt == 0 && rows_left == 0 {
             return Ok((true, started.elapsed()));
         }
         if started.elapsed() > within {
@@ -139,6 +174,32 @@ pub async fn await_convergence(cluster: &LocalCluster, within: Duration) -> Resu
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What the shards' `treaty.decisions` tables hold, summed over every shard.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct DecisionRows {
+    pub commit: usize,
+    pub abort: usize,
+}
+
+/// Counts the decision rows on every shard (the table exists whatever the store: the
+/// participant's migrations create it).
+pub async fn decision_rows(cluster: &LocalCluster) -> Result<DecisionRows> {
+    let mut rows = DecisionRows::default();
+    for (name, pg) in cluster.shard_names.iter().zip(&cluster.pgs) {
+        let mut conn = pg.connect(DATABASE).await?;
+        let (commit, abort): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE outcome = 'commit'), count(*) FILTER (WHERE outcome = 'abort') \
+             FROM treaty.decisions",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .with_context(|| format!("counting decision rows on {name}"))?;
+        rows.commit += commit as usize;
+        rows.abort += abort as usize;
+    }
+    Ok(rows)
 }
 
 /// marker id -> (the shards its marker declares, the shards where its marker is committed). The
@@ -225,6 +286,7 @@ pub async fn check(
         }
     }
     let prepared_left = prepared(cluster).await?.iter().map(|(_, g)| g.len()).sum();
+    let decision_rows = decision_rows(cluster).await?;
     Ok(Report {
         committed: told.committed.len(),
         aborted: told.aborted.len(),
@@ -234,5 +296,7 @@ pub async fn check(
         converged,
         convergence_ms: convergence.as_millis() as u64,
         violations,
+        decision_rows,
+        abort_causes: told.abort_causes.clone(),
     })
 }

@@ -1,7 +1,8 @@
 //! The `await-convergence` step: with the coordinator down (and kept down), watch whether the
 //! participants finish the transactions in doubt without it. Three-phase commit should (when every
 //! participant is up and reachable); two-phase commit cannot, and neither can 3PC while one
-//! participant is cut off (the termination guard needs every participant's state).
+//! participant is cut off (the termination guard needs every participant's state). With the shard
+//! store and other coordinator instances running, those instances finish them instead.
 //!
 //! The step takes a snapshot of what is in doubt (Treaty GIDs in `pg_prepared_xacts`), polls every
 //! shard until nothing is prepared and every marker is all-or-nothing, or the bound passes, and
@@ -221,8 +222,17 @@ pub async fn observe(
     let started = Instant::now();
     let start = read_state(cluster).await?;
     timeline.note(format!(
-        "step {step}: coordinator down (kept down); waiting up to {} ms for the participants to finish without it; in doubt: txids {:?} ({} prepared branches)",
+        "step {step}: coordinator down (kept down); waiting up to {} ms for {} to finish without it; in doubt: txids {:?} ({} prepared branches)",
         within.as_millis(),
+        // With other instances running (the shard store), they may be the ones that finish.
+        if cluster.extra_coordinators.is_empty() {
+            "the participants".to_string()
+        } else {
+            format!(
+                "the participants and the other {} coordinator instance(s)",
+                cluster.extra_coordinators.len()
+            )
+        },
         start.prepared.keys().collect::<Vec<_>>(),
         start.prepared_branches()
     ));

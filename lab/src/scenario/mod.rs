@@ -33,7 +33,7 @@ use checker::Report;
 use coordinator_down::DownObservation;
 pub use runner::StepRunner;
 use schedule::{Action, Trigger};
-use spec::Scenario;
+use spec::{DecisionStore, Scenario};
 use timeline::Timeline;
 use workload::{Progress, WorkloadConfig};
 
@@ -165,14 +165,10 @@ fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Settings every scenario cluster gets: short timeouts so that faults resolve in seconds.
-pub fn cluster_spec(
-    shards: usize,
-    base_dir: PathBuf,
-    coordinator: &[String],
-    participant: &[String],
-) -> ClusterSpec {
-    let mut coordinator_args: Vec<String> = [
+/// Arguments every scenario coordinator instance gets: short timeouts so that faults resolve in
+/// seconds.
+pub fn scenario_coordinator_args() -> Vec<String> {
+    [
         "--vote-timeout-ms",
         "3000",
         "--lock-timeout-ms",
@@ -181,7 +177,37 @@ pub fn cluster_spec(
         "3000",
     ]
     .map(String::from)
-    .to_vec();
+    .to_vec()
+}
+
+/// Starts coordinator instances 2..=`coordinators` beside the cluster's first (ids from
+/// [`runner::other_coordinator_id`]), each with the scenario settings, `store` and `args`.
+pub async fn start_other_coordinators(
+    cluster: &mut LocalCluster,
+    coordinators: usize,
+    store: DecisionStore,
+    args: &[String],
+) -> Result<()> {
+    for n in 2..=coordinators {
+        let mut all = scenario_coordinator_args();
+        all.extend(store.coordinator_args());
+        all.extend(args.iter().cloned());
+        cluster
+            .add_coordinator(&runner::other_coordinator_id(n), &all)
+            .await
+            .with_context(|| format!("starting coordinator-{n}"))?;
+    }
+    Ok(())
+}
+
+/// Settings every scenario cluster gets: short timeouts so that faults resolve in seconds.
+pub fn cluster_spec(
+    shards: usize,
+    base_dir: PathBuf,
+    coordinator: &[String],
+    participant: &[String],
+) -> ClusterSpec {
+    let mut coordinator_args = scenario_coordinator_args();
     coordinator_args.extend(coordinator.iter().cloned());
     let mut participant_args: Vec<String> = [
         "--in-doubt-after-ms",
@@ -255,6 +281,7 @@ async fn run_one(scenario: &Scenario, file: &Path, keep: bool) -> ScenarioResult
                     }
                 }
             }
+            reasons.extend(decision_row_reasons(scenario, &report));
             reasons.extend(coordinator_down::expectation_reasons(
                 e,
                 while_coordinator_down.as_ref(),
@@ -288,6 +315,12 @@ async fn run_one(scenario: &Scenario, file: &Path, keep: bool) -> ScenarioResult
             report.convergence_ms,
             report.violations.len()
         );
+        if scenario.topology.decision_store.trim() == "shard" {
+            println!(
+                "  decision rows left: {} commit, {} abort; aborts heard by cause: {:?}",
+                report.decision_rows.commit, report.decision_rows.abort, report.abort_causes
+            );
+        }
         for v in &report.violations {
             println!("  violation: txid {} {}: {:?}", v.txid, v.kind, v.evidence);
         }
@@ -299,25 +332,60 @@ async fn run_one(scenario: &Scenario, file: &Path, keep: bool) -> ScenarioResult
     result
 }
 
+/// Why a scenario fails on what the decision rows and the clients' abort causes show: a commit
+/// row left once everything converged (with the shard store: finished transactions' rows are
+/// forgotten), or an abort cause in `expect.heard_abort_causes` no client heard.
+fn decision_row_reasons(scenario: &Scenario, report: &Report) -> Vec<String> {
+    let mut reasons = Vec::new();
+    let shard_store = scenario.topology.parsed_decision_store().ok() == Some(DecisionStore::Shard);
+    if shard_store && report.decision_rows.commit > 0 {
+        reasons.push(format!(
+            "{} commit rows left in treaty.decisions after convergence (a finished transaction's row is forgotten)",
+            report.decision_rows.commit
+        ));
+    }
+    for cause in &scenario.expect.heard_abort_causes {
+        if report.abort_causes.get(cause.trim()).copied().unwrap_or(0) == 0 {
+            reasons.push(format!(
+                "expected some client to hear an abort with cause {cause}; the aborts heard by cause: {:?}",
+                report.abort_causes
+            ));
+        }
+    }
+    reasons
+}
+
 /// Runs the cluster, workload and steps; returns the checker's report, any reasons the scenario
 /// itself did not go as written (a step that never triggered), and what `await-convergence` saw.
 async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Result<Driven> {
     let dir = tempfile::Builder::new().prefix("treaty-scenario-").tempdir()?;
     let base = dir.path().to_path_buf();
     let t = &scenario.topology;
-    let spec = cluster_spec(t.shards, base.clone(), &t.coordinator_args, &t.participant_args);
+    let store = t.parsed_decision_store()?;
+    let mut first_args = store.coordinator_args();
+    first_args.extend(t.coordinator_args.iter().cloned());
+    let spec = cluster_spec(t.shards, base.clone(), &first_args, &t.participant_args);
     let mut cluster = if t.proxies {
         LocalCluster::start_proxied(spec).await
     } else {
         LocalCluster::start(spec).await
     }
     .context("starting the cluster")?;
+    start_other_coordinators(&mut cluster, t.coordinators, store, &t.other_coordinator_args).await?;
     checker::create_markers(&cluster).await?;
+    let others: Vec<String> = cluster
+        .extra_coordinators
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!(", coordinator-{} {}", i + 2, c.endpoint()))
+        .collect();
     timeline.note(format!(
-        "cluster up: {} shards, coordinator {}{}",
+        "cluster up: {} shards, coordinator {}{}{}, decision store {}",
         t.shards,
         cluster.coordinator_endpoint(),
-        if t.proxies { ", every link proxied" } else { "" }
+        others.concat(),
+        if t.proxies { ", every link proxied" } else { "" },
+        store.name()
     ));
 
     let w = &scenario.workload;
@@ -368,6 +436,12 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
     for (n, trigger, action) in pending {
         if runner.wait(&trigger, &progress, deadline).await? {
             runner.perform(n, &action).await?;
+            if runner.for_good.contains(&schedule::Process::Coordinator)
+                && !progress.stop.swap(true, Ordering::SeqCst)
+            {
+                // The clients dial the first instance only; with it gone for good they are done.
+                timeline.note("the workload stops: its coordinator is gone for good");
+            }
         } else {
             let reason = format!("step {n} never triggered ({trigger:?})");
             timeline.note(reason.clone());
@@ -396,11 +470,22 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
     ));
 
     runner.epilogue().await?;
-    let (converged, took) =
-        checker::await_convergence(&cluster, Duration::from_secs(scenario.expect.converge_within_s)).await?;
+    let live = runner.live_coordinator_endpoints();
+    let (converged, took) = checker::await_convergence_via(
+        &cluster,
+        &live,
+        Duration::from_secs(scenario.expect.converge_within_s),
+        store == DecisionStore::Shard,
+    )
+    .await?;
     timeline.note(if converged {
         format!(
-            "converged: nothing prepared, nothing in doubt ({} ms)",
+            "converged: nothing prepared, nothing in doubt{} ({} ms)",
+            if store == DecisionStore::Shard {
+                ", no commit row left"
+            } else {
+                ""
+            },
             took.as_millis()
         )
     } else {
@@ -409,6 +494,13 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
     let told = progress.told.lock().map(|t| t.clone()).unwrap_or_default();
     let report = checker::check(&cluster, &told, converged, took).await?;
     timeline.absorb_log("coordinator", &base.join("logs").join("coordinator.log"));
+    for n in 2..=t.coordinators {
+        let id = runner::other_coordinator_id(n);
+        timeline.absorb_log(
+            &format!("coordinator-{n}"),
+            &base.join("logs").join(format!("coordinator-{id}.log")),
+        );
+    }
     for name in &cluster.shard_names {
         timeline.absorb_log(name, &base.join("logs").join(format!("participant-{name}.log")));
     }

@@ -1,8 +1,9 @@
 //! Carrying out a scenario's steps on a running local cluster: waiting for each trigger (a
 //! transaction count, a time, a process exit, a failpoint firing in a log) and performing its
 //! action (arming failpoints over the Admin service, kill -9, restarts, PostgreSQL crashes, proxy
-//! faults, `await-convergence`), then the epilogue that brings everything back for the checker.
-//! `treaty chaos` drives the same runner with random actions.
+//! faults, `await-convergence`), then the epilogue that brings everything back for the checker
+//! (except a coordinator instance killed for good). `treaty chaos` drives the same runner with
+//! random actions.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -28,6 +29,14 @@ pub struct StepRunner<'a> {
     last_step: Instant,
     /// What the `await-convergence` step saw.
     pub while_coordinator_down: Option<DownObservation>,
+    /// Coordinator instances killed for good: the epilogue leaves them down.
+    pub for_good: Vec<Process>,
+}
+
+/// The coordinator id of instance `n` (2, 3, ...): its GIDs, data directory `coordinator-c<n>`
+/// and log `coordinator-c<n>.log`.
+pub fn other_coordinator_id(n: usize) -> String {
+    format!("c{n}")
 }
 
 impl<'a> StepRunner<'a> {
@@ -39,13 +48,46 @@ impl<'a> StepRunner<'a> {
             workload_started: Instant::now(),
             last_step: Instant::now(),
             while_coordinator_down: None,
+            for_good: Vec::new(),
         }
+    }
+
+    /// The service process of a coordinator instance or participant (PostgreSQL has none).
+    fn service(&mut self, process: &Process) -> Result<&mut treaty_harness::ServiceProcess> {
+        Ok(match process {
+            Process::Coordinator => &mut self.cluster.coordinator,
+            Process::OtherCoordinator(n) => self
+                .cluster
+                .extra_coordinators
+                .get_mut(n - 2)
+                .with_context(|| format!("{process} was not started"))?,
+            Process::Participant(i) => &mut self.cluster.participants[*i],
+            Process::Postgres(i) => bail!("PostgreSQL s{i} is not a Treaty process"),
+        })
+    }
+
+    /// Endpoints of the coordinator instances still running (for the convergence check: the
+    /// first one may have been killed for good).
+    pub fn live_coordinator_endpoints(&mut self) -> Vec<String> {
+        let mut live = Vec::new();
+        if self.cluster.coordinator.try_exit_status().is_none() {
+            live.push(self.cluster.coordinator.endpoint());
+        }
+        for other in &mut self.cluster.extra_coordinators {
+            if other.try_exit_status().is_none() {
+                live.push(other.endpoint());
+            }
+        }
+        live
     }
 
     fn log_path(&self, process: &Process) -> PathBuf {
         let logs = self.cluster.base_dir.join("logs");
         match process {
             Process::Coordinator => logs.join("coordinator.log"),
+            Process::OtherCoordinator(n) => {
+                logs.join(format!("coordinator-{}.log", other_coordinator_id(*n)))
+            }
             Process::Participant(i) | Process::Postgres(i) => logs.join(format!("participant-s{i}.log")),
         }
     }
@@ -60,10 +102,9 @@ impl<'a> StepRunner<'a> {
 
     fn exit_text(&mut self, process: &Process) -> String {
         use std::os::unix::process::ExitStatusExt;
-        let status = match process {
-            Process::Coordinator => self.cluster.coordinator.try_exit_status(),
-            Process::Participant(i) => self.cluster.participants[*i].try_exit_status(),
-            Process::Postgres(_) => return "server stopped".into(),
+        let status = match self.service(process) {
+            Ok(service) => service.try_exit_status(),
+            Err(_) => return "server stopped".into(),
         };
         match status {
             Some(status) => match status.signal() {
@@ -78,9 +119,11 @@ impl<'a> StepRunner<'a> {
 
     fn exited(&mut self, process: &Process) -> bool {
         match process {
-            Process::Coordinator => self.cluster.coordinator.try_exit_status().is_some(),
-            Process::Participant(i) => self.cluster.participants[*i].try_exit_status().is_some(),
             Process::Postgres(i) => !self.cluster.pgs[*i].is_running(),
+            _ => self
+                .service(process)
+                .map(|service| service.try_exit_status().is_some())
+                .unwrap_or(false),
         }
     }
 
@@ -122,12 +165,11 @@ impl<'a> StepRunner<'a> {
         }
     }
 
-    fn admin_endpoint(&self, process: &Process) -> Result<String> {
-        Ok(match process {
-            Process::Coordinator => self.cluster.coordinator.endpoint(),
-            Process::Participant(i) => self.cluster.participants[*i].endpoint(),
-            Process::Postgres(_) => bail!("PostgreSQL has no failpoints"),
-        })
+    fn admin_endpoint(&mut self, process: &Process) -> Result<String> {
+        if matches!(process, Process::Postgres(_)) {
+            bail!("PostgreSQL has no failpoints");
+        }
+        Ok(self.service(process)?.endpoint())
     }
 
     pub async fn perform(&mut self, n: usize, action: &Action) -> Result<()> {
@@ -169,11 +211,19 @@ impl<'a> StepRunner<'a> {
             }
             Action::Kill9(process) => {
                 match process {
-                    Process::Coordinator => self.cluster.coordinator.kill9()?,
-                    Process::Participant(i) => self.cluster.participants[*i].kill9()?,
                     Process::Postgres(i) => self.cluster.pgs[*i].stop_immediate().await?,
+                    _ => self.service(process)?.kill9()?,
                 }
                 self.timeline.note(format!("step {n}: kill -9 {process}"));
+            }
+            Action::Kill9ForGood(process) => {
+                let already = self.exited(process);
+                self.service(process)?.kill9()?;
+                self.for_good.push(process.clone());
+                self.timeline.note(format!(
+                    "step {n}: {process} {} for good (never restarted)",
+                    if already { "left down" } else { "kill -9" }
+                ));
             }
             Action::Restart(process) => {
                 self.restart(process).await?;
@@ -232,8 +282,9 @@ impl<'a> StepRunner<'a> {
 
     async fn restart(&mut self, process: &Process) -> Result<()> {
         match process {
-            Process::Coordinator => self.cluster.coordinator.restart().await?,
-            Process::Participant(i) => self.cluster.participants[*i].restart().await?,
+            Process::Coordinator | Process::OtherCoordinator(_) | Process::Participant(_) => {
+                self.service(process)?.restart().await?
+            }
             Process::Postgres(i) => {
                 let pg = &self.cluster.pgs[*i];
                 if pg.is_running() {
@@ -258,9 +309,15 @@ impl<'a> StepRunner<'a> {
                     .note(format!("epilogue: PostgreSQL s{i} was down; started"));
             }
         }
-        if self.exited(&Process::Coordinator) {
-            self.cluster.coordinator.restart().await?;
-            self.timeline.note("epilogue: coordinator was down; restarted");
+        let coordinators = std::iter::once(Process::Coordinator)
+            .chain((0..self.cluster.extra_coordinators.len()).map(|i| Process::OtherCoordinator(i + 2)));
+        let coordinators: Vec<Process> = coordinators.collect();
+        for process in &coordinators {
+            if self.exited(process) && !self.for_good.contains(process) {
+                self.service(process)?.restart().await?;
+                self.timeline
+                    .note(format!("epilogue: {process} was down; restarted"));
+            }
         }
         for i in 0..self.cluster.participants.len() {
             if self.exited(&Process::Participant(i)) {
@@ -270,9 +327,11 @@ impl<'a> StepRunner<'a> {
             }
         }
         // Failpoints armed with sleeps or drops must not hold up recovery.
-        for process in std::iter::once(Process::Coordinator)
-            .chain((0..self.cluster.participants.len()).map(Process::Participant))
-        {
+        let participants = (0..self.cluster.participants.len()).map(Process::Participant);
+        for process in coordinators.into_iter().chain(participants) {
+            if self.for_good.contains(&process) {
+                continue;
+            }
             if let Ok(endpoint) = self.admin_endpoint(&process)
                 && let Ok(mut admin) = pb::admin_client::AdminClient::connect(endpoint).await
             {

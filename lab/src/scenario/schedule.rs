@@ -22,7 +22,11 @@ pub enum Trigger {
 /// A process of the local cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Process {
+    /// The first coordinator instance: the one the workload's clients use.
     Coordinator,
+    /// Another coordinator instance over the same shards (`topology.coordinators`), by its
+    /// number: 2 is `coordinator-2`.
+    OtherCoordinator(usize),
     Participant(usize),
     Postgres(usize),
 }
@@ -31,6 +35,7 @@ impl std::fmt::Display for Process {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Process::Coordinator => write!(f, "coordinator"),
+            Process::OtherCoordinator(n) => write!(f, "coordinator-{n}"),
             Process::Participant(i) => write!(f, "participant s{i}"),
             Process::Postgres(i) => write!(f, "PostgreSQL s{i}"),
         }
@@ -47,6 +52,9 @@ pub enum Action {
     },
     Disarm(Process),
     Kill9(Process),
+    /// kill -9 a coordinator instance if it still runs, and never restart it (the epilogue
+    /// leaves it down): another instance must finish its transactions.
+    Kill9ForGood(Process),
     Restart(Process),
     PgStop(usize),
     PgStart(usize),
@@ -64,6 +72,16 @@ pub enum Action {
     },
 }
 
+/// The most coordinator instances a scenario (or chaos) runs.
+pub const MAX_COORDINATORS: usize = 3;
+
+impl Process {
+    /// Whether this is a coordinator instance (the first or another).
+    pub fn is_coordinator(&self) -> bool {
+        matches!(self, Process::Coordinator | Process::OtherCoordinator(_))
+    }
+}
+
 pub fn parse_process(text: &str, shards: usize) -> Result<Process> {
     let shard = |name: &str| -> Result<usize> {
         let index = name
@@ -75,6 +93,14 @@ pub fn parse_process(text: &str, shards: usize) -> Result<Process> {
         }
         Ok(index)
     };
+    if let Some(n) = text.strip_prefix("coordinator-") {
+        return match n.parse::<usize>() {
+            Ok(n @ 2..=MAX_COORDINATORS) => Ok(Process::OtherCoordinator(n)),
+            _ => bail!(
+                "`{text}` is not a coordinator instance: expected coordinator (the first), or coordinator-2 .. coordinator-{MAX_COORDINATORS}"
+            ),
+        };
+    }
     match text {
         "coordinator" => Ok(Process::Coordinator),
         _ => match text.strip_prefix("pg:") {
@@ -128,7 +154,9 @@ impl Step {
         let shard_of = |process: Process| -> Result<usize> {
             match process {
                 Process::Postgres(i) | Process::Participant(i) => Ok(i),
-                Process::Coordinator => bail!("`{}` needs a shard's PostgreSQL, e.g. pg:s1", self.action),
+                Process::Coordinator | Process::OtherCoordinator(_) => {
+                    bail!("`{}` needs a shard's PostgreSQL, e.g. pg:s1", self.action)
+                }
             }
         };
         let action = match self.action.as_str() {
@@ -148,6 +176,15 @@ impl Step {
             }
             "disarm" => Action::Disarm(target()?),
             "kill9" => Action::Kill9(target()?),
+            "kill9-for-good" => {
+                let process = target()?;
+                if !process.is_coordinator() {
+                    bail!(
+                        "`kill9-for-good` is for a coordinator instance (another finishes its transactions), not {process}"
+                    );
+                }
+                Action::Kill9ForGood(process)
+            }
             "restart" => Action::Restart(target()?),
             "pg-stop" => Action::PgStop(shard_of(target()?)?),
             "pg-start" => Action::PgStart(shard_of(target()?)?),
@@ -193,7 +230,7 @@ impl Step {
                 }
             }
             other => bail!(
-                "unknown action `{other}`: expected arm, disarm, kill9, restart, pg-stop, pg-start, fault, partition, heal or await-convergence"
+                "unknown action `{other}`: expected arm, disarm, kill9, kill9-for-good, restart, pg-stop, pg-start, fault, partition, heal or await-convergence"
             ),
         };
         if self.within_ms.is_some() && !matches!(action, Action::AwaitConvergence { .. }) {
@@ -279,5 +316,27 @@ mod tests {
         assert!(error.contains("unknown action"), "{error}");
         let error = step("start", "arm").parsed_action(3).unwrap_err().to_string();
         assert!(error.contains("failpoint"), "{error}");
+    }
+
+    #[test]
+    fn other_coordinator_instances_are_named_by_number() {
+        assert_eq!(
+            parse_process("coordinator-2", 3).unwrap(),
+            Process::OtherCoordinator(2)
+        );
+        assert_eq!(Process::OtherCoordinator(3).to_string(), "coordinator-3");
+        for bad in ["coordinator-1", "coordinator-4", "coordinator-x"] {
+            let error = parse_process(bad, 3).unwrap_err().to_string();
+            assert!(error.contains("coordinator-2 .. coordinator-3"), "{bad}: {error}");
+        }
+        let mut s = step("start", "kill9-for-good");
+        s.target = Some("coordinator-2".into());
+        assert_eq!(
+            s.parsed_action(3).unwrap(),
+            Action::Kill9ForGood(Process::OtherCoordinator(2))
+        );
+        s.target = Some("s1".into());
+        let error = s.parsed_action(3).unwrap_err().to_string();
+        assert!(error.contains("is for a coordinator instance"), "{error}");
     }
 }

@@ -31,8 +31,19 @@ pub struct Topology {
     pub shards: usize,
     /// Route every link (client, coordinator, participants) through fault proxies.
     pub proxies: bool,
+    /// Extra arguments of the first coordinator (the one the workload's clients use).
     pub coordinator_args: Vec<String>,
     pub participant_args: Vec<String>,
+    /// Where two-phase commit decisions are kept: `file` (default: the coordinator's log) or
+    /// `shard` (a row in `treaty.decisions` committed inside each transaction's first branch).
+    /// Passed to every coordinator instance as `--decision-store`. See [`DecisionStore`].
+    pub decision_store: String,
+    /// Coordinator instances over the same shards (1 to 3). The workload's clients use the first;
+    /// the others (`coordinator-2`, `coordinator-3` in steps) finish what no live instance
+    /// finishes, which only the shard store allows.
+    pub coordinators: usize,
+    /// Extra arguments of the other coordinator instances (e.g. a short `--takeover-after-ms`).
+    pub other_coordinator_args: Vec<String>,
 }
 
 impl Default for Topology {
@@ -42,7 +53,54 @@ impl Default for Topology {
             proxies: true,
             coordinator_args: Vec::new(),
             participant_args: Vec::new(),
+            decision_store: "file".into(),
+            coordinators: 1,
+            other_coordinator_args: Vec::new(),
         }
+    }
+}
+
+/// Where the coordinators keep two-phase commit decisions (`--decision-store`): one parser for
+/// scenario files and the `demo`, `chaos` and `dev up` flags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecisionStore {
+    /// The coordinator's own decision log (fsync per group of commits).
+    #[default]
+    File,
+    /// A row in `treaty.decisions` on the transaction's decision shard.
+    Shard,
+}
+
+impl DecisionStore {
+    pub fn name(self) -> &'static str {
+        match self {
+            DecisionStore::File => "file",
+            DecisionStore::Shard => "shard",
+        }
+    }
+
+    /// `field = "text"` parsed; the error names the field, the value and the choices.
+    pub fn parse(field: &str, text: &str) -> Result<DecisionStore> {
+        match text.trim() {
+            "file" => Ok(DecisionStore::File),
+            "shard" => Ok(DecisionStore::Shard),
+            other => bail!(
+                "{field} = \"{other}\" is not a decision store: expected \"file\" (the default) or \"shard\""
+            ),
+        }
+    }
+
+    /// The coordinator arguments that select this store.
+    pub fn coordinator_args(self) -> Vec<String> {
+        vec!["--decision-store".into(), self.name().into()]
+    }
+}
+
+impl Topology {
+    /// `topology.decision_store`, parsed.
+    pub fn parsed_decision_store(&self) -> Result<DecisionStore> {
+        DecisionStore::parse("topology.decision_store", &self.decision_store)
     }
 }
 
@@ -140,6 +198,39 @@ pub struct Expect {
     /// none), or `undecided` (every one of its branches still prepared: nobody decided).
     /// Unset: not checked.
     pub outcome_while_coordinator_down: Option<String>,
+    /// Abort causes some client must have heard (in the answer to its Commit or Submit), e.g.
+    /// `["concluded-abort"]`: another coordinator concluded abort before the decision branch
+    /// committed. Names are `treaty.v1.AbortCause` values in kebab case ([`abort_cause_name`]).
+    pub heard_abort_causes: Vec<String>,
+}
+
+/// `ABORT_CAUSE_CONCLUDED_ABORT` -> `concluded-abort`: how scenario files and reports name causes.
+pub fn abort_cause_name(cause: treaty_proto::pb::AbortCause) -> String {
+    cause
+        .as_str_name()
+        .trim_start_matches("ABORT_CAUSE_")
+        .to_lowercase()
+        .replace('_', "-")
+}
+
+/// A kebab-case abort cause from a scenario file, checked against the wire enum; the error lists
+/// every name there is.
+pub fn parse_abort_cause(text: &str) -> Result<treaty_proto::pb::AbortCause> {
+    use treaty_proto::pb::AbortCause;
+    let wire = format!("ABORT_CAUSE_{}", text.trim().to_uppercase().replace('-', "_"));
+    match AbortCause::from_str_name(&wire) {
+        Some(cause) if cause != AbortCause::Unspecified => Ok(cause),
+        _ => {
+            let names: Vec<String> = (1..=32)
+                .filter_map(|n| AbortCause::try_from(n).ok())
+                .map(abort_cause_name)
+                .collect();
+            bail!(
+                "expect.heard_abort_causes: \"{text}\" is not an abort cause: expected one of {}",
+                names.join(", ")
+            )
+        }
+    }
 }
 
 /// `expect.outcome_while_coordinator_down`, parsed.
@@ -181,6 +272,7 @@ impl Default for Expect {
             converge_within_s: 60,
             converged_while_coordinator_down: None,
             outcome_while_coordinator_down: None,
+            heard_abort_causes: Vec::new(),
         }
     }
 }
@@ -193,12 +285,15 @@ pub struct Step {
     /// `+N` (N ms after the previous step), `exit=<process>` (it died),
     /// `fired=<failpoint>@<process>` (its log shows the failpoint fired).
     pub at: String,
-    /// `arm`, `disarm`, `kill9`, `restart`, `pg-stop`, `pg-start`, `fault`, `partition`, `heal`,
-    /// `await-convergence` (the coordinator is down: wait up to `within_ms` for the participants
+    /// `arm`, `disarm`, `kill9`, `kill9-for-good` (a coordinator instance, never restarted:
+    /// another instance must finish its transactions), `restart`, `pg-stop`, `pg-start`, `fault`,
+    /// `partition`, `heal`, `await-convergence` (the coordinator is down: wait up to `within_ms` for the participants
     /// to finish without it, and record whether they did; nothing restarts it meanwhile).
     #[serde(rename = "do")]
     pub action: String,
-    /// `coordinator`, a shard name (its participant), `pg:<shard>`, or a link `a->b` for `fault`.
+    /// `coordinator` (the first instance), `coordinator-2`, `coordinator-3` (the others, with
+    /// `topology.coordinators`), a shard name (its participant), `pg:<shard>`, or a link `a->b`
+    /// for `fault`.
     #[serde(default)]
     pub target: Option<String>,
     #[serde(default)]
@@ -354,5 +449,20 @@ mod tests {
             submit += usize::from(in_submit_dir);
         }
         assert!(submit >= 4, "{submit} scenarios in scenarios/submit");
+        // The decision-rows directory runs on the shard store; nothing else needs it.
+        let decision_rows: Vec<_> = files
+            .iter()
+            .filter(|f| f.parent().is_some_and(|p| p.ends_with("decision-rows")))
+            .collect();
+        assert!(decision_rows.len() >= 10, "{decision_rows:?}");
+        for file in decision_rows {
+            let scenario = Scenario::load(file).unwrap();
+            assert_eq!(
+                scenario.topology.parsed_decision_store().unwrap(),
+                DecisionStore::Shard,
+                "{}",
+                file.display()
+            );
+        }
     }
 }

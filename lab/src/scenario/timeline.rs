@@ -29,6 +29,11 @@ const NOTABLE: &[&str] = &[
     "reconcil",
     // 3PC: participants finishing a transaction without the coordinator.
     "terminat",
+    // The shard store: a restart's replay, and one instance finishing another's transactions.
+    "store replayed",
+    "commit row",
+    "decision row",
+    "concluded",
 ];
 
 impl Timeline {

@@ -1,11 +1,32 @@
 //! Checking a parsed scenario as a whole before anything runs: bounds on topology and workload,
 //! every step's trigger and action, failpoints armed on the process they belong to, `fired=`
-//! triggers that can fire, and the `await-convergence` step with its expectations.
+//! triggers that can fire, the `await-convergence` step with its expectations, and the decision
+//! store with the coordinator instances steps may name.
 
 use anyhow::{Context, Result, bail};
 
-use super::schedule::{Action, Process, Trigger};
-use super::spec::{DownOutcome, Scenario};
+use super::schedule::{Action, MAX_COORDINATORS, Process, Trigger};
+use super::spec::{DecisionStore, DownOutcome, Scenario, parse_abort_cause};
+
+/// The process a trigger waits on, if any.
+fn trigger_process(trigger: &Trigger) -> Option<&Process> {
+    match trigger {
+        Trigger::Exit(process) | Trigger::Fired { process, .. } => Some(process),
+        _ => None,
+    }
+}
+
+/// The process an action acts on, if any.
+fn action_process(action: &Action) -> Option<&Process> {
+    match action {
+        Action::Arm { process, .. }
+        | Action::Disarm(process)
+        | Action::Kill9(process)
+        | Action::Kill9ForGood(process)
+        | Action::Restart(process) => Some(process),
+        _ => None,
+    }
+}
 
 impl Scenario {
     pub fn validate(&self) -> Result<()> {
@@ -27,6 +48,25 @@ impl Scenario {
             bail!("workload.deadline_s must be between 1 and 3600");
         }
         w.parsed_mode()?;
+        let store = t.parsed_decision_store()?;
+        if !(1..=MAX_COORDINATORS).contains(&t.coordinators) {
+            bail!("topology.coordinators must be between 1 and {MAX_COORDINATORS}");
+        }
+        if t.coordinators > 1 && store != DecisionStore::Shard {
+            bail!(
+                "topology.coordinators = {} needs topology.decision_store = \"shard\": with the file store only the \
+                 coordinator that logged a decision can finish its transaction",
+                t.coordinators
+            );
+        }
+        if t.coordinators == 1 && !t.other_coordinator_args.is_empty() {
+            bail!("topology.other_coordinator_args needs topology.coordinators of 2 or more");
+        }
+        for cause in &self.expect.heard_abort_causes {
+            parse_abort_cause(cause)?;
+        }
+        // Coordinator instances killed for good, by the step that did it.
+        let mut killed_for_good: Vec<(Process, usize)> = Vec::new();
         if !matches!(self.expect.verdict.as_str(), "pass" | "violation") {
             bail!("expect.verdict must be pass or violation");
         }
@@ -52,11 +92,52 @@ impl Scenario {
             let action = step
                 .parsed_action(t.shards)
                 .with_context(|| format!("step {}", i + 1))?;
+            for process in trigger_process(&trigger)
+                .into_iter()
+                .chain(action_process(&action))
+            {
+                if let Process::OtherCoordinator(n) = process
+                    && *n > t.coordinators
+                {
+                    bail!(
+                        "step {}: {process} does not exist: topology.coordinators = {}",
+                        i + 1,
+                        t.coordinators
+                    );
+                }
+            }
+            match &action {
+                Action::Kill9ForGood(process) => {
+                    if t.coordinators < 2 {
+                        bail!(
+                            "step {}: `kill9-for-good` leaves {process} down, but no other coordinator instance would \
+                             finish its transactions (set topology.coordinators = 2 and decision_store = \"shard\")",
+                            i + 1
+                        );
+                    }
+                    killed_for_good.push((process.clone(), i + 1));
+                    if killed_for_good.len() >= t.coordinators {
+                        bail!(
+                            "step {}: every coordinator instance would be killed for good",
+                            i + 1
+                        );
+                    }
+                }
+                Action::Restart(process) | Action::Arm { process, .. } | Action::Disarm(process) => {
+                    if let Some((_, by)) = killed_for_good.iter().find(|(p, _)| p == process) {
+                        bail!(
+                            "step {}: {process} was killed for good by step {by}; nothing may restart or reach it",
+                            i + 1
+                        );
+                    }
+                }
+                _ => {}
+            }
             if let Action::Arm {
                 process, failpoint, ..
             } = &action
             {
-                let side = if matches!(process, Process::Coordinator) {
+                let side = if process.is_coordinator() {
                     "coordinator::"
                 } else {
                     "participant::"
@@ -70,7 +151,9 @@ impl Scenario {
                 armed.push((process.clone(), failpoint.clone()));
             }
             match &action {
-                Action::Kill9(Process::Coordinator) => coordinator_goes_down = true,
+                Action::Kill9(Process::Coordinator) | Action::Kill9ForGood(Process::Coordinator) => {
+                    coordinator_goes_down = true
+                }
                 Action::Arm {
                     process: Process::Coordinator,
                     failpoint,
@@ -315,5 +398,119 @@ mod tests {
             "converged_while_down = false",
         ));
         assert!(error.contains("unknown field"), "{error}");
+    }
+
+    const TWO_COORDINATORS: &str = r#"
+        name = "x"
+        [topology]
+        decision_store = "shard"
+        coordinators = 2
+        other_coordinator_args = ["--takeover-after-ms", "500"]
+        [workload]
+        concurrency = 1
+        [expect]
+        heard_abort_causes = ["concluded-abort"]
+        [[steps]]
+        at = "start"
+        do = "arm"
+        target = "coordinator-2"
+        failpoint = "coordinator::before-commit-decision"
+        actions = "1*sleep(10)"
+        [[steps]]
+        at = "txns=2"
+        do = "kill9-for-good"
+        target = "coordinator"
+    "#;
+
+    #[test]
+    fn the_decision_store_is_file_or_shard_and_a_bad_one_names_the_choices() {
+        let scenario = parse("name = \"x\"").unwrap();
+        assert_eq!(
+            scenario.topology.parsed_decision_store().unwrap(),
+            DecisionStore::File
+        );
+        let scenario = parse("name = \"x\"\n[topology]\ndecision_store = \"shard\"").unwrap();
+        assert_eq!(
+            scenario.topology.parsed_decision_store().unwrap(),
+            DecisionStore::Shard
+        );
+        let error = error_of("name = \"x\"\n[topology]\ndecision_store = \"postgres\"");
+        assert!(
+            error.contains("topology.decision_store = \"postgres\""),
+            "{error}"
+        );
+        assert!(
+            error.contains("\"file\"") && error.contains("\"shard\""),
+            "{error}"
+        );
+        // The CLI flags share the parser's names.
+        use clap::ValueEnum;
+        let names: Vec<String> = DecisionStore::value_variants()
+            .iter()
+            .map(|v| v.name().to_string())
+            .collect();
+        assert_eq!(names, ["file", "shard"]);
+    }
+
+    #[test]
+    fn other_coordinator_instances_need_the_shard_store_and_steps_name_only_those_that_exist() {
+        let scenario = parse(TWO_COORDINATORS).unwrap();
+        assert_eq!(scenario.topology.coordinators, 2);
+        let cases: [(&str, &str, &str); 6] = [
+            (
+                "decision_store = \"shard\"",
+                "decision_store = \"file\"",
+                "needs topology.decision_store = \"shard\"",
+            ),
+            ("coordinators = 2", "coordinators = 4", "between 1 and 3"),
+            (
+                "target = \"coordinator-2\"",
+                "target = \"coordinator-3\"",
+                "coordinator-3 does not exist: topology.coordinators = 2",
+            ),
+            (
+                "coordinators = 2\n",
+                "coordinators = 1\n",
+                "topology.other_coordinator_args needs",
+            ),
+            (
+                "target = \"coordinator\"",
+                "target = \"coordinator-2\"\n        [[steps]]\n        at = \"+0\"\n        do = \"restart\"\n        target = \"coordinator-2\"",
+                "was killed for good by step 2",
+            ),
+            (
+                "[\"concluded-abort\"]",
+                "[\"concluded\"]",
+                "\"concluded\" is not an abort cause: expected one of client-rollback",
+            ),
+        ];
+        for (from, to, wanted) in cases {
+            assert!(TWO_COORDINATORS.contains(from), "{from}");
+            let error = error_of(&TWO_COORDINATORS.replacen(from, to, 1));
+            assert!(error.contains(wanted), "{from} -> {to}: {error}");
+        }
+        // Killed for good with no other instance left to finish its transactions.
+        let alone = r#"
+            name = "x"
+            [[steps]]
+            at = "start"
+            do = "kill9-for-good"
+            target = "coordinator"
+        "#;
+        assert!(error_of(alone).contains("no other coordinator instance"));
+    }
+
+    #[test]
+    fn abort_causes_read_as_the_wire_names_them() {
+        use treaty_proto::pb::AbortCause;
+        assert_eq!(
+            crate::scenario::spec::abort_cause_name(AbortCause::ConcludedAbort),
+            "concluded-abort"
+        );
+        assert_eq!(
+            parse_abort_cause("concluded-abort").unwrap(),
+            AbortCause::ConcludedAbort
+        );
+        assert!(parse_abort_cause("unspecified").is_err());
     }
 }

@@ -94,6 +94,17 @@ fn int(value: i64) -> pb::Value {
     }
 }
 
+/// Counts an abort the client heard, by the cause its reason names.
+fn count_cause(told: &mut Told, reason: Option<&pb::AbortReason>) {
+    let cause = reason
+        .and_then(|r| pb::AbortCause::try_from(r.cause).ok())
+        .unwrap_or(pb::AbortCause::Unspecified);
+    *told
+        .abort_causes
+        .entry(super::spec::abort_cause_name(cause))
+        .or_default() += 1;
+}
+
 fn definitely_not_committed(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
@@ -273,12 +284,14 @@ async fn interactive(
         .await
     {
         Ok(response) => {
-            let committed = response.into_inner().kind == pb::OutcomeKind::Committed as i32;
+            let outcome = response.into_inner();
+            let committed = outcome.kind == pb::OutcomeKind::Committed as i32;
             progress.record(|t| {
                 if committed {
                     t.committed.insert(txid);
                 } else {
                     t.aborted.insert(txid);
+                    count_cause(t, outcome.abort.as_ref());
                 }
             });
         }
@@ -329,13 +342,15 @@ async fn submit(
         .await;
     match submitted {
         Ok(response) => {
-            let kind = response.into_inner().outcome.map(|outcome| outcome.kind);
+            let outcome = response.into_inner().outcome;
+            let kind = outcome.as_ref().map(|outcome| outcome.kind);
             let aborted = kind == Some(pb::OutcomeKind::Aborted as i32);
             progress.record(|t| {
                 if kind == Some(pb::OutcomeKind::Committed as i32) {
                     t.committed.insert(marker_id);
                 } else if aborted {
                     t.aborted.insert(marker_id);
+                    count_cause(t, outcome.as_ref().and_then(|o| o.abort.as_ref()));
                 } else {
                     // A reply without an outcome says nothing either way.
                     t.unknown.insert(marker_id);
