@@ -92,7 +92,7 @@ async fn branches_in_doubt_are_asked_about_and_never_decided_alone() {
     let Some(env) = Env::start("in-doubt", |c| {
         c.in_doubt_after_ms = 200;
         c.reconcile_interval_ms = 100;
-        c.coordinator_url = format!("http://127.0.0.1:{port}");
+        c.coordinator_urls = vec![format!("http://127.0.0.1:{port}")];
     })
     .await
     else {
