@@ -39,9 +39,10 @@ pub struct Args {
     #[arg(long, env = "TREATY_PARTICIPANT_DATABASE_URL")]
     pub database_url: Option<String>,
     /// The coordinator, as http://HOST:PORT (asked about prepared branches during recovery), or
-    /// several instances serving the same shards, comma-separated: recovery asks any that answers.
-    #[arg(long, env = "TREATY_PARTICIPANT_COORDINATOR")]
-    pub coordinator: Option<String>,
+    /// several instances serving the same shards, comma-separated or the flag repeated: recovery
+    /// asks any that answers.
+    #[arg(long, env = "TREATY_PARTICIPANT_COORDINATOR", action = clap::ArgAction::Append)]
+    pub coordinator: Vec<String>,
     /// Directory for the participant's local files.
     #[arg(long, env = "TREATY_PARTICIPANT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -223,7 +224,10 @@ impl Config {
                 "database_url",
             )?,
             coordinator_urls: coordinator_urls(required(
-                args.coordinator.map(CoordinatorUrls::One).or(file.coordinator),
+                Some(args.coordinator)
+                    .filter(|urls| !urls.is_empty())
+                    .map(CoordinatorUrls::Many)
+                    .or(file.coordinator),
                 "--coordinator",
                 "TREATY_PARTICIPANT_COORDINATOR",
                 "coordinator",
@@ -363,6 +367,11 @@ mod tests {
         args[7] = "http://127.0.0.1:1,127.0.0.1:2";
         let err = parse(&args).unwrap_err().to_string();
         assert!(err.contains("\"127.0.0.1:2\""), "{err}");
+        // Repeated, as the harness adds one to a test's own.
+        args.extend(["--coordinator", "http://127.0.0.1:3"]);
+        args[7] = "http://127.0.0.1:1";
+        assert_eq!(parse(&args).unwrap().coordinator_urls.len(), 2);
+        args.truncate(REQUIRED.len());
         args[7] = " , ";
         assert!(matches!(parse(&args), Err(ConfigError::Coordinator(_))));
 
