@@ -97,11 +97,10 @@ pub async fn configure_primary(primary: &PgCluster) -> Result<(), HarnessError> 
     let wal_level: String = scalar(primary, "SHOW wal_level").await?;
     let senders: String = scalar(primary, "SHOW max_wal_senders").await?;
     if wal_level == "minimal" || senders.trim() == "0" {
-        execute(
-            primary,
-            "ALTER SYSTEM SET wal_level = 'replica'; ALTER SYSTEM SET max_wal_senders = 4",
-        )
-        .await?;
+        // One statement per call: ALTER SYSTEM refuses to run inside a multi-statement query's
+        // implicit transaction.
+        execute(primary, "ALTER SYSTEM SET wal_level = 'replica'").await?;
+        execute(primary, "ALTER SYSTEM SET max_wal_senders = 4").await?;
         primary.stop_fast().await?;
         primary.restart().await?;
     }
@@ -152,11 +151,10 @@ pub async fn start_standby(
     // promoted it waits for nobody.
     execute(
         primary,
-        &format!(
-            "ALTER SYSTEM SET synchronous_standby_names = '{STANDBY_NAME}'; SELECT pg_reload_conf()"
-        ),
+        &format!("ALTER SYSTEM SET synchronous_standby_names = '{STANDBY_NAME}'"),
     )
     .await?;
+    execute(primary, "SELECT pg_reload_conf()").await?;
     wait_for("the standby streaming synchronously", within, || async {
         let states: Vec<(String, String)> = {
             let mut conn = primary.connect("postgres").await?;
