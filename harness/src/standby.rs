@@ -78,7 +78,8 @@ where
 /// connections in from 127.0.0.1.
 pub async fn configure_primary(primary: &PgCluster) -> Result<(), HarnessError> {
     let hba = primary.data_dir().join("pg_hba.conf");
-    let text = std::fs::read_to_string(&hba).map_err(HarnessError::io(format!("reading {}", hba.display())))?;
+    let text =
+        std::fs::read_to_string(&hba).map_err(HarnessError::io(format!("reading {}", hba.display())))?;
     let allowed = text.lines().any(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         fields.len() >= 5 && fields[0] == "host" && fields[1] == "replication" && fields[3] == "127.0.0.1/32"

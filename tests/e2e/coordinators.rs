@@ -23,8 +23,7 @@ async fn update_without_waiting(t: &TestCluster, shard: usize, k: i64) -> Result
 }
 
 #[tokio::test]
-async fn an_open_branch_of_a_killed_coordinator_run_is_rolled_back_when_the_new_run_is_seen() -> Result<()>
-{
+async fn an_open_branch_of_a_killed_coordinator_run_is_rolled_back_when_the_new_run_is_seen() -> Result<()> {
     // An idle timeout far beyond the test: only the new mechanism can release the lock.
     let mut t = TestCluster::start(Options {
         participant_args: vec!["--branch-idle-timeout-ms".into(), "600000".into()],
@@ -68,7 +67,11 @@ async fn an_open_branch_of_a_killed_coordinator_run_is_rolled_back_when_the_new_
 async fn coordinator_on(t: &TestCluster, id: &str, port: u16, args: &[&str]) -> Result<ServiceProcess> {
     let mut all = vec![
         "--data-dir".to_string(),
-        t.dir.path().join(format!("coordinator-{id}")).display().to_string(),
+        t.dir
+            .path()
+            .join(format!("coordinator-{id}"))
+            .display()
+            .to_string(),
         "--id".into(),
         id.into(),
     ];
@@ -162,8 +165,7 @@ async fn a_second_instance_answers_participants_whose_coordinator_died_after_its
 }
 
 #[tokio::test]
-async fn a_second_instance_answers_participants_whose_coordinator_died_before_its_decision() -> Result<()>
-{
+async fn a_second_instance_answers_participants_whose_coordinator_died_before_its_decision() -> Result<()> {
     assert_eq!(
         finished_by_the_second_instance("before-commit-decision", 12).await?,
         0,

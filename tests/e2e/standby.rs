@@ -30,7 +30,9 @@ enum Seen {
 
 async fn keys(pg: &PgCluster) -> Result<BTreeSet<i64>> {
     let mut conn = pg.connect(DATABASE).await?;
-    let keys: Vec<i64> = sqlx::query_scalar("SELECT k FROM kv").fetch_all(&mut conn).await?;
+    let keys: Vec<i64> = sqlx::query_scalar("SELECT k FROM kv")
+        .fetch_all(&mut conn)
+        .await?;
     let _ = conn.close().await;
     Ok(keys.into_iter().collect())
 }
@@ -106,7 +108,13 @@ async fn acknowledged_commits_survive_the_decision_database_failing_over_to_its_
     let args: Vec<String> = t.cluster.participants[0]
         .args()
         .iter()
-        .map(|arg| if *arg == old_url { standby.url(DATABASE) } else { arg.clone() })
+        .map(|arg| {
+            if *arg == old_url {
+                standby.url(DATABASE)
+            } else {
+                arg.clone()
+            }
+        })
         .collect();
     if !args.contains(&standby.url(DATABASE)) {
         bail!("s0's participant does not run with --database-url {old_url}: {args:?}");
@@ -124,11 +132,15 @@ async fn acknowledged_commits_survive_the_decision_database_failing_over_to_its_
     }
     recovered?;
 
-    eventually("nothing prepared on s1, s2 or the promoted standby", RECOVERY, || async {
-        Ok(prepared_on(&standby).await? == 0
-            && prepared_on(&t.cluster.pgs[1]).await? == 0
-            && prepared_on(&t.cluster.pgs[2]).await? == 0)
-    })
+    eventually(
+        "nothing prepared on s1, s2 or the promoted standby",
+        RECOVERY,
+        || async {
+            Ok(prepared_on(&standby).await? == 0
+                && prepared_on(&t.cluster.pgs[1]).await? == 0
+                && prepared_on(&t.cluster.pgs[2]).await? == 0)
+        },
+    )
     .await?;
     let on_s0 = keys(&standby).await?;
     let on_s1 = keys(&t.cluster.pgs[1]).await?;
