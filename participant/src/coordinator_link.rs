@@ -260,6 +260,7 @@ impl Coordinators {
         let mut pending: HashMap<String, bool> = gids.into_iter().map(|gid| (gid, false)).collect();
         let mut last_error = None;
         let mut anyone_answered = false;
+        let mut anyone_asked = false;
         for at in self.order() {
             if pending.is_empty() {
                 break;
@@ -276,6 +277,7 @@ impl Coordinators {
                 continue;
             }
             let Some(link) = self.links.get(at) else { continue };
+            anyone_asked = true;
             match link.query_decision(ask).await {
                 Ok(got) => {
                     anyone_answered = true;
@@ -297,7 +299,8 @@ impl Coordinators {
                 }
             }
         }
-        if !anyone_answered {
+        // Nobody asked: no instance may know these GIDs (recovery filters such GIDs out first).
+        if anyone_asked && !anyone_answered {
             return Err(last_error.unwrap_or(LinkError::NoCoordinator));
         }
         answers.extend(

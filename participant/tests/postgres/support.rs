@@ -254,7 +254,7 @@ impl pb::coordinator_server::Coordinator for FakeCoordinator {
     }
 }
 
-async fn serve_fake(fake: FakeCoordinator) -> SocketAddr {
+pub async fn serve_fake(fake: FakeCoordinator) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
