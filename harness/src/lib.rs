@@ -8,6 +8,8 @@
 //! - `cluster`: [`LocalCluster`], N shards (PostgreSQL + participant) and one coordinator;
 //! - `proxy`: [`FaultProxy`] and [`FaultNetwork`], loopback TCP proxies that delay, black-hole or
 //!   reset traffic between named endpoints, for recovery scenarios;
+//! - `standby`: a synchronous streaming standby of a [`PgCluster`] (`pg_basebackup -R`), and its
+//!   promotion, for tests of a decision database that fails over;
 //! - `os`: ports, users, and binaries (where they are, whether they have failpoints).
 
 mod cluster;
@@ -16,6 +18,7 @@ pub mod os;
 mod postgres;
 mod process;
 mod proxy;
+pub mod standby;
 
 pub use cluster::{ClusterSpec, LocalCluster};
 pub use error::HarnessError;

@@ -167,6 +167,58 @@ impl PgCluster {
         })
     }
 
+    /// A cluster that is not running yet, whose data directory (`pg-<name>` under `base_dir`, or
+    /// a directory of its own when the PostgreSQL user cannot reach it) exists, empty and owned
+    /// by that user: for a base backup to fill (`standby.rs`). It is given a free port.
+    pub(crate) fn empty(base_dir: &Path, name: &str, options: &PgOptions) -> Result<PgCluster, HarnessError> {
+        let bin_dir = postgres_bin_dir()?;
+        let run_as = os::postgres_run_as()?;
+        std::fs::create_dir_all(base_dir)
+            .map_err(HarnessError::io(format!("creating {}", base_dir.display())))?;
+        let (data_dir, holder) = place(base_dir, name, run_as)?;
+        std::fs::create_dir_all(&data_dir)
+            .map_err(HarnessError::io(format!("creating {}", data_dir.display())))?;
+        {
+            // PostgreSQL refuses a data directory others can read.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(HarnessError::io(format!("chmod {}", data_dir.display())))?;
+        }
+        if let Some(run_as) = run_as {
+            std::os::unix::fs::chown(&data_dir, Some(run_as.uid), Some(run_as.gid))
+                .map_err(HarnessError::io(format!("chown {}", data_dir.display())))?;
+        }
+        Ok(PgCluster {
+            name: name.into(),
+            data_dir,
+            port: os::free_loopback_port()?,
+            bin_dir,
+            run_as,
+            options: options.clone(),
+            keep: false,
+            _holder: holder,
+        })
+    }
+
+    /// Runs a PostgreSQL program of this installation as the user the servers run as.
+    pub(crate) async fn run_program(
+        &self,
+        program: &str,
+        args: &[&std::ffi::OsStr],
+    ) -> Result<Output, HarnessError> {
+        pg_command(&self.bin_dir, self.run_as, program, args).await
+    }
+
+    /// Starts the server (a stopped one, or one `empty` made) on its port.
+    pub(crate) async fn start_stopped(&self) -> Result<(), HarnessError> {
+        self.start_server().await
+    }
+
+    /// The settings this cluster writes to `treaty.conf` at every start.
+    pub(crate) fn options(&self) -> &PgOptions {
+        &self.options
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

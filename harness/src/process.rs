@@ -107,6 +107,25 @@ impl ServiceProcess {
         self.start().await
     }
 
+    /// The arguments it runs with (without the `--listen` the harness appends).
+    pub fn args(&self) -> &[String] {
+        &self.spec.args
+    }
+
+    /// Like [`ServiceProcess::restart`], with new arguments from now on (say, a participant
+    /// pointed at a promoted standby's URL).
+    pub async fn restart_with_args(&mut self, args: Vec<String>) -> Result<(), HarnessError> {
+        self.kill9()?;
+        if let Some(mut child) = self.child.take() {
+            child
+                .wait()
+                .await
+                .map_err(HarnessError::io(format!("reaping {}", self.spec.name)))?;
+        }
+        self.spec.args = args;
+        self.start().await
+    }
+
     /// The exit status if the process has ended.
     pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
         self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())

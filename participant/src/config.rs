@@ -38,9 +38,11 @@ pub struct Args {
     /// PostgreSQL URL, e.g. postgres://user@127.0.0.1:5432/db.
     #[arg(long, env = "TREATY_PARTICIPANT_DATABASE_URL")]
     pub database_url: Option<String>,
-    /// The coordinator, as http://HOST:PORT (asked about prepared branches during recovery).
-    #[arg(long, env = "TREATY_PARTICIPANT_COORDINATOR")]
-    pub coordinator: Option<String>,
+    /// The coordinator, as http://HOST:PORT (asked about prepared branches during recovery), or
+    /// several instances serving the same shards, comma-separated or the flag repeated: recovery
+    /// asks any that answers.
+    #[arg(long, env = "TREATY_PARTICIPANT_COORDINATOR", action = clap::ArgAction::Append)]
+    pub coordinator: Vec<String>,
     /// Directory for the participant's local files.
     #[arg(long, env = "TREATY_PARTICIPANT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -76,14 +78,23 @@ pub struct Args {
     pub failpoints: Option<String>,
 }
 
-/// The TOML file: the same settings under the same names (`coordinator` is the URL).
+/// `coordinator` in the TOML file: one URL (possibly comma-separated, as on the command line) or a
+/// list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum CoordinatorUrls {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The TOML file: the same settings under the same names (`coordinator` is the URL or a list).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
     shard: Option<String>,
     database_url: Option<String>,
-    coordinator: Option<String>,
+    coordinator: Option<CoordinatorUrls>,
     data_dir: Option<PathBuf>,
     branch_idle_timeout_ms: Option<u64>,
     in_doubt_after_ms: Option<u64>,
@@ -100,7 +111,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub shard: ShardName,
     pub database_url: String,
-    pub coordinator_url: String,
+    /// Every coordinator instance recovery may ask, in the order given (at least one).
+    pub coordinator_urls: Vec<String>,
     pub data_dir: PathBuf,
     pub branch_idle_timeout_ms: u64,
     pub in_doubt_after_ms: u64,
@@ -138,6 +150,30 @@ pub enum ConfigError {
     Shard(String, treaty_proto::IdError),
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
+    #[error("--coordinator: {0}")]
+    Coordinator(#[from] crate::coordinator_link::LinkError),
+}
+
+/// Splits `--coordinator` (or its environment or TOML forms) into its URLs, each checked.
+fn coordinator_urls(value: CoordinatorUrls) -> Result<Vec<String>, ConfigError> {
+    let parts = match value {
+        CoordinatorUrls::One(text) => vec![text],
+        CoordinatorUrls::Many(list) => list,
+    };
+    let urls: Vec<String> = parts
+        .iter()
+        .flat_map(|part| part.split(','))
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if urls.is_empty() {
+        return Err(crate::coordinator_link::LinkError::NoCoordinator.into());
+    }
+    for url in &urls {
+        crate::coordinator_link::check_url(url)?;
+    }
+    Ok(urls)
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -187,12 +223,15 @@ impl Config {
                 "TREATY_PARTICIPANT_DATABASE_URL",
                 "database_url",
             )?,
-            coordinator_url: required(
-                args.coordinator.or(file.coordinator),
+            coordinator_urls: coordinator_urls(required(
+                Some(args.coordinator)
+                    .filter(|urls| !urls.is_empty())
+                    .map(CoordinatorUrls::Many)
+                    .or(file.coordinator),
                 "--coordinator",
                 "TREATY_PARTICIPANT_COORDINATOR",
                 "coordinator",
-            )?,
+            )?)?,
             data_dir: required(
                 args.data_dir.or(file.data_dir),
                 "--data-dir",
@@ -308,10 +347,70 @@ mod tests {
             config.failpoints.as_deref(),
             Some("participant::after-prepare=pause")
         );
+        assert_eq!(config.coordinator_urls, vec!["http://127.0.0.1:7600".to_owned()]);
         std::fs::write(&path, "nonsense = 1\n").unwrap();
         assert!(matches!(
             parse(&["--config", path.to_str().unwrap()]),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn several_coordinators_are_accepted_as_a_list_and_a_bad_one_is_named() {
+        let mut args = REQUIRED.to_vec();
+        args[7] = "http://127.0.0.1:1, http://127.0.0.1:2";
+        let config = parse(&args).unwrap();
+        assert_eq!(
+            config.coordinator_urls,
+            vec!["http://127.0.0.1:1".to_owned(), "http://127.0.0.1:2".to_owned()]
+        );
+        args[7] = "http://127.0.0.1:1,127.0.0.1:2";
+        let err = parse(&args).unwrap_err().to_string();
+        assert!(err.contains("\"127.0.0.1:2\""), "{err}");
+        // Repeated, as the harness adds one to a test's own.
+        args.extend(["--coordinator", "http://127.0.0.1:3"]);
+        args[7] = "http://127.0.0.1:1";
+        assert_eq!(parse(&args).unwrap().coordinator_urls.len(), 2);
+        args.truncate(REQUIRED.len());
+        args[7] = " , ";
+        assert!(matches!(parse(&args), Err(ConfigError::Coordinator(_))));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "coordinator = [\"http://127.0.0.1:7600\", \"http://127.0.0.1:7601\"]\n",
+        )
+        .unwrap();
+        let config = parse(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--shard",
+            "s0",
+            "--database-url",
+            "postgres://db",
+            "--data-dir",
+            "/tmp/x",
+        ])
+        .unwrap();
+        assert_eq!(config.coordinator_urls.len(), 2);
+        std::fs::write(&path, "coordinator = [\"http://127.0.0.1:7600\", \"ftp://x\"]\n").unwrap();
+        let err = parse(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--shard",
+            "s0",
+            "--database-url",
+            "postgres://db",
+            "--data-dir",
+            "/tmp/x",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("ftp://x"), "{err}");
     }
 }

@@ -13,7 +13,8 @@
 //! - `pool`: the PostgreSQL connection pool (no round trip when a connection is returned);
 //! - `postgres`: the participant's own SQL (vote, phase two, markers, `pg_prepared_xacts`);
 //! - `decisions`: commit decisions kept in `treaty.decisions` (`--decision-store shard`);
-//! - `reconcile`, `coordinator_link`: recovery of prepared branches with the coordinator;
+//! - `reconcile`, `coordinator_link`: recovery of prepared branches with the coordinators, and
+//!   rolling back open branches of a coordinator run that ended;
 //! - `prepared`: the prepared branches and the locks they hold (`ListPrepared`, `treaty in-doubt`);
 //! - `error`: the error types and their mapping to `ApiError`;
 //! - `failpoints`: the participant's failpoints (served by the `Admin` service);
@@ -55,7 +56,7 @@ pub use crate::error::ParticipantError;
 pub use crate::postgres::DbError;
 
 use crate::agent::{Admission, Agent};
-use crate::coordinator_link::CoordinatorLink;
+use crate::coordinator_link::{CoordinatorInfo, Coordinators};
 use crate::pool::Pool;
 use crate::reconcile::Reconciler;
 
@@ -94,8 +95,8 @@ pub async fn run(
         .into_iter()
         .map(|xact| xact.gid)
         .collect();
-    let link = CoordinatorLink::new(&config.coordinator_url)?;
-    let admission = startup_admission(&link).await;
+    let coordinators = Arc::new(Coordinators::new(&config.coordinator_urls)?);
+    let (admission, runs) = startup_admission(&coordinators).await;
     let agent = Agent::new(
         config.shard.clone(),
         database.clone(),
@@ -113,10 +114,11 @@ pub async fn run(
     let reconciler = Reconciler::new(
         agent.clone(),
         three_phase.clone(),
-        link,
+        coordinators,
         config.in_doubt_after_ms,
         config.marker_retention_ms,
         inherited,
+        runs,
     );
     let reconciling = tokio::spawn(reconciler.run(config.reconcile_interval(), stopped.clone()));
     let sweeping = tokio::spawn(sweep_idle_branches(
@@ -198,30 +200,33 @@ async fn check_server(pool: &Pool) -> Result<(), ParticipantError> {
     Ok(())
 }
 
-/// Asks the coordinator once, briefly, for its id and next txid; see `Admission`. If it does not
-/// answer (usually because it is not running yet, and so has no transactions that could have had a
-/// branch in a previous process), every transaction may open branches.
-async fn startup_admission(link: &CoordinatorLink) -> Option<Admission> {
-    match tokio::time::timeout(STARTUP_INFO_TIMEOUT, link.info()).await {
-        Ok(Ok(info)) => {
-            tracing::info!(coordinator = %info.id, first_txid = info.next_txid, "coordinator reached at start");
-            Some(Admission {
-                coordinator: info.id,
-                first_txid: info.next_txid,
-            })
-        }
-        Ok(Err(error)) => {
-            tracing::info!("coordinator not reached at start ({error}); recovery keeps asking");
-            None
-        }
-        Err(_) => {
-            tracing::info!(
-                url = link.url(),
-                "coordinator did not answer at start; recovery keeps asking"
-            );
-            None
+/// Asks every coordinator once, briefly, for its id, next txid and run; see `Admission`. One
+/// that does not answer (usually because it is not running yet, and so has no transactions that
+/// could have had a branch in a previous process) admits every transaction of its id. The runs
+/// seen are the reconciler's first sighting of each (see `Reconciler::watch_runs`).
+async fn startup_admission(coordinators: &Coordinators) -> (Vec<Admission>, Vec<CoordinatorInfo>) {
+    let (mut admission, mut runs) = (Vec::new(), Vec::new());
+    for result in coordinators.info_all(STARTUP_INFO_TIMEOUT).await {
+        match result {
+            Ok(info) => {
+                tracing::info!(
+                    coordinator = %info.id,
+                    first_txid = info.next_txid,
+                    incarnation = info.incarnation,
+                    "coordinator reached at start"
+                );
+                admission.push(Admission {
+                    coordinator: info.id.clone(),
+                    first_txid: info.next_txid,
+                });
+                runs.push(info);
+            }
+            Err(error) => {
+                tracing::info!("coordinator not reached at start ({error}); recovery keeps asking")
+            }
         }
     }
+    (admission, runs)
 }
 
 async fn sweep_idle_branches(agent: Arc<Agent>, idle_timeout: Duration, mut stop: watch::Receiver<bool>) {

@@ -12,13 +12,19 @@
 //! (`claim.rs`), so no running participant serves that name here; it was left by this database's
 //! participant under an earlier `--shard` name (or by two shards that shared the database before
 //! the claim existed). It is finished under its exact name once the coordinator answers COMMIT or
-//! ABORT, so a renamed shard does not strand its branches and their locks. Only GIDs of the
-//! coordinator that `Info` names are touched. The participant
+//! ABORT, so a renamed shard does not strand its branches and their locks. Only GIDs of a
+//! coordinator some configured instance's `Info` named, or GIDs that name a decision shard (whose
+//! row any instance reads), are touched. The participant
 //! never decides: it applies COMMIT or ABORT answers through the same serialized paths as the
 //! coordinator's own phase-two calls, and leaves PENDING ones for a later tick. While the
 //! coordinator is unreachable it warns once per tick and keeps asking. (The one exception is the
 //! deliberately unsafe failpoint `participant::unsafe-commit-in-doubt`, which exists only to prove
 //! that the scenario checker catches a participant that decides on its own.)
+//!
+//! Every pass also asks each configured coordinator's `Info` (`watch_runs`): when a coordinator id
+//! answers with a higher incarnation than last seen, its earlier run is gone, and every open,
+//! unprepared branch of that id with a txid below the new run's `first_txid` is rolled back at
+//! once (`Agent::end_run`) instead of holding its row locks until the idle timeout.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -28,19 +34,33 @@ use tokio::sync::watch;
 use treaty_proto::{BranchGid, CoordinatorId, Gid};
 
 use crate::agent::Agent;
-use crate::coordinator_link::{Answer, CoordinatorLink, Decision, MAX_GIDS_PER_QUERY};
+use crate::coordinator_link::{
+    Answer, CoordinatorInfo, Coordinators, Decision, LinkError, MAX_GIDS_PER_QUERY,
+};
 use crate::failpoints;
 use crate::postgres::{self, DbError};
 use crate::three_phase::ThreePhase;
 
 /// At most this many foreign GIDs are remembered for "log once".
 const MAX_REPORTED: usize = 10_000;
+/// How long a pass waits for each coordinator's `Info`.
+const INFO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The run of a coordinator id last seen.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    incarnation: u64,
+    /// Set once a later run was seen: txids below it belong to ended runs.
+    ended_below: Option<u64>,
+}
 
 pub struct Reconciler {
     agent: Arc<Agent>,
     /// Decisions go through three-phase machines where a branch has one.
     three_phase: Arc<ThreePhase>,
-    link: CoordinatorLink,
+    coordinators: Arc<Coordinators>,
+    /// Per coordinator id, its run last seen.
+    runs: HashMap<CoordinatorId, Run>,
     in_doubt_after_ms: u64,
     marker_retention_ms: u64,
     /// Prepared before this process started and not yet seen resolved (as PostgreSQL names them).
@@ -61,15 +81,27 @@ impl Reconciler {
     pub fn new(
         agent: Arc<Agent>,
         three_phase: Arc<ThreePhase>,
-        link: CoordinatorLink,
+        coordinators: Arc<Coordinators>,
         in_doubt_after_ms: u64,
         marker_retention_ms: u64,
         inherited: HashSet<String>,
+        seen_at_start: Vec<CoordinatorInfo>,
     ) -> Self {
+        let runs = seen_at_start
+            .into_iter()
+            .map(|info| {
+                let run = Run {
+                    incarnation: info.incarnation,
+                    ended_below: None,
+                };
+                (info.id, run)
+            })
+            .collect();
         Self {
             agent,
             three_phase,
-            link,
+            coordinators,
+            runs,
             in_doubt_after_ms,
             marker_retention_ms,
             inherited,
@@ -92,7 +124,70 @@ impl Reconciler {
         }
     }
 
+    /// Asks every coordinator's `Info` and rolls back the open branches of runs that ended. The
+    /// first run seen of an id is only recorded: nothing says an earlier one ended while this
+    /// process watched (a branch of it opened before this participant started is refused anyway,
+    /// see `Admission`). Fails with the last error when no coordinator answered.
+    async fn watch_runs(&mut self) -> Result<(), LinkError> {
+        let mut answered = false;
+        let mut last_error = None;
+        for result in self.coordinators.info_all(INFO_TIMEOUT).await {
+            let info = match result {
+                Ok(info) => info,
+                Err(error) => {
+                    tracing::debug!("{error}");
+                    last_error = Some(error);
+                    continue;
+                }
+            };
+            answered = true;
+            match self.runs.get_mut(&info.id) {
+                None => {
+                    self.runs.insert(
+                        info.id.clone(),
+                        Run {
+                            incarnation: info.incarnation,
+                            ended_below: None,
+                        },
+                    );
+                }
+                Some(run) if info.incarnation > run.incarnation => {
+                    tracing::info!(
+                        coordinator = %info.id,
+                        incarnation = info.incarnation,
+                        first_txid = info.first_txid,
+                        "coordinator restarted; its earlier runs' unprepared branches are rolled back"
+                    );
+                    run.incarnation = info.incarnation;
+                    run.ended_below = Some(run.ended_below.unwrap_or(0).max(info.first_txid));
+                }
+                Some(_) => {}
+            }
+        }
+        // Every pass, not only when the restart is seen: a branch busy then is rolled back once
+        // its call ends.
+        for (coordinator, run) in &self.runs {
+            let Some(first_txid) = run.ended_below else {
+                continue;
+            };
+            let rolled_back = self.agent.end_run(coordinator, first_txid).await;
+            if rolled_back > 0 {
+                tracing::warn!(
+                    %coordinator,
+                    rolled_back,
+                    first_txid,
+                    "rolled back open branches of an ended coordinator run (they could never prepare)"
+                );
+            }
+        }
+        match last_error {
+            Some(error) if !answered => Err(error),
+            _ => Ok(()),
+        }
+    }
+
     async fn pass(&mut self) -> Result<(), PassError> {
+        let reached = self.watch_runs().await;
         let (prepared, orphans) = self.in_doubt().await?;
         if !prepared.is_empty() && failpoints::hit(failpoints::UNSAFE_COMMIT_IN_DOUBT).is_some() {
             self.commit_on_its_own(&prepared).await;
@@ -107,19 +202,22 @@ impl Reconciler {
         if prepared.is_empty() && orphans.is_empty() && markers.is_empty() {
             return Ok(());
         }
-        // Asked every pass: a coordinator restarted with a new log would have a new id.
-        let coordinator = self.link.info().await?.id;
-        let prepared = self.own(prepared, &coordinator);
+        // Only now: with nothing to ask about, a coordinator that is down is nothing to report.
+        reached?;
+        // Asked every pass (`watch_runs`): a coordinator restarted with a new log would have a
+        // new id.
+        let coordinators = self.coordinators.known_ids();
+        let prepared = self.own(prepared, &coordinators);
         let orphans: Vec<BranchGid> = orphans
             .into_iter()
-            .filter(|branch| self.is_of_coordinator(branch.as_str(), branch.gid(), &coordinator))
+            .filter(|branch| self.is_of_coordinator(branch.as_str(), branch.gid(), &coordinators))
             .collect();
         if !prepared.is_empty() || !orphans.is_empty() {
             let mut ask: Vec<String> = prepared.keys().cloned().collect();
             ask.extend(orphans.iter().map(|branch| branch.gid().to_string()));
             ask.sort_unstable();
             ask.dedup();
-            let answers = self.link.query_decision(ask).await?;
+            let answers = self.coordinators.query_decision(ask).await?;
             let decisions: HashMap<String, Decision> = answers
                 .into_iter()
                 .map(|answer| (answer.gid, answer.decision))
@@ -135,9 +233,12 @@ impl Reconciler {
                 }
             }
         }
-        let markers = self.own(markers, &coordinator);
+        let markers = self.own(markers, &coordinators);
         if !markers.is_empty() {
-            let answers = self.link.query_decision(markers.into_keys().collect()).await?;
+            let answers = self
+                .coordinators
+                .query_decision(markers.into_keys().collect())
+                .await?;
             self.delete_unneeded_markers(answers).await?;
         }
         Ok(())
@@ -189,14 +290,17 @@ impl Reconciler {
         Ok((in_doubt, orphans))
     }
 
-    /// Whether `gid` belongs to `coordinator`; logs each other one once.
-    fn is_of_coordinator(&mut self, text: &str, gid: &Gid, coordinator: &CoordinatorId) -> bool {
-        if gid.coordinator() == coordinator {
+    /// Whether a configured coordinator can answer for `gid`: it names a decision shard (any
+    /// instance reads its row), or belongs to a coordinator id one of them answered `Info` with.
+    /// Logs each other one once.
+    fn is_of_coordinator(&mut self, text: &str, gid: &Gid, coordinators: &[CoordinatorId]) -> bool {
+        if gid.decision_shard().is_some() || coordinators.contains(gid.coordinator()) {
             return true;
         }
+        let names: Vec<&str> = coordinators.iter().map(CoordinatorId::as_str).collect();
         self.report(
             text,
-            &format!("it belongs to another coordinator than {coordinator}"),
+            &format!("it belongs to another coordinator than {}", names.join(", ")),
         );
         false
     }
@@ -224,13 +328,13 @@ impl Reconciler {
         }
     }
 
-    /// Keeps the GIDs of `coordinator`; logs each other one once.
-    fn own(&mut self, gids: Vec<String>, coordinator: &CoordinatorId) -> HashMap<String, Gid> {
+    /// Keeps the GIDs a configured coordinator can answer for; logs each other one once.
+    fn own(&mut self, gids: Vec<String>, coordinators: &[CoordinatorId]) -> HashMap<String, Gid> {
         let mut own = HashMap::new();
         for text in gids {
             match Gid::parse(&text) {
                 Ok(gid) => {
-                    if self.is_of_coordinator(&text, &gid, coordinator) {
+                    if self.is_of_coordinator(&text, &gid, coordinators) {
                         own.insert(text, gid);
                     }
                 }

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod commit;
+mod coordinators;
 mod decision_rows;
 mod failpoints;
 mod fixture;
@@ -10,4 +11,5 @@ mod in_doubt;
 mod recovery;
 mod scenarios;
 mod shared_server;
+mod standby;
 mod three_phase;

@@ -143,7 +143,8 @@ impl Agent {
     }
 
     /// Refuses to open a branch for a GID that already ended here, or whose transaction may have
-    /// had a branch in a previous process (see `Admission`).
+    /// had a branch in a previous process (see `Admission`) or belongs to a coordinator run that
+    /// ended (`Agent::end_run`).
     fn check_can_open(&self, gid: &Gid) -> Result<(), BranchError> {
         if let Some(finished) = self.branches.finished(gid.as_str()) {
             return Err(BranchError::WrongState(format!(
@@ -152,16 +153,16 @@ impl Agent {
                 finished.describe()
             )));
         }
-        if let Some(admission) = &self.admission
-            && gid.coordinator() == &admission.coordinator
-            && gid.txid() < admission.first_txid
+        if let Some(first_txid) = self.admitted_from(gid.coordinator())
+            && gid.txid() < first_txid
         {
             let reason = format!(
-                "transaction {} began before this participant started (the coordinator's next txid was \
-                 then {}); statements it ran on shard {} earlier were lost with the previous process, \
-                 so it cannot continue here; run the transaction again",
+                "transaction {} began before this participant started or in an earlier run of its \
+                 coordinator (txids below {} may not open branches here); statements it ran on shard \
+                 {} earlier were lost with the previous process, so it cannot continue here; run the \
+                 transaction again",
                 gid.txid(),
-                admission.first_txid,
+                first_txid,
                 self.shard
             );
             self.branches

@@ -15,7 +15,7 @@ mod finish;
 mod machine;
 mod vote;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,7 +62,9 @@ pub struct Agent {
     pool: Pool,
     branches: Arc<Branches>,
     idle_timeout: Duration,
-    admission: Option<Admission>,
+    /// Per coordinator id, the lowest txid that may still open a branch here (see `Admission`);
+    /// raised when a coordinator's new run is seen (`end_run`).
+    admission: Mutex<HashMap<CoordinatorId, TxId>>,
     /// Prepared branches whose machine timed out and asked for the coordinator's decision; the
     /// reconciler asks about them on its next pass.
     asked: Mutex<HashSet<String>>,
@@ -76,15 +78,19 @@ impl Agent {
         database: String,
         pool: Pool,
         idle_timeout: Duration,
-        admission: Option<Admission>,
+        admission: Vec<Admission>,
     ) -> Arc<Self> {
+        let admission = admission
+            .into_iter()
+            .map(|a| (a.coordinator, a.first_txid))
+            .collect();
         Arc::new(Self {
             shard,
             database,
             pool,
             branches: Branches::new(HISTORY_RETENTION),
             idle_timeout,
-            admission,
+            admission: Mutex::new(admission),
             asked: Mutex::default(),
             epoch: Instant::now(),
         })
@@ -222,6 +228,63 @@ impl Agent {
             }
         }
         self.branches.prune_history();
+    }
+
+    /// The lowest txid of `coordinator` that may open a branch here, if one is known.
+    fn admitted_from(&self, coordinator: &CoordinatorId) -> Option<TxId> {
+        self.admission
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(coordinator)
+            .copied()
+    }
+
+    /// A run of `coordinator` ended: every txid below `first_txid` (the new run's first) belonged
+    /// to an earlier run. No branch of those may open from now on, and every one still open and
+    /// unprepared is rolled back: nobody will ever ask it to prepare or commit. Prepared branches
+    /// are never touched (their decision may be commit; recovery asks for it). A branch some call
+    /// is working on right now is left for the next call of this (the caller repeats it every
+    /// pass). Answers how many were rolled back.
+    ///
+    /// Why txid order is enough: a coordinator's txids are reserved in its store in blocks and
+    /// never handed out twice, across restarts too, and `first_txid` is the first this run hands
+    /// out; so a branch of this coordinator with a lower txid was begun by an earlier run, which
+    /// is gone (a higher incarnation is running), and its unprepared work can only be aborted
+    /// (presumed abort: its coordinator never logged a commit for an unprepared branch).
+    pub async fn end_run(&self, coordinator: &CoordinatorId, first_txid: TxId) -> usize {
+        {
+            let mut admission = self
+                .admission
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let from = admission.entry(coordinator.clone()).or_insert(first_txid);
+            *from = (*from).max(first_txid);
+        }
+        let mut rolled_back = 0;
+        for gid in self.branches.gids() {
+            let Ok(parsed) = Gid::parse(&gid) else {
+                continue;
+            };
+            if parsed.coordinator() != coordinator || parsed.txid() >= first_txid {
+                continue;
+            }
+            // Busy: a statement or a vote is running; the next pass sees how it ended.
+            let Some(mut slot) = self.branches.try_lock(&gid) else {
+                continue;
+            };
+            // No open transaction: prepared (or finished): never ours to decide.
+            if slot.active.is_none() {
+                continue;
+            }
+            let reason = format!(
+                "coordinator {coordinator} restarted; transaction {} belonged to an earlier run \
+                 (this run starts at txid {first_txid}) and can never prepare",
+                parsed.txid()
+            );
+            self.abandon(&mut slot, &parsed, reason).await;
+            rolled_back += 1;
+        }
+        rolled_back
     }
 
     /// Rolls back every open branch (graceful shutdown); prepared ones stay prepared.

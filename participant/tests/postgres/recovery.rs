@@ -92,7 +92,7 @@ async fn branches_in_doubt_are_asked_about_and_never_decided_alone() {
     let Some(env) = Env::start("in-doubt", |c| {
         c.in_doubt_after_ms = 200;
         c.reconcile_interval_ms = 100;
-        c.coordinator_url = format!("http://127.0.0.1:{port}");
+        c.coordinator_urls = vec![format!("http://127.0.0.1:{port}")];
     })
     .await
     else {
@@ -412,4 +412,46 @@ async fn recovery_leaves_other_databases_alone_and_finishes_legacy_and_orphaned_
     for name in expected {
         neighbour.sql(&format!("ROLLBACK PREPARED '{name}'")).await;
     }
+}
+
+#[tokio::test]
+async fn a_plain_gid_is_asked_of_the_instance_whose_info_names_its_coordinator() {
+    let _shared = SERVER.read().await;
+    // Listed first: another coordinator, which would answer ABORT (presumed abort) for anything.
+    let other = crate::support::FakeCoordinator {
+        id: format!("other-{}", std::process::id()),
+        next_txid: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)),
+        decisions: Default::default(),
+        queries: Default::default(),
+        asked: Default::default(),
+    };
+    let other_addr = crate::support::serve_fake(other.clone()).await;
+    let Some(mut env) = Env::start("plain-gid-routing", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    let committed = prepared_insert(&env, 1, 1).await;
+    env.coordinator.decide(&committed, pb::Decision::Commit, true);
+    let mut config = env.config();
+    config.reconcile_interval_ms = 100;
+    config.in_doubt_after_ms = 100;
+    config.coordinator_urls = vec![
+        format!("http://{other_addr}"),
+        format!("http://{}", env.coordinator_addr),
+    ];
+    env.restart_participant(config).await;
+    let db = &env.db;
+    eventually("the prepared branch resolved", RESOLVED, || async {
+        !db.is_prepared(&committed).await
+    })
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM kv WHERE k = 1").await,
+        1,
+        "committed, as its own coordinator decided"
+    );
+    assert!(
+        other.asked.lock().unwrap().is_empty(),
+        "the other coordinator was never asked about a plain GID that is not its own"
+    );
 }

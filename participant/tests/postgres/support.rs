@@ -254,7 +254,7 @@ impl pb::coordinator_server::Coordinator for FakeCoordinator {
     }
 }
 
-async fn serve_fake(fake: FakeCoordinator) -> SocketAddr {
+pub async fn serve_fake(fake: FakeCoordinator) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
@@ -462,7 +462,7 @@ pub fn config(db: &TestDb, coordinator: SocketAddr, data_dir: &std::path::Path) 
         listen: "127.0.0.1:0".parse().unwrap(),
         shard: treaty_proto::ShardName::new("s0").unwrap(),
         database_url: db.url.clone(),
-        coordinator_url: format!("http://{coordinator}"),
+        coordinator_urls: vec![format!("http://{coordinator}")],
         data_dir: data_dir.to_path_buf(),
         branch_idle_timeout_ms: 30_000,
         in_doubt_after_ms: 5_000,
