@@ -72,6 +72,15 @@ fn scenarios_decision_log() -> Result<()> {
     run_dir("log")
 }
 
+/// The commit decision in PostgreSQL (`--decision-store shard`): crashes of the coordinator, the
+/// decision branch's participant and its PostgreSQL around the decision commit, a paused
+/// coordinator losing to an abort another instance concluded, a coordinator killed for good
+/// finished by another, and commit rows forgotten under load.
+#[test]
+fn scenarios_decision_rows() -> Result<()> {
+    run_dir("decision-rows")
+}
+
 #[test]
 fn scenarios_submit() -> Result<()> {
     run_dir("submit")
