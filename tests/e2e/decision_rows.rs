@@ -207,23 +207,18 @@ async fn a_restarted_coordinator_finishes_its_commit_rows() -> Result<()> {
     Ok(())
 }
 
+/// Another coordinator instance over the same shards, finishing what nobody finished for 500 ms.
+async fn second_instance(t: &TestCluster) -> Result<treaty_harness::ServiceProcess> {
+    let args = ["--decision-store", "shard", "--takeover-after-ms", "500"].map(String::from);
+    Ok(t.cluster.spawn_coordinator("second", &args).await?)
+}
+
 #[tokio::test]
 async fn a_coordinator_killed_for_good_after_its_decision_is_finished_by_another_instance() -> Result<()> {
     let mut t = TestCluster::start(shard_store(&["--crash-at", "after-commit-decision"])).await?;
     submit_into_crash(&mut t, 4).await?;
     let killed = Instant::now();
-    let _second = t
-        .cluster
-        .spawn_coordinator(
-            "second",
-            &[
-                "--decision-store".into(),
-                "shard".into(),
-                "--takeover-after-ms".into(),
-                "500".into(),
-            ],
-        )
-        .await?;
+    let _second = second_instance(&t).await?;
     eventually(
         "committed on every shard by the second instance",
         RECOVERY,
@@ -246,18 +241,7 @@ async fn a_coordinator_killed_for_good_before_its_decision_is_aborted_by_another
     let mut t = TestCluster::start(shard_store(&["--crash-at", "before-commit-decision"])).await?;
     submit_into_crash(&mut t, 5).await?;
     assert_eq!(t.prepared(1).await?.len() + t.prepared(2).await?.len(), 2);
-    let _second = t
-        .cluster
-        .spawn_coordinator(
-            "second",
-            &[
-                "--decision-store".into(),
-                "shard".into(),
-                "--takeover-after-ms".into(),
-                "500".into(),
-            ],
-        )
-        .await?;
+    let _second = second_instance(&t).await?;
     eventually("rolled back everywhere by the second instance", RECOVERY, || {
         settled_with(&t, 5, 0)
     })

@@ -3,22 +3,14 @@
 
 use treaty_types::ShardName;
 
+use super::tests::{TIMEOUTS, shard, step, vote};
 use super::*;
-
-const TIMEOUTS: Timeouts = Timeouts {
-    transaction_ms: 10_000,
-    idle_ms: 1_000,
-    vote_ms: 500,
-};
-
-fn shard(name: &str) -> ShardName {
-    ShardName::new(name).unwrap()
-}
 
 fn shards(names: &[&str]) -> Vec<ShardName> {
     names.iter().map(|n| shard(n)).collect()
 }
 
+/// A transaction deciding in its first branch that ran one statement on each named shard.
 fn active(names: &[&str]) -> Transaction {
     let mut txn = Transaction::begin(7, Protocol::TwoPhase, TIMEOUTS, 0);
     txn.set_decision_in_branch();
@@ -27,20 +19,6 @@ fn active(names: &[&str]) -> Transaction {
         txn.step(Event::ExecuteSucceeded { shard: shard(s) }, 0).unwrap();
     }
     txn
-}
-
-fn step(txn: &mut Transaction, event: Event) -> Vec<Action> {
-    txn.step(event, 1).unwrap()
-}
-
-fn vote(txn: &mut Transaction, s: &str, vote: Vote) -> Vec<Action> {
-    step(
-        txn,
-        Event::VoteReceived {
-            shard: shard(s),
-            vote,
-        },
-    )
 }
 
 fn commit(txn: &mut Transaction) -> Vec<Action> {

@@ -5,13 +5,13 @@ use treaty_types::ShardName;
 
 use super::*;
 
-const TIMEOUTS: Timeouts = Timeouts {
+pub(super) const TIMEOUTS: Timeouts = Timeouts {
     transaction_ms: 10_000,
     idle_ms: 1_000,
     vote_ms: 500,
 };
 
-fn shard(name: &str) -> ShardName {
+pub(super) fn shard(name: &str) -> ShardName {
     ShardName::new(name).unwrap()
 }
 
@@ -29,11 +29,11 @@ fn active(shards: &[&str]) -> Transaction {
     txn
 }
 
-fn step(txn: &mut Transaction, event: Event) -> Vec<Action> {
+pub(super) fn step(txn: &mut Transaction, event: Event) -> Vec<Action> {
     txn.step(event, 1).unwrap()
 }
 
-fn vote(txn: &mut Transaction, s: &str, vote: Vote) -> Vec<Action> {
+pub(super) fn vote(txn: &mut Transaction, s: &str, vote: Vote) -> Vec<Action> {
     step(
         txn,
         Event::VoteReceived {
