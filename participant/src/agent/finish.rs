@@ -13,6 +13,7 @@ use treaty_proto::Gid;
 use super::machine::Answer;
 use super::{Agent, BranchState};
 use crate::branches::Finished;
+use crate::decisions::{self, Outcome};
 use crate::error::BranchError;
 
 /// Phase-two requests come from the coordinator (directly, or through recovery's question).
@@ -44,10 +45,46 @@ impl Agent {
         match self.drive(&mut slot, gid, event).await? {
             Answer::Acknowledged => Ok(done),
             Answer::NothingPrepared => Ok(BranchState::Unknown),
+            Answer::Refused(Refusal::OutcomeUnknown) if done == BranchState::Aborted => {
+                match self.settle_from_decision_row(gid).await? {
+                    Some(settled) => Ok(settled),
+                    None => Err(self.finish_refused(gid, Refusal::OutcomeUnknown)),
+                }
+            }
             Answer::Refused(refusal) => Err(self.finish_refused(gid, refusal)),
             other => Err(BranchError::Internal(format!(
                 "branch {gid} answered a decision with {other:?}"
             ))),
+        }
+    }
+
+    /// A decision branch whose one-phase COMMIT lost its answer (PostgreSQL or the connection
+    /// died under it) is settled by its own decision row: the COMMIT inserted the commit row
+    /// first, in the same transaction, so an abort row committed in its place proves the COMMIT
+    /// did not commit, and never will (the key is unique). The coordinator sends that abort only
+    /// after reading the abort row; without this, the branch would refuse it forever. `None`: no
+    /// row yet, or not a decision branch kept here; the refusal stands.
+    async fn settle_from_decision_row(&self, gid: &Gid) -> Result<Option<BranchState>, BranchError> {
+        if gid.decision_shard() != Some(&self.shard) {
+            return Ok(None);
+        }
+        let rows = decisions::read(&self.pool, std::slice::from_ref(gid), false).await?;
+        match rows.first().map(|row| row.outcome) {
+            Some(Outcome::Abort) => {
+                tracing::info!(%gid, "the decision branch's lost COMMIT did not commit: an abort row holds its place");
+                self.branches.record(
+                    gid.as_str(),
+                    Finished::Aborted(
+                        "its COMMIT lost the answer; the abort row shows it did not commit".into(),
+                    ),
+                );
+                Ok(Some(BranchState::Aborted))
+            }
+            Some(Outcome::Commit) => {
+                self.branches.record(gid.as_str(), Finished::CommittedOnePhase);
+                Err(self.finish_refused(gid, Refusal::Committed))
+            }
+            None => Ok(None),
         }
     }
 

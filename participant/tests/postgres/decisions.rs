@@ -582,3 +582,61 @@ async fn recovery_and_list_prepared_read_branch_gids_that_name_a_decision_shard(
     assert_eq!(db.count("SELECT count(*) FROM treaty.branches").await, 0);
     assert_eq!(env.commit(&committed).await.unwrap(), pb::BranchState::Committed);
 }
+
+#[tokio::test]
+async fn a_decision_branch_that_lost_its_commit_answer_is_settled_by_its_abort_row() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("decision-lost-answer", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    let gid = decision_gid(&env, 1);
+    insert_kv(&env, &gid, 1).await;
+    // The branch's session dies under it (as when PostgreSQL stops): its COMMIT gets no answer.
+    env.db
+        .sql(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{}' AND application_name = 'treaty-participant' \
+             AND state = 'idle in transaction'",
+            env.db.name
+        ))
+        .await;
+    let lost = commit_decision(&env, &gid, &["s1"], false).await;
+    assert!(lost.is_err(), "the outcome is unknown, not an answer: {lost:?}");
+    // Before any row exists, the branch cannot say which way it went.
+    let refused = env.abort(&gid).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("lost the answer"),
+        "{}",
+        refused.message()
+    );
+    // A coordinator concludes abort (the abort row takes the commit row's place) and sends the
+    // abort: the row proves the COMMIT did not commit, so the abort is acknowledged.
+    let concluded = read(&env, &[&gid], true).await.unwrap();
+    assert_eq!(decision(&concluded[0]), pb::Decision::Abort);
+    assert_eq!(env.abort(&gid).await.unwrap(), pb::BranchState::Aborted);
+    assert_eq!(
+        env.abort(&gid).await.unwrap(),
+        pb::BranchState::Aborted,
+        "idempotent"
+    );
+    assert_eq!(state(env.status(&gid).await.state), pb::BranchState::Aborted);
+    assert_eq!(env.db.count("SELECT count(*) FROM kv").await, 0);
+
+    // The other way: the COMMIT did commit (its row is there), so the abort stays refused.
+    let committed = decision_gid(&env, 2);
+    insert_kv(&env, &committed, 2).await;
+    assert!(
+        commit_decision(&env, &committed, &["s1"], false)
+            .await
+            .unwrap()
+            .committed
+    );
+    let refused = env.abort(&committed).await.unwrap_err();
+    assert!(
+        refused.message().contains("already committed"),
+        "{}",
+        refused.message()
+    );
+}
