@@ -8,13 +8,15 @@
 //! - `runner`: carrying out steps on a running cluster (`StepRunner`, shared with `treaty chaos`);
 //! - `workload`: the clients; `checker`: the verdict; `timeline`: what happened, in order;
 //! - `coordinator_down`: the `await-convergence` step (do the participants finish while the
-//!   coordinator stays down?) and its expectations.
+//!   coordinator stays down?) and its expectations;
+//! - `standby`: a shard's synchronous standby (`topology.standby`) and `pg-failover` onto it.
 
 pub mod checker;
 pub mod coordinator_down;
 pub mod runner;
 pub mod schedule;
 pub mod spec;
+pub mod standby;
 pub mod timeline;
 mod validate;
 pub mod workload;
@@ -408,8 +410,11 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
         deadline,
         accounts: None,
     });
+    // Before the workload: the primary waits for its standby on every commit from then on.
+    let standbys = standby::Standbys::start(&cluster, &t.standby_shards()?, timeline).await?;
     let mut reasons = Vec::new();
     let mut runner = StepRunner::new(&mut cluster, timeline);
+    runner.standbys = standbys;
     // Steps at `start` run before the first transaction (e.g. arming a failpoint).
     let steps: Vec<(usize, Trigger, Action)> = scenario
         .steps
@@ -471,6 +476,8 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
 
     runner.epilogue().await?;
     let live = runner.live_coordinator_endpoints();
+    // Out of the runner, which borrows the cluster the checker reads next.
+    let mut standbys = std::mem::take(&mut runner.standbys);
     let (converged, took) = checker::await_convergence_via(
         &cluster,
         &live,
@@ -509,6 +516,7 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
         for pg in &mut cluster.pgs {
             pg.keep_on_drop();
         }
+        standbys.keep_on_drop();
         eprintln!("  kept {} (PostgreSQL servers left running)", kept.display());
     }
     Ok(Driven {

@@ -1,7 +1,7 @@
 //! Carrying out a scenario's steps on a running local cluster: waiting for each trigger (a
 //! transaction count, a time, a process exit, a failpoint firing in a log) and performing its
-//! action (arming failpoints over the Admin service, kill -9, restarts, PostgreSQL crashes, proxy
-//! faults, `await-convergence`), then the epilogue that brings everything back for the checker
+//! action (arming failpoints over the Admin service, kill -9, restarts, PostgreSQL crashes, a
+//! PostgreSQL failing over to its standby, proxy faults, `await-convergence`), then the epilogue that brings everything back for the checker
 //! (except a coordinator instance killed for good). `treaty chaos` drives the same runner with
 //! random actions.
 
@@ -16,6 +16,7 @@ use treaty_proto::pb;
 
 use super::coordinator_down::{self, DownObservation};
 use super::schedule::{Action, Process, Trigger};
+use super::standby::Standbys;
 use super::timeline::Timeline;
 use super::workload::Progress;
 
@@ -31,6 +32,8 @@ pub struct StepRunner<'a> {
     pub while_coordinator_down: Option<DownObservation>,
     /// Coordinator instances killed for good: the epilogue leaves them down.
     pub for_good: Vec<Process>,
+    /// The standbys `pg-failover` promotes (`topology.standby`); none unless the caller sets them.
+    pub standbys: Standbys,
 }
 
 /// The coordinator id of instance `n` (2, 3, ...): its GIDs, data directory `coordinator-c<n>`
@@ -49,6 +52,7 @@ impl<'a> StepRunner<'a> {
             last_step: Instant::now(),
             while_coordinator_down: None,
             for_good: Vec::new(),
+            standbys: Standbys::default(),
         }
     }
 
@@ -238,6 +242,14 @@ impl<'a> StepRunner<'a> {
             Action::PgStart(i) => {
                 self.cluster.pgs[*i].restart().await?;
                 self.timeline.note(format!("step {n}: PostgreSQL s{i} started"));
+            }
+            Action::PgFailover(i) => {
+                let done = self
+                    .standbys
+                    .fail_over(self.cluster, *i)
+                    .await
+                    .with_context(|| format!("step {n}: pg-failover of PostgreSQL s{i}"))?;
+                self.timeline.note(format!("step {n}: {done}"));
             }
             Action::Fault { from, to, fault } => {
                 let network = self

@@ -58,6 +58,11 @@ pub enum Action {
     Restart(Process),
     PgStop(usize),
     PgStart(usize),
+    /// The shard's PostgreSQL fails over to its standby (`topology.standby`): the primary stops
+    /// `-m immediate`, the standby is promoted, the shard's participant restarts on it, and from
+    /// then on the promoted standby is that shard's PostgreSQL for every later step and the
+    /// checker.
+    PgFailover(usize),
     Fault {
         from: String,
         to: String,
@@ -82,17 +87,20 @@ impl Process {
     }
 }
 
+/// A shard name (`s0`, `s1`, ...) of a topology with `shards` shards, as its index.
+pub fn parse_shard(name: &str, shards: usize) -> Result<usize> {
+    let index = name
+        .strip_prefix('s')
+        .and_then(|n| n.parse::<usize>().ok())
+        .with_context(|| format!("`{name}` is not a shard name (s0, s1, ...)"))?;
+    if index >= shards {
+        bail!("shard `{name}` does not exist: the topology has {shards} shards");
+    }
+    Ok(index)
+}
+
 pub fn parse_process(text: &str, shards: usize) -> Result<Process> {
-    let shard = |name: &str| -> Result<usize> {
-        let index = name
-            .strip_prefix('s')
-            .and_then(|n| n.parse::<usize>().ok())
-            .with_context(|| format!("`{name}` is not a shard name (s0, s1, ...)"))?;
-        if index >= shards {
-            bail!("shard `{name}` does not exist: the topology has {shards} shards");
-        }
-        Ok(index)
-    };
+    let shard = |name: &str| parse_shard(name, shards);
     if let Some(n) = text.strip_prefix("coordinator-") {
         return match n.parse::<usize>() {
             Ok(n @ 2..=MAX_COORDINATORS) => Ok(Process::OtherCoordinator(n)),
@@ -188,6 +196,7 @@ impl Step {
             "restart" => Action::Restart(target()?),
             "pg-stop" => Action::PgStop(shard_of(target()?)?),
             "pg-start" => Action::PgStart(shard_of(target()?)?),
+            "pg-failover" => Action::PgFailover(shard_of(target()?)?),
             "fault" => {
                 let link = self
                     .target
@@ -230,7 +239,7 @@ impl Step {
                 }
             }
             other => bail!(
-                "unknown action `{other}`: expected arm, disarm, kill9, kill9-for-good, restart, pg-stop, pg-start, fault, partition, heal or await-convergence"
+                "unknown action `{other}`: expected arm, disarm, kill9, kill9-for-good, restart, pg-stop, pg-start, pg-failover, fault, partition, heal or await-convergence"
             ),
         };
         if self.within_ms.is_some() && !matches!(action, Action::AwaitConvergence { .. }) {
@@ -312,8 +321,17 @@ mod tests {
         s.target = Some("coordinator->s0".into());
         s.fault = Some("delay=30".into());
         assert!(matches!(s.parsed_action(3).unwrap(), Action::Fault { .. }));
+        let mut s = step("start", "pg-failover");
+        for target in ["pg:s0", "s0"] {
+            s.target = Some(target.into());
+            assert_eq!(s.parsed_action(3).unwrap(), Action::PgFailover(0), "{target}");
+        }
+        s.target = None;
+        let error = s.parsed_action(3).unwrap_err().to_string();
+        assert!(error.contains("`pg-failover` needs a target"), "{error}");
         let error = step("start", "explode").parsed_action(3).unwrap_err().to_string();
         assert!(error.contains("unknown action"), "{error}");
+        assert!(error.contains("pg-failover"), "{error}");
         let error = step("start", "arm").parsed_action(3).unwrap_err().to_string();
         assert!(error.contains("failpoint"), "{error}");
     }

@@ -44,6 +44,9 @@ pub struct Topology {
     pub coordinators: usize,
     /// Extra arguments of the other coordinator instances (e.g. a short `--takeover-after-ms`).
     pub other_coordinator_args: Vec<String>,
+    /// Shards whose PostgreSQL gets a synchronous streaming standby once the cluster is up and
+    /// before the workload starts (e.g. `["s0"]`), for a `pg-failover` step to promote.
+    pub standby: Vec<String>,
 }
 
 impl Default for Topology {
@@ -56,6 +59,7 @@ impl Default for Topology {
             decision_store: "file".into(),
             coordinators: 1,
             other_coordinator_args: Vec::new(),
+            standby: Vec::new(),
         }
     }
 }
@@ -101,6 +105,21 @@ impl Topology {
     /// `topology.decision_store`, parsed.
     pub fn parsed_decision_store(&self) -> Result<DecisionStore> {
         DecisionStore::parse("topology.decision_store", &self.decision_store)
+    }
+
+    /// `topology.standby` as shard indices, in the file's order; the error names the field and
+    /// the entry (not a shard of this topology, or listed twice).
+    pub fn standby_shards(&self) -> Result<Vec<usize>> {
+        let mut shards = Vec::new();
+        for name in &self.standby {
+            let shard = super::schedule::parse_shard(name.trim(), self.shards)
+                .with_context(|| format!("topology.standby: \"{name}\""))?;
+            if shards.contains(&shard) {
+                bail!("topology.standby lists \"{name}\" twice: a shard has at most one standby");
+            }
+            shards.push(shard);
+        }
+        Ok(shards)
     }
 }
 
@@ -286,7 +305,8 @@ pub struct Step {
     /// `fired=<failpoint>@<process>` (its log shows the failpoint fired).
     pub at: String,
     /// `arm`, `disarm`, `kill9`, `kill9-for-good` (a coordinator instance, never restarted:
-    /// another instance must finish its transactions), `restart`, `pg-stop`, `pg-start`, `fault`,
+    /// another instance must finish its transactions), `restart`, `pg-stop`, `pg-start`,
+    /// `pg-failover` (`pg:<shard>` fails over to its `topology.standby`), `fault`,
     /// `partition`, `heal`, `await-convergence` (the coordinator is down: wait up to `within_ms` for the participants
     /// to finish without it, and record whether they did; nothing restarts it meanwhile).
     #[serde(rename = "do")]
@@ -464,5 +484,19 @@ mod tests {
                 file.display()
             );
         }
+        // The decision database fails over to its standby: s0, the decision shard of every
+        // transaction (each writes every shard, and the first shard it writes is the lowest).
+        let failover =
+            Scenario::load(&root.join("decision-rows/decision-database-fails-over-to-its-standby.toml"))
+                .unwrap();
+        assert_eq!(failover.topology.standby_shards().unwrap(), [0]);
+        assert_eq!(failover.workload.shards_per_txn, failover.topology.shards);
+        let failovers: Vec<_> = failover
+            .steps
+            .iter()
+            .map(|step| step.parsed_action(failover.topology.shards).unwrap())
+            .filter(|action| *action == crate::scenario::schedule::Action::PgFailover(0))
+            .collect();
+        assert_eq!(failovers.len(), 1);
     }
 }

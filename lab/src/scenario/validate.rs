@@ -1,7 +1,8 @@
 //! Checking a parsed scenario as a whole before anything runs: bounds on topology and workload,
 //! every step's trigger and action, failpoints armed on the process they belong to, `fired=`
-//! triggers that can fire, the `await-convergence` step with its expectations, and the decision
-//! store with the coordinator instances steps may name.
+//! triggers that can fire, the `await-convergence` step with its expectations, the decision
+//! store with the coordinator instances steps may name, and `pg-failover` only onto a standby the
+//! topology starts, once per shard.
 
 use anyhow::{Context, Result, bail};
 
@@ -65,6 +66,9 @@ impl Scenario {
         for cause in &self.expect.heard_abort_causes {
             parse_abort_cause(cause)?;
         }
+        let standby_shards = t.standby_shards()?;
+        // Shards failed over to their standby, by the step that did it.
+        let mut failed_over: Vec<(usize, usize)> = Vec::new();
         // Coordinator instances killed for good, by the step that did it.
         let mut killed_for_good: Vec<(Process, usize)> = Vec::new();
         if !matches!(self.expect.verdict.as_str(), "pass" | "violation") {
@@ -132,6 +136,23 @@ impl Scenario {
                     }
                 }
                 _ => {}
+            }
+            if let Action::PgFailover(shard) = &action {
+                if !standby_shards.contains(shard) {
+                    bail!(
+                        "step {}: `pg-failover` on pg:s{shard} needs a standby of s{shard} to promote, and \
+                         topology.standby does not list s{shard} (add standby = [\"s{shard}\"] to [topology])",
+                        i + 1
+                    );
+                }
+                if let Some((_, by)) = failed_over.iter().find(|(s, _)| s == shard) {
+                    bail!(
+                        "step {}: pg:s{shard} already failed over to its standby at step {by}; the promoted \
+                         standby has no standby of its own to fail over to",
+                        i + 1
+                    );
+                }
+                failed_over.push((*shard, i + 1));
             }
             if let Action::Arm {
                 process, failpoint, ..
@@ -512,5 +533,92 @@ mod tests {
             AbortCause::ConcludedAbort
         );
         assert!(parse_abort_cause("unspecified").is_err());
+    }
+
+    const FAILOVER: &str = r#"
+        name = "x"
+        [topology]
+        decision_store = "shard"
+        standby = ["s0"]
+        [workload]
+        transactions = 20
+        [[steps]]
+        at = "txns=5"
+        do = "pg-failover"
+        target = "pg:s0"
+    "#;
+
+    #[test]
+    fn a_failover_onto_the_standby_the_topology_starts_parses() {
+        let scenario = parse(FAILOVER).unwrap();
+        assert_eq!(scenario.topology.standby_shards().unwrap(), [0]);
+        assert_eq!(scenario.steps[0].parsed_action(3).unwrap(), Action::PgFailover(0));
+        // Without the key there are no standbys.
+        assert!(
+            parse("name = \"x\"")
+                .unwrap()
+                .topology
+                .standby_shards()
+                .unwrap()
+                .is_empty()
+        );
+        // After the failover the shard's PostgreSQL is the promoted standby: crashing and
+        // restarting it, or restarting its participant, are ordinary steps.
+        let later = format!(
+            "{FAILOVER}\n        [[steps]]\n        at = \"+100\"\n        do = \"pg-stop\"\n        target = \"pg:s0\"\n        \
+             [[steps]]\n        at = \"+100\"\n        do = \"pg-start\"\n        target = \"pg:s0\"\n        \
+             [[steps]]\n        at = \"+100\"\n        do = \"restart\"\n        target = \"s0\""
+        );
+        parse(&later).unwrap();
+    }
+
+    #[test]
+    fn failover_mistakes_are_refused_naming_the_shard_and_the_field() {
+        let cases: [(&str, &str, &str); 6] = [
+            (
+                "target = \"pg:s0\"",
+                "target = \"pg:s1\"",
+                "`pg-failover` on pg:s1 needs a standby of s1 to promote, and topology.standby does not list s1",
+            ),
+            (
+                "standby = [\"s0\"]",
+                "",
+                "`pg-failover` on pg:s0 needs a standby of s0",
+            ),
+            (
+                "standby = [\"s0\"]",
+                "standby = [\"s3\"]",
+                "topology.standby: \"s3\": shard `s3` does not exist: the topology has 3 shards",
+            ),
+            (
+                "standby = [\"s0\"]",
+                "standby = [\"pg:s0\"]",
+                "topology.standby: \"pg:s0\": `pg:s0` is not a shard name",
+            ),
+            (
+                "standby = [\"s0\"]",
+                "standby = [\"s0\", \"s0\"]",
+                "topology.standby lists \"s0\" twice",
+            ),
+            (
+                "target = \"pg:s0\"",
+                "target = \"coordinator\"",
+                "`pg-failover` needs a shard's PostgreSQL",
+            ),
+        ];
+        for (from, to, wanted) in cases {
+            assert!(FAILOVER.contains(from), "{from}");
+            let error = error_of(&FAILOVER.replacen(from, to, 1));
+            assert!(error.contains(wanted), "{from} -> {to}: {error}");
+        }
+        // A promoted standby has no standby of its own: one failover per shard.
+        let twice = format!(
+            "{FAILOVER}\n        [[steps]]\n        at = \"+100\"\n        do = \"pg-failover\"\n        target = \"pg:s0\""
+        );
+        let error = error_of(&twice);
+        assert!(
+            error.contains("step 2: pg:s0 already failed over to its standby at step 1"),
+            "{error}"
+        );
     }
 }
