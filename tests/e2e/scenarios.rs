@@ -75,7 +75,8 @@ fn scenarios_decision_log() -> Result<()> {
 /// The commit decision in PostgreSQL (`--decision-store shard`): crashes of the coordinator, the
 /// decision branch's participant and its PostgreSQL around the decision commit, a paused
 /// coordinator losing to an abort another instance concluded, a coordinator killed for good
-/// finished by another, and commit rows forgotten under load.
+/// finished by another, commit rows forgotten under load, and the decision database failing over
+/// to its synchronous standby mid-load.
 #[test]
 fn scenarios_decision_rows() -> Result<()> {
     run_dir("decision-rows")
