@@ -1,9 +1,9 @@
 //! Carrying out a scenario's steps on a running local cluster: waiting for each trigger (a
 //! transaction count, a time, a process exit, a failpoint firing in a log) and performing its
 //! action (arming failpoints over the Admin service, kill -9, restarts, PostgreSQL crashes, a
-//! PostgreSQL failing over to its standby, proxy faults, `await-convergence`), then the epilogue that brings everything back for the checker
-//! (except a coordinator instance killed for good). `treaty chaos` drives the same runner with
-//! random actions.
+//! PostgreSQL failing over to its standby, proxy faults, `await-convergence`), then the epilogue
+//! that brings everything back for the checker (except a coordinator instance killed for good).
+//! `treaty chaos` drives the same runner with random actions.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
