@@ -100,6 +100,8 @@ pub struct Engine<S, T> {
     incarnation: AtomicU64,
     reserved_up_to: AtomicU64,
     reserve_lock: tokio::sync::Mutex<()>,
+    /// Begins between taking a txid and registering it (`open_from` cannot be known meanwhile).
+    beginning: AtomicU64,
     resolving: resolve::Resolving,
 }
 
@@ -130,6 +132,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             incarnation: AtomicU64::new(0),
             reserved_up_to: AtomicU64::new(txids_reserved_up_to),
             reserve_lock: tokio::sync::Mutex::new(()),
+            beginning: AtomicU64::new(0),
             resolving: resolve::Resolving::default(),
         })
     }
@@ -161,6 +164,24 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     /// The first txid this run of the coordinator hands out: every lower one is an earlier run's.
     pub fn first_txid(&self) -> TxId {
         self.first_txid
+    }
+
+    /// The lowest txid that may still send a participant a statement, a vote request or a commit
+    /// decision (`Info.open_from`): the oldest transaction of this run still in the table, or
+    /// the next txid when there is none. `None` while a begin is between taking its txid and
+    /// registering it, when a lower txid may be about to appear.
+    ///
+    /// Why the order of the loads is enough: a begin counts itself in `beginning` before it takes
+    /// its txid and leaves after registering it, all `SeqCst`. A txid below the `next` read here
+    /// was taken before that read; if `beginning` then reads 0, its begin had already left, so it
+    /// was registered before the table is read below and is found there (or finished since).
+    pub fn open_from(&self) -> Option<TxId> {
+        let next = self.next_txid.load(Ordering::SeqCst);
+        if self.beginning.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let oldest = self.oldest_live_txid();
+        Some(oldest.map_or(next, |oldest| oldest.min(next)))
     }
 
     /// This run's incarnation, higher at every start (`Info`).

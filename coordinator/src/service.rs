@@ -350,6 +350,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             next_txid: self.engine.next_txid(),
             incarnation: self.engine.incarnation(),
             first_txid: self.engine.first_txid(),
+            open_from: self.engine.open_from().unwrap_or(0),
         }))
     }
 }

@@ -41,6 +41,9 @@ pub struct CoordinatorInfo {
     pub incarnation: u64,
     /// The first txid this run hands out; every lower txid of `id` belongs to an earlier run.
     pub first_txid: TxId,
+    /// Every lower txid of `id` has finished at its coordinator and is never sent a statement, a
+    /// vote request or a commit decision again (`None`: not known right now).
+    pub open_from: Option<TxId>,
 }
 
 /// The coordinator's answer about one GID.
@@ -132,6 +135,7 @@ impl CoordinatorLink {
             next_txid: response.next_txid,
             incarnation: response.incarnation,
             first_txid: response.first_txid,
+            open_from: (response.open_from > 0).then_some(response.open_from),
         })
     }
 

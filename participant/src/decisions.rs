@@ -338,6 +338,40 @@ pub async fn forget(pool: &Pool, gids: &[Gid]) -> Result<u64, DbError> {
     .await
 }
 
+/// The GIDs of abort rows, oldest first, at most `limit`.
+pub async fn abort_rows(pool: &Pool, limit: u32) -> Result<Vec<String>, DbError> {
+    retrying(pool, |connection| {
+        Box::pin(async move {
+            Ok(sqlx::query_scalar(
+                "SELECT gid FROM treaty.decisions WHERE outcome = 'abort' \
+                 ORDER BY decided_at, gid LIMIT $1",
+            )
+            .bind(i64::from(limit))
+            .fetch_all(connection)
+            .await?)
+        })
+    })
+    .await
+}
+
+/// Deletes the abort rows of `gids` (the caller made sure no decision branch of theirs can
+/// still commit: `Agent::collect_abort_rows`). Answers how many rows went.
+pub async fn delete_abort_rows(pool: &Pool, gids: &[String]) -> Result<u64, DbError> {
+    retrying(pool, |connection| {
+        let gids = gids.to_vec();
+        Box::pin(async move {
+            Ok(
+                sqlx::query("DELETE FROM treaty.decisions WHERE outcome = 'abort' AND gid = ANY($1)")
+                    .bind(gids)
+                    .execute(connection)
+                    .await?
+                    .rows_affected(),
+            )
+        })
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,10 @@
 //! Every pass also asks each configured coordinator's `Info` (`watch_runs`): when a coordinator id
 //! answers with a higher incarnation than last seen, its earlier run is gone, and every open,
 //! unprepared branch of that id with a txid below the new run's `first_txid` is rolled back at
-//! once (`Agent::end_run`) instead of holding its row locks until the idle timeout.
+//! once (`Agent::end_run`) instead of holding its row locks until the idle timeout. `Info` also
+//! says below which txid the coordinator has finished everything (`open_from`): branches below it
+//! are refused and rolled back the same way (`Agent::close_below`), and abort rows below it,
+//! which no decision branch can meet any more, are deleted (`Agent::collect_abort_rows`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -33,7 +36,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use treaty_proto::{BranchGid, CoordinatorId, Gid};
 
-use crate::agent::Agent;
+use crate::agent::{Agent, Closed};
 use crate::coordinator_link::{
     Answer, CoordinatorInfo, Coordinators, Decision, LinkError, MAX_GIDS_PER_QUERY,
 };
@@ -43,6 +46,8 @@ use crate::three_phase::ThreePhase;
 
 /// At most this many foreign GIDs are remembered for "log once".
 const MAX_REPORTED: usize = 10_000;
+/// Abort rows looked at per pass (`Agent::collect_abort_rows`).
+const ABORT_ROWS_PER_PASS: u32 = 1_000;
 /// How long a pass waits for each coordinator's `Info`.
 const INFO_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -52,6 +57,8 @@ struct Run {
     incarnation: u64,
     /// Set once a later run was seen: txids below it belong to ended runs.
     ended_below: Option<u64>,
+    /// The highest `open_from` the id answered: every lower txid has finished at it.
+    finished_below: Option<u64>,
 }
 
 pub struct Reconciler {
@@ -93,6 +100,7 @@ impl Reconciler {
                 let run = Run {
                     incarnation: info.incarnation,
                     ended_below: None,
+                    finished_below: info.open_from,
                 };
                 (info.id, run)
             })
@@ -148,6 +156,7 @@ impl Reconciler {
                         Run {
                             incarnation: info.incarnation,
                             ended_below: None,
+                            finished_below: info.open_from,
                         },
                     );
                 }
@@ -163,21 +172,37 @@ impl Reconciler {
                 }
                 Some(_) => {}
             }
+            if let Some(run) = self.runs.get_mut(&info.id) {
+                run.finished_below = run.finished_below.max(info.open_from);
+            }
         }
         // Every pass, not only when the restart is seen: a branch busy then is rolled back once
         // its call ends.
         for (coordinator, run) in &self.runs {
-            let Some(first_txid) = run.ended_below else {
-                continue;
-            };
-            let rolled_back = self.agent.end_run(coordinator, first_txid).await;
-            if rolled_back > 0 {
-                tracing::warn!(
-                    %coordinator,
-                    rolled_back,
-                    first_txid,
-                    "rolled back open branches of an ended coordinator run (they could never prepare)"
-                );
+            if let Some(first_txid) = run.ended_below {
+                let rolled_back = self.agent.end_run(coordinator, first_txid).await;
+                if rolled_back > 0 {
+                    tracing::warn!(
+                        %coordinator,
+                        rolled_back,
+                        first_txid,
+                        "rolled back open branches of an ended coordinator run (they could never prepare)"
+                    );
+                }
+            }
+            if let Some(open_from) = run.finished_below {
+                let rolled_back = self
+                    .agent
+                    .close_below(coordinator, open_from, Closed::Finished)
+                    .await;
+                if rolled_back > 0 {
+                    tracing::warn!(
+                        %coordinator,
+                        rolled_back,
+                        open_from,
+                        "rolled back open branches of transactions their coordinator has finished"
+                    );
+                }
             }
         }
         match last_error {
@@ -188,6 +213,12 @@ impl Reconciler {
 
     async fn pass(&mut self) -> Result<(), PassError> {
         let reached = self.watch_runs().await;
+        // After `watch_runs`, which raised the bounds below which no decision branch can open.
+        match self.agent.collect_abort_rows(ABORT_ROWS_PER_PASS).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::debug!(deleted, "deleted abort rows no decision branch can meet"),
+            Err(error) => tracing::warn!("deleting old abort rows: {error}"),
+        }
         let (prepared, orphans) = self.in_doubt().await?;
         if !prepared.is_empty() && failpoints::hit(failpoints::UNSAFE_COMMIT_IN_DOUBT).is_some() {
             self.commit_on_its_own(&prepared).await;

@@ -3,7 +3,7 @@
 //! the machine and carries out the call it allows; the machine decides.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::oneshot;
 use treaty_commit_protocol::answers;
@@ -14,6 +14,22 @@ use treaty_proto::{ApiError, Gid, ShardName, TxId, Value};
 use super::table::{Fused, TxnHandle};
 use super::{Engine, PHASE_TWO_TIMEOUT_MS, TXID_BLOCK, TxnOptions, api_error, refused};
 use crate::protocol::{AbortReason, Event, Outcome, Protocol, Transaction};
+
+/// A begin in progress, counted in `Engine::beginning` until dropped.
+struct Beginning<'a>(&'a AtomicU64);
+
+impl<'a> Beginning<'a> {
+    fn enter(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Beginning(count)
+    }
+}
+
+impl Drop for Beginning<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     async fn allocate_txid(&self) -> Result<TxId, ApiError> {
@@ -35,6 +51,8 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     }
 
     pub async fn begin(&self, options: TxnOptions) -> Result<TxId, ApiError> {
+        // Counted from before the txid is taken until it is registered (see `open_from`).
+        let _beginning = Beginning::enter(&self.beginning);
         let txid = self.allocate_txid().await?;
         let timeouts = options.timeouts.unwrap_or(self.default_timeouts);
         let protocol = options.protocol.unwrap_or(self.default_protocol);

@@ -116,6 +116,11 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         lock(&self.table)
     }
 
+    /// The lowest txid of a transaction of this coordinator still in the table (`open_from`).
+    pub(super) fn oldest_live_txid(&self) -> Option<TxId> {
+        self.table().live.keys().min().copied()
+    }
+
     pub(super) fn register(
         &self,
         gid: Gid,

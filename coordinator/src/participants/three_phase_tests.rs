@@ -539,3 +539,33 @@ async fn a_restart_aborts_a_logged_pre_commit_when_every_participant_is_merely_p
         replay.pre_committed
     );
 }
+
+#[tokio::test]
+async fn open_from_is_the_oldest_transaction_still_in_the_table_or_the_next_txid() {
+    let shards = Shards::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = DecisionLog::open(dir.path(), LogOptions::default()).unwrap();
+    let engine = engine(log, &shards, Protocol::TwoPhase);
+    let first = engine.next_txid();
+    assert_eq!(engine.open_from(), Some(first), "nothing begun: the next txid");
+    let old = engine.begin(TxnOptions::default()).await.unwrap();
+    let young = engine.begin(TxnOptions::default()).await.unwrap();
+    assert_eq!(engine.open_from(), Some(old));
+    engine
+        .rollback(
+            young,
+            crate::protocol::AbortReason::new(crate::protocol::AbortCause::ClientRollback, "test"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(engine.open_from(), Some(old), "the older one is still open");
+    engine
+        .rollback(
+            old,
+            crate::protocol::AbortReason::new(crate::protocol::AbortCause::ClientRollback, "test"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(engine.open_from(), Some(engine.next_txid()));
+    assert!(engine.next_txid() > young);
+}

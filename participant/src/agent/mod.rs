@@ -24,9 +24,10 @@ use treaty_commit_protocol::participant::ParticipantEvent;
 use treaty_proto::{BranchGid, CoordinatorId, Gid, ShardName, TxId};
 
 use crate::branches::{ActiveBranch, Branches, Finished};
+use crate::decisions;
 use crate::error::BranchError;
 use crate::pool::Pool;
-use crate::postgres;
+use crate::postgres::{self, DbError};
 
 pub use vote::Vote;
 
@@ -43,6 +44,15 @@ pub enum BranchState {
     Prepared,
     Committed,
     Aborted,
+}
+
+/// Why the txids below a bound were closed (`Agent::close_below`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The coordinator restarted: the bound is its new run's first txid.
+    RunEnded,
+    /// The coordinator says it has finished every lower txid (`Info.open_from`).
+    Finished,
 }
 
 /// Which transactions may open a branch here: those of `coordinator` begun after this process
@@ -240,11 +250,7 @@ impl Agent {
     }
 
     /// A run of `coordinator` ended: every txid below `first_txid` (the new run's first) belonged
-    /// to an earlier run. No branch of those may open from now on, and every one still open and
-    /// unprepared is rolled back: nobody will ever ask it to prepare or commit. Prepared branches
-    /// are never touched (their decision may be commit; recovery asks for it). A branch some call
-    /// is working on right now is left for the next call of this (the caller repeats it every
-    /// pass). Answers how many were rolled back.
+    /// to an earlier run. See [`Agent::close_below`].
     ///
     /// Why txid order is enough: a coordinator's txids are reserved in its store in blocks and
     /// never handed out twice, across restarts too, and `first_txid` is the first this run hands
@@ -252,20 +258,29 @@ impl Agent {
     /// is gone (a higher incarnation is running), and its unprepared work can only be aborted
     /// (presumed abort: its coordinator never logged a commit for an unprepared branch).
     pub async fn end_run(&self, coordinator: &CoordinatorId, first_txid: TxId) -> usize {
+        self.close_below(coordinator, first_txid, Closed::RunEnded).await
+    }
+
+    /// Every txid of `coordinator` below `from` is closed (`why`): no branch of those may open
+    /// from now on, and every one still open and unprepared is rolled back: nobody will ever ask
+    /// it to prepare or commit. Prepared branches are never touched (their decision may be
+    /// commit; recovery asks for it). A branch some call is working on right now is left for the
+    /// next call of this (the caller repeats it every pass). Answers how many were rolled back.
+    pub async fn close_below(&self, coordinator: &CoordinatorId, from: TxId, why: Closed) -> usize {
         {
             let mut admission = self
                 .admission
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let from = admission.entry(coordinator.clone()).or_insert(first_txid);
-            *from = (*from).max(first_txid);
+            let admitted = admission.entry(coordinator.clone()).or_insert(from);
+            *admitted = (*admitted).max(from);
         }
         let mut rolled_back = 0;
         for gid in self.branches.gids() {
             let Ok(parsed) = Gid::parse(&gid) else {
                 continue;
             };
-            if parsed.coordinator() != coordinator || parsed.txid() >= first_txid {
+            if parsed.coordinator() != coordinator || parsed.txid() >= from {
                 continue;
             }
             // Busy: a statement or a vote is running; the next pass sees how it ended.
@@ -276,15 +291,53 @@ impl Agent {
             if slot.active.is_none() {
                 continue;
             }
-            let reason = format!(
-                "coordinator {coordinator} restarted; transaction {} belonged to an earlier run \
-                 (this run starts at txid {first_txid}) and can never prepare",
-                parsed.txid()
-            );
+            let reason = match why {
+                Closed::RunEnded => format!(
+                    "coordinator {coordinator} restarted; transaction {} belonged to an earlier run \
+                     (this run starts at txid {from}) and can never prepare",
+                    parsed.txid()
+                ),
+                Closed::Finished => format!(
+                    "coordinator {coordinator} has finished transaction {} (it says every txid \
+                     below {from} has), so this branch can never prepare",
+                    parsed.txid()
+                ),
+            };
             self.abandon(&mut slot, &parsed, reason).await;
             rolled_back += 1;
         }
         rolled_back
+    }
+
+    /// Deletes abort rows of `treaty.decisions` (at most `limit` looked at) that can no longer
+    /// meet a commit: the transaction's txid is below what its coordinator may still open here
+    /// (`close_below`), so no branch of it can open again, and none is open now. An abort row
+    /// exists to make a decision branch's late commit fail; with the branch gone and refused,
+    /// nothing can try. Anyone who later asks about the transaction finds no row and concludes
+    /// abort again, the same answer. Answers how many rows went.
+    pub async fn collect_abort_rows(&self, limit: u32) -> Result<u64, DbError> {
+        let rows = decisions::abort_rows(&self.pool, limit).await?;
+        let mut gone = Vec::new();
+        for text in rows {
+            let Ok(gid) = Gid::parse(&text) else {
+                continue;
+            };
+            let Some(from) = self.admitted_from(gid.coordinator()) else {
+                continue;
+            };
+            if gid.txid() >= from {
+                continue;
+            }
+            // Open (or busy) branches keep their row: the idle sweep or `close_below` ends them.
+            // Nothing can open one after this look: the txid is below the admission bound.
+            if !self.branches.is_busy(gid.as_str()) {
+                gone.push(text);
+            }
+        }
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        decisions::delete_abort_rows(&self.pool, &gone).await
     }
 
     /// Rolls back every open branch (graceful shutdown); prepared ones stay prepared.

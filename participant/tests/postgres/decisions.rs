@@ -640,3 +640,74 @@ async fn a_decision_branch_that_lost_its_commit_answer_is_settled_by_its_abort_r
         refused.message()
     );
 }
+
+/// Waits for two more `Info` calls: a recovery pass that began after this call has ended.
+async fn a_pass_ends(env: &Env) {
+    let infos = &env.coordinator.infos;
+    let seen = infos.load(std::sync::atomic::Ordering::SeqCst);
+    crate::support::eventually("a recovery pass", Duration::from_secs(15), || async {
+        infos.load(std::sync::atomic::Ordering::SeqCst) >= seen + 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn abort_rows_below_what_the_coordinator_finished_are_deleted_and_their_branches_refused() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("decision-abort-gc", |config| {
+        config.reconcile_interval_ms = 100;
+    })
+    .await
+    else {
+        return;
+    };
+    kv(&env).await;
+    // Txid 1: concluded abort with no branch here. Txid 2: concluded abort while its decision
+    // branch is open (its coordinator then finished it). Txid 5: concluded abort, still open at
+    // the coordinator.
+    let (one, two, five) = (
+        decision_gid(&env, 1),
+        decision_gid(&env, 2),
+        decision_gid(&env, 5),
+    );
+    insert_kv(&env, &two, 2).await;
+    for gid in [&one, &two, &five] {
+        let concluded = read(&env, &[gid.as_str()], true).await.unwrap();
+        assert_eq!(decision(&concluded[0]), pb::Decision::Abort);
+    }
+    // While the coordinator does not say what it finished, every abort row stays.
+    a_pass_ends(&env).await;
+    for gid in [&one, &two, &five] {
+        assert_eq!(outcome_row(&env, gid).await.as_deref(), Some("abort"), "{gid}");
+    }
+    assert_eq!(state(env.status(&two).await.state), pb::BranchState::Active);
+
+    // It has finished everything below txid 4.
+    env.coordinator
+        .open_from
+        .store(4, std::sync::atomic::Ordering::SeqCst);
+    crate::support::eventually(
+        "the abort rows below 4 deleted",
+        Duration::from_secs(15),
+        || async { outcome_row(&env, &one).await.is_none() && outcome_row(&env, &two).await.is_none() },
+    )
+    .await;
+    assert_eq!(
+        outcome_row(&env, &five).await.as_deref(),
+        Some("abort"),
+        "txid 5 may still try to commit: its abort row stays"
+    );
+    // The open branch of txid 2 was rolled back first, and nothing below 4 opens again, so no
+    // late commit can meet the missing row.
+    assert_eq!(state(env.status(&two).await.state), pb::BranchState::Aborted);
+    let late = commit_decision(&env, &two, &["s1"], false).await;
+    assert!(late.is_err(), "{late:?}");
+    let three = decision_gid(&env, 3);
+    let refused = env
+        .execute(&three, "INSERT INTO kv (k, v) VALUES (3, 'x')", vec![])
+        .await
+        .unwrap_err();
+    assert!(refused.message().contains("below 4"), "{}", refused.message());
+    assert_eq!(outcome_row(&env, &two).await, None);
+    assert_eq!(env.db.count("SELECT count(*) FROM kv").await, 0);
+}

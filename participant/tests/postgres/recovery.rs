@@ -424,6 +424,8 @@ async fn a_plain_gid_is_asked_of_the_instance_whose_info_names_its_coordinator()
         decisions: Default::default(),
         queries: Default::default(),
         asked: Default::default(),
+        open_from: Default::default(),
+        infos: Default::default(),
     };
     let other_addr = crate::support::serve_fake(other.clone()).await;
     let Some(mut env) = Env::start("plain-gid-routing", |_| {}).await else {

@@ -171,6 +171,10 @@ pub struct FakeCoordinator {
     pub queries: Arc<AtomicUsize>,
     /// Every GID `QueryDecision` was asked about, in order.
     pub asked: Arc<Mutex<Vec<String>>>,
+    /// What `Info` answers as `open_from` (0: not known).
+    pub open_from: Arc<AtomicU64>,
+    /// How many times `Info` was asked (a recovery pass asks once).
+    pub infos: Arc<AtomicUsize>,
 }
 
 impl FakeCoordinator {
@@ -245,10 +249,12 @@ impl pb::coordinator_server::Coordinator for FakeCoordinator {
         Err(Status::unimplemented("fake"))
     }
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        self.infos.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(pb::InfoResponse {
             coordinator_id: self.id.clone(),
             shards: vec!["s0".into()],
             next_txid: self.next_txid.load(Ordering::SeqCst),
+            open_from: self.open_from.load(Ordering::SeqCst),
             ..Default::default()
         }))
     }
@@ -341,6 +347,8 @@ impl Env {
             decisions: Arc::default(),
             queries: Arc::default(),
             asked: Arc::default(),
+            open_from: Arc::default(),
+            infos: Arc::default(),
         };
         let coordinator_addr = serve_fake(coordinator.clone()).await;
         let data_dir = tempfile::tempdir().unwrap();
