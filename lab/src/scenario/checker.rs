@@ -118,8 +118,8 @@ pub async fn prepared_with_xids(cluster: &LocalCluster) -> Result<Vec<(String, V
     Ok(out)
 }
 
-/// Waits (bounded) until nothing is prepared on any shard and the coordinator holds nothing in
-/// doubt. Returns whether it converged and how long it took.
+/// Waits (bounded) until nothing is prepared or open on any shard and the coordinator holds
+/// nothing in doubt. Returns whether it converged and how long it took.
 pub async fn await_convergence(cluster: &LocalCluster, within: Duration) -> Result<(bool, Duration)> {
     await_convergence_via(cluster, &[cluster.coordinator_endpoint()], within, false).await
 }
@@ -153,6 +153,10 @@ pub async fn await_convergence_via(
 ) -> Result<(bool, Duration)> {
     let started = Instant::now();
     loop {
+        // A branch still open (a call held in a failpoint, say) may yet prepare: not converged
+        // until it has ended one way or the other, or the verdict would race its PREPARE. Read
+        // before the prepared ones: a branch that prepares in between is then seen prepared.
+        let open_now = open_branches(cluster).await.unwrap_or(1);
         let prepared_now: usize = match prepared(cluster).await {
             Ok(p) => p.iter().map(|(_, g)| g.len()).sum(),
             Err(_) => usize::MAX,
@@ -166,7 +170,7 @@ pub async fn await_convergence_via(
         } else {
             0
         };
-        if prepared_now == 0 && in_doubt == 0 && rows_left == 0 {
+        if prepared_now == 0 && in_doubt == 0 && rows_left == 0 && open_now == 0 {
             return Ok((true, started.elapsed()));
         }
         if started.elapsed() > within {
@@ -174,6 +178,24 @@ pub async fn await_convergence_via(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Transactions the participants hold open in the shards' databases (sessions idle in a
+/// transaction), summed over every shard.
+async fn open_branches(cluster: &LocalCluster) -> Result<usize> {
+    let mut open = 0;
+    for (name, pg) in cluster.shard_names.iter().zip(&cluster.pgs) {
+        let mut conn = pg.connect(DATABASE).await?;
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'treaty-participant' AND state LIKE 'idle in transaction%'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .with_context(|| format!("counting open branches on {name}"))?;
+        open += count as usize;
+    }
+    Ok(open)
 }
 
 /// What the shards' `treaty.decisions` tables hold, summed over every shard.
