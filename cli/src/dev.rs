@@ -23,7 +23,7 @@ pub struct UpArgs {
     pub port: u16,
     /// Where the coordinator keeps two-phase commit decisions: `file` (its decision log) or
     /// `shard` (a row in `treaty.decisions` committed inside each transaction's first branch).
-    #[arg(long, value_enum, default_value_t = DecisionStore::File)]
+    #[arg(long, value_enum, default_value_t = DecisionStore::Shard)]
     pub decision_store: DecisionStore,
 }
 

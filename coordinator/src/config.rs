@@ -58,10 +58,10 @@ pub struct Args {
     /// or three-phase (3pc).
     #[arg(long, env = "TREATY_COORDINATOR_DEFAULT_PROTOCOL")]
     pub default_protocol: Option<Protocol>,
-    /// Where two-phase commit decisions are kept: `file` (the coordinator's decision log, the
-    /// default) or `shard` (a row in `treaty.decisions` committed inside each transaction's first
-    /// branch, so the decision is as durable and available as that database and any coordinator
-    /// can read it). Three-phase commit always uses the file log.
+    /// Where two-phase commit decisions are kept: `shard` (the default: a row in
+    /// `treaty.decisions` committed inside each transaction's first branch, so the decision is as
+    /// durable and available as that database and any coordinator can read it) or `file` (the
+    /// coordinator's decision log). Three-phase commit always uses the file log.
     #[arg(long, env = "TREATY_COORDINATOR_DECISION_STORE", value_enum)]
     pub decision_store: Option<DecisionStoreKind>,
     /// With `--decision-store shard`: finish commit rows and prepared branches that no
@@ -116,9 +116,10 @@ struct FileConfig {
 #[serde(rename_all = "lowercase")]
 pub enum DecisionStoreKind {
     /// The coordinator's decision log (fsync per group of commits).
-    #[default]
     File,
-    /// A row committed inside the transaction's first branch (`treaty.decisions`).
+    /// A row committed inside the transaction's first branch (`treaty.decisions`): the default
+    /// for two-phase commit (three-phase commit keeps the file log either way).
+    #[default]
     Shard,
 }
 

@@ -54,7 +54,7 @@ pub struct ChaosArgs {
     pub submit: bool,
     /// Where the coordinators keep two-phase commit decisions: `file` (each one's decision log)
     /// or `shard` (a row in `treaty.decisions` committed inside each transaction's first branch).
-    #[arg(long, value_enum, default_value_t = DecisionStore::File)]
+    #[arg(long, value_enum, default_value_t = DecisionStore::Shard)]
     pub decision_store: DecisionStore,
     /// Coordinator instances over the same shards (more than one needs `--decision-store
     /// shard`). The clients use the first; every instance is killed now and then.

@@ -41,7 +41,7 @@ pub struct DemoArgs {
     pub seed: Option<u64>,
     /// Where the coordinator keeps commit decisions: `file` (its decision log) or `shard` (a row
     /// in `treaty.decisions` committed inside each transfer's first branch).
-    #[arg(long, value_enum, default_value_t = DecisionStore::File)]
+    #[arg(long, value_enum, default_value_t = DecisionStore::Shard)]
     pub decision_store: DecisionStore,
     /// Keep the cluster's data here instead of a temporary directory.
     #[arg(long)]

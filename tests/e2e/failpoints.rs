@@ -123,6 +123,8 @@ async fn coordinator_crashing_between_commit_sends_commits_on_all_after_restart(
         coordinator_args: vec![
             "--failpoints".into(),
             "coordinator::between-commit-sends=return(crash)".into(),
+            "--decision-store".into(),
+            "file".into(),
         ],
         ..Options::default()
     })

@@ -26,9 +26,17 @@ async fn start(in_doubt_after_ms: &str) -> Result<TestCluster> {
             fsync: false,
             ..PgOptions::default()
         },
-        coordinator_args: ["--vote-timeout-ms", "600000", "--lock-timeout-ms", "2000"]
-            .map(String::from)
-            .to_vec(),
+        // The file store: resolving by hand is the operator's decision, logged.
+        coordinator_args: [
+            "--vote-timeout-ms",
+            "600000",
+            "--lock-timeout-ms",
+            "2000",
+            "--decision-store",
+            "file",
+        ]
+        .map(String::from)
+        .to_vec(),
         participant_args: [
             "--in-doubt-after-ms",
             in_doubt_after_ms,

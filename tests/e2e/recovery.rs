@@ -11,7 +11,13 @@ const RECOVERY: Duration = Duration::from_secs(30);
 
 fn crash_at(point: &str) -> Options {
     Options {
-        coordinator_args: vec!["--crash-at".into(), point.into()],
+        // Written for the decision log (its damage cases too): the file store, explicitly.
+        coordinator_args: vec![
+            "--crash-at".into(),
+            point.into(),
+            "--decision-store".into(),
+            "file".into(),
+        ],
         ..Options::default()
     }
 }

@@ -59,6 +59,9 @@ impl SharedServer {
             "5000".into(),
             "--lock-timeout-ms".into(),
             "2000".into(),
+            // Written for the decision log: the file store, explicitly.
+            "--decision-store".into(),
+            "file".into(),
         ];
         for (shard, addr) in SHARDS.iter().zip(&participant_addrs) {
             args.extend(["--shard".into(), format!("{shard}=http://{addr}")]);

@@ -94,7 +94,8 @@ pub struct BenchArgs {
     /// coordinator over the same databases. The first of file, shard keeps the `treaty_*` keys,
     /// the other is `treaty_<store>_*`; `decision_stores` in the JSON names the store of every
     /// set of figures. recovery: the store whose decisions the restarted coordinator finishes.
-    #[arg(long, value_delimiter = ',', default_value = "file")]
+    /// Default: shard, the coordinator's own default (file when --protocol includes 3pc).
+    #[arg(long, value_delimiter = ',')]
     pub decision_store: Vec<DecisionStore>,
     /// Baselines on the same databases: none, direct (PREPARE/COMMIT PREPARED by hand),
     /// independent (plain per-shard COMMIT); a comma-separated list runs several.
@@ -139,6 +140,19 @@ pub fn service_thread_args(threads: u16) -> Vec<String> {
 }
 
 impl BenchArgs {
+    /// The stores to run: `--decision-store`'s, or the coordinator's default (shard) when it is
+    /// not given, file when 3PC is measured (3PC always keeps the file log).
+    pub fn stores(&self) -> Vec<DecisionStore> {
+        if !self.decision_store.is_empty() {
+            return DecisionStore::expand(&self.decision_store);
+        }
+        if ProtocolChoice::expand(&self.protocol).contains(&Protocol::ThreePhase) {
+            vec![DecisionStore::File]
+        } else {
+            vec![DecisionStore::Shard]
+        }
+    }
+
     /// Bounds on the arguments, checked before anything starts.
     pub fn validate(&self) -> Result<()> {
         let args = self;
@@ -167,7 +181,7 @@ impl BenchArgs {
         );
         let three_phase = ProtocolChoice::expand(&args.protocol).contains(&Protocol::ThreePhase);
         anyhow::ensure!(
-            !(three_phase && DecisionStore::expand(&args.decision_store).contains(&DecisionStore::Shard)),
+            !(three_phase && args.stores().contains(&DecisionStore::Shard)),
             "--decision-store shard applies to 2PC only (3PC always keeps its decisions in the file \
              log): drop 3pc from --protocol or shard from --decision-store"
         );
@@ -205,8 +219,11 @@ mod tests {
     #[test]
     fn decision_store_lists_parse_and_unknown_stores_are_refused_naming_the_choices() {
         use DecisionStore::{File, Shard};
-        let stores = |args: &[&str]| DecisionStore::expand(&parse(args).unwrap().decision_store);
-        assert_eq!(stores(&[]), vec![File]);
+        let stores = |args: &[&str]| parse(args).unwrap().stores();
+        // Unset: the coordinator's default, except beside 3PC (which keeps the file log).
+        assert_eq!(stores(&[]), vec![Shard]);
+        assert_eq!(stores(&["--protocol", "both"]), vec![File]);
+        assert_eq!(stores(&["--protocol", "3pc"]), vec![File]);
         assert_eq!(stores(&["--decision-store", "shard"]), vec![Shard]);
         assert_eq!(stores(&["--decision-store", "file,shard"]), vec![File, Shard]);
         assert_eq!(stores(&["--decision-store", "shard,file"]), vec![File, Shard]);

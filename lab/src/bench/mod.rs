@@ -345,7 +345,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     sweep_clients.dedup();
     let protocols = ProtocolChoice::expand(&args.protocol);
     let side_by_side = protocols.len() > 1;
-    let stores = DecisionStore::expand(&args.decision_store);
+    let stores = args.stores();
     let per_round = (args.duration / u64::from(args.rounds)).max(1);
     let total = (per_round * u64::from(args.rounds) * sweep_clients.len() as u64 + args.warmup)
         * (protocols.len() + stores.len() - 1 + baselines.len()) as u64;

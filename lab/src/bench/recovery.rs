@@ -192,7 +192,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         "--txns must be between 1 and 50000"
     );
     anyhow::ensure!((1..=8).contains(&args.shards), "--shards must be between 1 and 8");
-    let stores = DecisionStore::expand(&args.decision_store);
+    let stores = args.stores();
     anyhow::ensure!(
         stores.len() == 1,
         "recovery measures one decision store at a time: run it once per store"

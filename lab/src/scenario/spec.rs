@@ -34,8 +34,9 @@ pub struct Topology {
     /// Extra arguments of the first coordinator (the one the workload's clients use).
     pub coordinator_args: Vec<String>,
     pub participant_args: Vec<String>,
-    /// Where two-phase commit decisions are kept: `file` (default: the coordinator's log) or
-    /// `shard` (a row in `treaty.decisions` committed inside each transaction's first branch).
+    /// Where two-phase commit decisions are kept: `shard` (the default, as the coordinator's: a
+    /// row in `treaty.decisions` committed inside each transaction's first branch) or `file` (the
+    /// coordinator's log; the scenarios written for its failpoints say so).
     /// Passed to every coordinator instance as `--decision-store`. See [`DecisionStore`].
     pub decision_store: String,
     /// Coordinator instances over the same shards (1 to 3). The workload's clients use the first;
@@ -56,7 +57,7 @@ impl Default for Topology {
             proxies: true,
             coordinator_args: Vec::new(),
             participant_args: Vec::new(),
-            decision_store: "file".into(),
+            decision_store: "shard".into(),
             coordinators: 1,
             other_coordinator_args: Vec::new(),
             standby: Vec::new(),

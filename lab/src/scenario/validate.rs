@@ -445,15 +445,16 @@ mod tests {
 
     #[test]
     fn the_decision_store_is_file_or_shard_and_a_bad_one_names_the_choices() {
+        // Unset: the coordinator's own default.
         let scenario = parse("name = \"x\"").unwrap();
         assert_eq!(
             scenario.topology.parsed_decision_store().unwrap(),
-            DecisionStore::File
+            DecisionStore::Shard
         );
-        let scenario = parse("name = \"x\"\n[topology]\ndecision_store = \"shard\"").unwrap();
+        let scenario = parse("name = \"x\"\n[topology]\ndecision_store = \"file\"").unwrap();
         assert_eq!(
             scenario.topology.parsed_decision_store().unwrap(),
-            DecisionStore::Shard
+            DecisionStore::File
         );
         let error = error_of("name = \"x\"\n[topology]\ndecision_store = \"postgres\"");
         assert!(
