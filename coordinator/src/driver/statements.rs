@@ -33,7 +33,9 @@ impl Drop for Beginning<'_> {
 
 impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     async fn allocate_txid(&self) -> Result<TxId, ApiError> {
-        let txid = self.next_txid.fetch_add(1, Ordering::Relaxed);
+        // SeqCst, not Relaxed: `open_from` relies on this taking place after the begin counted
+        // itself in `beginning` (a relaxed store could be seen before that earlier one).
+        let txid = self.next_txid.fetch_add(1, Ordering::SeqCst);
         if txid <= self.reserved_up_to.load(Ordering::Acquire) {
             return Ok(txid);
         }
