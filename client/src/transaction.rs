@@ -1,0 +1,153 @@
+//! An interactive transaction, pinned to the coordinator instance that began it, and the calls
+//! that go to one named instance and nowhere else.
+
+use tonic::Status;
+use tonic::transport::Channel;
+use treaty_proto::pb;
+use treaty_proto::pb::coordinator_client::CoordinatorClient;
+
+use crate::error::{ClientError, Failure, Rpc, classify};
+
+/// Calls bound to one coordinator instance: never failed over, since the txid they carry means
+/// nothing (or another transaction) on any other instance.
+#[derive(Debug, Clone)]
+pub(crate) struct Pinned {
+    endpoint: String,
+    channel: Channel,
+}
+
+impl Pinned {
+    pub(crate) fn new(endpoint: String, channel: Channel) -> Self {
+        Self { endpoint, channel }
+    }
+
+    fn client(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::new(self.channel.clone())
+    }
+
+    /// The answer, or the error that says what a failure means for this call: unreachable
+    /// (nothing happened), outcome unknown (it may have happened), or the coordinator's refusal.
+    fn answer<T>(
+        &self,
+        rpc: Rpc,
+        txid: u64,
+        result: Result<tonic::Response<T>, Status>,
+    ) -> Result<T, ClientError> {
+        let status = match result {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) => status,
+        };
+        let read_only = matches!(rpc, Rpc::GetTransaction);
+        let endpoint = self.endpoint.clone();
+        Err(match classify(&status) {
+            Failure::NotSent => ClientError::CoordinatorUnreachable {
+                rpc,
+                txid: Some(txid),
+                endpoint,
+                source: status,
+            },
+            Failure::MaybeSent if read_only => ClientError::CoordinatorUnreachable {
+                rpc,
+                txid: Some(txid),
+                endpoint,
+                source: status,
+            },
+            Failure::MaybeSent => ClientError::OutcomeUnknown {
+                rpc,
+                txid: Some(txid),
+                endpoint,
+                source: status,
+            },
+            Failure::Answered => ClientError::Rpc {
+                rpc,
+                endpoint,
+                status,
+            },
+        })
+    }
+
+    pub(crate) async fn get_transaction(&self, txid: u64) -> Result<pb::TransactionInfo, ClientError> {
+        let result = self
+            .client()
+            .get_transaction(pb::GetTransactionRequest { txid })
+            .await;
+        self.answer(Rpc::GetTransaction, txid, result)
+    }
+
+    pub(crate) async fn resolve(
+        &self,
+        request: pb::ResolveRequest,
+    ) -> Result<pb::ResolveResponse, ClientError> {
+        let txid = request.txid;
+        let result = self.client().resolve(request).await;
+        self.answer(Rpc::Resolve, txid, result)
+    }
+}
+
+/// A transaction begun by [`crate::Client::begin`]. Every call goes to the coordinator instance
+/// that began it (see the crate docs); none is ever sent twice.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    txid: u64,
+    owner: Pinned,
+}
+
+impl Transaction {
+    pub(crate) fn new(txid: u64, endpoint: String, channel: Channel) -> Self {
+        Self {
+            txid,
+            owner: Pinned::new(endpoint, channel),
+        }
+    }
+
+    pub fn txid(&self) -> u64 {
+        self.txid
+    }
+
+    /// The coordinator that runs this transaction.
+    pub fn endpoint(&self) -> &str {
+        &self.owner.endpoint
+    }
+
+    /// Runs one statement on `shard` (the branch opens on first use). A statement error aborts
+    /// the whole transaction: the coordinator answers with the SQLSTATE in the status.
+    pub async fn execute(
+        &self,
+        shard: impl Into<String>,
+        sql: impl Into<String>,
+        params: Vec<pb::Value>,
+    ) -> Result<pb::ExecuteResult, ClientError> {
+        let request = pb::ExecuteRequest {
+            txid: self.txid,
+            shard: shard.into(),
+            sql: sql.into(),
+            params,
+        };
+        let result = self.owner.client().execute(request).await;
+        self.owner.answer(Rpc::Execute, self.txid, result)
+    }
+
+    /// Commits. With `wait_for_apply`, answers only once every participant applied the commit.
+    /// A broken call is [`ClientError::OutcomeUnknown`]: ask [`Transaction::status`].
+    pub async fn commit(&self, wait_for_apply: bool) -> Result<pb::Outcome, ClientError> {
+        let request = pb::CommitRequest {
+            txid: self.txid,
+            wait_for_apply,
+        };
+        let result = self.owner.client().commit(request).await;
+        self.owner.answer(Rpc::Commit, self.txid, result)
+    }
+
+    /// Aborts (the outcome says ABORTED, cause CLIENT_ROLLBACK).
+    pub async fn rollback(&self) -> Result<pb::Outcome, ClientError> {
+        let request = pb::RollbackRequest { txid: self.txid };
+        let result = self.owner.client().rollback(request).await;
+        self.owner.answer(Rpc::Rollback, self.txid, result)
+    }
+
+    /// What the owning coordinator knows of this transaction: its state and, once decided, its
+    /// outcome.
+    pub async fn status(&self) -> Result<pb::TransactionInfo, ClientError> {
+        self.owner.get_transaction(self.txid).await
+    }
+}
