@@ -164,8 +164,8 @@ struct Fake {
 
 impl Fake {
     async fn start(name: &'static str, first_txid: u64, behaviour: &[(&'static str, Behaviour)]) -> Fake {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding loopback");
+        let url = format!("http://{}", listener.local_addr().expect("a bound address"));
         let calls = Arc::new(Calls::new());
         let service = FakeCoordinator {
             name,
@@ -181,7 +181,7 @@ impl Fake {
                     let _ = stopped.await;
                 })
                 .await
-                .unwrap();
+                .expect("serving the fake coordinator");
         });
         Fake {
             url,
@@ -200,15 +200,15 @@ impl Fake {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        (&mut self.task).await.unwrap();
+        (&mut self.task).await.expect("the fake coordinator stopped");
         self.calls
     }
 }
 
 /// An address where nothing listens: a port the kernel gave us, released.
 fn dead_endpoint() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding loopback");
+    let url = format!("http://{}", listener.local_addr().expect("a bound address"));
     drop(listener);
     url
 }
