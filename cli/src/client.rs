@@ -4,9 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use tonic::transport::Channel;
+use treaty_client::{Client, ClientError};
 use treaty_proto::pb;
-use treaty_proto::pb::coordinator_client::CoordinatorClient;
 
 use crate::dev::ClusterState;
 
@@ -39,34 +38,32 @@ impl Target {
         }
     }
 
-    /// A connection to the first coordinator that answers. Only connecting fails over: a call
-    /// that broke after it was sent is reported, never sent again elsewhere, since it may have
-    /// been carried out.
-    pub async fn connect(&self) -> Result<CoordinatorClient<Channel>> {
-        let endpoints = self.endpoints();
-        let mut failures = Vec::new();
-        for endpoint in &endpoints {
-            match CoordinatorClient::connect(endpoint.clone()).await {
-                Ok(client) => return Ok(client),
-                Err(error) => failures.push(format!("{endpoint}: {error}")),
-            }
-        }
-        bail!(
-            "no coordinator answered ({}); is one running? try `treaty dev up`",
-            failures.join("; ")
-        )
+    /// A client of the first coordinator that answers, in order (`treaty-client`). Only a call
+    /// that was never sent, or one that is safe to repeat, fails over to the next: a call that
+    /// broke after it was sent is reported, never sent again elsewhere, since it may have been
+    /// carried out.
+    pub async fn connect(&self) -> Result<Client> {
+        Client::connect(self.endpoints()).await.map_err(client_error)
     }
 }
 
-pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+/// A client error for people: a coordinator's refusal as `Code: message`, no coordinator at all
+/// with a hint to start one, anything else as the library says it (what happened, what to do).
+pub(crate) fn client_error(error: ClientError) -> anyhow::Error {
+    match error {
+        ClientError::Rpc { status, .. } => anyhow::anyhow!("{:?}: {}", status.code(), status.message()),
+        ClientError::NoCoordinator { .. } => {
+            anyhow::anyhow!("{error}; is one running? try `treaty dev up`")
+        }
+        error => anyhow::Error::new(error),
+    }
 }
 
 pub async fn submit(file: &Path, target: &Target, json: bool) -> Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let request = crate::ops_file::parse(&text, file)?;
-    let mut client = target.connect().await?;
-    let response = client.submit(request).await.map_err(status_error)?.into_inner();
+    let client = target.connect().await?;
+    let response = client.submit(request).await.map_err(client_error)?;
     let outcome = response.outcome.unwrap_or_default();
     if json {
         let results: Vec<serde_json::Value> = response
@@ -234,12 +231,8 @@ fn print_info(info: &pb::TransactionInfo) {
 }
 
 pub async fn show_transaction(txid: u64, target: &Target, json: bool) -> Result<()> {
-    let mut client = target.connect().await?;
-    let info = client
-        .get_transaction(pb::GetTransactionRequest { txid })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let client = target.connect().await?;
+    let info = client.transaction(txid).await.map_err(client_error)?;
     if json {
         println!("{}", info_json(&info));
     } else {
@@ -250,12 +243,11 @@ pub async fn show_transaction(txid: u64, target: &Target, json: bool) -> Result<
 
 /// `treaty in-doubt`: every branch the participants hold prepared, with the coordinator's view.
 pub async fn in_doubt(target: &Target, json: bool) -> Result<()> {
-    let mut client = target.connect().await?;
+    let client = target.connect().await?;
     let list = client
         .list_in_doubt(pb::ListInDoubtRequest::default())
         .await
-        .map_err(status_error)?
-        .into_inner();
+        .map_err(client_error)?;
     if json {
         println!("{}", in_doubt_json(&list));
         return Ok(());
@@ -376,7 +368,7 @@ pub async fn resolve(
         .or_else(|| std::env::var("USER").ok())
         .filter(|name| !name.trim().is_empty())
         .context("no operator name: pass --operator NAME (or set $USER)")?;
-    let mut client = target.connect().await?;
+    let client = target.connect().await?;
     let response = client
         .resolve(pb::ResolveRequest {
             txid,
@@ -385,8 +377,7 @@ pub async fn resolve(
             operator,
         })
         .await
-        .map_err(status_error)?
-        .into_inner();
+        .map_err(client_error)?;
     if json {
         println!(
             "{}",
@@ -410,6 +401,26 @@ pub async fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn no_coordinator_answering_names_each_endpoint_and_says_how_to_start_one() {
+        let dead = || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", listener.local_addr().unwrap())
+        };
+        let (first, second) = (dead(), dead());
+        let target = Target {
+            coordinator: vec![first.clone(), format!(" {second} "), String::new()],
+            dev_dir: PathBuf::from("/nonexistent"),
+        };
+        let text = target.connect().await.err().unwrap().to_string();
+        assert!(text.starts_with("no coordinator answered ("), "{text}");
+        assert!(
+            text.contains(&format!("{first}: ")) && text.contains(&format!("{second}: ")),
+            "{text}"
+        );
+        assert!(text.ends_with("; is one running? try `treaty dev up`"), "{text}");
+    }
 
     #[test]
     fn locks_read_as_mode_on_relation() {

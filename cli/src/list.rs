@@ -6,7 +6,7 @@
 use anyhow::Result;
 use treaty_proto::{Protocol, pb};
 
-use crate::client::{Target, age_text, print_table, state_name, status_error};
+use crate::client::{Target, age_text, client_error, print_table, state_name};
 
 /// Which transactions to list: the RPC's `ListFilter`.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,15 +53,14 @@ pub struct ListArgs {
 }
 
 pub async fn run(args: &ListArgs) -> Result<()> {
-    let mut client = args.target.connect().await?;
+    let client = args.target.connect().await?;
     let list = client
         .list_transactions(pb::ListTransactionsRequest {
             filter: args.filter.wire() as i32,
             limit: args.limit,
         })
         .await
-        .map_err(status_error)?
-        .into_inner();
+        .map_err(client_error)?;
     let now_ms = treaty_proto::now_ms();
     if args.json {
         println!("{}", list_json(&list, args.filter, now_ms));
