@@ -1,7 +1,8 @@
 //! Participants and the runs and instances of their coordinators: an open branch of a coordinator
 //! run that ended is rolled back as soon as the participant sees the new run (not at its idle
-//! timeout), and a participant configured with several coordinator instances has a transaction of
-//! one that died for good finished by another, through its own recovery alone.
+//! timeout), a participant configured with several coordinator instances has a transaction of
+//! one that died for good finished by another, through its own recovery alone, and a client given
+//! both instances (`treaty-client`) carries on with the second when the first is killed.
 
 use std::time::{Duration, Instant};
 
@@ -171,5 +172,45 @@ async fn a_second_instance_answers_participants_whose_coordinator_died_before_it
         0,
         "rolled back on every shard"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_client_library_carries_on_with_the_second_instance_when_the_first_is_killed() -> Result<()> {
+    let mut t = TestCluster::start(Options::default()).await?;
+    let second = t.cluster.spawn_coordinator("second", &[]).await?;
+    let client =
+        treaty_client::Client::connect([t.cluster.coordinator_endpoint(), second.endpoint()]).await?;
+    assert_ne!(
+        client.info().await?.coordinator_id,
+        "second",
+        "the first endpoint answers first"
+    );
+    let shards: Vec<String> = (0..3).map(|i| t.shard(i)).collect();
+    let ops = |k: i64, v: &str| submit(shards.iter().map(|shard| insert(shard, k, v)).collect());
+    assert!(committed(&client.submit(ops(31, "first")).await?.outcome));
+
+    t.cluster.coordinator.kill9()?;
+    let exit = t.cluster.coordinator.wait_exit(Duration::from_secs(10)).await?;
+    assert!(exit.is_some(), "the first coordinator should have ended");
+    // A lookup is safe to repeat, so it moves on whatever broke; the answering instance is current.
+    assert_eq!(client.info().await?.coordinator_id, "second");
+    assert_eq!(client.current_endpoint(), second.endpoint());
+    assert!(committed(&client.submit(ops(32, "second")).await?.outcome));
+
+    let txn = client.begin(None).await?;
+    assert_eq!(txn.endpoint(), second.endpoint());
+    for shard in &shards[..2] {
+        txn.execute(
+            shard,
+            "INSERT INTO kv (k, v) VALUES ($1, $2)",
+            vec![int(33), text("interactive")],
+        )
+        .await?;
+    }
+    assert!(treaty_client::committed(Some(&txn.commit(true).await?)));
+    assert_eq!(rows_with(&t, 31).await?, 3);
+    assert_eq!(rows_with(&t, 32).await?, 3);
+    assert_eq!(rows_with(&t, 33).await?, 2);
     Ok(())
 }
