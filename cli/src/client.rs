@@ -12,8 +12,9 @@ use crate::dev::ClusterState;
 #[derive(clap::Args, Debug, Clone)]
 pub struct Target {
     /// Coordinator address, or several separated by commas: each is tried in turn until one
-    /// answers (any coordinator instance serves clients against the same shards). Default: the
-    /// one `treaty dev up` recorded under --dev-dir, else http://127.0.0.1:7600.
+    /// answers (any coordinator instance serves clients against the same shards; a txid is the
+    /// instance's that began it). Default: the one `treaty dev up` recorded under --dev-dir, else
+    /// http://127.0.0.1:7600.
     #[arg(long, env = "TREATY_COORDINATOR", value_delimiter = ',')]
     pub coordinator: Vec<String>,
     /// Where `treaty dev up` keeps its cluster.
