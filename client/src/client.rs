@@ -194,6 +194,12 @@ impl Client {
         (current.index, current.channel.clone())
     }
 
+    /// Calls bound to the current endpoint's instance, on the current connection.
+    fn pinned_current(&self) -> Pinned {
+        let (index, channel) = self.current();
+        Pinned::new(self.endpoints[index].url.clone(), channel)
+    }
+
     /// A one-shot transaction: every op, then commit, in one call. Failed over only when it was
     /// not sent; else [`ClientError::OutcomeUnknown`] (the txid is not known: the coordinator
     /// allocates it).
@@ -228,9 +234,7 @@ impl Client {
     /// What the current coordinator knows of its transaction `txid`. Not failed over: a txid
     /// names a transaction of one instance only (see [`Client::transaction_on`]).
     pub async fn transaction(&self, txid: u64) -> Result<pb::TransactionInfo, ClientError> {
-        let (index, channel) = self.current();
-        let pinned = Pinned::new(self.endpoints[index].url.clone(), channel);
-        pinned.get_transaction(txid).await
+        self.pinned_current().get_transaction(txid).await
     }
 
     /// What the coordinator at `endpoint` knows of its transaction `txid`: the way to look up a
@@ -259,10 +263,7 @@ impl Client {
     /// An operator's heuristic decision on the current coordinator's transaction `txid`
     /// (`treaty resolve`). Not failed over: the txid is that instance's.
     pub async fn resolve(&self, request: pb::ResolveRequest) -> Result<pb::ResolveResponse, ClientError> {
-        let (index, channel) = self.current();
-        Pinned::new(self.endpoints[index].url.clone(), channel)
-            .resolve(request)
-            .await
+        self.pinned_current().resolve(request).await
     }
 
     /// The coordinator's id, shards and txid bounds. Failed over.

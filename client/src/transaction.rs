@@ -40,28 +40,23 @@ impl Pinned {
         let read_only = matches!(rpc, Rpc::GetTransaction);
         let endpoint = self.endpoint.clone();
         Err(match classify(&status) {
-            Failure::NotSent => ClientError::CoordinatorUnreachable {
-                rpc,
-                txid: Some(txid),
-                endpoint,
-                source: status,
-            },
-            Failure::MaybeSent if read_only => ClientError::CoordinatorUnreachable {
-                rpc,
-                txid: Some(txid),
-                endpoint,
-                source: status,
-            },
-            Failure::MaybeSent => ClientError::OutcomeUnknown {
-                rpc,
-                txid: Some(txid),
-                endpoint,
-                source: status,
-            },
             Failure::Answered => ClientError::Rpc {
                 rpc,
                 endpoint,
                 status,
+            },
+            // Broke after it was sent: a read changed nothing, anything else may have happened.
+            Failure::MaybeSent if !read_only => ClientError::OutcomeUnknown {
+                rpc,
+                txid: Some(txid),
+                endpoint,
+                source: status,
+            },
+            Failure::NotSent | Failure::MaybeSent => ClientError::CoordinatorUnreachable {
+                rpc,
+                txid: Some(txid),
+                endpoint,
+                source: status,
             },
         })
     }

@@ -4,7 +4,7 @@
 //! table: the commit row that the decision branch inserts right before its one-phase COMMIT (one
 //! round trip: that COMMIT is the decision), the commit row of a dedicated decision database
 //! (`standalone`), the reads that first conclude abort where no row is committed, and the listing
-//! and forgetting of commit rows.
+//! and deleting of commit and abort rows.
 //!
 //! The primary key on `gid` is what makes a decision final: a commit row and an abort row for the
 //! same GID cannot both commit. An insert that meets the other's uncommitted row waits for its
@@ -287,9 +287,18 @@ async fn read_in_transaction(
     .await?)
 }
 
-/// Commit rows, oldest first, at most `limit`, optionally only `coordinator`'s.
+/// The `outcome` column's value for `outcome`: SQL text from a fixed set, never from a caller.
+fn outcome_sql(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Commit => "'commit'",
+        Outcome::Abort => "'abort'",
+    }
+}
+
+/// The rows of `outcome`, oldest first, at most `limit`, optionally only `coordinator`'s.
 pub async fn list(
     pool: &Pool,
+    outcome: Outcome,
     coordinator: Option<&CoordinatorId>,
     limit: u32,
 ) -> Result<Vec<StoredDecision>, DbError> {
@@ -305,8 +314,9 @@ pub async fn list(
                 ""
             };
             let sql = format!(
-                "SELECT {COLUMNS} FROM treaty.decisions WHERE outcome = 'commit' {filter}\
-                 ORDER BY decided_at, gid LIMIT $1"
+                "SELECT {COLUMNS} FROM treaty.decisions WHERE outcome = {} {filter}\
+                 ORDER BY decided_at, gid LIMIT $1",
+                outcome_sql(outcome)
             );
             let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(i64::from(limit));
             if let Some(coordinator) = coordinator {
@@ -319,54 +329,23 @@ pub async fn list(
     rows.into_iter().map(stored).collect()
 }
 
-/// Deletes the commit rows of `gids`; abort rows stay (a late decision branch must still lose to
-/// them). Answers how many rows went.
-pub async fn forget(pool: &Pool, gids: &[Gid]) -> Result<u64, DbError> {
-    let texts: Vec<String> = gids.iter().map(|gid| gid.to_string()).collect();
+/// Deletes the rows of `outcome` for `gids`; rows of the other outcome stay. Commit rows go once
+/// every branch has committed (`ForgetDecisions`), while their abort rows stay: a late decision
+/// branch must still lose to them. Abort rows go only once the caller made sure no decision branch
+/// of theirs can still commit (`Agent::collect_abort_rows`). Answers how many rows went.
+pub async fn delete(pool: &Pool, outcome: Outcome, gids: &[String]) -> Result<u64, DbError> {
+    let sql = format!(
+        "DELETE FROM treaty.decisions WHERE outcome = {} AND gid = ANY($1)",
+        outcome_sql(outcome)
+    );
     retrying(pool, |connection| {
-        let texts = texts.clone();
+        let (sql, gids) = (sql.clone(), gids.to_vec());
         Box::pin(async move {
-            Ok(
-                sqlx::query("DELETE FROM treaty.decisions WHERE outcome = 'commit' AND gid = ANY($1)")
-                    .bind(texts)
-                    .execute(connection)
-                    .await?
-                    .rows_affected(),
-            )
-        })
-    })
-    .await
-}
-
-/// The GIDs of abort rows, oldest first, at most `limit`.
-pub async fn abort_rows(pool: &Pool, limit: u32) -> Result<Vec<String>, DbError> {
-    retrying(pool, |connection| {
-        Box::pin(async move {
-            Ok(sqlx::query_scalar(
-                "SELECT gid FROM treaty.decisions WHERE outcome = 'abort' \
-                 ORDER BY decided_at, gid LIMIT $1",
-            )
-            .bind(i64::from(limit))
-            .fetch_all(connection)
-            .await?)
-        })
-    })
-    .await
-}
-
-/// Deletes the abort rows of `gids` (the caller made sure no decision branch of theirs can
-/// still commit: `Agent::collect_abort_rows`). Answers how many rows went.
-pub async fn delete_abort_rows(pool: &Pool, gids: &[String]) -> Result<u64, DbError> {
-    retrying(pool, |connection| {
-        let gids = gids.to_vec();
-        Box::pin(async move {
-            Ok(
-                sqlx::query("DELETE FROM treaty.decisions WHERE outcome = 'abort' AND gid = ANY($1)")
-                    .bind(gids)
-                    .execute(connection)
-                    .await?
-                    .rows_affected(),
-            )
+            Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(gids)
+                .execute(connection)
+                .await?
+                .rows_affected())
         })
     })
     .await
@@ -389,6 +368,12 @@ mod tests {
              VALUES ('treaty:c1:42@s0', 'commit', 'c1', ARRAY['s0', 'NULL']::text[])"
         );
         assert!(commit_row_sql(&gid, &[]).ends_with("ARRAY[]::text[])"));
+    }
+
+    #[test]
+    fn each_outcome_has_its_own_fixed_literal() {
+        assert_eq!(outcome_sql(Outcome::Commit), "'commit'");
+        assert_eq!(outcome_sql(Outcome::Abort), "'abort'");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use treaty_commit_protocol::participant::ParticipantEvent;
 use treaty_proto::{BranchGid, CoordinatorId, Gid, ShardName, TxId};
 
 use crate::branches::{ActiveBranch, Branches, Finished};
-use crate::decisions;
+use crate::decisions::{self, Outcome};
 use crate::error::BranchError;
 use crate::pool::Pool;
 use crate::postgres::{self, DbError};
@@ -316,9 +316,9 @@ impl Agent {
     /// nothing can try. Anyone who later asks about the transaction finds no row and concludes
     /// abort again, the same answer. Answers how many rows went.
     pub async fn collect_abort_rows(&self, limit: u32) -> Result<u64, DbError> {
-        let rows = decisions::abort_rows(&self.pool, limit).await?;
+        let rows = decisions::list(&self.pool, Outcome::Abort, None, limit).await?;
         let mut gone = Vec::new();
-        for text in rows {
+        for text in rows.into_iter().map(|row| row.gid) {
             let Ok(gid) = Gid::parse(&text) else {
                 continue;
             };
@@ -337,7 +337,7 @@ impl Agent {
         if gone.is_empty() {
             return Ok(0);
         }
-        decisions::delete_abort_rows(&self.pool, &gone).await
+        decisions::delete(&self.pool, Outcome::Abort, &gone).await
     }
 
     /// Rolls back every open branch (graceful shutdown); prepared ones stay prepared.

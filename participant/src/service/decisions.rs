@@ -151,7 +151,9 @@ impl ParticipantService {
         };
         let agent = self.agent.clone();
         let rows = self
-            .spawn(async move { Ok(decisions::list(agent.pool(), coordinator.as_ref(), limit).await?) })
+            .spawn(async move {
+                Ok(decisions::list(agent.pool(), Outcome::Commit, coordinator.as_ref(), limit).await?)
+            })
             .await?;
         Ok(Response::new(pb::ListDecisionsResponse {
             decisions: rows.into_iter().map(stored_to_pb).collect(),
@@ -162,10 +164,13 @@ impl ParticipantService {
         &self,
         request: pb::ForgetDecisionsRequest,
     ) -> Result<Response<pb::ForgetDecisionsResponse>, Status> {
-        let gids = decision_gids(&request.gids, self.agent.shard())?;
+        let gids: Vec<String> = decision_gids(&request.gids, self.agent.shard())?
+            .iter()
+            .map(Gid::to_string)
+            .collect();
         let agent = self.agent.clone();
         let deleted = self
-            .spawn(async move { Ok(decisions::forget(agent.pool(), &gids).await?) })
+            .spawn(async move { Ok(decisions::delete(agent.pool(), Outcome::Commit, &gids).await?) })
             .await?;
         Ok(Response::new(pb::ForgetDecisionsResponse { deleted }))
     }
