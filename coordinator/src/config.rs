@@ -60,10 +60,12 @@ pub struct Args {
     pub default_protocol: Option<Protocol>,
     /// Where two-phase commit decisions are kept: `shard` (the default: a row in
     /// `treaty.decisions` committed inside each transaction's first branch, so the decision is as
-    /// durable and available as that database and any coordinator can read it) or `file` (the
-    /// coordinator's decision log). Three-phase commit always uses the file log.
-    #[arg(long, env = "TREATY_COORDINATOR_DECISION_STORE", value_enum)]
-    pub decision_store: Option<DecisionStoreKind>,
+    /// durable and available as that database and any coordinator can read it), `file` (the
+    /// coordinator's decision log), or a PostgreSQL URL (`postgres://...`: a dedicated database
+    /// holding the same `treaty.decisions` table; each decision is a row committed there after
+    /// every branch prepared). Three-phase commit always uses the file log.
+    #[arg(long, env = "TREATY_COORDINATOR_DECISION_STORE")]
+    pub decision_store: Option<String>,
     /// With `--decision-store shard`: finish commit rows and prepared branches that no
     /// coordinator instance has finished after this many ms (one that died for good); 0: never.
     /// Safety does not depend on it; it only keeps live instances from doing each other's work.
@@ -105,15 +107,14 @@ struct FileConfig {
     /// Either spelling, as the flag (`Protocol`'s `FromStr`).
     default_protocol: Option<String>,
     compact_after_bytes: Option<u64>,
-    decision_store: Option<DecisionStoreKind>,
+    decision_store: Option<String>,
     takeover_after_ms: Option<u64>,
     log_format: Option<LogFormat>,
     failpoints: Option<String>,
 }
 
 /// Where two-phase commit decisions are kept (`--decision-store`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DecisionStoreKind {
     /// The coordinator's decision log (fsync per group of commits).
     File,
@@ -121,6 +122,37 @@ pub enum DecisionStoreKind {
     /// for two-phase commit (three-phase commit keeps the file log either way).
     #[default]
     Shard,
+    /// A row in `treaty.decisions` of a dedicated database (`Config::decision_database`),
+    /// committed after every branch prepared.
+    Database,
+}
+
+/// `file`, `shard`, or a PostgreSQL URL (then also the URL).
+fn parse_decision_store(text: &str) -> Result<(DecisionStoreKind, Option<String>), ConfigError> {
+    let text = text.trim();
+    match text {
+        "file" => Ok((DecisionStoreKind::File, None)),
+        "shard" => Ok((DecisionStoreKind::Shard, None)),
+        url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok((DecisionStoreKind::Database, Some(url.to_owned())))
+        }
+        other => Err(ConfigError::DecisionStore(redact_password(other))),
+    }
+}
+
+/// The text with any `user:password@` reduced to `user:***@`, for error messages and logs.
+pub fn redact_password(text: &str) -> String {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return text.to_owned();
+    };
+    // The last '@': a password may hold one, a host never does.
+    let Some((credentials, host)) = rest.rsplit_once('@') else {
+        return text.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => text.to_owned(),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +167,8 @@ pub struct Config {
     pub default_protocol: Protocol,
     pub compact_after_bytes: u64,
     pub decision_store: DecisionStoreKind,
+    /// With `DecisionStoreKind::Database`: the database holding `treaty.decisions`.
+    pub decision_database: Option<String>,
     pub takeover_after_ms: u64,
     pub log_format: LogFormat,
     pub failpoints: Option<String>,
@@ -153,6 +187,10 @@ pub enum ConfigError {
     ShardName(String, treaty_proto::IdError),
     #[error("shard {0} is given twice")]
     DuplicateShard(String),
+    #[error(
+        "--decision-store {0:?}: expected `file`, `shard`, or a PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE)"
+    )]
+    DecisionStore(String),
     #[error("no shards configured: pass --shard NAME=http://HOST:PORT for each participant")]
     NoShards,
     #[error("{0} must be greater than 0")]
@@ -227,6 +265,10 @@ impl Config {
                 return Err(ConfigError::Zero(name));
             }
         }
+        let (decision_store, decision_database) = match args.decision_store.or(file.decision_store) {
+            Some(text) => parse_decision_store(&text)?,
+            None => (DecisionStoreKind::default(), None),
+        };
         Ok(Config {
             listen: args
                 .listen
@@ -245,7 +287,8 @@ impl Config {
                 .compact_after_bytes
                 .or(file.compact_after_bytes)
                 .unwrap_or(64 << 20),
-            decision_store: args.decision_store.or(file.decision_store).unwrap_or_default(),
+            decision_store,
+            decision_database,
             takeover_after_ms: args
                 .takeover_after_ms
                 .or(file.takeover_after_ms)
@@ -281,6 +324,39 @@ mod tests {
         assert_eq!(config.shards.len(), 2);
         assert_eq!(config.timeouts.vote_ms, 10_000);
         assert_eq!(config.default_protocol, Protocol::TwoPhase);
+    }
+
+    #[test]
+    fn the_decision_store_is_file_shard_or_a_database_url_and_a_bad_one_names_the_choices() {
+        let store = |value: &str| parse(&["--shard", "s0=http://127.0.0.1:1", "--decision-store", value]);
+        let default = parse(&["--shard", "s0=http://127.0.0.1:1"]).unwrap();
+        assert_eq!(
+            (default.decision_store, default.decision_database),
+            (DecisionStoreKind::Shard, None)
+        );
+        assert_eq!(store("file").unwrap().decision_store, DecisionStoreKind::File);
+        assert_eq!(store("shard").unwrap().decision_store, DecisionStoreKind::Shard);
+        let url = "postgresql://treaty:pw@10.0.0.5:5432/decisions";
+        let database = store(url).unwrap();
+        assert_eq!(database.decision_store, DecisionStoreKind::Database);
+        assert_eq!(database.decision_database.as_deref(), Some(url));
+        let error = store("mysql://root:hunter2@db/x").unwrap_err().to_string();
+        assert!(
+            error.contains("expected `file`, `shard`, or a PostgreSQL URL"),
+            "{error}"
+        );
+        assert!(
+            error.contains("mysql://root:***@db/x") && !error.contains("hunter2"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn passwords_are_hidden_in_shown_urls() {
+        assert_eq!(redact_password("postgres://u:p@h:1/d"), "postgres://u:***@h:1/d");
+        assert_eq!(redact_password("postgres://u@h:1/d"), "postgres://u@h:1/d");
+        assert_eq!(redact_password("postgres://u:p@ss@h/d"), "postgres://u:***@h/d");
+        assert_eq!(redact_password("file"), "file");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! - `protocol`: the pure state machine (no I/O), re-exported from `treaty-commit-protocol`;
 //! - `driver`: the executor that carries out the machine's actions through the core's two
 //!   traits, generic over them (the seeded simulation runs it in memory);
-//! - `store`: the file decision log as the core's `DecisionStore`;
+//! - `store`: the file decision log as the core's `DecisionStore`, with two-phase commit records in
+//!   a decision database when one is configured (`decision_database`);
 //! - `participants`: the gRPC links to participant agents as the core's `ParticipantTransport`
 //!   (`h2_channel`: the HTTP/2 connection each link runs on);
 //! - `submit`: one-shot cross-shard submits;
@@ -15,6 +16,7 @@
 
 pub mod config;
 mod crash;
+pub mod decision_database;
 pub mod driver;
 pub mod failpoints;
 mod faults;
@@ -105,6 +107,8 @@ pub enum CoordinatorError {
     Join(#[from] tokio::task::JoinError),
     #[error("{0}")]
     Store(String),
+    #[error(transparent)]
+    DecisionDatabase(#[from] decision_database::DecisionDatabaseError),
     #[error("arming failpoints: {0}")]
     Failpoints(#[from] failpoints::FailpointError),
 }
@@ -191,7 +195,12 @@ pub async fn run(
     // so that no txid handed out before the damage is handed out again.
     let reserved_up_to = replay.txids_reserved_up_to + driver::TXID_BLOCK * replay.damage.len() as u64;
     tracing::info!(coordinator = %id, records = replay.records, "decision log opened");
-    let store = FileStore::new(log, &replay, reserved_up_to);
+    let mut store = FileStore::new(log, &replay, reserved_up_to);
+    if let (DecisionStoreKind::Database, Some(url)) = (config.decision_store, &config.decision_database) {
+        let database = decision_database::DecisionDatabase::open(url, id.clone()).await?;
+        tracing::info!(database = %config::redact_password(url), "two-phase commit decisions are rows in the decision database");
+        store = store.with_database(database);
+    }
     let (store, links) = faults::install(store, links);
     let engine = driver::start(id.clone(), store, links, Arc::new(SystemClock), settings)
         .await

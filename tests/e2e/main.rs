@@ -4,6 +4,7 @@
 mod bad_input;
 mod commit;
 mod coordinators;
+mod decision_database;
 mod decision_rows;
 mod failpoints;
 mod fixture;

@@ -1,0 +1,226 @@
+//! `--decision-store postgres://...`: two-phase commit decisions as rows of `treaty.decisions`
+//! (`migrations/0003_decisions.sql`, the table the shard store uses) in a dedicated database, for
+//! teams that want the decisions on their most durable server, replicated and failed over as
+//! they already run it, rather than on a shard.
+//!
+//! The order is the decision log's: every branch prepared (with its marker row), then the commit
+//! row committed here (that COMMIT is the decision), then `COMMIT PREPARED` everywhere. Only the
+//! coordinator instance named in a GID writes or reads that GID's row, so a transaction is decided
+//! exactly once by the core's own rules, as with the log; an abort is presumed (no row). What the
+//! row adds over the log is where it lives: a restarted instance, or one started on another
+//! machine with the same `--id`, finds its unfinished commits in this database
+//! (`DecisionDatabase::unfinished`).
+//!
+//! Rows are deleted in batches once a transaction needs nothing more (`end`), by a task of their
+//! own: a delete that is lost only costs a repeated re-drive after a restart.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use tokio::sync::mpsc;
+use treaty_commit_protocol::store::{CommitRecord, StoreError};
+use treaty_proto::{CoordinatorId, Gid, TxId};
+
+use crate::config::redact_password;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// SQLSTATE `unique_violation`: a row for the GID exists (ours from an attempt whose answer was
+/// lost, or another outcome's).
+const UNIQUE_VIOLATION: &str = "23505";
+/// Attempts of one insert while the connection fails (the server restarting, a standby being
+/// promoted); the delay doubles from `FIRST_RETRY` between them.
+const INSERT_ATTEMPTS: u32 = 6;
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+/// Most GIDs deleted by one statement.
+const DELETE_BATCH: usize = 1_000;
+/// Connections to the decision database: inserts of concurrent commits share PostgreSQL's WAL
+/// flushes, so more in flight means fewer flushes per decision.
+const MAX_CONNECTIONS: u32 = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecisionDatabaseError {
+    #[error(
+        "decision database {url}: {source}; check that the server is up and the URL (user, host, port, database) is right"
+    )]
+    Connect { url: String, source: sqlx::Error },
+    #[error("decision database {url}: applying the treaty schema: {source}")]
+    Migrate {
+        url: String,
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("decision database {url}: reading this coordinator's commit rows: {source}")]
+    Read { url: String, source: sqlx::Error },
+}
+
+/// A connection pool to the decision database, for one coordinator id.
+pub struct DecisionDatabase {
+    /// The URL without its password, for messages.
+    shown_url: String,
+    pool: PgPool,
+    coordinator: CoordinatorId,
+    ended: mpsc::UnboundedSender<String>,
+}
+
+impl DecisionDatabase {
+    /// Connects, applies the treaty schema (the same migrations a participant applies), and
+    /// starts the task that deletes ended transactions' rows.
+    pub async fn open(
+        url: &str,
+        coordinator: CoordinatorId,
+    ) -> Result<DecisionDatabase, DecisionDatabaseError> {
+        let shown = redact_password(url);
+        let options: PgConnectOptions = url.parse().map_err(|source| DecisionDatabaseError::Connect {
+            url: shown.clone(),
+            source,
+        })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(10))
+            // A dead connection shows itself on use; `insert` tries again on another one.
+            .test_before_acquire(false)
+            .connect_with(options.application_name("treaty-coordinator"))
+            .await
+            .map_err(|source| DecisionDatabaseError::Connect {
+                url: shown.clone(),
+                source,
+            })?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|source| DecisionDatabaseError::Migrate {
+                url: shown.clone(),
+                source,
+            })?;
+        let (ended, queue) = mpsc::unbounded_channel();
+        tokio::spawn(delete_ended(pool.clone(), coordinator.clone(), queue));
+        Ok(DecisionDatabase {
+            shown_url: shown,
+            pool,
+            coordinator,
+            ended,
+        })
+    }
+
+    /// Commits the commit row of `record`: the decision. Tried again while the connection fails;
+    /// an insert that finds the row already there succeeded on an attempt whose answer was lost
+    /// when the row says commit.
+    pub async fn insert(&self, record: &CommitRecord) -> Result<(), StoreError> {
+        let mut delay = FIRST_RETRY;
+        let mut attempt = 1;
+        loop {
+            let inserted = sqlx::query(
+                "INSERT INTO treaty.decisions (gid, outcome, coordinator_id, participants) \
+                 VALUES ($1, 'commit', $2, $3)",
+            )
+            .bind(&record.gid)
+            .bind(self.coordinator.as_str())
+            .bind(&record.participants)
+            .execute(&self.pool)
+            .await;
+            let error = match inserted {
+                Ok(_) => return Ok(()),
+                Err(error) => error,
+            };
+            let code = error
+                .as_database_error()
+                .and_then(|db| db.code().map(|c| c.into_owned()));
+            if code.as_deref() == Some(UNIQUE_VIOLATION) {
+                return self.already_there(&record.gid).await;
+            }
+            if error.as_database_error().is_some() || attempt >= INSERT_ATTEMPTS {
+                return Err(StoreError(format!(
+                    "decision database: inserting the commit row of {} (attempt {attempt}): {error}",
+                    record.gid
+                )));
+            }
+            tracing::warn!(gid = %record.gid, attempt, %error, "decision database: insert failed; trying again");
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+            attempt += 1;
+        }
+    }
+
+    async fn already_there(&self, gid: &str) -> Result<(), StoreError> {
+        let outcome: Option<String> =
+            sqlx::query_scalar("SELECT outcome FROM treaty.decisions WHERE gid = $1")
+                .bind(gid)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|error| {
+                    StoreError(format!("decision database: reading the row of {gid}: {error}"))
+                })?;
+        match outcome.as_deref() {
+            Some("commit") => Ok(()),
+            other => Err(StoreError(format!(
+                "decision database: {gid} already holds outcome {other:?}; this coordinator's commit did not happen"
+            ))),
+        }
+    }
+
+    /// The transaction needs nothing more: its row goes with the next batch of deletes.
+    pub fn end(&self, txid: TxId) {
+        let gid = Gid::new(&self.coordinator, txid);
+        // The deleting task ends only with the process.
+        let _ = self.ended.send(gid.as_str().to_owned());
+    }
+
+    /// This coordinator's commit rows, oldest decision first: what a restart re-drives.
+    pub async fn unfinished(&self) -> Result<Vec<CommitRecord>, DecisionDatabaseError> {
+        let rows: Vec<(String, Vec<String>, i64)> = sqlx::query_as(
+            "SELECT gid, participants, (extract(epoch FROM decided_at) * 1000)::bigint \
+             FROM treaty.decisions WHERE outcome = 'commit' AND coordinator_id = $1 \
+             ORDER BY decided_at, gid",
+        )
+        .bind(self.coordinator.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|source| DecisionDatabaseError::Read {
+            url: self.shown_url.clone(),
+            source,
+        })?;
+        let mut records = Vec::with_capacity(rows.len());
+        for (gid, participants, decided_at_ms) in rows {
+            // Checked on read: a row under this id whose GID is not this id's is not ours to drive.
+            match Gid::parse(&gid) {
+                Ok(parsed)
+                    if parsed.coordinator() == &self.coordinator && parsed.decision_shard().is_none() =>
+                {
+                    records.push(CommitRecord {
+                        txid: parsed.txid(),
+                        gid,
+                        participants,
+                        decided_at_ms: u64::try_from(decided_at_ms).unwrap_or(0),
+                    });
+                }
+                _ => {
+                    tracing::warn!(%gid, coordinator = %self.coordinator, "decision database: a commit row under this coordinator's id with a GID that is not its own; left alone")
+                }
+            }
+        }
+        Ok(records)
+    }
+}
+
+/// Deletes the rows of ended transactions, many per statement.
+async fn delete_ended(pool: PgPool, coordinator: CoordinatorId, mut queue: mpsc::UnboundedReceiver<String>) {
+    while let Some(first) = queue.recv().await {
+        let mut gids = vec![first];
+        while gids.len() < DELETE_BATCH {
+            match queue.try_recv() {
+                Ok(gid) => gids.push(gid),
+                Err(_) => break,
+            }
+        }
+        let deleted = sqlx::query(
+            "DELETE FROM treaty.decisions WHERE outcome = 'commit' AND coordinator_id = $1 AND gid = ANY($2)",
+        )
+        .bind(coordinator.as_str())
+        .bind(&gids)
+        .execute(&pool)
+        .await;
+        if let Err(error) = deleted {
+            tracing::warn!(rows = gids.len(), %error, "decision database: deleting ended transactions' rows failed; a restart re-drives them once more");
+        }
+    }
+}
