@@ -29,9 +29,12 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// lost, or another outcome's).
 const UNIQUE_VIOLATION: &str = "23505";
 /// Attempts of one insert while the connection fails (the server restarting, a standby being
-/// promoted); the delay doubles from `FIRST_RETRY` between them.
-const INSERT_ATTEMPTS: u32 = 6;
+/// promoted): the delay doubles from `FIRST_RETRY` up to `LAST_RETRY`, about 9 s in all. Past that
+/// the store fails, and the driver stops the process (a restart recovers from the rows), as it
+/// does when the log's disk fails.
+const INSERT_ATTEMPTS: u32 = 10;
 const FIRST_RETRY: Duration = Duration::from_millis(50);
+const LAST_RETRY: Duration = Duration::from_secs(2);
 /// Most GIDs deleted by one statement.
 const DELETE_BATCH: usize = 1_000;
 /// Connections to the decision database: inserts of concurrent commits share PostgreSQL's WAL
@@ -136,7 +139,7 @@ impl DecisionDatabase {
             }
             tracing::warn!(gid = %record.gid, attempt, %error, "decision database: insert failed; trying again");
             tokio::time::sleep(delay).await;
-            delay *= 2;
+            delay = (delay * 2).min(LAST_RETRY);
             attempt += 1;
         }
     }
