@@ -14,6 +14,8 @@
 //! Rows are deleted in batches once a transaction needs nothing more (`end`), by a task of their
 //! own: a delete that is lost only costs a repeated re-drive after a restart.
 
+use std::io::Write as _;
+use std::path::Path;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -22,6 +24,34 @@ use treaty_commit_protocol::store::{CommitRecord, StoreError};
 use treaty_proto::{CoordinatorId, Gid, TxId};
 
 use crate::config::redact_password;
+
+/// In the coordinator's data directory once it has used a decision database: the URL without its
+/// password. A later start without a decision database is refused (`lib.rs`), since the log does
+/// not hold the decisions that are rows.
+pub const MARKER_FILE: &str = "decision-database";
+
+/// Writes and syncs the marker (the directory entry too), before the first decision can be a row.
+pub fn record_in(marker: &Path, url: &str) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(marker)?;
+    file.write_all(redact_password(url).as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    if let Some(dir) = marker.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The URL the marker holds, if there is one.
+pub fn recorded_in(marker: &Path) -> Option<String> {
+    if !marker.exists() {
+        return None;
+    }
+    Some(
+        std::fs::read_to_string(marker)
+            .map_or_else(|_| "(unreadable)".to_owned(), |text| text.trim().to_owned()),
+    )
+}
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 

@@ -109,6 +109,18 @@ pub enum CoordinatorError {
     Store(String),
     #[error(transparent)]
     DecisionDatabase(#[from] decision_database::DecisionDatabaseError),
+    #[error(
+        "this coordinator kept its decisions in the decision database {url} (recorded in {marker}); \
+         started without it, it would presume abort for transactions committed there. Start it with \
+         --decision-store set to that database's URL; remove {marker} only once no transaction of this \
+         coordinator is left unfinished (none of its GIDs in any shard's pg_prepared_xacts)"
+    )]
+    DecisionDatabaseRequired { url: String, marker: std::path::PathBuf },
+    #[error("recording the decision database in {path}: {source}")]
+    DecisionDatabaseMarker {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("arming failpoints: {0}")]
     Failpoints(#[from] failpoints::FailpointError),
 }
@@ -141,6 +153,16 @@ pub async fn run(
     } else {
         TestHooks::default()
     };
+    // Commit decisions in a decision database are not in the log: a start without that database
+    // would presume abort for them, so it is refused.
+    if config.decision_store != DecisionStoreKind::Database
+        && let Some(url) = decision_database::recorded_in(&dir.join(decision_database::MARKER_FILE))
+    {
+        return Err(CoordinatorError::DecisionDatabaseRequired {
+            url,
+            marker: dir.join(decision_database::MARKER_FILE),
+        });
+    }
     let (log, replay) =
         tokio::task::spawn_blocking(move || DecisionLog::open_with_hooks(&open_dir, options, hooks))
             .await?
@@ -196,7 +218,14 @@ pub async fn run(
     let reserved_up_to = replay.txids_reserved_up_to + driver::TXID_BLOCK * replay.damage.len() as u64;
     tracing::info!(coordinator = %id, records = replay.records, "decision log opened");
     let mut store = FileStore::new(log, &replay, reserved_up_to);
+    let marker = dir.join(decision_database::MARKER_FILE);
     if let (DecisionStoreKind::Database, Some(url)) = (config.decision_store, &config.decision_database) {
+        decision_database::record_in(&marker, url).map_err(|source| {
+            CoordinatorError::DecisionDatabaseMarker {
+                path: marker.clone(),
+                source,
+            }
+        })?;
         let database = decision_database::DecisionDatabase::open(url, id.clone()).await?;
         tracing::info!(database = %config::redact_password(url), "two-phase commit decisions are rows in the decision database");
         store = store.with_database(database);

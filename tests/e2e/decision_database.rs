@@ -90,6 +90,49 @@ async fn commits_are_rows_in_the_decision_database_and_are_deleted_once_finished
     })
     .await?;
     assert_eq!(t.prepared_everywhere().await?, 0);
+    // The data directory records the database, so that a start without it is refused.
+    let marker = std::fs::read_to_string(t.dir.path().join("coordinator").join("decision-database"))?;
+    assert_eq!(marker.trim(), pg.url(DECISIONS_DATABASE));
+    Ok(())
+}
+
+/// A coordinator whose decisions were rows must not start on its log alone: it would presume abort
+/// for transactions committed in the database.
+#[tokio::test]
+async fn a_coordinator_that_used_a_decision_database_refuses_to_start_without_it() -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("treaty-e2e-decisions-")
+        .tempdir()?;
+    let data_dir = dir.path().join("coordinator");
+    std::fs::create_dir_all(&data_dir)?;
+    std::fs::write(
+        data_dir.join("decision-database"),
+        "postgres://treaty:***@10.0.0.5:5432/decisions\n",
+    )?;
+    let bin = treaty_harness::binary_path("treaty-coordinator")?;
+    for store in ["file", "shard"] {
+        let output = tokio::process::Command::new(&bin)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--shard",
+                "s0=http://127.0.0.1:1",
+                "--decision-store",
+                store,
+            ])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .output()
+            .await?;
+        assert!(!output.status.success(), "--decision-store {store} started");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(
+                "kept its decisions in the decision database postgres://treaty:***@10.0.0.5:5432/decisions"
+            ),
+            "{stderr}"
+        );
+    }
     Ok(())
 }
 
