@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use treaty_proto::ShardName;
 
+use crate::postgres::SessionDefaults;
+
 pub use treaty_proto::process::LogFormat;
 
 /// `--version`: the crate version, with `(failpoints)` in a build that has them. The lab tooling
@@ -65,6 +67,16 @@ pub struct Args {
     /// Size of the PostgreSQL connection pool (each open branch holds one connection).
     #[arg(long, env = "TREATY_PARTICIPANT_MAX_CONNECTIONS")]
     pub max_connections: Option<u32>,
+    /// PostgreSQL `lock_timeout` every pooled connection's session starts with, in ms (default
+    /// 10000, the coordinator's default `--lock-timeout-ms`; 0: none). A branch asking for this
+    /// value opens without a `SET LOCAL`; set it to the coordinator's value if you change that.
+    #[arg(long, env = "TREATY_PARTICIPANT_SESSION_LOCK_TIMEOUT_MS")]
+    pub session_lock_timeout_ms: Option<u32>,
+    /// PostgreSQL `statement_timeout` every pooled connection's session starts with, in ms
+    /// (default 60000, the coordinator's default `--transaction-timeout-ms`, which it sends as each
+    /// branch's statement timeout; 0: none). As above, it only saves a `SET LOCAL` per branch.
+    #[arg(long, env = "TREATY_PARTICIPANT_SESSION_STATEMENT_TIMEOUT_MS")]
+    pub session_statement_timeout_ms: Option<u32>,
     /// Threads of the async runtime (default: one per core). On a machine shared with the
     /// databases and other Treaty processes, fewer threads mean fewer cross-thread wake-ups
     /// (docs/performance.md).
@@ -102,6 +114,8 @@ struct FileConfig {
     reconcile_interval_ms: Option<u64>,
     marker_retention_ms: Option<u64>,
     max_connections: Option<u32>,
+    session_lock_timeout_ms: Option<u32>,
+    session_statement_timeout_ms: Option<u32>,
     log_format: Option<LogFormat>,
     failpoints: Option<String>,
 }
@@ -120,6 +134,9 @@ pub struct Config {
     pub reconcile_interval_ms: u64,
     pub marker_retention_ms: u64,
     pub max_connections: u32,
+    /// The timeouts pooled sessions start with (`--session-lock-timeout-ms`,
+    /// `--session-statement-timeout-ms`; 0 given is `None`).
+    pub session: SessionDefaults,
     pub log_format: LogFormat,
     pub failpoints: Option<String>,
 }
@@ -256,6 +273,20 @@ impl Config {
                 .or(file.marker_retention_ms)
                 .unwrap_or(60_000),
             max_connections: args.max_connections.or(file.max_connections).unwrap_or(64),
+            session: SessionDefaults {
+                lock_timeout_ms: Some(
+                    args.session_lock_timeout_ms
+                        .or(file.session_lock_timeout_ms)
+                        .unwrap_or(10_000),
+                )
+                .filter(|ms| *ms > 0),
+                statement_timeout_ms: Some(
+                    args.session_statement_timeout_ms
+                        .or(file.session_statement_timeout_ms)
+                        .unwrap_or(60_000),
+                )
+                .filter(|ms| *ms > 0),
+            },
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             failpoints: args.failpoints.or(file.failpoints),
         };

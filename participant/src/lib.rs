@@ -53,7 +53,7 @@ use treaty_proto::pb::participant_server::ParticipantServer;
 
 pub use crate::config::Config;
 pub use crate::error::ParticipantError;
-pub use crate::postgres::DbError;
+pub use crate::postgres::{DbError, SessionDefaults};
 
 use crate::agent::{Admission, Agent};
 use crate::coordinator_link::{CoordinatorInfo, Coordinators};
@@ -173,7 +173,12 @@ async fn connect(config: &Config) -> Result<Pool, ParticipantError> {
     // cause (refused, authentication failed, no such database).
     let probe = options.connect().await.map_err(unreachable(config))?;
     let _ = probe.close().await;
-    Ok(Pool::new(options, config.max_connections, ACQUIRE_TIMEOUT))
+    Ok(Pool::with_session_defaults(
+        options,
+        config.session,
+        config.max_connections,
+        ACQUIRE_TIMEOUT,
+    ))
 }
 
 /// Applies the migrations over a sqlx pool of one connection of its own: sqlx's migrator takes

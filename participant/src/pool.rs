@@ -26,7 +26,7 @@ use sqlx::ConnectOptions as _;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
-use crate::postgres::DbError;
+use crate::postgres::{DbError, SessionDefaults};
 
 /// An idle connection unused this long is closed (as sqlx's pool does by default).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
@@ -39,6 +39,7 @@ pub struct Pool {
 
 struct Shared {
     options: PgConnectOptions,
+    session: SessionDefaults,
     max_connections: u32,
     acquire_timeout: Duration,
     /// One permit per connection in use. Connections are only opened when none is idle, so the
@@ -56,9 +57,42 @@ struct Idle {
 impl Pool {
     /// A pool of at most `max_connections` connections made with `options`. Opens none yet.
     pub fn new(options: PgConnectOptions, max_connections: u32, acquire_timeout: Duration) -> Pool {
+        Pool::with_session_defaults(
+            options,
+            SessionDefaults::default(),
+            max_connections,
+            acquire_timeout,
+        )
+    }
+
+    /// As `new`, with every connection's session starting with `session`'s timeouts, so that a
+    /// branch asking for those needs no `SET LOCAL` (`postgres::begin`). They also bound the
+    /// participant's own statements on these connections: none of them waits on a lock for long
+    /// by design (an abort-row insert that meets a decision branch's row fails after the lock
+    /// timeout and is asked again), and a statement running past the statement timeout is better
+    /// cancelled than left holding a connection.
+    pub fn with_session_defaults(
+        options: PgConnectOptions,
+        session: SessionDefaults,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Pool {
+        let mut settings = Vec::new();
+        if let Some(ms) = session.lock_timeout_ms {
+            settings.push(("lock_timeout", ms.to_string()));
+        }
+        if let Some(ms) = session.statement_timeout_ms {
+            settings.push(("statement_timeout", ms.to_string()));
+        }
+        let options = if settings.is_empty() {
+            options
+        } else {
+            options.options(settings)
+        };
         Pool {
             shared: Arc::new(Shared {
                 options,
+                session,
                 max_connections,
                 acquire_timeout,
                 permits: Arc::new(Semaphore::new(max_connections as usize)),
@@ -69,6 +103,11 @@ impl Pool {
 
     pub fn max_connections(&self) -> u32 {
         self.shared.max_connections
+    }
+
+    /// The timeouts every connection's session starts with.
+    pub fn session_defaults(&self) -> SessionDefaults {
+        self.shared.session
     }
 
     /// An idle connection, or a new one when none is idle; waits for one to come back while all

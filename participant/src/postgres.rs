@@ -111,25 +111,43 @@ pub struct BranchOptions {
     pub statement_timeout_ms: Option<u32>,
 }
 
-fn begin_sql(options: &BranchOptions) -> String {
+/// The timeouts a pool's connections start with (`Pool::with_session_defaults`, PostgreSQL's
+/// `options` startup parameter); `None`: PostgreSQL's own default (no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SessionDefaults {
+    pub lock_timeout_ms: Option<u32>,
+    pub statement_timeout_ms: Option<u32>,
+}
+
+/// `BEGIN`, and a `SET LOCAL` for each timeout the branch wants other than what its session
+/// starts with (a `SET LOCAL` costs PostgreSQL a parse, an execution and a restore at the end of
+/// the transaction, about 10 µs each: measured in docs/performance.md, Session 13).
+fn begin_sql(options: &BranchOptions, session: &SessionDefaults) -> String {
     let isolation = match options.isolation {
         Isolation::ReadCommitted => "READ COMMITTED",
         Isolation::RepeatableRead => "REPEATABLE READ",
         Isolation::Serializable => "SERIALIZABLE",
     };
     let mut sql = format!("BEGIN ISOLATION LEVEL {isolation}");
-    if let Some(ms) = options.lock_timeout_ms {
+    if options.lock_timeout_ms != session.lock_timeout_ms {
+        let ms = options.lock_timeout_ms.unwrap_or(0);
         sql.push_str(&format!("; SET LOCAL lock_timeout = {ms}"));
     }
-    if let Some(ms) = options.statement_timeout_ms {
+    if options.statement_timeout_ms != session.statement_timeout_ms {
+        let ms = options.statement_timeout_ms.unwrap_or(0);
         sql.push_str(&format!("; SET LOCAL statement_timeout = {ms}"));
     }
     sql
 }
 
-/// Opens the branch's transaction (one round trip, settings included).
-pub async fn begin(connection: &mut PgConnection, options: &BranchOptions) -> Result<(), DbError> {
-    simple(connection, begin_sql(options)).await
+/// Opens the branch's transaction (one round trip, settings included) on a connection whose
+/// session starts with `session`.
+pub async fn begin(
+    connection: &mut PgConnection,
+    options: &BranchOptions,
+    session: &SessionDefaults,
+) -> Result<(), DbError> {
+    simple(connection, begin_sql(options, session)).await
 }
 
 pub async fn rollback(connection: &mut PgConnection) -> Result<(), DbError> {
@@ -418,8 +436,9 @@ mod tests {
 
     #[test]
     fn begin_carries_the_options() {
+        let none = SessionDefaults::default();
         assert_eq!(
-            begin_sql(&BranchOptions::default()),
+            begin_sql(&BranchOptions::default(), &none),
             "BEGIN ISOLATION LEVEL READ COMMITTED"
         );
         let options = BranchOptions {
@@ -428,9 +447,43 @@ mod tests {
             statement_timeout_ms: Some(60_000),
         };
         assert_eq!(
-            begin_sql(&options),
+            begin_sql(&options, &none),
             "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = 2000; \
              SET LOCAL statement_timeout = 60000"
+        );
+    }
+
+    #[test]
+    fn begin_sets_only_the_timeouts_its_session_does_not_start_with() {
+        let session = SessionDefaults {
+            lock_timeout_ms: Some(10_000),
+            statement_timeout_ms: Some(60_000),
+        };
+        let usual = BranchOptions {
+            isolation: Isolation::ReadCommitted,
+            lock_timeout_ms: Some(10_000),
+            statement_timeout_ms: Some(60_000),
+        };
+        assert_eq!(
+            begin_sql(&usual, &session),
+            "BEGIN ISOLATION LEVEL READ COMMITTED"
+        );
+        let other = BranchOptions {
+            lock_timeout_ms: Some(2000),
+            ..usual
+        };
+        assert_eq!(
+            begin_sql(&other, &session),
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = 2000"
+        );
+        // No limit asked for, on a session that starts with one: the limit is lifted.
+        let unlimited = BranchOptions {
+            statement_timeout_ms: None,
+            ..usual
+        };
+        assert_eq!(
+            begin_sql(&unlimited, &session),
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = 0"
         );
     }
 

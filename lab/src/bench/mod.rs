@@ -390,7 +390,16 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             stores[0].coordinator_args(),
         ]
         .concat(),
-        participant_args: service_thread_args(args.service_threads),
+        participant_args: {
+            // Sessions start with the bench's lock timeout, as the direct baseline's do (it sets
+            // it once per connection): Treaty's branches then need no `SET LOCAL` for it.
+            let mut participant = service_thread_args(args.service_threads);
+            participant.extend([
+                "--session-lock-timeout-ms".to_string(),
+                args.lock_timeout_ms.to_string(),
+            ]);
+            participant
+        },
         database: DATABASE.into(),
         coordinator_port: 0,
     })

@@ -187,7 +187,7 @@ impl Agent {
                 .map_err(|error| BranchError::Unavailable(format!("opening the branch: {error}")))?;
             // Until BEGIN succeeds, dropping the branch closes the connection.
             let mut branch = ActiveBranch::new(connection);
-            match postgres::begin(&mut branch.connection, options).await {
+            match postgres::begin(&mut branch.connection, options, &self.pool.session_defaults()).await {
                 Ok(()) => return Ok(branch),
                 Err(DbError::Connection(_)) if tried < attempts => {}
                 Err(error) => return Err(error.into()),

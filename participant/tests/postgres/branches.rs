@@ -459,6 +459,45 @@ async fn branch_options_reach_postgres_and_lock_timeouts_are_retryable() {
     assert_eq!(env.abort(&holder).await.unwrap(), pb::BranchState::Aborted);
 }
 
+/// Pooled sessions start with the configured timeouts, so a branch that asks for those needs no
+/// `SET LOCAL`; one that asks for others gets them for its transaction only.
+#[tokio::test]
+async fn a_branch_runs_with_the_timeouts_it_asked_for_whatever_its_session_started_with() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("session-defaults", |c| c.max_connections = 1).await else {
+        return;
+    };
+    let settings = "SELECT current_setting('lock_timeout'), current_setting('statement_timeout')";
+    let run = |txid: u64, lock_timeout_ms: u64, statement_timeout_ms: u64| {
+        let (gid, env) = (env.gid(txid), &env);
+        async move {
+            let request = pb::BranchExecuteRequest {
+                gid: gid.clone(),
+                sql: settings.into(),
+                params: vec![],
+                options: Some(pb::BranchOptions {
+                    isolation: pb::IsolationLevel::ReadCommitted as i32,
+                    lock_timeout_ms,
+                    statement_timeout_ms,
+                }),
+                ..Default::default()
+            };
+            let result = env.client().execute(request).await.unwrap().into_inner();
+            assert_eq!(
+                env.commit_one_phase(&gid).await.unwrap(),
+                pb::BranchState::Committed
+            );
+            (result.rows[0].values[0].clone(), result.rows[0].values[1].clone())
+        }
+    };
+    // The session's own values (10 s and 60 s in `support::config`).
+    assert_eq!(run(1, 10_000, 60_000).await, (text("10s"), text("1min")));
+    // Others, for this branch only; 0 lifts the statement limit.
+    assert_eq!(run(2, 150, 0).await, (text("150ms"), text("0")));
+    // The same (only) connection again: back to the session's values.
+    assert_eq!(run(3, 10_000, 60_000).await, (text("10s"), text("1min")));
+}
+
 #[tokio::test]
 async fn multi_statement_strings_run_without_parameters() {
     let _shared = SERVER.read().await;

@@ -478,6 +478,10 @@ pub fn config(db: &TestDb, coordinator: SocketAddr, data_dir: &std::path::Path) 
         reconcile_interval_ms: 1_000,
         marker_retention_ms: 60_000,
         max_connections: 8,
+        session: treaty_participant::SessionDefaults {
+            lock_timeout_ms: Some(10_000),
+            statement_timeout_ms: Some(60_000),
+        },
         log_format: treaty_participant::config::LogFormat::Human,
         failpoints: None,
     }
