@@ -14,8 +14,10 @@
 //! Rows are deleted in batches once a transaction needs nothing more (`end`), by a task of their
 //! own: a delete that is lost only costs a repeated re-drive after a restart.
 
+use std::collections::HashSet;
 use std::io::Write as _;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -92,6 +94,10 @@ pub struct DecisionDatabase {
     shown_url: String,
     pool: PgPool,
     coordinator: CoordinatorId,
+    /// The txids with a commit row here (inserted by this process or found at replay): only
+    /// those are worth a delete when they end, so one-shard and aborted transactions cost the
+    /// database nothing.
+    rows: Mutex<HashSet<TxId>>,
     ended: mpsc::UnboundedSender<String>,
 }
 
@@ -131,6 +137,7 @@ impl DecisionDatabase {
             shown_url: shown,
             pool,
             coordinator,
+            rows: Mutex::new(HashSet::new()),
             ended,
         })
     }
@@ -152,14 +159,19 @@ impl DecisionDatabase {
             .execute(&self.pool)
             .await;
             let error = match inserted {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.rows().insert(record.txid);
+                    return Ok(());
+                }
                 Err(error) => error,
             };
             let code = error
                 .as_database_error()
                 .and_then(|db| db.code().map(|c| c.into_owned()));
             if code.as_deref() == Some(UNIQUE_VIOLATION) {
-                return self.already_there(&record.gid).await;
+                self.already_there(&record.gid).await?;
+                self.rows().insert(record.txid);
+                return Ok(());
             }
             if error.as_database_error().is_some() || attempt >= INSERT_ATTEMPTS {
                 return Err(StoreError(format!(
@@ -191,8 +203,16 @@ impl DecisionDatabase {
         }
     }
 
-    /// The transaction needs nothing more: its row goes with the next batch of deletes.
+    fn rows(&self) -> std::sync::MutexGuard<'_, HashSet<TxId>> {
+        self.rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The transaction needs nothing more: its row, if it has one, goes with the next batch of
+    /// deletes.
     pub fn end(&self, txid: TxId) {
+        if !self.rows().remove(&txid) {
+            return;
+        }
         let gid = Gid::new(&self.coordinator, txid);
         // The deleting task ends only with the process.
         let _ = self.ended.send(gid.as_str().to_owned());
@@ -219,6 +239,7 @@ impl DecisionDatabase {
                 Ok(parsed)
                     if parsed.coordinator() == &self.coordinator && parsed.decision_shard().is_none() =>
                 {
+                    self.rows().insert(parsed.txid());
                     records.push(CommitRecord {
                         txid: parsed.txid(),
                         gid,
