@@ -196,10 +196,10 @@ async fn an_unreachable_shard_keeps_the_coordinator_not_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_lists_what_the_coordinator_serves() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let (addr, stop, server, _dir) = start_coordinator(&[("s0", "http://127.0.0.1:9".to_owned())]).await;
     let mut reflection = ServerReflectionClient::new(channel(addr).await);
@@ -209,11 +209,23 @@ async fn reflection_lists_what_the_coordinator_serves() {
     };
     let requests = tokio_stream::iter([
         ask(MessageRequest::ListServices(String::new())),
-        ask(MessageRequest::FileContainingSymbol("treaty.v1.Coordinator".to_owned())),
+        ask(MessageRequest::FileContainingSymbol(
+            "treaty.v1.Coordinator".to_owned(),
+        )),
     ]);
-    let mut answers = reflection.server_reflection_info(requests).await.unwrap().into_inner();
+    let mut answers = reflection
+        .server_reflection_info(requests)
+        .await
+        .unwrap()
+        .into_inner();
 
-    let listed = answers.message().await.unwrap().unwrap().message_response.unwrap();
+    let listed = answers
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .message_response
+        .unwrap();
     let MessageResponse::ListServicesResponse(listed) = listed else {
         panic!("not a service list: {listed:?}");
     };
@@ -231,7 +243,13 @@ async fn reflection_lists_what_the_coordinator_serves() {
     expected.sort();
     assert_eq!(names, expected);
 
-    let described = answers.message().await.unwrap().unwrap().message_response.unwrap();
+    let described = answers
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .message_response
+        .unwrap();
     let MessageResponse::FileDescriptorResponse(files) = described else {
         panic!("not a file descriptor: {described:?}");
     };

@@ -119,7 +119,10 @@ mod tests {
             if answers.iter().all(|answer| *answer == expected) {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "still {answers:?}, expected {expected:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still {answers:?}, expected {expected:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
