@@ -1,6 +1,7 @@
 //! What `run` serves besides the `Coordinator` service: the `Admin` service that arms failpoints
 //! only in a build with them; without, a call to it answers UNIMPLEMENTED (tonic's answer for a
-//! service it does not have), so no client can arm anything.
+//! service it does not have), so no client can arm anything; the health service, which says
+//! SERVING only while every shard's participant does; and server reflection.
 
 use clap::Parser;
 use tokio::net::TcpListener;
