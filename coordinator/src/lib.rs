@@ -10,6 +10,8 @@
 //!   (`h2_channel`: the HTTP/2 connection each link runs on);
 //! - `submit`: one-shot cross-shard submits;
 //! - `service`: the gRPC `Coordinator` service; `in_doubt`: its `ListInDoubt` fan-out;
+//! - `health`: the gRPC health service (SERVING once every shard's participant is reached) and
+//!   server reflection;
 //! - `config`: flags, environment and TOML configuration;
 //! - `failpoints`: the coordinator's failpoints, only with the cargo feature `failpoints`, which
 //!   also serves the `Admin` service that arms them (`crash`: the one-shot `--crash-at` on top).
@@ -21,6 +23,7 @@ pub mod driver;
 pub mod failpoints;
 mod faults;
 pub mod h2_channel;
+pub mod health;
 mod in_doubt;
 mod log_faults;
 pub mod participants;
@@ -101,6 +104,8 @@ pub enum CoordinatorError {
     Links(#[from] participants::LinkSetupError),
     #[error("serving gRPC: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
     #[error("reading the listen address: {0}")]
     ListenAddr(std::io::Error),
     #[error("opening the decision log was interrupted: {0}")]
@@ -230,6 +235,8 @@ pub async fn run(
         tracing::info!(database = %config::redact_password(url), "two-phase commit decisions are rows in the decision database");
         store = store.with_database(database);
     }
+    // The health probe goes straight to the links: no failpoint decorates it.
+    let probed_links = links.clone();
     let (store, links) = faults::install(store, links);
     let engine = driver::start(id.clone(), store, links, Arc::new(SystemClock), settings)
         .await
@@ -240,15 +247,23 @@ pub async fn run(
     tracing::info!(%addr, shards = config.shards.len(), "coordinator serving");
     announce(addr);
     let service = CoordinatorServer::new(service::CoordinatorService::new(engine.clone()));
-    let router = tonic::transport::Server::builder().add_service(service);
+    let (health, probing) = health::start(probed_links);
+    let (reflection_v1, reflection_v1alpha) = health::reflection()?;
+    let router = tonic::transport::Server::builder()
+        .add_service(service)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     // Only a build with failpoints serves `Admin`; without, a call to it answers UNIMPLEMENTED.
     #[cfg(feature = "failpoints")]
     let router = router.add_service(treaty_failpoints::admin::AdminService::server(
         &failpoints::CATALOG,
     ));
-    router
+    let served = router
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await?;
+        .await;
+    probing.abort();
+    served?;
     engine.flush().await;
     tracing::info!("coordinator stopped");
     Ok(())

@@ -13,6 +13,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 use treaty_commit_protocol::participant::Report;
 use treaty_commit_protocol::termination::Ballot;
 use treaty_commit_protocol::transport::{
@@ -27,6 +30,9 @@ use treaty_proto::{ApiError, CoordinatorId, Gid, Protocol, ShardName, pb};
 
 use crate::h2_channel::H2Channel;
 use commit_batch::PendingCommit;
+
+/// The service name a participant's health is asked for.
+const PARTICIPANT_SERVICE: &str = pb::participant_server::SERVICE_NAME;
 
 /// How long connecting (TCP and the HTTP/2 handshake) to a participant may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -44,6 +50,8 @@ pub enum LinkSetupError {
 #[derive(Clone)]
 pub struct ParticipantLinks {
     clients: BTreeMap<ShardName, ParticipantClient<H2Channel>>,
+    /// Each shard's `grpc.health.v1` client, on the same connection as its calls (`health`).
+    health: BTreeMap<ShardName, HealthClient<H2Channel>>,
     /// Where each shard's participant serves, as configured: 3PC tells every participant where
     /// its peers are (`pb::Peer`).
     urls: Arc<BTreeMap<ShardName, String>>,
@@ -128,6 +136,7 @@ impl ParticipantLinks {
     /// reached when it comes back.
     pub fn new(shards: &BTreeMap<ShardName, String>) -> Result<Self, LinkSetupError> {
         let mut clients = BTreeMap::new();
+        let mut health = BTreeMap::new();
         let mut commit_queues = BTreeMap::new();
         for (shard, url) in shards {
             let channel = H2Channel::new(url, CONNECT_TIMEOUT).map_err(|e| LinkSetupError::BadUrl {
@@ -135,14 +144,41 @@ impl ParticipantLinks {
                 url: url.clone(),
                 reason: e.to_string(),
             })?;
+            health.insert(shard.clone(), HealthClient::new(channel.clone()));
             clients.insert(shard.clone(), ParticipantClient::new(channel));
             commit_queues.insert(shard.clone(), OnceLock::new());
         }
         Ok(Self {
             clients,
+            health,
             urls: Arc::new(shards.clone()),
             commit_queues: Arc::new(commit_queues),
         })
+    }
+
+    /// The shards whose health `participant_serving` asks: every configured one.
+    pub fn health_probed_shards(&self) -> impl Iterator<Item = &ShardName> {
+        self.health.keys()
+    }
+
+    /// Asks the shard's participant for its `grpc.health.v1` status of `treaty.v1.Participant`
+    /// (one small call on the link's connection, connecting it if it is down). `Ok(true)`: it
+    /// answered SERVING, or answered UNIMPLEMENTED (a participant older than the health service:
+    /// it is up, and says nothing of its database); `Ok(false)`: it answered another status.
+    pub async fn participant_serving(&self, shard: &ShardName, timeout_ms: u64) -> Result<bool, LinkError> {
+        let Some(client) = self.health.get(shard) else {
+            return Err(LinkError::Unavailable(format!(
+                "shard {shard} is not configured on this coordinator"
+            )));
+        };
+        let request = HealthCheckRequest {
+            service: PARTICIPANT_SERVICE.to_owned(),
+        };
+        match call(timeout_ms, client.clone().check(request)).await {
+            Ok(answer) => Ok(answer.status() == ServingStatus::Serving),
+            Err(LinkError::Unimplemented(_)) => Ok(true),
+            Err(error) => Err(error),
+        }
     }
 
     /// The participants of a 3PC transaction with the addresses the coordinator reaches them at.

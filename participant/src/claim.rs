@@ -7,11 +7,15 @@
 //! under any shard name, refuses to start and names the one that holds the database. A participant
 //! that was just stopped or killed releases the lock as soon as PostgreSQL sees its connection
 //! close; the newcomer waits `WAIT` for that before giving up.
+//!
+//! The same check says whether the database can be reached: `Claim::held` is true while the lock is
+//! held on a connection that answers (the participant's health, `health`).
 
 use std::time::Duration;
 
 use sqlx::ConnectOptions as _;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use treaty_proto::ShardName;
 
@@ -23,11 +27,23 @@ const KEY: i64 = 0x5452_4541_5459_0001;
 /// How long a starting participant waits for the lock (its predecessor's backend to end).
 const WAIT: Duration = Duration::from_secs(3);
 /// How often the lock's connection is checked, and retaken after it broke.
-const CHECK_EVERY: Duration = Duration::from_secs(5);
+const CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How long a check (or reconnecting, or retaking the lock) may take before it counts as failed:
+/// a database that does not answer is as unreachable as one that refuses.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Holds the database while alive; dropping it ends the connection and so releases the lock.
 pub struct Claim {
     task: JoinHandle<()>,
+    held: watch::Receiver<bool>,
+}
+
+impl Claim {
+    /// True while the lock is held on a connection that answered its last check; updated every
+    /// `CHECK_EVERY`.
+    pub fn held(&self) -> watch::Receiver<bool> {
+        self.held.clone()
+    }
 }
 
 impl Drop for Claim {
@@ -57,8 +73,9 @@ pub async fn take(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let task = tokio::spawn(hold(connection, options));
-    Ok(Claim { task })
+    let (state, held) = watch::channel(true);
+    let task = tokio::spawn(hold(connection, options, state));
+    Ok(Claim { task, held })
 }
 
 async fn try_lock(connection: &mut PgConnection) -> Result<bool, DbError> {
@@ -93,27 +110,42 @@ async fn holder(connection: &mut PgConnection) -> Result<String, DbError> {
 }
 
 /// Keeps the lock's connection alive; after it broke (a PostgreSQL restart drops the lock with it),
-/// takes the lock again on a new one.
-async fn hold(mut connection: PgConnection, options: PgConnectOptions) {
+/// takes the lock again on a new one. `state` says whether the lock is held on a live connection.
+async fn hold(mut connection: PgConnection, options: PgConnectOptions, state: watch::Sender<bool>) {
     let mut held = true;
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
-        let alive = sqlx::query("SELECT 1").execute(&mut connection).await.is_ok();
+        let check = sqlx::query("SELECT 1").execute(&mut connection);
+        let alive = matches!(tokio::time::timeout(CHECK_TIMEOUT, check).await, Ok(Ok(_)));
         if alive && held {
+            set(&state, true);
             continue;
         }
         if !alive {
-            match options.connect().await {
-                Ok(fresh) => connection = fresh,
-                Err(error) => {
+            set(&state, false);
+            match tokio::time::timeout(CHECK_TIMEOUT, options.connect()).await {
+                Ok(Ok(fresh)) => connection = fresh,
+                Ok(Err(error)) => {
                     tracing::warn!(%error, "the connection holding this participant's claim on its database broke; retrying");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        timeout_ms = CHECK_TIMEOUT.as_millis() as u64,
+                        "the connection holding this participant's claim on its database broke, and reconnecting timed out; retrying"
+                    );
                     continue;
                 }
             }
         }
-        held = matches!(try_lock(&mut connection).await, Ok(true));
+        let locked = tokio::time::timeout(CHECK_TIMEOUT, try_lock(&mut connection)).await;
+        held = matches!(locked, Ok(Ok(true)));
+        set(&state, held);
         if !held {
-            let holder = holder(&mut connection).await.unwrap_or_else(|e| e.to_string());
+            let holder = match tokio::time::timeout(CHECK_TIMEOUT, holder(&mut connection)).await {
+                Ok(found) => found.unwrap_or_else(|e| e.to_string()),
+                Err(_) => "unknown (asking timed out)".to_owned(),
+            };
             tracing::error!(
                 %holder,
                 "another participant holds this database now (taken while this one's claim was down); \
@@ -121,4 +153,9 @@ async fn hold(mut connection: PgConnection, options: PgConnectOptions) {
             );
         }
     }
+}
+
+/// Publishes `held`, waking watchers only on a change.
+fn set(state: &watch::Sender<bool>, held: bool) {
+    state.send_if_modified(|current| std::mem::replace(current, held) != held);
 }

@@ -40,6 +40,8 @@ pub enum ParticipantError {
     Coordinator(#[from] LinkError),
     #[error("reading the listen address: {0}")]
     ListenAddr(std::io::Error),
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
     #[error("serving gRPC: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("arming failpoints: {0}")]

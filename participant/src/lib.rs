@@ -4,6 +4,8 @@
 //! decision, directly or through recovery.
 //!
 //! - `config`: flags, environment and TOML configuration;
+//! - `health`: the gRPC health service (SERVING while the database answers under the claim) and
+//!   server reflection;
 //! - `service`: the gRPC service (wire ⇄ domain conversions);
 //! - `agent`: the behaviour of every RPC, the idle sweep and shutdown;
 //! - `branches`: the in-memory branch table, per-GID locks and tombstones;
@@ -28,6 +30,7 @@ mod coordinator_link;
 mod decisions;
 pub mod error;
 pub mod failpoints;
+pub mod health;
 pub mod pool;
 mod postgres;
 mod prepared;
@@ -130,9 +133,16 @@ pub async fn run(
     let addr = listener.local_addr().map_err(ParticipantError::ListenAddr)?;
     tracing::info!(%addr, shard = %config.shard, %database, "participant serving");
     announce(addr);
-    let router = tonic::transport::Server::builder().add_service(ParticipantServer::new(
-        service::ParticipantService::new(agent.clone(), three_phase),
-    ));
+    let (health, following_claim) = health::start(claim.held());
+    let (reflection_v1, reflection_v1alpha) = health::reflection()?;
+    let router = tonic::transport::Server::builder()
+        .add_service(ParticipantServer::new(service::ParticipantService::new(
+            agent.clone(),
+            three_phase,
+        )))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     // Only a build with failpoints serves `Admin`; without, a call to it answers UNIMPLEMENTED.
     #[cfg(feature = "failpoints")]
     let router = router.add_service(treaty_failpoints::admin::AdminService::server(
@@ -149,6 +159,7 @@ pub async fn run(
     agent.shutdown().await;
     pool.close().await;
     drop(claim);
+    following_claim.abort();
     tracing::info!("participant stopped");
     served?;
     Ok(())

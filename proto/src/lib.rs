@@ -10,6 +10,11 @@ pub mod pb {
     tonic::include_proto!("treaty.v1");
 }
 
+/// The encoded `FileDescriptorSet` of `treaty.v1` and everything it imports, written by `build.rs`:
+/// what gRPC server reflection serves, so `grpcurl list` and `grpcurl describe` work without the
+/// `.proto` files.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("treaty_descriptor");
+
 mod error;
 #[cfg(feature = "process")]
 pub mod process;

@@ -8,6 +8,7 @@ mod decision_database;
 mod decision_rows;
 mod failpoints;
 mod fixture;
+mod health;
 mod in_doubt;
 mod recovery;
 mod scenarios;

@@ -1,0 +1,160 @@
+//! What the participant serves for operators and load balancers besides its own API: the gRPC
+//! health service (`grpc.health.v1.Health`) and server reflection (v1 and v1alpha).
+//!
+//! The health rule, for the service names `""` (the whole server) and `treaty.v1.Participant`:
+//! nothing is served before the database was reached, checked, claimed and migrated (`run` does
+//! all of that before it serves), so the first answer is SERVING; from then on the status follows
+//! the claim's own periodic check (`claim::Claim::held`, a `SELECT 1` on the claim's connection
+//! every couple of seconds, with a timeout): NOT_SERVING while the database cannot be reached or
+//! this participant no longer holds its claim on it, SERVING again once the claim is retaken on a
+//! live connection. The branch path does no health work.
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use treaty_proto::pb::participant_server::SERVICE_NAME as PARTICIPANT_SERVICE;
+
+/// The names whose status the participant reports: the whole server and its API.
+const REPORTED: [&str; 2] = ["", PARTICIPANT_SERVICE];
+
+/// The participant's status given whether its database answers under its claim.
+pub fn status(database_held: bool) -> ServingStatus {
+    if database_held {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    }
+}
+
+async fn report(reporter: &HealthReporter, status: ServingStatus) {
+    for name in REPORTED {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Starts reporting `database_held` as the participant's health; returns the health service to
+/// serve and the task that follows the claim (it ends when the claim is dropped).
+pub fn start(
+    mut database_held: watch::Receiver<bool>,
+) -> (
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    JoinHandle<()>,
+) {
+    let (reporter, server) = tonic_health::server::health_reporter();
+    let following = tokio::spawn(async move {
+        loop {
+            let held = *database_held.borrow_and_update();
+            if held {
+                tracing::info!("health: SERVING, the database answers");
+            } else {
+                tracing::warn!("health: NOT_SERVING, the database does not answer (or its claim is lost)");
+            }
+            report(&reporter, status(held)).await;
+            if database_held.changed().await.is_err() {
+                report(&reporter, ServingStatus::NotServing).await;
+                return;
+            }
+        }
+    });
+    (server, following)
+}
+
+/// The reflection services (v1 and v1alpha; grpcurl uses either) over Treaty's descriptors and
+/// the health service's, advertising only what this build serves.
+pub fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let builder = || {
+        let builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(treaty_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(PARTICIPANT_SERVICE)
+            .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
+            .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
+            .with_service_name(tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME);
+        if cfg!(feature = "failpoints") {
+            builder.with_service_name(treaty_proto::pb::admin_server::SERVICE_NAME)
+        } else {
+            builder
+        }
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::net::TcpListener;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus as Wire;
+    use tonic_health::pb::health_client::HealthClient;
+
+    use super::*;
+
+    async fn check(client: &mut HealthClient<tonic::transport::Channel>, service: &str) -> Wire {
+        let request = HealthCheckRequest {
+            service: service.to_owned(),
+        };
+        client.check(request).await.unwrap().into_inner().status()
+    }
+
+    /// Polls until every reported name answers `expected`, failing after a deadline.
+    async fn await_status(client: &mut HealthClient<tonic::transport::Channel>, expected: Wire) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut answers = Vec::new();
+            for name in REPORTED {
+                answers.push(check(client, name).await);
+            }
+            if answers.iter().all(|answer| *answer == expected) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still {answers:?}, expected {expected:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_status_follows_the_claim_on_the_database() {
+        let (held, database_held) = watch::channel(true);
+        let (server, following) = start(database_held);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let mut client = HealthClient::new(
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+
+        await_status(&mut client, Wire::Serving).await;
+        held.send(false).unwrap();
+        await_status(&mut client, Wire::NotServing).await;
+        held.send(true).unwrap();
+        await_status(&mut client, Wire::Serving).await;
+        // The claim dropped (the participant stopping): never SERVING again.
+        drop(held);
+        await_status(&mut client, Wire::NotServing).await;
+        following.await.unwrap();
+        serving.abort();
+    }
+}
