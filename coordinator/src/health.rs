@@ -102,36 +102,6 @@ pub fn start(
     (server, probing)
 }
 
-/// The reflection services (v1 and v1alpha; grpcurl uses either) over Treaty's descriptors and
-/// the health service's, advertising only what this build serves.
-pub fn reflection() -> Result<
-    (
-        tonic_reflection::server::v1::ServerReflectionServer<
-            impl tonic_reflection::server::v1::ServerReflection,
-        >,
-        tonic_reflection::server::v1alpha::ServerReflectionServer<
-            impl tonic_reflection::server::v1alpha::ServerReflection,
-        >,
-    ),
-    tonic_reflection::server::Error,
-> {
-    let builder = || {
-        let builder = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(treaty_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(COORDINATOR_SERVICE)
-            .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
-            .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
-            .with_service_name(tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME);
-        if cfg!(feature = "failpoints") {
-            builder.with_service_name(treaty_proto::pb::admin_server::SERVICE_NAME)
-        } else {
-            builder
-        }
-    };
-    Ok((builder().build_v1()?, builder().build_v1alpha()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -248,7 +248,10 @@ pub async fn run(
     announce(addr);
     let service = CoordinatorServer::new(service::CoordinatorService::new(engine.clone()));
     let (health, probing) = health::start(probed_links);
-    let (reflection_v1, reflection_v1alpha) = health::reflection()?;
+    let (reflection_v1, reflection_v1alpha) = treaty_proto::reflection::services(
+        treaty_proto::pb::coordinator_server::SERVICE_NAME,
+        cfg!(feature = "failpoints"),
+    )?;
     let router = tonic::transport::Server::builder()
         .add_service(service)
         .add_service(health)

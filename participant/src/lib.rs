@@ -134,7 +134,10 @@ pub async fn run(
     tracing::info!(%addr, shard = %config.shard, %database, "participant serving");
     announce(addr);
     let (health, following_claim) = health::start(claim.held());
-    let (reflection_v1, reflection_v1alpha) = health::reflection()?;
+    let (reflection_v1, reflection_v1alpha) = treaty_proto::reflection::services(
+        treaty_proto::pb::participant_server::SERVICE_NAME,
+        cfg!(feature = "failpoints"),
+    )?;
     let router = tonic::transport::Server::builder()
         .add_service(ParticipantServer::new(service::ParticipantService::new(
             agent.clone(),

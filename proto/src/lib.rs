@@ -18,6 +18,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("trea
 mod error;
 #[cfg(feature = "process")]
 pub mod process;
+pub mod reflection;
 mod value;
 pub mod wire;
 
