@@ -55,19 +55,6 @@ async fn on_every_shard(t: &TestCluster, k: i64) -> Result<usize> {
     Ok(shards)
 }
 
-async fn submit_into_crash(t: &mut TestCluster, k: i64) -> Result<()> {
-    let mut client = t.client().await?;
-    let ops = (0..3).map(|i| insert(&t.shard(i), k, "v")).collect();
-    let result = client.submit(submit(ops)).await;
-    assert!(
-        result.is_err(),
-        "the coordinator should have died before answering: {result:?}"
-    );
-    let exit = t.cluster.coordinator.wait_exit(Duration::from_secs(10)).await?;
-    assert!(exit.is_some(), "the coordinator process should have ended");
-    Ok(())
-}
-
 #[tokio::test]
 async fn commits_are_rows_in_the_decision_database_and_are_deleted_once_finished() -> Result<()> {
     let dir = tempfile::Builder::new()

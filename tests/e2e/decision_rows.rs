@@ -25,10 +25,6 @@ fn shard_store(extra: &[&str]) -> Options {
     }
 }
 
-fn three_inserts(t: &TestCluster, k: i64) -> pb::SubmitRequest {
-    submit((0..3).map(|i| insert(&t.shard(i), k, "v")).collect())
-}
-
 async fn rows_with(t: &TestCluster, k: i64) -> Result<usize> {
     let mut count = 0;
     for shard in 0..3 {
@@ -51,19 +47,6 @@ async fn markers_everywhere(t: &TestCluster) -> Result<i64> {
         total += t.count(shard, "SELECT count(*) FROM treaty.branches").await?;
     }
     Ok(total)
-}
-
-/// Submits a three-shard insert to a coordinator armed to crash, and waits until it is gone.
-async fn submit_into_crash(t: &mut TestCluster, k: i64) -> Result<()> {
-    let mut client = t.client().await?;
-    let result = client.submit(three_inserts(t, k)).await;
-    assert!(
-        result.is_err(),
-        "the coordinator should have died before answering: {result:?}"
-    );
-    let exit = t.cluster.coordinator.wait_exit(Duration::from_secs(10)).await?;
-    assert!(exit.is_some(), "the coordinator process should have ended");
-    Ok(())
 }
 
 #[tokio::test]

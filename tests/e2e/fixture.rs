@@ -211,3 +211,21 @@ pub async fn execute(
         .await
         .map(|r| r.into_inner())
 }
+
+/// A three-shard insert of key `k`, one row per shard.
+pub fn three_inserts(t: &TestCluster, k: i64) -> pb::SubmitRequest {
+    submit((0..3).map(|i| insert(&t.shard(i), k, "v")).collect())
+}
+
+/// Submits a three-shard insert to a coordinator armed to crash, and waits until it is gone.
+pub async fn submit_into_crash(t: &mut TestCluster, k: i64) -> Result<()> {
+    let mut client = t.client().await?;
+    let result = client.submit(three_inserts(t, k)).await;
+    assert!(
+        result.is_err(),
+        "the coordinator should have died before answering: {result:?}"
+    );
+    let exit = t.cluster.coordinator.wait_exit(Duration::from_secs(10)).await?;
+    assert!(exit.is_some(), "the coordinator process should have ended");
+    Ok(())
+}

@@ -22,23 +22,6 @@ fn crash_at(point: &str) -> Options {
     }
 }
 
-fn three_inserts(t: &TestCluster, k: i64) -> pb::SubmitRequest {
-    submit((0..3).map(|i| insert(&t.shard(i), k, "v")).collect())
-}
-
-/// Submits a three-shard insert to a coordinator armed to crash, and waits until it is gone.
-async fn submit_into_crash(t: &mut TestCluster, k: i64) -> Result<()> {
-    let mut client = t.client().await?;
-    let result = client.submit(three_inserts(t, k)).await;
-    assert!(
-        result.is_err(),
-        "the coordinator should have died before answering: {result:?}"
-    );
-    let exit = t.cluster.coordinator.wait_exit(Duration::from_secs(10)).await?;
-    assert!(exit.is_some(), "the coordinator process should have ended");
-    Ok(())
-}
-
 async fn all_have(t: &TestCluster, k: i64) -> Result<bool> {
     for shard in 0..3 {
         if !t.kv(shard).await?.iter().any(|(key, _)| *key == k) {
