@@ -2,6 +2,7 @@
 //! `treaty-participant` processes, real gRPC over loopback. One test binary, grouped by theme.
 
 mod bad_input;
+mod bench;
 mod commit;
 mod coordinators;
 mod decision_database;

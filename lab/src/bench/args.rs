@@ -1,5 +1,6 @@
 //! `treaty bench`'s command line: the workload, the cluster, the systems to compare (`--protocol`
-//! in any spelling [`Protocol`] accepts, or `both`; `--decision-store file,shard`; `--baseline`),
+//! in any spelling [`Protocol`] accepts, or `both`; `--decision-store file,shard,database`;
+//! `--baseline`),
 //! and the bounds checked before anything starts.
 
 use std::path::PathBuf;
@@ -89,11 +90,13 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "2pc")]
     pub protocol: Vec<ProtocolChoice>,
     /// Where the coordinator keeps 2PC commit decisions: file (its fsynced log, every branch
-    /// prepared with a marker row) or shard (a row committed in one phase inside the first
-    /// branch); `file,shard` runs Treaty on each, side by side in the same rounds, each on its own
-    /// coordinator over the same databases. The first of file, shard keeps the `treaty_*` keys,
-    /// the other is `treaty_<store>_*`; `decision_stores` in the JSON names the store of every
-    /// set of figures. recovery: the store whose decisions the restarted coordinator finishes.
+    /// prepared with a marker row), shard (a row committed in one phase inside the first
+    /// branch) or database (a row in a dedicated decision database, a PostgreSQL server the bench
+    /// starts for it); `file,shard` runs Treaty on each, side by side in the same rounds, each on
+    /// its own coordinator over the same databases. The first of file, shard, database keeps the
+    /// `treaty_*` keys, the others are `treaty_<store>_*`; `decision_stores` in the JSON names the
+    /// store of every set of figures. recovery: the store whose decisions the restarted
+    /// coordinator finishes (file or shard).
     /// Default: shard, the coordinator's own default (file when --protocol includes 3pc).
     #[arg(long, value_delimiter = ',')]
     pub decision_store: Vec<DecisionStore>,
@@ -218,7 +221,7 @@ mod tests {
 
     #[test]
     fn decision_store_lists_parse_and_unknown_stores_are_refused_naming_the_choices() {
-        use DecisionStore::{File, Shard};
+        use DecisionStore::{Database, File, Shard};
         let stores = |args: &[&str]| parse(args).unwrap().stores();
         // Unset: the coordinator's default, except beside 3PC (which keeps the file log).
         assert_eq!(stores(&[]), vec![Shard]);
@@ -227,11 +230,18 @@ mod tests {
         assert_eq!(stores(&["--decision-store", "shard"]), vec![Shard]);
         assert_eq!(stores(&["--decision-store", "file,shard"]), vec![File, Shard]);
         assert_eq!(stores(&["--decision-store", "shard,file"]), vec![File, Shard]);
+        assert_eq!(
+            stores(&["--decision-store", "database,shard,file"]),
+            vec![File, Shard, Database]
+        );
         let error = parse(&["--decision-store", "file,zookeeper"])
             .err()
             .unwrap_or_default();
         assert!(
-            error.contains("zookeeper") && error.contains("file") && error.contains("shard"),
+            error.contains("zookeeper")
+                && error.contains("file")
+                && error.contains("shard")
+                && error.contains("database"),
             "{error}"
         );
         // 3PC never decides in a shard: the pair is refused before anything starts.

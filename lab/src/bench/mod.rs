@@ -33,7 +33,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use serde_json::{Map, Value, json};
-use treaty_harness::{ClusterSpec, LocalCluster, PgOptions};
+use treaty_harness::{ClusterSpec, LocalCluster, PgCluster, PgOptions};
 use treaty_proto::Protocol;
 
 pub use args::{BaselineArg, BenchArgs, ProtocolChoice, service_thread_args};
@@ -44,6 +44,9 @@ use stats::{Counts, Figures};
 pub use stores::DecisionStore;
 use treaty_driver::TreatyTarget;
 use workload::{DATABASE, Generator, Skew, TxnPlan, WorkloadKind};
+
+/// The database of `--decision-store database`'s server.
+const DECISIONS_DATABASE: &str = "decisions";
 
 /// Upper bound on transactions one client runs in one phase (the duration bounds it first).
 const MAX_TXNS_PER_CLIENT_PHASE: u64 = 5_000_000;
@@ -372,6 +375,22 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         None => temp.path().to_path_buf(),
     };
     let max_clients = sweep_clients.iter().copied().max().unwrap_or(args.clients);
+    let pg_options = PgOptions {
+        max_connections: (max_clients as u32 + 150).max(200),
+        ..PgOptions::default()
+    };
+    // `--decision-store database`: a server of its own for the decisions, as a team would run it.
+    let decision_database = if stores.contains(&DecisionStore::Database) {
+        eprintln!("starting the decision database (PostgreSQL with fsync on)");
+        let pg = PgCluster::start(&base_dir, "decisions", &pg_options)
+            .await
+            .context("starting the decision database")?;
+        pg.create_database(DECISIONS_DATABASE).await?;
+        Some(pg)
+    } else {
+        None
+    };
+    let decision_url = decision_database.as_ref().map(|pg| pg.url(DECISIONS_DATABASE));
     eprintln!(
         "starting {} shards (PostgreSQL with fsync on + participant each) and a coordinator in {}",
         args.shards,
@@ -380,14 +399,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let cluster = LocalCluster::start(ClusterSpec {
         shards: args.shards,
         base_dir: base_dir.clone(),
-        pg: PgOptions {
-            max_connections: (max_clients as u32 + 150).max(200),
-            ..PgOptions::default()
-        },
+        pg: pg_options.clone(),
         // The cluster's coordinator serves the first store; the others get instances below.
         coordinator_args: [
             service_thread_args(args.service_threads),
-            stores[0].coordinator_args(),
+            stores[0].coordinator_args(decision_url.as_deref()),
         ]
         .concat(),
         participant_args: {
@@ -415,7 +431,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 &format!("bench-{}", store.name()),
                 &[
                     service_thread_args(args.service_threads),
-                    store.coordinator_args(),
+                    store.coordinator_args(decision_url.as_deref()),
                 ]
                 .concat(),
             )
@@ -513,6 +529,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         postmasters: cluster
             .pgs
             .iter()
+            .chain(decision_database.iter())
             .filter_map(|pg| cpu::postmaster_pid(pg.data_dir()))
             .collect(),
     };

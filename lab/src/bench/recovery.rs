@@ -50,7 +50,7 @@ const POLL: Duration = Duration::from_millis(100);
 /// prepared branch fewer per transaction, no log to replay).
 fn target_seconds(store: DecisionStore) -> f64 {
     match store {
-        DecisionStore::File => 2.0,
+        DecisionStore::File | DecisionStore::Database => 2.0,
         DecisionStore::Shard => 1.0,
     }
 }
@@ -130,7 +130,7 @@ impl Branch {
     /// What each shard holds under `store` (the first shard is the decision shard).
     fn per_shard(store: DecisionStore, shards: &[ShardName]) -> Vec<Branch> {
         match store {
-            DecisionStore::File => vec![Branch::PreparedWithMarker; shards.len()],
+            DecisionStore::File | DecisionStore::Database => vec![Branch::PreparedWithMarker; shards.len()],
             DecisionStore::Shard => {
                 let decision_shard = shards[0].clone();
                 std::iter::once(Branch::DecisionRow {
@@ -206,6 +206,11 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     );
     let store = stores[0];
     anyhow::ensure!(
+        store != DecisionStore::Database,
+        "recovery measures the file and shard stores; a decision database's recovery is the file \
+         store's with the commit records read from its rows (tests/e2e/decision_database.rs)"
+    );
+    anyhow::ensure!(
         store == DecisionStore::File || args.shards >= 2,
         "recovery with --decision-store shard needs --shards of at least 2 (one decision shard, \
          one prepared branch)"
@@ -236,7 +241,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         },
         coordinator_args: [
             super::service_thread_args(args.service_threads),
-            store.coordinator_args(),
+            store.coordinator_args(None),
         ]
         .concat(),
         participant_args: super::service_thread_args(args.service_threads),

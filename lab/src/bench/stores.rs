@@ -1,5 +1,7 @@
-//! `--decision-store file,shard`: where the coordinator keeps its 2PC commit decisions, measured
-//! side by side in one invocation against the same databases.
+//! `--decision-store file,shard,database`: where the coordinator keeps its 2PC commit decisions,
+//! measured side by side in one invocation against the same databases. `database` is a dedicated
+//! decision database (`--decision-store postgres://...` on the coordinator): the bench starts one
+//! more PostgreSQL server for it, fsync on like the shards, and counts its CPU as PostgreSQL's.
 //!
 //! Each store runs on its own coordinator process over the same participants and PostgreSQL
 //! servers: the cluster's coordinator is started with the first store's flag, and every other
@@ -28,23 +30,31 @@ pub enum DecisionStore {
     File,
     /// A commit row in `treaty.decisions`, committed in one phase inside the first branch.
     Shard,
+    /// A commit row in `treaty.decisions` of a dedicated database, after every branch prepared.
+    Database,
 }
 
 impl DecisionStore {
     /// Every store, in the order they are run and named (the first keeps `treaty_*`).
-    pub const ALL: [DecisionStore; 2] = [DecisionStore::File, DecisionStore::Shard];
+    pub const ALL: [DecisionStore; 3] = [DecisionStore::File, DecisionStore::Shard, DecisionStore::Database];
 
     /// The name the coordinator's flag and the JSON use.
     pub fn name(self) -> &'static str {
         match self {
             DecisionStore::File => "file",
             DecisionStore::Shard => "shard",
+            DecisionStore::Database => "database",
         }
     }
 
-    /// The coordinator's arguments that select this store.
-    pub fn coordinator_args(self) -> Vec<String> {
-        vec!["--decision-store".into(), self.name().into()]
+    /// The coordinator's arguments that select this store; `database` needs the decision
+    /// database's URL.
+    pub fn coordinator_args(self, decision_database: Option<&str>) -> Vec<String> {
+        let value = match (self, decision_database) {
+            (DecisionStore::Database, Some(url)) => url,
+            _ => self.name(),
+        };
+        vec!["--decision-store".into(), value.into()]
     }
 
     /// The system name of Treaty on this store: `treaty` for the first store of the run,
@@ -54,6 +64,7 @@ impl DecisionStore {
             (true, _) => "treaty",
             (false, DecisionStore::File) => "treaty_file",
             (false, DecisionStore::Shard) => "treaty_shard",
+            (false, DecisionStore::Database) => "treaty_database",
         }
     }
 
@@ -77,7 +88,7 @@ impl FromStr for DecisionStore {
         Self::ALL
             .into_iter()
             .find(|store| store.name().eq_ignore_ascii_case(wanted))
-            .ok_or_else(|| format!("unknown decision store \"{wanted}\"; choose file or shard"))
+            .ok_or_else(|| format!("unknown decision store \"{wanted}\"; choose file, shard or database"))
     }
 }
 
@@ -187,7 +198,7 @@ mod tests {
 
     #[test]
     fn lists_parse_in_one_order_and_unknown_stores_name_the_choices() {
-        use DecisionStore::{File, Shard};
+        use DecisionStore::{Database, File, Shard};
         let parse = |text: &str| {
             text.split(',')
                 .map(str::parse)
@@ -205,7 +216,12 @@ mod tests {
             error.contains("etcd") && error.contains("file") && error.contains("shard"),
             "{error}"
         );
-        assert_eq!(Shard.coordinator_args(), ["--decision-store", "shard"]);
+        assert_eq!(Shard.coordinator_args(None), ["--decision-store", "shard"]);
+        // The decision database is named by its URL.
+        let url = "postgres://postgres@127.0.0.1:5999/decisions";
+        assert_eq!(parse("database"), Ok(vec![Database]));
+        assert_eq!(Database.coordinator_args(Some(url)), ["--decision-store", url]);
+        assert_eq!(Database.system_name(false), "treaty_database");
         assert_eq!(File.system_name(true), "treaty");
         assert_eq!(Shard.system_name(true), "treaty");
         assert_eq!(Shard.system_name(false), "treaty_shard");

@@ -1,0 +1,55 @@
+//! `treaty bench` end to end, briefly: every decision store side by side against direct, on a
+//! cluster the bench starts itself (the decision database's server included).
+
+use anyhow::{Context, Result};
+
+#[tokio::test]
+async fn the_bench_runs_every_decision_store_beside_direct_and_leaves_nothing_prepared() -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("treaty-e2e-bench-").tempdir()?;
+    let output = tokio::process::Command::new(treaty_harness::binary_path("treaty")?)
+        .args([
+            "bench",
+            "transfer",
+            "--shards",
+            "2",
+            "--clients",
+            "2",
+            "--duration",
+            "2",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--accounts",
+            "10000",
+            "--baseline",
+            "direct",
+            "--decision-store",
+            "file,shard,database",
+            "--json",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().context("no output")?)
+        .context("the last line is the JSON report")?;
+    assert_eq!(report["prepared_left"], 0, "{report}");
+    for (store, system) in [
+        ("file", "treaty"),
+        ("shard", "treaty_shard"),
+        ("database", "treaty_database"),
+    ] {
+        let figures = &report["decision_stores"][store];
+        assert_eq!(figures["system"], system, "{report}");
+        assert!(
+            figures["committed"].as_u64().unwrap_or(0) > 0,
+            "{store}: {figures}"
+        );
+    }
+    assert!(report["direct_tps"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+    Ok(())
+}
