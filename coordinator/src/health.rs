@@ -72,16 +72,17 @@ pub async fn unreachable_shards(links: &ParticipantLinks) -> Vec<ShardName> {
 
 /// Starts the health reporting (NOT_SERVING until the first probe round ends) and returns the
 /// health service to serve and the probe task, to abort when serving ends.
-pub fn start(
+pub async fn start(
     links: ParticipantLinks,
 ) -> (
     tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     JoinHandle<()>,
 ) {
     let (reporter, server) = tonic_health::server::health_reporter();
+    // The reporter starts the server-wide name SERVING and knows no other: both are set before the
+    // service can be asked, so no check sees SERVING (or "not registered") before a probe.
+    report(&reporter, ServingStatus::NotServing).await;
     let probing = tokio::spawn(async move {
-        // The reporter starts the server-wide name SERVING; nothing may say so before a probe.
-        report(&reporter, ServingStatus::NotServing).await;
         let mut last: Option<Vec<ShardName>> = None;
         let mut ticker = tokio::time::interval(PROBE_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -247,7 +247,7 @@ pub async fn run(
     tracing::info!(%addr, shards = config.shards.len(), "coordinator serving");
     announce(addr);
     let service = CoordinatorServer::new(service::CoordinatorService::new(engine.clone()));
-    let (health, probing) = health::start(probed_links);
+    let (health, probing) = health::start(probed_links).await;
     let (reflection_v1, reflection_v1alpha) = treaty_proto::reflection::services(
         treaty_proto::pb::coordinator_server::SERVICE_NAME,
         cfg!(feature = "failpoints"),

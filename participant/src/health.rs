@@ -35,13 +35,16 @@ async fn report(reporter: &HealthReporter, status: ServingStatus) {
 
 /// Starts reporting `database_held` as the participant's health; returns the health service to
 /// serve and the task that follows the claim (it ends when the claim is dropped).
-pub fn start(
+pub async fn start(
     mut database_held: watch::Receiver<bool>,
 ) -> (
     tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     JoinHandle<()>,
 ) {
     let (reporter, server) = tonic_health::server::health_reporter();
+    // The first status is set before the service can be asked, so that the participant's own name
+    // is never "not registered" and "" never says SERVING for a database that does not answer.
+    report(&reporter, status(*database_held.borrow())).await;
     let following = tokio::spawn(async move {
         loop {
             let held = *database_held.borrow_and_update();
@@ -100,7 +103,7 @@ mod tests {
     #[tokio::test]
     async fn the_status_follows_the_claim_on_the_database() {
         let (held, database_held) = watch::channel(true);
-        let (server, following) = start(database_held);
+        let (server, following) = start(database_held).await;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let serving = tokio::spawn(

@@ -133,7 +133,7 @@ pub async fn run(
     let addr = listener.local_addr().map_err(ParticipantError::ListenAddr)?;
     tracing::info!(%addr, shard = %config.shard, %database, "participant serving");
     announce(addr);
-    let (health, following_claim) = health::start(claim.held());
+    let (health, following_claim) = health::start(claim.held()).await;
     let (reflection_v1, reflection_v1alpha) = treaty_proto::reflection::services(
         treaty_proto::pb::participant_server::SERVICE_NAME,
         cfg!(feature = "failpoints"),
