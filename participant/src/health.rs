@@ -44,7 +44,8 @@ pub async fn start(
     let (reporter, server) = tonic_health::server::health_reporter();
     // The first status is set before the service can be asked, so that the participant's own name
     // is never "not registered" and "" never says SERVING for a database that does not answer.
-    report(&reporter, status(*database_held.borrow())).await;
+    let held = *database_held.borrow();
+    report(&reporter, status(held)).await;
     let following = tokio::spawn(async move {
         loop {
             let held = *database_held.borrow_and_update();
