@@ -22,8 +22,8 @@ use std::time::Duration;
 use futures::future::join_all;
 use tokio::task::JoinHandle;
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 use treaty_proto::ShardName;
+use treaty_proto::health::report;
 use treaty_proto::pb::coordinator_server::SERVICE_NAME as COORDINATOR_SERVICE;
 
 use crate::participants::ParticipantLinks;
@@ -33,22 +33,12 @@ pub const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// How long one shard's probe may take before the shard counts as unreachable.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The names whose status the coordinator reports: the whole server and its API.
-const REPORTED: [&str; 2] = ["", COORDINATOR_SERVICE];
-
 /// The coordinator's status given the shards the last round could not reach.
 pub fn status(unreachable: &[ShardName]) -> ServingStatus {
     if unreachable.is_empty() {
         ServingStatus::Serving
     } else {
         ServingStatus::NotServing
-    }
-}
-
-/// Sets every reported name to `status`.
-async fn report(reporter: &HealthReporter, status: ServingStatus) {
-    for name in REPORTED {
-        reporter.set_service_status(name, status).await;
     }
 }
 
@@ -81,7 +71,7 @@ pub async fn start(
     let (reporter, server) = tonic_health::server::health_reporter();
     // The reporter starts the server-wide name SERVING and knows no other: both are set before the
     // service can be asked, so no check sees SERVING (or "not registered") before a probe.
-    report(&reporter, ServingStatus::NotServing).await;
+    report(&reporter, COORDINATOR_SERVICE, ServingStatus::NotServing).await;
     let probing = tokio::spawn(async move {
         let mut last: Option<Vec<ShardName>> = None;
         let mut ticker = tokio::time::interval(PROBE_EVERY);
@@ -95,7 +85,7 @@ pub async fn start(
                     ServingStatus::Serving => tracing::info!("health: SERVING, every shard reached"),
                     _ => tracing::warn!(unreachable = ?shards, "health: NOT_SERVING, shards not reached"),
                 }
-                report(&reporter, status(&unreachable)).await;
+                report(&reporter, COORDINATOR_SERVICE, status(&unreachable)).await;
                 last = Some(unreachable);
             }
         }

@@ -12,11 +12,8 @@
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use treaty_proto::health::report;
 use treaty_proto::pb::participant_server::SERVICE_NAME as PARTICIPANT_SERVICE;
-
-/// The names whose status the participant reports: the whole server and its API.
-const REPORTED: [&str; 2] = ["", PARTICIPANT_SERVICE];
 
 /// The participant's status given whether its database answers under its claim.
 pub fn status(database_held: bool) -> ServingStatus {
@@ -24,12 +21,6 @@ pub fn status(database_held: bool) -> ServingStatus {
         ServingStatus::Serving
     } else {
         ServingStatus::NotServing
-    }
-}
-
-async fn report(reporter: &HealthReporter, status: ServingStatus) {
-    for name in REPORTED {
-        reporter.set_service_status(name, status).await;
     }
 }
 
@@ -45,7 +36,7 @@ pub async fn start(
     // The first status is set before the service can be asked, so that the participant's own name
     // is never "not registered" and "" never says SERVING for a database that does not answer.
     let held = *database_held.borrow();
-    report(&reporter, status(held)).await;
+    report(&reporter, PARTICIPANT_SERVICE, status(held)).await;
     let following = tokio::spawn(async move {
         loop {
             let held = *database_held.borrow_and_update();
@@ -54,9 +45,9 @@ pub async fn start(
             } else {
                 tracing::warn!("health: NOT_SERVING, the database does not answer (or its claim is lost)");
             }
-            report(&reporter, status(held)).await;
+            report(&reporter, PARTICIPANT_SERVICE, status(held)).await;
             if database_held.changed().await.is_err() {
-                report(&reporter, ServingStatus::NotServing).await;
+                report(&reporter, PARTICIPANT_SERVICE, ServingStatus::NotServing).await;
                 return;
             }
         }
@@ -87,7 +78,7 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let mut answers = Vec::new();
-            for name in REPORTED {
+            for name in ["", PARTICIPANT_SERVICE] {
                 answers.push(check(client, name).await);
             }
             if answers.iter().all(|answer| *answer == expected) {

@@ -36,6 +36,20 @@ async fn decision_database(t_dir: &std::path::Path, crash_at: &str) -> Result<(P
     ))
 }
 
+/// Runs a coordinator on `data_dir` with `--decision-store store`, expects it to refuse to start,
+/// and returns what it printed on stderr.
+async fn coordinator_that_fails_to_start(data_dir: &std::path::Path, store: &str) -> Result<String> {
+    let output = tokio::process::Command::new(treaty_harness::binary_path("treaty-coordinator")?)
+        .args(["--listen", "127.0.0.1:0", "--shard", "s0=http://127.0.0.1:1"])
+        .args(["--decision-store", store])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .await?;
+    assert!(!output.status.success(), "--decision-store {store} started");
+    Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
 async fn commit_rows(pg: &PgCluster) -> Result<i64> {
     let mut conn = pg.connect(DECISIONS_DATABASE).await?;
     Ok(
@@ -96,23 +110,8 @@ async fn a_coordinator_that_used_a_decision_database_refuses_to_start_without_it
         data_dir.join("decision-database"),
         "postgres://treaty:***@10.0.0.5:5432/decisions\n",
     )?;
-    let bin = treaty_harness::binary_path("treaty-coordinator")?;
     for store in ["file", "shard"] {
-        let output = tokio::process::Command::new(&bin)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--shard",
-                "s0=http://127.0.0.1:1",
-                "--decision-store",
-                store,
-            ])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .output()
-            .await?;
-        assert!(!output.status.success(), "--decision-store {store} started");
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stderr = coordinator_that_fails_to_start(&data_dir, store).await?;
         assert!(
             stderr.contains(
                 "kept its decisions in the decision database postgres://treaty:***@10.0.0.5:5432/decisions"
@@ -181,22 +180,7 @@ async fn an_unreachable_decision_database_stops_the_coordinator_with_a_clear_err
     // A port nothing listens on.
     let port = treaty_harness::free_loopback_port()?;
     let url = format!("postgres://postgres:secret@127.0.0.1:{port}/decisions");
-    let bin = treaty_harness::binary_path("treaty-coordinator")?;
-    let output = tokio::process::Command::new(bin)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--shard",
-            "s0=http://127.0.0.1:1",
-            "--decision-store",
-            &url,
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("coordinator"))
-        .output()
-        .await?;
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = coordinator_that_fails_to_start(&dir.path().join("coordinator"), &url).await?;
     assert!(stderr.contains("decision database"), "{stderr}");
     assert!(
         stderr.contains(&format!("postgres://postgres:***@127.0.0.1:{port}")),
