@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod bench;
+mod cli;
 mod commit;
 mod coordinators;
 mod decision_database;
