@@ -312,6 +312,14 @@ mod tests {
         )
     }
 
+    /// The example shipped for systemd (`deploy/config/`) stays a valid configuration.
+    #[test]
+    fn the_deployment_example_config_resolves() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/config/coordinator.toml");
+        let config = parse(&["--config", path]).unwrap();
+        assert_eq!(config.shards.len(), 2);
+        assert_eq!(config.decision_store, DecisionStoreKind::Shard);
+    }
     #[test]
     fn flags_resolve_with_defaults() {
         let config = parse(&[

@@ -329,6 +329,17 @@ mod tests {
         "/tmp/x",
     ];
 
+    /// The example shipped for systemd (`deploy/config/`) stays a valid configuration; the
+    /// database URL comes from the environment file beside it.
+    #[test]
+    fn the_deployment_example_config_resolves() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/config/participant-s0.toml"
+        );
+        let config = parse(&["--config", path, "--database-url", "postgres://x@127.0.0.1/db"]).unwrap();
+        assert_eq!(config.shard.as_str(), "s0");
+    }
     #[test]
     fn flags_resolve_with_defaults() {
         let config = parse(&REQUIRED).unwrap();
