@@ -113,6 +113,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         participant_args: Vec::new(),
         database: "treaty".into(),
         coordinator_port: args.port,
+        in_process: false,
     };
     let mut cluster = LocalCluster::start(spec)
         .await

@@ -363,6 +363,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         ],
         database: DATABASE.into(),
         coordinator_port: 0,
+        in_process: false,
     };
     let mut cluster = LocalCluster::start(spec)
         .await

@@ -12,6 +12,7 @@ mod failpoints;
 mod fixture;
 mod health;
 mod in_doubt;
+mod in_process;
 mod recovery;
 mod scenarios;
 mod shared_server;
