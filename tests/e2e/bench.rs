@@ -53,3 +53,64 @@ async fn the_bench_runs_every_decision_store_beside_direct_and_leaves_nothing_pr
     assert!(report["direct_tps"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
     Ok(())
 }
+
+/// `--participants in-process`: the coordinator drives both databases itself; the report says so,
+/// and Treaty commits beside direct with nothing left prepared.
+#[tokio::test]
+async fn the_bench_runs_in_process_participants_beside_direct() -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("treaty-e2e-bench-").tempdir()?;
+    let output = tokio::process::Command::new(treaty_harness::binary_path("treaty")?)
+        .args([
+            "bench",
+            "transfer",
+            "--shards",
+            "2",
+            "--clients",
+            "2",
+            "--duration",
+            "2",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--accounts",
+            "10000",
+            "--baseline",
+            "direct",
+            "--participants",
+            "in-process",
+            "--json",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().context("no output")?)
+        .context("the last line is the JSON report")?;
+    assert_eq!(report["participant_kind"], "in-process", "{report}");
+    assert_eq!(report["prepared_left"], 0, "{report}");
+    assert!(report["treaty_tps"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+    assert!(report["direct_tps"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+    // Two decision stores cannot share the databases in process: refused before anything starts.
+    let refused = tokio::process::Command::new(treaty_harness::binary_path("treaty")?)
+        .args([
+            "bench",
+            "transfer",
+            "--participants",
+            "in-process",
+            "--decision-store",
+            "file,shard",
+        ])
+        .output()
+        .await?;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("give one --decision-store"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    Ok(())
+}

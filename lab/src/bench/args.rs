@@ -54,6 +54,24 @@ pub enum BaselineArg {
     Independent,
 }
 
+/// How Treaty reaches each shard's database.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParticipantKind {
+    /// A participant agent process per shard, over gRPC.
+    Agent,
+    /// The coordinator drives each database itself (`--shard NAME=postgres://...`): no agent.
+    InProcess,
+}
+
+impl ParticipantKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ParticipantKind::Agent => "agent",
+            ParticipantKind::InProcess => "in-process",
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// The workload (`recovery` measures coordinator recovery instead of load).
@@ -101,6 +119,10 @@ pub struct BenchArgs {
     /// Default: shard, the coordinator's own default (file when --protocol includes 3pc).
     #[arg(long, value_delimiter = ',')]
     pub decision_store: Vec<DecisionStore>,
+    /// How Treaty reaches the databases: agent (a participant process per shard) or in-process
+    /// (the coordinator drives them itself, no gRPC hop; two-phase commit and one decision store).
+    #[arg(long, value_enum, default_value = "agent")]
+    pub participants: ParticipantKind,
     /// Baselines on the same databases: none, direct (PREPARE/COMMIT PREPARED by hand),
     /// independent (plain per-shard COMMIT); a comma-separated list runs several.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "none")]
@@ -161,6 +183,18 @@ impl BenchArgs {
     /// Bounds on the arguments, checked before anything starts.
     pub fn validate(&self) -> Result<()> {
         let args = self;
+        if args.participants == ParticipantKind::InProcess {
+            // One coordinator owns each database (its participant holds the database's claim), so
+            // stores cannot run side by side on their own coordinators, and 3PC needs agents.
+            anyhow::ensure!(
+                args.stores().len() == 1,
+                "--participants in-process runs one coordinator per database: give one --decision-store"
+            );
+            anyhow::ensure!(
+                !ProtocolChoice::expand(&args.protocol).contains(&Protocol::ThreePhase),
+                "--participants in-process: three-phase commit needs participant agents"
+            );
+        }
         anyhow::ensure!((1..=8).contains(&args.shards), "--shards must be between 1 and 8");
         anyhow::ensure!(
             args.workload != WorkloadKind::Transfer || args.shards >= 2,

@@ -300,6 +300,7 @@ fn params(
         "decision_store".into(),
         json!(stores.first().copied().unwrap_or(DecisionStore::File).name()),
     );
+    map.insert("participant_kind".into(), json!(args.participants.name()));
     map.insert("interactive".into(), json!(args.interactive));
     map.insert("lock_timeout_ms".into(), json!(args.lock_timeout_ms));
     map.insert(
@@ -391,9 +392,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         None
     };
     let decision_url = decision_database.as_ref().map(|pg| pg.url(DECISIONS_DATABASE));
+    let in_process = args.participants == args::ParticipantKind::InProcess;
     eprintln!(
-        "starting {} shards (PostgreSQL with fsync on + participant each) and a coordinator in {}",
+        "starting {} shards (PostgreSQL with fsync on, {} participants) and a coordinator in {}",
         args.shards,
+        args.participants.name(),
         base_dir.display()
     );
     let cluster = LocalCluster::start(ClusterSpec {
@@ -404,6 +407,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         coordinator_args: [
             service_thread_args(args.service_threads),
             stores[0].coordinator_args(decision_url.as_deref()),
+            // In process, the participant's sessions start with the coordinator's branch lock
+            // timeout: the bench's, as the agents' sessions do (`--session-lock-timeout-ms`).
+            if in_process {
+                vec!["--lock-timeout-ms".to_string(), args.lock_timeout_ms.to_string()]
+            } else {
+                Vec::new()
+            },
         ]
         .concat(),
         participant_args: {
@@ -418,7 +428,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         },
         database: DATABASE.into(),
         coordinator_port: 0,
-        in_process: false,
+        in_process,
     })
     .await
     .context("starting the local cluster")?;
