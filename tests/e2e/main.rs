@@ -4,6 +4,7 @@
 mod bad_input;
 mod bench;
 mod commit;
+mod console;
 mod coordinators;
 mod decision_database;
 mod decision_rows;
