@@ -150,8 +150,9 @@ fn chromium() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The page's DOM after Chromium loaded it and ran its scripts (`--dump-dom`).
-async fn rendered_dom(url: &str) -> Result<String> {
+/// The page's DOM after Chromium loaded it and ran its scripts (`--dump-dom`); `extra` adds
+/// flags (say, a virtual-time budget, so that the page's refresh timer fires before the dump).
+async fn rendered_dom(url: &str, extra: &[&str]) -> Result<String> {
     let profile = tempfile::Builder::new().prefix("treaty-chromium-").tempdir()?;
     let mut command = tokio::process::Command::new(chromium()?);
     command
@@ -167,6 +168,7 @@ async fn rendered_dom(url: &str) -> Result<String> {
             "--disable-sync",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
         .arg("--dump-dom")
         .arg(url)
         .stdin(std::process::Stdio::null())
@@ -208,7 +210,7 @@ async fn headless_chromium_shows_a_transaction_the_test_made_and_an_in_doubt_one
     let (txid, gid) = &c.in_doubt;
     let base = format!("http://{}", c.console);
 
-    let dom = rendered_dom(&format!("{base}/transactions")).await?;
+    let dom = rendered_dom(&format!("{base}/transactions"), &[]).await?;
     assert!(
         dom.contains(r#"data-live="on""#),
         "the page's script ran in Chromium: {dom}"
@@ -221,8 +223,14 @@ async fn headless_chromium_shows_a_transaction_the_test_made_and_an_in_doubt_one
         .with_context(|| format!("transaction {txid} is listed: {dom}"))?;
     assert!(undecided.contains(">preparing<"), "{undecided}");
 
-    let dom = rendered_dom(&format!("{base}/in-doubt")).await?;
+    // With virtual time, the page's 2 s refresh runs before the dump: the rows below are then the
+    // ones its script fetched as JSON and put in place.
+    let dom = rendered_dom(&format!("{base}/in-doubt"), &["--virtual-time-budget=5000"]).await?;
     assert!(dom.contains(r#"data-live="on""#), "{dom}");
+    assert!(
+        dom.contains(r#"<span id="refreshed" class="ok">live, refreshed 2"#),
+        "the page refreshed itself from its JSON endpoint: {dom}"
+    );
     for shard in 0..3 {
         let marker = format!(r#"data-gid="{gid}" data-shard="{}""#, c.test.shard(shard));
         let branch = row(&dom, &marker).with_context(|| format!("{marker} is listed: {dom}"))?;
@@ -238,7 +246,7 @@ async fn headless_chromium_shows_a_transaction_the_test_made_and_an_in_doubt_one
         assert!(branch.contains("in progress"), "{branch}");
     }
 
-    let dom = rendered_dom(&format!("{base}/transactions/{txid}")).await?;
+    let dom = rendered_dom(&format!("{base}/transactions/{txid}"), &[]).await?;
     assert!(dom.contains("Timeline"), "{dom}");
     for shard in 0..3 {
         assert!(

@@ -56,9 +56,28 @@ pub fn duration(ms: u64) -> String {
     }
 }
 
-/// A whole page: header with navigation, the live region (refreshed by `/console.js` from
-/// `live_src`, which answers JSON `{"html": ..., "refreshed_at": ...}`), and what follows it.
-pub fn page(title: &str, coordinator: &str, live_src: &str, live: &str, after: &str) -> String {
+/// A whole page: header with navigation, what comes `before` the live region (refreshed by
+/// `/console.js` from `live_src`, which answers JSON `{"html": ..., "refreshed_at": ...}`), the
+/// live region, and what comes `after` it. Forms go before or after, never inside, so a refresh
+/// does not wipe what an operator is typing.
+pub struct Page<'a> {
+    pub title: &'a str,
+    pub coordinator: &'a str,
+    pub before: &'a str,
+    pub live_src: &'a str,
+    pub live: &'a str,
+    pub after: &'a str,
+}
+
+pub fn page(page: Page<'_>) -> String {
+    let Page {
+        title,
+        coordinator,
+        before,
+        live_src,
+        live,
+        after,
+    } = page;
     format!(
         r#"<!DOCTYPE html>
 <html lang="en">
@@ -78,6 +97,7 @@ pub fn page(title: &str, coordinator: &str, live_src: &str, live: &str, after: &
 </header>
 <main>
 <h1>{title}</h1>
+{before}
 <div id="live" data-src="{live_src}">
 {live}
 </div>
@@ -124,7 +144,12 @@ pub fn message_page(title: &str, coordinator: &str, class: &str, message: &str, 
 }
 
 fn state_badge(state: &str) -> String {
-    format!(r#"<span class="state state-{0}">{0}</span>"#, escape(state))
+    // The class is a slug of the name (`logging its commit decision` → `logging-its-commit-decision`).
+    let class: String = state
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    format!(r#"<span class="state state-{class}">{}</span>"#, escape(state))
 }
 
 fn heuristic_note(heuristic: &HeuristicView) -> String {
@@ -240,7 +265,7 @@ pub fn transactions_live(list: &TransactionList) -> String {
         }
         let _ = write!(
             html,
-            r#"<tr data-txid="{txid}" data-gid="{gid}"><td><a href="/transactions/{txid}">{txid}</a></td><td>{state}</td><td>{protocol}</td><td>{label}</td><td>{begun}</td><td class="age">{age}</td><td>{branches}</td><td>{outcome}</td></tr>"#,
+            r#"<tr data-txid="{txid}" data-gid="{gid}"><td><a href="/transactions/{txid}">{txid}</a></td><td>{state}</td><td class="nowrap">{protocol}</td><td>{label}</td><td class="nowrap">{begun}</td><td class="age">{age}</td><td>{branches}</td><td>{outcome}</td></tr>"#,
             txid = txn.txid,
             gid = escape(&txn.gid),
             state = state_badge(&txn.state),

@@ -254,13 +254,14 @@ async fn transactions_page(State(console): State<Arc<Console>>, RawQuery(query):
     }
     html_response(
         StatusCode::OK,
-        html::page(
-            "Transactions",
-            engine.id().as_str(),
-            &live_src("/transactions", &pairs),
-            &region,
-            &html::filter_form(&filters),
-        ),
+        html::page(html::Page {
+            title: "Transactions",
+            coordinator: engine.id().as_str(),
+            before: &html::filter_form(&filters),
+            live_src: &live_src("/transactions", &pairs),
+            live: &region,
+            after: "",
+        }),
     )
 }
 
@@ -330,15 +331,22 @@ async fn transaction_page(
     if wants_live(&query_pairs(query.as_deref())) {
         return live(region, now);
     }
+    // A finished transaction has nothing left to resolve.
+    let finished = detail.transaction.finished_at_ms > 0;
     html_response(
         StatusCode::OK,
-        html::page(
-            &format!("Transaction {txid}"),
-            engine.id().as_str(),
-            &format!("/transactions/{txid}?live=1"),
-            &region,
-            &html::resolve_form(Some(txid)),
-        ),
+        html::page(html::Page {
+            title: &format!("Transaction {txid}"),
+            coordinator: engine.id().as_str(),
+            before: "",
+            live_src: &format!("/transactions/{txid}?live=1"),
+            live: &region,
+            after: &if finished {
+                String::new()
+            } else {
+                html::resolve_form(Some(txid))
+            },
+        }),
     )
 }
 
@@ -383,13 +391,14 @@ async fn in_doubt_page(State(console): State<Arc<Console>>, RawQuery(query): Raw
         .and_then(|(_, value)| parse_txid(value).ok());
     html_response(
         StatusCode::OK,
-        html::page(
-            "In doubt: prepared branches",
-            console.engine.id().as_str(),
-            "/in-doubt?live=1",
-            &region,
-            &html::resolve_form(txid),
-        ),
+        html::page(html::Page {
+            title: "In doubt: prepared branches",
+            coordinator: console.engine.id().as_str(),
+            before: "",
+            live_src: "/in-doubt?live=1",
+            live: &region,
+            after: &html::resolve_form(txid),
+        }),
     )
 }
 
