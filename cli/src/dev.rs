@@ -202,3 +202,21 @@ pub async fn down(args: DownArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_file_written_before_the_console_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(STATE_FILE),
+            r#"{"coordinator": "http://127.0.0.1:7600", "coordinator_pid": null, "shards": []}"#,
+        )
+        .unwrap();
+        let state = ClusterState::load(dir.path()).unwrap();
+        assert_eq!(state.coordinator, "http://127.0.0.1:7600");
+        assert_eq!(state.console, None);
+    }
+}
