@@ -273,11 +273,19 @@ async fn http(
     body: &str,
 ) -> Result<HttpResponse> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    // The console's own address unless the test names another host.
+    let host = headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("host"))
+        .map_or(addr, |(_, value)| value);
     let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
-    for (name, value) in headers {
+    for (name, value) in headers
+        .iter()
+        .filter(|(name, _)| !name.eq_ignore_ascii_case("host"))
+    {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str("\r\n");
@@ -326,6 +334,17 @@ async fn the_console_resolve_form_needs_a_reason_and_then_resolves_the_transacti
         3,
         "{listed}"
     );
+
+    // A page on another site whose DNS name was rebound to the console's address.
+    let rebound = http(
+        &addr,
+        "GET",
+        "/api/in-doubt",
+        &[("Host", "attacker.example:80")],
+        "",
+    )
+    .await?;
+    assert_eq!(rebound.status, 421, "{}", rebound.body);
 
     let get = http(&addr, "GET", "/resolve", &[], "").await?;
     assert_eq!(get.status, 405, "a resolve is a POST: {}", get.body);

@@ -8,7 +8,9 @@
 //! There is no authentication until roles exist (issue 17): the console is meant to be bound to
 //! loopback. What it does to limit harm meanwhile: state changes only by POST (a GET of `/resolve`
 //! is refused), a resolve needs a reason and an operator, a cross-site POST (its `Origin` or
-//! `Sec-Fetch-Site` says so) is refused, and a strict Content-Security-Policy allows no inline
+//! `Sec-Fetch-Site` says so) is refused, a request naming a host other than an IP address or
+//! `localhost` is refused (a web page that rebinds its own DNS name to 127.0.0.1 would otherwise
+//! be same-origin with the console), and a strict Content-Security-Policy allows no inline
 //! script, so even a value that escaped escaping could not run.
 //!
 //! Pages: `/transactions` (filters `state`, `label`, `shard`, `limit`), `/transactions/{txid}`
@@ -24,8 +26,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
@@ -117,7 +120,35 @@ fn router(engine: Arc<CoordinatorEngine>) -> Router {
                 "no such page: try /transactions or /in-doubt",
             )
         })
+        .layer(axum::middleware::from_fn(only_address_hosts))
         .with_state(console)
+}
+
+/// Whether a `Host` header names the console by address (`127.0.0.1:7680`, `[::1]:7680`) or as
+/// `localhost`: what a browser on the machine, an SSH tunnel or a reverse proxy's default sends.
+/// Any other name may be a page that rebound its DNS name to this address.
+fn address_host(host: &str) -> bool {
+    if let Some(rest) = host.strip_prefix('[') {
+        // `[v6]:port`: an IPv6 literal.
+        return rest
+            .split_once(']')
+            .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
+    }
+    let name = host.rsplit_once(':').map_or(host, |(name, _port)| name);
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
+async fn only_address_hosts(request: Request, next: Next) -> Response {
+    let host = request.headers().get(header::HOST).map(|value| value.to_str());
+    match host {
+        Some(Ok(host)) if !address_host(host) => plain(
+            StatusCode::MISDIRECTED_REQUEST,
+            "the console answers only requests addressed to its IP address or localhost \
+             (a reverse proxy must send Host as the console's address)",
+        ),
+        Some(Err(_)) => plain(StatusCode::BAD_REQUEST, "the Host header is not text"),
+        _ => next.run(request).await,
+    }
 }
 
 // ---- responses ----
@@ -577,6 +608,29 @@ mod tests {
             ("host", "127.0.0.1:7680"),
             ("sec-fetch-site", "cross-site"),
         ])));
+    }
+
+    #[test]
+    fn only_hosts_named_by_address_or_localhost_are_served() {
+        for host in [
+            "127.0.0.1:7680",
+            "127.0.0.1",
+            "localhost:7680",
+            "LOCALHOST",
+            "[::1]:7680",
+            "10.0.0.5:80",
+        ] {
+            assert!(address_host(host), "{host}");
+        }
+        for host in [
+            "attacker.example:7680",
+            "attacker.example",
+            "127.0.0.1.nip.io:7680",
+            "[evil]:1",
+            "",
+        ] {
+            assert!(!address_host(host), "{host}");
+        }
     }
 
     #[test]
