@@ -4,7 +4,9 @@
 //!
 //! Kept small and cheap because it runs on every event: comparing a few phases, and an allocation
 //! only when a phase changes. At most [`MAX_MARKS`] marks per transaction; past that the oldest are
-//! dropped (and counted), so a transaction re-driven for days cannot grow it.
+//! dropped (and counted), so a transaction re-driven for days cannot grow it. A mark is 24
+//! bytes and a three-shard two-phase commit makes about twenty, so the 10,000 finished
+//! transactions the table keeps for `GetTransaction` hold about 5 MB of marks.
 
 use std::collections::VecDeque;
 
