@@ -8,6 +8,7 @@ use treaty_client::{Client, ClientError};
 use treaty_proto::pb;
 
 use crate::dev::ClusterState;
+use crate::exit::{Exit, Failure, outcome_json};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Target {
@@ -48,24 +49,32 @@ impl Target {
     }
 }
 
-/// A client error for people: a coordinator's refusal as `Code: message`, no coordinator at all
-/// with a hint to start one, anything else as the library says it (what happened, what to do).
+/// A client error as a `Failure`: the sentence for people (with a hint to start a coordinator
+/// when none answered) and the exit code and abort fields for scripts (`exit.rs`).
 pub(crate) fn client_error(error: ClientError) -> anyhow::Error {
-    match error {
-        ClientError::Rpc { status, .. } => anyhow::anyhow!("{:?}: {}", status.code(), status.message()),
-        ClientError::NoCoordinator { .. } => {
-            anyhow::anyhow!("{error}; is one running? try `treaty dev up`")
-        }
-        error => anyhow::Error::new(error),
-    }
+    anyhow::Error::new(Failure::from_client(error))
 }
 
 pub async fn submit(file: &Path, target: &Target, json: bool) -> Result<()> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let request = crate::ops_file::parse(&text, file)?;
+    // A file that cannot be read or parsed is the caller's to fix: a usage error, nothing sent.
+    let usage = |error: anyhow::Error| Failure::new(Exit::Usage, format!("{error:#}"));
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading {}", file.display()))
+        .map_err(usage)?;
+    let request = crate::ops_file::parse(&text, file).map_err(usage)?;
     let client = target.connect().await?;
     let response = client.submit(request).await.map_err(client_error)?;
     let outcome = response.outcome.unwrap_or_default();
+    match pb::OutcomeKind::try_from(outcome.kind) {
+        Ok(pb::OutcomeKind::Committed) => {}
+        // Printed once, by `exit::report`: under `--json` as the one error object, whose
+        // `abort` holds the cause, shard, SQLSTATE, message and retryable flag.
+        Ok(pb::OutcomeKind::Aborted) => return Err(Failure::aborted(outcome.txid, &outcome).into()),
+        _ => bail!(
+            "transaction {}: the coordinator answered without an outcome",
+            outcome.txid
+        ),
+    }
     if json {
         let results: Vec<serde_json::Value> = response
             .results
@@ -74,7 +83,7 @@ pub async fn submit(file: &Path, target: &Target, json: bool) -> Result<()> {
             .collect();
         println!(
             "{}",
-            serde_json::json!({"txid": outcome.txid, "outcome": outcome_text(&outcome), "results": results})
+            serde_json::json!({"txid": outcome.txid, "outcome": outcome_json(&outcome), "results": results})
         );
     } else {
         println!("transaction {}: {}", outcome.txid, outcome_text(&outcome));
@@ -86,9 +95,6 @@ pub async fn submit(file: &Path, target: &Target, json: bool) -> Result<()> {
             );
         }
     }
-    if outcome.kind != pb::OutcomeKind::Committed as i32 {
-        bail!("transaction {} did not commit", outcome.txid);
-    }
     Ok(())
 }
 
@@ -96,18 +102,16 @@ pub fn outcome_text(outcome: &pb::Outcome) -> String {
     match pb::OutcomeKind::try_from(outcome.kind) {
         Ok(pb::OutcomeKind::Committed) => "COMMITTED".into(),
         Ok(pb::OutcomeKind::Aborted) => {
-            let reason = outcome.abort.clone().unwrap_or_default();
-            let cause = pb::AbortCause::try_from(reason.cause)
-                .map_or("unknown".into(), |c| c.as_str_name().to_owned());
-            let mut text = format!("ABORTED ({cause}");
-            if !reason.shard.is_empty() {
-                text += &format!(", shard {}", reason.shard);
+            let abort = crate::exit::abort_detail(outcome);
+            let mut text = format!("ABORTED ({}", abort.cause);
+            if !abort.shard.is_empty() {
+                text += &format!(", shard {}", abort.shard);
             }
-            if !reason.sqlstate.is_empty() {
-                text += &format!(", SQLSTATE {}", reason.sqlstate);
+            if !abort.sqlstate.is_empty() {
+                text += &format!(", SQLSTATE {}", abort.sqlstate);
             }
-            text += &format!("): {}", reason.message);
-            if reason.retryable {
+            text += &format!("): {}", abort.message);
+            if abort.retryable {
                 text += " [retryable]";
             }
             text
@@ -142,7 +146,7 @@ fn info_json(info: &pb::TransactionInfo) -> serde_json::Value {
         "begun_at_ms": info.begun_at_ms,
         "decided_at_ms": info.decided_at_ms,
         "finished_at_ms": info.finished_at_ms,
-        "outcome": info.outcome.as_ref().map(outcome_text),
+        "outcome": info.outcome.as_ref().map(outcome_json),
         "participants": info.participants.iter().map(|p| serde_json::json!({
             "shard": p.shard, "state": participant_state_name(p.state), "attempts": p.attempts, "last_error": p.last_error,
         })).collect::<Vec<_>>(),

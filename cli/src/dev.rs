@@ -15,8 +15,8 @@ pub struct UpArgs {
     /// Number of shards (PostgreSQL clusters, one participant each).
     #[arg(long, default_value_t = 3)]
     pub shards: usize,
-    /// Where data, logs and the state file go.
-    #[arg(long, default_value = ".treaty/dev")]
+    /// Where data, logs and the state file go (the same flag as the other commands' --dev-dir).
+    #[arg(long = "dev-dir", alias = "dir", default_value = ".treaty/dev")]
     pub dir: PathBuf,
     /// Coordinator port on 127.0.0.1 (0 picks a free one).
     #[arg(long, default_value_t = 7600)]
@@ -33,7 +33,8 @@ pub struct UpArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct DownArgs {
-    #[arg(long, default_value = ".treaty/dev")]
+    /// The cluster `treaty dev up` started there.
+    #[arg(long = "dev-dir", alias = "dir", default_value = ".treaty/dev")]
     pub dir: PathBuf,
     /// Also delete the data directory.
     #[arg(long)]
@@ -127,6 +128,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         participant_args: Vec::new(),
         database: "treaty".into(),
         coordinator_port: args.port,
+        in_process: false,
     };
     let mut cluster = LocalCluster::start(spec)
         .await

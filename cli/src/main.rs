@@ -6,6 +6,7 @@
 
 mod client;
 mod dev;
+mod exit;
 mod list;
 mod ops_file;
 
@@ -49,7 +50,7 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         target: client::Target,
-        /// Print the response as JSON.
+        /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -57,9 +58,11 @@ enum Command {
     List(list::ListArgs),
     /// Show one transaction: state, participants, phase-two progress, outcome.
     Txn {
+        /// The transaction's id, as `submit`, `list` and `in-doubt` print it.
         txid: u64,
         #[command(flatten)]
         target: client::Target,
+        /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -68,12 +71,14 @@ enum Command {
     InDoubt {
         #[command(flatten)]
         target: client::Target,
+        /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
     /// Decide an in-doubt transaction by hand (a heuristic decision, logged with who, when, why).
     #[command(group(clap::ArgGroup::new("decision").required(true).args(["commit", "abort"])))]
     Resolve {
+        /// The in-doubt transaction's id (`treaty in-doubt` lists them).
         txid: u64,
         /// Commit the transaction's prepared branches.
         #[arg(long)]
@@ -89,6 +94,7 @@ enum Command {
         operator: Option<String>,
         #[command(flatten)]
         target: client::Target,
+        /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -119,14 +125,42 @@ fn init_tracing(json: bool) {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // A usage error is JSON too when JSON was asked for; `--help` and `--version` are not
+            // errors (clap prints them to stdout and exits 0).
+            if error.use_stderr() && std::env::args().any(|arg| arg == "--json") {
+                let message = error.render().to_string();
+                println!("{}", exit::Failure::new(exit::Exit::Usage, message.trim()).json());
+            }
+            error.exit()
+        }
+    };
     init_tracing(cli.log_json);
+    let json = cli.command.json();
     match dispatch(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            // `{:#}` prints the whole context chain on one line, without a backtrace.
-            eprintln!("error: {error:#}");
-            std::process::ExitCode::FAILURE
+        Err(error) => exit::report(&error, json),
+    }
+}
+
+impl Command {
+    /// Whether the command was asked for JSON, so that a failure prints JSON too.
+    fn json(&self) -> bool {
+        match self {
+            Command::Bench(args) => args.json,
+            Command::Submit { json, .. }
+            | Command::Txn { json, .. }
+            | Command::InDoubt { json, .. }
+            | Command::Resolve { json, .. } => *json,
+            Command::List(args) => args.json,
+            Command::Demo(args) => args.json,
+            Command::Chaos(args) => args.json,
+            Command::Scenario {
+                command: scenario::ScenarioCommand::Run(args),
+            } => args.json,
+            Command::Dev { .. } => false,
         }
     }
 }
@@ -156,5 +190,33 @@ async fn dispatch(command: Command) -> Result<()> {
             target,
             json,
         } => client::resolve(txid, commit, reason, operator, &target, json).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every command says what it is for (clap adds the default).
+    #[test]
+    fn every_argument_has_help_text() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "treaty", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+        super::Cli::command().debug_assert();
     }
 }

@@ -36,7 +36,9 @@ pub struct Args {
     /// Directory of the decision log.
     #[arg(long, env = "TREATY_COORDINATOR_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// A participant, as NAME=http://HOST:PORT; repeat for each shard.
+    /// A shard, repeated for each: NAME=http://HOST:PORT for a participant agent, or
+    /// NAME=postgres://USER@HOST:PORT/DB to drive that database from this process (no agent, no
+    /// network hop; two-phase commit only). Both kinds mix.
     #[arg(long = "shard", env = "TREATY_COORDINATOR_SHARDS", value_delimiter = ',')]
     pub shards: Vec<String>,
     /// Coordinator id used in GIDs when the log is new (default: generated once and kept in the log).
@@ -199,7 +201,9 @@ pub enum ConfigError {
         "--decision-store {0:?}: expected `file`, `shard`, or a PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE)"
     )]
     DecisionStore(String),
-    #[error("no shards configured: pass --shard NAME=http://HOST:PORT for each participant")]
+    #[error(
+        "no shards configured: pass --shard NAME=http://HOST:PORT for each participant (or NAME=postgres://... to drive a database from the coordinator)"
+    )]
     NoShards,
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
@@ -309,6 +313,11 @@ impl Config {
     }
 }
 
+/// Whether a shard's address is a PostgreSQL URL: a database the coordinator drives itself.
+pub fn is_database_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -319,6 +328,17 @@ mod tests {
         Config::resolve(
             Args::try_parse_from(std::iter::once("treaty-coordinator").chain(args.iter().copied())).unwrap(),
         )
+    }
+
+    /// The example shipped for systemd (`deploy/config/`) stays a valid configuration.
+    #[test]
+    fn the_deployment_example_config_resolves() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/config/coordinator.toml");
+        let config = parse(&["--config", path]).unwrap();
+        assert_eq!(config.shards.len(), 2);
+        assert_eq!(config.decision_store, DecisionStoreKind::Shard);
+        let console = config.console_addr.expect("the example turns the console on");
+        assert!(console.ip().is_loopback(), "on loopback: {console}");
     }
 
     #[test]

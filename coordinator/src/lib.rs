@@ -28,6 +28,7 @@ mod faults;
 pub mod h2_channel;
 pub mod health;
 mod in_doubt;
+pub mod link_channel;
 mod log_faults;
 pub mod participants;
 pub mod service;
@@ -131,6 +132,13 @@ pub enum CoordinatorError {
     },
     #[error("arming failpoints: {0}")]
     Failpoints(#[from] failpoints::FailpointError),
+    #[error("shard {shard} (driven in this process): {message}")]
+    InProcessConfig { shard: String, message: String },
+    #[error("shard {shard} (driven in this process): {source}")]
+    InProcess {
+        shard: String,
+        source: treaty_participant::ParticipantError,
+    },
     #[error(transparent)]
     Console(#[from] console::ConsoleError),
 }
@@ -212,7 +220,9 @@ pub async fn run(
         }
     };
     let id = CoordinatorId::new(&id).map_err(CoordinatorError::BadId)?;
-    let links = ParticipantLinks::new(&config.shards)?;
+    let addr = listener.local_addr().map_err(CoordinatorError::ListenAddr)?;
+    let (local, in_process) = start_in_process(&config, addr).await?;
+    let links = ParticipantLinks::with_local(&config.shards, local)?;
     let settings = EngineSettings {
         timeouts: config.timeouts,
         lock_timeout_ms: config.lock_timeout_ms,
@@ -254,7 +264,6 @@ pub async fn run(
         Some(addr) => Some(console::bind(addr).await?),
         None => None,
     };
-    let addr = listener.local_addr().map_err(CoordinatorError::ListenAddr)?;
     tracing::info!(%addr, shards = config.shards.len(), "coordinator serving");
     announce(addr);
     let console = console.map(|listener| spawn_console(engine.clone(), listener));
@@ -283,6 +292,9 @@ pub async fn run(
     }
     served?;
     engine.flush().await;
+    for participant in in_process {
+        participant.stop().await;
+    }
     tracing::info!("coordinator stopped");
     Ok(())
 }
@@ -329,6 +341,57 @@ fn spawn_console(engine: Arc<CoordinatorEngine>, listener: TcpListener) -> Runni
         }
     });
     RunningConsole { stop, task }
+}
+
+/// Starts a participant in this process for each shard given as a database URL: the agent's own
+/// code (`treaty_participant::Running`), with its data under `<data dir>/participants/<shard>`,
+/// asking this coordinator (through its own listener) about prepared branches during recovery.
+/// They start before the driver, whose re-drives need every link.
+async fn start_in_process(
+    config: &Config,
+    addr: std::net::SocketAddr,
+) -> Result<
+    (
+        std::collections::BTreeMap<treaty_proto::ShardName, treaty_participant::InProcess>,
+        Vec<treaty_participant::Running>,
+    ),
+    CoordinatorError,
+> {
+    let mut local = std::collections::BTreeMap::new();
+    let mut running = Vec::new();
+    // A listener on every interface is reached on loopback from this process.
+    let own = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    for (shard, url) in &config.shards {
+        if !config::is_database_url(url) {
+            continue;
+        }
+        let lock_timeout_ms = u32::try_from(config.lock_timeout_ms).unwrap_or(u32::MAX);
+        let participant = treaty_participant::Config::in_process(
+            shard.clone(),
+            url.clone(),
+            format!("http://{own}"),
+            config.data_dir.join("participants").join(shard.as_str()),
+            lock_timeout_ms,
+        )
+        .map_err(|error| CoordinatorError::InProcessConfig {
+            shard: shard.to_string(),
+            message: error.to_string(),
+        })?;
+        let started = treaty_participant::Running::start(&participant)
+            .await
+            .map_err(|source| CoordinatorError::InProcess {
+                shard: shard.to_string(),
+                source,
+            })?;
+        tracing::info!(%shard, "shard driven in this process (no participant agent)");
+        local.insert(shard.clone(), started.in_process());
+        running.push(started);
+    }
+    Ok((local, running))
 }
 
 /// Tells whoever started the process where it serves (the test harness waits for this line).

@@ -8,7 +8,7 @@ mod commit_batch;
 #[cfg(test)]
 mod three_phase_tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ pub use treaty_proto::wire::{result_from_pb, result_to_pb};
 use treaty_proto::{ApiError, CoordinatorId, Gid, Protocol, ShardName, pb};
 
 use crate::h2_channel::H2Channel;
+use crate::link_channel::LinkChannel;
 use commit_batch::PendingCommit;
 
 /// The service name a participant's health is asked for.
@@ -49,15 +50,17 @@ pub enum LinkSetupError {
 
 #[derive(Clone)]
 pub struct ParticipantLinks {
-    clients: BTreeMap<ShardName, ParticipantClient<H2Channel>>,
+    clients: BTreeMap<ShardName, ParticipantClient<LinkChannel>>,
     /// Each shard's `grpc.health.v1` client, on the same connection as its calls (`health`).
-    health: BTreeMap<ShardName, HealthClient<H2Channel>>,
+    health: BTreeMap<ShardName, HealthClient<LinkChannel>>,
     /// Where each shard's participant serves, as configured: 3PC tells every participant where
     /// its peers are (`pb::Peer`).
     urls: Arc<BTreeMap<ShardName, String>>,
     /// Per shard, the queue of the task that coalesces commits into `CommitBatch` calls; started
     /// on first use (it needs the runtime).
     commit_queues: Arc<BTreeMap<ShardName, OnceLock<mpsc::UnboundedSender<PendingCommit>>>>,
+    /// The shards driven by participants inside this process.
+    local: Arc<BTreeSet<ShardName>>,
 }
 
 /// A participant's gRPC error as the core reads it.
@@ -135,15 +138,33 @@ impl ParticipantLinks {
     /// Builds a channel per shard. Nothing connects yet: a participant that is down at start is
     /// reached when it comes back.
     pub fn new(shards: &BTreeMap<ShardName, String>) -> Result<Self, LinkSetupError> {
+        Self::with_local(shards, BTreeMap::new())
+    }
+
+    /// As `new`, with the shards in `local` driven by participants running in this process
+    /// (their entries in `shards` are ignored).
+    pub fn with_local(
+        shards: &BTreeMap<ShardName, String>,
+        local: BTreeMap<ShardName, treaty_participant::InProcess>,
+    ) -> Result<Self, LinkSetupError> {
         let mut clients = BTreeMap::new();
         let mut health = BTreeMap::new();
         let mut commit_queues = BTreeMap::new();
+        let mut urls = BTreeMap::new();
         for (shard, url) in shards {
-            let channel = H2Channel::new(url, CONNECT_TIMEOUT).map_err(|e| LinkSetupError::BadUrl {
-                shard: shard.to_string(),
-                url: url.clone(),
-                reason: e.to_string(),
-            })?;
+            let channel = match local.get(shard) {
+                Some(service) => LinkChannel::Local(service.clone()),
+                None => {
+                    urls.insert(shard.clone(), url.clone());
+                    LinkChannel::Remote(H2Channel::new(url, CONNECT_TIMEOUT).map_err(|e| {
+                        LinkSetupError::BadUrl {
+                            shard: shard.to_string(),
+                            url: url.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?)
+                }
+            };
             health.insert(shard.clone(), HealthClient::new(channel.clone()));
             clients.insert(shard.clone(), ParticipantClient::new(channel));
             commit_queues.insert(shard.clone(), OnceLock::new());
@@ -151,9 +172,28 @@ impl ParticipantLinks {
         Ok(Self {
             clients,
             health,
-            urls: Arc::new(shards.clone()),
+            // Only agents' addresses: a local shard's is a database URL, which may hold a
+            // password and is no use to a peer.
+            urls: Arc::new(urls),
             commit_queues: Arc::new(commit_queues),
+            local: Arc::new(local.into_keys().collect()),
         })
+    }
+
+    /// Three-phase commit needs participants that outlive the coordinator (they finish the
+    /// transaction among themselves while it is down); one in this process dies with it.
+    fn refuse_three_phase_over_local(&self, vote: &VoteRequest) -> Result<(), LinkError> {
+        if vote.protocol != Protocol::ThreePhase {
+            return Ok(());
+        }
+        match vote.participants.iter().find(|shard| self.local.contains(*shard)) {
+            Some(shard) => Err(LinkError::Refused(format!(
+                "three-phase commit needs participants that outlive the coordinator, and shard {shard} \
+                 is driven inside the coordinator (--shard {shard}=postgres://...): use two-phase \
+                 commit for this transaction, or run a participant agent for {shard}"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The shards whose health `participant_serving` asks: every configured one.
@@ -194,7 +234,7 @@ impl ParticipantLinks {
             .collect()
     }
 
-    fn client(&self, shard: &ShardName) -> Result<ParticipantClient<H2Channel>, LinkError> {
+    fn client(&self, shard: &ShardName) -> Result<ParticipantClient<LinkChannel>, LinkError> {
         self.clients.get(shard).cloned().ok_or_else(|| {
             LinkError::Unavailable(format!("shard {shard} is not configured on this coordinator"))
         })
@@ -268,6 +308,7 @@ impl ParticipantTransport for ParticipantLinks {
         vote: VoteRequest,
         timeout_ms: u64,
     ) -> Result<ExecutedAndVoted, LinkError> {
+        self.refuse_three_phase_over_local(&vote)?;
         let mut client = self.client(shard)?;
         let mut request = self.execute_request(statement);
         if vote.protocol == Protocol::ThreePhase {
@@ -308,6 +349,7 @@ impl ParticipantTransport for ParticipantLinks {
         vote: VoteRequest,
         timeout_ms: u64,
     ) -> Result<VoteAnswer, LinkError> {
+        self.refuse_three_phase_over_local(&vote)?;
         let mut client = self.client(shard)?;
         let participants: Vec<String> = vote.participants.iter().map(ToString::to_string).collect();
         let request = match vote.protocol {

@@ -35,6 +35,9 @@ pub struct ClusterSpec {
     pub database: String,
     /// Coordinator port on 127.0.0.1; 0 picks a free one.
     pub coordinator_port: u16,
+    /// Every shard driven by the coordinator itself (`--shard NAME=postgres://...`): no
+    /// participant processes are started, and `participants` stays empty.
+    pub in_process: bool,
 }
 
 /// A running local cluster. Dropping it kills the processes and stops PostgreSQL, unless each part
@@ -75,6 +78,11 @@ impl LocalCluster {
     async fn start_inner(spec: ClusterSpec, proxied: bool) -> Result<LocalCluster, HarnessError> {
         if spec.shards == 0 {
             return Err(HarnessError::Invalid("a cluster needs at least one shard".into()));
+        }
+        if spec.in_process && proxied {
+            return Err(HarnessError::Invalid(
+                "in-process shards have no coordinator -> participant link to proxy".into(),
+            ));
         }
         let base_dir = spec.base_dir.clone();
         std::fs::create_dir_all(&base_dir)
@@ -122,9 +130,13 @@ impl LocalCluster {
             "--data-dir".to_string(),
             base_dir.join("coordinator").display().to_string(),
         ];
-        for (name, addr) in shard_names.iter().zip(&participant_dials) {
+        for ((name, addr), pg) in shard_names.iter().zip(&participant_dials).zip(&pgs) {
             coordinator_args.push("--shard".into());
-            coordinator_args.push(format!("{name}=http://{addr}"));
+            if spec.in_process {
+                coordinator_args.push(format!("{name}={}", pg.url(&spec.database)));
+            } else {
+                coordinator_args.push(format!("{name}=http://{addr}"));
+            }
         }
         coordinator_args.extend(spec.coordinator_args.iter().cloned());
         let coordinator = ServiceProcess::spawn(ServiceSpec {
@@ -138,8 +150,9 @@ impl LocalCluster {
         .await?;
 
         let participant_binary = os::binary_path("treaty-participant")?;
+        let agent_shards = if spec.in_process { 0 } else { shard_names.len() };
         let participants = futures::future::try_join_all(
-            shard_names
+            shard_names[..agent_shards]
                 .iter()
                 .zip(&participant_addrs)
                 .zip(&pgs)

@@ -33,12 +33,16 @@ pub struct ChaosArgs {
     /// Seconds of chaos (faults and transfers); recovery and the check come after.
     #[arg(long, default_value_t = 60)]
     pub duration: u64,
+    /// Seed of the fault schedule and workload (printed, so a run can be repeated). Default: random.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Shards (PostgreSQL clusters, one participant each).
     #[arg(long, default_value_t = 3)]
     pub shards: usize,
+    /// Concurrent clients making transfers.
     #[arg(long, default_value_t = 8)]
     pub clients: usize,
+    /// Bank accounts, spread over the shards.
     #[arg(long, default_value_t = 300)]
     pub accounts: i64,
     /// Mean milliseconds between faults.

@@ -27,16 +27,19 @@ pub struct DemoArgs {
     /// Seconds of transfers.
     #[arg(long, default_value_t = 20)]
     pub duration: u64,
+    /// Shards (PostgreSQL clusters, one participant each).
     #[arg(long, default_value_t = 3)]
     pub shards: usize,
     /// Concurrent clients.
     #[arg(long, default_value_t = 8)]
     pub clients: usize,
+    /// Bank accounts, spread over the shards.
     #[arg(long, default_value_t = 300)]
     pub accounts: i64,
     /// Times the coordinator is SIGKILLed and restarted during the run.
     #[arg(long, default_value_t = 2)]
     pub coordinator_kills: u32,
+    /// Seed of the workload and kill schedule (printed, so a run can be repeated). Default: random.
     #[arg(long)]
     pub seed: Option<u64>,
     /// Where the coordinator keeps commit decisions: `file` (its decision log) or `shard` (a row
@@ -360,6 +363,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         ],
         database: DATABASE.into(),
         coordinator_port: 0,
+        in_process: false,
     };
     let mut cluster = LocalCluster::start(spec)
         .await

@@ -21,7 +21,7 @@ const VERSION: &str = if cfg!(feature = "failpoints") {
     env!("CARGO_PKG_VERSION")
 };
 
-#[derive(Debug, clap::Parser)]
+#[derive(Debug, Default, clap::Parser)]
 #[command(
     name = "treaty-participant",
     version = VERSION,
@@ -139,6 +139,10 @@ pub struct Config {
     pub session: SessionDefaults,
     pub log_format: LogFormat,
     pub failpoints: Option<String>,
+    /// Whether to ask the coordinators for their runs before serving (`Admission`). A
+    /// participant inside the coordinator does not: it starts before its coordinator serves,
+    /// and it cannot have branches of an earlier run, which ended with the same process.
+    pub ask_coordinators_at_start: bool,
 }
 
 impl Config {
@@ -214,6 +218,32 @@ fn required<T>(
 }
 
 impl Config {
+    /// A participant that a coordinator runs in its own process for a shard it drives itself
+    /// (`--shard NAME=postgres://...`): every setting at its default, as a participant started
+    /// with only the required flags, but for the session lock timeout, which follows the
+    /// coordinator's branch default so that its branches open with a bare `BEGIN`. Nothing is
+    /// read from the environment or a file: the coordinator's configuration says it all.
+    pub fn in_process(
+        shard: ShardName,
+        database_url: String,
+        coordinator_url: String,
+        data_dir: PathBuf,
+        session_lock_timeout_ms: u32,
+    ) -> Result<Config, ConfigError> {
+        let mut config = Config::resolve(Args {
+            // Nothing listens: the coordinator calls the services in its process.
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            shard: Some(shard.to_string()),
+            database_url: Some(database_url),
+            coordinator: vec![coordinator_url],
+            data_dir: Some(data_dir),
+            session_lock_timeout_ms: Some(session_lock_timeout_ms),
+            ..Args::default()
+        })?;
+        config.ask_coordinators_at_start = false;
+        Ok(config)
+    }
+
     pub fn resolve(args: Args) -> Result<Config, ConfigError> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
@@ -289,6 +319,7 @@ impl Config {
             },
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             failpoints: args.failpoints.or(file.failpoints),
+            ask_coordinators_at_start: true,
         };
         for (name, value) in [
             ("--branch-idle-timeout-ms", config.branch_idle_timeout_ms),
@@ -329,6 +360,17 @@ mod tests {
         "/tmp/x",
     ];
 
+    /// The example shipped for systemd (`deploy/config/`) stays a valid configuration; the
+    /// database URL comes from the environment file beside it.
+    #[test]
+    fn the_deployment_example_config_resolves() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/config/participant-s0.toml"
+        );
+        let config = parse(&["--config", path, "--database-url", "postgres://x@127.0.0.1/db"]).unwrap();
+        assert_eq!(config.shard.as_str(), "s0");
+    }
     #[test]
     fn flags_resolve_with_defaults() {
         let config = parse(&REQUIRED).unwrap();

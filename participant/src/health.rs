@@ -29,10 +29,15 @@ pub fn status(database_held: bool) -> ServingStatus {
 pub async fn start(
     mut database_held: watch::Receiver<bool>,
 ) -> (
-    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
     JoinHandle<()>,
 ) {
-    let (reporter, server) = tonic_health::server::health_reporter();
+    // Built from its parts rather than `health_reporter()`, whose server type is opaque: the
+    // coordinator keeps this one in `InProcess` for a shard it drives itself.
+    let reporter = tonic_health::server::HealthReporter::new();
+    let server = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+    );
     // The first status is set before the service can be asked, so that the participant's own name
     // is never "not registered" and "" never says SERVING for a database that does not answer.
     let held = *database_held.borrow();

@@ -4,6 +4,7 @@
 //! decision, directly or through recovery.
 //!
 //! - `config`: flags, environment and TOML configuration;
+//! - `in_process`: the services called in the coordinator's own process (`--shard NAME=postgres://...`);
 //! - `health`: the gRPC health service (SERVING while the database answers under the claim) and
 //!   server reflection;
 //! - `service`: the gRPC service (wire ⇄ domain conversions);
@@ -31,6 +32,7 @@ mod decisions;
 pub mod error;
 pub mod failpoints;
 pub mod health;
+mod in_process;
 pub mod pool;
 mod postgres;
 mod prepared;
@@ -56,6 +58,7 @@ use treaty_proto::pb::participant_server::ParticipantServer;
 
 pub use crate::config::Config;
 pub use crate::error::ParticipantError;
+pub use crate::in_process::InProcess;
 pub use crate::postgres::{DbError, SessionDefaults};
 
 use crate::agent::{Admission, Agent};
@@ -76,74 +79,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ParticipantError> {
-    tokio::fs::create_dir_all(&config.data_dir)
-        .await
-        .map_err(|source| ParticipantError::DataDir {
-            path: config.data_dir.clone(),
-            source,
-        })?;
-    failpoints::arm_at_start(config.failpoints.as_deref())?;
-    let pool = connect(&config).await?;
-    check_server(&pool).await?;
-    let database = postgres::current_database(&pool)
-        .await
-        .map_err(ParticipantError::ServerCheck)?;
-    // Before anything reads or writes the database as this shard's.
-    let claim = claim::take(&connect_options(&config)?, &config.shard, &database).await?;
-    migrate(&config).await?;
-    // Listed before serving: none of these can be a vote this process is about to cast.
-    let inherited = postgres::list_prepared(&pool)
-        .await
-        .map_err(ParticipantError::ServerCheck)?
-        .into_iter()
-        .map(|xact| xact.gid)
-        .collect();
-    let coordinators = Arc::new(Coordinators::new(&config.coordinator_urls)?);
-    let (admission, runs) = startup_admission(&coordinators).await;
-    let agent = Agent::new(
-        config.shard.clone(),
-        database.clone(),
-        pool.clone(),
-        config.branch_idle_timeout(),
-        admission,
-    );
-
-    let three_phase = three_phase::ThreePhase::start(agent.clone(), config.three_phase_timeout_ms)
-        .await
-        .map_err(ParticipantError::ServerCheck)?;
-
-    let (stop, stopped) = watch::channel(false);
-    let terminating = tokio::spawn(three_phase.clone().run_ticker(stopped.clone()));
-    let reconciler = Reconciler::new(
-        agent.clone(),
-        three_phase.clone(),
-        coordinators,
-        config.in_doubt_after_ms,
-        config.marker_retention_ms,
-        inherited,
-        runs,
-    );
-    let reconciling = tokio::spawn(reconciler.run(config.reconcile_interval(), stopped.clone()));
-    let sweeping = tokio::spawn(sweep_idle_branches(
-        agent.clone(),
-        config.branch_idle_timeout(),
-        stopped,
-    ));
-
+    let running = Running::start(&config).await?;
     let addr = listener.local_addr().map_err(ParticipantError::ListenAddr)?;
-    tracing::info!(%addr, shard = %config.shard, %database, "participant serving");
+    tracing::info!(%addr, shard = %config.shard, database = %running.database, "participant serving");
     announce(addr);
-    let (health, following_claim) = health::start(claim.held()).await;
     let (reflection_v1, reflection_v1alpha) = treaty_proto::reflection::services(
         treaty_proto::pb::participant_server::SERVICE_NAME,
         cfg!(feature = "failpoints"),
     )?;
     let router = tonic::transport::Server::builder()
-        .add_service(ParticipantServer::new(service::ParticipantService::new(
-            agent.clone(),
-            three_phase,
-        )))
-        .add_service(health)
+        .add_service(running.participant.clone())
+        .add_service(running.health.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     // Only a build with failpoints serves `Admin`; without, a call to it answers UNIMPLEMENTED.
@@ -154,18 +100,121 @@ pub async fn run(
     let served = router
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
-
-    let _ = stop.send(true);
-    let _ = reconciling.await;
-    let _ = sweeping.await;
-    let _ = terminating.await;
-    agent.shutdown().await;
-    pool.close().await;
-    drop(claim);
-    following_claim.abort();
-    tracing::info!("participant stopped");
+    running.stop().await;
     served?;
     Ok(())
+}
+
+/// A started participant: its database checked, claimed and migrated, its background work
+/// (reconciliation, the idle sweep, three-phase timeouts, health) running, and its gRPC services
+/// built but not bound to any listener. `run` serves them on a port; a coordinator that drives a
+/// shard's database itself (`--shard NAME=postgres://...`) calls them in its own process through
+/// `in_process` (`in_process.rs`).
+pub struct Running {
+    database: String,
+    participant: ParticipantServer<service::ParticipantService>,
+    health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    agent: Arc<Agent>,
+    pool: Pool,
+    claim: claim::Claim,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    following_claim: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub async fn start(config: &Config) -> Result<Running, ParticipantError> {
+        tokio::fs::create_dir_all(&config.data_dir)
+            .await
+            .map_err(|source| ParticipantError::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            })?;
+        failpoints::arm_at_start(config.failpoints.as_deref())?;
+        let pool = connect(config).await?;
+        check_server(&pool).await?;
+        let database = postgres::current_database(&pool)
+            .await
+            .map_err(ParticipantError::ServerCheck)?;
+        // Before anything reads or writes the database as this shard's.
+        let claim = claim::take(&connect_options(config)?, &config.shard, &database).await?;
+        migrate(config).await?;
+        // Listed before serving: none of these can be a vote this process is about to cast.
+        let inherited = postgres::list_prepared(&pool)
+            .await
+            .map_err(ParticipantError::ServerCheck)?
+            .into_iter()
+            .map(|xact| xact.gid)
+            .collect();
+        let coordinators = Arc::new(Coordinators::new(&config.coordinator_urls)?);
+        let (admission, runs) = if config.ask_coordinators_at_start {
+            startup_admission(&coordinators).await
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let agent = Agent::new(
+            config.shard.clone(),
+            database.clone(),
+            pool.clone(),
+            config.branch_idle_timeout(),
+            admission,
+        );
+
+        let three_phase = three_phase::ThreePhase::start(agent.clone(), config.three_phase_timeout_ms)
+            .await
+            .map_err(ParticipantError::ServerCheck)?;
+
+        let (stop, stopped) = watch::channel(false);
+        let terminating = tokio::spawn(three_phase.clone().run_ticker(stopped.clone()));
+        let reconciler = Reconciler::new(
+            agent.clone(),
+            three_phase.clone(),
+            coordinators,
+            config.in_doubt_after_ms,
+            config.marker_retention_ms,
+            inherited,
+            runs,
+        );
+        let reconciling = tokio::spawn(reconciler.run(config.reconcile_interval(), stopped.clone()));
+        let sweeping = tokio::spawn(sweep_idle_branches(
+            agent.clone(),
+            config.branch_idle_timeout(),
+            stopped,
+        ));
+        let (health, following_claim) = health::start(claim.held()).await;
+        let participant =
+            ParticipantServer::new(service::ParticipantService::new(agent.clone(), three_phase));
+        Ok(Running {
+            database,
+            participant,
+            health,
+            agent,
+            pool,
+            claim,
+            stop,
+            tasks: vec![terminating, reconciling, sweeping],
+            following_claim,
+        })
+    }
+
+    /// The participant's services as a `tower` service that the coordinator calls in its own
+    /// process: no socket, no HTTP/2, the same handlers the agent serves.
+    pub fn in_process(&self) -> InProcess {
+        InProcess::new(self.participant.clone(), self.health.clone())
+    }
+
+    /// Stops the background work, rolls back open branches, closes the pool and drops the claim.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.agent.shutdown().await;
+        self.pool.close().await;
+        drop(self.claim);
+        self.following_claim.abort();
+        tracing::info!(shard = %self.agent.shard(), "participant stopped");
+    }
 }
 
 fn unreachable(config: &Config) -> impl FnOnce(sqlx::Error) -> ParticipantError + '_ {

@@ -63,6 +63,8 @@ async fn start() -> Result<ConsoleCluster> {
             .to_vec(),
         database: DATABASE.into(),
         coordinator_port: 0,
+        // Participant agents: the test arms a failpoint in shard 2's.
+        in_process: false,
     };
     let cluster = LocalCluster::start(spec)
         .await

@@ -110,6 +110,7 @@ async fn finished_by_the_second_instance(crash_at: &str, k: i64) -> Result<usize
             .map(String::from)
             .to_vec(),
         participant_args: vec!["--coordinator".into(), format!("http://127.0.0.1:{second_port}")],
+        ..Options::default()
     })
     .await?;
     let mut client = t.client().await?;

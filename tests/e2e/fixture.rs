@@ -23,6 +23,8 @@ pub struct TestCluster {
 pub struct Options {
     pub coordinator_args: Vec<String>,
     pub participant_args: Vec<String>,
+    /// Every shard driven inside the coordinator (`--shard NAME=postgres://...`), no agents.
+    pub in_process: bool,
 }
 
 impl TestCluster {
@@ -48,6 +50,7 @@ impl TestCluster {
             participant_args,
             database: DATABASE.into(),
             coordinator_port: 0,
+            in_process: options.in_process,
         };
         let cluster = LocalCluster::start(spec)
             .await

@@ -47,6 +47,7 @@ async fn start(in_doubt_after_ms: &str) -> Result<TestCluster> {
         .to_vec(),
         database: DATABASE.into(),
         coordinator_port: 0,
+        in_process: false,
     };
     let cluster = LocalCluster::start(spec)
         .await

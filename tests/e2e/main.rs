@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod bench;
+mod cli;
 mod commit;
 mod console;
 mod coordinators;
@@ -12,6 +13,7 @@ mod failpoints;
 mod fixture;
 mod health;
 mod in_doubt;
+mod in_process;
 mod recovery;
 mod scenarios;
 mod shared_server;

@@ -142,6 +142,7 @@ async fn crashing_at(failpoint: &str) -> Result<TestCluster> {
     TestCluster::start(Options {
         coordinator_args: vec!["--failpoints".into(), format!("{failpoint}=return(crash)")],
         participant_args: vec!["--three-phase-timeout-ms".into(), "300".into()],
+        ..Options::default()
     })
     .await
 }

@@ -12,7 +12,7 @@ use treaty_proto::pb;
 use treaty_proto::pb::participant_client::ParticipantClient;
 
 use super::link_error;
-use crate::h2_channel::H2Channel;
+use crate::link_channel::LinkChannel;
 
 /// Most GIDs in one `CommitBatch`.
 const MAX_COMMIT_BATCH: usize = 128;
@@ -26,7 +26,7 @@ pub(super) type PendingCommit = (String, oneshot::Sender<Result<(), LinkError>>)
 /// as soon as a slot among `COMMIT_BATCHES_IN_FLIGHT` is free, and sends it as one `CommitBatch`.
 /// Ends when the links are dropped.
 pub(super) async fn send_commit_batches(
-    client: ParticipantClient<H2Channel>,
+    client: ParticipantClient<LinkChannel>,
     mut queue: mpsc::UnboundedReceiver<PendingCommit>,
     timeout: Duration,
 ) {
@@ -59,7 +59,11 @@ pub(super) async fn send_commit_batches(
     }
 }
 
-async fn send_batch(mut client: ParticipantClient<H2Channel>, batch: Vec<PendingCommit>, timeout: Duration) {
+async fn send_batch(
+    mut client: ParticipantClient<LinkChannel>,
+    batch: Vec<PendingCommit>,
+    timeout: Duration,
+) {
     let lost = || LinkError::TimedOut {
         after_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
     };

@@ -80,6 +80,7 @@ pub struct BenchArgs {
     /// Accounts over all shards.
     #[arg(long, default_value_t = 100_000)]
     pub accounts: u64,
+    /// How transfers pick accounts: uniform, or skewed towards a few hot ones (contention).
     #[arg(long, value_enum, default_value = "uniform")]
     pub skew: Skew,
     /// Zipf exponent for --skew zipfian, in (0, 1).
@@ -120,6 +121,7 @@ pub struct BenchArgs {
     /// Keep the cluster's data here instead of a temporary directory.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Seed of the account choice (printed, so a run can be repeated). Default: random.
     #[arg(long)]
     pub seed: Option<u64>,
     /// recovery: committed-but-unfinished transactions to leave in the log.

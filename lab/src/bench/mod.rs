@@ -418,6 +418,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         },
         database: DATABASE.into(),
         coordinator_port: 0,
+        in_process: false,
     })
     .await
     .context("starting the local cluster")?;

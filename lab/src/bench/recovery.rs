@@ -247,6 +247,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         participant_args: super::service_thread_args(args.service_threads),
         database: DATABASE.into(),
         coordinator_port: 0,
+        in_process: false,
     })
     .await
     .context("starting the local cluster")?;

@@ -235,6 +235,7 @@ pub fn cluster_spec(
         participant_args,
         database: checker::DATABASE.into(),
         coordinator_port: 0,
+        in_process: false,
     }
 }
 

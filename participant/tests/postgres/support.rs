@@ -484,6 +484,7 @@ pub fn config(db: &TestDb, coordinator: SocketAddr, data_dir: &std::path::Path) 
         },
         log_format: treaty_participant::config::LogFormat::Human,
         failpoints: None,
+        ask_coordinators_at_start: true,
     }
 }
 
