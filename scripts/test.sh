@@ -7,6 +7,8 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "checking PostgreSQL server binaries"
 scripts/ensure-postgres.sh
+step "checking headless Chromium (the web console's end-to-end test)"
+scripts/ensure-chromium.sh
 step "cargo fmt --check"
 cargo fmt --all -- --check
 # The end-to-end tests arm failpoints, so everything is built, linted and tested with them: the

@@ -25,6 +25,10 @@ pub struct UpArgs {
     /// `shard` (a row in `treaty.decisions` committed inside each transaction's first branch).
     #[arg(long, value_enum, default_value_t = DecisionStore::Shard)]
     pub decision_store: DecisionStore,
+    /// Web console port on 127.0.0.1 (0 picks a free one). The console has no authentication
+    /// yet, so `dev up` only ever binds it to loopback.
+    #[arg(long, default_value_t = 7680)]
+    pub console_port: u16,
 }
 
 #[derive(clap::Args, Debug)]
@@ -50,6 +54,9 @@ pub struct ShardState {
 pub struct ClusterState {
     pub coordinator: String,
     pub coordinator_pid: Option<u32>,
+    /// The web console's URL (absent in state files written before it existed).
+    #[serde(default)]
+    pub console: Option<String>,
     pub shards: Vec<ShardState>,
 }
 
@@ -60,10 +67,11 @@ impl ClusterState {
         serde_json::from_str(&text).with_context(|| format!("{} is not a cluster state file", path.display()))
     }
 
-    fn of(cluster: &LocalCluster, database: &str) -> ClusterState {
+    fn of(cluster: &LocalCluster, database: &str, console: String) -> ClusterState {
         ClusterState {
             coordinator: cluster.coordinator_endpoint(),
             coordinator_pid: cluster.coordinator.pid(),
+            console: Some(console),
             shards: cluster
                 .shard_names
                 .iter()
@@ -105,11 +113,18 @@ pub async fn up(args: UpArgs) -> Result<()> {
         args.shards,
         base_dir.display()
     );
+    let console_port = match args.console_port {
+        0 => treaty_harness::os::free_loopback_port().context("picking a port for the console")?,
+        port => port,
+    };
+    let console_addr = std::net::SocketAddr::from(([127, 0, 0, 1], console_port));
+    let mut coordinator_args = args.decision_store.coordinator_args();
+    coordinator_args.extend(["--console-addr".to_owned(), console_addr.to_string()]);
     let spec = ClusterSpec {
         shards: args.shards,
         base_dir: base_dir.clone(),
         pg: PgOptions::default(),
-        coordinator_args: args.decision_store.coordinator_args(),
+        coordinator_args,
         participant_args: Vec::new(),
         database: "treaty".into(),
         coordinator_port: args.port,
@@ -118,7 +133,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let mut cluster = LocalCluster::start(spec)
         .await
         .context("starting the local cluster")?;
-    let state = ClusterState::of(&cluster, "treaty");
+    let state = ClusterState::of(&cluster, "treaty", format!("http://{console_addr}/"));
     for pg in &mut cluster.pgs {
         pg.keep_on_drop();
     }
@@ -132,6 +147,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
         state.coordinator,
         args.decision_store.name()
     );
+    if let Some(console) = &state.console {
+        println!("console      {console} (loopback only: it has no authentication yet)");
+    }
     for shard in &state.shards {
         println!(
             "shard {:<6} participant {}  postgres {}",
@@ -185,4 +203,22 @@ pub async fn down(args: DownArgs) -> Result<()> {
         state.shards.len()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_file_written_before_the_console_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(STATE_FILE),
+            r#"{"coordinator": "http://127.0.0.1:7600", "coordinator_pid": null, "shards": []}"#,
+        )
+        .unwrap();
+        let state = ClusterState::load(dir.path()).unwrap();
+        assert_eq!(state.coordinator, "http://127.0.0.1:7600");
+        assert_eq!(state.console, None);
+    }
 }

@@ -81,6 +81,11 @@ pub struct Args {
     /// (docs/performance.md).
     #[arg(long, env = "TREATY_COORDINATOR_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
+    /// Serve the web console (transactions, timelines, in-doubt branches, resolve) on this
+    /// address; off unless given. It has no authentication yet: bind it to loopback
+    /// (127.0.0.1:PORT) and reach it through an SSH tunnel or an authenticating proxy.
+    #[arg(long, env = "TREATY_COORDINATOR_CONSOLE_ADDR")]
+    pub console_addr: Option<SocketAddr>,
     #[arg(long, env = "TREATY_COORDINATOR_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
     /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax
@@ -111,6 +116,7 @@ struct FileConfig {
     compact_after_bytes: Option<u64>,
     decision_store: Option<String>,
     takeover_after_ms: Option<u64>,
+    console_addr: Option<SocketAddr>,
     log_format: Option<LogFormat>,
     failpoints: Option<String>,
 }
@@ -172,6 +178,8 @@ pub struct Config {
     /// With `DecisionStoreKind::Database`: the database holding `treaty.decisions`.
     pub decision_database: Option<String>,
     pub takeover_after_ms: u64,
+    /// Where the web console listens (`--console-addr`); `None`: no console.
+    pub console_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub failpoints: Option<String>,
     pub crash_at: Option<String>,
@@ -297,6 +305,7 @@ impl Config {
                 .takeover_after_ms
                 .or(file.takeover_after_ms)
                 .unwrap_or(10_000),
+            console_addr: args.console_addr.or(file.console_addr),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             failpoints: args.failpoints.or(file.failpoints),
             crash_at: args.crash_at,
@@ -328,7 +337,10 @@ mod tests {
         let config = parse(&["--config", path]).unwrap();
         assert_eq!(config.shards.len(), 2);
         assert_eq!(config.decision_store, DecisionStoreKind::Shard);
+        let console = config.console_addr.expect("the example turns the console on");
+        assert!(console.ip().is_loopback(), "on loopback: {console}");
     }
+
     #[test]
     fn flags_resolve_with_defaults() {
         let config = parse(&[
@@ -458,6 +470,7 @@ mod tests {
         assert_eq!(config.timeouts.vote_ms, 8);
         assert_eq!(config.shards.len(), 1);
         assert_eq!(config.failpoints, None);
+        assert_eq!(config.console_addr, None, "the console is off unless asked for");
         std::fs::write(
             &path,
             "failpoints = \"coordinator::after-end-record=pause\"\n[shards]\ns0 = \"http://127.0.0.1:9\"\n",
@@ -467,6 +480,27 @@ mod tests {
         assert_eq!(
             config.failpoints.as_deref(),
             Some("coordinator::after-end-record=pause")
+        );
+        std::fs::write(
+            &path,
+            "console_addr = \"127.0.0.1:7680\"\n[shards]\ns0 = \"http://127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let config = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            config.console_addr,
+            Some(SocketAddr::from(([127, 0, 0, 1], 7680)))
+        );
+        let config = parse(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--console-addr",
+            "127.0.0.1:7681",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.console_addr,
+            Some(SocketAddr::from(([127, 0, 0, 1], 7681)))
         );
         std::fs::write(&path, "nonsense = 1\n").unwrap();
         assert!(matches!(

@@ -12,7 +12,8 @@
 //! Modules: `table` (the transactions and their handles), `statements` (begin, statements,
 //! commit and rollback requests), `phases` (prepare, the decision's durable write, phase two, 3PC
 //! pre-commits and state queries), `recovery` (start-up: replay, incarnation, re-drives),
-//! `resolve` (operators' heuristic decisions). No failpoint sits in the driver: a fault-injection
+//! `resolve` (operators' heuristic decisions), `timeline` (when each phase was entered, bounded,
+//! for the console). No failpoint sits in the driver: a fault-injection
 //! build wraps the store and the transport in decorators (`crate::faults`).
 
 mod decision_rows;
@@ -22,6 +23,7 @@ mod resolve;
 mod statements;
 mod table;
 mod takeover;
+pub mod timeline;
 
 pub use recovery::start;
 pub use resolve::{ResolveOutcome, coordinator_view, format_ms};
@@ -215,7 +217,14 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
 
     /// Feeds one event and carries out what it asks for.
     fn feed(self: &Arc<Self>, handle: &Arc<TxnHandle>, event: Event) -> Result<(), ProtocolError> {
-        let actions = handle.machine().step(event, self.now_ms())?;
+        let now_ms = self.now_ms();
+        let actions = {
+            let mut machine = handle.machine();
+            let actions = machine.step(event, now_ms)?;
+            // Under the machine's lock, so that the marks are in the order the steps were taken.
+            handle.timeline().observe(&machine, now_ms);
+            actions
+        };
         self.perform(handle, actions);
         Ok(())
     }

@@ -12,11 +12,14 @@
 //! - `service`: the gRPC `Coordinator` service; `in_doubt`: its `ListInDoubt` fan-out;
 //! - `health`: the gRPC health service (SERVING once every shard's participant is reached) and
 //!   server reflection;
+//! - `console`: the web console (`--console-addr`, off by default): transactions, timelines, the
+//!   in-doubt list and resolve, over HTTP;
 //! - `config`: flags, environment and TOML configuration;
 //! - `failpoints`: the coordinator's failpoints, only with the cargo feature `failpoints`, which
 //!   also serves the `Admin` service that arms them (`crash`: the one-shot `--crash-at` on top).
 
 pub mod config;
+pub mod console;
 mod crash;
 pub mod decision_database;
 pub mod driver;
@@ -136,6 +139,8 @@ pub enum CoordinatorError {
         shard: String,
         source: treaty_participant::ParticipantError,
     },
+    #[error(transparent)]
+    Console(#[from] console::ConsoleError),
 }
 
 /// A fresh coordinator id: short, lowercase, unlikely to collide with another coordinator's.
@@ -253,8 +258,15 @@ pub async fn run(
         .map_err(|error| CoordinatorError::Store(error.to_string()))?;
     engine.spawn_ticker();
 
+    // Bound before the coordinator says it listens: a console address that cannot be bound fails
+    // the start instead of leaving a coordinator without the console it was asked for.
+    let console = match config.console_addr {
+        Some(addr) => Some(console::bind(addr).await?),
+        None => None,
+    };
     tracing::info!(%addr, shards = config.shards.len(), "coordinator serving");
     announce(addr);
+    let console = console.map(|listener| spawn_console(engine.clone(), listener));
     let service = CoordinatorServer::new(service::CoordinatorService::new(engine.clone()));
     let (health, probing) = health::start(probed_links).await;
     let (reflection_v1, reflection_v1alpha) = treaty_proto::reflection::services(
@@ -275,6 +287,9 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     probing.abort();
+    if let Some(console) = console {
+        console.stop().await;
+    }
     served?;
     engine.flush().await;
     for participant in in_process {
@@ -282,6 +297,50 @@ pub async fn run(
     }
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// The console's server task and the signal that stops it.
+struct RunningConsole {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How long a stopping console waits for requests in flight (a browser's long-lived connection
+/// must not hold up the coordinator's exit).
+const CONSOLE_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl RunningConsole {
+    async fn stop(self) {
+        // The server may already have ended (its error was logged); nothing to stop then.
+        let _ = self.stop.send(());
+        let mut task = self.task;
+        if tokio::time::timeout(CONSOLE_STOP_TIMEOUT, &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+fn spawn_console(engine: Arc<CoordinatorEngine>, listener: TcpListener) -> RunningConsole {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(url = %format!("http://{addr}/"), "web console serving");
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "the web console has no authentication yet and is not bound to loopback: anyone who reaches it can resolve transactions by hand");
+        }
+    }
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            // A dropped sender stops the console too.
+            let _ = stopped.await;
+        };
+        if let Err(error) = console::serve(engine, listener, shutdown).await {
+            tracing::error!("{error}; the coordinator keeps serving gRPC without its console");
+        }
+    });
+    RunningConsole { stop, task }
 }
 
 /// Starts a participant in this process for each shard given as a database URL: the agent's own

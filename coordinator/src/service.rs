@@ -158,7 +158,7 @@ fn branch_to_pb(phase: BranchPhase) -> pb::ParticipantState {
     }
 }
 
-fn info_to_pb(handle: &TxnHandle) -> pb::TransactionInfo {
+pub(crate) fn info_to_pb(handle: &TxnHandle) -> pb::TransactionInfo {
     let machine = handle.machine();
     let txid = machine.txid();
     pb::TransactionInfo {

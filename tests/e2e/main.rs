@@ -5,6 +5,7 @@ mod bad_input;
 mod bench;
 mod cli;
 mod commit;
+mod console;
 mod coordinators;
 mod decision_database;
 mod decision_rows;

@@ -14,6 +14,7 @@ use treaty_commit_protocol::transport::{
 use treaty_proto::{ApiError, Gid, ShardName, TxId};
 
 use super::Engine;
+use super::timeline::Timeline;
 use crate::protocol::{Outcome, Phase, Transaction};
 
 /// Finished transactions kept for `GetTransaction`.
@@ -35,6 +36,8 @@ pub struct TxnHandle {
     /// A single-shard submit's last statement, sent together with its COMMIT once the machine
     /// asks for it (`ExecuteAndCommitOnePhase`), then the answer.
     fused: Mutex<Fused>,
+    /// When the transaction and each branch entered each phase (bounded), for the console.
+    timeline: Mutex<Timeline>,
 }
 
 /// A one-shot submit's last statement: data the driver carries, never a decision.
@@ -86,6 +89,12 @@ impl TxnHandle {
         lock(&self.fused)
     }
 
+    /// When the transaction and each branch entered each phase. Lock it after the machine, never
+    /// before (the driver notes a step while holding the machine).
+    pub fn timeline(&self) -> MutexGuard<'_, Timeline> {
+        lock(&self.timeline)
+    }
+
     pub fn heuristic(&self) -> Option<HeuristicRecord> {
         lock(&self.heuristic).clone()
     }
@@ -129,6 +138,8 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         machine: Transaction,
     ) -> Arc<TxnHandle> {
         let txid = machine.txid();
+        let mut timeline = Timeline::default();
+        timeline.observe(&machine, self.now_ms());
         let handle = Arc::new(TxnHandle {
             provisional_gid: gid,
             gid_with_decision: OnceLock::new(),
@@ -138,6 +149,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             waiter: Mutex::new(None),
             heuristic: Mutex::new(None),
             fused: Mutex::new(Fused::None),
+            timeline: Mutex::new(timeline),
         });
         self.table().live.insert(txid, Arc::clone(&handle));
         handle
@@ -150,6 +162,8 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         if table.foreign.contains_key(&gid) {
             return None;
         }
+        let mut timeline = Timeline::default();
+        timeline.observe(&machine, self.now_ms());
         let handle = Arc::new(TxnHandle {
             provisional_gid: gid.clone(),
             gid_with_decision: OnceLock::new(),
@@ -159,6 +173,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             waiter: Mutex::new(None),
             heuristic: Mutex::new(None),
             fused: Mutex::new(Fused::None),
+            timeline: Mutex::new(timeline),
         });
         table.foreign.insert(gid, Arc::clone(&handle));
         Some(handle)
