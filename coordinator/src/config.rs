@@ -81,6 +81,10 @@ pub struct Args {
     pub worker_threads: Option<u16>,
     #[arg(long, env = "TREATY_COORDINATOR_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (default: off). Keep it on a private or
+    /// loopback address: it tells anyone who asks how busy each shard is.
+    #[arg(long, env = "TREATY_COORDINATOR_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax
     /// (docs/failpoints.md). Only a binary built with failpoints (`cargo build-fi`) accepts it.
     #[arg(long, env = "TREATY_COORDINATOR_FAILPOINTS")]
@@ -110,6 +114,7 @@ struct FileConfig {
     decision_store: Option<String>,
     takeover_after_ms: Option<u64>,
     log_format: Option<LogFormat>,
+    metrics_addr: Option<SocketAddr>,
     failpoints: Option<String>,
 }
 
@@ -171,6 +176,8 @@ pub struct Config {
     pub decision_database: Option<String>,
     pub takeover_after_ms: u64,
     pub log_format: LogFormat,
+    /// Where Prometheus metrics are served; none: not served.
+    pub metrics_addr: Option<SocketAddr>,
     pub failpoints: Option<String>,
     pub crash_at: Option<String>,
 }
@@ -294,6 +301,7 @@ impl Config {
                 .or(file.takeover_after_ms)
                 .unwrap_or(10_000),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            metrics_addr: args.metrics_addr.or(file.metrics_addr),
             failpoints: args.failpoints.or(file.failpoints),
             crash_at: args.crash_at,
         })

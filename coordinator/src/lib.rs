@@ -10,6 +10,7 @@
 //!   (`h2_channel`: the HTTP/2 connection each link runs on);
 //! - `submit`: one-shot cross-shard submits;
 //! - `service`: the gRPC `Coordinator` service; `in_doubt`: its `ListInDoubt` fan-out;
+//! - `metrics`: the Prometheus metrics served on `--metrics-addr`;
 //! - `health`: the gRPC health service (SERVING once every shard's participant is reached) and
 //!   server reflection;
 //! - `config`: flags, environment and TOML configuration;
@@ -26,6 +27,7 @@ pub mod h2_channel;
 pub mod health;
 mod in_doubt;
 mod log_faults;
+pub mod metrics;
 pub mod participants;
 pub mod service;
 pub mod store;
@@ -45,6 +47,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use treaty_decision_log::{DecisionLog, LogOptions, TestHooks};
 use treaty_proto::CoordinatorId;
+use treaty_proto::metrics_endpoint::{self, MetricsEndpoint};
 use treaty_proto::pb::coordinator_server::CoordinatorServer;
 use treaty_types::SystemClock;
 
@@ -128,6 +131,8 @@ pub enum CoordinatorError {
     },
     #[error("arming failpoints: {0}")]
     Failpoints(#[from] failpoints::FailpointError),
+    #[error(transparent)]
+    Metrics(#[from] treaty_proto::metrics_endpoint::MetricsEndpointError),
 }
 
 /// A fresh coordinator id: short, lowercase, unlikely to collide with another coordinator's.
@@ -222,6 +227,8 @@ pub async fn run(
     // so that no txid handed out before the damage is handed out again.
     let reserved_up_to = replay.txids_reserved_up_to + driver::TXID_BLOCK * replay.damage.len() as u64;
     tracing::info!(coordinator = %id, records = replay.records, "decision log opened");
+    // The metrics read the log's counters through a clone of its handle.
+    let log_for_metrics = log.clone();
     let mut store = FileStore::new(log, &replay, reserved_up_to);
     let marker = dir.join(decision_database::MARKER_FILE);
     if let (DecisionStoreKind::Database, Some(url)) = (config.decision_store, &config.decision_database) {
@@ -243,6 +250,16 @@ pub async fn run(
         .map_err(|error| CoordinatorError::Store(error.to_string()))?;
     engine.spawn_ticker();
 
+    let serving_metrics = match config.metrics_addr {
+        Some(metrics_addr) => {
+            let endpoint = MetricsEndpoint::bind(metrics_addr).await?;
+            let registry = metrics::registry(&engine, CoordinatorEngine::census, log_for_metrics);
+            tracing::info!(addr = %endpoint.local_addr(), "serving Prometheus metrics at /metrics");
+            metrics_endpoint::announce(endpoint.local_addr());
+            Some(endpoint.spawn(registry, None))
+        }
+        None => None,
+    };
     let addr = listener.local_addr().map_err(CoordinatorError::ListenAddr)?;
     tracing::info!(%addr, shards = config.shards.len(), "coordinator serving");
     announce(addr);
@@ -266,6 +283,9 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     probing.abort();
+    if let Some(serving_metrics) = serving_metrics {
+        serving_metrics.abort();
+    }
     served?;
     engine.flush().await;
     tracing::info!("coordinator stopped");
