@@ -253,7 +253,8 @@ pub async fn run(
     let serving_metrics = match config.metrics_addr {
         Some(metrics_addr) => {
             let endpoint = MetricsEndpoint::bind(metrics_addr).await?;
-            let registry = metrics::registry(&engine, CoordinatorEngine::census, log_for_metrics);
+            let shards: Vec<_> = config.shards.keys().cloned().collect();
+            let registry = metrics::registry(&engine, CoordinatorEngine::census, log_for_metrics, &shards);
             tracing::info!(addr = %endpoint.local_addr(), "serving Prometheus metrics at /metrics");
             metrics_endpoint::announce(endpoint.local_addr());
             Some(endpoint.spawn(registry, None))

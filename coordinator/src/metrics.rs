@@ -99,6 +99,7 @@ fn cause_label(cause: AbortCause) -> &'static str {
     }
 }
 
+/// `kind` of `treaty_link_errors_total` (every one but `sql` is created at 0 in `create_series`).
 fn link_error_label(error: &LinkError) -> &'static str {
     match error {
         LinkError::Sql { .. } => "sql",
@@ -143,7 +144,9 @@ pub enum Rpc {
 
 impl Metrics {
     pub fn begun(&self, protocol: Protocol) {
-        self.begun.get_or_create(&[("protocol", protocol_label(protocol))]).inc();
+        self.begun
+            .get_or_create(&[("protocol", protocol_label(protocol))])
+            .inc();
     }
 
     /// A transaction's outcome as its client hears it, and how long it took from begin.
@@ -163,13 +166,25 @@ impl Metrics {
     }
 
     /// One call to a participant: its latency in the phase's histogram, and its failure, if any.
-    pub fn participant_call<R>(&self, shard: &ShardName, rpc: Rpc, elapsed: Duration, result: &Result<R, LinkError>) {
+    pub fn participant_call<R>(
+        &self,
+        shard: &ShardName,
+        rpc: Rpc,
+        elapsed: Duration,
+        result: &Result<R, LinkError>,
+    ) {
         let seconds = elapsed.as_secs_f64();
         match rpc {
             Rpc::Execute => self.execute_seconds.observe(seconds),
             Rpc::Prepare => self.prepare_seconds.observe(seconds),
-            Rpc::Commit => self.phase_two_seconds.get_or_create(&[("decision", "commit")]).observe(seconds),
-            Rpc::Abort => self.phase_two_seconds.get_or_create(&[("decision", "abort")]).observe(seconds),
+            Rpc::Commit => self
+                .phase_two_seconds
+                .get_or_create(&[("decision", "commit")])
+                .observe(seconds),
+            Rpc::Abort => self
+                .phase_two_seconds
+                .get_or_create(&[("decision", "abort")])
+                .observe(seconds),
             Rpc::CommitOnePhase => self
                 .phase_two_seconds
                 .get_or_create(&[("decision", "commit_one_phase")])
@@ -185,7 +200,10 @@ impl Metrics {
             // A SQL error is the statement's, not the link's.
             if !matches!(error, LinkError::Sql { .. }) {
                 self.link_errors
-                    .get_or_create(&vec![("shard", shard.to_string()), ("kind", link_error_label(error).to_owned())])
+                    .get_or_create(&vec![
+                        ("shard", shard.to_string()),
+                        ("kind", link_error_label(error).to_owned()),
+                    ])
                     .inc();
             }
         }
@@ -229,6 +247,73 @@ impl Metrics {
     pub fn heuristic(&self, commit: bool) {
         let decision = if commit { "commit" } else { "abort" };
         self.heuristic.get_or_create(&[("decision", decision)]).inc();
+    }
+
+    /// Creates every series of the bounded label sets at 0, so that each is scraped from the
+    /// start: `rate()` and alert expressions then see a 0 instead of no series at all.
+    fn create_series(&self, shards: &[ShardName]) {
+        const PROTOCOLS: [Protocol; 2] = [Protocol::TwoPhase, Protocol::ThreePhase];
+        const CAUSES: [AbortCause; 9] = [
+            AbortCause::ClientRollback,
+            AbortCause::StatementFailed,
+            AbortCause::VoteNo,
+            AbortCause::Timeout,
+            AbortCause::ExpectRows,
+            AbortCause::ParticipantUnavailable,
+            AbortCause::CoordinatorRestart,
+            AbortCause::Heuristic,
+            AbortCause::ConcludedAbort,
+        ];
+        for protocol in PROTOCOLS.map(protocol_label) {
+            self.begun.get_or_create_owned(&[("protocol", protocol)]);
+            let mut outcomes = vec![("committed", "none"), ("unknown", "none")];
+            outcomes.extend(CAUSES.map(|cause| ("aborted", cause_label(cause))));
+            for (outcome, cause) in outcomes {
+                self.finished.get_or_create_owned(&[
+                    ("protocol", protocol),
+                    ("outcome", outcome),
+                    ("cause", cause),
+                ]);
+                self.transaction_seconds
+                    .get_or_create_owned(&[("protocol", protocol), ("outcome", outcome)]);
+            }
+        }
+        for store in ["file", "database", "shard"] {
+            self.decision_durable_seconds
+                .get_or_create_owned(&[("store", store)]);
+        }
+        for decision in ["commit", "abort", "commit_one_phase", "pre_commit"] {
+            self.phase_two_seconds
+                .get_or_create_owned(&[("decision", decision)]);
+        }
+        for record in ["commit", "pre_commit", "heuristic", "txids", "incarnation"] {
+            self.store_write_seconds
+                .get_or_create_owned(&[("record", record)]);
+        }
+        let kinds = [
+            "unavailable",
+            "timeout",
+            "refused",
+            "invalid",
+            "not_found",
+            "exhausted",
+            "branch_lost",
+            "unimplemented",
+            "other",
+        ];
+        for shard in shards {
+            for kind in kinds {
+                self.link_errors
+                    .get_or_create_owned(&vec![("shard", shard.to_string()), ("kind", kind.to_owned())]);
+            }
+        }
+        for source in ["commit", "pre_commit", "heuristic", "takeover"] {
+            self.redrives.get_or_create_owned(&[("source", source)]);
+        }
+        for commit in [true, false] {
+            self.heuristic
+                .get_or_create_owned(&[("decision", if commit { "commit" } else { "abort" })]);
+        }
     }
 
     fn register(&self, registry: &mut Registry) {
@@ -328,7 +413,12 @@ fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) ->
     gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
 }
 
-fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> Result<(), std::fmt::Error> {
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
     let counter = ConstCounter::new(value);
     counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
 }
@@ -402,8 +492,10 @@ pub fn registry<E: Send + Sync + 'static>(
     engine: &Arc<E>,
     census: fn(&E) -> Census,
     log: DecisionLog,
+    shards: &[ShardName],
 ) -> Registry {
     let mut registry = Registry::default();
+    global().create_series(shards);
     global().register(&mut registry);
     let weak: Weak<E> = Arc::downgrade(engine);
     registry.register_collector(Box::new(StateCollector {

@@ -538,7 +538,8 @@ impl ParticipantTransport for ParticipantLinks {
                 participants: self.peers(participants),
             };
             let response = call(timeout_ms, client.query_state(request)).await?;
-            report_from_pb(&response).map_err(|e| LinkError::Other(format!("unreadable QueryState answer: {e}")))
+            report_from_pb(&response)
+                .map_err(|e| LinkError::Other(format!("unreadable QueryState answer: {e}")))
         })
         .await
     }

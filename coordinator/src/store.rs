@@ -74,7 +74,10 @@ impl DecisionStore for FileStore {
             Some(database) if !self.in_log().contains(&record.txid) => {
                 (DecisionStoreLabel::Database, database.insert(&record).await)
             }
-            _ => (DecisionStoreLabel::File, self.log.commit(record).await.map_err(failed)),
+            _ => (
+                DecisionStoreLabel::File,
+                self.log.commit(record).await.map_err(failed),
+            ),
         };
         let metrics = metrics::global();
         metrics.store_write("commit", started.elapsed());

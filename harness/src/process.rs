@@ -37,6 +37,9 @@ pub struct ServiceProcess {
     spec: ServiceSpec,
     child: Option<tokio::process::Child>,
     keep: bool,
+    /// Where it serves Prometheus metrics, from its `metrics on <addr>` line (started with
+    /// `--metrics-addr`); read again at each start, since port 0 picks a new one.
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl ServiceProcess {
@@ -46,6 +49,7 @@ impl ServiceProcess {
             spec,
             child: None,
             keep: false,
+            metrics_addr: None,
         };
         process.start().await?;
         Ok(process)
@@ -57,6 +61,11 @@ impl ServiceProcess {
 
     pub fn addr(&self) -> SocketAddr {
         self.spec.listen
+    }
+
+    /// Where it serves Prometheus metrics (`GET /metrics`), when started with `--metrics-addr`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// `http://<addr>`, for gRPC clients.
@@ -213,10 +222,13 @@ impl ServiceProcess {
         loop {
             if let Ok(bytes) = std::fs::read(log_path) {
                 let new = bytes.get(from as usize..).unwrap_or_default();
-                if String::from_utf8_lossy(new)
-                    .lines()
-                    .any(|line| line.starts_with("listening on "))
-                {
+                let new = String::from_utf8_lossy(new);
+                if new.lines().any(|line| line.starts_with("listening on ")) {
+                    // Printed before `listening on`, when metrics are served at all.
+                    self.metrics_addr = new
+                        .lines()
+                        .find_map(|line| line.strip_prefix("metrics on "))
+                        .and_then(|addr| addr.trim().parse().ok());
                     self.child = Some(child);
                     return Ok(());
                 }

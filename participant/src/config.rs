@@ -84,6 +84,10 @@ pub struct Args {
     pub worker_threads: Option<u16>,
     #[arg(long, env = "TREATY_PARTICIPANT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (default: off). Keep it on a private or
+    /// loopback address.
+    #[arg(long, env = "TREATY_PARTICIPANT_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax
     /// (docs/failpoints.md). Only a binary built with failpoints (`cargo build-fi`) accepts it.
     #[arg(long, env = "TREATY_PARTICIPANT_FAILPOINTS")]
@@ -117,6 +121,7 @@ struct FileConfig {
     session_lock_timeout_ms: Option<u32>,
     session_statement_timeout_ms: Option<u32>,
     log_format: Option<LogFormat>,
+    metrics_addr: Option<SocketAddr>,
     failpoints: Option<String>,
 }
 
@@ -138,6 +143,8 @@ pub struct Config {
     /// `--session-statement-timeout-ms`; 0 given is `None`).
     pub session: SessionDefaults,
     pub log_format: LogFormat,
+    /// Where Prometheus metrics are served; none: not served.
+    pub metrics_addr: Option<SocketAddr>,
     pub failpoints: Option<String>,
 }
 
@@ -288,6 +295,7 @@ impl Config {
                 .filter(|ms| *ms > 0),
             },
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            metrics_addr: args.metrics_addr.or(file.metrics_addr),
             failpoints: args.failpoints.or(file.failpoints),
         };
         for (name, value) in [

@@ -31,6 +31,7 @@ mod decisions;
 pub mod error;
 pub mod failpoints;
 pub mod health;
+mod metrics;
 pub mod pool;
 mod postgres;
 mod prepared;
@@ -52,6 +53,7 @@ use sqlx::{ConnectOptions as _, Connection as _};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
+use treaty_proto::metrics_endpoint::{self, MetricsEndpoint};
 use treaty_proto::pb::participant_server::ParticipantServer;
 
 pub use crate::config::Config;
@@ -130,6 +132,16 @@ pub async fn run(
         stopped,
     ));
 
+    let serving_metrics = match config.metrics_addr {
+        Some(metrics_addr) => {
+            let endpoint = MetricsEndpoint::bind(metrics_addr).await?;
+            let (registry, refresh) = metrics::registry(&agent);
+            tracing::info!(addr = %endpoint.local_addr(), "serving Prometheus metrics at /metrics");
+            metrics_endpoint::announce(endpoint.local_addr());
+            Some(endpoint.spawn(registry, Some(refresh)))
+        }
+        None => None,
+    };
     let addr = listener.local_addr().map_err(ParticipantError::ListenAddr)?;
     tracing::info!(%addr, shard = %config.shard, %database, "participant serving");
     announce(addr);
@@ -155,6 +167,9 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
 
+    if let Some(serving_metrics) = serving_metrics {
+        serving_metrics.abort();
+    }
     let _ = stop.send(true);
     let _ = reconciling.await;
     let _ = sweeping.await;

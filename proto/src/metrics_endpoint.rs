@@ -42,7 +42,10 @@ pub type Refresh = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Se
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsEndpointError {
     #[error("binding the metrics address {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A bound metrics listener, not serving yet: the address is known (and announced) first.
@@ -114,7 +117,10 @@ async fn answer(
     refresh: Option<Refresh>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.uri().path() != "/metrics" {
-        return Ok(plain(StatusCode::NOT_FOUND, "not found; metrics are at /metrics\n"));
+        return Ok(plain(
+            StatusCode::NOT_FOUND,
+            "not found; metrics are at /metrics\n",
+        ));
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n"));
@@ -125,7 +131,10 @@ async fn answer(
     let mut body = String::with_capacity(16 * 1024);
     if let Err(error) = prometheus_client::encoding::text::encode(&mut body, &registry) {
         tracing::warn!("encoding metrics: {error}");
-        return Ok(plain(StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed\n"));
+        return Ok(plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding the metrics failed\n",
+        ));
     }
     let mut response = Response::new(Full::new(Bytes::from(body)));
     response
@@ -137,8 +146,9 @@ async fn answer(
 fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }

@@ -11,6 +11,7 @@ mod failpoints;
 mod fixture;
 mod health;
 mod in_doubt;
+mod metrics;
 mod recovery;
 mod scenarios;
 mod shared_server;
