@@ -1,9 +1,10 @@
 //! [`ServiceProcess`]: a Treaty coordinator or participant running as a child process.
 //!
 //! Its stdout and stderr are appended to a log file; it is ready once it prints
-//! `listening on <addr>` (the binaries print this after binding). It runs in a process group of its
-//! own so that a terminal's Ctrl-C does not reach it behind the harness's back, and it can be
-//! SIGKILLed and restarted on the same address to test crash recovery.
+//! `listening on <addr>` (the binaries print this after binding; one serving metrics prints
+//! `metrics on <addr>` before it, kept as [`ServiceProcess::metrics_addr`]). It runs in a process
+//! group of its own so that a terminal's Ctrl-C does not reach it behind the harness's back, and it
+//! can be SIGKILLed and restarted on the same address to test crash recovery.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

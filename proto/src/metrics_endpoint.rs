@@ -102,9 +102,9 @@ async fn serve(listener: TcpListener, registry: Arc<Registry>, refresh: Option<R
         tokio::spawn(async move {
             let service = service_fn(move |request| answer(request, Arc::clone(&registry), refresh.clone()));
             let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(CONNECTION_LIMIT, connection).await {
-                Ok(Err(error)) => tracing::debug!("metrics connection: {error}"),
-                Ok(Ok(())) | Err(_) => {}
+            // Past the limit the connection is simply dropped: a scraper retries on its own.
+            if let Ok(Err(error)) = tokio::time::timeout(CONNECTION_LIMIT, connection).await {
+                tracing::debug!("metrics connection: {error}");
             }
             drop(turn);
         });
