@@ -419,6 +419,19 @@ mod tests {
     }
 
     #[test]
+    fn metrics_are_off_unless_an_address_is_given_by_flag_or_file() {
+        let shard = ["--shard", "s0=http://127.0.0.1:1"];
+        assert_eq!(parse(&shard).unwrap().metrics_addr, None);
+        let flag = parse(&[&shard[..], &["--metrics-addr", "127.0.0.1:9600"]].concat()).unwrap();
+        assert_eq!(flag.metrics_addr, Some("127.0.0.1:9600".parse().unwrap()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "metrics_addr = \"127.0.0.1:9601\"\n").unwrap();
+        let file = parse(&[&shard[..], &["--config", path.to_str().unwrap()]].concat()).unwrap();
+        assert_eq!(file.metrics_addr, Some("127.0.0.1:9601".parse().unwrap()));
+    }
+
+    #[test]
     fn bad_shards_are_named() {
         assert!(matches!(parse(&[]), Err(ConfigError::NoShards)));
         assert!(matches!(

@@ -155,6 +155,7 @@ pub async fn run(
     };
     let options = LogOptions {
         compact_after_bytes: config.compact_after_bytes,
+        on_batch: Some(metrics::log_batch_observer()),
     };
     let open_dir = dir.clone();
     // The hooks cost an `Option` check per batch; without the feature they are not installed.

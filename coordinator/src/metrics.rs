@@ -25,7 +25,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use treaty_commit_protocol::transport::LinkError;
-use treaty_decision_log::{DecisionLog, LogStats};
+use treaty_decision_log::{BatchObserver, BatchWritten, DecisionLog, LogStats};
 use treaty_proto::metrics_endpoint::prometheus_client;
 use treaty_proto::{Protocol, ShardName};
 
@@ -50,7 +50,11 @@ pub struct Metrics {
     decision_durable_seconds: HistogramFamily<1>,
     phase_two_seconds: HistogramFamily<1>,
     store_write_seconds: HistogramFamily<1>,
+    log_batch_records: Histogram,
+    log_batch_seconds: Histogram,
     phase_two_retries: Counter,
+    link_retries: Counter,
+    link_connections: Counter,
     link_errors: Family<Vec<(&'static str, String)>, Counter>,
     redrives: Family<Labels<1>, Counter>,
     recoveries: Counter,
@@ -66,7 +70,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     decision_durable_seconds: Family::new_with_constructor(latency_histogram),
     phase_two_seconds: Family::new_with_constructor(latency_histogram),
     store_write_seconds: Family::new_with_constructor(latency_histogram),
+    // 1 to 1024 records, doubling: a batch holds whatever was waiting while the last fsync ran.
+    log_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+    log_batch_seconds: latency_histogram(),
     phase_two_retries: Counter::default(),
+    link_retries: Counter::default(),
+    link_connections: Counter::default(),
     link_errors: Family::default(),
     redrives: Family::default(),
     recoveries: Counter::default(),
@@ -228,9 +237,28 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// One group-commit batch of the decision log (on its writer thread: two observes).
+    pub fn log_batch(&self, batch: BatchWritten) {
+        self.log_batch_records.observe(batch.records as f64);
+        if batch.synced {
+            self.log_batch_seconds.observe(batch.duration.as_secs_f64());
+        }
+    }
+
     /// A phase-two message (commit, abort, pre-commit) sent again after a lost or failed one.
     pub fn phase_two_retry(&self) {
         self.phase_two_retries.inc();
+    }
+
+    /// A call to a participant sent a second time because the first was certainly not processed
+    /// (`h2_channel`: refused stream, GOAWAY, a connection already closed).
+    pub fn link_retry(&self) {
+        self.link_retries.inc();
+    }
+
+    /// An HTTP/2 connection to a participant opened (the first, or again after one broke).
+    pub fn link_connected(&self) {
+        self.link_connections.inc();
     }
 
     /// A transaction this run took up to finish (`source`: commit, pre_commit, heuristic, takeover).
@@ -358,6 +386,16 @@ impl Metrics {
             self.store_write_seconds.clone(),
         );
         registry.register(
+            "treaty_decision_log_batch_records",
+            "Records per group-commit batch of the decision log (one write, at most one fdatasync)",
+            self.log_batch_records.clone(),
+        );
+        registry.register(
+            "treaty_decision_log_write_seconds",
+            "One synced batch of the decision log: its write and its fdatasync",
+            self.log_batch_seconds.clone(),
+        );
+        registry.register(
             "treaty_phase_two_retries",
             "Phase-two messages sent again after a failed or unanswered one",
             self.phase_two_retries.clone(),
@@ -366,6 +404,16 @@ impl Metrics {
             "treaty_link_errors",
             "Calls to a participant that failed on the link or were refused (not SQL errors), by shard and kind",
             self.link_errors.clone(),
+        );
+        registry.register(
+            "treaty_link_retries",
+            "Calls to a participant sent a second time because the first was certainly not processed (refused stream, GOAWAY, closed connection)",
+            self.link_retries.clone(),
+        );
+        registry.register(
+            "treaty_link_connections",
+            "HTTP/2 connections opened to participants (the first, and again after one broke)",
+            self.link_connections.clone(),
         );
         registry.register(
             "treaty_redrives",
@@ -383,6 +431,11 @@ impl Metrics {
             self.heuristic.clone(),
         );
     }
+}
+
+/// The decision log's observer of its batches (`LogOptions::on_batch`).
+pub fn log_batch_observer() -> BatchObserver {
+    Arc::new(|batch| global().log_batch(batch))
 }
 
 /// What the engine holds now, for the state gauges.

@@ -366,6 +366,18 @@ mod tests {
     }
 
     #[test]
+    fn metrics_are_off_unless_an_address_is_given_by_flag_or_file() {
+        assert_eq!(parse(&REQUIRED).unwrap().metrics_addr, None);
+        let flag = parse(&[&REQUIRED[..], &["--metrics-addr", "127.0.0.1:9701"]].concat()).unwrap();
+        assert_eq!(flag.metrics_addr, Some("127.0.0.1:9701".parse().unwrap()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "metrics_addr = \"127.0.0.1:9702\"\n").unwrap();
+        let file = parse(&[&REQUIRED[..], &["--config", path.to_str().unwrap()]].concat()).unwrap();
+        assert_eq!(file.metrics_addr, Some("127.0.0.1:9702".parse().unwrap()));
+    }
+
+    #[test]
     fn file_settings_apply_and_flags_win() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.toml");

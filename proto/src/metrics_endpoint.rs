@@ -152,3 +152,56 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
     );
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::metrics::counter::Counter;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_after_the_refresh_and_other_paths_are_not_found() {
+        let mut registry = Registry::default();
+        let counter = Counter::<u64>::default();
+        registry.register("treaty_test_things", "Things", counter.clone());
+        let refreshed = Counter::<u64>::default();
+        let seen = refreshed.clone();
+        let refresh: Refresh = Arc::new(move || {
+            let seen = seen.clone();
+            Box::pin(async move {
+                seen.inc();
+            })
+        });
+        let endpoint = MetricsEndpoint::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = endpoint.local_addr();
+        let serving = endpoint.spawn(registry, Some(refresh));
+        counter.inc();
+
+        let response = get(addr, "/metrics").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.contains(OPENMETRICS), "{response}");
+        assert!(response.contains("treaty_test_things_total 1"), "{response}");
+        assert!(response.trim_end().ends_with("# EOF"), "{response}");
+        assert_eq!(
+            refreshed.get(),
+            1,
+            "the refresh ran before the scrape was encoded"
+        );
+
+        let response = get(addr, "/").await;
+        assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+        serving.abort();
+    }
+}
