@@ -1,8 +1,9 @@
 //! Prometheus metrics on the real processes (`--metrics-addr`): every service answers a plain
-//! HTTP GET of `/metrics` with the metrics the operator docs list; a branch held prepared shows in
-//! its shard's oldest-prepared-age gauge and the coordinator's in-doubt gauge until it is finished,
-//! and both return to 0; and every metric the shipped alert rules and Grafana dashboard use is in
-//! a live scrape.
+//! HTTP GET of `/metrics` with the metrics the operator docs list; a branch held prepared (a
+//! participant paused before COMMIT PREPARED, or a coordinator crashed after its decision) shows in
+//! its shard's oldest-prepared-age gauge, and in the coordinator's in-doubt gauge, until it is
+//! finished (released, or the coordinator restarted), and both return to 0; and every metric the
+//! shipped alert rules and Grafana dashboard use is in a live scrape.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -304,6 +305,96 @@ async fn a_prepared_branch_shows_in_its_shards_oldest_age_and_the_in_doubt_gauge
         kv.iter().any(|(k, _)| *k == 2),
         "the held branch committed: {kv:?}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn branches_left_prepared_by_a_crashed_coordinator_age_until_its_restart_finishes_them() -> Result<()> {
+    let metrics = || ["--metrics-addr", "127.0.0.1:0"].map(String::from).to_vec();
+    let mut t = TestCluster::start(Options {
+        // The decision is the log's commit record; the coordinator dies right after forcing it.
+        coordinator_args: [
+            metrics(),
+            ["--crash-at", "after-commit-decision", "--decision-store", "file"]
+                .map(String::from)
+                .to_vec(),
+        ]
+        .concat(),
+        participant_args: metrics(),
+    })
+    .await?;
+    submit_into_crash(&mut t, 1).await?;
+
+    // The coordinator is gone; every shard's participant shows its prepared branch growing older.
+    for shard in 0..3 {
+        let addr = participant_metrics(&t, shard)?;
+        let name = t.shard(shard);
+        eventually(
+            &format!("{name}'s oldest prepared branch older than 0 s"),
+            WITHIN,
+            || async {
+                let scraped = scrape(addr).await?;
+                let labels = [("shard", name.as_str())];
+                let age = sample(
+                    &scraped,
+                    "treaty_participant_oldest_prepared_branch_age_seconds",
+                    &labels,
+                );
+                let prepared = sample(&scraped, "treaty_participant_prepared_branches", &labels);
+                Ok(age.is_some_and(|age| age > 0.0) && prepared == Some(1.0))
+            },
+        )
+        .await?;
+    }
+
+    // Restarted, it recovers the logged commit and finishes it: every gauge back at 0.
+    t.cluster.coordinator.restart().await?;
+    let coordinator = coordinator_metrics(&t)?;
+    for shard in 0..3 {
+        let addr = participant_metrics(&t, shard)?;
+        let name = t.shard(shard);
+        eventually(
+            &format!("{name}'s prepared-branch gauges back at 0"),
+            WITHIN,
+            || async {
+                let scraped = scrape(addr).await?;
+                let labels = [("shard", name.as_str())];
+                let age = sample(
+                    &scraped,
+                    "treaty_participant_oldest_prepared_branch_age_seconds",
+                    &labels,
+                );
+                let prepared = sample(&scraped, "treaty_participant_prepared_branches", &labels);
+                Ok(age == Some(0.0) && prepared == Some(0.0))
+            },
+        )
+        .await?;
+    }
+    eventually(
+        "the coordinator's in-doubt and in-flight gauges at 0",
+        WITHIN,
+        || async {
+            let scraped = scrape(coordinator).await?;
+            Ok(sample(&scraped, "treaty_transactions_in_doubt", &[]) == Some(0.0)
+                && sample(&scraped, "treaty_transactions_in_flight", &[]) == Some(0.0))
+        },
+    )
+    .await?;
+    let scraped = scrape(coordinator).await?;
+    ensure!(
+        sample(&scraped, "treaty_recoveries_total", &[]) == Some(1.0),
+        "{scraped}"
+    );
+    ensure!(
+        sample(&scraped, "treaty_redrives_total", &[("source", "commit")]) == Some(1.0),
+        "{scraped}"
+    );
+    for shard in 0..3 {
+        ensure!(
+            t.kv(shard).await?.iter().any(|(k, _)| *k == 1),
+            "shard {shard} committed"
+        );
+    }
     Ok(())
 }
 
