@@ -191,14 +191,32 @@ async fn a_prepared_branch_shows_in_its_shards_oldest_age_and_the_in_doubt_gauge
         finished >= Some(1.0),
         "committed transactions: {finished:?}\n{scraped}"
     );
+    // Timed: the votes, the decision made durable (the decision branch's COMMIT).
     ensure!(
         sample(&scraped, "treaty_prepare_seconds_count", &[]) >= Some(1.0),
         "{scraped}"
     );
     ensure!(
-        sample(&scraped, "treaty_transactions_in_doubt", &[]) == Some(0.0),
+        sample(
+            &scraped,
+            "treaty_decision_durable_seconds_count",
+            &[("store", "shard")]
+        ) >= Some(1.0),
         "{scraped}"
     );
+    ensure!(
+        sample(
+            &scraped,
+            "treaty_transactions_begun_total",
+            &[("protocol", "two_phase")]
+        ) >= Some(1.0),
+        "{scraped}"
+    );
+    eventually("nothing in doubt once the commit was applied", WITHIN, || async {
+        let scraped = scrape(coordinator).await?;
+        Ok(sample(&scraped, "treaty_transactions_in_doubt", &[]) == Some(0.0))
+    })
+    .await?;
     for shard in 0..3 {
         let scraped = scrape(participant_metrics(&t, shard)?).await?;
         let names = exposed_names(&scraped);
