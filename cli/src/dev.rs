@@ -48,6 +48,9 @@ pub struct ShardState {
     pub participant_pid: Option<u32>,
     pub postgres_url: String,
     pub postgres_data_dir: PathBuf,
+    /// The participant's Prometheus endpoint (absent in a state file from before metrics).
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -57,6 +60,9 @@ pub struct ClusterState {
     /// The web console's URL (absent in state files written before it existed).
     #[serde(default)]
     pub console: Option<String>,
+    /// The coordinator's Prometheus endpoint (absent in a state file from before metrics).
+    #[serde(default)]
+    pub coordinator_metrics: Option<String>,
     pub shards: Vec<ShardState>,
 }
 
@@ -72,6 +78,7 @@ impl ClusterState {
             coordinator: cluster.coordinator_endpoint(),
             coordinator_pid: cluster.coordinator.pid(),
             console: Some(console),
+            coordinator_metrics: metrics_url(&cluster.coordinator),
             shards: cluster
                 .shard_names
                 .iter()
@@ -82,10 +89,23 @@ impl ClusterState {
                     participant_pid: cluster.participants[i].pid(),
                     postgres_url: cluster.pgs[i].url(database),
                     postgres_data_dir: cluster.pgs[i].data_dir().to_path_buf(),
+                    metrics: metrics_url(&cluster.participants[i]),
                 })
                 .collect(),
         }
     }
+}
+
+/// `http://ADDR/metrics` of a service started with `--metrics-addr`.
+fn metrics_url(service: &treaty_harness::ServiceProcess) -> Option<String> {
+    service
+        .metrics_addr()
+        .map(|addr| format!("http://{addr}/metrics"))
+}
+
+/// Every service of a dev cluster serves Prometheus metrics on a free loopback port.
+fn metrics_args() -> Vec<String> {
+    vec!["--metrics-addr".into(), "127.0.0.1:0".into()]
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -124,8 +144,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
         shards: args.shards,
         base_dir: base_dir.clone(),
         pg: PgOptions::default(),
-        coordinator_args,
-        participant_args: Vec::new(),
+        coordinator_args: [coordinator_args, metrics_args()].concat(),
+        participant_args: metrics_args(),
         database: "treaty".into(),
         coordinator_port: args.port,
         in_process: false,
@@ -155,6 +175,15 @@ pub async fn up(args: UpArgs) -> Result<()> {
             "shard {:<6} participant {}  postgres {}",
             shard.name, shard.participant, shard.postgres_url
         );
+    }
+    println!("metrics (Prometheus):");
+    if let Some(url) = &state.coordinator_metrics {
+        println!("  coordinator     {url}");
+    }
+    for shard in &state.shards {
+        if let Some(url) = &shard.metrics {
+            println!("  participant {:<4}{url}", shard.name);
+        }
     }
     println!("logs in {}/logs; stop with `treaty dev down`", base_dir.display());
     Ok(())

@@ -88,6 +88,10 @@ pub struct Args {
     pub console_addr: Option<SocketAddr>,
     #[arg(long, env = "TREATY_COORDINATOR_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (default: off). Keep it on a private or
+    /// loopback address: it tells anyone who asks how busy each shard is.
+    #[arg(long, env = "TREATY_COORDINATOR_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax
     /// (docs/failpoints.md). Only a binary built with failpoints (`cargo build-fi`) accepts it.
     #[arg(long, env = "TREATY_COORDINATOR_FAILPOINTS")]
@@ -118,6 +122,7 @@ struct FileConfig {
     takeover_after_ms: Option<u64>,
     console_addr: Option<SocketAddr>,
     log_format: Option<LogFormat>,
+    metrics_addr: Option<SocketAddr>,
     failpoints: Option<String>,
 }
 
@@ -181,6 +186,8 @@ pub struct Config {
     /// Where the web console listens (`--console-addr`); `None`: no console.
     pub console_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// Where Prometheus metrics are served; none: not served.
+    pub metrics_addr: Option<SocketAddr>,
     pub failpoints: Option<String>,
     pub crash_at: Option<String>,
 }
@@ -307,6 +314,7 @@ impl Config {
                 .unwrap_or(10_000),
             console_addr: args.console_addr.or(file.console_addr),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            metrics_addr: args.metrics_addr.or(file.metrics_addr),
             failpoints: args.failpoints.or(file.failpoints),
             crash_at: args.crash_at,
         })
@@ -437,6 +445,19 @@ mod tests {
             }
             other => panic!("expected a protocol error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn metrics_are_off_unless_an_address_is_given_by_flag_or_file() {
+        let shard = ["--shard", "s0=http://127.0.0.1:1"];
+        assert_eq!(parse(&shard).unwrap().metrics_addr, None);
+        let flag = parse(&[&shard[..], &["--metrics-addr", "127.0.0.1:9600"]].concat()).unwrap();
+        assert_eq!(flag.metrics_addr, Some("127.0.0.1:9600".parse().unwrap()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "metrics_addr = \"127.0.0.1:9601\"\n").unwrap();
+        let file = parse(&[&shard[..], &["--config", path.to_str().unwrap()]].concat()).unwrap();
+        assert_eq!(file.metrics_addr, Some("127.0.0.1:9601".parse().unwrap()));
     }
 
     #[test]

@@ -254,6 +254,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                 Action::CommitOnePhase { shard } => self.commit_one_phase(handle, shard),
                 Action::ExecuteAndCommitOnePhase { shard } => self.execute_and_commit(handle, shard),
                 Action::Reply(outcome) => {
+                    self.count_outcome(handle, &outcome);
                     if let Some(waiter) = handle.waiter().take() {
                         // The client may have gone away; the outcome stands either way.
                         let _ = waiter.send(outcome);
@@ -279,6 +280,16 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                 }
             }
         }
+    }
+
+    /// The outcome in the metrics, with the time since begin on the engine's clock.
+    fn count_outcome(&self, handle: &TxnHandle, outcome: &crate::protocol::Outcome) {
+        let (protocol, begun_at_ms) = {
+            let machine = handle.machine();
+            (machine.protocol(), machine.begun_at_ms())
+        };
+        let elapsed = Duration::from_millis(self.now_ms().saturating_sub(begun_at_ms));
+        crate::metrics::global().finished(protocol, outcome, elapsed);
     }
 
     /// Checks every transaction with a deadline that has passed.

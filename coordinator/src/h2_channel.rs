@@ -177,6 +177,7 @@ impl Inner {
                 // The next ready sender is the same connection if it still takes streams, or a
                 // new one if it is closing (h2 refuses new streams after a GOAWAY).
                 tracing::debug!(address = %self.address, %first, "call not processed; sending it again");
+                crate::metrics::global().link_retry();
                 self.send_once(Request::from_parts(parts, ()), body).await
             }
             first => first,
@@ -315,6 +316,7 @@ impl Inner {
             forget(&owner, id, &outcome);
         });
         tracing::debug!(address = %self.address, id, "connected to participant");
+        crate::metrics::global().link_connected();
         Ok(Connection { id, sender })
     }
 

@@ -10,6 +10,7 @@
 //!   (`h2_channel`: the HTTP/2 connection each link runs on);
 //! - `submit`: one-shot cross-shard submits;
 //! - `service`: the gRPC `Coordinator` service; `in_doubt`: its `ListInDoubt` fan-out;
+//! - `metrics`: the Prometheus metrics served on `--metrics-addr`;
 //! - `health`: the gRPC health service (SERVING once every shard's participant is reached) and
 //!   server reflection;
 //! - `console`: the web console (`--console-addr`, off by default): transactions, timelines, the
@@ -30,6 +31,7 @@ pub mod health;
 mod in_doubt;
 pub mod link_channel;
 mod log_faults;
+pub mod metrics;
 pub mod participants;
 pub mod service;
 pub mod store;
@@ -49,6 +51,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use treaty_decision_log::{DecisionLog, LogOptions, TestHooks};
 use treaty_proto::CoordinatorId;
+use treaty_proto::metrics_endpoint::{self, MetricsEndpoint};
 use treaty_proto::pb::coordinator_server::CoordinatorServer;
 use treaty_types::SystemClock;
 
@@ -141,6 +144,8 @@ pub enum CoordinatorError {
     },
     #[error(transparent)]
     Console(#[from] console::ConsoleError),
+    #[error(transparent)]
+    Metrics(#[from] treaty_proto::metrics_endpoint::MetricsEndpointError),
 }
 
 /// A fresh coordinator id: short, lowercase, unlikely to collide with another coordinator's.
@@ -163,6 +168,7 @@ pub async fn run(
     };
     let options = LogOptions {
         compact_after_bytes: config.compact_after_bytes,
+        on_batch: Some(metrics::log_batch_observer()),
     };
     let open_dir = dir.clone();
     // The hooks cost an `Option` check per batch; without the feature they are not installed.
@@ -237,6 +243,8 @@ pub async fn run(
     // so that no txid handed out before the damage is handed out again.
     let reserved_up_to = replay.txids_reserved_up_to + driver::TXID_BLOCK * replay.damage.len() as u64;
     tracing::info!(coordinator = %id, records = replay.records, "decision log opened");
+    // The metrics read the log's counters through a clone of its handle.
+    let log_for_metrics = log.clone();
     let mut store = FileStore::new(log, &replay, reserved_up_to);
     let marker = dir.join(decision_database::MARKER_FILE);
     if let (DecisionStoreKind::Database, Some(url)) = (config.decision_store, &config.decision_database) {
@@ -264,6 +272,17 @@ pub async fn run(
         Some(addr) => Some(console::bind(addr).await?),
         None => None,
     };
+    let serving_metrics = match config.metrics_addr {
+        Some(metrics_addr) => {
+            let endpoint = MetricsEndpoint::bind(metrics_addr).await?;
+            let shards: Vec<_> = config.shards.keys().cloned().collect();
+            let registry = metrics::registry(&engine, CoordinatorEngine::census, log_for_metrics, &shards);
+            tracing::info!(addr = %endpoint.local_addr(), "serving Prometheus metrics at /metrics");
+            metrics_endpoint::announce(endpoint.local_addr());
+            Some(endpoint.spawn(registry, None))
+        }
+        None => None,
+    };
     tracing::info!(%addr, shards = config.shards.len(), "coordinator serving");
     announce(addr);
     let console = console.map(|listener| spawn_console(engine.clone(), listener));
@@ -289,6 +308,9 @@ pub async fn run(
     probing.abort();
     if let Some(console) = console {
         console.stop().await;
+    }
+    if let Some(serving_metrics) = serving_metrics {
+        serving_metrics.abort();
     }
     served?;
     engine.flush().await;

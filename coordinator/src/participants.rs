@@ -10,7 +10,7 @@ mod three_phase_tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tonic_health::pb::HealthCheckRequest;
@@ -30,6 +30,7 @@ use treaty_proto::{ApiError, CoordinatorId, Gid, Protocol, ShardName, pb};
 
 use crate::h2_channel::H2Channel;
 use crate::link_channel::LinkChannel;
+use crate::metrics::{self, Rpc};
 use commit_batch::PendingCommit;
 
 /// The service name a participant's health is asked for.
@@ -83,6 +84,18 @@ pub(crate) fn link_error(status: tonic::Status) -> LinkError {
         ApiError::ResourceExhausted(m) => LinkError::Exhausted(m),
         ApiError::Internal(m) => LinkError::Other(m),
     }
+}
+
+/// Times one call for the metrics (the histogram of its phase) and counts its failure by kind.
+async fn measured<R>(
+    shard: &ShardName,
+    rpc: Rpc,
+    call: impl Future<Output = Result<R, LinkError>>,
+) -> Result<R, LinkError> {
+    let started = Instant::now();
+    let result = call.await;
+    metrics::global().participant_call(shard, rpc, started.elapsed(), &result);
+    result
 }
 
 fn millis(timeout_ms: u64) -> Duration {
@@ -294,11 +307,14 @@ impl ParticipantTransport for ParticipantLinks {
         statement: Statement,
         timeout_ms: u64,
     ) -> Result<StatementResult, LinkError> {
-        let mut client = self.client(shard)?;
-        let request = self.execute_request(statement);
-        call(timeout_ms, client.execute(request))
-            .await
-            .map(result_from_pb)
+        measured(shard, Rpc::Execute, async move {
+            let mut client = self.client(shard)?;
+            let request = self.execute_request(statement);
+            call(timeout_ms, client.execute(request))
+                .await
+                .map(result_from_pb)
+        })
+        .await
     }
 
     async fn execute_and_prepare(
@@ -309,18 +325,21 @@ impl ParticipantTransport for ParticipantLinks {
         timeout_ms: u64,
     ) -> Result<ExecutedAndVoted, LinkError> {
         self.refuse_three_phase_over_local(&vote)?;
-        let mut client = self.client(shard)?;
-        let mut request = self.execute_request(statement);
-        if vote.protocol == Protocol::ThreePhase {
-            request.protocol = pb::Protocol::ThreePhase as i32;
-            request.peers = self.peers(&vote.participants);
-        }
-        let response = call(timeout_ms, client.execute_and_prepare(request)).await?;
-        Ok(ExecutedAndVoted {
-            result: result_from_pb(response.result.unwrap_or_default()),
-            vote: response.vote.map(vote_from_pb),
-            voted_under: protocol_from_pb(response.protocol),
+        measured(shard, Rpc::Prepare, async move {
+            let mut client = self.client(shard)?;
+            let mut request = self.execute_request(statement);
+            if vote.protocol == Protocol::ThreePhase {
+                request.protocol = pb::Protocol::ThreePhase as i32;
+                request.peers = self.peers(&vote.participants);
+            }
+            let response = call(timeout_ms, client.execute_and_prepare(request)).await?;
+            Ok(ExecutedAndVoted {
+                result: result_from_pb(response.result.unwrap_or_default()),
+                vote: response.vote.map(vote_from_pb),
+                voted_under: protocol_from_pb(response.protocol),
+            })
         })
+        .await
     }
 
     async fn execute_and_commit(
@@ -330,16 +349,19 @@ impl ParticipantTransport for ParticipantLinks {
         expect_rows: Option<u64>,
         timeout_ms: u64,
     ) -> Result<ExecutedAndCommitted, LinkError> {
-        let mut client = self.client(shard)?;
-        let request = pb::ExecuteAndCommitRequest {
-            execute: Some(self.execute_request(statement)),
-            expect_rows,
-        };
-        let response = call(timeout_ms, client.execute_and_commit(request)).await?;
-        Ok(ExecutedAndCommitted {
-            result: result_from_pb(response.result.unwrap_or_default()),
-            committed: response.committed,
+        measured(shard, Rpc::CommitOnePhase, async move {
+            let mut client = self.client(shard)?;
+            let request = pb::ExecuteAndCommitRequest {
+                execute: Some(self.execute_request(statement)),
+                expect_rows,
+            };
+            let response = call(timeout_ms, client.execute_and_commit(request)).await?;
+            Ok(ExecutedAndCommitted {
+                result: result_from_pb(response.result.unwrap_or_default()),
+                committed: response.committed,
+            })
         })
+        .await
     }
 
     async fn prepare(
@@ -350,40 +372,52 @@ impl ParticipantTransport for ParticipantLinks {
         timeout_ms: u64,
     ) -> Result<VoteAnswer, LinkError> {
         self.refuse_three_phase_over_local(&vote)?;
-        let mut client = self.client(shard)?;
-        let participants: Vec<String> = vote.participants.iter().map(ToString::to_string).collect();
-        let request = match vote.protocol {
-            Protocol::TwoPhase => pb::PrepareRequest {
-                gid: gid.to_string(),
-                participants,
-                ..Default::default()
-            },
-            Protocol::ThreePhase => pb::PrepareRequest {
-                gid: gid.to_string(),
-                peers: self.peers(&vote.participants),
-                participants,
-                protocol: pb::Protocol::ThreePhase as i32,
-            },
-        };
-        call(timeout_ms, client.prepare(request)).await.map(vote_from_pb)
+        measured(shard, Rpc::Prepare, async move {
+            let mut client = self.client(shard)?;
+            let participants: Vec<String> = vote.participants.iter().map(ToString::to_string).collect();
+            let request = match vote.protocol {
+                Protocol::TwoPhase => pb::PrepareRequest {
+                    gid: gid.to_string(),
+                    participants,
+                    ..Default::default()
+                },
+                Protocol::ThreePhase => pb::PrepareRequest {
+                    gid: gid.to_string(),
+                    peers: self.peers(&vote.participants),
+                    participants,
+                    protocol: pb::Protocol::ThreePhase as i32,
+                },
+            };
+            call(timeout_ms, client.prepare(request)).await.map(vote_from_pb)
+        })
+        .await
     }
 
     async fn commit(&self, shard: &ShardName, gid: &Gid, timeout_ms: u64) -> Result<(), LinkError> {
-        self.commit_batched(shard, gid.to_string(), timeout_ms).await
+        measured(shard, Rpc::Commit, async move {
+            self.commit_batched(shard, gid.to_string(), timeout_ms).await
+        })
+        .await
     }
 
     async fn abort(&self, shard: &ShardName, gid: &Gid, timeout_ms: u64) -> Result<(), LinkError> {
-        let mut client = self.client(shard)?;
-        let request = pb::FinishRequest { gid: gid.to_string() };
-        call(timeout_ms, client.abort(request)).await.map(|_| ())
+        measured(shard, Rpc::Abort, async move {
+            let mut client = self.client(shard)?;
+            let request = pb::FinishRequest { gid: gid.to_string() };
+            call(timeout_ms, client.abort(request)).await.map(|_| ())
+        })
+        .await
     }
 
     async fn commit_one_phase(&self, shard: &ShardName, gid: &Gid, timeout_ms: u64) -> Result<(), LinkError> {
-        let mut client = self.client(shard)?;
-        let request = pb::FinishRequest { gid: gid.to_string() };
-        call(timeout_ms, client.commit_one_phase(request))
-            .await
-            .map(|_| ())
+        measured(shard, Rpc::CommitOnePhase, async move {
+            let mut client = self.client(shard)?;
+            let request = pb::FinishRequest { gid: gid.to_string() };
+            call(timeout_ms, client.commit_one_phase(request))
+                .await
+                .map(|_| ())
+        })
+        .await
     }
 
     async fn commit_decision(
@@ -394,20 +428,23 @@ impl ParticipantTransport for ParticipantLinks {
         standalone: bool,
         timeout_ms: u64,
     ) -> Result<DecisionWrite, LinkError> {
-        let mut client = self.client(shard)?;
-        let request = pb::CommitDecisionRequest {
-            gid: gid.to_string(),
-            participants: participants.iter().map(ToString::to_string).collect(),
-            standalone,
-        };
-        let response = call(timeout_ms, client.commit_decision(request)).await?;
-        Ok(if response.committed {
-            DecisionWrite::Committed
-        } else {
-            DecisionWrite::NotCommitted {
-                message: response.message,
-            }
+        measured(shard, Rpc::CommitDecision, async move {
+            let mut client = self.client(shard)?;
+            let request = pb::CommitDecisionRequest {
+                gid: gid.to_string(),
+                participants: participants.iter().map(ToString::to_string).collect(),
+                standalone,
+            };
+            let response = call(timeout_ms, client.commit_decision(request)).await?;
+            Ok(if response.committed {
+                DecisionWrite::Committed
+            } else {
+                DecisionWrite::NotCommitted {
+                    message: response.message,
+                }
+            })
         })
+        .await
     }
 
     async fn read_decisions(
@@ -417,17 +454,20 @@ impl ParticipantTransport for ParticipantLinks {
         conclude_abort: bool,
         timeout_ms: u64,
     ) -> Result<Vec<StoredDecision>, LinkError> {
-        let mut client = self.client(shard)?;
-        let request = pb::ReadDecisionsRequest {
-            gids: gids.iter().map(ToString::to_string).collect(),
-            conclude_abort,
-        };
-        let response = call(timeout_ms, client.read_decisions(request)).await?;
-        response
-            .decisions
-            .into_iter()
-            .map(stored_decision_from_pb)
-            .collect()
+        measured(shard, Rpc::Other, async move {
+            let mut client = self.client(shard)?;
+            let request = pb::ReadDecisionsRequest {
+                gids: gids.iter().map(ToString::to_string).collect(),
+                conclude_abort,
+            };
+            let response = call(timeout_ms, client.read_decisions(request)).await?;
+            response
+                .decisions
+                .into_iter()
+                .map(stored_decision_from_pb)
+                .collect()
+        })
+        .await
     }
 
     async fn list_decisions(
@@ -437,17 +477,20 @@ impl ParticipantTransport for ParticipantLinks {
         limit: u32,
         timeout_ms: u64,
     ) -> Result<Vec<StoredDecision>, LinkError> {
-        let mut client = self.client(shard)?;
-        let request = pb::ListDecisionsRequest {
-            coordinator: coordinator.map(ToString::to_string).unwrap_or_default(),
-            limit,
-        };
-        let response = call(timeout_ms, client.list_decisions(request)).await?;
-        response
-            .decisions
-            .into_iter()
-            .map(stored_decision_from_pb)
-            .collect()
+        measured(shard, Rpc::Other, async move {
+            let mut client = self.client(shard)?;
+            let request = pb::ListDecisionsRequest {
+                coordinator: coordinator.map(ToString::to_string).unwrap_or_default(),
+                limit,
+            };
+            let response = call(timeout_ms, client.list_decisions(request)).await?;
+            response
+                .decisions
+                .into_iter()
+                .map(stored_decision_from_pb)
+                .collect()
+        })
+        .await
     }
 
     async fn forget_decisions(
@@ -456,11 +499,14 @@ impl ParticipantTransport for ParticipantLinks {
         gids: &[Gid],
         timeout_ms: u64,
     ) -> Result<u64, LinkError> {
-        let mut client = self.client(shard)?;
-        let request = pb::ForgetDecisionsRequest {
-            gids: gids.iter().map(ToString::to_string).collect(),
-        };
-        Ok(call(timeout_ms, client.forget_decisions(request)).await?.deleted)
+        measured(shard, Rpc::Other, async move {
+            let mut client = self.client(shard)?;
+            let request = pb::ForgetDecisionsRequest {
+                gids: gids.iter().map(ToString::to_string).collect(),
+            };
+            Ok(call(timeout_ms, client.forget_decisions(request)).await?.deleted)
+        })
+        .await
     }
 
     async fn pre_commit(
@@ -470,17 +516,20 @@ impl ParticipantTransport for ParticipantLinks {
         ballot: &Ballot,
         timeout_ms: u64,
     ) -> Result<PreCommitAnswer, LinkError> {
-        let mut client = self.client(shard)?;
-        let request = pb::PreCommitRequest {
-            gid: gid.to_string(),
-            ballot: Some(ballot_to_pb(ballot)),
-        };
-        let response = call(timeout_ms, client.pre_commit(request)).await?;
-        Ok(PreCommitAnswer {
-            acknowledged: response.acknowledged,
-            promised: ballot_from_pb(response.promised.as_ref()).ok(),
-            message: response.message,
+        measured(shard, Rpc::PreCommit, async move {
+            let mut client = self.client(shard)?;
+            let request = pb::PreCommitRequest {
+                gid: gid.to_string(),
+                ballot: Some(ballot_to_pb(ballot)),
+            };
+            let response = call(timeout_ms, client.pre_commit(request)).await?;
+            Ok(PreCommitAnswer {
+                acknowledged: response.acknowledged,
+                promised: ballot_from_pb(response.promised.as_ref()).ok(),
+                message: response.message,
+            })
         })
+        .await
     }
 
     async fn list_prepared(
@@ -488,28 +537,31 @@ impl ParticipantTransport for ParticipantLinks {
         shard: &ShardName,
         timeout_ms: u64,
     ) -> Result<Vec<PreparedBranch>, LinkError> {
-        let mut client = self.client(shard)?;
-        let response = call(timeout_ms, client.list_prepared(pb::ListPreparedRequest {})).await?;
-        Ok(response
-            .branches
-            .into_iter()
-            .map(|branch| PreparedBranch {
-                gid: branch.gid,
-                prepared_at_ms: branch.prepared_at_ms,
-                age_ms: branch.age_ms,
-                owner: branch.owner,
-                locks: branch
-                    .locks
-                    .into_iter()
-                    .map(|lock| PreparedLock {
-                        locktype: lock.locktype,
-                        mode: lock.mode,
-                        relation: lock.relation,
-                        granted: lock.granted,
-                    })
-                    .collect(),
-            })
-            .collect())
+        measured(shard, Rpc::Other, async move {
+            let mut client = self.client(shard)?;
+            let response = call(timeout_ms, client.list_prepared(pb::ListPreparedRequest {})).await?;
+            Ok(response
+                .branches
+                .into_iter()
+                .map(|branch| PreparedBranch {
+                    gid: branch.gid,
+                    prepared_at_ms: branch.prepared_at_ms,
+                    age_ms: branch.age_ms,
+                    owner: branch.owner,
+                    locks: branch
+                        .locks
+                        .into_iter()
+                        .map(|lock| PreparedLock {
+                            locktype: lock.locktype,
+                            mode: lock.mode,
+                            relation: lock.relation,
+                            granted: lock.granted,
+                        })
+                        .collect(),
+                })
+                .collect())
+        })
+        .await
     }
 
     async fn query_state(
@@ -520,14 +572,18 @@ impl ParticipantTransport for ParticipantLinks {
         participants: &[ShardName],
         timeout_ms: u64,
     ) -> Result<Report, LinkError> {
-        let mut client = self.client(shard)?;
-        let request = pb::QueryStateRequest {
-            gid: gid.to_string(),
-            ballot: Some(ballot_to_pb(ballot)),
-            participants: self.peers(participants),
-        };
-        let response = call(timeout_ms, client.query_state(request)).await?;
-        report_from_pb(&response).map_err(|e| LinkError::Other(format!("unreadable QueryState answer: {e}")))
+        measured(shard, Rpc::Other, async move {
+            let mut client = self.client(shard)?;
+            let request = pb::QueryStateRequest {
+                gid: gid.to_string(),
+                ballot: Some(ballot_to_pb(ballot)),
+                participants: self.peers(participants),
+            };
+            let response = call(timeout_ms, client.query_state(request)).await?;
+            report_from_pb(&response)
+                .map_err(|e| LinkError::Other(format!("unreadable QueryState answer: {e}")))
+        })
+        .await
     }
 }
 

@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use treaty_commit_protocol::store::{
     CommitRecord, DecisionStore, HeuristicRecord, PreCommitRecord, StoreError, Unfinished,
@@ -17,6 +18,7 @@ use treaty_decision_log::{DecisionLog, Replay};
 use treaty_proto::TxId;
 
 use crate::decision_database::DecisionDatabase;
+use crate::metrics::{self, DecisionStoreLabel};
 
 pub struct FileStore {
     log: DecisionLog,
@@ -67,32 +69,54 @@ fn failed(error: impl std::fmt::Display) -> StoreError {
 
 impl DecisionStore for FileStore {
     async fn force_commit(&self, record: CommitRecord) -> Result<(), StoreError> {
-        match &self.database {
-            Some(database) if !self.in_log().contains(&record.txid) => database.insert(&record).await,
-            _ => self.log.commit(record).await.map_err(failed),
-        }
+        let started = Instant::now();
+        let (store, written) = match &self.database {
+            Some(database) if !self.in_log().contains(&record.txid) => {
+                (DecisionStoreLabel::Database, database.insert(&record).await)
+            }
+            _ => (
+                DecisionStoreLabel::File,
+                self.log.commit(record).await.map_err(failed),
+            ),
+        };
+        let metrics = metrics::global();
+        metrics.store_write("commit", started.elapsed());
+        metrics.decision_durable(store, started.elapsed());
+        written
     }
 
     async fn force_pre_commit(&self, record: PreCommitRecord) -> Result<(), StoreError> {
         if self.database.is_some() {
             self.in_log().insert(record.txid);
         }
-        self.log.pre_commit(record).await.map_err(failed)
+        let started = Instant::now();
+        let written = self.log.pre_commit(record).await.map_err(failed);
+        metrics::global().store_write("pre_commit", started.elapsed());
+        written
     }
 
     async fn force_heuristic(&self, record: HeuristicRecord) -> Result<(), StoreError> {
         if self.database.is_some() {
             self.in_log().insert(record.txid);
         }
-        self.log.heuristic(record).await.map_err(failed)
+        let started = Instant::now();
+        let written = self.log.heuristic(record).await.map_err(failed);
+        metrics::global().store_write("heuristic", started.elapsed());
+        written
     }
 
     async fn reserve_txids(&self, up_to: u64) -> Result<(), StoreError> {
-        self.log.reserve_txids(up_to).await.map_err(failed)
+        let started = Instant::now();
+        let written = self.log.reserve_txids(up_to).await.map_err(failed);
+        metrics::global().store_write("txids", started.elapsed());
+        written
     }
 
     async fn new_incarnation(&self) -> Result<u64, StoreError> {
-        self.log.new_incarnation().await.map_err(failed)
+        let started = Instant::now();
+        let written = self.log.new_incarnation().await.map_err(failed);
+        metrics::global().store_write("incarnation", started.elapsed());
+        written
     }
 
     fn end(&self, txid: TxId) {

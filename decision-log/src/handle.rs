@@ -105,6 +105,7 @@ impl DecisionLog {
             file,
             file_len,
             compact_after_bytes: options.compact_after_bytes,
+            on_batch: options.on_batch,
             state: scan.state,
             shared: shared.clone(),
             hooks,

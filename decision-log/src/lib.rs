@@ -88,6 +88,7 @@ mod writer;
 mod tests;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub use error::{LogError, WriteFailure};
 pub use handle::DecisionLog;
@@ -98,17 +99,44 @@ pub use hooks::{CompactionStep, FsyncAt, TestHooks};
 pub const MAX_RECORD_BODY_BYTES: u32 = 1 << 20;
 
 /// Tuning for [`DecisionLog::open`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LogOptions {
     /// Compact the log once the file grows past this many bytes (and past twice its last compacted size,
     /// so that a large live set does not compact after every batch).
     pub compact_after_bytes: u64,
+    /// Told about every batch the writer thread wrote (the coordinator's metrics); it runs on that
+    /// thread, between the batch's fsync and waking its waiters, so it must be cheap.
+    pub on_batch: Option<BatchObserver>,
+}
+
+/// See [`LogOptions::on_batch`].
+pub type BatchObserver = Arc<dyn Fn(BatchWritten) + Send + Sync>;
+
+/// One group-commit batch, as the writer thread wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchWritten {
+    /// Records appended in this one `write`.
+    pub records: u64,
+    /// Whether it was fdatasynced (some request in it was forced).
+    pub synced: bool,
+    /// The `write` and the fdatasync together.
+    pub duration: std::time::Duration,
+}
+
+impl std::fmt::Debug for LogOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogOptions")
+            .field("compact_after_bytes", &self.compact_after_bytes)
+            .field("on_batch", &self.on_batch.as_ref().map(|_| "set"))
+            .finish()
+    }
 }
 
 impl Default for LogOptions {
     fn default() -> Self {
         LogOptions {
             compact_after_bytes: 64 * 1024 * 1024,
+            on_batch: None,
         }
     }
 }

@@ -16,7 +16,7 @@ use tempfile::TempDir;
 
 use crate::record::{FORMAT_VERSION, MAGIC, Record, decode_frame};
 use crate::{
-    CommitRecord, CompactionStep, Damage, DamageKind, DecisionLog, FsyncAt, HeuristicDecision,
+    BatchWritten, CommitRecord, CompactionStep, Damage, DamageKind, DecisionLog, FsyncAt, HeuristicDecision,
     HeuristicRecord, LogError, LogOptions, PreCommitRecord, Replay, TestHooks,
 };
 
@@ -252,6 +252,7 @@ async fn heuristic_decisions_survive_reopen_and_compaction_until_their_end_recor
         dir.path(),
         LogOptions {
             compact_after_bytes: 1,
+            ..LogOptions::default()
         },
         TestHooks::default(),
     );
@@ -375,6 +376,7 @@ async fn a_live_pre_commit_survives_compaction_and_a_finished_one_is_dropped() {
         dir.path(),
         LogOptions {
             compact_after_bytes: 1,
+            ..LogOptions::default()
         },
         TestHooks::default(),
     );
@@ -851,6 +853,7 @@ async fn compaction_bounds_the_file_and_keeps_only_the_live_state() {
     let dir = TempDir::new().unwrap();
     let options = LogOptions {
         compact_after_bytes: 4096,
+        ..LogOptions::default()
     };
     let (log, _) = open_with(dir.path(), options.clone(), TestHooks::default());
     log.write_header("c1").await.unwrap();
@@ -888,6 +891,7 @@ async fn a_large_live_set_does_not_compact_after_every_batch() {
     let dir = TempDir::new().unwrap();
     let options = LogOptions {
         compact_after_bytes: 2048,
+        ..LogOptions::default()
     };
     let (log, _) = open_with(dir.path(), options, TestHooks::default());
     for txid in 1..=400 {
@@ -1004,6 +1008,7 @@ async fn a_crash_at_any_compaction_step_leaves_the_old_or_the_new_log_and_loses_
     };
     let options = LogOptions {
         compact_after_bytes: 4096,
+        ..LogOptions::default()
     };
     let (log, _) = open_with(dir.path(), options, hooks);
     log.write_header("c1").await.unwrap();
@@ -1080,7 +1085,14 @@ async fn a_writer_dying_at_each_compaction_step_keeps_every_acknowledged_commit(
             ..TestHooks::default()
         };
         let compact_after_bytes = 4096;
-        let (log, _) = open_with(dir.path(), LogOptions { compact_after_bytes }, hooks);
+        let (log, _) = open_with(
+            dir.path(),
+            LogOptions {
+                compact_after_bytes,
+                ..LogOptions::default()
+            },
+            hooks,
+        );
         log.write_header("c1").await.unwrap();
         let mut acked = Vec::new();
         let mut crashed = false;
@@ -1442,4 +1454,32 @@ async fn a_failed_fsync_poisons_the_log_for_good() {
     drop(log);
     let (_log, replay) = open(dir.path());
     assert!(txids(&replay).contains(&9));
+}
+
+#[tokio::test]
+async fn every_batch_written_is_told_to_the_observer_with_its_records_and_fsync() {
+    let dir = TempDir::new().unwrap();
+    let seen: Arc<Mutex<Vec<BatchWritten>>> = Arc::default();
+    let observer = Arc::clone(&seen);
+    let options = LogOptions {
+        on_batch: Some(Arc::new(move |batch| {
+            observer.lock().unwrap().push(batch);
+        })),
+        ..LogOptions::default()
+    };
+    let (log, _) = open_with(dir.path(), options, TestHooks::default());
+    log.commit(commit_record(1)).await.unwrap();
+    // The batch is told before its waiters wake: seen by the time the commit returns.
+    let batches = seen.lock().unwrap().clone();
+    assert!(
+        batches.iter().any(|batch| batch.records == 1 && batch.synced),
+        "{batches:?}"
+    );
+    log.end(1);
+    log.flush().await.unwrap();
+    let batches = seen.lock().unwrap().clone();
+    assert!(
+        batches.iter().map(|batch| batch.records).sum::<u64>() >= 2,
+        "the commit and its end record: {batches:?}"
+    );
 }

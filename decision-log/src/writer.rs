@@ -7,6 +7,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
@@ -15,7 +16,7 @@ use crate::files::{CompactionFailure, LogPaths, write_compacted};
 use crate::hooks::{FsyncAt, TestHooks};
 use crate::record::{FORMAT_VERSION, Record};
 use crate::state::LiveState;
-use crate::{CommitRecord, HeuristicRecord, LogStats, PreCommitRecord};
+use crate::{BatchObserver, BatchWritten, CommitRecord, HeuristicRecord, LogStats, PreCommitRecord};
 
 pub(crate) type Waiter = oneshot::Sender<Result<(), LogError>>;
 
@@ -87,6 +88,7 @@ pub(crate) struct Writer {
     pub(crate) file: File,
     pub(crate) file_len: u64,
     pub(crate) compact_after_bytes: u64,
+    pub(crate) on_batch: Option<BatchObserver>,
     pub(crate) state: LiveState,
     pub(crate) shared: Arc<Shared>,
     pub(crate) hooks: TestHooks,
@@ -157,9 +159,18 @@ impl Loop {
             }
         }
         self.batch = batch;
+        let started = Instant::now();
+        let synced_before = self.synced_len;
         if let Err(failure) = self.append_and_sync(forced) {
             self.poison(failure);
             return;
+        }
+        if let Some(observer) = &self.log.on_batch {
+            observer(BatchWritten {
+                records,
+                synced: self.synced_len != synced_before,
+                duration: started.elapsed(),
+            });
         }
         // Counted before the waiters wake, so that `stats()` after an acknowledged append includes it.
         Shared::count(&self.log.shared.records_appended, records);

@@ -1,9 +1,10 @@
 //! [`ServiceProcess`]: a Treaty coordinator or participant running as a child process.
 //!
 //! Its stdout and stderr are appended to a log file; it is ready once it prints
-//! `listening on <addr>` (the binaries print this after binding). It runs in a process group of its
-//! own so that a terminal's Ctrl-C does not reach it behind the harness's back, and it can be
-//! SIGKILLed and restarted on the same address to test crash recovery.
+//! `listening on <addr>` (the binaries print this after binding; one serving metrics prints
+//! `metrics on <addr>` before it, kept as [`ServiceProcess::metrics_addr`]). It runs in a process
+//! group of its own so that a terminal's Ctrl-C does not reach it behind the harness's back, and it
+//! can be SIGKILLed and restarted on the same address to test crash recovery.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +38,9 @@ pub struct ServiceProcess {
     spec: ServiceSpec,
     child: Option<tokio::process::Child>,
     keep: bool,
+    /// Where it serves Prometheus metrics, from its `metrics on <addr>` line (started with
+    /// `--metrics-addr`); read again at each start, since port 0 picks a new one.
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl ServiceProcess {
@@ -46,6 +50,7 @@ impl ServiceProcess {
             spec,
             child: None,
             keep: false,
+            metrics_addr: None,
         };
         process.start().await?;
         Ok(process)
@@ -57,6 +62,11 @@ impl ServiceProcess {
 
     pub fn addr(&self) -> SocketAddr {
         self.spec.listen
+    }
+
+    /// Where it serves Prometheus metrics (`GET /metrics`), when started with `--metrics-addr`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// `http://<addr>`, for gRPC clients.
@@ -213,10 +223,13 @@ impl ServiceProcess {
         loop {
             if let Ok(bytes) = std::fs::read(log_path) {
                 let new = bytes.get(from as usize..).unwrap_or_default();
-                if String::from_utf8_lossy(new)
-                    .lines()
-                    .any(|line| line.starts_with("listening on "))
-                {
+                let new = String::from_utf8_lossy(new);
+                if new.lines().any(|line| line.starts_with("listening on ")) {
+                    // Printed before `listening on`, when metrics are served at all.
+                    self.metrics_addr = new
+                        .lines()
+                        .find_map(|line| line.strip_prefix("metrics on "))
+                        .and_then(|addr| addr.trim().parse().ok());
                     self.child = Some(child);
                     return Ok(());
                 }

@@ -232,6 +232,15 @@ impl Branches {
         Arc::strong_count(slot) > 1 || slot.try_lock().map_or(true, |slot| slot.active.is_some())
     }
 
+    /// Branches with an open transaction here, or a call working on one (the metrics; read at
+    /// scrape time, so the walk under the table lock stays off the commit path).
+    pub fn open_count(&self) -> usize {
+        self.slots()
+            .values()
+            .filter(|slot| slot.try_lock().map_or(true, |slot| slot.active.is_some()))
+            .count()
+    }
+
     /// Every GID with a slot (open, prepared or in use), for sweeps.
     pub fn gids(&self) -> Vec<Arc<str>> {
         self.slots().keys().cloned().collect()

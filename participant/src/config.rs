@@ -84,6 +84,10 @@ pub struct Args {
     pub worker_threads: Option<u16>,
     #[arg(long, env = "TREATY_PARTICIPANT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (default: off). Keep it on a private or
+    /// loopback address.
+    #[arg(long, env = "TREATY_PARTICIPANT_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax
     /// (docs/failpoints.md). Only a binary built with failpoints (`cargo build-fi`) accepts it.
     #[arg(long, env = "TREATY_PARTICIPANT_FAILPOINTS")]
@@ -117,6 +121,7 @@ struct FileConfig {
     session_lock_timeout_ms: Option<u32>,
     session_statement_timeout_ms: Option<u32>,
     log_format: Option<LogFormat>,
+    metrics_addr: Option<SocketAddr>,
     failpoints: Option<String>,
 }
 
@@ -138,6 +143,8 @@ pub struct Config {
     /// `--session-statement-timeout-ms`; 0 given is `None`).
     pub session: SessionDefaults,
     pub log_format: LogFormat,
+    /// Where Prometheus metrics are served; none: not served.
+    pub metrics_addr: Option<SocketAddr>,
     pub failpoints: Option<String>,
     /// Whether to ask the coordinators for their runs before serving (`Admission`). A
     /// participant inside the coordinator does not: it starts before its coordinator serves,
@@ -318,6 +325,7 @@ impl Config {
                 .filter(|ms| *ms > 0),
             },
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            metrics_addr: args.metrics_addr.or(file.metrics_addr),
             failpoints: args.failpoints.or(file.failpoints),
             ask_coordinators_at_start: true,
         };
@@ -397,6 +405,18 @@ mod tests {
             parse(&args),
             Err(ConfigError::Zero("--max-connections"))
         ));
+    }
+
+    #[test]
+    fn metrics_are_off_unless_an_address_is_given_by_flag_or_file() {
+        assert_eq!(parse(&REQUIRED).unwrap().metrics_addr, None);
+        let flag = parse(&[&REQUIRED[..], &["--metrics-addr", "127.0.0.1:9701"]].concat()).unwrap();
+        assert_eq!(flag.metrics_addr, Some("127.0.0.1:9701".parse().unwrap()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "metrics_addr = \"127.0.0.1:9702\"\n").unwrap();
+        let file = parse(&[&REQUIRED[..], &["--config", path.to_str().unwrap()]].concat()).unwrap();
+        assert_eq!(file.metrics_addr, Some("127.0.0.1:9702".parse().unwrap()));
     }
 
     #[test]

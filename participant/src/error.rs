@@ -46,6 +46,8 @@ pub enum ParticipantError {
     Serve(#[from] tonic::transport::Error),
     #[error("arming failpoints: {0}")]
     Failpoints(#[from] treaty_failpoints::FailpointError),
+    #[error(transparent)]
+    Metrics(#[from] treaty_proto::metrics_endpoint::MetricsEndpointError),
 }
 
 /// Why one call on a branch failed.

@@ -33,6 +33,7 @@ pub mod error;
 pub mod failpoints;
 pub mod health;
 mod in_process;
+mod metrics;
 pub mod pool;
 mod postgres;
 mod prepared;
@@ -54,6 +55,7 @@ use sqlx::{ConnectOptions as _, Connection as _};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
+use treaty_proto::metrics_endpoint::{self, MetricsEndpoint};
 use treaty_proto::pb::participant_server::ParticipantServer;
 
 pub use crate::config::Config;
@@ -80,6 +82,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ParticipantError> {
     let running = Running::start(&config).await?;
+    let serving_metrics = match config.metrics_addr {
+        Some(metrics_addr) => {
+            let endpoint = MetricsEndpoint::bind(metrics_addr).await?;
+            let (registry, refresh) = metrics::registry(&running.agent);
+            tracing::info!(addr = %endpoint.local_addr(), "serving Prometheus metrics at /metrics");
+            metrics_endpoint::announce(endpoint.local_addr());
+            Some(endpoint.spawn(registry, Some(refresh)))
+        }
+        None => None,
+    };
     let addr = listener.local_addr().map_err(ParticipantError::ListenAddr)?;
     tracing::info!(%addr, shard = %config.shard, database = %running.database, "participant serving");
     announce(addr);
@@ -100,6 +112,9 @@ pub async fn run(
     let served = router
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
+    if let Some(serving_metrics) = serving_metrics {
+        serving_metrics.abort();
+    }
     running.stop().await;
     served?;
     Ok(())

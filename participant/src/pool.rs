@@ -105,6 +105,16 @@ impl Pool {
         self.shared.max_connections
     }
 
+    /// Connections in use now (the metrics).
+    pub fn in_use(&self) -> usize {
+        (self.shared.max_connections as usize).saturating_sub(self.shared.permits.available_permits())
+    }
+
+    /// Connections open and idle now (the metrics).
+    pub fn idle_count(&self) -> usize {
+        self.shared.idle().len()
+    }
+
     /// The timeouts every connection's session starts with.
     pub fn session_defaults(&self) -> SessionDefaults {
         self.shared.session

@@ -127,6 +127,7 @@ impl Reconciler {
                 _ = stop.changed() => return,
             }
             if let Err(error) = self.pass().await {
+                crate::metrics::global().recovery_pass_failed();
                 tracing::warn!("recovery pass: {error}");
             }
         }
@@ -404,7 +405,10 @@ impl Reconciler {
             }
         };
         match result {
-            Ok(state) => tracing::info!(%gid, ?decision, ?state, "resolved a prepared branch"),
+            Ok(state) => {
+                crate::metrics::global().resolved_by_recovery(decision == Decision::Commit);
+                tracing::info!(%gid, ?decision, ?state, "resolved a prepared branch")
+            }
             Err(error) => {
                 tracing::error!(%gid, ?decision, %error, "could not apply the coordinator's decision")
             }

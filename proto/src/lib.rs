@@ -18,6 +18,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("trea
 mod error;
 pub mod health;
 #[cfg(feature = "process")]
+pub mod metrics_endpoint;
+#[cfg(feature = "process")]
 pub mod process;
 pub mod reflection;
 mod value;

@@ -104,6 +104,8 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
         tokio::spawn(async move {
             if delay_ms > 0 {
+                // Only a message sent again waits first (its backoff).
+                crate::metrics::global().phase_two_retry();
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
             }
             let event = engine.finish(&handle, &shard, commit).await;
@@ -160,6 +162,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
         tokio::spawn(async move {
             if delay_ms > 0 {
+                crate::metrics::global().phase_two_retry();
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
             }
             let event = engine.pre_commit(&handle, &shard, &ballot).await;

@@ -49,6 +49,7 @@ pub async fn start<S: DecisionStore, T: ParticipantTransport>(
         next_txid = engine.next_txid(),
         "decision store replayed"
     );
+    crate::metrics::global().recovered();
     engine.recover(unfinished.commits);
     if engine.decide_in_branch {
         engine.redrive_decision_rows();
@@ -92,6 +93,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                 now,
             );
             let handle = self.register(gid, String::new(), BranchOptions::default(), machine);
+            crate::metrics::global().redriven("commit");
             self.perform(&handle, actions);
         }
     }
@@ -124,6 +126,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                 now,
             );
             let handle = self.register(gid, String::new(), BranchOptions::default(), machine);
+            crate::metrics::global().redriven("pre_commit");
             self.perform(&handle, actions);
         }
     }
@@ -155,6 +158,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             );
             tracing::info!(txid, "re-driving a logged heuristic abort");
             let handle = self.register(gid, String::new(), BranchOptions::default(), machine);
+            crate::metrics::global().redriven("heuristic");
             handle.set_heuristic(record);
             self.perform(&handle, actions);
         }

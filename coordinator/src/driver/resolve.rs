@@ -435,6 +435,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         if let Err(error) = self.store.force_heuristic(record.clone()).await {
             return Err(self.store_failed(error));
         }
+        crate::metrics::global().heuristic(record.decision == HeuristicDecision::Commit);
         tracing::warn!(
             txid = request.txid,
             decision = record.decision.name(),

@@ -63,6 +63,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             machine.set_decision_in_branch();
         }
         self.register(Gid::new(&self.id, txid), options.label, options.branch, machine);
+        crate::metrics::global().begun(protocol);
         Ok(txid)
     }
 

@@ -223,6 +223,22 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         })
     }
 
+    /// How many transactions are in flight and in doubt now (the metrics' state gauges, read at
+    /// scrape time).
+    pub fn census(&self) -> crate::metrics::Census {
+        let table = self.table();
+        let in_doubt = table
+            .live
+            .values()
+            .chain(table.foreign.values())
+            .filter(|h| h.machine().phase().is_in_doubt())
+            .count();
+        crate::metrics::Census {
+            in_flight: (table.live.len() + table.foreign.len()) as u64,
+            in_doubt: in_doubt as u64,
+        }
+    }
+
     /// Live transactions whose next deadline has passed.
     pub(super) fn due(&self, now_ms: u64) -> Vec<Arc<TxnHandle>> {
         self.table()

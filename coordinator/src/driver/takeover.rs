@@ -178,6 +178,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             self.register_foreign(gid, machine)
         };
         if let Some(handle) = handle {
+            crate::metrics::global().redriven("takeover");
             self.perform(&handle, actions);
         }
     }

@@ -21,13 +21,19 @@ const COORDINATOR: Proposer = Proposer::Coordinator { incarnation: 0 };
 
 impl Agent {
     pub async fn commit(&self, gid: &Gid) -> Result<BranchState, BranchError> {
+        let started = std::time::Instant::now();
         let event = ParticipantEvent::CommitRequested { from: COORDINATOR };
-        self.finish(gid, event, BranchState::Committed).await
+        let finished = self.finish(gid, event, BranchState::Committed).await;
+        crate::metrics::global().finished(true, started.elapsed());
+        finished
     }
 
     pub async fn abort(&self, gid: &Gid) -> Result<BranchState, BranchError> {
+        let started = std::time::Instant::now();
         let event = ParticipantEvent::AbortRequested { from: COORDINATOR };
-        self.finish(gid, event, BranchState::Aborted).await
+        let finished = self.finish(gid, event, BranchState::Aborted).await;
+        crate::metrics::global().finished(false, started.elapsed());
+        finished
     }
 
     async fn finish(

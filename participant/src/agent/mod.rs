@@ -119,6 +119,11 @@ impl Agent {
         &self.database
     }
 
+    /// Branches open here now (the metrics).
+    pub fn open_branches(&self) -> usize {
+        self.branches.open_count()
+    }
+
     pub fn pool(&self) -> &Pool {
         &self.pool
     }

@@ -3,6 +3,8 @@
 //! nothing), YES (after the marker row and `PREPARE TRANSACTION`) and NO; and the three-phase vote,
 //! which `three_phase` drives with a machine of its own.
 
+use std::time::Instant;
+
 use treaty_commit_protocol::participant::{ParticipantEvent, Refusal, Remembered};
 use treaty_proto::Gid;
 
@@ -10,6 +12,7 @@ use super::machine::{Answer, CONNECTION_FAILURE, Learned};
 use super::{Agent, BranchState};
 use crate::branches::{Finished, SlotGuard};
 use crate::error::BranchError;
+use crate::metrics;
 use crate::postgres::{self, DbError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,8 +39,17 @@ impl Agent {
         self.prepare_locked(&mut slot, gid).await
     }
 
-    /// `prepare` under a hold of the GID's lock the caller already has.
+    /// `prepare` under a hold of the GID's lock the caller already has, counted in the metrics.
     pub(super) async fn prepare_locked(&self, slot: &mut SlotGuard, gid: &Gid) -> Result<Vote, BranchError> {
+        let started = Instant::now();
+        let vote = self.prepare_unmeasured(slot, gid).await;
+        if let Ok(vote) = &vote {
+            metrics::global().voted(vote, started.elapsed());
+        }
+        vote
+    }
+
+    async fn prepare_unmeasured(&self, slot: &mut SlotGuard, gid: &Gid) -> Result<Vote, BranchError> {
         if slot.machine.is_none() && slot.active.is_none() {
             let remembered = match self.remembered(gid) {
                 Some(remembered) => remembered,
@@ -114,6 +126,7 @@ impl Agent {
             // A repeat, or a branch never opened here: answered as a two-phase prepare would be.
             return self.prepare_locked(&mut slot, gid).await;
         }
+        let started = Instant::now();
         slot.machine = None;
         let mut learned = Learned::default();
         let mut active = slot.active.take();
@@ -132,11 +145,13 @@ impl Agent {
         if let Some(error) = learned.error {
             return Err(error);
         }
-        Ok(match (prepared, learned.no_vote) {
+        let vote = match (prepared, learned.no_vote) {
             (true, _) => Vote::Yes,
             (false, Some((sqlstate, message))) => Vote::No { sqlstate, message },
             (false, None) => Vote::no(format!("branch {gid} could not be prepared")),
-        })
+        };
+        metrics::global().voted(&vote, started.elapsed());
+        Ok(vote)
     }
 
     pub async fn commit_one_phase(&self, gid: &Gid) -> Result<BranchState, BranchError> {

@@ -483,6 +483,7 @@ pub fn config(db: &TestDb, coordinator: SocketAddr, data_dir: &std::path::Path) 
             statement_timeout_ms: Some(60_000),
         },
         log_format: treaty_participant::config::LogFormat::Human,
+        metrics_addr: None,
         failpoints: None,
         ask_coordinators_at_start: true,
     }
