@@ -81,6 +81,14 @@ pub struct Args {
     pub worker_threads: Option<u16>,
     #[arg(long, env = "TREATY_COORDINATOR_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317). Default: the
+    /// standard OTEL_EXPORTER_OTLP_ENDPOINT if set, else no export (and no tracing cost).
+    #[arg(long, env = "TREATY_COORDINATOR_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// How often finished spans are sent to the collector, in ms (default: OTEL_BSP_SCHEDULE_DELAY,
+    /// or 5000).
+    #[arg(long, env = "TREATY_COORDINATOR_OTLP_EXPORT_INTERVAL_MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub otlp_export_interval_ms: Option<u64>,
     /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax
     /// (docs/failpoints.md). Only a binary built with failpoints (`cargo build-fi`) accepts it.
     #[arg(long, env = "TREATY_COORDINATOR_FAILPOINTS")]
@@ -110,6 +118,8 @@ struct FileConfig {
     decision_store: Option<String>,
     takeover_after_ms: Option<u64>,
     log_format: Option<LogFormat>,
+    otlp_endpoint: Option<String>,
+    otlp_export_interval_ms: Option<u64>,
     failpoints: Option<String>,
 }
 
@@ -171,6 +181,10 @@ pub struct Config {
     pub decision_database: Option<String>,
     pub takeover_after_ms: u64,
     pub log_format: LogFormat,
+    /// Where spans are exported (`--otlp-endpoint`, else `OTEL_EXPORTER_OTLP_ENDPOINT`); `None`:
+    /// not at all.
+    pub otlp_endpoint: Option<String>,
+    pub otlp_export_interval_ms: Option<u64>,
     pub failpoints: Option<String>,
     pub crash_at: Option<String>,
 }
@@ -294,6 +308,8 @@ impl Config {
                 .or(file.takeover_after_ms)
                 .unwrap_or(10_000),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            otlp_endpoint: treaty_proto::telemetry::otlp_endpoint(args.otlp_endpoint.or(file.otlp_endpoint)),
+            otlp_export_interval_ms: args.otlp_export_interval_ms.or(file.otlp_export_interval_ms),
             failpoints: args.failpoints.or(file.failpoints),
             crash_at: args.crash_at,
         })

@@ -84,6 +84,14 @@ pub struct Args {
     pub worker_threads: Option<u16>,
     #[arg(long, env = "TREATY_PARTICIPANT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317). Default: the
+    /// standard OTEL_EXPORTER_OTLP_ENDPOINT if set, else no export (and no tracing cost).
+    #[arg(long, env = "TREATY_PARTICIPANT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// How often finished spans are sent to the collector, in ms (default: OTEL_BSP_SCHEDULE_DELAY,
+    /// or 5000).
+    #[arg(long, env = "TREATY_PARTICIPANT_OTLP_EXPORT_INTERVAL_MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub otlp_export_interval_ms: Option<u64>,
     /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax
     /// (docs/failpoints.md). Only a binary built with failpoints (`cargo build-fi`) accepts it.
     #[arg(long, env = "TREATY_PARTICIPANT_FAILPOINTS")]
@@ -117,6 +125,8 @@ struct FileConfig {
     session_lock_timeout_ms: Option<u32>,
     session_statement_timeout_ms: Option<u32>,
     log_format: Option<LogFormat>,
+    otlp_endpoint: Option<String>,
+    otlp_export_interval_ms: Option<u64>,
     failpoints: Option<String>,
 }
 
@@ -138,6 +148,10 @@ pub struct Config {
     /// `--session-statement-timeout-ms`; 0 given is `None`).
     pub session: SessionDefaults,
     pub log_format: LogFormat,
+    /// Where spans are exported (`--otlp-endpoint`, else `OTEL_EXPORTER_OTLP_ENDPOINT`); `None`:
+    /// not at all.
+    pub otlp_endpoint: Option<String>,
+    pub otlp_export_interval_ms: Option<u64>,
     pub failpoints: Option<String>,
 }
 
@@ -288,6 +302,8 @@ impl Config {
                 .filter(|ms| *ms > 0),
             },
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            otlp_endpoint: treaty_proto::telemetry::otlp_endpoint(args.otlp_endpoint.or(file.otlp_endpoint)),
+            otlp_export_interval_ms: args.otlp_export_interval_ms.or(file.otlp_export_interval_ms),
             failpoints: args.failpoints.or(file.failpoints),
         };
         for (name, value) in [

@@ -139,6 +139,10 @@ pub async fn run(
         cfg!(feature = "failpoints"),
     )?;
     let router = tonic::transport::Server::builder()
+        // The coordinator's `traceparent` (when exporting) parents each call's span.
+        .layer(treaty_proto::telemetry::ServerSpanLayer::new(Some(
+            config.shard.as_str(),
+        )))
         .add_service(ParticipantServer::new(service::ParticipantService::new(
             agent.clone(),
             three_phase,

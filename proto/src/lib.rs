@@ -20,6 +20,8 @@ pub mod health;
 #[cfg(feature = "process")]
 pub mod process;
 pub mod reflection;
+#[cfg(feature = "process")]
+pub mod telemetry;
 mod value;
 pub mod wire;
 

@@ -483,6 +483,8 @@ pub fn config(db: &TestDb, coordinator: SocketAddr, data_dir: &std::path::Path) 
             statement_timeout_ms: Some(60_000),
         },
         log_format: treaty_participant::config::LogFormat::Human,
+        otlp_endpoint: None,
+        otlp_export_interval_ms: None,
         failpoints: None,
     }
 }
