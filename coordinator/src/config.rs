@@ -444,6 +444,35 @@ mod tests {
     }
 
     #[test]
+    fn trace_export_comes_from_the_flag_or_the_file_and_an_empty_endpoint_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "otlp_endpoint = \"http://127.0.0.1:4317\"\notlp_export_interval_ms = 250\n\
+             [shards]\ns0 = \"http://127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let config = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(config.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4317"));
+        assert_eq!(config.otlp_export_interval_ms, Some(250));
+        let config = parse(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--otlp-endpoint",
+            "http://127.0.0.1:14317",
+        ])
+        .unwrap();
+        assert_eq!(config.otlp_endpoint.as_deref(), Some("http://127.0.0.1:14317"));
+        assert_eq!(
+            treaty_proto::telemetry::otlp_endpoint(Some("  ".into())),
+            None,
+            "an empty endpoint turns export off"
+        );
+        assert!(Args::try_parse_from(["treaty-coordinator", "--otlp-export-interval-ms", "0"]).is_err());
+    }
+
+    #[test]
     fn file_settings_apply_and_flags_win() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
