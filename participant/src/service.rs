@@ -52,8 +52,14 @@ impl ParticipantService {
         T: Send + 'static,
         F: Future<Output = Result<T, BranchError>> + Send + 'static,
     {
-        // In the call's span (when traced): the agent's spans and events belong to its trace.
-        match tokio::spawn(work.in_current_span()).await {
+        // In the call's span when traces are exported, so the agent's spans and events belong to
+        // its trace; otherwise not even looked up.
+        let span = if treaty_proto::telemetry::exporting() {
+            tracing::Span::current()
+        } else {
+            tracing::Span::none()
+        };
+        match tokio::spawn(work.instrument(span)).await {
             Ok(result) => result.map_err(|e| self.error(e)),
             Err(join) => Err(Status::from(ApiError::Internal(format!(
                 "participant task failed: {join}"

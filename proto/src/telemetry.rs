@@ -53,7 +53,7 @@ pub fn otlp_endpoint(configured: Option<String>) -> Option<String> {
 /// Why trace export could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
-    #[error("OTLP exporter for {endpoint:?}: {source}")]
+    #[error("OTLP exporter for {endpoint:?}")]
     Exporter {
         endpoint: String,
         source: opentelemetry_otlp::ExporterBuildError,
