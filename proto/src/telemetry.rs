@@ -144,7 +144,9 @@ where
     let treaty_only = tracing_subscriber::filter::filter_fn(|metadata| {
         metadata.target().starts_with("treaty")
             && (metadata.is_span() || *metadata.level() <= tracing::Level::INFO)
-    });
+    })
+    // Nothing at TRACE: lets `tracing` skip those callsites (and `log` records) outright.
+    .with_max_level_hint(tracing_subscriber::filter::LevelFilter::DEBUG);
     tracing_opentelemetry::layer()
         .with_tracer(tracer)
         // Source locations and thread names on every span cost more than they tell here.
