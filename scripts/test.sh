@@ -24,6 +24,9 @@ step "cargo clippy -D warnings (the release configuration: no failpoints, no Adm
 cargo clippy -p treaty-failpoints -p treaty-coordinator -p treaty-participant --all-targets -- -D warnings
 step "unit tests of the release configuration (arming refused, no Admin service)"
 cargo test -p treaty-failpoints -p treaty-coordinator -p treaty-participant --lib --no-fail-fast
+step "treaty-client with its otel feature (each call carries the caller's traceparent)"
+cargo clippy -p treaty-client --all-targets --features otel -- -D warnings
+cargo test -p treaty-client --features otel --lib --no-fail-fast
 step "running the tests (with failpoints)"
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --features "$FI_FEATURES" --no-fail-fast "$@"

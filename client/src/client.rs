@@ -5,10 +5,10 @@ use std::future::Future;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::trace_context::{self, Coordinator};
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 use treaty_proto::pb;
-use treaty_proto::pb::coordinator_client::CoordinatorClient;
 
 use crate::error::{ClientError, EndpointFailure, Failure, Rpc, chain_text, classify, status_text};
 use crate::transaction::{Pinned, Transaction};
@@ -321,7 +321,7 @@ impl Client {
     ) -> Result<(Resp, usize, Channel), ClientError>
     where
         Req: Clone,
-        F: Fn(CoordinatorClient<Channel>, Req) -> Fut,
+        F: Fn(Coordinator, Req) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
         let (start, current) = self.current();
@@ -344,7 +344,7 @@ impl Client {
                     }
                 }
             };
-            let status = match send(CoordinatorClient::new(channel.clone()), request.clone()).await {
+            let status = match send(trace_context::coordinator(channel.clone()), request.clone()).await {
                 Ok(response) => {
                     self.make_current(index, &channel);
                     return Ok((response.into_inner(), index, channel));

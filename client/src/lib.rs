@@ -73,6 +73,7 @@
 
 mod client;
 mod error;
+mod trace_context;
 mod transaction;
 
 pub use client::{Client, ClientBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};

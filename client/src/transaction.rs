@@ -1,10 +1,10 @@
 //! An interactive transaction, pinned to the coordinator instance that began it, and the calls
 //! that go to one named instance and nowhere else.
 
+use crate::trace_context::{self, Coordinator};
 use tonic::Status;
 use tonic::transport::Channel;
 use treaty_proto::pb;
-use treaty_proto::pb::coordinator_client::CoordinatorClient;
 
 use crate::error::{ClientError, Failure, Rpc, classify};
 
@@ -21,8 +21,8 @@ impl Pinned {
         Self { endpoint, channel }
     }
 
-    fn client(&self) -> CoordinatorClient<Channel> {
-        CoordinatorClient::new(self.channel.clone())
+    fn client(&self) -> Coordinator {
+        trace_context::coordinator(self.channel.clone())
     }
 
     /// The answer, or the error that says what a failure means for this call: unreachable

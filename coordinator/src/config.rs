@@ -92,6 +92,14 @@ pub struct Args {
     /// loopback address: it tells anyone who asks how busy each shard is.
     #[arg(long, env = "TREATY_COORDINATOR_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317). Default: the
+    /// standard OTEL_EXPORTER_OTLP_ENDPOINT if set, else no export (and no tracing cost).
+    #[arg(long, env = "TREATY_COORDINATOR_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// How often finished spans are sent to the collector, in ms (default: OTEL_BSP_SCHEDULE_DELAY,
+    /// or 5000).
+    #[arg(long, env = "TREATY_COORDINATOR_OTLP_EXPORT_INTERVAL_MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub otlp_export_interval_ms: Option<u64>,
     /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax
     /// (docs/failpoints.md). Only a binary built with failpoints (`cargo build-fi`) accepts it.
     #[arg(long, env = "TREATY_COORDINATOR_FAILPOINTS")]
@@ -123,6 +131,8 @@ struct FileConfig {
     console_addr: Option<SocketAddr>,
     log_format: Option<LogFormat>,
     metrics_addr: Option<SocketAddr>,
+    otlp_endpoint: Option<String>,
+    otlp_export_interval_ms: Option<u64>,
     failpoints: Option<String>,
 }
 
@@ -188,6 +198,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where Prometheus metrics are served; none: not served.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where spans are exported (`--otlp-endpoint`, else `OTEL_EXPORTER_OTLP_ENDPOINT`); `None`:
+    /// not at all.
+    pub otlp_endpoint: Option<String>,
+    pub otlp_export_interval_ms: Option<u64>,
     pub failpoints: Option<String>,
     pub crash_at: Option<String>,
 }
@@ -315,6 +329,8 @@ impl Config {
             console_addr: args.console_addr.or(file.console_addr),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             metrics_addr: args.metrics_addr.or(file.metrics_addr),
+            otlp_endpoint: treaty_proto::telemetry::otlp_endpoint(args.otlp_endpoint.or(file.otlp_endpoint)),
+            otlp_export_interval_ms: args.otlp_export_interval_ms.or(file.otlp_export_interval_ms),
             failpoints: args.failpoints.or(file.failpoints),
             crash_at: args.crash_at,
         })
@@ -475,6 +491,35 @@ mod tests {
             parse(&["--shard", "a=http://x", "--shard", "a=http://y"]),
             Err(ConfigError::DuplicateShard(_))
         ));
+    }
+
+    #[test]
+    fn trace_export_comes_from_the_flag_or_the_file_and_an_empty_endpoint_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "otlp_endpoint = \"http://127.0.0.1:4317\"\notlp_export_interval_ms = 250\n\
+             [shards]\ns0 = \"http://127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let config = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(config.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4317"));
+        assert_eq!(config.otlp_export_interval_ms, Some(250));
+        let config = parse(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--otlp-endpoint",
+            "http://127.0.0.1:14317",
+        ])
+        .unwrap();
+        assert_eq!(config.otlp_endpoint.as_deref(), Some("http://127.0.0.1:14317"));
+        assert_eq!(
+            treaty_proto::telemetry::otlp_endpoint(Some("  ".into())),
+            None,
+            "an empty endpoint turns export off"
+        );
+        assert!(Args::try_parse_from(["treaty-coordinator", "--otlp-export-interval-ms", "0"]).is_err());
     }
 
     #[test]

@@ -16,6 +16,30 @@
 //! for the console). No failpoint sits in the driver: a fault-injection
 //! build wraps the store and the transport in decorators (`crate::faults`).
 
+/// The span of one step of a transaction (on one shard, if given): a child of the transaction's
+/// span, with its txid and GID, so the participant's span for the call, which continues the
+/// current span, lands in the transaction's trace. Disabled (and its fields never formatted)
+/// unless traces are exported or DEBUG logs asked for.
+macro_rules! phase_span {
+    ($handle:expr, $name:literal) => {
+        tracing::debug_span!(
+            parent: &$handle.span(),
+            $name,
+            txid = $handle.gid().txid(),
+            gid = %$handle.gid(),
+        )
+    };
+    ($handle:expr, $name:literal, $shard:expr) => {
+        tracing::debug_span!(
+            parent: &$handle.span(),
+            $name,
+            txid = $handle.gid().txid(),
+            gid = %$handle.gid(),
+            shard = %$shard,
+        )
+    };
+}
+
 mod decision_rows;
 mod phases;
 mod recovery;
@@ -271,6 +295,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                     self.query_participant_states(handle, shards, ballot)
                 }
                 Action::Finished => {
+                    handle.close_span();
                     // A heuristic decision stays in the store until this end record (an abort
                     // writes none of its own).
                     if handle.heuristic().is_some() {

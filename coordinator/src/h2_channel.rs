@@ -9,6 +9,10 @@
 //! request's body is in memory before the stream opens, so it is queued with the HEADERS and
 //! both leave in one write; the caller's task talks to the connection task directly.
 //!
+//! When traces are exported, each call carries the caller's span as a W3C `traceparent` header
+//! (`treaty_proto::telemetry::inject_current`), so the participant's spans join the transaction's
+//! trace.
+//!
 //! Errors are `tonic::Status`. A call the participant certainly did not act on is sent once more
 //! before it fails: one that never reached the wire (the connection was already closed), one
 //! above the last stream a `GOAWAY` says was processed (a participant shutting down), or one
@@ -139,7 +143,10 @@ impl tower_service::Service<Request<tonic::body::Body>> for H2Channel {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, mut request: Request<tonic::body::Body>) -> Self::Future {
+        // Here, in the caller's span (the transaction's phase), rather than in the future: the
+        // participant's span continues this one. Nothing is formatted unless exporting.
+        treaty_proto::telemetry::inject_current(request.headers_mut());
         let inner = self.inner.clone();
         Box::pin(async move { inner.send(request).await })
     }

@@ -293,6 +293,8 @@ pub async fn run(
         cfg!(feature = "failpoints"),
     )?;
     let router = tonic::transport::Server::builder()
+        // A client's `traceparent` (when exporting) parents the call, and so the transaction.
+        .layer(treaty_proto::telemetry::ServerSpanLayer::new(None))
         .add_service(service)
         .add_service(health)
         .add_service(reflection_v1)

@@ -1,8 +1,11 @@
-//! `treaty-coordinator`: parses configuration, sets up logging, binds, and runs the service.
+//! `treaty-coordinator`: parses configuration, sets up logging and trace export, binds, and runs the service.
 
 use anyhow::Context;
+use std::time::Duration;
+
 use clap::Parser;
 use treaty_coordinator::config::{Args, Config};
+use treaty_proto::telemetry::TraceExport;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -13,7 +16,21 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let config = Config::resolve(args).context("configuration")?;
-    treaty_proto::process::init_tracing(config.log_format);
+    let traces = config.otlp_endpoint.as_ref().map(|endpoint| TraceExport {
+        endpoint: endpoint.clone(),
+        service_name: "treaty-coordinator",
+        resource: Vec::new(),
+        export_interval: config.otlp_export_interval_ms.map(Duration::from_millis),
+    });
+    let tracing = treaty_proto::process::init_tracing(config.log_format, traces.as_ref())
+        .context("starting trace export")?;
+    // The exporter is flushed whatever the outcome, so the spans of a failed start are sent too.
+    let served = serve_on(config).await;
+    tracing.shutdown().await;
+    served
+}
+
+async fn serve_on(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

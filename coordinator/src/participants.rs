@@ -281,8 +281,14 @@ impl ParticipantLinks {
             sender
         });
         let (answer, answered) = oneshot::channel();
+        // The phase's span, for the batch's `traceparent`; not even looked up unless exporting.
+        let span = if treaty_proto::telemetry::exporting() {
+            tracing::Span::current()
+        } else {
+            tracing::Span::none()
+        };
         queue
-            .send((gid, answer))
+            .send((gid, answer, span))
             .map_err(|_| LinkError::Other("the commit queue has stopped".into()))?;
         match tokio::time::timeout(millis(timeout_ms), answered).await {
             Ok(Ok(result)) => result,

@@ -88,6 +88,14 @@ pub struct Args {
     /// loopback address.
     #[arg(long, env = "TREATY_PARTICIPANT_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317). Default: the
+    /// standard OTEL_EXPORTER_OTLP_ENDPOINT if set, else no export (and no tracing cost).
+    #[arg(long, env = "TREATY_PARTICIPANT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// How often finished spans are sent to the collector, in ms (default: OTEL_BSP_SCHEDULE_DELAY,
+    /// or 5000).
+    #[arg(long, env = "TREATY_PARTICIPANT_OTLP_EXPORT_INTERVAL_MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub otlp_export_interval_ms: Option<u64>,
     /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax
     /// (docs/failpoints.md). Only a binary built with failpoints (`cargo build-fi`) accepts it.
     #[arg(long, env = "TREATY_PARTICIPANT_FAILPOINTS")]
@@ -122,6 +130,8 @@ struct FileConfig {
     session_statement_timeout_ms: Option<u32>,
     log_format: Option<LogFormat>,
     metrics_addr: Option<SocketAddr>,
+    otlp_endpoint: Option<String>,
+    otlp_export_interval_ms: Option<u64>,
     failpoints: Option<String>,
 }
 
@@ -145,6 +155,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where Prometheus metrics are served; none: not served.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where spans are exported (`--otlp-endpoint`, else `OTEL_EXPORTER_OTLP_ENDPOINT`); `None`:
+    /// not at all.
+    pub otlp_endpoint: Option<String>,
+    pub otlp_export_interval_ms: Option<u64>,
     pub failpoints: Option<String>,
     /// Whether to ask the coordinators for their runs before serving (`Admission`). A
     /// participant inside the coordinator does not: it starts before its coordinator serves,
@@ -326,6 +340,8 @@ impl Config {
             },
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             metrics_addr: args.metrics_addr.or(file.metrics_addr),
+            otlp_endpoint: treaty_proto::telemetry::otlp_endpoint(args.otlp_endpoint.or(file.otlp_endpoint)),
+            otlp_export_interval_ms: args.otlp_export_interval_ms.or(file.otlp_export_interval_ms),
             failpoints: args.failpoints.or(file.failpoints),
             ask_coordinators_at_start: true,
         };

@@ -100,6 +100,10 @@ pub async fn run(
         cfg!(feature = "failpoints"),
     )?;
     let router = tonic::transport::Server::builder()
+        // The coordinator's `traceparent` (when exporting) parents each call's span.
+        .layer(treaty_proto::telemetry::ServerSpanLayer::new(Some(
+            config.shard.as_str(),
+        )))
         .add_service(running.participant.clone())
         .add_service(running.health.clone())
         .add_service(reflection_v1)

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use futures::StreamExt as _;
 use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 
 use tonic::{Request, Response, Status};
 use treaty_proto::{ApiError, Gid, pb};
@@ -51,7 +52,14 @@ impl ParticipantService {
         T: Send + 'static,
         F: Future<Output = Result<T, BranchError>> + Send + 'static,
     {
-        match tokio::spawn(work).await {
+        // In the call's span when traces are exported, so the agent's spans and events belong to
+        // its trace; otherwise not even looked up.
+        let span = if treaty_proto::telemetry::exporting() {
+            tracing::Span::current()
+        } else {
+            tracing::Span::none()
+        };
+        match tokio::spawn(work.instrument(span)).await {
             Ok(result) => result.map_err(|e| self.error(e)),
             Err(join) => Err(Status::from(ApiError::Internal(format!(
                 "participant task failed: {join}"
@@ -60,8 +68,11 @@ impl ParticipantService {
     }
 }
 
+/// The request's GID, checked; it also names the call's span (`gid`, `txid`) when traced.
 fn parse_gid(gid: &str) -> Result<Gid, Status> {
-    Gid::parse(gid).map_err(|e| Status::from(ApiError::InvalidArgument(format!("gid: {e}"))))
+    let gid = Gid::parse(gid).map_err(|e| Status::from(ApiError::InvalidArgument(format!("gid: {e}"))))?;
+    treaty_proto::telemetry::record_gid(&gid);
+    Ok(gid)
 }
 
 fn invalid(message: String) -> Status {
@@ -371,6 +382,13 @@ impl pb::participant_server::Participant for ParticipantService {
         request: Request<pb::FinishBatchRequest>,
     ) -> Result<Response<pb::FinishBatchResponse>, Status> {
         let gids = request.into_inner().gids;
+        // A batch of one (the usual case unless under load) names its transaction on the call's
+        // span; each commit of a larger one has a span of its own below.
+        if let [only] = gids.as_slice()
+            && let Ok(gid) = Gid::parse(only)
+        {
+            treaty_proto::telemetry::record_gid(&gid);
+        }
         let three_phase = self.three_phase.clone();
         let shard = self.agent.shard().clone();
         let slots = self.commit_slots.clone();
@@ -381,8 +399,13 @@ impl pb::participant_server::Participant for ParticipantService {
                 let results = futures::stream::iter(gids)
                     .map(|text| async {
                         // Never closed, so acquiring cannot fail; if it somehow did, commit anyway.
-                        let _slot = slots.acquire().await.ok();
-                        commit_one(&three_phase, &shard, text).await
+                        let span = tracing::debug_span!("commit_prepared", gid = %text);
+                        async {
+                            let _slot = slots.acquire().await.ok();
+                            commit_one(&three_phase, &shard, text).await
+                        }
+                        .instrument(span)
+                        .await
                     })
                     .buffered(COMMITS_IN_PARALLEL)
                     .collect()

@@ -22,6 +22,8 @@ pub mod metrics_endpoint;
 #[cfg(feature = "process")]
 pub mod process;
 pub mod reflection;
+#[cfg(feature = "process")]
+pub mod telemetry;
 mod value;
 pub mod wire;
 

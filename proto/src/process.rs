@@ -1,6 +1,6 @@
 //! What both service binaries (`treaty-coordinator`, `treaty-participant`) do the same way around
 //! their service: the async runtime they run on, the signals that stop them gracefully, and their
-//! logs (`--log-format`, `RUST_LOG`, [`init_tracing`]). Behind the `process` feature, so library
+//! logs and traces (`--log-format`, `RUST_LOG`, `--otlp-endpoint`: [`init_tracing`]). Behind the `process` feature, so library
 //! users of the wire types do not pull in tokio's runtime.
 
 /// How a service writes its logs (`--log-format`, `log_format` in its `--config` file).
@@ -18,19 +18,38 @@ pub enum LogFormat {
 /// progress" after a failed PREPARE) are not the operator's business unless asked for.
 const DEFAULT_FILTER: &str = "info,sqlx::postgres::notice=error";
 
-/// Sets up logging to stderr for the whole process, filtered by `RUST_LOG` (default: INFO).
-pub fn init_tracing(format: LogFormat) {
+/// Sets up logging to stderr for the whole process, filtered by `RUST_LOG` (default: INFO), and,
+/// with `traces`, the export of Treaty's spans over OTLP (`crate::telemetry`). Must run inside
+/// the runtime when `traces` is given; the guard flushes the last spans at shutdown.
+pub fn init_tracing(
+    format: LogFormat,
+    traces: Option<&crate::telemetry::TraceExport>,
+) -> Result<crate::telemetry::TracingGuard, crate::telemetry::TelemetryError> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         // Colour only for a person watching: log files stay greppable.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Human => builder.init(),
-    }
+    // The log filter applies to the log lines only: trace export picks its own spans (DEBUG
+    // ones included), so turning it on changes no log line.
+    let logs = match format {
+        LogFormat::Json => logs.json().with_filter(filter).boxed(),
+        LogFormat::Human => logs.with_filter(filter).boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(logs);
+    let Some(traces) = traces else {
+        registry.init();
+        return Ok(crate::telemetry::TracingGuard::off());
+    };
+    let provider = crate::telemetry::start_export(traces)?;
+    registry.with(crate::telemetry::otel_layer(&provider)).init();
+    tracing::info!(endpoint = %traces.endpoint, "exporting traces over OTLP");
+    Ok(crate::telemetry::TracingGuard::on(provider))
 }
 
 /// A multi-threaded runtime with `worker_threads` workers (tokio's default, one per core, when

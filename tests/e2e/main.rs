@@ -20,3 +20,4 @@ mod scenarios;
 mod shared_server;
 mod standby;
 mod three_phase;
+mod traces;

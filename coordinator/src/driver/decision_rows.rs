@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Instrument as _;
 use treaty_commit_protocol::answers;
 use treaty_commit_protocol::store::{CommitRecord, DecisionStore};
 use treaty_commit_protocol::transport::{ParticipantTransport, StoredOutcome};
@@ -50,20 +51,24 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         participants: Vec<ShardName>,
         standalone: bool,
     ) {
+        let span = phase_span!(handle, "commit_decision", shard);
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
-        tokio::spawn(async move {
-            let result = engine
-                .transport
-                .commit_decision(
-                    &shard,
-                    handle.gid(),
-                    &participants,
-                    standalone,
-                    PHASE_TWO_TIMEOUT_MS,
-                )
-                .await;
-            engine.feed_result(&handle, answers::decision_written(&shard, result));
-        });
+        tokio::spawn(
+            async move {
+                let result = engine
+                    .transport
+                    .commit_decision(
+                        &shard,
+                        handle.gid(),
+                        &participants,
+                        standalone,
+                        PHASE_TWO_TIMEOUT_MS,
+                    )
+                    .await;
+                engine.feed_result(&handle, answers::decision_written(&shard, result));
+            }
+            .instrument(span),
+        );
     }
 
     /// Reads the decision back after `delay_ms`, concluding abort if there is no row.
@@ -73,18 +78,22 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         shard: ShardName,
         delay_ms: u64,
     ) {
+        let span = phase_span!(handle, "conclude_decision", shard);
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
-        tokio::spawn(async move {
-            if delay_ms > 0 {
-                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        tokio::spawn(
+            async move {
+                if delay_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                }
+                let gid = handle.gid().clone();
+                let result = engine
+                    .transport
+                    .read_decisions(&shard, std::slice::from_ref(&gid), true, PHASE_TWO_TIMEOUT_MS)
+                    .await;
+                engine.feed_result(&handle, answers::decision_read(&shard, &gid, result));
             }
-            let gid = handle.gid().clone();
-            let result = engine
-                .transport
-                .read_decisions(&shard, std::slice::from_ref(&gid), true, PHASE_TWO_TIMEOUT_MS)
-                .await;
-            engine.feed_result(&handle, answers::decision_read(&shard, &gid, result));
-        });
+            .instrument(span),
+        );
     }
 
     /// The transaction's end: its commit row can go (batched; see `flush_forgets`).

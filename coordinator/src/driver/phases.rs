@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Instrument as _;
 use treaty_commit_protocol::answers;
 use treaty_commit_protocol::store::{CommitRecord, DecisionStore, PreCommitRecord};
 use treaty_commit_protocol::transport::{ParticipantTransport, VoteRequest};
@@ -39,28 +40,36 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             participants: all,
         };
         for shard in shards {
+            let span = phase_span!(handle, "prepare", shard);
             let (engine, handle, request) = (Arc::clone(self), Arc::clone(handle), request.clone());
-            tokio::spawn(async move {
-                let timeout_ms = engine.default_timeouts.vote_ms;
-                let answer = engine
-                    .transport
-                    .prepare(&shard, handle.gid(), request, timeout_ms)
-                    .await;
-                let vote = answers::vote(&shard, answer, protocol);
-                engine.feed_result(&handle, Event::VoteReceived { shard, vote });
-            });
+            tokio::spawn(
+                async move {
+                    let timeout_ms = engine.default_timeouts.vote_ms;
+                    let answer = engine
+                        .transport
+                        .prepare(&shard, handle.gid(), request, timeout_ms)
+                        .await;
+                    let vote = answers::vote(&shard, answer, protocol);
+                    engine.feed_result(&handle, Event::VoteReceived { shard, vote });
+                }
+                .instrument(span),
+            );
         }
     }
 
     pub(super) fn commit_one_phase(self: &Arc<Self>, handle: &Arc<TxnHandle>, shard: ShardName) {
+        let span = phase_span!(handle, "commit_one_phase", shard);
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
-        tokio::spawn(async move {
-            let result = engine
-                .transport
-                .commit_one_phase(&shard, handle.gid(), PHASE_TWO_TIMEOUT_MS)
-                .await;
-            engine.feed_result(&handle, answers::one_phase(&shard, result));
-        });
+        tokio::spawn(
+            async move {
+                let result = engine
+                    .transport
+                    .commit_one_phase(&shard, handle.gid(), PHASE_TWO_TIMEOUT_MS)
+                    .await;
+                engine.feed_result(&handle, answers::one_phase(&shard, result));
+            }
+            .instrument(span),
+        );
     }
 
     /// The submit's last statement with the branch's COMMIT. Its answer is kept for the submit
@@ -82,16 +91,20 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             self.feed_result(handle, Event::OnePhaseFailed { reason });
             return;
         };
+        let span = phase_span!(handle, "execute_and_commit", shard);
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
-        tokio::spawn(async move {
-            let result = engine
-                .transport
-                .execute_and_commit(&shard, statement, expect_rows, timeout_ms)
-                .await;
-            let event = answers::executed_and_committed(&shard, op, expect_rows, &result);
-            *handle.fused() = Fused::Ran(result);
-            engine.feed_result(&handle, event);
-        });
+        tokio::spawn(
+            async move {
+                let result = engine
+                    .transport
+                    .execute_and_commit(&shard, statement, expect_rows, timeout_ms)
+                    .await;
+                let event = answers::executed_and_committed(&shard, op, expect_rows, &result);
+                *handle.fused() = Fused::Ran(result);
+                engine.feed_result(&handle, event);
+            }
+            .instrument(span),
+        );
     }
 
     pub(super) fn send_phase_two(
@@ -101,16 +114,24 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         delay_ms: u64,
         commit: bool,
     ) {
+        let span = if commit {
+            phase_span!(handle, "commit", shard)
+        } else {
+            phase_span!(handle, "abort", shard)
+        };
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
-        tokio::spawn(async move {
-            if delay_ms > 0 {
-                // Only a message sent again waits first (its backoff).
-                crate::metrics::global().phase_two_retry();
-                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        tokio::spawn(
+            async move {
+                if delay_ms > 0 {
+                    // Only a message sent again waits first (its backoff).
+                    crate::metrics::global().phase_two_retry();
+                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                }
+                let event = engine.finish(&handle, &shard, commit).await;
+                engine.feed_result(&handle, event);
             }
-            let event = engine.finish(&handle, &shard, commit).await;
-            engine.feed_result(&handle, event);
-        });
+            .instrument(span),
+        );
     }
 
     /// One COMMIT PREPARED (or abort) and the event its result feeds.
@@ -159,15 +180,20 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         ballot: Ballot,
         delay_ms: u64,
     ) {
+        let span = phase_span!(handle, "pre_commit", shard);
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
-        tokio::spawn(async move {
-            if delay_ms > 0 {
-                crate::metrics::global().phase_two_retry();
-                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        tokio::spawn(
+            async move {
+                if delay_ms > 0 {
+                    // Only a message sent again waits first (its backoff).
+                    crate::metrics::global().phase_two_retry();
+                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                }
+                let event = engine.pre_commit(&handle, &shard, &ballot).await;
+                engine.feed_result(&handle, event);
             }
-            let event = engine.pre_commit(&handle, &shard, &ballot).await;
-            engine.feed_result(&handle, event);
-        });
+            .instrument(span),
+        );
     }
 
     async fn pre_commit(&self, handle: &TxnHandle, shard: &ShardName, ballot: &Ballot) -> Event {
@@ -191,24 +217,28 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         let timeout_ms = self.default_timeouts.vote_ms;
         let all = Arc::new(shards.clone());
         for shard in shards {
+            let span = phase_span!(handle, "query_state", shard);
             let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
             let (ballot, all) = (ballot.clone(), Arc::clone(&all));
-            tokio::spawn(async move {
-                let result = engine
-                    .transport
-                    .query_state(&shard, handle.gid(), &ballot, &all, timeout_ms)
-                    .await;
-                if let Err(error) = &result {
-                    tracing::debug!(%shard, gid = %handle.gid(), "QueryState failed: {error}");
+            tokio::spawn(
+                async move {
+                    let result = engine
+                        .transport
+                        .query_state(&shard, handle.gid(), &ballot, &all, timeout_ms)
+                        .await;
+                    if let Err(error) = &result {
+                        tracing::debug!(%shard, gid = %handle.gid(), "QueryState failed: {error}");
+                    }
+                    if let Some(report) = answers::state_report(result) {
+                        let event = Event::ParticipantStatesLearned {
+                            ballot,
+                            reports: vec![(shard, report)],
+                        };
+                        engine.feed_result(&handle, event);
+                    }
                 }
-                if let Some(report) = answers::state_report(result) {
-                    let event = Event::ParticipantStatesLearned {
-                        ballot,
-                        reports: vec![(shard, report)],
-                    };
-                    engine.feed_result(&handle, event);
-                }
-            });
+                .instrument(span),
+            );
         }
     }
 
@@ -234,19 +264,28 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     /// waiting), then feeds the event saying it is durable. A store that cannot write stops the
     /// coordinator: a restart recovers from what is durable.
     fn force(self: &Arc<Self>, handle: &Arc<TxnHandle>, record: Forced) {
+        let span = match record {
+            Forced::Commit(_) => phase_span!(handle, "decision_durable"),
+            Forced::PreCommit(_) => phase_span!(handle, "pre_commit_durable"),
+        };
         let (engine, handle) = (Arc::clone(self), Arc::clone(handle));
-        tokio::spawn(async move {
-            let (written, durable) = match record {
-                Forced::Commit(record) => (engine.store.force_commit(record).await, Event::DecisionDurable),
-                Forced::PreCommit(record) => (
-                    engine.store.force_pre_commit(record).await,
-                    Event::PreCommitDurable,
-                ),
-            };
-            if let Err(e) = written {
-                engine.store_failed(e);
+        tokio::spawn(
+            async move {
+                let (written, durable) = match record {
+                    Forced::Commit(record) => {
+                        (engine.store.force_commit(record).await, Event::DecisionDurable)
+                    }
+                    Forced::PreCommit(record) => (
+                        engine.store.force_pre_commit(record).await,
+                        Event::PreCommitDurable,
+                    ),
+                };
+                if let Err(e) = written {
+                    engine.store_failed(e);
+                }
+                engine.feed_result(&handle, durable);
             }
-            engine.feed_result(&handle, durable);
-        });
+            .instrument(span),
+        );
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::oneshot;
+use tracing::Instrument as _;
 use treaty_commit_protocol::answers;
 use treaty_commit_protocol::store::DecisionStore;
 use treaty_commit_protocol::transport::{ParticipantTransport, Statement, StatementResult, VoteRequest};
@@ -136,6 +137,10 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             params,
             options: handle.branch_options,
         };
+        let span = match prepare_with {
+            Some(_) => phase_span!(handle, "execute_and_prepare", shard),
+            None => phase_span!(handle, "execute", shard),
+        };
         let result = match prepare_with {
             Some(participants) => {
                 let protocol = handle.machine().protocol();
@@ -150,6 +155,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                 match self
                     .transport
                     .execute_and_prepare(&shard, statement, request, timeout_ms)
+                    .instrument(span)
                     .await
                 {
                     Ok(answer) => {
@@ -167,7 +173,12 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                     Err(error) => Err(error),
                 }
             }
-            None => self.transport.execute(&shard, statement, timeout_ms).await,
+            None => {
+                self.transport
+                    .execute(&shard, statement, timeout_ms)
+                    .instrument(span)
+                    .await
+            }
         };
         match result {
             Ok(result) => {

@@ -38,6 +38,23 @@ pub struct TxnHandle {
     fused: Mutex<Fused>,
     /// When the transaction and each branch entered each phase (bounded), for the console.
     timeline: Mutex<Timeline>,
+    /// The transaction's span (`transaction`: txid, GID, protocol; its outcome once finished),
+    /// parent of every phase's span; swapped for none when the transaction finishes, which closes
+    /// it (and, when traces are exported, sends it). Disabled, and nearly free, otherwise.
+    span: Mutex<tracing::Span>,
+}
+
+/// The span of a transaction: a child of the current span, which is the `Begin` or `Submit` call's
+/// when the client sent a `traceparent`.
+fn transaction_span(gid: &Gid, machine: &Transaction) -> tracing::Span {
+    tracing::debug_span!(
+        "transaction",
+        txid = gid.txid(),
+        gid = %gid,
+        protocol = %machine.protocol(),
+        recovered = machine.recovered(),
+        outcome = tracing::field::Empty,
+    )
 }
 
 /// A one-shot submit's last statement: data the driver carries, never a decision.
@@ -72,6 +89,7 @@ impl TxnHandle {
         if self.gid_with_decision.get().is_none() {
             let gid = &self.provisional_gid;
             let fixed = Gid::with_decision_shard(gid.coordinator(), gid.txid(), shard)?;
+            lock(&self.span).record("gid", tracing::field::display(&fixed));
             let _ = self.gid_with_decision.set(fixed);
         }
         Ok(())
@@ -93,6 +111,25 @@ impl TxnHandle {
     /// before (the driver notes a step while holding the machine).
     pub fn timeline(&self) -> MutexGuard<'_, Timeline> {
         lock(&self.timeline)
+    }
+
+    /// The transaction's span, to parent a phase's span (none once it finished).
+    pub(super) fn span(&self) -> tracing::Span {
+        lock(&self.span).clone()
+    }
+
+    /// Closes the transaction's span, with its outcome.
+    pub(super) fn close_span(&self) {
+        let span = std::mem::replace(&mut *lock(&self.span), tracing::Span::none());
+        if span.is_disabled() {
+            return;
+        }
+        let outcome = match self.machine().outcome() {
+            Some(Outcome::Committed) => "committed",
+            Some(Outcome::Aborted(_)) => "aborted",
+            Some(Outcome::Unknown(_)) | None => "unknown",
+        };
+        span.record("outcome", outcome);
     }
 
     pub fn heuristic(&self) -> Option<HeuristicRecord> {
@@ -140,6 +177,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         let txid = machine.txid();
         let mut timeline = Timeline::default();
         timeline.observe(&machine, self.now_ms());
+        let span = transaction_span(&gid, &machine);
         let handle = Arc::new(TxnHandle {
             provisional_gid: gid,
             gid_with_decision: OnceLock::new(),
@@ -150,6 +188,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             heuristic: Mutex::new(None),
             fused: Mutex::new(Fused::None),
             timeline: Mutex::new(timeline),
+            span: Mutex::new(span),
         });
         self.table().live.insert(txid, Arc::clone(&handle));
         handle
@@ -164,6 +203,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         }
         let mut timeline = Timeline::default();
         timeline.observe(&machine, self.now_ms());
+        let span = transaction_span(&gid, &machine);
         let handle = Arc::new(TxnHandle {
             provisional_gid: gid.clone(),
             gid_with_decision: OnceLock::new(),
@@ -174,6 +214,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             heuristic: Mutex::new(None),
             fused: Mutex::new(Fused::None),
             timeline: Mutex::new(timeline),
+            span: Mutex::new(span),
         });
         table.foreign.insert(gid, Arc::clone(&handle));
         Some(handle)

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::Instrument as _;
 use treaty_commit_protocol::transport::LinkError;
 use treaty_proto::pb;
 use treaty_proto::pb::participant_client::ParticipantClient;
@@ -19,8 +20,9 @@ const MAX_COMMIT_BATCH: usize = 128;
 /// `CommitBatch` calls in flight per shard; commits that arrive meanwhile wait and go together.
 const COMMIT_BATCHES_IN_FLIGHT: usize = 4;
 
-/// A commit waiting for its batch, and where its answer goes.
-pub(super) type PendingCommit = (String, oneshot::Sender<Result<(), LinkError>>);
+/// A commit waiting for its batch, where its answer goes, and (when traces are exported) the span
+/// of the phase that asked for it.
+pub(super) type PendingCommit = (String, oneshot::Sender<Result<(), LinkError>>, tracing::Span);
 
 /// The task behind one shard's commit queue: takes whatever is queued (up to `MAX_COMMIT_BATCH`)
 /// as soon as a slot among `COMMIT_BATCHES_IN_FLIGHT` is free, and sends it as one `CommitBatch`.
@@ -67,9 +69,17 @@ async fn send_batch(
     let lost = || LinkError::TimedOut {
         after_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
     };
-    let (gids, answers): (Vec<String>, Vec<_>) = batch.into_iter().unzip();
+    // One call carries one trace context: the batch goes in its first commit's trace (alone, the
+    // usual case, it is exactly that transaction's); the others' phase-two spans stay in theirs.
+    let span = batch
+        .first()
+        .map_or_else(tracing::Span::none, |(_, _, span)| span.clone());
+    let (gids, answers): (Vec<String>, Vec<_>) =
+        batch.into_iter().map(|(gid, answer, _)| (gid, answer)).unzip();
     let gids_again = gids.clone();
-    let call = client.commit_batch(pb::FinishBatchRequest { gids });
+    let call = client
+        .commit_batch(pb::FinishBatchRequest { gids })
+        .instrument(span.clone());
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(response)) => {
             let mut results = response.into_inner().results.into_iter();
@@ -89,7 +99,7 @@ async fn send_batch(
         Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
             // A participant from before CommitBatch: one Commit per GID.
             for (gid, answer) in gids_again.into_iter().zip(answers) {
-                let call = client.commit(pb::FinishRequest { gid });
+                let call = client.commit(pb::FinishRequest { gid }).instrument(span.clone());
                 let result = match tokio::time::timeout(timeout, call).await {
                     Ok(result) => result.map(|_| ()).map_err(link_error),
                     Err(_) => Err(lost()),

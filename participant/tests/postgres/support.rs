@@ -484,6 +484,8 @@ pub fn config(db: &TestDb, coordinator: SocketAddr, data_dir: &std::path::Path) 
         },
         log_format: treaty_participant::config::LogFormat::Human,
         metrics_addr: None,
+        otlp_endpoint: None,
+        otlp_export_interval_ms: None,
         failpoints: None,
         ask_coordinators_at_start: true,
     }
