@@ -6,6 +6,7 @@
 //! Each property runs `PROPTEST_CASES` cases (default below, what CI runs); set it higher for a
 //! longer search, e.g. `PROPTEST_CASES=100000 cargo test -p treaty-decision-log proptests`.
 
+use std::io::Write;
 use std::path::Path;
 
 use proptest::prelude::*;
@@ -16,8 +17,8 @@ use tempfile::TempDir;
 use crate::record::{FORMAT_VERSION, MAGIC, Record, decode_frame};
 use crate::replay::{Frames, scan, scan_frames};
 use crate::{
-    CommitRecord, DecisionLog, HeuristicDecision, HeuristicRecord, LogError, LogOptions, MAX_RECORD_BODY_BYTES,
-    PreCommitRecord,
+    CommitRecord, DecisionLog, HeuristicDecision, HeuristicRecord, LogError, LogOptions,
+    MAX_RECORD_BODY_BYTES, PreCommitRecord,
 };
 
 /// Cases per property in `cargo test` (CI): together they take well under a few seconds.
@@ -32,7 +33,11 @@ fn config(property: &str, default: u32) -> ProptestConfig {
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(default);
-    eprintln!("property {property}: {cases} cases (PROPTEST_CASES to change)");
+    // Straight to stderr, past the test harness's capture, so a passing run shows it too.
+    let _ = writeln!(
+        std::io::stderr(),
+        "property {property}: {cases} cases (PROPTEST_CASES to change)"
+    );
     ProptestConfig {
         cases,
         // A failure is minimized and printed; its counterexample becomes a plain unit test, so no
@@ -61,11 +66,13 @@ fn txid() -> impl Strategy<Value = u64> {
 }
 
 fn commit() -> impl Strategy<Value = CommitRecord> {
-    (txid(), text(), names(), any::<u64>()).prop_map(|(txid, gid, participants, decided_at_ms)| CommitRecord {
-        txid,
-        gid,
-        participants,
-        decided_at_ms,
+    (txid(), text(), names(), any::<u64>()).prop_map(|(txid, gid, participants, decided_at_ms)| {
+        CommitRecord {
+            txid,
+            gid,
+            participants,
+            decided_at_ms,
+        }
     })
 }
 
@@ -79,21 +86,30 @@ fn pre_commit() -> impl Strategy<Value = PreCommitRecord> {
 }
 
 fn heuristic() -> impl Strategy<Value = HeuristicRecord> {
-    (txid(), text(), any::<bool>(), names(), text(), text(), any::<u64>()).prop_map(
-        |(txid, gid, commit, participants, operator, reason, decided_at_ms)| HeuristicRecord {
-            txid,
-            gid,
-            decision: if commit {
-                HeuristicDecision::Commit
-            } else {
-                HeuristicDecision::Abort
-            },
-            participants,
-            operator,
-            reason,
-            decided_at_ms,
-        },
+    (
+        txid(),
+        text(),
+        any::<bool>(),
+        names(),
+        text(),
+        text(),
+        any::<u64>(),
     )
+        .prop_map(
+            |(txid, gid, commit, participants, operator, reason, decided_at_ms)| HeuristicRecord {
+                txid,
+                gid,
+                decision: if commit {
+                    HeuristicDecision::Commit
+                } else {
+                    HeuristicDecision::Abort
+                },
+                participants,
+                operator,
+                reason,
+                decided_at_ms,
+            },
+        )
 }
 
 /// Any record but a header (a log holds one header, written first).
@@ -151,15 +167,18 @@ fn garbage() -> impl Strategy<Value = Vec<u8>> {
     let chunk = prop_oneof![
         prop::collection::vec(any::<u8>(), 0..48),
         Just(MAGIC.to_le_bytes().to_vec()),
-        (length_field(), any::<u32>(), prop::collection::vec(any::<u8>(), 0..32)).prop_map(
-            |(length, crc, body)| {
+        (
+            length_field(),
+            any::<u32>(),
+            prop::collection::vec(any::<u8>(), 0..32)
+        )
+            .prop_map(|(length, crc, body)| {
                 let mut bytes = MAGIC.to_le_bytes().to_vec();
                 bytes.extend_from_slice(&length.to_le_bytes());
                 bytes.extend_from_slice(&crc.to_le_bytes());
                 bytes.extend_from_slice(&body);
                 bytes
-            }
-        ),
+            }),
     ];
     prop::collection::vec(chunk, 0..6).prop_map(|chunks| chunks.concat())
 }
@@ -183,13 +202,27 @@ fn any_image() -> impl Strategy<Value = Vec<u8>> {
 /// One way a disk or a crash damages a log file.
 #[derive(Debug, Clone)]
 enum Corruption {
-    FlipBit { at: Index, bit: u8 },
-    Truncate { at: Index },
+    FlipBit {
+        at: Index,
+        bit: u8,
+    },
+    Truncate {
+        at: Index,
+    },
     AppendGarbage(Vec<u8>),
     /// A record's length field rewritten (the record picked among those written).
-    SetLength { record: Index, length: u32 },
-    Overwrite { at: Index, bytes: Vec<u8> },
-    InsertGarbage { at: Index, bytes: Vec<u8> },
+    SetLength {
+        record: Index,
+        length: u32,
+    },
+    Overwrite {
+        at: Index,
+        bytes: Vec<u8>,
+    },
+    InsertGarbage {
+        at: Index,
+        bytes: Vec<u8>,
+    },
 }
 
 fn corruption() -> impl Strategy<Value = Corruption> {
@@ -197,7 +230,8 @@ fn corruption() -> impl Strategy<Value = Corruption> {
         (any::<Index>(), 0..8u8).prop_map(|(at, bit)| Corruption::FlipBit { at, bit }),
         any::<Index>().prop_map(|at| Corruption::Truncate { at }),
         garbage().prop_map(Corruption::AppendGarbage),
-        (any::<Index>(), length_field()).prop_map(|(record, length)| Corruption::SetLength { record, length }),
+        (any::<Index>(), length_field())
+            .prop_map(|(record, length)| Corruption::SetLength { record, length }),
         (any::<Index>(), prop::collection::vec(any::<u8>(), 1..16))
             .prop_map(|(at, bytes)| Corruption::Overwrite { at, bytes }),
         (any::<Index>(), garbage()).prop_map(|(at, bytes)| Corruption::InsertGarbage { at, bytes }),
@@ -256,16 +290,29 @@ fn replay_frames(image: &[u8]) -> Result<(Vec<(usize, Record)>, Frames), LogErro
 /// Good records and damaged regions tile the image exactly, each good record is exactly what the
 /// encoder writes for it (so it is well-formed: checksummed, every field decoded, nothing left
 /// over), and the counts agree.
-fn check_well_formed(image: &[u8], records: &[(usize, Record)], frames: &Frames) -> Result<(), TestCaseError> {
+fn check_well_formed(
+    image: &[u8],
+    records: &[(usize, Record)],
+    frames: &Frames,
+) -> Result<(), TestCaseError> {
     let mut regions: Vec<(usize, usize)> = records
         .iter()
         .map(|(offset, record)| (*offset, record.encoded_len()))
-        .chain(frames.damage.iter().map(|d| (d.offset as usize, d.length as usize)))
+        .chain(
+            frames
+                .damage
+                .iter()
+                .map(|d| (d.offset as usize, d.length as usize)),
+        )
         .collect();
     regions.sort_unstable();
     let mut covered = 0;
     for (offset, length) in regions {
-        prop_assert_eq!(offset, covered, "regions must tile the image without gaps or overlaps");
+        prop_assert_eq!(
+            offset,
+            covered,
+            "regions must tile the image without gaps or overlaps"
+        );
         prop_assert!(length > 0, "an empty region at {}", offset);
         covered = offset + length;
     }
