@@ -14,8 +14,8 @@ use proptest::sample::Index;
 use proptest::test_runner::Config as ProptestConfig;
 use tempfile::TempDir;
 
-use crate::record::{FORMAT_VERSION, MAGIC, Record, decode_frame};
-use crate::replay::{Frames, scan, scan_frames};
+use crate::record::{FORMAT_VERSION, FRAME_HEADER_LEN, FrameError, MAGIC, Record, decode_frame};
+use crate::replay::{Frames, scan, scan_frames_with};
 use crate::{
     CommitRecord, DecisionLog, HeuristicDecision, HeuristicRecord, LogError, LogOptions,
     MAX_RECORD_BODY_BYTES, PreCommitRecord,
@@ -279,8 +279,16 @@ fn corrupt(image: &mut Vec<u8>, starts: &[usize], corruption: &Corruption) {
 
 /// Every good record replay found, with its offset, and the rest of what it reported.
 fn replay_frames(image: &[u8]) -> Result<(Vec<(usize, Record)>, Frames), LogError> {
+    replay_frames_with(image, decode_frame)
+}
+
+/// [`replay_frames`] with the frame decoder given.
+fn replay_frames_with(
+    image: &[u8],
+    decode: impl Fn(&[u8]) -> Result<(Record, usize), FrameError>,
+) -> Result<(Vec<(usize, Record)>, Frames), LogError> {
     let mut records = Vec::new();
-    let frames = scan_frames(image, Path::new("fuzzed.log"), |record, offset| {
+    let frames = scan_frames_with(image, Path::new("fuzzed.log"), decode, |record, offset| {
         records.push((offset, record));
         Ok(())
     })?;
@@ -371,6 +379,52 @@ fn write_through_the_writer(dir: &Path, records: &[Record]) {
     });
 }
 
+/// The property behind `a_damaged_log_replays_only_records_that_were_written`, with the frame
+/// decoder given so that [`a_planted_bug_a_reader_that_skips_the_checksum_is_caught`] can run it
+/// against a faulty one.
+fn damaged_log_replays_only_written_records(
+    written: &[Record],
+    corruptions: &[Corruption],
+    decode: impl Fn(&[u8]) -> Result<(Record, usize), FrameError>,
+) -> Result<(), TestCaseError> {
+    let (original, starts) = encode(written);
+    let mut image = original.clone();
+    for corruption in corruptions {
+        corrupt(&mut image, &starts, corruption);
+    }
+    let (records, frames) = replay_frames_with(&image, decode)
+        .map_err(|e| TestCaseError::fail(format!("replay of a damaged log failed: {e}")))?;
+    check_well_formed(&image, &records, &frames)?;
+    let found: Vec<Record> = records.iter().map(|(_, record)| record.clone()).collect();
+    prop_assert!(
+        is_subsequence(&found, written),
+        "replay found a record that was not written, or out of order: {:?}",
+        found
+    );
+    // Every record that lies wholly before the first damaged byte is kept.
+    let intact = original.iter().zip(&image).take_while(|(a, b)| a == b).count();
+    let whole_before: Vec<&Record> = written
+        .iter()
+        .zip(&starts)
+        .take_while(|(record, start)| *start + record.encoded_len() <= intact)
+        .map(|(record, _)| record)
+        .collect();
+    prop_assert!(found.len() >= whole_before.len());
+    for (kept, expected) in found.iter().zip(whole_before) {
+        prop_assert_eq!(kept, expected);
+    }
+    // A log that lost records without a cut at a record boundary reports damage.
+    if frames.damage.is_empty() {
+        let (clean, _) = encode(&found);
+        prop_assert_eq!(
+            &clean,
+            &image,
+            "no damage reported, yet the image is not whole records"
+        );
+    }
+    Ok(())
+}
+
 // ------------------------------------------------------------------------------------------------
 // Properties
 // ------------------------------------------------------------------------------------------------
@@ -408,37 +462,7 @@ proptest! {
         written in written_log(),
         corruptions in prop::collection::vec(corruption(), 1..4),
     ) {
-        let (original, starts) = encode(&written);
-        let mut image = original.clone();
-        for corruption in &corruptions {
-            corrupt(&mut image, &starts, corruption);
-        }
-        let (records, frames) = replay_frames(&image)
-            .map_err(|e| TestCaseError::fail(format!("replay of a damaged log failed: {e}")))?;
-        check_well_formed(&image, &records, &frames)?;
-        let found: Vec<Record> = records.iter().map(|(_, record)| record.clone()).collect();
-        prop_assert!(
-            is_subsequence(&found, &written),
-            "replay found a record that was not written, or out of order: {:?}",
-            found
-        );
-        // Every record that lies wholly before the first damaged byte is kept.
-        let intact = original.iter().zip(&image).take_while(|(a, b)| a == b).count();
-        let whole_before: Vec<&Record> = written
-            .iter()
-            .zip(&starts)
-            .take_while(|(record, start)| *start + record.encoded_len() <= intact)
-            .map(|(record, _)| record)
-            .collect();
-        prop_assert!(found.len() >= whole_before.len());
-        for (kept, expected) in found.iter().zip(whole_before) {
-            prop_assert_eq!(kept, expected);
-        }
-        // A log that lost records without a cut at a record boundary reports damage.
-        if frames.damage.is_empty() {
-            let (clean, _) = encode(&found);
-            prop_assert_eq!(&clean, &image, "no damage reported, yet the image is not whole records");
-        }
+        damaged_log_replays_only_written_records(&written, &corruptions, decode_frame)?;
     }
 }
 
@@ -506,5 +530,48 @@ proptest! {
         prop_assert_eq!(&again.unfinished, &replay.unfinished);
         prop_assert_eq!(&again.heuristics, &replay.heuristics);
         prop_assert_eq!(&again.pre_committed, &replay.pre_committed);
+    }
+}
+
+/// A planted bug: a reader that trusts each frame's length and never checks its checksum (it
+/// decodes the body as if the stored checksum were right).
+fn decode_frame_skipping_the_checksum(bytes: &[u8]) -> Result<(Record, usize), FrameError> {
+    let mut frame = bytes.to_vec();
+    let claimed = frame_body_len(bytes);
+    if let Some(body) = frame.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + claimed) {
+        let computed = crc32fast::hash(body);
+        frame[8..FRAME_HEADER_LEN].copy_from_slice(&computed.to_le_bytes());
+    }
+    decode_frame(&frame)
+}
+
+/// The body length a frame header claims, or 0 when there is no header.
+fn frame_body_len(bytes: &[u8]) -> usize {
+    bytes
+        .get(4..8)
+        .map(|field| u32::from_le_bytes([field[0], field[1], field[2], field[3]]) as usize)
+        .unwrap_or(0)
+}
+
+/// The damaged-log property, run against the planted bug above, must fail: a flipped bit inside
+/// a record's body then comes back as a record that was never written.
+#[test]
+fn a_planted_bug_a_reader_that_skips_the_checksum_is_caught() {
+    let mut runner = proptest::test_runner::TestRunner::new(config(
+        "decision-log: the planted bug (no checksum check) is caught",
+        DEFAULT_CASES,
+    ));
+    let strategy = (written_log(), prop::collection::vec(corruption(), 1..4));
+    let outcome = runner.run(&strategy, |(written, corruptions)| {
+        damaged_log_replays_only_written_records(&written, &corruptions, decode_frame_skipping_the_checksum)
+    });
+    match outcome {
+        Err(proptest::test_runner::TestError::Fail(reason, (written, corruptions))) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "planted bug caught: {reason}\n  written: {written:?}\n  corruptions: {corruptions:?}"
+            );
+        }
+        other => panic!("the property should have caught a reader that skips the checksum: {other:?}"),
     }
 }

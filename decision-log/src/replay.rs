@@ -42,6 +42,17 @@ pub(crate) struct Frames {
 pub(crate) fn scan_frames(
     bytes: &[u8],
     path: &Path,
+    on_record: impl FnMut(Record, usize) -> Result<(), LogError>,
+) -> Result<Frames, LogError> {
+    scan_frames_with(bytes, path, decode_frame, on_record)
+}
+
+/// [`scan_frames`] with the frame decoder given, so that the property tests can plant a faulty
+/// decoder and show that their properties catch it.
+pub(crate) fn scan_frames_with(
+    bytes: &[u8],
+    path: &Path,
+    decode: impl Fn(&[u8]) -> Result<(Record, usize), FrameError>,
     mut on_record: impl FnMut(Record, usize) -> Result<(), LogError>,
 ) -> Result<Frames, LogError> {
     let mut frames = Frames {
@@ -50,7 +61,7 @@ pub(crate) fn scan_frames(
     };
     let mut offset = 0;
     while offset < bytes.len() {
-        match decode_frame(&bytes[offset..]) {
+        match decode(&bytes[offset..]) {
             Ok((record, len)) => {
                 on_record(record, offset)?;
                 frames.records += 1;
