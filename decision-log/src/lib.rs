@@ -73,7 +73,8 @@
 //! - `record`: the frame and record encoding; `state`: what replay and compaction keep;
 //! - `replay`: reading a log image, finding and classifying damage;
 //! - `files`: file names, the directory lock, compacted rewrites, preserving damaged files;
-//! - `writer`: the writer thread; `handle`: [`DecisionLog`], the public face.
+//! - `writer`: the writer thread; `handle`: [`DecisionLog`], the public face;
+//! - `proptests` (tests only): property tests of replay on arbitrary and on corrupted logs.
 
 mod error;
 mod files;
@@ -84,6 +85,8 @@ mod replay;
 mod state;
 mod writer;
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;
 

@@ -20,17 +20,51 @@ pub(crate) struct Scan {
 
 /// Replays `bytes`, the whole content of the log at `path` (named in errors only).
 pub(crate) fn scan(bytes: &[u8], path: &Path) -> Result<Scan, LogError> {
-    let mut scan = Scan {
-        state: LiveState::default(),
+    let mut state = LiveState::default();
+    let frames = scan_frames(bytes, path, |record, _| apply(&mut state, record, path))?;
+    Ok(Scan {
+        state,
+        damage: frames.damage,
+        records: frames.records,
+    })
+}
+
+/// What [`scan_frames`] found besides the records it handed on.
+#[derive(Debug)]
+pub(crate) struct Frames {
+    pub(crate) damage: Vec<Damage>,
+    pub(crate) records: u64,
+}
+
+/// Walks `bytes` frame by frame, handing every good record (with its offset) to `on_record` in log
+/// order, and cutting or skipping damage. Replay applies the records to the live state; the property
+/// tests (`proptests.rs`) collect them, so that what replay would apply is exactly what they check.
+pub(crate) fn scan_frames(
+    bytes: &[u8],
+    path: &Path,
+    on_record: impl FnMut(Record, usize) -> Result<(), LogError>,
+) -> Result<Frames, LogError> {
+    scan_frames_with(bytes, path, decode_frame, on_record)
+}
+
+/// [`scan_frames`] with the frame decoder given, so that the property tests can plant a faulty
+/// decoder and show that their properties catch it.
+pub(crate) fn scan_frames_with(
+    bytes: &[u8],
+    path: &Path,
+    decode: impl Fn(&[u8]) -> Result<(Record, usize), FrameError>,
+    mut on_record: impl FnMut(Record, usize) -> Result<(), LogError>,
+) -> Result<Frames, LogError> {
+    let mut frames = Frames {
         damage: Vec::new(),
         records: 0,
     };
     let mut offset = 0;
     while offset < bytes.len() {
-        match decode_frame(&bytes[offset..]) {
+        match decode(&bytes[offset..]) {
             Ok((record, len)) => {
-                apply(&mut scan.state, record, path)?;
-                scan.records += 1;
+                on_record(record, offset)?;
+                frames.records += 1;
                 offset += len;
             }
             Err(FrameError::UnknownType { type_tag }) => {
@@ -60,12 +94,12 @@ pub(crate) fn scan(bytes: &[u8], path: &Path) -> Result<Scan, LogError> {
                     "decision log damage: {}",
                     damage.detail
                 );
-                scan.damage.push(damage);
+                frames.damage.push(damage);
                 offset = end;
             }
         }
     }
-    Ok(scan)
+    Ok(frames)
 }
 
 fn apply(state: &mut LiveState, record: Record, path: &Path) -> Result<(), LogError> {

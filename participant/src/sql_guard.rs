@@ -12,9 +12,12 @@
 //! `'...'` strings too and a string can end somewhere else. So SQL holding a backslash is read
 //! both ways, and either reading's refusal or session change counts.
 //!
-//! Modules: `lexer` (the tokens), `tests`.
+//! Modules: `lexer` (the tokens), `tests`, `proptests` (property tests: disguised statements,
+//! arbitrary strings).
 
 mod lexer;
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;
 

@@ -4,6 +4,7 @@
 //! `treaty-types` and are re-exported here; `wire` converts the protocol core's termination types.
 //! `process` (feature `process`) is what both service binaries set up the same way. Failpoints
 //! and the `Admin` service live in `treaty-failpoints`; only the `Admin` wire types are here.
+//! `proptests` (tests only): property tests of decoding and validating requests from any bytes.
 
 #[allow(clippy::all, clippy::unwrap_used, missing_docs)]
 pub mod pb {
@@ -21,6 +22,8 @@ pub mod health;
 pub mod metrics_endpoint;
 #[cfg(feature = "process")]
 pub mod process;
+#[cfg(test)]
+mod proptests;
 pub mod reflection;
 #[cfg(feature = "process")]
 pub mod telemetry;

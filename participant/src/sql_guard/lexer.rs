@@ -25,6 +25,12 @@ pub(super) struct Lexer<'a> {
     strings: Strings,
 }
 
+/// PostgreSQL's whitespace: its lexer's `[ \t\n\r\f\v]`. `u8::is_ascii_whitespace` leaves out the
+/// vertical tab, and a `\v` read as punctuation would hide the keyword after it (`\vCOMMIT`).
+fn is_whitespace(byte: u8) -> bool {
+    byte.is_ascii_whitespace() || byte == 0x0b
+}
+
 fn is_word_start(byte: u8) -> bool {
     byte.is_ascii_alphabetic() || byte == b'_' || byte >= 0x80
 }
@@ -127,7 +133,7 @@ impl<'a> Iterator for Lexer<'a> {
         loop {
             let byte = self.peek(0)?;
             match byte {
-                b if b.is_ascii_whitespace() => self.position += 1,
+                b if is_whitespace(b) => self.position += 1,
                 b'-' if self.peek(1) == Some(b'-') => self.skip_line_comment(),
                 b'/' if self.peek(1) == Some(b'*') => self.skip_block_comment(),
                 b';' => {

@@ -249,3 +249,15 @@ fn non_ascii_text_is_handled() {
     assert_eq!(accepted("SELECT 'héllo; wörld', ünïcode FROM t").statements, 1);
     assert_eq!(refused("SELECT 'é'; COMMIT"), "COMMIT");
 }
+
+#[test]
+fn a_vertical_tab_is_whitespace() {
+    // Found by the property tests: PostgreSQL (since 16) reads `\v` as whitespace; the guard read
+    // it as punctuation, so the keyword after it did not lead its statement and was let through.
+    assert_eq!(refused("\u{b}COMMIT"), "COMMIT");
+    assert_eq!(refused("SELECT 1;\u{b}end--x\n"), "END");
+    assert_eq!(
+        refused("SET\u{b}SESSION\u{b}CHARACTERISTICS AS TRANSACTION READ ONLY"),
+        "SET SESSION CHARACTERISTICS"
+    );
+}
