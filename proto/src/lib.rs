@@ -27,6 +27,8 @@ mod proptests;
 pub mod reflection;
 #[cfg(feature = "process")]
 pub mod telemetry;
+#[cfg(feature = "process")]
+pub mod tls;
 mod value;
 pub mod wire;
 
