@@ -364,6 +364,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         database: DATABASE.into(),
         coordinator_port: 0,
         in_process: false,
+        tls: None,
     };
     let mut cluster = LocalCluster::start(spec)
         .await
