@@ -16,6 +16,7 @@ pub mod pb {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("treaty_descriptor");
 
 mod error;
+pub mod placeholders;
 pub mod health;
 #[cfg(feature = "process")]
 pub mod metrics_endpoint;
@@ -54,6 +55,18 @@ pub fn validate_statement(sql: &str, params: &[Value]) -> Result<(), ApiError> {
     if params.len() > MAX_PARAMS {
         return Err(ApiError::InvalidArgument(format!(
             "{} parameters, over PostgreSQL's limit of {MAX_PARAMS}",
+            params.len()
+        )));
+    }
+    let expected = placeholders::expected_params(sql);
+    if expected != params.len() {
+        let placeholders = match expected {
+            0 => "no placeholder".to_owned(),
+            n => format!("placeholders up to ${n}"),
+        };
+        return Err(ApiError::InvalidArgument(format!(
+            "parameter count mismatch: the sql expects {expected} parameters ({placeholders}) but {} \
+             were given; send exactly one parameter per placeholder",
             params.len()
         )));
     }
