@@ -268,7 +268,11 @@ pub enum ConfigError {
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
     #[error("--{flag} {value} is over the most allowed, {max}")]
-    OverMaximum { flag: &'static str, value: u64, max: u64 },
+    OverMaximum {
+        flag: &'static str,
+        value: u64,
+        max: u64,
+    },
     #[error("--{default_flag} {value} is over --{max_flag} {max}: the default must be allowed")]
     DefaultOverMaximum {
         default_flag: &'static str,
@@ -348,8 +352,18 @@ impl Config {
             }
         }
         for (default_flag, value, max_flag, max) in [
-            ("transaction-timeout-ms", timeouts.transaction_ms, "max-timeout-ms", limits.max_transaction_timeout_ms),
-            ("idle-timeout-ms", timeouts.idle_ms, "max-idle-timeout-ms", limits.max_idle_timeout_ms),
+            (
+                "transaction-timeout-ms",
+                timeouts.transaction_ms,
+                "max-timeout-ms",
+                limits.max_transaction_timeout_ms,
+            ),
+            (
+                "idle-timeout-ms",
+                timeouts.idle_ms,
+                "max-idle-timeout-ms",
+                limits.max_idle_timeout_ms,
+            ),
         ] {
             if value > max {
                 return Err(ConfigError::DefaultOverMaximum {
@@ -405,14 +419,26 @@ impl Config {
 fn resolve_limits(args: &Args, file: &FileConfig) -> Result<LimitSettings, ConfigError> {
     let defaults = LimitSettings::default();
     let limits = LimitSettings {
-        max_transaction_timeout_ms: args.max_timeout_ms.or(file.max_timeout_ms).unwrap_or(defaults.max_transaction_timeout_ms),
-        max_idle_timeout_ms: args.max_idle_timeout_ms.or(file.max_idle_timeout_ms).unwrap_or(defaults.max_idle_timeout_ms),
-        max_lock_timeout_ms: args.max_lock_timeout_ms.or(file.max_lock_timeout_ms).unwrap_or(defaults.max_lock_timeout_ms),
+        max_transaction_timeout_ms: args
+            .max_timeout_ms
+            .or(file.max_timeout_ms)
+            .unwrap_or(defaults.max_transaction_timeout_ms),
+        max_idle_timeout_ms: args
+            .max_idle_timeout_ms
+            .or(file.max_idle_timeout_ms)
+            .unwrap_or(defaults.max_idle_timeout_ms),
+        max_lock_timeout_ms: args
+            .max_lock_timeout_ms
+            .or(file.max_lock_timeout_ms)
+            .unwrap_or(defaults.max_lock_timeout_ms),
         max_open_transactions_per_client: args
             .max_open_transactions_per_client
             .or(file.max_open_transactions_per_client)
             .unwrap_or(defaults.max_open_transactions_per_client),
-        max_open_transactions: args.max_open_transactions.or(file.max_open_transactions).unwrap_or(defaults.max_open_transactions),
+        max_open_transactions: args
+            .max_open_transactions
+            .or(file.max_open_transactions)
+            .unwrap_or(defaults.max_open_transactions),
         max_statements_per_transaction: args
             .max_statements_per_transaction
             .or(file.max_statements_per_transaction)
@@ -421,20 +447,46 @@ fn resolve_limits(args: &Args, file: &FileConfig) -> Result<LimitSettings, Confi
             .max_concurrent_calls_per_client
             .or(file.max_concurrent_calls_per_client)
             .unwrap_or(defaults.max_concurrent_calls_per_client),
-        max_request_bytes: args.max_request_bytes.or(file.max_request_bytes).unwrap_or(defaults.max_request_bytes),
-        max_sql_bytes: args.max_sql_bytes.or(file.max_sql_bytes).unwrap_or(defaults.max_sql_bytes),
+        max_request_bytes: args
+            .max_request_bytes
+            .or(file.max_request_bytes)
+            .unwrap_or(defaults.max_request_bytes),
+        max_sql_bytes: args
+            .max_sql_bytes
+            .or(file.max_sql_bytes)
+            .unwrap_or(defaults.max_sql_bytes),
     };
     let postgres_ms = i32::MAX as u64;
     for (flag, value, max) in [
         ("max-timeout-ms", limits.max_transaction_timeout_ms, postgres_ms),
         ("max-idle-timeout-ms", limits.max_idle_timeout_ms, postgres_ms),
         ("max-lock-timeout-ms", limits.max_lock_timeout_ms, postgres_ms),
-        ("max-open-transactions-per-client", u64::from(limits.max_open_transactions_per_client), u64::MAX),
-        ("max-open-transactions", u64::from(limits.max_open_transactions), u64::MAX),
-        ("max-statements-per-transaction", u64::from(limits.max_statements_per_transaction), u64::MAX),
-        ("max-concurrent-calls-per-client", u64::from(limits.max_concurrent_calls_per_client), u64::MAX),
+        (
+            "max-open-transactions-per-client",
+            u64::from(limits.max_open_transactions_per_client),
+            u64::MAX,
+        ),
+        (
+            "max-open-transactions",
+            u64::from(limits.max_open_transactions),
+            u64::MAX,
+        ),
+        (
+            "max-statements-per-transaction",
+            u64::from(limits.max_statements_per_transaction),
+            u64::MAX,
+        ),
+        (
+            "max-concurrent-calls-per-client",
+            u64::from(limits.max_concurrent_calls_per_client),
+            u64::MAX,
+        ),
         ("max-request-bytes", limits.max_request_bytes as u64, u64::MAX),
-        ("max-sql-bytes", limits.max_sql_bytes as u64, treaty_proto::MAX_SQL_BYTES as u64),
+        (
+            "max-sql-bytes",
+            limits.max_sql_bytes as u64,
+            treaty_proto::MAX_SQL_BYTES as u64,
+        ),
     ] {
         if value == 0 {
             return Err(ConfigError::Zero(flag));

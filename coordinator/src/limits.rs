@@ -115,7 +115,9 @@ impl Limits {
 
     fn counts(&self) -> MutexGuard<'_, Counts> {
         // Every holder leaves the counts whole (increments and decrements only).
-        self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Counts a call in flight for `client` until the guard is dropped.
@@ -256,7 +258,10 @@ mod tests {
         let a = limits.open_transaction(peer(1)).unwrap();
         let _b = limits.open_transaction(peer(1)).unwrap();
         let refused = limits.open_transaction(peer(1)).unwrap_err().to_string();
-        assert!(refused.contains("--max-open-transactions-per-client) is 2"), "{refused}");
+        assert!(
+            refused.contains("--max-open-transactions-per-client) is 2"),
+            "{refused}"
+        );
         // Another client is not affected.
         let _other = limits.open_transaction(peer(2)).unwrap();
         drop(a);

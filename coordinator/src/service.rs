@@ -77,9 +77,21 @@ impl CoordinatorService {
         // be refused only by the participant, at the first statement, leaving the transaction
         // open until its timeout, which could be never).
         let settings = self.limits.settings();
-        Limits::check_timeout("timeout_ms", options.timeout_ms, settings.max_transaction_timeout_ms)?;
-        Limits::check_timeout("idle_timeout_ms", options.idle_timeout_ms, settings.max_idle_timeout_ms)?;
-        Limits::check_timeout("lock_timeout_ms", options.lock_timeout_ms, settings.max_lock_timeout_ms)?;
+        Limits::check_timeout(
+            "timeout_ms",
+            options.timeout_ms,
+            settings.max_transaction_timeout_ms,
+        )?;
+        Limits::check_timeout(
+            "idle_timeout_ms",
+            options.idle_timeout_ms,
+            settings.max_idle_timeout_ms,
+        )?;
+        Limits::check_timeout(
+            "lock_timeout_ms",
+            options.lock_timeout_ms,
+            settings.max_lock_timeout_ms,
+        )?;
         let defaults = self.engine.default_timeouts();
         let pick = |value: u64, default: u64| if value == 0 { default } else { value };
         let timeouts = Timeouts {

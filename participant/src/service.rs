@@ -347,8 +347,10 @@ impl pb::participant_server::Participant for ParticipantService {
             .await?
         } else {
             let agent = self.agent.clone();
-            self.spawn_cancellable(async move { agent.execute_and_prepare(&gid, &sql, params, &options).await })
-                .await?
+            self.spawn_cancellable(
+                async move { agent.execute_and_prepare(&gid, &sql, params, &options).await },
+            )
+            .await?
         };
         // The same reply failpoint as a separate Prepare: the vote was cast, its answer is lost.
         failpoints::reply(failpoints::BEFORE_PREPARE_REPLY).await?;

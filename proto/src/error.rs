@@ -187,13 +187,20 @@ mod tests {
     /// The README's rule: ABORTED exactly when `treaty-retryable` is true.
     #[test]
     fn aborted_if_and_only_if_retryable() {
-        for sqlstate in ["40001", "40P01", "55P03", "57014", "08006", "23505", "P0001", "42601", "22P02", "08P01", "42501", "XX000"] {
+        for sqlstate in [
+            "40001", "40P01", "55P03", "57014", "08006", "23505", "P0001", "42601", "22P02", "08P01",
+            "42501", "XX000",
+        ] {
             let status = Status::from(ApiError::Sql(SqlError {
                 shard: "s0".into(),
                 sqlstate: sqlstate.into(),
                 message: String::new(),
             }));
-            let flag = status.metadata().get(RETRYABLE_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let flag = status
+                .metadata()
+                .get(RETRYABLE_KEY)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             assert_eq!(
                 flag.as_deref() == Some("true"),
                 status.code() == Code::Aborted,
@@ -201,6 +208,14 @@ mod tests {
                 status.code()
             );
         }
-        assert_eq!(Status::from(ApiError::Sql(SqlError { shard: String::new(), sqlstate: "P0001".into(), message: String::new() })).code(), Code::FailedPrecondition);
+        assert_eq!(
+            Status::from(ApiError::Sql(SqlError {
+                shard: String::new(),
+                sqlstate: "P0001".into(),
+                message: String::new()
+            }))
+            .code(),
+            Code::FailedPrecondition
+        );
     }
 }

@@ -16,10 +16,10 @@ pub mod pb {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("treaty_descriptor");
 
 mod error;
-pub mod placeholders;
 pub mod health;
 #[cfg(feature = "process")]
 pub mod metrics_endpoint;
+pub mod placeholders;
 #[cfg(feature = "process")]
 pub mod process;
 pub mod reflection;

@@ -21,16 +21,17 @@ pub fn expected_params(sql: &str) -> usize {
             }
             b'"' => i = skip_quoted(bytes, i + 1, b'"', false),
             b'-' if bytes.get(i + 1) == Some(&b'-') => {
-                i = bytes[i..].iter().position(|&b| b == b'\n').map_or(bytes.len(), |p| i + p + 1);
+                i = bytes[i..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(bytes.len(), |p| i + p + 1);
             }
             b'/' if bytes.get(i + 1) == Some(&b'*') => i = skip_block_comment(bytes, i + 2),
             b'$' => {
                 let preceded_by_identifier = i > 0 && is_ident_byte(bytes[i - 1]);
                 let digits = bytes[i + 1..].iter().take_while(|b| b.is_ascii_digit()).count();
                 if digits > 0 && !preceded_by_identifier {
-                    let number = sql[i + 1..i + 1 + digits]
-                        .parse::<usize>()
-                        .unwrap_or(usize::MAX);
+                    let number = sql[i + 1..i + 1 + digits].parse::<usize>().unwrap_or(usize::MAX);
                     highest = highest.max(number);
                     i += 1 + digits;
                 } else if !preceded_by_identifier && let Some(end) = dollar_tag_end(bytes, i) {

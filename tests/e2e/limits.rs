@@ -132,7 +132,11 @@ async fn a_timeout_over_its_maximum_is_refused_at_begin_and_opens_nothing() -> R
     assert_refused(
         &refused,
         Code::InvalidArgument,
-        &["timeout_ms 18446744073709551615", "maximum of 3600000 ms", "--max-timeout-ms"],
+        &[
+            "timeout_ms 18446744073709551615",
+            "maximum of 3600000 ms",
+            "--max-timeout-ms",
+        ],
     );
     let refused = client
         .begin(pb::BeginRequest {
@@ -147,8 +151,15 @@ async fn a_timeout_over_its_maximum_is_refused_at_begin_and_opens_nothing() -> R
     );
     let mut request = three_inserts(&t, 1);
     request.options = Some(endless(u64::MAX, u64::MAX));
-    let refused = client.submit(request).await.expect_err("the same bound on Submit");
-    assert_refused(&refused, Code::InvalidArgument, &["timeout_ms 18446744073709551615"]);
+    let refused = client
+        .submit(request)
+        .await
+        .expect_err("the same bound on Submit");
+    assert_refused(
+        &refused,
+        Code::InvalidArgument,
+        &["timeout_ms 18446744073709551615"],
+    );
 
     assert_eq!(active_transactions(&mut client).await?, 0);
     let after = next_txid(client.info(pb::InfoRequest {}).await?.into_inner());
@@ -201,9 +212,11 @@ async fn a_client_deadline_cancels_its_statement_in_postgres() -> Result<()> {
     // Without the cancel the backend sleeps on until the transaction's statement timeout (60 s by
     // default); with it the statement ends about when the call is dropped. The poll's bound is
     // generous for a loaded machine and still far under that timeout, so a broken cancel fails.
-    eventually("the sleeping statement to be cancelled", Duration::from_secs(15), || async {
-        Ok(sleeping_backends(&t).await? == 0)
-    })
+    eventually(
+        "the sleeping statement to be cancelled",
+        Duration::from_secs(15),
+        || async { Ok(sleeping_backends(&t).await? == 0) },
+    )
     .await?;
 
     // The cancelled statement aborted the transaction, and says why.
@@ -291,12 +304,21 @@ async fn aborted_means_retryable_and_other_sql_errors_say_not_retryable() -> Res
         .await?
         .into_inner()
         .txid;
-    let status = execute(&mut client, txid, &s0, "UPDATE kv SET v = 'x' WHERE k = 1", vec![])
-        .await
-        .expect_err("the row is locked past the lock timeout");
+    let status = execute(
+        &mut client,
+        txid,
+        &s0,
+        "UPDATE kv SET v = 'x' WHERE k = 1",
+        vec![],
+    )
+    .await
+    .expect_err("the row is locked past the lock timeout");
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     assert_eq!(retryable_flag(&status).as_deref(), Some("true"), "{status:?}");
-    let sqlstate = status.metadata().get("treaty-sqlstate").and_then(|v| v.to_str().ok());
+    let sqlstate = status
+        .metadata()
+        .get("treaty-sqlstate")
+        .and_then(|v| v.to_str().ok());
     assert_eq!(sqlstate, Some("55P03"), "{status:?}");
     sqlx::raw_sql("ROLLBACK").execute(&mut holder).await?;
 
@@ -313,7 +335,10 @@ async fn aborted_means_retryable_and_other_sql_errors_say_not_retryable() -> Res
     .expect_err("the DO block raises");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert_eq!(retryable_flag(&status).as_deref(), Some("false"), "{status:?}");
-    let sqlstate = status.metadata().get("treaty-sqlstate").and_then(|v| v.to_str().ok());
+    let sqlstate = status
+        .metadata()
+        .get("treaty-sqlstate")
+        .and_then(|v| v.to_str().ok());
     assert_eq!(sqlstate, Some("P0001"), "{status:?}");
     // The transaction's outcome says the same.
     let outcome = client
