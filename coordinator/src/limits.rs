@@ -197,12 +197,17 @@ impl Limits {
         Ok(())
     }
 
-    /// Checks a statement's SQL text against `--max-sql-bytes`.
-    pub fn check_sql(&self, sql: &str) -> Result<(), ApiError> {
+    /// Checks a statement's SQL text (`op`: its index in a submit, for the message) against
+    /// `--max-sql-bytes`. Past the protocol's own cap (`treaty_proto::MAX_SQL_BYTES`, which no
+    /// setting raises) the request is malformed, and `validate_statement` refuses it with
+    /// INVALID_ARGUMENT; under it but over the operator's lower limit, the call is refused like
+    /// any other limit, with RESOURCE_EXHAUSTED naming the flag and its value.
+    pub fn check_sql(&self, op: Option<usize>, sql: &str) -> Result<(), ApiError> {
         let limit = self.settings.max_sql_bytes;
-        if sql.len() > limit {
-            return Err(ApiError::InvalidArgument(format!(
-                "sql is {} bytes, over the limit of {limit} bytes (--max-sql-bytes); split the statement",
+        if sql.len() > limit && sql.len() <= treaty_proto::MAX_SQL_BYTES {
+            let what = op.map_or_else(|| "sql".to_owned(), |index| format!("op {index} sql"));
+            return Err(ApiError::ResourceExhausted(format!(
+                "{what} is {} bytes, over the limit (--max-sql-bytes) of {limit} bytes; split the statement",
                 sql.len()
             )));
         }
@@ -292,5 +297,29 @@ mod tests {
         assert!(refused.contains("timeout_ms 18446744073709551615"), "{refused}");
         assert!(refused.contains("3600000"), "{refused}");
         Limits::check_timeout("timeout_ms", 3_600_000, 3_600_000).unwrap();
+    }
+
+    #[test]
+    fn sql_over_the_operators_limit_is_resource_exhausted() {
+        let limits = Limits::new(LimitSettings {
+            max_sql_bytes: 10,
+            ..LimitSettings::default()
+        });
+        limits.check_sql(None, "SELECT 1").unwrap();
+        let refused = limits.check_sql(Some(1), "SELECT 12345").unwrap_err();
+        assert!(matches!(refused, ApiError::ResourceExhausted(_)), "{refused:?}");
+        assert!(
+            refused
+                .to_string()
+                .contains("op 1 sql is 12 bytes, over the limit (--max-sql-bytes) of 10"),
+            "{refused}"
+        );
+        // Past the protocol's cap it is a malformed request, refused by `validate_statement`.
+        let huge = "x".repeat(treaty_proto::MAX_SQL_BYTES + 1);
+        limits.check_sql(None, &huge).unwrap();
+        assert!(matches!(
+            treaty_proto::validate_statement(&huge, &[]),
+            Err(ApiError::InvalidArgument(_))
+        ));
     }
 }

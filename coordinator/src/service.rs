@@ -249,7 +249,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::ExecuteResult>, Status> {
         let _call = self.enter(&request)?;
         let request = request.into_inner();
-        self.limits.check_sql(&request.sql)?;
+        self.limits.check_sql(None, &request.sql)?;
         let values = treaty_proto::params_from_pb(request.params)?;
         treaty_proto::validate_statement(&request.sql, &values)?;
         let result = self
@@ -291,9 +291,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .into());
         }
         for (index, op) in request.ops.iter().enumerate() {
-            self.limits
-                .check_sql(&op.sql)
-                .map_err(|e| ApiError::InvalidArgument(format!("op {index}: {e}")))?;
+            self.limits.check_sql(Some(index), &op.sql)?;
         }
         let ops = ops_from_pb(request.ops)?;
         let options = self.begin_options(client, request.options)?;

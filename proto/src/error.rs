@@ -36,7 +36,7 @@ impl SqlError {
             Some("42" | "22") => Code::InvalidArgument,
             _ if self.sqlstate == "08P01" => Code::InvalidArgument,
             // Anything else that running again will not fix: a constraint violation, an exception
-            // raised by the client's own SQL (a DO block's RAISE), a missing privilege. The data
+            // raised by the client's own SQL (a DO block's RAISE). The data
             // or the database is not in the state the request needs.
             _ => Code::FailedPrecondition,
         }
