@@ -122,7 +122,7 @@ pub struct Args {
     /// Calls one client may have in flight at once (default 256).
     #[arg(long, env = "TREATY_COORDINATOR_MAX_CONCURRENT_CALLS_PER_CLIENT")]
     pub max_concurrent_calls_per_client: Option<u32>,
-    /// Largest request message in bytes (default 4194304); more is OUT_OF_RANGE.
+    /// Largest request message in bytes (default 4194304); more is RESOURCE_EXHAUSTED.
     #[arg(long, env = "TREATY_COORDINATOR_MAX_REQUEST_BYTES")]
     pub max_request_bytes: Option<usize>,
     /// Largest SQL text of one statement in bytes (default and most 1048576); more is INVALID_ARGUMENT.

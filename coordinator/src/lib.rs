@@ -299,6 +299,8 @@ pub async fn run(
     let router = tonic::transport::Server::builder()
         // A client's `traceparent` (when exporting) parents the call, and so the transaction.
         .layer(treaty_proto::telemetry::ServerSpanLayer::new(None))
+        // A request over `--max-request-bytes` is refused like any other limit.
+        .layer(limits::RequestSizeLayer)
         .add_service(service)
         .add_service(health)
         .add_service(reflection_v1)

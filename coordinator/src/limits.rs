@@ -246,6 +246,92 @@ impl Drop for OpenSlot {
     }
 }
 
+/// A tower layer that answers a request over `--max-request-bytes` with RESOURCE_EXHAUSTED naming
+/// the flag, like every other limit. tonic refuses such a message while decoding it, before any
+/// handler runs, with OUT_OF_RANGE and a message that names no flag; its status comes in the
+/// response's trailers, where this rewrites the code and adds the flag to the message.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestSizeLayer;
+
+impl<S> tower_layer::Layer<S> for RequestSizeLayer {
+    type Service = RequestSize<S>;
+
+    fn layer(&self, inner: S) -> RequestSize<S> {
+        RequestSize { inner }
+    }
+}
+
+/// The service [`RequestSizeLayer`] wraps around the server's routes.
+#[derive(Debug, Clone)]
+pub struct RequestSize<S> {
+    inner: S,
+}
+
+/// The start of tonic's message for a message over the decoding limit (it goes on with the size
+/// found and the limit), as it is sent: percent-encoded, spaces as `%20`.
+const TONIC_TOO_LARGE: &[u8] = b"Error,%20decoded%20message%20length%20too%20large";
+
+/// A body's frames, with a too-large refusal in the trailers rewritten.
+type Rewritten<B> = http_body_util::combinators::MapFrame<
+    B,
+    fn(http_body::Frame<<B as http_body::Body>::Data>) -> http_body::Frame<<B as http_body::Body>::Data>,
+>;
+
+/// Rewrites `headers` (a response's trailers, or its headers when it has only those) if they
+/// carry tonic's refusal of a too-large message.
+fn rewrite_too_large(headers: &mut http::HeaderMap) {
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"11");
+    let Some(message) = headers.get("grpc-message") else {
+        return;
+    };
+    if !out_of_range || !message.as_bytes().starts_with(TONIC_TOO_LARGE) {
+        return;
+    }
+    // The message is percent-encoded; what is appended is printable ASCII without `%`, which a
+    // client's decoding leaves as it is.
+    let mut text = message.as_bytes().to_vec();
+    text.extend_from_slice(b" (--max-request-bytes); send less in one call");
+    if let Ok(message) = http::HeaderValue::from_bytes(&text) {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        headers.insert("grpc-message", message);
+    }
+}
+
+fn rewrite_frame<D>(mut frame: http_body::Frame<D>) -> http_body::Frame<D> {
+    if let Some(trailers) = frame.trailers_mut() {
+        rewrite_too_large(trailers);
+    }
+    frame
+}
+
+impl<S, B, RB> tower_service::Service<http::Request<B>> for RequestSize<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    RB: http_body::Body,
+{
+    type Response = http::Response<Rewritten<RB>>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = answer.await?;
+            rewrite_too_large(response.headers_mut());
+            Ok(response.map(|body| {
+                http_body_util::BodyExt::map_frame(body, rewrite_frame::<RB::Data> as fn(_) -> _)
+            }))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

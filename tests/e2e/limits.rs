@@ -351,3 +351,38 @@ async fn aborted_means_retryable_and_other_sql_errors_say_not_retryable() -> Res
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_request_over_the_size_limit_is_resource_exhausted_and_the_client_goes_on() -> Result<()> {
+    const LIMIT: usize = 64 * 1024;
+    let t = TestCluster::start(Options {
+        coordinator_args: vec!["--max-request-bytes".into(), LIMIT.to_string()],
+        ..Options::default()
+    })
+    .await?;
+    let mut client = t.client().await?;
+    let s0 = t.shard(0);
+    let txid = begin(&mut client).await?;
+    // Under the 1 MiB SQL cap, over the request limit.
+    let big = format!("SELECT '{}'", "x".repeat(2 * LIMIT));
+    let status = execute(&mut client, txid, &s0, &big, vec![])
+        .await
+        .expect_err("over --max-request-bytes");
+    assert_refused(
+        &status,
+        Code::ResourceExhausted,
+        &["--max-request-bytes", &LIMIT.to_string()],
+    );
+    // Refused before it was read: the transaction and the connection carry on.
+    let result = execute(&mut client, txid, &s0, "SELECT 1", vec![]).await?;
+    assert_eq!(result.rows.len(), 1);
+    let outcome = client
+        .commit(pb::CommitRequest {
+            txid,
+            wait_for_apply: false,
+        })
+        .await?
+        .into_inner();
+    assert!(committed(&Some(outcome)), "the transaction survives the refusal");
+    Ok(())
+}
