@@ -26,7 +26,13 @@ use crate::transport::{
 /// Whether running the transaction again may succeed after this SQLSTATE: serialization failure,
 /// deadlock, lock or statement timeout, a lost connection.
 pub fn sqlstate_is_retryable(sqlstate: &str) -> bool {
-    matches!(sqlstate, "40001" | "40P01" | "55P03" | "57014") || sqlstate.starts_with("08")
+    // Class 08 is a lost or refused connection, except 08P01 (protocol violation: a bind with the
+    // wrong parameter count), which fails the same way every time. 57P01-57P03: the server is
+    // shutting down or starting; 53300: too many connections right now.
+    matches!(
+        sqlstate,
+        "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "53300"
+    ) || (sqlstate.starts_with("08") && sqlstate != "08P01")
 }
 
 fn unavailable(shard: &ShardName, message: String) -> AbortReason {

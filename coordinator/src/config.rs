@@ -1,6 +1,7 @@
 //! The coordinator's configuration: command-line flags, `TREATY_COORDINATOR_*` environment
 //! variables and an optional TOML file, in that order of precedence, resolved into one `Config`.
 
+use crate::limits::LimitSettings;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -100,6 +101,33 @@ pub struct Args {
     /// or 5000).
     #[arg(long, env = "TREATY_COORDINATOR_OTLP_EXPORT_INTERVAL_MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub otlp_export_interval_ms: Option<u64>,
+    /// Largest `timeout_ms` a client may ask for at Begin or Submit (default 3600000); more is INVALID_ARGUMENT.
+    #[arg(long, env = "TREATY_COORDINATOR_MAX_TIMEOUT_MS")]
+    pub max_timeout_ms: Option<u64>,
+    /// Largest `idle_timeout_ms` a client may ask for (default 3600000).
+    #[arg(long, env = "TREATY_COORDINATOR_MAX_IDLE_TIMEOUT_MS")]
+    pub max_idle_timeout_ms: Option<u64>,
+    /// Largest `lock_timeout_ms` a client may ask for (default 600000).
+    #[arg(long, env = "TREATY_COORDINATOR_MAX_LOCK_TIMEOUT_MS")]
+    pub max_lock_timeout_ms: Option<u64>,
+    /// Transactions one client (peer IP address) may have open, begun and not yet decided (default 1000); more is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TREATY_COORDINATOR_MAX_OPEN_TRANSACTIONS_PER_CLIENT")]
+    pub max_open_transactions_per_client: Option<u32>,
+    /// Transactions open on this coordinator in all (default 100000).
+    #[arg(long, env = "TREATY_COORDINATOR_MAX_OPEN_TRANSACTIONS")]
+    pub max_open_transactions: Option<u32>,
+    /// Statements one transaction may run, a submit's ops included (default 10000).
+    #[arg(long, env = "TREATY_COORDINATOR_MAX_STATEMENTS_PER_TRANSACTION")]
+    pub max_statements_per_transaction: Option<u32>,
+    /// Calls one client may have in flight at once (default 256).
+    #[arg(long, env = "TREATY_COORDINATOR_MAX_CONCURRENT_CALLS_PER_CLIENT")]
+    pub max_concurrent_calls_per_client: Option<u32>,
+    /// Largest request message in bytes (default 4194304); more is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TREATY_COORDINATOR_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
+    /// Largest SQL text of one statement in bytes (default and most 1048576); more is INVALID_ARGUMENT.
+    #[arg(long, env = "TREATY_COORDINATOR_MAX_SQL_BYTES")]
+    pub max_sql_bytes: Option<usize>,
     #[command(flatten)]
     pub tls: treaty_proto::tls::TlsArgs,
     /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax
@@ -138,6 +166,15 @@ struct FileConfig {
     /// `[tls]`: cert, key, client_ca, link_ca, link_cert, link_key (as the `--tls-*` flags).
     tls: Option<treaty_proto::tls::TlsFileSection>,
     failpoints: Option<String>,
+    max_timeout_ms: Option<u64>,
+    max_idle_timeout_ms: Option<u64>,
+    max_lock_timeout_ms: Option<u64>,
+    max_open_transactions_per_client: Option<u32>,
+    max_open_transactions: Option<u32>,
+    max_statements_per_transaction: Option<u32>,
+    max_concurrent_calls_per_client: Option<u32>,
+    max_request_bytes: Option<usize>,
+    max_sql_bytes: Option<usize>,
 }
 
 /// Where two-phase commit decisions are kept (`--decision-store`).
@@ -210,6 +247,8 @@ pub struct Config {
     pub tls: treaty_proto::tls::TlsSettings,
     pub failpoints: Option<String>,
     pub crash_at: Option<String>,
+    /// What one client may ask for and hold (`--max-*`).
+    pub limits: LimitSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +275,19 @@ pub enum ConfigError {
     NoShards,
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
+    #[error("--{flag} {value} is over the most allowed, {max}")]
+    OverMaximum {
+        flag: &'static str,
+        value: u64,
+        max: u64,
+    },
+    #[error("--{default_flag} {value} is over --{max_flag} {max}: the default must be allowed")]
+    DefaultOverMaximum {
+        default_flag: &'static str,
+        value: u64,
+        max_flag: &'static str,
+        max: u64,
+    },
     #[error("config file {path}: default_protocol: {source}")]
     Protocol {
         path: PathBuf,
@@ -260,6 +312,7 @@ impl Config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
+        let limits = resolve_limits(&args, &file)?;
         let file_protocol = match (&file.default_protocol, &args.config) {
             (Some(name), Some(path)) => {
                 Some(name.parse::<Protocol>().map_err(|source| ConfigError::Protocol {
@@ -306,6 +359,29 @@ impl Config {
                 return Err(ConfigError::Zero(name));
             }
         }
+        for (default_flag, value, max_flag, max) in [
+            (
+                "transaction-timeout-ms",
+                timeouts.transaction_ms,
+                "max-timeout-ms",
+                limits.max_transaction_timeout_ms,
+            ),
+            (
+                "idle-timeout-ms",
+                timeouts.idle_ms,
+                "max-idle-timeout-ms",
+                limits.max_idle_timeout_ms,
+            ),
+        ] {
+            if value > max {
+                return Err(ConfigError::DefaultOverMaximum {
+                    default_flag,
+                    value,
+                    max_flag,
+                    max,
+                });
+            }
+        }
         let (decision_store, decision_database) = match args.decision_store.or(file.decision_store) {
             Some(text) => parse_decision_store(&text)?,
             None => (DecisionStoreKind::default(), None),
@@ -342,8 +418,93 @@ impl Config {
             tls: args.tls.resolve(file.tls).map_err(ConfigError::Tls)?,
             failpoints: args.failpoints.or(file.failpoints),
             crash_at: args.crash_at,
+            limits,
         })
     }
+}
+
+/// The `--max-*` flags over the file's values over the defaults, each checked: above 0, and the
+/// timeouts within what a participant accepts (PostgreSQL's timeouts are 32-bit milliseconds).
+fn resolve_limits(args: &Args, file: &FileConfig) -> Result<LimitSettings, ConfigError> {
+    let defaults = LimitSettings::default();
+    let limits = LimitSettings {
+        max_transaction_timeout_ms: args
+            .max_timeout_ms
+            .or(file.max_timeout_ms)
+            .unwrap_or(defaults.max_transaction_timeout_ms),
+        max_idle_timeout_ms: args
+            .max_idle_timeout_ms
+            .or(file.max_idle_timeout_ms)
+            .unwrap_or(defaults.max_idle_timeout_ms),
+        max_lock_timeout_ms: args
+            .max_lock_timeout_ms
+            .or(file.max_lock_timeout_ms)
+            .unwrap_or(defaults.max_lock_timeout_ms),
+        max_open_transactions_per_client: args
+            .max_open_transactions_per_client
+            .or(file.max_open_transactions_per_client)
+            .unwrap_or(defaults.max_open_transactions_per_client),
+        max_open_transactions: args
+            .max_open_transactions
+            .or(file.max_open_transactions)
+            .unwrap_or(defaults.max_open_transactions),
+        max_statements_per_transaction: args
+            .max_statements_per_transaction
+            .or(file.max_statements_per_transaction)
+            .unwrap_or(defaults.max_statements_per_transaction),
+        max_concurrent_calls_per_client: args
+            .max_concurrent_calls_per_client
+            .or(file.max_concurrent_calls_per_client)
+            .unwrap_or(defaults.max_concurrent_calls_per_client),
+        max_request_bytes: args
+            .max_request_bytes
+            .or(file.max_request_bytes)
+            .unwrap_or(defaults.max_request_bytes),
+        max_sql_bytes: args
+            .max_sql_bytes
+            .or(file.max_sql_bytes)
+            .unwrap_or(defaults.max_sql_bytes),
+    };
+    let postgres_ms = i32::MAX as u64;
+    for (flag, value, max) in [
+        ("max-timeout-ms", limits.max_transaction_timeout_ms, postgres_ms),
+        ("max-idle-timeout-ms", limits.max_idle_timeout_ms, postgres_ms),
+        ("max-lock-timeout-ms", limits.max_lock_timeout_ms, postgres_ms),
+        (
+            "max-open-transactions-per-client",
+            u64::from(limits.max_open_transactions_per_client),
+            u64::MAX,
+        ),
+        (
+            "max-open-transactions",
+            u64::from(limits.max_open_transactions),
+            u64::MAX,
+        ),
+        (
+            "max-statements-per-transaction",
+            u64::from(limits.max_statements_per_transaction),
+            u64::MAX,
+        ),
+        (
+            "max-concurrent-calls-per-client",
+            u64::from(limits.max_concurrent_calls_per_client),
+            u64::MAX,
+        ),
+        ("max-request-bytes", limits.max_request_bytes as u64, u64::MAX),
+        (
+            "max-sql-bytes",
+            limits.max_sql_bytes as u64,
+            treaty_proto::MAX_SQL_BYTES as u64,
+        ),
+    ] {
+        if value == 0 {
+            return Err(ConfigError::Zero(flag));
+        }
+        if value > max {
+            return Err(ConfigError::OverMaximum { flag, value, max });
+        }
+    }
+    Ok(limits)
 }
 
 /// Whether a shard's address is a PostgreSQL URL: a database the coordinator drives itself.

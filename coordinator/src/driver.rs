@@ -79,6 +79,11 @@ pub struct TxnOptions {
     pub protocol: Option<Protocol>,
     pub timeouts: Option<Timeouts>,
     pub branch: BranchOptions,
+    /// The transaction's place in its client's open-transaction count (`crate::limits`), held
+    /// until it is decided; `None` for transactions no client limit applies to.
+    pub slot: Option<Arc<crate::limits::OpenSlot>>,
+    /// Statements the transaction may run (`--max-statements-per-transaction`); `None`: no bound.
+    pub max_statements: Option<u32>,
 }
 
 /// Defaults applied to transactions that do not choose their own.
@@ -279,6 +284,9 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                 Action::ExecuteAndCommitOnePhase { shard } => self.execute_and_commit(handle, shard),
                 Action::Reply(outcome) => {
                     self.count_outcome(handle, &outcome);
+                    // Decided: no longer the client's to hold, even while phase two goes on;
+                    // released before the client hears, so its next Begin finds the room.
+                    handle.release_slot();
                     if let Some(waiter) = handle.waiter().take() {
                         // The client may have gone away; the outcome stands either way.
                         let _ = waiter.send(outcome);
@@ -295,6 +303,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                     self.query_participant_states(handle, shards, ballot)
                 }
                 Action::Finished => {
+                    handle.release_slot();
                     handle.close_span();
                     // A heuristic decision stays in the store until this end record (an abort
                     // writes none of its own).

@@ -9,7 +9,8 @@
 //! - `participants`: the gRPC links to participant agents as the core's `ParticipantTransport`
 //!   (`h2_channel`: the HTTP/2 connection each link runs on);
 //! - `submit`: one-shot cross-shard submits;
-//! - `service`: the gRPC `Coordinator` service; `in_doubt`: its `ListInDoubt` fan-out;
+//! - `service`: the gRPC `Coordinator` service; `in_doubt`: its `ListInDoubt` fan-out; `limits`:
+//!   what one client may ask for and hold (`--max-*`);
 //! - `metrics`: the Prometheus metrics served on `--metrics-addr`;
 //! - `health`: the gRPC health service (SERVING once every shard's participant is reached) and
 //!   server reflection;
@@ -29,6 +30,7 @@ mod faults;
 pub mod h2_channel;
 pub mod health;
 mod in_doubt;
+pub mod limits;
 pub mod link_channel;
 mod log_faults;
 pub mod metrics;
@@ -308,7 +310,9 @@ pub async fn run(
     tracing::info!(%addr, shards = config.shards.len(), "coordinator serving");
     announce(addr);
     let console = console.map(|listener| spawn_console(engine.clone(), listener));
-    let service = CoordinatorServer::new(service::CoordinatorService::new(engine.clone()));
+    let limits = limits::Limits::new(config.limits);
+    let service = CoordinatorServer::new(service::CoordinatorService::new(engine.clone(), limits))
+        .max_decoding_message_size(config.limits.max_request_bytes);
     let (health, probing) = health::start(probed_links).await;
     let (reflection_v1, reflection_v1alpha) = treaty_proto::reflection::services(
         treaty_proto::pb::coordinator_server::SERVICE_NAME,
@@ -317,6 +321,8 @@ pub async fn run(
     let router = tonic::transport::Server::builder()
         // A client's `traceparent` (when exporting) parents the call, and so the transaction.
         .layer(treaty_proto::telemetry::ServerSpanLayer::new(None))
+        // A request over `--max-request-bytes` is refused like any other limit.
+        .layer(limits::RequestSizeLayer)
         .add_service(service)
         .add_service(health)
         .add_service(reflection_v1)

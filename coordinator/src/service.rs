@@ -12,17 +12,37 @@ use treaty_commit_protocol::transport::{BranchOptions, Isolation, ParticipantTra
 use crate::CoordinatorEngine;
 use crate::driver::{Decision, ResolveRequest, TxnHandle, TxnOptions};
 use crate::in_doubt::heuristic_to_pb;
+use crate::limits::{CallGuard, ClientId, Limits};
 use crate::participants::result_to_pb;
 use crate::protocol::{AbortCause, AbortReason, BranchPhase, Outcome, Phase, Protocol, Timeouts};
 use crate::submit::Op;
 
 pub struct CoordinatorService {
     engine: Arc<CoordinatorEngine>,
+    limits: Arc<Limits>,
 }
 
 impl CoordinatorService {
-    pub fn new(engine: Arc<CoordinatorEngine>) -> Self {
-        Self { engine }
+    pub fn new(engine: Arc<CoordinatorEngine>, limits: Arc<Limits>) -> Self {
+        Self { engine, limits }
+    }
+
+    /// Counts the call against its client's calls in flight until the returned guard drops.
+    fn enter<R>(&self, request: &Request<R>) -> Result<CallGuard, Status> {
+        Ok(self.limits.enter_call(ClientId::from_request(request))?)
+    }
+
+    /// The options of a new transaction, checked against the limits, with the client's
+    /// open-transaction slot: refused (nothing opened) when the client or the coordinator is full.
+    fn begin_options(
+        &self,
+        client: ClientId,
+        options: Option<pb::TransactionOptions>,
+    ) -> Result<TxnOptions, ApiError> {
+        let mut options = self.options(options)?;
+        options.max_statements = Some(self.limits.settings().max_statements_per_transaction);
+        options.slot = Some(Arc::new(self.limits.open_transaction(client)?));
+        Ok(options)
     }
 
     fn options(&self, options: Option<pb::TransactionOptions>) -> Result<TxnOptions, ApiError> {
@@ -53,6 +73,25 @@ impl CoordinatorService {
         if options.label.len() > 256 {
             return Err(ApiError::InvalidArgument("label is longer than 256 bytes".into()));
         }
+        // Checked here, at Begin or Submit, so that an out-of-range option opens nothing (it used to
+        // be refused only by the participant, at the first statement, leaving the transaction
+        // open until its timeout, which could be never).
+        let settings = self.limits.settings();
+        Limits::check_timeout(
+            "timeout_ms",
+            options.timeout_ms,
+            settings.max_transaction_timeout_ms,
+        )?;
+        Limits::check_timeout(
+            "idle_timeout_ms",
+            options.idle_timeout_ms,
+            settings.max_idle_timeout_ms,
+        )?;
+        Limits::check_timeout(
+            "lock_timeout_ms",
+            options.lock_timeout_ms,
+            settings.max_lock_timeout_ms,
+        )?;
         let defaults = self.engine.default_timeouts();
         let pick = |value: u64, default: u64| if value == 0 { default } else { value };
         let timeouts = Timeouts {
@@ -69,6 +108,8 @@ impl CoordinatorService {
                 lock_timeout_ms: pick(options.lock_timeout_ms, self.engine.default_lock_timeout_ms()),
                 statement_timeout_ms: timeouts.transaction_ms,
             },
+            slot: None,
+            max_statements: None,
         })
     }
 }
@@ -195,7 +236,9 @@ pub(crate) fn info_to_pb(handle: &TxnHandle) -> pb::TransactionInfo {
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn begin(&self, request: Request<pb::BeginRequest>) -> Result<Response<pb::BeginResponse>, Status> {
-        let options = self.options(request.into_inner().options)?;
+        let _call = self.enter(&request)?;
+        let client = ClientId::from_request(&request);
+        let options = self.begin_options(client, request.into_inner().options)?;
         let txid = self.engine.begin(options).await?;
         Ok(Response::new(pb::BeginResponse { txid }))
     }
@@ -204,7 +247,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::ExecuteRequest>,
     ) -> Result<Response<pb::ExecuteResult>, Status> {
+        let _call = self.enter(&request)?;
         let request = request.into_inner();
+        self.limits.check_sql(None, &request.sql)?;
         let values = treaty_proto::params_from_pb(request.params)?;
         treaty_proto::validate_statement(&request.sql, &values)?;
         let result = self
@@ -215,12 +260,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     }
 
     async fn commit(&self, request: Request<pb::CommitRequest>) -> Result<Response<pb::Outcome>, Status> {
+        let _call = self.enter(&request)?;
         let request = request.into_inner();
         let outcome = self.engine.commit(request.txid, request.wait_for_apply).await?;
         Ok(Response::new(outcome_to_pb(request.txid, outcome)?))
     }
 
     async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::Outcome>, Status> {
+        let _call = self.enter(&request)?;
         let txid = request.into_inner().txid;
         let reason = AbortReason::new(AbortCause::ClientRollback, "rolled back by the client");
         let outcome = self.engine.rollback(txid, reason).await?;
@@ -231,9 +278,23 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let _call = self.enter(&request)?;
+        let client = ClientId::from_request(&request);
         let request = request.into_inner();
-        let options = self.options(request.options)?;
+        let max_statements = self.limits.settings().max_statements_per_transaction;
+        if request.ops.len() > max_statements as usize {
+            return Err(ApiError::ResourceExhausted(format!(
+                "{} ops, over the limit of {max_statements} statements per transaction \
+                 (--max-statements-per-transaction); split the submit",
+                request.ops.len()
+            ))
+            .into());
+        }
+        for (index, op) in request.ops.iter().enumerate() {
+            self.limits.check_sql(Some(index), &op.sql)?;
+        }
         let ops = ops_from_pb(request.ops)?;
+        let options = self.begin_options(client, request.options)?;
         let (txid, outcome, results) =
             crate::submit::submit(&self.engine, ops, options, request.wait_for_apply).await?;
         Ok(Response::new(pb::SubmitResponse {
@@ -246,6 +307,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::GetTransactionRequest>,
     ) -> Result<Response<pb::TransactionInfo>, Status> {
+        let _call = self.enter(&request)?;
         let handle = self.engine.handle(request.into_inner().txid)?;
         Ok(Response::new(info_to_pb(&handle)))
     }
@@ -254,6 +316,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::ListTransactionsRequest>,
     ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
+        let _call = self.enter(&request)?;
         let request = request.into_inner();
         let limit = if request.limit == 0 {
             1000
@@ -280,6 +343,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::QueryDecisionRequest>,
     ) -> Result<Response<pb::QueryDecisionResponse>, Status> {
+        let _call = self.enter(&request)?;
         let request = request.into_inner();
         if request.gids.len() > 10_000 {
             return Err(ApiError::InvalidArgument("at most 10000 gids per QueryDecision".into()).into());
@@ -310,6 +374,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::ListInDoubtRequest>,
     ) -> Result<Response<pb::ListInDoubtResponse>, Status> {
+        let _call = self.enter(&request)?;
         let timeout_ms = request.into_inner().participant_timeout_ms;
         Ok(Response::new(
             crate::in_doubt::list(&self.engine, timeout_ms).await,
@@ -320,6 +385,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::ResolveResponse>, Status> {
+        let _call = self.enter(&request)?;
         let request = request.into_inner();
         let decision = if request.commit {
             HeuristicDecision::Commit
@@ -337,7 +403,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         }))
     }
 
-    async fn info(&self, _request: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+    async fn info(&self, request: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        let _call = self.enter(&request)?;
         Ok(Response::new(pb::InfoResponse {
             coordinator_id: self.engine.id().to_string(),
             shards: self

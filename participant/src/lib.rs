@@ -12,7 +12,8 @@
 //! - `branches`: the in-memory branch table, per-GID locks and tombstones;
 //! - `claim`: the advisory lock that keeps a second participant off this database;
 //! - `sql_guard`: refuses transaction control in client SQL;
-//! - `statement`, `values`: running client statements, parameters and row decoding;
+//! - `statement`, `values`: running client statements, parameters and row decoding; `cancel`:
+//!   cancelling the statement of a call its caller dropped;
 //! - `pool`: the PostgreSQL connection pool (no round trip when a connection is returned);
 //! - `postgres`: the participant's own SQL (vote, phase two, markers, `pg_prepared_xacts`);
 //! - `decisions`: commit decisions kept in `treaty.decisions` (`--decision-store shard`);
@@ -25,6 +26,7 @@
 
 mod agent;
 mod branches;
+mod cancel;
 mod claim;
 pub mod config;
 mod coordinator_link;

@@ -51,6 +51,7 @@ struct Shared {
 
 struct Idle {
     connection: PgConnection,
+    backend_pid: i32,
     since: Instant,
 }
 
@@ -150,16 +151,25 @@ impl Pool {
                 }
             }
         };
-        let connection = match self.shared.take_idle() {
-            Some(connection) => connection,
+        let (connection, backend_pid) = match self.shared.take_idle() {
+            Some(idle) => idle,
             None => self.shared.open(deadline).await?,
         };
         Ok(PooledConnection {
             connection: Some(connection),
+            backend_pid,
             shared: Arc::clone(&self.shared),
             close: false,
             _permit: permit,
         })
+    }
+
+    /// A connection outside the pool (not counted against `max_connections`), for a rare
+    /// out-of-band statement such as cancelling another connection's statement, which must not
+    /// wait behind the branches that fill the pool.
+    pub async fn connect_outside(&self) -> Result<PgConnection, DbError> {
+        let deadline = tokio::time::Instant::now() + self.shared.acquire_timeout;
+        self.shared.open(deadline).await.map(|(connection, _)| connection)
     }
 
     /// Closes the idle connections and refuses further acquires; connections in use close when
@@ -176,13 +186,21 @@ impl Pool {
 }
 
 impl Shared {
-    /// A new connection, retried with a growing pause while the server refuses for a moment,
-    /// until `deadline`.
-    async fn open(&self, deadline: tokio::time::Instant) -> Result<PgConnection, DbError> {
+    /// A new connection and its backend's process id, retried with a growing pause while the
+    /// server refuses for a moment, until `deadline`. The pid is read once here (one round trip per
+    /// connection, not per use) so that a statement on the connection can be cancelled from
+    /// another one (`pg_cancel_backend`; sqlx keeps the cancel key to itself).
+    async fn open(&self, deadline: tokio::time::Instant) -> Result<(PgConnection, i32), DbError> {
         let mut pause = Duration::from_millis(20);
         loop {
             let error = match self.options.connect().await {
-                Ok(connection) => return Ok(connection),
+                Ok(mut connection) => {
+                    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                        .fetch_one(&mut connection)
+                        .await
+                        .map_err(|e| DbError::Connection(format!("reading the backend's pid: {e}")))?;
+                    return Ok((connection, pid));
+                }
                 Err(error) => error,
             };
             let transient = match &error {
@@ -210,7 +228,7 @@ impl Shared {
         self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn take_idle(&self) -> Option<PgConnection> {
+    fn take_idle(&self) -> Option<(PgConnection, i32)> {
         let mut idle = self.idle();
         let stale = idle
             .iter()
@@ -219,7 +237,7 @@ impl Shared {
         // Dropped outside the lock would be nicer, but dropping a connection only closes its
         // socket.
         idle.drain(..stale);
-        idle.pop().map(|entry| entry.connection)
+        idle.pop().map(|entry| (entry.connection, entry.backend_pid))
     }
 }
 
@@ -227,6 +245,8 @@ impl Shared {
 /// unless `close_on_drop` was called.
 pub struct PooledConnection {
     connection: Option<PgConnection>,
+    /// The PostgreSQL backend serving this connection (`pg_backend_pid()`).
+    backend_pid: i32,
     shared: Arc<Shared>,
     close: bool,
     /// Released after the connection is back among the idle ones (fields drop after `drop`), so
@@ -235,6 +255,11 @@ pub struct PooledConnection {
 }
 
 impl PooledConnection {
+    /// The PostgreSQL backend serving this connection, to cancel its statement from another.
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid
+    }
+
     /// Closes the connection instead of returning it: its transaction or protocol state is not
     /// known to be clean.
     pub fn close_on_drop(&mut self) {
@@ -282,6 +307,7 @@ impl Drop for PooledConnection {
         if !self.shared.permits.is_closed() {
             idle.push(Idle {
                 connection,
+                backend_pid: self.backend_pid,
                 since: Instant::now(),
             });
         }

@@ -46,6 +46,21 @@ impl ParticipantService {
         Status::from(error.into_api(self.agent.shard()))
     }
 
+    /// `spawn` for a call that runs a client statement: if the call is dropped before the work
+    /// finished (its caller gave up), the statement is cancelled in PostgreSQL (`cancel`), which
+    /// aborts the branch.
+    async fn spawn_cancellable<T, F>(&self, work: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, BranchError>> + Send + 'static,
+    {
+        let statement = crate::cancel::Cancellable::new();
+        let guard = crate::cancel::CancelOnDrop::new(Arc::clone(&statement), self.agent.pool().clone());
+        let result = self.spawn(crate::cancel::CURRENT.scope(statement, work)).await;
+        guard.finished();
+        result
+    }
+
     /// Runs `work` to completion on its own task, whatever happens to the request.
     async fn spawn<T, F>(&self, work: F) -> Result<T, Status>
     where
@@ -301,7 +316,7 @@ impl pb::participant_server::Participant for ParticipantService {
         } = self.statement(request)?;
         let agent = self.agent.clone();
         let output = self
-            .spawn(async move { agent.execute(&gid, &sql, params, &options).await })
+            .spawn_cancellable(async move { agent.execute(&gid, &sql, params, &options).await })
             .await?;
         Ok(Response::new(wire::result_to_pb(output)))
     }
@@ -324,7 +339,7 @@ impl pb::participant_server::Participant for ParticipantService {
             // The statement, then the vote as a 3PC Prepare casts it: the same two steps as the
             // separate calls, without the message between them.
             let (agent, three_phase) = (self.agent.clone(), self.three_phase.clone());
-            self.spawn(async move {
+            self.spawn_cancellable(async move {
                 let output = agent.execute(&gid, &sql, params, &options).await?;
                 let vote = three_phase.prepare(&gid, peers).await?;
                 Ok((output, vote))
@@ -332,8 +347,10 @@ impl pb::participant_server::Participant for ParticipantService {
             .await?
         } else {
             let agent = self.agent.clone();
-            self.spawn(async move { agent.execute_and_prepare(&gid, &sql, params, &options).await })
-                .await?
+            self.spawn_cancellable(
+                async move { agent.execute_and_prepare(&gid, &sql, params, &options).await },
+            )
+            .await?
         };
         // The same reply failpoint as a separate Prepare: the vote was cast, its answer is lost.
         failpoints::reply(failpoints::BEFORE_PREPARE_REPLY).await?;

@@ -24,15 +24,21 @@ impl SqlError {
         treaty_commit_protocol::answers::sqlstate_is_retryable(&self.sqlstate)
     }
 
-    /// The gRPC code a client should branch on for this SQLSTATE.
+    /// The gRPC code a client should branch on for this SQLSTATE. The rule (README, "Status codes
+    /// and retrying"): `ABORTED` if and only if running the transaction again may succeed, so a
+    /// client library can retry on the code alone; `treaty-retryable` always agrees with it.
     fn code(&self) -> Code {
+        if self.retryable() {
+            return Code::Aborted;
+        }
         match self.sqlstate.get(..2) {
             // Syntax, undefined objects, bad parameter data or count: the request itself is wrong.
             Some("42" | "22") => Code::InvalidArgument,
             _ if self.sqlstate == "08P01" => Code::InvalidArgument,
-            // Constraint violations: the data is not in the state the request needs.
-            Some("23") => Code::FailedPrecondition,
-            _ => Code::Aborted,
+            // Anything else that running again will not fix: a constraint violation, an exception
+            // raised by the client's own SQL (a DO block's RAISE). The data
+            // or the database is not in the state the request needs.
+            _ => Code::FailedPrecondition,
         }
     }
 }
@@ -76,10 +82,12 @@ pub enum ApiError {
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Status {
         match error {
-            ApiError::InvalidArgument(m) => Status::invalid_argument(m),
+            // The codes that say whether to run the transaction again carry the flag too, so a
+            // client reading `treaty-retryable` never finds it missing where the code decides.
+            ApiError::InvalidArgument(m) => with_retryable(Status::invalid_argument(m), false),
             ApiError::NotFound(m) => Status::not_found(m),
-            ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
-            ApiError::Aborted(m) => Status::aborted(m),
+            ApiError::FailedPrecondition(m) => with_retryable(Status::failed_precondition(m), false),
+            ApiError::Aborted(m) => with_retryable(Status::aborted(m), true),
             ApiError::Unavailable(m) => Status::unavailable(m),
             ApiError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
             ApiError::ResourceExhausted(m) => Status::resource_exhausted(m),
@@ -94,16 +102,22 @@ impl From<ApiError> for Status {
                 if let Ok(v) = sql.shard.parse() {
                     metadata.insert(SHARD_KEY, v);
                 }
-                metadata.insert(
-                    RETRYABLE_KEY,
-                    if sql.retryable() { "true" } else { "false" }
-                        .parse()
-                        .expect("ascii"),
-                );
-                status
+                let retryable = sql.retryable();
+                with_retryable(status, retryable)
             }
         }
     }
+}
+
+/// `status` with `treaty-retryable` set: `true` exactly when its code is `ABORTED`.
+fn with_retryable(mut status: Status, retryable: bool) -> Status {
+    let value = if retryable {
+        tonic::metadata::MetadataValue::from_static("true")
+    } else {
+        tonic::metadata::MetadataValue::from_static("false")
+    };
+    status.metadata_mut().insert(RETRYABLE_KEY, value);
+    status
 }
 
 impl From<Status> for ApiError {
@@ -165,5 +179,43 @@ mod tests {
         assert!(e("40P01").retryable());
         assert!(e("55P03").retryable());
         assert!(!e("23505").retryable());
+        // A protocol violation (a bind with the wrong parameter count) is not a lost connection.
+        assert!(!e("08P01").retryable());
+        assert!(e("08006").retryable());
+    }
+
+    /// The README's rule: ABORTED exactly when `treaty-retryable` is true.
+    #[test]
+    fn aborted_if_and_only_if_retryable() {
+        for sqlstate in [
+            "40001", "40P01", "55P03", "57014", "08006", "23505", "P0001", "42601", "22P02", "08P01",
+            "42501", "XX000",
+        ] {
+            let status = Status::from(ApiError::Sql(SqlError {
+                shard: "s0".into(),
+                sqlstate: sqlstate.into(),
+                message: String::new(),
+            }));
+            let flag = status
+                .metadata()
+                .get(RETRYABLE_KEY)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            assert_eq!(
+                flag.as_deref() == Some("true"),
+                status.code() == Code::Aborted,
+                "{sqlstate}: {:?} with treaty-retryable {flag:?}",
+                status.code()
+            );
+        }
+        assert_eq!(
+            Status::from(ApiError::Sql(SqlError {
+                shard: String::new(),
+                sqlstate: "P0001".into(),
+                message: String::new()
+            }))
+            .code(),
+            Code::FailedPrecondition
+        );
     }
 }

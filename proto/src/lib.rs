@@ -20,6 +20,7 @@ mod error;
 pub mod health;
 #[cfg(feature = "process")]
 pub mod metrics_endpoint;
+pub mod placeholders;
 #[cfg(feature = "process")]
 pub mod process;
 #[cfg(test)]
@@ -59,6 +60,18 @@ pub fn validate_statement(sql: &str, params: &[Value]) -> Result<(), ApiError> {
     if params.len() > MAX_PARAMS {
         return Err(ApiError::InvalidArgument(format!(
             "{} parameters, over PostgreSQL's limit of {MAX_PARAMS}",
+            params.len()
+        )));
+    }
+    let expected = placeholders::expected_params(sql);
+    if expected != params.len() {
+        let placeholders = match expected {
+            0 => "no placeholder".to_owned(),
+            n => format!("placeholders up to ${n}"),
+        };
+        return Err(ApiError::InvalidArgument(format!(
+            "parameter count mismatch: the sql expects {expected} parameters ({placeholders}) but {} \
+             were given; send exactly one parameter per placeholder",
             params.len()
         )));
     }

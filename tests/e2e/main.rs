@@ -14,6 +14,7 @@ mod fixture;
 mod health;
 mod in_doubt;
 mod in_process;
+mod limits;
 mod metrics;
 mod recovery;
 mod scenarios;

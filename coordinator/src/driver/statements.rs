@@ -14,7 +14,7 @@ use treaty_proto::{ApiError, Gid, ShardName, TxId, Value};
 
 use super::table::{Fused, TxnHandle};
 use super::{Engine, PHASE_TWO_TIMEOUT_MS, TXID_BLOCK, TxnOptions, api_error, refused};
-use crate::protocol::{AbortReason, Event, Outcome, Protocol, Transaction};
+use crate::protocol::{AbortCause, AbortReason, Event, Outcome, Protocol, Transaction};
 
 /// A begin in progress, counted in `Engine::beginning` until dropped.
 struct Beginning<'a>(&'a AtomicU64);
@@ -29,6 +29,41 @@ impl<'a> Beginning<'a> {
 impl Drop for Beginning<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A statement in flight on a participant. If the call running it is dropped first (the client's
+/// deadline passed or it disconnected: tonic drops the handler's future), the participant call is
+/// dropped with it, which resets its HTTP/2 stream so the participant cancels the statement in
+/// PostgreSQL; this guard then aborts the transaction, since its branch is rolled back.
+struct AbortIfDropped<S: DecisionStore, T: ParticipantTransport> {
+    engine: Arc<Engine<S, T>>,
+    handle: Arc<TxnHandle>,
+    shard: ShardName,
+    armed: bool,
+}
+
+impl<S: DecisionStore, T: ParticipantTransport> Drop for AbortIfDropped<S, T> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let reason = AbortReason::new(
+            AbortCause::StatementFailed,
+            format!(
+                "the client cancelled its call (deadline or disconnect) while a statement ran on \
+                 shard {}; the statement was cancelled and the transaction aborted",
+                self.shard
+            ),
+        )
+        .on_shard(&self.shard);
+        self.engine.feed_result(
+            &self.handle,
+            Event::ExecuteFailed {
+                shard: self.shard.clone(),
+                reason,
+            },
+        );
     }
 }
 
@@ -63,7 +98,14 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         if self.decide_in_branch {
             machine.set_decision_in_branch();
         }
-        self.register(Gid::new(&self.id, txid), options.label, options.branch, machine);
+        self.register_limited(
+            Gid::new(&self.id, txid),
+            options.label,
+            options.branch,
+            machine,
+            options.slot,
+            options.max_statements,
+        );
         crate::metrics::global().begun(protocol);
         Ok(txid)
     }
@@ -105,6 +147,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     ) -> Result<(ShardName, Arc<TxnHandle>, u64), ApiError> {
         let shard = self.shard(shard)?;
         let handle = self.handle(txid)?;
+        handle.count_statement()?;
         self.feed(&handle, Event::Enlist { shard: shard.clone() })
             .map_err(refused)?;
         let decision_shard = handle.machine().decision_shard().cloned();
@@ -140,6 +183,12 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         let span = match prepare_with {
             Some(_) => phase_span!(handle, "execute_and_prepare", shard),
             None => phase_span!(handle, "execute", shard),
+        };
+        let mut cancelled = AbortIfDropped {
+            engine: Arc::clone(self),
+            handle: Arc::clone(&handle),
+            shard: shard.clone(),
+            armed: true,
         };
         let result = match prepare_with {
             Some(participants) => {
@@ -180,6 +229,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                     .await
             }
         };
+        cancelled.armed = false;
         match result {
             Ok(result) => {
                 self.feed_result(&handle, Event::ExecuteSucceeded { shard });

@@ -4,6 +4,7 @@
 //! Finished ones stay (bounded) for `GetTransaction` and `QueryDecision`.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tokio::sync::oneshot;
@@ -42,6 +43,12 @@ pub struct TxnHandle {
     /// parent of every phase's span; swapped for none when the transaction finishes, which closes
     /// it (and, when traces are exported, sends it). Disabled, and nearly free, otherwise.
     span: Mutex<tracing::Span>,
+    /// The client's open-transaction slot (`crate::limits`), dropped once the transaction is
+    /// decided.
+    slot: Mutex<Option<Arc<crate::limits::OpenSlot>>>,
+    /// Statements begun so far, and how many are allowed (`u32::MAX`: no bound).
+    statements: AtomicU32,
+    max_statements: u32,
 }
 
 /// The span of a transaction: a child of the current span, which is the `Begin` or `Submit` call's
@@ -132,6 +139,26 @@ impl TxnHandle {
         span.record("outcome", outcome);
     }
 
+    /// Gives back the client's open-transaction slot (idempotent).
+    pub(super) fn release_slot(&self) {
+        drop(lock(&self.slot).take());
+    }
+
+    /// Counts one more statement; refuses it once the transaction ran its allowed number.
+    pub(super) fn count_statement(&self) -> Result<(), ApiError> {
+        let ran = self.statements.fetch_add(1, Ordering::Relaxed);
+        if ran >= self.max_statements {
+            self.statements.fetch_sub(1, Ordering::Relaxed);
+            return Err(ApiError::ResourceExhausted(format!(
+                "transaction {} ran {ran} statements, the limit (--max-statements-per-transaction) \
+                 is {}; commit or roll back, and split the work into several transactions",
+                self.provisional_gid.txid(),
+                self.max_statements
+            )));
+        }
+        Ok(())
+    }
+
     pub fn heuristic(&self) -> Option<HeuristicRecord> {
         lock(&self.heuristic).clone()
     }
@@ -174,6 +201,20 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         branch_options: BranchOptions,
         machine: Transaction,
     ) -> Arc<TxnHandle> {
+        self.register_limited(gid, label, branch_options, machine, None, None)
+    }
+
+    /// `register`, counting the transaction against its client (`slot`) and bounding its
+    /// statements.
+    pub(super) fn register_limited(
+        &self,
+        gid: Gid,
+        label: String,
+        branch_options: BranchOptions,
+        machine: Transaction,
+        slot: Option<Arc<crate::limits::OpenSlot>>,
+        max_statements: Option<u32>,
+    ) -> Arc<TxnHandle> {
         let txid = machine.txid();
         let mut timeline = Timeline::default();
         timeline.observe(&machine, self.now_ms());
@@ -189,6 +230,9 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             fused: Mutex::new(Fused::None),
             timeline: Mutex::new(timeline),
             span: Mutex::new(span),
+            slot: Mutex::new(slot),
+            statements: AtomicU32::new(0),
+            max_statements: max_statements.unwrap_or(u32::MAX),
         });
         self.table().live.insert(txid, Arc::clone(&handle));
         handle
@@ -215,6 +259,9 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             fused: Mutex::new(Fused::None),
             timeline: Mutex::new(timeline),
             span: Mutex::new(span),
+            slot: Mutex::new(None),
+            statements: AtomicU32::new(0),
+            max_statements: u32::MAX,
         });
         table.foreign.insert(gid, Arc::clone(&handle));
         Some(handle)

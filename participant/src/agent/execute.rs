@@ -3,6 +3,7 @@
 //! timeout back. Any failure once the branch is open ends it: the machine abandons the branch, which
 //! is rolled back and remembered as aborted.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use treaty_commit_protocol::participant::ParticipantEvent;
@@ -109,12 +110,27 @@ impl Agent {
             slot.active = Some(self.open(options).await?);
             slot.machine = Some(self.new_machine());
         }
+        // A call its caller can drop (`cancel`): register the backend running the statement so
+        // that the caller's going away cancels it there.
+        let cancellable = crate::cancel::CURRENT.try_with(Arc::clone).ok();
+        if let (Some(cancellable), Some(branch)) = (&cancellable, slot.active.as_ref())
+            && !cancellable.start(branch.connection.backend_pid())
+        {
+            let reason = "the caller cancelled its call (deadline or disconnect) before the statement ran; \
+                          the branch was rolled back and the transaction aborts";
+            self.abandon(slot, gid, reason.into()).await;
+            return Err(BranchError::Lost(reason.into()));
+        }
         let Some(branch) = slot.active.as_mut() else {
             return Err(BranchError::Internal(format!(
                 "branch {gid} vanished while locked"
             )));
         };
-        match statement::run(&mut branch.connection, sql, params, batch).await {
+        let ran = statement::run(&mut branch.connection, sql, params, batch).await;
+        if let Some(cancellable) = &cancellable {
+            cancellable.end().await;
+        }
+        match ran {
             Ok(output) => {
                 branch.last_used = Instant::now();
                 branch.statements += 1;
