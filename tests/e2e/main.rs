@@ -21,4 +21,5 @@ mod scenarios;
 mod shared_server;
 mod standby;
 mod three_phase;
+mod tls;
 mod traces;
