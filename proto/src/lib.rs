@@ -23,13 +23,16 @@ pub mod metrics_endpoint;
 pub mod process;
 pub mod reflection;
 #[cfg(feature = "process")]
+pub mod secret_file;
+#[cfg(feature = "process")]
 pub mod telemetry;
 mod value;
 pub mod wire;
 
 pub use error::{ApiError, SqlError};
 pub use treaty_types::{
-    BranchGid, CoordinatorId, GID_PREFIX, Gid, IdError, Protocol, ShardName, TxId, now_ms,
+    BranchGid, CoordinatorId, GID_PREFIX, Gid, IdError, Protocol, SecretUrl, ShardName, TxId, now_ms,
+    redact,
 };
 pub use value::{Value, ValueError};
 
