@@ -180,12 +180,15 @@ fn redact_parameters(text: &str) -> String {
                 value_start += 1;
             }
         }
-        let value_end = value_end(bytes, value_start, in_query);
-        if is_secret_key(key) {
-            out.push_str(&text[copied..value_start]);
-            out.push_str(REDACTED);
-            copied = value_end;
+        if !is_secret_key(key) {
+            // Other values are scanned too: one may be a URL with a `?password=` of its own.
+            at = value_start;
+            continue;
         }
+        let value_end = value_end(bytes, value_start, in_query);
+        out.push_str(&text[copied..value_start]);
+        out.push_str(REDACTED);
+        copied = value_end;
         at = value_end.max(at);
     }
     out.push_str(&text[copied..]);
@@ -340,6 +343,11 @@ mod tests {
         let shown = redact(&message);
         assert!(!shown.contains(PASSWORD), "{shown}");
         assert!(shown.contains("postgres://u:***@h/db"), "{shown}");
+        let quoted = format!("url = \"postgres://u@h/db?sslpassword={PASSWORD}&x=1\" nonsense");
+        assert_eq!(
+            redact(&quoted),
+            "url = \"postgres://u@h/db?sslpassword=***&x=1\" nonsense"
+        );
     }
 
     /// Malformed input: no panic, and the password never comes back.
