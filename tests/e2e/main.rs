@@ -17,6 +17,7 @@ mod in_process;
 mod metrics;
 mod recovery;
 mod scenarios;
+mod secrets;
 mod shared_server;
 mod standby;
 mod three_phase;
