@@ -71,7 +71,11 @@ pub struct Args {
     /// every branch prepared). Three-phase commit always uses the file log. A URL's password is
     /// best kept off the command line: in the environment, in --decision-store-file, or in
     /// PostgreSQL's passfile (PGPASSFILE, ~/.pgpass).
-    #[arg(long, env = "TREATY_COORDINATOR_DECISION_STORE", conflicts_with = "decision_store_file")]
+    #[arg(
+        long,
+        env = "TREATY_COORDINATOR_DECISION_STORE",
+        conflicts_with = "decision_store_file"
+    )]
     pub decision_store: Option<String>,
     /// A file holding the --decision-store value (one line, usually the database URL; it must be
     /// private to its owner, mode 0600).
@@ -451,16 +455,32 @@ mod tests {
         let config = parse(&args).unwrap();
         let shown = format!("{config:?}");
         assert!(!shown.contains(PASSWORD), "{shown}");
-        assert!(shown.contains("postgres://u:***@127.0.0.1/decisions?password=***"), "{shown}");
-        assert_eq!(config.decision_database.as_ref().map(SecretUrl::expose), Some(store.as_str()));
+        assert!(
+            shown.contains("postgres://u:***@127.0.0.1/decisions?password=***"),
+            "{shown}"
+        );
+        assert_eq!(
+            config.decision_database.as_ref().map(SecretUrl::expose),
+            Some(store.as_str())
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let store_file = dir.path().join("store");
         std::fs::write(&store_file, format!("{store}\n")).unwrap();
         std::fs::set_permissions(&store_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let from_file = parse(&[&args[..4], &["--decision-store-file", store_file.to_str().unwrap()]].concat()).unwrap();
+        let from_file = parse(
+            &[
+                &args[..4],
+                &["--decision-store-file", store_file.to_str().unwrap()],
+            ]
+            .concat(),
+        )
+        .unwrap();
         assert_eq!(from_file.decision_store, DecisionStoreKind::Database);
-        assert_eq!(from_file.decision_database.as_ref().map(SecretUrl::expose), Some(store.as_str()));
+        assert_eq!(
+            from_file.decision_database.as_ref().map(SecretUrl::expose),
+            Some(store.as_str())
+        );
 
         let toml = dir.path().join("c.toml");
         let mut errors = Vec::new();
@@ -483,7 +503,14 @@ mod tests {
         assert!(matches!(twice, ConfigError::DecisionStoreTwice), "{twice}");
         errors.push(twice);
         std::fs::set_permissions(&store_file, std::fs::Permissions::from_mode(0o640)).unwrap();
-        let open_file = parse(&[&args[..4], &["--decision-store-file", store_file.to_str().unwrap()]].concat()).unwrap_err();
+        let open_file = parse(
+            &[
+                &args[..4],
+                &["--decision-store-file", store_file.to_str().unwrap()],
+            ]
+            .concat(),
+        )
+        .unwrap_err();
         assert!(open_file.to_string().contains("chmod 600"), "{open_file}");
         errors.push(open_file);
         for error in &errors {

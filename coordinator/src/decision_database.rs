@@ -114,13 +114,20 @@ impl DecisionDatabase {
     ) -> Result<DecisionDatabase, DecisionDatabaseError> {
         let shown = url.redacted();
         // A URL without a password gets it from `PGPASSWORD` or the passfile, which must be private.
-        treaty_proto::secret_file::check_passfile(url.expose())
-            .map_err(|source| DecisionDatabaseError::Passfile { url: shown.clone(), source })?;
-        // The one place the password is used.
-        let options: PgConnectOptions = url.expose().parse().map_err(|source| DecisionDatabaseError::Connect {
-            url: shown.clone(),
-            source,
+        treaty_proto::secret_file::check_passfile(url.expose()).map_err(|source| {
+            DecisionDatabaseError::Passfile {
+                url: shown.clone(),
+                source,
+            }
         })?;
+        // The one place the password is used.
+        let options: PgConnectOptions =
+            url.expose()
+                .parse()
+                .map_err(|source| DecisionDatabaseError::Connect {
+                    url: shown.clone(),
+                    source,
+                })?;
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(Duration::from_secs(10))

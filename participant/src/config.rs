@@ -41,7 +41,11 @@ pub struct Args {
     /// PostgreSQL URL, e.g. postgres://user@127.0.0.1:5432/db. Keep a password off the command
     /// line (where `ps` shows it): give the URL in the environment, in --database-url-file, or
     /// leave the password out and let PostgreSQL's passfile (PGPASSFILE, ~/.pgpass) supply it.
-    #[arg(long, env = "TREATY_PARTICIPANT_DATABASE_URL", conflicts_with = "database_url_file")]
+    #[arg(
+        long,
+        env = "TREATY_PARTICIPANT_DATABASE_URL",
+        conflicts_with = "database_url_file"
+    )]
     pub database_url: Option<String>,
     /// A file holding the PostgreSQL URL (one line; it must be private to its owner, mode 0600).
     #[arg(long, env = "TREATY_PARTICIPANT_DATABASE_URL_FILE")]
@@ -259,7 +263,7 @@ fn database_url(
             read_secret_file(&path).map_err(ConfigError::DatabaseUrlFile)?,
         )),
         (None, None) => Err(ConfigError::Missing {
-            flag: "--database-url",
+            flag: "--database-url (or --database-url-file)",
             env: "TREATY_PARTICIPANT_DATABASE_URL",
             key: "database_url",
         }),
@@ -592,14 +596,34 @@ mod tests {
         errors.push(parse(&[&args[..], &["--coordinator", "ftp://x"]].concat()).unwrap_err());
         let twice = [&args[..], &["--database-url-file", url_file.to_str().unwrap()]].concat();
         assert!(Args::try_parse_from(std::iter::once("p").chain(twice.iter().copied())).is_err());
-        std::fs::write(&toml, format!("database_url = \"{url}\"\ndatabase_url_file = \"/x\"\n")).unwrap();
-        errors.push(parse(&[&args[..2], &args[2..4], &args[6..], &["--config", toml.to_str().unwrap()]].concat()).unwrap_err());
+        std::fs::write(
+            &toml,
+            format!("database_url = \"{url}\"\ndatabase_url_file = \"/x\"\n"),
+        )
+        .unwrap();
+        errors.push(
+            parse(
+                &[
+                    &args[..2],
+                    &args[2..4],
+                    &args[6..],
+                    &["--config", toml.to_str().unwrap()],
+                ]
+                .concat(),
+            )
+            .unwrap_err(),
+        );
         std::fs::write(&toml, format!("database_url = \"{url}\" nonsense\n")).unwrap();
         errors.push(parse(&["--config", toml.to_str().unwrap()]).unwrap_err());
         std::fs::write(&toml, format!("database_url = {url}\n")).unwrap();
         errors.push(parse(&["--config", toml.to_str().unwrap()]).unwrap_err());
         std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let from_file = [&args[..4], &args[6..], &["--database-url-file", url_file.to_str().unwrap()]].concat();
+        let from_file = [
+            &args[..4],
+            &args[6..],
+            &["--database-url-file", url_file.to_str().unwrap()],
+        ]
+        .concat();
         let open_file = parse(&from_file).unwrap_err();
         assert!(open_file.to_string().contains("chmod 600"), "{open_file}");
         errors.push(open_file);
@@ -607,7 +631,11 @@ mod tests {
             let text = format!("{error} {error:?}");
             assert!(!text.contains(PASSWORD), "{text}");
         }
-        assert!(matches!(errors[3], ConfigError::DatabaseUrlTwice), "{}", errors[3]);
+        assert!(
+            matches!(errors[3], ConfigError::DatabaseUrlTwice),
+            "{}",
+            errors[3]
+        );
     }
 
     #[test]
@@ -618,12 +646,28 @@ mod tests {
         let url_file = dir.path().join("url");
         std::fs::write(&url_file, format!("postgres://u:{PASSWORD}@h/db\n")).unwrap();
         std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o400)).unwrap();
-        let args = [&REQUIRED[..4], &REQUIRED[6..], &["--database-url-file", url_file.to_str().unwrap()]].concat();
+        let args = [
+            &REQUIRED[..4],
+            &REQUIRED[6..],
+            &["--database-url-file", url_file.to_str().unwrap()],
+        ]
+        .concat();
         let config = parse(&args).unwrap();
-        assert_eq!(config.database_url.expose(), format!("postgres://u:{PASSWORD}@h/db"));
+        assert_eq!(
+            config.database_url.expose(),
+            format!("postgres://u:{PASSWORD}@h/db")
+        );
         let toml = dir.path().join("p.toml");
         std::fs::write(&toml, format!("database_url_file = \"{}\"\n", url_file.display())).unwrap();
-        let args = [&REQUIRED[..4], &REQUIRED[6..], &["--config", toml.to_str().unwrap()]].concat();
-        assert_eq!(parse(&args).unwrap().database_url.expose(), format!("postgres://u:{PASSWORD}@h/db"));
+        let args = [
+            &REQUIRED[..4],
+            &REQUIRED[6..],
+            &["--config", toml.to_str().unwrap()],
+        ]
+        .concat();
+        assert_eq!(
+            parse(&args).unwrap().database_url.expose(),
+            format!("postgres://u:{PASSWORD}@h/db")
+        );
     }
 }

@@ -104,7 +104,10 @@ mod tests {
         assert!(!error.contains("hunter2"), "{error}");
         std::fs::write(&path, "\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
-        assert!(matches!(read_secret_file(&path), Err(SecretFileError::Empty { .. })));
+        assert!(matches!(
+            read_secret_file(&path),
+            Err(SecretFileError::Empty { .. })
+        ));
         assert!(matches!(
             read_secret_file(&dir.path().join("missing")),
             Err(SecretFileError::Read { .. })

@@ -37,9 +37,11 @@ async fn secured_server() -> Result<(TempDir, PgCluster)> {
     .await?;
     for database in DATABASES {
         pg.create_database(database).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER DATABASE {database} OWNER TO {ROLE}")))
-            .execute(&mut conn)
-            .await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE {database} OWNER TO {ROLE}"
+        )))
+        .execute(&mut conn)
+        .await?;
     }
     // First match wins: this line, ahead of the harness's trust lines, applies to ROLE alone.
     let hba = pg.data_dir().join("pg_hba.conf");
@@ -53,13 +55,19 @@ async fn secured_server() -> Result<(TempDir, PgCluster)> {
     let mut refused = false;
     for _ in 0..50 {
         let url = format!("postgres://{ROLE}@127.0.0.1:{}/by_file", pg.port());
-        if <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.is_err() {
+        if <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .is_err()
+        {
             refused = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    ensure!(refused, "pg_hba.conf reload did not require a password for {ROLE}");
+    ensure!(
+        refused,
+        "pg_hba.conf reload did not require a password for {ROLE}"
+    );
     Ok((dir, pg))
 }
 
@@ -178,11 +186,17 @@ async fn a_participant_takes_its_url_from_a_private_file_or_its_password_from_th
         &env,
     )
     .await?;
-    ensure!(printed.contains("chmod 600") && printed.contains("pgpass"), "{printed}");
+    ensure!(
+        printed.contains("chmod 600") && printed.contains("pgpass"),
+        "{printed}"
+    );
     ensure!(!printed.contains(PASSWORD), "{printed}");
     std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o640))?;
     let printed = fails_to_start("treaty-participant", &args, &[]).await?;
-    ensure!(printed.contains("chmod 600") && printed.contains("by-file.url"), "{printed}");
+    ensure!(
+        printed.contains("chmod 600") && printed.contains("by-file.url"),
+        "{printed}"
+    );
     ensure!(!printed.contains(PASSWORD), "{printed}");
     Ok(())
 }
@@ -199,7 +213,10 @@ async fn a_wrong_password_fails_the_start_and_the_error_does_not_show_it() -> Re
     let printed = fails_to_start("treaty-participant", &participant_args(dir.path(), "wrong"), &env).await?;
     ensure!(printed.contains("password authentication failed"), "{printed}");
     ensure!(printed.contains(&format!("{ROLE}:***@127.0.0.1")), "{printed}");
-    ensure!(!printed.contains(WRONG_PASSWORD), "the password is shown: {printed}");
+    ensure!(
+        !printed.contains(WRONG_PASSWORD),
+        "the password is shown: {printed}"
+    );
 
     // As a query parameter, from a file.
     let url_file = secret_file(
@@ -213,7 +230,10 @@ async fn a_wrong_password_fails_the_start_and_the_error_does_not_show_it() -> Re
     let printed = fails_to_start("treaty-participant", &args, &[]).await?;
     ensure!(printed.contains("password authentication failed"), "{printed}");
     ensure!(printed.contains("PassWord=***"), "{printed}");
-    ensure!(!printed.contains(WRONG_PASSWORD), "the password is shown: {printed}");
+    ensure!(
+        !printed.contains(WRONG_PASSWORD),
+        "the password is shown: {printed}"
+    );
     Ok(())
 }
 
@@ -243,7 +263,10 @@ async fn a_decision_database_password_in_a_query_parameter_is_never_logged() -> 
     let log = std::fs::read_to_string(dir.path().join("coordinator.log"))?;
     ensure!(!log.contains(PASSWORD), "the password is in the log: {log}");
     let marker = std::fs::read_to_string(data_dir.join("decision-database"))?;
-    ensure!(!marker.contains(PASSWORD), "the data directory keeps the password: {marker}");
+    ensure!(
+        !marker.contains(PASSWORD),
+        "the data directory keeps the password: {marker}"
+    );
 
     // A wrong one, from --decision-store-file: refused, and not shown.
     let store_file = secret_file(
@@ -257,6 +280,9 @@ async fn a_decision_database_password_in_a_query_parameter_is_never_logged() -> 
     let printed = fails_to_start("treaty-coordinator", &args, &[]).await?;
     ensure!(printed.contains("password authentication failed"), "{printed}");
     ensure!(printed.contains("password=***"), "{printed}");
-    ensure!(!printed.contains(WRONG_PASSWORD), "the password is shown: {printed}");
+    ensure!(
+        !printed.contains(WRONG_PASSWORD),
+        "the password is shown: {printed}"
+    );
     Ok(())
 }

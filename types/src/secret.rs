@@ -296,7 +296,10 @@ mod tests {
             redact("postgres://u@h/db?sslcert=c&sslpassword=secret"),
             "postgres://u@h/db?sslcert=c&sslpassword=***"
         );
-        assert_eq!(redact("postgres://u:a@h/db?password=b"), "postgres://u:***@h/db?password=***");
+        assert_eq!(
+            redact("postgres://u:a@h/db?password=b"),
+            "postgres://u:***@h/db?password=***"
+        );
     }
 
     #[test]
@@ -309,7 +312,10 @@ mod tests {
             redact("host=h password = 'a b\\' c' dbname=d"),
             "host=h password = *** dbname=d"
         );
-        assert_eq!(redact("host=h SSLPASSWORD=x\\ y port=5"), "host=h SSLPASSWORD=*** port=5");
+        assert_eq!(
+            redact("host=h SSLPASSWORD=x\\ y port=5"),
+            "host=h SSLPASSWORD=*** port=5"
+        );
         // Not a secret key: `mypassword` is not `password`.
         assert_eq!(redact("mypassword=x"), "mypassword=x");
     }
@@ -373,7 +379,18 @@ mod tests {
             assert!(!shown.contains(PASSWORD), "{case} -> {shown}");
         }
         // Odd bytes and cut escapes anywhere: never a panic.
-        let odd = ["%", "%4", "password=", "password", "=", "://", "@://@", "?&=", "é://ü:ö@", "password=é'"];
+        let odd = [
+            "%",
+            "%4",
+            "password=",
+            "password",
+            "=",
+            "://",
+            "@://@",
+            "?&=",
+            "é://ü:ö@",
+            "password=é'",
+        ];
         for text in odd {
             let _ = redact(text);
         }
