@@ -78,6 +78,11 @@ pub enum DecisionDatabaseError {
         "decision database {url}: {source}; check that the server is up and the URL (user, host, port, database) is right"
     )]
     Connect { url: String, source: sqlx::Error },
+    #[error("decision database {url}: {source}")]
+    Url {
+        url: String,
+        source: treaty_proto::SecretUrlError,
+    },
     #[error("decision database {url}: PostgreSQL passfile: {source}")]
     Passfile {
         url: String,
@@ -121,8 +126,12 @@ impl DecisionDatabase {
             }
         })?;
         // The one place the password is used.
+        let to_connect = url.to_connect().map_err(|source| DecisionDatabaseError::Url {
+            url: shown.clone(),
+            source,
+        })?;
         let options: PgConnectOptions =
-            url.expose()
+            to_connect
                 .parse()
                 .map_err(|source| DecisionDatabaseError::Connect {
                     url: shown.clone(),

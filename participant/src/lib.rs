@@ -247,7 +247,8 @@ fn unreachable(config: &Config) -> impl FnOnce(sqlx::Error) -> ParticipantError 
 /// passfile (sqlx reads `PGPASSFILE`, then `~/.pgpass`), which must be private.
 fn connect_options(config: &Config) -> Result<PgConnectOptions, ParticipantError> {
     treaty_proto::secret_file::check_passfile(config.database_url.expose())?;
-    Ok(PgConnectOptions::from_str(config.database_url.expose())
+    let url = config.database_url.to_connect()?;
+    Ok(PgConnectOptions::from_str(&url)
         .map_err(unreachable(config))?
         .application_name("treaty-participant"))
 }

@@ -8,14 +8,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use tempfile::TempDir;
 use treaty_harness::{PgCluster, PgOptions, ServiceProcess, ServiceSpec, binary_path, free_loopback_port};
 
 const ROLE: &str = "treaty_app";
 const PASSWORD: &str = "Tr3aty-e2e-S3cret";
 const WRONG_PASSWORD: &str = "Wr0ng-e2e-Guess";
-const DATABASES: [&str; 3] = ["by_file", "by_passfile", "decisions"];
+const SHARD_DATABASES: [&str; 4] = ["by_file", "by_env", "by_passfile", "by_query"];
+const DATABASES: [&str; 5] = ["by_file", "by_env", "by_passfile", "by_query", "decisions"];
 
 /// A PostgreSQL server where `ROLE` owns `DATABASES` and must give its password over TCP.
 async fn secured_server() -> Result<(TempDir, PgCluster)> {
@@ -131,70 +132,215 @@ fn log_of(process: &ServiceProcess) -> Result<String> {
     Ok(std::fs::read_to_string(process.log_path())?)
 }
 
+/// Everything a process made visible: its command line (what `ps` shows) and its log.
+fn shown_by(process: &ServiceProcess) -> Result<String> {
+    let pid = process.pid().context("the process is running")?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+    Ok(format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&cmdline),
+        log_of(process)?
+    ))
+}
+
+/// Runs `treaty ARGS --coordinator ENDPOINT`; returns its exit code and everything it printed.
+fn treaty(endpoint: &str, args: &[&str]) -> Result<(Option<i32>, String)> {
+    let output = std::process::Command::new(binary_path("treaty")?)
+        .args(args)
+        .args(["--coordinator", endpoint])
+        .env_remove("TREATY_COORDINATOR")
+        .output()?;
+    Ok((
+        output.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    ))
+}
+
+/// Four shards, each given its secret another way: s0's agent reads its URL from a private file,
+/// s1's from the environment, s2's has no password in its URL and takes it from the passfile, and
+/// s3 is driven inside the coordinator with `?password=` in its URL; the coordinator's decision
+/// database URL carries the password in its userinfo. A cross-shard transaction commits on all
+/// four, an aborted one is reported to a client and by `treaty`, and the password appears on no
+/// command line, in no log, no client error, no `treaty` output and not in the data directory.
 #[tokio::test]
-async fn a_participant_takes_its_url_from_a_private_file_or_its_password_from_the_passfile() -> Result<()> {
+async fn a_transaction_commits_over_shards_whose_passwords_come_from_a_file_the_environment_and_the_passfile()
+-> Result<()> {
     let (dir, pg) = secured_server().await?;
     let port = pg.port();
+    for database in SHARD_DATABASES {
+        let mut conn = pg.connect(database).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE TABLE kv (k bigint PRIMARY KEY, v text NOT NULL); ALTER TABLE kv OWNER TO {ROLE}"
+        )))
+        .execute(&mut conn)
+        .await?;
+    }
+    let coordinator_port = free_loopback_port()?;
+    let coordinator_url = format!("http://127.0.0.1:{coordinator_port}");
+    let agent_args = |shard: &str| {
+        vec![
+            "--shard".to_string(),
+            shard.to_string(),
+            "--coordinator".into(),
+            coordinator_url.clone(),
+            "--data-dir".into(),
+            dir.path().join(shard).display().to_string(),
+        ]
+    };
 
-    // The whole URL, password included, from a file only its owner may read.
     let url_file = secret_file(
         dir.path(),
-        "by-file.url",
+        "s0.url",
         &format!("postgres://{ROLE}:{PASSWORD}@127.0.0.1:{port}/by_file\n"),
         0o600,
     )?;
-    let mut args = participant_args(dir.path(), "by-file");
+    let mut args = agent_args("s0");
     args.extend(["--database-url-file".into(), url_file.display().to_string()]);
-    let by_file = spawn("treaty-participant", dir.path(), "by-file", args.clone(), vec![]).await?;
-    let log = log_of(&by_file)?;
-    ensure!(log.contains("participant serving"), "{log}");
-    ensure!(!log.contains(PASSWORD), "the password is in the log: {log}");
-    drop(by_file);
+    let s0 = spawn("treaty-participant", dir.path(), "s0", args, vec![]).await?;
 
-    // The URL without a password (from the environment), the password from PostgreSQL's passfile.
+    let env = vec![(
+        "TREATY_PARTICIPANT_DATABASE_URL".to_string(),
+        format!("postgres://{ROLE}:{PASSWORD}@127.0.0.1:{port}/by_env"),
+    )];
+    let s1 = spawn("treaty-participant", dir.path(), "s1", agent_args("s1"), env).await?;
+
     let passfile = secret_file(
         dir.path(),
         "pgpass",
         &format!("# host:port:database:user:password\n127.0.0.1:{port}:by_passfile:{ROLE}:{PASSWORD}\n"),
         0o600,
     )?;
-    let env = vec![
-        (
-            "TREATY_PARTICIPANT_DATABASE_URL".to_string(),
-            format!("postgres://{ROLE}@127.0.0.1:{port}/by_passfile"),
-        ),
-        ("PGPASSFILE".to_string(), passfile.display().to_string()),
-    ];
-    let by_passfile = spawn(
-        "treaty-participant",
-        dir.path(),
-        "by-passfile",
-        participant_args(dir.path(), "by-passfile"),
-        env.clone(),
-    )
-    .await?;
-    let log = log_of(&by_passfile)?;
-    ensure!(log.contains("participant serving"), "{log}");
-    ensure!(!log.contains(PASSWORD), "the password is in the log: {log}");
-    drop(by_passfile);
+    let passfile_env = vec![("PGPASSFILE".to_string(), passfile.display().to_string())];
+    let mut args = agent_args("s2");
+    args.extend([
+        "--database-url".into(),
+        format!("postgres://{ROLE}@127.0.0.1:{port}/by_passfile"),
+    ]);
+    let s2 = spawn("treaty-participant", dir.path(), "s2", args, passfile_env).await?;
 
-    // A passfile, or a URL file, that others may read is refused, as libpq refuses the passfile.
+    let coordinator_env = vec![
+        (
+            "TREATY_COORDINATOR_SHARDS".to_string(),
+            format!(
+                "s0={},s1={},s2={},s3=postgres://{ROLE}@127.0.0.1:{port}/by_query?sslmode=disable&password={PASSWORD}",
+                s0.endpoint(),
+                s1.endpoint(),
+                s2.endpoint()
+            ),
+        ),
+        (
+            "TREATY_COORDINATOR_DECISION_STORE".to_string(),
+            format!("postgres://{ROLE}:{PASSWORD}@127.0.0.1:{port}/decisions"),
+        ),
+    ];
+    let data_dir = dir.path().join("coordinator");
+    let coordinator = ServiceProcess::spawn(ServiceSpec {
+        name: "coordinator".into(),
+        binary: binary_path("treaty-coordinator")?,
+        args: vec!["--data-dir".into(), data_dir.display().to_string()],
+        env: coordinator_env,
+        listen: ([127, 0, 0, 1], coordinator_port).into(),
+        log_path: dir.path().join("coordinator.log"),
+    })
+    .await?;
+    let endpoint = coordinator.endpoint();
+
+    // Committed on all four shards.
+    let ops = |k: i64| {
+        format!(
+            r#"{{"ops":[{}]}}"#,
+            ["s0", "s1", "s2", "s3"]
+                .map(|shard| format!(
+                    r#"{{"shard":"{shard}","sql":"INSERT INTO kv VALUES ($1, $2)","params":[{k},"{shard}"]}}"#
+                ))
+                .join(",")
+        )
+    };
+    let ops_path = dir.path().join("insert.json");
+    std::fs::write(&ops_path, ops(1))?;
+    let ops_path = ops_path.display().to_string();
+    let (code, committed) = treaty(&endpoint, &["submit", &ops_path, "--json"])?;
+    ensure!(code == Some(0) && committed.contains("committed"), "{committed}");
+    for database in SHARD_DATABASES {
+        let mut conn = pg.connect(database).await?;
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM kv WHERE k = 1")
+            .fetch_one(&mut conn)
+            .await?;
+        ensure!(
+            rows == 1,
+            "{database} has {rows} rows of the committed transaction"
+        );
+    }
+
+    // The same keys again: aborted, reported to a client and by `treaty`.
+    let (code, aborted) = treaty(&endpoint, &["submit", &ops_path])?;
+    ensure!(code == Some(3), "aborted is exit code 3: {aborted}");
+    let client = treaty_client::Client::connect([endpoint.clone()]).await?;
+    let request = treaty_proto::pb::SubmitRequest {
+        ops: vec![treaty_proto::pb::Op {
+            shard: "s3".into(),
+            sql: "INSERT INTO no_such_table VALUES (1)".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let client_error = match client.submit(request).await {
+        Ok(response) => format!("{response:?}"),
+        Err(error) => format!("{error} {error:?}"),
+    };
+    ensure!(client_error.contains("no_such_table"), "{client_error}");
+    let (_, listed) = treaty(&endpoint, &["list"])?;
+    let (_, in_doubt) = treaty(&endpoint, &["in-doubt"])?;
+
+    let mut shown = vec![committed, aborted, client_error, listed, in_doubt];
+    for process in [&s0, &s1, &s2, &coordinator] {
+        let text = shown_by(process)?;
+        ensure!(
+            text.contains("listening on") || text.contains("serving"),
+            "{text}"
+        );
+        shown.push(text);
+    }
+    shown.push(std::fs::read_to_string(data_dir.join("decision-database"))?);
+    for text in &shown {
+        ensure!(!text.contains(PASSWORD), "the password is shown: {text}");
+    }
+    // The coordinator says where its decisions are, without the password.
+    ensure!(
+        shown
+            .iter()
+            .any(|text| text.contains(&format!("{ROLE}:***@127.0.0.1:{port}/decisions"))),
+        "{shown:?}"
+    );
+
+    // A passfile, or a URL file, that others may read is refused, naming the file.
     std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o644))?;
+    let mut args = participant_args(dir.path(), "open-passfile");
+    args.extend([
+        "--database-url".into(),
+        format!("postgres://{ROLE}@127.0.0.1:{port}/by_passfile"),
+    ]);
     let printed = fails_to_start(
         "treaty-participant",
-        &participant_args(dir.path(), "open-passfile"),
-        &env,
+        &args,
+        &[("PGPASSFILE".to_string(), passfile.display().to_string())],
     )
     .await?;
     ensure!(
-        printed.contains("chmod 600") && printed.contains("pgpass"),
+        printed.contains("chmod 600") && printed.contains(&passfile.display().to_string()),
         "{printed}"
     );
     ensure!(!printed.contains(PASSWORD), "{printed}");
     std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o640))?;
+    let mut args = participant_args(dir.path(), "open-url-file");
+    args.extend(["--database-url-file".into(), url_file.display().to_string()]);
     let printed = fails_to_start("treaty-participant", &args, &[]).await?;
     ensure!(
-        printed.contains("chmod 600") && printed.contains("by-file.url"),
+        printed.contains("chmod 600") && printed.contains(&url_file.display().to_string()),
         "{printed}"
     );
     ensure!(!printed.contains(PASSWORD), "{printed}");

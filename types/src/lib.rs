@@ -13,5 +13,5 @@ pub mod value;
 pub use clock::{Clock, SystemClock, now_ms};
 pub use ids::{BranchGid, CoordinatorId, GID_PREFIX, Gid, IdError, ShardName, TxId};
 pub use protocol::{Protocol, UnknownProtocol};
-pub use secret::{SecretUrl, redact};
+pub use secret::{SecretUrl, SecretUrlError, redact};
 pub use value::{Value, ValueError};

@@ -54,6 +54,60 @@ impl SecretUrl {
     }
 }
 
+/// Why a URL cannot be handed to the PostgreSQL driver as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretUrlError {
+    /// The driver (sqlx) has no use for this parameter; it would ignore it and log its value.
+    #[error(
+        "the database URL's `{key}` parameter is not supported (the PostgreSQL driver cannot \
+         decrypt a client key): remove it and give an unencrypted key file, private to its owner"
+    )]
+    Unsupported { key: String },
+}
+
+impl SecretUrl {
+    /// The URL as the driver should parse it: a `password` parameter spelt in another case or
+    /// percent-encoded (which the redactor, and so the operator reading a log, takes for the
+    /// password) renamed `password`, since sqlx matches names exactly and logs the value of a
+    /// parameter it does not know; `sslpassword`, which sqlx does not know, refused for the same
+    /// reason. Anything else is left as it is. Never log the result.
+    pub fn to_connect(&self) -> Result<String, SecretUrlError> {
+        let url = self.expose();
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok(url.to_owned());
+        };
+        let (query, fragment) = match query.split_once('#') {
+            Some((query, fragment)) => (query, Some(fragment)),
+            None => (query, None),
+        };
+        let mut pairs = Vec::new();
+        for pair in query.split('&') {
+            let (key, value) = match pair.split_once('=') {
+                Some((key, value)) => (key, Some(value)),
+                None => (pair, None),
+            };
+            if !is_secret_key(key) {
+                pairs.push(pair.to_owned());
+                continue;
+            }
+            let name = percent_decode(key).to_ascii_lowercase();
+            if name != "password" {
+                return Err(SecretUrlError::Unsupported { key: name });
+            }
+            pairs.push(match value {
+                Some(value) => format!("password={value}"),
+                None => "password".to_owned(),
+            });
+        }
+        let mut out = format!("{base}?{}", pairs.join("&"));
+        if let Some(fragment) = fragment {
+            out.push('#');
+            out.push_str(fragment);
+        }
+        Ok(out)
+    }
+}
+
 impl fmt::Debug for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&self.redacted(), f)
@@ -399,6 +453,34 @@ mod tests {
                 let _ = redact(prefix);
             }
         }
+    }
+
+    #[test]
+    fn the_url_to_connect_with_spells_the_password_parameter_as_the_driver_expects() {
+        let connect = |url: &str| SecretUrl::new(url).to_connect();
+        assert_eq!(
+            connect("postgres://u@h/db?sslmode=disable&PassWord=p%26q&x=1#f"),
+            Ok("postgres://u@h/db?sslmode=disable&password=p%26q&x=1#f".to_owned())
+        );
+        assert_eq!(
+            connect("postgres://u@h/db?pass%77ord=p"),
+            Ok("postgres://u@h/db?password=p".to_owned())
+        );
+        for unchanged in [
+            "postgres://u:p@h/db",
+            "postgres://u@h/db?password=p&sslmode=require",
+            "host=h",
+        ] {
+            assert_eq!(connect(unchanged), Ok(unchanged.to_owned()));
+        }
+        let refused = connect(&format!("postgres://u@h/db?SSLPassword={PASSWORD}")).unwrap_err();
+        assert_eq!(
+            refused,
+            SecretUrlError::Unsupported {
+                key: "sslpassword".into()
+            }
+        );
+        assert!(!refused.to_string().contains(PASSWORD));
     }
 
     #[test]
