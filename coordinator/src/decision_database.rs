@@ -302,3 +302,28 @@ async fn delete_ended(pool: PgPool, coordinator: CoordinatorId, mut queue: mpsc:
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The marker keeps the URL without its password, and one an older version wrote with a
+    /// `?password=` parameter is shown redacted too.
+    #[test]
+    fn the_marker_never_holds_or_shows_a_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join(MARKER_FILE);
+        record_in(
+            &marker,
+            &SecretUrl::new("postgres://u:hunter2@h/d?PassWord=hunter2"),
+        )
+        .unwrap();
+        let written = std::fs::read_to_string(&marker).unwrap();
+        assert!(!written.contains("hunter2"), "{written}");
+        std::fs::write(&marker, "postgres://u@h/d?password=hunter2\n").unwrap();
+        assert_eq!(
+            recorded_in(&marker).as_deref(),
+            Some("postgres://u@h/d?password=***")
+        );
+    }
+}

@@ -1,8 +1,11 @@
 //! Secrets: a PostgreSQL role that needs a password (scram-sha-256 for it alone in `pg_hba.conf`;
-//! everything else stays trust on loopback). A participant gets its URL from a private file, or
-//! only its password from a private passfile; a file others may read is refused; a wrong password
-//! fails the start with an error that does not show it; a coordinator whose decision database URL
-//! carries `?password=` never writes it to its log or its data directory.
+//! everything else stays trust on loopback). A cross-shard transaction commits over participants
+//! that get their URL from a private file, from the environment, or only their password from a
+//! private passfile, and over a shard driven in the coordinator with `?password=` in its URL; no
+//! password shows on a command line, in a log, a client's error, `treaty` output or the data
+//! directory. A file others may read is refused, naming it; a wrong password fails the start with
+//! an error that does not show it; a coordinator whose decision database URL carries
+//! `?password=` never writes it to its log or its data directory.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -376,6 +379,26 @@ async fn a_wrong_password_fails_the_start_and_the_error_does_not_show_it() -> Re
     let printed = fails_to_start("treaty-participant", &args, &[]).await?;
     ensure!(printed.contains("password authentication failed"), "{printed}");
     ensure!(printed.contains("PassWord=***"), "{printed}");
+    ensure!(
+        !printed.contains(WRONG_PASSWORD),
+        "the password is shown: {printed}"
+    );
+
+    // `sslpassword`, which the driver cannot use (it would ignore it and log its value): refused,
+    // named, and not shown.
+    let url_file = secret_file(
+        dir.path(),
+        "sslpassword.url",
+        &format!("postgres://{ROLE}@127.0.0.1:{port}/by_file?sslpassword={WRONG_PASSWORD}"),
+        0o600,
+    )?;
+    let mut args = participant_args(dir.path(), "sslpassword");
+    args.extend(["--database-url-file".into(), url_file.display().to_string()]);
+    let printed = fails_to_start("treaty-participant", &args, &[]).await?;
+    ensure!(
+        printed.contains("`sslpassword` parameter is not supported"),
+        "{printed}"
+    );
     ensure!(
         !printed.contains(WRONG_PASSWORD),
         "the password is shown: {printed}"

@@ -12,6 +12,10 @@
 //! (`host=h password='a b'`). The redactor also works on free text (a configuration file's parse
 //! error quoting a line), so it looks for URLs and parameters anywhere in its input. On input it
 //! cannot make sense of, it hides more, never less.
+//!
+//! `SecretUrl::to_connect` gives the URL as the driver (sqlx) must see it: a password parameter
+//! the redactor hides but sqlx would not recognise (`?PassWord=`) is renamed, and `sslpassword` is
+//! refused, because sqlx logs the value of every parameter it does not know.
 
 use std::fmt;
 
