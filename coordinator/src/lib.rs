@@ -230,7 +230,12 @@ pub async fn run(
     let id = CoordinatorId::new(&id).map_err(CoordinatorError::BadId)?;
     let addr = listener.local_addr().map_err(CoordinatorError::ListenAddr)?;
     let (local, in_process) = start_in_process(&config, addr).await?;
-    let links = ParticipantLinks::with_local(&config.shards, local)?;
+    let addresses = config
+        .shards
+        .iter()
+        .map(|(shard, address)| (shard.clone(), address.expose().to_owned()))
+        .collect();
+    let links = ParticipantLinks::with_local(&addresses, local)?;
     let settings = EngineSettings {
         timeouts: config.timeouts,
         lock_timeout_ms: config.lock_timeout_ms,
@@ -257,7 +262,7 @@ pub async fn run(
             }
         })?;
         let database = decision_database::DecisionDatabase::open(url, id.clone()).await?;
-        tracing::info!(database = %config::redact_password(url), "two-phase commit decisions are rows in the decision database");
+        tracing::info!(database = %url, "two-phase commit decisions are rows in the decision database");
         store = store.with_database(database);
     }
     // The health probe goes straight to the links: no failpoint decorates it.
@@ -396,7 +401,7 @@ async fn start_in_process(
         addr
     };
     for (shard, url) in &config.shards {
-        if !config::is_database_url(url) {
+        if !config::is_database_url(url.expose()) {
             continue;
         }
         let lock_timeout_ms = u32::try_from(config.lock_timeout_ms).unwrap_or(u32::MAX);

@@ -27,13 +27,16 @@ pub mod process;
 mod proptests;
 pub mod reflection;
 #[cfg(feature = "process")]
+pub mod secret_file;
+#[cfg(feature = "process")]
 pub mod telemetry;
 mod value;
 pub mod wire;
 
 pub use error::{ApiError, SqlError};
 pub use treaty_types::{
-    BranchGid, CoordinatorId, GID_PREFIX, Gid, IdError, Protocol, ShardName, TxId, now_ms,
+    BranchGid, CoordinatorId, GID_PREFIX, Gid, IdError, Protocol, SecretUrl, SecretUrlError, ShardName, TxId,
+    now_ms, redact,
 };
 pub use value::{Value, ValueError};
 
