@@ -204,7 +204,10 @@ pub async fn up(args: UpArgs) -> Result<()> {
     for shard in &state.shards {
         println!(
             "shard {:<6} participant {}  postgres {}",
-            shard.name, shard.participant, shard.postgres_url
+            shard.name,
+            shard.participant,
+            // The dev cluster's roles have no password, but a URL is shown only redacted.
+            treaty_proto::redact(&shard.postgres_url)
         );
     }
     println!("metrics (Prometheus):");

@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use treaty_proto::ShardName;
+use treaty_proto::secret_file::{SecretFileError, read_secret_file};
+use treaty_proto::{SecretUrl, ShardName, redact};
 
 use crate::protocol::{Protocol, Timeouts};
 
@@ -39,7 +40,9 @@ pub struct Args {
     pub data_dir: Option<PathBuf>,
     /// A shard, repeated for each: NAME=http://HOST:PORT for a participant agent, or
     /// NAME=postgres://USER@HOST:PORT/DB to drive that database from this process (no agent, no
-    /// network hop; two-phase commit only). Both kinds mix.
+    /// network hop; two-phase commit only). Both kinds mix. Leave a database password out of
+    /// the URL (`ps` shows the command line): PostgreSQL's passfile (PGPASSFILE, ~/.pgpass)
+    /// supplies it, or give the shards in the environment or the --config file.
     #[arg(long = "shard", env = "TREATY_COORDINATOR_SHARDS", value_delimiter = ',')]
     pub shards: Vec<String>,
     /// Coordinator id used in GIDs when the log is new (default: generated once and kept in the log).
@@ -66,9 +69,19 @@ pub struct Args {
     /// durable and available as that database and any coordinator can read it), `file` (the
     /// coordinator's decision log), or a PostgreSQL URL (`postgres://...`: a dedicated database
     /// holding the same `treaty.decisions` table; each decision is a row committed there after
-    /// every branch prepared). Three-phase commit always uses the file log.
-    #[arg(long, env = "TREATY_COORDINATOR_DECISION_STORE")]
+    /// every branch prepared). Three-phase commit always uses the file log. A URL's password is
+    /// best kept off the command line: in the environment, in --decision-store-file, or in
+    /// PostgreSQL's passfile (PGPASSFILE, ~/.pgpass).
+    #[arg(
+        long,
+        env = "TREATY_COORDINATOR_DECISION_STORE",
+        conflicts_with = "decision_store_file"
+    )]
     pub decision_store: Option<String>,
+    /// A file holding the --decision-store value (one line, usually the database URL; it must be
+    /// private to its owner, mode 0600).
+    #[arg(long, env = "TREATY_COORDINATOR_DECISION_STORE_FILE")]
+    pub decision_store_file: Option<PathBuf>,
     /// With `--decision-store shard`: finish commit rows and prepared branches that no
     /// coordinator instance has finished after this many ms (one that died for good); 0: never.
     /// Safety does not depend on it; it only keeps live instances from doing each other's work.
@@ -157,6 +170,7 @@ struct FileConfig {
     default_protocol: Option<String>,
     compact_after_bytes: Option<u64>,
     decision_store: Option<String>,
+    decision_store_file: Option<PathBuf>,
     takeover_after_ms: Option<u64>,
     console_addr: Option<SocketAddr>,
     log_format: Option<LogFormat>,
@@ -192,30 +206,33 @@ pub enum DecisionStoreKind {
 }
 
 /// `file`, `shard`, or a PostgreSQL URL (then also the URL).
-fn parse_decision_store(text: &str) -> Result<(DecisionStoreKind, Option<String>), ConfigError> {
+fn parse_decision_store(text: &str) -> Result<(DecisionStoreKind, Option<SecretUrl>), ConfigError> {
     let text = text.trim();
     match text {
         "file" => Ok((DecisionStoreKind::File, None)),
         "shard" => Ok((DecisionStoreKind::Shard, None)),
-        url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            Ok((DecisionStoreKind::Database, Some(url.to_owned())))
-        }
-        other => Err(ConfigError::DecisionStore(redact_password(other))),
+        url if is_database_url(url) => Ok((DecisionStoreKind::Database, Some(SecretUrl::new(url)))),
+        other => Err(ConfigError::DecisionStore(redact(other))),
     }
 }
 
-/// The text with any `user:password@` reduced to `user:***@`, for error messages and logs.
-pub fn redact_password(text: &str) -> String {
-    let Some((scheme, rest)) = text.split_once("://") else {
-        return text.to_owned();
+/// The `--decision-store` text from the flags (or environment) if they give it, else from the
+/// TOML file; each source gives it as text or as a file to read it from, not both.
+fn decision_store_text(
+    from_args: (Option<String>, Option<PathBuf>),
+    from_file: (Option<String>, Option<PathBuf>),
+) -> Result<Option<String>, ConfigError> {
+    let chosen = match from_args {
+        (None, None) => from_file,
+        given => given,
     };
-    // The last '@': a password may hold one, a host never does.
-    let Some((credentials, host)) = rest.rsplit_once('@') else {
-        return text.to_owned();
-    };
-    match credentials.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => text.to_owned(),
+    match chosen {
+        (Some(_), Some(_)) => Err(ConfigError::DecisionStoreTwice),
+        (Some(text), None) => Ok(Some(text)),
+        (None, Some(path)) => Ok(Some(
+            read_secret_file(&path).map_err(ConfigError::DecisionStoreFile)?,
+        )),
+        (None, None) => Ok(None),
     }
 }
 
@@ -223,7 +240,9 @@ pub fn redact_password(text: &str) -> String {
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    pub shards: BTreeMap<ShardName, String>,
+    /// Each shard's participant address or database URL; `SecretUrl` so that `{:?}` of the
+    /// configuration shows no password.
+    pub shards: BTreeMap<ShardName, SecretUrl>,
     pub id: Option<String>,
     pub timeouts: Timeouts,
     pub lock_timeout_ms: u64,
@@ -232,7 +251,7 @@ pub struct Config {
     pub compact_after_bytes: u64,
     pub decision_store: DecisionStoreKind,
     /// With `DecisionStoreKind::Database`: the database holding `treaty.decisions`.
-    pub decision_database: Option<String>,
+    pub decision_database: Option<SecretUrl>,
     pub takeover_after_ms: u64,
     /// Where the web console listens (`--console-addr`); `None`: no console.
     pub console_addr: Option<SocketAddr>,
@@ -269,6 +288,10 @@ pub enum ConfigError {
         "--decision-store {0:?}: expected `file`, `shard`, or a PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE)"
     )]
     DecisionStore(String),
+    #[error("--decision-store-file: {0}")]
+    DecisionStoreFile(#[source] SecretFileError),
+    #[error("give the decision store once: `decision_store` or `decision_store_file`, not both")]
+    DecisionStoreTwice,
     #[error(
         "no shards configured: pass --shard NAME=http://HOST:PORT for each participant (or NAME=postgres://... to drive a database from the coordinator)"
     )]
@@ -300,9 +323,10 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.into(),
         source,
     })?;
+    // A parse error quotes the offending line, which may be a database URL.
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.into(),
-        message: e.to_string(),
+        message: redact(&e.to_string()),
     })
 }
 
@@ -326,7 +350,7 @@ impl Config {
         let from_flags = args.shards.iter().map(|spec| {
             spec.split_once('=')
                 .map(|(n, u)| (n.trim().to_owned(), u.trim().to_owned()))
-                .ok_or_else(|| ConfigError::ShardSyntax(spec.clone()))
+                .ok_or_else(|| ConfigError::ShardSyntax(redact(spec)))
         });
         let pairs: Vec<(String, String)> = if args.shards.is_empty() {
             file.shards.into_iter().collect()
@@ -335,7 +359,7 @@ impl Config {
         };
         for (name, url) in pairs {
             let shard = ShardName::new(&name).map_err(|e| ConfigError::ShardName(name.clone(), e))?;
-            if shards.insert(shard, url).is_some() {
+            if shards.insert(shard, SecretUrl::new(url)).is_some() {
                 return Err(ConfigError::DuplicateShard(name));
             }
         }
@@ -382,7 +406,10 @@ impl Config {
                 });
             }
         }
-        let (decision_store, decision_database) = match args.decision_store.or(file.decision_store) {
+        let (decision_store, decision_database) = match decision_store_text(
+            (args.decision_store, args.decision_store_file),
+            (file.decision_store, file.decision_store_file),
+        )? {
             Some(text) => parse_decision_store(&text)?,
             None => (DecisionStoreKind::default(), None),
         };
@@ -562,7 +589,10 @@ mod tests {
         let url = "postgresql://treaty:pw@10.0.0.5:5432/decisions";
         let database = store(url).unwrap();
         assert_eq!(database.decision_store, DecisionStoreKind::Database);
-        assert_eq!(database.decision_database.as_deref(), Some(url));
+        assert_eq!(
+            database.decision_database.as_ref().map(SecretUrl::expose),
+            Some(url)
+        );
         let error = store("mysql://root:hunter2@db/x").unwrap_err().to_string();
         assert!(
             error.contains("expected `file`, `shard`, or a PostgreSQL URL"),
@@ -574,12 +604,89 @@ mod tests {
         );
     }
 
+    const PASSWORD: &str = "Hunter2-pw";
+
+    /// Neither `{:?}` of the configuration nor any configuration error shows a password given in
+    /// the decision store's URL (userinfo or `?password=`) or in a shard's database URL.
     #[test]
-    fn passwords_are_hidden_in_shown_urls() {
-        assert_eq!(redact_password("postgres://u:p@h:1/d"), "postgres://u:***@h:1/d");
-        assert_eq!(redact_password("postgres://u@h:1/d"), "postgres://u@h:1/d");
-        assert_eq!(redact_password("postgres://u:p@ss@h/d"), "postgres://u:***@h/d");
-        assert_eq!(redact_password("file"), "file");
+    fn the_password_is_in_no_debug_output_and_no_error() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let store = format!("postgres://u:{PASSWORD}@127.0.0.1/decisions?password={PASSWORD}");
+        let shard = format!("s1=postgres://u@127.0.0.1/db?PassWord={PASSWORD}");
+        let args = [
+            "--shard",
+            "s0=http://127.0.0.1:1",
+            "--shard",
+            &shard,
+            "--decision-store",
+            &store,
+        ];
+        let config = parse(&args).unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains(PASSWORD), "{shown}");
+        assert!(
+            shown.contains("postgres://u:***@127.0.0.1/decisions?password=***"),
+            "{shown}"
+        );
+        assert_eq!(
+            config.decision_database.as_ref().map(SecretUrl::expose),
+            Some(store.as_str())
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let store_file = dir.path().join("store");
+        std::fs::write(&store_file, format!("{store}\n")).unwrap();
+        std::fs::set_permissions(&store_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let from_file = parse(
+            &[
+                &args[..4],
+                &["--decision-store-file", store_file.to_str().unwrap()],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(from_file.decision_store, DecisionStoreKind::Database);
+        assert_eq!(
+            from_file.decision_database.as_ref().map(SecretUrl::expose),
+            Some(store.as_str())
+        );
+
+        let toml = dir.path().join("c.toml");
+        let mut errors = Vec::new();
+        let bad_store = format!("mysql://u:{PASSWORD}@h/x?password={PASSWORD}");
+        errors.push(parse(&[&args[..4], &["--decision-store", &bad_store]].concat()).unwrap_err());
+        let no_equals = format!("s2:postgres://u:{PASSWORD}@h/db");
+        errors.push(parse(&[&args[..], &["--shard", &no_equals]].concat()).unwrap_err());
+        errors.push(parse(&[&args[..], &["--shard", &shard]].concat()).unwrap_err());
+        errors.push(parse(&[&args[..], &["--idle-timeout-ms", "0"]].concat()).unwrap_err());
+        std::fs::write(&toml, format!("decision_store = \"{store}\" nonsense\n")).unwrap();
+        errors.push(parse(&["--config", toml.to_str().unwrap()]).unwrap_err());
+        std::fs::write(&toml, format!("decision_store = {store}\n")).unwrap();
+        errors.push(parse(&["--config", toml.to_str().unwrap()]).unwrap_err());
+        std::fs::write(
+            &toml,
+            format!("decision_store = \"{store}\"\ndecision_store_file = \"/x\"\n[shards]\ns0 = \"http://127.0.0.1:9\"\n"),
+        )
+        .unwrap();
+        let twice = parse(&["--config", toml.to_str().unwrap()]).unwrap_err();
+        assert!(matches!(twice, ConfigError::DecisionStoreTwice), "{twice}");
+        errors.push(twice);
+        std::fs::set_permissions(&store_file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let open_file = parse(
+            &[
+                &args[..4],
+                &["--decision-store-file", store_file.to_str().unwrap()],
+            ]
+            .concat(),
+        )
+        .unwrap_err();
+        assert!(open_file.to_string().contains("chmod 600"), "{open_file}");
+        errors.push(open_file);
+        for error in &errors {
+            let text = format!("{error} {error:?}");
+            assert!(!text.contains(PASSWORD), "{text}");
+        }
     }
 
     #[test]

@@ -23,9 +23,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tokio::sync::mpsc;
 use treaty_commit_protocol::store::{CommitRecord, StoreError};
-use treaty_proto::{CoordinatorId, Gid, TxId};
-
-use crate::config::redact_password;
+use treaty_proto::{CoordinatorId, Gid, SecretUrl, TxId, redact};
 
 /// In the coordinator's data directory once it has used a decision database: the URL without its
 /// password. A later start without a decision database is refused (`lib.rs`), since the log does
@@ -33,9 +31,9 @@ use crate::config::redact_password;
 pub const MARKER_FILE: &str = "decision-database";
 
 /// Writes and syncs the marker (the directory entry too), before the first decision can be a row.
-pub fn record_in(marker: &Path, url: &str) -> std::io::Result<()> {
+pub fn record_in(marker: &Path, url: &SecretUrl) -> std::io::Result<()> {
     let mut file = std::fs::File::create(marker)?;
-    file.write_all(redact_password(url).as_bytes())?;
+    file.write_all(url.redacted().as_bytes())?;
     file.write_all(b"\n")?;
     file.sync_all()?;
     if let Some(dir) = marker.parent() {
@@ -44,14 +42,15 @@ pub fn record_in(marker: &Path, url: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The URL the marker holds, if there is one.
+/// The URL the marker holds, if there is one (redacted again: a marker written by an older
+/// version kept a `?password=` parameter).
 pub fn recorded_in(marker: &Path) -> Option<String> {
     if !marker.exists() {
         return None;
     }
     Some(
         std::fs::read_to_string(marker)
-            .map_or_else(|_| "(unreadable)".to_owned(), |text| text.trim().to_owned()),
+            .map_or_else(|_| "(unreadable)".to_owned(), |text| redact(text.trim())),
     )
 }
 
@@ -79,6 +78,16 @@ pub enum DecisionDatabaseError {
         "decision database {url}: {source}; check that the server is up and the URL (user, host, port, database) is right"
     )]
     Connect { url: String, source: sqlx::Error },
+    #[error("decision database {url}: {source}")]
+    Url {
+        url: String,
+        source: treaty_proto::SecretUrlError,
+    },
+    #[error("decision database {url}: PostgreSQL passfile: {source}")]
+    Passfile {
+        url: String,
+        source: treaty_proto::secret_file::SecretFileError,
+    },
     #[error("decision database {url}: applying the treaty schema: {source}")]
     Migrate {
         url: String,
@@ -105,14 +114,29 @@ impl DecisionDatabase {
     /// Connects, applies the treaty schema (the same migrations a participant applies), and
     /// starts the task that deletes ended transactions' rows.
     pub async fn open(
-        url: &str,
+        url: &SecretUrl,
         coordinator: CoordinatorId,
     ) -> Result<DecisionDatabase, DecisionDatabaseError> {
-        let shown = redact_password(url);
-        let options: PgConnectOptions = url.parse().map_err(|source| DecisionDatabaseError::Connect {
+        let shown = url.redacted();
+        // A URL without a password gets it from `PGPASSWORD` or the passfile, which must be private.
+        treaty_proto::secret_file::check_passfile(url.expose()).map_err(|source| {
+            DecisionDatabaseError::Passfile {
+                url: shown.clone(),
+                source,
+            }
+        })?;
+        // The one place the password is used.
+        let to_connect = url.to_connect().map_err(|source| DecisionDatabaseError::Url {
             url: shown.clone(),
             source,
         })?;
+        let options: PgConnectOptions =
+            to_connect
+                .parse()
+                .map_err(|source| DecisionDatabaseError::Connect {
+                    url: shown.clone(),
+                    source,
+                })?;
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(Duration::from_secs(10))
@@ -276,5 +300,30 @@ async fn delete_ended(pool: PgPool, coordinator: CoordinatorId, mut queue: mpsc:
         if let Err(error) = deleted {
             tracing::warn!(rows = gids.len(), %error, "decision database: deleting ended transactions' rows failed; a restart re-drives them once more");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The marker keeps the URL without its password, and one an older version wrote with a
+    /// `?password=` parameter is shown redacted too.
+    #[test]
+    fn the_marker_never_holds_or_shows_a_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join(MARKER_FILE);
+        record_in(
+            &marker,
+            &SecretUrl::new("postgres://u:hunter2@h/d?PassWord=hunter2"),
+        )
+        .unwrap();
+        let written = std::fs::read_to_string(&marker).unwrap();
+        assert!(!written.contains("hunter2"), "{written}");
+        std::fs::write(&marker, "postgres://u@h/d?password=hunter2\n").unwrap();
+        assert_eq!(
+            recorded_in(&marker).as_deref(),
+            Some("postgres://u@h/d?password=***")
+        );
     }
 }

@@ -238,7 +238,12 @@ pub async fn run(
         )),
         None => None,
     };
-    let links = ParticipantLinks::with_local(&config.shards, local, link_tls)?;
+    let addresses = config
+        .shards
+        .iter()
+        .map(|(shard, address)| (shard.clone(), address.expose().to_owned()))
+        .collect();
+    let links = ParticipantLinks::with_local(&addresses, local, link_tls)?;
     let settings = EngineSettings {
         timeouts: config.timeouts,
         lock_timeout_ms: config.lock_timeout_ms,
@@ -265,7 +270,7 @@ pub async fn run(
             }
         })?;
         let database = decision_database::DecisionDatabase::open(url, id.clone()).await?;
-        tracing::info!(database = %config::redact_password(url), "two-phase commit decisions are rows in the decision database");
+        tracing::info!(database = %url, "two-phase commit decisions are rows in the decision database");
         store = store.with_database(database);
     }
     // The health probe goes straight to the links: no failpoint decorates it.
@@ -428,7 +433,7 @@ async fn start_in_process(
     };
     let scheme = if config.tls.server.is_some() { "https" } else { "http" };
     for (shard, url) in &config.shards {
-        if !config::is_database_url(url) {
+        if !config::is_database_url(url.expose()) {
             continue;
         }
         let lock_timeout_ms = u32::try_from(config.lock_timeout_ms).unwrap_or(u32::MAX);

@@ -173,8 +173,8 @@ impl ParticipantLinks {
                     LinkChannel::Remote(H2Channel::new(url, CONNECT_TIMEOUT, tls.clone()).map_err(|e| {
                         LinkSetupError::BadUrl {
                             shard: shard.to_string(),
-                            url: url.clone(),
-                            reason: e.to_string(),
+                            url: treaty_proto::redact(url),
+                            reason: treaty_proto::redact(&e.to_string()),
                         }
                     })?)
                 }

@@ -240,7 +240,10 @@ impl PgCluster {
         let url = self.url(database);
         sqlx::PgConnection::connect(&url)
             .await
-            .map_err(|source| HarnessError::Connect { url, source })
+            .map_err(|source| HarnessError::Connect {
+                url: treaty_proto::redact(&url),
+                source,
+            })
     }
 
     /// Creates `database` unless it exists.
@@ -251,7 +254,7 @@ impl PgCluster {
             .fetch_one(&mut conn)
             .await
             .map_err(|source| HarnessError::Sql {
-                url: self.url("postgres"),
+                url: treaty_proto::redact(&self.url("postgres")),
                 source,
             })?;
         if !exists {
@@ -260,7 +263,7 @@ impl PgCluster {
                 .execute(&mut conn)
                 .await
                 .map_err(|source| HarnessError::Sql {
-                    url: self.url("postgres"),
+                    url: treaty_proto::redact(&self.url("postgres")),
                     source,
                 })?;
         }

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use treaty_proto::ShardName;
+use treaty_proto::secret_file::{SecretFileError, read_secret_file};
+use treaty_proto::{SecretUrl, ShardName};
 
 use crate::postgres::SessionDefaults;
 
@@ -37,9 +38,18 @@ pub struct Args {
     /// This participant's shard name, as the coordinator knows it.
     #[arg(long, env = "TREATY_PARTICIPANT_SHARD")]
     pub shard: Option<String>,
-    /// PostgreSQL URL, e.g. postgres://user@127.0.0.1:5432/db.
-    #[arg(long, env = "TREATY_PARTICIPANT_DATABASE_URL")]
+    /// PostgreSQL URL, e.g. postgres://user@127.0.0.1:5432/db. Keep a password off the command
+    /// line (where `ps` shows it): give the URL in the environment, in --database-url-file, or
+    /// leave the password out and let PostgreSQL's passfile (PGPASSFILE, ~/.pgpass) supply it.
+    #[arg(
+        long,
+        env = "TREATY_PARTICIPANT_DATABASE_URL",
+        conflicts_with = "database_url_file"
+    )]
     pub database_url: Option<String>,
+    /// A file holding the PostgreSQL URL (one line; it must be private to its owner, mode 0600).
+    #[arg(long, env = "TREATY_PARTICIPANT_DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
     /// The coordinator, as http://HOST:PORT (asked about prepared branches during recovery), or
     /// several instances serving the same shards, comma-separated or the flag repeated: recovery
     /// asks any that answers.
@@ -120,6 +130,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     shard: Option<String>,
     database_url: Option<String>,
+    database_url_file: Option<PathBuf>,
     coordinator: Option<CoordinatorUrls>,
     data_dir: Option<PathBuf>,
     branch_idle_timeout_ms: Option<u64>,
@@ -143,7 +154,8 @@ struct FileConfig {
 pub struct Config {
     pub listen: SocketAddr,
     pub shard: ShardName,
-    pub database_url: String,
+    /// Shown redacted by `Debug` and `Display`; `expose()` only to connect.
+    pub database_url: SecretUrl,
     /// Every coordinator instance recovery may ask, in the order given (at least one).
     pub coordinator_urls: Vec<String>,
     pub data_dir: PathBuf,
@@ -200,6 +212,10 @@ pub enum ConfigError {
     Shard(String, treaty_proto::IdError),
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
+    #[error("--database-url-file: {0}")]
+    DatabaseUrlFile(#[source] SecretFileError),
+    #[error("give the database URL once: `database_url` or `database_url_file`, not both")]
+    DatabaseUrlTwice,
     #[error("--coordinator: {0}")]
     Coordinator(#[from] crate::coordinator_link::LinkError),
 }
@@ -231,10 +247,35 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.into(),
         source,
     })?;
+    // A parse error quotes the offending line, which may be the database URL.
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.into(),
-        message: e.to_string(),
+        message: treaty_proto::redact(&e.to_string()),
     })
+}
+
+/// The database URL from the flags (or environment) if they give one, else from the TOML file;
+/// each source gives it as text or as a file to read it from, not both.
+fn database_url(
+    from_args: (Option<String>, Option<PathBuf>),
+    from_file: (Option<String>, Option<PathBuf>),
+) -> Result<SecretUrl, ConfigError> {
+    let chosen = match from_args {
+        (None, None) => from_file,
+        given => given,
+    };
+    match chosen {
+        (Some(_), Some(_)) => Err(ConfigError::DatabaseUrlTwice),
+        (Some(url), None) => Ok(SecretUrl::new(url)),
+        (None, Some(path)) => Ok(SecretUrl::new(
+            read_secret_file(&path).map_err(ConfigError::DatabaseUrlFile)?,
+        )),
+        (None, None) => Err(ConfigError::Missing {
+            flag: "--database-url (or --database-url-file)",
+            env: "TREATY_PARTICIPANT_DATABASE_URL",
+            key: "database_url",
+        }),
+    }
 }
 
 fn required<T>(
@@ -254,7 +295,7 @@ impl Config {
     /// read from the environment or a file: the coordinator's configuration says it all.
     pub fn in_process(
         shard: ShardName,
-        database_url: String,
+        database_url: SecretUrl,
         coordinator_url: String,
         data_dir: PathBuf,
         session_lock_timeout_ms: u32,
@@ -263,7 +304,7 @@ impl Config {
             // Nothing listens: the coordinator calls the services in its process.
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             shard: Some(shard.to_string()),
-            database_url: Some(database_url),
+            database_url: Some(database_url.expose().to_owned()),
             coordinator: vec![coordinator_url],
             data_dir: Some(data_dir),
             session_lock_timeout_ms: Some(session_lock_timeout_ms),
@@ -293,11 +334,9 @@ impl Config {
                 "listen",
             )?,
             shard,
-            database_url: required(
-                args.database_url.or(file.database_url),
-                "--database-url",
-                "TREATY_PARTICIPANT_DATABASE_URL",
-                "database_url",
+            database_url: database_url(
+                (args.database_url, args.database_url_file),
+                (file.database_url, file.database_url_file),
             )?,
             coordinator_urls: coordinator_urls(required(
                 Some(args.coordinator)
@@ -530,5 +569,114 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("ftp://x"), "{err}");
+    }
+
+    const PASSWORD: &str = "Hunter2-pw";
+
+    /// Neither `{:?}` of the configuration nor any configuration error shows the password, in the
+    /// userinfo or in a `password` parameter, given by flag, environment-style text, TOML or file.
+    #[test]
+    fn the_password_is_in_no_debug_output_and_no_error() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let url = format!("postgres://u:{PASSWORD}@127.0.0.1/db?sslpassword={PASSWORD}&PassWord={PASSWORD}");
+        let mut args = REQUIRED.to_vec();
+        args[5] = &url;
+        let config = parse(&args).unwrap();
+        assert_eq!(
+            config.database_url.expose(),
+            url,
+            "the real URL is kept to connect with"
+        );
+        let shown = format!("{config:?} {}", config.database_url);
+        assert!(!shown.contains(PASSWORD), "{shown}");
+        assert!(shown.contains("postgres://u:***@127.0.0.1/db"), "{shown}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("url");
+        std::fs::write(&url_file, format!("{url}\n")).unwrap();
+        std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let toml = dir.path().join("p.toml");
+        let mut errors = Vec::new();
+        // Every way resolving can fail while a URL with a password is given.
+        let bad_shard = [&args[..2], &["--shard", "a b"], &args[4..]].concat();
+        errors.push(parse(&bad_shard).unwrap_err());
+        errors.push(parse(&[&args[..], &["--max-connections", "0"]].concat()).unwrap_err());
+        errors.push(parse(&[&args[..], &["--coordinator", "ftp://x"]].concat()).unwrap_err());
+        let twice = [&args[..], &["--database-url-file", url_file.to_str().unwrap()]].concat();
+        assert!(Args::try_parse_from(std::iter::once("p").chain(twice.iter().copied())).is_err());
+        std::fs::write(
+            &toml,
+            format!("database_url = \"{url}\"\ndatabase_url_file = \"/x\"\n"),
+        )
+        .unwrap();
+        errors.push(
+            parse(
+                &[
+                    &args[..2],
+                    &args[2..4],
+                    &args[6..],
+                    &["--config", toml.to_str().unwrap()],
+                ]
+                .concat(),
+            )
+            .unwrap_err(),
+        );
+        std::fs::write(&toml, format!("database_url = \"{url}\" nonsense\n")).unwrap();
+        errors.push(parse(&["--config", toml.to_str().unwrap()]).unwrap_err());
+        std::fs::write(&toml, format!("database_url = {url}\n")).unwrap();
+        errors.push(parse(&["--config", toml.to_str().unwrap()]).unwrap_err());
+        std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let from_file = [
+            &args[..4],
+            &args[6..],
+            &["--database-url-file", url_file.to_str().unwrap()],
+        ]
+        .concat();
+        let open_file = parse(&from_file).unwrap_err();
+        assert!(open_file.to_string().contains("chmod 600"), "{open_file}");
+        errors.push(open_file);
+        for error in &errors {
+            let text = format!("{error} {error:?}");
+            assert!(!text.contains(PASSWORD), "{text}");
+        }
+        assert!(
+            matches!(errors[3], ConfigError::DatabaseUrlTwice),
+            "{}",
+            errors[3]
+        );
+    }
+
+    #[test]
+    fn the_url_comes_from_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("url");
+        std::fs::write(&url_file, format!("postgres://u:{PASSWORD}@h/db\n")).unwrap();
+        std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let args = [
+            &REQUIRED[..4],
+            &REQUIRED[6..],
+            &["--database-url-file", url_file.to_str().unwrap()],
+        ]
+        .concat();
+        let config = parse(&args).unwrap();
+        assert_eq!(
+            config.database_url.expose(),
+            format!("postgres://u:{PASSWORD}@h/db")
+        );
+        let toml = dir.path().join("p.toml");
+        std::fs::write(&toml, format!("database_url_file = \"{}\"\n", url_file.display())).unwrap();
+        let args = [
+            &REQUIRED[..4],
+            &REQUIRED[6..],
+            &["--config", toml.to_str().unwrap()],
+        ]
+        .concat();
+        assert_eq!(
+            parse(&args).unwrap().database_url.expose(),
+            format!("postgres://u:{PASSWORD}@h/db")
+        );
     }
 }

@@ -22,6 +22,11 @@ pub enum ParticipantError {
         "cannot connect to PostgreSQL at {url}: {source}; check --database-url and that the server accepts connections"
     )]
     DatabaseUnreachable { url: String, source: sqlx::Error },
+    /// The URL has no password and the passfile PostgreSQL would read is not private.
+    #[error("PostgreSQL passfile: {0}")]
+    Passfile(#[from] treaty_proto::secret_file::SecretFileError),
+    #[error("--database-url: {0}")]
+    DatabaseUrl(#[from] treaty_proto::SecretUrlError),
     #[error(
         "PostgreSQL has max_prepared_transactions = 0, which disables PREPARE TRANSACTION; set \
          max_prepared_transactions in postgresql.conf to a value > 0 (e.g. equal to max_connections) \

@@ -27,6 +27,8 @@ pub mod process;
 mod proptests;
 pub mod reflection;
 #[cfg(feature = "process")]
+pub mod secret_file;
+#[cfg(feature = "process")]
 pub mod telemetry;
 #[cfg(feature = "process")]
 pub mod tls;
@@ -35,7 +37,8 @@ pub mod wire;
 
 pub use error::{ApiError, SqlError};
 pub use treaty_types::{
-    BranchGid, CoordinatorId, GID_PREFIX, Gid, IdError, Protocol, ShardName, TxId, now_ms,
+    BranchGid, CoordinatorId, GID_PREFIX, Gid, IdError, Protocol, SecretUrl, SecretUrlError, ShardName, TxId,
+    now_ms, redact,
 };
 pub use value::{Value, ValueError};
 

@@ -18,6 +18,29 @@ pub enum LogFormat {
 /// progress" after a failed PREPARE) are not the operator's business unless asked for.
 const DEFAULT_FILTER: &str = "info,sqlx::postgres::notice=error";
 
+/// sqlx's parsing of connect options and of the passfile logs at WARN with the secrets in it.
+const QUIET_SQLX_OPTIONS: &str = "sqlx_postgres::options=error";
+
+/// Stderr with every log line passed through the one redactor (`treaty_types::secret::redact`):
+/// a URL or `password=` that reaches a log line by any path (a dependency's message, an error's
+/// text) shows no password. The fmt layer writes each event in one `write`, so a line is never
+/// split between two redactions.
+struct RedactingStderr;
+
+impl std::io::Write for RedactingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr()
+            .lock()
+            .write_all(crate::redact(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// Sets up logging to stderr for the whole process, filtered by `RUST_LOG` (default: INFO), and,
 /// with `traces`, the export of Treaty's spans over OTLP (`crate::telemetry`). Must run inside
 /// the runtime when `traces` is given; the guard flushes the last spans at shutdown.
@@ -29,12 +52,17 @@ pub fn init_tracing(
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
 
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
+    // Whatever RUST_LOG says: sqlx's connect-option warnings quote a value it did not know
+    // (`?sslpassword=...`) or a malformed passfile line whole (its password with it).
+    if let Ok(quiet) = QUIET_SQLX_OPTIONS.parse() {
+        filter = filter.add_directive(quiet);
+    }
     let logs = tracing_subscriber::fmt::layer()
         // Colour only for a person watching: log files stay greppable.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(|| RedactingStderr);
     // The log filter applies to the log lines only: trace export picks its own spans (DEBUG
     // ones included), so turning it on changes no log line.
     let logs = match format {

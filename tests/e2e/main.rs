@@ -18,6 +18,7 @@ mod limits;
 mod metrics;
 mod recovery;
 mod scenarios;
+mod secrets;
 mod shared_server;
 mod standby;
 mod three_phase;

@@ -469,7 +469,7 @@ pub fn config(db: &TestDb, coordinator: SocketAddr, data_dir: &std::path::Path) 
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         shard: treaty_proto::ShardName::new("s0").unwrap(),
-        database_url: db.url.clone(),
+        database_url: db.url.clone().into(),
         coordinator_urls: vec![format!("http://{coordinator}")],
         data_dir: data_dir.to_path_buf(),
         branch_idle_timeout_ms: 30_000,
