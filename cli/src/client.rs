@@ -65,7 +65,8 @@ impl Target {
     }
 
     fn tls(&self) -> Result<Option<treaty_client::ClientTlsConfig>> {
-        let usage = |error: anyhow::Error| anyhow::Error::new(Failure::new(Exit::Usage, format!("{error:#}")));
+        let usage =
+            |error: anyhow::Error| anyhow::Error::new(Failure::new(Exit::Usage, format!("{error:#}")));
         let Some((ca, identity)) = self.tls_files() else {
             return Ok(None);
         };
@@ -74,7 +75,8 @@ impl Target {
                 .with_context(|| format!("reading TLS file {}", path.display()))
                 .map_err(usage)
         };
-        let mut tls = treaty_client::ClientTlsConfig::new().ca_certificate(treaty_client::Certificate::from_pem(read(&ca)?));
+        let mut tls = treaty_client::ClientTlsConfig::new()
+            .ca_certificate(treaty_client::Certificate::from_pem(read(&ca)?));
         if let Some((cert, key)) = identity {
             tls = tls.identity(treaty_client::Identity::from_pem(read(&cert)?, read(&key)?));
         }

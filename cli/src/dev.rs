@@ -165,7 +165,10 @@ pub async fn up(args: UpArgs) -> Result<()> {
         let dir = base_dir.join("tls");
         let files = treaty_proto::tls::dev_certs::write_dev_certs(&dir, "treaty-dev-client")
             .context("making the development CA and certificates")?;
-        eprintln!("TLS on every link: a throw-away CA and certificates in {}", dir.display());
+        eprintln!(
+            "TLS on every link: a throw-away CA and certificates in {}",
+            dir.display()
+        );
         Some(files)
     } else {
         None

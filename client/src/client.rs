@@ -132,10 +132,12 @@ impl Target {
                 endpoint: given.clone(),
                 reason: "https:// needs TLS settings: the CA that signs the coordinator's certificate (ClientBuilder::tls; `treaty --tls-ca`)".into(),
             })?;
-            tonic = tonic.tls_config(tls).map_err(|error| ClientError::InvalidEndpoint {
-                endpoint: given.clone(),
-                reason: chain_text(&error),
-            })?;
+            tonic = tonic
+                .tls_config(tls)
+                .map_err(|error| ClientError::InvalidEndpoint {
+                    endpoint: given.clone(),
+                    reason: chain_text(&error),
+                })?;
         }
         Ok(Self { url, tonic })
     }

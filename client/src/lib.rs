@@ -78,10 +78,10 @@ mod transaction;
 
 pub use client::{Client, ClientBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
 pub use error::{ClientError, EndpointFailure, Rpc};
-pub use transaction::Transaction;
-pub use treaty_proto::pb;
 /// TLS settings for `https://` coordinators ([`ClientBuilder::tls`]).
 pub use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+pub use transaction::Transaction;
+pub use treaty_proto::pb;
 
 /// An op of a one-shot submit with no parameters and no row-count check.
 pub fn op(shard: impl Into<String>, sql: impl Into<String>) -> pb::Op {

@@ -142,8 +142,12 @@ impl H2Channel {
             return Err(ChannelUrlError::Scheme(scheme.to_string()));
         };
         let default_port = if tls.is_some() { 443 } else { 80 };
-        let address: Arc<str> =
-            format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(default_port)).into();
+        let address: Arc<str> = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(default_port)
+        )
+        .into();
         Ok(Self {
             inner: Arc::new(Inner {
                 address,
@@ -329,10 +333,11 @@ impl Inner {
         match &self.tls {
             None => self.handshake(tcp, id).await,
             Some(tls) => {
-                let stream = tokio::time::timeout(self.connect_timeout, tls.connector.connect(tls.name.clone(), tcp))
-                    .await
-                    .map_err(|_| unavailable("no TLS handshake within the connect timeout".into()))?
-                    .map_err(|e| unavailable(format!("TLS handshake: {e}")))?;
+                let stream =
+                    tokio::time::timeout(self.connect_timeout, tls.connector.connect(tls.name.clone(), tcp))
+                        .await
+                        .map_err(|_| unavailable("no TLS handshake within the connect timeout".into()))?
+                        .map_err(|e| unavailable(format!("TLS handshake: {e}")))?;
                 self.handshake(stream, id).await
             }
         }

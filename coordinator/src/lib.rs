@@ -431,7 +431,11 @@ async fn start_in_process(
     } else {
         addr
     };
-    let scheme = if config.tls.server.is_some() { "https" } else { "http" };
+    let scheme = if config.tls.server.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     for (shard, url) in &config.shards {
         if !config::is_database_url(url.expose()) {
             continue;

@@ -67,7 +67,8 @@ pub fn service_tls_args(files: &DevCertFiles) -> Vec<String> {
 
 /// tonic's client TLS with the cluster's CA and its client certificate.
 pub fn client_tls(files: &DevCertFiles) -> Result<tonic::transport::ClientTlsConfig, HarnessError> {
-    let read = |path: &PathBuf| std::fs::read(path).map_err(HarnessError::io(format!("reading {}", path.display())));
+    let read =
+        |path: &PathBuf| std::fs::read(path).map_err(HarnessError::io(format!("reading {}", path.display())));
     Ok(tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(read(&files.ca)?))
         .identity(tonic::transport::Identity::from_pem(
@@ -248,23 +249,24 @@ impl LocalCluster {
         }
     }
 
+    /// A tonic endpoint for `url`, with the cluster's client TLS when the cluster runs TLS.
+    pub fn endpoint_to(&self, url: &str) -> Result<tonic::transport::Endpoint, HarnessError> {
+        let grpc = |source| HarnessError::Grpc {
+            endpoint: url.to_owned(),
+            source,
+        };
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned()).map_err(grpc)?;
+        match &self.tls {
+            Some(files) => endpoint.tls_config(client_tls(files)?).map_err(grpc),
+            None => Ok(endpoint),
+        }
+    }
+
     /// A connected gRPC client of the coordinator.
     pub async fn client(&self) -> Result<CoordinatorClient<Channel>, HarnessError> {
         let endpoint = self.coordinator_endpoint();
-        let mut tonic_endpoint = tonic::transport::Endpoint::from_shared(endpoint.clone())
-            .map_err(|source| HarnessError::Grpc {
-                endpoint: endpoint.clone(),
-                source,
-            })?;
-        if let Some(files) = &self.tls {
-            tonic_endpoint = tonic_endpoint
-                .tls_config(client_tls(files)?)
-                .map_err(|source| HarnessError::Grpc {
-                    endpoint: endpoint.clone(),
-                    source,
-                })?;
-        }
-        let channel = tonic_endpoint
+        let channel = self
+            .endpoint_to(&endpoint)?
             .connect()
             .await
             .map_err(|source| HarnessError::Grpc { endpoint, source })?;

@@ -31,7 +31,9 @@ pub enum LinkError {
     BadAnswer { url: String, message: String },
     #[error("no coordinator is configured")]
     NoCoordinator,
-    #[error("--coordinator {url:?} is https:// but no --link-tls-ca is given (the CA that signs the coordinators' certificates)")]
+    #[error(
+        "--coordinator {url:?} is https:// but no --link-tls-ca is given (the CA that signs the coordinators' certificates)"
+    )]
     NoTls { url: String },
     #[error("--coordinator {url:?}: TLS settings not usable: {reason}")]
     Tls { url: String, reason: String },
@@ -375,7 +377,10 @@ mod tests {
         assert_eq!(coordinators.order(), vec![0, 1, 2]);
         coordinators.preferred.store(2, Ordering::Relaxed);
         assert_eq!(coordinators.order(), vec![2, 0, 1]);
-        assert!(matches!(Coordinators::new(&[], None), Err(LinkError::NoCoordinator)));
+        assert!(matches!(
+            Coordinators::new(&[], None),
+            Err(LinkError::NoCoordinator)
+        ));
     }
 
     #[tokio::test]

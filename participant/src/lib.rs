@@ -85,7 +85,9 @@ pub async fn run(
 ) -> Result<(), ParticipantError> {
     // Loaded first, so a bad certificate stops the start with the file named.
     let server_tls = match &config.tls.server {
-        Some(files) => Some(treaty_proto::tls::ServerTls::load(files.clone()).map_err(ParticipantError::Tls)?),
+        Some(files) => {
+            Some(treaty_proto::tls::ServerTls::load(files.clone()).map_err(ParticipantError::Tls)?)
+        }
         None => None,
     };
     let running = Running::start(&config).await?;
@@ -190,7 +192,9 @@ impl Running {
             .map(|xact| xact.gid)
             .collect();
         let link_tls = match &config.tls.link {
-            Some(files) => Some(treaty_proto::tls::tonic_client_config(files).map_err(ParticipantError::Tls)?),
+            Some(files) => {
+                Some(treaty_proto::tls::tonic_client_config(files).map_err(ParticipantError::Tls)?)
+            }
             None => None,
         };
         let coordinators = Arc::new(Coordinators::new(&config.coordinator_urls, link_tls.as_ref())?);
@@ -207,9 +211,10 @@ impl Running {
             admission,
         );
 
-        let three_phase = three_phase::ThreePhase::start(agent.clone(), config.three_phase_timeout_ms, link_tls)
-            .await
-            .map_err(ParticipantError::ServerCheck)?;
+        let three_phase =
+            three_phase::ThreePhase::start(agent.clone(), config.three_phase_timeout_ms, link_tls)
+                .await
+                .map_err(ParticipantError::ServerCheck)?;
 
         let (stop, stopped) = watch::channel(false);
         let terminating = tokio::spawn(three_phase.clone().run_ticker(stopped.clone()));

@@ -52,10 +52,7 @@ pub enum TlsError {
         missing: &'static str,
     },
     #[error("{flag} needs {needs}")]
-    Needs {
-        flag: &'static str,
-        needs: &'static str,
-    },
+    Needs { flag: &'static str, needs: &'static str },
     #[error("the TLS settings are not usable: {0}")]
     Rustls(String),
 }
@@ -131,11 +128,7 @@ impl TlsArgs {
         let key = self.tls_key.or(file.key);
         let client_ca = self.tls_client_ca.or(file.client_ca);
         let server = match (cert, key) {
-            (Some(cert), Some(key)) => Some(ServerTlsFiles {
-                cert,
-                key,
-                client_ca,
-            }),
+            (Some(cert), Some(key)) => Some(ServerTlsFiles { cert, key, client_ca }),
             (Some(_), None) => return Err(incomplete("--tls-cert", "--tls-key")),
             (None, Some(_)) => return Err(incomplete("--tls-key", "--tls-cert")),
             (None, None) if client_ca.is_some() => {
@@ -250,9 +243,13 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<rustls::ServerConfig, Tls
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Rustls(format!("{} with {}: {e}", files.cert.display(), files.key.display())))?;
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+        TlsError::Rustls(format!(
+            "{} with {}: {e}",
+            files.cert.display(),
+            files.key.display()
+        ))
+    })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }
@@ -279,8 +276,9 @@ pub fn tonic_client_config(files: &LinkTlsFiles) -> Result<tonic::transport::Cli
     // Parsed here first, so a bad file is refused at start with the file named, not at the first
     // connection.
     client_config(files)?;
-    let mut config = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(read("link CA file", &files.ca)?));
+    let mut config = tonic::transport::ClientTlsConfig::new().ca_certificate(
+        tonic::transport::Certificate::from_pem(read("link CA file", &files.ca)?),
+    );
     if let Some((cert, key)) = &files.identity {
         config = config.identity(tonic::transport::Identity::from_pem(
             read("link certificate file", cert)?,
@@ -411,7 +409,9 @@ pub fn incoming(
                         "TLS handshake refused: {}",
                         handshake_error(&error)
                     ),
-                    Err(_) => tracing::warn!(%peer, "TLS handshake refused: not finished within {HANDSHAKE_TIMEOUT:?}"),
+                    Err(_) => {
+                        tracing::warn!(%peer, "TLS handshake refused: not finished within {HANDSHAKE_TIMEOUT:?}")
+                    }
                 }
             });
         }

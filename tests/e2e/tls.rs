@@ -19,14 +19,19 @@ async fn tls_cluster() -> Result<(TestCluster, tempfile::TempDir, DevCertFiles)>
     Ok((t, dir, files))
 }
 
-fn client_tls(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> Result<ClientTlsConfig> {
+fn client_tls(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<ClientTlsConfig> {
     Ok(ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(ca)?))
         .identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?)))
 }
 
 #[tokio::test]
-async fn over_tls_a_client_certificate_of_the_ca_commits_and_plaintext_or_another_ca_is_refused() -> Result<()> {
+async fn over_tls_a_client_certificate_of_the_ca_commits_and_plaintext_or_another_ca_is_refused() -> Result<()>
+{
     let (t, dir, files) = tls_cluster().await?;
     let endpoint = t.cluster.coordinator_endpoint();
     assert!(endpoint.starts_with("https://"), "{endpoint}");
@@ -55,17 +60,25 @@ async fn over_tls_a_client_certificate_of_the_ca_commits_and_plaintext_or_anothe
             format!("{status:?}")
         }
     };
-    eventually("the coordinator logs the refused plaintext client", std::time::Duration::from_secs(10), || async {
-        Ok(t.coordinator_log().contains("TLS handshake refused")
-            && t.coordinator_log().contains("plaintext client"))
-    })
+    eventually(
+        "the coordinator logs the refused plaintext client",
+        std::time::Duration::from_secs(10),
+        || async {
+            Ok(t.coordinator_log().contains("TLS handshake refused")
+                && t.coordinator_log().contains("plaintext client"))
+        },
+    )
     .await
     .with_context(|| format!("client saw: {refused}"))?;
 
     // A certificate from another CA (the client trusts the server, the server does not trust it).
     let other = write_dev_certs(&dir.path().join("other"), "mallory")?;
     let foreign = client_tls(&files.ca, &other.client_cert, &other.client_key)?;
-    let outcome = match Endpoint::from_shared(endpoint.clone())?.tls_config(foreign)?.connect().await {
+    let outcome = match Endpoint::from_shared(endpoint.clone())?
+        .tls_config(foreign)?
+        .connect()
+        .await
+    {
         Err(error) => Err(format!("{error:?}")),
         Ok(channel) => CoordinatorClient::new(channel)
             .submit(submit(vec![insert(&s0, 3, "foreign")]))
@@ -73,11 +86,18 @@ async fn over_tls_a_client_certificate_of_the_ca_commits_and_plaintext_or_anothe
             .map(|_| ())
             .map_err(|status| format!("{status:?}")),
     };
-    assert!(outcome.is_err(), "a client certificate from another CA must be refused");
+    assert!(
+        outcome.is_err(),
+        "a client certificate from another CA must be refused"
+    );
 
     // No certificate at all.
     let anonymous = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(&files.ca)?));
-    let outcome = match Endpoint::from_shared(endpoint.clone())?.tls_config(anonymous)?.connect().await {
+    let outcome = match Endpoint::from_shared(endpoint.clone())?
+        .tls_config(anonymous)?
+        .connect()
+        .await
+    {
         Err(error) => Err(format!("{error:?}")),
         Ok(channel) => CoordinatorClient::new(channel)
             .submit(submit(vec![insert(&s0, 4, "anonymous")]))
@@ -89,10 +109,16 @@ async fn over_tls_a_client_certificate_of_the_ca_commits_and_plaintext_or_anothe
 
     // Nothing the refused clients sent was carried out.
     assert_eq!(t.kv(0).await?, vec![(1, "a".to_owned())]);
-    eventually("the refusals are logged with their reasons", std::time::Duration::from_secs(10), || async {
-        let log = t.coordinator_log();
-        Ok(log.contains("not signed by --tls-client-ca") || log.contains("UnknownIssuer") || log.contains("BadSignature"))
-    })
+    eventually(
+        "the refusals are logged with their reasons",
+        std::time::Duration::from_secs(10),
+        || async {
+            let log = t.coordinator_log();
+            Ok(log.contains("not signed by --tls-client-ca")
+                || log.contains("UnknownIssuer")
+                || log.contains("BadSignature"))
+        },
+    )
     .await?;
     Ok(())
 }
@@ -120,7 +146,10 @@ async fn the_cli_commits_over_tls_with_its_certificate_flags() -> Result<()> {
     let without = run(&[])?;
     assert!(!without.status.success(), "https:// without --tls-ca must fail");
     let stderr = String::from_utf8_lossy(&without.stderr);
-    assert!(stderr.contains("--tls-ca"), "the error names the missing flag: {stderr}");
+    assert!(
+        stderr.contains("--tls-ca"),
+        "the error names the missing flag: {stderr}"
+    );
     assert_eq!(t.kv(0).await?, vec![], "nothing was sent");
 
     let with = run(&[
@@ -139,5 +168,47 @@ async fn the_cli_commits_over_tls_with_its_certificate_flags() -> Result<()> {
     );
     assert_eq!(t.kv(0).await?, vec![(7, "cli".to_owned())]);
     assert_eq!(t.kv(1).await?, vec![(7, "cli".to_owned())]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_demo_reaches_an_ok_verdict_over_tls() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let output = tokio::process::Command::new(treaty_harness::binary_path("treaty")?)
+        .args([
+            "demo",
+            "--tls",
+            "--duration",
+            "4",
+            "--shards",
+            "2",
+            "--clients",
+            "4",
+        ])
+        .args(["--coordinator-kills", "1", "--json", "--dir"])
+        .arg(dir.path())
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let verdict: serde_json::Value = serde_json::from_str(last).with_context(|| {
+        format!(
+            "demo output: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    assert_eq!(verdict["verdict"], "ok", "{verdict}");
+    assert_eq!(verdict["tls"], true, "{verdict}");
+    assert!(verdict["committed"].as_u64().unwrap_or(0) > 0, "{verdict}");
+    assert!(output.status.success());
+    // Every process served TLS only.
+    let logs = dir.path().join("logs");
+    for log in ["coordinator.log", "participant-s0.log", "participant-s1.log"] {
+        let text = std::fs::read_to_string(logs.join(log))?;
+        assert!(
+            text.contains("serving TLS only"),
+            "{log} does not say it served TLS"
+        );
+    }
     Ok(())
 }

@@ -33,7 +33,11 @@ impl DevCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rcgen_error)?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let key = KeyPair::generate().map_err(rcgen_error)?;
         Ok(Self {
             issuer: CertifiedIssuer::self_signed(params, key).map_err(rcgen_error)?,
@@ -51,7 +55,10 @@ impl DevCa {
         let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
             .map_err(rcgen_error)?;
         params.distinguished_name.push(DnType::CommonName, common_name);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         let key = KeyPair::generate().map_err(rcgen_error)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(rcgen_error)?;
         Ok(Issued {
@@ -114,5 +121,6 @@ pub fn write(path: &Path, text: &str, private: bool) -> Result<(), TlsError> {
     #[cfg(not(unix))]
     let _ = private;
     let mut file = options.open(path).map_err(|source| write_error(path, source))?;
-    file.write_all(text.as_bytes()).map_err(|source| write_error(path, source))
+    file.write_all(text.as_bytes())
+        .map_err(|source| write_error(path, source))
 }

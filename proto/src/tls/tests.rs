@@ -21,7 +21,8 @@ fn link(ca: &Path, identity: Option<(&Path, &Path)>) -> LinkTlsFiles {
 /// Connects to `addr` with `files`, returning the handshake's outcome once the server has also
 /// spoken (a server refusing a client certificate does so after the client's side completes).
 async fn dial(addr: std::net::SocketAddr, files: &LinkTlsFiles) -> Result<Vec<u8>, String> {
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(files).map_err(|e| e.to_string())?));
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(client_config(files).map_err(|e| e.to_string())?));
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let mut tls = connector
         .connect(ServerName::try_from("localhost").expect("a name"), tcp)
@@ -30,7 +31,12 @@ async fn dial(addr: std::net::SocketAddr, files: &LinkTlsFiles) -> Result<Vec<u8
     tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
     let mut answer = vec![0; 4];
     tls.read_exact(&mut answer).await.map_err(|e| e.to_string())?;
-    Ok(tls.get_ref().1.peer_certificates().map(|c| c[0].to_vec()).unwrap_or(answer))
+    Ok(tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c[0].to_vec())
+        .unwrap_or(answer))
 }
 
 /// A TLS listener that echoes four bytes on every connection it accepts.
@@ -65,23 +71,41 @@ async fn only_clients_with_a_certificate_from_the_client_ca_get_in() {
     let addr = echo_server(tls).await;
 
     let good = link(&files.ca, Some((&files.client_cert, &files.client_key)));
-    assert!(dial(addr, &good).await.is_ok(), "a client of the right CA gets in");
+    assert!(
+        dial(addr, &good).await.is_ok(),
+        "a client of the right CA gets in"
+    );
 
     let foreign = link(&files.ca, Some((&other.client_cert, &other.client_key)));
-    assert!(dial(addr, &foreign).await.is_err(), "a certificate from another CA is refused");
+    assert!(
+        dial(addr, &foreign).await.is_err(),
+        "a certificate from another CA is refused"
+    );
 
     let anonymous = link(&files.ca, None);
-    assert!(dial(addr, &anonymous).await.is_err(), "no client certificate is refused");
+    assert!(
+        dial(addr, &anonymous).await.is_err(),
+        "no client certificate is refused"
+    );
 
     let mut plain = TcpStream::connect(addr).await.expect("connect");
-    plain.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.expect("write");
+    plain
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("write");
     let mut buf = Vec::new();
     // The server answers a plaintext client with a TLS alert at most, then closes; never h2.
     let _ = plain.read_to_end(&mut buf).await;
-    assert!(!buf.starts_with(b"\x00\x00"), "no HTTP/2 frame to a plaintext client: {buf:?}");
+    assert!(
+        !buf.starts_with(b"\x00\x00"),
+        "no HTTP/2 frame to a plaintext client: {buf:?}"
+    );
 
     let wrong_ca = link(&other.ca, Some((&files.client_cert, &files.client_key)));
-    assert!(dial(addr, &wrong_ca).await.is_err(), "a client that does not trust the server's CA refuses it");
+    assert!(
+        dial(addr, &wrong_ca).await.is_err(),
+        "a client that does not trust the server's CA refuses it"
+    );
 }
 
 #[tokio::test]
@@ -108,9 +132,14 @@ async fn a_changed_certificate_is_served_to_the_next_connection() {
     let rotated_ca = dir.path().join("rotated-ca.pem");
     write(&rotated_ca, &ca.cert_pem(), false).expect("write ca");
 
-    let second = dial(addr, &link(&rotated_ca, None)).await.expect("the rotated certificate is served");
+    let second = dial(addr, &link(&rotated_ca, None))
+        .await
+        .expect("the rotated certificate is served");
     assert_ne!(first, second);
-    assert!(dial(addr, &trust_first).await.is_err(), "the old CA no longer vouches for the server");
+    assert!(
+        dial(addr, &trust_first).await.is_err(),
+        "the old CA no longer vouches for the server"
+    );
 }
 
 #[test]
@@ -127,25 +156,68 @@ fn a_broken_reload_keeps_the_previous_certificates() {
     write(&files.server_key, "not a key\n", true).expect("write");
     let error = tls.reload().expect_err("a broken key is refused");
     assert!(error.to_string().contains("server.key"), "{error}");
-    assert!(Arc::ptr_eq(&before, &tls.config()), "the previous configuration stays");
+    assert!(
+        Arc::ptr_eq(&before, &tls.config()),
+        "the previous configuration stays"
+    );
 }
 
 #[test]
 fn settings_are_refused_when_half_given() {
     let p = |s: &str| Some(std::path::PathBuf::from(s));
     let refused = |args: TlsArgs| args.resolve(None).expect_err("refused").to_string();
-    assert!(refused(TlsArgs { tls_cert: p("c"), ..TlsArgs::default() }).contains("--tls-key"));
-    assert!(refused(TlsArgs { tls_key: p("k"), ..TlsArgs::default() }).contains("--tls-cert"));
-    assert!(refused(TlsArgs { tls_client_ca: p("ca"), ..TlsArgs::default() }).contains("--tls-cert"));
-    assert!(refused(TlsArgs { link_tls_cert: p("c"), link_tls_key: p("k"), ..TlsArgs::default() }).contains("--link-tls-ca"));
-    assert!(refused(TlsArgs { link_tls_ca: p("ca"), link_tls_cert: p("c"), ..TlsArgs::default() }).contains("--link-tls-key"));
-    assert_eq!(TlsArgs::default().resolve(None).expect("none"), TlsSettings::default());
+    assert!(
+        refused(TlsArgs {
+            tls_cert: p("c"),
+            ..TlsArgs::default()
+        })
+        .contains("--tls-key")
+    );
+    assert!(
+        refused(TlsArgs {
+            tls_key: p("k"),
+            ..TlsArgs::default()
+        })
+        .contains("--tls-cert")
+    );
+    assert!(
+        refused(TlsArgs {
+            tls_client_ca: p("ca"),
+            ..TlsArgs::default()
+        })
+        .contains("--tls-cert")
+    );
+    assert!(
+        refused(TlsArgs {
+            link_tls_cert: p("c"),
+            link_tls_key: p("k"),
+            ..TlsArgs::default()
+        })
+        .contains("--link-tls-ca")
+    );
+    assert!(
+        refused(TlsArgs {
+            link_tls_ca: p("ca"),
+            link_tls_cert: p("c"),
+            ..TlsArgs::default()
+        })
+        .contains("--link-tls-key")
+    );
+    assert_eq!(
+        TlsArgs::default().resolve(None).expect("none"),
+        TlsSettings::default()
+    );
     let file = TlsFileSection {
         cert: p("file-c"),
         key: p("file-k"),
         ..TlsFileSection::default()
     };
-    let both = TlsArgs { tls_cert: p("flag-c"), ..TlsArgs::default() }.resolve(Some(file)).expect("resolved");
+    let both = TlsArgs {
+        tls_cert: p("flag-c"),
+        ..TlsArgs::default()
+    }
+    .resolve(Some(file))
+    .expect("resolved");
     let server = both.server.expect("server");
     assert_eq!(server.cert, std::path::PathBuf::from("flag-c"), "the flag wins");
     assert_eq!(server.key, std::path::PathBuf::from("file-k"));
@@ -162,7 +234,10 @@ fn a_missing_or_empty_file_is_named() {
         client_ca: None,
     };
     let error = server_config(&files).expect_err("empty").to_string();
-    assert!(error.contains("empty.pem") && error.contains("no PEM certificate"), "{error}");
+    assert!(
+        error.contains("empty.pem") && error.contains("no PEM certificate"),
+        "{error}"
+    );
     let missing = ServerTlsFiles {
         cert: dir.path().join("missing.pem"),
         ..files
