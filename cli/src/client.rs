@@ -21,6 +21,16 @@ pub struct Target {
     /// Where `treaty dev up` keeps its cluster.
     #[arg(long, default_value = ".treaty/dev")]
     pub dev_dir: PathBuf,
+    /// For an https:// coordinator: the CA (PEM) that signs its certificate. Default: the one
+    /// `treaty dev up --tls` made, when the coordinator is the dev cluster's.
+    #[arg(long, env = "TREATY_CLIENT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for a coordinator that requires one. Needs --tls-key.
+    #[arg(long, env = "TREATY_CLIENT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "TREATY_CLIENT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Target {
@@ -40,12 +50,49 @@ impl Target {
         }
     }
 
+    /// The TLS files to use: the flags, else those of the dev cluster (`treaty dev up --tls`)
+    /// when no coordinator was named.
+    fn tls_files(&self) -> Option<(PathBuf, Option<(PathBuf, PathBuf)>)> {
+        let identity = self.tls_cert.clone().zip(self.tls_key.clone());
+        if let Some(ca) = &self.tls_ca {
+            return Some((ca.clone(), identity));
+        }
+        if !self.coordinator.is_empty() {
+            return None;
+        }
+        let tls = ClusterState::load(&self.dev_dir).ok()?.tls?;
+        Some((tls.ca, identity.or(Some((tls.client_cert, tls.client_key)))))
+    }
+
+    fn tls(&self) -> Result<Option<treaty_client::ClientTlsConfig>> {
+        let usage =
+            |error: anyhow::Error| anyhow::Error::new(Failure::new(Exit::Usage, format!("{error:#}")));
+        let Some((ca, identity)) = self.tls_files() else {
+            return Ok(None);
+        };
+        let read = |path: &Path| {
+            std::fs::read(path)
+                .with_context(|| format!("reading TLS file {}", path.display()))
+                .map_err(usage)
+        };
+        let mut tls = treaty_client::ClientTlsConfig::new()
+            .ca_certificate(treaty_client::Certificate::from_pem(read(&ca)?));
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(treaty_client::Identity::from_pem(read(&cert)?, read(&key)?));
+        }
+        Ok(Some(tls))
+    }
+
     /// A client of the first coordinator that answers, in order (`treaty-client`). Only a call
     /// that was never sent, or one that is safe to repeat, fails over to the next: a call that
     /// broke after it was sent is reported, never sent again elsewhere, since it may have been
     /// carried out.
     pub async fn connect(&self) -> Result<Client> {
-        Client::connect(self.endpoints()).await.map_err(client_error)
+        let mut builder = Client::builder();
+        if let Some(tls) = self.tls()? {
+            builder = builder.tls(tls);
+        }
+        builder.connect(self.endpoints()).await.map_err(client_error)
     }
 }
 
@@ -417,6 +464,9 @@ mod tests {
         let target = Target {
             coordinator: vec![first.clone(), format!(" {second} "), String::new()],
             dev_dir: PathBuf::from("/nonexistent"),
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         };
         let text = target.connect().await.err().unwrap().to_string();
         assert!(text.starts_with("no coordinator answered ("), "{text}");

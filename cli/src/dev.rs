@@ -29,6 +29,11 @@ pub struct UpArgs {
     /// yet, so `dev up` only ever binds it to loopback.
     #[arg(long, default_value_t = 7680)]
     pub console_port: u16,
+    /// TLS on every link: makes a throw-away CA and certificates under --dev-dir/tls, and starts
+    /// every process serving TLS only, requiring client certificates of that CA. The other
+    /// `treaty` commands then use them for this cluster by themselves.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -64,6 +69,17 @@ pub struct ClusterState {
     #[serde(default)]
     pub coordinator_metrics: Option<String>,
     pub shards: Vec<ShardState>,
+    /// With `dev up --tls`: the CA and the client certificate the client commands present.
+    #[serde(default)]
+    pub tls: Option<ClientTlsFiles>,
+}
+
+/// The files a client of a `dev up --tls` cluster uses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientTlsFiles {
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 impl ClusterState {
@@ -92,6 +108,11 @@ impl ClusterState {
                     metrics: metrics_url(&cluster.participants[i]),
                 })
                 .collect(),
+            tls: cluster.tls.as_ref().map(|files| ClientTlsFiles {
+                ca: files.ca.clone(),
+                client_cert: files.client_cert.clone(),
+                client_key: files.client_key.clone(),
+            }),
         }
     }
 }
@@ -140,6 +161,18 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let console_addr = std::net::SocketAddr::from(([127, 0, 0, 1], console_port));
     let mut coordinator_args = args.decision_store.coordinator_args();
     coordinator_args.extend(["--console-addr".to_owned(), console_addr.to_string()]);
+    let tls = if args.tls {
+        let dir = base_dir.join("tls");
+        let files = treaty_proto::tls::dev_certs::write_dev_certs(&dir, "treaty-dev-client")
+            .context("making the development CA and certificates")?;
+        eprintln!(
+            "TLS on every link: a throw-away CA and certificates in {}",
+            dir.display()
+        );
+        Some(files)
+    } else {
+        None
+    };
     let spec = ClusterSpec {
         shards: args.shards,
         base_dir: base_dir.clone(),
@@ -149,6 +182,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         database: "treaty".into(),
         coordinator_port: args.port,
         in_process: false,
+        tls,
     };
     let mut cluster = LocalCluster::start(spec)
         .await
@@ -187,6 +221,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
         if let Some(url) = &shard.metrics {
             println!("  participant {:<4}{url}", shard.name);
         }
+    }
+    if let Some(tls) = &state.tls {
+        println!(
+            "TLS: CA {}, client certificate {} (the treaty commands use them for this cluster)",
+            tls.ca.display(),
+            tls.client_cert.display()
+        );
     }
     println!("logs in {}/logs; stop with `treaty dev down`", base_dir.display());
     Ok(())

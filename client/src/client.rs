@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::trace_context::{self, Coordinator};
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use treaty_proto::pb;
 
 use crate::error::{ClientError, EndpointFailure, Failure, Rpc, chain_text, classify, status_text};
@@ -24,6 +24,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(75);
 pub struct ClientBuilder {
     connect_timeout: Duration,
     request_timeout: Duration,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Default for ClientBuilder {
@@ -31,11 +32,20 @@ impl Default for ClientBuilder {
         Self {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            tls: None,
         }
     }
 }
 
 impl ClientBuilder {
+    /// TLS for `https://` endpoints: the CA that signs the coordinators' certificates and, for a
+    /// coordinator that requires one, this client's certificate (`ClientTlsConfig::identity`).
+    /// An `https://` endpoint without it is refused as invalid.
+    pub fn tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -110,13 +120,25 @@ impl Target {
         } else {
             format!("http://{trimmed}")
         };
-        let tonic = Endpoint::from_shared(url.clone())
+        let mut tonic = Endpoint::from_shared(url.clone())
             .map_err(|error| ClientError::InvalidEndpoint {
                 endpoint: given.clone(),
                 reason: chain_text(&error),
             })?
             .connect_timeout(options.connect_timeout)
             .timeout(options.request_timeout);
+        if url.starts_with("https://") {
+            let tls = options.tls.clone().ok_or_else(|| ClientError::InvalidEndpoint {
+                endpoint: given.clone(),
+                reason: "https:// needs TLS settings: the CA that signs the coordinator's certificate (ClientBuilder::tls; `treaty --tls-ca`)".into(),
+            })?;
+            tonic = tonic
+                .tls_config(tls)
+                .map_err(|error| ClientError::InvalidEndpoint {
+                    endpoint: given.clone(),
+                    reason: chain_text(&error),
+                })?;
+        }
         Ok(Self { url, tonic })
     }
 }

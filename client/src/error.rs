@@ -45,7 +45,9 @@ pub enum ClientError {
     #[error("no coordinator endpoint given: pass at least one, e.g. http://127.0.0.1:7600")]
     NoEndpoints,
 
-    #[error("coordinator endpoint {endpoint:?} is not a valid URL ({reason}); write it as http://HOST:PORT")]
+    #[error(
+        "coordinator endpoint {endpoint:?} is not usable ({reason}); write it as http://HOST:PORT or https://HOST:PORT"
+    )]
     InvalidEndpoint { endpoint: String, reason: String },
 
     /// Every endpoint was tried once for this call and none served it. Nothing was carried out

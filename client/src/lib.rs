@@ -78,6 +78,8 @@ mod transaction;
 
 pub use client::{Client, ClientBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
 pub use error::{ClientError, EndpointFailure, Rpc};
+/// TLS settings for `https://` coordinators ([`ClientBuilder::tls`]).
+pub use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 pub use transaction::Transaction;
 pub use treaty_proto::pb;
 

@@ -141,6 +141,8 @@ pub struct Args {
     /// Largest SQL text of one statement in bytes (default and most 1048576); more is INVALID_ARGUMENT.
     #[arg(long, env = "TREATY_COORDINATOR_MAX_SQL_BYTES")]
     pub max_sql_bytes: Option<usize>,
+    #[command(flatten)]
+    pub tls: treaty_proto::tls::TlsArgs,
     /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax
     /// (docs/failpoints.md). Only a binary built with failpoints (`cargo build-fi`) accepts it.
     #[arg(long, env = "TREATY_COORDINATOR_FAILPOINTS")]
@@ -175,6 +177,8 @@ struct FileConfig {
     metrics_addr: Option<SocketAddr>,
     otlp_endpoint: Option<String>,
     otlp_export_interval_ms: Option<u64>,
+    /// `[tls]`: cert, key, client_ca, link_ca, link_cert, link_key (as the `--tls-*` flags).
+    tls: Option<treaty_proto::tls::TlsFileSection>,
     failpoints: Option<String>,
     max_timeout_ms: Option<u64>,
     max_idle_timeout_ms: Option<u64>,
@@ -258,6 +262,8 @@ pub struct Config {
     /// not at all.
     pub otlp_endpoint: Option<String>,
     pub otlp_export_interval_ms: Option<u64>,
+    /// TLS on this service's listener and on the links it dials (`--tls-*`, `--link-tls-*`).
+    pub tls: treaty_proto::tls::TlsSettings,
     pub failpoints: Option<String>,
     pub crash_at: Option<String>,
     /// What one client may ask for and hold (`--max-*`).
@@ -266,6 +272,8 @@ pub struct Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("TLS: {0}")]
+    Tls(treaty_proto::tls::TlsError),
     #[error("reading config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {message}")]
@@ -434,6 +442,7 @@ impl Config {
             metrics_addr: args.metrics_addr.or(file.metrics_addr),
             otlp_endpoint: treaty_proto::telemetry::otlp_endpoint(args.otlp_endpoint.or(file.otlp_endpoint)),
             otlp_export_interval_ms: args.otlp_export_interval_ms.or(file.otlp_export_interval_ms),
+            tls: args.tls.resolve(file.tls).map_err(ConfigError::Tls)?,
             failpoints: args.failpoints.or(file.failpoints),
             crash_at: args.crash_at,
             limits,

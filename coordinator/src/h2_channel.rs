@@ -33,6 +33,7 @@ use h2::client::SendRequest;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tonic::Status;
 
@@ -56,6 +57,9 @@ struct Inner {
     address: Arc<str>,
     scheme: Scheme,
     authority: Authority,
+    /// With an `https://` URL: the TLS client and the name the participant's certificate must
+    /// carry.
+    tls: Option<Tls>,
     connect_timeout: Duration,
     keep_alive: KeepAlive,
     /// The live connection, if any. Held only to clone or replace it, never across an await.
@@ -67,6 +71,11 @@ struct Inner {
     attempts: AtomicU64,
     /// Pongs received on any connection (tests await keep-alive rounds with it).
     pongs: Arc<AtomicU64>,
+}
+
+struct Tls {
+    connector: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -90,35 +99,61 @@ pub enum ChannelUrlError {
     Scheme(String),
     #[error("the URL has no host")]
     NoHost,
+    #[error("an https:// participant needs --link-tls-ca (the CA that signs the participants' certificates)")]
+    NoTls,
 }
 
 impl H2Channel {
-    /// A channel to `url` (`http://host:port`). Nothing connects until the first call.
-    pub fn new(url: &str, connect_timeout: Duration) -> Result<Self, ChannelUrlError> {
+    /// A channel to `url` (`http://host:port`, or `https://host:port` with `tls`, the client
+    /// side of `--link-tls-*`). Nothing connects until the first call.
+    pub fn new(
+        url: &str,
+        connect_timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, ChannelUrlError> {
         let keep_alive = KeepAlive {
             interval: KEEP_ALIVE_INTERVAL,
             timeout: KEEP_ALIVE_TIMEOUT,
         };
-        Self::with_keep_alive(url, connect_timeout, keep_alive)
+        Self::with_keep_alive(url, connect_timeout, keep_alive, tls)
     }
 
     fn with_keep_alive(
         url: &str,
         connect_timeout: Duration,
         keep_alive: KeepAlive,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Self, ChannelUrlError> {
         let uri: Uri = url.parse()?;
         let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
-        if scheme != Scheme::HTTP {
-            return Err(ChannelUrlError::Scheme(scheme.to_string()));
-        }
         let authority = uri.authority().cloned().ok_or(ChannelUrlError::NoHost)?;
-        let address: Arc<str> = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80)).into();
+        let tls = if scheme == Scheme::HTTP {
+            None
+        } else if scheme == Scheme::HTTPS {
+            let config = tls.ok_or(ChannelUrlError::NoTls)?;
+            // The name the server's certificate must carry: an IP address or a DNS name.
+            let name = ServerName::try_from(authority.host().trim_matches(['[', ']']).to_owned())
+                .map_err(|_| ChannelUrlError::NoHost)?;
+            Some(Tls {
+                connector: tokio_rustls::TlsConnector::from(config),
+                name,
+            })
+        } else {
+            return Err(ChannelUrlError::Scheme(scheme.to_string()));
+        };
+        let default_port = if tls.is_some() { 443 } else { 80 };
+        let address: Arc<str> = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(default_port)
+        )
+        .into();
         Ok(Self {
             inner: Arc::new(Inner {
                 address,
                 scheme,
                 authority,
+                tls,
                 connect_timeout,
                 keep_alive,
                 current: Mutex::new(None),
@@ -295,13 +330,34 @@ impl Inner {
             })?
             .map_err(|e| unavailable(e.to_string()))?;
         tcp.set_nodelay(true).map_err(|e| unavailable(e.to_string()))?;
+        match &self.tls {
+            None => self.handshake(tcp, id).await,
+            Some(tls) => {
+                let stream =
+                    tokio::time::timeout(self.connect_timeout, tls.connector.connect(tls.name.clone(), tcp))
+                        .await
+                        .map_err(|_| unavailable("no TLS handshake within the connect timeout".into()))?
+                        .map_err(|e| unavailable(format!("TLS handshake: {e}")))?;
+                self.handshake(stream, id).await
+            }
+        }
+    }
+
+    /// The HTTP/2 handshake on a connected stream (TCP, or TLS over TCP), and the task that drives
+    /// the connection and its keep-alive pings.
+    async fn handshake<T>(self: &Arc<Self>, io: T, id: u64) -> Result<Connection, Status>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let unavailable =
+            |what: String| Status::unavailable(format!("cannot connect to {}: {what}", self.address));
         let (sender, mut connection) = tokio::time::timeout(
             self.connect_timeout,
             h2::client::Builder::new()
                 .enable_push(false)
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
-                .handshake::<_, Bytes>(tcp),
+                .handshake::<_, Bytes>(io),
         )
         .await
         .map_err(|_| unavailable("no HTTP/2 handshake within the connect timeout".into()))?

@@ -85,6 +85,8 @@ pub(crate) fn engine_on(
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
+    #[error("TLS: {0}")]
+    Tls(treaty_proto::tls::TlsError),
     #[error("decision log in {dir}: {source}")]
     Log {
         dir: std::path::PathBuf,
@@ -230,12 +232,18 @@ pub async fn run(
     let id = CoordinatorId::new(&id).map_err(CoordinatorError::BadId)?;
     let addr = listener.local_addr().map_err(CoordinatorError::ListenAddr)?;
     let (local, in_process) = start_in_process(&config, addr).await?;
+    let link_tls = match &config.tls.link {
+        Some(files) => Some(Arc::new(
+            treaty_proto::tls::client_config(files).map_err(CoordinatorError::Tls)?,
+        )),
+        None => None,
+    };
     let addresses = config
         .shards
         .iter()
         .map(|(shard, address)| (shard.clone(), address.expose().to_owned()))
         .collect();
-    let links = ParticipantLinks::with_local(&addresses, local)?;
+    let links = ParticipantLinks::with_local(&addresses, local, link_tls)?;
     let settings = EngineSettings {
         timeouts: config.timeouts,
         lock_timeout_ms: config.lock_timeout_ms,
@@ -275,6 +283,20 @@ pub async fn run(
 
     // Bound before the coordinator says it listens: a console address that cannot be bound fails
     // the start instead of leaving a coordinator without the console it was asked for.
+    // Loaded before anything is announced, so a bad certificate stops the start with the file
+    // named.
+    let server_tls = match &config.tls.server {
+        Some(files) => {
+            let tls = treaty_proto::tls::ServerTls::load(files.clone()).map_err(CoordinatorError::Tls)?;
+            tracing::info!(
+                cert = %files.cert.display(),
+                client_certificates = if files.client_ca.is_some() { "required" } else { "not asked for" },
+                "serving TLS only"
+            );
+            Some(tls)
+        }
+        None => None,
+    };
     let console = match config.console_addr {
         Some(addr) => Some(console::bind(addr).await?),
         None => None,
@@ -315,9 +337,18 @@ pub async fn run(
     let router = router.add_service(treaty_failpoints::admin::AdminService::server(
         &failpoints::CATALOG,
     ));
-    let served = router
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await;
+    let served = match server_tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(treaty_proto::tls::incoming(listener, tls), shutdown)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming(listener), shutdown)
+                .await
+        }
+    };
     probing.abort();
     if let Some(console) = console {
         console.stop().await;
@@ -400,6 +431,11 @@ async fn start_in_process(
     } else {
         addr
     };
+    let scheme = if config.tls.server.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     for (shard, url) in &config.shards {
         if !config::is_database_url(url.expose()) {
             continue;
@@ -408,7 +444,7 @@ async fn start_in_process(
         let participant = treaty_participant::Config::in_process(
             shard.clone(),
             url.clone(),
-            format!("http://{own}"),
+            format!("{scheme}://{own}"),
             config.data_dir.join("participants").join(shard.as_str()),
             lock_timeout_ms,
         )
@@ -416,6 +452,9 @@ async fn start_in_process(
             shard: shard.to_string(),
             message: error.to_string(),
         })?;
+        // It asks this coordinator for decisions over the coordinator's own links' TLS.
+        let mut participant = participant;
+        participant.tls.link = config.tls.link.clone();
         let started = treaty_participant::Running::start(&participant)
             .await
             .map_err(|source| CoordinatorError::InProcess {

@@ -151,14 +151,15 @@ impl ParticipantLinks {
     /// Builds a channel per shard. Nothing connects yet: a participant that is down at start is
     /// reached when it comes back.
     pub fn new(shards: &BTreeMap<ShardName, String>) -> Result<Self, LinkSetupError> {
-        Self::with_local(shards, BTreeMap::new())
+        Self::with_local(shards, BTreeMap::new(), None)
     }
 
     /// As `new`, with the shards in `local` driven by participants running in this process
-    /// (their entries in `shards` are ignored).
+    /// (their entries in `shards` are ignored), and `https://` agents reached with `tls`.
     pub fn with_local(
         shards: &BTreeMap<ShardName, String>,
         local: BTreeMap<ShardName, treaty_participant::InProcess>,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Self, LinkSetupError> {
         let mut clients = BTreeMap::new();
         let mut health = BTreeMap::new();
@@ -169,7 +170,7 @@ impl ParticipantLinks {
                 Some(service) => LinkChannel::Local(service.clone()),
                 None => {
                     urls.insert(shard.clone(), url.clone());
-                    LinkChannel::Remote(H2Channel::new(url, CONNECT_TIMEOUT).map_err(|e| {
+                    LinkChannel::Remote(H2Channel::new(url, CONNECT_TIMEOUT, tls.clone()).map_err(|e| {
                         LinkSetupError::BadUrl {
                             shard: shard.to_string(),
                             url: treaty_proto::redact(url),

@@ -19,6 +19,7 @@ use crate::os;
 use crate::postgres::{PgCluster, PgOptions};
 use crate::process::{ServiceProcess, ServiceSpec};
 use crate::proxy::FaultNetwork;
+pub use treaty_proto::tls::dev_certs::DevCertFiles;
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -38,6 +39,42 @@ pub struct ClusterSpec {
     /// Every shard driven by the coordinator itself (`--shard NAME=postgres://...`): no
     /// participant processes are started, and `participants` stays empty.
     pub in_process: bool,
+    /// TLS on every link (`--tls-*` and `--link-tls-*` on every process, https:// everywhere),
+    /// with these throw-away certificates; the server certificate is also each service's
+    /// identity on the links it dials.
+    pub tls: Option<DevCertFiles>,
+}
+
+/// The TLS flags of a service in a TLS cluster: its listener requires client certificates of the
+/// cluster's CA, and it presents the server certificate on the links it dials.
+pub fn service_tls_args(files: &DevCertFiles) -> Vec<String> {
+    let path = |p: &PathBuf| p.display().to_string();
+    vec![
+        "--tls-cert".into(),
+        path(&files.server_cert),
+        "--tls-key".into(),
+        path(&files.server_key),
+        "--tls-client-ca".into(),
+        path(&files.ca),
+        "--link-tls-ca".into(),
+        path(&files.ca),
+        "--link-tls-cert".into(),
+        path(&files.server_cert),
+        "--link-tls-key".into(),
+        path(&files.server_key),
+    ]
+}
+
+/// tonic's client TLS with the cluster's CA and its client certificate.
+pub fn client_tls(files: &DevCertFiles) -> Result<tonic::transport::ClientTlsConfig, HarnessError> {
+    let read =
+        |path: &PathBuf| std::fs::read(path).map_err(HarnessError::io(format!("reading {}", path.display())));
+    Ok(tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(&files.ca)?))
+        .identity(tonic::transport::Identity::from_pem(
+            read(&files.client_cert)?,
+            read(&files.client_key)?,
+        )))
 }
 
 /// A running local cluster. Dropping it kills the processes and stops PostgreSQL, unless each part
@@ -58,6 +95,8 @@ pub struct LocalCluster {
     /// `coordinator` and the shard names (`client -> coordinator`, `coordinator -> s0`,
     /// `s0 -> coordinator`, ...).
     pub network: Option<FaultNetwork>,
+    /// The certificates of a TLS cluster (`ClusterSpec::tls`).
+    pub tls: Option<DevCertFiles>,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -126,16 +165,19 @@ impl LocalCluster {
             }
         }
 
+        let scheme = if spec.tls.is_some() { "https" } else { "http" };
+        let tls_args = spec.tls.as_ref().map(service_tls_args).unwrap_or_default();
         let mut coordinator_args = vec![
             "--data-dir".to_string(),
             base_dir.join("coordinator").display().to_string(),
         ];
+        coordinator_args.extend(tls_args.iter().cloned());
         for ((name, addr), pg) in shard_names.iter().zip(&participant_dials).zip(&pgs) {
             coordinator_args.push("--shard".into());
             if spec.in_process {
                 coordinator_args.push(format!("{name}={}", pg.url(&spec.database)));
             } else {
-                coordinator_args.push(format!("{name}=http://{addr}"));
+                coordinator_args.push(format!("{name}={scheme}://{addr}"));
             }
         }
         coordinator_args.extend(spec.coordinator_args.iter().cloned());
@@ -164,10 +206,11 @@ impl LocalCluster {
                         "--database-url".into(),
                         pg.url(&spec.database),
                         "--coordinator".into(),
-                        format!("http://{coordinator_dial}"),
+                        format!("{scheme}://{coordinator_dial}"),
                         "--data-dir".into(),
                         base_dir.join(format!("participant-{name}")).display().to_string(),
                     ];
+                    args.extend(tls_args.iter().cloned());
                     args.extend(spec.participant_args.iter().cloned());
                     ServiceProcess::spawn(ServiceSpec {
                         name: format!("participant-{name}"),
@@ -189,6 +232,7 @@ impl LocalCluster {
             shard_names,
             base_dir,
             network,
+            tls: spec.tls.clone(),
         })
     }
 
@@ -205,14 +249,24 @@ impl LocalCluster {
         }
     }
 
+    /// A tonic endpoint for `url`, with the cluster's client TLS when the cluster runs TLS.
+    pub fn endpoint_to(&self, url: &str) -> Result<tonic::transport::Endpoint, HarnessError> {
+        let grpc = |source| HarnessError::Grpc {
+            endpoint: url.to_owned(),
+            source,
+        };
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned()).map_err(grpc)?;
+        match &self.tls {
+            Some(files) => endpoint.tls_config(client_tls(files)?).map_err(grpc),
+            None => Ok(endpoint),
+        }
+    }
+
     /// A connected gRPC client of the coordinator.
     pub async fn client(&self) -> Result<CoordinatorClient<Channel>, HarnessError> {
         let endpoint = self.coordinator_endpoint();
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
-            .map_err(|source| HarnessError::Grpc {
-                endpoint: endpoint.clone(),
-                source,
-            })?
+        let channel = self
+            .endpoint_to(&endpoint)?
             .connect()
             .await
             .map_err(|source| HarnessError::Grpc { endpoint, source })?;
@@ -232,6 +286,7 @@ impl LocalCluster {
             "--id".into(),
             id.into(),
         ];
+        coordinator_args.extend(self.tls.as_ref().map(service_tls_args).unwrap_or_default());
         for (name, participant) in self.shard_names.iter().zip(&self.participants) {
             coordinator_args.push("--shard".into());
             coordinator_args.push(format!("{name}={}", participant.endpoint()));

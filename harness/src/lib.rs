@@ -20,7 +20,7 @@ mod process;
 mod proxy;
 pub mod standby;
 
-pub use cluster::{ClusterSpec, LocalCluster};
+pub use cluster::{ClusterSpec, DevCertFiles, LocalCluster, client_tls, service_tls_args};
 pub use error::HarnessError;
 pub use os::{binary_path, failpoints_built_in, free_loopback_port, require_failpoints};
 pub use postgres::{PgCluster, PgOptions, postgres_bin_dir};

@@ -70,8 +70,14 @@ impl ServiceProcess {
     }
 
     /// `http://<addr>`, for gRPC clients.
+    /// `http://ADDR`, or `https://ADDR` for a service started with `--tls-cert`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.spec.listen)
+        let scheme = if self.spec.args.iter().any(|arg| arg == "--tls-cert") {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.spec.listen)
     }
 
     pub fn log_path(&self) -> &std::path::Path {

@@ -52,6 +52,10 @@ pub struct DemoArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+    /// TLS on every link (a throw-away CA and certificates, client certificates required), as
+    /// `treaty dev up --tls`.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// What the clients saw, per transfer id.
@@ -364,6 +368,14 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         database: DATABASE.into(),
         coordinator_port: 0,
         in_process: false,
+        tls: if args.tls {
+            Some(
+                treaty_proto::tls::dev_certs::write_dev_certs(&base_dir.join("tls"), "treaty-demo-client")
+                    .context("making the demo's CA and certificates")?,
+            )
+        } else {
+            None
+        },
     };
     let mut cluster = LocalCluster::start(spec)
         .await
@@ -380,7 +392,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         aborted: AtomicU64::new(0),
         unknown: AtomicU64::new(0),
     });
-    let channel = tonic::transport::Endpoint::from_shared(cluster.coordinator_endpoint())?
+    let channel = cluster
+        .endpoint_to(&cluster.coordinator_endpoint())?
         .connect_timeout(Duration::from_secs(1))
         .connect_lazy();
     let workers: Vec<_> = (0..args.clients as u64)
@@ -508,6 +521,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 "unknown": seen.unknown.len(),
                 "coordinator_kills": kills,
                 "decision_store": args.decision_store.name(),
+                "tls": args.tls,
                 "balance_conserved": verdict.total_before == verdict.total_after,
                 "half_applied": verdict.half_applied.len(),
                 "lost_commits": verdict.lost_commits.len(),

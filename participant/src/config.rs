@@ -106,6 +106,8 @@ pub struct Args {
     /// or 5000).
     #[arg(long, env = "TREATY_PARTICIPANT_OTLP_EXPORT_INTERVAL_MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub otlp_export_interval_ms: Option<u64>,
+    #[command(flatten)]
+    pub tls: treaty_proto::tls::TlsArgs,
     /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax
     /// (docs/failpoints.md). Only a binary built with failpoints (`cargo build-fi`) accepts it.
     #[arg(long, env = "TREATY_PARTICIPANT_FAILPOINTS")]
@@ -143,6 +145,8 @@ struct FileConfig {
     metrics_addr: Option<SocketAddr>,
     otlp_endpoint: Option<String>,
     otlp_export_interval_ms: Option<u64>,
+    /// `[tls]`: cert, key, client_ca, link_ca, link_cert, link_key (as the `--tls-*` flags).
+    tls: Option<treaty_proto::tls::TlsFileSection>,
     failpoints: Option<String>,
 }
 
@@ -171,6 +175,8 @@ pub struct Config {
     /// not at all.
     pub otlp_endpoint: Option<String>,
     pub otlp_export_interval_ms: Option<u64>,
+    /// TLS on this service's listener and on the links it dials (`--tls-*`, `--link-tls-*`).
+    pub tls: treaty_proto::tls::TlsSettings,
     pub failpoints: Option<String>,
     /// Whether to ask the coordinators for their runs before serving (`Admission`). A
     /// participant inside the coordinator does not: it starts before its coordinator serves,
@@ -190,6 +196,8 @@ impl Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("TLS: {0}")]
+    Tls(treaty_proto::tls::TlsError),
     #[error("reading config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {message}")]
@@ -381,6 +389,7 @@ impl Config {
             metrics_addr: args.metrics_addr.or(file.metrics_addr),
             otlp_endpoint: treaty_proto::telemetry::otlp_endpoint(args.otlp_endpoint.or(file.otlp_endpoint)),
             otlp_export_interval_ms: args.otlp_export_interval_ms.or(file.otlp_export_interval_ms),
+            tls: args.tls.resolve(file.tls).map_err(ConfigError::Tls)?,
             failpoints: args.failpoints.or(file.failpoints),
             ask_coordinators_at_start: true,
         };

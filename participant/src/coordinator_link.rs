@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use treaty_proto::pb::coordinator_client::CoordinatorClient;
 use treaty_proto::{CoordinatorId, Gid, TxId, pb};
 
@@ -31,6 +31,12 @@ pub enum LinkError {
     BadAnswer { url: String, message: String },
     #[error("no coordinator is configured")]
     NoCoordinator,
+    #[error(
+        "--coordinator {url:?} is https:// but no --link-tls-ca is given (the CA that signs the coordinators' certificates)"
+    )]
+    NoTls { url: String },
+    #[error("--coordinator {url:?}: TLS settings not usable: {reason}")]
+    Tls { url: String, reason: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,9 +97,9 @@ pub struct CoordinatorLink {
 
 impl CoordinatorLink {
     /// Builds the channel; nothing connects until the first call.
-    pub fn new(url: &str) -> Result<Self, LinkError> {
+    pub fn new(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Self, LinkError> {
         check_url(url)?;
-        let endpoint = Endpoint::from_shared(url.to_owned())
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| LinkError::BadUrl {
                 url: url.to_owned(),
                 reason: e.to_string(),
@@ -101,6 +107,13 @@ impl CoordinatorLink {
             .connect_timeout(Duration::from_secs(1))
             .timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
+        if url.starts_with("https://") {
+            let tls = tls.ok_or_else(|| LinkError::NoTls { url: url.to_owned() })?;
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| LinkError::Tls {
+                url: url.to_owned(),
+                reason: e.to_string(),
+            })?;
+        }
         Ok(Self {
             url: url.to_owned(),
             client: CoordinatorClient::new(endpoint.connect_lazy()),
@@ -176,13 +189,13 @@ pub struct Coordinators {
 
 impl Coordinators {
     /// Builds a link per URL; nothing connects until the first call.
-    pub fn new(urls: &[String]) -> Result<Self, LinkError> {
+    pub fn new(urls: &[String], tls: Option<&ClientTlsConfig>) -> Result<Self, LinkError> {
         if urls.is_empty() {
             return Err(LinkError::NoCoordinator);
         }
         let links = urls
             .iter()
-            .map(|url| CoordinatorLink::new(url))
+            .map(|url| CoordinatorLink::new(url, tls))
             .collect::<Result<Vec<_>, _>>()?;
         let ids = Mutex::new(vec![None; links.len()]);
         Ok(Self {
@@ -360,11 +373,14 @@ mod tests {
         let urls: Vec<String> = ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"]
             .map(String::from)
             .to_vec();
-        let coordinators = Coordinators::new(&urls).unwrap();
+        let coordinators = Coordinators::new(&urls, None).unwrap();
         assert_eq!(coordinators.order(), vec![0, 1, 2]);
         coordinators.preferred.store(2, Ordering::Relaxed);
         assert_eq!(coordinators.order(), vec![2, 0, 1]);
-        assert!(matches!(Coordinators::new(&[]), Err(LinkError::NoCoordinator)));
+        assert!(matches!(
+            Coordinators::new(&[], None),
+            Err(LinkError::NoCoordinator)
+        ));
     }
 
     #[tokio::test]
@@ -380,7 +396,7 @@ mod tests {
             })
             .collect();
         let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
-        let coordinators = Coordinators::new(&urls).unwrap();
+        let coordinators = Coordinators::new(&urls, None).unwrap();
         let error = coordinators
             .query_decision(vec!["treaty:c1:1@s0".into()])
             .await

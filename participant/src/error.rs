@@ -14,6 +14,8 @@ use crate::values::{DecodeError, ParamError};
 /// Why the participant could not start or stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ParticipantError {
+    #[error("TLS: {0}")]
+    Tls(treaty_proto::tls::TlsError),
     #[error("creating the data directory {path}: {source}")]
     DataDir { path: PathBuf, source: std::io::Error },
     #[error(

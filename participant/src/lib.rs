@@ -83,6 +83,13 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ParticipantError> {
+    // Loaded first, so a bad certificate stops the start with the file named.
+    let server_tls = match &config.tls.server {
+        Some(files) => {
+            Some(treaty_proto::tls::ServerTls::load(files.clone()).map_err(ParticipantError::Tls)?)
+        }
+        None => None,
+    };
     let running = Running::start(&config).await?;
     let serving_metrics = match config.metrics_addr {
         Some(metrics_addr) => {
@@ -115,9 +122,26 @@ pub async fn run(
     let router = router.add_service(treaty_failpoints::admin::AdminService::server(
         &failpoints::CATALOG,
     ));
-    let served = router
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await;
+    let served = match server_tls {
+        Some(tls) => {
+            tracing::info!(
+                client_certificates = if config.tls.server.as_ref().is_some_and(|f| f.client_ca.is_some()) {
+                    "required"
+                } else {
+                    "not asked for"
+                },
+                "serving TLS only"
+            );
+            router
+                .serve_with_incoming_shutdown(treaty_proto::tls::incoming(listener, tls), shutdown)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming(listener), shutdown)
+                .await
+        }
+    };
     if let Some(serving_metrics) = serving_metrics {
         serving_metrics.abort();
     }
@@ -167,7 +191,13 @@ impl Running {
             .into_iter()
             .map(|xact| xact.gid)
             .collect();
-        let coordinators = Arc::new(Coordinators::new(&config.coordinator_urls)?);
+        let link_tls = match &config.tls.link {
+            Some(files) => {
+                Some(treaty_proto::tls::tonic_client_config(files).map_err(ParticipantError::Tls)?)
+            }
+            None => None,
+        };
+        let coordinators = Arc::new(Coordinators::new(&config.coordinator_urls, link_tls.as_ref())?);
         let (admission, runs) = if config.ask_coordinators_at_start {
             startup_admission(&coordinators).await
         } else {
@@ -181,9 +211,10 @@ impl Running {
             admission,
         );
 
-        let three_phase = three_phase::ThreePhase::start(agent.clone(), config.three_phase_timeout_ms)
-            .await
-            .map_err(ParticipantError::ServerCheck)?;
+        let three_phase =
+            three_phase::ThreePhase::start(agent.clone(), config.three_phase_timeout_ms, link_tls)
+                .await
+                .map_err(ParticipantError::ServerCheck)?;
 
         let (stop, stopped) = watch::channel(false);
         let terminating = tokio::spawn(three_phase.clone().run_ticker(stopped.clone()));

@@ -30,6 +30,8 @@ pub mod reflection;
 pub mod secret_file;
 #[cfg(feature = "process")]
 pub mod telemetry;
+#[cfg(feature = "process")]
+pub mod tls;
 mod value;
 pub mod wire;
 

@@ -65,6 +65,7 @@ async fn start() -> Result<ConsoleCluster> {
         coordinator_port: 0,
         // Participant agents: the test arms a failpoint in shard 2's.
         in_process: false,
+        tls: None,
     };
     let cluster = LocalCluster::start(spec)
         .await

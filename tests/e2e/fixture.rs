@@ -25,6 +25,8 @@ pub struct Options {
     pub participant_args: Vec<String>,
     /// Every shard driven inside the coordinator (`--shard NAME=postgres://...`), no agents.
     pub in_process: bool,
+    /// TLS on every link, with these certificates (`ClusterSpec::tls`).
+    pub tls: Option<treaty_harness::DevCertFiles>,
 }
 
 impl TestCluster {
@@ -51,6 +53,7 @@ impl TestCluster {
             database: DATABASE.into(),
             coordinator_port: 0,
             in_process: options.in_process,
+            tls: options.tls,
         };
         let cluster = LocalCluster::start(spec)
             .await

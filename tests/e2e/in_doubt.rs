@@ -48,6 +48,7 @@ async fn start(in_doubt_after_ms: &str) -> Result<TestCluster> {
         database: DATABASE.into(),
         coordinator_port: 0,
         in_process: false,
+        tls: None,
     };
     let cluster = LocalCluster::start(spec)
         .await

@@ -22,4 +22,5 @@ mod secrets;
 mod shared_server;
 mod standby;
 mod three_phase;
+mod tls;
 mod traces;

@@ -261,7 +261,7 @@ fn grpc_trailers(status: &'static str, message: Option<&'static str>) -> http::H
 }
 
 fn client(url: &str) -> ParticipantClient<H2Channel> {
-    ParticipantClient::new(H2Channel::new(url, Duration::from_secs(1)).expect("a valid URL"))
+    ParticipantClient::new(H2Channel::new(url, Duration::from_secs(1), None).expect("a valid URL"))
 }
 
 /// A channel that pings every 50 ms and gives up on a pong after 500 ms.
@@ -270,7 +270,7 @@ fn fast_keep_alive_channel(url: &str) -> H2Channel {
         interval: Duration::from_millis(50),
         timeout: Duration::from_millis(500),
     };
-    H2Channel::with_keep_alive(url, Duration::from_secs(1), keep_alive).expect("a valid URL")
+    H2Channel::with_keep_alive(url, Duration::from_secs(1), keep_alive, None).expect("a valid URL")
 }
 
 /// Waits (bounded) until the channel has received `n` more pongs than it had.

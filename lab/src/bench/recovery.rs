@@ -248,6 +248,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         database: DATABASE.into(),
         coordinator_port: 0,
         in_process: false,
+        tls: None,
     })
     .await
     .context("starting the local cluster")?;

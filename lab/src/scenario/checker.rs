@@ -126,11 +126,14 @@ pub async fn await_convergence(cluster: &LocalCluster, within: Duration) -> Resu
 
 /// Transactions `endpoint`'s coordinator holds in doubt (at most 1 counted); 1 when it cannot be
 /// asked, so that an unreachable coordinator never passes for a converged one.
-async fn in_doubt_at(endpoint: &str) -> usize {
-    let Ok(mut client) = pb::coordinator_client::CoordinatorClient::connect(endpoint.to_string()).await
-    else {
+async fn in_doubt_at(cluster: &LocalCluster, endpoint: &str) -> usize {
+    let Ok(endpoint) = cluster.endpoint_to(endpoint) else {
         return 1;
     };
+    let Ok(channel) = endpoint.connect().await else {
+        return 1;
+    };
+    let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
     client
         .list_transactions(pb::ListTransactionsRequest {
             filter: pb::ListFilter::InDoubt as i32,
@@ -163,7 +166,7 @@ pub async fn await_convergence_via(
         };
         let mut in_doubt = 0;
         for endpoint in coordinators {
-            in_doubt += in_doubt_at(endpoint).await;
+            in_doubt += in_doubt_at(cluster, endpoint).await;
         }
         let rows_left = if commit_rows_gone {
             decision_rows(cluster).await.map(|r| r.commit).unwrap_or(1)

@@ -236,6 +236,7 @@ pub fn cluster_spec(
         database: checker::DATABASE.into(),
         coordinator_port: 0,
         in_process: false,
+        tls: None,
     }
 }
 

@@ -96,14 +96,18 @@ pub enum PreCommitAnswer {
 impl ThreePhase {
     /// Rebuilds a machine for every three-phase branch PostgreSQL still holds prepared; each times
     /// out at once, so termination (or the coordinator) finishes it.
-    pub async fn start(agent: Arc<Agent>, timeout_ms: u64) -> Result<Arc<Self>, crate::postgres::DbError> {
+    pub async fn start(
+        agent: Arc<Agent>,
+        timeout_ms: u64,
+        peer_tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Result<Arc<Self>, crate::postgres::DbError> {
         let recorded = store::load_prepared(agent.pool(), agent.shard()).await?;
         let this = Arc::new(Self {
             agent,
             timeout_ms,
             entries: Mutex::new(HashMap::new()),
             live: AtomicUsize::new(0),
-            peers: peers::PeerClients::default(),
+            peers: peers::PeerClients::new(peer_tls),
             finished_rows: Mutex::new(Vec::new()),
             dropped: Mutex::new(HashSet::new()),
         });

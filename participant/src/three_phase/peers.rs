@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use treaty_commit_protocol::participant::Report;
 use treaty_commit_protocol::termination::Ballot;
 use treaty_proto::pb::participant_client::ParticipantClient;
@@ -23,6 +23,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Default)]
 pub struct PeerClients {
     channels: Mutex<HashMap<String, ParticipantClient<Channel>>>,
+    /// For `https://` peers (`--link-tls-*`).
+    tls: Option<ClientTlsConfig>,
 }
 
 pub fn peers_to_pb(peers: &[Peer]) -> Vec<pb::Peer> {
@@ -36,6 +38,13 @@ pub fn peers_to_pb(peers: &[Peer]) -> Vec<pb::Peer> {
 }
 
 impl PeerClients {
+    pub fn new(tls: Option<ClientTlsConfig>) -> Self {
+        Self {
+            channels: Mutex::default(),
+            tls,
+        }
+    }
+
     fn client(&self, shard: &ShardName, peers: &[Peer]) -> Result<ParticipantClient<Channel>, BranchError> {
         let url = peers
             .iter()
@@ -54,11 +63,21 @@ impl PeerClients {
         if let Some(client) = channels.get(&url) {
             return Ok(client.clone());
         }
-        let endpoint = Endpoint::from_shared(url.clone())
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| BranchError::InvalidRequest(format!("participant {shard} address {url:?}: {e}")))?
             .connect_timeout(Duration::from_secs(1))
             .timeout(CALL_TIMEOUT)
             .tcp_nodelay(true);
+        if url.starts_with("https://") {
+            let tls = self.tls.clone().ok_or_else(|| {
+                BranchError::Unavailable(format!(
+                    "participant {shard} is at {url}, but this participant has no --link-tls-ca to reach it"
+                ))
+            })?;
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| BranchError::Unavailable(format!("participant {shard} at {url}: TLS: {e}")))?;
+        }
         let client = ParticipantClient::new(endpoint.connect_lazy());
         channels.insert(url, client.clone());
         Ok(client)

@@ -486,6 +486,7 @@ pub fn config(db: &TestDb, coordinator: SocketAddr, data_dir: &std::path::Path) 
         metrics_addr: None,
         otlp_endpoint: None,
         otlp_export_interval_ms: None,
+        tls: Default::default(),
         failpoints: None,
         ask_coordinators_at_start: true,
     }
