@@ -15,6 +15,7 @@ use tempfile::TempDir;
 
 use crate::error::HarnessError;
 use crate::os::{self, RunAs};
+use treaty_proto::tls::dev_certs::DevCertFiles;
 
 /// Server settings for a test or demo cluster.
 #[derive(Debug, Clone)]
@@ -31,6 +32,10 @@ pub struct PgOptions {
     pub log_statements: bool,
     /// Further `name = value` settings, written verbatim.
     pub extra: Vec<(String, String)>,
+    /// TLS only: the server uses these certificates (`ssl = on`), `pg_hba.conf` has only
+    /// `hostssl` lines, so a plaintext connection is refused, and [`PgCluster::url`] asks for
+    /// `sslmode=verify-full` against their CA.
+    pub ssl_only: Option<DevCertFiles>,
 }
 
 impl Default for PgOptions {
@@ -41,6 +46,7 @@ impl Default for PgOptions {
             max_prepared_transactions: 200,
             log_statements: false,
             extra: Vec::new(),
+            ssl_only: None,
         }
     }
 }
@@ -231,9 +237,14 @@ impl PgCluster {
         &self.data_dir
     }
 
-    /// A connection URL for database `database` as the superuser `postgres` (trust authentication).
+    /// A connection URL for database `database` as the superuser `postgres` (trust authentication;
+    /// with `ssl_only`, over TLS verified against the cluster's CA).
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        let url = format!("postgres://postgres@127.0.0.1:{}/{database}", self.port);
+        match &self.options.ssl_only {
+            Some(files) => format!("{url}?sslmode=verify-full&sslrootcert={}", files.ca.display()),
+            None => url,
+        }
     }
 
     pub async fn connect(&self, database: &str) -> Result<sqlx::PgConnection, HarnessError> {
@@ -322,13 +333,56 @@ impl PgCluster {
             on_off(o.fsync),
             if o.log_statements { "all" } else { "none" },
         );
+        if o.ssl_only.is_some() {
+            let dir = self.data_dir.display();
+            conf.push_str(&format!(
+                "ssl = on\nssl_cert_file = '{dir}/treaty-server.crt'\nssl_key_file = '{dir}/treaty-server.key'\nhba_file = '{dir}/treaty-hba.conf'\n"
+            ));
+        }
         for (name, value) in &o.extra {
             conf.push_str(&format!("{name} = {value}\n"));
         }
         conf
     }
 
+    /// With `ssl_only`: the server's certificate and key in the data directory (the key owned by
+    /// the server's user, mode 0600, as PostgreSQL requires) and an hba file that admits TLS
+    /// connections only.
+    fn write_ssl_files(&self) -> Result<(), HarnessError> {
+        let Some(files) = &self.options.ssl_only else {
+            return Ok(());
+        };
+        let copy = |from: &Path, name: &str| -> Result<(), HarnessError> {
+            let to = self.data_dir.join(name);
+            let text =
+                std::fs::read(from).map_err(HarnessError::io(format!("reading {}", from.display())))?;
+            std::fs::write(&to, text).map_err(HarnessError::io(format!("writing {}", to.display())))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                .map_err(HarnessError::io(format!("chmod {}", to.display())))?;
+            if let Some(run_as) = self.run_as {
+                std::os::unix::fs::chown(&to, Some(run_as.uid), Some(run_as.gid))
+                    .map_err(HarnessError::io(format!("chown {}", to.display())))?;
+            }
+            Ok(())
+        };
+        copy(&files.server_cert, "treaty-server.crt")?;
+        copy(&files.server_key, "treaty-server.key")?;
+        let hba = self.data_dir.join("treaty-hba.conf");
+        std::fs::write(
+            &hba,
+            "# Written by the Treaty harness: TLS connections only.\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .map_err(HarnessError::io(format!("writing {}", hba.display())))?;
+        if let Some(run_as) = self.run_as {
+            std::os::unix::fs::chown(&hba, Some(run_as.uid), Some(run_as.gid))
+                .map_err(HarnessError::io(format!("chown {}", hba.display())))?;
+        }
+        Ok(())
+    }
+
     async fn start_server(&self) -> Result<(), HarnessError> {
+        self.write_ssl_files()?;
         let conf = self.data_dir.join("treaty.conf");
         std::fs::write(&conf, self.settings())
             .map_err(HarnessError::io(format!("writing {}", conf.display())))?;

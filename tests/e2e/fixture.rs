@@ -27,6 +27,8 @@ pub struct Options {
     pub in_process: bool,
     /// TLS on every link, with these certificates (`ClusterSpec::tls`).
     pub tls: Option<treaty_harness::DevCertFiles>,
+    /// PostgreSQL accepts TLS connections only, with these certificates (`PgOptions::ssl_only`).
+    pub pg_ssl_only: Option<treaty_harness::DevCertFiles>,
 }
 
 impl TestCluster {
@@ -46,6 +48,7 @@ impl TestCluster {
             base_dir: dir.path().to_path_buf(),
             pg: PgOptions {
                 fsync: false,
+                ssl_only: options.pg_ssl_only,
                 ..PgOptions::default()
             },
             coordinator_args,

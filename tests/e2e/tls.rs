@@ -212,3 +212,50 @@ async fn the_demo_reaches_an_ok_verdict_over_tls() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn shards_whose_postgres_accepts_only_hostssl_connections_work() -> Result<()> {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir()?;
+    let files = write_dev_certs(dir.path(), "unused")?;
+    let t = TestCluster::start(Options {
+        pg_ssl_only: Some(files.clone()),
+        ..Options::default()
+    })
+    .await?;
+    let url = t.cluster.pgs[0].url(DATABASE);
+    assert!(url.contains("sslmode=verify-full"), "{url}");
+
+    let mut client = t.client().await?;
+    let (s0, s1) = (t.shard(0), t.shard(1));
+    let response = client
+        .submit(submit(vec![insert(&s0, 1, "a"), insert(&s1, 1, "b")]))
+        .await?
+        .into_inner();
+    assert!(committed(&response.outcome), "{response:?}");
+    assert_eq!(t.kv(0).await?, vec![(1, "a".to_owned())]);
+    assert_eq!(t.kv(1).await?, vec![(1, "b".to_owned())]);
+
+    // Plaintext is refused by the server.
+    let port = t.cluster.pgs[0].port();
+    let plain = format!("postgres://postgres@127.0.0.1:{port}/{DATABASE}?sslmode=disable");
+    let error = sqlx::PgConnection::connect(&plain)
+        .await
+        .err()
+        .context("a plaintext connection must be refused")?;
+    assert!(error.to_string().contains("no encryption"), "{error}");
+
+    // Every connection the participant holds to its database is encrypted.
+    let mut conn = t.cluster.pgs[0].connect(DATABASE).await?;
+    let (encrypted, plaintext): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+         FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.datname = $1 AND a.pid <> pg_backend_pid()",
+    )
+    .bind(DATABASE)
+    .fetch_one(&mut conn)
+    .await?;
+    assert!(encrypted > 0, "the participant's connections are TLS");
+    assert_eq!(plaintext, 0);
+    Ok(())
+}
