@@ -7,7 +7,7 @@
 
 use std::future::Future;
 
-use treaty_types::{CoordinatorId, Gid, Protocol, ShardName, Value};
+use treaty_types::{CoordinatorId, DatabaseRole, Gid, Protocol, ShardName, Value};
 
 use crate::participant::Report;
 use crate::termination::Ballot;
@@ -24,13 +24,16 @@ pub enum Isolation {
 }
 
 /// Settings a branch opens with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct BranchOptions {
     pub isolation: Isolation,
     /// PostgreSQL `lock_timeout` for the branch; 0: the participant's default.
     pub lock_timeout_ms: u64,
     /// PostgreSQL `statement_timeout` for the branch; 0: none.
     pub statement_timeout_ms: u64,
+    /// The role the branch's statements run under (the client's, from its identity); `None`: the
+    /// participant's own role.
+    pub database_role: Option<DatabaseRole>,
 }
 
 /// One statement of a branch; the first opens the branch with `options`.

@@ -125,6 +125,10 @@ fn options_to_pb(options: BranchOptions) -> pb::BranchOptions {
         isolation: isolation as i32,
         lock_timeout_ms: options.lock_timeout_ms,
         statement_timeout_ms: options.statement_timeout_ms,
+        database_role: options
+            .database_role
+            .map(|role| role.as_str().to_owned())
+            .unwrap_or_default(),
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use treaty_proto::{ApiError, pb};
+use treaty_proto::{ApiError, DatabaseRole, pb};
 
 use treaty_commit_protocol::store::HeuristicDecision;
 use treaty_commit_protocol::transport::{BranchOptions, Isolation, ParticipantTransport};
@@ -34,12 +34,15 @@ impl CoordinatorService {
 
     /// The options of a new transaction, checked against the limits, with the client's
     /// open-transaction slot: refused (nothing opened) when the client or the coordinator is full.
+    /// Its branches run under `database_role`, the caller's.
     fn begin_options(
         &self,
         client: ClientId,
+        database_role: Option<DatabaseRole>,
         options: Option<pb::TransactionOptions>,
     ) -> Result<TxnOptions, ApiError> {
         let mut options = self.options(options)?;
+        options.branch.database_role = database_role;
         options.max_statements = Some(self.limits.settings().max_statements_per_transaction);
         options.slot = Some(Arc::new(self.limits.open_transaction(client)?));
         Ok(options)
@@ -107,11 +110,33 @@ impl CoordinatorService {
                 isolation,
                 lock_timeout_ms: pick(options.lock_timeout_ms, self.engine.default_lock_timeout_ms()),
                 statement_timeout_ms: timeouts.transaction_ms,
+                // The caller's, set by `begin_options`; never from the request.
+                database_role: None,
             },
             slot: None,
             max_statements: None,
         })
     }
+}
+
+/// The PostgreSQL role the calling client's statements run under on every shard: its access-file
+/// entry's `database_role`; `None` (each participant's own role) for a caller without one, or
+/// when the coordinator runs without an access file. A name `DatabaseRole` refuses could not be
+/// put into `SET LOCAL ROLE`: the call is refused, naming it.
+fn caller_database_role<T>(request: &Request<T>) -> Result<Option<DatabaseRole>, ApiError> {
+    let Some(name) = caller_role_name(request) else {
+        return Ok(None);
+    };
+    DatabaseRole::new(name).map(Some).map_err(|error| {
+        ApiError::InvalidArgument(format!(
+            "the caller's database_role (from the coordinator's --access-file): {error}"
+        ))
+    })
+}
+
+/// Until callers are authenticated (`treaty_proto::auth`): no caller has a database role.
+fn caller_role_name<T>(_request: &Request<T>) -> Option<&str> {
+    None
 }
 
 /// A submit's ops as the driver takes them; a bad parameter is refused naming its op.
@@ -238,7 +263,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn begin(&self, request: Request<pb::BeginRequest>) -> Result<Response<pb::BeginResponse>, Status> {
         let _call = self.enter(&request)?;
         let client = ClientId::from_request(&request);
-        let options = self.begin_options(client, request.into_inner().options)?;
+        let database_role = caller_database_role(&request)?;
+        let options = self.begin_options(client, database_role, request.into_inner().options)?;
         let txid = self.engine.begin(options).await?;
         Ok(Response::new(pb::BeginResponse { txid }))
     }
@@ -280,6 +306,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let _call = self.enter(&request)?;
         let client = ClientId::from_request(&request);
+        let database_role = caller_database_role(&request)?;
         let request = request.into_inner();
         let max_statements = self.limits.settings().max_statements_per_transaction;
         if request.ops.len() > max_statements as usize {
@@ -294,7 +321,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             self.limits.check_sql(Some(index), &op.sql)?;
         }
         let ops = ops_from_pb(request.ops)?;
-        let options = self.begin_options(client, request.options)?;
+        let options = self.begin_options(client, database_role, request.options)?;
         let (txid, outcome, results) =
             crate::submit::submit(&self.engine, ops, options, request.wait_for_apply).await?;
         Ok(Response::new(pb::SubmitResponse {

@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedMutexGuard;
 use treaty_commit_protocol::participant::Participant;
+use treaty_proto::{DatabaseRole, Gid};
 
 use crate::pool::PooledConnection;
+use crate::pool::session::Session;
 
 /// Most finished GIDs remembered at once; the oldest are forgotten first.
 const MAX_HISTORY: usize = 200_000;
@@ -27,13 +29,20 @@ const MAX_HISTORY: usize = 200_000;
 ///
 /// Dropped without `transaction_ended`, the connection is closed rather than pooled, so an open
 /// transaction can never be handed to another branch (PostgreSQL rolls it back on disconnect).
+/// Nor is a session the branch changed: the SQL guard's word or the check after the branch's last
+/// statement (`session_changed`) closes it too.
 pub struct ActiveBranch {
     pub connection: PooledConnection,
     pub last_used: Instant,
     pub statements: u64,
-    /// A statement changed session state (`SET`, `RESET`): the connection is closed when the
-    /// branch ends instead of going back to the pool.
+    /// A statement may have changed session state (`SET`, `RESET`, a session-level advisory
+    /// lock: `sql_guard`), whether it succeeded or not, or the check after the branch's last
+    /// statement found it changed (`transaction_ended`): the connection is closed when the branch
+    /// ends instead of going back to the pool.
     pub session_changed: bool,
+    /// The role the client's statements run under (`SET LOCAL ROLE` at BEGIN); `None`: the
+    /// participant's own.
+    pub database_role: Option<DatabaseRole>,
     /// A statement certainly wrote (a single INSERT/UPDATE/DELETE/MERGE that affected rows), so the
     /// vote need not ask PostgreSQL whether the transaction has an id.
     pub wrote: bool,
@@ -47,15 +56,29 @@ impl ActiveBranch {
             last_used: Instant::now(),
             statements: 0,
             session_changed: false,
+            database_role: None,
             wrote: false,
             ended: false,
         }
     }
 
     /// The transaction is over (COMMIT, ROLLBACK or PREPARE succeeded): the connection may go back
-    /// to the pool.
-    pub fn transaction_ended(mut self) {
+    /// to the pool, unless `session` (the check that ran in the same round trip) or the SQL guard
+    /// says its session changed.
+    pub fn transaction_ended(mut self, gid: &Gid, session: Session) {
         self.ended = true;
+        if let Session::Changed(what) = session {
+            tracing::warn!(
+                %gid,
+                backend_pid = self.connection.backend_pid(),
+                "closing the branch's connection instead of pooling it: its session changed ({what})"
+            );
+            crate::metrics::global().dirty_connection_closed("session_check");
+            self.session_changed = true;
+        } else if self.session_changed {
+            tracing::debug!(%gid, "closing the branch's connection: a statement may have changed its session");
+            crate::metrics::global().dirty_connection_closed("sql_guard");
+        }
     }
 
     /// Closes the connection: its transaction or protocol state is unknown.

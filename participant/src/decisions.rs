@@ -15,12 +15,12 @@
 //! `ShardName`, whose constructors restrict them to `[A-Za-z0-9_-:@]` (see `postgres.rs`); every
 //! other statement binds them as parameters.
 
-use sqlx::Executor as _;
 use sqlx::postgres::PgConnection;
-use treaty_proto::{CoordinatorId, Gid, ShardName};
+use treaty_proto::{CoordinatorId, DatabaseRole, Gid, ShardName};
 
-use crate::pool::Pool;
-use crate::postgres::{DbError, retrying, simple};
+use crate::pool::session::{self, Session, StatementFailed};
+use crate::pool::{Pool, PooledConnection};
+use crate::postgres::{DbError, bookkeeping_prelude, retrying, simple};
 
 /// SQLSTATE `unique_violation`: the other outcome's row for the GID committed first.
 const UNIQUE_VIOLATION: &str = "23505";
@@ -98,6 +98,14 @@ fn commit_row_sql(gid: &Gid, participants: &[ShardName]) -> String {
 /// Why the decision branch did not commit its commit row.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommitRowError {
+    /// A deferred constraint of the client's failed when it was checked before the commit row
+    /// (a branch under a client's role checks them first, under that role): the branch cannot
+    /// commit.
+    #[error(
+        "a deferred constraint of the decision branch {gid} failed before its commit row was inserted, so \
+         it cannot commit: {error}"
+    )]
+    Deferred { gid: String, error: DbError },
     /// An abort row for the GID was committed first (or is being: the insert waited for it).
     #[error("the transaction was concluded aborted first: an abort row for {gid} won ({error})")]
     ConcludedAbort { gid: String, error: DbError },
@@ -113,7 +121,8 @@ pub enum CommitRowError {
 impl CommitRowError {
     pub fn db(&self) -> &DbError {
         match self {
-            CommitRowError::ConcludedAbort { error, .. }
+            CommitRowError::Deferred { error, .. }
+            | CommitRowError::ConcludedAbort { error, .. }
             | CommitRowError::Insert { error, .. }
             | CommitRowError::Commit { error, .. } => error,
         }
@@ -121,33 +130,31 @@ impl CommitRowError {
 }
 
 /// Inserts `gid`'s commit row in the open transaction on `connection` (the decision branch) and
-/// commits it, in one round trip. On an error the transaction may still be open (a failed insert
-/// skips the COMMIT): the caller rolls it back, which is harmless if COMMIT already ended it. A
-/// connection error (`db().is_connection()`) leaves the outcome unknown.
+/// commits it, with the session check after, in one round trip; a branch under a client's `role`
+/// first checks its deferred constraints under that role and writes the row under the
+/// participant's (`postgres::bookkeeping_prelude`). On an error the transaction may still be open
+/// (a failed statement skips the rest): the caller rolls it back, which is harmless if COMMIT
+/// already ended it. A connection error (`db().is_connection()`) leaves the outcome unknown.
 pub async fn insert_and_commit(
-    connection: &mut PgConnection,
+    connection: &mut PooledConnection,
     gid: &Gid,
     participants: &[ShardName],
-) -> Result<(), CommitRowError> {
-    use futures::TryStreamExt as _;
-    let sql = format!("{}; COMMIT", commit_row_sql(gid, participants));
-    // Counted per statement: PostgreSQL skips the rest of a simple query after an error, so an
-    // error after one completed statement is the COMMIT's, and one before it the insert's.
-    let mut completed = 0;
-    let mut results = connection.fetch_many(sqlx::raw_sql(sqlx::AssertSqlSafe(sql)));
-    let failed = loop {
-        match results.try_next().await {
-            Ok(Some(sqlx::Either::Left(_))) => completed += 1,
-            Ok(Some(sqlx::Either::Right(_))) => {}
-            Ok(None) => return Ok(()),
-            Err(error) => break DbError::from(error),
-        }
-    };
+    role: Option<&DatabaseRole>,
+) -> Result<Session, CommitRowError> {
+    let (prelude, insert_at) = bookkeeping_prelude(role);
+    let sql = format!("{prelude}{}; COMMIT", commit_row_sql(gid, participants));
+    let clean = connection.clean_session();
+    let StatementFailed { index, error } =
+        match session::end_and_check(connection, &sql, insert_at + 2, &clean).await {
+            Ok(session) => return Ok(session),
+            Err(failed) => failed,
+        };
     let gid = gid.to_string();
-    Err(match completed {
-        0 if lost_to_abort(&failed) => CommitRowError::ConcludedAbort { gid, error: failed },
-        0 => CommitRowError::Insert { gid, error: failed },
-        _ => CommitRowError::Commit { gid, error: failed },
+    Err(match index {
+        index if index < insert_at => CommitRowError::Deferred { gid, error },
+        index if index == insert_at && lost_to_abort(&error) => CommitRowError::ConcludedAbort { gid, error },
+        index if index == insert_at => CommitRowError::Insert { gid, error },
+        _ => CommitRowError::Commit { gid, error },
     })
 }
 

@@ -45,6 +45,7 @@ pub struct Metrics {
     finish_seconds: HistogramFamily<1>,
     resolved_by_recovery: Family<Labels<1>, Counter>,
     recovery_pass_errors: Counter,
+    dirty_connections_closed: Family<Labels<1>, Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -54,7 +55,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     finish_seconds: Family::new_with_constructor(latency_histogram),
     resolved_by_recovery: Family::default(),
     recovery_pass_errors: Counter::default(),
+    dirty_connections_closed: Family::default(),
 });
+
+/// Who found that a branch may have changed its connection's session (`dirty_connection_closed`).
+const FOUND_BY: [&str; 2] = ["sql_guard", "session_check"];
 
 pub fn global() -> &'static Metrics {
     &METRICS
@@ -97,6 +102,15 @@ impl Metrics {
         self.recovery_pass_errors.inc();
     }
 
+    /// A branch's connection closed instead of pooled because its session may have changed;
+    /// `found_by` is one of `FOUND_BY`: the SQL guard saw such a statement, or the check after
+    /// the branch's last statement found a difference.
+    pub fn dirty_connection_closed(&self, found_by: &'static str) {
+        self.dirty_connections_closed
+            .get_or_create(&[("found_by", found_by)])
+            .inc();
+    }
+
     /// Creates every series of the bounded label sets at 0, so that each is scraped from the
     /// start (`rate()` and alerts see a 0, not a missing series).
     fn create_series(&self) {
@@ -108,6 +122,10 @@ impl Metrics {
             self.finished.get_or_create_owned(&decision);
             self.finish_seconds.get_or_create_owned(&decision);
             self.resolved_by_recovery.get_or_create_owned(&decision);
+        }
+        for found_by in FOUND_BY {
+            self.dirty_connections_closed
+                .get_or_create_owned(&[("found_by", found_by)]);
         }
     }
 
@@ -141,6 +159,13 @@ impl Metrics {
             "treaty_participant_recovery_pass_errors",
             "Recovery passes that failed (database or coordinators unreachable)",
             self.recovery_pass_errors.clone(),
+        );
+        registry.register(
+            "treaty_participant_dirty_connections_closed",
+            "Branch connections closed instead of pooled because the branch may have changed their \
+             session, by who found it (sql_guard: a statement that may; session_check: the check \
+             after the branch found the role, temporary schema or search_path changed)",
+            self.dirty_connections_closed.clone(),
         );
     }
 }

@@ -27,6 +27,9 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::postgres::{DbError, SessionDefaults};
+use session::SessionState;
+
+pub(crate) mod session;
 
 /// An idle connection unused this long is closed (as sqlx's pool does by default).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
@@ -51,8 +54,15 @@ struct Shared {
 
 struct Idle {
     connection: PgConnection,
-    backend_pid: i32,
+    opened: Opened,
     since: Instant,
+}
+
+/// What was read when a connection opened.
+struct Opened {
+    backend_pid: i32,
+    /// The session as it was opened; a branch must leave it so (`session`).
+    clean: Arc<SessionState>,
 }
 
 impl Pool {
@@ -151,13 +161,13 @@ impl Pool {
                 }
             }
         };
-        let (connection, backend_pid) = match self.shared.take_idle() {
+        let (connection, opened) = match self.shared.take_idle() {
             Some(idle) => idle,
             None => self.shared.open(deadline).await?,
         };
         Ok(PooledConnection {
             connection: Some(connection),
-            backend_pid,
+            opened,
             shared: Arc::clone(&self.shared),
             close: false,
             _permit: permit,
@@ -186,20 +196,24 @@ impl Pool {
 }
 
 impl Shared {
-    /// A new connection and its backend's process id, retried with a growing pause while the
-    /// server refuses for a moment, until `deadline`. The pid is read once here (one round trip per
-    /// connection, not per use) so that a statement on the connection can be cancelled from
-    /// another one (`pg_cancel_backend`; sqlx keeps the cancel key to itself).
-    async fn open(&self, deadline: tokio::time::Instant) -> Result<(PgConnection, i32), DbError> {
+    /// A new connection, its backend's process id and its clean session state, retried with a
+    /// growing pause while the server refuses for a moment, until `deadline`. The pid and the
+    /// state are read once here, in one round trip per connection (not per use): the pid so that
+    /// a statement on the connection can be cancelled from another one (`pg_cancel_backend`; sqlx
+    /// keeps the cancel key to itself), the state for the check after every branch (`session`).
+    async fn open(&self, deadline: tokio::time::Instant) -> Result<(PgConnection, Opened), DbError> {
         let mut pause = Duration::from_millis(20);
         loop {
             let error = match self.options.connect().await {
                 Ok(mut connection) => {
-                    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-                        .fetch_one(&mut connection)
-                        .await
-                        .map_err(|e| DbError::Connection(format!("reading the backend's pid: {e}")))?;
-                    return Ok((connection, pid));
+                    let (backend_pid, clean) = session::open(&mut connection).await.map_err(|e| {
+                        DbError::Connection(format!("reading the new session's backend pid and state: {e}"))
+                    })?;
+                    let opened = Opened {
+                        backend_pid,
+                        clean: Arc::new(clean),
+                    };
+                    return Ok((connection, opened));
                 }
                 Err(error) => error,
             };
@@ -228,7 +242,7 @@ impl Shared {
         self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn take_idle(&self) -> Option<(PgConnection, i32)> {
+    fn take_idle(&self) -> Option<(PgConnection, Opened)> {
         let mut idle = self.idle();
         let stale = idle
             .iter()
@@ -237,7 +251,7 @@ impl Shared {
         // Dropped outside the lock would be nicer, but dropping a connection only closes its
         // socket.
         idle.drain(..stale);
-        idle.pop().map(|entry| (entry.connection, entry.backend_pid))
+        idle.pop().map(|entry| (entry.connection, entry.opened))
     }
 }
 
@@ -245,8 +259,7 @@ impl Shared {
 /// unless `close_on_drop` was called.
 pub struct PooledConnection {
     connection: Option<PgConnection>,
-    /// The PostgreSQL backend serving this connection (`pg_backend_pid()`).
-    backend_pid: i32,
+    opened: Opened,
     shared: Arc<Shared>,
     close: bool,
     /// Released after the connection is back among the idle ones (fields drop after `drop`), so
@@ -257,7 +270,12 @@ pub struct PooledConnection {
 impl PooledConnection {
     /// The PostgreSQL backend serving this connection, to cancel its statement from another.
     pub fn backend_pid(&self) -> i32 {
-        self.backend_pid
+        self.opened.backend_pid
+    }
+
+    /// The session as it was when the connection opened, which a branch must leave it as.
+    pub(crate) fn clean_session(&self) -> Arc<SessionState> {
+        Arc::clone(&self.opened.clean)
     }
 
     /// Closes the connection instead of returning it: its transaction or protocol state is not
@@ -307,7 +325,10 @@ impl Drop for PooledConnection {
         if !self.shared.permits.is_closed() {
             idle.push(Idle {
                 connection,
-                backend_pid: self.backend_pid,
+                opened: Opened {
+                    backend_pid: self.opened.backend_pid,
+                    clean: Arc::clone(&self.opened.clean),
+                },
                 since: Instant::now(),
             });
         }

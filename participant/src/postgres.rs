@@ -15,9 +15,10 @@
 use futures::future::BoxFuture;
 use sqlx::postgres::{PgConnection, PgDatabaseError, PgSeverity};
 use sqlx::{AssertSqlSafe, Executor as _};
-use treaty_proto::{BranchGid, Gid, ShardName};
+use treaty_proto::{BranchGid, DatabaseRole, Gid, ShardName};
 
-use crate::pool::Pool;
+use crate::pool::session::{self, Session};
+use crate::pool::{Pool, PooledConnection};
 
 /// SQLSTATE `undefined_object`: "prepared transaction with identifier ... does not exist".
 const UNDEFINED_OBJECT: &str = "42704";
@@ -102,13 +103,32 @@ pub enum Isolation {
 }
 
 /// How a branch's transaction is opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BranchOptions {
     pub isolation: Isolation,
     /// `SET LOCAL lock_timeout`, when given.
     pub lock_timeout_ms: Option<u32>,
     /// `SET LOCAL statement_timeout`, when given.
     pub statement_timeout_ms: Option<u32>,
+    /// `SET LOCAL ROLE`, when given: the client's statements run under this role, Treaty's own
+    /// rows under the participant's (`ROLE_FOR_BOOKKEEPING`).
+    pub database_role: Option<DatabaseRole>,
+}
+
+/// Sent before Treaty's own rows in a branch that runs under a client's role, in the same round
+/// trip: first every deferred constraint trigger the client's statements queued fires, still
+/// under the client's role (at COMMIT or PREPARE they would fire under the participant's, with its
+/// privileges); then the participant's own role writes the marker or decision row, which the
+/// client's role may not touch. Two statements.
+const ROLE_FOR_BOOKKEEPING: &str = "SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL ROLE NONE; ";
+
+/// What goes before Treaty's own rows in a branch: `ROLE_FOR_BOOKKEEPING` when it runs under a
+/// client's role, else nothing; and how many statements that is.
+pub(crate) fn bookkeeping_prelude(role: Option<&DatabaseRole>) -> (&'static str, usize) {
+    match role {
+        Some(_) => (ROLE_FOR_BOOKKEEPING, 2),
+        None => ("", 0),
+    }
 }
 
 /// The timeouts a pool's connections start with (`Pool::with_session_defaults`, PostgreSQL's
@@ -119,9 +139,10 @@ pub struct SessionDefaults {
     pub statement_timeout_ms: Option<u32>,
 }
 
-/// `BEGIN`, and a `SET LOCAL` for each timeout the branch wants other than what its session
-/// starts with (a `SET LOCAL` costs PostgreSQL a parse, an execution and a restore at the end of
-/// the transaction, about 10 µs each: measured in docs/performance.md, Session 13).
+/// `BEGIN`, a `SET LOCAL` for each timeout the branch wants other than what its session starts
+/// with (a `SET LOCAL` costs PostgreSQL a parse, an execution and a restore at the end of the
+/// transaction, about 10 µs each: measured in docs/performance.md, Session 13), and last the
+/// client's role, so that everything after runs under it.
 fn begin_sql(options: &BranchOptions, session: &SessionDefaults) -> String {
     let isolation = match options.isolation {
         Isolation::ReadCommitted => "READ COMMITTED",
@@ -137,6 +158,10 @@ fn begin_sql(options: &BranchOptions, session: &SessionDefaults) -> String {
         let ms = options.statement_timeout_ms.unwrap_or(0);
         sql.push_str(&format!("; SET LOCAL statement_timeout = {ms}"));
     }
+    if let Some(role) = &options.database_role {
+        sql.push_str("; SET LOCAL ROLE ");
+        sql.push_str(&role.quoted());
+    }
     sql
 }
 
@@ -150,46 +175,75 @@ pub async fn begin(
     simple(connection, begin_sql(options, session)).await
 }
 
-pub async fn rollback(connection: &mut PgConnection) -> Result<(), DbError> {
-    simple(connection, "ROLLBACK".into()).await
+/// Ends the branch's transaction with ROLLBACK, the session check in the same round trip.
+pub async fn rollback(connection: &mut PooledConnection) -> Result<Session, DbError> {
+    end(connection, "ROLLBACK", 1).await
 }
 
-pub async fn commit(connection: &mut PgConnection) -> Result<(), DbError> {
-    simple(connection, "COMMIT".into()).await
+/// Ends the branch's transaction with COMMIT, the session check in the same round trip. Deferred
+/// constraint triggers fire under the branch's role, as they would for the client.
+pub async fn commit(connection: &mut PooledConnection) -> Result<Session, DbError> {
+    end(connection, "COMMIT", 1).await
 }
 
-/// True when the open transaction has no transaction id, i.e. wrote nothing.
+/// `sql` (`statements` statements, ending the transaction) and the session check, one round trip.
+async fn end(connection: &mut PooledConnection, sql: &str, statements: usize) -> Result<Session, DbError> {
+    let clean = connection.clean_session();
+    session::end_and_check(connection, sql, statements, &clean)
+        .await
+        .map_err(|failed| failed.error)
+}
+
+/// True when the open transaction has no transaction id, i.e. wrote nothing. Asked under the
+/// branch's role, which may only ever mislead its own branch; qualified, since that role may have
+/// changed `search_path`.
 pub async fn wrote_nothing(connection: &mut PgConnection) -> Result<bool, DbError> {
-    Ok(sqlx::query_scalar("SELECT txid_current_if_assigned() IS NULL")
-        .fetch_one(connection)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT pg_catalog.txid_current_if_assigned() IS NULL")
+            .fetch_one(connection)
+            .await?,
+    )
 }
 
-fn prepare_sql(gid: &Gid, branch: &BranchGid) -> Result<String, DbError> {
+/// The vote's SQL and how many statements it holds: the marker row and `PREPARE TRANSACTION`,
+/// the marker under the participant's role when the branch runs under a client's.
+fn prepare_sql(
+    gid: &Gid,
+    branch: &BranchGid,
+    role: Option<&DatabaseRole>,
+) -> Result<(String, usize), DbError> {
     // A transaction whose decision is a row on its decision shard needs no marker: that row says
     // whether the branch committed, and a branch found not prepared is answered from it by the
     // coordinator (`Agent::commit_prepared`). One insert and one index entry fewer per branch.
+    // Nothing of Treaty's is written, so the role stays the client's (deferred triggers fire
+    // under it at PREPARE).
     if gid.decision_shard().is_some() {
-        return Ok(format!("PREPARE TRANSACTION '{branch}'"));
+        return Ok((format!("PREPARE TRANSACTION '{branch}'"), 1));
     }
     let txid = i64::try_from(gid.txid())
         .map_err(|_| DbError::Client(format!("txid of {gid} does not fit the marker table's bigint")))?;
-    Ok(format!(
-        "INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('{gid}', '{}', {txid}); \
-         PREPARE TRANSACTION '{branch}'",
-        gid.coordinator()
+    let (prelude, prelude_statements) = bookkeeping_prelude(role);
+    Ok((
+        format!(
+            "{prelude}INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('{gid}', '{}', {txid}); \
+             PREPARE TRANSACTION '{branch}'",
+            gid.coordinator()
+        ),
+        prelude_statements + 2,
     ))
 }
 
-/// Writes the marker row (under `gid`) inside the branch and prepares it (as `branch`), in one
-/// round trip; no marker for a GID that names a decision shard. After success the session has no
-/// open transaction.
+/// Writes the marker row (under `gid`) inside the branch and prepares it (as `branch`), with the
+/// session check after, in one round trip; no marker for a GID that names a decision shard. After
+/// success the session has no open transaction.
 pub async fn insert_marker_and_prepare(
-    connection: &mut PgConnection,
+    connection: &mut PooledConnection,
     gid: &Gid,
     branch: &BranchGid,
-) -> Result<(), DbError> {
-    simple(connection, prepare_sql(gid, branch)?).await
+    role: Option<&DatabaseRole>,
+) -> Result<Session, DbError> {
+    let (sql, statements) = prepare_sql(gid, branch, role)?;
+    end(connection, &sql, statements).await
 }
 
 /// Runs `attempt` on a pooled connection, and again on another one while the connection turns out
@@ -445,6 +499,7 @@ mod tests {
             isolation: Isolation::Serializable,
             lock_timeout_ms: Some(2000),
             statement_timeout_ms: Some(60_000),
+            database_role: None,
         };
         assert_eq!(
             begin_sql(&options, &none),
@@ -463,6 +518,7 @@ mod tests {
             isolation: Isolation::ReadCommitted,
             lock_timeout_ms: Some(10_000),
             statement_timeout_ms: Some(60_000),
+            database_role: None,
         };
         assert_eq!(
             begin_sql(&usual, &session),
@@ -470,7 +526,7 @@ mod tests {
         );
         let other = BranchOptions {
             lock_timeout_ms: Some(2000),
-            ..usual
+            ..usual.clone()
         };
         assert_eq!(
             begin_sql(&other, &session),
@@ -493,12 +549,16 @@ mod tests {
         let shard = ShardName::new("s0").unwrap();
         // The marker row keeps the transaction's GID; the branch is prepared under its own name.
         assert_eq!(
-            prepare_sql(&gid, &BranchGid::new(&gid, &shard)).unwrap(),
-            "INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('treaty:c1:42', 'c1', 42); \
-             PREPARE TRANSACTION 'treaty:c1:42:s0'"
+            prepare_sql(&gid, &BranchGid::new(&gid, &shard), None).unwrap(),
+            (
+                "INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('treaty:c1:42', 'c1', 42); \
+                 PREPARE TRANSACTION 'treaty:c1:42:s0'"
+                    .to_owned(),
+                2
+            )
         );
         let huge = Gid::new(&CoordinatorId::new("c1").unwrap(), u64::MAX);
-        assert!(prepare_sql(&huge, &BranchGid::new(&huge, &shard)).is_err());
+        assert!(prepare_sql(&huge, &BranchGid::new(&huge, &shard), None).is_err());
     }
 
     #[test]
@@ -507,8 +567,50 @@ mod tests {
         let gid = Gid::with_decision_shard(&CoordinatorId::new("c1").unwrap(), 42, &s1).unwrap();
         let branch = BranchGid::new(&gid, &ShardName::new("s0").unwrap());
         assert_eq!(
-            prepare_sql(&gid, &branch).unwrap(),
-            "PREPARE TRANSACTION 'treaty:c1:42@s1:s0'"
+            prepare_sql(&gid, &branch, None).unwrap(),
+            ("PREPARE TRANSACTION 'treaty:c1:42@s1:s0'".to_owned(), 1)
+        );
+        // Nothing of Treaty's is written: the client's role stays for the PREPARE.
+        let role = DatabaseRole::new("app_alice").unwrap();
+        assert_eq!(
+            prepare_sql(&gid, &branch, Some(&role)).unwrap(),
+            ("PREPARE TRANSACTION 'treaty:c1:42@s1:s0'".to_owned(), 1)
+        );
+    }
+
+    #[test]
+    fn a_branch_under_a_client_role_sets_it_at_begin_and_leaves_it_for_the_marker() {
+        let role = DatabaseRole::new("app_alice").unwrap();
+        let options = BranchOptions {
+            database_role: Some(role.clone()),
+            ..BranchOptions::default()
+        };
+        // In BEGIN's own round trip, after the timeouts, so every client statement runs under it.
+        assert_eq!(
+            begin_sql(&options, &SessionDefaults::default()),
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL ROLE \"app_alice\""
+        );
+        let options = BranchOptions {
+            lock_timeout_ms: Some(5),
+            ..options
+        };
+        assert_eq!(
+            begin_sql(&options, &SessionDefaults::default()),
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = 5; SET LOCAL ROLE \"app_alice\""
+        );
+        // The marker row is the participant's: deferred constraints fire first, under the
+        // client's role, then the role goes back, in the vote's one round trip.
+        let gid = Gid::new(&CoordinatorId::new("c1").unwrap(), 42);
+        let branch = BranchGid::new(&gid, &ShardName::new("s0").unwrap());
+        assert_eq!(
+            prepare_sql(&gid, &branch, Some(&role)).unwrap(),
+            (
+                "SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL ROLE NONE; \
+                 INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('treaty:c1:42', 'c1', 42); \
+                 PREPARE TRANSACTION 'treaty:c1:42:s0'"
+                    .to_owned(),
+                4
+            )
         );
     }
 

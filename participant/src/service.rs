@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
 use tonic::{Request, Response, Status};
-use treaty_proto::{ApiError, Gid, pb};
+use treaty_proto::{ApiError, DatabaseRole, Gid, pb};
 
 use crate::agent::{Agent, BranchState, Vote};
 use crate::error::BranchError;
@@ -176,6 +176,20 @@ fn branch_options(options: Option<pb::BranchOptions>) -> Result<BranchOptions, S
         isolation,
         lock_timeout_ms: timeout_ms("lock_timeout_ms", options.lock_timeout_ms)?,
         statement_timeout_ms: timeout_ms("statement_timeout_ms", options.statement_timeout_ms)?,
+        database_role: database_role(&options.database_role)?,
+    })
+}
+
+/// `options.database_role`: empty is the participant's own role; anything else must be a role name
+/// `DatabaseRole` accepts, since it is formatted into `SET LOCAL ROLE`.
+fn database_role(name: &str) -> Result<Option<DatabaseRole>, Status> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    DatabaseRole::new(name).map(Some).map_err(|error| {
+        Status::from(ApiError::InvalidArgument(format!(
+            "options.database_role: {error}"
+        )))
     })
 }
 
@@ -607,6 +621,7 @@ mod tests {
             isolation: pb::IsolationLevel::RepeatableRead as i32,
             lock_timeout_ms: 100,
             statement_timeout_ms: 0,
+            ..Default::default()
         }))
         .unwrap();
         assert_eq!(options.isolation, Isolation::RepeatableRead);
@@ -623,5 +638,32 @@ mod tests {
             ..Default::default()
         }));
         assert!(too_long.unwrap_err().message().contains("lock_timeout_ms"));
+    }
+
+    #[test]
+    fn a_database_role_is_checked_before_it_can_reach_set_role() {
+        let options = branch_options(Some(pb::BranchOptions {
+            database_role: "app_alice".into(),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(
+            options.database_role.as_ref().map(DatabaseRole::as_str),
+            Some("app_alice")
+        );
+        assert_eq!(branch_options(None).unwrap().database_role, None);
+        for bad in ["app\"; RESET ROLE; --", "none", &"r".repeat(64)] {
+            let refused = branch_options(Some(pb::BranchOptions {
+                database_role: bad.into(),
+                ..Default::default()
+            }))
+            .unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{bad:?}");
+            assert!(
+                refused.message().contains("options.database_role"),
+                "{}",
+                refused.message()
+            );
+        }
     }
 }

@@ -37,8 +37,8 @@ pub mod wire;
 
 pub use error::{ApiError, SqlError};
 pub use treaty_types::{
-    BranchGid, CoordinatorId, GID_PREFIX, Gid, IdError, Protocol, SecretUrl, SecretUrlError, ShardName, TxId,
-    now_ms, redact,
+    BranchGid, CoordinatorId, DatabaseRole, DatabaseRoleError, GID_PREFIX, Gid, IdError, Protocol, SecretUrl,
+    SecretUrlError, ShardName, TxId, now_ms, redact,
 };
 pub use value::{Value, ValueError};
 

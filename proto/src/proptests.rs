@@ -143,7 +143,8 @@ fn encoded_request() -> impl Strategy<Value = Vec<u8>> {
             values(),
             any::<[u64; 2]>(),
             any::<[i32; 2]>(),
-            peers()
+            peers(),
+            text()
         )
             .prop_map(
                 |(
@@ -153,6 +154,7 @@ fn encoded_request() -> impl Strategy<Value = Vec<u8>> {
                     [lock_timeout_ms, statement_timeout_ms],
                     [isolation, protocol],
                     peers,
+                    database_role,
                 )| {
                     pb::BranchExecuteRequest {
                         gid,
@@ -162,6 +164,7 @@ fn encoded_request() -> impl Strategy<Value = Vec<u8>> {
                             isolation,
                             lock_timeout_ms,
                             statement_timeout_ms,
+                            database_role,
                         }),
                         protocol,
                         peers,

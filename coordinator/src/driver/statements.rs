@@ -178,7 +178,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             gid: handle.gid().clone(),
             sql,
             params,
-            options: handle.branch_options,
+            options: handle.branch_options.clone(),
         };
         let span = match prepare_with {
             Some(_) => phase_span!(handle, "execute_and_prepare", shard),
@@ -271,7 +271,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                 gid: handle.gid().clone(),
                 sql,
                 params,
-                options: handle.branch_options,
+                options: handle.branch_options.clone(),
             },
             expect_rows,
             op,

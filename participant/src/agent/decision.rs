@@ -14,6 +14,7 @@ use crate::branches::ActiveBranch;
 use crate::decisions::{self, RowCommit};
 use crate::error::BranchError;
 use crate::failpoints;
+use crate::pool::session::Session;
 use crate::postgres::DbError;
 
 /// The commit row a decision branch's one-phase COMMIT inserts first, and, once that ran, why
@@ -35,9 +36,12 @@ impl DecisionCommit {
         &mut self,
         branch: &mut ActiveBranch,
         gid: &Gid,
-    ) -> Result<(), DbError> {
-        match decisions::insert_and_commit(&mut branch.connection, gid, &self.participants).await {
-            Ok(()) => Ok(()),
+    ) -> Result<Session, DbError> {
+        let role = branch.database_role.clone();
+        match decisions::insert_and_commit(&mut branch.connection, gid, &self.participants, role.as_ref())
+            .await
+        {
+            Ok(session) => Ok(session),
             Err(failure) => {
                 let error = failure.db().clone();
                 if !error.is_connection() {

@@ -143,6 +143,9 @@ impl Agent {
                 Ok(output)
             }
             Err(error) => {
+                // The statement may have taken a session-level advisory lock (or changed a
+                // setting) before it failed: a lock outlives the rollback.
+                branch.session_changed |= analysis.changes_session;
                 let error = BranchError::from(error);
                 if matches!(error, BranchError::Unavailable(_))
                     && let Some(branch) = slot.active.take()
@@ -204,10 +207,39 @@ impl Agent {
             // Until BEGIN succeeds, dropping the branch closes the connection.
             let mut branch = ActiveBranch::new(connection);
             match postgres::begin(&mut branch.connection, options, &self.pool.session_defaults()).await {
-                Ok(()) => return Ok(branch),
+                Ok(()) => {
+                    branch.database_role = options.database_role.clone();
+                    return Ok(branch);
+                }
                 Err(DbError::Connection(_)) if tried < attempts => {}
-                Err(error) => return Err(error.into()),
+                Err(error) => return Err(self.begin_failed(options, error)),
             }
+        }
+    }
+
+    /// Why a branch could not open. `SET LOCAL ROLE` refused (42501: the participant's login role
+    /// is not a member of the client's role; 22023: no such role) is a configuration error,
+    /// explained as one.
+    fn begin_failed(&self, options: &BranchOptions, error: DbError) -> BranchError {
+        let Some(role) = &options.database_role else {
+            return error.into();
+        };
+        match error {
+            DbError::Sql { sqlstate, message } if sqlstate == "42501" || sqlstate == "22023" => {
+                tracing::warn!(%role, %sqlstate, %message, "cannot run a branch under the client's database role");
+                DbError::Sql {
+                    sqlstate,
+                    message: format!(
+                        "{message}: the client's statements run under database role {role} (its \
+                         database_role), so the role must exist on shard {} and the participant's \
+                         login role must be a member of it (GRANT {} TO <participant's role>)",
+                        self.shard,
+                        role.quoted()
+                    ),
+                }
+                .into()
+            }
+            other => other.into(),
         }
     }
 }

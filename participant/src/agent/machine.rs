@@ -272,10 +272,17 @@ impl Agent {
         let Some(mut branch) = active.take() else {
             return ParticipantEvent::BranchPrepareFailed;
         };
-        match postgres::insert_marker_and_prepare(&mut branch.connection, gid, &self.branch_gid(gid)).await {
-            Ok(()) => {
+        let prepared = postgres::insert_marker_and_prepare(
+            &mut branch.connection,
+            gid,
+            &self.branch_gid(gid),
+            branch.database_role.as_ref(),
+        )
+        .await;
+        match prepared {
+            Ok(session) => {
                 let after = failpoints::step(failpoints::AFTER_PREPARE);
-                branch.transaction_ended();
+                branch.transaction_ended(gid, session);
                 self.branches.record(gid.as_str(), Finished::Prepared);
                 // On an error the branch stays prepared: the coordinator counts the failed call
                 // as a NO and its abort (or recovery) rolls the branch back.
@@ -336,8 +343,8 @@ impl Agent {
             _ => postgres::commit(&mut branch.connection).await,
         };
         match committed {
-            Ok(()) => {
-                branch.transaction_ended();
+            Ok(session) => {
+                branch.transaction_ended(gid, session);
                 let finished = if one_phase {
                     Finished::CommittedOnePhase
                 } else {

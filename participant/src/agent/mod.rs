@@ -168,7 +168,7 @@ impl Agent {
     /// Ends an open branch's transaction with ROLLBACK and frees its connection.
     async fn roll_back(&self, mut branch: ActiveBranch, gid: &Gid) {
         match postgres::rollback(&mut branch.connection).await {
-            Ok(()) => branch.transaction_ended(),
+            Ok(session) => branch.transaction_ended(gid, session),
             Err(error) => {
                 // PostgreSQL rolls the transaction back itself when the connection closes.
                 tracing::warn!(%gid, %error, "ROLLBACK failed; closing the connection instead");

@@ -433,6 +433,7 @@ async fn branch_options_reach_postgres_and_lock_timeouts_are_retryable() {
             isolation: pb::IsolationLevel::Serializable as i32,
             lock_timeout_ms: 150,
             statement_timeout_ms: 0,
+            ..Default::default()
         }),
         ..Default::default()
     };
@@ -479,6 +480,7 @@ async fn a_branch_runs_with_the_timeouts_it_asked_for_whatever_its_session_start
                     isolation: pb::IsolationLevel::ReadCommitted as i32,
                     lock_timeout_ms,
                     statement_timeout_ms,
+                    ..Default::default()
                 }),
                 ..Default::default()
             };
