@@ -115,11 +115,12 @@ pub struct BranchOptions {
     pub database_role: Option<DatabaseRole>,
 }
 
-/// Sent before Treaty's own rows in a branch that runs under a client's role, in the same round
+/// Sent before Treaty's own work in a branch that runs under a client's role, in the same round
 /// trip: first every deferred constraint trigger the client's statements queued fires, still
 /// under the client's role (at COMMIT or PREPARE they would fire under the participant's, with its
 /// privileges); then the participant's own role writes the marker or decision row, which the
-/// client's role may not touch. Two statements.
+/// client's role may not touch, and runs PREPARE TRANSACTION, since PostgreSQL lets only the
+/// role that prepared a transaction (or a superuser) finish it. Two statements.
 const ROLE_FOR_BOOKKEEPING: &str = "SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL ROLE NONE; ";
 
 /// What goes before Treaty's own rows in a branch: `ROLE_FOR_BOOKKEEPING` when it runs under a
@@ -212,17 +213,21 @@ fn prepare_sql(
     branch: &BranchGid,
     role: Option<&DatabaseRole>,
 ) -> Result<(String, usize), DbError> {
+    // The role goes back before PREPARE TRANSACTION even without a marker: PostgreSQL lets only
+    // the role that prepared a transaction (or a superuser) finish it, and the participant
+    // finishes it under its own.
+    let (prelude, prelude_statements) = bookkeeping_prelude(role);
     // A transaction whose decision is a row on its decision shard needs no marker: that row says
     // whether the branch committed, and a branch found not prepared is answered from it by the
     // coordinator (`Agent::commit_prepared`). One insert and one index entry fewer per branch.
-    // Nothing of Treaty's is written, so the role stays the client's (deferred triggers fire
-    // under it at PREPARE).
     if gid.decision_shard().is_some() {
-        return Ok((format!("PREPARE TRANSACTION '{branch}'"), 1));
+        return Ok((
+            format!("{prelude}PREPARE TRANSACTION '{branch}'"),
+            prelude_statements + 1,
+        ));
     }
     let txid = i64::try_from(gid.txid())
         .map_err(|_| DbError::Client(format!("txid of {gid} does not fit the marker table's bigint")))?;
-    let (prelude, prelude_statements) = bookkeeping_prelude(role);
     Ok((
         format!(
             "{prelude}INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('{gid}', '{}', {txid}); \
@@ -570,11 +575,15 @@ mod tests {
             prepare_sql(&gid, &branch, None).unwrap(),
             ("PREPARE TRANSACTION 'treaty:c1:42@s1:s0'".to_owned(), 1)
         );
-        // Nothing of Treaty's is written: the client's role stays for the PREPARE.
+        // No marker, but the participant's role prepares: only it may finish the branch later.
         let role = DatabaseRole::new("app_alice").unwrap();
         assert_eq!(
             prepare_sql(&gid, &branch, Some(&role)).unwrap(),
-            ("PREPARE TRANSACTION 'treaty:c1:42@s1:s0'".to_owned(), 1)
+            (
+                "SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL ROLE NONE; PREPARE TRANSACTION 'treaty:c1:42@s1:s0'"
+                    .to_owned(),
+                3
+            )
         );
     }
 

@@ -14,6 +14,7 @@ mod claim;
 mod decisions;
 mod pool;
 mod recovery;
+mod roles;
 mod support;
 mod three_phase;
 mod values;
