@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-pub use access_file::{AccessFileError, AccessPolicy, check_database_role, token_sha256_hex};
+pub use access_file::{AccessFileError, AccessPolicy, check_database_role, new_token, token_sha256_hex};
 
 /// What a caller may do. A method needs one of the roles [`required_roles`] names for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,7 +34,8 @@ pub enum Role {
     Coordinator,
     /// A participant, to a coordinator: QueryDecision (reconciling its prepared branches).
     Participant,
-    /// Another participant of a three-phase transaction: QueryState, RequestTermination.
+    /// Another participant of a three-phase transaction, leading its termination: QueryState,
+    /// RequestTermination, PreCommit, Commit, Abort.
     Peer,
 }
 
@@ -137,21 +138,24 @@ pub enum Required {
 /// The roles a gRPC method (its HTTP/2 path, `/package.Service/Method`) needs.
 pub fn required_roles(path: &str) -> Required {
     use Role::*;
-    let (service, method) = path
-        .trim_start_matches('/')
-        .split_once('/')
-        .unwrap_or((path, ""));
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
     match (service, method) {
         ("grpc.health.v1.Health", _) => Required::Open,
         (service, _) if service.starts_with("grpc.reflection.") => Required::Open,
         ("treaty.v1.Coordinator", "Begin" | "Execute" | "Commit" | "Rollback" | "Submit") => {
             Required::AnyOf(&[Client])
         }
-        ("treaty.v1.Coordinator", "GetTransaction" | "ListTransactions") => Required::AnyOf(&[Client, Operator]),
+        ("treaty.v1.Coordinator", "GetTransaction" | "ListTransactions") => {
+            Required::AnyOf(&[Client, Operator])
+        }
         ("treaty.v1.Coordinator", "ListInDoubt" | "Resolve") => Required::AnyOf(&[Operator]),
         ("treaty.v1.Coordinator", "QueryDecision") => Required::AnyOf(&[Participant]),
         ("treaty.v1.Coordinator", "Info") => Required::AnyOf(&[Client, Operator, Participant, Admin]),
-        ("treaty.v1.Participant", "QueryState" | "RequestTermination") => Required::AnyOf(&[Coordinator, Peer]),
+        // A three-phase termination leader is a participant of the transaction: it asks the
+        // others' state, pre-commits them and finishes them, as the coordinator would.
+        ("treaty.v1.Participant", "QueryState" | "RequestTermination" | "PreCommit" | "Commit" | "Abort") => {
+            Required::AnyOf(&[Coordinator, Peer])
+        }
         ("treaty.v1.Participant", _) => Required::AnyOf(&[Coordinator]),
         ("treaty.v1.Admin", _) => Required::AnyOf(&[Admin]),
         // A method nobody decided about: nobody may call it.
@@ -223,6 +227,32 @@ impl AuthArgs {
             return Err(AuthError::CertificatesWithoutMutualTls { path });
         }
         Ok(Some(Arc::new(policy)))
+    }
+}
+
+/// The listener's TLS files, with client certificates optional at the handshake when the access
+/// file lets callers authenticate with a bearer token instead (this layer then requires one or
+/// the other on every call but health checks).
+pub fn server_tls_files(
+    files: &crate::tls::ServerTlsFiles,
+    policy: Option<&AccessPolicy>,
+) -> crate::tls::ServerTlsFiles {
+    crate::tls::ServerTlsFiles {
+        client_certificate_optional: policy.is_some_and(AccessPolicy::has_tokens),
+        ..files.clone()
+    }
+}
+
+/// Logs how the service decides who may call, once at start.
+pub fn announce(policy: Option<&AccessPolicy>) {
+    match policy {
+        Some(policy) => tracing::info!(
+            access_file = %policy.path().display(),
+            "every call is authenticated and allowed by role"
+        ),
+        None => tracing::warn!(
+            "no --access-file: every caller that reaches this address may call everything (see README \"Security\")"
+        ),
     }
 }
 
@@ -334,7 +364,13 @@ impl AuthState {
 /// The subject common name of a DER certificate.
 fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let name = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
+    let name = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_owned();
     Some(name)
 }
 

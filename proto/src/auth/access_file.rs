@@ -100,7 +100,9 @@ impl AccessPolicy {
                     }
                     let identity = format!("cert:{common_name}");
                     if !names.insert(identity.clone()) {
-                        return Err(invalid(format!("{which}: certificate {common_name:?} is listed twice")));
+                        return Err(invalid(format!(
+                            "{which}: certificate {common_name:?} is listed twice"
+                        )));
                     }
                     let caller = Arc::new(Caller {
                         identity,
@@ -179,6 +181,18 @@ impl AccessPolicy {
     }
 }
 
+/// A new bearer token: 32 bytes from the operating system's random source, hex, prefixed `trt_`
+/// so that secret scanners and people can tell what it is.
+pub fn new_token() -> Result<String, ring::error::Unspecified> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut bytes)?;
+    Ok(format!(
+        "trt_{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
 /// SHA-256 of `bytes`.
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
@@ -189,7 +203,10 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 
 /// The lower-case hex of a token's SHA-256, as an access file stores it.
 pub fn token_sha256_hex(token: &str) -> String {
-    sha256(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    sha256(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
@@ -220,7 +237,10 @@ fn parse_roles(names: &[String]) -> Result<RoleSet, String> {
 /// A PostgreSQL role name Treaty will put in `SET LOCAL ROLE`: a plain identifier, so it never
 /// needs quoting rules to be safe, and within PostgreSQL's 63-byte limit.
 pub fn check_database_role(role: &str) -> Result<(), String> {
-    let valid_start = role.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let valid_start = role
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
     let valid_rest = role
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$');
@@ -230,7 +250,10 @@ pub fn check_database_role(role: &str) -> Result<(), String> {
              starting with a letter or _, at most 63 bytes)"
         ));
     }
-    if matches!(role, "none" | "public" | "current_user" | "session_user" | "current_role") {
+    if matches!(
+        role,
+        "none" | "public" | "current_user" | "session_user" | "current_role"
+    ) {
         return Err(format!("database_role {role:?} is a reserved word, not a role"));
     }
     Ok(())
@@ -277,7 +300,10 @@ mod tests {
     fn mistakes_are_refused_naming_the_entry_and_the_problem() {
         let cases = [
             ("", "names no [[caller]]"),
-            ("[[caller]]\ncertificate = \"a\"\nroles = [\"superuser\"]\n", "unknown role \"superuser\""),
+            (
+                "[[caller]]\ncertificate = \"a\"\nroles = [\"superuser\"]\n",
+                "unknown role \"superuser\"",
+            ),
             ("[[caller]]\ncertificate = \"a\"\nroles = []\n", "roles is empty"),
             ("[[caller]]\nroles = [\"client\"]\n", "give either"),
             (
@@ -292,7 +318,10 @@ mod tests {
                 "[[caller]]\ncertificate = \"a\"\nroles = [\"client\"]\ndatabase_role = \"x; drop\"\n",
                 "not a plain PostgreSQL role name",
             ),
-            ("[[caller]]\ncertificate = \"a\"\nroles = [\"client\"]\nrole = \"x\"\n", "unknown field"),
+            (
+                "[[caller]]\ncertificate = \"a\"\nroles = [\"client\"]\nrole = \"x\"\n",
+                "unknown field",
+            ),
         ];
         for (text, expected) in cases {
             let error = parse(text).unwrap_err().to_string();
@@ -302,11 +331,34 @@ mod tests {
     }
 
     #[test]
+    fn new_tokens_differ_and_their_hashes_authenticate_them() {
+        let (a, b) = (new_token().unwrap(), new_token().unwrap());
+        assert_ne!(a, b);
+        assert!(a.starts_with("trt_") && a.len() == 68, "{a}");
+        let policy = parse(&format!(
+            "[[caller]]\nname = \"a\"\ntoken_sha256 = \"{}\"\nroles = [\"client\"]\n",
+            token_sha256_hex(&a)
+        ))
+        .unwrap();
+        assert!(policy.by_token(&a).is_some());
+        assert!(policy.by_token(&b).is_none());
+    }
+
+    #[test]
     fn database_roles_are_plain_identifiers() {
         for good in ["app_alice", "_x", "r2d2", "a$b"] {
             assert!(check_database_role(good).is_ok(), "{good}");
         }
-        for bad in ["", "Alice", "1abc", "a b", "a\"b", "none", "public", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "Alice",
+            "1abc",
+            "a b",
+            "a\"b",
+            "none",
+            "public",
+            &"a".repeat(64),
+        ] {
             assert!(check_database_role(bad).is_err(), "{bad}");
         }
     }

@@ -34,7 +34,10 @@ fn every_method_of_every_service_has_a_decided_role() {
             Required::AnyOf(_) => {}
         }
     }
-    assert_eq!(required_roles("/treaty.v1.Coordinator/Invented"), Required::AnyOf(&[]));
+    assert_eq!(
+        required_roles("/treaty.v1.Coordinator/Invented"),
+        Required::AnyOf(&[])
+    );
     assert_eq!(required_roles("/grpc.health.v1.Health/Check"), Required::Open);
 }
 
@@ -49,14 +52,35 @@ fn the_roles_keep_clients_operators_and_services_apart() {
     assert!(!allowed(Role::Client, "/treaty.v1.Coordinator/ListInDoubt"));
     assert!(allowed(Role::Operator, "/treaty.v1.Coordinator/Resolve"));
     assert!(!allowed(Role::Operator, "/treaty.v1.Coordinator/Begin"));
-    for method in ["Prepare", "Commit", "Abort", "CommitBatch", "Execute", "CommitDecision"] {
+    for method in [
+        "Prepare",
+        "CommitBatch",
+        "Execute",
+        "ExecuteAndPrepare",
+        "CommitOnePhase",
+        "CommitDecision",
+        "ForgetDecisions",
+    ] {
         let path = format!("/treaty.v1.Participant/{method}");
         assert!(allowed(Role::Coordinator, &path), "{path}");
-        for role in [Role::Client, Role::Operator, Role::Peer, Role::Participant, Role::Admin] {
+        for role in [
+            Role::Client,
+            Role::Operator,
+            Role::Peer,
+            Role::Participant,
+            Role::Admin,
+        ] {
             assert!(!allowed(role, &path), "{role:?} {path}");
         }
     }
-    assert!(allowed(Role::Peer, "/treaty.v1.Participant/RequestTermination"));
+    for method in ["Commit", "Abort", "PreCommit", "QueryState", "RequestTermination"] {
+        let path = format!("/treaty.v1.Participant/{method}");
+        assert!(
+            allowed(Role::Peer, &path) && allowed(Role::Coordinator, &path),
+            "{path}"
+        );
+        assert!(!allowed(Role::Client, &path), "{path}");
+    }
     assert!(allowed(Role::Participant, "/treaty.v1.Coordinator/QueryDecision"));
     assert!(!allowed(Role::Client, "/treaty.v1.Coordinator/QueryDecision"));
     assert!(!allowed(Role::Operator, "/treaty.v1.Admin/SetFailpoint"));
@@ -85,15 +109,24 @@ impl Service<http::Request<()>> for Echo {
     }
 
     fn call(&mut self, request: http::Request<()>) -> Self::Future {
-        let seen = request.extensions().get::<Arc<Caller>>().map(|c| c.identity().to_owned());
+        let seen = request
+            .extensions()
+            .get::<Arc<Caller>>()
+            .map(|c| c.identity().to_owned());
         let mut response = http::Response::new(seen);
-        response.headers_mut().insert("grpc-status", http::HeaderValue::from_static("0"));
+        response
+            .headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("0"));
         std::future::ready(Ok(response))
     }
 }
 
 /// What the inner service saw: the caller the layer attached, if any.
-async fn call(layer: &AuthLayer, path: &str, authorization: Option<&str>) -> (tonic::Code, String, Option<String>) {
+async fn call(
+    layer: &AuthLayer,
+    path: &str,
+    authorization: Option<&str>,
+) -> (tonic::Code, String, Option<String>) {
     let mut service = layer.layer(Echo);
     let mut request = http::Request::builder().uri(path);
     if let Some(value) = authorization {
@@ -110,7 +143,10 @@ async fn calls_are_authenticated_then_allowed_by_role() {
 
     let (code, message, seen) = call(&layer, "/treaty.v1.Coordinator/Begin", None).await;
     assert_eq!(code, tonic::Code::Unauthenticated, "{message}");
-    assert!(message.contains("client certificate") && message.contains("Bearer"), "{message}");
+    assert!(
+        message.contains("client certificate") && message.contains("Bearer"),
+        "{message}"
+    );
     assert_eq!(seen, None);
 
     let (code, message, _) = call(&layer, "/treaty.v1.Coordinator/Begin", Some("Bearer tok-2")).await;
@@ -121,7 +157,10 @@ async fn calls_are_authenticated_then_allowed_by_role() {
 
     let (code, message, seen) = call(&layer, "/treaty.v1.Coordinator/Resolve", Some("Bearer tok-1")).await;
     assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
-    assert!(message.contains("needs the operator role") && message.contains("token:app"), "{message}");
+    assert!(
+        message.contains("needs the operator role") && message.contains("token:app"),
+        "{message}"
+    );
     assert_eq!(seen, None);
 
     let (code, message, seen) = call(&layer, "/treaty.v1.Coordinator/Begin", Some("Bearer tok-1")).await;
@@ -147,7 +186,12 @@ fn a_non_loopback_listener_needs_an_access_file_and_tokens_need_tls() {
     let loopback: SocketAddr = "127.0.0.1:7600".parse().unwrap();
     let error = AuthArgs::default().resolve(public, true, true).unwrap_err();
     assert!(error.to_string().contains("--access-file"), "{error}");
-    assert!(AuthArgs::default().resolve(loopback, false, false).unwrap().is_none());
+    assert!(
+        AuthArgs::default()
+            .resolve(loopback, false, false)
+            .unwrap()
+            .is_none()
+    );
     let open = AuthArgs {
         allow_unauthenticated: true,
         ..AuthArgs::default()
@@ -173,7 +217,11 @@ fn a_non_loopback_listener_needs_an_access_file_and_tokens_need_tls() {
     assert!(with_file().resolve(public, true, false).unwrap().is_some());
     assert!(with_file().resolve(loopback, false, false).unwrap().is_some());
 
-    std::fs::write(&file, "[[caller]]\ncertificate = \"alice\"\nroles = [\"client\"]\n").unwrap();
+    std::fs::write(
+        &file,
+        "[[caller]]\ncertificate = \"alice\"\nroles = [\"client\"]\n",
+    )
+    .unwrap();
     let error = with_file().resolve(loopback, true, false).unwrap_err();
     assert!(error.to_string().contains("--tls-client-ca"), "{error}");
 }
