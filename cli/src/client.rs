@@ -31,6 +31,11 @@ pub struct Target {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "TREATY_CLIENT_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// A file holding the bearer token to authenticate with (for a coordinator whose access file
+    /// names it; `treaty token new` makes one). Kept off the command line, where `ps` shows it;
+    /// $TREATY_TOKEN works too.
+    #[arg(long, env = "TREATY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 impl Target {
@@ -92,7 +97,38 @@ impl Target {
         if let Some(tls) = self.tls()? {
             builder = builder.tls(tls);
         }
+        if let Some(token) = self.token()? {
+            builder = builder.bearer_token(&token).map_err(client_error)?;
+        }
         builder.connect(self.endpoints()).await.map_err(client_error)
+    }
+
+    /// The bearer token: from --token-file, else $TREATY_TOKEN.
+    fn token(&self) -> Result<Option<String>> {
+        let usage = |message: String| anyhow::Error::new(Failure::new(Exit::Usage, message));
+        let token = match &self.token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|error| usage(format!("reading the token file {}: {error}", path.display())))?;
+                Some(text.trim().to_owned())
+            }
+            None => std::env::var("TREATY_TOKEN").ok().map(|t| t.trim().to_owned()),
+        };
+        match token {
+            Some(token) if token.is_empty() => Err(usage(match &self.token_file {
+                Some(path) => format!("the token file {} is empty", path.display()),
+                None => "$TREATY_TOKEN is set but empty".to_owned(),
+            })),
+            other => Ok(other),
+        }
+    }
+
+    /// Whether calls prove who makes them (a client certificate or a token): the coordinator then
+    /// records that identity, and a typed operator name is not needed.
+    fn authenticates(&self) -> bool {
+        self.token_file.is_some()
+            || std::env::var_os("TREATY_TOKEN").is_some()
+            || self.tls_files().is_some_and(|(_, identity)| identity.is_some())
     }
 }
 
@@ -416,10 +452,16 @@ pub async fn resolve(
     target: &Target,
     json: bool,
 ) -> Result<()> {
-    let operator = operator
-        .or_else(|| std::env::var("USER").ok())
-        .filter(|name| !name.trim().is_empty())
-        .context("no operator name: pass --operator NAME (or set $USER)")?;
+    // An authenticated caller is recorded by its identity (the coordinator fills it in); only a
+    // coordinator without an access file needs the name typed.
+    let operator = match operator {
+        Some(name) => name,
+        None if target.authenticates() => String::new(),
+        None => std::env::var("USER")
+            .ok()
+            .filter(|name| !name.trim().is_empty())
+            .context("no operator name: pass --operator NAME (or set $USER)")?,
+    };
     let client = target.connect().await?;
     let response = client
         .resolve(pb::ResolveRequest {
@@ -467,6 +509,7 @@ mod tests {
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
+            token_file: None,
         };
         let text = target.connect().await.err().unwrap().to_string();
         assert!(text.starts_with("no coordinator answered ("), "{text}");

@@ -126,7 +126,7 @@ impl Failure {
             ),
             ClientError::CoordinatorUnreachable { txid, .. } => (Exit::Unavailable, error.to_string(), *txid),
             ClientError::OutcomeUnknown { txid, .. } => (Exit::OutcomeUnknown, error.to_string(), *txid),
-            ClientError::NoEndpoints | ClientError::InvalidEndpoint { .. } => {
+            ClientError::NoEndpoints | ClientError::InvalidEndpoint { .. } | ClientError::InvalidToken => {
                 (Exit::Usage, error.to_string(), None)
             }
         };

@@ -9,6 +9,7 @@ mod dev;
 mod exit;
 mod list;
 mod ops_file;
+mod token;
 
 use std::path::PathBuf;
 
@@ -89,7 +90,8 @@ enum Command {
         /// Why (required; kept in the coordinator's log and shown by `treaty txn`).
         #[arg(long)]
         reason: String,
-        /// Who decides. Default: $USER.
+        /// Who decides. Default: the identity you authenticate with (certificate or token), which
+        /// a coordinator with an access file records in any case; else $USER.
         #[arg(long)]
         operator: Option<String>,
         #[command(flatten)]
@@ -98,6 +100,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Bearer tokens for clients that cannot present a certificate.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a token: written to a private file, its hash printed as an access-file entry.
+    New(token::NewArgs),
 }
 
 #[derive(Subcommand)]
@@ -160,7 +173,7 @@ impl Command {
             Command::Scenario {
                 command: scenario::ScenarioCommand::Run(args),
             } => args.json,
-            Command::Dev { .. } => false,
+            Command::Dev { .. } | Command::Token { .. } => false,
         }
     }
 }
@@ -177,6 +190,9 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Dev {
             command: DevCommand::Down(args),
         } => dev::down(args).await,
+        Command::Token {
+            command: TokenCommand::New(args),
+        } => token::new(args),
         Command::Submit { file, target, json } => client::submit(&file, &target, json).await,
         Command::List(args) => list::run(&args).await,
         Command::Txn { txid, target, json } => client::show_transaction(txid, &target, json).await,

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::trace_context::{self, Coordinator};
+use crate::trace_context::{self, CallMetadata, Coordinator};
 use tonic::Status;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use treaty_proto::pb;
@@ -25,6 +25,7 @@ pub struct ClientBuilder {
     connect_timeout: Duration,
     request_timeout: Duration,
     tls: Option<ClientTlsConfig>,
+    metadata: CallMetadata,
 }
 
 impl Default for ClientBuilder {
@@ -33,6 +34,7 @@ impl Default for ClientBuilder {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             tls: None,
+            metadata: CallMetadata::default(),
         }
     }
 }
@@ -44,6 +46,14 @@ impl ClientBuilder {
     pub fn tls(mut self, tls: ClientTlsConfig) -> Self {
         self.tls = Some(tls);
         self
+    }
+
+    /// Authenticate every call with this bearer token (for a coordinator whose access file names
+    /// the token's hash; a client certificate does the same through [`ClientBuilder::tls`]). Send
+    /// it over `https://` only: anyone who reads it can act as this client.
+    pub fn bearer_token(mut self, token: &str) -> Result<Self, ClientError> {
+        self.metadata = CallMetadata::with_token(token).ok_or(ClientError::InvalidToken)?;
+        Ok(self)
     }
 
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
@@ -219,7 +229,11 @@ impl Client {
     /// Calls bound to the current endpoint's instance, on the current connection.
     fn pinned_current(&self) -> Pinned {
         let (index, channel) = self.current();
-        Pinned::new(self.endpoints[index].url.clone(), channel)
+        Pinned::new(
+            self.endpoints[index].url.clone(),
+            channel,
+            self.options.metadata.clone(),
+        )
     }
 
     /// A one-shot transaction: every op, then commit, in one call. Failed over only when it was
@@ -250,6 +264,7 @@ impl Client {
             response.txid,
             self.endpoints[index].url.clone(),
             channel,
+            self.options.metadata.clone(),
         ))
     }
 
@@ -269,7 +284,7 @@ impl Client {
     ) -> Result<pb::TransactionInfo, ClientError> {
         let (index, channel) = self.current();
         let pinned = if self.endpoints[index].url == endpoint {
-            Pinned::new(endpoint.to_owned(), channel)
+            Pinned::new(endpoint.to_owned(), channel, self.options.metadata.clone())
         } else {
             let target = self
                 .endpoints
@@ -277,7 +292,11 @@ impl Client {
                 .find(|e| e.url == endpoint)
                 .cloned()
                 .map_or_else(|| Target::new(endpoint.to_owned(), &self.options), Ok)?;
-            Pinned::new(target.url.clone(), target.tonic.connect_lazy())
+            Pinned::new(
+                target.url.clone(),
+                target.tonic.connect_lazy(),
+                self.options.metadata.clone(),
+            )
         };
         pinned.get_transaction(txid).await
     }
@@ -366,7 +385,12 @@ impl Client {
                     }
                 }
             };
-            let status = match send(trace_context::coordinator(channel.clone()), request.clone()).await {
+            let status = match send(
+                trace_context::coordinator(channel.clone(), &self.options.metadata),
+                request.clone(),
+            )
+            .await
+            {
                 Ok(response) => {
                     self.make_current(index, &channel);
                     return Ok((response.into_inner(), index, channel));

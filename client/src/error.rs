@@ -50,6 +50,11 @@ pub enum ClientError {
     )]
     InvalidEndpoint { endpoint: String, reason: String },
 
+    #[error(
+        "the bearer token cannot be sent in a gRPC header: it must be printable ASCII (as `treaty token new` makes)"
+    )]
+    InvalidToken,
+
     /// Every endpoint was tried once for this call and none served it. Nothing was carried out
     /// by a call that only ever failed this way, except a repeated `Begin` (see the crate docs).
     #[error("no coordinator answered ({})", join(failures))]

@@ -1,22 +1,57 @@
-//! The client's side of trace propagation: with the `otel` feature, each call carries the
-//! current span's trace context (W3C `traceparent`) in its gRPC metadata, written by the
-//! application's global OpenTelemetry propagator, so the coordinator's transaction continues the
-//! caller's trace. Without the feature, or with no active span or no propagator set
-//! (`opentelemetry::global::set_text_map_propagator`), calls carry nothing and cost nothing more.
+//! What every call carries in its gRPC metadata: the client's bearer token, when it has one
+//! (`ClientBuilder::bearer_token`), and with the `otel` feature the current span's trace context
+//! (W3C `traceparent`), written by the application's global OpenTelemetry propagator, so the
+//! coordinator's transaction continues the caller's trace. Without the feature, or with no active
+//! span or no propagator set (`opentelemetry::global::set_text_map_propagator`), calls carry no
+//! trace context and cost nothing more.
 
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 use treaty_proto::pb::coordinator_client::CoordinatorClient;
 
 /// The interceptor every call goes through.
-pub(crate) type Inject = fn(Request<()>) -> Result<Request<()>, Status>;
+#[derive(Clone, Default)]
+pub(crate) struct CallMetadata {
+    /// `Bearer <token>`, marked sensitive so that no debug output shows it.
+    authorization: Option<MetadataValue<Ascii>>,
+}
 
-/// A coordinator client whose calls carry the caller's trace context.
-pub(crate) type Coordinator = CoordinatorClient<InterceptedService<Channel, Inject>>;
+impl std::fmt::Debug for CallMetadata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallMetadata")
+            .field("bearer_token", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
 
-pub(crate) fn coordinator(channel: Channel) -> Coordinator {
-    CoordinatorClient::with_interceptor(channel, inject as Inject)
+impl CallMetadata {
+    /// Calls that present `token`; `None` when the token cannot be sent in a header.
+    pub(crate) fn with_token(token: &str) -> Option<Self> {
+        let mut value = MetadataValue::try_from(format!("Bearer {}", token.trim())).ok()?;
+        value.set_sensitive(true);
+        Some(Self {
+            authorization: Some(value),
+        })
+    }
+}
+
+impl Interceptor for CallMetadata {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.authorization {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        inject(request)
+    }
+}
+
+/// A coordinator client whose calls carry the token and the caller's trace context.
+pub(crate) type Coordinator = CoordinatorClient<InterceptedService<Channel, CallMetadata>>;
+
+pub(crate) fn coordinator(channel: Channel, metadata: &CallMetadata) -> Coordinator {
+    CoordinatorClient::with_interceptor(channel, metadata.clone())
 }
 
 #[cfg(not(feature = "otel"))]

@@ -1,7 +1,7 @@
 //! An interactive transaction, pinned to the coordinator instance that began it, and the calls
 //! that go to one named instance and nowhere else.
 
-use crate::trace_context::{self, Coordinator};
+use crate::trace_context::{self, CallMetadata, Coordinator};
 use tonic::Status;
 use tonic::transport::Channel;
 use treaty_proto::pb;
@@ -14,15 +14,20 @@ use crate::error::{ClientError, Failure, Rpc, classify};
 pub(crate) struct Pinned {
     endpoint: String,
     channel: Channel,
+    metadata: CallMetadata,
 }
 
 impl Pinned {
-    pub(crate) fn new(endpoint: String, channel: Channel) -> Self {
-        Self { endpoint, channel }
+    pub(crate) fn new(endpoint: String, channel: Channel, metadata: CallMetadata) -> Self {
+        Self {
+            endpoint,
+            channel,
+            metadata,
+        }
     }
 
     fn client(&self) -> Coordinator {
-        trace_context::coordinator(self.channel.clone())
+        trace_context::coordinator(self.channel.clone(), &self.metadata)
     }
 
     /// The answer, or the error that says what a failure means for this call: unreachable
@@ -88,10 +93,10 @@ pub struct Transaction {
 }
 
 impl Transaction {
-    pub(crate) fn new(txid: u64, endpoint: String, channel: Channel) -> Self {
+    pub(crate) fn new(txid: u64, endpoint: String, channel: Channel, metadata: CallMetadata) -> Self {
         Self {
             txid,
-            owner: Pinned::new(endpoint, channel),
+            owner: Pinned::new(endpoint, channel, metadata),
         }
     }
 

@@ -87,6 +87,8 @@ pub(crate) fn engine_on(
 pub enum CoordinatorError {
     #[error("TLS: {0}")]
     Tls(treaty_proto::tls::TlsError),
+    #[error("who may call: {0}")]
+    Auth(#[from] treaty_proto::auth::AuthError),
     #[error("decision log in {dir}: {source}")]
     Log {
         dir: std::path::PathBuf,
@@ -285,9 +287,23 @@ pub async fn run(
     // the start instead of leaving a coordinator without the console it was asked for.
     // Loaded before anything is announced, so a bad certificate stops the start with the file
     // named.
+    let access = config.auth.clone().resolve(
+        addr,
+        config.tls.server.is_some(),
+        config
+            .tls
+            .server
+            .as_ref()
+            .is_some_and(|files| files.client_ca.is_some()),
+    )?;
+    treaty_proto::auth::announce(access.as_deref());
     let server_tls = match &config.tls.server {
         Some(files) => {
-            let tls = treaty_proto::tls::ServerTls::load(files.clone()).map_err(CoordinatorError::Tls)?;
+            let tls = treaty_proto::tls::ServerTls::load(treaty_proto::auth::server_tls_files(
+                files,
+                access.as_deref(),
+            ))
+            .map_err(CoordinatorError::Tls)?;
             tracing::info!(
                 cert = %files.cert.display(),
                 client_certificates = if files.client_ca.is_some() { "required" } else { "not asked for" },
@@ -328,6 +344,8 @@ pub async fn run(
         .layer(treaty_proto::telemetry::ServerSpanLayer::new(None))
         // A request over `--max-request-bytes` is refused like any other limit.
         .layer(limits::RequestSizeLayer)
+        // Every call authenticated and allowed by role before any handler sees it.
+        .layer(treaty_proto::auth::AuthLayer::new(access))
         .add_service(service)
         .add_service(health)
         .add_service(reflection_v1)

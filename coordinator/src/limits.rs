@@ -6,8 +6,8 @@
 //! its value and the maximum. Other clients are unaffected: every count is per client except the
 //! total, which only guards the process's memory.
 //!
-//! A client is its peer IP address ([`ClientId::from_request`]) until callers are authenticated;
-//! then the authenticated identity takes its place and nothing else changes. The cost on the hot
+//! A client is its authenticated identity ([`ClientId::from_request`]) when the coordinator has an
+//! access file, else its peer IP address (every connection from one host counts as one client). The cost on the hot
 //! path is one short mutex hold per call (the calls in flight) and one per begin (the open
 //! transactions); statements count on an atomic in their transaction.
 
@@ -57,10 +57,11 @@ impl Default for LimitSettings {
     }
 }
 
-/// Who a call is from, for the per-client counts: the peer's IP address until calls are
-/// authenticated (every connection from one host counts as one client).
+/// Who a call is from, for the per-client counts: the authenticated identity, or without an
+/// access file the peer's IP address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ClientId {
+    Authenticated(Arc<str>),
     Peer(IpAddr),
     /// A call without a peer address (not over TCP).
     Unknown,
@@ -68,6 +69,9 @@ pub enum ClientId {
 
 impl ClientId {
     pub fn from_request<T>(request: &tonic::Request<T>) -> ClientId {
+        if let Some(caller) = treaty_proto::auth::caller(request) {
+            return ClientId::Authenticated(caller.identity().into());
+        }
         request
             .remote_addr()
             .map_or(ClientId::Unknown, |addr| ClientId::Peer(addr.ip()))
@@ -77,6 +81,7 @@ impl ClientId {
 impl fmt::Display for ClientId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            ClientId::Authenticated(identity) => write!(f, "client {identity}"),
             ClientId::Peer(ip) => write!(f, "client {ip}"),
             ClientId::Unknown => f.write_str("a client without a peer address"),
         }

@@ -413,13 +413,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::ResolveResponse>, Status> {
         let _call = self.enter(&request)?;
+        let operator = operator_of(&request)?;
         let request = request.into_inner();
         let decision = if request.commit {
             HeuristicDecision::Commit
         } else {
             HeuristicDecision::Abort
         };
-        let request = ResolveRequest::new(request.txid, decision, &request.reason, &request.operator)
+        let request = ResolveRequest::new(request.txid, decision, &request.reason, &operator)
             .map_err(|refused| ApiError::InvalidArgument(refused.to_string()))?;
         let outcome = self.engine.resolve(request).await?;
         Ok(Response::new(pb::ResolveResponse {
@@ -446,5 +447,26 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             first_txid: self.engine.first_txid(),
             open_from: self.engine.open_from().unwrap_or(0),
         }))
+    }
+}
+
+/// Who a heuristic decision is recorded as: the authenticated identity when the coordinator has an
+/// access file (a name typed beside it must be that identity: the record says who proved to be
+/// there, not who they said they were), else the name the operator gave.
+fn operator_of(request: &Request<pb::ResolveRequest>) -> Result<String, Status> {
+    let typed = request.get_ref().operator.trim();
+    match treaty_proto::auth::caller(request) {
+        Some(caller) => {
+            let identity = caller.identity();
+            if typed.is_empty() || typed == identity {
+                Ok(identity.to_owned())
+            } else {
+                Err(Status::permission_denied(format!(
+                    "you are authenticated as {identity}; the decision is recorded under that identity, not \
+                     {typed:?}: leave --operator out or give {identity}"
+                )))
+            }
+        }
+        None => Ok(typed.to_owned()),
     }
 }

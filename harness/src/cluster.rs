@@ -16,6 +16,7 @@ use treaty_proto::pb::coordinator_client::CoordinatorClient;
 
 use crate::error::HarnessError;
 use crate::os;
+use crate::ports::{self, PortReservation};
 use crate::postgres::{PgCluster, PgOptions};
 use crate::process::{ServiceProcess, ServiceSpec};
 use crate::proxy::FaultNetwork;
@@ -34,7 +35,8 @@ pub struct ClusterSpec {
     pub participant_args: Vec<String>,
     /// The database each participant uses (created if missing).
     pub database: String,
-    /// Coordinator port on 127.0.0.1; 0 picks a free one.
+    /// Coordinator port on 127.0.0.1; 0 picks a free one, reserved (`ports.rs`) while the
+    /// coordinator's [`ServiceProcess`] lives. A port given here is the caller's to keep reserved.
     pub coordinator_port: u16,
     /// Every shard driven by the coordinator itself (`--shard NAME=postgres://...`): no
     /// participant processes are started, and `participants` stays empty.
@@ -140,16 +142,25 @@ impl LocalCluster {
         }
 
         // Addresses first: the coordinator must know the participants, and the participants ask
-        // the coordinator who it is when they start, so the coordinator starts first.
-        let coordinator_port = match spec.coordinator_port {
-            0 => os::free_loopback_port()?,
-            port => port,
+        // the coordinator who it is when they start, so the coordinator starts first. Each port
+        // is reserved, and its reservation handed to the process that listens on it, so that no
+        // other harness process (nextest runs many) is given it, even while that process is
+        // down between a kill and a restart.
+        let coordinator_reservation = match spec.coordinator_port {
+            0 => Some(ports::reserve_loopback_port()?),
+            _ => None,
         };
-        let participant_addrs: Vec<SocketAddr> = shard_names
+        let coordinator_addr = coordinator_reservation
+            .as_ref()
+            .map_or(loopback(spec.coordinator_port), PortReservation::addr);
+        let participant_reservations: Vec<PortReservation> = shard_names
             .iter()
-            .map(|_| os::free_loopback_port().map(loopback))
+            .map(|_| ports::reserve_loopback_port())
             .collect::<Result<_, _>>()?;
-        let coordinator_addr = loopback(coordinator_port);
+        let participant_addrs: Vec<SocketAddr> = participant_reservations
+            .iter()
+            .map(PortReservation::addr)
+            .collect();
         // What each process dials: the real address, or the proxy of its link.
         let mut network = proxied.then(FaultNetwork::new);
         let mut participant_dials: Vec<SocketAddr> = participant_addrs.clone();
@@ -181,25 +192,28 @@ impl LocalCluster {
             }
         }
         coordinator_args.extend(spec.coordinator_args.iter().cloned());
-        let coordinator = ServiceProcess::spawn(ServiceSpec {
+        let coordinator_spec = ServiceSpec {
             name: "coordinator".into(),
             binary: os::binary_path("treaty-coordinator")?,
             args: coordinator_args,
             env: Vec::new(),
             listen: coordinator_addr,
             log_path: logs.join("coordinator.log"),
-        })
-        .await?;
+        };
+        let coordinator = match coordinator_reservation {
+            Some(port) => ServiceProcess::spawn_reserved(coordinator_spec, port).await?,
+            None => ServiceProcess::spawn(coordinator_spec).await?,
+        };
 
         let participant_binary = os::binary_path("treaty-participant")?;
         let agent_shards = if spec.in_process { 0 } else { shard_names.len() };
         let participants = futures::future::try_join_all(
             shard_names[..agent_shards]
                 .iter()
-                .zip(&participant_addrs)
+                .zip(participant_reservations)
                 .zip(&pgs)
                 .zip(&coordinator_dials)
-                .map(|(((name, addr), pg), coordinator_dial)| {
+                .map(|(((name, port), pg), coordinator_dial)| {
                     let mut args = vec![
                         "--shard".to_string(),
                         name.clone(),
@@ -212,14 +226,17 @@ impl LocalCluster {
                     ];
                     args.extend(tls_args.iter().cloned());
                     args.extend(spec.participant_args.iter().cloned());
-                    ServiceProcess::spawn(ServiceSpec {
-                        name: format!("participant-{name}"),
-                        binary: participant_binary.clone(),
-                        args,
-                        env: Vec::new(),
-                        listen: *addr,
-                        log_path: logs.join(format!("participant-{name}.log")),
-                    })
+                    ServiceProcess::spawn_reserved(
+                        ServiceSpec {
+                            name: format!("participant-{name}"),
+                            binary: participant_binary.clone(),
+                            args,
+                            env: Vec::new(),
+                            listen: port.addr(),
+                            log_path: logs.join(format!("participant-{name}.log")),
+                        },
+                        port,
+                    )
                 }),
         )
         .await?;
@@ -292,14 +309,18 @@ impl LocalCluster {
             coordinator_args.push(format!("{name}={}", participant.endpoint()));
         }
         coordinator_args.extend(args.iter().cloned());
-        ServiceProcess::spawn(ServiceSpec {
-            name: format!("coordinator-{id}"),
-            binary: os::binary_path("treaty-coordinator")?,
-            args: coordinator_args,
-            env: Vec::new(),
-            listen: loopback(os::free_loopback_port()?),
-            log_path: self.base_dir.join("logs").join(format!("coordinator-{id}.log")),
-        })
+        let port = ports::reserve_loopback_port()?;
+        ServiceProcess::spawn_reserved(
+            ServiceSpec {
+                name: format!("coordinator-{id}"),
+                binary: os::binary_path("treaty-coordinator")?,
+                args: coordinator_args,
+                env: Vec::new(),
+                listen: port.addr(),
+                log_path: self.base_dir.join("logs").join(format!("coordinator-{id}.log")),
+            },
+            port,
+        )
         .await
     }
 

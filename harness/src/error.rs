@@ -60,6 +60,14 @@ pub enum HarnessError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error(
+        "no free loopback port in {range}: {attempts} tried, each reserved by another harness process (in {dir}) or in use"
+    )]
+    NoFreePort {
+        range: String,
+        attempts: u32,
+        dir: PathBuf,
+    },
     #[error("{0}")]
     Invalid(String),
 }

@@ -1,63 +1,13 @@
-//! Operating-system odds and ends: free loopback ports, which user we are and which user runs
-//! PostgreSQL, where the Treaty binaries are and whether they have failpoints, and reading the end
-//! of a log file.
+//! Operating-system odds and ends: which user we are and which user runs PostgreSQL, where the
+//! Treaty binaries are and whether they have failpoints, and reading the end of a log file.
+//! Loopback ports are `ports.rs`'s; [`free_loopback_port`] is re-exported here for the callers
+//! that know it by this path.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::HarnessError;
-
-/// A TCP port on 127.0.0.1 that was free a moment ago, chosen **below the kernel's ephemeral
-/// range**. A port from that range (what binding port 0 hands out) can be taken, between our
-/// check and the service's own bind, by any outgoing connection or proxy listener on the machine:
-/// under a parallel test run that happened often enough to fail starts with EADDRINUSE. Below
-/// the range only another explicit bind can collide, and the random pick makes that rare.
-pub fn free_loopback_port() -> Result<u16, HarnessError> {
-    let (low, _) = ephemeral_range();
-    let first = 10_000u32;
-    let span = u32::from(low).saturating_sub(first).max(1);
-    let mut seed = random_seed();
-    for _ in 0..64 {
-        // xorshift: enough to spread concurrent callers over the span.
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let port = (first + (seed % u64::from(span)) as u32) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    // Everything we tried was taken: fall back to whatever the kernel hands out.
-    let listener =
-        std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(HarnessError::io("binding 127.0.0.1:0"))?;
-    let port = listener
-        .local_addr()
-        .map_err(HarnessError::io("reading a bound address"))?
-        .port();
-    Ok(port)
-}
-
-/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), Linux's default if unreadable.
-fn ephemeral_range() -> (u16, u16) {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|text| {
-            let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().ok());
-            Some((parts.next()??, parts.next()??))
-        })
-        .filter(|(low, _)| *low > 11_000)
-        .unwrap_or((32_768, 60_999))
-}
-
-fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        hasher.write_u128(now.as_nanos());
-    }
-    hasher.finish() | 1
-}
+pub use crate::ports::free_loopback_port;
 
 /// Where the Treaty binary `name` is: `$TREATY_BIN_DIR`, else beside the running executable, else
 /// one level up (a test binary lives in `target/<profile>/deps`).

@@ -15,6 +15,7 @@ use tempfile::TempDir;
 
 use crate::error::HarnessError;
 use crate::os::{self, RunAs};
+use crate::ports::{self, PortReservation};
 use treaty_proto::tls::dev_certs::DevCertFiles;
 
 /// Server settings for a test or demo cluster.
@@ -97,6 +98,11 @@ pub struct PgCluster {
     run_as: Option<RunAs>,
     options: PgOptions,
     keep: bool,
+    /// The reservation of `port` (`ports.rs`), kept while this value lives: no other harness
+    /// process is given the port, even while the server is stopped and before it is restarted.
+    /// `None` for a cluster found by `open_existing`, whose port was chosen by the harness that
+    /// started it.
+    _reservation: Option<PortReservation>,
     /// Holds the data directory when it had to live outside the caller's directory (see `place`).
     _holder: Option<TempDir>,
 }
@@ -105,7 +111,7 @@ const TEMPLATE_INCLUDE: &str = "\ninclude_if_exists = 'treaty.conf'\n";
 
 impl PgCluster {
     /// Creates (or reuses, if `base_dir/pg-<name>` already holds one) a cluster and starts it on a
-    /// free loopback port.
+    /// free loopback port, reserved for as long as the returned value lives (`ports.rs`).
     pub async fn start(base_dir: &Path, name: &str, options: &PgOptions) -> Result<PgCluster, HarnessError> {
         let bin_dir = postgres_bin_dir()?;
         let run_as = os::postgres_run_as()?;
@@ -124,12 +130,17 @@ impl PgCluster {
             run_as,
             options: options.clone(),
             keep: false,
+            _reservation: None,
             _holder: holder,
         };
-        // A port free a moment ago may be taken by the time the server binds it: try a few.
+        // The port is reserved, so no other harness process takes it; a process outside the
+        // harness still could between the check and the server's bind: then try another.
         let mut last = None;
         for _ in 0..5 {
-            cluster.port = os::free_loopback_port()?;
+            let port = ports::reserve_loopback_port()?;
+            cluster.port = port.port();
+            // Releases the previous attempt's port, if any.
+            cluster._reservation = Some(port);
             match cluster.start_server().await {
                 Ok(()) => return Ok(cluster),
                 Err(error) => {
@@ -169,13 +180,15 @@ impl PgCluster {
             run_as: os::postgres_run_as()?,
             options: options.clone(),
             keep: true,
+            _reservation: None,
             _holder: None,
         })
     }
 
     /// A cluster that is not running yet, whose data directory (`pg-<name>` under `base_dir`, or
     /// a directory of its own when the PostgreSQL user cannot reach it) exists, empty and owned
-    /// by that user: for a base backup to fill (`standby.rs`). It is given a free port.
+    /// by that user: for a base backup to fill (`standby.rs`). It is given a free port, reserved
+    /// for as long as it lives.
     pub(crate) fn empty(base_dir: &Path, name: &str, options: &PgOptions) -> Result<PgCluster, HarnessError> {
         let bin_dir = postgres_bin_dir()?;
         let run_as = os::postgres_run_as()?;
@@ -194,14 +207,16 @@ impl PgCluster {
             std::os::unix::fs::chown(&data_dir, Some(run_as.uid), Some(run_as.gid))
                 .map_err(HarnessError::io(format!("chown {}", data_dir.display())))?;
         }
+        let port = ports::reserve_loopback_port()?;
         Ok(PgCluster {
             name: name.into(),
             data_dir,
-            port: os::free_loopback_port()?,
+            port: port.port(),
             bin_dir,
             run_as,
             options: options.clone(),
             keep: false,
+            _reservation: Some(port),
             _holder: holder,
         })
     }

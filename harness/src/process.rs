@@ -4,7 +4,9 @@
 //! `listening on <addr>` (the binaries print this after binding; one serving metrics prints
 //! `metrics on <addr>` before it, kept as [`ServiceProcess::metrics_addr`]). It runs in a process
 //! group of its own so that a terminal's Ctrl-C does not reach it behind the harness's back, and it
-//! can be SIGKILLed and restarted on the same address to test crash recovery.
+//! can be SIGKILLed and restarted on the same address to test crash recovery. Started with
+//! [`ServiceProcess::spawn_reserved`], it keeps its port's reservation (`ports.rs`) for as long as
+//! it lives, so that no other harness process is given that port while it is down.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::HarnessError;
 use crate::os;
+use crate::ports::PortReservation;
 
 /// How to start one service.
 #[derive(Debug, Clone)]
@@ -31,7 +34,9 @@ pub struct ServiceSpec {
 /// How long a service may take to print its `listening on` line.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const READY_POLL: Duration = Duration::from_millis(20);
-/// Attempts when the address is still held (a killed process's socket lingering briefly).
+/// Attempts when the address is still held: a killed process's socket lingering briefly. Retrying
+/// the same port is all we can do (its peers know the address); that it is not someone else's is
+/// the port's reservation's job, not this retry's.
 const BIND_ATTEMPTS: u32 = 20;
 
 pub struct ServiceProcess {
@@ -41,16 +46,46 @@ pub struct ServiceProcess {
     /// Where it serves Prometheus metrics, from its `metrics on <addr>` line (started with
     /// `--metrics-addr`); read again at each start, since port 0 picks a new one.
     metrics_addr: Option<SocketAddr>,
+    /// The reservation of `spec.listen`'s port, when started with
+    /// [`ServiceProcess::spawn_reserved`]: held across restarts until this value is dropped.
+    _reservation: Option<PortReservation>,
 }
 
 impl ServiceProcess {
-    /// Starts the service and waits until it listens.
+    /// Starts the service and waits until it listens. Its port is the caller's to keep reserved;
+    /// see [`ServiceProcess::spawn_reserved`].
     pub async fn spawn(spec: ServiceSpec) -> Result<ServiceProcess, HarnessError> {
+        ServiceProcess::spawn_holding(spec, None).await
+    }
+
+    /// Like [`ServiceProcess::spawn`], keeping `port`, the reservation of the port `spec.listen`
+    /// names, for as long as this value lives: a restart after a crash then finds the port
+    /// reserved for it, never handed to another harness process meanwhile.
+    pub async fn spawn_reserved(
+        spec: ServiceSpec,
+        port: PortReservation,
+    ) -> Result<ServiceProcess, HarnessError> {
+        if spec.listen != port.addr() {
+            return Err(HarnessError::Invalid(format!(
+                "{}: listen address {} is not the reserved {}",
+                spec.name,
+                spec.listen,
+                port.addr()
+            )));
+        }
+        ServiceProcess::spawn_holding(spec, Some(port)).await
+    }
+
+    async fn spawn_holding(
+        spec: ServiceSpec,
+        reservation: Option<PortReservation>,
+    ) -> Result<ServiceProcess, HarnessError> {
         let mut process = ServiceProcess {
             spec,
             child: None,
             keep: false,
             metrics_addr: None,
+            _reservation: reservation,
         };
         process.start().await?;
         Ok(process)

@@ -16,10 +16,13 @@
 //! real TCP never delivers one: so a connection that lost any byte, or its FIN, under `Drop` is
 //! reset with RST as soon as the link leaves `Drop`, as if it had timed out during the partition.
 //! Peers reconnect; connections that lost nothing carry on untouched.
+//!
+//! A proxy started with [`FaultProxy::start`] listens on a port reserved across processes
+//! (`ports.rs`), held until its last handle and task are gone.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -31,6 +34,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::error::HarnessError;
+use crate::ports::{self, PortReservation};
 
 /// What a proxy does to traffic; applies to existing and new connections immediately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +91,10 @@ struct Shared {
     connections: AtomicU64,
     bytes_forwarded: AtomicU64,
     resets: AtomicU64,
+    /// The reservation of `addr`'s port, for a proxy [`FaultProxy::start`] placed. Here, dropped
+    /// with the last task, rather than in [`Handle`], so that the port stays reserved until the
+    /// accept task has closed the listener.
+    _reservation: Option<PortReservation>,
 }
 
 /// Held only by [`FaultProxy`] handles (never by tasks), so that dropping the last handle shuts
@@ -123,16 +131,32 @@ impl FaultProxy {
     /// Listens on 127.0.0.1:<free port>, forwards to `target` (must be loopback; refused otherwise
     /// with [`HarnessError::Invalid`]). The target need not listen yet: it is connected per
     /// accepted connection, and a refused connect resets the accepted one.
+    ///
+    /// The port is reserved (`ports.rs`) until the proxy is gone, rather than port 0's pick from
+    /// the ephemeral range, which any outgoing connection on the machine may take once the proxy
+    /// shuts down: so a proxy brought back on this address with [`FaultProxy::start_on`] while a
+    /// handle of this one is still held finds it free.
     pub async fn start(name: &str, target: SocketAddr) -> Result<FaultProxy, HarnessError> {
-        FaultProxy::start_on(name, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), target).await
+        let port = ports::reserve_loopback_port()?;
+        FaultProxy::start_with(name, port.addr(), target, Some(port)).await
     }
 
     /// Same, on a chosen listen address (loopback only), e.g. to bring a proxy back on the address
-    /// its peers know.
+    /// its peers know. Reserving that port (holding a handle of the proxy that had it) is the
+    /// caller's business.
     pub async fn start_on(
         name: &str,
         listen: SocketAddr,
         target: SocketAddr,
+    ) -> Result<FaultProxy, HarnessError> {
+        FaultProxy::start_with(name, listen, target, None).await
+    }
+
+    async fn start_with(
+        name: &str,
+        listen: SocketAddr,
+        target: SocketAddr,
+        reservation: Option<PortReservation>,
     ) -> Result<FaultProxy, HarnessError> {
         // Loopback only: the harness must never relay or expose traffic beyond this machine.
         if !target.ip().is_loopback() {
@@ -164,6 +188,7 @@ impl FaultProxy {
             connections: AtomicU64::new(0),
             bytes_forwarded: AtomicU64::new(0),
             resets: AtomicU64::new(0),
+            _reservation: reservation,
         });
         tokio::spawn(accept_loop(Arc::clone(&shared), listener));
         tracing::debug!(proxy = name, %addr, %target, "fault proxy listening");

@@ -108,6 +108,8 @@ pub struct Args {
     pub otlp_export_interval_ms: Option<u64>,
     #[command(flatten)]
     pub tls: treaty_proto::tls::TlsArgs,
+    #[command(flatten)]
+    pub auth: treaty_proto::auth::AuthArgs,
     /// Failpoints to arm at start, as NAME=ACTIONS;NAME=ACTIONS in fail-rs syntax
     /// (docs/failpoints.md). Only a binary built with failpoints (`cargo build-fi`) accepts it.
     #[arg(long, env = "TREATY_PARTICIPANT_FAILPOINTS")]
@@ -147,6 +149,9 @@ struct FileConfig {
     otlp_export_interval_ms: Option<u64>,
     /// `[tls]`: cert, key, client_ca, link_ca, link_cert, link_key (as the `--tls-*` flags).
     tls: Option<treaty_proto::tls::TlsFileSection>,
+    /// Who may call, and as what (as `--access-file`).
+    access_file: Option<PathBuf>,
+    allow_unauthenticated: Option<bool>,
     failpoints: Option<String>,
 }
 
@@ -177,6 +182,9 @@ pub struct Config {
     pub otlp_export_interval_ms: Option<u64>,
     /// TLS on this service's listener and on the links it dials (`--tls-*`, `--link-tls-*`).
     pub tls: treaty_proto::tls::TlsSettings,
+    /// The access file and whether to serve without one (`--access-file`,
+    /// `--allow-unauthenticated`); loaded and checked when the service starts.
+    pub auth: treaty_proto::auth::AuthArgs,
     pub failpoints: Option<String>,
     /// Whether to ask the coordinators for their runs before serving (`Admission`). A
     /// participant inside the coordinator does not: it starts before its coordinator serves,
@@ -390,6 +398,11 @@ impl Config {
             otlp_endpoint: treaty_proto::telemetry::otlp_endpoint(args.otlp_endpoint.or(file.otlp_endpoint)),
             otlp_export_interval_ms: args.otlp_export_interval_ms.or(file.otlp_export_interval_ms),
             tls: args.tls.resolve(file.tls).map_err(ConfigError::Tls)?,
+            auth: treaty_proto::auth::AuthArgs {
+                access_file: args.auth.access_file.or(file.access_file),
+                allow_unauthenticated: args.auth.allow_unauthenticated
+                    || file.allow_unauthenticated.unwrap_or(false),
+            },
             failpoints: args.failpoints.or(file.failpoints),
             ask_coordinators_at_start: true,
         };

@@ -16,6 +16,8 @@ use crate::values::{DecodeError, ParamError};
 pub enum ParticipantError {
     #[error("TLS: {0}")]
     Tls(treaty_proto::tls::TlsError),
+    #[error("who may call: {0}")]
+    Auth(#[from] treaty_proto::auth::AuthError),
     #[error("creating the data directory {path}: {source}")]
     DataDir { path: PathBuf, source: std::io::Error },
     #[error(

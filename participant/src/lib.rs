@@ -83,11 +83,25 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ParticipantError> {
-    // Loaded first, so a bad certificate stops the start with the file named.
+    // Loaded first, so a bad access file or certificate stops the start with the file named.
+    let access = config.auth.clone().resolve(
+        listener.local_addr().map_err(ParticipantError::ListenAddr)?,
+        config.tls.server.is_some(),
+        config
+            .tls
+            .server
+            .as_ref()
+            .is_some_and(|files| files.client_ca.is_some()),
+    )?;
+    treaty_proto::auth::announce(access.as_deref());
     let server_tls = match &config.tls.server {
-        Some(files) => {
-            Some(treaty_proto::tls::ServerTls::load(files.clone()).map_err(ParticipantError::Tls)?)
-        }
+        Some(files) => Some(
+            treaty_proto::tls::ServerTls::load(treaty_proto::auth::server_tls_files(
+                files,
+                access.as_deref(),
+            ))
+            .map_err(ParticipantError::Tls)?,
+        ),
         None => None,
     };
     let running = Running::start(&config).await?;
@@ -113,6 +127,8 @@ pub async fn run(
         .layer(treaty_proto::telemetry::ServerSpanLayer::new(Some(
             config.shard.as_str(),
         )))
+        // Only the configured coordinators and peers get past this (see `treaty_proto::auth`).
+        .layer(treaty_proto::auth::AuthLayer::new(access))
         .add_service(running.participant.clone())
         .add_service(running.health.clone())
         .add_service(reflection_v1)

@@ -16,6 +16,8 @@ pub mod pb {
 /// `.proto` files.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("treaty_descriptor");
 
+#[cfg(feature = "process")]
+pub mod auth;
 mod error;
 pub mod health;
 #[cfg(feature = "process")]

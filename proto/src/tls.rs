@@ -101,8 +101,12 @@ pub struct TlsFileSection {
 pub struct ServerTlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// Client certificates are required, and must chain to this CA.
+    /// Client certificates are asked for, and must chain to this CA.
     pub client_ca: Option<PathBuf>,
+    /// A connection without a client certificate is let through the handshake (when callers may
+    /// authenticate with a bearer token instead: the access check then requires one or the
+    /// other). False: a client certificate is required.
+    pub client_certificate_optional: bool,
 }
 
 /// The files behind the links a process dials.
@@ -128,7 +132,12 @@ impl TlsArgs {
         let key = self.tls_key.or(file.key);
         let client_ca = self.tls_client_ca.or(file.client_ca);
         let server = match (cert, key) {
-            (Some(cert), Some(key)) => Some(ServerTlsFiles { cert, key, client_ca }),
+            (Some(cert), Some(key)) => Some(ServerTlsFiles {
+                cert,
+                key,
+                client_ca,
+                client_certificate_optional: false,
+            }),
             (Some(_), None) => return Err(incomplete("--tls-cert", "--tls-key")),
             (None, Some(_)) => return Err(incomplete("--tls-key", "--tls-cert")),
             (None, None) if client_ca.is_some() => {
@@ -236,9 +245,13 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<rustls::ServerConfig, Tls
             let verifier = WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots("client CA file", ca)?),
                 provider(),
-            )
-            .build()
-            .map_err(rustls_error)?;
+            );
+            let verifier = if files.client_certificate_optional {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            let verifier = verifier.build().map_err(rustls_error)?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),

@@ -1,6 +1,7 @@
 //! End-to-end tests: real PostgreSQL clusters started by the harness, real `treaty-coordinator` and
 //! `treaty-participant` processes, real gRPC over loopback. One test binary, grouped by theme.
 
+mod auth;
 mod bad_input;
 mod bench;
 mod cli;

@@ -487,6 +487,7 @@ pub fn config(db: &TestDb, coordinator: SocketAddr, data_dir: &std::path::Path) 
         otlp_endpoint: None,
         otlp_export_interval_ms: None,
         tls: Default::default(),
+        auth: Default::default(),
         failpoints: None,
         ask_coordinators_at_start: true,
     }

@@ -81,6 +81,25 @@ pub struct DevCertFiles {
 /// A new CA in `dir` (`ca.pem`), a server certificate (`server.pem`, `server.key`) and a client
 /// certificate named `client_name` (`client.pem`, `client.key`); keys readable by the owner only.
 pub fn write_dev_certs(dir: &Path, client_name: &str) -> Result<DevCertFiles, TlsError> {
+    Ok(write_dev_certs_with_clients(dir, client_name, &[])?.0)
+}
+
+/// A client certificate and its key, as files.
+#[derive(Debug, Clone)]
+pub struct ClientCertFiles {
+    /// The certificate's common name: the identity an access file names.
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// [`write_dev_certs`], plus a client certificate of the same CA for each of `more_clients`
+/// (`<name>.pem`, `<name>.key`): callers with other identities, for access files.
+pub fn write_dev_certs_with_clients(
+    dir: &Path,
+    client_name: &str,
+    more_clients: &[&str],
+) -> Result<(DevCertFiles, Vec<ClientCertFiles>), TlsError> {
     let ca = DevCa::new("Treaty development CA")?;
     let server = ca.issue("treaty-server")?;
     let client = ca.issue(client_name)?;
@@ -97,7 +116,19 @@ pub fn write_dev_certs(dir: &Path, client_name: &str) -> Result<DevCertFiles, Tl
     write(&files.server_key, &server.key_pem, true)?;
     write(&files.client_cert, &client.cert_pem, false)?;
     write(&files.client_key, &client.key_pem, true)?;
-    Ok(files)
+    let mut more = Vec::with_capacity(more_clients.len());
+    for name in more_clients {
+        let issued = ca.issue(name)?;
+        let extra = ClientCertFiles {
+            name: (*name).to_owned(),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        };
+        write(&extra.cert, &issued.cert_pem, false)?;
+        write(&extra.key, &issued.key_pem, true)?;
+        more.push(extra);
+    }
+    Ok((files, more))
 }
 
 fn write_error(path: &Path, source: std::io::Error) -> TlsError {

@@ -66,6 +66,7 @@ async fn only_clients_with_a_certificate_from_the_client_ca_get_in() {
         cert: files.server_cert.clone(),
         key: files.server_key.clone(),
         client_ca: Some(files.ca.clone()),
+        client_certificate_optional: false,
     })
     .expect("load");
     let addr = echo_server(tls).await;
@@ -116,6 +117,7 @@ async fn a_changed_certificate_is_served_to_the_next_connection() {
         cert: files.server_cert.clone(),
         key: files.server_key.clone(),
         client_ca: None,
+        client_certificate_optional: false,
     })
     .expect("load");
     let addr = echo_server(tls.clone()).await;
@@ -150,6 +152,7 @@ fn a_broken_reload_keeps_the_previous_certificates() {
         cert: files.server_cert.clone(),
         key: files.server_key.clone(),
         client_ca: None,
+        client_certificate_optional: false,
     })
     .expect("load");
     let before = tls.config();
@@ -232,6 +235,7 @@ fn a_missing_or_empty_file_is_named() {
         cert: empty.clone(),
         key: empty.clone(),
         client_ca: None,
+        client_certificate_optional: false,
     };
     let error = server_config(&files).expect_err("empty").to_string();
     assert!(
