@@ -120,11 +120,12 @@ impl CoordinatorService {
 }
 
 /// The PostgreSQL role the calling client's statements run under on every shard: its access-file
-/// entry's `database_role`; `None` (each participant's own role) for a caller without one, or
-/// when the coordinator runs without an access file. A name `DatabaseRole` refuses could not be
-/// put into `SET LOCAL ROLE`: the call is refused, naming it.
+/// entry's `database_role` (`treaty_proto::auth`); `None` (each participant's own role) for a
+/// caller without one, or when the coordinator runs without an access file. The access file
+/// refuses a name `DatabaseRole` would; should one get through all the same, it could not be put
+/// into `SET LOCAL ROLE`, and the call is refused, naming it.
 fn caller_database_role<T>(request: &Request<T>) -> Result<Option<DatabaseRole>, ApiError> {
-    let Some(name) = caller_role_name(request) else {
+    let Some(name) = treaty_proto::auth::caller(request).and_then(|caller| caller.database_role()) else {
         return Ok(None);
     };
     DatabaseRole::new(name).map(Some).map_err(|error| {
@@ -132,11 +133,6 @@ fn caller_database_role<T>(request: &Request<T>) -> Result<Option<DatabaseRole>,
             "the caller's database_role (from the coordinator's --access-file): {error}"
         ))
     })
-}
-
-/// Until callers are authenticated (`treaty_proto::auth`): no caller has a database role.
-fn caller_role_name<T>(_request: &Request<T>) -> Option<&str> {
-    None
 }
 
 /// A submit's ops as the driver takes them; a bad parameter is refused naming its op.

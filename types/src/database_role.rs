@@ -2,10 +2,12 @@
 //! ROLE`), so that the database's GRANTs and row-level security decide what the client may do.
 //!
 //! The name is formatted into SQL text (`SET LOCAL ROLE "<name>"`; the statement takes no bind
-//! parameter), so it is only ever built by `DatabaseRole::new`, which allows a fixed alphabet and
-//! PostgreSQL's identifier length, refuses the names PostgreSQL gives a meaning of their own in
-//! `SET ROLE` (`none` would be the participant's own role), and quotes it as an identifier all the
-//! same.
+//! parameter), so it is only ever built by `DatabaseRole::new`, which allows the alphabet of a plain
+//! PostgreSQL identifier and its length (the rule the access file's `database_role` is checked
+//! with, `treaty_proto::auth::check_database_role`), refuses the names PostgreSQL gives a meaning
+//! of their own in `SET ROLE` (`none` would be the participant's own role), and quotes it as an
+//! identifier all the same. Lower case only: that is how PostgreSQL stores a role created without
+//! quotes (`CREATE ROLE App_Alice` makes `app_alice`), so the name reads the same in both places.
 
 use std::fmt;
 use std::sync::Arc;
@@ -26,8 +28,8 @@ pub enum DatabaseRoleError {
     )]
     Length(String),
     #[error(
-        "database role {0:?} may only contain ASCII letters, digits, '_', '-' and '$', and must start \
-         with a letter or '_'"
+        "database role {0:?} is not a plain PostgreSQL role name: lower-case ASCII letters, digits, '_' \
+         and '$', starting with a letter or '_' (as PostgreSQL stores a role created without quotes)"
     )]
     Alphabet(String),
     #[error(
@@ -37,9 +39,8 @@ pub enum DatabaseRoleError {
     Reserved(String),
 }
 
-/// A PostgreSQL role name, checked (see the module documentation). Exactly as PostgreSQL stores
-/// it: quoted when used, so case matters (`app_alice`, as `CREATE ROLE app_alice` makes it, not
-/// `App_Alice`). Cheap to clone.
+/// A PostgreSQL role name, checked (see the module documentation), exactly as PostgreSQL stores it.
+/// Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DatabaseRole(Arc<str>);
 
@@ -49,14 +50,12 @@ impl DatabaseRole {
             return Err(DatabaseRoleError::Length(name.into()));
         }
         let mut chars = name.chars();
-        let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-        if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '$')) {
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+        let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '$'));
+        if !first_ok || !rest_ok {
             return Err(DatabaseRoleError::Alphabet(name.into()));
         }
-        if RESERVED
-            .iter()
-            .any(|reserved| reserved.eq_ignore_ascii_case(name))
-        {
+        if RESERVED.contains(&name) {
             return Err(DatabaseRoleError::Reserved(name.into()));
         }
         Ok(Self(name.into()))
@@ -85,14 +84,7 @@ mod tests {
 
     #[test]
     fn ordinary_role_names_are_accepted_and_quoted() {
-        for name in [
-            "app_alice",
-            "App_Alice",
-            "_batch",
-            "batch-job",
-            "r$1",
-            "pg_read_all_data",
-        ] {
+        for name in ["app_alice", "_batch", "r2d2", "r$1", "pg_read_all_data"] {
             let role = DatabaseRole::new(name).unwrap();
             assert_eq!(role.as_str(), name);
             assert_eq!(role.quoted(), format!("\"{name}\""));
@@ -120,6 +112,10 @@ mod tests {
             "a\0b",
             "rôle",
             "a.b",
+            // Quoted, these would name roles other than the ones `CREATE ROLE App_Alice` makes.
+            "App_Alice",
+            "NONE",
+            "batch-job",
         ] {
             assert_eq!(
                 DatabaseRole::new(bad),
@@ -127,15 +123,7 @@ mod tests {
                 "{bad:?}"
             );
         }
-        for reserved in [
-            "none",
-            "NONE",
-            "None",
-            "public",
-            "current_user",
-            "CURRENT_ROLE",
-            "session_user",
-        ] {
+        for reserved in RESERVED {
             assert_eq!(
                 DatabaseRole::new(reserved),
                 Err(DatabaseRoleError::Reserved(reserved.into())),
