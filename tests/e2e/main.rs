@@ -8,6 +8,7 @@ mod cli;
 mod commit;
 mod console;
 mod coordinators;
+mod database_roles;
 mod decision_database;
 mod decision_rows;
 mod failpoints;
