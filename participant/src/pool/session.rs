@@ -4,99 +4,121 @@
 //! A branch's statements can change the session behind the SQL guard's back: a function body may
 //! run `set_config('role', 'x', false)` (every later branch on the connection would run as `x`),
 //! `set_config('search_path', ..., false)` (every later client's unqualified names would resolve
-//! elsewhere), take a session-level advisory lock, or create a temporary table. So a branch's last
-//! round trip (its COMMIT, ROLLBACK or PREPARE TRANSACTION) carries one more statement, the check
-//! (`CHECK_SQL`): it reads what must not have changed (the current and session user, the
-//! temporary schema, `search_path`) and compares it with what the same read gave when the
-//! connection opened (`SessionState`); any difference, or a check that fails, closes the
-//! connection instead of pooling it (`Session::Changed`, logged with what changed and counted).
+//! elsewhere), change a timeout or make later transactions read-only, take a session-level
+//! advisory lock, or create a temporary table (which would shadow a table of the same name for
+//! every later client). So a branch's last round trip (its COMMIT, ROLLBACK or PREPARE
+//! TRANSACTION) carries one more statement, the check: it reads what must not have changed
+//! (`STATE`) and compares it with what the same read gave when the connection opened
+//! (`SessionState`); any difference, or a check that fails, closes the connection instead of
+//! pooling it (`Session::Changed`, logged with what changed and counted).
+//!
+//! The check is a statement prepared once per connection (`treaty_session_check`, in the round
+//! trip that opens it), so each branch pays only its execution, not its parsing and planning:
+//! measured on PostgreSQL 15, a short branch (BEGIN, SELECT 1, COMMIT) took about 50 µs more server
+//! time with the check, half of what the same check sent as text cost. Should a client's function
+//! deallocate it, the check fails and the connection is closed. (A client able to create a
+//! function, or one that returned to the participant's role, see the README's "Database roles",
+//! could replace it with one that answers what was read at open; the check is a wall against
+//! sessions changed by mistake and by clients without those privileges.)
 //!
 //! Session-level advisory locks are the one thing released rather than verified: the check calls
 //! `pg_advisory_unlock_all()`, which releases exactly those (transaction-level ones ended with the
 //! transaction) for a few microseconds, where verifying them means `pg_locks`, whose function
-//! copies every lock table of the server under all its partition locks: about 250 µs per branch
-//! with 200 connections and 256 prepared transactions allowed, measured on PostgreSQL 15, more than
-//! a short branch's own statements cost (docs: README "Database roles"). A lock the SQL guard sees
-//! taken (`pg_advisory_lock(...)` in the client's text) still closes the connection.
+//! copies every lock table of the server under all its partition locks: about 240 µs more per
+//! branch with 200 connections and 256 prepared transactions allowed, more than the branch's own
+//! statements cost. A lock the SQL guard sees taken (`pg_advisory_lock(...)` in the client's text)
+//! still closes the connection.
 //!
 //! Checked after the branch rather than before the next one so that the participant's own
 //! statements, which run on the same pool, never meet a changed session either.
 
 use futures::TryStreamExt as _;
-use sqlx::postgres::PgConnection;
+use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{Executor as _, Row as _};
 
 use crate::postgres::DbError;
 
-/// What the session must still be after a branch, in the order `SessionState` holds it. Every
-/// name is qualified: a changed `search_path` must not change what the check calls. (A macro, so
-/// that both statements below are literals built from the one list.)
-macro_rules! state_columns {
-    () => {
-        "current_user::text, session_user::text, pg_catalog.pg_my_temp_schema()::text, \
-         pg_catalog.current_setting('search_path')"
-    };
+/// What a branch must leave as it found it: a name for the log, and the expression that reads
+/// it. Every function and type is qualified, so that a changed `search_path` cannot change what
+/// the check calls.
+const STATE: [(&str, &str); 9] = [
+    ("current_user", "current_user::pg_catalog.text"),
+    ("session_user", "session_user::pg_catalog.text"),
+    // The OID of the session's temporary schema, `0` until a temporary object was made. Once
+    // made it stays for the session, even after its tables are dropped, so any use closes the
+    // connection; temporary objects are rare in a branch.
+    (
+        "the temporary schema (pg_my_temp_schema)",
+        "pg_catalog.pg_my_temp_schema()::pg_catalog.text",
+    ),
+    ("search_path", "pg_catalog.current_setting('search_path')"),
+    (
+        "statement_timeout",
+        "pg_catalog.current_setting('statement_timeout')",
+    ),
+    ("lock_timeout", "pg_catalog.current_setting('lock_timeout')"),
+    (
+        "idle_in_transaction_session_timeout",
+        "pg_catalog.current_setting('idle_in_transaction_session_timeout')",
+    ),
+    (
+        "default_transaction_read_only",
+        "pg_catalog.current_setting('default_transaction_read_only')",
+    ),
+    ("row_security", "pg_catalog.current_setting('row_security')"),
+];
+
+/// The check's name among the session's prepared statements.
+const CHECK: &str = "treaty_session_check";
+
+/// Run once when a connection opens: prepares the check (the backend's pid, the state, and
+/// session-level advisory locks released) and runs it, so that the pid (to cancel a statement
+/// from another connection) and the clean state come back in the same round trip.
+fn open_sql() -> String {
+    let state: Vec<&str> = STATE.iter().map(|(_, expression)| *expression).collect();
+    format!(
+        "PREPARE {CHECK} AS SELECT pg_catalog.pg_backend_pid(), {}, \
+         pg_catalog.pg_advisory_unlock_all() IS NULL; EXECUTE {CHECK}",
+        state.join(", ")
+    )
 }
 
-/// Read once when a connection opens: its backend's pid (to cancel a statement from another
-/// connection) and its clean state.
-const OPEN_SQL: &str = concat!("SELECT pg_catalog.pg_backend_pid(), ", state_columns!());
-
-/// The statement folded after a branch's last one: session-level advisory locks released, and
-/// the state read back. It runs in a transaction of its own (the branch's has just ended).
-const CHECK_SQL: &str = concat!(
-    "SELECT ",
-    state_columns!(),
-    ", pg_catalog.pg_advisory_unlock_all() IS NULL"
-);
-
-/// The parts of a session a branch must leave as it found them.
+/// The parts of a session a branch must leave as it found them, in `STATE`'s order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionState {
-    current_user: String,
-    session_user: String,
-    /// The OID of the session's temporary schema, `0` until a temporary object was made. Once
-    /// made it stays for the session, even after its tables are dropped, so any use closes the
-    /// connection; temporary tables are rare in a branch.
-    temp_schema: String,
-    search_path: String,
+    values: Vec<String>,
 }
 
 impl SessionState {
-    /// Reads the state from the first four columns of `row` starting at `first`.
-    fn from_row(row: &sqlx::postgres::PgRow, first: usize) -> Result<SessionState, sqlx::Error> {
-        Ok(SessionState {
-            current_user: row.try_get(first)?,
-            session_user: row.try_get(first + 1)?,
-            temp_schema: row.try_get(first + 2)?,
-            search_path: row.try_get(first + 3)?,
-        })
+    /// The state from a row of the check: the pid first, then `STATE`.
+    fn from_row(row: &PgRow) -> Result<SessionState, sqlx::Error> {
+        let values = (1..=STATE.len())
+            .map(|column| row.try_get(column))
+            .collect::<Result<_, _>>()?;
+        Ok(SessionState { values })
     }
 
     /// What differs from `clean`, for the log; empty when nothing does.
     pub fn differences(&self, clean: &SessionState) -> Vec<String> {
-        let mut changed = Vec::new();
-        let mut compare = |what: &str, now: &str, then: &str| {
-            if now != then {
-                changed.push(format!("{what} is {now:?}, was {then:?}"));
-            }
-        };
-        compare("current_user", &self.current_user, &clean.current_user);
-        compare("session_user", &self.session_user, &clean.session_user);
-        compare(
-            "the temporary schema (pg_my_temp_schema)",
-            &self.temp_schema,
-            &clean.temp_schema,
-        );
-        compare("search_path", &self.search_path, &clean.search_path);
-        changed
+        STATE
+            .iter()
+            .zip(self.values.iter().zip(&clean.values))
+            .filter(|(_, (now, then))| now != then)
+            .map(|((what, _), (now, then))| format!("{what} is {now:?}, was {then:?}"))
+            .collect()
     }
 }
 
-/// Reads a new connection's backend pid and clean state (`OPEN_SQL`).
+/// Prepares the check on a new connection and reads its backend pid and clean state.
 pub async fn open(connection: &mut PgConnection) -> Result<(i32, SessionState), sqlx::Error> {
-    let row = sqlx::query(OPEN_SQL).fetch_one(connection).await?;
-    Ok((row.try_get(0)?, SessionState::from_row(&row, 1)?))
+    let mut rows = connection.fetch_many(sqlx::raw_sql(sqlx::AssertSqlSafe(open_sql())));
+    let mut read = None;
+    while let Some(result) = rows.try_next().await? {
+        if let sqlx::Either::Right(row) = result {
+            read = Some((row.try_get(0)?, SessionState::from_row(&row)?));
+        }
+    }
+    read.ok_or_else(|| sqlx::Error::Protocol("the session check returned no row".into()))
 }
 
 /// What the check found after a branch.
@@ -126,7 +148,7 @@ pub async fn end_and_check(
     statements: usize,
     clean: &SessionState,
 ) -> Result<Session, StatementFailed> {
-    let text = format!("{sql}; {CHECK_SQL}");
+    let text = format!("{sql}; EXECUTE {CHECK}");
     // Counted per statement: PostgreSQL skips the rest of a simple query after an error, so the
     // number completed says which one failed.
     let mut completed = 0;
@@ -136,9 +158,9 @@ pub async fn end_and_check(
         match results.try_next().await {
             Ok(Some(sqlx::Either::Left(_))) => completed += 1,
             Ok(Some(sqlx::Either::Right(row))) if completed == statements => {
-                state = Some(SessionState::from_row(&row, 0).map_err(DbError::from));
+                state = Some(SessionState::from_row(&row).map_err(DbError::from));
             }
-            // A statement of the branch's own that returns rows (none does): not the check's.
+            // A row of the branch's own statements (none returns one): not the check's.
             Ok(Some(sqlx::Either::Right(_))) => {}
             Ok(None) => break None,
             Err(error) => break Some(DbError::from(error)),
@@ -161,10 +183,10 @@ pub async fn end_and_check(
                 }
             }
             Some(Err(error)) => Session::Changed(format!("the session check's row did not decode: {error}")),
-            None if completed < statements => Session::Changed(format!(
-                "PostgreSQL answered {completed} of {statements} statements and no error"
+            None => Session::Changed(format!(
+                "PostgreSQL answered {completed} of {} statements and no session check",
+                statements + 1
             )),
-            None => Session::Changed("the session check returned no row".into()),
         }),
     }
 }
@@ -173,24 +195,41 @@ pub async fn end_and_check(
 mod tests {
     use super::*;
 
-    fn clean() -> SessionState {
+    fn state(values: &[&str]) -> SessionState {
         SessionState {
-            current_user: "treaty".into(),
-            session_user: "treaty".into(),
-            temp_schema: "0".into(),
-            search_path: "\"$user\", public".into(),
+            values: values.iter().map(|value| (*value).to_owned()).collect(),
         }
+    }
+
+    fn clean() -> SessionState {
+        state(&[
+            "treaty",
+            "treaty",
+            "0",
+            "\"$user\", public",
+            "60s",
+            "10s",
+            "0",
+            "off",
+            "on",
+        ])
     }
 
     #[test]
     fn a_changed_role_search_path_or_temporary_schema_is_named() {
+        assert_eq!(clean().values.len(), STATE.len());
         assert!(clean().differences(&clean()).is_empty());
-        let leaked = SessionState {
-            current_user: "x".into(),
-            search_path: "evil, public".into(),
-            temp_schema: "16390".into(),
-            ..clean()
-        };
+        let leaked = state(&[
+            "x",
+            "treaty",
+            "16390",
+            "evil, public",
+            "60s",
+            "10s",
+            "0",
+            "on",
+            "on",
+        ]);
         let changed = leaked.differences(&clean()).join("; ");
         assert!(
             changed.contains("current_user is \"x\", was \"treaty\""),
@@ -198,13 +237,25 @@ mod tests {
         );
         assert!(changed.contains("search_path"), "{changed}");
         assert!(changed.contains("temporary schema"), "{changed}");
+        assert!(
+            changed.contains("default_transaction_read_only is \"on\""),
+            "{changed}"
+        );
         assert!(!changed.contains("session_user"), "{changed}");
     }
 
     #[test]
-    fn the_check_reads_what_the_open_reads_and_releases_advisory_locks() {
-        assert!(OPEN_SQL.ends_with(state_columns!()));
-        assert!(CHECK_SQL.starts_with(concat!("SELECT ", state_columns!(), ",")));
-        assert!(CHECK_SQL.contains("pg_catalog.pg_advisory_unlock_all()"));
+    fn the_check_is_prepared_qualified_and_releases_advisory_locks() {
+        let sql = open_sql();
+        assert!(sql.starts_with("PREPARE treaty_session_check AS SELECT pg_catalog.pg_backend_pid(), "));
+        assert!(sql.ends_with("pg_catalog.pg_advisory_unlock_all() IS NULL; EXECUTE treaty_session_check"));
+        for (_, expression) in STATE {
+            assert!(sql.contains(expression), "{expression}");
+            // Only keywords and qualified names: nothing a search_path could redirect.
+            assert!(
+                expression.starts_with("pg_catalog.") || expression.ends_with("::pg_catalog.text"),
+                "{expression}"
+            );
+        }
     }
 }
