@@ -8,7 +8,8 @@
 //! of 10,000 transactions opened about 45 per shard for 16 commits in flight).
 //!
 //! Here a connection goes back as it is. That is safe because its users decide whether it may: a
-//! branch's connection is closed unless its transaction ended (`ActiveBranch`), and the
+//! branch's connection is closed unless its transaction ended and its session is as it was opened
+//! (`ActiveBranch`; the check, `session`, rides in the round trip that ends the branch), and the
 //! participant's own statements (`retrying`) mark theirs `close_on_drop` until the statement
 //! completed, so a call dropped halfway (or one whose connection broke) closes it instead of
 //! leaving an unread answer for the next user. A dead idle connection is found on its next use,

@@ -3,6 +3,11 @@
 //! decision row is the authority, `decisions.rs`), phase two, the marker table, `pg_prepared_xacts`, and
 //! the classification of sqlx errors.
 //!
+//! A branch opened with a client's database role runs `SET LOCAL ROLE` in BEGIN's round trip, and
+//! returns to the participant's role (`bookkeeping_prelude`) in the round trip that writes
+//! Treaty's own row and prepares, so the role costs no round trip. Every statement that ends a
+//! branch carries the session check after it in the same round trip (`pool::session`).
+//!
 //! A GID is formatted into SQL text only here (and in `decisions.rs`) and only from a `Gid` or
 //! `BranchGid`, whose constructors restrict it to `[A-Za-z0-9_-:@]`; PostgreSQL does not accept it
 //! as a bind parameter.

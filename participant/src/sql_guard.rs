@@ -34,8 +34,10 @@ pub struct Analysis {
     /// `pg_temp.`), a call of `set_config` whose third argument is not the literal `true` (or
     /// one nested in another's arguments), an `UPDATE` of `pg_settings` (a rule turns it into
     /// `set_config(..., false)`), or a session-level advisory lock. Such a connection is closed
-    /// instead of reused. (A function of the client's own that changes a setting inside its body
-    /// cannot be seen from here, nor can a name spelt with Unicode escapes, `U&"..."`.)
+    /// instead of reused, whether the statement succeeded or not. (A function of the client's own
+    /// that changes a setting inside its body cannot be seen from here, nor can a name spelt with
+    /// Unicode escapes, `U&"..."`: the check after every branch, `pool::session`, is what finds
+    /// those.)
     pub changes_session: bool,
     /// A single statement that leads with `INSERT`, `UPDATE`, `DELETE` or `MERGE`: when it reports
     /// affected rows, the branch certainly wrote, and the vote can skip asking PostgreSQL whether it

@@ -256,7 +256,7 @@ async fn a_role_the_participant_cannot_set_is_refused_with_what_to_grant() {
 }
 
 #[tokio::test]
-async fn a_role_or_search_path_set_inside_a_function_body_closes_the_connection() {
+async fn a_role_or_setting_set_inside_a_function_body_closes_the_connection() {
     let _shared = SERVER.read().await;
     let (env, roles) = start("roles-leak").await;
     let (reader, writer) = (&roles.reader, &roles.writer);
@@ -267,7 +267,9 @@ async fn a_role_or_search_path_set_inside_a_function_body_closes_the_connection(
              CREATE FUNCTION become_writer() RETURNS text LANGUAGE sql \
                AS $$ SELECT set_config('role', '{writer}', false) $$; \
              CREATE FUNCTION move_search_path() RETURNS text LANGUAGE sql \
-               AS $$ SELECT set_config('search_path', 'nowhere', false) $$"
+               AS $$ SELECT set_config('search_path', 'nowhere', false) $$; \
+             CREATE FUNCTION read_only_from_now_on() RETURNS text LANGUAGE sql \
+               AS $$ SELECT set_config('default_transaction_read_only', 'on', false) $$"
         ))
         .await;
     // Through each way a branch ends: one-phase COMMIT, PREPARE (a client that leaves the
@@ -277,6 +279,7 @@ async fn a_role_or_search_path_set_inside_a_function_body_closes_the_connection(
         ("become_reader", "commit"),
         ("become_writer", "prepare"),
         ("move_search_path", "commit"),
+        ("read_only_from_now_on", "commit"),
         ("become_reader", "rollback"),
     ];
     for (n, (function, end)) in cases.into_iter().enumerate() {
