@@ -107,7 +107,7 @@ impl Agent {
                 )));
             }
             self.check_can_open(gid)?;
-            slot.active = Some(self.open(options).await?);
+            slot.active = Some(self.open(gid, options).await?);
             slot.machine = Some(self.new_machine());
         }
         // A call its caller can drop (`cancel`): register the backend running the statement so
@@ -192,7 +192,7 @@ impl Agent {
     }
 
     /// Takes a pooled connection and opens the branch's transaction on it.
-    async fn open(&self, options: &BranchOptions) -> Result<ActiveBranch, BranchError> {
+    async fn open(&self, gid: &Gid, options: &BranchOptions) -> Result<ActiveBranch, BranchError> {
         // A pooled connection that died (e.g. PostgreSQL restarted) is replaced: BEGIN is safe to
         // repeat, and each dead connection is closed as it is found.
         let attempts = self.pool.max_connections() + 1;
@@ -212,6 +212,13 @@ impl Agent {
                     return Ok(branch);
                 }
                 Err(DbError::Connection(_)) if tried < attempts => {}
+                Err(error @ DbError::Sql { .. }) => {
+                    // Refused after BEGIN (a `SET LOCAL` of the options): the connection is fine,
+                    // and kept for the next branch once rolled back, rather than a new backend
+                    // started for every call of a client whose role is misconfigured.
+                    self.roll_back(branch, gid).await;
+                    return Err(self.begin_failed(options, error));
+                }
                 Err(error) => return Err(self.begin_failed(options, error)),
             }
         }

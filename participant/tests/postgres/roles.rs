@@ -229,7 +229,8 @@ async fn client_statements_run_under_the_client_role_and_treatys_rows_under_the_
 #[tokio::test]
 async fn a_role_the_participant_cannot_set_is_refused_with_what_to_grant() {
     let _shared = SERVER.read().await;
-    let (env, _roles) = start("roles-missing").await;
+    let (env, roles) = start("roles-missing").await;
+    let (_, pid) = whoami(&env, 10, None).await;
     let refused = execute(&env, &env.gid(1), "SELECT 1", Some("no_such_role_here"))
         .await
         .unwrap_err();
@@ -253,6 +254,8 @@ async fn a_role_the_participant_cannot_set_is_refused_with_what_to_grant() {
         "{}",
         invalid.message()
     );
+    // The refusals rolled back on the connection they had, which serves the next branch.
+    assert_eq!(whoami(&env, 11, None).await, (roles.participant.clone(), pid));
 }
 
 #[tokio::test]
