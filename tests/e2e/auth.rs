@@ -373,7 +373,8 @@ async fn a_participant_refuses_prepare_commit_and_abort_from_an_identity_that_is
         "needs the coordinator role",
     )?;
     // The coordinator's operator, a valid certificate of the same CA, is not named here at all.
-    let mut operator = ParticipantClient::new(s.channel(&participant, Some((&s.ops.cert, &s.ops.key))).await?);
+    let mut operator =
+        ParticipantClient::new(s.channel(&participant, Some((&s.ops.cert, &s.ops.key))).await?);
     denied(
         operator.commit(pb::FinishRequest { gid: gid.clone() }).await,
         "certificate \"ops-olivia\" is not a caller",
