@@ -287,16 +287,7 @@ pub async fn run(
     // the start instead of leaving a coordinator without the console it was asked for.
     // Loaded before anything is announced, so a bad certificate stops the start with the file
     // named.
-    let access = config.auth.clone().resolve(
-        addr,
-        config.tls.server.is_some(),
-        config
-            .tls
-            .server
-            .as_ref()
-            .is_some_and(|files| files.client_ca.is_some()),
-    )?;
-    treaty_proto::auth::announce(access.as_deref());
+    let access = config.auth.clone().load(addr, config.tls.server.as_ref())?;
     let server_tls = match &config.tls.server {
         Some(files) => {
             let tls = treaty_proto::tls::ServerTls::load(treaty_proto::auth::server_tls_files(
