@@ -8,6 +8,8 @@ pub mod clock;
 mod ids;
 mod protocol;
 pub mod secret;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod value;
 
 pub use clock::{Clock, SystemClock, now_ms};
