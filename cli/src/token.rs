@@ -62,3 +62,44 @@ pub fn new(args: NewArgs) -> Result<()> {
     print!("{entry}");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dir: &std::path::Path, roles: &[&str]) -> NewArgs {
+        NewArgs {
+            name: "batch".into(),
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+            database_role: Some("app_batch".into()),
+            out: dir.join("batch.token"),
+        }
+    }
+
+    #[test]
+    fn a_new_token_is_private_and_refused_over_an_existing_file_or_with_an_unknown_role() {
+        let dir = tempfile::tempdir().unwrap();
+        new(args(dir.path(), &["client"])).unwrap();
+        let path = dir.path().join("batch.token");
+        let token = std::fs::read_to_string(&path).unwrap();
+        assert!(token.trim().starts_with("trt_"), "{token}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        let again = new(args(dir.path(), &["client"])).unwrap_err().to_string();
+        assert!(again.contains("exists"), "{again}");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            token,
+            "the first token is kept"
+        );
+
+        let other = tempfile::tempdir().unwrap();
+        let unknown = new(args(other.path(), &["root"])).unwrap_err().to_string();
+        assert!(unknown.contains("unknown role \"root\""), "{unknown}");
+        assert!(!other.path().join("batch.token").exists(), "nothing written");
+    }
+}

@@ -287,16 +287,7 @@ pub async fn run(
     // the start instead of leaving a coordinator without the console it was asked for.
     // Loaded before anything is announced, so a bad certificate stops the start with the file
     // named.
-    let access = config.auth.clone().resolve(
-        addr,
-        config.tls.server.is_some(),
-        config
-            .tls
-            .server
-            .as_ref()
-            .is_some_and(|files| files.client_ca.is_some()),
-    )?;
-    treaty_proto::auth::announce(access.as_deref());
+    let access = config.auth.clone().load(addr, config.tls.server.as_ref())?;
     let server_tls = match &config.tls.server {
         Some(files) => {
             let tls = treaty_proto::tls::ServerTls::load(treaty_proto::auth::server_tls_files(
@@ -330,7 +321,7 @@ pub async fn run(
     };
     tracing::info!(%addr, shards = config.shards.len(), "coordinator serving");
     announce(addr);
-    let console = console.map(|listener| spawn_console(engine.clone(), listener));
+    let console = console.map(|listener| spawn_console(engine.clone(), listener, access.is_some()));
     let limits = limits::Limits::new(config.limits);
     let service = CoordinatorServer::new(service::CoordinatorService::new(engine.clone(), limits))
         .max_decoding_message_size(config.limits.max_request_bytes);
@@ -407,12 +398,12 @@ impl RunningConsole {
     }
 }
 
-fn spawn_console(engine: Arc<CoordinatorEngine>, listener: TcpListener) -> RunningConsole {
+fn spawn_console(engine: Arc<CoordinatorEngine>, listener: TcpListener, read_only: bool) -> RunningConsole {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(url = %format!("http://{addr}/"), "web console serving");
         if !addr.ip().is_loopback() {
-            tracing::warn!(%addr, "the web console has no authentication yet and is not bound to loopback: anyone who reaches it can resolve transactions by hand");
+            tracing::warn!(%addr, "the web console has no authentication and is not bound to loopback: anyone who reaches it can see every transaction{}", if read_only { "" } else { " and resolve them by hand" });
         }
     }
     let task = tokio::spawn(async move {
@@ -420,7 +411,7 @@ fn spawn_console(engine: Arc<CoordinatorEngine>, listener: TcpListener) -> Runni
             // A dropped sender stops the console too.
             let _ = stopped.await;
         };
-        if let Err(error) = console::serve(engine, listener, shutdown).await {
+        if let Err(error) = console::serve(engine, listener, shutdown, read_only).await {
             tracing::error!("{error}; the coordinator keeps serving gRPC without its console");
         }
     });

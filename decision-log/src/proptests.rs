@@ -29,17 +29,8 @@ const DEFAULT_CASES_ON_DISK: u32 = 48;
 
 /// `PROPTEST_CASES` when set (more on demand), else `default`; printed so CI logs show the count.
 fn config(property: &str, default: u32) -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default);
-    // Straight to stderr, past the test harness's capture, so a passing run shows it too.
-    let _ = writeln!(
-        std::io::stderr(),
-        "property {property}: {cases} cases (PROPTEST_CASES to change)"
-    );
     ProptestConfig {
-        cases,
+        cases: treaty_types::testing::property_cases(property, default),
         // A failure is minimized and printed; its counterexample becomes a plain unit test, so no
         // regression file is written into the source tree.
         failure_persistence: None,

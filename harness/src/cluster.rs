@@ -67,16 +67,14 @@ pub fn service_tls_args(files: &DevCertFiles) -> Vec<String> {
     ]
 }
 
-/// tonic's client TLS with the cluster's CA and its client certificate.
+/// tonic's client TLS with the cluster's CA and its client certificate (what the services'
+/// links use, so a test's client is configured exactly as they are).
 pub fn client_tls(files: &DevCertFiles) -> Result<tonic::transport::ClientTlsConfig, HarnessError> {
-    let read =
-        |path: &PathBuf| std::fs::read(path).map_err(HarnessError::io(format!("reading {}", path.display())));
-    Ok(tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(read(&files.ca)?))
-        .identity(tonic::transport::Identity::from_pem(
-            read(&files.client_cert)?,
-            read(&files.client_key)?,
-        )))
+    treaty_proto::tls::tonic_client_config(&treaty_proto::tls::LinkTlsFiles {
+        ca: files.ca.clone(),
+        identity: Some((files.client_cert.clone(), files.client_key.clone())),
+    })
+    .map_err(|error| HarnessError::Invalid(format!("the cluster's client certificate: {error}")))
 }
 
 /// A running local cluster. Dropping it kills the processes and stops PostgreSQL, unless each part

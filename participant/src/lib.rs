@@ -84,16 +84,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ParticipantError> {
     // Loaded first, so a bad access file or certificate stops the start with the file named.
-    let access = config.auth.clone().resolve(
+    let access = config.auth.clone().load(
         listener.local_addr().map_err(ParticipantError::ListenAddr)?,
-        config.tls.server.is_some(),
-        config
-            .tls
-            .server
-            .as_ref()
-            .is_some_and(|files| files.client_ca.is_some()),
+        config.tls.server.as_ref(),
     )?;
-    treaty_proto::auth::announce(access.as_deref());
     let server_tls = match &config.tls.server {
         Some(files) => Some(
             treaty_proto::tls::ServerTls::load(treaty_proto::auth::server_tls_files(

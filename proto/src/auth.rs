@@ -204,6 +204,19 @@ pub enum AuthError {
 }
 
 impl AuthArgs {
+    /// [`AuthArgs::resolve`] for a service serving `listen` with the TLS files `server`, and logs
+    /// the outcome: what both services do at start.
+    pub fn load(
+        self,
+        listen: SocketAddr,
+        server: Option<&crate::tls::ServerTlsFiles>,
+    ) -> Result<Option<Arc<AccessPolicy>>, AuthError> {
+        let client_certificates = server.is_some_and(|files| files.client_ca.is_some());
+        let policy = self.resolve(listen, server.is_some(), client_certificates)?;
+        announce(policy.as_deref());
+        Ok(policy)
+    }
+
     /// Loads the access file and checks it fits how the service listens: `tls` and
     /// `client_certificates` say whether the listener serves TLS and asks for client
     /// certificates.
@@ -244,7 +257,7 @@ pub fn server_tls_files(
 }
 
 /// Logs how the service decides who may call, once at start.
-pub fn announce(policy: Option<&AccessPolicy>) {
+fn announce(policy: Option<&AccessPolicy>) {
     match policy {
         Some(policy) => tracing::info!(
             access_file = %policy.path().display(),

@@ -6,8 +6,6 @@
 //! Each property runs `PROPTEST_CASES` cases (default below, what CI runs); set it higher for a
 //! longer search, e.g. `PROPTEST_CASES=100000 cargo test -p treaty-proto --lib proptests`.
 
-use std::io::Write;
-
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::Config as ProptestConfig;
@@ -21,17 +19,8 @@ const DEFAULT_CASES: u32 = 1000;
 
 /// `PROPTEST_CASES` when set (more on demand), else the default; printed so CI logs show it.
 fn config(property: &str) -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(DEFAULT_CASES);
-    // Straight to stderr, past the test harness's capture, so a passing run shows it too.
-    let _ = writeln!(
-        std::io::stderr(),
-        "property {property}: {cases} cases (PROPTEST_CASES to change)"
-    );
     ProptestConfig {
-        cases,
+        cases: treaty_types::testing::property_cases(property, DEFAULT_CASES),
         // A failure is minimized and printed; its counterexample becomes a plain unit test.
         failure_persistence: None,
         ..ProptestConfig::default()

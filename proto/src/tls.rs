@@ -26,6 +26,10 @@ use tokio_rustls::server::TlsStream;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshaken connections waiting for the server to take them.
 const ACCEPT_BACKLOG: usize = 64;
+/// Handshakes in progress at most: past it the listener stops accepting until one ends, so a
+/// flood of connections that never finish their handshake costs a bounded number of tasks (each
+/// also ends at `HANDSHAKE_TIMEOUT`), and the kernel's backlog holds the rest.
+const CONCURRENT_HANDSHAKES: usize = 256;
 
 /// What went wrong setting up TLS; each names the file or flag to fix.
 #[derive(Debug, thiserror::Error)]
@@ -388,9 +392,14 @@ pub fn incoming(
     tls: Arc<ServerTls>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
     let (sender, receiver) = tokio::sync::mpsc::channel(ACCEPT_BACKLOG);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_HANDSHAKES));
     tokio::spawn(async move {
         let mut hangups = hangup_signals();
         loop {
+            // Taken before accepting: at the cap, connections wait in the kernel's backlog.
+            let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                return;
+            };
             let accepted = tokio::select! {
                 () = sender.closed() => return,
                 Some(()) = next_hangup(&mut hangups) => {
@@ -413,7 +422,9 @@ pub fn incoming(
             let acceptor = TlsAcceptor::from(tls.config());
             let sender = sender.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(permit);
+                match handshake {
                     Ok(Ok(stream)) => {
                         let _ = sender.send(Ok(stream)).await;
                     }

@@ -119,7 +119,7 @@ impl TestCluster {
 
     pub async fn prepared_everywhere(&self) -> Result<usize> {
         let mut total = 0;
-        for shard in 0..3 {
+        for shard in 0..self.cluster.pgs.len() {
             total += self.prepared(shard).await?.len();
         }
         Ok(total)

@@ -10,6 +10,8 @@ mod database_role;
 mod ids;
 mod protocol;
 pub mod secret;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod value;
 
 pub use clock::{Clock, SystemClock, now_ms};

@@ -69,6 +69,9 @@ pub enum ConsoleError {
 struct Console {
     engine: Arc<CoordinatorEngine>,
     fanouts: Semaphore,
+    /// The coordinator authenticates its callers (`--access-file`): the console, which has no
+    /// login, only shows, so that nobody decides a transaction under a name they did not prove.
+    read_only: bool,
 }
 
 /// Binds the console's address (so that a bad one fails the start, before the coordinator says it
@@ -84,17 +87,19 @@ pub async fn serve(
     engine: Arc<CoordinatorEngine>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    read_only: bool,
 ) -> Result<(), ConsoleError> {
-    axum::serve(listener, router(engine))
+    axum::serve(listener, router(engine, read_only))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(ConsoleError::Serve)
 }
 
-fn router(engine: Arc<CoordinatorEngine>) -> Router {
+fn router(engine: Arc<CoordinatorEngine>, read_only: bool) -> Router {
     let console = Arc::new(Console {
         engine,
         fanouts: Semaphore::new(CONCURRENT_FANOUTS),
+        read_only,
     });
     Router::new()
         .route("/", get(|| async { redirect("/transactions") }))
@@ -522,6 +527,16 @@ async fn resolve(State(console): State<Arc<Console>>, headers: HeaderMap, body: 
             "Refused",
             "error",
             "a resolve posted from another site is refused: use the console's own form",
+        );
+    }
+    if console.read_only {
+        return message(
+            engine,
+            StatusCode::FORBIDDEN,
+            "Refused",
+            "error",
+            "this coordinator authenticates its callers (--access-file) and the console has no login: \
+             decide with `treaty resolve`, authenticated as an operator",
         );
     }
     let form = ResolveForm::parse(&body);
