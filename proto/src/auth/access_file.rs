@@ -234,29 +234,13 @@ fn parse_roles(names: &[String]) -> Result<RoleSet, String> {
     Ok(roles)
 }
 
-/// A PostgreSQL role name Treaty will put in `SET LOCAL ROLE`: a plain identifier, so it never
-/// needs quoting rules to be safe, and within PostgreSQL's 63-byte limit.
+/// A PostgreSQL role name Treaty will put in `SET LOCAL ROLE`: the one rule,
+/// `treaty_types::DatabaseRole`'s (a plain identifier within PostgreSQL's 63-byte limit, no
+/// reserved name), so the access file refuses at start what a participant would refuse later.
 pub fn check_database_role(role: &str) -> Result<(), String> {
-    let valid_start = role
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-    let valid_rest = role
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$');
-    if role.is_empty() || role.len() > 63 || !valid_start || !valid_rest {
-        return Err(format!(
-            "database_role {role:?} is not a plain PostgreSQL role name (lower-case letters, digits and _, \
-             starting with a letter or _, at most 63 bytes)"
-        ));
-    }
-    if matches!(
-        role,
-        "none" | "public" | "current_user" | "session_user" | "current_role"
-    ) {
-        return Err(format!("database_role {role:?} is a reserved word, not a role"));
-    }
-    Ok(())
+    treaty_types::DatabaseRole::new(role)
+        .map(|_| ())
+        .map_err(|error| format!("database_role: {error}"))
 }
 
 #[cfg(test)]
