@@ -30,6 +30,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use crate::postgres::{DbError, SessionDefaults};
 use session::SessionState;
 
+pub(crate) mod connect;
 pub(crate) mod session;
 
 /// An idle connection unused this long is closed (as sqlx's pool does by default).
