@@ -11,6 +11,22 @@ use std::str::FromStr as _;
 pub enum ConnectError {
     #[error("the database URL cannot be used: {0}")]
     Url(String),
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(#[from] tokio_postgres::Error),
+}
+
+impl ConnectError {
+    /// Worth trying again: the server refused for a moment (I/O error, starting up, shutting
+    /// down, too many connections).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConnectError::Url(_) => false,
+            ConnectError::Connect(error) => match error.code() {
+                Some(code) => code.code().starts_with("57P") || code.code() == "53300",
+                None => error.as_db_error().is_none(),
+            },
+        }
+    }
 }
 
 /// Where and how to connect; built once from the URL, cheap to clone.
@@ -48,7 +64,7 @@ impl ConnectTarget {
 
     /// A new session; its connection task runs on the current runtime until the client is
     /// dropped or the server closes it.
-    pub async fn connect(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, ConnectError> {
         let (client, connection) = self.config.connect(tokio_postgres::NoTls).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
