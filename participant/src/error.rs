@@ -28,7 +28,7 @@ pub enum ParticipantError {
     #[error("database URL {url} cannot be used for branch connections: {source}")]
     BranchPool {
         url: String,
-        source: crate::pool::ConnectError,
+        source: Box<crate::pool::ConnectError>,
     },
     /// The URL has no password and the passfile PostgreSQL would read is not private.
     #[error("PostgreSQL passfile: {0}")]

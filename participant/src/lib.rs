@@ -306,7 +306,7 @@ async fn connect(config: &Config) -> Result<Pool, ParticipantError> {
     let target = pool::ConnectTarget::from_url(&url)
         .map_err(|source| ParticipantError::BranchPool {
             url: config.database_url.redacted(),
-            source,
+            source: Box::new(source),
         })?
         .application_name("treaty-participant");
     Ok(Pool::with_session_defaults(
