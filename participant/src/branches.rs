@@ -46,6 +46,8 @@ pub struct ActiveBranch {
     /// A statement certainly wrote (a single INSERT/UPDATE/DELETE/MERGE that affected rows), so the
     /// vote need not ask PostgreSQL whether the transaction has an id.
     pub wrote: bool,
+    /// The BEGIN (with its `SET LOCAL`s) not sent yet: it goes with the first statement.
+    pub pending_begin: Option<String>,
     ended: bool,
 }
 
@@ -58,6 +60,7 @@ impl ActiveBranch {
             session_changed: false,
             database_role: None,
             wrote: false,
+            pending_begin: None,
             ended: false,
         }
     }

@@ -162,7 +162,7 @@ impl Drop for CancelOnDrop {
 /// Sends `pg_cancel_backend(pid)` until the statement ends (bounded), each under `signalling`
 /// and only while the statement is still registered as running.
 async fn cancel(statement: Arc<Cancellable>, pool: Pool, pid: i32) {
-    let mut connection = match pool.connect_outside().await {
+    let connection = match pool.connect_outside().await {
         Ok(connection) => connection,
         Err(error) => {
             tracing::warn!(pid, %error, "cannot cancel a dropped call's statement: no connection");
@@ -176,9 +176,12 @@ async fn cancel(statement: Arc<Cancellable>, pool: Pool, pid: i32) {
             if !statement.still_cancelling() {
                 break;
             }
-            if let Err(error) = sqlx::query("SELECT pg_cancel_backend($1)")
-                .bind(pid)
-                .execute(&mut connection)
+            if let Err(error) = connection
+                .client()
+                .query_typed(
+                    "SELECT pg_cancel_backend($1)",
+                    &[(&pid, tokio_postgres::types::Type::INT4)],
+                )
                 .await
             {
                 tracing::warn!(pid, %error, "cancelling a dropped call's statement failed");
@@ -188,7 +191,8 @@ async fn cancel(statement: Arc<Cancellable>, pool: Pool, pid: i32) {
         tracing::info!(pid, "cancelled the statement of a call its caller dropped");
         let _ = tokio::time::timeout(CANCEL_RETRY_AFTER, ended).await;
     }
-    let _ = sqlx::Connection::close(connection).await;
+    // Dropping the connection ends its session.
+    drop(connection);
 }
 
 #[cfg(test)]

@@ -15,12 +15,12 @@
 //! `ShardName`, whose constructors restrict them to `[A-Za-z0-9_-:@]` (see `postgres.rs`); every
 //! other statement binds them as parameters.
 
-use sqlx::postgres::PgConnection;
+use tokio_postgres::types::Type;
 use treaty_proto::{CoordinatorId, DatabaseRole, Gid, ShardName};
 
 use crate::pool::session::{self, Session, StatementFailed};
-use crate::pool::{Pool, PooledConnection};
-use crate::postgres::{DbError, bookkeeping_prelude, retrying, simple};
+use crate::pool::{Connection, Pool, PooledConnection};
+use crate::postgres::{DbError, bookkeeping_prelude, retrying, simple, write};
 
 /// SQLSTATE `unique_violation`: the other outcome's row for the GID committed first.
 const UNIQUE_VIOLATION: &str = "23505";
@@ -176,18 +176,18 @@ pub async fn insert_standalone(
     participants: &[ShardName],
 ) -> Result<RowCommit, DbError> {
     let sql = format!(
-        "BEGIN ISOLATION LEVEL READ COMMITTED; {}; COMMIT",
+        "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE; {}; COMMIT",
         commit_row_sql(gid, participants)
     );
     retrying(pool, |connection| {
         let (sql, gid) = (sql.clone(), gid.to_string());
         Box::pin(async move {
-            let Err(error) = simple(connection, sql).await else {
+            let Err(error) = simple(connection, &sql).await else {
                 return Ok(RowCommit::Committed);
             };
             // A failed statement skips the rest of the text and leaves the transaction open; a
             // connection whose ROLLBACK fails too is closed, never pooled in that state.
-            if let Err(rollback) = simple(connection, "ROLLBACK".into()).await {
+            if let Err(rollback) = simple(connection, "ROLLBACK").await {
                 return Err(DbError::Connection(format!(
                     "{error}; then ROLLBACK failed too: {rollback}"
                 )));
@@ -195,11 +195,17 @@ pub async fn insert_standalone(
             if !lost_to_abort(&error) {
                 return Err(error);
             }
-            let outcome: Option<String> =
-                sqlx::query_scalar("SELECT outcome FROM treaty.decisions WHERE gid = $1")
-                    .bind(&gid)
-                    .fetch_optional(&mut *connection)
-                    .await?;
+            let rows = connection
+                .client()
+                .query_typed(
+                    "SELECT outcome FROM treaty.decisions WHERE gid = $1",
+                    &[(&gid, Type::TEXT)],
+                )
+                .await?;
+            let outcome: Option<String> = match rows.first() {
+                Some(row) => Some(row.try_get(0)?),
+                None => None,
+            };
             Ok(match outcome.as_deref() {
                 Some("commit") => RowCommit::Committed,
                 _ => RowCommit::NotCommitted(format!(
@@ -215,14 +221,14 @@ pub async fn insert_standalone(
 /// after `result` succeeded, ROLLBACK after it failed. A rollback that fails too comes back as a
 /// connection error, so that the connection (whose transaction state is then unknown) is closed
 /// rather than pooled.
-async fn end_transaction<T>(connection: &mut PgConnection, result: Result<T, DbError>) -> Result<T, DbError> {
+async fn end_transaction<T>(connection: &Connection, result: Result<T, DbError>) -> Result<T, DbError> {
     match result {
         Ok(value) => {
-            simple(connection, "COMMIT".into()).await?;
+            simple(connection, "COMMIT").await?;
             Ok(value)
         }
         Err(error) => {
-            if let Err(rollback) = simple(connection, "ROLLBACK".into()).await {
+            if let Err(rollback) = simple(connection, "ROLLBACK").await {
                 return Err(DbError::Connection(format!(
                     "{error}; then ROLLBACK failed too: {rollback}"
                 )));
@@ -256,7 +262,7 @@ pub async fn read(pool: &Pool, gids: &[Gid], conclude_abort: bool) -> Result<Vec
         Box::pin(async move {
             // Never the database's default isolation: at REPEATABLE READ or SERIALIZABLE the
             // insert that waited for a commit row would fail instead of letting the read see it.
-            simple(connection, "BEGIN ISOLATION LEVEL READ COMMITTED".into()).await?;
+            simple(connection, "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE").await?;
             let result = read_in_transaction(connection, &texts, &coordinators, conclude_abort).await;
             end_transaction(connection, result).await
         })
@@ -266,32 +272,39 @@ pub async fn read(pool: &Pool, gids: &[Gid], conclude_abort: bool) -> Result<Vec
 }
 
 async fn read_in_transaction(
-    connection: &mut PgConnection,
+    connection: &Connection,
     gids: &[String],
     coordinators: &[String],
     conclude_abort: bool,
 ) -> Result<Vec<Row>, DbError> {
     if conclude_abort {
-        sqlx::query(
-            "INSERT INTO treaty.decisions (gid, outcome, coordinator_id) \
-             SELECT t.gid, 'abort', t.coordinator_id \
-             FROM unnest($1::text[], $2::text[]) AS t(gid, coordinator_id) \
-             ORDER BY t.gid \
-             ON CONFLICT (gid) DO NOTHING",
-        )
-        .bind(gids)
-        .bind(coordinators)
-        .execute(&mut *connection)
-        .await?;
+        connection
+            .client()
+            .query_typed(
+                "INSERT INTO treaty.decisions (gid, outcome, coordinator_id) \
+                 SELECT t.gid, 'abort', t.coordinator_id \
+                 FROM unnest($1::text[], $2::text[]) AS t(gid, coordinator_id) \
+                 ORDER BY t.gid \
+                 ON CONFLICT (gid) DO NOTHING",
+                &[(&gids, Type::TEXT_ARRAY), (&coordinators, Type::TEXT_ARRAY)],
+            )
+            .await?;
     }
     // A statement of its own: at READ COMMITTED it sees the rows committed while the insert
     // waited.
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM treaty.decisions WHERE gid = ANY($1)"
-    )))
-    .bind(gids)
-    .fetch_all(&mut *connection)
-    .await?)
+    let rows = connection
+        .client()
+        .query_typed(
+            &format!("SELECT {COLUMNS} FROM treaty.decisions WHERE gid = ANY($1)"),
+            &[(&gids, Type::TEXT_ARRAY)],
+        )
+        .await?;
+    rows.iter().map(row_of).collect()
+}
+
+/// A selected row (`COLUMNS`) as its fields.
+fn row_of(row: &tokio_postgres::Row) -> Result<Row, DbError> {
+    Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?))
 }
 
 /// The `outcome` column's value for `outcome`: SQL text from a fixed set, never from a caller.
@@ -325,11 +338,22 @@ pub async fn list(
                  ORDER BY decided_at, gid LIMIT $1",
                 outcome_sql(outcome)
             );
-            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(i64::from(limit));
-            if let Some(coordinator) = coordinator {
-                query = query.bind(coordinator);
-            }
-            Ok(query.fetch_all(connection).await?)
+            let limit = i64::from(limit);
+            let rows = match &coordinator {
+                Some(coordinator) => {
+                    connection
+                        .client()
+                        .query_typed(&sql, &[(&limit, Type::INT8), (coordinator, Type::TEXT)])
+                        .await?
+                }
+                None => {
+                    connection
+                        .client()
+                        .query_typed(&sql, &[(&limit, Type::INT8)])
+                        .await?
+                }
+            };
+            rows.iter().map(row_of).collect::<Result<Vec<Row>, DbError>>()
         })
     })
     .await?;
@@ -347,13 +371,7 @@ pub async fn delete(pool: &Pool, outcome: Outcome, gids: &[String]) -> Result<u6
     );
     retrying(pool, |connection| {
         let (sql, gids) = (sql.clone(), gids.to_vec());
-        Box::pin(async move {
-            Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(gids)
-                .execute(connection)
-                .await?
-                .rows_affected())
-        })
+        Box::pin(async move { write(connection, &sql, &[(&gids, Type::TEXT_ARRAY)]).await })
     })
     .await
 }

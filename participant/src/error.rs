@@ -24,6 +24,12 @@ pub enum ParticipantError {
         "cannot connect to PostgreSQL at {url}: {source}; check --database-url and that the server accepts connections"
     )]
     DatabaseUnreachable { url: String, source: sqlx::Error },
+    /// The URL could not be read for the branch pool's sessions.
+    #[error("database URL {url} cannot be used for branch connections: {source}")]
+    BranchPool {
+        url: String,
+        source: Box<crate::pool::ConnectError>,
+    },
     /// The URL has no password and the passfile PostgreSQL would read is not private.
     #[error("PostgreSQL passfile: {0}")]
     Passfile(#[from] treaty_proto::secret_file::SecretFileError),
@@ -107,7 +113,7 @@ impl From<DbError> for BranchError {
 impl From<StatementError> for BranchError {
     fn from(error: StatementError) -> Self {
         match error {
-            StatementError::Db(db) => db.into(),
+            StatementError::Db(db) | StatementError::Begin(db) => db.into(),
             StatementError::Decode(decode) => decode.into(),
         }
     }

@@ -302,8 +302,15 @@ async fn connect(config: &Config) -> Result<Pool, ParticipantError> {
     // cause (refused, authentication failed, no such database).
     let probe = options.connect().await.map_err(unreachable(config))?;
     let _ = probe.close().await;
+    let url = config.database_url.to_connect()?;
+    let target = pool::ConnectTarget::from_url(&url)
+        .map_err(|source| ParticipantError::BranchPool {
+            url: config.database_url.redacted(),
+            source: Box::new(source),
+        })?
+        .application_name("treaty-participant");
     Ok(Pool::with_session_defaults(
-        options,
+        target,
         config.session,
         config.max_connections,
         ACQUIRE_TIMEOUT,

@@ -23,13 +23,15 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use sqlx::ConnectOptions as _;
-use sqlx::postgres::{PgConnectOptions, PgConnection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::postgres::{DbError, SessionDefaults};
+pub use connect::{ConnectError, ConnectTarget};
+pub use connection::{Connection, pipelined};
 use session::SessionState;
 
+pub(crate) mod connect;
+mod connection;
 pub(crate) mod session;
 
 /// An idle connection unused this long is closed (as sqlx's pool does by default).
@@ -42,7 +44,7 @@ pub struct Pool {
 }
 
 struct Shared {
-    options: PgConnectOptions,
+    target: ConnectTarget,
     session: SessionDefaults,
     max_connections: u32,
     acquire_timeout: Duration,
@@ -54,7 +56,7 @@ struct Shared {
 }
 
 struct Idle {
-    connection: PgConnection,
+    connection: Connection,
     opened: Opened,
     since: Instant,
 }
@@ -67,10 +69,10 @@ struct Opened {
 }
 
 impl Pool {
-    /// A pool of at most `max_connections` connections made with `options`. Opens none yet.
-    pub fn new(options: PgConnectOptions, max_connections: u32, acquire_timeout: Duration) -> Pool {
+    /// A pool of at most `max_connections` connections made to `target`. Opens none yet.
+    pub fn new(target: ConnectTarget, max_connections: u32, acquire_timeout: Duration) -> Pool {
         Pool::with_session_defaults(
-            options,
+            target,
             SessionDefaults::default(),
             max_connections,
             acquire_timeout,
@@ -83,27 +85,28 @@ impl Pool {
     /// by design (an abort-row insert that meets a decision branch's row fails after the lock
     /// timeout and is asked again), and a statement running past the statement timeout is better
     /// cancelled than left holding a connection.
+    ///
+    /// Every session also starts read-only (`default_transaction_read_only`): a branch opens with
+    /// `BEGIN ... READ WRITE`, pipelined with its first statement (`postgres::begin_sql`), so
+    /// should that BEGIN fail while the session lives on, the statement that follows runs outside
+    /// any transaction and fails to write instead of committing on its own. The participant's
+    /// own writes open `READ WRITE` transactions the same way (`postgres::write`).
     pub fn with_session_defaults(
-        options: PgConnectOptions,
+        target: ConnectTarget,
         session: SessionDefaults,
         max_connections: u32,
         acquire_timeout: Duration,
     ) -> Pool {
-        let mut settings = Vec::new();
+        let mut settings = vec![("default_transaction_read_only", "on".to_owned())];
         if let Some(ms) = session.lock_timeout_ms {
             settings.push(("lock_timeout", ms.to_string()));
         }
         if let Some(ms) = session.statement_timeout_ms {
             settings.push(("statement_timeout", ms.to_string()));
         }
-        let options = if settings.is_empty() {
-            options
-        } else {
-            options.options(settings)
-        };
         Pool {
             shared: Arc::new(Shared {
-                options,
+                target: target.settings(&settings),
                 session,
                 max_connections,
                 acquire_timeout,
@@ -178,7 +181,7 @@ impl Pool {
     /// A connection outside the pool (not counted against `max_connections`), for a rare
     /// out-of-band statement such as cancelling another connection's statement, which must not
     /// wait behind the branches that fill the pool.
-    pub async fn connect_outside(&self) -> Result<PgConnection, DbError> {
+    pub async fn connect_outside(&self) -> Result<Connection, DbError> {
         let deadline = tokio::time::Instant::now() + self.shared.acquire_timeout;
         self.shared.open(deadline).await.map(|(connection, _)| connection)
     }
@@ -190,9 +193,8 @@ impl Pool {
         // Under the lock, after closing: a connection dropped meanwhile either sees the pool
         // closed or is pushed before this takes the list.
         let idle = std::mem::take(&mut *self.shared.idle());
-        for Idle { connection, .. } in idle {
-            let _ = sqlx::Connection::close(connection).await;
-        }
+        // Dropping a client ends its session (tokio-postgres sends Terminate).
+        drop(idle);
     }
 }
 
@@ -202,11 +204,12 @@ impl Shared {
     /// state are read once here, in one round trip per connection (not per use): the pid so that
     /// a statement on the connection can be cancelled from another one (`pg_cancel_backend`; sqlx
     /// keeps the cancel key to itself), the state for the check after every branch (`session`).
-    async fn open(&self, deadline: tokio::time::Instant) -> Result<(PgConnection, Opened), DbError> {
+    async fn open(&self, deadline: tokio::time::Instant) -> Result<(Connection, Opened), DbError> {
         let mut pause = Duration::from_millis(20);
         loop {
-            let error = match self.options.connect().await {
-                Ok(mut connection) => {
+            let error = match self.target.connect().await {
+                Ok(client) => {
+                    let mut connection = Connection::new(client);
                     let (backend_pid, clean) = session::open(&mut connection).await.map_err(|e| {
                         DbError::Connection(format!("reading the new session's backend pid and state: {e}"))
                     })?;
@@ -218,16 +221,7 @@ impl Shared {
                 }
                 Err(error) => error,
             };
-            let transient = match &error {
-                sqlx::Error::Io(_) => true,
-                // 57P03 "the database system is starting up", 57P01/57P02 shutting down, 53300
-                // too many connections.
-                sqlx::Error::Database(e) => e
-                    .code()
-                    .is_some_and(|code| code.starts_with("57P") || code == "53300"),
-                _ => false,
-            };
-            if !transient || tokio::time::Instant::now() + pause >= deadline {
+            if !error.is_transient() || tokio::time::Instant::now() + pause >= deadline {
                 return Err(DbError::Connection(format!(
                     "cannot connect to PostgreSQL: {error}"
                 )));
@@ -243,7 +237,7 @@ impl Shared {
         self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn take_idle(&self) -> Option<(PgConnection, Opened)> {
+    fn take_idle(&self) -> Option<(Connection, Opened)> {
         let mut idle = self.idle();
         let stale = idle
             .iter()
@@ -256,10 +250,10 @@ impl Shared {
     }
 }
 
-/// A connection taken from the pool; derefs to `PgConnection`. Goes back to the pool when dropped,
+/// A connection taken from the pool; derefs to `Connection`. Goes back to the pool when dropped,
 /// unless `close_on_drop` was called.
 pub struct PooledConnection {
-    connection: Option<PgConnection>,
+    connection: Option<Connection>,
     opened: Opened,
     shared: Arc<Shared>,
     close: bool,
@@ -294,9 +288,9 @@ impl PooledConnection {
 }
 
 impl Deref for PooledConnection {
-    type Target = PgConnection;
+    type Target = Connection;
 
-    fn deref(&self) -> &PgConnection {
+    fn deref(&self) -> &Connection {
         // Only `drop` takes it out.
         self.connection
             .as_ref()
@@ -305,7 +299,7 @@ impl Deref for PooledConnection {
 }
 
 impl DerefMut for PooledConnection {
-    fn deref_mut(&mut self) -> &mut PgConnection {
+    fn deref_mut(&mut self) -> &mut Connection {
         self.connection
             .as_mut()
             .unwrap_or_else(|| unreachable!("connection taken before drop"))

@@ -1,7 +1,7 @@
 //! The SQL the participant sends on its own behalf: opening a branch, the vote (marker row and
 //! `PREPARE TRANSACTION` in one round trip; no marker for a GID that names a decision shard, whose
 //! decision row is the authority, `decisions.rs`), phase two, the marker table, `pg_prepared_xacts`, and
-//! the classification of sqlx errors.
+//! the classification of driver errors.
 //!
 //! A branch opened with a client's database role runs `SET LOCAL ROLE` in BEGIN's round trip, and
 //! returns to the participant's role (`bookkeeping_prelude`) in the round trip that writes
@@ -17,13 +17,13 @@
 //! older participant prepared under the bare `Gid` text (the legacy form) is still found and
 //! finished here, under that exact text.
 
+use futures::TryStreamExt as _;
 use futures::future::BoxFuture;
-use sqlx::postgres::{PgConnection, PgDatabaseError, PgSeverity};
-use sqlx::{AssertSqlSafe, Executor as _};
+use tokio_postgres::types::{ToSql, Type};
 use treaty_proto::{BranchGid, DatabaseRole, Gid, ShardName};
 
 use crate::pool::session::{self, Session};
-use crate::pool::{Pool, PooledConnection};
+use crate::pool::{Connection, Pool, PooledConnection};
 
 /// SQLSTATE `undefined_object`: "prepared transaction with identifier ... does not exist".
 const UNDEFINED_OBJECT: &str = "42704";
@@ -52,6 +52,50 @@ impl DbError {
     }
 }
 
+impl From<tokio_postgres::Error> for DbError {
+    fn from(error: tokio_postgres::Error) -> DbError {
+        if let Some(database) = error.as_db_error() {
+            let sqlstate = database.code().code().to_owned();
+            let mut message = database.message().to_owned();
+            for extra in [database.detail(), database.hint()].into_iter().flatten() {
+                message.push_str(" (");
+                message.push_str(extra);
+                message.push(')');
+            }
+            // FATAL ends the session (e.g. 57P01 when the server shuts down or the backend is
+            // terminated): the connection is gone, not just the statement.
+            let session_ended = matches!(
+                database.parsed_severity(),
+                Some(tokio_postgres::error::Severity::Fatal | tokio_postgres::error::Severity::Panic)
+            )
+                // 08P01 at ERROR severity is a bad bind (e.g. wrong parameter count): the
+                // statement failed, the session lives on.
+                || (sqlstate.starts_with("08") && sqlstate != "08P01")
+                || sqlstate.starts_with("57P");
+            return if session_ended {
+                DbError::Connection(format!("SQLSTATE {sqlstate}: {message}"))
+            } else {
+                DbError::Sql { sqlstate, message }
+            };
+        }
+        let io = std::error::Error::source(&error).is_some_and(|source| source.is::<std::io::Error>());
+        // The rest of tokio-postgres' kinds are not public; these are the ones that leave the
+        // session's state unknown (closed, I/O, an answer it could not read).
+        let text = error.to_string();
+        if error.is_closed()
+            || io
+            || text.starts_with("unexpected message from server")
+            || text.starts_with("error parsing response from server")
+            || text.starts_with("error communicating with the server")
+        {
+            DbError::Connection(text)
+        } else {
+            DbError::Client(text)
+        }
+    }
+}
+
+/// The claim's own session (`claim.rs`) is sqlx's.
 impl From<sqlx::Error> for DbError {
     fn from(error: sqlx::Error) -> DbError {
         match error {
@@ -60,7 +104,7 @@ impl From<sqlx::Error> for DbError {
                     .code()
                     .map_or_else(|| "XX000".to_owned(), |c| c.into_owned());
                 let mut message = database.message().to_owned();
-                let pg = database.try_downcast_ref::<PgDatabaseError>();
+                let pg = database.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
                 if let Some(pg) = pg {
                     for extra in [pg.detail(), pg.hint()].into_iter().flatten() {
                         message.push_str(" (");
@@ -71,7 +115,7 @@ impl From<sqlx::Error> for DbError {
                 // FATAL ends the session (e.g. 57P01 when the server shuts down or the backend is
                 // terminated): the connection is gone, not just the statement.
                 let session_ended = pg
-                    .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic))
+                    .is_some_and(|pg| matches!(pg.severity(), sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic))
                     // 08P01 at ERROR severity is a bad bind (e.g. wrong parameter count): the
                     // statement failed, the session lives on.
                     || (sqlstate.starts_with("08") && sqlstate != "08P01")
@@ -94,9 +138,38 @@ impl From<sqlx::Error> for DbError {
 }
 
 /// Runs text without parameters (one or more statements, simple protocol).
-pub(crate) async fn simple(connection: &mut PgConnection, sql: String) -> Result<(), DbError> {
-    connection.execute(sqlx::raw_sql(AssertSqlSafe(sql))).await?;
-    Ok(())
+pub(crate) async fn simple(connection: &Connection, sql: &str) -> Result<(), DbError> {
+    connection.simple(sql).await
+}
+
+/// One of the participant's own writes (`sql` with `params`, one statement) in a transaction of
+/// its own: the pool's sessions are read-only by default (`Pool::with_session_defaults`), so it
+/// opens `READ WRITE`, pipelined with the statement and the COMMIT in one round trip. A failed
+/// statement leaves the transaction aborted and the COMMIT rolls it back, so the session is
+/// left outside any transaction either way. Answers the rows affected.
+pub(crate) async fn write(
+    connection: &Connection,
+    sql: &str,
+    params: &[(&(dyn ToSql + Sync), Type)],
+) -> Result<u64, DbError> {
+    let client = connection.client();
+    let statement = async {
+        let rows = client
+            .query_typed_raw(sql, params.iter().map(|(value, ty)| (*value, ty.clone())))
+            .await?;
+        futures::pin_mut!(rows);
+        while rows.try_next().await?.is_some() {}
+        Ok::<_, tokio_postgres::Error>(rows.rows_affected().unwrap_or(0))
+    };
+    let (begin, affected, commit) = futures::join!(
+        client.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE"),
+        statement,
+        client.batch_execute("COMMIT")
+    );
+    begin?;
+    let affected = affected?;
+    commit?;
+    Ok(affected)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -149,13 +222,13 @@ pub struct SessionDefaults {
 /// with (a `SET LOCAL` costs PostgreSQL a parse, an execution and a restore at the end of the
 /// transaction, about 10 µs each: measured in docs/performance.md, Session 13), and last the
 /// client's role, so that everything after runs under it.
-fn begin_sql(options: &BranchOptions, session: &SessionDefaults) -> String {
+pub(crate) fn begin_sql(options: &BranchOptions, session: &SessionDefaults) -> String {
     let isolation = match options.isolation {
         Isolation::ReadCommitted => "READ COMMITTED",
         Isolation::RepeatableRead => "REPEATABLE READ",
         Isolation::Serializable => "SERIALIZABLE",
     };
-    let mut sql = format!("BEGIN ISOLATION LEVEL {isolation}");
+    let mut sql = format!("BEGIN ISOLATION LEVEL {isolation} READ WRITE");
     if options.lock_timeout_ms != session.lock_timeout_ms {
         let ms = options.lock_timeout_ms.unwrap_or(0);
         sql.push_str(&format!("; SET LOCAL lock_timeout = {ms}"));
@@ -169,16 +242,6 @@ fn begin_sql(options: &BranchOptions, session: &SessionDefaults) -> String {
         sql.push_str(&role.quoted());
     }
     sql
-}
-
-/// Opens the branch's transaction (one round trip, settings included) on a connection whose
-/// session starts with `session`.
-pub async fn begin(
-    connection: &mut PgConnection,
-    options: &BranchOptions,
-    session: &SessionDefaults,
-) -> Result<(), DbError> {
-    simple(connection, begin_sql(options, session)).await
 }
 
 /// Ends the branch's transaction with ROLLBACK, the session check in the same round trip.
@@ -203,12 +266,22 @@ async fn end(connection: &mut PooledConnection, sql: &str, statements: usize) ->
 /// True when the open transaction has no transaction id, i.e. wrote nothing. Asked under the
 /// branch's role, which may only ever mislead its own branch; qualified, since that role may have
 /// changed `search_path`.
-pub async fn wrote_nothing(connection: &mut PgConnection) -> Result<bool, DbError> {
-    Ok(
-        sqlx::query_scalar("SELECT pg_catalog.txid_current_if_assigned() IS NULL")
-            .fetch_one(connection)
-            .await?,
-    )
+pub async fn wrote_nothing(connection: &Connection) -> Result<bool, DbError> {
+    let row = connection
+        .client()
+        .query_typed("SELECT pg_catalog.txid_current_if_assigned() IS NULL", &[])
+        .await?;
+    one_value(&row)
+}
+
+/// The first column of the one row a query answers.
+fn one_value<T: for<'a> tokio_postgres::types::FromSql<'a>>(
+    rows: &[tokio_postgres::Row],
+) -> Result<T, DbError> {
+    let row = rows
+        .first()
+        .ok_or_else(|| DbError::Client(format!("expected one row, PostgreSQL answered {}", rows.len())))?;
+    row.try_get(0).map_err(DbError::from)
 }
 
 /// The vote's SQL and how many statements it holds: the marker row and `PREPARE TRANSACTION`,
@@ -262,7 +335,7 @@ pub async fn insert_marker_and_prepare(
 /// that is safe to repeat.
 pub async fn retrying<T, F>(pool: &Pool, mut attempt: F) -> Result<T, DbError>
 where
-    F: for<'c> FnMut(&'c mut PgConnection) -> BoxFuture<'c, Result<T, DbError>>,
+    F: for<'c> FnMut(&'c mut Connection) -> BoxFuture<'c, Result<T, DbError>>,
 {
     let attempts = pool.max_connections() + 1;
     let mut tried = 0;
@@ -289,7 +362,11 @@ where
 }
 
 async fn on_pool(pool: &Pool, sql: String) -> Result<(), DbError> {
-    retrying(pool, |connection| Box::pin(simple(connection, sql.clone()))).await
+    retrying(pool, |connection| {
+        let sql = sql.clone();
+        Box::pin(async move { simple(connection, &sql).await })
+    })
+    .await
 }
 
 pub async fn commit_prepared(pool: &Pool, branch: &BranchGid) -> Result<(), DbError> {
@@ -345,13 +422,15 @@ async fn is_prepared_here(pool: &Pool, name: &BranchGid) -> Result<bool, DbError
     retrying(pool, |connection| {
         let name = name.to_string();
         Box::pin(async move {
-            Ok(sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts \
-                 WHERE gid = $1 AND database = current_database())",
-            )
-            .bind(name)
-            .fetch_one(connection)
-            .await?)
+            let rows = connection
+                .client()
+                .query_typed(
+                    "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts \
+                     WHERE gid = $1 AND database = current_database())",
+                    &[(&name, Type::TEXT)],
+                )
+                .await?;
+            one_value(&rows)
         })
     })
     .await
@@ -362,12 +441,14 @@ pub async fn marker_exists(pool: &Pool, gid: &Gid) -> Result<bool, DbError> {
     retrying(pool, |connection| {
         let gid = gid.to_string();
         Box::pin(async move {
-            Ok(
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM treaty.branches WHERE gid = $1)")
-                    .bind(gid)
-                    .fetch_one(connection)
-                    .await?,
-            )
+            let rows = connection
+                .client()
+                .query_typed(
+                    "SELECT EXISTS (SELECT 1 FROM treaty.branches WHERE gid = $1)",
+                    &[(&gid, Type::TEXT)],
+                )
+                .await?;
+            one_value(&rows)
         })
     })
     .await
@@ -380,14 +461,18 @@ pub async fn prepared_and_marker(pool: &Pool, branch: &BranchGid) -> Result<(boo
     retrying(pool, |connection| {
         let (gid, names) = (branch.gid().to_string(), names.clone());
         Box::pin(async move {
-            Ok(sqlx::query_as(
-                "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = ANY($2) AND database = current_database()), \
-                        EXISTS (SELECT 1 FROM treaty.branches WHERE gid = $1)",
-            )
-            .bind(gid)
-            .bind(names)
-            .fetch_one(connection)
-            .await?)
+            let rows = connection
+                .client()
+                .query_typed(
+                    "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = ANY($2) AND database = current_database()), \
+                            EXISTS (SELECT 1 FROM treaty.branches WHERE gid = $1)",
+                    &[(&gid, Type::TEXT), (&names, Type::TEXT_ARRAY)],
+                )
+                .await?;
+            let row = rows
+                .first()
+                .ok_or_else(|| DbError::Client("expected one row, PostgreSQL answered none".into()))?;
+            Ok((row.try_get(0)?, row.try_get(1)?))
         })
     })
     .await
@@ -415,13 +500,18 @@ pub async fn prepared_branches(pool: &Pool, shard: &ShardName) -> Result<Vec<Bra
 pub async fn list_prepared(pool: &Pool) -> Result<Vec<PreparedXact>, DbError> {
     let rows: Vec<(String, i64)> = retrying(pool, |connection| {
         Box::pin(async move {
-            Ok(sqlx::query_as(
-                "SELECT gid, (extract(epoch FROM clock_timestamp() - prepared) * 1000)::bigint \
-                 FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'treaty:%' \
-                 ORDER BY prepared",
-            )
-            .fetch_all(connection)
-            .await?)
+            let rows = connection
+                .client()
+                .query_typed(
+                    "SELECT gid, (extract(epoch FROM clock_timestamp() - prepared) * 1000)::bigint \
+                     FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'treaty:%' \
+                     ORDER BY prepared",
+                    &[],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+                .collect::<Result<_, DbError>>()
         })
     })
     .await?;
@@ -437,15 +527,18 @@ pub async fn old_markers(pool: &Pool, older_than_ms: u64, limit: i64) -> Result<
     let older_than_ms = i64::try_from(older_than_ms).unwrap_or(i64::MAX);
     retrying(pool, |connection| {
         Box::pin(async move {
-            Ok(sqlx::query_scalar(
-                "SELECT gid FROM treaty.branches \
-                 WHERE prepared_at < now() - make_interval(secs => $1::float8 / 1000) \
-                 ORDER BY prepared_at LIMIT $2",
-            )
-            .bind(older_than_ms)
-            .bind(limit)
-            .fetch_all(connection)
-            .await?)
+            let rows = connection
+                .client()
+                .query_typed(
+                    "SELECT gid FROM treaty.branches \
+                     WHERE prepared_at < now() - make_interval(secs => $1::float8 / 1000) \
+                     ORDER BY prepared_at LIMIT $2",
+                    &[(&older_than_ms, Type::INT8), (&limit, Type::INT8)],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| row.try_get(0).map_err(DbError::from))
+                .collect()
         })
     })
     .await
@@ -455,11 +548,12 @@ pub async fn delete_markers(pool: &Pool, gids: &[String]) -> Result<u64, DbError
     retrying(pool, |connection| {
         let gids = gids.to_vec();
         Box::pin(async move {
-            Ok(sqlx::query("DELETE FROM treaty.branches WHERE gid = ANY($1)")
-                .bind(gids)
-                .execute(connection)
-                .await?
-                .rows_affected())
+            write(
+                connection,
+                "DELETE FROM treaty.branches WHERE gid = ANY($1)",
+                &[(&gids, Type::TEXT_ARRAY)],
+            )
+            .await
         })
     })
     .await
@@ -468,11 +562,11 @@ pub async fn delete_markers(pool: &Pool, gids: &[String]) -> Result<u64, DbError
 pub async fn max_prepared_transactions(pool: &Pool) -> Result<i64, DbError> {
     let setting: String = retrying(pool, |connection| {
         Box::pin(async move {
-            Ok(
-                sqlx::query_scalar("SELECT current_setting('max_prepared_transactions')")
-                    .fetch_one(connection)
-                    .await?,
-            )
+            let rows = connection
+                .client()
+                .query_typed("SELECT current_setting('max_prepared_transactions')", &[])
+                .await?;
+            one_value(&rows)
         })
     })
     .await?;
@@ -485,9 +579,11 @@ pub async fn max_prepared_transactions(pool: &Pool) -> Result<i64, DbError> {
 pub async fn current_database(pool: &Pool) -> Result<String, DbError> {
     retrying(pool, |connection| {
         Box::pin(async move {
-            Ok(sqlx::query_scalar("SELECT current_database()::text")
-                .fetch_one(connection)
-                .await?)
+            let rows = connection
+                .client()
+                .query_typed("SELECT current_database()::text", &[])
+                .await?;
+            one_value(&rows)
         })
     })
     .await
@@ -503,7 +599,7 @@ mod tests {
         let none = SessionDefaults::default();
         assert_eq!(
             begin_sql(&BranchOptions::default(), &none),
-            "BEGIN ISOLATION LEVEL READ COMMITTED"
+            "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE"
         );
         let options = BranchOptions {
             isolation: Isolation::Serializable,
@@ -513,7 +609,7 @@ mod tests {
         };
         assert_eq!(
             begin_sql(&options, &none),
-            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = 2000; \
+            "BEGIN ISOLATION LEVEL SERIALIZABLE READ WRITE; SET LOCAL lock_timeout = 2000; \
              SET LOCAL statement_timeout = 60000"
         );
     }
@@ -532,7 +628,7 @@ mod tests {
         };
         assert_eq!(
             begin_sql(&usual, &session),
-            "BEGIN ISOLATION LEVEL READ COMMITTED"
+            "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE"
         );
         let other = BranchOptions {
             lock_timeout_ms: Some(2000),
@@ -540,7 +636,7 @@ mod tests {
         };
         assert_eq!(
             begin_sql(&other, &session),
-            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = 2000"
+            "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE; SET LOCAL lock_timeout = 2000"
         );
         // No limit asked for, on a session that starts with one: the limit is lifted.
         let unlimited = BranchOptions {
@@ -549,7 +645,7 @@ mod tests {
         };
         assert_eq!(
             begin_sql(&unlimited, &session),
-            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = 0"
+            "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE; SET LOCAL statement_timeout = 0"
         );
     }
 
@@ -602,7 +698,7 @@ mod tests {
         // In BEGIN's own round trip, after the timeouts, so every client statement runs under it.
         assert_eq!(
             begin_sql(&options, &SessionDefaults::default()),
-            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL ROLE \"app_alice\""
+            "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE; SET LOCAL ROLE \"app_alice\""
         );
         let options = BranchOptions {
             lock_timeout_ms: Some(5),
@@ -610,7 +706,7 @@ mod tests {
         };
         assert_eq!(
             begin_sql(&options, &SessionDefaults::default()),
-            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = 5; SET LOCAL ROLE \"app_alice\""
+            "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE; SET LOCAL lock_timeout = 5; SET LOCAL ROLE \"app_alice\""
         );
         // The marker row is the participant's: deferred constraints fire first, under the
         // client's role, then the role goes back, in the vote's one round trip.

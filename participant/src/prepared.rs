@@ -45,7 +45,23 @@ const QUERY: &str = "SELECT p.gid, \
 /// Every Treaty-looking branch prepared in this database, oldest first.
 pub async fn list(pool: &crate::pool::Pool, shard: &ShardName) -> Result<Vec<pb::PreparedBranch>, DbError> {
     let rows: Vec<Row> = retrying(pool, |connection| {
-        Box::pin(async move { Ok(sqlx::query_as(QUERY).fetch_all(connection).await?) })
+        Box::pin(async move {
+            let rows = connection.client().query_typed(QUERY, &[]).await?;
+            rows.iter()
+                .map(|row| {
+                    Ok((
+                        row.try_get(0)?,
+                        row.try_get(1)?,
+                        row.try_get(2)?,
+                        row.try_get(3)?,
+                        row.try_get(4)?,
+                        row.try_get(5)?,
+                        row.try_get(6)?,
+                        row.try_get(7)?,
+                    ))
+                })
+                .collect::<Result<Vec<Row>, DbError>>()
+        })
     })
     .await?;
     let mut branches = group(rows);

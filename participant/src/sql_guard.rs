@@ -181,6 +181,37 @@ fn split(sql: &str, strings: Strings) -> Vec<Parsed> {
     statements
 }
 
+/// The texts of `sql`'s non-empty statements, in order, as PostgreSQL splits them with its
+/// default `standard_conforming_strings = on` (which the participant's sessions start with): a
+/// multi-statement string runs as one statement per extended-protocol request, pipelined
+/// (`statement::run`), so that every result keeps its column types.
+pub fn statement_texts(sql: &str) -> Vec<&str> {
+    let mut texts = Vec::new();
+    let mut current = Statement::default();
+    let mut start = 0;
+    let mut lexer = Lexer::new(sql, Strings::Standard);
+    while let Some(token) = lexer.next() {
+        match token {
+            Token::Semicolon if current.atomic_depth == 0 => {
+                let end = lexer.offset().saturating_sub(1);
+                if current.finish().is_some() {
+                    texts.push(&sql[start..end]);
+                }
+                current = Statement::default();
+                start = lexer.offset();
+            }
+            Token::Semicolon | Token::Other => current.other(None),
+            Token::Punctuation(byte) => current.other(Some(byte)),
+            Token::Word(word) => current.word(word),
+            Token::QuotedName(name) => current.quoted_name(name),
+        }
+    }
+    if current.finish().is_some() {
+        texts.push(&sql[start..]);
+    }
+    texts
+}
+
 /// One statement being read: its leading words, and whether it is inside a `BEGIN ATOMIC ... END`
 /// body of `CREATE FUNCTION/PROCEDURE`, where `;` does not end the statement.
 #[derive(Default)]

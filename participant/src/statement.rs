@@ -6,10 +6,12 @@
 //! protocol; it returns the rows of the last statement that returned any, and the sum of the
 //! affected-row counts.
 
-use futures::TryStreamExt as _;
-use sqlx::postgres::PgConnection;
-use sqlx::{AssertSqlSafe, Either, Executor as _, Row as _, SqlSafeStr as _, Statement as _};
+use std::sync::Arc;
 
+use futures::TryStreamExt as _;
+use tokio_postgres::types::ToSql;
+
+use crate::pool::Connection;
 use crate::postgres::DbError;
 use crate::values::{self, DecodeError, Param};
 
@@ -23,18 +25,50 @@ pub enum StatementError {
     Db(#[from] DbError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// The branch's BEGIN, sent with its first statement, failed (that statement then ran
+    /// outside any transaction, in the session's read-only default, and is disregarded).
+    #[error("opening the branch's transaction failed: {0}")]
+    Begin(DbError),
 }
 
-impl From<sqlx::Error> for StatementError {
-    fn from(error: sqlx::Error) -> Self {
+impl From<tokio_postgres::Error> for StatementError {
+    fn from(error: tokio_postgres::Error) -> Self {
         StatementError::Db(error.into())
     }
 }
 
+/// Runs the statement (or, with `batch`, the statements) of `sql` on the branch's connection;
+/// with `begin` (the branch's first statement), sends the branch's BEGIN first, in the same round
+/// trip. The pool's sessions are read-only by default and BEGIN opens `READ WRITE`, so were
+/// BEGIN to fail, the statement after it could not write outside the branch's transaction.
 pub async fn run(
-    connection: &mut PgConnection,
+    connection: &Connection,
+    begin: Option<&str>,
     sql: &str,
-    params: Vec<Param>,
+    params: &[Param],
+    batch: bool,
+) -> Result<StatementOutput, StatementError> {
+    let Some(begin) = begin else {
+        return run_unopened(connection, sql, params, batch).await;
+    };
+    if !batch {
+        // Prepared first when new to this session (a round trip of its own, before BEGIN), so
+        // that BEGIN and the statement then leave together.
+        let key = statement_key(sql, params);
+        connection.prepared(&key, &types_of(params)).await?;
+    }
+    let (began, ran) = futures::join!(
+        connection.client().batch_execute(begin),
+        run_unopened(connection, sql, params, batch)
+    );
+    began.map_err(|error| StatementError::Begin(error.into()))?;
+    ran
+}
+
+async fn run_unopened(
+    connection: &Connection,
+    sql: &str,
+    params: &[Param],
     batch: bool,
 ) -> Result<StatementOutput, StatementError> {
     if batch {
@@ -44,60 +78,71 @@ pub async fn run(
     }
 }
 
+fn statement_key(sql: &str, params: &[Param]) -> Arc<str> {
+    format!("{}{sql}", values::signature(params)).into()
+}
+
+fn types_of(params: &[Param]) -> Vec<tokio_postgres::types::Type> {
+    params.iter().map(Param::pg_type).collect()
+}
+
 async fn run_single(
-    connection: &mut PgConnection,
+    connection: &Connection,
     sql: &str,
-    params: Vec<Param>,
+    params: &[Param],
 ) -> Result<StatementOutput, StatementError> {
-    let text: std::sync::Arc<str> = format!("{}{sql}", values::signature(&params)).into();
-    let mut query = sqlx::query(AssertSqlSafe(text.clone()));
-    for param in params {
-        query = query.bind(param);
+    let statement = connection
+        .prepared(&statement_key(sql, params), &types_of(params))
+        .await?;
+    let mut output = StatementOutput {
+        columns: statement.columns().iter().map(values::column_from_pg).collect(),
+        ..StatementOutput::default()
+    };
+    let rows = connection
+        .client()
+        .query_raw(
+            &statement,
+            params.iter().map(|param| param as &(dyn ToSql + Sync)),
+        )
+        .await?;
+    futures::pin_mut!(rows);
+    while let Some(row) = rows.try_next().await? {
+        output.rows.push(values::decode_row(&row)?);
     }
-    let mut output = StatementOutput::default();
-    {
-        let mut results = connection.fetch_many(query);
-        while let Some(result) = results.try_next().await? {
-            match result {
-                Either::Left(done) => output.rows_affected += done.rows_affected(),
-                Either::Right(row) => {
-                    if output.columns.is_empty() {
-                        output.columns = row.columns().iter().map(values::column_from_pg).collect();
-                    }
-                    output.rows.push(values::decode_row(&row)?);
-                }
-            }
-        }
-    }
-    if output.rows.is_empty() {
-        // No row carried the column list. The statement was just prepared and cached under this
-        // exact text, so this is a cache lookup, not a round trip (a failed Parse here would abort
-        // the branch's transaction, which is why it must never be the first preparation).
-        let statement = connection.prepare(AssertSqlSafe(text).into_sql_str()).await?;
-        output.columns = statement.columns().iter().map(values::column_from_pg).collect();
-    }
+    output.rows_affected = rows.rows_affected().unwrap_or(0);
     Ok(output)
 }
 
-async fn run_batch(connection: &mut PgConnection, sql: &str) -> Result<StatementOutput, StatementError> {
+/// Several statements without parameters: each sent as its own unnamed extended-protocol
+/// statement, all in one round trip, inside the branch's transaction (a failed one aborts it,
+/// so those after it fail too and none of them commits). Answers the rows of the last statement
+/// that returned any, and the sum of the affected-row counts.
+async fn run_batch(connection: &Connection, sql: &str) -> Result<StatementOutput, StatementError> {
+    let client = connection.client();
+    let runs = crate::sql_guard::statement_texts(sql)
+        .into_iter()
+        .map(|text| async move {
+            let rows = client
+                .query_typed_raw(text, std::iter::empty::<(&(dyn ToSql + Sync), _)>())
+                .await?;
+            futures::pin_mut!(rows);
+            let mut output = StatementOutput::default();
+            while let Some(row) = rows.try_next().await? {
+                if output.columns.is_empty() {
+                    output.columns = row.columns().iter().map(values::column_from_pg).collect();
+                }
+                output.rows.push(values::decode_row(&row)?);
+            }
+            output.rows_affected = rows.rows_affected().unwrap_or(0);
+            Ok::<_, StatementError>(output)
+        });
     let mut output = StatementOutput::default();
-    let mut pending = StatementOutput::default();
-    let mut results = connection.fetch_many(sqlx::raw_sql(AssertSqlSafe(sql.to_owned())));
-    while let Some(result) = results.try_next().await? {
-        match result {
-            Either::Left(done) => {
-                output.rows_affected += done.rows_affected();
-                if !pending.rows.is_empty() {
-                    output.columns = std::mem::take(&mut pending.columns);
-                    output.rows = std::mem::take(&mut pending.rows);
-                }
-            }
-            Either::Right(row) => {
-                if pending.rows.is_empty() {
-                    pending.columns = row.columns().iter().map(values::column_from_pg).collect();
-                }
-                pending.rows.push(values::decode_row(&row)?);
-            }
+    for result in crate::pool::pipelined(runs.collect()).await {
+        let one = result?;
+        output.rows_affected += one.rows_affected;
+        if !one.rows.is_empty() {
+            output.columns = one.columns;
+            output.rows = one.rows;
         }
     }
     Ok(output)

@@ -14,7 +14,7 @@ use crate::branches::{ActiveBranch, Finished, SlotGuard};
 use crate::error::BranchError;
 use crate::postgres::{self, BranchOptions, DbError};
 use crate::sql_guard;
-use crate::statement::{self, StatementOutput};
+use crate::statement::{self, StatementError, StatementOutput};
 use crate::values::Param;
 
 impl Agent {
@@ -107,7 +107,7 @@ impl Agent {
                 )));
             }
             self.check_can_open(gid)?;
-            slot.active = Some(self.open(gid, options).await?);
+            slot.active = Some(self.open(options).await?);
             slot.machine = Some(self.new_machine());
         }
         // A call its caller can drop (`cancel`): register the backend running the statement so
@@ -126,7 +126,42 @@ impl Agent {
                 "branch {gid} vanished while locked"
             )));
         };
-        let ran = statement::run(&mut branch.connection, sql, params, batch).await;
+        let begin = branch.pending_begin.take();
+        let mut ran = statement::run(&branch.connection, begin.as_deref(), sql, &params, batch).await;
+        // A pooled connection that died (PostgreSQL restarted) is found by the opening statement:
+        // it ran in no transaction that could commit (its BEGIN went with it), so it is run again
+        // on a fresh connection, each dead one closed as it is found.
+        let mut tried = 1;
+        while let (
+            Some(begin),
+            Err(StatementError::Begin(DbError::Connection(_)) | StatementError::Db(DbError::Connection(_))),
+        ) = (&begin, &ran)
+        {
+            if tried > self.pool.max_connections() {
+                break;
+            }
+            tried += 1;
+            let fresh = match self.pool.acquire().await {
+                Ok(connection) => ActiveBranch::new(connection),
+                Err(error) => {
+                    ran = Err(StatementError::Db(error));
+                    break;
+                }
+            };
+            if let Some(dead) = slot.active.replace(fresh) {
+                dead.discard();
+            }
+            let Some(branch) = slot.active.as_mut() else {
+                break;
+            };
+            branch.database_role = options.database_role.clone();
+            ran = statement::run(&branch.connection, Some(begin), sql, &params, batch).await;
+        }
+        let Some(branch) = slot.active.as_mut() else {
+            return Err(BranchError::Internal(format!(
+                "branch {gid} vanished while locked"
+            )));
+        };
         if let Some(cancellable) = &cancellable {
             cancellable.end().await;
         }
@@ -146,7 +181,10 @@ impl Agent {
                 // The statement may have taken a session-level advisory lock (or changed a
                 // setting) before it failed: a lock outlives the rollback.
                 branch.session_changed |= analysis.changes_session;
-                let error = BranchError::from(error);
+                let error = match error {
+                    StatementError::Begin(error @ DbError::Sql { .. }) => self.begin_failed(options, error),
+                    other => BranchError::from(other),
+                };
                 if matches!(error, BranchError::Unavailable(_))
                     && let Some(branch) = slot.active.take()
                 {
@@ -191,37 +229,18 @@ impl Agent {
         Ok(())
     }
 
-    /// Takes a pooled connection and opens the branch's transaction on it.
-    async fn open(&self, gid: &Gid, options: &BranchOptions) -> Result<ActiveBranch, BranchError> {
-        // A pooled connection that died (e.g. PostgreSQL restarted) is replaced: BEGIN is safe to
-        // repeat, and each dead connection is closed as it is found.
-        let attempts = self.pool.max_connections() + 1;
-        let mut tried = 0;
-        loop {
-            tried += 1;
-            let connection = self
-                .pool
-                .acquire()
-                .await
-                .map_err(|error| BranchError::Unavailable(format!("opening the branch: {error}")))?;
-            // Until BEGIN succeeds, dropping the branch closes the connection.
-            let mut branch = ActiveBranch::new(connection);
-            match postgres::begin(&mut branch.connection, options, &self.pool.session_defaults()).await {
-                Ok(()) => {
-                    branch.database_role = options.database_role.clone();
-                    return Ok(branch);
-                }
-                Err(DbError::Connection(_)) if tried < attempts => {}
-                Err(error @ DbError::Sql { .. }) => {
-                    // Refused after BEGIN (a `SET LOCAL` of the options): the connection is fine,
-                    // and kept for the next branch once rolled back, rather than a new backend
-                    // started for every call of a client whose role is misconfigured.
-                    self.roll_back(branch, gid).await;
-                    return Err(self.begin_failed(options, error));
-                }
-                Err(error) => return Err(self.begin_failed(options, error)),
-            }
-        }
+    /// Takes a pooled connection for the branch; its BEGIN goes with the first statement
+    /// (`statement::run`).
+    async fn open(&self, options: &BranchOptions) -> Result<ActiveBranch, BranchError> {
+        let connection = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|error| BranchError::Unavailable(format!("opening the branch: {error}")))?;
+        let mut branch = ActiveBranch::new(connection);
+        branch.database_role = options.database_role.clone();
+        branch.pending_begin = Some(postgres::begin_sql(options, &self.pool.session_defaults()));
+        Ok(branch)
     }
 
     /// Why a branch could not open. `SET LOCAL ROLE` refused (42501: the participant's login role

@@ -242,7 +242,7 @@ impl Agent {
         if branch.wrote {
             return ParticipantEvent::BranchWrote;
         }
-        match postgres::wrote_nothing(&mut branch.connection).await {
+        match postgres::wrote_nothing(&branch.connection).await {
             Ok(true) => ParticipantEvent::BranchWroteNothing,
             Ok(false) => ParticipantEvent::BranchWrote,
             Err(error) => {

@@ -33,9 +33,9 @@
 //! statements, which run on the same pool, never meet a changed session either.
 
 use futures::TryStreamExt as _;
-use sqlx::postgres::{PgConnection, PgRow};
-use sqlx::{Executor as _, Row as _};
+use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
 
+use super::Connection;
 use crate::postgres::DbError;
 
 /// What a branch must leave as it found it: a name for the log, and the expression that reads
@@ -90,10 +90,14 @@ pub struct SessionState {
 }
 
 impl SessionState {
-    /// The state from a row of the check: the pid first, then `STATE`.
-    fn from_row(row: &PgRow) -> Result<SessionState, sqlx::Error> {
+    /// The state from a row of the check (text, simple protocol): the pid first, then `STATE`.
+    fn from_row(row: &SimpleQueryRow) -> Result<SessionState, String> {
         let values = (1..=STATE.len())
-            .map(|column| row.try_get(column))
+            .map(|column| match row.try_get(column) {
+                Ok(Some(value)) => Ok(value.to_owned()),
+                Ok(None) => Ok(String::new()),
+                Err(error) => Err(error.to_string()),
+            })
             .collect::<Result<_, _>>()?;
         Ok(SessionState { values })
     }
@@ -110,15 +114,23 @@ impl SessionState {
 }
 
 /// Prepares the check on a new connection and reads its backend pid and clean state.
-pub async fn open(connection: &mut PgConnection) -> Result<(i32, SessionState), sqlx::Error> {
-    let mut rows = connection.fetch_many(sqlx::raw_sql(sqlx::AssertSqlSafe(open_sql())));
-    let mut read = None;
-    while let Some(result) = rows.try_next().await? {
-        if let sqlx::Either::Right(row) = result {
-            read = Some((row.try_get(0)?, SessionState::from_row(&row)?));
+pub async fn open(connection: &mut Connection) -> Result<(i32, SessionState), String> {
+    let messages = connection
+        .client()
+        .simple_query(&open_sql())
+        .await
+        .map_err(|error| error.to_string())?;
+    for message in &messages {
+        if let SimpleQueryMessage::Row(row) = message {
+            let pid = row
+                .try_get(0)
+                .map_err(|error| error.to_string())?
+                .and_then(|pid| pid.parse().ok())
+                .ok_or("the session check returned no backend pid")?;
+            return Ok((pid, SessionState::from_row(row)?));
         }
     }
-    read.ok_or_else(|| sqlx::Error::Protocol("the session check returned no row".into()))
+    Err("the session check returned no row".into())
 }
 
 /// What the check found after a branch.
@@ -143,7 +155,7 @@ pub struct StatementFailed {
 /// which of the statements failed. The check's own failure (after every statement completed) is
 /// `Session::Changed`: the branch ended as asked, only the connection is in doubt.
 pub async fn end_and_check(
-    connection: &mut PgConnection,
+    connection: &Connection,
     sql: &str,
     statements: usize,
     clean: &SessionState,
@@ -153,20 +165,24 @@ pub async fn end_and_check(
     // number completed says which one failed.
     let mut completed = 0;
     let mut state = None;
-    let mut results = connection.fetch_many(sqlx::raw_sql(sqlx::AssertSqlSafe(text)));
-    let failed = loop {
-        match results.try_next().await {
-            Ok(Some(sqlx::Either::Left(_))) => completed += 1,
-            Ok(Some(sqlx::Either::Right(row))) if completed == statements => {
-                state = Some(SessionState::from_row(&row).map_err(DbError::from));
+    let failed = match connection.client().simple_query_raw(&text).await {
+        Err(error) => Some(DbError::from(error)),
+        Ok(results) => {
+            futures::pin_mut!(results);
+            loop {
+                match results.try_next().await {
+                    Ok(Some(SimpleQueryMessage::CommandComplete(_))) => completed += 1,
+                    Ok(Some(SimpleQueryMessage::Row(row))) if completed == statements => {
+                        state = Some(SessionState::from_row(&row));
+                    }
+                    // A row of the branch's own statements (none returns one): not the check's.
+                    Ok(Some(_)) => {}
+                    Ok(None) => break None,
+                    Err(error) => break Some(DbError::from(error)),
+                }
             }
-            // A row of the branch's own statements (none returns one): not the check's.
-            Ok(Some(sqlx::Either::Right(_))) => {}
-            Ok(None) => break None,
-            Err(error) => break Some(DbError::from(error)),
         }
     };
-    drop(results);
     match failed {
         Some(error) if completed < statements => Err(StatementFailed {
             index: completed,

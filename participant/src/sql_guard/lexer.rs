@@ -49,6 +49,11 @@ impl<'a> Lexer<'a> {
         }
     }
 
+    /// How far into the text the lexer has read: just past the last token returned.
+    pub(super) fn offset(&self) -> usize {
+        self.position
+    }
+
     fn peek(&self, offset: usize) -> Option<u8> {
         self.bytes.get(self.position + offset).copied()
     }

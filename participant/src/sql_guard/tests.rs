@@ -261,3 +261,18 @@ fn a_vertical_tab_is_whitespace() {
         "SET SESSION CHARACTERISTICS"
     );
 }
+
+#[test]
+fn statement_texts_split_where_postgres_does() {
+    assert_eq!(
+        statement_texts("INSERT INTO t VALUES (1, ';'); ; -- x;\n SELECT $$a;b$$;"),
+        vec!["INSERT INTO t VALUES (1, ';')", " -- x;\n SELECT $$a;b$$"]
+    );
+    let body = "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END";
+    assert_eq!(
+        statement_texts(&format!("{body}; SELECT 2")),
+        vec![body, " SELECT 2"]
+    );
+    assert_eq!(statement_texts("SELECT 1"), vec!["SELECT 1"]);
+    assert!(statement_texts(" ; -- only a comment").is_empty());
+}

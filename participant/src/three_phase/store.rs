@@ -11,7 +11,8 @@ use treaty_commit_protocol::termination::{Ballot, Proposer};
 use treaty_proto::{BranchGid, Gid, ShardName};
 
 use crate::pool::Pool;
-use crate::postgres::{self, DbError, retrying};
+use crate::postgres::{self, DbError, retrying, write};
+use tokio_postgres::types::Type;
 
 /// A participant of the transaction and the address the coordinator reaches it at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,19 +75,21 @@ pub async fn insert(pool: &Pool, gid: &Gid, peers: &[Peer], promised: &Ballot) -
             // Committed without waiting for its WAL flush: the branch's PREPARE TRANSACTION comes
             // next and flushes the WAL past this commit before the vote leaves, and a row whose
             // PREPARE never happened is deleted at the next start anyway.
-            sqlx::query(
+            write(
+                connection,
                 "WITH async AS (SELECT set_config('synchronous_commit', 'off', true)) \
                  INSERT INTO treaty.three_phase \
                    (gid, shards, urls, promised_round, promised_incarnation, promised_participant) \
                  SELECT $1, $2, $3, $4, $5, $6 FROM async ON CONFLICT (gid) DO NOTHING",
+                &[
+                    (&gid, Type::TEXT),
+                    (&shards, Type::TEXT_ARRAY),
+                    (&urls, Type::TEXT_ARRAY),
+                    (&round, Type::INT8),
+                    (&incarnation, Type::INT8),
+                    (&participant, Type::TEXT),
+                ],
             )
-            .bind(gid)
-            .bind(shards)
-            .bind(urls)
-            .bind(round)
-            .bind(incarnation)
-            .bind(participant)
-            .execute(connection)
             .await?;
             Ok(())
         })
@@ -101,20 +104,21 @@ pub async fn record(pool: &Pool, gid: &Gid, pre_committed: bool, promised: &Ball
         let (gid, participant) = (gid.to_string(), participant.clone());
         Box::pin(async move {
             // Durable before the answer whatever the server's synchronous_commit says.
-            Ok(sqlx::query(
+            write(
+                connection,
                 "WITH sync AS (SELECT set_config('synchronous_commit', 'on', true)) \
                  UPDATE treaty.three_phase SET pre_committed = pre_committed OR $2, promised_round = $3, \
                    promised_incarnation = $4, promised_participant = $5, updated_at = now() \
                  FROM sync WHERE gid = $1",
+                &[
+                    (&gid, Type::TEXT),
+                    (&pre_committed, Type::BOOL),
+                    (&round, Type::INT8),
+                    (&incarnation, Type::INT8),
+                    (&participant, Type::TEXT),
+                ],
             )
-            .bind(gid)
-            .bind(pre_committed)
-            .bind(round)
-            .bind(incarnation)
-            .bind(participant)
-            .execute(connection)
-            .await?
-            .rows_affected())
+            .await
         })
     })
     .await?;
@@ -132,10 +136,12 @@ pub async fn delete(pool: &Pool, gids: &[Gid]) -> Result<(), DbError> {
     retrying(pool, |connection| {
         let gids = gids.clone();
         Box::pin(async move {
-            sqlx::query("DELETE FROM treaty.three_phase WHERE gid = ANY($1)")
-                .bind(gids)
-                .execute(connection)
-                .await?;
+            write(
+                connection,
+                "DELETE FROM treaty.three_phase WHERE gid = ANY($1)",
+                &[(&gids, Type::TEXT_ARRAY)],
+            )
+            .await?;
             Ok(())
         })
     })
@@ -164,16 +170,23 @@ pub async fn load_prepared(pool: &Pool, shard: &ShardName) -> Result<Vec<Recorde
     let rows: Vec<RowColumns> = retrying(pool, |connection| {
         let prepared = prepared.clone();
         Box::pin(async move {
-            sqlx::query("DELETE FROM treaty.three_phase WHERE gid <> ALL($1)")
-                .bind(prepared)
-                .execute(&mut *connection)
-                .await?;
-            Ok(sqlx::query_as(
-                "SELECT gid, shards, urls, pre_committed, promised_round, promised_incarnation, \
-                        promised_participant FROM treaty.three_phase ORDER BY gid",
+            write(
+                connection,
+                "DELETE FROM treaty.three_phase WHERE gid <> ALL($1)",
+                &[(&prepared, Type::TEXT_ARRAY)],
             )
-            .fetch_all(&mut *connection)
-            .await?)
+            .await?;
+            let rows = connection
+                .client()
+                .query_typed(
+                    "SELECT gid, shards, urls, pre_committed, promised_round, promised_incarnation, \
+                            promised_participant FROM treaty.three_phase ORDER BY gid",
+                    &[],
+                )
+                .await?;
+            rows.iter()
+                .map(columns_of)
+                .collect::<Result<Vec<RowColumns>, DbError>>()
         })
     })
     .await?;
@@ -189,6 +202,19 @@ pub async fn load_prepared(pool: &Pool, shard: &ShardName) -> Result<Vec<Recorde
             }
         })
         .collect())
+}
+
+/// A selected row as its fields.
+fn columns_of(row: &tokio_postgres::Row) -> Result<RowColumns, DbError> {
+    Ok((
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+        row.try_get(4)?,
+        row.try_get(5)?,
+        row.try_get(6)?,
+    ))
 }
 
 fn parse_row(row: RowColumns) -> Result<Recorded, DbError> {
@@ -218,15 +244,16 @@ pub async fn load_one(pool: &Pool, branch: &BranchGid) -> Result<Option<Recorded
     let row: Option<RowColumns> = retrying(pool, |connection| {
         let (gid, names) = (branch.gid().to_string(), names.clone());
         Box::pin(async move {
-            Ok(sqlx::query_as(
-                "SELECT gid, shards, urls, pre_committed, promised_round, promised_incarnation, \
-                        promised_participant FROM treaty.three_phase t WHERE gid = $1 AND EXISTS \
-                   (SELECT 1 FROM pg_prepared_xacts p WHERE p.gid = ANY($2) AND p.database = current_database())",
-            )
-            .bind(gid)
-            .bind(names)
-            .fetch_optional(connection)
-            .await?)
+            let rows = connection
+                .client()
+                .query_typed(
+                    "SELECT gid, shards, urls, pre_committed, promised_round, promised_incarnation, \
+                            promised_participant FROM treaty.three_phase t WHERE gid = $1 AND EXISTS \
+                       (SELECT 1 FROM pg_prepared_xacts p WHERE p.gid = ANY($2) AND p.database = current_database())",
+                    &[(&gid, Type::TEXT), (&names, Type::TEXT_ARRAY)],
+                )
+                .await?;
+            rows.first().map(columns_of).transpose()
         })
     })
     .await?;

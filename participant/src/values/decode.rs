@@ -1,14 +1,12 @@
 //! PostgreSQL result cells to Treaty values, by column type.
 //!
-//! Single statements come back in binary format, multi-statement strings (simple protocol) in
-//! text format; both are read here without going through sqlx's `Decode`, whose timestamp
-//! conversion panics on `infinity`. A type Treaty does not carry is an error naming the column and
+//! Every result comes back in binary format (each statement, even of a multi-statement string,
+//! goes through the extended protocol) and is read here from its bytes by column type. A type Treaty does not carry is an error naming the column and
 //! the cast that fixes it, never a panic. `date` is returned as text (`YYYY-MM-DD`): the API has no
 //! date type and a midnight timestamp would invent a time zone.
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime};
-use sqlx::postgres::{PgColumn, PgRow, PgTypeInfo, PgTypeKind, PgValueFormat};
-use sqlx::{Column as _, Row as _, TypeInfo as _, ValueRef as _};
+use chrono::NaiveDate;
+use tokio_postgres::types::{FromSql, Kind as PgKind, Type};
 use treaty_proto::Value;
 
 use super::{POSTGRES_EPOCH_MICROS, numeric};
@@ -18,24 +16,18 @@ use super::{POSTGRES_EPOCH_MICROS, numeric};
 pub use treaty_commit_protocol::transport::Column;
 
 /// The column as PostgreSQL described it.
-pub fn column_from_pg(column: &PgColumn) -> Column {
+pub fn column_from_pg(column: &tokio_postgres::Column) -> Column {
     Column {
         name: column.name().to_owned(),
-        type_name: type_name(column.type_info()),
+        type_name: type_name(column.type_()),
     }
 }
 
-/// sqlx spells built-in types in capitals (`INT4`); PostgreSQL's catalog spells them in lowercase.
-/// User-defined types (OID 16384 and up) keep their catalog name as it is.
-fn type_name(type_info: &PgTypeInfo) -> String {
-    let name = type_info.name();
-    match type_info.oid().map(|oid| oid.0) {
-        // sqlx calls these CHAR and "CHAR"; the catalog calls them bpchar and char.
-        Some(18) => "char".into(),
-        Some(1042) => "bpchar".into(),
-        Some(1014) => "bpchar[]".into(),
-        Some(oid) if oid < 16_384 => name.to_ascii_lowercase(),
-        _ => name.to_owned(),
+/// PostgreSQL's catalog name; an array as its element's name and `[]` (`int4[]`), as before.
+fn type_name(ty: &Type) -> String {
+    match ty.kind() {
+        PgKind::Array(element) => format!("{}[]", element.name()),
+        _ => ty.name().to_owned(),
     }
 }
 
@@ -73,16 +65,16 @@ enum Kind {
     Jsonb,
 }
 
-fn kind_of(type_info: &PgTypeInfo) -> Option<Kind> {
-    let mut base = type_info;
+fn kind_of(ty: &Type) -> Option<Kind> {
+    let mut base = ty;
     // A domain travels in its base type's format.
-    while let PgTypeKind::Domain(inner) = base.kind() {
+    while let PgKind::Domain(inner) = base.kind() {
         base = inner;
     }
     if base.name() == "citext" {
         return Some(Kind::Text);
     }
-    Some(match base.oid()?.0 {
+    Some(match base.oid() {
         16 => Kind::Bool,
         17 => Kind::Bytea,
         19 | 25 | 705 | 1042 | 1043 => Kind::Text,
@@ -102,33 +94,39 @@ fn kind_of(type_info: &PgTypeInfo) -> Option<Kind> {
     })
 }
 
+/// A cell as PostgreSQL sent it (binary format: the extended protocol asks for binary results).
+struct Raw<'a>(&'a [u8]);
+
+impl<'a> FromSql<'a> for Raw<'a> {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Raw<'a>, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(raw))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
 /// Every cell of `row`, in column order.
-pub fn decode_row(row: &PgRow) -> Result<Vec<Value>, DecodeError> {
+pub fn decode_row(row: &tokio_postgres::Row) -> Result<Vec<Value>, DecodeError> {
     row.columns()
         .iter()
         .enumerate()
         .map(|(index, column)| {
             let failed = |problem: String| DecodeError::Value {
                 column: column.name().to_owned(),
-                type_name: type_name(column.type_info()),
+                type_name: type_name(column.type_()),
                 problem,
             };
-            let raw = row.try_get_raw(index).map_err(|e| failed(e.to_string()))?;
-            if raw.is_null() {
+            let raw: Option<Raw<'_>> = row.try_get(index).map_err(|e| failed(e.to_string()))?;
+            let Some(Raw(bytes)) = raw else {
                 return Ok(Value::Null);
-            }
-            let kind = kind_of(column.type_info()).ok_or_else(|| DecodeError::Unsupported {
+            };
+            let kind = kind_of(column.type_()).ok_or_else(|| DecodeError::Unsupported {
                 column: column.name().to_owned(),
-                type_name: type_name(column.type_info()),
+                type_name: type_name(column.type_()),
             })?;
-            let bytes = raw.as_bytes().map_err(|e| failed(e.to_string()))?;
-            match raw.format() {
-                PgValueFormat::Binary => binary(kind, bytes),
-                PgValueFormat::Text => std::str::from_utf8(bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|text| text_value(kind, text)),
-            }
-            .map_err(failed)
+            binary(kind, bytes).map_err(failed)
         })
         .collect()
 }
@@ -189,48 +187,6 @@ fn binary(kind: Kind, bytes: &[u8]) -> Result<Value, String> {
     })
 }
 
-fn text_value(kind: Kind, text: &str) -> Result<Value, String> {
-    let parse_error = |e: &dyn std::fmt::Display| format!("cannot read {text:?}: {e}");
-    Ok(match kind {
-        Kind::Bool => match text {
-            "t" => Value::Bool(true),
-            "f" => Value::Bool(false),
-            _ => return Err(parse_error(&"expected t or f")),
-        },
-        Kind::Int2 | Kind::Int4 | Kind::Int8 => Value::Int64(text.parse().map_err(|e| parse_error(&e))?),
-        Kind::Float4 | Kind::Float8 => Value::Float64(text.parse().map_err(|e| parse_error(&e))?),
-        Kind::Text | Kind::Date => Value::Text(text.to_owned()),
-        Kind::Json | Kind::Jsonb => Value::Json(text.to_owned()),
-        Kind::Numeric => Value::Numeric(text.to_owned()),
-        Kind::Uuid => Value::Uuid(text.to_owned()),
-        Kind::Bytea => Value::Bytes(hex(text).ok_or_else(|| parse_error(&"expected hex bytea output"))?),
-        Kind::Timestamptz => Value::TimestamptzMicros(
-            DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z")
-                .map_err(|e| parse_error(&e))?
-                .timestamp_micros(),
-        ),
-        Kind::Timestamp => Value::TimestamptzMicros(
-            NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
-                .map_err(|e| parse_error(&e))?
-                .and_utc()
-                .timestamp_micros(),
-        ),
-    })
-}
-
-/// PostgreSQL's default `bytea_output = hex`: `\x` followed by two hex digits per byte.
-fn hex(text: &str) -> Option<Vec<u8>> {
-    let digits = text.strip_prefix("\\x")?.as_bytes();
-    if digits.len() % 2 != 0 {
-        return None;
-    }
-    let nibble = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    digits
-        .chunks(2)
-        .map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,32 +226,5 @@ mod tests {
         assert!(binary(Kind::Int8, &[1, 2, 3]).is_err());
         assert!(binary(Kind::Jsonb, b"\x02{}").is_err());
         assert!(binary(Kind::Text, &[0xff]).is_err());
-    }
-
-    #[test]
-    fn text_cells() {
-        assert_eq!(text_value(Kind::Bool, "t").unwrap(), Value::Bool(true));
-        assert_eq!(text_value(Kind::Int4, "-7").unwrap(), Value::Int64(-7));
-        assert!(
-            matches!(text_value(Kind::Float8, "-Infinity").unwrap(), Value::Float64(f) if f == f64::NEG_INFINITY)
-        );
-        assert_eq!(
-            text_value(Kind::Bytea, "\\x00ff").unwrap(),
-            Value::Bytes(vec![0, 255])
-        );
-        assert_eq!(
-            text_value(Kind::Timestamptz, "2000-01-01 00:00:00.000001+00").unwrap(),
-            Value::TimestamptzMicros(POSTGRES_EPOCH_MICROS + 1)
-        );
-        assert_eq!(
-            text_value(Kind::Timestamptz, "2000-01-01 01:00:00+01").unwrap(),
-            Value::TimestamptzMicros(POSTGRES_EPOCH_MICROS)
-        );
-        assert_eq!(
-            text_value(Kind::Timestamp, "2000-01-01 00:00:01").unwrap(),
-            Value::TimestamptzMicros(POSTGRES_EPOCH_MICROS + 1_000_000)
-        );
-        assert!(text_value(Kind::Timestamptz, "infinity").is_err());
-        assert!(text_value(Kind::Bytea, "\\x0").is_err());
     }
 }

@@ -8,10 +8,7 @@
 mod decode;
 mod numeric;
 
-use sqlx::encode::{Encode, IsNull};
-use sqlx::error::BoxDynError;
-use sqlx::postgres::types::Oid;
-use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, Postgres};
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use treaty_proto::Value;
 
 pub use decode::{DecodeError, column_from_pg, decode_row};
@@ -124,7 +121,7 @@ pub fn params(values: Vec<Value>) -> Result<Vec<Param>, ParamError> {
 
 /// The parameter types as a comment, put in front of a statement with parameters.
 ///
-/// sqlx caches prepared statements per connection keyed by SQL text alone, and binary parameters
+/// Statements are prepared once per connection, keyed by this and the text (`Connection::prepared`), and binary parameters
 /// are read by the types the statement was prepared with: the same text bound first with an int8
 /// and later with a float8 would reinterpret the float's bits. Making the types part of the text
 /// gives every type signature its own prepared statement.
@@ -136,30 +133,44 @@ pub fn signature(params: &[Param]) -> String {
     format!("/* treaty params: {} */ ", types.join(","))
 }
 
-impl sqlx::Type<Postgres> for Param {
-    fn type_info() -> PgTypeInfo {
-        PgTypeInfo::with_oid(Oid(oid::UNSPECIFIED))
+impl Param {
+    /// The type the statement is prepared with for this parameter: its own, or for NULL the
+    /// "unspecified" OID 0, so that PostgreSQL infers it from the statement.
+    pub fn pg_type(&self) -> Type {
+        Type::from_oid(self.oid).unwrap_or_else(|| {
+            Type::new(
+                "unknown".into(),
+                oid::UNSPECIFIED,
+                tokio_postgres::types::Kind::Pseudo,
+                "pg_catalog".into(),
+            )
+        })
     }
 }
 
-impl Encode<'_, Postgres> for Param {
-    fn encode_by_ref(&self, buffer: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+/// The bytes are already in the binary format of the type the value declared (`Param::new`),
+/// which is the type the statement was prepared with, or of the type PostgreSQL inferred for a
+/// NULL; so any type is accepted.
+impl ToSql for Param {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         match &self.bytes {
             None => Ok(IsNull::Yes),
             Some(bytes) => {
-                buffer.extend_from_slice(bytes);
+                out.extend_from_slice(bytes);
                 Ok(IsNull::No)
             }
         }
     }
 
-    fn produces(&self) -> Option<PgTypeInfo> {
-        Some(PgTypeInfo::with_oid(Oid(self.oid)))
+    fn accepts(_: &Type) -> bool {
+        true
     }
 
-    fn size_hint(&self) -> usize {
-        self.bytes.as_ref().map_or(0, Vec::len)
-    }
+    to_sql_checked!();
 }
 
 #[cfg(test)]

@@ -3,11 +3,9 @@
 //! PREPARED`s of all batches in flight share one limit, so that a recovery backlog does not make
 //! the participant open a backend per commit.
 
-use std::str::FromStr as _;
 use std::time::Duration;
 
-use sqlx::postgres::PgConnectOptions;
-use treaty_participant::pool::{Pool, PooledConnection};
+use treaty_participant::pool::{ConnectTarget, Pool, PooledConnection};
 use treaty_proto::pb;
 
 use crate::support::{Env, SERVER, int, vote};
@@ -84,10 +82,12 @@ async fn participant_backends(env: &Env) -> i64 {
 }
 
 async fn pid_of(connection: &mut PooledConnection) -> i32 {
-    sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut **connection)
+    connection
+        .client()
+        .query_one("SELECT pg_backend_pid()", &[])
         .await
         .unwrap()
+        .get(0)
 }
 
 async fn backend_pid(pool: &Pool) -> i32 {
@@ -100,8 +100,8 @@ async fn a_returned_connection_is_reused_at_once_and_a_closed_one_is_not() {
     let Some(env) = Env::start("pool-reuse", |_| {}).await else {
         return;
     };
-    let options = PgConnectOptions::from_str(&env.db.url).unwrap();
-    let pool = Pool::new(options, 2, Duration::from_millis(300));
+    let target = ConnectTarget::from_url(&env.db.url).unwrap();
+    let pool = Pool::new(target, 2, Duration::from_millis(300));
 
     // Back among the idle connections as soon as it is dropped: no test round trip first (with
     // one, the next acquire would find none idle and open a second backend).

@@ -271,8 +271,8 @@ async fn a_role_or_setting_set_inside_a_function_body_closes_the_connection() {
                AS $$ SELECT set_config('role', '{writer}', false) $$; \
              CREATE FUNCTION move_search_path() RETURNS text LANGUAGE sql \
                AS $$ SELECT set_config('search_path', 'nowhere', false) $$; \
-             CREATE FUNCTION read_only_from_now_on() RETURNS text LANGUAGE sql \
-               AS $$ SELECT set_config('default_transaction_read_only', 'on', false) $$"
+             CREATE FUNCTION read_write_from_now_on() RETURNS text LANGUAGE sql \
+               AS $$ SELECT set_config('default_transaction_read_only', 'off', false) $$"
         ))
         .await;
     // Through each way a branch ends: one-phase COMMIT, PREPARE (a client that leaves the
@@ -282,7 +282,9 @@ async fn a_role_or_setting_set_inside_a_function_body_closes_the_connection() {
         ("become_reader", "commit"),
         ("become_writer", "prepare"),
         ("move_search_path", "commit"),
-        ("read_only_from_now_on", "commit"),
+        // The pool's sessions start read-only (a statement that runs outside its branch's
+        // transaction must not write); a session left read-write is closed.
+        ("read_write_from_now_on", "commit"),
         ("become_reader", "rollback"),
     ];
     for (n, (function, end)) in cases.into_iter().enumerate() {
