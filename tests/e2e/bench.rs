@@ -1,10 +1,12 @@
-//! `treaty bench` end to end, briefly: every decision store side by side against direct, on a
-//! cluster the bench starts itself (the decision database's server included).
+//! `treaty bench` end to end, briefly: every decision store side by side against direct and
+//! direct-pipelined, on a cluster the bench starts itself (the decision database's server
+//! included).
 
 use anyhow::{Context, Result};
 
 #[tokio::test]
-async fn the_bench_runs_every_decision_store_beside_direct_and_leaves_nothing_prepared() -> Result<()> {
+async fn the_bench_runs_every_decision_store_beside_both_direct_baselines_and_leaves_nothing_prepared()
+-> Result<()> {
     let dir = tempfile::Builder::new().prefix("treaty-e2e-bench-").tempdir()?;
     let output = tokio::process::Command::new(treaty_harness::binary_path("treaty")?)
         .args([
@@ -23,7 +25,7 @@ async fn the_bench_runs_every_decision_store_beside_direct_and_leaves_nothing_pr
             "--accounts",
             "10000",
             "--baseline",
-            "direct",
+            "direct,direct-pipelined",
             "--decision-store",
             "file,shard,database",
             "--json",
@@ -51,6 +53,19 @@ async fn the_bench_runs_every_decision_store_beside_direct_and_leaves_nothing_pr
         );
     }
     assert!(report["direct_tps"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+    // The pipelined baseline beside direct: its own keys, its transfers committed and nothing
+    // of its left prepared (counted in `prepared_left` above).
+    assert!(
+        report["direct_pipelined_tps"].as_f64().unwrap_or(0.0) > 0.0,
+        "{report}"
+    );
+    assert!(report["direct_pipelined_p99_ms"].as_f64().is_some(), "{report}");
+    assert!(report["direct_pipelined_aborts"].is_object(), "{report}");
+    assert_eq!(
+        report["baselines"],
+        serde_json::json!(["direct", "direct_pipelined"]),
+        "{report}"
+    );
     Ok(())
 }
 

@@ -52,6 +52,9 @@ pub enum BaselineArg {
     None,
     Direct,
     Independent,
+    /// `direct` pipelined per shard (tokio-postgres), reported as `direct_pipelined_*`.
+    #[value(alias = "direct_pipelined")]
+    DirectPipelined,
 }
 
 /// How Treaty reaches each shard's database.
@@ -123,8 +126,10 @@ pub struct BenchArgs {
     /// (the coordinator drives them itself, no gRPC hop; two-phase commit and one decision store).
     #[arg(long, value_enum, default_value = "agent")]
     pub participants: ParticipantKind,
-    /// Baselines on the same databases: none, direct (PREPARE/COMMIT PREPARED by hand),
-    /// independent (plain per-shard COMMIT); a comma-separated list runs several.
+    /// Baselines on the same databases: none, direct (PREPARE/COMMIT PREPARED by hand, one
+    /// statement per round trip), direct-pipelined (the same SQL, each shard's BEGIN, statements
+    /// and PREPARE in one round trip), independent (plain per-shard COMMIT); a comma-separated
+    /// list runs several.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "none")]
     pub baseline: Vec<BaselineArg>,
     /// Drive Treaty with Begin/Execute/Commit instead of one Submit per transaction.
@@ -291,6 +296,21 @@ mod tests {
                 .is_ok()
         );
         assert!(parse(&["--protocol", "both"]).unwrap().validate().is_ok());
+    }
+
+    #[test]
+    fn baseline_lists_take_direct_pipelined_in_either_spelling() {
+        let baselines = |list: &str| parse(&["--baseline", list]).map(|args| args.baseline);
+        assert_eq!(
+            baselines("direct,direct-pipelined"),
+            Ok(vec![BaselineArg::Direct, BaselineArg::DirectPipelined])
+        );
+        assert_eq!(
+            baselines("direct_pipelined,independent"),
+            Ok(vec![BaselineArg::DirectPipelined, BaselineArg::Independent])
+        );
+        let error = baselines("direct-pipelinde").err().unwrap_or_default();
+        assert!(error.contains("direct-pipelined"), "{error}");
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //!   plain `COMMIT`, as Treaty's one-phase and read-only paths do); then `COMMIT PREPARED` on each
 //!   prepared shard in parallel. Any failure rolls back everything (prepared or open).
 //! - `independent`: per shard `BEGIN`; statements; `COMMIT`, in parallel: no atomicity, the floor.
+//!
+//! `direct-pipelined` (`direct_pipelined_*` in the report) runs `direct`'s SQL with tokio-postgres,
+//! each shard's requests pipelined: see `pipelined`.
 
 use std::str::FromStr;
 
@@ -24,6 +27,8 @@ pub enum Baseline {
     Direct,
     /// Plain per-shard COMMIT (no atomicity).
     Independent,
+    /// `Direct`'s SQL pipelined per shard with tokio-postgres (`pipelined`).
+    DirectPipelined,
 }
 
 impl Baseline {
@@ -31,6 +36,7 @@ impl Baseline {
         match self {
             Baseline::Direct => "direct",
             Baseline::Independent => "independent",
+            Baseline::DirectPipelined => "direct_pipelined",
         }
     }
 }

@@ -9,13 +9,14 @@
 //! decision store, each on its own coordinator (see `stores`). `recovery` measures how fast a
 //! restarted coordinator finishes logged commits (see `recovery`, `recovery_rows`).
 //!
-//! Modules: `args` (the command line), `workload` (transactions), `zipf`, `treaty_driver` and
-//! `baselines` (the systems), `stores` (decision stores side by side), `stats` (histograms), `cpu`
+//! Modules: `args` (the command line), `workload` (transactions), `zipf`, `treaty_driver`,
+//! `baselines` and `pipelined` (the systems), `stores` (decision stores side by side), `stats` (histograms), `cpu`
 //! (/proc), `report` (table and JSON), `plot` (SVG), `recovery`.
 
 mod args;
 mod baselines;
 mod cpu;
+mod pipelined;
 mod plot;
 mod recovery;
 mod report;
@@ -39,6 +40,7 @@ use treaty_proto::Protocol;
 pub use args::{BaselineArg, BenchArgs, ProtocolChoice, service_thread_args};
 use baselines::{Baseline, DirectClient};
 use cpu::Watched;
+use pipelined::PipelinedClient;
 use report::{BenchReport, SweepPoint, SystemRun};
 use stats::{Counts, Figures};
 pub use stores::DecisionStore;
@@ -116,6 +118,7 @@ struct PhaseResult {
 enum Client {
     Treaty(treaty_proto::pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>),
     Direct(DirectClient),
+    Pipelined(PipelinedClient),
 }
 
 impl Client {
@@ -123,6 +126,7 @@ impl Client {
         match self {
             Client::Treaty(client) => treaty_driver::run_txn(client, ctx_treaty, plan).await,
             Client::Direct(client) => client.run_txn(plan).await,
+            Client::Pipelined(client) => client.run_txn(plan).await,
         }
     }
 }
@@ -164,6 +168,14 @@ async fn run_phase(
     for index in 0..clients {
         connected.push(match system {
             System::Treaty { .. } => Client::Treaty(treaty_driver::connect(&treaty_target.endpoint).await?),
+            System::Baseline(Baseline::DirectPipelined) => {
+                let mut client = PipelinedClient::new(ctx.pg_urls.clone(), ctx.lock_timeout_ms, index);
+                client
+                    .connect_all()
+                    .await
+                    .context("opening the direct-pipelined baseline's sessions")?;
+                Client::Pipelined(client)
+            }
             System::Baseline(mode) => {
                 let mut client = DirectClient::new(mode, ctx.pg_urls.clone(), ctx.lock_timeout_ms, index);
                 client.connect_all().await.map_err(anyhow::Error::msg)?;
@@ -212,8 +224,10 @@ async fn run_phase(
                         }
                     }
                 }
-                if let Client::Direct(client) = client {
-                    client.close().await;
+                match client {
+                    Client::Direct(client) => client.close().await,
+                    Client::Pipelined(client) => client.close().await,
+                    Client::Treaty(_) => {}
                 }
                 counts
             })
@@ -336,6 +350,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             BaselineArg::None => continue,
             BaselineArg::Direct => Baseline::Direct,
             BaselineArg::Independent => Baseline::Independent,
+            BaselineArg::DirectPipelined => Baseline::DirectPipelined,
         };
         if !baselines.contains(&baseline) {
             baselines.push(baseline);

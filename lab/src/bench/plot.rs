@@ -15,6 +15,7 @@ fn colour(name: &str) -> RGBColor {
         "treaty" => RGBColor(0xd6, 0x27, 0x28),
         "treaty_3pc" => RGBColor(0xff, 0x7f, 0x0e),
         "direct" => RGBColor(0x1f, 0x77, 0xb4),
+        "direct_pipelined" => RGBColor(0x94, 0x67, 0xbd),
         "independent" => RGBColor(0x2c, 0xa0, 0x2c),
         _ => RGBColor(0x7f, 0x7f, 0x7f),
     }

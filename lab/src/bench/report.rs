@@ -48,8 +48,8 @@ pub enum SideBySide {
     Unsupported(String),
 }
 
-/// Everything measured for one system (`treaty`, `treaty_3pc`, `direct`, `independent`) at one
-/// client count.
+/// Everything measured for one system (`treaty`, `treaty_3pc`, `direct`, `direct_pipelined`,
+/// `independent`) at one client count.
 #[derive(Clone, Default)]
 pub struct SystemRun {
     pub name: String,
@@ -213,7 +213,7 @@ impl BenchReport {
         let mut out = self.params.clone();
         out.insert("status".into(), json!("ok"));
         // Always-present keys, overwritten below when measured.
-        for system in ["treaty", "direct", "independent"] {
+        for system in ["treaty", "direct", "direct_pipelined", "independent"] {
             for key in ["tps", "p50_ms", "p95_ms", "p99_ms", "max_ms"] {
                 out.insert(format!("{system}_{key}"), Value::Null);
             }
@@ -529,6 +529,43 @@ mod tests {
         assert_eq!(value["throughput_ceiling"], Value::Null);
         // A baseline that was not run is null, not missing.
         assert_eq!(value["independent_tps"], Value::Null);
+        for key in ["tps", "p50_ms", "p95_ms", "p99_ms", "max_ms"] {
+            assert_eq!(value[format!("direct_pipelined_{key}")], Value::Null, "{key}");
+        }
+    }
+
+    #[test]
+    fn direct_pipelined_is_reported_beside_direct_under_its_own_keys() {
+        let value = side_by_side(
+            SideBySide::Off,
+            vec![
+                run("treaty", 900, 4, 100),
+                run("direct", 1000, 2, 50),
+                run("direct_pipelined", 1200, 1, 60),
+            ],
+        );
+        assert_eq!(value["direct_tps"], json!(100.0));
+        assert_eq!(value["direct_pipelined_tps"], json!(120.0));
+        for key in ["p50_ms", "p95_ms", "p99_ms", "max_ms"] {
+            let ms = value[format!("direct_pipelined_{key}")].as_f64().unwrap_or(0.0);
+            assert!((0.99..1.01).contains(&ms), "{key}: {ms}");
+        }
+        let per_txn = |ticks: u64, commits: f64| ticks_to_us(ticks) / commits;
+        for (key, ticks) in [("postgres", 180), ("bench", 60)] {
+            let us = value[format!("direct_pipelined_{key}_cpu_us_per_txn")]
+                .as_f64()
+                .unwrap_or(0.0);
+            assert!((us - per_txn(ticks, 1200.0)).abs() < 0.01, "{key}: {us}");
+        }
+        assert_eq!(value["direct_pipelined_aborts"]["vote_no"], json!(1));
+        // The first baseline keeps the top-level ratios; every baseline has its own.
+        assert_eq!(value["baseline"], json!("direct"));
+        assert_eq!(value["throughput_ratio"], json!(0.9));
+        assert_eq!(
+            value["ratios"]["direct_pipelined"]["throughput_ratio"],
+            json!(0.75)
+        );
+        assert_eq!(value["sweep"][0]["direct_pipelined_tps"], json!(120.0));
     }
 
     #[test]

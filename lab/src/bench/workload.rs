@@ -21,6 +21,8 @@ pub const INITIAL_BALANCE: i64 = 1_000_000;
 
 const UPDATE: &str = "UPDATE bench_accounts SET balance = balance + $1 WHERE id = $2";
 const READ: &str = "SELECT balance FROM bench_accounts WHERE id = $1";
+/// Every statement the workloads run (the pipelined baseline prepares them once per connection).
+pub const STATEMENTS: [&str; 2] = [UPDATE, READ];
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkloadKind {

@@ -1,0 +1,509 @@
+//! The `direct-pipelined` baseline: `direct`'s SQL (per shard `BEGIN`, the statements, `PREPARE
+//! TRANSACTION` where the shard wrote and more than one shard wrote, else `COMMIT`; then `COMMIT
+//! PREPARED` on each prepared shard once all prepared), driven with tokio-postgres so that each
+//! shard's `BEGIN`, statements and `PREPARE TRANSACTION` leave together and are answered in one
+//! round trip, the shards in parallel. That is what Treaty's participant does once it pipelines its
+//! branches, so this is the ceiling that compares with it; `direct` (sqlx, one statement per round
+//! trip) stays beside it.
+//!
+//! tokio-postgres sends a request when its future is first polled and reads the answers in order;
+//! [`in_order`] polls the requests of a branch in the order they must run. Every request ends with
+//! a Sync, so PostgreSQL runs each on its own: had `BEGIN` failed, a statement after it would run
+//! (and commit) on its own. Each session therefore starts with `default_transaction_read_only=on`
+//! and `BEGIN` asks for `READ WRITE`: outside the transaction an `UPDATE` fails (25006) instead of
+//! committing. Every answer is checked: a `PREPARE TRANSACTION` or `COMMIT` that follows a failed
+//! statement rolls the transaction back (PostgreSQL answers it with a `ROLLBACK` tag, no error), and
+//! the abort is counted under the statement's SQLSTATE, as `direct` counts it; a `PREPARE` that
+//! went through on a branch whose row count was wrong is rolled back with the others. The
+//! statements are prepared once per connection, so each runs as one Bind/Execute.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use futures::future::join_all;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, Config, NoTls, Statement};
+
+use super::workload::{STATEMENTS, ShardWork, TxnPlan};
+
+/// Attempts of `COMMIT PREPARED` / `ROLLBACK PREPARED` before giving up on one branch (as `direct`).
+const FINISH_ATTEMPTS: u32 = 5;
+/// `BEGIN` of every branch: `READ WRITE` against the session's read-only default (see the module).
+const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE";
+/// Startup option of every session: outside a `BEGIN ... READ WRITE`, nothing can write.
+const READ_ONLY_DEFAULT: &str = "-c default_transaction_read_only=on";
+/// How long `close` waits for a connection's task to end after its client is dropped.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// Why a session could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("bad PostgreSQL URL: {0}")]
+    Url(#[source] tokio_postgres::Error),
+    #[error("connecting to PostgreSQL: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("setting up the session ({what}): {source}")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+/// One connection with its statements prepared.
+struct Session {
+    client: Client,
+    connection: JoinHandle<()>,
+    begin: Statement,
+    statements: HashMap<&'static str, Statement>,
+}
+
+async fn open(url: &str, lock_timeout_ms: u64) -> Result<Session, OpenError> {
+    let mut config: Config = url.parse().map_err(OpenError::Url)?;
+    let options = match config.get_options() {
+        Some(given) if !given.trim().is_empty() => format!("{given} {READ_ONLY_DEFAULT}"),
+        _ => READ_ONLY_DEFAULT.to_string(),
+    };
+    config.options(options);
+    let (client, connection) = config.connect(NoTls).await.map_err(OpenError::Connect)?;
+    // The connection's task ends when the client is dropped (or the server goes away).
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let setup = |what: &'static str| move |source| OpenError::Setup { what, source };
+    // As `direct` sets it: once per session.
+    client
+        .batch_execute(&format!("SET lock_timeout = '{lock_timeout_ms}ms'"))
+        .await
+        .map_err(setup("lock_timeout"))?;
+    let begin = client.prepare(BEGIN).await.map_err(setup("prepare BEGIN"))?;
+    let mut statements = HashMap::with_capacity(STATEMENTS.len());
+    for sql in STATEMENTS {
+        let statement = client.prepare(sql).await.map_err(setup("prepare a statement"))?;
+        statements.insert(sql, statement);
+    }
+    Ok(Session {
+        client,
+        connection,
+        begin,
+        statements,
+    })
+}
+
+/// `statement_failed/<sqlstate>` for a database error, `connection` otherwise; whether the
+/// connection is still usable (as `direct` classifies sqlx's errors).
+fn classify(error: &tokio_postgres::Error) -> (String, bool) {
+    match error.code() {
+        Some(state) if !error.is_closed() => (format!("statement_failed/{}", state.code()), true),
+        _ => ("connection".into(), false),
+    }
+}
+
+type Request<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
+
+/// Runs `requests` together and returns their answers in order. Each is polled for the first time
+/// in order, and tokio-postgres sends a request on its first poll, so they reach PostgreSQL in
+/// this order, back to back, and are answered in one round trip.
+async fn in_order(requests: Vec<Request<'_>>) -> Vec<Result<u64, tokio_postgres::Error>> {
+    let mut pending: Vec<Option<Request<'_>>> = requests.into_iter().map(Some).collect();
+    let mut answers: Vec<Option<Result<u64, tokio_postgres::Error>>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (slot, answer) in pending.iter_mut().zip(answers.iter_mut()) {
+            if let Some(request) = slot {
+                match request.as_mut().poll(cx) {
+                    Poll::Ready(result) => {
+                        *answer = Some(result);
+                        *slot = None;
+                    }
+                    Poll::Pending => waiting = true,
+                }
+            }
+        }
+        if waiting { Poll::Pending } else { Poll::Ready(()) }
+    })
+    .await;
+    answers.into_iter().flatten().collect()
+}
+
+/// How a shard's branch ends its first phase.
+#[derive(Clone)]
+enum Finish {
+    Prepare(String),
+    Commit,
+}
+
+impl Finish {
+    fn sql(&self) -> String {
+        match self {
+            Finish::Prepare(gid) => format!("PREPARE TRANSACTION '{gid}'"),
+            Finish::Commit => "COMMIT".into(),
+        }
+    }
+}
+
+/// What became of one branch.
+enum Branch {
+    Prepared,
+    Committed,
+    /// Did not commit. `prepared`: its `PREPARE TRANSACTION` went through (it was sent with the
+    /// statements, whose row count then proved wrong), so it must be rolled back.
+    Failed {
+        reason: String,
+        usable: bool,
+        prepared: bool,
+    },
+}
+
+/// Whether a plain `COMMIT` may leave with the statements. A `PREPARE` always may (what it
+/// prepared is rolled back when a check fails), a `COMMIT` only when the last statement is the
+/// branch's one write: a row count that proves wrong then means that write, an update by primary
+/// key, changed no row, so the commit committed nothing the check would have refused.
+fn commit_rides(work: &ShardWork) -> bool {
+    let writes = work.stmts.iter().filter(|s| s.writes).count();
+    writes == 0 || (writes == 1 && work.stmts.last().is_some_and(|s| s.writes))
+}
+
+async fn run_branch(session: &mut Session, work: &ShardWork, finish: &Finish) -> Branch {
+    // Prepared at open for every statement the workloads use; anything else is prepared here,
+    // before the pipeline.
+    for stmt in &work.stmts {
+        if !session.statements.contains_key(stmt.sql) {
+            match session.client.prepare(stmt.sql).await {
+                Ok(statement) => {
+                    session.statements.insert(stmt.sql, statement);
+                }
+                Err(error) => {
+                    let (reason, usable) = classify(&error);
+                    return Branch::Failed {
+                        reason,
+                        usable,
+                        prepared: false,
+                    };
+                }
+            }
+        }
+    }
+    let session = &*session;
+    let client = &session.client;
+    let rides = matches!(finish, Finish::Prepare(_)) || commit_rides(work);
+    let finish_sql = finish.sql();
+    let mut requests: Vec<Request<'_>> = Vec::with_capacity(work.stmts.len() + 2);
+    requests.push(Box::pin(client.execute(&session.begin, &[])));
+    for stmt in &work.stmts {
+        // Present: prepared above.
+        let Some(statement) = session.statements.get(stmt.sql) else {
+            return Branch::Failed {
+                reason: "unprepared".into(),
+                usable: true,
+                prepared: false,
+            };
+        };
+        requests.push(Box::pin(client.execute_raw(statement, stmt.params.iter())));
+    }
+    if rides {
+        requests.push(Box::pin(async {
+            client.batch_execute(&finish_sql).await.map(|()| 0)
+        }));
+    }
+    let answers = in_order(requests).await;
+    let mut answers = answers.into_iter();
+
+    // BEGIN: had it failed, nothing after it could write (read-only outside the transaction), and
+    // a PREPARE or COMMIT after it found no transaction (a warning).
+    match answers.next() {
+        Some(Ok(_)) => {}
+        Some(Err(error)) => {
+            let (reason, usable) = classify(&error);
+            return Branch::Failed {
+                reason,
+                usable,
+                prepared: false,
+            };
+        }
+        None => {
+            return Branch::Failed {
+                reason: "connection".into(),
+                usable: false,
+                prepared: false,
+            };
+        }
+    }
+    // The statements, in order: the first failure is the reason; the transaction is then aborted,
+    // and a PREPARE or COMMIT sent after it rolled it back.
+    let mut failure: Option<(String, bool)> = None;
+    // Whether PostgreSQL refused a statement (the transaction is then aborted, whatever came first).
+    let mut refused = false;
+    for stmt in &work.stmts {
+        let failed = match answers.next() {
+            Some(Ok(rows)) => match stmt.expect_rows {
+                Some(expected) if rows != expected => Some(("expect_rows".to_string(), true)),
+                _ => None,
+            },
+            Some(Err(error)) => {
+                refused = true;
+                Some(classify(&error))
+            }
+            None => Some(("connection".to_string(), false)),
+        };
+        if failure.is_none() {
+            failure = failed;
+        }
+    }
+    let finished = if rides {
+        answers.next()
+    } else if failure.is_none() {
+        Some(client.batch_execute(&finish_sql).await.map(|()| 0))
+    } else {
+        None
+    };
+    match (failure, finished) {
+        (None, Some(Ok(_))) => match finish {
+            Finish::Prepare(_) => Branch::Prepared,
+            Finish::Commit => Branch::Committed,
+        },
+        // PREPARE or COMMIT refused: PostgreSQL has ended the transaction.
+        (None, Some(Err(error))) => {
+            let (reason, usable) = classify(&error);
+            Branch::Failed {
+                reason,
+                usable,
+                prepared: false,
+            }
+        }
+        (None, None) => Branch::Failed {
+            reason: "connection".into(),
+            usable: false,
+            prepared: false,
+        },
+        (Some((reason, usable)), finished) => {
+            // A row count was wrong but PostgreSQL refused nothing: the PREPARE sent with the
+            // statements went through.
+            let prepared = rides
+                && !refused
+                && usable
+                && matches!(finish, Finish::Prepare(_))
+                && matches!(finished, Some(Ok(_)));
+            let ended = rides && finished.is_some();
+            if usable && !ended {
+                // The transaction is still open (nothing ended it): roll it back.
+                if let Err(error) = client.batch_execute("ROLLBACK").await {
+                    return Branch::Failed {
+                        reason,
+                        usable: classify(&error).1,
+                        prepared,
+                    };
+                }
+            }
+            Branch::Failed {
+                reason,
+                usable,
+                prepared,
+            }
+        }
+    }
+}
+
+/// One client's sessions (opened up front, reopened after a connection error).
+pub struct PipelinedClient {
+    urls: Vec<String>,
+    lock_timeout_ms: u64,
+    sessions: Vec<Option<Session>>,
+    gid_prefix: String,
+    sequence: u64,
+}
+
+impl PipelinedClient {
+    pub fn new(urls: Vec<String>, lock_timeout_ms: u64, client: usize) -> PipelinedClient {
+        let sessions = urls.iter().map(|_| None).collect();
+        PipelinedClient {
+            urls,
+            lock_timeout_ms,
+            sessions,
+            gid_prefix: format!("bench-pipelined:{}:{client}", std::process::id()),
+            sequence: 0,
+        }
+    }
+
+    /// Opens every shard's session up front, so that connecting is not measured.
+    pub async fn connect_all(&mut self) -> Result<(), OpenError> {
+        for (slot, url) in self.sessions.iter_mut().zip(&self.urls) {
+            if slot.is_none() {
+                *slot = Some(open(url, self.lock_timeout_ms).await?);
+            }
+        }
+        Ok(())
+    }
+
+    async fn take(&mut self, shard: usize) -> Result<Session, String> {
+        match self.sessions.get_mut(shard).and_then(Option::take) {
+            Some(session) if !session.client.is_closed() => Ok(session),
+            _ => {
+                let url = self.urls.get(shard).ok_or("no such shard")?;
+                open(url, self.lock_timeout_ms)
+                    .await
+                    .map_err(|_| "connect".to_string())
+            }
+        }
+    }
+
+    /// Runs one transaction; `Err(reason)` when it did not commit.
+    pub async fn run_txn(&mut self, plan: &TxnPlan) -> Result<(), String> {
+        self.sequence += 1;
+        let two_phase = plan.writers() > 1;
+        let gid = format!("{}:{}", self.gid_prefix, self.sequence);
+        let mut taken = Vec::with_capacity(plan.work.len());
+        for work in &plan.work {
+            taken.push((work, self.take(work.shard).await?));
+        }
+        let branches = join_all(taken.into_iter().map(|(work, mut session)| {
+            let finish = if two_phase && work.writes() {
+                Finish::Prepare(gid.clone())
+            } else {
+                Finish::Commit
+            };
+            async move {
+                let branch = run_branch(&mut session, work, &finish).await;
+                (work.shard, session, branch)
+            }
+        }))
+        .await;
+
+        let mut prepared = Vec::new();
+        let mut failure = None;
+        for (shard, session, branch) in branches {
+            match branch {
+                Branch::Prepared => {
+                    prepared.push(shard);
+                    self.sessions[shard] = Some(session);
+                }
+                Branch::Committed => self.sessions[shard] = Some(session),
+                Branch::Failed {
+                    reason,
+                    usable,
+                    prepared: was_prepared,
+                } => {
+                    if was_prepared {
+                        prepared.push(shard);
+                    }
+                    if usable {
+                        self.sessions[shard] = Some(session);
+                    }
+                    failure.get_or_insert(reason);
+                }
+            }
+        }
+        let verb = if failure.is_none() {
+            "COMMIT PREPARED"
+        } else {
+            "ROLLBACK PREPARED"
+        };
+        let sql = format!("{verb} '{gid}'");
+        let finishing: Vec<_> = prepared
+            .into_iter()
+            .map(|shard| (shard, self.sessions.get_mut(shard).and_then(Option::take)))
+            .collect();
+        let finished = join_all(finishing.into_iter().map(|(shard, session)| {
+            let url = self.urls.get(shard).cloned().unwrap_or_default();
+            let lock_timeout_ms = self.lock_timeout_ms;
+            let sql = &sql;
+            async move {
+                let mut session = session;
+                let mut last = String::new();
+                for _ in 0..FINISH_ATTEMPTS {
+                    let current = match session.take() {
+                        Some(s) if !s.client.is_closed() => s,
+                        _ => match open(&url, lock_timeout_ms).await {
+                            Ok(s) => s,
+                            Err(_) => {
+                                last = "connect".into();
+                                continue;
+                            }
+                        },
+                    };
+                    match current.client.batch_execute(sql).await {
+                        Ok(()) => return (shard, Some(current), Ok(())),
+                        Err(error) => {
+                            let (reason, usable) = classify(&error);
+                            last = reason;
+                            if usable {
+                                session = Some(current);
+                            }
+                        }
+                    }
+                }
+                (shard, session, Err(format!("finish_failed/{last}")))
+            }
+        }))
+        .await;
+        for (shard, session, result) in finished {
+            if session.is_some() {
+                self.sessions[shard] = session;
+            }
+            if let Err(reason) = result {
+                failure.get_or_insert(reason);
+            }
+        }
+        match failure {
+            None => Ok(()),
+            Some(reason) => Err(reason),
+        }
+    }
+
+    /// Closes every session: dropping the client makes its connection send Terminate and end.
+    pub async fn close(self) {
+        for session in self.sessions.into_iter().flatten() {
+            let Session {
+                client, connection, ..
+            } = session;
+            drop(client);
+            let _ = tokio::time::timeout(CLOSE_WAIT, connection).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::workload::Stmt;
+    use super::*;
+
+    fn stmt(writes: bool) -> Stmt {
+        Stmt {
+            sql: "SELECT 1",
+            params: Vec::new(),
+            expect_rows: writes.then_some(1),
+            writes,
+        }
+    }
+
+    #[test]
+    fn a_commit_rides_with_the_statements_only_when_the_last_is_the_one_write() {
+        let work = |stmts| ShardWork { shard: 0, stmts };
+        assert!(commit_rides(&work(vec![stmt(true)])));
+        assert!(commit_rides(&work(vec![stmt(false), stmt(false), stmt(true)])));
+        assert!(commit_rides(&work(vec![stmt(false)])));
+        assert!(!commit_rides(&work(vec![stmt(true), stmt(false)])));
+        assert!(!commit_rides(&work(vec![stmt(true), stmt(true)])));
+    }
+
+    #[tokio::test]
+    async fn requests_are_answered_in_order() {
+        let requests: Vec<Request<'static>> = vec![
+            Box::pin(async { Ok(1) }),
+            Box::pin(async {
+                tokio::task::yield_now().await;
+                Ok(2)
+            }),
+            Box::pin(async { Ok(3) }),
+        ];
+        let answers: Vec<u64> = in_order(requests)
+            .await
+            .into_iter()
+            .map(|a| a.unwrap_or(0))
+            .collect();
+        assert_eq!(answers, vec![1, 2, 3]);
+    }
+}
