@@ -20,7 +20,7 @@ use treaty_commit_protocol::participant::Participant;
 use treaty_proto::{DatabaseRole, Gid};
 
 use crate::pool::PooledConnection;
-use crate::pool::session::Session;
+use crate::pool::session::{Session, StatementFailed};
 
 /// Most finished GIDs remembered at once; the oldest are forgotten first.
 const MAX_HISTORY: usize = 200_000;
@@ -48,6 +48,10 @@ pub struct ActiveBranch {
     pub wrote: bool,
     /// The BEGIN (with its `SET LOCAL`s) not sent yet: it goes with the first statement.
     pub pending_begin: Option<String>,
+    /// The vote's marker row and `PREPARE TRANSACTION` went with the last statement
+    /// (`Agent::execute_and_prepare`), and this is what PostgreSQL answered: the vote takes it
+    /// instead of sending them again.
+    pub vote_sent: Option<Result<Session, StatementFailed>>,
     ended: bool,
 }
 
@@ -61,6 +65,7 @@ impl ActiveBranch {
             database_role: None,
             wrote: false,
             pending_begin: None,
+            vote_sent: None,
             ended: false,
         }
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tonic::Status;
 use treaty_failpoints::{Catalog, Point, Return, failpoint_name};
-pub use treaty_failpoints::{FailpointError, Fired, Name};
+pub use treaty_failpoints::{FailpointError, Fired, Name, is_armed};
 use treaty_proto::ApiError;
 
 use crate::error::BranchError;

@@ -286,7 +286,7 @@ fn one_value<T: for<'a> tokio_postgres::types::FromSql<'a>>(
 
 /// The vote's SQL and how many statements it holds: the marker row and `PREPARE TRANSACTION`,
 /// the marker under the participant's role when the branch runs under a client's.
-fn prepare_sql(
+pub(crate) fn prepare_sql(
     gid: &Gid,
     branch: &BranchGid,
     role: Option<&DatabaseRole>,
@@ -375,6 +375,11 @@ pub async fn commit_prepared(pool: &Pool, branch: &BranchGid) -> Result<(), DbEr
 
 pub async fn rollback_prepared(pool: &Pool, branch: &BranchGid) -> Result<(), DbError> {
     finish_prepared(pool, "ROLLBACK PREPARED", branch).await
+}
+
+/// `ROLLBACK PREPARED` of exactly `branch` on `connection` (a session with no transaction open).
+pub async fn rollback_prepared_on(connection: &Connection, branch: &BranchGid) -> Result<(), DbError> {
+    simple(connection, &format!("ROLLBACK PREPARED '{branch}'")).await
 }
 
 /// `verb` on `branch`; when PostgreSQL holds no such branch but holds the legacy form in this

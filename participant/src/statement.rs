@@ -12,6 +12,7 @@ use futures::TryStreamExt as _;
 use tokio_postgres::types::ToSql;
 
 use crate::pool::Connection;
+use crate::pool::session::{self, Session, SessionState, StatementFailed};
 use crate::postgres::DbError;
 use crate::values::{self, DecodeError, Param};
 
@@ -63,6 +64,41 @@ pub async fn run(
     );
     began.map_err(|error| StatementError::Begin(error.into()))?;
     ran
+}
+
+/// `run`, then `end` (`end_statements` statements that end the branch's transaction: the vote's
+/// marker row and `PREPARE TRANSACTION`) with the session check, all in one round trip: the last
+/// statement of a one-shot submit and its vote. `end` must only be taken as the vote when the
+/// statement succeeded: after a failed statement PostgreSQL answers `PREPARE TRANSACTION` with a
+/// rollback, not an error. Never for a batch (its statements are not all sent before `end`).
+pub async fn run_then_end(
+    connection: &Connection,
+    begin: Option<&str>,
+    sql: &str,
+    params: &[Param],
+    end: &str,
+    end_statements: usize,
+    clean: &SessionState,
+) -> (
+    Result<StatementOutput, StatementError>,
+    Result<Session, StatementFailed>,
+) {
+    // Prepared first when new to this session (a round trip of its own), so that nothing of the
+    // statement is left to send after the first poll: the vote must reach PostgreSQL after it.
+    if let Err(error) = connection
+        .prepared(&statement_key(sql, params), &types_of(params))
+        .await
+    {
+        let failed = StatementFailed {
+            index: 0,
+            error: DbError::Client("the vote was not sent: the statement could not be prepared".into()),
+        };
+        return (Err(error.into()), Err(failed));
+    }
+    futures::join!(
+        run(connection, begin, sql, params, false),
+        session::end_and_check(connection, end, end_statements, clean)
+    )
 }
 
 async fn run_unopened(

@@ -26,7 +26,8 @@ impl Agent {
         options: &BranchOptions,
     ) -> Result<StatementOutput, BranchError> {
         let mut slot = self.branches.lock(gid.as_str()).await;
-        self.execute_locked(&mut slot, gid, sql, params, options).await
+        self.execute_locked(&mut slot, gid, sql, params, options, false)
+            .await
     }
 
     /// `execute`, then the vote as `prepare` casts it, under one hold of the GID's lock (a one-shot
@@ -39,7 +40,9 @@ impl Agent {
         options: &BranchOptions,
     ) -> Result<(StatementOutput, Vote), BranchError> {
         let mut slot = self.branches.lock(gid.as_str()).await;
-        let output = self.execute_locked(&mut slot, gid, sql, params, options).await?;
+        let output = self
+            .execute_locked(&mut slot, gid, sql, params, options, true)
+            .await?;
         let vote = self.prepare_locked(&mut slot, gid).await?;
         Ok((output, vote))
     }
@@ -57,7 +60,9 @@ impl Agent {
         expect_rows: Option<u64>,
     ) -> Result<(StatementOutput, bool), BranchError> {
         let mut slot = self.branches.lock(gid.as_str()).await;
-        let output = self.execute_locked(&mut slot, gid, sql, params, options).await?;
+        let output = self
+            .execute_locked(&mut slot, gid, sql, params, options, false)
+            .await?;
         if let Some(expected) = expect_rows
             && output.rows_affected != expected
         {
@@ -79,6 +84,7 @@ impl Agent {
         sql: &str,
         params: Vec<Param>,
         options: &BranchOptions,
+        then_vote: bool,
     ) -> Result<StatementOutput, BranchError> {
         let opening = slot.active.is_none();
         let analysis = sql_guard::check(sql, opening)?;
@@ -127,7 +133,33 @@ impl Agent {
             )));
         };
         let begin = branch.pending_begin.take();
-        let mut ran = statement::run(&branch.connection, begin.as_deref(), sql, &params, batch).await;
+        // The vote (marker row, PREPARE TRANSACTION) goes in the statement's round trip when the
+        // caller votes right after it: not for a batch, whose statements are not all sent first,
+        // nor while a failpoint of the vote is armed, so that each still fires at its step.
+        let vote_sql = if then_vote && !batch && !self.vote_failpoint_armed() {
+            postgres::prepare_sql(gid, &self.branch_gid(gid), branch.database_role.as_ref()).ok()
+        } else {
+            None
+        };
+        let mut sent_vote = None;
+        let mut ran = match &vote_sql {
+            Some((end, statements)) => {
+                let clean = branch.connection.clean_session();
+                let (ran, voted) = statement::run_then_end(
+                    &branch.connection,
+                    begin.as_deref(),
+                    sql,
+                    &params,
+                    end,
+                    *statements,
+                    &clean,
+                )
+                .await;
+                sent_vote = Some(voted);
+                ran
+            }
+            None => statement::run(&branch.connection, begin.as_deref(), sql, &params, batch).await,
+        };
         // A pooled connection that died (PostgreSQL restarted) is found by the opening statement:
         // it ran in no transaction that could commit (its BEGIN went with it), so it is run again
         // on a fresh connection, each dead one closed as it is found.
@@ -141,6 +173,8 @@ impl Agent {
                 break;
             }
             tried += 1;
+            // The retry votes the usual way, after the statement.
+            sent_vote = None;
             let fresh = match self.pool.acquire().await {
                 Ok(connection) => ActiveBranch::new(connection),
                 Err(error) => {
@@ -165,8 +199,25 @@ impl Agent {
         if let Some(cancellable) = &cancellable {
             cancellable.end().await;
         }
+        if ran.is_err()
+            && let Some(Ok(_)) = &sent_vote
+        {
+            // The statement failed on this side (its rows could not be decoded) after PostgreSQL
+            // ran it and prepared the branch: nothing may stay prepared for a call that failed.
+            // (After a statement PostgreSQL refused, PREPARE rolled the branch back instead, and
+            // this finds nothing to roll back.)
+            // On the branch's own connection, whose transaction has ended: the pool may have no
+            // other to give.
+            let branch_gid = self.branch_gid(gid);
+            if let Err(error) = postgres::rollback_prepared_on(&branch.connection, &branch_gid).await
+                && !error.is_undefined_object()
+            {
+                tracing::warn!(%gid, %error, "rolling back a branch prepared with a failed statement failed; reconciliation will");
+            }
+        }
         match ran {
             Ok(output) => {
+                branch.vote_sent = sent_vote;
                 branch.last_used = Instant::now();
                 branch.statements += 1;
                 branch.session_changed |= analysis.changes_session;
@@ -197,6 +248,12 @@ impl Agent {
                 Err(error)
             }
         }
+    }
+
+    /// Whether a failpoint of the vote is armed (never, in a build without failpoints).
+    fn vote_failpoint_armed(&self) -> bool {
+        crate::failpoints::is_armed(crate::failpoints::BEFORE_PREPARE)
+            || crate::failpoints::is_armed(crate::failpoints::AFTER_PREPARE)
     }
 
     /// Refuses to open a branch for a GID that already ended here, or whose transaction may have

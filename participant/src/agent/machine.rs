@@ -238,8 +238,9 @@ impl Agent {
             learned.no_vote = Some((String::new(), format!("branch {gid} has no open transaction")));
             return ParticipantEvent::BranchPrepareFailed;
         };
-        // A branch known to have written skips the round trip that asks PostgreSQL.
-        if branch.wrote {
+        // A branch known to have written, or whose vote already went with its last statement,
+        // skips the round trip that asks PostgreSQL.
+        if branch.wrote || branch.vote_sent.is_some() {
             return ParticipantEvent::BranchWrote;
         }
         match postgres::wrote_nothing(&branch.connection).await {
@@ -272,13 +273,19 @@ impl Agent {
         let Some(mut branch) = active.take() else {
             return ParticipantEvent::BranchPrepareFailed;
         };
-        let prepared = postgres::insert_marker_and_prepare(
-            &mut branch.connection,
-            gid,
-            &self.branch_gid(gid),
-            branch.database_role.as_ref(),
-        )
-        .await;
+        let prepared = match branch.vote_sent.take() {
+            // Sent with the last statement (`Agent::execute_and_prepare`): PostgreSQL's answer.
+            Some(sent) => sent.map_err(|failed| failed.error),
+            None => {
+                postgres::insert_marker_and_prepare(
+                    &mut branch.connection,
+                    gid,
+                    &self.branch_gid(gid),
+                    branch.database_role.as_ref(),
+                )
+                .await
+            }
+        };
         match prepared {
             Ok(session) => {
                 let after = failpoints::step(failpoints::AFTER_PREPARE);

@@ -572,3 +572,86 @@ async fn session_settings_do_not_leak_into_other_branches() {
         );
     }
 }
+
+async fn execute_and_prepare(
+    env: &Env,
+    gid: &str,
+    sql: &str,
+) -> Result<pb::ExecuteAndPrepareResponse, tonic::Status> {
+    env.client()
+        .execute_and_prepare(pb::BranchExecuteRequest {
+            gid: gid.into(),
+            sql: sql.into(),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// `ExecuteAndPrepare` sends the vote (marker row, PREPARE TRANSACTION) in the statement's round
+/// trip: a statement that succeeds leaves the branch prepared with its write; one PostgreSQL
+/// refuses, or one whose rows cannot be read after PostgreSQL ran it and prepared the branch,
+/// leaves nothing prepared and no write, on an opening branch and on one already open; and the
+/// connection serves the next branch.
+#[tokio::test]
+async fn the_vote_sent_with_the_last_statement_prepares_only_after_a_statement_that_succeeded() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("vote-with-statement", |c| c.max_connections = 1).await else {
+        return;
+    };
+    kv(&env).await;
+    let ok = env.gid(1);
+    let next = env.gid(6);
+    // Undecided while prepared: reconciliation leaves them alone.
+    for gid in [&ok, &next] {
+        env.coordinator.decide(gid, pb::Decision::Pending, true);
+    }
+    let answer = execute_and_prepare(&env, &ok, "INSERT INTO kv VALUES (1, 'a')")
+        .await
+        .unwrap();
+    assert_eq!(answer.result.map(|r| r.rows_affected), Some(1));
+    assert_eq!(vote(answer.vote.as_ref().unwrap()), pb::Vote::Yes);
+    assert!(env.db.is_prepared(&ok).await, "{:?}", env.db.prepared().await);
+
+    // Refused by PostgreSQL: the PREPARE behind it does not prepare.
+    let refused = env.gid(2);
+    execute_and_prepare(&env, &refused, "INSERT INTO kv VALUES (1/0, 'b')")
+        .await
+        .unwrap_err();
+    // Ran and prepared, then unreadable here (Treaty returns no interval): rolled back.
+    let unreadable = env.gid(3);
+    let error = execute_and_prepare(
+        &env,
+        &unreadable,
+        "INSERT INTO kv VALUES (3, 'c') RETURNING interval '1 day'",
+    )
+    .await
+    .unwrap_err();
+    assert!(error.message().contains("interval"), "{error:?}");
+    // The same on a branch already open.
+    let open = env.gid(4);
+    env.execute(&open, "INSERT INTO kv VALUES (4, 'd')", vec![])
+        .await
+        .unwrap();
+    execute_and_prepare(
+        &env,
+        &open,
+        "INSERT INTO kv VALUES (5, 'e') RETURNING interval '1 day'",
+    )
+    .await
+    .unwrap_err();
+    let prepared = env.db.prepared().await;
+    assert_eq!(prepared.len(), 1, "only the first branch: {prepared:?}");
+    assert!(env.db.is_prepared(&ok).await, "{prepared:?}");
+
+    assert_eq!(env.commit(&ok).await.unwrap(), pb::BranchState::Committed);
+    assert_eq!(env.db.count("SELECT count(*) FROM kv").await, 1);
+    assert!(env.db.prepared().await.is_empty());
+    // The one connection is still good for the next branch.
+    let answer = execute_and_prepare(&env, &next, "INSERT INTO kv VALUES (6, 'f')")
+        .await
+        .unwrap();
+    assert_eq!(vote(answer.vote.as_ref().unwrap()), pb::Vote::Yes);
+    assert_eq!(env.commit(&next).await.unwrap(), pb::BranchState::Committed);
+    assert_eq!(env.db.count("SELECT count(*) FROM kv").await, 2);
+}
