@@ -2,9 +2,11 @@
 //!
 //! A single statement goes through the extended protocol: prepared once per connection and type
 //! signature (sqlx's statement cache), binary parameters and results, one round trip when cached.
-//! A string of several statements (allowed only without parameters) goes through the simple
-//! protocol; it returns the rows of the last statement that returned any, and the sum of the
-//! affected-row counts.
+//! A string of several statements (allowed only without parameters) is split by the SQL guard's
+//! lexer and sent as unnamed extended-protocol statements, all in one round trip, so their
+//! results keep their column types; it returns the rows of the last statement that returned any,
+//! and the sum of the affected-row counts. Each statement is looked up in (or added to) the
+//! connection's cache once per call and passed down, not looked up again at each step.
 
 use std::sync::Arc;
 
@@ -49,19 +51,39 @@ pub async fn run(
     params: &[Param],
     batch: bool,
 ) -> Result<StatementOutput, StatementError> {
-    let Some(begin) = begin else {
-        return run_unopened(connection, sql, params, batch).await;
-    };
-    if !batch {
-        // Prepared first when new to this session (a round trip of its own, before BEGIN), so
-        // that BEGIN and the statement then leave together.
-        let key = statement_key(sql, params);
-        connection.prepared(&key, &types_of(params)).await?;
+    if batch {
+        return match begin {
+            None => run_batch(connection, sql).await,
+            Some(begin) => opened(connection, begin, run_batch(connection, sql)).await,
+        };
     }
-    let (began, ran) = futures::join!(
-        connection.client().batch_execute(begin),
-        run_unopened(connection, sql, params, batch)
-    );
+    // Prepared first when new to this session (a round trip of its own, before BEGIN), so that
+    // BEGIN and the statement then leave together.
+    let statement = prepare(connection, sql, params).await?;
+    run_prepared(connection, begin, &statement, params).await
+}
+
+/// `statement` (prepared on this connection), after `begin` in the same round trip if given.
+async fn run_prepared(
+    connection: &Connection,
+    begin: Option<&str>,
+    statement: &tokio_postgres::Statement,
+    params: &[Param],
+) -> Result<StatementOutput, StatementError> {
+    match begin {
+        None => run_single(connection, statement, params).await,
+        Some(begin) => opened(connection, begin, run_single(connection, statement, params)).await,
+    }
+}
+
+/// Sends `begin`, then `run`'s request, before awaiting either: `join!` polls them in this order,
+/// and each sends its request on its first poll.
+async fn opened(
+    connection: &Connection,
+    begin: &str,
+    run: impl std::future::Future<Output = Result<StatementOutput, StatementError>>,
+) -> Result<StatementOutput, StatementError> {
+    let (began, ran) = futures::join!(connection.client().batch_execute(begin), run);
     began.map_err(|error| StatementError::Begin(error.into()))?;
     ran
 }
@@ -85,51 +107,39 @@ pub async fn run_then_end(
 ) {
     // Prepared first when new to this session (a round trip of its own), so that nothing of the
     // statement is left to send after the first poll: the vote must reach PostgreSQL after it.
-    if let Err(error) = connection
-        .prepared(&statement_key(sql, params), &types_of(params))
-        .await
-    {
-        let failed = StatementFailed {
-            index: 0,
-            error: DbError::Client("the vote was not sent: the statement could not be prepared".into()),
-        };
-        return (Err(error.into()), Err(failed));
-    }
+    let statement = match prepare(connection, sql, params).await {
+        Ok(statement) => statement,
+        Err(error) => {
+            let failed = StatementFailed {
+                index: 0,
+                error: DbError::Client("the vote was not sent: the statement could not be prepared".into()),
+            };
+            return (Err(error.into()), Err(failed));
+        }
+    };
     futures::join!(
-        run(connection, begin, sql, params, false),
+        run_prepared(connection, begin, &statement, params),
         session::end_and_check(connection, end, end_statements, clean)
     )
 }
 
-async fn run_unopened(
+/// The statement prepared on this connection for `sql` with these parameters' types: from the
+/// connection's cache, keyed by the types' signature and the text, or prepared now.
+async fn prepare(
     connection: &Connection,
     sql: &str,
     params: &[Param],
-    batch: bool,
-) -> Result<StatementOutput, StatementError> {
-    if batch {
-        run_batch(connection, sql).await
-    } else {
-        run_single(connection, sql, params).await
-    }
-}
-
-fn statement_key(sql: &str, params: &[Param]) -> Arc<str> {
-    format!("{}{sql}", values::signature(params)).into()
-}
-
-fn types_of(params: &[Param]) -> Vec<tokio_postgres::types::Type> {
-    params.iter().map(Param::pg_type).collect()
+) -> Result<tokio_postgres::Statement, DbError> {
+    let key: Arc<str> = format!("{}{sql}", values::signature(params)).into();
+    let types: Vec<tokio_postgres::types::Type> = params.iter().map(Param::pg_type).collect();
+    connection.prepared(&key, &types).await
 }
 
 async fn run_single(
     connection: &Connection,
-    sql: &str,
+    statement: &tokio_postgres::Statement,
     params: &[Param],
 ) -> Result<StatementOutput, StatementError> {
-    let statement = connection
-        .prepared(&statement_key(sql, params), &types_of(params))
-        .await?;
     let mut output = StatementOutput {
         columns: statement.columns().iter().map(values::column_from_pg).collect(),
         ..StatementOutput::default()
@@ -137,7 +147,7 @@ async fn run_single(
     let rows = connection
         .client()
         .query_raw(
-            &statement,
+            statement,
             params.iter().map(|param| param as &(dyn ToSql + Sync)),
         )
         .await?;

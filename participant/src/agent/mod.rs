@@ -167,6 +167,21 @@ impl Agent {
 
     /// Ends an open branch's transaction with ROLLBACK and frees its connection.
     async fn roll_back(&self, mut branch: ActiveBranch, gid: &Gid) {
+        if let Some(Ok(session)) = branch.vote_sent.take() {
+            // PostgreSQL already prepared it with the last statement (`execute_and_prepare`) and
+            // the vote never took that answer: a ROLLBACK would find no transaction and leave
+            // the branch prepared, holding its locks until reconciliation. Rolled back as
+            // prepared, on its own connection, whose transaction has ended.
+            match postgres::rollback_prepared_on(&branch.connection, &self.branch_gid(gid)).await {
+                Ok(()) => branch.transaction_ended(gid, session),
+                Err(error) if error.is_undefined_object() => branch.transaction_ended(gid, session),
+                Err(error) => {
+                    tracing::warn!(%gid, %error, "ROLLBACK PREPARED of a branch prepared with its last statement failed; reconciliation will roll it back");
+                    branch.discard();
+                }
+            }
+            return;
+        }
         match postgres::rollback(&mut branch.connection).await {
             Ok(session) => branch.transaction_ended(gid, session),
             Err(error) => {
