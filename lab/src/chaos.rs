@@ -8,6 +8,9 @@
 //! `--coordinators 2` runs a second instance over the same shards that finishes what a killed one
 //! leaves behind; both instances are killed in turn (the clients use the first), and convergence
 //! also waits for every commit row to be forgotten.
+//!
+//! With `--participants in-process` the coordinator drives every database itself: a coordinator
+//! kill takes its participants down with it, and the only proxied link is the clients'.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,6 +28,7 @@ use crate::scenario::spec::{DecisionStore, Mode};
 use crate::scenario::timeline::Timeline;
 use crate::scenario::workload::{self, Progress, WorkloadConfig};
 use crate::scenario::{StepRunner, cluster_spec, start_other_coordinators};
+use crate::ParticipantKind;
 
 const INITIAL_BALANCE: i64 = 1_000;
 
@@ -68,6 +72,11 @@ pub struct ChaosArgs {
     /// has finished after this long (`--takeover-after-ms` of every coordinator).
     #[arg(long, default_value_t = 2000)]
     pub takeover_after_ms: u64,
+    /// How the coordinator reaches the databases: agent (a participant process per shard, each
+    /// killed now and then) or in-process (the coordinator drives them itself; two-phase commit
+    /// and one coordinator only).
+    #[arg(long, value_enum, default_value = "agent")]
+    pub participants: ParticipantKind,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -98,6 +107,16 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
             args.coordinators
         );
     }
+    if args.participants.in_process() {
+        // One process drives each database (its participant holds the database's claim), and
+        // three-phase commit needs participants that outlive the coordinator.
+        if args.coordinators > 1 {
+            bail!("--participants in-process runs one coordinator per database: use --coordinators 1");
+        }
+        if args.protocol == Protocol::ThreePhase {
+            bail!("--participants in-process: three-phase commit needs participant agents (--participants agent)");
+        }
+    }
     crate::fault_build::check_service_binaries()?;
     let seed = args.seed.unwrap_or_else(treaty_proto::now_ms);
     let mode = if args.submit {
@@ -107,8 +126,9 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     };
     let dir = tempfile::Builder::new().prefix("treaty-chaos-").tempdir()?;
     eprintln!(
-        "chaos: {} shards, {} clients, {}, {}, decision store {}, {} coordinators, {} s, seed {seed}, a fault every ~{} ms; data in {}",
+        "chaos: {} shards ({} participants), {} clients, {}, {}, decision store {}, {} coordinators, {} s, seed {seed}, a fault every ~{} ms; data in {}",
         args.shards,
+        args.participants.name(),
         args.clients,
         args.protocol,
         mode.name(),
@@ -122,7 +142,8 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     if args.decision_store == DecisionStore::Shard {
         store_args.extend(["--takeover-after-ms".into(), args.takeover_after_ms.to_string()]);
     }
-    let spec = cluster_spec(args.shards, dir.path().to_path_buf(), &store_args, &[]);
+    let mut spec = cluster_spec(args.shards, dir.path().to_path_buf(), &store_args, &[]);
+    spec.in_process = args.participants.in_process();
     let mut cluster = LocalCluster::start_proxied(spec)
         .await
         .context("starting the cluster")?;
@@ -172,7 +193,13 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
         n += 1;
         let shard = rng.random_range(0..shards);
         let down_for = Duration::from_millis(rng.random_range(0..=800));
-        match rng.random_range(0..10) {
+        // In process, the participants live and die with the coordinator: their share of the
+        // kills goes to it.
+        let kind = match rng.random_range(0..10) {
+            3..=5 if args.participants.in_process() => 0,
+            kind => kind,
+        };
+        match kind {
             0..=2 => {
                 let coordinator = match rng.random_range(1..=args.coordinators) {
                     1 => Process::Coordinator,
@@ -204,7 +231,12 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
             }
             kind => {
                 let name = format!("s{shard}");
-                let (from, to) = match rng.random_range(0..3) {
+                let link = match rng.random_range(0..3) {
+                    // Only the clients' link exists to fault in process.
+                    _ if args.participants.in_process() => 2,
+                    link => link,
+                };
+                let (from, to) = match link {
                     0 => ("coordinator".to_string(), name),
                     1 => (name, "coordinator".to_string()),
                     _ => ("client".to_string(), "coordinator".to_string()),
@@ -282,6 +314,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
                 "kills_by_target": kills_by_target,
                 "decision_store": args.decision_store.name(),
                 "coordinators": args.coordinators,
+                "participants": args.participants.name(),
                 "decision_commit_rows_left": report.decision_rows.commit,
                 "decision_abort_rows": report.decision_rows.abort,
                 "abort_causes": report.abort_causes,

@@ -19,6 +19,28 @@ pub mod scenario;
 
 use treaty_proto::{Protocol, pb};
 
+/// How Treaty reaches each shard's database, in every command that starts a cluster.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParticipantKind {
+    /// A participant agent process per shard, over gRPC.
+    Agent,
+    /// The coordinator drives each database itself (`--shard NAME=postgres://...`): no agent.
+    InProcess,
+}
+
+impl ParticipantKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ParticipantKind::Agent => "agent",
+            ParticipantKind::InProcess => "in-process",
+        }
+    }
+
+    pub fn in_process(self) -> bool {
+        self == ParticipantKind::InProcess
+    }
+}
+
 /// `TransactionOptions.protocol` for a protocol.
 pub(crate) fn wire_protocol(protocol: Protocol) -> pb::Protocol {
     match protocol {

@@ -116,3 +116,49 @@ fn a_short_chaos_run_ends_with_no_violations() -> Result<()> {
     assert!(json["committed"].as_u64().unwrap_or(0) > 0, "{stdout}");
     Ok(())
 }
+
+#[test]
+fn a_short_chaos_run_with_in_process_participants_ends_with_no_violations() -> Result<()> {
+    let (ok, json, stdout) = treaty(&[
+        "chaos",
+        "--participants",
+        "in-process",
+        "--duration",
+        "20",
+        "--seed",
+        "11",
+        "--json",
+    ])?;
+    assert!(ok, "{stdout}");
+    assert_eq!(json["participants"], "in-process", "{stdout}");
+    assert_eq!(json["violations"], 0, "{stdout}");
+    assert_eq!(json["prepared_left"], 0, "{stdout}");
+    // The participants live in the coordinator: every process kill is of the coordinator or of
+    // a PostgreSQL server, never of an agent.
+    let by_target = json["kills_by_target"].as_object().cloned().unwrap_or_default();
+    assert!(
+        by_target.keys().all(|target| target == "coordinator" || target.starts_with("pg:")),
+        "{stdout}"
+    );
+    assert!(by_target.get("coordinator").and_then(|n| n.as_u64()).unwrap_or(0) >= 2, "{stdout}");
+    assert!(json["committed"].as_u64().unwrap_or(0) > 0, "{stdout}");
+    Ok(())
+}
+
+#[test]
+fn chaos_refuses_in_process_participants_with_three_phase_commit_or_two_coordinators() -> Result<()> {
+    let binary = treaty_harness::binary_path("treaty")?;
+    for (extra, expected) in [
+        (["--protocol", "three-phase"], "three-phase commit needs participant agents"),
+        (["--coordinators", "2"], "use --coordinators 1"),
+    ] {
+        let output = Command::new(&binary)
+            .args(["chaos", "--participants", "in-process", "--duration", "1"])
+            .args(extra)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{extra:?} was accepted");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+    }
+    Ok(())
+}

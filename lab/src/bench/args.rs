@@ -57,23 +57,7 @@ pub enum BaselineArg {
     DirectPipelined,
 }
 
-/// How Treaty reaches each shard's database.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ParticipantKind {
-    /// A participant agent process per shard, over gRPC.
-    Agent,
-    /// The coordinator drives each database itself (`--shard NAME=postgres://...`): no agent.
-    InProcess,
-}
-
-impl ParticipantKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            ParticipantKind::Agent => "agent",
-            ParticipantKind::InProcess => "in-process",
-        }
-    }
-}
+pub use crate::ParticipantKind;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
