@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use treaty_harness::{ClusterSpec, LocalCluster, PgCluster, PgOptions};
+use treaty_lab::ParticipantKind;
 use treaty_lab::scenario::spec::DecisionStore;
 
 const STATE_FILE: &str = "cluster.json";
@@ -34,6 +35,10 @@ pub struct UpArgs {
     /// `treaty` commands then use them for this cluster by themselves.
     #[arg(long)]
     pub tls: bool,
+    /// How the coordinator reaches the databases: agent (a participant process per shard) or
+    /// in-process (the coordinator drives them itself; two-phase commit only).
+    #[arg(long, value_enum, default_value = "agent")]
+    pub participants: ParticipantKind,
 }
 
 #[derive(clap::Args, Debug)]
@@ -49,7 +54,8 @@ pub struct DownArgs {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ShardState {
     pub name: String,
-    pub participant: String,
+    /// The participant agent's endpoint; `None` for a shard the coordinator drives itself.
+    pub participant: Option<String>,
     pub participant_pid: Option<u32>,
     pub postgres_url: String,
     pub postgres_data_dir: PathBuf,
@@ -99,13 +105,17 @@ impl ClusterState {
                 .shard_names
                 .iter()
                 .enumerate()
-                .map(|(i, name)| ShardState {
-                    name: name.clone(),
-                    participant: cluster.participants[i].endpoint(),
-                    participant_pid: cluster.participants[i].pid(),
-                    postgres_url: cluster.pgs[i].url(database),
-                    postgres_data_dir: cluster.pgs[i].data_dir().to_path_buf(),
-                    metrics: metrics_url(&cluster.participants[i]),
+                .map(|(i, name)| {
+                    // In process, `participants` is empty: the coordinator drives every shard.
+                    let agent = cluster.participants.get(i);
+                    ShardState {
+                        name: name.clone(),
+                        participant: agent.map(treaty_harness::ServiceProcess::endpoint),
+                        participant_pid: agent.and_then(treaty_harness::ServiceProcess::pid),
+                        postgres_url: cluster.pgs[i].url(database),
+                        postgres_data_dir: cluster.pgs[i].data_dir().to_path_buf(),
+                        metrics: agent.and_then(metrics_url),
+                    }
                 })
                 .collect(),
             tls: cluster.tls.as_ref().map(|files| ClientTlsFiles {
@@ -148,9 +158,14 @@ pub async fn up(args: UpArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
     let base_dir = std::fs::canonicalize(&args.dir)?;
+    let participants = match args.participants {
+        ParticipantKind::Agent => format!("{} participants", args.shards),
+        ParticipantKind::InProcess => {
+            "no participant agents (the coordinator drives every database)".to_owned()
+        }
+    };
     eprintln!(
-        "starting {} PostgreSQL clusters, {} participants and a coordinator under {} ...",
-        args.shards,
+        "starting {} PostgreSQL clusters, {participants} and a coordinator under {} ...",
         args.shards,
         base_dir.display()
     );
@@ -181,7 +196,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         participant_args: metrics_args(),
         database: "treaty".into(),
         coordinator_port: args.port,
-        in_process: false,
+        in_process: args.participants.in_process(),
         tls,
     };
     let mut cluster = LocalCluster::start(spec)
@@ -208,7 +223,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         println!(
             "shard {:<6} participant {}  postgres {}",
             shard.name,
-            shard.participant,
+            shard.participant.as_deref().unwrap_or("in process"),
             // The dev cluster's roles have no password, but a URL is shown only redacted.
             treaty_proto::redact(&shard.postgres_url)
         );

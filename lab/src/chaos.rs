@@ -22,13 +22,13 @@ use rand::{Rng, SeedableRng};
 use treaty_harness::{Fault, LocalCluster};
 use treaty_proto::Protocol;
 
+use crate::ParticipantKind;
 use crate::scenario::checker::{self, DATABASE};
 use crate::scenario::schedule::{Action, MAX_COORDINATORS, Process};
 use crate::scenario::spec::{DecisionStore, Mode};
 use crate::scenario::timeline::Timeline;
 use crate::scenario::workload::{self, Progress, WorkloadConfig};
 use crate::scenario::{StepRunner, cluster_spec, start_other_coordinators};
-use crate::ParticipantKind;
 
 const INITIAL_BALANCE: i64 = 1_000;
 
@@ -114,7 +114,9 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
             bail!("--participants in-process runs one coordinator per database: use --coordinators 1");
         }
         if args.protocol == Protocol::ThreePhase {
-            bail!("--participants in-process: three-phase commit needs participant agents (--participants agent)");
+            bail!(
+                "--participants in-process: three-phase commit needs participant agents (--participants agent)"
+            );
         }
     }
     crate::fault_build::check_service_binaries()?;

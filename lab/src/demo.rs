@@ -56,6 +56,10 @@ pub struct DemoArgs {
     /// `treaty dev up --tls`.
     #[arg(long)]
     pub tls: bool,
+    /// How the coordinator reaches the databases: agent (a participant process per shard) or
+    /// in-process (the coordinator drives them itself; its kills take them down with it).
+    #[arg(long, value_enum, default_value = "agent")]
+    pub participants: crate::ParticipantKind,
 }
 
 /// What the clients saw, per transfer id.
@@ -340,8 +344,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         None => temp.path().to_path_buf(),
     };
     eprintln!(
-        "starting {} shards (PostgreSQL + participant each) and a coordinator (decision store: {}) in {}",
+        "starting {} shards (PostgreSQL + {}) and a coordinator (decision store: {}) in {}",
         args.shards,
+        match args.participants {
+            crate::ParticipantKind::Agent => "a participant agent each",
+            crate::ParticipantKind::InProcess => "driven by the coordinator in its process",
+        },
         args.decision_store.name(),
         base_dir.display()
     );
@@ -367,7 +375,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         ],
         database: DATABASE.into(),
         coordinator_port: 0,
-        in_process: false,
+        in_process: args.participants.in_process(),
         tls: if args.tls {
             Some(
                 treaty_proto::tls::dev_certs::write_dev_certs(&base_dir.join("tls"), "treaty-demo-client")
@@ -521,6 +529,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 "unknown": seen.unknown.len(),
                 "coordinator_kills": kills,
                 "decision_store": args.decision_store.name(),
+                "participants": args.participants.name(),
                 "tls": args.tls,
                 "balance_conserved": verdict.total_before == verdict.total_after,
                 "half_applied": verdict.half_applied.len(),

@@ -146,10 +146,7 @@ async fn run_single(
     };
     let rows = connection
         .client()
-        .query_raw(
-            statement,
-            params.iter().map(|param| param as &(dyn ToSql + Sync)),
-        )
+        .query_raw(statement, params.iter().map(|param| param as &(dyn ToSql + Sync)))
         .await?;
     futures::pin_mut!(rows);
     while let Some(row) = rows.try_next().await? {

@@ -2,7 +2,8 @@
 //! in the coordinator's process, no agent and no network hop. Transactions commit and abort
 //! atomically across such shards and mixed with agents; a crash of the coordinator after the
 //! decision is finished by its restart (the in-process participant recovers its prepared
-//! branches with it); three-phase commit over such a shard is refused, saying why.
+//! branches with it); three-phase commit over such a shard is refused, saying why. `treaty dev up`
+//! and `treaty demo` run this way with `--participants in-process`.
 
 use std::time::Duration;
 
@@ -187,5 +188,146 @@ async fn in_process_and_agent_shards_mix_in_one_transaction() -> Result<()> {
         Ok(t.prepared_everywhere().await? == 0)
     })
     .await?;
+    Ok(())
+}
+
+/// Runs `treaty <args>` to completion.
+async fn treaty(args: &[&str]) -> Result<std::process::Output> {
+    tokio::process::Command::new(treaty_harness::binary_path("treaty")?)
+        .args(args)
+        .env_remove("TREATY_COORDINATOR")
+        .output()
+        .await
+        .context("running treaty")
+}
+
+#[tokio::test]
+async fn dev_up_with_in_process_participants_starts_no_agent_and_commits() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev_dir = dir.path().join("dev");
+    let dev_dir = dev_dir.to_str().context("a UTF-8 temporary path")?;
+    let up = treaty(&[
+        "dev",
+        "up",
+        "--participants",
+        "in-process",
+        "--shards",
+        "2",
+        "--port",
+        "0",
+        "--console-port",
+        "0",
+        "--dev-dir",
+        dev_dir,
+    ])
+    .await?;
+    let stdout = String::from_utf8_lossy(&up.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&up.stderr).into_owned();
+    // Stopped whatever happens below, so no process outlives the test.
+    struct Down<'a>(&'a str);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            if let Ok(binary) = treaty_harness::binary_path("treaty") {
+                let _ = std::process::Command::new(binary)
+                    .args(["dev", "down", "--dev-dir", self.0])
+                    .output();
+            }
+        }
+    }
+    let _down = Down(dev_dir);
+    assert!(up.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("no participant agents"), "{stderr}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("dev/cluster.json"))?)?;
+    let shards = state["shards"].as_array().cloned().unwrap_or_default();
+    assert_eq!(shards.len(), 2, "{state}");
+    for shard in &shards {
+        assert!(shard["participant"].is_null(), "an agent endpoint in {state}");
+        assert!(shard["participant_pid"].is_null(), "an agent process in {state}");
+        assert!(
+            stdout.contains(&format!(
+                "shard {:<6} participant in process",
+                shard["name"].as_str().unwrap_or_default()
+            )),
+            "{stdout}"
+        );
+    }
+    assert!(
+        !dir.path().join("dev/logs/participant-s0.log").exists(),
+        "an agent was started"
+    );
+
+    // A cross-shard transaction commits through the coordinator alone.
+    let coordinator = state["coordinator"]
+        .as_str()
+        .context("the coordinator's endpoint")?;
+    for (i, shard) in shards.iter().enumerate() {
+        let url = shard["postgres_url"].as_str().context("a shard's URL")?;
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url).await?;
+        sqlx::raw_sql("CREATE TABLE kv (k bigint PRIMARY KEY, v text NOT NULL)")
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("creating kv on shard {i}"))?;
+    }
+    let ops = dir.path().join("ops.json");
+    std::fs::write(
+        &ops,
+        r#"{"ops":[{"shard":"s0","sql":"INSERT INTO kv VALUES (1, 'a')"},
+                   {"shard":"s1","sql":"INSERT INTO kv VALUES (1, 'b')"}]}"#,
+    )?;
+    let submit = treaty(&[
+        "submit",
+        ops.to_str().context("a UTF-8 temporary path")?,
+        "--json",
+        "--coordinator",
+        coordinator,
+    ])
+    .await?;
+    let answer = String::from_utf8_lossy(&submit.stdout);
+    assert!(
+        submit.status.success(),
+        "{answer}{}",
+        String::from_utf8_lossy(&submit.stderr)
+    );
+    assert!(answer.contains("\"committed\""), "{answer}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_demo_with_in_process_participants_reaches_an_ok_verdict() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let output = tokio::process::Command::new(treaty_harness::binary_path("treaty")?)
+        .args(["demo", "--participants", "in-process", "--duration", "4"])
+        .args([
+            "--shards",
+            "2",
+            "--clients",
+            "4",
+            "--coordinator-kills",
+            "1",
+            "--json",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let verdict: serde_json::Value = serde_json::from_str(last).with_context(|| {
+        format!(
+            "demo output: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    assert_eq!(verdict["verdict"], "ok", "{verdict}");
+    assert_eq!(verdict["participants"], "in-process", "{verdict}");
+    assert_eq!(verdict["coordinator_kills"], 1, "{verdict}");
+    assert_eq!(verdict["prepared_left"], 0, "{verdict}");
+    assert!(verdict["committed"].as_u64().unwrap_or(0) > 0, "{verdict}");
+    assert!(output.status.success());
+    assert!(
+        !dir.path().join("logs/participant-s0.log").exists(),
+        "an agent was started"
+    );
     Ok(())
 }

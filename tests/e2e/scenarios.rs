@@ -137,10 +137,15 @@ fn a_short_chaos_run_with_in_process_participants_ends_with_no_violations() -> R
     // a PostgreSQL server, never of an agent.
     let by_target = json["kills_by_target"].as_object().cloned().unwrap_or_default();
     assert!(
-        by_target.keys().all(|target| target == "coordinator" || target.starts_with("pg:")),
+        by_target
+            .keys()
+            .all(|target| target == "coordinator" || target.starts_with("pg:")),
         "{stdout}"
     );
-    assert!(by_target.get("coordinator").and_then(|n| n.as_u64()).unwrap_or(0) >= 2, "{stdout}");
+    assert!(
+        by_target.get("coordinator").and_then(|n| n.as_u64()).unwrap_or(0) >= 2,
+        "{stdout}"
+    );
     assert!(json["committed"].as_u64().unwrap_or(0) > 0, "{stdout}");
     Ok(())
 }
@@ -149,7 +154,10 @@ fn a_short_chaos_run_with_in_process_participants_ends_with_no_violations() -> R
 fn chaos_refuses_in_process_participants_with_three_phase_commit_or_two_coordinators() -> Result<()> {
     let binary = treaty_harness::binary_path("treaty")?;
     for (extra, expected) in [
-        (["--protocol", "three-phase"], "three-phase commit needs participant agents"),
+        (
+            ["--protocol", "three-phase"],
+            "three-phase commit needs participant agents",
+        ),
         (["--coordinators", "2"], "use --coordinators 1"),
     ] {
         let output = Command::new(&binary)
