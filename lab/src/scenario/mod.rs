@@ -9,10 +9,12 @@
 //! - `workload`: the clients; `checker`: the verdict; `timeline`: what happened, in order;
 //! - `coordinator_down`: the `await-convergence` step (do the participants finish while the
 //!   coordinator stays down?) and its expectations;
-//! - `standby`: a shard's synchronous standby (`topology.standby`) and `pg-failover` onto it.
+//! - `standby`: a shard's synchronous standby (`topology.standby`) and `pg-failover` onto it;
+//! - `in_process`: a scenario run with in-process participants (`--participants in-process`).
 
 pub mod checker;
 pub mod coordinator_down;
+mod in_process;
 pub mod runner;
 pub mod schedule;
 pub mod spec;
@@ -56,6 +58,19 @@ pub struct RunArgs {
     /// Keep each scenario's data directory (cluster data and process logs) and print where.
     #[arg(long)]
     pub keep: bool,
+    /// How the coordinator reaches the databases: agent (a participant process per shard) or
+    /// in-process (the coordinator drives them itself: what a step does to a participant it
+    /// does to the coordinator; scenarios that need agents are skipped, with the reason).
+    #[arg(long, value_enum, default_value = "agent")]
+    pub participants: crate::ParticipantKind,
+}
+
+/// A scenario not run, and why.
+#[derive(Debug, Serialize)]
+pub struct Skipped {
+    pub name: String,
+    pub file: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -92,18 +107,34 @@ pub async fn run(command: ScenarioCommand) -> Result<()> {
         .collect::<Result<_>>()?;
     crate::fault_build::check_service_binaries()?;
     let total = scenarios.len();
+    let in_process = args.participants.in_process();
     let mut results = Vec::new();
+    let mut skipped = Vec::new();
     for (index, (file, scenario)) in scenarios.into_iter().enumerate() {
+        if in_process && let Some(reason) = in_process::obstacle(&scenario) {
+            println!("SKIP {}: {reason}", scenario.name);
+            skipped.push(Skipped {
+                name: scenario.name,
+                file: file.display().to_string(),
+                reason,
+            });
+            continue;
+        }
         eprintln!(
-            "=== scenario {}/{total}: {} ({})",
+            "=== scenario {}/{total}: {} ({}){}",
             index + 1,
             scenario.name,
-            file.display()
+            file.display(),
+            if in_process {
+                ", participants in process"
+            } else {
+                ""
+            }
         );
         if !scenario.description.is_empty() {
             eprintln!("    {}", scenario.description.trim());
         }
-        let result = run_one(&scenario, &file, args.keep).await;
+        let result = run_one(&scenario, &file, args.keep, in_process).await;
         println!(
             "{} {} ({:.1} s){}",
             if result.passed { "PASS" } else { "FAIL" },
@@ -120,20 +151,36 @@ pub async fn run(command: ScenarioCommand) -> Result<()> {
     let passed = results.iter().filter(|r| r.passed).count();
     let failed = results.len() - passed;
     let violations: usize = results.iter().map(|r| r.violations).sum();
-    println!("{passed} passed, {failed} failed, {violations} violations");
+    println!(
+        "{passed} passed, {failed} failed, {violations} violations{}",
+        if skipped.is_empty() {
+            String::new()
+        } else {
+            format!(", {} skipped (they need participant agents)", skipped.len())
+        }
+    );
     if args.json {
         println!(
             "{}",
             serde_json::json!({
+                "participants": args.participants.name(),
                 "passed": passed,
                 "failed": failed,
+                "skipped": skipped.len(),
                 "violations": violations,
                 "scenarios": results,
+                "skipped_scenarios": skipped,
             })
         );
     }
     if failed > 0 {
-        bail!("{failed} of {total} scenarios failed");
+        bail!("{failed} of {} scenarios run failed", results.len());
+    }
+    if results.is_empty() {
+        bail!(
+            "every scenario was skipped: none can run with {} participants",
+            args.participants.name()
+        );
     }
     Ok(())
 }
@@ -240,7 +287,7 @@ pub fn cluster_spec(
     }
 }
 
-async fn run_one(scenario: &Scenario, file: &Path, keep: bool) -> ScenarioResult {
+async fn run_one(scenario: &Scenario, file: &Path, keep: bool, in_process: bool) -> ScenarioResult {
     let started = Instant::now();
     let mut result = ScenarioResult {
         name: scenario.name.clone(),
@@ -253,7 +300,7 @@ async fn run_one(scenario: &Scenario, file: &Path, keep: bool) -> ScenarioResult
         seconds: 0.0,
     };
     let timeline = Arc::new(Timeline::new(true));
-    match drive(scenario, keep, &timeline).await {
+    match drive(scenario, keep, in_process, &timeline).await {
         Ok(Driven {
             report,
             mut reasons,
@@ -361,14 +408,20 @@ fn decision_row_reasons(scenario: &Scenario, report: &Report) -> Vec<String> {
 
 /// Runs the cluster, workload and steps; returns the checker's report, any reasons the scenario
 /// itself did not go as written (a step that never triggered), and what `await-convergence` saw.
-async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Result<Driven> {
+async fn drive(
+    scenario: &Scenario,
+    keep: bool,
+    in_process: bool,
+    timeline: &Arc<Timeline>,
+) -> Result<Driven> {
     let dir = tempfile::Builder::new().prefix("treaty-scenario-").tempdir()?;
     let base = dir.path().to_path_buf();
     let t = &scenario.topology;
     let store = t.parsed_decision_store()?;
     let mut first_args = store.coordinator_args();
     first_args.extend(t.coordinator_args.iter().cloned());
-    let spec = cluster_spec(t.shards, base.clone(), &first_args, &t.participant_args);
+    let mut spec = cluster_spec(t.shards, base.clone(), &first_args, &t.participant_args);
+    spec.in_process = in_process;
     let mut cluster = if t.proxies {
         LocalCluster::start_proxied(spec).await
     } else {
@@ -388,7 +441,12 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
         t.shards,
         cluster.coordinator_endpoint(),
         others.concat(),
-        if t.proxies { ", every link proxied" } else { "" },
+        match (in_process, t.proxies) {
+            (true, true) => ", participants in process, the clients' link proxied",
+            (true, false) => ", participants in process",
+            (false, true) => ", every link proxied",
+            (false, false) => "",
+        },
         store.name()
     ));
 
@@ -422,7 +480,14 @@ async fn drive(scenario: &Scenario, keep: bool, timeline: &Arc<Timeline>) -> Res
         .steps
         .iter()
         .enumerate()
-        .map(|(i, s)| Ok((i + 1, s.trigger(t.shards)?, s.parsed_action(t.shards)?)))
+        .map(|(i, s)| {
+            let (trigger, action) = (s.trigger(t.shards)?, s.parsed_action(t.shards)?);
+            Ok(if in_process {
+                (i + 1, in_process::trigger(trigger), in_process::action(action))
+            } else {
+                (i + 1, trigger, action)
+            })
+        })
         .collect::<Result<_>>()?;
     let mut pending = steps.into_iter().peekable();
     while let Some((n, Trigger::Start, action)) =
