@@ -8,7 +8,8 @@
 //! - `independent`: per shard `BEGIN`; statements; `COMMIT`, in parallel: no atomicity, the floor.
 //!
 //! `direct-pipelined` (`direct_pipelined_*` in the report) runs `direct`'s SQL with tokio-postgres,
-//! each shard's requests pipelined: see `pipelined`.
+//! each shard's requests pipelined: see `pipelined`. Both end their prepared branches with
+//! [`finish_prepared`], over either kind of connection ([`PreparedConnection`]).
 
 use std::str::FromStr;
 
@@ -86,6 +87,104 @@ fn classify(error: &sqlx::Error) -> (String, bool) {
             true,
         ),
         _ => ("connection".into(), false),
+    }
+}
+
+/// A connection of `direct` or `direct-pipelined`, as [`finish_prepared`] uses it.
+pub(super) trait PreparedConnection: Sized {
+    /// A new connection to `url`; the reason when there is none.
+    async fn open(url: &str, lock_timeout_ms: u64) -> Result<Self, String>;
+    /// Whether the connection is known to be gone, so that a new one is opened in its place.
+    fn is_closed(&self) -> bool;
+    /// Runs `sql` on its own; on failure, the reason and whether the connection is still usable.
+    async fn run(&mut self, sql: &str) -> Result<(), (String, bool)>;
+}
+
+impl PreparedConnection for PgConnection {
+    async fn open(url: &str, lock_timeout_ms: u64) -> Result<Self, String> {
+        open(url, lock_timeout_ms).await
+    }
+
+    fn is_closed(&self) -> bool {
+        // sqlx tells only by failing: a broken connection is dropped when a statement fails.
+        false
+    }
+
+    async fn run(&mut self, sql: &str) -> Result<(), (String, bool)> {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(self)
+            .await
+            .map(|_| ())
+            .map_err(|error| classify(&error))
+    }
+}
+
+/// The second phase of `direct` and `direct-pipelined`, once every branch has ended its first:
+/// `COMMIT PREPARED '<gid>'` on each shard in `prepared`, in parallel, or `ROLLBACK PREPARED` when
+/// the first phase failed (`failure`). A shard is tried [`FINISH_ATTEMPTS`] times, on a new
+/// connection after one broke, since a prepared branch left behind holds its locks until someone
+/// ends it. The connections still usable go back into `connections`; `Err` is the first failure,
+/// the first phase's before any of this one's.
+pub(super) async fn finish_prepared<C: PreparedConnection>(
+    connections: &mut [Option<C>],
+    urls: &[String],
+    lock_timeout_ms: u64,
+    gid: &str,
+    prepared: Vec<usize>,
+    mut failure: Option<String>,
+) -> Result<(), String> {
+    let verb = if failure.is_none() {
+        "COMMIT PREPARED"
+    } else {
+        "ROLLBACK PREPARED"
+    };
+    let sql = format!("{verb} '{gid}'");
+    let finishing: Vec<_> = prepared
+        .into_iter()
+        .map(|shard| (shard, connections.get_mut(shard).and_then(Option::take)))
+        .collect();
+    let finished = join_all(finishing.into_iter().map(|(shard, connection)| {
+        let url = urls.get(shard).map(String::as_str).unwrap_or_default();
+        let sql = &sql;
+        async move {
+            let mut connection = connection;
+            let mut last = String::new();
+            for _ in 0..FINISH_ATTEMPTS {
+                let mut current = match connection.take() {
+                    Some(c) if !c.is_closed() => c,
+                    _ => match C::open(url, lock_timeout_ms).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            last = e;
+                            continue;
+                        }
+                    },
+                };
+                match current.run(sql).await {
+                    Ok(()) => return (shard, Some(current), Ok(())),
+                    Err((reason, usable)) => {
+                        last = reason;
+                        if usable {
+                            connection = Some(current);
+                        }
+                    }
+                }
+            }
+            (shard, connection, Err(format!("finish_failed/{last}")))
+        }
+    }))
+    .await;
+    for (shard, connection, result) in finished {
+        if connection.is_some() {
+            connections[shard] = connection;
+        }
+        if let Err(reason) = result {
+            failure.get_or_insert(reason);
+        }
+    }
+    match failure {
+        None => Ok(()),
+        Some(reason) => Err(reason),
     }
 }
 
@@ -213,63 +312,15 @@ impl DirectClient {
                 }
             }
         }
-        let verb = if failure.is_none() {
-            "COMMIT PREPARED"
-        } else {
-            "ROLLBACK PREPARED"
-        };
-        let mut finishing = Vec::with_capacity(prepared.len());
-        for shard in prepared {
-            finishing.push((shard, self.take(shard).await?));
-        }
-        let finished = join_all(finishing.into_iter().map(|(shard, conn)| {
-            let sql = format!("{verb} '{gid}'");
-            let url = self.urls.get(shard).cloned().unwrap_or_default();
-            let lock_timeout_ms = self.lock_timeout_ms;
-            async move {
-                let mut conn = Some(conn);
-                let mut last = String::new();
-                for _ in 0..FINISH_ATTEMPTS {
-                    let mut current = match conn.take() {
-                        Some(c) => c,
-                        None => match open(&url, lock_timeout_ms).await {
-                            Ok(c) => c,
-                            Err(e) => {
-                                last = e;
-                                continue;
-                            }
-                        },
-                    };
-                    match sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
-                        .execute(&mut current)
-                        .await
-                    {
-                        Ok(_) => return (shard, Some(current), Ok(())),
-                        Err(error) => {
-                            let (reason, usable) = classify(&error);
-                            last = reason;
-                            if usable {
-                                conn = Some(current);
-                            }
-                        }
-                    }
-                }
-                (shard, conn, Err(format!("finish_failed/{last}")))
-            }
-        }))
-        .await;
-        for (shard, conn, result) in finished {
-            if conn.is_some() {
-                self.conns[shard] = conn;
-            }
-            if let Err(reason) = result {
-                failure.get_or_insert(reason);
-            }
-        }
-        match failure {
-            None => Ok(()),
-            Some(reason) => Err(reason),
-        }
+        finish_prepared(
+            &mut self.conns,
+            &self.urls,
+            self.lock_timeout_ms,
+            &gid,
+            prepared,
+            failure,
+        )
+        .await
     }
 
     /// Closes every connection politely.

@@ -27,10 +27,9 @@ use futures::future::join_all;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Config, NoTls, Statement};
 
+use super::baselines::{PreparedConnection, finish_prepared};
 use super::workload::{STATEMENTS, ShardWork, TxnPlan};
 
-/// Attempts of `COMMIT PREPARED` / `ROLLBACK PREPARED` before giving up on one branch (as `direct`).
-const FINISH_ATTEMPTS: u32 = 5;
 /// `BEGIN` of every branch: `READ WRITE` against the session's read-only default (see the module).
 const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE";
 /// Startup option of every session: outside a `BEGIN ... READ WRITE`, nothing can write.
@@ -99,6 +98,25 @@ fn classify(error: &tokio_postgres::Error) -> (String, bool) {
     match error.code() {
         Some(state) if !error.is_closed() => (format!("statement_failed/{}", state.code()), true),
         _ => ("connection".into(), false),
+    }
+}
+
+impl PreparedConnection for Session {
+    async fn open(url: &str, lock_timeout_ms: u64) -> Result<Self, String> {
+        open(url, lock_timeout_ms)
+            .await
+            .map_err(|_| "connect".to_string())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    async fn run(&mut self, sql: &str) -> Result<(), (String, bool)> {
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(|error| classify(&error))
     }
 }
 
@@ -396,61 +414,15 @@ impl PipelinedClient {
                 }
             }
         }
-        let verb = if failure.is_none() {
-            "COMMIT PREPARED"
-        } else {
-            "ROLLBACK PREPARED"
-        };
-        let sql = format!("{verb} '{gid}'");
-        let finishing: Vec<_> = prepared
-            .into_iter()
-            .map(|shard| (shard, self.sessions.get_mut(shard).and_then(Option::take)))
-            .collect();
-        let finished = join_all(finishing.into_iter().map(|(shard, session)| {
-            let url = self.urls.get(shard).cloned().unwrap_or_default();
-            let lock_timeout_ms = self.lock_timeout_ms;
-            let sql = &sql;
-            async move {
-                let mut session = session;
-                let mut last = String::new();
-                for _ in 0..FINISH_ATTEMPTS {
-                    let current = match session.take() {
-                        Some(s) if !s.client.is_closed() => s,
-                        _ => match open(&url, lock_timeout_ms).await {
-                            Ok(s) => s,
-                            Err(_) => {
-                                last = "connect".into();
-                                continue;
-                            }
-                        },
-                    };
-                    match current.client.batch_execute(sql).await {
-                        Ok(()) => return (shard, Some(current), Ok(())),
-                        Err(error) => {
-                            let (reason, usable) = classify(&error);
-                            last = reason;
-                            if usable {
-                                session = Some(current);
-                            }
-                        }
-                    }
-                }
-                (shard, session, Err(format!("finish_failed/{last}")))
-            }
-        }))
-        .await;
-        for (shard, session, result) in finished {
-            if session.is_some() {
-                self.sessions[shard] = session;
-            }
-            if let Err(reason) = result {
-                failure.get_or_insert(reason);
-            }
-        }
-        match failure {
-            None => Ok(()),
-            Some(reason) => Err(reason),
-        }
+        finish_prepared(
+            &mut self.sessions,
+            &self.urls,
+            self.lock_timeout_ms,
+            &gid,
+            prepared,
+            failure,
+        )
+        .await
     }
 
     /// Closes every session: dropping the client makes its connection send Terminate and end.
