@@ -8,13 +8,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use treaty_harness::{ClusterSpec, LocalCluster, PgOptions};
 use treaty_proto::pb;
 use treaty_proto::pb::admin_client::AdminClient;
 use treaty_proto::pb::coordinator_client::CoordinatorClient;
 use treaty_proto::pb::participant_client::ParticipantClient;
-use treaty_proto::tls::dev_certs::{ClientCertFiles, DevCertFiles, write_dev_certs_with_clients};
+use treaty_proto::tls::dev_certs::{ClientCertFiles, DevCertFiles};
 
 use crate::fixture::*;
 
@@ -34,24 +34,12 @@ struct Secured {
 
 async fn secured_cluster() -> Result<Secured> {
     let dir = tempfile::Builder::new().prefix("treaty-e2e-").tempdir()?;
-    let certs = dir.path().join("certs");
-    let (files, more) = write_dev_certs_with_clients(&certs, "e2e-client", &["ops-olivia", "stranger"])?;
-    let [ops, stranger] =
-        <[ClientCertFiles; 2]>::try_from(more).map_err(|_| anyhow::anyhow!("two more certificates"))?;
+    let (files, [ops, stranger]) = tls_certs(&dir.path().join("certs"), ["ops-olivia", "stranger"])?;
     let token = treaty_proto::auth::new_token().map_err(|_| anyhow::anyhow!("random source"))?;
-    let coordinator_access = dir.path().join("coordinator-access.toml");
-    std::fs::write(
-        &coordinator_access,
-        format!(
+    let access = AccessFiles::write(
+        dir.path(),
+        &format!(
             r#"
-[[caller]]
-certificate = "treaty-server"
-roles = ["participant"]
-
-[[caller]]
-certificate = "e2e-client"
-roles = ["client"]
-
 [[caller]]
 certificate = "ops-olivia"
 roles = ["operator"]
@@ -63,15 +51,7 @@ roles = ["client"]
 "#,
             treaty_proto::auth::token_sha256_hex(&token)
         ),
-    )?;
-    let participant_access = dir.path().join("participant-access.toml");
-    std::fs::write(
-        &participant_access,
         r#"
-[[caller]]
-certificate = "treaty-server"
-roles = ["coordinator", "peer"]
-
 [[caller]]
 certificate = "e2e-client"
 roles = ["admin"]
@@ -89,7 +69,7 @@ roles = ["admin"]
         // the file store makes that decision the operator's heuristic record.
         coordinator_args: vec![
             "--access-file".into(),
-            path(&coordinator_access),
+            path(&access.coordinator),
             "--vote-timeout-ms".into(),
             "600000".into(),
             "--lock-timeout-ms".into(),
@@ -99,7 +79,7 @@ roles = ["admin"]
         ],
         participant_args: vec![
             "--access-file".into(),
-            path(&participant_access),
+            path(&access.participant),
             "--in-doubt-after-ms".into(),
             "500".into(),
             "--reconcile-interval-ms".into(),
@@ -130,15 +110,7 @@ roles = ["admin"]
 impl Secured {
     /// A channel to `url` presenting `identity` (certificate and key), or no certificate.
     async fn channel(&self, url: &str, identity: Option<(&Path, &Path)>) -> Result<Channel> {
-        let mut tls =
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(&self.files.ca)?));
-        if let Some((cert, key)) = identity {
-            tls = tls.identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?));
-        }
-        Ok(Endpoint::from_shared(url.to_owned())?
-            .tls_config(tls)?
-            .connect()
-            .await?)
+        tls_channel(&self.files, url, identity).await
     }
 
     async fn coordinator_as(&self, who: &ClientCertFiles) -> Result<CoordinatorClient<Channel>> {
