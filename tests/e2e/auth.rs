@@ -371,3 +371,34 @@ async fn a_participant_refuses_prepare_commit_and_abort_from_an_identity_that_is
     assert!(committed(&response.outcome), "{response:?}");
     Ok(())
 }
+
+/// Each service's TLS start-up line says what its handshake asks of a client: the coordinator's
+/// access file takes a bearer token too, so a certificate is optional there; the participants'
+/// names callers by certificate only, so one is required.
+#[tokio::test]
+async fn the_tls_start_up_line_says_whether_a_client_certificate_is_required_or_optional() -> Result<()> {
+    let s = secured_cluster().await?;
+    let logs = s.t.dir.path().join("logs");
+    let participant_log = format!("participant-{}.log", s.t.shard(0));
+    for (log, asked) in [
+        ("coordinator.log", "optional"),
+        (participant_log.as_str(), "required"),
+    ] {
+        let path = logs.join(log);
+        // The participant logs the line once it is serving, which may be after the cluster started.
+        eventually(
+            &format!("{log} to say client certificates are {asked}"),
+            WITHIN,
+            || {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                async move {
+                    Ok(text
+                        .lines()
+                        .any(|line| line.contains("serving TLS only") && line.contains(asked)))
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
