@@ -27,7 +27,7 @@ use futures::future::join_all;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Config, NoTls, Statement};
 
-use super::baselines::{PreparedConnection, finish_prepared};
+use super::baselines::{BaselineConnection, Connections};
 use super::workload::{STATEMENTS, ShardWork, TxnPlan};
 
 /// `BEGIN` of every branch: `READ WRITE` against the session's read-only default (see the module).
@@ -101,7 +101,7 @@ fn classify(error: &tokio_postgres::Error) -> (String, bool) {
     }
 }
 
-impl PreparedConnection for Session {
+impl BaselineConnection for Session {
     async fn open(url: &str, lock_timeout_ms: u64) -> Result<Self, String> {
         open(url, lock_timeout_ms)
             .await
@@ -327,20 +327,15 @@ async fn run_branch(session: &mut Session, work: &ShardWork, finish: &Finish) ->
 
 /// One client's sessions (opened up front, reopened after a connection error).
 pub struct PipelinedClient {
-    urls: Vec<String>,
-    lock_timeout_ms: u64,
-    sessions: Vec<Option<Session>>,
+    sessions: Connections<Session>,
     gid_prefix: String,
     sequence: u64,
 }
 
 impl PipelinedClient {
     pub fn new(urls: Vec<String>, lock_timeout_ms: u64, client: usize) -> PipelinedClient {
-        let sessions = urls.iter().map(|_| None).collect();
         PipelinedClient {
-            urls,
-            lock_timeout_ms,
-            sessions,
+            sessions: Connections::new(urls, lock_timeout_ms),
             gid_prefix: format!("bench-pipelined:{}:{client}", std::process::id()),
             sequence: 0,
         }
@@ -348,24 +343,7 @@ impl PipelinedClient {
 
     /// Opens every shard's session up front, so that connecting is not measured.
     pub async fn connect_all(&mut self) -> Result<(), OpenError> {
-        for (slot, url) in self.sessions.iter_mut().zip(&self.urls) {
-            if slot.is_none() {
-                *slot = Some(open(url, self.lock_timeout_ms).await?);
-            }
-        }
-        Ok(())
-    }
-
-    async fn take(&mut self, shard: usize) -> Result<Session, String> {
-        match self.sessions.get_mut(shard).and_then(Option::take) {
-            Some(session) if !session.client.is_closed() => Ok(session),
-            _ => {
-                let url = self.urls.get(shard).ok_or("no such shard")?;
-                open(url, self.lock_timeout_ms)
-                    .await
-                    .map_err(|_| "connect".to_string())
-            }
-        }
+        self.sessions.fill(open).await
     }
 
     /// Runs one transaction; `Err(reason)` when it did not commit.
@@ -375,7 +353,7 @@ impl PipelinedClient {
         let gid = format!("{}:{}", self.gid_prefix, self.sequence);
         let mut taken = Vec::with_capacity(plan.work.len());
         for work in &plan.work {
-            taken.push((work, self.take(work.shard).await?));
+            taken.push((work, self.sessions.take(work.shard).await?));
         }
         let branches = join_all(taken.into_iter().map(|(work, mut session)| {
             let finish = if two_phase && work.writes() {
@@ -396,9 +374,9 @@ impl PipelinedClient {
             match branch {
                 Branch::Prepared => {
                     prepared.push(shard);
-                    self.sessions[shard] = Some(session);
+                    self.sessions.put(shard, session);
                 }
-                Branch::Committed => self.sessions[shard] = Some(session),
+                Branch::Committed => self.sessions.put(shard, session),
                 Branch::Failed {
                     reason,
                     usable,
@@ -408,26 +386,18 @@ impl PipelinedClient {
                         prepared.push(shard);
                     }
                     if usable {
-                        self.sessions[shard] = Some(session);
+                        self.sessions.put(shard, session);
                     }
                     failure.get_or_insert(reason);
                 }
             }
         }
-        finish_prepared(
-            &mut self.sessions,
-            &self.urls,
-            self.lock_timeout_ms,
-            &gid,
-            prepared,
-            failure,
-        )
-        .await
+        self.sessions.finish_prepared(&gid, prepared, failure).await
     }
 
     /// Closes every session: dropping the client makes its connection send Terminate and end.
     pub async fn close(self) {
-        for session in self.sessions.into_iter().flatten() {
+        for session in self.sessions.into_kept() {
             let Session {
                 client, connection, ..
             } = session;
