@@ -297,7 +297,7 @@ pub async fn run(
             .map_err(CoordinatorError::Tls)?;
             tracing::info!(
                 cert = %files.cert.display(),
-                client_certificates = if files.client_ca.is_some() { "required" } else { "not asked for" },
+                client_certificates = tls.files().client_certificates(),
                 "serving TLS only"
             );
             Some(tls)

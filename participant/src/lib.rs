@@ -135,11 +135,7 @@ pub async fn run(
     let served = match server_tls {
         Some(tls) => {
             tracing::info!(
-                client_certificates = if config.tls.server.as_ref().is_some_and(|f| f.client_ca.is_some()) {
-                    "required"
-                } else {
-                    "not asked for"
-                },
+                client_certificates = tls.files().client_certificates(),
                 "serving TLS only"
             );
             router

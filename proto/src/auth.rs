@@ -337,22 +337,27 @@ impl AuthState {
                 tonic::Status::unauthenticated("the bearer token is not one this service's access file knows")
             });
         }
-        let certificate = request
+        // The connection's chain is shared (an `Arc`): the leaf's DER is borrowed, and copied only
+        // into the cache, once per certificate.
+        let chain = request
             .extensions()
             .get::<TlsInfo>()
-            .and_then(|info| info.peer_certs())
-            .and_then(|certs| certs.first().map(|cert| cert.as_ref().to_vec()));
-        let Some(der) = certificate else {
+            .and_then(|info| info.peer_certs());
+        let Some(der) = chain
+            .as_deref()
+            .and_then(|certs| certs.first())
+            .map(|cert| cert.as_ref())
+        else {
             return Err(tonic::Status::unauthenticated(
                 "this service authenticates every call: connect with a client certificate (mutual TLS) or send \
                  `authorization: Bearer <token>`",
             ));
         };
-        let known = self.by_der.lock().ok().and_then(|cache| cache.get(&der).cloned());
+        let known = self.by_der.lock().ok().and_then(|cache| cache.get(der).cloned());
         let caller = match known {
             Some(caller) => caller,
             None => {
-                let found = common_name(&der)
+                let found = common_name(der)
                     .as_deref()
                     .and_then(|name| self.policy.by_certificate(name))
                     .cloned();
@@ -360,13 +365,13 @@ impl AuthState {
                     if cache.len() >= CERTIFICATE_CACHE {
                         cache.clear();
                     }
-                    cache.insert(der.clone(), found.clone());
+                    cache.insert(der.to_vec(), found.clone());
                 }
                 found
             }
         };
         caller.ok_or_else(|| {
-            let name = common_name(&der).unwrap_or_else(|| "(no common name)".into());
+            let name = common_name(der).unwrap_or_else(|| "(no common name)".into());
             tonic::Status::permission_denied(format!(
                 "certificate {name:?} is not a caller in this service's access file"
             ))

@@ -1,8 +1,9 @@
 //! TLS on Treaty's gRPC links (rustls with the ring provider), shared by the coordinator and the
 //! participant: the settings (`--tls-*` for the service's own listener, `--link-tls-*` for the
 //! links it dials), the server side (certificate and key from PEM files; client certificates
-//! required when a client CA is given; reloaded on SIGHUP or when a file changes, without a
-//! restart), and the client side for the links.
+//! asked for when a client CA is given, and required unless the access file lets callers send a
+//! bearer token instead; reloaded on SIGHUP or when a file changes, without a restart), and the
+//! client side for the links.
 //!
 //! A listener with TLS configured speaks nothing else: a plaintext client's first bytes fail the
 //! handshake, and the server logs that it was refused and why.
@@ -111,6 +112,19 @@ pub struct ServerTlsFiles {
     /// authenticate with a bearer token instead: the access check then requires one or the
     /// other). False: a client certificate is required.
     pub client_certificate_optional: bool,
+}
+
+impl ServerTlsFiles {
+    /// What the listener asks of a client at the handshake, as the service's start-up line says
+    /// it: `required`, `optional` (callers may authenticate with a bearer token instead), or
+    /// `not asked for` (no client CA).
+    pub fn client_certificates(&self) -> &'static str {
+        match (&self.client_ca, self.client_certificate_optional) {
+            (None, _) => "not asked for",
+            (Some(_), false) => "required",
+            (Some(_), true) => "optional",
+        }
+    }
 }
 
 /// The files behind the links a process dials.

@@ -8,13 +8,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use treaty_harness::{ClusterSpec, LocalCluster, PgOptions};
 use treaty_proto::pb;
 use treaty_proto::pb::admin_client::AdminClient;
 use treaty_proto::pb::coordinator_client::CoordinatorClient;
 use treaty_proto::pb::participant_client::ParticipantClient;
-use treaty_proto::tls::dev_certs::{ClientCertFiles, DevCertFiles, write_dev_certs_with_clients};
+use treaty_proto::tls::dev_certs::{ClientCertFiles, DevCertFiles};
 
 use crate::fixture::*;
 
@@ -34,24 +34,12 @@ struct Secured {
 
 async fn secured_cluster() -> Result<Secured> {
     let dir = tempfile::Builder::new().prefix("treaty-e2e-").tempdir()?;
-    let certs = dir.path().join("certs");
-    let (files, more) = write_dev_certs_with_clients(&certs, "e2e-client", &["ops-olivia", "stranger"])?;
-    let [ops, stranger] =
-        <[ClientCertFiles; 2]>::try_from(more).map_err(|_| anyhow::anyhow!("two more certificates"))?;
+    let (files, [ops, stranger]) = tls_certs(&dir.path().join("certs"), ["ops-olivia", "stranger"])?;
     let token = treaty_proto::auth::new_token().map_err(|_| anyhow::anyhow!("random source"))?;
-    let coordinator_access = dir.path().join("coordinator-access.toml");
-    std::fs::write(
-        &coordinator_access,
-        format!(
+    let access = AccessFiles::write(
+        dir.path(),
+        &format!(
             r#"
-[[caller]]
-certificate = "treaty-server"
-roles = ["participant"]
-
-[[caller]]
-certificate = "e2e-client"
-roles = ["client"]
-
 [[caller]]
 certificate = "ops-olivia"
 roles = ["operator"]
@@ -63,15 +51,7 @@ roles = ["client"]
 "#,
             treaty_proto::auth::token_sha256_hex(&token)
         ),
-    )?;
-    let participant_access = dir.path().join("participant-access.toml");
-    std::fs::write(
-        &participant_access,
         r#"
-[[caller]]
-certificate = "treaty-server"
-roles = ["coordinator", "peer"]
-
 [[caller]]
 certificate = "e2e-client"
 roles = ["admin"]
@@ -89,7 +69,7 @@ roles = ["admin"]
         // the file store makes that decision the operator's heuristic record.
         coordinator_args: vec![
             "--access-file".into(),
-            path(&coordinator_access),
+            path(&access.coordinator),
             "--vote-timeout-ms".into(),
             "600000".into(),
             "--lock-timeout-ms".into(),
@@ -99,7 +79,7 @@ roles = ["admin"]
         ],
         participant_args: vec![
             "--access-file".into(),
-            path(&participant_access),
+            path(&access.participant),
             "--in-doubt-after-ms".into(),
             "500".into(),
             "--reconcile-interval-ms".into(),
@@ -130,15 +110,7 @@ roles = ["admin"]
 impl Secured {
     /// A channel to `url` presenting `identity` (certificate and key), or no certificate.
     async fn channel(&self, url: &str, identity: Option<(&Path, &Path)>) -> Result<Channel> {
-        let mut tls =
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(&self.files.ca)?));
-        if let Some((cert, key)) = identity {
-            tls = tls.identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?));
-        }
-        Ok(Endpoint::from_shared(url.to_owned())?
-            .tls_config(tls)?
-            .connect()
-            .await?)
+        tls_channel(&self.files, url, identity).await
     }
 
     async fn coordinator_as(&self, who: &ClientCertFiles) -> Result<CoordinatorClient<Channel>> {
@@ -397,5 +369,36 @@ async fn a_participant_refuses_prepare_commit_and_abort_from_an_identity_that_is
         .await?
         .into_inner();
     assert!(committed(&response.outcome), "{response:?}");
+    Ok(())
+}
+
+/// Each service's TLS start-up line says what its handshake asks of a client: the coordinator's
+/// access file takes a bearer token too, so a certificate is optional there; the participants'
+/// names callers by certificate only, so one is required.
+#[tokio::test]
+async fn the_tls_start_up_line_says_whether_a_client_certificate_is_required_or_optional() -> Result<()> {
+    let s = secured_cluster().await?;
+    let logs = s.t.dir.path().join("logs");
+    let participant_log = format!("participant-{}.log", s.t.shard(0));
+    for (log, asked) in [
+        ("coordinator.log", "optional"),
+        (participant_log.as_str(), "required"),
+    ] {
+        let path = logs.join(log);
+        // The participant logs the line once it is serving, which may be after the cluster started.
+        eventually(
+            &format!("{log} to say client certificates are {asked}"),
+            WITHIN,
+            || {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                async move {
+                    Ok(text
+                        .lines()
+                        .any(|line| line.contains("serving TLS only") && line.contains(asked)))
+                }
+            },
+        )
+        .await?;
+    }
     Ok(())
 }

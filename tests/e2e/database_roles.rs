@@ -11,10 +11,10 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use treaty_proto::pb;
 use treaty_proto::pb::coordinator_client::CoordinatorClient;
-use treaty_proto::tls::dev_certs::{ClientCertFiles, DevCertFiles, write_dev_certs_with_clients};
+use treaty_proto::tls::dev_certs::{ClientCertFiles, DevCertFiles};
 
 use crate::fixture::*;
 
@@ -32,21 +32,10 @@ struct Mapped {
 
 async fn mapped_cluster(in_process: bool) -> Result<Mapped> {
     let certs = tempfile::Builder::new().prefix("treaty-e2e-roles-").tempdir()?;
-    let (files, more) = write_dev_certs_with_clients(certs.path(), "e2e-client", &["alice", "bob"])?;
-    let [alice, bob] =
-        <[ClientCertFiles; 2]>::try_from(more).map_err(|_| anyhow::anyhow!("two more certificates"))?;
-    let coordinator_access = certs.path().join("coordinator-access.toml");
-    std::fs::write(
-        &coordinator_access,
+    let (files, [alice, bob]) = tls_certs(certs.path(), ["alice", "bob"])?;
+    let access = AccessFiles::write(
+        certs.path(),
         r#"
-[[caller]]
-certificate = "treaty-server"
-roles = ["participant"]
-
-[[caller]]
-certificate = "e2e-client"
-roles = ["client"]
-
 [[caller]]
 certificate = "alice"
 roles = ["client"]
@@ -57,22 +46,14 @@ certificate = "bob"
 roles = ["client"]
 database_role = "app_bob"
 "#,
-    )?;
-    let participant_access = certs.path().join("participant-access.toml");
-    std::fs::write(
-        &participant_access,
-        r#"
-[[caller]]
-certificate = "treaty-server"
-roles = ["coordinator", "peer"]
-"#,
+        "",
     )?;
     let path = |p: &Path| p.display().to_string();
     let t = TestCluster::start(Options {
-        coordinator_args: vec!["--access-file".into(), path(&coordinator_access)],
+        coordinator_args: vec!["--access-file".into(), path(&access.coordinator)],
         participant_args: vec![
             "--access-file".into(),
-            path(&participant_access),
+            path(&access.participant),
             "--max-connections".into(),
             "1".into(),
         ],
@@ -103,17 +84,10 @@ roles = ["coordinator", "peer"]
 impl Mapped {
     /// A coordinator client presenting `who`'s certificate.
     async fn client_as(&self, who: &ClientCertFiles) -> Result<CoordinatorClient<Channel>> {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(std::fs::read(&self.files.ca)?))
-            .identity(Identity::from_pem(
-                std::fs::read(&who.cert)?,
-                std::fs::read(&who.key)?,
-            ));
-        let channel = Endpoint::from_shared(self.t.cluster.coordinator_endpoint())?
-            .tls_config(tls)?
-            .connect()
-            .await?;
-        Ok(CoordinatorClient::new(channel))
+        let url = self.t.cluster.coordinator_endpoint();
+        Ok(CoordinatorClient::new(
+            tls_channel(&self.files, &url, Some((&who.cert, &who.key))).await?,
+        ))
     }
 }
 

@@ -1,16 +1,19 @@
 //! A three-shard cluster per test, with helpers to read the shards directly and to wait for
-//! conditions (polling with a deadline, never a bare sleep).
+//! conditions (polling with a deadline, never a bare sleep), and the certificates, access files
+//! and TLS channels of the tests whose services authenticate their callers.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use sqlx::Row;
 use tempfile::TempDir;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use treaty_harness::{ClusterSpec, LocalCluster, PgOptions};
 use treaty_proto::pb;
 use treaty_proto::pb::coordinator_client::CoordinatorClient;
+use treaty_proto::tls::dev_certs::{ClientCertFiles, DevCertFiles, write_dev_certs_with_clients};
 
 pub const DATABASE: &str = "treaty";
 
@@ -128,6 +131,80 @@ impl TestCluster {
     pub fn coordinator_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("logs").join("coordinator.log")).unwrap_or_default()
     }
+}
+
+/// Certificates for a TLS cluster (`Options::tls`), written under `dir`: the CA, the services' own
+/// `treaty-server`, the harness's client `e2e-client`, and one more client certificate for each of
+/// `names`, in that order.
+pub fn tls_certs<const N: usize>(
+    dir: &Path,
+    names: [&str; N],
+) -> Result<(DevCertFiles, [ClientCertFiles; N])> {
+    let (files, more) = write_dev_certs_with_clients(dir, "e2e-client", &names)?;
+    let more =
+        <[ClientCertFiles; N]>::try_from(more).map_err(|_| anyhow::anyhow!("{N} more certificates"))?;
+    Ok((files, more))
+}
+
+/// The access files of a TLS cluster made with [`tls_certs`]. The services know each other by their
+/// own certificate, `treaty-server`, so every file names it: the coordinator's as `participant`,
+/// the participants' as `coordinator` and `peer`. The coordinator's also lets
+/// `e2e-client` in as `client`: it is the certificate [`TestCluster::client`] presents.
+pub struct AccessFiles {
+    pub coordinator: PathBuf,
+    pub participant: PathBuf,
+}
+
+impl AccessFiles {
+    /// Writes both files into `dir`, each with its further `[[caller]]` tables (TOML).
+    pub fn write(dir: &Path, coordinator_callers: &str, participant_callers: &str) -> Result<AccessFiles> {
+        let files = AccessFiles {
+            coordinator: dir.join("coordinator-access.toml"),
+            participant: dir.join("participant-access.toml"),
+        };
+        std::fs::write(
+            &files.coordinator,
+            format!(
+                r#"
+[[caller]]
+certificate = "treaty-server"
+roles = ["participant"]
+
+[[caller]]
+certificate = "e2e-client"
+roles = ["client"]
+{coordinator_callers}"#
+            ),
+        )?;
+        std::fs::write(
+            &files.participant,
+            format!(
+                r#"
+[[caller]]
+certificate = "treaty-server"
+roles = ["coordinator", "peer"]
+{participant_callers}"#
+            ),
+        )?;
+        Ok(files)
+    }
+}
+
+/// A channel to `url` trusting the CA of `files`, presenting `identity` (certificate and key) or no
+/// certificate at all.
+pub async fn tls_channel(
+    files: &DevCertFiles,
+    url: &str,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Channel> {
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(&files.ca)?));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?));
+    }
+    Ok(Endpoint::from_shared(url.to_owned())?
+        .tls_config(tls)?
+        .connect()
+        .await?)
 }
 
 /// Polls `condition` every 50 ms until it holds or `within` passes.

@@ -8,7 +8,8 @@
 //! - `independent`: per shard `BEGIN`; statements; `COMMIT`, in parallel: no atomicity, the floor.
 //!
 //! `direct-pipelined` (`direct_pipelined_*` in the report) runs `direct`'s SQL with tokio-postgres,
-//! each shard's requests pipelined: see `pipelined`.
+//! each shard's requests pipelined: see `pipelined`. Both keep their connections in
+//! [`Connections`], which also ends their prepared branches ([`Connections::finish_prepared`]).
 
 use std::str::FromStr;
 
@@ -56,9 +57,7 @@ enum Ended {
 /// One client's connections (opened lazily, reopened after a connection error).
 pub struct DirectClient {
     mode: Baseline,
-    urls: Vec<String>,
-    lock_timeout_ms: u64,
-    conns: Vec<Option<PgConnection>>,
+    conns: Connections<PgConnection>,
     gid_prefix: String,
     sequence: u64,
 }
@@ -86,6 +85,154 @@ fn classify(error: &sqlx::Error) -> (String, bool) {
             true,
         ),
         _ => ("connection".into(), false),
+    }
+}
+
+/// A connection of `direct` or `direct-pipelined`, as [`Connections`] keeps and reopens it.
+pub(super) trait BaselineConnection: Sized {
+    /// A new connection to `url`; the reason when there is none.
+    async fn open(url: &str, lock_timeout_ms: u64) -> Result<Self, String>;
+    /// Whether the connection is known to be gone, so that a new one is opened in its place.
+    fn is_closed(&self) -> bool;
+    /// Runs `sql` on its own; on failure, the reason and whether the connection is still usable.
+    async fn run(&mut self, sql: &str) -> Result<(), (String, bool)>;
+}
+
+impl BaselineConnection for PgConnection {
+    async fn open(url: &str, lock_timeout_ms: u64) -> Result<Self, String> {
+        open(url, lock_timeout_ms).await
+    }
+
+    fn is_closed(&self) -> bool {
+        // sqlx tells only by failing: a broken connection is dropped when a statement fails.
+        false
+    }
+
+    async fn run(&mut self, sql: &str) -> Result<(), (String, bool)> {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(self)
+            .await
+            .map(|_| ())
+            .map_err(|error| classify(&error))
+    }
+}
+
+/// One client's connections of either kind, a slot per shard: a branch takes its shard's and
+/// puts it back while it is still usable, and an empty slot is filled by opening a new one.
+pub(super) struct Connections<C> {
+    urls: Vec<String>,
+    lock_timeout_ms: u64,
+    slots: Vec<Option<C>>,
+}
+
+impl<C: BaselineConnection> Connections<C> {
+    pub(super) fn new(urls: Vec<String>, lock_timeout_ms: u64) -> Self {
+        let slots = urls.iter().map(|_| None).collect();
+        Connections {
+            urls,
+            lock_timeout_ms,
+            slots,
+        }
+    }
+
+    /// Fills every empty slot with `open` (up front, so that connecting is not measured). `open`
+    /// is the client's own, not [`BaselineConnection::open`], so that its error keeps its type:
+    /// the pipelined one says what failed.
+    pub(super) async fn fill<E>(&mut self, open: impl AsyncFn(&str, u64) -> Result<C, E>) -> Result<(), E> {
+        for (slot, url) in self.slots.iter_mut().zip(&self.urls) {
+            if slot.is_none() {
+                *slot = Some(open(url, self.lock_timeout_ms).await?);
+            }
+        }
+        Ok(())
+    }
+
+    /// `shard`'s connection, a new one when its slot is empty or its connection gone.
+    pub(super) async fn take(&mut self, shard: usize) -> Result<C, String> {
+        match self.slots.get_mut(shard).and_then(Option::take) {
+            Some(connection) if !connection.is_closed() => Ok(connection),
+            _ => {
+                let url = self.urls.get(shard).ok_or("no such shard")?;
+                C::open(url, self.lock_timeout_ms).await
+            }
+        }
+    }
+
+    /// Puts `shard`'s connection back for its next branch.
+    pub(super) fn put(&mut self, shard: usize, connection: C) {
+        self.slots[shard] = Some(connection);
+    }
+
+    /// The connections still kept, to close them.
+    pub(super) fn into_kept(self) -> impl Iterator<Item = C> {
+        self.slots.into_iter().flatten()
+    }
+
+    /// The second phase, once every branch has ended its first: `COMMIT PREPARED '<gid>'` on each
+    /// shard in `prepared`, in parallel, or `ROLLBACK PREPARED` when the first phase failed
+    /// (`failure`). A shard is tried [`FINISH_ATTEMPTS`] times, on a new connection after one
+    /// broke, since a prepared branch left behind holds its locks until someone ends it. `Err` is
+    /// the first failure, the first phase's before any of this one's.
+    pub(super) async fn finish_prepared(
+        &mut self,
+        gid: &str,
+        prepared: Vec<usize>,
+        mut failure: Option<String>,
+    ) -> Result<(), String> {
+        let verb = if failure.is_none() {
+            "COMMIT PREPARED"
+        } else {
+            "ROLLBACK PREPARED"
+        };
+        let sql = format!("{verb} '{gid}'");
+        let finishing: Vec<_> = prepared
+            .into_iter()
+            .map(|shard| (shard, self.slots.get_mut(shard).and_then(Option::take)))
+            .collect();
+        let finished = join_all(finishing.into_iter().map(|(shard, connection)| {
+            let url = self.urls.get(shard).map(String::as_str).unwrap_or_default();
+            let lock_timeout_ms = self.lock_timeout_ms;
+            let sql = &sql;
+            async move {
+                let mut connection = connection;
+                let mut last = String::new();
+                for _ in 0..FINISH_ATTEMPTS {
+                    let mut current = match connection.take() {
+                        Some(c) if !c.is_closed() => c,
+                        _ => match C::open(url, lock_timeout_ms).await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                last = e;
+                                continue;
+                            }
+                        },
+                    };
+                    match current.run(sql).await {
+                        Ok(()) => return (shard, Some(current), Ok(())),
+                        Err((reason, usable)) => {
+                            last = reason;
+                            if usable {
+                                connection = Some(current);
+                            }
+                        }
+                    }
+                }
+                (shard, connection, Err(format!("finish_failed/{last}")))
+            }
+        }))
+        .await;
+        for (shard, connection, result) in finished {
+            if let Some(connection) = connection {
+                self.put(shard, connection);
+            }
+            if let Err(reason) = result {
+                failure.get_or_insert(reason);
+            }
+        }
+        match failure {
+            None => Ok(()),
+            Some(reason) => Err(reason),
+        }
     }
 }
 
@@ -143,12 +290,9 @@ async fn run_branch(
 
 impl DirectClient {
     pub fn new(mode: Baseline, urls: Vec<String>, lock_timeout_ms: u64, client: usize) -> DirectClient {
-        let conns = urls.iter().map(|_| None).collect();
         DirectClient {
             mode,
-            urls,
-            lock_timeout_ms,
-            conns,
+            conns: Connections::new(urls, lock_timeout_ms),
             gid_prefix: format!("bench:{}:{client}", std::process::id()),
             sequence: 0,
         }
@@ -156,22 +300,7 @@ impl DirectClient {
 
     /// Opens every shard's connection up front, so that connecting is not measured.
     pub async fn connect_all(&mut self) -> Result<(), String> {
-        for (slot, url) in self.conns.iter_mut().zip(&self.urls) {
-            if slot.is_none() {
-                *slot = Some(open(url, self.lock_timeout_ms).await?);
-            }
-        }
-        Ok(())
-    }
-
-    async fn take(&mut self, shard: usize) -> Result<PgConnection, String> {
-        match self.conns.get_mut(shard).and_then(Option::take) {
-            Some(conn) => Ok(conn),
-            None => {
-                let url = self.urls.get(shard).ok_or("no such shard")?;
-                open(url, self.lock_timeout_ms).await
-            }
-        }
+        self.conns.fill(open).await
     }
 
     /// Runs one transaction; `Err(reason)` when it did not commit.
@@ -181,7 +310,7 @@ impl DirectClient {
         let gid = format!("{}:{}", self.gid_prefix, self.sequence);
         let mut taken = Vec::with_capacity(plan.work.len());
         for work in &plan.work {
-            taken.push((work, self.take(work.shard).await?));
+            taken.push((work, self.conns.take(work.shard).await?));
         }
         let branches = join_all(taken.into_iter().map(|(work, mut conn)| {
             let finish = if two_phase && work.writes() {
@@ -202,79 +331,23 @@ impl DirectClient {
             match result {
                 Ok(Ended::Prepared) => {
                     prepared.push(shard);
-                    self.conns[shard] = Some(conn);
+                    self.conns.put(shard, conn);
                 }
-                Ok(Ended::Committed) => self.conns[shard] = Some(conn),
+                Ok(Ended::Committed) => self.conns.put(shard, conn),
                 Err((reason, usable)) => {
                     if usable {
-                        self.conns[shard] = Some(conn);
+                        self.conns.put(shard, conn);
                     }
                     failure.get_or_insert(reason);
                 }
             }
         }
-        let verb = if failure.is_none() {
-            "COMMIT PREPARED"
-        } else {
-            "ROLLBACK PREPARED"
-        };
-        let mut finishing = Vec::with_capacity(prepared.len());
-        for shard in prepared {
-            finishing.push((shard, self.take(shard).await?));
-        }
-        let finished = join_all(finishing.into_iter().map(|(shard, conn)| {
-            let sql = format!("{verb} '{gid}'");
-            let url = self.urls.get(shard).cloned().unwrap_or_default();
-            let lock_timeout_ms = self.lock_timeout_ms;
-            async move {
-                let mut conn = Some(conn);
-                let mut last = String::new();
-                for _ in 0..FINISH_ATTEMPTS {
-                    let mut current = match conn.take() {
-                        Some(c) => c,
-                        None => match open(&url, lock_timeout_ms).await {
-                            Ok(c) => c,
-                            Err(e) => {
-                                last = e;
-                                continue;
-                            }
-                        },
-                    };
-                    match sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
-                        .execute(&mut current)
-                        .await
-                    {
-                        Ok(_) => return (shard, Some(current), Ok(())),
-                        Err(error) => {
-                            let (reason, usable) = classify(&error);
-                            last = reason;
-                            if usable {
-                                conn = Some(current);
-                            }
-                        }
-                    }
-                }
-                (shard, conn, Err(format!("finish_failed/{last}")))
-            }
-        }))
-        .await;
-        for (shard, conn, result) in finished {
-            if conn.is_some() {
-                self.conns[shard] = conn;
-            }
-            if let Err(reason) = result {
-                failure.get_or_insert(reason);
-            }
-        }
-        match failure {
-            None => Ok(()),
-            Some(reason) => Err(reason),
-        }
+        self.conns.finish_prepared(&gid, prepared, failure).await
     }
 
     /// Closes every connection politely.
     pub async fn close(self) {
-        for conn in self.conns.into_iter().flatten() {
+        for conn in self.conns.into_kept() {
             let _ = conn.close().await;
         }
     }

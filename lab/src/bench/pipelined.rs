@@ -27,10 +27,9 @@ use futures::future::join_all;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Config, NoTls, Statement};
 
+use super::baselines::{BaselineConnection, Connections};
 use super::workload::{STATEMENTS, ShardWork, TxnPlan};
 
-/// Attempts of `COMMIT PREPARED` / `ROLLBACK PREPARED` before giving up on one branch (as `direct`).
-const FINISH_ATTEMPTS: u32 = 5;
 /// `BEGIN` of every branch: `READ WRITE` against the session's read-only default (see the module).
 const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE";
 /// Startup option of every session: outside a `BEGIN ... READ WRITE`, nothing can write.
@@ -99,6 +98,25 @@ fn classify(error: &tokio_postgres::Error) -> (String, bool) {
     match error.code() {
         Some(state) if !error.is_closed() => (format!("statement_failed/{}", state.code()), true),
         _ => ("connection".into(), false),
+    }
+}
+
+impl BaselineConnection for Session {
+    async fn open(url: &str, lock_timeout_ms: u64) -> Result<Self, String> {
+        open(url, lock_timeout_ms)
+            .await
+            .map_err(|_| "connect".to_string())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    async fn run(&mut self, sql: &str) -> Result<(), (String, bool)> {
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(|error| classify(&error))
     }
 }
 
@@ -309,20 +327,15 @@ async fn run_branch(session: &mut Session, work: &ShardWork, finish: &Finish) ->
 
 /// One client's sessions (opened up front, reopened after a connection error).
 pub struct PipelinedClient {
-    urls: Vec<String>,
-    lock_timeout_ms: u64,
-    sessions: Vec<Option<Session>>,
+    sessions: Connections<Session>,
     gid_prefix: String,
     sequence: u64,
 }
 
 impl PipelinedClient {
     pub fn new(urls: Vec<String>, lock_timeout_ms: u64, client: usize) -> PipelinedClient {
-        let sessions = urls.iter().map(|_| None).collect();
         PipelinedClient {
-            urls,
-            lock_timeout_ms,
-            sessions,
+            sessions: Connections::new(urls, lock_timeout_ms),
             gid_prefix: format!("bench-pipelined:{}:{client}", std::process::id()),
             sequence: 0,
         }
@@ -330,24 +343,7 @@ impl PipelinedClient {
 
     /// Opens every shard's session up front, so that connecting is not measured.
     pub async fn connect_all(&mut self) -> Result<(), OpenError> {
-        for (slot, url) in self.sessions.iter_mut().zip(&self.urls) {
-            if slot.is_none() {
-                *slot = Some(open(url, self.lock_timeout_ms).await?);
-            }
-        }
-        Ok(())
-    }
-
-    async fn take(&mut self, shard: usize) -> Result<Session, String> {
-        match self.sessions.get_mut(shard).and_then(Option::take) {
-            Some(session) if !session.client.is_closed() => Ok(session),
-            _ => {
-                let url = self.urls.get(shard).ok_or("no such shard")?;
-                open(url, self.lock_timeout_ms)
-                    .await
-                    .map_err(|_| "connect".to_string())
-            }
-        }
+        self.sessions.fill(open).await
     }
 
     /// Runs one transaction; `Err(reason)` when it did not commit.
@@ -357,7 +353,7 @@ impl PipelinedClient {
         let gid = format!("{}:{}", self.gid_prefix, self.sequence);
         let mut taken = Vec::with_capacity(plan.work.len());
         for work in &plan.work {
-            taken.push((work, self.take(work.shard).await?));
+            taken.push((work, self.sessions.take(work.shard).await?));
         }
         let branches = join_all(taken.into_iter().map(|(work, mut session)| {
             let finish = if two_phase && work.writes() {
@@ -378,9 +374,9 @@ impl PipelinedClient {
             match branch {
                 Branch::Prepared => {
                     prepared.push(shard);
-                    self.sessions[shard] = Some(session);
+                    self.sessions.put(shard, session);
                 }
-                Branch::Committed => self.sessions[shard] = Some(session),
+                Branch::Committed => self.sessions.put(shard, session),
                 Branch::Failed {
                     reason,
                     usable,
@@ -390,72 +386,18 @@ impl PipelinedClient {
                         prepared.push(shard);
                     }
                     if usable {
-                        self.sessions[shard] = Some(session);
+                        self.sessions.put(shard, session);
                     }
                     failure.get_or_insert(reason);
                 }
             }
         }
-        let verb = if failure.is_none() {
-            "COMMIT PREPARED"
-        } else {
-            "ROLLBACK PREPARED"
-        };
-        let sql = format!("{verb} '{gid}'");
-        let finishing: Vec<_> = prepared
-            .into_iter()
-            .map(|shard| (shard, self.sessions.get_mut(shard).and_then(Option::take)))
-            .collect();
-        let finished = join_all(finishing.into_iter().map(|(shard, session)| {
-            let url = self.urls.get(shard).cloned().unwrap_or_default();
-            let lock_timeout_ms = self.lock_timeout_ms;
-            let sql = &sql;
-            async move {
-                let mut session = session;
-                let mut last = String::new();
-                for _ in 0..FINISH_ATTEMPTS {
-                    let current = match session.take() {
-                        Some(s) if !s.client.is_closed() => s,
-                        _ => match open(&url, lock_timeout_ms).await {
-                            Ok(s) => s,
-                            Err(_) => {
-                                last = "connect".into();
-                                continue;
-                            }
-                        },
-                    };
-                    match current.client.batch_execute(sql).await {
-                        Ok(()) => return (shard, Some(current), Ok(())),
-                        Err(error) => {
-                            let (reason, usable) = classify(&error);
-                            last = reason;
-                            if usable {
-                                session = Some(current);
-                            }
-                        }
-                    }
-                }
-                (shard, session, Err(format!("finish_failed/{last}")))
-            }
-        }))
-        .await;
-        for (shard, session, result) in finished {
-            if session.is_some() {
-                self.sessions[shard] = session;
-            }
-            if let Err(reason) = result {
-                failure.get_or_insert(reason);
-            }
-        }
-        match failure {
-            None => Ok(()),
-            Some(reason) => Err(reason),
-        }
+        self.sessions.finish_prepared(&gid, prepared, failure).await
     }
 
     /// Closes every session: dropping the client makes its connection send Terminate and end.
     pub async fn close(self) {
-        for session in self.sessions.into_iter().flatten() {
+        for session in self.sessions.into_kept() {
             let Session {
                 client, connection, ..
             } = session;

@@ -249,3 +249,17 @@ fn a_missing_or_empty_file_is_named() {
     let error = server_config(&missing).expect_err("missing").to_string();
     assert!(error.contains("missing.pem"), "{error}");
 }
+
+#[test]
+fn the_start_up_line_says_whether_client_certificates_are_required_optional_or_not_asked_for() {
+    let files = |client_ca: Option<&str>, client_certificate_optional| ServerTlsFiles {
+        cert: "server.pem".into(),
+        key: "server-key.pem".into(),
+        client_ca: client_ca.map(PathBuf::from),
+        client_certificate_optional,
+    };
+    assert_eq!(files(Some("ca.pem"), false).client_certificates(), "required");
+    assert_eq!(files(Some("ca.pem"), true).client_certificates(), "optional");
+    assert_eq!(files(None, false).client_certificates(), "not asked for");
+    assert_eq!(files(None, true).client_certificates(), "not asked for");
+}
