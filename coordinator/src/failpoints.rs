@@ -84,6 +84,12 @@ static POINTS: &[Point] = &[
 /// The coordinator's failpoints, served by its `Admin` service.
 pub static CATALOG: Catalog = Catalog::new(POINTS);
 
+/// What the `Admin` service serves without shards in process.
+pub static ADMIN: [&Catalog; 1] = [&CATALOG];
+
+/// What it serves with shards in process: their participants' points fire in this process too.
+pub static ADMIN_WITH_IN_PROCESS: [&Catalog; 2] = [&CATALOG, &treaty_participant::failpoints::CATALOG];
+
 /// Whether this binary was built with failpoints (its `--version` then says `(failpoints)`).
 pub const BUILT_IN: bool = cfg!(feature = "failpoints");
 

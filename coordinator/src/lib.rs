@@ -342,9 +342,14 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     // Only a build with failpoints serves `Admin`; without, a call to it answers UNIMPLEMENTED.
+    // With shards driven in process, their participants' points fire here too, and are armed here.
     #[cfg(feature = "failpoints")]
     let router = router.add_service(treaty_failpoints::admin::AdminService::server(
-        &failpoints::CATALOG,
+        if in_process.is_empty() {
+            &failpoints::ADMIN
+        } else {
+            &failpoints::ADMIN_WITH_IN_PROCESS
+        },
     ));
     let served = match server_tls {
         Some(tls) => {

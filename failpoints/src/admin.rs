@@ -1,25 +1,46 @@
 //! The `Admin` gRPC service (`treaty.v1.Admin`): arms, lists and clears a binary's failpoints.
 //! Both the coordinator and the participant serve it beside their main service, with their own
-//! [`Catalog`], and only when built with failpoints: this module does not exist without the
-//! feature, so a release binary has no `Admin` service and a call to it answers `UNIMPLEMENTED`.
+//! [`Catalog`] (a coordinator that drives shards in process also serves its participants' points,
+//! which fire in its process), and only when built with failpoints: this module does not exist
+//! without the feature, so a release binary has no `Admin` service and a call to it answers
+//! `UNIMPLEMENTED`.
 
 use tonic::{Request, Response, Status};
 use treaty_proto::{ApiError, pb};
 
-use crate::{self as failpoints, Catalog};
+use crate::{self as failpoints, Catalog, FailpointError};
 
 pub struct AdminService {
-    catalog: &'static Catalog,
+    catalogs: &'static [&'static Catalog],
 }
 
 impl AdminService {
-    pub fn new(catalog: &'static Catalog) -> AdminService {
-        AdminService { catalog }
+    /// Serves the points of every catalog in `catalogs` (names are unique across them: each
+    /// starts with its crate's prefix).
+    pub fn new(catalogs: &'static [&'static Catalog]) -> AdminService {
+        AdminService { catalogs }
     }
 
     /// The service, ready for `Server::add_service`.
-    pub fn server(catalog: &'static Catalog) -> pb::admin_server::AdminServer<AdminService> {
-        pb::admin_server::AdminServer::new(AdminService::new(catalog))
+    pub fn server(catalogs: &'static [&'static Catalog]) -> pb::admin_server::AdminServer<AdminService> {
+        pb::admin_server::AdminServer::new(AdminService::new(catalogs))
+    }
+
+    /// The catalog that has `name`, or the error naming every point this service knows.
+    fn catalog_of(&self, name: &str) -> Result<&'static Catalog, FailpointError> {
+        self.catalogs
+            .iter()
+            .copied()
+            .find(|catalog| catalog.names().any(|known| known == name))
+            .ok_or_else(|| FailpointError::Unknown {
+                name: name.to_owned(),
+                known: self
+                    .catalogs
+                    .iter()
+                    .flat_map(|catalog| catalog.names())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 }
 
@@ -30,7 +51,9 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::SetFailpointRequest>,
     ) -> Result<Response<pb::SetFailpointResponse>, Status> {
         let request = request.into_inner();
-        failpoints::set(self.catalog, request.name.trim(), &request.actions)
+        let name = request.name.trim();
+        self.catalog_of(name)
+            .and_then(|catalog| failpoints::set(catalog, name, &request.actions))
             .map_err(|e| Status::from(ApiError::from(e)))?;
         Ok(Response::new(pb::SetFailpointResponse {}))
     }
@@ -39,7 +62,9 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _request: Request<pb::ClearFailpointsRequest>,
     ) -> Result<Response<pb::ClearFailpointsResponse>, Status> {
-        failpoints::clear(self.catalog);
+        for catalog in self.catalogs {
+            failpoints::clear(catalog);
+        }
         tracing::info!(target: "treaty::failpoint", "every failpoint disarmed");
         Ok(Response::new(pb::ClearFailpointsResponse {}))
     }
@@ -48,8 +73,10 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _request: Request<pb::ListFailpointsRequest>,
     ) -> Result<Response<pb::ListFailpointsResponse>, Status> {
-        let failpoints = failpoints::list(self.catalog)
-            .into_iter()
+        let failpoints = self
+            .catalogs
+            .iter()
+            .flat_map(|catalog| failpoints::list(catalog))
             .map(|(name, actions)| pb::Failpoint {
                 name: name.to_owned(),
                 actions,
@@ -57,7 +84,7 @@ impl pb::admin_server::Admin for AdminService {
             .collect();
         Ok(Response::new(pb::ListFailpointsResponse {
             failpoints,
-            enabled: self.catalog.enabled(),
+            enabled: self.catalogs.iter().any(|catalog| catalog.enabled()),
         }))
     }
 }

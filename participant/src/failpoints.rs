@@ -89,6 +89,9 @@ static POINTS: &[Point] = &[
 /// The participant's failpoints, served by its `Admin` service.
 pub static CATALOG: Catalog = Catalog::new(POINTS);
 
+/// What the agent's `Admin` service serves.
+pub static ADMIN: [&Catalog; 1] = [&CATALOG];
+
 /// Whether this binary was built with failpoints (its `--version` then says `(failpoints)`).
 pub const BUILT_IN: bool = cfg!(feature = "failpoints");
 

@@ -129,9 +129,7 @@ pub async fn run(
         .add_service(reflection_v1alpha);
     // Only a build with failpoints serves `Admin`; without, a call to it answers UNIMPLEMENTED.
     #[cfg(feature = "failpoints")]
-    let router = router.add_service(treaty_failpoints::admin::AdminService::server(
-        &failpoints::CATALOG,
-    ));
+    let router = router.add_service(treaty_failpoints::admin::AdminService::server(&failpoints::ADMIN));
     let served = match server_tls {
         Some(tls) => {
             tracing::info!(

@@ -47,6 +47,54 @@ fn run_dir(dir: &str) -> Result<()> {
     Ok(())
 }
 
+/// The directory's scenarios with in-process participants: every one runs (none needs agents)
+/// and passes.
+fn run_dir_in_process(dir: &str) -> Result<()> {
+    let path = repo().join("scenarios").join(dir);
+    let (ok, json, stdout) = treaty(&[
+        "scenario",
+        "run",
+        path.to_str().unwrap_or_default(),
+        "--participants",
+        "in-process",
+        "--json",
+    ])?;
+    assert!(ok, "scenarios in {dir} failed in process:\n{stdout}");
+    assert_eq!(json["participants"], "in-process", "{stdout}");
+    assert_eq!(json["failed"], 0, "{stdout}");
+    assert_eq!(json["violations"], 0, "{stdout}");
+    assert!(json["passed"].as_u64().unwrap_or(0) > 0, "{stdout}");
+    Ok(())
+}
+
+#[test]
+fn scenarios_participant_failpoints_with_in_process_participants() -> Result<()> {
+    run_dir_in_process("participant")
+}
+
+#[test]
+fn scenarios_that_need_participant_agents_are_skipped_in_process_with_the_reason() -> Result<()> {
+    let path = repo().join("scenarios").join("3pc");
+    let (ok, json, stdout) = treaty(&[
+        "scenario",
+        "run",
+        path.to_str().unwrap_or_default(),
+        "--participants",
+        "in-process",
+        "--json",
+    ])?;
+    // Nothing ran, which is not a pass.
+    assert!(!ok, "{stdout}");
+    assert_eq!(json["passed"], 0, "{stdout}");
+    assert!(json["skipped"].as_u64().unwrap_or(0) >= 5, "{stdout}");
+    let reasons = json["skipped_scenarios"].to_string();
+    assert!(
+        reasons.contains("three-phase commit needs participant agents"),
+        "{reasons}"
+    );
+    Ok(())
+}
+
 #[test]
 fn scenarios_coordinator_failpoints() -> Result<()> {
     run_dir("coordinator")

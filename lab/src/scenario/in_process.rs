@@ -5,6 +5,12 @@
 //! armed in the coordinator's process (where it fires for whichever shard reaches that step
 //! first) and seen in the coordinator's log.
 //!
+//! A participant's crash is then the coordinator's, so what a scenario expects clients to have
+//! been told because the coordinator outlived it (`min_aborted`, `heard_abort_causes`) no longer
+//! applies: those clients lose their coordinator and hear nothing. [`adapt`] drops those
+//! expectations for such scenarios; the checker's verdict (atomicity, nothing left prepared,
+//! convergence) and `min_committed` stand.
+//!
 //! Some scenarios test what only separate participant processes can do, and are skipped with the
 //! reason: several coordinator instances over the same databases (one process drives each
 //! database), three-phase commit (its participants finish without the coordinator), a standby
@@ -63,6 +69,33 @@ pub fn obstacle(scenario: &Scenario) -> Option<String> {
 
 fn is_client_link(from: &str, to: &str) -> bool {
     matches!((from, to), ("client", "coordinator") | ("coordinator", "client"))
+}
+
+/// `scenario` as it runs in process: when a step crashes a participant (kills it, or arms one of
+/// its failpoints, which may crash it), the expectations about what the surviving coordinator told
+/// its clients are dropped, and a note says so.
+pub fn adapt(mut scenario: Scenario) -> (Scenario, Option<String>) {
+    let shards = scenario.topology.shards;
+    let participant_crashes = scenario.steps.iter().any(|step| {
+        matches!(
+            step.parsed_action(shards),
+            Ok(Action::Kill9(Process::Participant(_))
+                | Action::Arm {
+                    process: Process::Participant(_),
+                    ..
+                })
+        )
+    });
+    let expect = &mut scenario.expect;
+    if !participant_crashes || (expect.min_aborted == 0 && expect.heard_abort_causes.is_empty()) {
+        return (scenario, None);
+    }
+    expect.min_aborted = 0;
+    expect.heard_abort_causes.clear();
+    (
+        scenario,
+        Some("a participant's crash is the coordinator's in process: what its clients were told is not checked".into()),
+    )
 }
 
 /// The process that holds `process` in process: a participant is the coordinator.
@@ -134,6 +167,38 @@ mod tests {
             trigger(Trigger::Exit(Process::Postgres(0))),
             Trigger::Exit(Process::Postgres(0))
         );
+    }
+
+    #[test]
+    fn a_participant_crash_drops_what_clients_of_a_surviving_coordinator_would_hear() {
+        let crash = scenario(
+            r#"name = "x"
+               [expect]
+               min_aborted = 1
+               min_committed = 2
+               [[steps]]
+               at = "start"
+               do = "arm"
+               target = "s1"
+               failpoint = "participant::before-prepare-reply"
+               actions = "1*return(crash)""#,
+        );
+        let (adapted, note) = adapt(crash);
+        assert_eq!(adapted.expect.min_aborted, 0);
+        assert_eq!(adapted.expect.min_committed, 2);
+        assert!(note.is_some());
+        let coordinator = scenario(
+            r#"name = "x"
+               [expect]
+               min_aborted = 1
+               [[steps]]
+               at = "start"
+               do = "kill9"
+               target = "coordinator""#,
+        );
+        let (adapted, note) = adapt(coordinator);
+        assert_eq!(adapted.expect.min_aborted, 1);
+        assert_eq!(note, None);
     }
 
     #[test]

@@ -120,6 +120,11 @@ pub async fn run(command: ScenarioCommand) -> Result<()> {
             });
             continue;
         }
+        let (scenario, note) = if in_process {
+            in_process::adapt(scenario)
+        } else {
+            (scenario, None)
+        };
         eprintln!(
             "=== scenario {}/{total}: {} ({}){}",
             index + 1,
@@ -133,6 +138,9 @@ pub async fn run(command: ScenarioCommand) -> Result<()> {
         );
         if !scenario.description.is_empty() {
             eprintln!("    {}", scenario.description.trim());
+        }
+        if let Some(note) = note {
+            eprintln!("    in process: {note}");
         }
         let result = run_one(&scenario, &file, args.keep, in_process).await;
         println!(
