@@ -83,11 +83,23 @@ fn scenarios_that_need_participant_agents_are_skipped_in_process_with_the_reason
         "in-process",
         "--json",
     ])?;
-    // Nothing ran, which is not a pass.
+    // Nothing ran, which is not a pass: the last line is the error, the verdict is before it.
     assert!(!ok, "{stdout}");
-    assert_eq!(json["passed"], 0, "{stdout}");
-    assert!(json["skipped"].as_u64().unwrap_or(0) >= 5, "{stdout}");
-    let reasons = json["skipped_scenarios"].to_string();
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("every scenario was skipped")),
+        "{stdout}"
+    );
+    let verdict: serde_json::Value = stdout
+        .lines()
+        .find(|line| line.contains("\"skipped_scenarios\""))
+        .map(serde_json::from_str)
+        .transpose()?
+        .with_context(|| format!("no verdict line:\n{stdout}"))?;
+    assert_eq!(verdict["passed"], 0, "{stdout}");
+    assert!(verdict["skipped"].as_u64().unwrap_or(0) >= 5, "{stdout}");
+    let reasons = verdict["skipped_scenarios"].to_string();
     assert!(
         reasons.contains("three-phase commit needs participant agents"),
         "{reasons}"
