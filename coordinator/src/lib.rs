@@ -31,7 +31,6 @@ pub mod h2_channel;
 pub mod health;
 mod in_doubt;
 pub mod limits;
-pub mod link_channel;
 mod log_faults;
 pub mod metrics;
 pub mod participants;

@@ -1,14 +1,17 @@
-//! The gRPC links to the participant agents: one lazily connected HTTP/2 channel per shard, as the
-//! core's [`ParticipantTransport`]. This is the wire edge: requests are built from domain types and
-//! answers turned back into them here (and nowhere else in the coordinator's driver); what an answer
-//! means for the transaction is the core's (`treaty_commit_protocol::answers`). Commits bound for
-//! one shard are coalesced into `CommitBatch` calls (`commit_batch`).
+//! The links to the participants, as the core's [`ParticipantTransport`]: per shard, a lazily
+//! connected HTTP/2 channel to its agent, or the participant's handlers running in this process
+//! (`--shard NAME=postgres://...`), called as methods with the same request and answer messages
+//! (`Link`, `rpc!`), so both kinds share every line below and a transaction may mix them. This is
+//! the wire edge: requests are built from domain types and answers turned back into them here (and
+//! nowhere else in the coordinator's driver); what an answer means for the transaction is the
+//! core's (`treaty_commit_protocol::answers`). Commits bound for one agent are coalesced into
+//! `CommitBatch` calls (`commit_batch`); an in-process participant gets each at once.
 
 mod commit_batch;
 #[cfg(test)]
 mod three_phase_tests;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -16,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::health_server::Health as _;
 use treaty_commit_protocol::participant::Report;
 use treaty_commit_protocol::termination::Ballot;
 use treaty_commit_protocol::transport::{
@@ -24,12 +28,12 @@ use treaty_commit_protocol::transport::{
     StoredDecision, StoredOutcome, VoteAnswer, VoteRequest,
 };
 use treaty_proto::pb::participant_client::ParticipantClient;
+use treaty_proto::pb::participant_server::Participant as _;
 use treaty_proto::wire::{ballot_from_pb, ballot_to_pb, report_from_pb};
 pub use treaty_proto::wire::{result_from_pb, result_to_pb};
 use treaty_proto::{ApiError, CoordinatorId, Gid, Protocol, ShardName, pb};
 
 use crate::h2_channel::H2Channel;
-use crate::link_channel::LinkChannel;
 use crate::metrics::{self, Rpc};
 use commit_batch::PendingCommit;
 
@@ -49,19 +53,45 @@ pub enum LinkSetupError {
     },
 }
 
+/// How one shard's participant is reached.
+// One per shard, built once: the agent's clients stay inline rather than behind another pointer.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+enum Link {
+    /// An agent over the network, with its `grpc.health.v1` client on the same connection.
+    Agent {
+        participant: ParticipantClient<H2Channel>,
+        health: HealthClient<H2Channel>,
+    },
+    /// The participant's handlers inside this process.
+    InProcess(treaty_participant::InProcess),
+}
+
+/// Makes the `Participant` call `$method` with `$request` on `$link` (a `&Link`), either kind,
+/// as a future of `Result<tonic::Response<_>, tonic::Status>`: the agent's generated client, or
+/// the in-process handler of the same name.
+macro_rules! rpc {
+    ($link:expr, $method:ident, $request:expr) => {{
+        let link: &Link = $link;
+        let request = $request;
+        async move {
+            match link {
+                Link::Agent { participant, .. } => participant.clone().$method(request).await,
+                Link::InProcess(local) => local.participant().$method(tonic::Request::new(request)).await,
+            }
+        }
+    }};
+}
+
 #[derive(Clone)]
 pub struct ParticipantLinks {
-    clients: BTreeMap<ShardName, ParticipantClient<LinkChannel>>,
-    /// Each shard's `grpc.health.v1` client, on the same connection as its calls (`health`).
-    health: BTreeMap<ShardName, HealthClient<LinkChannel>>,
+    links: BTreeMap<ShardName, Link>,
     /// Where each shard's participant serves, as configured: 3PC tells every participant where
     /// its peers are (`pb::Peer`).
     urls: Arc<BTreeMap<ShardName, String>>,
-    /// Per shard, the queue of the task that coalesces commits into `CommitBatch` calls; started
+    /// Per agent, the queue of the task that coalesces commits into `CommitBatch` calls; started
     /// on first use (it needs the runtime).
     commit_queues: Arc<BTreeMap<ShardName, OnceLock<mpsc::UnboundedSender<PendingCommit>>>>,
-    /// The shards driven by participants inside this process.
-    local: Arc<BTreeSet<ShardName>>,
 }
 
 /// A participant's gRPC error as the core reads it.
@@ -165,36 +195,36 @@ impl ParticipantLinks {
         local: BTreeMap<ShardName, treaty_participant::InProcess>,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Self, LinkSetupError> {
-        let mut clients = BTreeMap::new();
-        let mut health = BTreeMap::new();
+        let mut links = BTreeMap::new();
         let mut commit_queues = BTreeMap::new();
         let mut urls = BTreeMap::new();
         for (shard, url) in shards {
-            let channel = match local.get(shard) {
-                Some(service) => LinkChannel::Local(service.clone()),
+            let link = match local.get(shard) {
+                Some(service) => Link::InProcess(service.clone()),
                 None => {
-                    urls.insert(shard.clone(), url.clone());
-                    LinkChannel::Remote(H2Channel::new(url, CONNECT_TIMEOUT, tls.clone()).map_err(|e| {
+                    let channel = H2Channel::new(url, CONNECT_TIMEOUT, tls.clone()).map_err(|e| {
                         LinkSetupError::BadUrl {
                             shard: shard.to_string(),
                             url: treaty_proto::redact(url),
                             reason: treaty_proto::redact(&e.to_string()),
                         }
-                    })?)
+                    })?;
+                    urls.insert(shard.clone(), url.clone());
+                    commit_queues.insert(shard.clone(), OnceLock::new());
+                    Link::Agent {
+                        health: HealthClient::new(channel.clone()),
+                        participant: ParticipantClient::new(channel),
+                    }
                 }
             };
-            health.insert(shard.clone(), HealthClient::new(channel.clone()));
-            clients.insert(shard.clone(), ParticipantClient::new(channel));
-            commit_queues.insert(shard.clone(), OnceLock::new());
+            links.insert(shard.clone(), link);
         }
         Ok(Self {
-            clients,
-            health,
+            links,
             // Only agents' addresses: a local shard's is a database URL, which may hold a
             // password and is no use to a peer.
             urls: Arc::new(urls),
             commit_queues: Arc::new(commit_queues),
-            local: Arc::new(local.into_keys().collect()),
         })
     }
 
@@ -204,7 +234,8 @@ impl ParticipantLinks {
         if vote.protocol != Protocol::ThreePhase {
             return Ok(());
         }
-        match vote.participants.iter().find(|shard| self.local.contains(*shard)) {
+        let in_process = |shard: &&ShardName| matches!(self.links.get(*shard), Some(Link::InProcess(_)));
+        match vote.participants.iter().find(in_process) {
             Some(shard) => Err(LinkError::Refused(format!(
                 "three-phase commit needs participants that outlive the coordinator, and shard {shard} \
                  is driven inside the coordinator (--shard {shard}=postgres://...): use two-phase \
@@ -216,7 +247,7 @@ impl ParticipantLinks {
 
     /// The shards whose health `participant_serving` asks: every configured one.
     pub fn health_probed_shards(&self) -> impl Iterator<Item = &ShardName> {
-        self.health.keys()
+        self.links.keys()
     }
 
     /// Asks the shard's participant for its `grpc.health.v1` status of `treaty.v1.Participant`
@@ -224,15 +255,17 @@ impl ParticipantLinks {
     /// answered SERVING, or answered UNIMPLEMENTED (a participant older than the health service:
     /// it is up, and says nothing of its database); `Ok(false)`: it answered another status.
     pub async fn participant_serving(&self, shard: &ShardName, timeout_ms: u64) -> Result<bool, LinkError> {
-        let Some(client) = self.health.get(shard) else {
-            return Err(LinkError::Unavailable(format!(
-                "shard {shard} is not configured on this coordinator"
-            )));
-        };
+        let link = self.link(shard)?;
         let request = HealthCheckRequest {
             service: PARTICIPANT_SERVICE.to_owned(),
         };
-        match call(timeout_ms, client.clone().check(request)).await {
+        let check = async move {
+            match link {
+                Link::Agent { health, .. } => health.clone().check(request).await,
+                Link::InProcess(local) => local.health().check(tonic::Request::new(request)).await,
+            }
+        };
+        match call(timeout_ms, check).await {
             Ok(answer) => Ok(answer.status() == ServingStatus::Serving),
             Err(LinkError::Unimplemented(_)) => Ok(true),
             Err(error) => Err(error),
@@ -252,8 +285,8 @@ impl ParticipantLinks {
             .collect()
     }
 
-    fn client(&self, shard: &ShardName) -> Result<ParticipantClient<LinkChannel>, LinkError> {
-        self.clients.get(shard).cloned().ok_or_else(|| {
+    fn link(&self, shard: &ShardName) -> Result<&Link, LinkError> {
+        self.links.get(shard).ok_or_else(|| {
             LinkError::Unavailable(format!("shard {shard} is not configured on this coordinator"))
         })
     }
@@ -268,9 +301,18 @@ impl ParticipantLinks {
         }
     }
 
-    /// Queues a commit for the shard's next `CommitBatch` and waits for its own answer.
+    /// Queues a commit for the agent's next `CommitBatch` and waits for its own answer; an
+    /// in-process participant, which has no messages to save, is asked at once (as a batch of
+    /// one, so that its commits share `CommitBatch`'s bound on connections).
     async fn commit_batched(&self, shard: &ShardName, gid: String, timeout_ms: u64) -> Result<(), LinkError> {
-        let client = self.client(shard)?;
+        let client = match self.link(shard)? {
+            Link::Agent { participant, .. } => participant.clone(),
+            Link::InProcess(local) => {
+                let request = tonic::Request::new(pb::FinishBatchRequest { gids: vec![gid] });
+                let response = call(timeout_ms, local.participant().commit_batch(request)).await?;
+                return commit_batch::answer(response.results.into_iter().next());
+            }
+        };
         let Some(queue) = self.commit_queues.get(shard) else {
             return Err(LinkError::Unavailable(format!(
                 "shard {shard} is not configured on this coordinator"
@@ -305,11 +347,11 @@ impl ParticipantLinks {
 
 impl ParticipantTransport for ParticipantLinks {
     fn shard(&self, name: &str) -> Option<ShardName> {
-        self.clients.get_key_value(name).map(|(shard, _)| shard.clone())
+        self.links.get_key_value(name).map(|(shard, _)| shard.clone())
     }
 
     fn shards(&self) -> Vec<ShardName> {
-        self.clients.keys().cloned().collect()
+        self.links.keys().cloned().collect()
     }
 
     async fn execute(
@@ -319,9 +361,9 @@ impl ParticipantTransport for ParticipantLinks {
         timeout_ms: u64,
     ) -> Result<StatementResult, LinkError> {
         measured(shard, Rpc::Execute, async move {
-            let mut client = self.client(shard)?;
+            let link = self.link(shard)?;
             let request = self.execute_request(statement);
-            call(timeout_ms, client.execute(request))
+            call(timeout_ms, rpc!(link, execute, request))
                 .await
                 .map(result_from_pb)
         })
@@ -337,13 +379,13 @@ impl ParticipantTransport for ParticipantLinks {
     ) -> Result<ExecutedAndVoted, LinkError> {
         self.refuse_three_phase_over_local(&vote)?;
         measured(shard, Rpc::Prepare, async move {
-            let mut client = self.client(shard)?;
+            let link = self.link(shard)?;
             let mut request = self.execute_request(statement);
             if vote.protocol == Protocol::ThreePhase {
                 request.protocol = pb::Protocol::ThreePhase as i32;
                 request.peers = self.peers(&vote.participants);
             }
-            let response = call(timeout_ms, client.execute_and_prepare(request)).await?;
+            let response = call(timeout_ms, rpc!(link, execute_and_prepare, request)).await?;
             Ok(ExecutedAndVoted {
                 result: result_from_pb(response.result.unwrap_or_default()),
                 vote: response.vote.map(vote_from_pb),
@@ -361,12 +403,12 @@ impl ParticipantTransport for ParticipantLinks {
         timeout_ms: u64,
     ) -> Result<ExecutedAndCommitted, LinkError> {
         measured(shard, Rpc::CommitOnePhase, async move {
-            let mut client = self.client(shard)?;
+            let link = self.link(shard)?;
             let request = pb::ExecuteAndCommitRequest {
                 execute: Some(self.execute_request(statement)),
                 expect_rows,
             };
-            let response = call(timeout_ms, client.execute_and_commit(request)).await?;
+            let response = call(timeout_ms, rpc!(link, execute_and_commit, request)).await?;
             Ok(ExecutedAndCommitted {
                 result: result_from_pb(response.result.unwrap_or_default()),
                 committed: response.committed,
@@ -384,7 +426,7 @@ impl ParticipantTransport for ParticipantLinks {
     ) -> Result<VoteAnswer, LinkError> {
         self.refuse_three_phase_over_local(&vote)?;
         measured(shard, Rpc::Prepare, async move {
-            let mut client = self.client(shard)?;
+            let link = self.link(shard)?;
             let participants: Vec<String> = vote.participants.iter().map(ToString::to_string).collect();
             let request = match vote.protocol {
                 Protocol::TwoPhase => pb::PrepareRequest {
@@ -399,7 +441,9 @@ impl ParticipantTransport for ParticipantLinks {
                     protocol: pb::Protocol::ThreePhase as i32,
                 },
             };
-            call(timeout_ms, client.prepare(request)).await.map(vote_from_pb)
+            call(timeout_ms, rpc!(link, prepare, request))
+                .await
+                .map(vote_from_pb)
         })
         .await
     }
@@ -413,18 +457,18 @@ impl ParticipantTransport for ParticipantLinks {
 
     async fn abort(&self, shard: &ShardName, gid: &Gid, timeout_ms: u64) -> Result<(), LinkError> {
         measured(shard, Rpc::Abort, async move {
-            let mut client = self.client(shard)?;
+            let link = self.link(shard)?;
             let request = pb::FinishRequest { gid: gid.to_string() };
-            call(timeout_ms, client.abort(request)).await.map(|_| ())
+            call(timeout_ms, rpc!(link, abort, request)).await.map(|_| ())
         })
         .await
     }
 
     async fn commit_one_phase(&self, shard: &ShardName, gid: &Gid, timeout_ms: u64) -> Result<(), LinkError> {
         measured(shard, Rpc::CommitOnePhase, async move {
-            let mut client = self.client(shard)?;
+            let link = self.link(shard)?;
             let request = pb::FinishRequest { gid: gid.to_string() };
-            call(timeout_ms, client.commit_one_phase(request))
+            call(timeout_ms, rpc!(link, commit_one_phase, request))
                 .await
                 .map(|_| ())
         })
@@ -440,13 +484,13 @@ impl ParticipantTransport for ParticipantLinks {
         timeout_ms: u64,
     ) -> Result<DecisionWrite, LinkError> {
         measured(shard, Rpc::CommitDecision, async move {
-            let mut client = self.client(shard)?;
+            let link = self.link(shard)?;
             let request = pb::CommitDecisionRequest {
                 gid: gid.to_string(),
                 participants: participants.iter().map(ToString::to_string).collect(),
                 standalone,
             };
-            let response = call(timeout_ms, client.commit_decision(request)).await?;
+            let response = call(timeout_ms, rpc!(link, commit_decision, request)).await?;
             Ok(if response.committed {
                 DecisionWrite::Committed
             } else {
@@ -466,12 +510,12 @@ impl ParticipantTransport for ParticipantLinks {
         timeout_ms: u64,
     ) -> Result<Vec<StoredDecision>, LinkError> {
         measured(shard, Rpc::Other, async move {
-            let mut client = self.client(shard)?;
+            let link = self.link(shard)?;
             let request = pb::ReadDecisionsRequest {
                 gids: gids.iter().map(ToString::to_string).collect(),
                 conclude_abort,
             };
-            let response = call(timeout_ms, client.read_decisions(request)).await?;
+            let response = call(timeout_ms, rpc!(link, read_decisions, request)).await?;
             response
                 .decisions
                 .into_iter()
@@ -489,12 +533,12 @@ impl ParticipantTransport for ParticipantLinks {
         timeout_ms: u64,
     ) -> Result<Vec<StoredDecision>, LinkError> {
         measured(shard, Rpc::Other, async move {
-            let mut client = self.client(shard)?;
+            let link = self.link(shard)?;
             let request = pb::ListDecisionsRequest {
                 coordinator: coordinator.map(ToString::to_string).unwrap_or_default(),
                 limit,
             };
-            let response = call(timeout_ms, client.list_decisions(request)).await?;
+            let response = call(timeout_ms, rpc!(link, list_decisions, request)).await?;
             response
                 .decisions
                 .into_iter()
@@ -511,11 +555,13 @@ impl ParticipantTransport for ParticipantLinks {
         timeout_ms: u64,
     ) -> Result<u64, LinkError> {
         measured(shard, Rpc::Other, async move {
-            let mut client = self.client(shard)?;
+            let link = self.link(shard)?;
             let request = pb::ForgetDecisionsRequest {
                 gids: gids.iter().map(ToString::to_string).collect(),
             };
-            Ok(call(timeout_ms, client.forget_decisions(request)).await?.deleted)
+            Ok(call(timeout_ms, rpc!(link, forget_decisions, request))
+                .await?
+                .deleted)
         })
         .await
     }
@@ -528,12 +574,12 @@ impl ParticipantTransport for ParticipantLinks {
         timeout_ms: u64,
     ) -> Result<PreCommitAnswer, LinkError> {
         measured(shard, Rpc::PreCommit, async move {
-            let mut client = self.client(shard)?;
+            let link = self.link(shard)?;
             let request = pb::PreCommitRequest {
                 gid: gid.to_string(),
                 ballot: Some(ballot_to_pb(ballot)),
             };
-            let response = call(timeout_ms, client.pre_commit(request)).await?;
+            let response = call(timeout_ms, rpc!(link, pre_commit, request)).await?;
             Ok(PreCommitAnswer {
                 acknowledged: response.acknowledged,
                 promised: ballot_from_pb(response.promised.as_ref()).ok(),
@@ -549,8 +595,8 @@ impl ParticipantTransport for ParticipantLinks {
         timeout_ms: u64,
     ) -> Result<Vec<PreparedBranch>, LinkError> {
         measured(shard, Rpc::Other, async move {
-            let mut client = self.client(shard)?;
-            let response = call(timeout_ms, client.list_prepared(pb::ListPreparedRequest {})).await?;
+            let link = self.link(shard)?;
+            let response = call(timeout_ms, rpc!(link, list_prepared, pb::ListPreparedRequest {})).await?;
             Ok(response
                 .branches
                 .into_iter()
@@ -584,13 +630,13 @@ impl ParticipantTransport for ParticipantLinks {
         timeout_ms: u64,
     ) -> Result<Report, LinkError> {
         measured(shard, Rpc::Other, async move {
-            let mut client = self.client(shard)?;
+            let link = self.link(shard)?;
             let request = pb::QueryStateRequest {
                 gid: gid.to_string(),
                 ballot: Some(ballot_to_pb(ballot)),
                 participants: self.peers(participants),
             };
-            let response = call(timeout_ms, client.query_state(request)).await?;
+            let response = call(timeout_ms, rpc!(link, query_state, request)).await?;
             report_from_pb(&response)
                 .map_err(|e| LinkError::Other(format!("unreadable QueryState answer: {e}")))
         })

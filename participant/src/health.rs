@@ -12,6 +12,8 @@
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 use treaty_proto::health::report;
 use treaty_proto::pb::participant_server::SERVICE_NAME as PARTICIPANT_SERVICE;
 
@@ -24,20 +26,14 @@ pub fn status(database_held: bool) -> ServingStatus {
     }
 }
 
-/// Starts reporting `database_held` as the participant's health; returns the health service to
-/// serve and the task that follows the claim (it ends when the claim is dropped).
-pub async fn start(
-    mut database_held: watch::Receiver<bool>,
-) -> (
-    tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
-    JoinHandle<()>,
-) {
-    // Built from its parts rather than `health_reporter()`, whose server type is opaque: the
-    // coordinator keeps this one in `InProcess` for a shard it drives itself.
-    let reporter = tonic_health::server::HealthReporter::new();
-    let server = tonic_health::pb::health_server::HealthServer::new(
-        tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
-    );
+/// Starts reporting `database_held` as the participant's health; returns the reporter the
+/// services read (`server` for the network, `HealthService::from_health_reporter` for a
+/// coordinator that calls it in process) and the task that follows the claim (it ends when the
+/// claim is dropped).
+pub async fn start(mut database_held: watch::Receiver<bool>) -> (HealthReporter, JoinHandle<()>) {
+    // Built from its parts rather than `health_reporter()`, whose server type is opaque.
+    let reporter = HealthReporter::new();
+    let statuses = reporter.clone();
     // The first status is set before the service can be asked, so that the participant's own name
     // is never "not registered" and "" never says SERVING for a database that does not answer.
     let held = *database_held.borrow();
@@ -57,7 +53,12 @@ pub async fn start(
             }
         }
     });
-    (server, following)
+    (statuses, following)
+}
+
+/// The `grpc.health.v1.Health` service over `reporter`'s statuses, to serve on the network.
+pub fn server(reporter: &HealthReporter) -> HealthServer<HealthService> {
+    HealthServer::new(HealthService::from_health_reporter(reporter.clone()))
 }
 
 #[cfg(test)]
@@ -100,7 +101,8 @@ mod tests {
     #[tokio::test]
     async fn the_status_follows_the_claim_on_the_database() {
         let (held, database_held) = watch::channel(true);
-        let (server, following) = start(database_held).await;
+        let (reporter, following) = start(database_held).await;
+        let server = server(&reporter);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let serving = tokio::spawn(

@@ -123,8 +123,8 @@ pub async fn run(
         )))
         // Only the configured coordinators and peers get past this (see `treaty_proto::auth`).
         .layer(treaty_proto::auth::AuthLayer::new(access))
-        .add_service(running.participant.clone())
-        .add_service(running.health.clone())
+        .add_service(ParticipantServer::from_arc(Arc::clone(&running.participant)))
+        .add_service(health::server(&running.health))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     // Only a build with failpoints serves `Admin`; without, a call to it answers UNIMPLEMENTED.
@@ -161,8 +161,9 @@ pub async fn run(
 /// `in_process` (`in_process.rs`).
 pub struct Running {
     database: String,
-    participant: ParticipantServer<service::ParticipantService>,
-    health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    participant: Arc<service::ParticipantService>,
+    /// The statuses the health service reads (`health::server` on the network).
+    health: tonic_health::server::HealthReporter,
     agent: Arc<Agent>,
     pool: Pool,
     claim: claim::Claim,
@@ -238,8 +239,7 @@ impl Running {
             stopped,
         ));
         let (health, following_claim) = health::start(claim.held()).await;
-        let participant =
-            ParticipantServer::new(service::ParticipantService::new(agent.clone(), three_phase));
+        let participant = Arc::new(service::ParticipantService::new(agent.clone(), three_phase));
         Ok(Running {
             database,
             participant,
@@ -253,10 +253,13 @@ impl Running {
         })
     }
 
-    /// The participant's services as a `tower` service that the coordinator calls in its own
-    /// process: no socket, no HTTP/2, the same handlers the agent serves.
+    /// The participant's services for a coordinator that calls them in its own process: no
+    /// socket, no HTTP/2, no encoding, the same handlers the agent serves.
     pub fn in_process(&self) -> InProcess {
-        InProcess::new(self.participant.clone(), self.health.clone())
+        InProcess::new(
+            Arc::clone(&self.participant),
+            tonic_health::server::HealthService::from_health_reporter(self.health.clone()),
+        )
     }
 
     /// Stops the background work, rolls back open branches, closes the pool and drops the claim.

@@ -13,7 +13,7 @@ use treaty_proto::pb;
 use treaty_proto::pb::participant_client::ParticipantClient;
 
 use super::link_error;
-use crate::link_channel::LinkChannel;
+use crate::h2_channel::H2Channel;
 
 /// Most GIDs in one `CommitBatch`.
 const MAX_COMMIT_BATCH: usize = 128;
@@ -28,7 +28,7 @@ pub(super) type PendingCommit = (String, oneshot::Sender<Result<(), LinkError>>,
 /// as soon as a slot among `COMMIT_BATCHES_IN_FLIGHT` is free, and sends it as one `CommitBatch`.
 /// Ends when the links are dropped.
 pub(super) async fn send_commit_batches(
-    client: ParticipantClient<LinkChannel>,
+    client: ParticipantClient<H2Channel>,
     mut queue: mpsc::UnboundedReceiver<PendingCommit>,
     timeout: Duration,
 ) {
@@ -61,11 +61,7 @@ pub(super) async fn send_commit_batches(
     }
 }
 
-async fn send_batch(
-    mut client: ParticipantClient<LinkChannel>,
-    batch: Vec<PendingCommit>,
-    timeout: Duration,
-) {
+async fn send_batch(mut client: ParticipantClient<H2Channel>, batch: Vec<PendingCommit>, timeout: Duration) {
     let lost = || LinkError::TimedOut {
         after_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
     };
@@ -84,16 +80,8 @@ async fn send_batch(
         Ok(Ok(response)) => {
             let mut results = response.into_inner().results.into_iter();
             for answer in answers {
-                let result = match results.next() {
-                    Some(result) if result.error.is_empty() => Ok(()),
-                    Some(result) if result.contradicts => Err(LinkError::Refused(result.error)),
-                    Some(result) => Err(LinkError::Other(result.error)),
-                    None => Err(LinkError::Other(
-                        "the participant's batch answer left this commit out".into(),
-                    )),
-                };
                 // The waiter may have timed out; it sends the commit again.
-                let _ = answer.send(result);
+                let _ = answer.send(self::answer(results.next()));
             }
         }
         Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
@@ -118,5 +106,17 @@ async fn send_batch(
                 let _ = answer.send(Err(lost()));
             }
         }
+    }
+}
+
+/// One commit's answer within a `CommitBatch` answer; `None` when the participant left it out.
+pub(super) fn answer(result: Option<pb::FinishResult>) -> Result<(), LinkError> {
+    match result {
+        Some(result) if result.error.is_empty() => Ok(()),
+        Some(result) if result.contradicts => Err(LinkError::Refused(result.error)),
+        Some(result) => Err(LinkError::Other(result.error)),
+        None => Err(LinkError::Other(
+            "the participant's batch answer left this commit out".into(),
+        )),
     }
 }
