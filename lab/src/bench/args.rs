@@ -108,8 +108,10 @@ pub struct BenchArgs {
     pub decision_store: Vec<DecisionStore>,
     /// How Treaty reaches the databases: agent (a participant process per shard) or in-process
     /// (the coordinator drives them itself, no gRPC hop; two-phase commit and one decision store).
-    #[arg(long, value_enum, default_value = "agent")]
-    pub participants: ParticipantKind,
+    /// Default: the fastest that keeps every guarantee of the run: in-process, or agent when the
+    /// run measures three-phase commit or several decision stores side by side.
+    #[arg(long, value_enum)]
+    pub participants: Option<ParticipantKind>,
     /// Baselines on the same databases: none, direct (PREPARE/COMMIT PREPARED by hand, one
     /// statement per round trip), direct-pipelined (the same SQL, each shard's BEGIN, statements
     /// and PREPARE in one round trip), independent (plain per-shard COMMIT); a comma-separated
@@ -169,10 +171,27 @@ impl BenchArgs {
         }
     }
 
+    /// The participants to run: `--participants`, or else in process (no gRPC hop and no second
+    /// process per shard, with the same guarantees for two-phase commit) unless the run needs
+    /// agents: three-phase commit needs participants that outlive the coordinator, and stores
+    /// side by side run a coordinator each over the same databases, which in process would each
+    /// claim them.
+    pub fn participant_kind(&self) -> ParticipantKind {
+        if let Some(kind) = self.participants {
+            return kind;
+        }
+        let three_phase = ProtocolChoice::expand(&self.protocol).contains(&Protocol::ThreePhase);
+        if three_phase || self.stores().len() > 1 {
+            ParticipantKind::Agent
+        } else {
+            ParticipantKind::InProcess
+        }
+    }
+
     /// Bounds on the arguments, checked before anything starts.
     pub fn validate(&self) -> Result<()> {
         let args = self;
-        if args.participants == ParticipantKind::InProcess {
+        if args.participants == Some(ParticipantKind::InProcess) {
             // One coordinator owns each database (its participant holds the database's claim), so
             // stores cannot run side by side on their own coordinators, and 3PC needs agents.
             anyhow::ensure!(
@@ -280,6 +299,29 @@ mod tests {
                 .is_ok()
         );
         assert!(parse(&["--protocol", "both"]).unwrap().validate().is_ok());
+    }
+
+    #[test]
+    fn the_default_participants_are_in_process_unless_the_run_needs_agents() {
+        let kind = |args: &[&str]| parse(args).map(|args| args.participant_kind());
+        assert_eq!(kind(&[]), Ok(ParticipantKind::InProcess));
+        assert_eq!(
+            kind(&["--decision-store", "file"]),
+            Ok(ParticipantKind::InProcess)
+        );
+        // Three-phase commit needs participants that outlive the coordinator.
+        assert_eq!(kind(&["--protocol", "3pc"]), Ok(ParticipantKind::Agent));
+        assert_eq!(kind(&["--protocol", "both"]), Ok(ParticipantKind::Agent));
+        // Stores side by side run a coordinator each over the same databases.
+        assert_eq!(
+            kind(&["--decision-store", "file,shard"]),
+            Ok(ParticipantKind::Agent)
+        );
+        // Asked for, either kind is kept, and in process is refused where it cannot run.
+        assert_eq!(kind(&["--participants", "agent"]), Ok(ParticipantKind::Agent));
+        let refused = parse(&["--participants", "in-process", "--protocol", "3pc"]).unwrap();
+        assert!(refused.validate().is_err());
+        assert!(parse(&["--protocol", "3pc"]).unwrap().validate().is_ok());
     }
 
     #[test]

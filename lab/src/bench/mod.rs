@@ -314,7 +314,7 @@ fn params(
         "decision_store".into(),
         json!(stores.first().copied().unwrap_or(DecisionStore::File).name()),
     );
-    map.insert("participant_kind".into(), json!(args.participants.name()));
+    map.insert("participant_kind".into(), json!(args.participant_kind().name()));
     map.insert("interactive".into(), json!(args.interactive));
     map.insert("lock_timeout_ms".into(), json!(args.lock_timeout_ms));
     map.insert(
@@ -407,11 +407,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         None
     };
     let decision_url = decision_database.as_ref().map(|pg| pg.url(DECISIONS_DATABASE));
-    let in_process = args.participants == args::ParticipantKind::InProcess;
+    let in_process = args.participant_kind().in_process();
     eprintln!(
         "starting {} shards (PostgreSQL with fsync on, {} participants) and a coordinator in {}",
         args.shards,
-        args.participants.name(),
+        args.participant_kind().name(),
         base_dir.display()
     );
     let cluster = LocalCluster::start(ClusterSpec {

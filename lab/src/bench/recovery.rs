@@ -227,8 +227,9 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         None => temp.path().to_path_buf(),
     };
     eprintln!(
-        "starting {} shards and a coordinator in {} (max_prepared_transactions {})",
+        "starting {} shards ({} participants) and a coordinator in {} (max_prepared_transactions {})",
         args.shards,
+        args.participant_kind().name(),
         base_dir.display(),
         txns + 100
     );
@@ -247,7 +248,9 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         participant_args: super::service_thread_args(args.service_threads),
         database: DATABASE.into(),
         coordinator_port: 0,
-        in_process: false,
+        // In process, the restarted coordinator starts its participants again and finishes the
+        // branches through them; their CPU is the coordinator's.
+        in_process: args.participant_kind().in_process(),
         tls: None,
     })
     .await
@@ -446,6 +449,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
                 "workload": "recovery",
                 "status": if left == 0 && rows_ok { "ok" } else { "incomplete" },
                 "decision_store": store.name(),
+                "participant_kind": args.participant_kind().name(),
                 "txns": txns,
                 "shards": cluster.pgs.len(),
                 // Prepared branches to finish (the shard store's decision branches committed).
