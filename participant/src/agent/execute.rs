@@ -199,25 +199,13 @@ impl Agent {
         if let Some(cancellable) = &cancellable {
             cancellable.end().await;
         }
-        if ran.is_err()
-            && let Some(Ok(_)) = &sent_vote
-        {
-            // The statement failed on this side (its rows could not be decoded) after PostgreSQL
-            // ran it and prepared the branch: nothing may stay prepared for a call that failed.
-            // (After a statement PostgreSQL refused, PREPARE rolled the branch back instead, and
-            // this finds nothing to roll back.)
-            // On the branch's own connection, whose transaction has ended: the pool may have no
-            // other to give.
-            let branch_gid = self.branch_gid(gid);
-            if let Err(error) = postgres::rollback_prepared_on(&branch.connection, &branch_gid).await
-                && !error.is_undefined_object()
-            {
-                tracing::warn!(%gid, %error, "rolling back a branch prepared with a failed statement failed; reconciliation will");
-            }
-        }
+        // Kept on the branch either way: a statement that failed on this side (its rows could
+        // not be decoded) after PostgreSQL ran it and prepared the branch is rolled back as
+        // prepared when the failure abandons it below (`Agent::roll_back`): nothing may stay
+        // prepared for a call that failed.
+        branch.vote_sent = sent_vote;
         match ran {
             Ok(output) => {
-                branch.vote_sent = sent_vote;
                 branch.last_used = Instant::now();
                 branch.statements += 1;
                 branch.session_changed |= analysis.changes_session;
