@@ -218,6 +218,14 @@ impl Transaction {
         if self.phase != Phase::Active {
             return Err(self.refusal());
         }
+        // Its participant prepared the branch with that statement: another would find no open
+        // branch there and abort the whole transaction, so it is refused before it is sent.
+        if self.voted_early(&shard) {
+            return Err(ProtocolError::AlreadyVoted {
+                txid: self.txid,
+                shard,
+            });
+        }
         if !self.branches.iter().any(|b| b.shard == shard) {
             self.branches.push(Branch {
                 shard,

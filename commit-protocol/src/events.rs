@@ -251,4 +251,9 @@ pub enum ProtocolError {
         shard: ShardName,
         branches: Vec<ShardName>,
     },
+    #[error(
+        "transaction {txid}'s branch on shard {shard} already voted with what the client marked as its \
+         last statement; send no more statements to {shard} (commit or roll back the transaction)"
+    )]
+    AlreadyVoted { txid: u64, shard: ShardName },
 }

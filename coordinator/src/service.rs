@@ -274,10 +274,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         self.limits.check_sql(None, &request.sql)?;
         let values = treaty_proto::params_from_pb(request.params)?;
         treaty_proto::validate_statement(&request.sql, &values)?;
-        let result = self
-            .engine
-            .execute(request.txid, &request.shard, request.sql, values)
-            .await?;
+        let result = if request.last {
+            self.engine
+                .execute_last(request.txid, &request.shard, request.sql, values)
+                .await?
+        } else {
+            self.engine
+                .execute(request.txid, &request.shard, request.sql, values)
+                .await?
+        };
         Ok(Response::new(result_to_pb(result)))
     }
 

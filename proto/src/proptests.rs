@@ -94,15 +94,18 @@ fn peers() -> impl Strategy<Value = Vec<pb::Peer>> {
 /// reach deep fields rather than failing on the first tag.
 fn encoded_request() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
-        (any::<u64>(), text(), text(), values()).prop_map(|(txid, shard, sql, params)| {
-            pb::ExecuteRequest {
-                txid,
-                shard,
-                sql,
-                params,
+        (any::<u64>(), text(), text(), values(), any::<bool>()).prop_map(
+            |(txid, shard, sql, params, last)| {
+                pb::ExecuteRequest {
+                    txid,
+                    shard,
+                    sql,
+                    params,
+                    last,
+                }
+                .encode_to_vec()
             }
-            .encode_to_vec()
-        }),
+        ),
         (
             prop::collection::vec((text(), text(), values(), prop::option::of(any::<u64>())), 0..3),
             prop::option::of(options()),

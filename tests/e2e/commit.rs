@@ -315,3 +315,61 @@ async fn a_submit_to_a_shard_that_is_down_aborts_as_retryable() -> Result<()> {
     );
     Ok(())
 }
+
+/// An interactive client that marks each shard's last statement (`ExecuteRequest.last`): the
+/// branch is prepared with that statement, before the commit is asked for; a later statement on
+/// the shard is refused without harming the transaction; the commit then commits everywhere, and a
+/// rollback undoes a branch that voted early as well.
+#[tokio::test]
+async fn a_last_statement_votes_with_its_branch_and_closes_the_shard() -> Result<()> {
+    let t = TestCluster::start(Options::default()).await?;
+    let client = treaty_client::Client::connect([t.cluster.coordinator_endpoint()]).await?;
+    let (s0, s1, s2) = (t.shard(0), t.shard(1), t.shard(2));
+    let insert = "INSERT INTO kv VALUES ($1, $2)";
+
+    let txn = client.begin(None).await?;
+    // The first branch holds the decision (the shard store): it is not prepared early.
+    txn.execute_last(&s0, insert, vec![int(1), text("a")]).await?;
+    txn.execute_last(&s1, insert, vec![int(1), text("a")]).await?;
+    txn.execute(&s2, insert, vec![int(1), text("a")]).await?;
+    assert!(t.prepared(0).await?.is_empty(), "the decision branch voted early");
+    let early = t.prepared(1).await?;
+    assert_eq!(early.len(), 1, "s1 prepared with its last statement: {early:?}");
+    assert!(t.prepared(2).await?.is_empty(), "s2 was not marked last");
+    let refused = txn
+        .execute(&s1, insert, vec![int(2), text("late")])
+        .await
+        .expect_err("a statement after the last one on s1");
+    let message = refused.to_string();
+    assert!(
+        message.contains("already voted") && message.contains(&s1),
+        "{message}"
+    );
+    assert!(treaty_client::committed(Some(&txn.commit(true).await?)));
+    for shard in 0..3 {
+        assert_eq!(t.kv(shard).await?, vec![(1, "a".to_owned())], "shard {shard}");
+    }
+    assert_eq!(t.prepared_everywhere().await?, 0);
+
+    // Rolled back after its early vote: the prepared branch is rolled back too.
+    let txn = client.begin(None).await?;
+    txn.execute(&s0, insert, vec![int(2), text("b")]).await?;
+    txn.execute_last(&s1, insert, vec![int(2), text("b")]).await?;
+    assert_eq!(t.prepared(1).await?.len(), 1);
+    let outcome = txn.rollback().await?;
+    assert_eq!(outcome.kind, pb::OutcomeKind::Aborted as i32, "{outcome:?}");
+    eventually(
+        "the early-voted branch rolled back",
+        Duration::from_secs(10),
+        || async { Ok(t.prepared_everywhere().await? == 0) },
+    )
+    .await?;
+    for shard in 0..3 {
+        assert_eq!(
+            t.kv(shard).await?.len(),
+            1,
+            "shard {shard} kept only the first row"
+        );
+    }
+    Ok(())
+}

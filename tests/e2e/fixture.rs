@@ -293,6 +293,7 @@ pub async fn execute(
             shard: shard.into(),
             sql: sql.into(),
             params,
+            last: false,
         })
         .await
         .map(|r| r.into_inner())

@@ -198,6 +198,7 @@ async fn a_client_deadline_cancels_its_statement_in_postgres() -> Result<()> {
         shard: s0.clone(),
         sql: "SELECT pg_sleep(600)".into(),
         params: vec![],
+        last: false,
     });
     request.set_timeout(Duration::from_secs(2));
     let status = client

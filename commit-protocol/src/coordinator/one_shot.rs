@@ -31,6 +31,11 @@ impl Transaction {
         self.early_votes.push(EarlyVote { shard, vote, named });
     }
 
+    /// Whether `shard`'s branch already voted with its last statement.
+    pub(super) fn voted_early(&self, shard: &ShardName) -> bool {
+        self.early_votes.iter().any(|early| &early.shard == shard)
+    }
+
     /// The early votes, each as the protocol may count it.
     pub(super) fn take_early_votes(&mut self) -> Vec<(ShardName, Vote)> {
         let mut prepared: Vec<ShardName> = self.branches.iter().map(|b| b.shard.clone()).collect();
@@ -222,5 +227,40 @@ mod tests {
             "{refused:?}"
         );
         assert_eq!(two.phase(), Phase::Active, "a refused commit changes nothing");
+    }
+
+    #[test]
+    fn a_branch_that_voted_with_its_last_statement_takes_no_more_statements() {
+        let mut txn = enlisted(Protocol::TwoPhase, &["s0", "s1"]);
+        let vote = Event::VoteCastEarly {
+            shard: shard("s1"),
+            vote: Vote::Yes,
+            named: vec![],
+        };
+        txn.step(vote, 0).unwrap();
+        let refused = txn.step(Event::Enlist { shard: shard("s1") }, 1);
+        assert!(
+            matches!(&refused, Err(crate::ProtocolError::AlreadyVoted { shard: s, .. }) if *s == shard("s1")),
+            "{refused:?}"
+        );
+        assert_eq!(txn.phase(), Phase::Active, "the refusal aborts nothing");
+        // The other branch still takes statements, and the transaction commits with s1's vote.
+        txn.step(Event::Enlist { shard: shard("s0") }, 1).unwrap();
+        txn.step(Event::ExecuteSucceeded { shard: shard("s0") }, 1)
+            .unwrap();
+        let actions = txn
+            .step(
+                Event::CommitRequested {
+                    wait_for_apply: false,
+                },
+                2,
+            )
+            .unwrap();
+        assert_eq!(
+            actions,
+            vec![Action::SendPrepare {
+                shards: vec![shard("s0")]
+            }]
+        );
     }
 }

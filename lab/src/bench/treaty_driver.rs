@@ -142,13 +142,16 @@ async fn run_interactive(
         .into_inner()
         .txid;
     for work in &plan.work {
-        for stmt in &work.stmts {
+        for (at, stmt) in work.stmts.iter().enumerate() {
             let result = client
                 .execute(request(pb::ExecuteRequest {
                     txid,
                     shard: target.shard(work.shard),
                     sql: stmt.sql.to_string(),
                     params: stmt.params.iter().copied().map(int).collect(),
+                    // Each shard's last statement carries its vote, as a client that knows
+                    // its transaction's shape would send it.
+                    last: at + 1 == work.stmts.len(),
                 }))
                 .await;
             let reason = match result {

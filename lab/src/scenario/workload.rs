@@ -225,11 +225,13 @@ async fn interactive(
     };
     let mut executed = true;
     for (shard, sql, params) in statements(config, rng, txid) {
+        // Prepared at Commit, as the scenarios' steps expect of an interactive transaction.
         let request = pb::ExecuteRequest {
             txid,
             shard,
             sql,
             params,
+            last: false,
         };
         if client.execute(request).await.is_err() {
             executed = false;
