@@ -7,6 +7,10 @@ use clap::Parser;
 use treaty_participant::config::{Args, Config};
 use treaty_proto::telemetry::TraceExport;
 
+/// mimalloc rather than glibc's malloc: see the workspace `Cargo.toml`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     treaty_proto::process::runtime(args.worker_threads)
