@@ -79,6 +79,14 @@ mod tests {
         ShardName::new(name).unwrap()
     }
 
+    /// The client asks to commit at `now_ms`; the machine's actions.
+    fn commit_requested(txn: &mut Transaction, now_ms: u64) -> Vec<Action> {
+        let commit = Event::CommitRequested {
+            wait_for_apply: false,
+        };
+        txn.step(commit, now_ms).unwrap()
+    }
+
     fn enlisted(protocol: Protocol, shards: &[&str]) -> Transaction {
         let mut txn = Transaction::begin(1, protocol, TIMEOUTS, 0);
         for name in shards {
@@ -101,14 +109,7 @@ mod tests {
             0,
         )
         .unwrap();
-        let actions = txn
-            .step(
-                Event::CommitRequested {
-                    wait_for_apply: false,
-                },
-                1,
-            )
-            .unwrap();
+        let actions = commit_requested(&mut txn, 1);
         assert_eq!(
             actions,
             vec![Action::SendPrepare {
@@ -151,13 +152,7 @@ mod tests {
             };
             txn.step(vote, 0).unwrap();
         }
-        txn.step(
-            Event::CommitRequested {
-                wait_for_apply: false,
-            },
-            1,
-        )
-        .unwrap();
+        commit_requested(&mut txn, 1);
         assert_eq!(txn.phase(), Phase::Aborting, "s2 named fewer participants: a NO");
         let Some(crate::Outcome::Aborted(reason)) = txn.outcome() else {
             panic!("expected an abort, got {:?}", txn.outcome());
@@ -180,14 +175,7 @@ mod tests {
             0,
         )
         .unwrap();
-        let actions = txn
-            .step(
-                Event::CommitRequested {
-                    wait_for_apply: false,
-                },
-                1,
-            )
-            .unwrap();
+        let actions = commit_requested(&mut txn, 1);
         assert!(
             matches!(actions.as_slice(), [Action::PersistCommit { .. }]),
             "a prepared branch cannot take a plain COMMIT: {actions:?}"
@@ -248,14 +236,7 @@ mod tests {
         txn.step(Event::Enlist { shard: shard("s0") }, 1).unwrap();
         txn.step(Event::ExecuteSucceeded { shard: shard("s0") }, 1)
             .unwrap();
-        let actions = txn
-            .step(
-                Event::CommitRequested {
-                    wait_for_apply: false,
-                },
-                2,
-            )
-            .unwrap();
+        let actions = commit_requested(&mut txn, 2);
         assert_eq!(
             actions,
             vec![Action::SendPrepare {
