@@ -30,6 +30,17 @@ fn treaty(args: &[&str]) -> Result<(bool, serde_json::Value, String)> {
     Ok((output.status.success(), json, stdout))
 }
 
+/// `treaty scenario run scenarios/<dir> --json`, in process when asked.
+fn scenario_run(dir: &str, in_process: bool) -> Result<(bool, serde_json::Value, String)> {
+    let path = repo().join("scenarios").join(dir);
+    let mut args = vec!["scenario", "run", path.to_str().unwrap_or_default()];
+    if in_process {
+        args.extend(["--participants", "in-process"]);
+    }
+    args.push("--json");
+    treaty(&args)
+}
+
 fn run_dir(dir: &str) -> Result<()> {
     let path = repo().join("scenarios").join(dir);
     let files = std::fs::read_dir(&path)?
@@ -39,7 +50,7 @@ fn run_dir(dir: &str) -> Result<()> {
         })
         .count();
     assert!(files > 0, "no scenarios in {}", path.display());
-    let (ok, json, stdout) = treaty(&["scenario", "run", path.to_str().unwrap_or_default(), "--json"])?;
+    let (ok, json, stdout) = scenario_run(dir, false)?;
     assert!(ok, "scenarios in {dir} failed:\n{stdout}");
     assert_eq!(json["failed"], 0, "{stdout}");
     assert_eq!(json["violations"], 0, "{stdout}");
@@ -50,15 +61,7 @@ fn run_dir(dir: &str) -> Result<()> {
 /// The directory's scenarios with in-process participants: every one runs (none needs agents)
 /// and passes.
 fn run_dir_in_process(dir: &str) -> Result<()> {
-    let path = repo().join("scenarios").join(dir);
-    let (ok, json, stdout) = treaty(&[
-        "scenario",
-        "run",
-        path.to_str().unwrap_or_default(),
-        "--participants",
-        "in-process",
-        "--json",
-    ])?;
+    let (ok, json, stdout) = scenario_run(dir, true)?;
     assert!(ok, "scenarios in {dir} failed in process:\n{stdout}");
     assert_eq!(json["participants"], "in-process", "{stdout}");
     assert_eq!(json["failed"], 0, "{stdout}");
@@ -74,15 +77,7 @@ fn scenarios_participant_failpoints_with_in_process_participants() -> Result<()>
 
 #[test]
 fn scenarios_that_need_participant_agents_are_skipped_in_process_with_the_reason() -> Result<()> {
-    let path = repo().join("scenarios").join("3pc");
-    let (ok, json, stdout) = treaty(&[
-        "scenario",
-        "run",
-        path.to_str().unwrap_or_default(),
-        "--participants",
-        "in-process",
-        "--json",
-    ])?;
+    let (ok, json, stdout) = scenario_run("3pc", true)?;
     // Nothing ran, which is not a pass: the last line is the error, the verdict is before it.
     assert!(!ok, "{stdout}");
     assert!(
