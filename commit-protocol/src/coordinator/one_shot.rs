@@ -31,6 +31,20 @@ impl Transaction {
         self.early_votes.push(EarlyVote { shard, vote, named });
     }
 
+    /// Whether an interactive client's last statement on `shard` may carry the branch's vote
+    /// (`ExecuteRequest.last`): only under two-phase commit, where a branch's vote needs no list of
+    /// participants that could still grow (three-phase votes name them), and never on the shard
+    /// that holds the decision, whose branch commits the decision row in one phase instead of
+    /// voting. Deciding in a branch with none enlisted yet, this statement opens the first branch,
+    /// which becomes the decision branch.
+    pub fn may_vote_early(&self, shard: &ShardName) -> bool {
+        let holds_decision = match self.decision_shard() {
+            Some(decision) => decision == shard,
+            None => self.decides_in_branch(),
+        };
+        self.protocol == Protocol::TwoPhase && !holds_decision
+    }
+
     /// Whether `shard`'s branch already voted with its last statement.
     pub(super) fn voted_early(&self, shard: &ShardName) -> bool {
         self.early_votes.iter().any(|early| &early.shard == shard)
@@ -215,6 +229,26 @@ mod tests {
             "{refused:?}"
         );
         assert_eq!(two.phase(), Phase::Active, "a refused commit changes nothing");
+    }
+
+    #[test]
+    fn only_a_two_phase_branch_that_does_not_hold_the_decision_may_vote_with_its_last_statement() {
+        // The file store: every two-phase branch may.
+        let file = enlisted(Protocol::TwoPhase, &["s0", "s1"]);
+        assert!(file.may_vote_early(&shard("s0")) && file.may_vote_early(&shard("s1")));
+        // Three-phase votes name every participant, which only the commit knows.
+        let three = enlisted(Protocol::ThreePhase, &["s0", "s1"]);
+        assert!(!three.may_vote_early(&shard("s1")));
+        // Deciding in a branch: the first branch commits the decision instead of voting.
+        let mut in_branch = Transaction::begin(1, Protocol::TwoPhase, TIMEOUTS, 0);
+        in_branch.set_decision_in_branch();
+        assert!(
+            !in_branch.may_vote_early(&shard("s1")),
+            "with no branch yet, the statement opens the decision branch"
+        );
+        in_branch.step(Event::Enlist { shard: shard("s1") }, 0).unwrap();
+        assert!(!in_branch.may_vote_early(&shard("s1")));
+        assert!(in_branch.may_vote_early(&shard("s0")));
     }
 
     #[test]

@@ -139,11 +139,9 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     }
 
     /// `execute` for what the client marked as the shard's last statement (`ExecuteRequest.last`):
-    /// under two-phase commit the participant votes in the same call, as a submit's branches do,
-    /// and the commit asks only the others. Not the branch that will hold the decision (the
-    /// transaction's first, when it decides in a branch: it commits the decision rather than
-    /// preparing), nor under three-phase commit, whose vote names every participant, which only
-    /// the commit knows: those run the statement as `execute` does.
+    /// where the machine lets that statement carry the branch's vote (`may_vote_early`), the
+    /// participant votes in the same call, as a submit's branches do, and the commit asks only the
+    /// others; elsewhere the statement runs as `execute` runs it.
     pub async fn execute_last(
         self: &Arc<Self>,
         txid: TxId,
@@ -151,15 +149,10 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         sql: String,
         params: Vec<Value>,
     ) -> Result<StatementResult, ApiError> {
-        let votes = {
-            let handle = self.handle(txid)?;
-            let machine = handle.machine();
-            let holds_decision = match machine.decision_shard() {
-                Some(decision) => decision.as_str() == shard,
-                // Deciding in a branch with none yet: this statement opens the first one.
-                None => machine.decides_in_branch(),
-            };
-            machine.protocol() == Protocol::TwoPhase && !holds_decision
+        let votes = match ShardName::new(shard) {
+            // A bad name is refused by `execute` below, with the reason.
+            Ok(name) => self.handle(txid)?.machine().may_vote_early(&name),
+            Err(_) => false,
         };
         if votes {
             self.execute_and_prepare(txid, shard, sql, params, &[]).await
