@@ -70,7 +70,7 @@ impl ParticipantService {
     /// per call by the generated service trait) holds whatever it awaits, so with `work` inline
     /// every call allocated and copied a future the size of the largest branch operation, several
     /// kilobytes, and kept it for as long as the call waited. A restarted coordinator re-driving
-    /// 10,000 commits in process spent a quarter of its CPU faulting in the pages of those.
+    /// 10,000 commits in process spent over a third of its CPU faulting in the pages of those.
     fn spawn<T, F>(&self, work: F) -> impl Future<Output = Result<T, Status>> + Send + '_
     where
         T: Send + 'static,

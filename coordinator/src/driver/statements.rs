@@ -149,11 +149,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         sql: String,
         params: Vec<Value>,
     ) -> Result<StatementResult, ApiError> {
-        let votes = match ShardName::new(shard) {
-            // A bad name is refused by `execute` below, with the reason.
-            Ok(name) => self.handle(txid)?.machine().may_vote_early(&name),
-            Err(_) => false,
-        };
+        let votes = self.handle(txid)?.machine().may_vote_early(&self.shard(shard)?);
         if votes {
             self.execute_and_prepare(txid, shard, sql, params, &[]).await
         } else {
