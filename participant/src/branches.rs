@@ -52,6 +52,9 @@ pub struct ActiveBranch {
     /// (`Agent::execute_and_prepare`), and this is what PostgreSQL answered: the vote takes it
     /// instead of sending them again.
     pub vote_sent: Option<Result<Session, StatementFailed>>,
+    /// The one-phase `COMMIT` went with the last statement (`Agent::execute_and_commit`), and this
+    /// is what PostgreSQL answered: the commit takes it instead of sending one.
+    pub commit_sent: Option<Result<Session, StatementFailed>>,
     ended: bool,
 }
 
@@ -66,6 +69,7 @@ impl ActiveBranch {
             wrote: false,
             pending_begin: None,
             vote_sent: None,
+            commit_sent: None,
             ended: false,
         }
     }

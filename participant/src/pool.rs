@@ -246,7 +246,16 @@ impl Shared {
         // Dropped outside the lock would be nicer, but dropping a connection only closes its
         // socket.
         idle.drain(..stale);
-        idle.pop().map(|entry| (entry.connection, entry.opened))
+        // One whose connection task has ended (PostgreSQL closed it: a restart, a terminated
+        // backend) is dropped here rather than found dead by a branch: a branch whose COMMIT went
+        // with its statement (`Agent::execute_and_commit`) cannot run again on a fresh
+        // connection, since it cannot tell a dead socket from a COMMIT whose answer was lost.
+        while let Some(entry) = idle.pop() {
+            if !entry.connection.client().is_closed() {
+                return Some((entry.connection, entry.opened));
+            }
+        }
+        None
     }
 }
 

@@ -123,6 +123,35 @@ pub async fn run_then_end(
     )
 }
 
+/// `run`, then `COMMIT` and the session check in the same round trip, for a one-phase branch's
+/// last statement (`Agent::execute_and_commit`): answers what the COMMIT did, or `None` when it
+/// was not sent. It is sent only with a statement that returns no rows: a row this side cannot
+/// decode would fail the call after PostgreSQL had committed. A failed statement leaves its
+/// transaction aborted, so the COMMIT behind it rolls back (PostgreSQL answers it with `ROLLBACK`).
+pub async fn run_then_commit(
+    connection: &Connection,
+    begin: Option<&str>,
+    sql: &str,
+    params: &[Param],
+    clean: &SessionState,
+) -> (
+    Result<StatementOutput, StatementError>,
+    Option<Result<Session, StatementFailed>>,
+) {
+    let statement = match prepare(connection, sql, params).await {
+        Ok(statement) => statement,
+        Err(error) => return (Err(error.into()), None),
+    };
+    if !statement.columns().is_empty() {
+        return (run_prepared(connection, begin, &statement, params).await, None);
+    }
+    let (ran, committed) = futures::join!(
+        run_prepared(connection, begin, &statement, params),
+        session::end_and_check(connection, "COMMIT", 1, clean)
+    );
+    (ran, Some(committed))
+}
+
 /// The statement prepared on this connection for `sql` with these parameters' types: from the
 /// connection's cache, keyed by the types' signature and the text, or prepared now.
 async fn prepare(

@@ -12,6 +12,7 @@ use treaty_proto::Gid;
 use super::{Agent, Vote};
 use crate::branches::{ActiveBranch, Finished, SlotGuard};
 use crate::error::BranchError;
+use crate::pool::session::StatementFailed;
 use crate::postgres::{self, BranchOptions, DbError};
 use crate::sql_guard;
 use crate::statement::{self, StatementError, StatementOutput};
@@ -26,7 +27,7 @@ impl Agent {
         options: &BranchOptions,
     ) -> Result<StatementOutput, BranchError> {
         let mut slot = self.branches.lock(gid.as_str()).await;
-        self.execute_locked(&mut slot, gid, sql, params, options, false)
+        self.execute_locked(&mut slot, gid, sql, params, options, Then::Return)
             .await
     }
 
@@ -41,7 +42,7 @@ impl Agent {
     ) -> Result<(StatementOutput, Vote), BranchError> {
         let mut slot = self.branches.lock(gid.as_str()).await;
         let output = self
-            .execute_locked(&mut slot, gid, sql, params, options, true)
+            .execute_locked(&mut slot, gid, sql, params, options, Then::Vote)
             .await?;
         let vote = self.prepare_locked(&mut slot, gid).await?;
         Ok((output, vote))
@@ -50,7 +51,8 @@ impl Agent {
     /// `execute`, then a plain `COMMIT`, under one hold of the GID's lock (a one-shot submit on a
     /// single shard). Answers `None` when `expect_rows` is set and not met: the branch is rolled
     /// back and nothing is committed. A statement or COMMIT error fails the call, as `execute` and
-    /// `commit_one_phase` do.
+    /// `commit_one_phase` do. Without `expect_rows` the COMMIT goes in the statement's round trip
+    /// (`statement::run_then_commit`); with it, only after the count was seen.
     pub async fn execute_and_commit(
         &self,
         gid: &Gid,
@@ -60,8 +62,12 @@ impl Agent {
         expect_rows: Option<u64>,
     ) -> Result<(StatementOutput, bool), BranchError> {
         let mut slot = self.branches.lock(gid.as_str()).await;
+        let then = match expect_rows {
+            None => Then::Commit,
+            Some(_) => Then::Return,
+        };
         let output = self
-            .execute_locked(&mut slot, gid, sql, params, options, false)
+            .execute_locked(&mut slot, gid, sql, params, options, then)
             .await?;
         if let Some(expected) = expect_rows
             && output.rows_affected != expected
@@ -84,7 +90,7 @@ impl Agent {
         sql: &str,
         params: Vec<Param>,
         options: &BranchOptions,
-        then_vote: bool,
+        then: Then,
     ) -> Result<StatementOutput, BranchError> {
         let opening = slot.active.is_none();
         let analysis = sql_guard::check(sql, opening)?;
@@ -136,13 +142,22 @@ impl Agent {
         // The vote (marker row, PREPARE TRANSACTION) goes in the statement's round trip when the
         // caller votes right after it: not for a batch, whose statements are not all sent first,
         // nor while a failpoint of the vote is armed, so that each still fires at its step.
-        let vote_sql = if then_vote && !batch && !self.vote_failpoint_armed() {
+        let vote_sql = if then == Then::Vote && !batch && !self.vote_failpoint_armed() {
             postgres::prepare_sql(gid, &self.branch_gid(gid), branch.database_role.as_ref()).ok()
         } else {
             None
         };
         let mut sent_vote = None;
+        let mut sent_commit = None;
         let mut ran = match &vote_sql {
+            _ if then == Then::Commit && !batch => {
+                let clean = branch.connection.clean_session();
+                let (ran, committed) =
+                    statement::run_then_commit(&branch.connection, begin.as_deref(), sql, &params, &clean)
+                        .await;
+                sent_commit = committed;
+                ran
+            }
             Some((end, statements)) => {
                 let clean = branch.connection.clean_session();
                 let (ran, voted) = statement::run_then_end(
@@ -162,14 +177,15 @@ impl Agent {
         };
         // A pooled connection that died (PostgreSQL restarted) is found by the opening statement:
         // it ran in no transaction that could commit (its BEGIN went with it), so it is run again
-        // on a fresh connection, each dead one closed as it is found.
+        // on a fresh connection, each dead one closed as it is found. Not once a COMMIT went with
+        // it: whether that COMMIT ran is unknown, and the call says so (`BranchError::Unavailable`).
         let mut tried = 1;
         while let (
             Some(begin),
             Err(StatementError::Begin(DbError::Connection(_)) | StatementError::Db(DbError::Connection(_))),
         ) = (&begin, &ran)
         {
-            if tried > self.pool.max_connections() {
+            if tried > self.pool.max_connections() || sent_commit.is_some() {
                 break;
             }
             tried += 1;
@@ -204,6 +220,7 @@ impl Agent {
         // prepared when the failure abandons it below (`Agent::roll_back`): nothing may stay
         // prepared for a call that failed.
         branch.vote_sent = sent_vote;
+        branch.commit_sent = sent_commit;
         match ran {
             Ok(output) => {
                 branch.last_used = Instant::now();
@@ -215,6 +232,16 @@ impl Agent {
                     machine.step(ParticipantEvent::StatementRan, self.clock_ms());
                 }
                 Ok(output)
+            }
+            Err(
+                StatementError::Db(error @ DbError::Connection(_))
+                | StatementError::Begin(error @ DbError::Connection(_)),
+            ) if branch.commit_sent.is_some() => {
+                // The COMMIT went with the statement on the connection that broke: whether it
+                // ran is unknown, which the one-phase commit that follows reports (the branch is
+                // remembered as of unknown outcome, not as rolled back).
+                branch.commit_sent = Some(Err(StatementFailed { index: 0, error }));
+                Ok(StatementOutput::default())
             }
             Err(error) => {
                 // The statement may have taken a session-level advisory lock (or changed a
@@ -313,4 +340,15 @@ impl Agent {
             other => other.into(),
         }
     }
+}
+
+/// What follows a statement in the same call, and so may go in its round trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// Nothing: the call answers the statement.
+    Return,
+    /// The vote (`execute_and_prepare`).
+    Vote,
+    /// A one-phase COMMIT (`execute_and_commit` without `expect_rows`).
+    Commit,
 }

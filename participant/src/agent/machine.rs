@@ -345,8 +345,10 @@ impl Agent {
             learned.no_vote = Some((String::new(), format!("branch {gid} has no open transaction")));
             return ParticipantEvent::LocalCommitFailed;
         };
-        let committed = match learned.decision.as_mut() {
-            Some(decision) if one_phase => decision.insert_and_commit(&mut branch, gid).await,
+        let committed = match (learned.decision.as_mut(), branch.commit_sent.take()) {
+            (Some(decision), _) if one_phase => decision.insert_and_commit(&mut branch, gid).await,
+            // Sent with the last statement (`Agent::execute_and_commit`): PostgreSQL's answer.
+            (None, Some(sent)) if one_phase => sent.map_err(|failed| failed.error),
             _ => postgres::commit(&mut branch.connection).await,
         };
         match committed {

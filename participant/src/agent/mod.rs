@@ -182,6 +182,12 @@ impl Agent {
             }
             return;
         }
+        if let Some(Ok(session)) = branch.commit_sent.take() {
+            // The COMMIT went with the statement that failed, and PostgreSQL, finding the
+            // transaction aborted, rolled it back: there is nothing left to end.
+            branch.transaction_ended(gid, session);
+            return;
+        }
         match postgres::rollback(&mut branch.connection).await {
             Ok(session) => branch.transaction_ended(gid, session),
             Err(error) => {

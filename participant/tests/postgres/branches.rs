@@ -655,3 +655,99 @@ async fn the_vote_sent_with_the_last_statement_prepares_only_after_a_statement_t
     assert_eq!(env.commit(&next).await.unwrap(), pb::BranchState::Committed);
     assert_eq!(env.db.count("SELECT count(*) FROM kv").await, 2);
 }
+
+/// `ExecuteAndCommit` without `expect_rows` sends the COMMIT in the statement's round trip: a
+/// statement that succeeds commits; one PostgreSQL refuses, or one whose COMMIT fails (a deferred
+/// constraint), commits nothing and fails the call with its SQLSTATE; a statement that returns
+/// rows, which might not be readable here after PostgreSQL committed, gets its COMMIT only after
+/// its rows were read, so an unreadable one commits nothing; and the one connection serves the
+/// next branch after each.
+#[tokio::test]
+async fn the_commit_sent_with_the_last_statement_commits_only_after_a_statement_that_succeeded() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("commit-with-statement", |c| c.max_connections = 1).await else {
+        return;
+    };
+    kv(&env).await;
+    env.db
+        .sql(
+            "CREATE TABLE parent (id int PRIMARY KEY); \
+             CREATE TABLE child (p int REFERENCES parent DEFERRABLE INITIALLY DEFERRED)",
+        )
+        .await;
+    let sqlstate = |status: tonic::Status| match ApiError::from(status) {
+        ApiError::Sql(sql) => sql.sqlstate,
+        other => panic!("expected a SQL error, got {other:?}"),
+    };
+
+    let ok = env.gid(1);
+    let done = env
+        .execute_and_commit(&ok, "INSERT INTO kv VALUES (1, 'a')", None)
+        .await
+        .unwrap();
+    assert!(done.committed);
+    assert_eq!(done.result.unwrap().rows_affected, 1);
+    assert_eq!(env.db.count("SELECT count(*) FROM kv").await, 1);
+    assert_eq!(
+        env.commit_one_phase(&ok).await.unwrap(),
+        pb::BranchState::Committed,
+        "a repeat finds it committed"
+    );
+
+    // Refused by PostgreSQL: the COMMIT behind it rolls back.
+    let refused = env.gid(2);
+    let status = env
+        .execute_and_commit(&refused, "INSERT INTO kv VALUES (1, 'dup')", None)
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(status), "23505");
+    let again = env.commit_one_phase(&refused).await.unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+
+    // The statement runs, its COMMIT fails.
+    let deferred = env.gid(3);
+    let status = env
+        .execute_and_commit(&deferred, "INSERT INTO child VALUES (42)", None)
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(status), "23503");
+    assert_eq!(env.db.count("SELECT count(*) FROM child").await, 0);
+
+    // Ran, then unreadable here (Treaty returns no interval): not committed.
+    let unreadable = env.gid(4);
+    let error = env
+        .execute_and_commit(
+            &unreadable,
+            "INSERT INTO kv VALUES (4, 'd') RETURNING interval '1 day'",
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(error.message().contains("interval"), "{error:?}");
+    // Rows that can be read come back, and commit.
+    let returning = env.gid(5);
+    let done = env
+        .execute_and_commit(&returning, "INSERT INTO kv VALUES (5, 'e') RETURNING k", None)
+        .await
+        .unwrap();
+    assert!(done.committed);
+    assert_eq!(done.result.unwrap().rows.len(), 1);
+
+    // On a branch already open, and on the one connection all of the above used.
+    let open = env.gid(6);
+    env.execute(&open, "INSERT INTO kv VALUES (6, 'f')", vec![])
+        .await
+        .unwrap();
+    let done = env
+        .execute_and_commit(&open, "INSERT INTO kv VALUES (7, 'g')", None)
+        .await
+        .unwrap();
+    assert!(done.committed);
+    assert_eq!(
+        env.db.count("SELECT count(*) FROM kv").await,
+        4,
+        "1, 5, 6 and 7 committed; 4 did not"
+    );
+    assert_eq!(env.db.count("SELECT count(*) FROM kv WHERE k = 4").await, 0);
+    assert!(env.db.prepared().await.is_empty());
+}
