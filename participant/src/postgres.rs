@@ -735,4 +735,81 @@ mod tests {
         let branch = BranchGid::new(&gid, &ShardName::new("s1").unwrap());
         assert_eq!(prepared_names(&branch), ["treaty:c1:7:s1", "treaty:c1:7"]);
     }
+
+    /// A PostgreSQL server that completes the startup (trust) and then answers the first message
+    /// the client sends with `answer`, or closes the connection when `answer` is empty.
+    async fn fake_server(answer: &'static [u8]) -> u16 {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let length = socket.read_i32().await.unwrap();
+            let mut startup = vec![0; usize::try_from(length - 4).unwrap()];
+            socket.read_exact(&mut startup).await.unwrap();
+            // AuthenticationOk, ReadyForQuery (idle).
+            socket
+                .write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, b'I'])
+                .await
+                .unwrap();
+            let mut request = [0; 64];
+            let _ = socket.read(&mut request).await;
+            if answer.is_empty() {
+                return;
+            }
+            socket.write_all(answer).await.unwrap();
+            // Held open: the client must judge the answer, not a closed socket.
+            let _ = socket.read(&mut request).await;
+        });
+        port
+    }
+
+    async fn error_from(answer: &'static [u8]) -> DbError {
+        let port = fake_server(answer).await;
+        let (client, connection) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=treaty dbname=treaty sslmode=disable"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        DbError::from(client.simple_query("SELECT 1").await.unwrap_err())
+    }
+
+    /// tokio-postgres' error kinds are private, so a session left in an unknown state is told
+    /// partly by the error's text: these keep that text honest across upgrades. Misread as a
+    /// client-side error, such a connection would go back to the pool.
+    #[tokio::test]
+    async fn an_answer_out_of_protocol_or_a_closed_socket_is_a_broken_connection() {
+        // An AuthenticationOk in the middle of a query: "unexpected message from server".
+        let unexpected = error_from(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0]).await;
+        assert!(
+            matches!(&unexpected, DbError::Connection(text) if text.contains("unexpected message")),
+            "{unexpected:?}"
+        );
+        // A CommandComplete whose tag is not terminated: the answer cannot be parsed.
+        let garbled = error_from(&[b'C', 0, 0, 0, 6, b'S', b'E']).await;
+        assert!(garbled.is_connection(), "{garbled:?}");
+        let closed = error_from(&[]).await;
+        assert!(closed.is_connection(), "{closed:?}");
+    }
+
+    #[tokio::test]
+    async fn a_parameter_that_cannot_be_encoded_is_the_clients_error() {
+        let port = fake_server(&[]).await;
+        let (client, connection) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=treaty dbname=treaty sslmode=disable"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        let text = "not a number";
+        let error = client
+            .query_typed("SELECT $1", &[(&text, Type::INT4)])
+            .await
+            .unwrap_err();
+        let error = DbError::from(error);
+        assert!(matches!(error, DbError::Client(_)), "{error:?}");
+    }
 }
