@@ -226,6 +226,34 @@ where
     }
 }
 
+/// Runs `treaty demo` on 2 shards, 4 clients for 4 s, one coordinator kill, with `args` added,
+/// into a directory of its own; checks the verdict is "ok" with commits and a clean exit, and
+/// answers the verdict and the directory (its `logs/` say what ran).
+pub async fn run_demo(args: &[&str]) -> Result<(serde_json::Value, TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let output = tokio::process::Command::new(treaty_harness::binary_path("treaty")?)
+        .arg("demo")
+        .args(args)
+        .args(["--duration", "4", "--shards", "2", "--clients", "4"])
+        .args(["--coordinator-kills", "1", "--json", "--dir"])
+        .arg(dir.path())
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let verdict: serde_json::Value = serde_json::from_str(last).with_context(|| {
+        format!(
+            "demo output: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    assert_eq!(verdict["verdict"], "ok", "{verdict}");
+    assert_eq!(verdict["coordinator_kills"], 1, "{verdict}");
+    assert!(verdict["committed"].as_u64().unwrap_or(0) > 0, "{verdict}");
+    assert!(output.status.success(), "{verdict}");
+    Ok((verdict, dir))
+}
+
 pub fn int(value: i64) -> pb::Value {
     pb::Value {
         kind: Some(pb::value::Kind::Int64(value)),

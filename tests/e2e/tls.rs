@@ -173,34 +173,8 @@ async fn the_cli_commits_over_tls_with_its_certificate_flags() -> Result<()> {
 
 #[tokio::test]
 async fn the_demo_reaches_an_ok_verdict_over_tls() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let output = tokio::process::Command::new(treaty_harness::binary_path("treaty")?)
-        .args([
-            "demo",
-            "--tls",
-            "--duration",
-            "4",
-            "--shards",
-            "2",
-            "--clients",
-            "4",
-        ])
-        .args(["--coordinator-kills", "1", "--json", "--dir"])
-        .arg(dir.path())
-        .output()
-        .await?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    let verdict: serde_json::Value = serde_json::from_str(last).with_context(|| {
-        format!(
-            "demo output: {stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })?;
-    assert_eq!(verdict["verdict"], "ok", "{verdict}");
+    let (verdict, dir) = run_demo(&["--tls"]).await?;
     assert_eq!(verdict["tls"], true, "{verdict}");
-    assert!(verdict["committed"].as_u64().unwrap_or(0) > 0, "{verdict}");
-    assert!(output.status.success());
     // Every process served TLS only.
     let logs = dir.path().join("logs");
     for log in ["coordinator.log", "participant-s0.log", "participant-s1.log"] {
