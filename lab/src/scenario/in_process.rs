@@ -72,20 +72,25 @@ fn is_client_link(from: &str, to: &str) -> bool {
 }
 
 /// `scenario` as it runs in process: when a step crashes a participant (kills it, or arms one of
-/// its failpoints, which may crash it), the expectations about what the surviving coordinator told
-/// its clients are dropped, and a note says so.
+/// its failpoints with `return(crash)`), the expectations about what the surviving coordinator
+/// told its clients are dropped, and a note says so. A failpoint that only fails its step
+/// (`return(error)`, a delay, a pause) crashes nothing, and the expectations stand.
 pub fn adapt(mut scenario: Scenario) -> (Scenario, Option<String>) {
     let shards = scenario.topology.shards;
-    let participant_crashes = scenario.steps.iter().any(|step| {
-        matches!(
-            step.parsed_action(shards),
-            Ok(Action::Kill9(Process::Participant(_))
-                | Action::Arm {
-                    process: Process::Participant(_),
-                    ..
-                })
-        )
-    });
+    let participant_crashes = scenario
+        .steps
+        .iter()
+        .any(|step| match step.parsed_action(shards) {
+            Ok(Action::Kill9(Process::Participant(_)) | Action::Kill9ForGood(Process::Participant(_))) => {
+                true
+            }
+            Ok(Action::Arm {
+                process: Process::Participant(_),
+                actions,
+                ..
+            }) => crashes(&actions),
+            _ => false,
+        });
     let expect = &mut scenario.expect;
     if !participant_crashes || (expect.min_aborted == 0 && expect.heard_abort_causes.is_empty()) {
         return (scenario, None);
@@ -96,6 +101,14 @@ pub fn adapt(mut scenario: Scenario) -> (Scenario, Option<String>) {
         scenario,
         Some("a participant's crash is the coordinator's in process: what its clients were told is not checked".into()),
     )
+}
+
+/// Whether failpoint `actions` (fail-rs's `[p%][cnt*]task[(arg)]`, chained with `->`) may crash
+/// the process: one of its tasks is `return(crash)`.
+fn crashes(actions: &str) -> bool {
+    actions
+        .split("->")
+        .any(|task| task.trim().rsplit(['*', '%']).next() == Some("return(crash)"))
 }
 
 /// The process that holds `process` in process: a participant is the coordinator.
@@ -199,6 +212,35 @@ mod tests {
         let (adapted, note) = adapt(coordinator);
         assert_eq!(adapted.expect.min_aborted, 1);
         assert_eq!(note, None);
+        // A participant failpoint that fails its step without crashing: the coordinator lives on
+        // and its clients hear the abort, in process as with agents.
+        let error = scenario(
+            r#"name = "x"
+               [expect]
+               min_aborted = 1
+               heard_abort_causes = ["vote_no"]
+               [[steps]]
+               at = "start"
+               do = "arm"
+               target = "s1"
+               failpoint = "participant::before-prepare"
+               actions = "1*return(error)""#,
+        );
+        let (adapted, note) = adapt(error);
+        assert_eq!(adapted.expect.min_aborted, 1);
+        assert_eq!(adapted.expect.heard_abort_causes.len(), 1);
+        assert_eq!(note, None);
+    }
+
+    #[test]
+    fn only_a_crash_among_the_actions_crashes() {
+        assert!(crashes("return(crash)"));
+        assert!(crashes("1*return(crash)"));
+        assert!(crashes("50%return(crash)"));
+        assert!(crashes("1*sleep(100)->1*return(crash)"));
+        assert!(!crashes("1*return(error)"));
+        assert!(!crashes("pause"));
+        assert!(!crashes("2*delay(50)->off"));
     }
 
     #[test]
