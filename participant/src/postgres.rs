@@ -764,7 +764,8 @@ mod tests {
         port
     }
 
-    async fn error_from(answer: &'static [u8]) -> DbError {
+    /// A client of a `fake_server` that answers `answer`, its connection task running.
+    async fn fake_client(answer: &'static [u8]) -> tokio_postgres::Client {
         let port = fake_server(answer).await;
         let (client, connection) = tokio_postgres::connect(
             &format!("host=127.0.0.1 port={port} user=treaty dbname=treaty sslmode=disable"),
@@ -773,6 +774,11 @@ mod tests {
         .await
         .unwrap();
         tokio::spawn(connection);
+        client
+    }
+
+    async fn error_from(answer: &'static [u8]) -> DbError {
+        let client = fake_client(answer).await;
         DbError::from(client.simple_query("SELECT 1").await.unwrap_err())
     }
 
@@ -796,14 +802,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_parameter_that_cannot_be_encoded_is_the_clients_error() {
-        let port = fake_server(&[]).await;
-        let (client, connection) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={port} user=treaty dbname=treaty sslmode=disable"),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(connection);
+        let client = fake_client(&[]).await;
         let text = "not a number";
         let error = client
             .query_typed("SELECT $1", &[(&text, Type::INT4)])
