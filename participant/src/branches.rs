@@ -75,21 +75,24 @@ impl ActiveBranch {
     }
 
     /// The transaction is over (COMMIT, ROLLBACK or PREPARE succeeded): the connection may go back
-    /// to the pool, unless `session` (the check that ran in the same round trip) or the SQL guard
-    /// says its session changed.
+    /// to the pool, unless `session` (the check that ran in the same round trip, when one was due)
+    /// or the SQL guard says its session changed. Unchecked, it goes back marked with the
+    /// branch's role (`pool`).
     pub fn transaction_ended(mut self, gid: &Gid, session: Session) {
         self.ended = true;
-        if let Session::Changed(what) = session {
-            tracing::warn!(
-                %gid,
-                backend_pid = self.connection.backend_pid(),
-                "closing the branch's connection instead of pooling it: its session changed ({what})"
-            );
-            crate::metrics::global().dirty_connection_closed("session_check");
-            self.session_changed = true;
-        } else if self.session_changed {
-            tracing::debug!(%gid, "closing the branch's connection: a statement may have changed its session");
-            crate::metrics::global().dirty_connection_closed("sql_guard");
+        match session {
+            Session::Changed(_) => {
+                tracing::debug!(%gid, "the session check after the branch found its session changed");
+                self.connection.checked(session);
+                self.session_changed = true;
+            }
+            _ if self.session_changed => {
+                tracing::debug!(%gid, "closing the branch's connection: a statement may have changed its session");
+                crate::metrics::global().dirty_connection_closed("sql_guard");
+            }
+            _ => {
+                self.connection.checked(session);
+            }
         }
     }
 

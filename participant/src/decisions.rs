@@ -172,7 +172,7 @@ pub async fn insert_and_commit(
     // PostgreSQL answers the COMMIT with a rollback, so the insert's answer decides.
     let (inserted, ended) = futures::join!(
         connection.client().execute_raw(&statement, params),
-        session::end_and_check(connection, "COMMIT", 1, &clean)
+        session::end_and_check(connection, "COMMIT", 1, clean.as_deref())
     );
     let gid = gid.to_string();
     match (inserted.map_err(DbError::from), ended) {
@@ -196,7 +196,7 @@ async fn insert_and_commit_as_text(
     let sql = format!("{prelude}{}; COMMIT", commit_row_sql(gid, participants));
     let clean = connection.clean_session();
     let StatementFailed { index, error } =
-        match session::end_and_check(connection, &sql, insert_at + 2, &clean).await {
+        match session::end_and_check(connection, &sql, insert_at + 2, clean.as_deref()).await {
             Ok(session) => return Ok(session),
             Err(failed) => failed,
         };

@@ -373,7 +373,12 @@ async fn sweep_idle_branches(agent: Arc<Agent>, idle_timeout: Duration, mut stop
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = ticker.tick() => agent.sweep_idle().await,
+            _ = ticker.tick() => {
+                agent.sweep_idle().await;
+                // Bounded, so that a server that stopped answering cannot hold up the branch
+                // sweep; a check cut short closes its connection.
+                let _ = tokio::time::timeout(every, agent.pool().check_idle()).await;
+            }
             _ = stop.changed() => return,
         }
     }

@@ -8,16 +8,28 @@
 //! of 10,000 transactions opened about 45 per shard for 16 commits in flight).
 //!
 //! Here a connection goes back as it is. That is safe because its users decide whether it may: a
-//! branch's connection is closed unless its transaction ended and its session is as it was opened
-//! (`ActiveBranch`; the check, `session`, rides in the round trip that ends the branch), and the
-//! participant's own statements (`retrying`) mark theirs `close_on_drop` until the statement
-//! completed, so a call dropped halfway (or one whose connection broke) closes it instead of
-//! leaving an unread answer for the next user. A dead idle connection is found on its next use,
-//! by the callers that may repeat their statement (`retrying`, `open`), as with sqlx's pool under
-//! `test_before_acquire(false)`.
+//! branch's connection is closed unless its transaction ended and its session was not found
+//! changed (`ActiveBranch`), and the participant's own statements (`retrying`) mark theirs
+//! `close_on_drop` until the statement completed, so a call dropped halfway (or one whose
+//! connection broke) closes it instead of leaving an unread answer for the next user. A dead idle
+//! connection is found on its next use, by the callers that may repeat their statement
+//! (`retrying`, `open`), as with sqlx's pool under `test_before_acquire(false)`.
 //!
-//! Idle connections are reused newest first, so a light load keeps the same few backends warm;
-//! those idle longer than `IDLE_TIMEOUT` are closed when the pool is next used.
+//! **Whose a connection is.** A branch can change its session in ways the SQL guard cannot see (a
+//! function body, a trigger: `session`). So a connection a branch used goes back *unchecked*,
+//! marked with the branch's database role (`Left::Unchecked`), and only a branch under the same
+//! role takes it as it is, as PgBouncer pools per database user; anyone else (a branch under
+//! another role, the participant's own statements) has the session check run on it first, in a
+//! round trip of its own, and a changed one is closed. Within one role the check still runs at
+//! least every `CHECK_INTERVAL`: in the round trip that ends a branch once that long has passed
+//! since the connection's last check, and on idle connections by `check_idle` (the idle sweep),
+//! so that what a hidden function left (a session-level advisory lock, a setting) lasts about a
+//! second, not the connection's life. Measured, the check after every branch was most of the
+//! PostgreSQL CPU Treaty spends beyond driving the same SQL by hand (docs/performance.md).
+//!
+//! Idle connections are reused newest first among those a taker may use as they are, so a light
+//! load keeps the same few backends warm; those idle longer than `IDLE_TIMEOUT` are closed when the
+//! pool is next used.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,10 +37,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
+use treaty_proto::DatabaseRole;
+
 use crate::postgres::{DbError, SessionDefaults};
 pub use connect::{ConnectError, ConnectTarget};
 pub use connection::{Connection, pipelined};
-use session::SessionState;
+use session::{Session, SessionState};
 
 pub(crate) mod connect;
 mod connection;
@@ -36,6 +50,28 @@ pub(crate) mod session;
 
 /// An idle connection unused this long is closed (as sqlx's pool does by default).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+/// Longest a connection serves branches of one database role without the session check, and
+/// longest an idle one waits unchecked before the idle sweep checks it.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Who takes a connection: the participant's own statements, or a branch under a database role
+/// (`None`: the participant's login role).
+#[derive(Clone, Copy)]
+pub enum Taker<'a> {
+    Participant,
+    Branch(Option<&'a DatabaseRole>),
+}
+
+/// Whether an idle connection's session is known to be as it was opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Left {
+    /// Checked since a branch last used it (or no branch has): anyone may take it.
+    Checked,
+    /// A branch under this role used it and nothing has checked it since: another branch under
+    /// the same role may take it as it is; anyone else has it checked first.
+    Unchecked(Option<DatabaseRole>),
+}
 
 /// A cheap handle; clones share the connections.
 #[derive(Clone)]
@@ -59,6 +95,22 @@ struct Idle {
     connection: Connection,
     opened: Opened,
     since: Instant,
+    left: Left,
+    /// When the session check last found the session clean (or the connection opened).
+    checked_at: Instant,
+}
+
+impl Idle {
+    /// How well this connection suits `taker`, lower is better; `None`: not as it is (the check
+    /// first).
+    fn fit(&self, taker: Taker<'_>) -> Option<u8> {
+        match (&self.left, taker) {
+            (Left::Unchecked(role), Taker::Branch(wanted)) if role.as_ref() == wanted => Some(0),
+            (Left::Checked, Taker::Branch(_)) => Some(1),
+            (Left::Checked, Taker::Participant) => Some(0),
+            (Left::Unchecked(_), _) => None,
+        }
+    }
 }
 
 /// What was read when a connection opened.
@@ -140,6 +192,12 @@ impl Pool {
     /// connections for a moment (restarting, starting up) is tried again until then, as sqlx's
     /// pool did; one that refuses for good (authentication, no such database) fails at once.
     pub async fn acquire(&self) -> Result<PooledConnection, DbError> {
+        self.acquire_for(Taker::Participant).await
+    }
+
+    /// As `acquire`, for `taker`: a connection whose session is clean for it (`Left`), an
+    /// unchecked one checked first when no other is idle.
+    pub async fn acquire_for(&self, taker: Taker<'_>) -> Result<PooledConnection, DbError> {
         let timeout = self.shared.acquire_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let waited = || {
@@ -165,17 +223,53 @@ impl Pool {
                 }
             }
         };
-        let (connection, opened) = match self.shared.take_idle() {
-            Some(idle) => idle,
-            None => self.shared.open(deadline).await?,
-        };
-        Ok(PooledConnection {
+        let mut permit = permit;
+        while let Some((idle, as_it_is)) = self.shared.take_idle(taker) {
+            let mut connection = PooledConnection::from_idle(idle, &self.shared, permit);
+            if as_it_is || connection.check().await {
+                connection.taken_by(taker);
+                return Ok(connection);
+            }
+            // Closed as it drops; its permit serves the next one.
+            permit = connection.release_permit();
+        }
+        let (connection, opened) = self.shared.open(deadline).await?;
+        let mut connection = PooledConnection {
             connection: Some(connection),
             opened,
             shared: Arc::clone(&self.shared),
             close: false,
-            _permit: permit,
-        })
+            left: Left::Checked,
+            checked_at: Instant::now(),
+            _permit: Some(permit),
+        };
+        connection.taken_by(taker);
+        Ok(connection)
+    }
+
+    /// Checks the idle connections a branch left unchecked for `CHECK_INTERVAL` or longer (the
+    /// idle sweep calls it): what a branch's hidden function left in its session (a setting, a
+    /// session-level advisory lock) is then undone or closed within about that long even when
+    /// the connection waits unused. Skipped while every connection is in use.
+    pub async fn check_idle(&self) {
+        loop {
+            let Ok(permit) = Arc::clone(&self.shared.permits).try_acquire_owned() else {
+                return;
+            };
+            let due = {
+                let mut idle = self.shared.idle();
+                idle.iter()
+                    .position(|entry| {
+                        matches!(entry.left, Left::Unchecked(_))
+                            && entry.checked_at.elapsed() >= CHECK_INTERVAL
+                    })
+                    .map(|at| idle.remove(at))
+            };
+            let Some(entry) = due else { return };
+            let mut connection = PooledConnection::from_idle(entry, &self.shared, permit);
+            // Clean, it goes back checked; changed, it is closed (both as it drops).
+            connection.check().await;
+        }
     }
 
     /// A connection outside the pool (not counted against `max_connections`), for a rare
@@ -237,7 +331,9 @@ impl Shared {
         self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn take_idle(&self) -> Option<(Connection, Opened)> {
+    /// The idle connection `taker` should use, and whether as it is (else the check first):
+    /// the newest among the best fitting (`Idle::fit`).
+    fn take_idle(&self, taker: Taker<'_>) -> Option<(Idle, bool)> {
         let mut idle = self.idle();
         let stale = idle
             .iter()
@@ -250,12 +346,23 @@ impl Shared {
         // backend) is dropped here rather than found dead by a branch: a branch whose COMMIT went
         // with its statement (`Agent::execute_and_commit`) cannot run again on a fresh
         // connection, since it cannot tell a dead socket from a COMMIT whose answer was lost.
-        while let Some(entry) = idle.pop() {
-            if !entry.connection.client().is_closed() {
-                return Some((entry.connection, entry.opened));
+        idle.retain(|entry| !entry.connection.client().is_closed());
+        let mut best: Option<(usize, Option<u8>)> = None;
+        for (at, entry) in idle.iter().enumerate().rev() {
+            let fit = entry.fit(taker);
+            // `None` (checked first) is the worst fit; among equals the newest (found first).
+            let better = match best {
+                None => true,
+                Some((_, best_fit)) => fit.is_some() && (best_fit.is_none() || fit < best_fit),
+            };
+            if better {
+                best = Some((at, fit));
+                if fit == Some(0) {
+                    break;
+                }
             }
         }
-        None
+        best.map(|(at, fit)| (idle.remove(at), fit.is_some()))
     }
 }
 
@@ -266,20 +373,86 @@ pub struct PooledConnection {
     opened: Opened,
     shared: Arc<Shared>,
     close: bool,
+    /// How it goes back to the pool (`Left`), unless closed.
+    left: Left,
+    checked_at: Instant,
     /// Released after the connection is back among the idle ones (fields drop after `drop`), so
-    /// that the acquire it wakes finds it there.
-    _permit: OwnedSemaphorePermit,
+    /// that the acquire it wakes finds it there. `None` only once `release_permit` took it.
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl PooledConnection {
+    fn from_idle(idle: Idle, shared: &Arc<Shared>, permit: OwnedSemaphorePermit) -> PooledConnection {
+        PooledConnection {
+            connection: Some(idle.connection),
+            opened: idle.opened,
+            shared: Arc::clone(shared),
+            close: false,
+            left: idle.left,
+            checked_at: idle.checked_at,
+            _permit: Some(permit),
+        }
+    }
+
+    /// A branch's connection goes back unchecked under its role until a check after the branch
+    /// finds it clean (`checked_clean`); the participant's own statements change no session.
+    fn taken_by(&mut self, taker: Taker<'_>) {
+        if let Taker::Branch(role) = taker {
+            self.left = Left::Unchecked(role.cloned());
+        }
+    }
+
+    /// Runs the session check in a round trip of its own; `true` if the session is clean (the
+    /// connection is then marked checked), else it is marked to close.
+    async fn check(&mut self) -> bool {
+        let clean = Arc::clone(&self.opened.clean);
+        // A check dropped halfway would leave its answer unread for the next user: closed then.
+        self.close = true;
+        let found = session::check(self, &clean).await;
+        let clean = self.checked(found);
+        self.close = !clean;
+        clean
+    }
+
+    /// What a check of this connection found: clean marks it checked; changed logs why, counts
+    /// it and marks it to close. `true` if clean.
+    pub(crate) fn checked(&mut self, found: Session) -> bool {
+        match found {
+            Session::Clean => {
+                self.left = Left::Checked;
+                self.checked_at = Instant::now();
+                true
+            }
+            Session::Unchecked => true,
+            Session::Changed(what) => {
+                tracing::warn!(
+                    backend_pid = self.opened.backend_pid,
+                    "closing a pooled connection: a branch changed its session ({what})"
+                );
+                crate::metrics::global().dirty_connection_closed("session_check");
+                self.close = true;
+                false
+            }
+        }
+    }
+
+    /// Closes the connection and hands back its permit, for the caller to take the next one.
+    fn release_permit(mut self) -> OwnedSemaphorePermit {
+        self.close = true;
+        let permit = self._permit.take();
+        drop(self);
+        permit.unwrap_or_else(|| unreachable!("the permit is taken only here"))
+    }
+
     /// The PostgreSQL backend serving this connection, to cancel its statement from another.
     pub fn backend_pid(&self) -> i32 {
         self.opened.backend_pid
     }
 
-    /// The session as it was when the connection opened, which a branch must leave it as.
-    pub(crate) fn clean_session(&self) -> Arc<SessionState> {
-        Arc::clone(&self.opened.clean)
+    /// The session as it was when the connection opened, for the check in the round trip that
+    /// ends a branch, if one is due (`CHECK_INTERVAL` since the last); `None`: not this time.
+    pub(crate) fn clean_session(&self) -> Option<Arc<SessionState>> {
+        (self.checked_at.elapsed() >= CHECK_INTERVAL).then(|| Arc::clone(&self.opened.clean))
     }
 
     /// Closes the connection instead of returning it: its transaction or protocol state is not
@@ -334,6 +507,8 @@ impl Drop for PooledConnection {
                     clean: Arc::clone(&self.opened.clean),
                 },
                 since: Instant::now(),
+                left: std::mem::replace(&mut self.left, Left::Checked),
+                checked_at: self.checked_at,
             });
         }
     }

@@ -258,7 +258,7 @@ pub async fn commit(connection: &mut PooledConnection) -> Result<Session, DbErro
 /// `sql` (`statements` statements, ending the transaction) and the session check, one round trip.
 async fn end(connection: &mut PooledConnection, sql: &str, statements: usize) -> Result<Session, DbError> {
     let clean = connection.clean_session();
-    session::end_and_check(connection, sql, statements, &clean)
+    session::end_and_check(connection, sql, statements, clean.as_deref())
         .await
         .map_err(|failed| failed.error)
 }
@@ -293,8 +293,15 @@ pub(crate) fn prepare_sql(
 ) -> Result<(String, usize), DbError> {
     // The role goes back before PREPARE TRANSACTION even without a marker: PostgreSQL lets only
     // the role that prepared a transaction (or a superuser) finish it, and the participant
-    // finishes it under its own.
-    let (prelude, prelude_statements) = bookkeeping_prelude(role);
+    // finishes it under its own. A branch under the participant's role returns to it too: a
+    // function may have moved the session's role (`set_config('role', ...)`, in this branch or,
+    // on a connection passed on unchecked within one role, an earlier one: `pool`), and a branch
+    // prepared under another role would stay prepared, holding its locks, until an operator with
+    // that role or a superuser finished it.
+    let (prelude, prelude_statements) = match role {
+        Some(_) => bookkeeping_prelude(role),
+        None => ("SET LOCAL ROLE NONE; ", 1),
+    };
     // A transaction whose decision is a row on its decision shard needs no marker: that row says
     // whether the branch committed, and a branch found not prepared is answered from it by the
     // coordinator (`Agent::commit_prepared`). One insert and one index entry fewer per branch.
@@ -655,17 +662,18 @@ mod tests {
     }
 
     #[test]
-    fn prepare_is_one_batch_with_the_marker_first() {
+    fn prepare_is_one_batch_with_the_role_back_then_the_marker() {
         let gid = Gid::new(&CoordinatorId::new("c1").unwrap(), 42);
         let shard = ShardName::new("s0").unwrap();
         // The marker row keeps the transaction's GID; the branch is prepared under its own name.
         assert_eq!(
             prepare_sql(&gid, &BranchGid::new(&gid, &shard), None).unwrap(),
             (
-                "INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('treaty:c1:42', 'c1', 42); \
+                "SET LOCAL ROLE NONE; \
+                 INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('treaty:c1:42', 'c1', 42); \
                  PREPARE TRANSACTION 'treaty:c1:42:s0'"
                     .to_owned(),
-                2
+                3
             )
         );
         let huge = Gid::new(&CoordinatorId::new("c1").unwrap(), u64::MAX);
@@ -679,7 +687,10 @@ mod tests {
         let branch = BranchGid::new(&gid, &ShardName::new("s0").unwrap());
         assert_eq!(
             prepare_sql(&gid, &branch, None).unwrap(),
-            ("PREPARE TRANSACTION 'treaty:c1:42@s1:s0'".to_owned(), 1)
+            (
+                "SET LOCAL ROLE NONE; PREPARE TRANSACTION 'treaty:c1:42@s1:s0'".to_owned(),
+                2
+            )
         );
         // No marker, but the participant's role prepares: only it may finish the branch later.
         let role = DatabaseRole::new("app_alice").unwrap();

@@ -100,7 +100,7 @@ pub async fn run_then_end(
     params: &[Param],
     end: &str,
     end_statements: usize,
-    clean: &SessionState,
+    clean: Option<&SessionState>,
 ) -> (
     Result<StatementOutput, StatementError>,
     Result<Session, StatementFailed>,
@@ -133,7 +133,7 @@ pub async fn run_then_commit(
     begin: Option<&str>,
     sql: &str,
     params: &[Param],
-    clean: &SessionState,
+    clean: Option<&SessionState>,
 ) -> (
     Result<StatementOutput, StatementError>,
     Option<Result<Session, StatementFailed>>,

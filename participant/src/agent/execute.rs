@@ -12,6 +12,7 @@ use treaty_proto::Gid;
 use super::{Agent, Vote};
 use crate::branches::{ActiveBranch, Finished, SlotGuard};
 use crate::error::BranchError;
+use crate::pool::Taker;
 use crate::pool::session::StatementFailed;
 use crate::postgres::{self, BranchOptions, DbError};
 use crate::sql_guard;
@@ -152,9 +153,14 @@ impl Agent {
         let mut ran = match &vote_sql {
             _ if then == Then::Commit && !batch => {
                 let clean = branch.connection.clean_session();
-                let (ran, committed) =
-                    statement::run_then_commit(&branch.connection, begin.as_deref(), sql, &params, &clean)
-                        .await;
+                let (ran, committed) = statement::run_then_commit(
+                    &branch.connection,
+                    begin.as_deref(),
+                    sql,
+                    &params,
+                    clean.as_deref(),
+                )
+                .await;
                 sent_commit = committed;
                 ran
             }
@@ -167,7 +173,7 @@ impl Agent {
                     &params,
                     end,
                     *statements,
-                    &clean,
+                    clean.as_deref(),
                 )
                 .await;
                 sent_vote = Some(voted);
@@ -191,7 +197,11 @@ impl Agent {
             tried += 1;
             // The retry votes the usual way, after the statement.
             sent_vote = None;
-            let fresh = match self.pool.acquire().await {
+            let fresh = match self
+                .pool
+                .acquire_for(Taker::Branch(options.database_role.as_ref()))
+                .await
+            {
                 Ok(connection) => ActiveBranch::new(connection),
                 Err(error) => {
                     ran = Err(StatementError::Db(error));
@@ -306,7 +316,7 @@ impl Agent {
     async fn open(&self, options: &BranchOptions) -> Result<ActiveBranch, BranchError> {
         let connection = self
             .pool
-            .acquire()
+            .acquire_for(Taker::Branch(options.database_role.as_ref()))
             .await
             .map_err(|error| BranchError::Unavailable(format!("opening the branch: {error}")))?;
         let mut branch = ActiveBranch::new(connection);

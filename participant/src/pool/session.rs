@@ -1,16 +1,20 @@
-//! Whether a pooled connection's session is still as it was opened, checked after every branch
-//! before the connection may serve another client.
+//! Whether a pooled connection's session is still as it was opened, checked after a branch before
+//! the connection may serve another database role or the participant itself.
 //!
 //! A branch's statements can change the session behind the SQL guard's back: a function body may
 //! run `set_config('role', 'x', false)` (every later branch on the connection would run as `x`),
 //! `set_config('search_path', ..., false)` (every later client's unqualified names would resolve
 //! elsewhere), change a timeout or make later transactions read-only, take a session-level
 //! advisory lock, or create a temporary table (which would shadow a table of the same name for
-//! every later client). So a branch's last round trip (its COMMIT, ROLLBACK or PREPARE
-//! TRANSACTION) carries one more statement, the check: it reads what must not have changed
-//! (`STATE`) and compares it with what the same read gave when the connection opened
-//! (`SessionState`); any difference, or a check that fails, closes the connection instead of
-//! pooling it (`Session::Changed`, logged with what changed and counted).
+//! every later client). So before a connection a branch used serves anyone else, it runs one
+//! more statement, the check: it reads what must not have changed (`STATE`) and compares it with
+//! what the same read gave when the connection opened (`SessionState`); any difference, or a check
+//! that fails, closes the connection instead of pooling it (`Session::Changed`, logged with what
+//! changed and counted). When the check runs is the pool's business (`pool`, "Whose a connection
+//! is"): before a connection changes hands between database roles or goes to the participant's
+//! own statements, in a round trip of its own (`check`); and at least every
+//! `pool::CHECK_INTERVAL`, in the round trip that ends a branch (its COMMIT, ROLLBACK or PREPARE
+//! TRANSACTION: `end_and_check`) or on an idle connection.
 //!
 //! The check is a statement prepared once per connection (`treaty_session_check`, in the round
 //! trip that opens it), so each branch pays only its execution, not its parsing and planning:
@@ -29,8 +33,10 @@
 //! statements cost. A lock the SQL guard sees taken (`pg_advisory_lock(...)` in the client's text)
 //! still closes the connection.
 //!
-//! Checked after the branch rather than before the next one so that the participant's own
-//! statements, which run on the same pool, never meet a changed session either.
+//! Run after a branch, never inside it: deferred triggers change the session at COMMIT, after
+//! any statement inside the transaction could look, and a `SET LOCAL` can mask a setting changed
+//! for the session (docs/performance.md, session 20). The participant's own statements, which run
+//! on the same pool, only ever take a checked connection.
 
 use futures::TryStreamExt as _;
 use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
@@ -138,6 +144,9 @@ pub async fn open(connection: &mut Connection) -> Result<(i32, SessionState), St
 pub enum Session {
     /// As it was opened: the connection may serve another branch.
     Clean,
+    /// Not checked this time (`pool::CHECK_INTERVAL`): the connection goes back marked with the
+    /// branch's role, for the check before anyone else uses it.
+    Unchecked,
     /// Changed (what, for the log), or the check could not tell: the connection is closed.
     Changed(String),
 }
@@ -150,17 +159,31 @@ pub struct StatementFailed {
     pub error: DbError,
 }
 
+/// Runs the check alone, in a round trip of its own (a connection about to change hands, `pool`).
+pub async fn check(connection: &Connection, clean: &SessionState) -> Session {
+    match end_and_check(connection, "", 0, Some(clean)).await {
+        Ok(found) => found,
+        Err(failed) => Session::Changed(format!("the session check failed: {}", failed.error)),
+    }
+}
+
 /// Runs `sql`, a simple-query text of `statements` statements that ends the branch's
-/// transaction, with the check after it, in one round trip; answers what the check found, or
-/// which of the statements failed. The check's own failure (after every statement completed) is
-/// `Session::Changed`: the branch ended as asked, only the connection is in doubt.
+/// transaction, with the check after it when `clean` is given (`PooledConnection::clean_session`:
+/// when one is due), in one round trip; answers what the check found (`Session::Unchecked`
+/// without one), or which of the statements failed. The check's own failure (after every
+/// statement completed) is `Session::Changed`: the branch ended as asked, only the connection is
+/// in doubt.
 pub async fn end_and_check(
     connection: &Connection,
     sql: &str,
     statements: usize,
-    clean: &SessionState,
+    clean: Option<&SessionState>,
 ) -> Result<Session, StatementFailed> {
-    let text = format!("{sql}; EXECUTE {CHECK}");
+    let text = match (clean, sql.is_empty()) {
+        (None, _) => sql.to_owned(),
+        (Some(_), true) => format!("EXECUTE {CHECK}"),
+        (Some(_), false) => format!("{sql}; EXECUTE {CHECK}"),
+    };
     // Counted per statement: PostgreSQL skips the rest of a simple query after an error, so the
     // number completed says which one failed.
     let mut completed = 0;
@@ -188,9 +211,13 @@ pub async fn end_and_check(
             index: completed,
             error,
         }),
-        Some(error) => Ok(Session::Changed(format!("the session check failed: {error}"))),
-        None => Ok(match state {
-            Some(Ok(state)) => {
+        Some(error) if clean.is_some() => Ok(Session::Changed(format!("the session check failed: {error}"))),
+        Some(error) => Ok(Session::Changed(format!(
+            "the connection failed after the branch's statements: {error}"
+        ))),
+        None => Ok(match (state, clean) {
+            (_, None) => Session::Unchecked,
+            (Some(Ok(state)), Some(clean)) => {
                 let changed = state.differences(clean);
                 if changed.is_empty() {
                     Session::Clean
@@ -198,8 +225,10 @@ pub async fn end_and_check(
                     Session::Changed(changed.join("; "))
                 }
             }
-            Some(Err(error)) => Session::Changed(format!("the session check's row did not decode: {error}")),
-            None => Session::Changed(format!(
+            (Some(Err(error)), _) => {
+                Session::Changed(format!("the session check's row did not decode: {error}"))
+            }
+            (None, Some(_)) => Session::Changed(format!(
                 "PostgreSQL answered {completed} of {} statements and no session check",
                 statements + 1
             )),

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use treaty_participant::pool::{ConnectTarget, Pool, PooledConnection};
-use treaty_proto::pb;
+use treaty_participant::pool::{CHECK_INTERVAL, ConnectTarget, Pool, PooledConnection, Taker};
+use treaty_proto::{DatabaseRole, pb};
 
 use crate::support::{Env, SERVER, int, vote};
 
@@ -147,4 +147,116 @@ async fn a_returned_connection_is_reused_at_once_and_a_closed_one_is_not() {
         "{message}"
     );
     assert!(error.is_connection(), "{error:?}");
+}
+
+/// `search_path` of the session on `connection`.
+async fn search_path(connection: &mut PooledConnection) -> String {
+    connection
+        .client()
+        .query_one("SHOW search_path", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_connection_a_branch_left_changed_serves_only_its_own_role_unchecked() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("pool-owner", |_| {}).await else {
+        return;
+    };
+    let pool = Pool::new(
+        ConnectTarget::from_url(&env.db.url).unwrap(),
+        1,
+        Duration::from_secs(5),
+    );
+    let role = DatabaseRole::new("app_orders").unwrap();
+    let clean_path = search_path(&mut pool.acquire().await.unwrap()).await;
+
+    // A branch under no role whose hidden function moved search_path for the session, ended
+    // without a check (none is due within CHECK_INTERVAL of the last).
+    let mut branch = pool.acquire_for(Taker::Branch(None)).await.unwrap();
+    let left = pid_of(&mut branch).await;
+    branch
+        .client()
+        .simple_query("SELECT set_config('search_path', 'nowhere', false)")
+        .await
+        .unwrap();
+    drop(branch);
+    // The next branch under the same role takes it as it is, as a per-user pool would.
+    let mut same = pool.acquire_for(Taker::Branch(None)).await.unwrap();
+    assert_eq!(pid_of(&mut same).await, left, "reused by the same role");
+    assert_eq!(search_path(&mut same).await, "nowhere");
+    drop(same);
+
+    // A branch under another role has it checked first: found changed, it is closed, and a
+    // fresh session serves instead.
+    let mut other = pool.acquire_for(Taker::Branch(Some(&role))).await.unwrap();
+    let fresh = pid_of(&mut other).await;
+    assert_ne!(fresh, left, "a changed session never reaches another role");
+    assert_eq!(search_path(&mut other).await, clean_path);
+    // Moved again under that role: the participant's own statements get a checked one too.
+    other
+        .client()
+        .simple_query("SELECT set_config('search_path', 'elsewhere', false)")
+        .await
+        .unwrap();
+    drop(other);
+    let mut own = pool.acquire().await.unwrap();
+    assert_ne!(
+        pid_of(&mut own).await,
+        fresh,
+        "the participant never meets a changed session"
+    );
+    assert_eq!(search_path(&mut own).await, clean_path);
+    drop(own);
+
+    // Unchanged, an unchecked connection passes the check and stays.
+    let mut branch = pool.acquire_for(Taker::Branch(Some(&role))).await.unwrap();
+    let kept = pid_of(&mut branch).await;
+    drop(branch);
+    let mut own = pool.acquire().await.unwrap();
+    assert_eq!(
+        pid_of(&mut own).await,
+        kept,
+        "a clean session is checked and kept"
+    );
+}
+
+#[tokio::test]
+async fn a_session_lock_left_on_an_idle_connection_is_released_by_the_idle_check() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("pool-idle-check", |_| {}).await else {
+        return;
+    };
+    let pool = Pool::new(
+        ConnectTarget::from_url(&env.db.url).unwrap(),
+        1,
+        Duration::from_secs(5),
+    );
+    let mut branch = pool.acquire_for(Taker::Branch(None)).await.unwrap();
+    let pid = pid_of(&mut branch).await;
+    branch
+        .client()
+        .simple_query("SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
+    drop(branch);
+    let locks =
+        format!("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND pid = {pid}");
+    let held = || env.db.count(&locks);
+    assert_eq!(held().await, 1, "left by the branch on the idle connection");
+    // The idle sweep's call; it checks a connection once CHECK_INTERVAL has passed since its
+    // last check, so it is repeated until then (bounded).
+    let deadline = std::time::Instant::now() + CHECK_INTERVAL * 20;
+    while held().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lock outlived the idle check"
+        );
+        pool.check_idle().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Released by the check itself; the session was otherwise clean, so it stays.
+    assert_eq!(backend_pid(&pool).await, pid);
 }

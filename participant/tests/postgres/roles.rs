@@ -1,8 +1,8 @@
 //! Database roles and clean pooled connections: a branch opened with a `database_role` runs the
 //! client's statements under it (GRANTs decide), Treaty's own rows and PREPARE under the
 //! participant's role; and whatever a branch does to its session (a role or `search_path` set
-//! inside a function body, a session-level advisory lock) never reaches the next branch on the
-//! same pooled connection.
+//! inside a function body, a session-level advisory lock) never reaches a branch under another
+//! role on the same pooled connection.
 //!
 //! The participant logs in as a role of its own here, set up as the README's "Database roles"
 //! says: not a superuser, NOINHERIT, owner of its database and Treaty's tables, CREATE on schema
@@ -372,8 +372,10 @@ async fn a_session_advisory_lock_taken_in_a_branch_is_not_held_after_it() {
     let (user, pid) = whoami(&env, 2, None).await;
     assert_eq!(user, roles.participant);
 
-    // Hidden in a function body, which the guard cannot see: released by the check after the
-    // branch, whichever way it ends; the connection itself is clean and stays.
+    // Hidden in a function body, which the guard cannot see: released by the check before the
+    // connection serves another role (here the participant's own), whichever way the branch
+    // ended; the connection itself is clean and stays. (Within one role, the idle check releases
+    // it: `pool::a_session_lock_left_on_an_idle_connection_is_released_by_the_idle_check`.)
     for (txid, end) in [(3, "commit"), (5, "prepare"), (7, "rollback")] {
         let gid = env.gid(txid);
         let _ = execute(&env, &gid, "SELECT hidden_lock()", Some(&roles.writer))
@@ -394,11 +396,43 @@ async fn a_session_advisory_lock_taken_in_a_branch_is_not_held_after_it() {
                 execute(&env, &gid, "SELECT 1/0", None).await.unwrap_err();
             }
         }
-        assert_eq!(advisory_locks(&env, 43).await, 0, "after {end}");
         assert_eq!(
             whoami(&env, txid + 1, None).await,
             (roles.participant.clone(), pid),
             "after {end}"
         );
+        assert_eq!(advisory_locks(&env, 43).await, 0, "after {end}");
     }
+}
+
+#[tokio::test]
+async fn a_branch_whose_function_moved_the_sessions_role_is_prepared_under_the_participants() {
+    let _shared = SERVER.read().await;
+    let (env, roles) = start("roles-prepare-as").await;
+    let (participant, reader) = (&roles.participant, &roles.reader);
+    env.db
+        .sql(&format!(
+            "CREATE FUNCTION become_reader() RETURNS text LANGUAGE sql \
+               AS $$ SELECT set_config('role', '{reader}', false) $$; \
+             CREATE TABLE own (k bigint); ALTER TABLE own OWNER TO {participant}"
+        ))
+        .await;
+    // A branch under the participant's own role (no database_role) whose function leaves the
+    // session under another role: the vote returns to the participant's role before the marker
+    // and PREPARE, or the marker would be refused and, without one, the branch would stay
+    // prepared under a role the participant cannot finish it as.
+    let gid = env.gid(1);
+    execute(&env, &gid, "INSERT INTO own VALUES (1)", None)
+        .await
+        .unwrap();
+    execute(&env, &gid, "SELECT become_reader()", None).await.unwrap();
+    assert_eq!(vote(&env.prepare(&gid).await), pb::Vote::Yes);
+    let owner: String = sqlx::query_scalar("SELECT owner::text FROM pg_prepared_xacts WHERE gid LIKE $1")
+        .bind(format!("{gid}:%"))
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(&owner, participant);
+    assert_eq!(env.commit(&gid).await.unwrap(), pb::BranchState::Committed);
+    assert_eq!(env.db.count("SELECT count(*) FROM own").await, 1);
 }
