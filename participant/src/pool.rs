@@ -226,7 +226,18 @@ impl Pool {
         let mut permit = permit;
         while let Some((idle, as_it_is)) = self.shared.take_idle(taker) {
             let mut connection = PooledConnection::from_idle(idle, &self.shared, permit);
-            if as_it_is || connection.check().await {
+            let clean = as_it_is
+                || match tokio::time::timeout_at(deadline, connection.check()).await {
+                    Ok(clean) => clean,
+                    // Cut short, the connection is closed as it drops (`check`).
+                    Err(_) => {
+                        return Err(DbError::Connection(format!(
+                            "the session check of a pooled connection did not answer within {} ms",
+                            timeout.as_millis()
+                        )));
+                    }
+                };
+            if clean {
                 connection.taken_by(taker);
                 return Ok(connection);
             }
@@ -427,7 +438,7 @@ impl PooledConnection {
             Session::Changed(what) => {
                 tracing::warn!(
                     backend_pid = self.opened.backend_pid,
-                    "closing a pooled connection: a branch changed its session ({what})"
+                    "closing a pooled connection instead of handing it on: its session changed ({what})"
                 );
                 crate::metrics::global().dirty_connection_closed("session_check");
                 self.close = true;

@@ -258,6 +258,14 @@ async fn a_role_the_participant_cannot_set_is_refused_with_what_to_grant() {
     assert_eq!(whoami(&env, 11, None).await, (roles.participant.clone(), pid));
 }
 
+/// A function `name()` that moves its session to `role` for the rest of the session, where the
+/// SQL guard cannot see it.
+fn becoming(name: &str, role: &str) -> String {
+    format!(
+        "CREATE FUNCTION {name}() RETURNS text LANGUAGE sql AS $$ SELECT set_config('role', '{role}', false) $$"
+    )
+}
+
 #[tokio::test]
 async fn a_role_or_setting_set_inside_a_function_body_closes_the_connection() {
     let _shared = SERVER.read().await;
@@ -265,14 +273,13 @@ async fn a_role_or_setting_set_inside_a_function_body_closes_the_connection() {
     let (reader, writer) = (&roles.reader, &roles.writer);
     env.db
         .sql(&format!(
-            "CREATE FUNCTION become_reader() RETURNS text LANGUAGE sql \
-               AS $$ SELECT set_config('role', '{reader}', false) $$; \
-             CREATE FUNCTION become_writer() RETURNS text LANGUAGE sql \
-               AS $$ SELECT set_config('role', '{writer}', false) $$; \
+            "{}; {}; \
              CREATE FUNCTION move_search_path() RETURNS text LANGUAGE sql \
                AS $$ SELECT set_config('search_path', 'nowhere', false) $$; \
              CREATE FUNCTION read_write_from_now_on() RETURNS text LANGUAGE sql \
-               AS $$ SELECT set_config('default_transaction_read_only', 'off', false) $$"
+               AS $$ SELECT set_config('default_transaction_read_only', 'off', false) $$",
+            becoming("become_reader", reader),
+            becoming("become_writer", writer),
         ))
         .await;
     // Through each way a branch ends: one-phase COMMIT, PREPARE (a client that leaves the
@@ -412,9 +419,8 @@ async fn a_branch_whose_function_moved_the_sessions_role_is_prepared_under_the_p
     let (participant, reader) = (&roles.participant, &roles.reader);
     env.db
         .sql(&format!(
-            "CREATE FUNCTION become_reader() RETURNS text LANGUAGE sql \
-               AS $$ SELECT set_config('role', '{reader}', false) $$; \
-             CREATE TABLE own (k bigint); ALTER TABLE own OWNER TO {participant}"
+            "{}; CREATE TABLE own (k bigint); ALTER TABLE own OWNER TO {participant}",
+            becoming("become_reader", reader)
         ))
         .await;
     // A branch under the participant's own role (no database_role) whose function leaves the
