@@ -35,7 +35,7 @@ pub mod error;
 pub mod failpoints;
 pub mod health;
 mod in_process;
-mod metrics;
+pub mod metrics;
 pub mod pool;
 mod postgres;
 mod prepared;

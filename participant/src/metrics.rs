@@ -46,6 +46,7 @@ pub struct Metrics {
     resolved_by_recovery: Family<Labels<1>, Counter>,
     recovery_pass_errors: Counter,
     dirty_connections_closed: Family<Labels<1>, Counter>,
+    session_checks: Family<Labels<1>, Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -56,10 +57,17 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     resolved_by_recovery: Family::default(),
     recovery_pass_errors: Counter::default(),
     dirty_connections_closed: Family::default(),
+    session_checks: Family::default(),
 });
 
 /// Who found that a branch may have changed its connection's session (`dirty_connection_closed`).
 const FOUND_BY: [&str; 2] = ["sql_guard", "session_check"];
+
+/// When a pooled connection's session was checked (`session_checked`, `pool`): `handover`, in a
+/// round trip of its own before it served another database role or the participant itself;
+/// `branch_end`, in the round trip that ended a branch, once `pool::CHECK_INTERVAL` had passed
+/// since its last check; `idle`, by the idle sweep on a connection left waiting unchecked.
+pub const CHECKED_AT: [&str; 3] = ["handover", "branch_end", "idle"];
 
 pub fn global() -> &'static Metrics {
     &METRICS
@@ -111,6 +119,16 @@ impl Metrics {
             .inc();
     }
 
+    /// A session check run on a pooled connection; `when` is one of `CHECKED_AT`.
+    pub fn session_checked(&self, when: &'static str) {
+        self.session_checks.get_or_create(&[("when", when)]).inc();
+    }
+
+    /// Session checks run so far at `when` (one of `CHECKED_AT`), in this process.
+    pub fn session_checks(&self, when: &'static str) -> u64 {
+        self.session_checks.get_or_create(&[("when", when)]).get()
+    }
+
     /// Creates every series of the bounded label sets at 0, so that each is scraped from the
     /// start (`rate()` and alerts see a 0, not a missing series).
     fn create_series(&self) {
@@ -126,6 +144,9 @@ impl Metrics {
         for found_by in FOUND_BY {
             self.dirty_connections_closed
                 .get_or_create_owned(&[("found_by", found_by)]);
+        }
+        for when in CHECKED_AT {
+            self.session_checks.get_or_create_owned(&[("when", when)]);
         }
     }
 
@@ -163,9 +184,16 @@ impl Metrics {
         registry.register(
             "treaty_participant_dirty_connections_closed",
             "Branch connections closed instead of pooled because the branch may have changed their \
-             session, by who found it (sql_guard: a statement that may; session_check: the check \
-             after the branch found the role, temporary schema or search_path changed)",
+             session, by who found it (sql_guard: a statement that may; session_check: the session \
+             check found the role, temporary schema, search_path or a setting changed)",
             self.dirty_connections_closed.clone(),
+        );
+        registry.register(
+            "treaty_participant_session_checks",
+            "Session checks run on pooled connections, by when (handover: before serving another \
+             database role or the participant itself, a round trip of its own; branch_end: with a \
+             branch's last round trip, at most once a second per connection; idle: by the idle sweep)",
+            self.session_checks.clone(),
         );
     }
 }

@@ -227,7 +227,7 @@ impl Pool {
         while let Some((idle, as_it_is)) = self.shared.take_idle(taker) {
             let mut connection = PooledConnection::from_idle(idle, &self.shared, permit);
             let clean = as_it_is
-                || match tokio::time::timeout_at(deadline, connection.check()).await {
+                || match tokio::time::timeout_at(deadline, connection.check("handover")).await {
                     Ok(clean) => clean,
                     // Cut short, the connection is closed as it drops (`check`).
                     Err(_) => {
@@ -279,7 +279,7 @@ impl Pool {
             let Some(entry) = due else { return };
             let mut connection = PooledConnection::from_idle(entry, &self.shared, permit);
             // Clean, it goes back checked; changed, it is closed (both as it drops).
-            connection.check().await;
+            connection.check("idle").await;
         }
     }
 
@@ -413,9 +413,11 @@ impl PooledConnection {
         }
     }
 
-    /// Runs the session check in a round trip of its own; `true` if the session is clean (the
-    /// connection is then marked checked), else it is marked to close.
-    async fn check(&mut self) -> bool {
+    /// Runs the session check in a round trip of its own (counted as `when`, one of
+    /// `metrics::CHECKED_AT`); `true` if the session is clean (the connection is then marked
+    /// checked), else it is marked to close.
+    async fn check(&mut self, when: &'static str) -> bool {
+        crate::metrics::global().session_checked(when);
         let clean = Arc::clone(&self.opened.clean);
         // A check dropped halfway would leave its answer unread for the next user: closed then.
         self.close = true;
@@ -463,7 +465,11 @@ impl PooledConnection {
     /// The session as it was when the connection opened, for the check in the round trip that
     /// ends a branch, if one is due (`CHECK_INTERVAL` since the last); `None`: not this time.
     pub(crate) fn clean_session(&self) -> Option<Arc<SessionState>> {
-        (self.checked_at.elapsed() >= CHECK_INTERVAL).then(|| Arc::clone(&self.opened.clean))
+        let due = self.checked_at.elapsed() >= CHECK_INTERVAL;
+        if due {
+            crate::metrics::global().session_checked("branch_end");
+        }
+        due.then(|| Arc::clone(&self.opened.clean))
     }
 
     /// Closes the connection instead of returning it: its transaction or protocol state is not

@@ -153,6 +153,7 @@ const PARTICIPANT_METRICS: &[&str] = &[
     "treaty_participant_recovered_branches_total",
     "treaty_participant_recovery_pass_errors_total",
     "treaty_participant_dirty_connections_closed_total",
+    "treaty_participant_session_checks_total",
 ];
 
 #[tokio::test]

@@ -183,7 +183,10 @@ async fn a_connection_a_branch_left_changed_serves_only_its_own_role_unchecked()
         .await
         .unwrap();
     drop(branch);
-    // The next branch under the same role takes it as it is, as a per-user pool would.
+    // The next branch under the same role takes it as it is, as a per-user pool would (a check
+    // would have closed it). The counts are the process's (other tests may add to them).
+    let handovers = || treaty_participant::metrics::global().session_checks("handover");
+    let before = handovers();
     let mut same = pool.acquire_for(Taker::Branch(None)).await.unwrap();
     assert_eq!(pid_of(&mut same).await, left, "reused by the same role");
     assert_eq!(search_path(&mut same).await, "nowhere");
@@ -194,6 +197,7 @@ async fn a_connection_a_branch_left_changed_serves_only_its_own_role_unchecked()
     let mut other = pool.acquire_for(Taker::Branch(Some(&role))).await.unwrap();
     let fresh = pid_of(&mut other).await;
     assert_ne!(fresh, left, "a changed session never reaches another role");
+    assert!(handovers() > before, "counted as a check at handover");
     assert_eq!(search_path(&mut other).await, clean_path);
     // Moved again under that role: the participant's own statements get a checked one too.
     other
@@ -246,6 +250,8 @@ async fn a_session_lock_left_on_an_idle_connection_is_released_by_the_idle_check
         format!("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND pid = {pid}");
     let held = || env.db.count(&locks);
     assert_eq!(held().await, 1, "left by the branch on the idle connection");
+    let idle_checks = || treaty_participant::metrics::global().session_checks("idle");
+    let before = idle_checks();
     // The idle sweep's call; it checks a connection once CHECK_INTERVAL has passed since its
     // last check, so it is repeated until then (bounded).
     let deadline = std::time::Instant::now() + CHECK_INTERVAL * 20;
@@ -257,6 +263,7 @@ async fn a_session_lock_left_on_an_idle_connection_is_released_by_the_idle_check
         pool.check_idle().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(idle_checks() > before, "counted as an idle check");
     // Released by the check itself; the session was otherwise clean, so it stays.
     assert_eq!(backend_pid(&pool).await, pid);
 }
