@@ -141,7 +141,7 @@ impl CommitRowError {
 }
 
 /// Inserts `gid`'s commit row in the open transaction on `connection` (the decision branch) and
-/// commits it, with the session check after, in one round trip; a branch under a client's `role`
+/// commits it, with the session check after when due, in one round trip; a branch under a client's `role`
 /// first checks its deferred constraints under that role and writes the row under the
 /// participant's (`postgres::bookkeeping_prelude`). On an error the transaction may still be open
 /// (a failed statement skips the rest): the caller rolls it back, which is harmless if COMMIT

@@ -5,8 +5,9 @@
 //!
 //! A branch opened with a client's database role runs `SET LOCAL ROLE` in BEGIN's round trip, and
 //! returns to the participant's role (`bookkeeping_prelude`) in the round trip that writes
-//! Treaty's own row and prepares, so the role costs no round trip. Every statement that ends a
-//! branch carries the session check after it in the same round trip (`pool::session`).
+//! Treaty's own row and prepares, so the role costs no round trip. A statement that ends a branch
+//! carries the session check after it in the same round trip when one is due (`pool`,
+//! `pool::session`).
 //!
 //! A GID is formatted into SQL text only here (and in `decisions.rs`) and only from a `Gid` or
 //! `BranchGid`, whose constructors restrict it to `[A-Za-z0-9_-:@]`; PostgreSQL does not accept it
@@ -244,18 +245,20 @@ pub(crate) fn begin_sql(options: &BranchOptions, session: &SessionDefaults) -> S
     sql
 }
 
-/// Ends the branch's transaction with ROLLBACK, the session check in the same round trip.
+/// Ends the branch's transaction with ROLLBACK, the session check (when due) in the same round
+/// trip.
 pub async fn rollback(connection: &mut PooledConnection) -> Result<Session, DbError> {
     end(connection, "ROLLBACK", 1).await
 }
 
-/// Ends the branch's transaction with COMMIT, the session check in the same round trip. Deferred
+/// Ends the branch's transaction with COMMIT, the session check (when due) in the same round trip. Deferred
 /// constraint triggers fire under the branch's role, as they would for the client.
 pub async fn commit(connection: &mut PooledConnection) -> Result<Session, DbError> {
     end(connection, "COMMIT", 1).await
 }
 
-/// `sql` (`statements` statements, ending the transaction) and the session check, one round trip.
+/// `sql` (`statements` statements, ending the transaction) and the session check when due, one
+/// round trip.
 async fn end(connection: &mut PooledConnection, sql: &str, statements: usize) -> Result<Session, DbError> {
     let clean = connection.clean_session();
     session::end_and_check(connection, sql, statements, clean.as_deref())
@@ -324,7 +327,7 @@ pub(crate) fn prepare_sql(
 }
 
 /// Writes the marker row (under `gid`) inside the branch and prepares it (as `branch`), with the
-/// session check after, in one round trip; no marker for a GID that names a decision shard. After
+/// session check after when due, in one round trip; no marker for a GID that names a decision shard. After
 /// success the session has no open transaction.
 pub async fn insert_marker_and_prepare(
     connection: &mut PooledConnection,

@@ -89,10 +89,11 @@ async fn opened(
 }
 
 /// `run`, then `end` (`end_statements` statements that end the branch's transaction: the vote's
-/// marker row and `PREPARE TRANSACTION`) with the session check, all in one round trip: the last
-/// statement of a one-shot submit and its vote. `end` must only be taken as the vote when the
-/// statement succeeded: after a failed statement PostgreSQL answers `PREPARE TRANSACTION` with a
-/// rollback, not an error. Never for a batch (its statements are not all sent before `end`).
+/// marker row and `PREPARE TRANSACTION`) with the session check when due, all in one round trip:
+/// the last statement of a one-shot submit and its vote. `end` must only be taken as the vote
+/// when the statement succeeded: after a failed statement the transaction is aborted, and
+/// PostgreSQL refuses the vote's first statement (25P02, the rest skipped, the transaction left
+/// open for the ROLLBACK that follows). Never for a batch (its statements are not all sent before `end`).
 pub async fn run_then_end(
     connection: &Connection,
     begin: Option<&str>,
@@ -123,7 +124,7 @@ pub async fn run_then_end(
     )
 }
 
-/// `run`, then `COMMIT` and the session check in the same round trip, for a one-phase branch's
+/// `run`, then `COMMIT` and the session check (when due) in the same round trip, for a one-phase branch's
 /// last statement (`Agent::execute_and_commit`): answers what the COMMIT did, or `None` when it
 /// was not sent. It is sent only with a statement that returns no rows: a row this side cannot
 /// decode would fail the call after PostgreSQL had committed. A failed statement leaves its

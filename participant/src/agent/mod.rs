@@ -176,8 +176,18 @@ impl Agent {
                 Ok(()) => branch.transaction_ended(gid, session),
                 Err(error) if error.is_undefined_object() => branch.transaction_ended(gid, session),
                 Err(error) => {
-                    tracing::warn!(%gid, %error, "ROLLBACK PREPARED of a branch prepared with its last statement failed; reconciliation will roll it back");
+                    // Its session may be under a role a function moved it to, which may not
+                    // finish a branch the participant's role prepared: closed, and the rollback
+                    // tried once more on a checked connection.
                     branch.discard();
+                    let branch_gid = self.branch_gid(gid);
+                    match postgres::rollback_prepared(&self.pool, &branch_gid).await {
+                        Ok(()) => {}
+                        Err(again) if again.is_undefined_object() => {}
+                        Err(again) => {
+                            tracing::warn!(%gid, %error, %again, "ROLLBACK PREPARED of a branch prepared with its last statement failed; reconciliation will roll it back")
+                        }
+                    }
                 }
             }
             return;
