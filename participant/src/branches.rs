@@ -80,19 +80,13 @@ impl ActiveBranch {
     /// branch's role (`pool`).
     pub fn transaction_ended(mut self, gid: &Gid, session: Session) {
         self.ended = true;
-        match session {
-            Session::Changed(_) => {
-                tracing::debug!(%gid, "the session check after the branch found its session changed");
-                self.connection.checked(session);
-                self.session_changed = true;
-            }
-            _ if self.session_changed => {
-                tracing::debug!(%gid, "closing the branch's connection: a statement may have changed its session");
-                crate::metrics::global().dirty_connection_closed("sql_guard");
-            }
-            _ => {
-                self.connection.checked(session);
-            }
+        // A changed session is logged and counted by `checked`; one only the guard suspects here.
+        if !self.connection.checked(session) {
+            tracing::debug!(%gid, "the session check after the branch found its session changed");
+            self.session_changed = true;
+        } else if self.session_changed {
+            tracing::debug!(%gid, "closing the branch's connection: a statement may have changed its session");
+            crate::metrics::global().dirty_connection_closed("sql_guard");
         }
     }
 

@@ -56,6 +56,13 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// longest an idle one waits unchecked before the idle sweep checks it.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The least time a connection changing hands is given for its check, however long the acquire
+/// waited for a permit before it.
+const HANDOVER_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `Idle::fit` of a connection another taker left unchecked.
+const NEEDS_CHECK: u8 = 2;
+
 /// Who takes a connection: the participant's own statements, or a branch under a database role
 /// (`None`: the participant's login role).
 #[derive(Clone, Copy)]
@@ -102,14 +109,14 @@ struct Idle {
 }
 
 impl Idle {
-    /// How well this connection suits `taker`, lower is better; `None`: not as it is (the check
-    /// first).
-    fn fit(&self, taker: Taker<'_>) -> Option<u8> {
+    /// How well this connection suits `taker`, lower is better; `NEEDS_CHECK`: only after the
+    /// session check.
+    fn fit(&self, taker: Taker<'_>) -> u8 {
         match (&self.left, taker) {
-            (Left::Unchecked(role), Taker::Branch(wanted)) if role.as_ref() == wanted => Some(0),
-            (Left::Checked, Taker::Branch(_)) => Some(1),
-            (Left::Checked, Taker::Participant) => Some(0),
-            (Left::Unchecked(_), _) => None,
+            (Left::Unchecked(role), Taker::Branch(wanted)) if role.as_ref() == wanted => 0,
+            (Left::Checked, Taker::Participant) => 0,
+            (Left::Checked, Taker::Branch(_)) => 1,
+            (Left::Unchecked(_), _) => NEEDS_CHECK,
         }
     }
 }
@@ -229,7 +236,7 @@ impl Pool {
             let mut connection = PooledConnection::from_idle(idle, &self.shared, permit);
             let clean = as_it_is
                 || match tokio::time::timeout_at(
-                    deadline.max(tokio::time::Instant::now() + CHECK_INTERVAL),
+                    deadline.max(tokio::time::Instant::now() + HANDOVER_CHECK_TIMEOUT),
                     connection.check("handover"),
                 )
                 .await
@@ -363,22 +370,15 @@ impl Shared {
         // with its statement (`Agent::execute_and_commit`) cannot run again on a fresh
         // connection, since it cannot tell a dead socket from a COMMIT whose answer was lost.
         idle.retain(|entry| !entry.connection.client().is_closed());
-        let mut best: Option<(usize, Option<u8>)> = None;
-        for (at, entry) in idle.iter().enumerate().rev() {
-            let fit = entry.fit(taker);
-            // `None` (checked first) is the worst fit; among equals the newest (found first).
-            let better = match best {
-                None => true,
-                Some((_, best_fit)) => fit.is_some() && (best_fit.is_none() || fit < best_fit),
-            };
-            if better {
-                best = Some((at, fit));
-                if fit == Some(0) {
-                    break;
-                }
-            }
-        }
-        best.map(|(at, fit)| (idle.remove(at), fit.is_some()))
+        // Among equal fits the newest: `min_by_key` keeps the first it meets, and this walks
+        // from the newest.
+        let (at, fit) = idle
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(at, entry)| (at, entry.fit(taker)))
+            .min_by_key(|&(_, fit)| fit)?;
+        Some((idle.remove(at), fit < NEEDS_CHECK))
     }
 }
 

@@ -182,19 +182,21 @@ mod tests {
         );
     }
 
+    /// A scenario expecting `expect` (TOML lines of `[expect]`) whose one step arms `failpoint`
+    /// with `actions` on participant s1.
+    fn armed_on_s1(expect: &str, failpoint: &str, actions: &str) -> Scenario {
+        scenario(&format!(
+            "name = \"x\"\n[expect]\n{expect}\n[[steps]]\nat = \"start\"\ndo = \"arm\"\n\
+             target = \"s1\"\nfailpoint = \"{failpoint}\"\nactions = \"{actions}\""
+        ))
+    }
+
     #[test]
     fn a_participant_crash_drops_what_clients_of_a_surviving_coordinator_would_hear() {
-        let crash = scenario(
-            r#"name = "x"
-               [expect]
-               min_aborted = 1
-               min_committed = 2
-               [[steps]]
-               at = "start"
-               do = "arm"
-               target = "s1"
-               failpoint = "participant::before-prepare-reply"
-               actions = "1*return(crash)""#,
+        let crash = armed_on_s1(
+            "min_aborted = 1\nmin_committed = 2",
+            "participant::before-prepare-reply",
+            "1*return(crash)",
         );
         let (adapted, note) = adapt(crash);
         assert_eq!(adapted.expect.min_aborted, 0);
@@ -214,17 +216,10 @@ mod tests {
         assert_eq!(note, None);
         // A participant failpoint that fails its step without crashing: the coordinator lives on
         // and its clients hear the abort, in process as with agents.
-        let error = scenario(
-            r#"name = "x"
-               [expect]
-               min_aborted = 1
-               heard_abort_causes = ["vote_no"]
-               [[steps]]
-               at = "start"
-               do = "arm"
-               target = "s1"
-               failpoint = "participant::before-prepare"
-               actions = "1*return(error)""#,
+        let error = armed_on_s1(
+            "min_aborted = 1\nheard_abort_causes = [\"vote_no\"]",
+            "participant::before-prepare",
+            "1*return(error)",
         );
         let (adapted, note) = adapt(error);
         assert_eq!(adapted.expect.min_aborted, 1);

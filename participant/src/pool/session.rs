@@ -12,7 +12,7 @@
 //! that fails, closes the connection instead of pooling it (`Session::Changed`, logged with what
 //! changed and counted). When the check runs is the pool's business (`pool`, "Whose a connection
 //! is"): before a connection changes hands between database roles or goes to the participant's
-//! own statements, in a round trip of its own (`check`); and at least every
+//! own statements, in a round trip of its own (`check`); and within one role again about every
 //! `pool::CHECK_INTERVAL`, in the round trip that ends a branch (its COMMIT, ROLLBACK or PREPARE
 //! TRANSACTION: `end_and_check`) or on an idle connection.
 //!
@@ -37,6 +37,8 @@
 //! any statement inside the transaction could look, and a `SET LOCAL` can mask a setting changed
 //! for the session (docs/performance.md, session 20). The participant's own statements, which run
 //! on the same pool, only ever take a checked connection.
+
+use std::borrow::Cow;
 
 use futures::TryStreamExt as _;
 use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
@@ -182,10 +184,11 @@ pub async fn end_and_check(
     if clean.is_some() && statements > 0 {
         crate::metrics::global().session_checked("branch_end");
     }
-    let text = match (clean, sql.is_empty()) {
-        (None, _) => sql.to_owned(),
-        (Some(_), true) => format!("EXECUTE {CHECK}"),
-        (Some(_), false) => format!("{sql}; EXECUTE {CHECK}"),
+    // Borrowed when no check is due, the common case: nothing allocated on the commit path.
+    let text: Cow<'_, str> = match (clean, sql.is_empty()) {
+        (None, _) => Cow::Borrowed(sql),
+        (Some(_), true) => Cow::Owned(format!("EXECUTE {CHECK}")),
+        (Some(_), false) => Cow::Owned(format!("{sql}; EXECUTE {CHECK}")),
     };
     // Counted per statement: PostgreSQL skips the rest of a simple query after an error, so the
     // number completed says which one failed.
