@@ -71,7 +71,9 @@ pub struct Args {
     /// How often recovery looks at prepared branches and old marker rows, in ms.
     #[arg(long, env = "TREATY_PARTICIPANT_RECONCILE_INTERVAL_MS")]
     pub reconcile_interval_ms: Option<u64>,
-    /// Keep marker rows of committed branches at least this long, in ms.
+    /// Keep marker rows of committed branches at least this long, in ms (default 5000). A marker
+    /// is deleted only once the coordinator no longer tracks its transaction, whatever its age:
+    /// this sets how soon recovery asks, and so how many rows the table holds under load.
     #[arg(long, env = "TREATY_PARTICIPANT_MARKER_RETENTION_MS")]
     pub marker_retention_ms: Option<u64>,
     /// Size of the PostgreSQL connection pool (each open branch holds one connection).
@@ -377,7 +379,7 @@ impl Config {
             marker_retention_ms: args
                 .marker_retention_ms
                 .or(file.marker_retention_ms)
-                .unwrap_or(60_000),
+                .unwrap_or(5_000),
             max_connections: args.max_connections.or(file.max_connections).unwrap_or(64),
             session: SessionDefaults {
                 lock_timeout_ms: Some(
@@ -464,7 +466,7 @@ mod tests {
         assert_eq!(config.in_doubt_after_ms, 5_000);
         assert_eq!(config.three_phase_timeout_ms, 2_000);
         assert_eq!(config.reconcile_interval_ms, 1_000);
-        assert_eq!(config.marker_retention_ms, 60_000);
+        assert_eq!(config.marker_retention_ms, 5_000);
         assert_eq!(config.max_connections, 64);
         assert_eq!(config.log_format, LogFormat::Human);
     }

@@ -52,6 +52,19 @@ async fn the_bench_runs_every_decision_store_beside_both_direct_baselines_and_le
             "{store}: {figures}"
         );
     }
+    // Each store's deferred work (marker rows, commit rows, branches still prepared) was waited
+    // out after its phase and charged to it, not left for the next system measured.
+    let rounds = report["rounds"].as_array().context("rounds")?;
+    assert_eq!(rounds.len(), 5, "{report}");
+    for round in rounds {
+        let treaty = round["system"].as_str().unwrap_or("").starts_with("treaty");
+        if treaty {
+            assert_eq!(round["left_after_settle"], 0, "{round}");
+            assert!(round["settle_ms"].as_u64().is_some(), "{round}");
+        } else {
+            assert!(round["settle_ms"].is_null(), "{round}");
+        }
+    }
     assert!(report["direct_tps"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
     // The pipelined baseline beside direct: its own keys, its transfers committed and nothing
     // of its left prepared (counted in `prepared_left` above).

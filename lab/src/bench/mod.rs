@@ -10,8 +10,9 @@
 //! restarted coordinator finishes logged commits (see `recovery`, `recovery_rows`).
 //!
 //! Modules: `args` (the command line), `workload` (transactions), `zipf`, `treaty_driver`,
-//! `baselines` and `pipelined` (the systems), `stores` (decision stores side by side), `stats` (histograms), `cpu`
-//! (/proc), `report` (table and JSON), `plot` (SVG), `recovery`.
+//! `baselines` and `pipelined` (the systems), `stores` (decision stores side by side), `settle`
+//! (a Treaty phase's deferred work charged to it), `stats` (histograms), `cpu` (/proc), `report`
+//! (table and JSON), `plot` (SVG), `recovery`.
 
 mod args;
 mod baselines;
@@ -20,6 +21,7 @@ mod pipelined;
 mod plot;
 mod recovery;
 mod report;
+mod settle;
 mod stats;
 mod stores;
 mod treaty_driver;
@@ -105,14 +107,20 @@ struct Ctx {
     coordinators: Vec<Coordinator>,
     pg_urls: Vec<String>,
     watched: Watched,
+    /// What a Treaty phase leaves on the servers, waited for after it (`settle`).
+    leftovers: settle::Leftovers,
     lock_timeout_ms: u64,
     seed: u64,
 }
 
 struct PhaseResult {
     counts: Counts,
+    /// The measured seconds (throughput and latency are theirs).
     elapsed: Duration,
+    /// CPU of the measured seconds and, for Treaty, of its leftovers' settling.
     cpu: cpu::CpuSample,
+    /// Treaty phases only.
+    settled: Option<settle::Settled>,
 }
 
 enum Client {
@@ -243,15 +251,40 @@ async fn run_phase(
         counts.merge(&task.await.context("a bench client panicked")?);
     }
     let elapsed = started.elapsed();
+    let settled = match system {
+        System::Treaty { .. } => {
+            progress.set_message("settling: waiting for its prepared branches and rows to go");
+            let settled = ctx.leftovers.settle().await?;
+            if settled.left > 0 {
+                eprintln!(
+                    "{label}: {} prepared branches and rows still left after {:.1} s; the rest of its \
+                     deferred work is charged to the next phase",
+                    settled.left,
+                    settled.waited.as_secs_f64()
+                );
+            }
+            Some(settled)
+        }
+        System::Baseline(_) => None,
+    };
     let cpu = watched.sample().since(&before);
     progress.finish_and_clear();
-    Ok(PhaseResult { counts, elapsed, cpu })
+    Ok(PhaseResult {
+        counts,
+        elapsed,
+        cpu,
+        settled,
+    })
 }
 
 fn phase_line(label: &str, result: &PhaseResult) -> String {
     let f = Figures::of(&result.counts, result.elapsed);
+    let settled = result
+        .settled
+        .map(|s| format!("  settled in {} ms", s.waited.as_millis()))
+        .unwrap_or_default();
     format!(
-        "{label:<28} {:>9.1} commits/s  p50 {:>7.2} ms  p95 {:>7.2} ms  p99 {:>7.2} ms  aborts {}",
+        "{label:<28} {:>9.1} commits/s  p50 {:>7.2} ms  p95 {:>7.2} ms  p99 {:>7.2} ms  aborts {}{settled}",
         f.tps,
         f.p50_ms,
         f.p95_ms,
@@ -322,6 +355,8 @@ fn params(
         json!(baselines.iter().map(|b| b.name()).collect::<Vec<_>>()),
     );
     map.insert("fsync".into(), json!(true));
+    // A Treaty phase's CPU includes waiting out its deferred work, up to this long (`settle`).
+    map.insert("settle_limit_s".into(), json!(settle::LIMIT.as_secs()));
     map.insert("cpu_ticks_per_s".into(), json!(cpu::ticks_per_second()));
     map
 }
@@ -560,6 +595,19 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             .filter_map(|pg| cpu::postmaster_pid(pg.data_dir()))
             .collect(),
     };
+    let leftovers = settle::Leftovers::open(
+        &cluster
+            .pgs
+            .iter()
+            .map(|pg| (pg.name().to_string(), pg.url(DATABASE)))
+            .chain(
+                decision_database
+                    .iter()
+                    .map(|pg| (pg.name().to_string(), pg.url(DECISIONS_DATABASE))),
+            )
+            .collect::<Vec<_>>(),
+    )
+    .await?;
     let ctx = Ctx {
         generator,
         coordinators,
@@ -573,6 +621,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         },
         pg_urls: cluster.pgs.iter().map(|pg| pg.url(DATABASE)).collect(),
         watched,
+        leftovers,
         lock_timeout_ms: args.lock_timeout_ms,
         seed,
     };
@@ -627,6 +676,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                     "p99_ms": f.p99_ms,
                     "committed": result.counts.committed,
                     "aborted": result.counts.aborted(),
+                    "settle_ms": result.settled.map(|s| s.waited.as_millis() as u64),
+                    "left_after_settle": result.settled.map(|s| s.left),
                 }));
                 run.add(&result.counts, result.elapsed, &result.cpu);
             }
