@@ -134,6 +134,11 @@ pub struct BenchArgs {
     /// Keep the cluster's data here instead of a temporary directory.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// A PostgreSQL setting for every server the bench starts, as NAME=VALUE (repeatable), e.g.
+    /// `shared_preload_libraries=pg_stat_statements` to see what each statement costs. Figures
+    /// taken with settings other than the defaults are not comparable with docs/performance.md.
+    #[arg(long = "pg-setting", value_name = "NAME=VALUE", value_parser = parse_pg_setting)]
+    pub pg_settings: Vec<(String, String)>,
     /// Seed of the account choice (printed, so a run can be repeated). Default: random.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -240,6 +245,26 @@ impl BenchArgs {
         );
         Ok(())
     }
+}
+
+/// `NAME=VALUE` of `--pg-setting`: the name as PostgreSQL spells settings (letters, digits, `_`
+/// and `.`), the value quoted for `postgresql.conf` here.
+fn parse_pg_setting(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("--pg-setting {text:?}: expected NAME=VALUE"))?;
+    let name = name.trim();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    {
+        return Err(format!(
+            "--pg-setting {text:?}: {name:?} is not a PostgreSQL setting name (letters, digits, _ and .)"
+        ));
+    }
+    let value = value.trim().trim_matches('\'');
+    Ok((name.to_owned(), format!("'{}'", value.replace('\'', "''"))))
 }
 
 #[cfg(test)]
@@ -362,5 +387,22 @@ mod tests {
             error.contains("4pc") && error.contains("three-phase") && error.contains("both"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn pg_settings_are_quoted_and_bad_names_refused() {
+        assert_eq!(
+            parse_pg_setting("shared_preload_libraries=pg_stat_statements"),
+            Ok(("shared_preload_libraries".into(), "'pg_stat_statements'".into()))
+        );
+        assert_eq!(
+            parse_pg_setting("pg_stat_statements.track = 'all'"),
+            Ok(("pg_stat_statements.track".into(), "'all'".into()))
+        );
+        assert_eq!(parse_pg_setting("x=it's"), Ok(("x".into(), "'it''s'".into())));
+        for bad in ["no_equals", "=1", "a b=1", "a;b=1"] {
+            let error = parse_pg_setting(bad).unwrap_err();
+            assert!(error.contains("--pg-setting"), "{error}");
+        }
     }
 }

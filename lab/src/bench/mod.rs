@@ -355,6 +355,15 @@ fn params(
         json!(baselines.iter().map(|b| b.name()).collect::<Vec<_>>()),
     );
     map.insert("fsync".into(), json!(true));
+    map.insert(
+        "pg_settings".into(),
+        json!(
+            args.pg_settings
+                .iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect::<Vec<_>>()
+        ),
+    );
     // A Treaty phase's CPU includes waiting out its deferred work, up to this long (`settle`).
     map.insert("settle_limit_s".into(), json!(settle::LIMIT.as_secs()));
     map.insert("cpu_ticks_per_s".into(), json!(cpu::ticks_per_second()));
@@ -428,6 +437,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let max_clients = sweep_clients.iter().copied().max().unwrap_or(args.clients);
     let pg_options = PgOptions {
         max_connections: (max_clients as u32 + 150).max(200),
+        extra: args.pg_settings.clone(),
         ..PgOptions::default()
     };
     // `--decision-store database`: a server of its own for the decisions, as a team would run it.

@@ -238,6 +238,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         base_dir: base_dir.clone(),
         pg: PgOptions {
             max_prepared_transactions: (txns as u32).saturating_add(100),
+            extra: args.pg_settings.clone(),
             ..PgOptions::default()
         },
         coordinator_args: [
@@ -469,6 +470,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
                 "target_s_per_10k": target_seconds(store),
                 "target_met": met,
                 "fsync": true,
+                "pg_settings": args.pg_settings.iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>(),
             })
         );
     }
