@@ -59,7 +59,8 @@ fn stored(row: Row) -> Result<StoredDecision, DbError> {
     let outcome = match outcome.as_str() {
         "commit" => Outcome::Commit,
         "abort" => Outcome::Abort,
-        // The table's CHECK constraint allows no other value; a row that has one is not ours.
+        // Treaty writes no other value (the table has no CHECK for it since migrations/0004: it
+        // cost every commit row's insert); a row that has one was written by someone else.
         other => {
             return Err(DbError::Client(format!(
                 "treaty.decisions holds outcome {other:?} for {gid}; expected 'commit' or 'abort'"
@@ -377,8 +378,9 @@ pub async fn list(
     let rows: Vec<Row> = retrying(pool, |connection| {
         let coordinator = coordinator.clone();
         Box::pin(async move {
-            // Two texts rather than `$2 IS NULL OR ...`, which would keep the filtered form off
-            // the partial index on coordinator_id.
+            // Two texts rather than `$2 IS NULL OR ...`: each form gets a plan of its own. (No
+            // index serves the filter: the table stays small, and nearly every row matches when
+            // one or a few coordinators run; migrations/0004.)
             let filter = if coordinator.is_some() {
                 "AND coordinator_id = $2 "
             } else {

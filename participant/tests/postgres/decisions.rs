@@ -470,6 +470,40 @@ async fn standalone_decisions_are_idempotent_and_lose_to_an_abort_row() {
     assert_eq!(outcome_row(&env, &concluded).await.as_deref(), Some("abort"));
 }
 
+/// The commit row's insert is on every transaction's commit path, so the table has only its key
+/// (migrations/0004): no CHECK on `outcome`, whose value every read checks instead.
+#[tokio::test]
+async fn the_decisions_table_has_only_its_key_and_a_row_with_another_outcome_is_refused_on_read() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("decision-lean", |_| {}).await else {
+        return;
+    };
+    assert!(read(&env, &[], false).await.unwrap().is_empty());
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'treaty' AND tablename = 'decisions'",
+    )
+    .fetch_all(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(indexes, ["decisions_pkey"]);
+    let checks: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_constraint WHERE conrelid = 'treaty.decisions'::regclass AND contype = 'c'",
+    )
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(checks, 0);
+
+    env.db
+        .sql("INSERT INTO treaty.decisions (gid, outcome, coordinator_id) VALUES ('treaty:ca:7@s0', 'maybe', 'ca')")
+        .await;
+    let refused = read(&env, &["treaty:ca:7@s0"], false).await.unwrap_err();
+    assert!(
+        refused.message().contains("\"maybe\"") && refused.message().contains("treaty:ca:7@s0"),
+        "{refused:?}"
+    );
+}
+
 #[tokio::test]
 async fn list_filters_by_coordinator_and_forget_deletes_commit_rows_only() {
     let _shared = SERVER.read().await;
