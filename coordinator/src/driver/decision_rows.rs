@@ -21,9 +21,14 @@ use super::{Decision, Engine, PHASE_TWO_TIMEOUT_MS};
 
 /// Commit rows forgotten per `ForgetDecisions` call, at most.
 const FORGET_BATCH: usize = 1_000;
-/// Commit rows listed per shard and call when re-driving after a restart.
+/// Commit rows listed per shard and call when re-driving after a restart (10 in unit tests, so
+/// that they cover paging).
+#[cfg(not(test))]
 const LIST_BATCH: u32 = 10_000;
-/// Pause between attempts to list a shard's commit rows while it is unreachable.
+#[cfg(test)]
+const LIST_BATCH: u32 = 10;
+/// Pause between attempts to list a shard's commit rows while it is unreachable, and before
+/// listing again after a full page.
 const LIST_RETRY: Duration = Duration::from_millis(500);
 
 /// GIDs whose commit rows can go, per decision shard, until the next flush.
@@ -173,7 +178,13 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     }
 
     /// After a restart: lists this coordinator's commit rows on every shard and re-drives the
-    /// ones not tracked, shard by shard, retrying a shard until it answers.
+    /// ones not tracked, shard by shard, retrying a shard until it answers. A page comes back
+    /// oldest first, at most `LIST_BATCH` rows; a full one may hide more behind it, which come up
+    /// once the rows above are finished and forgotten, so the shard is listed again after
+    /// `LIST_RETRY` for as long as full pages bring rows not yet tracked. (Listing again at once
+    /// would return the same rows, now tracked; whatever is still behind them when the pages stop
+    /// bringing anything new is finished when the participants ask about branches prepared
+    /// longer than their `--in-doubt-after-ms`.)
     pub(super) fn redrive_decision_rows(self: &Arc<Self>) {
         for shard in self.transport.shards() {
             let engine = Arc::clone(self);
@@ -185,6 +196,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                         .await
                     {
                         Ok(rows) => {
+                            let full = rows.len() >= LIST_BATCH as usize;
                             let records: Vec<CommitRecord> = rows
                                 .into_iter()
                                 .filter(|row| row.outcome == Some(StoredOutcome::Commit))
@@ -196,11 +208,12 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                                     decided_at_ms: row.decided_at_ms,
                                 })
                                 .collect();
-                            let full = records.len() >= LIST_BATCH as usize;
+                            let brought_new = !records.is_empty();
                             engine.recover(records);
-                            if !full {
+                            if !full || !brought_new {
                                 return;
                             }
+                            tokio::time::sleep(LIST_RETRY).await;
                         }
                         Err(error) => {
                             tracing::info!(%shard, "listing commit rows to re-drive: {error}; retrying");

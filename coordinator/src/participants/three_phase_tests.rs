@@ -2,7 +2,8 @@
 //! loopback, no database): what each RPC carries, that every step waits for the one before it,
 //! that the log holds the pre-commit record exactly as long as it must, and that a restart learns
 //! a logged pre-commit's outcome (answering PENDING meanwhile) under its durable incarnation.
-//! Failpoints are process-global, so these tests arm none (the e2e scenarios do).
+//! Also, with `--decision-store shard`, that a restart re-drives more commit rows than one listing
+//! returns. Failpoints are process-global, so these tests arm none (the e2e scenarios do).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -40,6 +41,8 @@ struct Seen {
     aborts: Vec<String>,
     /// `None`: `QueryState` fails (the participant is unreachable, as far as the coordinator knows).
     reports: Option<pb::ReportedState>,
+    /// Commit rows this shard keeps, oldest first (each naming `s1` as the shard to commit on).
+    decision_rows: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -82,16 +85,35 @@ impl Participant for Fake {
 
     async fn list_decisions(
         &self,
-        _: Request<pb::ListDecisionsRequest>,
+        request: Request<pb::ListDecisionsRequest>,
     ) -> Result<Response<pb::ListDecisionsResponse>, Status> {
-        Err(Status::unimplemented("the fake keeps no decisions"))
+        let limit = request.into_inner().limit as usize;
+        let decisions = self
+            .seen()
+            .decision_rows
+            .iter()
+            .take(limit)
+            .enumerate()
+            .map(|(at, gid)| pb::StoredDecision {
+                gid: gid.clone(),
+                decision: pb::Decision::Commit as i32,
+                participants: vec!["s1".into()],
+                decided_at_ms: at as u64,
+            })
+            .collect();
+        Ok(Response::new(pb::ListDecisionsResponse { decisions }))
     }
 
     async fn forget_decisions(
         &self,
-        _: Request<pb::ForgetDecisionsRequest>,
+        request: Request<pb::ForgetDecisionsRequest>,
     ) -> Result<Response<pb::ForgetDecisionsResponse>, Status> {
-        Err(Status::unimplemented("the fake keeps no decisions"))
+        let gids = request.into_inner().gids;
+        let mut seen = self.seen();
+        let before = seen.decision_rows.len();
+        seen.decision_rows.retain(|gid| !gids.contains(gid));
+        let deleted = (before - seen.decision_rows.len()) as u64;
+        Ok(Response::new(pb::ForgetDecisionsResponse { deleted }))
     }
 
     async fn execute(
@@ -568,4 +590,45 @@ async fn open_from_is_the_oldest_transaction_still_in_the_table_or_the_next_txid
         .unwrap();
     assert_eq!(engine.open_from(), Some(engine.next_txid()));
     assert!(engine.next_txid() > young);
+}
+
+/// With `--decision-store shard`, a restarted coordinator re-drives every commit row it left on a
+/// shard, more than one listing returns (`LIST_BATCH`, 10 in unit tests): a full page is listed
+/// again once the rows above it are forgotten, rather than at once (which returned the same rows,
+/// now tracked, and stopped there, leaving the rest to the participants' in-doubt asking).
+#[tokio::test]
+async fn a_restart_re_drives_more_commit_rows_than_one_listing_returns() {
+    let shards = Shards::start().await;
+    let id = CoordinatorId::new("c1").unwrap();
+    let s0 = ShardName::new("s0").unwrap();
+    let left: Vec<String> = (1..=25)
+        .map(|txid| Gid::with_decision_shard(&id, txid, &s0).unwrap().to_string())
+        .collect();
+    shards.seen("s0").decision_rows = left.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (log, replay) = DecisionLog::open(dir.path(), LogOptions::default()).unwrap();
+    let settings = EngineSettings {
+        timeouts: timeouts(),
+        lock_timeout_ms: 1_000,
+        protocol: Protocol::TwoPhase,
+        decide_in_branch: true,
+        takeover_after_ms: 0,
+    };
+    let links = ParticipantLinks::new(&shards.urls).unwrap();
+    let store = FileStore::new(log, &replay, 0);
+    let engine = crate::driver::start(id, store, links, Arc::new(treaty_types::SystemClock), settings)
+        .await
+        .unwrap();
+    engine.spawn_ticker();
+    wait_for(
+        "every commit row re-driven, committed on s1 and forgotten",
+        || {
+            let committed: std::collections::BTreeSet<String> =
+                shards.seen("s1").commits.iter().cloned().collect();
+            committed.len() == left.len() && shards.seen("s0").decision_rows.is_empty()
+        },
+    )
+    .await;
+    let committed: std::collections::BTreeSet<String> = shards.seen("s1").commits.iter().cloned().collect();
+    assert_eq!(committed, left.into_iter().collect());
 }
