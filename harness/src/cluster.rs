@@ -290,6 +290,19 @@ impl LocalCluster {
     /// directory `coordinator-<id>` and log `coordinator-<id>.log`), with coordinator id `id` and
     /// `args` added. With `--decision-store shard`, any instance can finish any transaction.
     pub async fn spawn_coordinator(&self, id: &str, args: &[String]) -> Result<ServiceProcess, HarnessError> {
+        self.spawn_coordinator_on(id, args, ports::reserve_loopback_port()?)
+            .await
+    }
+
+    /// [`LocalCluster::spawn_coordinator`] listening on `port`, reserved before the cluster
+    /// started, so that the participants could be given its address (`--coordinator`) and ask
+    /// it about its transactions as they ask the cluster's own coordinator.
+    pub async fn spawn_coordinator_on(
+        &self,
+        id: &str,
+        args: &[String],
+        port: PortReservation,
+    ) -> Result<ServiceProcess, HarnessError> {
         let mut coordinator_args = vec![
             "--data-dir".to_string(),
             self.base_dir
@@ -305,7 +318,6 @@ impl LocalCluster {
             coordinator_args.push(format!("{name}={}", participant.endpoint()));
         }
         coordinator_args.extend(args.iter().cloned());
-        let port = ports::reserve_loopback_port()?;
         ServiceProcess::spawn_reserved(
             ServiceSpec {
                 name: format!("coordinator-{id}"),

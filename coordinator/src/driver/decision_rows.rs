@@ -30,6 +30,8 @@ const LIST_BATCH: u32 = 10;
 /// Pause between attempts to list a shard's commit rows while it is unreachable, and before
 /// listing again after a full page.
 const LIST_RETRY: Duration = Duration::from_millis(500);
+/// The longest pause before listing a full page again when the last brought nothing new.
+const LIST_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// GIDs whose commit rows can go, per decision shard, until the next flush.
 #[derive(Default)]
@@ -180,16 +182,21 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
     /// After a restart: lists this coordinator's commit rows on every shard and re-drives the
     /// ones not tracked, shard by shard, retrying a shard until it answers. A page comes back
     /// oldest first, at most `LIST_BATCH` rows; a full one may hide more behind it, which come up
-    /// once the rows above are finished and forgotten, so the shard is listed again after
-    /// `LIST_RETRY` for as long as full pages bring rows not yet tracked. (Listing again at once
-    /// would return the same rows, now tracked; whatever is still behind them when the pages stop
-    /// bringing anything new is finished when the participants ask about branches prepared
-    /// longer than their `--in-doubt-after-ms`.)
+    /// once the rows above are finished and forgotten, so the shard is listed again while pages
+    /// come back full: after `LIST_RETRY`, twice as long each time a page brings nothing not yet
+    /// tracked (its rows are still being committed, or wait for a participant that is down), up
+    /// to `LIST_BACKOFF_MAX`. (Listing again at once returned the same rows, now tracked, and
+    /// stopped there, leaving the rest of a large backlog to the takeover sweep or to the
+    /// participants' in-doubt asking.) Ends with the engine.
     pub(super) fn redrive_decision_rows(self: &Arc<Self>) {
         for shard in self.transport.shards() {
-            let engine = Arc::clone(self);
+            let weak = Arc::downgrade(self);
             tokio::spawn(async move {
+                let mut pause = LIST_RETRY;
                 loop {
+                    let Some(engine) = weak.upgrade() else {
+                        return;
+                    };
                     match engine
                         .transport
                         .list_decisions(&shard, Some(&engine.id), LIST_BATCH, PHASE_TWO_TIMEOUT_MS)
@@ -208,18 +215,23 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                                     decided_at_ms: row.decided_at_ms,
                                 })
                                 .collect();
-                            let brought_new = !records.is_empty();
+                            pause = if records.is_empty() {
+                                (pause * 2).min(LIST_BACKOFF_MAX)
+                            } else {
+                                LIST_RETRY
+                            };
                             engine.recover(records);
-                            if !full || !brought_new {
+                            if !full {
                                 return;
                             }
-                            tokio::time::sleep(LIST_RETRY).await;
                         }
                         Err(error) => {
                             tracing::info!(%shard, "listing commit rows to re-drive: {error}; retrying");
-                            tokio::time::sleep(LIST_RETRY).await;
+                            pause = LIST_RETRY;
                         }
                     }
+                    drop(engine);
+                    tokio::time::sleep(pause).await;
                 }
             });
         }

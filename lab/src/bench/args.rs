@@ -248,7 +248,8 @@ impl BenchArgs {
 }
 
 /// `NAME=VALUE` of `--pg-setting`: the name as PostgreSQL spells settings (letters, digits, `_`
-/// and `.`), the value quoted for `postgresql.conf` here.
+/// and `.`); the value as a `postgresql.conf` literal: taken as it is when already in single
+/// quotes, else quoted here (quotes doubled, backslashes escaped). One line only.
 fn parse_pg_setting(text: &str) -> Result<(String, String), String> {
     let (name, value) = text
         .split_once('=')
@@ -263,8 +264,19 @@ fn parse_pg_setting(text: &str) -> Result<(String, String), String> {
             "--pg-setting {text:?}: {name:?} is not a PostgreSQL setting name (letters, digits, _ and .)"
         ));
     }
-    let value = value.trim().trim_matches('\'');
-    Ok((name.to_owned(), format!("'{}'", value.replace('\'', "''"))))
+    if value.chars().any(char::is_control) {
+        return Err(format!(
+            "--pg-setting {text:?}: the value must be one line, without control characters"
+        ));
+    }
+    let value = value.trim();
+    let quoted = value.len() >= 2 && value.starts_with('\'') && value.ends_with('\'');
+    let literal = if quoted {
+        value.to_owned()
+    } else {
+        format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+    };
+    Ok((name.to_owned(), literal))
 }
 
 #[cfg(test)]
@@ -400,7 +412,9 @@ mod tests {
             Ok(("pg_stat_statements.track".into(), "'all'".into()))
         );
         assert_eq!(parse_pg_setting("x=it's"), Ok(("x".into(), "'it''s'".into())));
-        for bad in ["no_equals", "=1", "a b=1", "a;b=1"] {
+        assert_eq!(parse_pg_setting("x='it''s'"), Ok(("x".into(), "'it''s'".into())));
+        assert_eq!(parse_pg_setting(r"x=a\b"), Ok(("x".into(), r"'a\\b'".into())));
+        for bad in ["no_equals", "=1", "a b=1", "a;b=1", "x=1\nfsync=off"] {
             let error = parse_pg_setting(bad).unwrap_err();
             assert!(error.contains("--pg-setting"), "{error}");
         }

@@ -453,6 +453,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     };
     let decision_url = decision_database.as_ref().map(|pg| pg.url(DECISIONS_DATABASE));
     let in_process = args.participant_kind().in_process();
+    // Every further store's coordinator gets its port now, so that the participants know every
+    // instance from the start, as a deployment configures them: a participant deletes a marker
+    // row only once a coordinator it asks says it no longer needs it, and it asks only the
+    // coordinators it was given (`participant/src/reconcile.rs`).
+    let extra_ports: Vec<treaty_harness::PortReservation> = stores[1..]
+        .iter()
+        .map(|_| treaty_harness::reserve_loopback_port())
+        .collect::<Result<_, _>>()?;
     eprintln!(
         "starting {} shards (PostgreSQL with fsync on, {} participants) and a coordinator in {}",
         args.shards,
@@ -484,6 +492,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 "--session-lock-timeout-ms".to_string(),
                 args.lock_timeout_ms.to_string(),
             ]);
+            for port in &extra_ports {
+                participant.extend(["--coordinator".to_string(), format!("http://{}", port.addr())]);
+            }
             participant
         },
         database: DATABASE.into(),
@@ -497,15 +508,16 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     // Another instance per further store, over the same participants and databases; kept until
     // the end (dropping one stops it).
     let mut extra_coordinators = Vec::new();
-    for store in &stores[1..] {
+    for (store, port) in stores[1..].iter().zip(extra_ports) {
         let process = cluster
-            .spawn_coordinator(
+            .spawn_coordinator_on(
                 &format!("bench-{}", store.name()),
                 &[
                     service_thread_args(args.service_threads),
                     store.coordinator_args(decision_url.as_deref()),
                 ]
                 .concat(),
+                port,
             )
             .await
             .with_context(|| format!("starting a coordinator with --decision-store {}", store.name()))?;

@@ -7,8 +7,10 @@
 //! Without this, that work lands in whichever phase runs next on the same servers: with two
 //! decision stores side by side, each store's deletes were measured as the other's, and with one
 //! store as the baseline's. After a Treaty phase the bench waits until every server holds none of
-//! it (or `LIMIT` passes), and the CPU that took counts as the phase's; the phase's throughput and
-//! latency are still those of its measured seconds only.
+//! it (or `LIMIT` passes), and the CPU that took counts as the phase's (with the servers'
+//! background CPU meanwhile, `postgres_idle_cpu_us_per_s` in the report); the phase's throughput
+//! and latency are still those of its measured seconds only. The participants know every
+//! coordinator the bench starts, so each store's rows can go (`mod.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +19,7 @@ use sqlx::{Connection, PgConnection};
 
 /// How long a phase's leftovers may take to go before the bench reports them and moves on.
 pub const LIMIT: Duration = Duration::from_secs(30);
-/// Between two counts: each count is a few index-only reads on every server.
+/// Between two counts: each counts the rows of a few tables on every server, small by then.
 const POLL: Duration = Duration::from_millis(100);
 
 /// One server the leftovers are counted on, over a connection kept for the whole run (a new one
@@ -44,8 +46,8 @@ pub struct Settled {
 }
 
 impl Leftovers {
-    /// Connects to every `(name, url)`; the tables counted are the ones the server has (a
-    /// decision database has no marker table, a shard of a file-store run may have no decisions).
+    /// Connects to every `(name, url)`; the tables counted are the ones the server has (every
+    /// migrated server has them all; a server Treaty never migrated has none).
     pub async fn open(servers: &[(String, String)]) -> Result<Self> {
         let mut open = Vec::with_capacity(servers.len());
         for (name, url) in servers {
