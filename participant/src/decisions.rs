@@ -17,6 +17,7 @@
 
 use std::sync::{Arc, LazyLock};
 
+use tokio_postgres::Step;
 use tokio_postgres::types::{ToSql, Type};
 use treaty_proto::{CoordinatorId, DatabaseRole, Gid, ShardName};
 
@@ -169,14 +170,13 @@ pub async fn insert_and_commit(
     let coordinator = gid.coordinator().as_str();
     let participants: Vec<&str> = participants.iter().map(ShardName::as_str).collect();
     let params: [&(dyn ToSql + Sync); 3] = [&gid_text, &coordinator, &participants];
-    // Both sent on their first poll, in this order: one round trip. After a failed insert
-    // PostgreSQL answers the COMMIT with a rollback, so the insert's answer decides.
-    let (inserted, ended) = futures::join!(
-        connection.client().execute_raw(&statement, params),
-        session::end_and_check(connection, "COMMIT", 1, clean.as_deref())
-    );
+    // One pipeline, one answer. After a failed insert PostgreSQL skips the COMMIT (the caller
+    // rolls back), so the insert's answer decides.
+    let steps = [Step::Prepared(&statement, &params), Step::Text("COMMIT")];
+    let (mut answers, ended) = session::steps_and_check(connection, &steps, 1, clean.as_deref()).await;
+    let inserted = answers.swap_remove(0);
     let gid = gid.to_string();
-    match (inserted.map_err(DbError::from), ended) {
+    match (inserted, ended) {
         (Err(error), _) if lost_to_abort(&error) => Err(CommitRowError::ConcludedAbort { gid, error }),
         (Err(error), _) => Err(CommitRowError::Insert { gid, error }),
         (Ok(_), Err(StatementFailed { error, .. })) => Err(CommitRowError::Commit { gid, error }),

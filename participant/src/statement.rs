@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use futures::TryStreamExt as _;
+use tokio_postgres::Step;
 use tokio_postgres::types::ToSql;
 
 use crate::pool::Connection;
@@ -72,12 +73,16 @@ async fn run_prepared(
 ) -> Result<StatementOutput, StatementError> {
     match begin {
         None => run_single(connection, statement, params).await,
-        Some(begin) => opened(connection, begin, run_single(connection, statement, params)).await,
+        Some(begin) => {
+            run_pipelined(connection, Some(begin), statement, params, None, None)
+                .await
+                .0
+        }
     }
 }
 
-/// Sends `begin`, then `run`'s request, before awaiting either: `join!` polls them in this order,
-/// and each sends its request on its first poll.
+/// Sends `begin`, then the batch `run` sends, before awaiting either: `join!` polls them in this
+/// order, and each sends its request on its first poll.
 async fn opened(
     connection: &Connection,
     begin: &str,
@@ -89,11 +94,11 @@ async fn opened(
 }
 
 /// `run`, then `end` (`end_statements` statements that end the branch's transaction: the vote's
-/// marker row and `PREPARE TRANSACTION`) with the session check when due, all in one round trip:
-/// the last statement of a one-shot submit and its vote. `end` must only be taken as the vote
-/// when the statement succeeded: after a failed statement the transaction is aborted, and
-/// PostgreSQL refuses the vote's first statement (25P02, the rest skipped, the transaction left
-/// open for the ROLLBACK that follows). Never for a batch (its statements are not all sent before `end`).
+/// marker row and `PREPARE TRANSACTION`), all in one pipeline, with the session check after when
+/// due: the last statement of a one-shot submit and its vote, one write and one answer. `end`
+/// runs only if the statement succeeded (PostgreSQL skips the rest of a pipeline after an
+/// error, leaving the transaction open for the ROLLBACK that follows); its answer must still only
+/// be taken as the vote when the statement's was. Never for a batch.
 pub async fn run_then_end(
     connection: &Connection,
     begin: Option<&str>,
@@ -106,8 +111,8 @@ pub async fn run_then_end(
     Result<StatementOutput, StatementError>,
     Result<Session, StatementFailed>,
 ) {
-    // Prepared first when new to this session (a round trip of its own), so that nothing of the
-    // statement is left to send after the first poll: the vote must reach PostgreSQL after it.
+    // Prepared first when new to this session (a round trip of its own), so that the statement
+    // and the vote leave together.
     let statement = match prepare(connection, sql, params).await {
         Ok(statement) => statement,
         Err(error) => {
@@ -118,17 +123,30 @@ pub async fn run_then_end(
             return (Err(error.into()), Err(failed));
         }
     };
-    futures::join!(
-        run_prepared(connection, begin, &statement, params),
-        session::end_and_check(connection, end, end_statements, clean)
+    let (ran, ended) = run_pipelined(
+        connection,
+        begin,
+        &statement,
+        params,
+        Some((end, end_statements)),
+        clean,
     )
+    .await;
+    let ended = ended.unwrap_or_else(|| {
+        Err(StatementFailed {
+            index: 0,
+            error: DbError::Client("the vote was not sent".into()),
+        })
+    });
+    (ran, ended)
 }
 
-/// `run`, then `COMMIT` and the session check (when due) in the same round trip, for a one-phase branch's
-/// last statement (`Agent::execute_and_commit`): answers what the COMMIT did, or `None` when it
-/// was not sent. It is sent only with a statement that returns no rows: a row this side cannot
-/// decode would fail the call after PostgreSQL had committed. A failed statement leaves its
-/// transaction aborted, so the COMMIT behind it rolls back (PostgreSQL answers it with `ROLLBACK`).
+/// `run`, then `COMMIT`, in one pipeline with the session check after when due, for a one-phase
+/// branch's last statement (`Agent::execute_and_commit`): answers what the COMMIT did, or `None`
+/// when it was not sent. It is sent only with a statement that returns no rows: a row this side
+/// cannot decode would fail the call after PostgreSQL had committed. After a failed statement
+/// PostgreSQL skips the COMMIT (answered as not run) and the transaction stays open, aborted, for
+/// the ROLLBACK that follows.
 pub async fn run_then_commit(
     connection: &Connection,
     begin: Option<&str>,
@@ -146,11 +164,118 @@ pub async fn run_then_commit(
     if !statement.columns().is_empty() {
         return (run_prepared(connection, begin, &statement, params).await, None);
     }
-    let (ran, committed) = futures::join!(
-        run_prepared(connection, begin, &statement, params),
-        session::end_and_check(connection, "COMMIT", 1, clean)
-    );
-    (ran, Some(committed))
+    run_pipelined(connection, begin, &statement, params, Some(("COMMIT", 1)), clean).await
+}
+
+/// `begin`'s statements (if any), `statement` and `end`'s statements (if any: `end.1` of them,
+/// ending the transaction) as one pipeline, with the session check after when `clean`: answers
+/// the statement (`StatementError::Begin` when the BEGIN failed, and then nothing after it ran)
+/// and, with `end`, what ending did (`session::steps_and_check`).
+async fn run_pipelined(
+    connection: &Connection,
+    begin: Option<&str>,
+    statement: &tokio_postgres::Statement,
+    params: &[Param],
+    end: Option<(&str, usize)>,
+    clean: Option<&SessionState>,
+) -> (
+    Result<StatementOutput, StatementError>,
+    Option<Result<Session, StatementFailed>>,
+) {
+    let begin_texts = begin.map(crate::sql_guard::statement_texts).unwrap_or_default();
+    let end_texts = end
+        .map(|(sql, _)| crate::sql_guard::statement_texts(sql))
+        .unwrap_or_default();
+    if let Some((sql, expected)) = end
+        && end_texts.len() != expected
+    {
+        let error = DbError::Client(format!(
+            "internal: {expected} statements expected in {sql:?}, {} found; nothing was sent",
+            end_texts.len()
+        ));
+        return (Err(error.into()), None);
+    }
+    let (begin_statements, end_statements) = match (
+        constants_prepared(connection, &begin_texts).await,
+        constants_prepared(connection, &end_texts).await,
+    ) {
+        (Ok(begin), Ok(end)) => (begin, end),
+        (Err(error), _) => return (Err(StatementError::Begin(error)), None),
+        // Nothing was sent: the statement did not run and the end was not sent.
+        (Ok(_), Err(error)) => return (Err(error.into()), None),
+    };
+    let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|param| param as &(dyn ToSql + Sync)).collect();
+    let mut steps = Vec::with_capacity(begin_texts.len() + 1 + end_texts.len());
+    steps.extend(text_steps(&begin_texts, &begin_statements));
+    steps.push(Step::Prepared(statement, &values));
+    steps.extend(text_steps(&end_texts, &end_statements));
+    let (mut answers, ended) = match end {
+        Some(_) => {
+            let (answers, ended) = session::steps_and_check(connection, &steps, end_texts.len(), clean).await;
+            (answers, Some(ended))
+        }
+        None => (connection.pipeline(&steps).await, None),
+    };
+    let at = begin_texts.len();
+    if let Some(Err(error)) = answers[..at].iter().find(|answer| answer.is_err()) {
+        return (Err(StatementError::Begin(error.clone())), ended);
+    }
+    let ran = match answers.swap_remove(at) {
+        Err(error) => Err(StatementError::Db(error)),
+        Ok(output) => output_of(statement, output),
+    };
+    (ran, ended)
+}
+
+/// Each of `texts` that holds no literal (`BEGIN ...`, `SET LOCAL ROLE ...`, `COMMIT`: the same
+/// text on every branch) prepared on this connection, once per connection: a Bind and an Execute
+/// per branch then, where the unnamed statement costs PostgreSQL a parse each time (about 4 µs
+/// more per statement, pgbench). A text with a literal (`PREPARE TRANSACTION '<gid>'`, a marker
+/// row) is new every time and stays unnamed (`None`).
+async fn constants_prepared(
+    connection: &Connection,
+    texts: &[&str],
+) -> Result<Vec<Option<tokio_postgres::Statement>>, DbError> {
+    let mut statements = Vec::with_capacity(texts.len());
+    for text in texts {
+        statements.push(match text.contains('\'') {
+            true => None,
+            false => Some(connection.prepared_text(text).await?),
+        });
+    }
+    Ok(statements)
+}
+
+/// The pipeline's steps for `texts`: each prepared one bound (it has no parameters), the rest as
+/// text.
+fn text_steps<'a>(
+    texts: &'a [&'a str],
+    statements: &'a [Option<tokio_postgres::Statement>],
+) -> impl Iterator<Item = Step<'a>> {
+    texts
+        .iter()
+        .zip(statements)
+        .map(|(text, statement)| match statement {
+            Some(statement) => Step::Prepared(statement, &[]),
+            None => Step::Text(text),
+        })
+}
+
+/// A prepared statement's answer as the core's result: its columns, rows decoded, the count.
+fn output_of(
+    statement: &tokio_postgres::Statement,
+    output: tokio_postgres::StepOutput,
+) -> Result<StatementOutput, StatementError> {
+    let rows = output
+        .rows
+        .iter()
+        .map(values::decode_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(StatementOutput {
+        columns: statement.columns().iter().map(values::column_from_pg).collect(),
+        rows,
+        rows_affected: output.rows_affected,
+    })
 }
 
 /// The statement prepared on this connection for `sql` with these parameters' types: from the

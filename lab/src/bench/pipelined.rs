@@ -6,26 +6,23 @@
 //! branches, so this is the ceiling that compares with it; `direct` (sqlx, one statement per round
 //! trip) stays beside it.
 //!
-//! tokio-postgres sends a request when its future is first polled and reads the answers in order;
-//! [`in_order`] polls the requests of a branch in the order they must run. Every request ends with
-//! a Sync, so PostgreSQL runs each on its own: had `BEGIN` failed, a statement after it would run
-//! (and commit) on its own. Each session therefore starts with `default_transaction_read_only=on`
-//! and `BEGIN` asks for `READ WRITE`: outside the transaction an `UPDATE` fails (25006) instead of
-//! committing. Every answer is checked: a `PREPARE TRANSACTION` or `COMMIT` that follows a failed
-//! statement rolls the transaction back (PostgreSQL answers it with a `ROLLBACK` tag, no error), and
-//! the abort is counted under the statement's SQLSTATE, as `direct` counts it; a `PREPARE` that
-//! went through on a branch whose row count was wrong is rolled back with the others. The
+//! Each branch goes as one pipeline (`Client::pipeline`, the same call Treaty's participant makes):
+//! its requests leave in one write with one Sync after the last, so PostgreSQL answers them in one
+//! flush, and after a failed statement it skips the rest (a `PREPARE TRANSACTION` or `COMMIT`
+//! behind it does not run; the transaction is then rolled back). Each session still starts with
+//! `default_transaction_read_only=on` and `BEGIN` asks for `READ WRITE`, as Treaty's do. Every
+//! answer is checked: the abort is counted under the failed statement's SQLSTATE, as `direct`
+//! counts it, and a `PREPARE` that went through on a branch whose row count was wrong is rolled
+//! back with the others. `BEGIN` and the
 //! statements are prepared once per connection, so each runs as one Bind/Execute.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
-use std::task::Poll;
 use std::time::Duration;
 
 use futures::future::join_all;
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, Config, NoTls, Statement};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, NoTls, PipelineOutput, Statement, Step};
 
 use super::baselines::{BaselineConnection, Connections};
 use super::workload::{STATEMENTS, ShardWork, TxnPlan};
@@ -120,31 +117,23 @@ impl BaselineConnection for Session {
     }
 }
 
-type Request<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
-
-/// Runs `requests` together and returns their answers in order. Each is polled for the first time
-/// in order, and tokio-postgres sends a request on its first poll, so they reach PostgreSQL in
-/// this order, back to back, and are answered in one round trip.
-async fn in_order(requests: Vec<Request<'_>>) -> Vec<Result<u64, tokio_postgres::Error>> {
-    let mut pending: Vec<Option<Request<'_>>> = requests.into_iter().map(Some).collect();
-    let mut answers: Vec<Option<Result<u64, tokio_postgres::Error>>> = pending.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut waiting = false;
-        for (slot, answer) in pending.iter_mut().zip(answers.iter_mut()) {
-            if let Some(request) = slot {
-                match request.as_mut().poll(cx) {
-                    Poll::Ready(result) => {
-                        *answer = Some(result);
-                        *slot = None;
-                    }
-                    Poll::Pending => waiting = true,
-                }
-            }
+/// A pipeline's answers in order: each completed step's row count, then the failure (a refused
+/// step, or the connection's); steps PostgreSQL skipped after a failure have none.
+fn answers_of(
+    output: Result<PipelineOutput, tokio_postgres::Error>,
+) -> Vec<Result<u64, tokio_postgres::Error>> {
+    match output {
+        Err(error) => vec![Err(error)],
+        Ok(output) => {
+            let mut answers: Vec<_> = output
+                .completed
+                .iter()
+                .map(|step| Ok(step.rows_affected))
+                .collect();
+            answers.extend(output.failed.map(Err));
+            answers
         }
-        if waiting { Poll::Pending } else { Poll::Ready(()) }
-    })
-    .await;
-    answers.into_iter().flatten().collect()
+    }
 }
 
 /// How a shard's branch ends its first phase.
@@ -209,8 +198,7 @@ async fn run_branch(session: &mut Session, work: &ShardWork, finish: &Finish) ->
     let client = &session.client;
     let rides = matches!(finish, Finish::Prepare(_)) || commit_rides(work);
     let finish_sql = finish.sql();
-    let mut requests: Vec<Request<'_>> = Vec::with_capacity(work.stmts.len() + 2);
-    requests.push(Box::pin(client.execute(&session.begin, &[])));
+    let mut params = Vec::with_capacity(work.stmts.len());
     for stmt in &work.stmts {
         // Present: prepared above.
         let Some(statement) = session.statements.get(stmt.sql) else {
@@ -220,14 +208,24 @@ async fn run_branch(session: &mut Session, work: &ShardWork, finish: &Finish) ->
                 prepared: false,
             };
         };
-        requests.push(Box::pin(client.execute_raw(statement, stmt.params.iter())));
+        let values: Vec<&(dyn ToSql + Sync)> = stmt
+            .params
+            .iter()
+            .map(|param| param as &(dyn ToSql + Sync))
+            .collect();
+        params.push((statement, values));
     }
+    let mut steps: Vec<Step<'_>> = Vec::with_capacity(work.stmts.len() + 2);
+    steps.push(Step::Prepared(&session.begin, &[]));
+    steps.extend(
+        params
+            .iter()
+            .map(|(statement, values)| Step::Prepared(statement, values)),
+    );
     if rides {
-        requests.push(Box::pin(async {
-            client.batch_execute(&finish_sql).await.map(|()| 0)
-        }));
+        steps.push(Step::Text(&finish_sql));
     }
-    let answers = in_order(requests).await;
+    let answers = answers_of(client.pipeline(&steps).await);
     let mut answers = answers.into_iter();
 
     // BEGIN: had it failed, nothing after it could write (read-only outside the transaction), and
@@ -429,23 +427,5 @@ mod tests {
         assert!(commit_rides(&work(vec![stmt(false)])));
         assert!(!commit_rides(&work(vec![stmt(true), stmt(false)])));
         assert!(!commit_rides(&work(vec![stmt(true), stmt(true)])));
-    }
-
-    #[tokio::test]
-    async fn requests_are_answered_in_order() {
-        let requests: Vec<Request<'static>> = vec![
-            Box::pin(async { Ok(1) }),
-            Box::pin(async {
-                tokio::task::yield_now().await;
-                Ok(2)
-            }),
-            Box::pin(async { Ok(3) }),
-        ];
-        let answers: Vec<u64> = in_order(requests)
-            .await
-            .into_iter()
-            .map(|a| a.unwrap_or(0))
-            .collect();
-        assert_eq!(answers, vec![1, 2, 3]);
     }
 }

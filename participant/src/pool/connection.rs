@@ -1,8 +1,11 @@
 //! One session of the branch pool: a tokio-postgres client and the statements prepared on it.
 //!
 //! tokio-postgres sends a request when its future is first polled and reads answers in order, so
-//! requests issued together share one round trip (`postgres::begin_sql` and the statement,
-//! the last statement and the vote). Client statements are prepared once per session and
+//! requests issued together share one round trip. Statements that belong together
+//! (`postgres::begin_sql` and the branch's first statement, the last statement and the vote, the
+//! commit row and `COMMIT`) go as one `pipeline`, with one `Sync` after the last: PostgreSQL
+//! answers them in one flush, where a `Sync` per statement cost a send by the server and a
+//! wake-up and read here for each. Client statements are prepared once per session and
 //! parameter types (`prepared`), as sqlx's statement cache did, so that PostgreSQL parses and
 //! plans a branch's statement once per connection, not per call.
 
@@ -10,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::{Client, PipelineOutput, Statement, Step, StepOutput};
 
 use crate::postgres::DbError;
 
@@ -56,6 +59,59 @@ impl Connection {
         }
         cache.insert(Arc::clone(key), statement.clone());
         Ok(statement)
+    }
+
+    /// Runs `steps` with one `Sync` after the last (`Client::pipeline`): one answer per step. A
+    /// step runs only when every step before it succeeded; one that did not run answers the
+    /// failure before it (SQLSTATE 25P02 after a statement's error, as PostgreSQL answers a
+    /// statement sent into a failed transaction; the same connection error after one).
+    pub async fn pipeline(&self, steps: &[Step<'_>]) -> Vec<Result<StepOutput, DbError>> {
+        let output = self
+            .client
+            .pipeline(steps)
+            .await
+            .unwrap_or_else(|error| PipelineOutput {
+                completed: Vec::new(),
+                failed: Some(error),
+                status: None,
+            });
+        let PipelineOutput {
+            mut completed,
+            failed,
+            ..
+        } = output;
+        // Never more answers than steps, whatever came back.
+        completed.truncate(steps.len());
+        let ran = completed.len();
+        let mut answers: Vec<Result<StepOutput, DbError>> = completed.into_iter().map(Ok).collect();
+        if ran < steps.len() {
+            let error = failed.map(DbError::from).unwrap_or_else(|| {
+                DbError::Client(format!("PostgreSQL answered {ran} of {} statements", steps.len()))
+            });
+            let skipped = match &error {
+                DbError::Connection(_) => error.clone(),
+                _ => DbError::Sql {
+                    sqlstate: "25P02".into(),
+                    message: format!(
+                        "not run: statement {} of its round trip failed first ({error})",
+                        ran + 1
+                    ),
+                },
+            };
+            answers.push(Err(error));
+            answers.resize_with(steps.len(), || Err(skipped.clone()));
+        }
+        answers
+    }
+
+    /// `text`, a statement without parameters, prepared on this session (from the cache, keyed
+    /// by the text alone as a client's statement without parameters is, or prepared now); looked
+    /// up without allocating.
+    pub async fn prepared_text(&self, text: &str) -> Result<Statement, DbError> {
+        if let Some(statement) = self.cache().get(text) {
+            return Ok(statement.clone());
+        }
+        self.prepared(&Arc::from(text), &[]).await
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Statement>> {

@@ -41,7 +41,7 @@
 use std::borrow::Cow;
 
 use futures::TryStreamExt as _;
-use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
+use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow, Step, StepOutput};
 
 use super::Connection;
 use crate::postgres::DbError;
@@ -78,6 +78,8 @@ const STATE: [(&str, &str); 9] = [
 
 /// The check's name among the session's prepared statements.
 const CHECK: &str = "treaty_session_check";
+/// Runs the check prepared on the connection.
+const CHECK_SQL: &str = "EXECUTE treaty_session_check";
 
 /// Run once when a connection opens: prepares the check (the backend's pid, the state, and
 /// session-level advisory locks released) and runs it, so that the pid (to cancel a statement
@@ -243,6 +245,69 @@ pub async fn end_and_check(
             )),
         }),
     }
+}
+
+/// Runs `steps` in one pipeline (`Connection::pipeline`, one `Sync`), the last `ending` of which
+/// end the branch's transaction, with the check after them when `clean` is given, all in one
+/// write: answers every step, and what the check found or which of the ending steps failed (as
+/// `end_and_check`). The check is a request of its own, so PostgreSQL runs it whatever the steps
+/// did; its answer counts only when every step succeeded.
+pub async fn steps_and_check(
+    connection: &Connection,
+    steps: &[Step<'_>],
+    ending: usize,
+    clean: Option<&SessionState>,
+) -> (Vec<Result<StepOutput, DbError>>, Result<Session, StatementFailed>) {
+    if clean.is_some() && ending > 0 {
+        crate::metrics::global().session_checked("branch_end");
+    }
+    let (answers, checked) = match clean {
+        None => (connection.pipeline(steps).await, None),
+        Some(_) if steps.is_empty() => (Vec::new(), Some(run_check(connection).await)),
+        Some(_) => {
+            let (answers, checked) = futures::join!(connection.pipeline(steps), run_check(connection));
+            (answers, Some(checked))
+        }
+    };
+    let first_ending = steps.len().saturating_sub(ending);
+    let failed = answers[first_ending..]
+        .iter()
+        .enumerate()
+        .find_map(|(index, answer)| answer.as_ref().err().map(|error| (index, error.clone())));
+    let ended = match (failed, clean, checked) {
+        (Some((index, error)), _, _) => Err(StatementFailed { index, error }),
+        (None, None, _) | (None, Some(_), None) => Ok(Session::Unchecked),
+        (None, Some(clean), Some(checked)) => Ok(match checked {
+            Err(error) => Session::Changed(format!("the session check failed: {error}")),
+            Ok(None) => Session::Changed("the session check returned no row".into()),
+            Ok(Some(Err(error))) => {
+                Session::Changed(format!("the session check's row did not decode: {error}"))
+            }
+            Ok(Some(Ok(state))) => {
+                let changed = state.differences(clean);
+                if changed.is_empty() {
+                    Session::Clean
+                } else {
+                    Session::Changed(changed.join("; "))
+                }
+            }
+        }),
+    };
+    (answers, ended)
+}
+
+/// The check's own request (simple protocol, its row in text): the state it read, if it answered
+/// a row.
+async fn run_check(connection: &Connection) -> Result<Option<Result<SessionState, String>>, DbError> {
+    let results = connection.client().simple_query_raw(CHECK_SQL).await?;
+    futures::pin_mut!(results);
+    let mut state = None;
+    while let Some(message) = results.try_next().await? {
+        if let SimpleQueryMessage::Row(row) = message {
+            state = Some(SessionState::from_row(&row));
+        }
+    }
+    Ok(state)
 }
 
 #[cfg(test)]

@@ -267,3 +267,112 @@ async fn a_session_lock_left_on_an_idle_connection_is_released_by_the_idle_check
     // Released by the check itself; the session was otherwise clean, so it stays.
     assert_eq!(backend_pid(&pool).await, pid);
 }
+
+/// `Client::pipeline` (the vendored tokio-postgres) and `Connection::pipeline`: the steps go
+/// with one Sync, so without a BEGIN they are one implicit transaction (a Sync per step would have
+/// committed the insert on its own before the division by zero), PostgreSQL skips what follows a
+/// failed step (answered as 25P02), and a prepared step's rows come back.
+#[tokio::test]
+async fn a_pipeline_is_answered_at_one_sync_and_stops_at_the_first_failure() {
+    use tokio_postgres::Step;
+    use tokio_postgres::types::ToSql;
+    use treaty_participant::DbError;
+
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("pool-pipeline", |_| {}).await else {
+        return;
+    };
+    env.db.sql("CREATE TABLE piped (k int PRIMARY KEY)").await;
+    let (client, connection) = tokio_postgres::connect(&env.db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let insert = client.prepare("INSERT INTO piped VALUES ($1)").await.unwrap();
+    let one: &(dyn ToSql + Sync) = &1i32;
+    let output = client
+        .pipeline(&[
+            Step::Prepared(&insert, &[one]),
+            Step::Text("SELECT 1/0"),
+            Step::Text("SELECT 2"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(output.completed.len(), 1, "{output:?}");
+    assert_eq!(output.completed[0].rows_affected, 1);
+    let failed = output
+        .failed
+        .as_ref()
+        .and_then(|error| error.code())
+        .map(|code| code.code().to_owned());
+    assert_eq!(failed.as_deref(), Some("22012"), "{output:?}");
+    assert_eq!(output.status, Some(b'I'));
+    assert_eq!(
+        env.db.count("SELECT count(*) FROM piped").await,
+        0,
+        "the insert and the failed step were one implicit transaction: one Sync"
+    );
+
+    // The participant's pooled sessions (read-only outside a BEGIN ... READ WRITE).
+    let pool = Pool::new(
+        ConnectTarget::from_url(&env.db.url).unwrap(),
+        1,
+        Duration::from_secs(5),
+    );
+    let connection = pool.acquire().await.unwrap();
+    let insert = connection
+        .client()
+        .prepare("INSERT INTO piped VALUES ($1)")
+        .await
+        .unwrap();
+    let select = connection
+        .client()
+        .prepare("SELECT k FROM piped ORDER BY k")
+        .await
+        .unwrap();
+    let sqlstate = |answer: &Result<tokio_postgres::StepOutput, DbError>| match answer {
+        Err(DbError::Sql { sqlstate, .. }) => sqlstate.clone(),
+        other => format!("{other:?}"),
+    };
+    let two: &(dyn ToSql + Sync) = &2i32;
+    let answers = connection
+        .pipeline(&[
+            Step::Text("BEGIN READ WRITE"),
+            Step::Prepared(&insert, &[two]),
+            Step::Text("SELECT 1/0"),
+            Step::Text("COMMIT"),
+        ])
+        .await;
+    assert_eq!(answers.len(), 4);
+    assert_eq!(answers[1].as_ref().map(|step| step.rows_affected).ok(), Some(1));
+    assert_eq!(sqlstate(&answers[2]), "22012", "division by zero");
+    assert_eq!(
+        sqlstate(&answers[3]),
+        "25P02",
+        "skipped after the failure: {:?}",
+        answers[3]
+    );
+    connection.simple("ROLLBACK").await.unwrap();
+    assert_eq!(
+        env.db.count("SELECT count(*) FROM piped").await,
+        0,
+        "nothing committed"
+    );
+
+    let three: &(dyn ToSql + Sync) = &3i32;
+    let answers = connection
+        .pipeline(&[
+            Step::Text("BEGIN READ WRITE"),
+            Step::Prepared(&insert, &[three]),
+            Step::Prepared(&select, &[]),
+            Step::Text("COMMIT"),
+        ])
+        .await;
+    let outputs: Vec<_> = answers.into_iter().map(|answer| answer.unwrap()).collect();
+    let rows: Vec<i32> = outputs[2].rows.iter().map(|row| row.get(0)).collect();
+    assert_eq!(
+        rows,
+        vec![3],
+        "the prepared step's rows, seeing the insert before it"
+    );
+    assert_eq!(env.db.count("SELECT count(*) FROM piped").await, 1, "committed");
+}
