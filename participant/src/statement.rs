@@ -29,8 +29,8 @@ pub enum StatementError {
     Db(#[from] DbError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
-    /// The branch's BEGIN, sent with its first statement, failed (that statement then ran
-    /// outside any transaction, in the session's read-only default, and is disregarded).
+    /// The branch's BEGIN, sent with its first statement, failed (PostgreSQL then skipped that
+    /// statement).
     #[error("opening the branch's transaction failed: {0}")]
     Begin(DbError),
 }
@@ -227,20 +227,27 @@ async fn run_pipelined(
     (ran, ended)
 }
 
-/// Each of `texts` that holds no literal (`BEGIN ...`, `SET LOCAL ROLE ...`, `COMMIT`: the same
-/// text on every branch) prepared on this connection, once per connection: a Bind and an Execute
-/// per branch then, where the unnamed statement costs PostgreSQL a parse each time (about 4 µs
-/// more per statement, pgbench). A text with a literal (`PREPARE TRANSACTION '<gid>'`, a marker
-/// row) is new every time and stays unnamed (`None`).
+/// Each of `texts` that opens the branch the same way on every branch under the same options
+/// (`BEGIN ...`, `SET LOCAL ROLE ...`) prepared on this connection, once per connection: a Bind
+/// and an Execute per branch then, where the unnamed statement costs PostgreSQL a parse each time
+/// (about 4 µs more per statement, pgbench). Nothing else is named: a named statement can be run
+/// by any SQL on the session (`EXECUTE <name>`, which the SQL guard does not look into), so a
+/// named `COMMIT` would let a client's statement end its branch before the vote; running a named
+/// `BEGIN` or `SET LOCAL ROLE` gives a client nothing it could not write itself (README, "What a
+/// database role does not stop"). Timeouts a client chose (`SET LOCAL lock_timeout = <n>`) stay
+/// unnamed too, so that they cannot fill the connection's statement cache; so does anything with a
+/// literal (`PREPARE TRANSACTION '<gid>'`, a marker row), new every time. Unnamed is `None`.
 async fn constants_prepared(
     connection: &Connection,
     texts: &[&str],
 ) -> Result<Vec<Option<tokio_postgres::Statement>>, DbError> {
     let mut statements = Vec::with_capacity(texts.len());
     for text in texts {
-        statements.push(match text.contains('\'') {
-            true => None,
-            false => Some(connection.prepared_text(text).await?),
+        let named =
+            !text.contains('\'') && (text.starts_with("BEGIN") || text.starts_with("SET LOCAL ROLE "));
+        statements.push(match named {
+            true => Some(connection.prepared_text(text).await?),
+            false => None,
         });
     }
     Ok(statements)

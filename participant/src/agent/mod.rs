@@ -193,8 +193,10 @@ impl Agent {
             return;
         }
         if let Some(Ok(session)) = branch.commit_sent.take() {
-            // The COMMIT went with the statement that failed, and PostgreSQL, finding the
-            // transaction aborted, rolled it back: there is nothing left to end.
+            // The COMMIT went with the statement and ended the transaction (the statement's
+            // rows then failed on this side): there is nothing left to end. (After a statement
+            // PostgreSQL refused, the COMMIT behind it was skipped and answered as an error, so
+            // that transaction is rolled back below.)
             branch.transaction_ended(gid, session);
             return;
         }

@@ -84,22 +84,31 @@ impl Connection {
         completed.truncate(steps.len());
         let ran = completed.len();
         let mut answers: Vec<Result<StepOutput, DbError>> = completed.into_iter().map(Ok).collect();
-        if ran < steps.len() {
-            let error = failed.map(DbError::from).unwrap_or_else(|| {
-                DbError::Client(format!("PostgreSQL answered {ran} of {} statements", steps.len()))
-            });
-            let skipped = match &error {
-                DbError::Connection(_) => error.clone(),
-                _ => DbError::Sql {
-                    sqlstate: "25P02".into(),
-                    message: format!(
-                        "not run: statement {} of its round trip failed first ({error})",
-                        ran + 1
-                    ),
-                },
-            };
-            answers.push(Err(error));
-            answers.resize_with(steps.len(), || Err(skipped.clone()));
+        match failed {
+            Some(error) if ran == steps.len() && ran > 0 => {
+                // Every step completed and PostgreSQL still failed at the Sync (the implicit
+                // transaction of steps sent without BEGIN could not commit, e.g. a deferred
+                // constraint): the last step's answer carries it, so that nothing reads as done.
+                answers[ran - 1] = Err(DbError::from(error));
+            }
+            failed if ran < steps.len() => {
+                let error = failed.map(DbError::from).unwrap_or_else(|| {
+                    DbError::Client(format!("PostgreSQL answered {ran} of {} statements", steps.len()))
+                });
+                let skipped = match &error {
+                    DbError::Connection(_) => error.clone(),
+                    _ => DbError::Sql {
+                        sqlstate: "25P02".into(),
+                        message: format!(
+                            "not run: statement {} of its round trip failed first ({error})",
+                            ran + 1
+                        ),
+                    },
+                };
+                answers.push(Err(error));
+                answers.resize_with(steps.len(), || Err(skipped.clone()));
+            }
+            _ => {}
         }
         answers
     }

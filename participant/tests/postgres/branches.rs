@@ -751,3 +751,71 @@ async fn the_commit_sent_with_the_last_statement_commits_only_after_a_statement_
     assert_eq!(env.db.count("SELECT count(*) FROM kv WHERE k = 4").await, 0);
     assert!(env.db.prepared().await.is_empty());
 }
+
+/// The statements the participant keeps prepared on a pooled session can be run by any SQL on it
+/// (`EXECUTE <name>`, which the SQL guard does not look into): only a branch's opening ones are
+/// named (`BEGIN ...`), never one that ends a transaction, so no client statement can commit its
+/// branch before the vote that way.
+#[tokio::test]
+async fn no_statement_that_ends_a_transaction_is_kept_prepared_on_a_pooled_session() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("named-statements", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    // One-phase commits (BEGIN, the statement and COMMIT as one pipeline) and a prepared and
+    // committed branch, one at a time: the pool hands back the same session each time.
+    for k in 1..=3 {
+        let done = env
+            .execute_and_commit(&env.gid(k), &format!("INSERT INTO kv VALUES ({k}, 'x')"), None)
+            .await
+            .unwrap();
+        assert!(done.committed);
+    }
+    let two_phase = env.gid(4);
+    env.execute(&two_phase, "INSERT INTO kv VALUES (4, 'x')", vec![])
+        .await
+        .unwrap();
+    assert_eq!(vote(&env.prepare(&two_phase).await), pb::Vote::Yes);
+    assert_eq!(env.commit(&two_phase).await.unwrap(), pb::BranchState::Committed);
+
+    let reader = env.gid(5);
+    let result = env
+        .execute(
+            &reader,
+            "SELECT statement FROM pg_prepared_statements ORDER BY statement",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let statements: Vec<String> = result
+        .rows
+        .iter()
+        .filter_map(
+            |row| match row.values.first().and_then(|value| value.kind.clone()) {
+                Some(pb::value::Kind::Text(text)) => Some(text),
+                _ => None,
+            },
+        )
+        .collect();
+    assert!(
+        statements.iter().any(|statement| statement.starts_with("BEGIN")),
+        "the session the branches used, with its prepared BEGIN: {statements:?}"
+    );
+    for statement in &statements {
+        let words: Vec<String> = statement
+            .split_whitespace()
+            .take(2)
+            .map(str::to_ascii_uppercase)
+            .collect();
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        assert!(
+            !matches!(
+                words.as_slice(),
+                ["COMMIT" | "ROLLBACK" | "END" | "ABORT", ..] | ["PREPARE", "TRANSACTION"]
+            ),
+            "{statement:?} is prepared on a session clients share: `EXECUTE` of it would end a branch"
+        );
+    }
+    env.abort(&reader).await.unwrap();
+}
