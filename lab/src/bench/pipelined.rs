@@ -13,8 +13,8 @@
 //! `default_transaction_read_only=on` and `BEGIN` asks for `READ WRITE`, as Treaty's do. Every
 //! answer is checked: the abort is counted under the failed statement's SQLSTATE, as `direct`
 //! counts it, and a `PREPARE` that went through on a branch whose row count was wrong is rolled
-//! back with the others. `BEGIN` and the
-//! statements are prepared once per connection, so each runs as one Bind/Execute.
+//! back with the others. `BEGIN` and the statements are prepared once per connection, so each
+//! runs as one Bind/Execute.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -112,6 +112,16 @@ impl SessionState {
         Ok(SessionState { values })
     }
 
+    /// `Session::Clean` when nothing differs from `clean`, else `Changed` naming what does.
+    fn compared_with(&self, clean: &SessionState) -> Session {
+        let changed = self.differences(clean);
+        if changed.is_empty() {
+            Session::Clean
+        } else {
+            Session::Changed(changed.join("; "))
+        }
+    }
+
     /// What differs from `clean`, for the log; empty when nothing does.
     pub fn differences(&self, clean: &SessionState) -> Vec<String> {
         STATE
@@ -228,14 +238,7 @@ pub async fn end_and_check(
             (_, None) => Session::Changed(format!(
                 "PostgreSQL answered {completed} of {statements} statements"
             )),
-            (Some(Ok(state)), Some(clean)) => {
-                let changed = state.differences(clean);
-                if changed.is_empty() {
-                    Session::Clean
-                } else {
-                    Session::Changed(changed.join("; "))
-                }
-            }
+            (Some(Ok(state)), Some(clean)) => state.compared_with(clean),
             (Some(Err(error)), _) => {
                 Session::Changed(format!("the session check's row did not decode: {error}"))
             }
@@ -283,14 +286,7 @@ pub async fn steps_and_check(
             Ok(Some(Err(error))) => {
                 Session::Changed(format!("the session check's row did not decode: {error}"))
             }
-            Ok(Some(Ok(state))) => {
-                let changed = state.differences(clean);
-                if changed.is_empty() {
-                    Session::Clean
-                } else {
-                    Session::Changed(changed.join("; "))
-                }
-            }
+            Ok(Some(Ok(state))) => state.compared_with(clean),
         }),
     };
     (answers, ended)
