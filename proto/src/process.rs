@@ -80,10 +80,16 @@ pub fn init_tracing(
     Ok(crate::telemetry::TracingGuard::on(provider))
 }
 
-/// A multi-threaded runtime with `worker_threads` workers (tokio's default, one per core, when
-/// `None`). Fewer workers help when the services share a small machine with the databases
-/// (docs/performance.md).
+/// The service's runtime: `worker_threads` workers (tokio's default, one per core, when `None`).
+/// Fewer workers help when the services share a small machine with the databases
+/// (docs/performance.md). One thread is tokio's current-thread scheduler, not a pool of one: the
+/// service then runs every task on the thread that serves it, with no hand-over between the main
+/// thread and a worker and no cross-thread wake-up per I/O event (measured in docs/performance.md,
+/// session 25: about 10 % less coordinator CPU per transfer than a one-worker pool).
 pub fn runtime(worker_threads: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    if worker_threads == Some(1) {
+        return tokio::runtime::Builder::new_current_thread().enable_all().build();
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(threads) = worker_threads {
@@ -117,4 +123,24 @@ async fn signalled() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::runtime::RuntimeFlavor;
+
+    use super::runtime;
+
+    #[test]
+    fn one_thread_is_the_current_thread_scheduler_and_more_are_a_pool() {
+        let one = runtime(Some(1)).expect("a one-thread runtime");
+        assert_eq!(one.handle().runtime_flavor(), RuntimeFlavor::CurrentThread);
+        // Spawned tasks run on it while the service's future is driven.
+        let answer = one.block_on(async { tokio::spawn(async { 7 }).await });
+        assert_eq!(answer.expect("the spawned task ran"), 7);
+        let two = runtime(Some(2)).expect("a two-thread runtime");
+        assert_eq!(two.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        let default = runtime(None).expect("the default runtime");
+        assert_eq!(default.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+    }
 }

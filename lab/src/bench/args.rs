@@ -148,7 +148,8 @@ pub struct BenchArgs {
     /// Async runtime threads of the coordinator and of each participant (their
     /// `--worker-threads`). The benchmark runs every process on one machine, PostgreSQL servers
     /// included, so one thread each avoids cross-thread wake-ups between processes competing for
-    /// the same cores; 0 keeps the services' default (one per core).
+    /// the same cores (with 1, each service runs tokio's current-thread scheduler); 0 keeps the
+    /// services' default (one per core).
     #[arg(long, default_value_t = 1)]
     pub service_threads: u16,
 }
