@@ -256,7 +256,10 @@ impl Pool {
             // Closed as it drops; its permit serves the next one.
             permit = connection.release_permit();
         }
-        let (connection, opened) = self.shared.open(deadline).await?;
+        // Boxed: opening a connection (TCP, TLS, startup) is a future of over 4 KB, and every
+        // branch operation's future holds `acquire`'s; inline, each of those was 9 KB to allocate
+        // and copy per call for a path most calls never take.
+        let (connection, opened) = Box::pin(self.shared.open(deadline)).await?;
         let mut connection = PooledConnection {
             connection: Some(connection),
             opened,

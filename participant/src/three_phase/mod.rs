@@ -517,8 +517,10 @@ impl ThreePhase {
         event: ParticipantEvent,
         wanted: ParticipantPhase,
     ) -> Result<BranchState, BranchError> {
+        // The three-phase run is boxed: every two-phase commit and abort comes through here too
+        // (`CommitBatch`), and inline its 5 KB would be allocated and copied for each of them.
         if self.get(gid).is_some()
-            && let Some(driven) = self.run(gid, None, event).await?
+            && let Some(driven) = Box::pin(self.run(gid, None, event)).await?
             && driven.phase == Some(wanted)
         {
             return Ok(if wanted == ParticipantPhase::Committed {
