@@ -13,7 +13,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    treaty_proto::process::runtime(args.worker_threads)
+    treaty_proto::process::runtime(args.worker_threads, treaty_coordinator::failpoints::BUILT_IN)
         .context("starting the async runtime")?
         .block_on(serve(args))
 }

@@ -18,8 +18,9 @@
 //! handed to fail-rs as a `return(..)` carrying a tag, and carried out here (`enabled`), so that
 //! the WARN `failpoint fired` line (target `treaty::failpoint`) is logged *before* the action
 //! takes effect (a scenario runner reacts to it while the process sleeps or pauses), and so that
-//! a sleep blocks only its own task, through `tokio::task::block_in_place` (on a current-thread
-//! runtime, a service's `--worker-threads 1`, it blocks the whole process). An unarmed point costs
+//! a sleep blocks only its own task, through `tokio::task::block_in_place` (which is why a
+//! fault-injection build of a service keeps a thread pool even with `--worker-threads 1`;
+//! `treaty_proto::process::runtime`). An unarmed point costs
 //! one relaxed atomic load.
 //!
 //! `return(crash)` logs, writes `failpoint <name>: crash` to stderr and calls

@@ -92,7 +92,7 @@ pub struct Args {
     /// Threads of the async runtime (default: one per core). On a machine shared with the
     /// databases and other Treaty processes, fewer threads mean fewer cross-thread wake-ups; 1
     /// runs every task on one thread (tokio's current-thread scheduler), which costs the least
-    /// CPU per transaction (docs/performance.md).
+    /// CPU per transaction (docs/performance.md); a fault-injection build keeps a pool of one.
     #[arg(long, env = "TREATY_PARTICIPANT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
     #[arg(long, env = "TREATY_PARTICIPANT_LOG_FORMAT", value_enum)]

@@ -83,11 +83,15 @@ pub fn init_tracing(
 /// The service's runtime: `worker_threads` workers (tokio's default, one per core, when `None`).
 /// Fewer workers help when the services share a small machine with the databases
 /// (docs/performance.md). One thread is tokio's current-thread scheduler, not a pool of one: the
-/// service then runs every task on the thread that serves it, with no hand-over between the main
+/// service then runs its tasks on the thread that serves it, with no hand-over between the main
 /// thread and a worker and no cross-thread wake-up per I/O event (measured in docs/performance.md,
 /// session 25: about 10 % less coordinator CPU per transfer than a one-worker pool).
-pub fn runtime(worker_threads: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
-    if worker_threads == Some(1) {
+///
+/// `failpoints`: the binary is a fault-injection build. It keeps a pool even for one thread: a
+/// failpoint's sleep or pause blocks its task through `block_in_place`, which needs a pool, and a
+/// pause ends only when the `Admin` service, served by another thread meanwhile, clears it.
+pub fn runtime(worker_threads: Option<u16>, failpoints: bool) -> std::io::Result<tokio::runtime::Runtime> {
+    if worker_threads == Some(1) && !failpoints {
         return tokio::runtime::Builder::new_current_thread().enable_all().build();
     }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -132,15 +136,18 @@ mod tests {
     use super::runtime;
 
     #[test]
-    fn one_thread_is_the_current_thread_scheduler_and_more_are_a_pool() {
-        let one = runtime(Some(1)).expect("a one-thread runtime");
+    fn one_thread_is_the_current_thread_scheduler_unless_failpoints_need_a_pool() {
+        let one = runtime(Some(1), false).expect("a one-thread runtime");
         assert_eq!(one.handle().runtime_flavor(), RuntimeFlavor::CurrentThread);
         // Spawned tasks run on it while the service's future is driven.
         let answer = one.block_on(async { tokio::spawn(async { 7 }).await });
         assert_eq!(answer.expect("the spawned task ran"), 7);
-        let two = runtime(Some(2)).expect("a two-thread runtime");
+        let two = runtime(Some(2), false).expect("a two-thread runtime");
         assert_eq!(two.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
-        let default = runtime(None).expect("the default runtime");
+        let default = runtime(None, false).expect("the default runtime");
         assert_eq!(default.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        // A fault-injection build keeps a pool, so that a failpoint's pause can be released.
+        let injected = runtime(Some(1), true).expect("a fault-injection build's runtime");
+        assert_eq!(injected.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
     }
 }
