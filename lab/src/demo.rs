@@ -218,11 +218,9 @@ async fn count_prepared(cluster: &LocalCluster) -> Result<i64> {
     let mut total = 0;
     for pg in &cluster.pgs {
         let mut conn = pg.connect(DATABASE).await?;
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'treaty:%'",
-        )
-        .fetch_one(&mut conn)
-        .await?;
+        let n: i64 = sqlx::query_scalar(crate::PREPARED_TREATY_GIDS_SQL)
+            .fetch_one(&mut conn)
+            .await?;
         total += n;
     }
     Ok(total)

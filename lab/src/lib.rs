@@ -19,6 +19,11 @@ pub mod scenario;
 
 use treaty_proto::{Protocol, pb};
 
+/// Treaty's branches still prepared in the database a connection is on: the count every lab tool
+/// waits on to say nothing was left behind.
+pub(crate) const PREPARED_TREATY_GIDS_SQL: &str =
+    "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'treaty:%'";
+
 /// How Treaty reaches each shard's database, in every command that starts a cluster.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParticipantKind {

@@ -25,8 +25,9 @@
 //! connection's last check, and by `check_idle` (the idle sweep) on a connection waiting unchecked
 //! that long while a permit is free. So what a hidden function left (a session-level advisory
 //! lock, a setting) lasts until the end of the branch running about a second later, or about a
-//! second on a connection left idle, not the connection's life. Measured, the check after every branch was most of the
-//! PostgreSQL CPU Treaty spends beyond driving the same SQL by hand (docs/performance.md).
+//! second on a connection left idle, not the connection's life. Measured, the check after every
+//! branch was most of the PostgreSQL CPU Treaty spends beyond driving the same SQL by hand
+//! (docs/performance.md).
 //!
 //! Idle connections are reused newest first among those a taker may use as they are, so a light
 //! load keeps the same few backends warm; those idle longer than `IDLE_TIMEOUT` are closed when the
@@ -436,7 +437,7 @@ impl PooledConnection {
     }
 
     /// What a check of this connection found: clean marks it checked; changed logs why, counts
-    /// it and marks it to close. `true` if clean.
+    /// it and marks it to close; lost (the connection broke) marks it to close. `true` if clean.
     pub(crate) fn checked(&mut self, found: Session) -> bool {
         match found {
             Session::Clean => {
@@ -451,6 +452,14 @@ impl PooledConnection {
                     "closing a pooled connection instead of handing it on: its session changed ({what})"
                 );
                 crate::metrics::global().dirty_connection_closed("session_check");
+                self.close = true;
+                false
+            }
+            Session::Lost(why) => {
+                tracing::debug!(
+                    backend_pid = self.opened.backend_pid,
+                    "closing a pooled connection: {why}"
+                );
                 self.close = true;
                 false
             }

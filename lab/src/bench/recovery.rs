@@ -61,11 +61,9 @@ fn target_seconds(store: DecisionStore) -> f64 {
 async fn prepared_treaty_gids(conns: &mut [PgConnection]) -> Result<i64> {
     let mut total = 0;
     for conn in conns {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'treaty:%'",
-        )
-        .fetch_one(&mut *conn)
-        .await?;
+        let n: i64 = sqlx::query_scalar(crate::PREPARED_TREATY_GIDS_SQL)
+            .fetch_one(&mut *conn)
+            .await?;
         total += n;
     }
     Ok(total)

@@ -106,10 +106,7 @@ impl Leftovers {
 /// it has (abort rows are not counted: presumed abort keeps them until no decision branch can
 /// meet them, `participant/src/reconcile.rs`).
 fn count_sql(branches: bool, decisions: bool, three_phase: bool) -> String {
-    let mut parts = vec![
-        "(SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'treaty:%')"
-            .to_string(),
-    ];
+    let mut parts = vec![format!("({})", crate::PREPARED_TREATY_GIDS_SQL)];
     if branches {
         parts.push("(SELECT count(*) FROM treaty.branches)".into());
     }

@@ -163,6 +163,21 @@ pub enum Session {
     Unchecked,
     /// Changed (what, for the log), or the check could not tell: the connection is closed.
     Changed(String),
+    /// The connection broke before the check answered (why, for the log): it is closed, but
+    /// nothing says its session changed, so it is not counted as a dirty one.
+    Lost(String),
+}
+
+/// What a check that failed with `error` found: a broken connection is `Lost`, anything else
+/// (PostgreSQL refused the check) `Changed`.
+fn check_failed(error: &DbError) -> Session {
+    if error.is_connection() {
+        Session::Lost(format!(
+            "the connection broke before the session check answered: {error}"
+        ))
+    } else {
+        Session::Changed(format!("the session check failed: {error}"))
+    }
 }
 
 /// One of a simple query's statements failed: which (counted from 0) and why. The statements
@@ -177,7 +192,7 @@ pub struct StatementFailed {
 pub async fn check(connection: &Connection, clean: &SessionState) -> Session {
     match end_and_check(connection, "", 0, Some(clean)).await {
         Ok(found) => found,
-        Err(failed) => Session::Changed(format!("the session check failed: {}", failed.error)),
+        Err(failed) => check_failed(&failed.error),
     }
 }
 
@@ -229,7 +244,10 @@ pub async fn end_and_check(
             index: completed,
             error,
         }),
-        Some(error) if clean.is_some() => Ok(Session::Changed(format!("the session check failed: {error}"))),
+        Some(error) if clean.is_some() => Ok(check_failed(&error)),
+        Some(error) if error.is_connection() => Ok(Session::Lost(format!(
+            "the connection broke after the branch's statements: {error}"
+        ))),
         Some(error) => Ok(Session::Changed(format!(
             "the connection failed after the branch's statements: {error}"
         ))),
@@ -281,7 +299,7 @@ pub async fn steps_and_check(
         (Some((index, error)), _, _) => Err(StatementFailed { index, error }),
         (None, None, _) | (None, Some(_), None) => Ok(Session::Unchecked),
         (None, Some(clean), Some(checked)) => Ok(match checked {
-            Err(error) => Session::Changed(format!("the session check failed: {error}")),
+            Err(error) => check_failed(&error),
             Ok(None) => Session::Changed("the session check returned no row".into()),
             Ok(Some(Err(error))) => {
                 Session::Changed(format!("the session check's row did not decode: {error}"))
@@ -314,6 +332,23 @@ mod tests {
         SessionState {
             values: values.iter().map(|value| (*value).to_owned()).collect(),
         }
+    }
+
+    #[test]
+    fn a_broken_connection_is_lost_and_a_refused_check_is_a_changed_session() {
+        let broken = check_failed(&DbError::Connection("connection reset by peer".into()));
+        assert!(
+            matches!(&broken, Session::Lost(why) if why.contains("connection reset")),
+            "{broken:?}"
+        );
+        let refused = check_failed(&DbError::Sql {
+            sqlstate: "26000".into(),
+            message: "prepared statement does not exist".into(),
+        });
+        assert!(
+            matches!(&refused, Session::Changed(why) if why.contains("26000")),
+            "{refused:?}"
+        );
     }
 
     fn clean() -> SessionState {
