@@ -89,8 +89,13 @@ fn lost_to_abort(error: &DbError) -> bool {
 /// PostgreSQL parses, analyses and plans it once, not on every transaction (the text form cost
 /// it about 60 µs more per decision, pgbench on this table: docs/performance.md, Session 20).
 /// The comment keeps the text apart from any client statement in the connection's cache.
+/// The commit row, inserted only once the transaction is made durable whatever the branch set
+/// (`postgres::ROLE_AND_DURABILITY`, here inside the insert so that the decision's round trip
+/// carries no statement more): its COMMIT is the decision, and one acknowledged before its WAL
+/// is flushed could be lost after other shards committed.
 const COMMIT_ROW: &str = "/* treaty: commit row */ INSERT INTO treaty.decisions \
-     (gid, outcome, coordinator_id, participants) VALUES ($1, 'commit', $2, $3)";
+     (gid, outcome, coordinator_id, participants) SELECT $1, 'commit', $2, $3 \
+     WHERE pg_catalog.set_config('synchronous_commit', 'on', true) IS NOT NULL";
 const COMMIT_ROW_TYPES: [Type; 3] = [Type::TEXT, Type::TEXT, Type::TEXT_ARRAY];
 static COMMIT_ROW_KEY: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(COMMIT_ROW));
 
@@ -103,7 +108,8 @@ fn commit_row_sql(gid: &Gid, participants: &[ShardName]) -> String {
         .join(", ");
     format!(
         "INSERT INTO treaty.decisions (gid, outcome, coordinator_id, participants) \
-         VALUES ('{gid}', 'commit', '{}', ARRAY[{participants}]::text[])",
+         SELECT '{gid}', 'commit', '{}', ARRAY[{participants}]::text[] \
+         WHERE pg_catalog.set_config('synchronous_commit', 'on', true) IS NOT NULL",
         gid.coordinator()
     )
 }
@@ -443,9 +449,12 @@ mod tests {
         assert_eq!(
             commit_row_sql(&gid, &participants),
             "INSERT INTO treaty.decisions (gid, outcome, coordinator_id, participants) \
-             VALUES ('treaty:c1:42@s0', 'commit', 'c1', ARRAY['s0', 'NULL']::text[])"
+             SELECT 'treaty:c1:42@s0', 'commit', 'c1', ARRAY['s0', 'NULL']::text[] \
+             WHERE pg_catalog.set_config('synchronous_commit', 'on', true) IS NOT NULL"
         );
-        assert!(commit_row_sql(&gid, &[]).ends_with("ARRAY[]::text[])"));
+        assert!(commit_row_sql(&gid, &[]).contains("ARRAY[]::text[] WHERE"));
+        // Both forms make the decision's COMMIT durable whatever the branch set.
+        assert!(COMMIT_ROW.contains("set_config('synchronous_commit', 'on', true)"));
     }
 
     #[test]

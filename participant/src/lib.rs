@@ -38,6 +38,10 @@ mod in_process;
 pub mod metrics;
 pub mod pool;
 mod postgres;
+/// The statement a vote's or a decision's round trip makes the transaction durable with
+/// (`synchronous_commit = on`) and takes the participant's role back; public for the tests that
+/// run it on a real server.
+pub use postgres::ROLE_AND_DURABILITY;
 mod prepared;
 mod reconcile;
 mod service;

@@ -194,13 +194,32 @@ pub struct BranchOptions {
     pub database_role: Option<DatabaseRole>,
 }
 
+/// The participant's role back, and the vote or decision made durable whatever the branch set:
+/// `SET LOCAL ROLE NONE` and `SET LOCAL synchronous_commit = on` in one statement. A client's
+/// `SET LOCAL synchronous_commit = off` (or a function's `set_config`) would otherwise let the
+/// decision branch's COMMIT be acknowledged before its WAL is flushed, and a PREPARE TRANSACTION
+/// skip the wait for a synchronous standby: a crash or a failover then loses a decision or a YES
+/// vote that other shards already acted on. `on` flushes locally and waits for synchronous
+/// standbys when there are any; it is never less durable than another setting (`remote_apply`
+/// waits for the same flush, then for the standby to apply). Prepared once per connection
+/// (`statement::constants_prepared`).
+pub const ROLE_AND_DURABILITY: &str = "SELECT pg_catalog.set_config('role', 'none', true), \
+     pg_catalog.set_config('synchronous_commit', 'on', true)";
+
 /// Sent before Treaty's own work in a branch that runs under a client's role, in the same round
 /// trip: first every deferred constraint trigger the client's statements queued fires, still
 /// under the client's role (at COMMIT or PREPARE they would fire under the participant's, with its
-/// privileges); then the participant's own role writes the marker or decision row, which the
-/// client's role may not touch, and runs PREPARE TRANSACTION, since PostgreSQL lets only the
-/// role that prepared a transaction (or a superuser) finish it. Two statements.
-const ROLE_FOR_BOOKKEEPING: &str = "SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL ROLE NONE; ";
+/// privileges); then `ROLE_AND_DURABILITY`: the participant's own role writes the marker or
+/// decision row, which the client's role may not touch, and runs PREPARE TRANSACTION, since
+/// PostgreSQL lets only the role that prepared a transaction (or a superuser) finish it. Two
+/// statements.
+const ROLE_FOR_BOOKKEEPING: &str = "SET CONSTRAINTS ALL IMMEDIATE; \
+     SELECT pg_catalog.set_config('role', 'none', true), \
+     pg_catalog.set_config('synchronous_commit', 'on', true); ";
+
+/// `ROLE_AND_DURABILITY` as the prelude of a branch under the participant's own role.
+const OWN_ROLE_AND_DURABILITY: &str = "SELECT pg_catalog.set_config('role', 'none', true), \
+     pg_catalog.set_config('synchronous_commit', 'on', true); ";
 
 /// What goes before Treaty's own rows in a branch: `ROLE_FOR_BOOKKEEPING` when it runs under a
 /// client's role, else nothing; and how many statements that is.
@@ -303,7 +322,7 @@ pub(crate) fn prepare_sql(
     // that role or a superuser finished it.
     let (prelude, prelude_statements) = match role {
         Some(_) => bookkeeping_prelude(role),
-        None => ("SET LOCAL ROLE NONE; ", 1),
+        None => (OWN_ROLE_AND_DURABILITY, 1),
     };
     // A transaction whose decision is a row on its decision shard needs no marker: that row says
     // whether the branch committed, and a branch found not prepared is answered from it by the
@@ -672,7 +691,8 @@ mod tests {
         assert_eq!(
             prepare_sql(&gid, &BranchGid::new(&gid, &shard), None).unwrap(),
             (
-                "SET LOCAL ROLE NONE; \
+                "SELECT pg_catalog.set_config('role', 'none', true), \
+                 pg_catalog.set_config('synchronous_commit', 'on', true); \
                  INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('treaty:c1:42', 'c1', 42); \
                  PREPARE TRANSACTION 'treaty:c1:42:s0'"
                     .to_owned(),
@@ -684,6 +704,20 @@ mod tests {
     }
 
     #[test]
+    fn every_prelude_takes_the_role_back_and_makes_the_vote_durable_in_one_statement() {
+        assert_eq!(OWN_ROLE_AND_DURABILITY, format!("{ROLE_AND_DURABILITY}; "));
+        assert!(ROLE_FOR_BOOKKEEPING.ends_with(OWN_ROLE_AND_DURABILITY));
+        assert_eq!(bookkeeping_prelude(None), ("", 0));
+        let role = DatabaseRole::new("app_alice").unwrap();
+        assert_eq!(bookkeeping_prelude(Some(&role)).1, 2);
+        assert_eq!(crate::sql_guard::statement_texts(ROLE_FOR_BOOKKEEPING).len(), 2);
+        assert_eq!(
+            crate::sql_guard::statement_texts(OWN_ROLE_AND_DURABILITY),
+            vec![ROLE_AND_DURABILITY]
+        );
+    }
+
+    #[test]
     fn a_gid_that_names_its_decision_shard_prepares_without_a_marker() {
         let s1 = ShardName::new("s1").unwrap();
         let gid = Gid::with_decision_shard(&CoordinatorId::new("c1").unwrap(), 42, &s1).unwrap();
@@ -691,7 +725,10 @@ mod tests {
         assert_eq!(
             prepare_sql(&gid, &branch, None).unwrap(),
             (
-                "SET LOCAL ROLE NONE; PREPARE TRANSACTION 'treaty:c1:42@s1:s0'".to_owned(),
+                "SELECT pg_catalog.set_config('role', 'none', true), \
+                 pg_catalog.set_config('synchronous_commit', 'on', true); \
+                 PREPARE TRANSACTION 'treaty:c1:42@s1:s0'"
+                    .to_owned(),
                 2
             )
         );
@@ -700,7 +737,9 @@ mod tests {
         assert_eq!(
             prepare_sql(&gid, &branch, Some(&role)).unwrap(),
             (
-                "SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL ROLE NONE; PREPARE TRANSACTION 'treaty:c1:42@s1:s0'"
+                "SET CONSTRAINTS ALL IMMEDIATE; SELECT pg_catalog.set_config('role', 'none', true), \
+                 pg_catalog.set_config('synchronous_commit', 'on', true); \
+                 PREPARE TRANSACTION 'treaty:c1:42@s1:s0'"
                     .to_owned(),
                 3
             )
@@ -734,7 +773,8 @@ mod tests {
         assert_eq!(
             prepare_sql(&gid, &branch, Some(&role)).unwrap(),
             (
-                "SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL ROLE NONE; \
+                "SET CONSTRAINTS ALL IMMEDIATE; SELECT pg_catalog.set_config('role', 'none', true), \
+                 pg_catalog.set_config('synchronous_commit', 'on', true); \
                  INSERT INTO treaty.branches (gid, coordinator_id, txid) VALUES ('treaty:c1:42', 'c1', 42); \
                  PREPARE TRANSACTION 'treaty:c1:42:s0'"
                     .to_owned(),

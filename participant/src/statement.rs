@@ -243,8 +243,8 @@ async fn constants_prepared(
 ) -> Result<Vec<Option<tokio_postgres::Statement>>, DbError> {
     let mut statements = Vec::with_capacity(texts.len());
     for text in texts {
-        let named =
-            !text.contains('\'') && (text.starts_with("BEGIN") || text.starts_with("SET LOCAL ROLE "));
+        let named = *text == crate::postgres::ROLE_AND_DURABILITY
+            || (!text.contains('\'') && (text.starts_with("BEGIN") || text.starts_with("SET LOCAL ROLE ")));
         statements.push(match named {
             true => Some(connection.prepared_text(text).await?),
             false => None,

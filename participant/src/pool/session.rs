@@ -49,7 +49,7 @@ use crate::postgres::DbError;
 /// What a branch must leave as it found it: a name for the log, and the expression that reads
 /// it. Every function and type is qualified, so that a changed `search_path` cannot change what
 /// the check calls.
-const STATE: [(&str, &str); 9] = [
+const STATE: [(&str, &str); 11] = [
     ("current_user", "current_user::pg_catalog.text"),
     ("session_user", "session_user::pg_catalog.text"),
     // The OID of the session's temporary schema, `0` until a temporary object was made. Once
@@ -74,6 +74,23 @@ const STATE: [(&str, &str); 9] = [
         "pg_catalog.current_setting('default_transaction_read_only')",
     ),
     ("row_security", "pg_catalog.current_setting('row_security')"),
+    // Every setting changed for the rest of the session (`SET`, or a function's `set_config(...,
+    // false)`), with its value: among them `synchronous_commit`, which would make the
+    // participant's own COMMIT PREPARED acknowledged before it is flushed, and `client_encoding`,
+    // `DateStyle`, `TimeZone`, `session_replication_role`, which would change what the next
+    // branch's statements mean.
+    (
+        "the settings changed for the session",
+        "(SELECT pg_catalog.string_agg(name OPERATOR(pg_catalog.||) '=' OPERATOR(pg_catalog.||) setting, \
+         ', ' ORDER BY name) FROM pg_catalog.pg_settings WHERE source OPERATOR(pg_catalog.=) 'session')\
+         ::pg_catalog.text",
+    ),
+    // A cursor declared `WITH HOLD` outlives its transaction: the next branch, perhaps under
+    // another role, could fetch rows read with this one's privileges.
+    (
+        "cursors held open (WITH HOLD)",
+        "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_cursors WHERE is_holdable)::pg_catalog.text",
+    ),
 ];
 
 /// The check's name among the session's prepared statements.
@@ -362,6 +379,8 @@ mod tests {
             "0",
             "off",
             "on",
+            "",
+            "0",
         ])
     }
 
@@ -379,6 +398,8 @@ mod tests {
             "0",
             "on",
             "on",
+            "synchronous_commit=off",
+            "1",
         ]);
         let changed = leaked.differences(&clean()).join("; ");
         assert!(
@@ -392,6 +413,14 @@ mod tests {
             "{changed}"
         );
         assert!(!changed.contains("session_user"), "{changed}");
+        assert!(
+            changed.contains("the settings changed for the session is \"synchronous_commit=off\""),
+            "{changed}"
+        );
+        assert!(
+            changed.contains("cursors held open (WITH HOLD) is \"1\""),
+            "{changed}"
+        );
     }
 
     #[test]

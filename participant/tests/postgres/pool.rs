@@ -227,6 +227,78 @@ async fn a_connection_a_branch_left_changed_serves_only_its_own_role_unchecked()
     );
 }
 
+/// A session whose `synchronous_commit` a branch's hidden function turned off, or which holds a
+/// cursor declared `WITH HOLD`, never serves the participant's own statements (its COMMIT
+/// PREPARED would be acknowledged unflushed; the cursor's rows were read under another role).
+#[tokio::test]
+async fn a_session_with_commits_made_asynchronous_or_a_held_cursor_is_closed_at_handover() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("pool-durability", |_| {}).await else {
+        return;
+    };
+    let pool = Pool::new(
+        ConnectTarget::from_url(&env.db.url).unwrap(),
+        1,
+        Duration::from_secs(5),
+    );
+    for leak in [
+        "SELECT set_config('synchronous_commit', 'off', false)",
+        "SET client_encoding = 'LATIN1'",
+        "BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT 1; COMMIT",
+    ] {
+        let mut branch = pool.acquire_for(Taker::Branch(None)).await.unwrap();
+        let left = pid_of(&mut branch).await;
+        branch.client().batch_execute(leak).await.unwrap();
+        drop(branch);
+        let mut own = pool.acquire().await.unwrap();
+        assert_ne!(
+            pid_of(&mut own).await,
+            left,
+            "{leak}: the changed session was closed"
+        );
+        let setting: String = own
+            .client()
+            .query_one("SHOW synchronous_commit", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(setting, "on", "{leak}");
+        drop(own);
+    }
+}
+
+/// The vote's prelude makes the transaction durable whatever the branch set before it, and takes
+/// the participant's role back, in one statement.
+#[tokio::test]
+async fn the_votes_prelude_turns_synchronous_commit_back_on_for_the_transaction() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("pool-vote-durable", |_| {}).await else {
+        return;
+    };
+    let pool = Pool::new(
+        ConnectTarget::from_url(&env.db.url).unwrap(),
+        1,
+        Duration::from_secs(5),
+    );
+    let own = pool.acquire().await.unwrap();
+    own.client()
+        .batch_execute("BEGIN; SET LOCAL synchronous_commit = off")
+        .await
+        .unwrap();
+    own.client()
+        .batch_execute(treaty_participant::ROLE_AND_DURABILITY)
+        .await
+        .unwrap();
+    let setting: String = own
+        .client()
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(setting, "on");
+    own.client().batch_execute("ROLLBACK").await.unwrap();
+}
+
 #[tokio::test]
 async fn a_session_lock_left_on_an_idle_connection_is_released_by_the_idle_check() {
     let _shared = SERVER.read().await;
