@@ -43,6 +43,9 @@ pub struct Statement {
     pub sql: String,
     pub params: Vec<Value>,
     pub options: BranchOptions,
+    /// A statement of this branch already succeeded: the participant must find the branch open,
+    /// never open a new one (its earlier statements would be missing from what commits).
+    pub continues: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -304,6 +304,7 @@ impl ParticipantLinks {
             sql: statement.sql,
             params: statement.params.into_iter().map(pb::Value::from).collect(),
             options: Some(options_to_pb(statement.options)),
+            continues: statement.continues,
             ..Default::default()
         }
     }

@@ -192,6 +192,9 @@ pub struct BranchOptions {
     /// `SET LOCAL ROLE`, when given: the client's statements run under this role, Treaty's own
     /// rows under the participant's (`ROLE_FOR_BOOKKEEPING`).
     pub database_role: Option<DatabaseRole>,
+    /// The coordinator already ran a statement of this branch (`BranchExecuteRequest.continues`):
+    /// a call that finds no open branch refuses instead of opening one without those statements.
+    pub continues: bool,
 }
 
 /// The participant's role back, and the vote or decision made durable whatever the branch set:
@@ -640,6 +643,7 @@ mod tests {
             lock_timeout_ms: Some(2000),
             statement_timeout_ms: Some(60_000),
             database_role: None,
+            continues: false,
         };
         assert_eq!(
             begin_sql(&options, &none),
@@ -659,6 +663,7 @@ mod tests {
             lock_timeout_ms: Some(10_000),
             statement_timeout_ms: Some(60_000),
             database_role: None,
+            continues: false,
         };
         assert_eq!(
             begin_sql(&usual, &session),

@@ -189,6 +189,7 @@ fn branch_options(options: Option<pb::BranchOptions>) -> Result<BranchOptions, S
         lock_timeout_ms: timeout_ms("lock_timeout_ms", options.lock_timeout_ms)?,
         statement_timeout_ms: timeout_ms("statement_timeout_ms", options.statement_timeout_ms)?,
         database_role: database_role(&options.database_role)?,
+        continues: false,
     })
 }
 
@@ -289,7 +290,10 @@ impl ParticipantService {
         let params = treaty_proto::params_from_pb(request.params)?;
         treaty_proto::validate_statement(&request.sql, &params)?;
         let params = values::params(params).map_err(|e| self.error(e.into()))?;
-        let options = branch_options(request.options)?;
+        let options = BranchOptions {
+            continues: request.continues,
+            ..branch_options(request.options)?
+        };
         Ok(Statement {
             gid,
             sql: request.sql,

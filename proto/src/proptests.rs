@@ -160,6 +160,7 @@ fn encoded_request() -> impl Strategy<Value = Vec<u8>> {
                         }),
                         protocol,
                         peers,
+                        continues: lock_timeout_ms % 2 == 1,
                     }
                     .encode_to_vec()
                 }

@@ -198,6 +198,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             sql,
             params,
             options: handle.branch_options.clone(),
+            continues: handle.ran_on(&shard),
         };
         let span = match prepare_with {
             Some(_) => phase_span!(handle, "execute_and_prepare", shard),
@@ -251,6 +252,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         cancelled.armed = false;
         match result {
             Ok(result) => {
+                handle.note_ran_on(&shard);
                 self.feed_result(&handle, Event::ExecuteSucceeded { shard });
                 Ok(result)
             }
@@ -291,6 +293,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                 sql,
                 params,
                 options: handle.branch_options.clone(),
+                continues: handle.ran_on(&shard),
             },
             expect_rows,
             op,

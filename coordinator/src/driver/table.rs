@@ -49,6 +49,9 @@ pub struct TxnHandle {
     /// Statements begun so far, and how many are allowed (`u32::MAX`: no bound).
     statements: AtomicU32,
     max_statements: u32,
+    /// The shards where a statement of this transaction succeeded: a later one continues that
+    /// branch (`Statement::continues`) and must not open another.
+    ran_on: Mutex<Vec<ShardName>>,
 }
 
 /// The span of a transaction: a child of the current span, which is the `Begin` or `Submit` call's
@@ -144,6 +147,19 @@ impl TxnHandle {
         drop(lock(&self.slot).take());
     }
 
+    /// Whether a statement of this transaction already succeeded on `shard`.
+    pub(super) fn ran_on(&self, shard: &ShardName) -> bool {
+        lock(&self.ran_on).contains(shard)
+    }
+
+    /// Notes that a statement succeeded on `shard`.
+    pub(super) fn note_ran_on(&self, shard: &ShardName) {
+        let mut ran_on = lock(&self.ran_on);
+        if !ran_on.contains(shard) {
+            ran_on.push(shard.clone());
+        }
+    }
+
     /// Counts one more statement; refuses it once the transaction ran its allowed number.
     pub(super) fn count_statement(&self) -> Result<(), ApiError> {
         let ran = self.statements.fetch_add(1, Ordering::Relaxed);
@@ -233,6 +249,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             slot: Mutex::new(slot),
             statements: AtomicU32::new(0),
             max_statements: max_statements.unwrap_or(u32::MAX),
+            ran_on: Mutex::new(Vec::new()),
         });
         self.table().live.insert(txid, Arc::clone(&handle));
         handle
@@ -262,6 +279,7 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
             slot: Mutex::new(None),
             statements: AtomicU32::new(0),
             max_statements: u32::MAX,
+            ran_on: Mutex::new(Vec::new()),
         });
         table.foreign.insert(gid, Arc::clone(&handle));
         Some(handle)

@@ -31,6 +31,8 @@ const WAIT_LIMIT: Duration = Duration::from_secs(20);
 #[derive(Default)]
 struct Seen {
     executes: u32,
+    /// `continues` of each `Execute`, in order.
+    continues: Vec<bool>,
     execute_and_prepares: u32,
     /// (protocol, peers' shards) of each `ExecuteAndPrepare`.
     fused_votes: Vec<(i32, Vec<String>)>,
@@ -118,9 +120,12 @@ impl Participant for Fake {
 
     async fn execute(
         &self,
-        _: Request<pb::BranchExecuteRequest>,
+        request: Request<pb::BranchExecuteRequest>,
     ) -> Result<Response<pb::ExecuteResult>, Status> {
-        self.seen().executes += 1;
+        let mut seen = self.seen();
+        seen.executes += 1;
+        seen.continues.push(request.into_inner().continues);
+        drop(seen);
         Ok(Response::new(pb::ExecuteResult::default()))
     }
 
@@ -329,6 +334,25 @@ async fn reopen(dir: &Path) -> (DecisionLog, Replay) {
 
 fn ballot(pb_ballot: Option<&pb::Ballot>) -> Ballot {
     ballot_from_pb(pb_ballot).unwrap()
+}
+
+/// Once a statement succeeded on a shard, every later one there says it continues the branch, so
+/// that a participant which lost the branch (it restarted) refuses instead of opening another.
+#[tokio::test]
+async fn a_statement_after_one_that_succeeded_on_its_shard_continues_the_branch() {
+    let shards = Shards::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = DecisionLog::open(dir.path(), LogOptions::default()).unwrap();
+    let engine = engine(log, &shards, Protocol::TwoPhase);
+    let txid = engine.begin(TxnOptions::default()).await.unwrap();
+    for shard in ["s0", "s0", "s1", "s0"] {
+        engine
+            .execute(txid, shard, "UPDATE t SET v = 1".into(), vec![])
+            .await
+            .unwrap();
+    }
+    assert_eq!(shards.seen("s0").continues, vec![false, true, true]);
+    assert_eq!(shards.seen("s1").continues, vec![false]);
 }
 
 #[tokio::test]

@@ -690,6 +690,7 @@ mod tests {
             sql: "UPDATE t SET v = v + 1".into(),
             params: Vec::new(),
             options: BranchOptions::default(),
+            continues: false,
         }
     }
 

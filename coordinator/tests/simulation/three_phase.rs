@@ -204,6 +204,7 @@ mod tests {
                 sql: "UPDATE t SET v = 1".into(),
                 params: Vec::new(),
                 options: BranchOptions::default(),
+                continues: false,
             };
             transport.execute(shard, statement, 1_000).await.unwrap();
             let vote = VoteRequest {

@@ -119,7 +119,7 @@ impl Agent {
                     machine.phase()
                 )));
             }
-            self.check_can_open(gid)?;
+            self.check_can_open(gid, options.continues)?;
             slot.active = Some(self.open(options).await?);
             slot.machine = Some(self.new_machine());
         }
@@ -185,18 +185,21 @@ impl Agent {
         // it ran in no transaction that could commit (its BEGIN went with it), so it is run again
         // on a fresh connection, each dead one closed as it is found. Not once a COMMIT went with
         // it: whether that COMMIT ran is unknown, and the call says so (`BranchError::Unavailable`).
+        // Nor once the vote went with it: PostgreSQL may have prepared the branch before the
+        // connection broke, and a second run would wait on that prepared branch's locks (holding
+        // this GID's slot, which the Abort that rolls it back needs) or vote on effects other than
+        // the prepared ones; the call fails, the transaction aborts, and the abort rolls back
+        // whatever was prepared.
         let mut tried = 1;
         while let (
             Some(begin),
             Err(StatementError::Begin(DbError::Connection(_)) | StatementError::Db(DbError::Connection(_))),
         ) = (&begin, &ran)
         {
-            if tried > self.pool.max_connections() || sent_commit.is_some() {
+            if tried > self.pool.max_connections() || sent_commit.is_some() || sent_vote.is_some() {
                 break;
             }
             tried += 1;
-            // The retry votes the usual way, after the statement.
-            sent_vote = None;
             let fresh = match self
                 .pool
                 .acquire_for(Taker::Branch(options.database_role.as_ref()))
@@ -284,13 +287,27 @@ impl Agent {
     /// Refuses to open a branch for a GID that already ended here, or whose transaction may have
     /// had a branch in a previous process (see `Admission`) or belongs to a coordinator run that
     /// ended (`Agent::end_run`).
-    fn check_can_open(&self, gid: &Gid) -> Result<(), BranchError> {
+    fn check_can_open(&self, gid: &Gid, continues: bool) -> Result<(), BranchError> {
         if let Some(finished) = self.branches.finished(gid.as_str()) {
             return Err(BranchError::WrongState(format!(
                 "branch {gid} on shard {} {}; it cannot run more statements",
                 self.shard,
                 finished.describe()
             )));
+        }
+        // The coordinator ran statements of this branch here, and none is open: they were lost
+        // with a previous participant process (PostgreSQL rolled the branch back when its
+        // connection closed). A new branch would commit the rest without them.
+        if continues {
+            let reason = format!(
+                "transaction {gid} ran statements on shard {} that this participant no longer has \
+                 (it restarted, and PostgreSQL rolled them back); it cannot continue here; run the \
+                 transaction again",
+                self.shard
+            );
+            self.branches
+                .record(gid.as_str(), Finished::Aborted(reason.clone()));
+            return Err(BranchError::Lost(reason));
         }
         if let Some(first_txid) = self.admitted_from(gid.coordinator())
             && gid.txid() < first_txid

@@ -268,6 +268,14 @@ pub async fn end_and_check(
         Some(error) => Ok(Session::Changed(format!(
             "the connection failed after the branch's statements: {error}"
         ))),
+        // Fewer answers than statements and no error: nothing says the ending statements (a
+        // PREPARE, a COMMIT) ran, so they are not taken as done.
+        None if completed < statements => Err(StatementFailed {
+            index: completed,
+            error: DbError::Client(format!(
+                "PostgreSQL answered {completed} of {statements} statements and no error"
+            )),
+        }),
         None => Ok(match (state, clean) {
             (_, None) if completed == statements => Session::Unchecked,
             (_, None) => Session::Changed(format!(

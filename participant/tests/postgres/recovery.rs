@@ -23,6 +23,57 @@ async fn kv(env: &Env) {
     env.db.sql("CREATE TABLE kv (k bigint PRIMARY KEY, v text)").await;
 }
 
+/// A branch whose statements died with the participant is never continued in a new one: the
+/// coordinator's next statement says it continues (`continues`), and the restarted participant,
+/// which has no such branch, refuses it instead of committing it without the first.
+#[tokio::test]
+async fn a_restarted_participant_refuses_to_continue_a_branch_it_lost() {
+    let _shared = SERVER.read().await;
+    let Some(mut env) = Env::start("restart-continues", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    let gid = env.gid(5);
+    env.execute(&gid, "INSERT INTO kv VALUES (51, 'first')", vec![])
+        .await
+        .unwrap();
+    let config = env.config();
+    env.restart_participant(config).await;
+    let second = |gid: String, k: i64, continues: bool| pb::BranchExecuteRequest {
+        gid,
+        sql: "INSERT INTO kv VALUES ($1, 'more')".into(),
+        params: vec![int(k)],
+        continues,
+        ..Default::default()
+    };
+    let refused = env
+        .client()
+        .execute(second(gid.clone(), 52, true))
+        .await
+        .expect_err("a lost branch is not continued");
+    assert!(refused.message().contains("no longer has"), "{refused:?}");
+    // Asked again, with or without the flag, the GID stays refused: nothing under it commits.
+    assert!(
+        env.client()
+            .execute(second(gid.clone(), 53, false))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        env.db
+            .count("SELECT count(*) FROM kv WHERE k BETWEEN 51 AND 53")
+            .await,
+        0
+    );
+    // Another transaction's first statement opens its branch as ever.
+    let fresh = env.gid(6);
+    env.client()
+        .execute(second(fresh.clone(), 61, false))
+        .await
+        .unwrap();
+    assert_eq!(vote(&env.prepare(&fresh).await), pb::Vote::Yes);
+}
+
 #[tokio::test]
 async fn a_restarted_participant_applies_the_coordinators_decision() {
     let _shared = SERVER.read().await;

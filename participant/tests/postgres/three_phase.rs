@@ -120,6 +120,7 @@ impl Pair {
                     options: None,
                     protocol: pb::Protocol::ThreePhase as i32,
                     peers: self.peers(),
+                    continues: false,
                 })
                 .await
                 .unwrap()
