@@ -474,6 +474,31 @@ async fn is_prepared_here(pool: &Pool, name: &BranchGid) -> Result<bool, DbError
 }
 
 /// Whether the GID's marker row is committed: the branch was prepared and then committed.
+/// A branch of `branch`'s transaction prepared in this database under another shard's name than
+/// `branch`'s, if there is one: what a participant finds after its `--shard` was renamed while
+/// the branch was prepared. Asked only where "does not exist" would otherwise be answered.
+pub async fn prepared_under_another_name(pool: &Pool, branch: &BranchGid) -> Result<Option<String>, DbError> {
+    retrying(pool, |connection| {
+        let (prefix, own) = (format!("{}:", branch.gid()), branch.to_string());
+        Box::pin(async move {
+            // A prefix compared exactly: `_` in a GID would be a wildcard to LIKE.
+            let rows = connection
+                .client()
+                .query_typed(
+                    "SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE database = pg_catalog.current_database() \
+                     AND pg_catalog.left(gid, pg_catalog.length($1)) = $1 AND gid <> $2 LIMIT 1",
+                    &[(&prefix, Type::TEXT), (&own, Type::TEXT)],
+                )
+                .await?;
+            match rows.first() {
+                Some(row) => Ok(Some(row.try_get(0).map_err(DbError::from)?)),
+                None => Ok(None),
+            }
+        })
+    })
+    .await
+}
+
 pub async fn marker_exists(pool: &Pool, gid: &Gid) -> Result<bool, DbError> {
     retrying(pool, |connection| {
         let gid = gid.to_string();

@@ -451,6 +451,25 @@ impl Agent {
                 after.map(|()| Applied::Committed)
             }
             Err(error) if error.is_undefined_object() && gid.decision_shard().is_some() => {
+                // The coordinator takes "nothing prepared" as done and forgets the commit row; a
+                // branch of the transaction prepared here under another shard's name (this
+                // participant's `--shard` was renamed meanwhile) would then be presumed aborted.
+                let branch = self.branch_gid(gid);
+                if let Some(other) = postgres::prepared_under_another_name(&self.pool, &branch).await? {
+                    tracing::error!(
+                        %gid,
+                        prepared = %other,
+                        "asked to commit {branch}, but this database holds the transaction's branch \
+                         prepared as {other}: the participant's --shard changed since it prepared"
+                    );
+                    return Err(BranchError::WrongState(format!(
+                        "branch {branch} is not prepared, but {other} is: this participant serves \
+                         shard {} and the branch was prepared under another shard name; restart it \
+                         with its former --shard until that branch is finished, or commit it by hand \
+                         (COMMIT PREPARED '{other}'): the transaction's decision is commit",
+                        self.shard
+                    )));
+                }
                 // Nothing is recorded: this participant does not know that the branch committed,
                 // and a repeat asks PostgreSQL again.
                 tracing::info!(

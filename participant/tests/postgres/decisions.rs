@@ -386,6 +386,35 @@ async fn a_branch_of_a_gid_with_a_decision_shard_prepares_without_a_marker() {
     assert!(env.db.has_marker(&plain).await);
 }
 
+/// A branch prepared under another shard's name (the participant's `--shard` was renamed since)
+/// is not "nothing prepared": the commit is refused, naming it, so the coordinator keeps the
+/// commit row and retries instead of forgetting it and leaving that branch to be presumed aborted.
+#[tokio::test]
+async fn commit_finds_the_branch_prepared_under_a_former_shard_name_and_refuses() {
+    let _shared = SERVER.read().await;
+    let Some(env) = Env::start("decision-renamed", |_| {}).await else {
+        return;
+    };
+    kv(&env).await;
+    let gid = format!("{}@s9", env.gid(1));
+    let former = format!("{gid}:s_old");
+    env.db
+        .sql(&format!(
+            "BEGIN; INSERT INTO kv VALUES (1, 'x'); PREPARE TRANSACTION '{former}'"
+        ))
+        .await;
+    let refused = env.commit(&gid).await.unwrap_err();
+    assert!(
+        refused.message().contains(&former) && refused.message().contains("another shard name"),
+        "{refused:?}"
+    );
+    assert_eq!(env.db.prepared().await, [former.clone()], "left prepared");
+    // Nothing of the transaction anywhere here: nothing prepared, the usual answer.
+    let other = format!("{}@s9", env.gid(2));
+    assert_eq!(env.commit(&other).await.unwrap(), pb::BranchState::Unknown);
+    env.db.sql(&format!("ROLLBACK PREPARED '{former}'")).await;
+}
+
 #[tokio::test]
 async fn decision_calls_refuse_gids_that_keep_their_decision_elsewhere() {
     let _shared = SERVER.read().await;
