@@ -408,7 +408,7 @@ async fn commit_finds_the_branch_prepared_under_a_former_shard_name_and_refuses(
         refused.message().contains(&former) && refused.message().contains("another shard name"),
         "{refused:?}"
     );
-    assert_eq!(env.db.prepared().await, [former.clone()], "left prepared");
+    assert_eq!(env.db.prepared().await, std::slice::from_ref(&former), "left prepared");
     // Nothing of the transaction anywhere here: nothing prepared, the usual answer.
     let other = format!("{}@s9", env.gid(2));
     assert_eq!(env.commit(&other).await.unwrap(), pb::BranchState::Unknown);
