@@ -25,6 +25,7 @@ pub mod console;
 mod crash;
 pub mod decision_database;
 pub mod driver;
+mod earlier_run;
 pub mod failpoints;
 mod faults;
 pub mod h2_channel;
@@ -108,6 +109,18 @@ pub enum CoordinatorError {
          the participants' pg_prepared_xacts, treaty:<id>:<txid> in their logs), so that its transactions keep their names"
     )]
     HeaderLost { dir: std::path::PathBuf },
+    #[error(
+        "{dir} holds no decision log, but the shards hold work of coordinator {id} from an earlier \
+         run ({found}): a new log would hand out that run's txids again and could finish those \
+         transactions wrongly. Restore the data directory of coordinator {id}; or, with \
+         --decision-store shard, start this instance under another --id and let the running \
+         instances finish {id}'s transactions (they take over what no instance finishes)"
+    )]
+    EarlierRunLeftWork {
+        dir: std::path::PathBuf,
+        id: String,
+        found: String,
+    },
     #[error("coordinator id: {0}")]
     BadId(treaty_proto::IdError),
     #[error("--decision-store shard: {0}")]
@@ -199,6 +212,11 @@ pub async fn run(
     for damage in &replay.damage {
         tracing::warn!(kind = ?damage.kind, offset = damage.offset, length = damage.length, "decision log damage repaired: {}", damage.detail);
     }
+    // A log with nothing in it: no record, no damage, no header.
+    let new_log_for_configured_id = replay.coordinator_id.is_none()
+        && config.id.is_some()
+        && replay.records == 0
+        && replay.damage.is_empty();
     let id = match (&replay.coordinator_id, &config.id) {
         (Some(logged), Some(configured)) if logged != configured => {
             return Err(CoordinatorError::IdMismatch {
@@ -223,11 +241,21 @@ pub async fn run(
             log.write_header(&id).await.map_err(log_error)?;
             id
         }
-        (None, configured) => {
-            let id = configured.clone().unwrap_or_else(generate_id);
+        (None, None) => {
+            let id = generate_id();
             CoordinatorId::new(&id).map_err(CoordinatorError::BadId)?;
             log.write_header(&id).await.map_err(log_error)?;
             id
+        }
+        // A new log under an id given on the command line: written once the shards show no
+        // earlier run of that id (below), since an id that ran before with its data directory
+        // lost would hand out its txids again.
+        (None, Some(configured)) => {
+            if !new_log_for_configured_id {
+                CoordinatorId::new(configured).map_err(CoordinatorError::BadId)?;
+                log.write_header(configured).await.map_err(log_error)?;
+            }
+            configured.clone()
         }
     };
     let id = CoordinatorId::new(&id).map_err(CoordinatorError::BadId)?;
@@ -254,6 +282,16 @@ pub async fn run(
     };
     if settings.decide_in_branch {
         check_gid_room(&id, config.shards.keys())?;
+    }
+    if new_log_for_configured_id {
+        if let Some(found) = earlier_run::work_left(&links, &id, settings.decide_in_branch).await {
+            return Err(CoordinatorError::EarlierRunLeftWork {
+                dir: dir.clone(),
+                id: id.to_string(),
+                found,
+            });
+        }
+        log.write_header(id.as_str()).await.map_err(log_error)?;
     }
     // A damaged region may have held the latest txid reservation: skip a block per damaged region
     // so that no txid handed out before the damage is handed out again.

@@ -215,3 +215,66 @@ async fn the_client_library_carries_on_with_the_second_instance_when_the_first_i
     assert_eq!(rows_with(&t, 33).await?, 2);
     Ok(())
 }
+
+/// A coordinator given `--id` over an empty data directory first looks for work an earlier run of
+/// that id left on the shards: with its data directory lost, a new log would hand that run's
+/// txids (and GIDs) out again, and a participant asking about the old run's prepared branch would
+/// be answered from the new run's transaction of that number. Here a commit row of instance
+/// `lost` is left on shard 0, and a coordinator started as `lost` on a fresh directory refuses.
+#[tokio::test]
+async fn a_coordinator_refuses_a_new_log_under_an_id_whose_earlier_run_left_work() -> Result<()> {
+    let t = TestCluster::start(Options {
+        // The cluster's own instance leaves `lost`'s row alone for the test's length.
+        coordinator_args: vec![
+            "--decision-store".into(),
+            "shard".into(),
+            "--takeover-after-ms".into(),
+            "600000".into(),
+        ],
+        ..Options::default()
+    })
+    .await?;
+    let shard = t.shard(0);
+    let gid = format!("treaty:lost:7@{shard}");
+    t.sql(
+        0,
+        &format!(
+            "INSERT INTO treaty.decisions (gid, outcome, coordinator_id, participants) \
+             VALUES ('{gid}', 'commit', 'lost', '{{{}}}')",
+            t.shard(1)
+        ),
+    )
+    .await?;
+    let data_dir = t.dir.path().join("coordinator-lost-again");
+    // Twice: a refused start writes no header under the id, so the second is refused too (with a
+    // header written, it would take the directory for that run's own and start).
+    for attempt in 1..=2 {
+        let mut command = tokio::process::Command::new(treaty_harness::binary_path("treaty-coordinator")?);
+        command
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--id",
+                "lost",
+                "--decision-store",
+                "shard",
+            ])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .kill_on_drop(true);
+        for (name, participant) in t.cluster.shard_names.iter().zip(&t.cluster.participants) {
+            command.args(["--shard", &format!("{name}={}", participant.endpoint())]);
+        }
+        let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+            .await
+            .context("the coordinator should have refused to start, not served")??;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "attempt {attempt} started: {stderr}");
+        assert!(
+            stderr.contains("holds no decision log, but the shards hold work of coordinator lost")
+                && stderr.contains(&gid),
+            "attempt {attempt}: {stderr}"
+        );
+    }
+    Ok(())
+}
