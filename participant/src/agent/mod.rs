@@ -354,7 +354,20 @@ impl Agent {
     /// nothing can try. Anyone who later asks about the transaction finds no row and concludes
     /// abort again, the same answer. Answers how many rows went.
     pub async fn collect_abort_rows(&self, limit: u32) -> Result<u64, DbError> {
-        let rows = decisions::list(&self.pool, Outcome::Abort, None, limit).await?;
+        // Per coordinator with a known bound: the oldest rows of all could belong to an instance
+        // with none (one removed from the configuration), and, looked at first every pass, keep
+        // everyone else's from ever being reached.
+        let bounded: Vec<CoordinatorId> = self
+            .admission
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let mut rows = Vec::new();
+        for coordinator in &bounded {
+            rows.extend(decisions::list(&self.pool, Outcome::Abort, Some(coordinator), limit).await?);
+        }
         let mut gone = Vec::new();
         for text in rows.into_iter().map(|row| row.gid) {
             let Ok(gid) = Gid::parse(&text) else {
