@@ -7,7 +7,7 @@
 //! commit rows.
 
 use treaty_commit_protocol::transport::ParticipantTransport;
-use treaty_proto::{CoordinatorId, Gid};
+use treaty_proto::{CoordinatorId, ShardName};
 
 use crate::participants::ParticipantLinks;
 
@@ -18,38 +18,59 @@ const ASK_TIMEOUT_MS: u64 = 5_000;
 /// holds anything of it. A shard that does not answer is skipped with a warning: the check can
 /// only refuse on what it sees.
 pub(crate) async fn work_left(links: &ParticipantLinks, id: &CoordinatorId, rows: bool) -> Option<String> {
-    let mut found = Vec::new();
-    for shard in &links.shards() {
-        match links.list_prepared(shard, ASK_TIMEOUT_MS).await {
-            Ok(branches) => {
-                let mine: Vec<&str> = branches
-                    .iter()
-                    .filter(|branch| Gid::parse(&branch.gid).is_ok_and(|gid| gid.coordinator() == id))
-                    .map(|branch| branch.gid.as_str())
-                    .collect();
-                if let Some(first) = mine.first() {
-                    found.push(format!("{} prepared on {shard}, such as {first}", mine.len()));
-                }
-            }
-            Err(error) => tracing::warn!(
-                %shard,
-                "could not ask for branches an earlier run of coordinator {id} left prepared: {error}"
-            ),
-        }
-        if !rows {
-            continue;
-        }
-        match links.list_decisions(shard, Some(id), 1, ASK_TIMEOUT_MS).await {
-            Ok(decisions) => {
-                if let Some(row) = decisions.first() {
-                    found.push(format!("commit rows on {shard}, such as {}", row.gid));
-                }
-            }
-            Err(error) => tracing::warn!(
-                %shard,
-                "could not ask for commit rows an earlier run of coordinator {id} left: {error}"
-            ),
-        }
-    }
+    // Every shard at once: one that does not answer costs the start its timeout once, not once
+    // per shard.
+    let shards = links.shards();
+    let found: Vec<String> =
+        futures::future::join_all(shards.iter().map(|shard| left_on(links, shard, id, rows)))
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
     (!found.is_empty()).then(|| found.join("; "))
+}
+
+/// What `shard` holds of an earlier run of `id`.
+async fn left_on(links: &ParticipantLinks, shard: &ShardName, id: &CoordinatorId, rows: bool) -> Vec<String> {
+    let mut found = Vec::new();
+    // By the text's prefix rather than a parsed GID: a branch prepared under a name this build
+    // cannot read back (a former shard name, an older form) is reported as PostgreSQL holds it.
+    let prefix = format!("treaty:{id}:");
+    let prepared = links.list_prepared(shard, ASK_TIMEOUT_MS);
+    let decisions = async {
+        match rows {
+            true => Some(links.list_decisions(shard, Some(id), 1, ASK_TIMEOUT_MS).await),
+            false => None,
+        }
+    };
+    let (prepared, decisions) = futures::join!(prepared, decisions);
+    match prepared {
+        Ok(branches) => {
+            let mine: Vec<&str> = branches
+                .iter()
+                .map(|branch| branch.gid.as_str())
+                .filter(|gid| gid.starts_with(&prefix))
+                .collect();
+            if let Some(first) = mine.first() {
+                found.push(format!("{} prepared on {shard}, such as {first}", mine.len()));
+            }
+        }
+        Err(error) => tracing::warn!(
+            %shard,
+            "could not ask for branches an earlier run of coordinator {id} left prepared: {error}"
+        ),
+    }
+    match decisions {
+        Some(Ok(decisions)) => {
+            if let Some(row) = decisions.first() {
+                found.push(format!("commit rows on {shard}, such as {}", row.gid));
+            }
+        }
+        Some(Err(error)) => tracing::warn!(
+            %shard,
+            "could not ask for commit rows an earlier run of coordinator {id} left: {error}"
+        ),
+        None => {}
+    }
+    found
 }

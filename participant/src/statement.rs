@@ -98,7 +98,9 @@ async fn opened(
 /// due: the last statement of a one-shot submit and its vote, one write and one answer. `end`
 /// runs only if the statement succeeded (PostgreSQL skips the rest of a pipeline after an
 /// error, leaving the transaction open for the ROLLBACK that follows); its answer must still only
-/// be taken as the vote when the statement's was. Never for a batch.
+/// be taken as the vote when the statement's was; `None` when nothing was sent (preparing the
+/// statement or the constants failed first), so the caller may run the statement again and vote
+/// the usual way. Never for a batch.
 pub async fn run_then_end(
     connection: &Connection,
     begin: Option<&str>,
@@ -109,21 +111,15 @@ pub async fn run_then_end(
     clean: Option<&SessionState>,
 ) -> (
     Result<StatementOutput, StatementError>,
-    Result<Session, StatementFailed>,
+    Option<Result<Session, StatementFailed>>,
 ) {
     // Prepared first when new to this session (a round trip of its own), so that the statement
     // and the vote leave together.
     let statement = match prepare(connection, sql, params).await {
         Ok(statement) => statement,
-        Err(error) => {
-            let failed = StatementFailed {
-                index: 0,
-                error: DbError::Client("the vote was not sent: the statement could not be prepared".into()),
-            };
-            return (Err(error.into()), Err(failed));
-        }
+        Err(error) => return (Err(error.into()), None),
     };
-    let (ran, ended) = run_pipelined(
+    run_pipelined(
         connection,
         begin,
         &statement,
@@ -131,14 +127,7 @@ pub async fn run_then_end(
         Some((end, end_statements)),
         clean,
     )
-    .await;
-    let ended = ended.unwrap_or_else(|| {
-        Err(StatementFailed {
-            index: 0,
-            error: DbError::Client("the vote was not sent".into()),
-        })
-    });
-    (ran, ended)
+    .await
 }
 
 /// `run`, then `COMMIT`, in one pipeline with the session check after when due, for a one-phase
@@ -243,7 +232,7 @@ async fn constants_prepared(
 ) -> Result<Vec<Option<tokio_postgres::Statement>>, DbError> {
     let mut statements = Vec::with_capacity(texts.len());
     for text in texts {
-        let named = *text == crate::postgres::ROLE_AND_DURABILITY
+        let named = text.trim() == crate::postgres::ROLE_AND_DURABILITY
             || (!text.contains('\'') && (text.starts_with("BEGIN") || text.starts_with("SET LOCAL ROLE ")));
         statements.push(match named {
             true => Some(connection.prepared_text(text).await?),

@@ -176,7 +176,7 @@ impl Agent {
                     clean.as_deref(),
                 )
                 .await;
-                sent_vote = Some(voted);
+                sent_vote = voted;
                 ran
             }
             None => statement::run(&branch.connection, begin.as_deref(), sql, &params, batch).await,
@@ -200,6 +200,8 @@ impl Agent {
                 break;
             }
             tried += 1;
+            // Nothing of the first try reached PostgreSQL (`sent_vote` is None): the retry votes
+            // the usual way, after the statement.
             let fresh = match self
                 .pool
                 .acquire_for(Taker::Branch(options.database_role.as_ref()))

@@ -364,9 +364,11 @@ impl Agent {
             .keys()
             .cloned()
             .collect();
+        // `limit` over them all, shared out.
+        let each = (limit / u32::try_from(bounded.len()).unwrap_or(u32::MAX).max(1)).max(1);
         let mut rows = Vec::new();
         for coordinator in &bounded {
-            rows.extend(decisions::list(&self.pool, Outcome::Abort, Some(coordinator), limit).await?);
+            rows.extend(decisions::list(&self.pool, Outcome::Abort, Some(coordinator), each).await?);
         }
         let mut gone = Vec::new();
         for text in rows.into_iter().map(|row| row.gid) {

@@ -290,10 +290,12 @@ pub async fn end_and_check(
         ))),
         // Fewer answers than statements and no error: nothing says the ending statements (a
         // PREPARE, a COMMIT) ran, so they are not taken as done.
+        // As a broken connection: whether the unanswered ones ran (a COMMIT) is unknown.
         None if completed < statements => Err(StatementFailed {
             index: completed,
-            error: DbError::Client(format!(
-                "PostgreSQL answered {completed} of {statements} statements and no error"
+            error: DbError::Connection(format!(
+                "PostgreSQL answered {completed} of {statements} statements and no error; whether \
+                 the rest ran is unknown"
             )),
         }),
         None => Ok(match (state, clean) {
