@@ -300,29 +300,28 @@ impl Agent {
         // The coordinator ran statements of this branch here, and none is open: they were lost
         // with a previous participant process (PostgreSQL rolled the branch back when its
         // connection closed). A new branch would commit the rest without them.
-        if continues {
-            let reason = format!(
+        let lost = if continues {
+            Some(format!(
                 "transaction {gid} ran statements on shard {} that this participant no longer has \
                  (it restarted, and PostgreSQL rolled them back); it cannot continue here; run the \
                  transaction again",
                 self.shard
-            );
-            self.branches
-                .record(gid.as_str(), Finished::Aborted(reason.clone()));
-            return Err(BranchError::Lost(reason));
-        }
-        if let Some(first_txid) = self.admitted_from(gid.coordinator())
-            && gid.txid() < first_txid
-        {
-            let reason = format!(
-                "transaction {} began before this participant started or in an earlier run of its \
-                 coordinator (txids below {} may not open branches here); statements it ran on shard \
-                 {} earlier were lost with the previous process, so it cannot continue here; run the \
-                 transaction again",
-                gid.txid(),
-                first_txid,
-                self.shard
-            );
+            ))
+        } else {
+            self.admitted_from(gid.coordinator())
+                .filter(|first_txid| gid.txid() < *first_txid)
+                .map(|first_txid| {
+                    format!(
+                        "transaction {} began before this participant started or in an earlier run of \
+                         its coordinator (txids below {first_txid} may not open branches here); \
+                         statements it ran on shard {} earlier were lost with the previous process, so \
+                         it cannot continue here; run the transaction again",
+                        gid.txid(),
+                        self.shard
+                    )
+                })
+        };
+        if let Some(reason) = lost {
             self.branches
                 .record(gid.as_str(), Finished::Aborted(reason.clone()));
             return Err(BranchError::Lost(reason));

@@ -149,6 +149,15 @@ async fn a_returned_connection_is_reused_at_once_and_a_closed_one_is_not() {
     assert!(error.is_connection(), "{error:?}");
 }
 
+/// A pool of one connection to `env`'s database, so that each test knows which session it gets.
+fn pool_of_one(env: &Env) -> Pool {
+    Pool::new(
+        ConnectTarget::from_url(&env.db.url).unwrap(),
+        1,
+        Duration::from_secs(5),
+    )
+}
+
 /// `search_path` of the session on `connection`.
 async fn search_path(connection: &mut PooledConnection) -> String {
     connection
@@ -165,11 +174,7 @@ async fn a_connection_a_branch_left_changed_serves_only_its_own_role_unchecked()
     let Some(env) = Env::start("pool-owner", |_| {}).await else {
         return;
     };
-    let pool = Pool::new(
-        ConnectTarget::from_url(&env.db.url).unwrap(),
-        1,
-        Duration::from_secs(5),
-    );
+    let pool = pool_of_one(&env);
     let role = DatabaseRole::new("app_orders").unwrap();
     let clean_path = search_path(&mut pool.acquire().await.unwrap()).await;
 
@@ -236,11 +241,7 @@ async fn a_session_with_commits_made_asynchronous_or_a_held_cursor_is_closed_at_
     let Some(env) = Env::start("pool-durability", |_| {}).await else {
         return;
     };
-    let pool = Pool::new(
-        ConnectTarget::from_url(&env.db.url).unwrap(),
-        1,
-        Duration::from_secs(5),
-    );
+    let pool = pool_of_one(&env);
     for leak in [
         "SELECT set_config('synchronous_commit', 'off', false)",
         "SET client_encoding = 'LATIN1'",
@@ -275,11 +276,7 @@ async fn the_votes_prelude_turns_synchronous_commit_back_on_for_the_transaction(
     let Some(env) = Env::start("pool-vote-durable", |_| {}).await else {
         return;
     };
-    let pool = Pool::new(
-        ConnectTarget::from_url(&env.db.url).unwrap(),
-        1,
-        Duration::from_secs(5),
-    );
+    let pool = pool_of_one(&env);
     let own = pool.acquire().await.unwrap();
     own.client()
         .batch_execute("BEGIN; SET LOCAL synchronous_commit = off")
@@ -305,11 +302,7 @@ async fn a_session_lock_left_on_an_idle_connection_is_released_by_the_idle_check
     let Some(env) = Env::start("pool-idle-check", |_| {}).await else {
         return;
     };
-    let pool = Pool::new(
-        ConnectTarget::from_url(&env.db.url).unwrap(),
-        1,
-        Duration::from_secs(5),
-    );
+    let pool = pool_of_one(&env);
     let mut branch = pool.acquire_for(Taker::Branch(None)).await.unwrap();
     let pid = pid_of(&mut branch).await;
     branch
@@ -385,11 +378,7 @@ async fn a_pipeline_is_answered_at_one_sync_and_stops_at_the_first_failure() {
     );
 
     // The participant's pooled sessions (read-only outside a BEGIN ... READ WRITE).
-    let pool = Pool::new(
-        ConnectTarget::from_url(&env.db.url).unwrap(),
-        1,
-        Duration::from_secs(5),
-    );
+    let pool = pool_of_one(&env);
     let connection = pool.acquire().await.unwrap();
     let insert = connection
         .client()
