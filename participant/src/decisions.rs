@@ -93,9 +93,12 @@ fn lost_to_abort(error: &DbError) -> bool {
 /// (`postgres::ROLE_AND_DURABILITY`, here inside the insert so that the decision's round trip
 /// carries no statement more): its COMMIT is the decision, and one acknowledged before its WAL
 /// is flushed could be lost after other shards committed.
-const COMMIT_ROW: &str = "/* treaty: commit row */ INSERT INTO treaty.decisions \
-     (gid, outcome, coordinator_id, participants) SELECT $1, 'commit', $2, $3 \
-     WHERE pg_catalog.set_config('synchronous_commit', 'on', true) IS NOT NULL";
+const COMMIT_ROW: &str = concat!(
+    "/* treaty: commit row */ INSERT INTO treaty.decisions \
+     (gid, outcome, coordinator_id, participants) SELECT $1, 'commit', $2, $3 WHERE ",
+    crate::postgres::durable!(),
+    " IS NOT NULL"
+);
 const COMMIT_ROW_TYPES: [Type; 3] = [Type::TEXT, Type::TEXT, Type::TEXT_ARRAY];
 static COMMIT_ROW_KEY: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(COMMIT_ROW));
 
@@ -108,9 +111,9 @@ fn commit_row_sql(gid: &Gid, participants: &[ShardName]) -> String {
         .join(", ");
     format!(
         "INSERT INTO treaty.decisions (gid, outcome, coordinator_id, participants) \
-         SELECT '{gid}', 'commit', '{}', ARRAY[{participants}]::text[] \
-         WHERE pg_catalog.set_config('synchronous_commit', 'on', true) IS NOT NULL",
-        gid.coordinator()
+         SELECT '{gid}', 'commit', '{}', ARRAY[{participants}]::text[] WHERE {} IS NOT NULL",
+        gid.coordinator(),
+        crate::postgres::durable!()
     )
 }
 

@@ -197,6 +197,24 @@ pub struct BranchOptions {
     pub continues: bool,
 }
 
+/// The expression that makes the open transaction's commit durable whatever it set before
+/// (`synchronous_commit = on` until it ends); `ROLE_AND_DURABILITY` and the commit row's insert
+/// (`decisions::COMMIT_ROW`) both run it.
+macro_rules! durable {
+    () => {
+        "pg_catalog.set_config('synchronous_commit', 'on', true)"
+    };
+}
+pub(crate) use durable;
+
+/// The SQL of `ROLE_AND_DURABILITY`, a macro so that the preludes built on it are `concat!`ed
+/// constants rather than copies.
+macro_rules! role_and_durability {
+    () => {
+        concat!("SELECT pg_catalog.set_config('role', 'none', true), ", durable!())
+    };
+}
+
 /// The participant's role back, and the vote or decision made durable whatever the branch set:
 /// `SET LOCAL ROLE NONE` and `SET LOCAL synchronous_commit = on` in one statement. A client's
 /// `SET LOCAL synchronous_commit = off` (or a function's `set_config`) would otherwise let the
@@ -206,8 +224,7 @@ pub struct BranchOptions {
 /// standbys when there are any; it is never less durable than another setting (`remote_apply`
 /// waits for the same flush, then for the standby to apply). Prepared once per connection
 /// (`statement::constants_prepared`).
-pub const ROLE_AND_DURABILITY: &str = "SELECT pg_catalog.set_config('role', 'none', true), \
-     pg_catalog.set_config('synchronous_commit', 'on', true)";
+pub const ROLE_AND_DURABILITY: &str = role_and_durability!();
 
 /// Sent before Treaty's own work in a branch that runs under a client's role, in the same round
 /// trip: first every deferred constraint trigger the client's statements queued fires, still
@@ -216,13 +233,10 @@ pub const ROLE_AND_DURABILITY: &str = "SELECT pg_catalog.set_config('role', 'non
 /// decision row, which the client's role may not touch, and runs PREPARE TRANSACTION, since
 /// PostgreSQL lets only the role that prepared a transaction (or a superuser) finish it. Two
 /// statements.
-const ROLE_FOR_BOOKKEEPING: &str = "SET CONSTRAINTS ALL IMMEDIATE; \
-     SELECT pg_catalog.set_config('role', 'none', true), \
-     pg_catalog.set_config('synchronous_commit', 'on', true); ";
+const ROLE_FOR_BOOKKEEPING: &str = concat!("SET CONSTRAINTS ALL IMMEDIATE; ", role_and_durability!(), "; ");
 
 /// `ROLE_AND_DURABILITY` as the prelude of a branch under the participant's own role.
-const OWN_ROLE_AND_DURABILITY: &str = "SELECT pg_catalog.set_config('role', 'none', true), \
-     pg_catalog.set_config('synchronous_commit', 'on', true); ";
+const OWN_ROLE_AND_DURABILITY: &str = concat!(role_and_durability!(), "; ");
 
 /// What goes before Treaty's own rows in a branch: `ROLE_FOR_BOOKKEEPING` when it runs under a
 /// client's role, else nothing; and how many statements that is.

@@ -288,9 +288,9 @@ pub async fn end_and_check(
         Some(error) => Ok(Session::Changed(format!(
             "the connection failed after the branch's statements: {error}"
         ))),
-        // Fewer answers than statements and no error: nothing says the ending statements (a
-        // PREPARE, a COMMIT) ran, so they are not taken as done.
-        // As a broken connection: whether the unanswered ones ran (a COMMIT) is unknown.
+        // Fewer answers than statements and no error: the ending statements (a PREPARE, a
+        // COMMIT) are not taken as done, and, as after a broken connection, whether they ran is
+        // unknown.
         None if completed < statements => Err(StatementFailed {
             index: completed,
             error: DbError::Connection(format!(
