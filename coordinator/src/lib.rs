@@ -9,6 +9,8 @@
 //! - `participants`: the gRPC links to participant agents as the core's `ParticipantTransport`
 //!   (`h2_channel`: the HTTP/2 connection each link runs on);
 //! - `submit`: one-shot cross-shard submits;
+//! - `embedded`: the coordinator inside an application's process (`Embedded`), its calls handed
+//!   to the service without the gRPC hop;
 //! - `service`: the gRPC `Coordinator` service; `in_doubt`: its `ListInDoubt` fan-out; `limits`:
 //!   what one client may ask for and hold (`--max-*`);
 //! - `metrics`: the Prometheus metrics served on `--metrics-addr`;
@@ -26,6 +28,7 @@ mod crash;
 pub mod decision_database;
 pub mod driver;
 mod earlier_run;
+pub mod embedded;
 pub mod failpoints;
 mod faults;
 pub mod h2_channel;
@@ -44,6 +47,8 @@ mod serve_tests;
 
 /// The pure commit protocol lives in its own crate so that the model checker runs the same code.
 pub use treaty_commit_protocol as protocol;
+
+pub use embedded::Embedded;
 
 use std::future::Future;
 use std::io::Write;
@@ -176,6 +181,25 @@ pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
+    serve(config, listener, shutdown, None).await
+}
+
+/// What a coordinator started inside an application hands it once it serves: the engine and the
+/// limits its gRPC service enforces, so that the application's own calls count against the same
+/// totals as remote clients' (`embedded`).
+pub(crate) struct Ready {
+    pub engine: Arc<CoordinatorEngine>,
+    pub limits: Arc<limits::Limits>,
+    pub addr: std::net::SocketAddr,
+}
+
+/// `run`, telling `ready` (if any) instead of stdout that it serves.
+pub(crate) async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    ready: Option<tokio::sync::oneshot::Sender<Ready>>,
 ) -> Result<(), CoordinatorError> {
     let dir = config.data_dir.clone();
     failpoints::arm_at_start(config.failpoints.as_deref())?;
@@ -357,9 +381,19 @@ pub async fn run(
         None => None,
     };
     tracing::info!(%addr, shards = config.shards.len(), "coordinator serving");
-    announce(addr);
     let console = console.map(|listener| spawn_console(engine.clone(), listener, access.is_some()));
     let limits = limits::Limits::new(config.limits);
+    match ready {
+        // An application that embeds the coordinator owns its stdout.
+        Some(ready) => {
+            let _ = ready.send(Ready {
+                engine: engine.clone(),
+                limits: limits.clone(),
+                addr,
+            });
+        }
+        None => announce(addr),
+    }
     let service = CoordinatorServer::new(service::CoordinatorService::new(engine.clone(), limits))
         .max_decoding_message_size(config.limits.max_request_bytes);
     let (health, probing) = health::start(probed_links).await;

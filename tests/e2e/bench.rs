@@ -82,13 +82,16 @@ async fn the_bench_runs_every_decision_store_beside_both_direct_baselines_and_le
     Ok(())
 }
 
-/// `--participants in-process`: the coordinator drives both databases itself; the report says so,
-/// and Treaty commits beside direct with nothing left prepared.
+/// `--participants in-process`: the coordinator drives both databases itself, as a service or (the
+/// default) embedded in the bench process; the report says which, and Treaty commits beside direct
+/// with nothing left prepared.
 #[tokio::test]
-async fn the_bench_runs_in_process_participants_beside_direct() -> Result<()> {
-    let dir = tempfile::Builder::new().prefix("treaty-e2e-bench-").tempdir()?;
-    let output = tokio::process::Command::new(treaty_harness::binary_path("treaty")?)
-        .args([
+async fn the_bench_runs_in_process_participants_beside_direct_with_the_coordinator_a_service_or_embedded()
+-> Result<()> {
+    for (coordinator, asked) in [("service", Some("service")), ("embedded", None)] {
+        let dir = tempfile::Builder::new().prefix("treaty-e2e-bench-").tempdir()?;
+        let mut command = tokio::process::Command::new(treaty_harness::binary_path("treaty")?);
+        command.args([
             "bench",
             "transfer",
             "--shards",
@@ -108,20 +111,29 @@ async fn the_bench_runs_in_process_participants_beside_direct() -> Result<()> {
             "--participants",
             "in-process",
             "--json",
-        ])
-        .arg("--dir")
-        .arg(dir.path())
-        .output()
-        .await?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().context("no output")?)
-        .context("the last line is the JSON report")?;
-    assert_eq!(report["participant_kind"], "in-process", "{report}");
-    assert_eq!(report["prepared_left"], 0, "{report}");
-    assert!(report["treaty_tps"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
-    assert!(report["direct_tps"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+        ]);
+        if let Some(kind) = asked {
+            command.args(["--coordinator", kind]);
+        }
+        let output = command.arg("--dir").arg(dir.path()).output().await?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{coordinator}: {stdout}\n{stderr}");
+        let report: serde_json::Value = serde_json::from_str(stdout.lines().last().context("no output")?)
+            .context("the last line is the JSON report")?;
+        assert_eq!(report["participant_kind"], "in-process", "{report}");
+        assert_eq!(report["coordinator_kind"], coordinator, "{report}");
+        assert_eq!(report["prepared_left"], 0, "{report}");
+        assert!(report["treaty_tps"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+        assert!(report["direct_tps"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+        // Measured either way: the service's process, or the bench process beyond direct's clients.
+        assert!(
+            report["coordinator_cpu_us_per_txn"].as_f64().is_some(),
+            "{report}"
+        );
+        // The embedded coordinator's log is in the bench's directory, as the service's is.
+        assert!(dir.path().join("coordinator").is_dir(), "{coordinator}");
+    }
     // Two decision stores cannot share the databases in process: refused before anything starts.
     let refused = tokio::process::Command::new(treaty_harness::binary_path("treaty")?)
         .args([

@@ -11,6 +11,7 @@ mod coordinators;
 mod database_roles;
 mod decision_database;
 mod decision_rows;
+mod embedded;
 mod failpoints;
 mod fixture;
 mod health;

@@ -112,6 +112,14 @@ pub struct BenchArgs {
     /// run measures three-phase commit, several decision stores side by side, or recovery.
     #[arg(long, value_enum)]
     pub participants: Option<ParticipantKind>,
+    /// Where Treaty's coordinator runs: service (the `treaty-coordinator` process, each bench
+    /// client on its own gRPC connection, like independent application servers) or embedded
+    /// (inside the bench process, as `treaty_coordinator::Embedded` in an application: the same
+    /// engine, store, recovery and gRPC service, the clients' calls handed to it without the
+    /// hop). Default: embedded when the participants are in process and the run is one store's
+    /// two-phase commit under load; service otherwise.
+    #[arg(long, value_enum)]
+    pub coordinator: Option<CoordinatorKind>,
     /// Baselines on the same databases: none, direct (PREPARE/COMMIT PREPARED by hand, one
     /// statement per round trip), direct-pipelined (the same SQL, each shard's BEGIN, statements
     /// and PREPARE in one round trip), independent (plain per-shard COMMIT); a comma-separated
@@ -152,6 +160,24 @@ pub struct BenchArgs {
     /// services' default (one per core).
     #[arg(long, default_value_t = 1)]
     pub service_threads: u16,
+}
+
+/// Where `treaty bench` runs the coordinator (`--coordinator`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoordinatorKind {
+    /// The `treaty-coordinator` process; the bench's clients reach it over gRPC.
+    Service,
+    /// Inside the bench process (`treaty_coordinator::Embedded`).
+    Embedded,
+}
+
+impl CoordinatorKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CoordinatorKind::Service => "service",
+            CoordinatorKind::Embedded => "embedded",
+        }
+    }
 }
 
 /// `--worker-threads N` for a service, or nothing for its default.
@@ -196,9 +222,34 @@ impl BenchArgs {
         }
     }
 
+    /// Where the coordinator runs: `--coordinator`, or embedded whenever it can be (the
+    /// participants in process: an agent would ask the bench process for decisions it can no
+    /// longer answer once the bench ends; recovery restarts a coordinator process).
+    pub fn coordinator_kind(&self) -> CoordinatorKind {
+        if let Some(kind) = self.coordinator {
+            return kind;
+        }
+        if self.participant_kind() == ParticipantKind::InProcess && self.workload != WorkloadKind::Recovery {
+            CoordinatorKind::Embedded
+        } else {
+            CoordinatorKind::Service
+        }
+    }
+
     /// Bounds on the arguments, checked before anything starts.
     pub fn validate(&self) -> Result<()> {
         let args = self;
+        if args.coordinator == Some(CoordinatorKind::Embedded) {
+            anyhow::ensure!(
+                args.participant_kind() == ParticipantKind::InProcess,
+                "--coordinator embedded drives the databases from the bench process: it needs \
+                 --participants in-process (one --decision-store, two-phase commit)"
+            );
+            anyhow::ensure!(
+                args.workload != WorkloadKind::Recovery,
+                "--coordinator embedded: recovery measures a restarted coordinator process; use --coordinator service"
+            );
+        }
         if args.participants == Some(ParticipantKind::InProcess) {
             // One coordinator owns each database (its participant holds the database's claim), so
             // stores cannot run side by side on their own coordinators, and 3PC needs agents.
@@ -362,6 +413,33 @@ mod tests {
         let refused = parse(&["--participants", "in-process", "--protocol", "3pc"]).unwrap();
         assert!(refused.validate().is_err());
         assert!(parse(&["--protocol", "3pc"]).unwrap().validate().is_ok());
+    }
+
+    #[test]
+    fn the_coordinator_is_embedded_by_default_only_where_its_participants_are_in_process() {
+        let kind = |args: &[&str]| parse(args).map(|args| args.coordinator_kind());
+        assert_eq!(kind(&[]), Ok(CoordinatorKind::Embedded));
+        assert_eq!(kind(&["single"]), Ok(CoordinatorKind::Embedded));
+        assert_eq!(kind(&["--decision-store", "file"]), Ok(CoordinatorKind::Embedded));
+        // Agents (asked for, or needed by 3PC or stores side by side) and recovery: a service.
+        assert_eq!(kind(&["--participants", "agent"]), Ok(CoordinatorKind::Service));
+        assert_eq!(kind(&["--protocol", "3pc"]), Ok(CoordinatorKind::Service));
+        assert_eq!(
+            kind(&["--decision-store", "file,shard"]),
+            Ok(CoordinatorKind::Service)
+        );
+        assert_eq!(kind(&["recovery"]), Ok(CoordinatorKind::Service));
+        assert_eq!(kind(&["--coordinator", "service"]), Ok(CoordinatorKind::Service));
+        // Asked for where it cannot run, it is refused naming what it needs.
+        for args in [
+            &["--coordinator", "embedded", "--participants", "agent"][..],
+            &["--coordinator", "embedded", "--protocol", "3pc"],
+            &["--coordinator", "embedded", "recovery"],
+        ] {
+            let error = parse(args).unwrap().validate().unwrap_err().to_string();
+            assert!(error.contains("--coordinator embedded"), "{args:?}: {error}");
+        }
+        assert!(parse(&["--coordinator", "embedded"]).unwrap().validate().is_ok());
     }
 
     #[test]

@@ -39,7 +39,7 @@ use serde_json::{Map, Value, json};
 use treaty_harness::{ClusterSpec, LocalCluster, PgCluster, PgOptions};
 use treaty_proto::Protocol;
 
-pub use args::{BaselineArg, BenchArgs, ProtocolChoice, service_thread_args};
+pub use args::{BaselineArg, BenchArgs, CoordinatorKind, ProtocolChoice, service_thread_args};
 use baselines::{Baseline, DirectClient};
 use cpu::Watched;
 use pipelined::PipelinedClient;
@@ -98,7 +98,133 @@ impl System {
 /// A coordinator the bench drives: one per decision store.
 struct Coordinator {
     endpoint: String,
+    /// Its process, whose CPU a phase on it counts; none when it runs in the bench's own.
     pid: Option<u32>,
+    /// Set when it runs in the bench process (`--coordinator embedded`): the clients call it there.
+    embedded: Option<Arc<treaty_coordinator::Embedded>>,
+}
+
+/// What the bench runs Treaty on.
+enum Deployment {
+    /// Processes: a coordinator service and, unless the shards are in process, an agent each.
+    Services(Box<LocalCluster>),
+    /// The coordinator inside this process (`--coordinator embedded`), on servers of its own
+    /// (`embedded` declared first, so that it is dropped before its databases).
+    Embedded {
+        embedded: Arc<treaty_coordinator::Embedded>,
+        pgs: Vec<PgCluster>,
+        shard_names: Vec<String>,
+    },
+}
+
+impl Deployment {
+    /// Starts PostgreSQL per shard and the coordinator in this process, configured as the
+    /// service would be (the same flags, parsed by the coordinator's own `Config`).
+    async fn embedded(
+        args: &BenchArgs,
+        base_dir: &std::path::Path,
+        pg_options: &PgOptions,
+        store: DecisionStore,
+        decision_url: Option<&str>,
+    ) -> Result<Deployment> {
+        let mut pgs = Vec::with_capacity(args.shards);
+        let mut shard_names = Vec::with_capacity(args.shards);
+        let mut argv: Vec<String> = vec![
+            "treaty-coordinator".into(),
+            "--data-dir".into(),
+            base_dir.join("coordinator").display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--lock-timeout-ms".into(),
+            args.lock_timeout_ms.to_string(),
+        ];
+        argv.extend(store.coordinator_args(decision_url));
+        for index in 0..args.shards {
+            let name = format!("s{index}");
+            let pg = PgCluster::start(base_dir, &name, pg_options)
+                .await
+                .with_context(|| format!("starting PostgreSQL for shard {name}"))?;
+            pg.create_database(DATABASE).await?;
+            argv.extend(["--shard".into(), format!("{name}={}", pg.url(DATABASE))]);
+            pgs.push(pg);
+            shard_names.push(name);
+        }
+        use clap::Parser as _;
+        let config = treaty_coordinator::config::Config::resolve(
+            treaty_coordinator::config::Args::try_parse_from(argv)
+                .context("the embedded coordinator's flags")?,
+        )?;
+        let embedded = treaty_coordinator::Embedded::start(config)
+            .await
+            .context("starting the coordinator in this process")?;
+        Ok(Deployment::Embedded {
+            embedded: Arc::new(embedded),
+            pgs,
+            shard_names,
+        })
+    }
+
+    fn pgs(&self) -> &[PgCluster] {
+        match self {
+            Deployment::Services(cluster) => &cluster.pgs,
+            Deployment::Embedded { pgs, .. } => pgs,
+        }
+    }
+
+    fn shard_names(&self) -> &[String] {
+        match self {
+            Deployment::Services(cluster) => &cluster.shard_names,
+            Deployment::Embedded { shard_names, .. } => shard_names,
+        }
+    }
+
+    fn cluster(&self) -> Option<&LocalCluster> {
+        match self {
+            Deployment::Services(cluster) => Some(cluster),
+            Deployment::Embedded { .. } => None,
+        }
+    }
+
+    /// The first store's coordinator.
+    fn coordinator(&self) -> Coordinator {
+        match self {
+            Deployment::Services(cluster) => Coordinator {
+                endpoint: cluster.coordinator_endpoint(),
+                pid: cluster.coordinator.pid(),
+                embedded: None,
+            },
+            Deployment::Embedded { embedded, .. } => Coordinator {
+                endpoint: format!("http://{}", embedded.addr()),
+                pid: None,
+                embedded: Some(embedded.clone()),
+            },
+        }
+    }
+
+    fn participant_pids(&self) -> Vec<u32> {
+        match self {
+            Deployment::Services(cluster) => cluster.participants.iter().filter_map(|p| p.pid()).collect(),
+            Deployment::Embedded { .. } => Vec::new(),
+        }
+    }
+
+    /// Stops the coordinator (an embedded one as its service would stop on SIGTERM), then the
+    /// servers.
+    async fn stop(self) -> Result<()> {
+        match self {
+            Deployment::Services(cluster) => drop(cluster),
+            Deployment::Embedded { embedded, pgs, .. } => {
+                let embedded = Arc::try_unwrap(embedded)
+                    .map_err(|_| anyhow::anyhow!("the embedded coordinator is still in use"))?;
+                embedded
+                    .stop()
+                    .await
+                    .context("stopping the embedded coordinator")?;
+                drop(pgs);
+            }
+        }
+        Ok(())
+    }
 }
 
 struct Ctx {
@@ -124,7 +250,7 @@ struct PhaseResult {
 }
 
 enum Client {
-    Treaty(treaty_proto::pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>),
+    Treaty(treaty_driver::TreatyClient),
     Direct(DirectClient),
     Pipelined(PipelinedClient),
 }
@@ -175,7 +301,12 @@ async fn run_phase(
     let mut connected = Vec::with_capacity(clients);
     for index in 0..clients {
         connected.push(match system {
-            System::Treaty { .. } => Client::Treaty(treaty_driver::connect(&treaty_target.endpoint).await?),
+            System::Treaty { .. } => Client::Treaty(match &coordinator.embedded {
+                Some(embedded) => treaty_driver::TreatyClient::Embedded(embedded.clone()),
+                None => treaty_driver::TreatyClient::Remote(
+                    treaty_driver::connect(&treaty_target.endpoint).await?,
+                ),
+            }),
             System::Baseline(Baseline::DirectPipelined) => {
                 let mut client = PipelinedClient::new(ctx.pg_urls.clone(), ctx.lock_timeout_ms, index);
                 client
@@ -348,6 +479,7 @@ fn params(
         json!(stores.first().copied().unwrap_or(DecisionStore::File).name()),
     );
     map.insert("participant_kind".into(), json!(args.participant_kind().name()));
+    map.insert("coordinator_kind".into(), json!(args.coordinator_kind().name()));
     map.insert("interactive".into(), json!(args.interactive));
     map.insert("lock_timeout_ms".into(), json!(args.lock_timeout_ms));
     map.insert(
@@ -370,9 +502,9 @@ fn params(
     map
 }
 
-async fn count_prepared(cluster: &LocalCluster) -> Result<i64> {
+async fn count_prepared(pgs: &[PgCluster]) -> Result<i64> {
     let mut total = 0;
-    for pg in &cluster.pgs {
+    for pg in pgs {
         let mut conn = pg.connect(DATABASE).await?;
         let n: i64 =
             sqlx::query_scalar("SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()")
@@ -461,55 +593,65 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .iter()
         .map(|_| treaty_harness::reserve_loopback_port())
         .collect::<Result<_, _>>()?;
+    let embedded = args.coordinator_kind() == CoordinatorKind::Embedded;
     eprintln!(
-        "starting {} shards (PostgreSQL with fsync on, {} participants) and a coordinator in {}",
+        "starting {} shards (PostgreSQL with fsync on, {} participants) and a coordinator ({}) in {}",
         args.shards,
         args.participant_kind().name(),
+        args.coordinator_kind().name(),
         base_dir.display()
     );
-    let cluster = LocalCluster::start(ClusterSpec {
-        shards: args.shards,
-        base_dir: base_dir.clone(),
-        pg: pg_options.clone(),
-        // The cluster's coordinator serves the first store; the others get instances below.
-        coordinator_args: [
-            service_thread_args(args.service_threads),
-            stores[0].coordinator_args(decision_url.as_deref()),
-            // In process, the participant's sessions start with the coordinator's branch lock
-            // timeout: the bench's, as the agents' sessions do (`--session-lock-timeout-ms`).
-            if in_process {
-                vec!["--lock-timeout-ms".to_string(), args.lock_timeout_ms.to_string()]
-            } else {
-                Vec::new()
-            },
-        ]
-        .concat(),
-        participant_args: {
-            // Sessions start with the bench's lock timeout, as the direct baseline's do (it sets
-            // it once per connection): Treaty's branches then need no `SET LOCAL` for it.
-            let mut participant = service_thread_args(args.service_threads);
-            participant.extend([
-                "--session-lock-timeout-ms".to_string(),
-                args.lock_timeout_ms.to_string(),
-            ]);
-            for port in &extra_ports {
-                participant.extend(["--coordinator".to_string(), format!("http://{}", port.addr())]);
-            }
-            participant
-        },
-        database: DATABASE.into(),
-        coordinator_port: 0,
-        in_process,
-        tls: None,
-    })
-    .await
-    .context("starting the local cluster")?;
-    workload::create_schema(&cluster.pgs, args.accounts).await?;
+    let deployment = if embedded {
+        Deployment::embedded(&args, &base_dir, &pg_options, stores[0], decision_url.as_deref()).await?
+    } else {
+        Deployment::Services(Box::new(
+            LocalCluster::start(ClusterSpec {
+                shards: args.shards,
+                base_dir: base_dir.clone(),
+                pg: pg_options.clone(),
+                // The cluster's coordinator serves the first store; the others get instances below.
+                coordinator_args: [
+                    service_thread_args(args.service_threads),
+                    stores[0].coordinator_args(decision_url.as_deref()),
+                    // In process, the participant's sessions start with the coordinator's branch lock
+                    // timeout: the bench's, as the agents' sessions do (`--session-lock-timeout-ms`).
+                    if in_process {
+                        vec!["--lock-timeout-ms".to_string(), args.lock_timeout_ms.to_string()]
+                    } else {
+                        Vec::new()
+                    },
+                ]
+                .concat(),
+                participant_args: {
+                    // Sessions start with the bench's lock timeout, as the direct baseline's do (it sets
+                    // it once per connection): Treaty's branches then need no `SET LOCAL` for it.
+                    let mut participant = service_thread_args(args.service_threads);
+                    participant.extend([
+                        "--session-lock-timeout-ms".to_string(),
+                        args.lock_timeout_ms.to_string(),
+                    ]);
+                    for port in &extra_ports {
+                        participant.extend(["--coordinator".to_string(), format!("http://{}", port.addr())]);
+                    }
+                    participant
+                },
+                database: DATABASE.into(),
+                coordinator_port: 0,
+                in_process,
+                tls: None,
+            })
+            .await
+            .context("starting the local cluster")?,
+        ))
+    };
+    workload::create_schema(deployment.pgs(), args.accounts).await?;
     // Another instance per further store, over the same participants and databases; kept until
     // the end (dropping one stops it).
     let mut extra_coordinators = Vec::new();
     for (store, port) in stores[1..].iter().zip(extra_ports) {
-        let process = cluster
+        let process = deployment
+            .cluster()
+            .context("stores side by side run coordinator services")?
             .spawn_coordinator_on(
                 &format!("bench-{}", store.name()),
                 &[
@@ -523,17 +665,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             .with_context(|| format!("starting a coordinator with --decision-store {}", store.name()))?;
         extra_coordinators.push(process);
     }
-    let coordinators: Vec<Coordinator> = std::iter::once(Coordinator {
-        endpoint: cluster.coordinator_endpoint(),
-        pid: cluster.coordinator.pid(),
-    })
-    .chain(extra_coordinators.iter().map(|process| Coordinator {
-        endpoint: process.endpoint(),
-        pid: process.pid(),
-    }))
-    .collect();
+    let coordinators: Vec<Coordinator> = std::iter::once(deployment.coordinator())
+        .chain(extra_coordinators.iter().map(|process| Coordinator {
+            endpoint: process.endpoint(),
+            pid: process.pid(),
+            embedded: None,
+        }))
+        .collect();
 
-    let endpoint = cluster.coordinator_endpoint();
+    let endpoint = coordinators[0].endpoint.clone();
     let mut measured = Vec::new();
     let mut unsupported = Vec::new();
     for &protocol in &protocols {
@@ -608,18 +748,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .collect();
 
     let watched = Watched {
-        coordinator: cluster.coordinator.pid(),
-        participants: cluster.participants.iter().filter_map(|p| p.pid()).collect(),
-        postmasters: cluster
-            .pgs
+        coordinator: coordinators[0].pid,
+        participants: deployment.participant_pids(),
+        postmasters: deployment
+            .pgs()
             .iter()
             .chain(decision_database.iter())
             .filter_map(|pg| cpu::postmaster_pid(pg.data_dir()))
             .collect(),
     };
     let leftovers = settle::Leftovers::open(
-        &cluster
-            .pgs
+        &deployment
+            .pgs()
             .iter()
             .map(|pg| (pg.name().to_string(), pg.url(DATABASE)))
             .chain(
@@ -635,13 +775,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         coordinators,
         treaty: TreatyTarget {
             endpoint,
-            shard_names: cluster.shard_names.clone(),
+            shard_names: deployment.shard_names().to_vec(),
             // Set per phase from the system (run_phase).
             protocol: measured[0],
             interactive: args.interactive,
             lock_timeout_ms: args.lock_timeout_ms,
         },
-        pg_urls: cluster.pgs.iter().map(|pg| pg.url(DATABASE)).collect(),
+        pg_urls: deployment.pgs().iter().map(|pg| pg.url(DATABASE)).collect(),
         watched,
         leftovers,
         lock_timeout_ms: args.lock_timeout_ms,
@@ -715,7 +855,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .or(sweep.last())
         .cloned()
         .context("no measurement")?;
-    let prepared_left = count_prepared(&cluster).await.unwrap_or(-1);
+    let prepared_left = count_prepared(deployment.pgs()).await.unwrap_or(-1);
     let mut report = BenchReport {
         params,
         main,
@@ -735,8 +875,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         println!("{}", report.to_json());
     }
     drop(extra_coordinators);
-    drop(cluster);
-    Ok(())
+    drop(ctx);
+    deployment.stop().await
 }
 
 #[cfg(test)]

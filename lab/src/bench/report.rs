@@ -8,6 +8,12 @@
 //! PostgreSQL and client CPU per transaction over Treaty's. It is what the ratio is bounded by when
 //! every process shares the same cores, as in this bench; with cores to spare it means nothing.
 //!
+//! With the coordinator embedded in the bench process (`coordinator_kind` `embedded`, the default
+//! where the participants are in process), there is no coordinator or participant process to
+//! measure: `coordinator_cpu_us_per_txn` is then the bench process's CPU per transaction beyond
+//! the first baseline's (what Treaty adds inside the application), `participant_cpu_us_per_txn`
+//! is 0, and the ceiling counts Treaty's CPU as the client's, so it says nothing more than the ratio.
+//!
 //! With 3PC beside 2PC (`--protocol 2pc,3pc`), `treaty_*` stay 2PC's and 3PC adds `treaty_3pc_*`,
 //! `coordinator_cpu_us_per_txn_3pc`, `participant_cpu_us_per_txn_3pc`, `*_ratio_3pc_vs_2pc`,
 //! `ratios_3pc` and `treaty_3pc_status` (`ok` or `unsupported`, with `treaty_3pc_message`); those
@@ -118,6 +124,25 @@ pub(super) fn opt3(x: Option<f64>) -> Value {
 impl BenchReport {
     fn treaty(&self) -> Option<&SystemRun> {
         self.main.systems.iter().find(|s| s.name == "treaty")
+    }
+
+    /// The coordinator's CPU per transaction. Embedded, it runs in the bench process beside the
+    /// clients that drive it: its share is the bench process's CPU per transaction beyond what
+    /// the first baseline's clients spent on the same workload (`None` without a baseline).
+    pub(super) fn coordinator_cpu_us_per_txn(&self, treaty: &SystemRun) -> Option<f64> {
+        if !self.embedded() {
+            return treaty.per_txn(treaty.cpu.coordinator);
+        }
+        let baseline = self.baselines().next()?;
+        let (treaty, baseline) = treaty
+            .per_txn(treaty.cpu.bench)
+            .zip(baseline.per_txn(baseline.cpu.bench))?;
+        Some((treaty - baseline).max(0.0))
+    }
+
+    /// Whether Treaty ran in the bench process (`--coordinator embedded`).
+    fn embedded(&self) -> bool {
+        self.params.get("coordinator_kind").and_then(Value::as_str) == Some("embedded")
     }
 
     fn treaty_3pc(&self) -> Option<&SystemRun> {
@@ -258,7 +283,7 @@ impl BenchReport {
         if let Some(treaty) = self.treaty() {
             out.insert(
                 "coordinator_cpu_us_per_txn".into(),
-                opt3(treaty.per_txn(treaty.cpu.coordinator)),
+                opt3(self.coordinator_cpu_us_per_txn(treaty)),
             );
             out.insert(
                 "participant_cpu_us_per_txn".into(),
@@ -380,7 +405,18 @@ impl BenchReport {
                     .per_txn(ticks)
                     .map_or("-".to_string(), |us| format!("{us:.1}"))
             };
-            if is_treaty(&system.name) {
+            if is_treaty(&system.name) && self.embedded() {
+                println!(
+                    "  {:<12} coordinator and participants in the bench process  postgres {}  bench process {}{}",
+                    format!("{}:", self.label(&system.name)),
+                    show(system.cpu.postgres),
+                    show(system.cpu.bench),
+                    self.coordinator_cpu_us_per_txn(system)
+                        .map_or(String::new(), |us| format!(
+                            " (Treaty {us:.1} beyond the baseline's clients)"
+                        ))
+                );
+            } else if is_treaty(&system.name) {
                 println!(
                     "  {:<12} coordinator {}  participants {}  postgres {}  bench client {}",
                     format!("{}:", self.label(&system.name)),

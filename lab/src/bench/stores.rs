@@ -110,7 +110,7 @@ fn store_object(report: &BenchReport, store: DecisionStore, run: &SystemRun) -> 
     );
     object.insert(
         "coordinator_cpu_us_per_txn".into(),
-        opt3(run.per_txn(run.cpu.coordinator)),
+        opt3(report.coordinator_cpu_us_per_txn(run)),
     );
     object.insert(
         "participant_cpu_us_per_txn".into(),

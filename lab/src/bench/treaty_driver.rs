@@ -2,6 +2,8 @@
 //! concurrently inside the coordinator), or with `--interactive` a `Begin` / `Execute`... /
 //! `Commit` conversation. An error is returned as a short reason string for the abort table.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::transport::Channel;
@@ -34,6 +36,72 @@ impl TreatyTarget {
 
     fn shard(&self, index: usize) -> String {
         self.shard_names.get(index).cloned().unwrap_or_default()
+    }
+}
+
+/// How a bench client reaches Treaty: its own HTTP/2 connection to a coordinator service, like an
+/// independent application server, or the coordinator embedded in this process
+/// (`--coordinator embedded`), shared by every client as an application's threads share it.
+pub enum TreatyClient {
+    Remote(CoordinatorClient<Channel>),
+    Embedded(Arc<treaty_coordinator::Embedded>),
+}
+
+/// An embedded call under the same deadline a remote one has.
+async fn within<T>(call: impl Future<Output = Result<T, tonic::Status>>) -> Result<T, tonic::Status> {
+    tokio::time::timeout(REQUEST_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("bench request timeout")))
+}
+
+impl TreatyClient {
+    async fn submit(&mut self, message: pb::SubmitRequest) -> Result<pb::SubmitResponse, tonic::Status> {
+        match self {
+            TreatyClient::Remote(client) => Ok(client.submit(request(message)).await?.into_inner()),
+            TreatyClient::Embedded(embedded) => within(embedded.submit(message)).await,
+        }
+    }
+
+    async fn begin(&mut self, options: pb::TransactionOptions) -> Result<u64, tonic::Status> {
+        match self {
+            TreatyClient::Remote(client) => {
+                let message = pb::BeginRequest {
+                    options: Some(options),
+                };
+                Ok(client.begin(request(message)).await?.into_inner().txid)
+            }
+            TreatyClient::Embedded(embedded) => within(embedded.begin(Some(options))).await,
+        }
+    }
+
+    async fn execute(&mut self, message: pb::ExecuteRequest) -> Result<pb::ExecuteResult, tonic::Status> {
+        match self {
+            TreatyClient::Remote(client) => Ok(client.execute(request(message)).await?.into_inner()),
+            TreatyClient::Embedded(embedded) => within(embedded.execute(message)).await,
+        }
+    }
+
+    async fn commit(&mut self, txid: u64) -> Result<pb::Outcome, tonic::Status> {
+        match self {
+            TreatyClient::Remote(client) => {
+                let message = pb::CommitRequest {
+                    txid,
+                    wait_for_apply: false,
+                };
+                Ok(client.commit(request(message)).await?.into_inner())
+            }
+            TreatyClient::Embedded(embedded) => within(embedded.commit(txid, false)).await,
+        }
+    }
+
+    async fn rollback(&mut self, txid: u64) -> Result<pb::Outcome, tonic::Status> {
+        match self {
+            TreatyClient::Remote(client) => Ok(client
+                .rollback(request(pb::RollbackRequest { txid }))
+                .await?
+                .into_inner()),
+            TreatyClient::Embedded(embedded) => within(embedded.rollback(txid)).await,
+        }
     }
 }
 
@@ -104,11 +172,7 @@ fn outcome_result(outcome: Option<pb::Outcome>) -> Result<(), String> {
 }
 
 /// Runs one transaction; `Err(reason)` when it did not commit.
-pub async fn run_txn(
-    client: &mut CoordinatorClient<Channel>,
-    target: &TreatyTarget,
-    plan: &TxnPlan,
-) -> Result<(), String> {
+pub async fn run_txn(client: &mut TreatyClient, target: &TreatyTarget, plan: &TxnPlan) -> Result<(), String> {
     if target.interactive {
         return run_interactive(client, target, plan).await;
     }
@@ -118,33 +182,29 @@ pub async fn run_txn(
         .flat_map(|work| work.stmts.iter().map(|stmt| op(target, work.shard, stmt)))
         .collect();
     let response = client
-        .submit(request(pb::SubmitRequest {
+        .submit(pb::SubmitRequest {
             ops,
             options: Some(target.options()),
             wait_for_apply: false,
-        }))
+        })
         .await
         .map_err(|status| rpc_reason(&status))?;
-    outcome_result(response.into_inner().outcome)
+    outcome_result(response.outcome)
 }
 
 async fn run_interactive(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut TreatyClient,
     target: &TreatyTarget,
     plan: &TxnPlan,
 ) -> Result<(), String> {
     let txid = client
-        .begin(request(pb::BeginRequest {
-            options: Some(target.options()),
-        }))
+        .begin(target.options())
         .await
-        .map_err(|status| rpc_reason(&status))?
-        .into_inner()
-        .txid;
+        .map_err(|status| rpc_reason(&status))?;
     for work in &plan.work {
         for (at, stmt) in work.stmts.iter().enumerate() {
             let result = client
-                .execute(request(pb::ExecuteRequest {
+                .execute(pb::ExecuteRequest {
                     txid,
                     shard: target.shard(work.shard),
                     sql: stmt.sql.to_string(),
@@ -152,28 +212,22 @@ async fn run_interactive(
                     // Each shard's last statement carries its vote, as a client that knows
                     // its transaction's shape would send it.
                     last: at + 1 == work.stmts.len(),
-                }))
+                })
                 .await;
             let reason = match result {
                 Ok(result) => match stmt.expect_rows {
-                    Some(expected) if result.get_ref().rows_affected != expected => "expect_rows".to_string(),
+                    Some(expected) if result.rows_affected != expected => "expect_rows".to_string(),
                     _ => continue,
                 },
                 // A failed statement aborted the transaction already; the rollback below is a no-op.
                 Err(status) => rpc_reason(&status),
             };
-            let _ = client.rollback(request(pb::RollbackRequest { txid })).await;
+            let _ = client.rollback(txid).await;
             return Err(reason);
         }
     }
-    let outcome = client
-        .commit(request(pb::CommitRequest {
-            txid,
-            wait_for_apply: false,
-        }))
-        .await
-        .map_err(|status| rpc_reason(&status))?;
-    outcome_result(Some(outcome.into_inner()))
+    let outcome = client.commit(txid).await.map_err(|status| rpc_reason(&status))?;
+    outcome_result(Some(outcome))
 }
 
 /// Whether the coordinator accepts transactions with `protocol`: `Err(message)` when it answers

@@ -1,0 +1,148 @@
+//! The coordinator inside an application's own process: the same engine, decision store,
+//! in-process participants, recovery and gRPC service as `treaty-coordinator`, with the
+//! application's transactions handed to the service's handlers directly instead of over a
+//! loopback HTTP/2 connection.
+//!
+//! Why it exists: the client's gRPC hop to a separate coordinator process costs about as much CPU
+//! as everything the protocol adds (docs/performance.md, "Session 26"); without it the commit path
+//! is within a few percent of driving PostgreSQL by hand.
+//!
+//! What it keeps: everything. The instance still serves gRPC on `config.listen` (its in-process
+//! participants ask it about prepared branches there during recovery, agents on other shards ask
+//! it for decisions, operators use `treaty` against it, and its console and metrics serve as
+//! configured); a crash of the application is a crash of the coordinator, recovered by starting it
+//! again on the same `--data-dir` (or, with `--decision-store shard` and agents, by another
+//! instance's takeover). The application's calls pass the same validation and limits as a remote
+//! client's (one client, `ClientId::Unknown`), but not the access file: the application is the
+//! coordinator's own process.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::{Request, Status};
+use treaty_proto::pb;
+use treaty_proto::pb::coordinator_server::Coordinator as _;
+
+use crate::config::Config;
+use crate::service::CoordinatorService;
+use crate::{CoordinatorEngine, CoordinatorError};
+
+/// A running coordinator in this process. Dropping it without `stop` aborts it as a crash would
+/// (what was decided is durable; the rest is finished by the next start).
+pub struct Embedded {
+    service: CoordinatorService,
+    engine: Arc<CoordinatorEngine>,
+    addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), CoordinatorError>>>,
+}
+
+impl Embedded {
+    /// Opens the decision log, recovers, starts the in-process participants and the gRPC service
+    /// on `config.listen`, and returns once the coordinator serves; a start that fails returns its
+    /// error (a shard that cannot be reached, a log of another coordinator, an earlier run's work).
+    pub async fn start(config: Config) -> Result<Embedded, CoordinatorError> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(CoordinatorError::ListenAddr)?;
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async move {
+            // A dropped sender (the handle dropped) stops it too.
+            let _ = stopped.await;
+        };
+        let mut task = tokio::spawn(crate::serve(config, listener, shutdown, Some(ready_tx)));
+        let ready = tokio::select! {
+            ready = ready_rx => ready,
+            // The start failed before it served: its error, or a panic's.
+            ended = &mut task => {
+                ended??;
+                return Err(CoordinatorError::Store("the coordinator stopped while starting".into()));
+            }
+        };
+        let Ok(ready) = ready else {
+            return Err(match task.await {
+                Ok(Err(error)) => error,
+                Ok(Ok(())) => CoordinatorError::Store("the coordinator stopped while starting".into()),
+                Err(join) => CoordinatorError::Join(join),
+            });
+        };
+        Ok(Embedded {
+            service: CoordinatorService::new(ready.engine.clone(), ready.limits),
+            engine: ready.engine,
+            addr: ready.addr,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Where it serves gRPC (for `treaty --coordinator`, agents and the participants' recovery).
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// The engine, for what the gRPC API does not carry.
+    pub fn engine(&self) -> &Arc<CoordinatorEngine> {
+        &self.engine
+    }
+
+    /// A one-shot transaction: every op, then commit; the answer says committed or aborted, and why.
+    pub async fn submit(&self, request: pb::SubmitRequest) -> Result<pb::SubmitResponse, Status> {
+        Ok(self.service.submit(Request::new(request)).await?.into_inner())
+    }
+
+    /// Opens an interactive transaction; its statements follow with `execute`.
+    pub async fn begin(&self, options: Option<pb::TransactionOptions>) -> Result<u64, Status> {
+        let request = pb::BeginRequest { options };
+        Ok(self.service.begin(Request::new(request)).await?.into_inner().txid)
+    }
+
+    /// One statement of an interactive transaction (`last`: the shard's last, which carries its vote).
+    pub async fn execute(&self, request: pb::ExecuteRequest) -> Result<pb::ExecuteResult, Status> {
+        Ok(self.service.execute(Request::new(request)).await?.into_inner())
+    }
+
+    /// Commits an interactive transaction: the outcome is final once this answers.
+    pub async fn commit(&self, txid: u64, wait_for_apply: bool) -> Result<pb::Outcome, Status> {
+        let request = pb::CommitRequest { txid, wait_for_apply };
+        Ok(self.service.commit(Request::new(request)).await?.into_inner())
+    }
+
+    /// Rolls an interactive transaction back.
+    pub async fn rollback(&self, txid: u64) -> Result<pb::Outcome, Status> {
+        let request = pb::RollbackRequest { txid };
+        Ok(self.service.rollback(Request::new(request)).await?.into_inner())
+    }
+
+    /// What this coordinator knows of a transaction.
+    pub async fn transaction(&self, txid: u64) -> Result<pb::TransactionInfo, Status> {
+        let request = pb::GetTransactionRequest { txid };
+        Ok(self
+            .service
+            .get_transaction(Request::new(request))
+            .await?
+            .into_inner())
+    }
+
+    /// Stops serving, flushes the log and stops the in-process participants, as `treaty-coordinator`
+    /// does on SIGTERM; its error if it had stopped on one.
+    pub async fn stop(mut self) -> Result<(), CoordinatorError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
