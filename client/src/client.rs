@@ -88,6 +88,22 @@ impl ClientBuilder {
         Err(ClientError::NoCoordinator { failures })
     }
 
+    /// A client of the coordinator running in this process: submits and transactions are handed
+    /// to it directly; the other calls (`info`, `list_*`, `resolve`, `transaction_on`) go to its
+    /// gRPC listener on loopback, with this builder's token. Nothing fails over: there is one
+    /// coordinator, and an error is its answer ([`ClientError::Rpc`]).
+    #[cfg(feature = "embedded")]
+    pub fn embedded(
+        self,
+        coordinator: std::sync::Arc<treaty_coordinator::Embedded>,
+    ) -> Result<Client, ClientError> {
+        let endpoints = self.endpoints([format!("http://{}", coordinator.addr())])?;
+        let channel = endpoints[0].tonic.connect_lazy();
+        let mut client = Client::new(self, endpoints, 0, channel);
+        client.local = Some(coordinator);
+        Ok(client)
+    }
+
     /// A client that connects on its first call (to the first endpoint, failing over from there):
     /// for programs that start before their coordinators.
     pub fn connect_lazy(
@@ -184,6 +200,9 @@ pub struct Client {
     options: ClientBuilder,
     endpoints: Vec<Target>,
     current: Mutex<Current>,
+    /// The coordinator in this process ([`ClientBuilder::embedded`]).
+    #[cfg(feature = "embedded")]
+    local: Option<crate::transaction::Local>,
 }
 
 impl Client {
@@ -203,7 +222,17 @@ impl Client {
             options,
             endpoints,
             current: Mutex::new(Current { index, channel }),
+            #[cfg(feature = "embedded")]
+            local: None,
         }
+    }
+
+    /// [`ClientBuilder::embedded`] with the default options.
+    #[cfg(feature = "embedded")]
+    pub fn embedded(
+        coordinator: std::sync::Arc<treaty_coordinator::Embedded>,
+    ) -> Result<Client, ClientError> {
+        ClientBuilder::default().embedded(coordinator)
     }
 
     /// The endpoints, in the order given.
@@ -240,6 +269,11 @@ impl Client {
     /// not sent; else [`ClientError::OutcomeUnknown`] (the txid is not known: the coordinator
     /// allocates it).
     pub async fn submit(&self, request: pb::SubmitRequest) -> Result<pb::SubmitResponse, ClientError> {
+        #[cfg(feature = "embedded")]
+        if let Some(local) = &self.local {
+            let endpoint = &self.endpoints[0].url;
+            return crate::transaction::local_answer(Rpc::Submit, endpoint, local.submit(request).await);
+        }
         let (response, _, _) = self
             .call(
                 Rpc::Submit,
@@ -254,6 +288,14 @@ impl Client {
     /// Begins an interactive transaction, pinned to the instance that began it. Failed over (a
     /// begun transaction nobody uses is aborted by the idle timeout).
     pub async fn begin(&self, options: Option<pb::TransactionOptions>) -> Result<Transaction, ClientError> {
+        #[cfg(feature = "embedded")]
+        if let Some(local) = &self.local {
+            let endpoint = self.endpoints[0].url.clone();
+            let txid = crate::transaction::local_answer(Rpc::Begin, &endpoint, local.begin(options).await)?;
+            let (_, channel) = self.current();
+            let transaction = Transaction::new(txid, endpoint, channel, self.options.metadata.clone());
+            return Ok(transaction.on(local.clone()));
+        }
         let request = pb::BeginRequest { options };
         let (response, index, channel) = self
             .call(Rpc::Begin, Repeat::Safe, request, |mut c, r| async move {

@@ -84,12 +84,30 @@ impl Pinned {
     }
 }
 
+/// The coordinator running in this process, when the client is [`crate::Client::embedded`].
+#[cfg(feature = "embedded")]
+pub(crate) type Local = std::sync::Arc<treaty_coordinator::Embedded>;
+
+/// An in-process call's answer: nothing was sent anywhere, so an error is the coordinator's
+/// answer, never an unknown outcome.
+#[cfg(feature = "embedded")]
+pub(crate) fn local_answer<T>(rpc: Rpc, endpoint: &str, result: Result<T, Status>) -> Result<T, ClientError> {
+    result.map_err(|status| ClientError::Rpc {
+        rpc,
+        endpoint: endpoint.to_owned(),
+        status,
+    })
+}
+
 /// A transaction begun by [`crate::Client::begin`]. Every call goes to the coordinator instance
 /// that began it (see the crate docs); none is ever sent twice.
 #[derive(Debug, Clone)]
 pub struct Transaction {
     txid: u64,
     owner: Pinned,
+    /// Set when the owner runs in this process: the calls go to it directly.
+    #[cfg(feature = "embedded")]
+    local: Option<Local>,
 }
 
 impl Transaction {
@@ -97,7 +115,16 @@ impl Transaction {
         Self {
             txid,
             owner: Pinned::new(endpoint, channel, metadata),
+            #[cfg(feature = "embedded")]
+            local: None,
         }
+    }
+
+    /// The same transaction, its calls handed to the coordinator in this process.
+    #[cfg(feature = "embedded")]
+    pub(crate) fn on(mut self, local: Local) -> Self {
+        self.local = Some(local);
+        self
     }
 
     pub fn txid(&self) -> u64 {
@@ -147,6 +174,10 @@ impl Transaction {
             params,
             last,
         };
+        #[cfg(feature = "embedded")]
+        if let Some(local) = &self.local {
+            return local_answer(Rpc::Execute, &self.owner.endpoint, local.execute(request).await);
+        }
         let result = self.owner.client().execute(request).await;
         self.owner.answer(Rpc::Execute, self.txid, result)
     }
@@ -154,6 +185,11 @@ impl Transaction {
     /// Commits. With `wait_for_apply`, answers only once every participant applied the commit.
     /// A broken call is [`ClientError::OutcomeUnknown`]: ask [`Transaction::status`].
     pub async fn commit(&self, wait_for_apply: bool) -> Result<pb::Outcome, ClientError> {
+        #[cfg(feature = "embedded")]
+        if let Some(local) = &self.local {
+            let outcome = local.commit(self.txid, wait_for_apply).await;
+            return local_answer(Rpc::Commit, &self.owner.endpoint, outcome);
+        }
         let request = pb::CommitRequest {
             txid: self.txid,
             wait_for_apply,
@@ -164,6 +200,14 @@ impl Transaction {
 
     /// Aborts (the outcome says ABORTED, cause CLIENT_ROLLBACK).
     pub async fn rollback(&self) -> Result<pb::Outcome, ClientError> {
+        #[cfg(feature = "embedded")]
+        if let Some(local) = &self.local {
+            return local_answer(
+                Rpc::Rollback,
+                &self.owner.endpoint,
+                local.rollback(self.txid).await,
+            );
+        }
         let request = pb::RollbackRequest { txid: self.txid };
         let result = self.owner.client().rollback(request).await;
         self.owner.answer(Rpc::Rollback, self.txid, result)
@@ -172,6 +216,14 @@ impl Transaction {
     /// What the owning coordinator knows of this transaction: its state and, once decided, its
     /// outcome.
     pub async fn status(&self) -> Result<pb::TransactionInfo, ClientError> {
+        #[cfg(feature = "embedded")]
+        if let Some(local) = &self.local {
+            return local_answer(
+                Rpc::GetTransaction,
+                &self.owner.endpoint,
+                local.transaction(self.txid).await,
+            );
+        }
         self.owner.get_transaction(self.txid).await
     }
 }

@@ -139,6 +139,14 @@ impl Embedded {
     }
 }
 
+impl std::fmt::Debug for Embedded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedded")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Embedded {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {

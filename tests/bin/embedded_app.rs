@@ -4,17 +4,19 @@
 //! `embedded-app [coordinator flags]`: the flags are `treaty-coordinator`'s (`--data-dir`,
 //! `--shard s0=postgres://...`, `--decision-store`, ...). It starts the coordinator in this
 //! process, prints `ready <addr>`, then runs `TRANSFERS` transfers (environment, default 0) on
-//! `CLIENTS` concurrent tasks (default 4): each moves 1 from an account on `s0` to one on `s1`
-//! and records its id in both shards' `transfers` table, and `committed <id>` is printed once
-//! Treaty answers COMMITTED. Then it waits for its stdin to close and stops as the service stops
+//! `CLIENTS` concurrent tasks (default 4) through `treaty_client::Client::embedded` (every other
+//! one a one-shot submit, the rest interactive transactions): each moves 1 from an account on
+//! `s0` to one on `s1` and records its id in both shards' `transfers` table, and `committed <id>`
+//! is printed once Treaty answers COMMITTED. Then it waits for its stdin to close and stops as the service stops
 //! on SIGTERM, printing `stopped`.
 
 use std::io::{Read as _, Write as _};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Parser as _;
+use treaty_client::Client;
 use treaty_coordinator::Embedded;
 use treaty_coordinator::config::{Args, Config};
 use treaty_proto::pb;
@@ -33,12 +35,13 @@ async fn main() -> Result<()> {
             .context("starting Treaty in this process")?,
     );
     say(&format!("ready {}", embedded.addr()));
+    let client = Arc::new(Client::embedded(embedded.clone())?);
     // Ids unique across runs of the application: the run's start time, then a sequence.
     let run = treaty_proto::now_ms() << 20;
     let next = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
-            let embedded = embedded.clone();
+            let client = client.clone();
             let next = next.clone();
             tokio::spawn(async move {
                 loop {
@@ -49,14 +52,15 @@ async fn main() -> Result<()> {
                     let id = run | seq;
                     let from = (seq as i64 * 7) % ACCOUNTS;
                     let to = (seq as i64 * 13) % ACCOUNTS;
-                    let response = embedded.submit(transfer(id as i64, from, to)).await;
-                    match response {
-                        Ok(response) if treaty_client::committed(response.outcome.as_ref()) => {
-                            say(&format!("committed {id}"));
-                        }
-                        // Aborted (a lock timeout, say): nothing to check, nothing applied.
-                        Ok(_) => {}
-                        Err(status) => bail!("submit: {status}"),
+                    let request = transfer(id as i64, from, to);
+                    let outcome = if seq.is_multiple_of(2) {
+                        client.submit(request).await?.outcome
+                    } else {
+                        interactive(&client, request).await?
+                    };
+                    // Aborted (a lock timeout, say): nothing to check, nothing applied.
+                    if treaty_client::committed(outcome.as_ref()) {
+                        say(&format!("committed {id}"));
                     }
                 }
             })
@@ -71,10 +75,39 @@ async fn main() -> Result<()> {
         let _ = std::io::stdin().read_to_end(&mut sink);
     })
     .await?;
+    drop(client);
     let embedded = Arc::try_unwrap(embedded).map_err(|_| anyhow::anyhow!("still in use"))?;
     embedded.stop().await?;
     say("stopped");
     Ok(())
+}
+
+/// The submit's ops as an interactive transaction: each shard's last statement votes with it.
+async fn interactive(client: &Client, request: pb::SubmitRequest) -> Result<Option<pb::Outcome>> {
+    let txn = client.begin(request.options).await?;
+    for (index, op) in request.ops.iter().enumerate() {
+        let last = request
+            .ops
+            .get(index + 1)
+            .is_none_or(|next| next.shard != op.shard);
+        let result = if last {
+            txn.execute_last(op.shard.clone(), op.sql.clone(), op.params.clone())
+                .await
+        } else {
+            txn.execute(op.shard.clone(), op.sql.clone(), op.params.clone())
+                .await
+        };
+        match result {
+            Ok(result) if Some(result.rows_affected) == op.expect_rows => {}
+            // Not applied (a lock timeout, say): a failed statement already aborted it, and the
+            // rollback then only confirms it.
+            Ok(_) | Err(_) => {
+                let _ = txn.rollback().await;
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(txn.commit(false).await?))
 }
 
 fn transfer(id: i64, from: i64, to: i64) -> pb::SubmitRequest {
