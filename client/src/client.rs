@@ -272,7 +272,8 @@ impl Client {
         #[cfg(feature = "embedded")]
         if let Some(local) = &self.local {
             let endpoint = &self.endpoints[0].url;
-            return crate::transaction::local_answer(Rpc::Submit, endpoint, local.submit(request).await);
+            let response = local.submit(request).await;
+            return crate::transaction::local_answer(Rpc::Submit, None, endpoint, response);
         }
         let (response, _, _) = self
             .call(
@@ -291,7 +292,8 @@ impl Client {
         #[cfg(feature = "embedded")]
         if let Some(local) = &self.local {
             let endpoint = self.endpoints[0].url.clone();
-            let txid = crate::transaction::local_answer(Rpc::Begin, &endpoint, local.begin(options).await)?;
+            let begun = local.begin(options).await;
+            let txid = crate::transaction::local_answer(Rpc::Begin, None, &endpoint, begun)?;
             let (_, channel) = self.current();
             let transaction = Transaction::new(txid, endpoint, channel, self.options.metadata.clone());
             return Ok(transaction.on(local.clone()));

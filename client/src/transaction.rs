@@ -88,14 +88,34 @@ impl Pinned {
 #[cfg(feature = "embedded")]
 pub(crate) type Local = std::sync::Arc<treaty_coordinator::Embedded>;
 
-/// An in-process call's answer: nothing was sent anywhere, so an error is the coordinator's
-/// answer, never an unknown outcome.
+/// An in-process call's answer. Nothing crossed a network, but the coordinator itself answers
+/// some calls with "the outcome is unknown" (`UNAVAILABLE` when a commit's answer was lost or
+/// another request is still deciding it): those are [`ClientError::OutcomeUnknown`], as over
+/// gRPC, so that nobody runs a transaction again that may have committed. Lookups and `Begin`
+/// change nothing that matters, so their errors are the coordinator's answer.
 #[cfg(feature = "embedded")]
-pub(crate) fn local_answer<T>(rpc: Rpc, endpoint: &str, result: Result<T, Status>) -> Result<T, ClientError> {
-    result.map_err(|status| ClientError::Rpc {
-        rpc,
-        endpoint: endpoint.to_owned(),
-        status,
+pub(crate) fn local_answer<T>(
+    rpc: Rpc,
+    txid: Option<u64>,
+    endpoint: &str,
+    result: Result<T, Status>,
+) -> Result<T, ClientError> {
+    result.map_err(|status| {
+        let endpoint = endpoint.to_owned();
+        let safe = matches!(rpc, Rpc::Begin | Rpc::GetTransaction);
+        match classify(&status) {
+            Failure::NotSent | Failure::MaybeSent if !safe => ClientError::OutcomeUnknown {
+                rpc,
+                txid,
+                endpoint,
+                source: status,
+            },
+            _ => ClientError::Rpc {
+                rpc,
+                endpoint,
+                status,
+            },
+        }
     })
 }
 
@@ -176,7 +196,8 @@ impl Transaction {
         };
         #[cfg(feature = "embedded")]
         if let Some(local) = &self.local {
-            return local_answer(Rpc::Execute, &self.owner.endpoint, local.execute(request).await);
+            let result = local.execute(request).await;
+            return local_answer(Rpc::Execute, Some(self.txid), &self.owner.endpoint, result);
         }
         let result = self.owner.client().execute(request).await;
         self.owner.answer(Rpc::Execute, self.txid, result)
@@ -188,7 +209,7 @@ impl Transaction {
         #[cfg(feature = "embedded")]
         if let Some(local) = &self.local {
             let outcome = local.commit(self.txid, wait_for_apply).await;
-            return local_answer(Rpc::Commit, &self.owner.endpoint, outcome);
+            return local_answer(Rpc::Commit, Some(self.txid), &self.owner.endpoint, outcome);
         }
         let request = pb::CommitRequest {
             txid: self.txid,
@@ -202,11 +223,8 @@ impl Transaction {
     pub async fn rollback(&self) -> Result<pb::Outcome, ClientError> {
         #[cfg(feature = "embedded")]
         if let Some(local) = &self.local {
-            return local_answer(
-                Rpc::Rollback,
-                &self.owner.endpoint,
-                local.rollback(self.txid).await,
-            );
+            let outcome = local.rollback(self.txid).await;
+            return local_answer(Rpc::Rollback, Some(self.txid), &self.owner.endpoint, outcome);
         }
         let request = pb::RollbackRequest { txid: self.txid };
         let result = self.owner.client().rollback(request).await;
@@ -218,12 +236,37 @@ impl Transaction {
     pub async fn status(&self) -> Result<pb::TransactionInfo, ClientError> {
         #[cfg(feature = "embedded")]
         if let Some(local) = &self.local {
-            return local_answer(
-                Rpc::GetTransaction,
-                &self.owner.endpoint,
-                local.transaction(self.txid).await,
-            );
+            let info = local.transaction(self.txid).await;
+            return local_answer(Rpc::GetTransaction, Some(self.txid), &self.owner.endpoint, info);
         }
         self.owner.get_transaction(self.txid).await
+    }
+}
+
+#[cfg(all(test, feature = "embedded"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outcome_the_coordinator_in_process_calls_unknown_is_never_a_refusal() {
+        let unknown = || Status::unavailable("the commit's answer was lost, so its outcome is unknown");
+        let error = local_answer::<()>(Rpc::Commit, Some(7), "http://127.0.0.1:7600", Err(unknown()));
+        assert!(
+            matches!(error, Err(ClientError::OutcomeUnknown { txid: Some(7), .. })),
+            "{error:?}"
+        );
+        let error = local_answer::<()>(Rpc::Submit, None, "http://127.0.0.1:7600", Err(unknown()));
+        assert!(
+            matches!(error, Err(ClientError::OutcomeUnknown { txid: None, .. })),
+            "{error:?}"
+        );
+        // A refusal is the coordinator's answer.
+        let refused = Status::failed_precondition("already voted");
+        let error = local_answer::<()>(Rpc::Execute, Some(7), "http://127.0.0.1:7600", Err(refused));
+        assert!(matches!(error, Err(ClientError::Rpc { .. })), "{error:?}");
+        // Begin and lookups change nothing: their errors are answers whatever the code.
+        let error = local_answer::<()>(Rpc::Begin, None, "http://127.0.0.1:7600", Err(unknown()));
+        assert!(matches!(error, Err(ClientError::Rpc { .. })), "{error:?}");
+        assert!(local_answer(Rpc::Commit, Some(7), "http://127.0.0.1:7600", Ok(5)).is_ok_and(|v| v == 5));
     }
 }

@@ -12,11 +12,14 @@
 //! it for decisions, operators use `treaty` against it, and its console and metrics serve as
 //! configured); a crash of the application is a crash of the coordinator, recovered by starting it
 //! again on the same `--data-dir` (or, with `--decision-store shard` and agents, by another
-//! instance's takeover). The application's calls pass the same validation and limits as a remote
-//! client's (one client, `ClientId::Unknown`), but not the access file: the application is the
-//! coordinator's own process.
+//! instance's takeover). The application's calls pass the service's validation and limits as one
+//! client (`ClientId::Unknown`): statement and SQL checks, per-client and total open transactions,
+//! calls in flight, statements per transaction, timeouts. What they skip is what only a network
+//! peer needs: the access file (the application is the coordinator's own process, so its
+//! statements run under each participant's own database role, as a caller's with no
+//! `database_role` does) and `--max-request-bytes` (nothing is decoded).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -29,14 +32,29 @@ use crate::config::Config;
 use crate::service::CoordinatorService;
 use crate::{CoordinatorEngine, CoordinatorError};
 
-/// A running coordinator in this process. Dropping it without `stop` aborts it as a crash would
-/// (what was decided is durable; the rest is finished by the next start).
+/// A running coordinator in this process. `stop` stops it as SIGTERM stops the service; dropping
+/// the last handle starts the same stop in the background. A crash of the application (or an
+/// abort) is a crash of the coordinator: its next start on the same `--data-dir` finishes it.
 pub struct Embedded {
     service: CoordinatorService,
     engine: Arc<CoordinatorEngine>,
     addr: std::net::SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), CoordinatorError>>>,
+    endpoint: String,
+    /// Dropped (or sent) to stop it: `serve`'s shutdown future ends either way.
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    task: Mutex<Option<JoinHandle<Result<(), CoordinatorError>>>>,
+}
+
+/// Aborts the spawned start if `start` itself is dropped before it answers, so that no
+/// coordinator runs that nobody holds.
+struct StartGuard(Option<JoinHandle<Result<(), CoordinatorError>>>);
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }
 
 impl Embedded {
@@ -53,34 +71,48 @@ impl Embedded {
             // A dropped sender (the handle dropped) stops it too.
             let _ = stopped.await;
         };
-        let mut task = tokio::spawn(crate::serve(config, listener, shutdown, Some(ready_tx)));
-        let ready = tokio::select! {
-            ready = ready_rx => ready,
+        let mut guard = StartGuard(Some(tokio::spawn(crate::serve(
+            config,
+            listener,
+            shutdown,
+            Some(ready_tx),
+        ))));
+        let ready = match ready_rx.await {
+            Ok(ready) => ready,
             // The start failed before it served: its error, or a panic's.
-            ended = &mut task => {
-                ended??;
-                return Err(CoordinatorError::Store("the coordinator stopped while starting".into()));
+            Err(_) => {
+                let task = guard.0.take().expect("set above");
+                return Err(match task.await {
+                    Ok(Err(error)) => error,
+                    Ok(Ok(())) => CoordinatorError::Store("the coordinator stopped while starting".into()),
+                    Err(join) => CoordinatorError::Join(join),
+                });
             }
-        };
-        let Ok(ready) = ready else {
-            return Err(match task.await {
-                Ok(Err(error)) => error,
-                Ok(Ok(())) => CoordinatorError::Store("the coordinator stopped while starting".into()),
-                Err(join) => CoordinatorError::Join(join),
-            });
         };
         Ok(Embedded {
             service: CoordinatorService::new(ready.engine.clone(), ready.limits),
             engine: ready.engine,
             addr: ready.addr,
-            stop: Some(stop),
-            task: Some(task),
+            endpoint: ready.endpoint,
+            stop: Mutex::new(Some(stop)),
+            task: Mutex::new(guard.0.take()),
         })
     }
 
     /// Where it serves gRPC (for `treaty --coordinator`, agents and the participants' recovery).
     pub fn addr(&self) -> std::net::SocketAddr {
         self.addr
+    }
+
+    /// The URL this process reaches that listener at (loopback for a listener on every interface;
+    /// `https://` when it serves TLS).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// False once it stopped, whether asked to or because serving failed (`stop` says why).
+    pub fn is_running(&self) -> bool {
+        lock(&self.task).as_ref().is_some_and(|task| !task.is_finished())
     }
 
     /// The engine, for what the gRPC API does not carry.
@@ -127,16 +159,22 @@ impl Embedded {
     }
 
     /// Stops serving, flushes the log and stops the in-process participants, as `treaty-coordinator`
-    /// does on SIGTERM; its error if it had stopped on one.
-    pub async fn stop(mut self) -> Result<(), CoordinatorError> {
-        if let Some(stop) = self.stop.take() {
+    /// does on SIGTERM, and waits for it; its error if serving had failed. Calls after the first
+    /// return at once.
+    pub async fn stop(&self) -> Result<(), CoordinatorError> {
+        if let Some(stop) = lock(&self.stop).take() {
             let _ = stop.send(());
         }
-        match self.task.take() {
+        let task = lock(&self.task).take();
+        match task {
             Some(task) => task.await?,
             None => Ok(()),
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl std::fmt::Debug for Embedded {
@@ -144,13 +182,5 @@ impl std::fmt::Debug for Embedded {
         f.debug_struct("Embedded")
             .field("addr", &self.addr)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Embedded {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
     }
 }

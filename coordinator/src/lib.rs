@@ -192,6 +192,8 @@ pub(crate) struct Ready {
     pub engine: Arc<CoordinatorEngine>,
     pub limits: Arc<limits::Limits>,
     pub addr: std::net::SocketAddr,
+    /// `own_endpoint`: how this process reaches the listener.
+    pub endpoint: String,
 }
 
 /// `run`, telling `ready` (if any) instead of stdout that it serves.
@@ -375,28 +377,23 @@ pub(crate) async fn serve(
             let shards: Vec<_> = config.shards.keys().cloned().collect();
             let registry = metrics::registry(&engine, CoordinatorEngine::census, log_for_metrics, &shards);
             tracing::info!(addr = %endpoint.local_addr(), "serving Prometheus metrics at /metrics");
-            metrics_endpoint::announce(endpoint.local_addr());
-            Some(endpoint.spawn(registry, None))
+            // An application that embeds the coordinator owns its stdout.
+            if ready.is_none() {
+                metrics_endpoint::announce(endpoint.local_addr());
+            }
+            Some(AbortOnDrop(endpoint.spawn(registry, None)))
         }
         None => None,
     };
     tracing::info!(%addr, shards = config.shards.len(), "coordinator serving");
     let console = console.map(|listener| spawn_console(engine.clone(), listener, access.is_some()));
     let limits = limits::Limits::new(config.limits);
-    match ready {
-        // An application that embeds the coordinator owns its stdout.
-        Some(ready) => {
-            let _ = ready.send(Ready {
-                engine: engine.clone(),
-                limits: limits.clone(),
-                addr,
-            });
-        }
-        None => announce(addr),
-    }
-    let service = CoordinatorServer::new(service::CoordinatorService::new(engine.clone(), limits))
+    let service = CoordinatorServer::new(service::CoordinatorService::new(engine.clone(), limits.clone()))
         .max_decoding_message_size(config.limits.max_request_bytes);
     let (health, probing) = health::start(probed_links).await;
+    // The probe holds the links (and through them the in-process participants' branches): it must
+    // not outlive a start that fails below.
+    let probing = AbortOnDrop(probing);
     let (reflection_v1, reflection_v1alpha) = treaty_proto::reflection::services(
         treaty_proto::pb::coordinator_server::SERVICE_NAME,
         cfg!(feature = "failpoints"),
@@ -422,6 +419,27 @@ pub(crate) async fn serve(
             &failpoints::ADMIN_WITH_IN_PROCESS
         },
     ));
+    // Told only once nothing more can fail before serving. An application that gave up waiting
+    // (its start was cancelled) gets a coordinator that stops at once, not one nobody can stop.
+    let abandoned = match ready {
+        Some(ready) => ready
+            .send(Ready {
+                engine: engine.clone(),
+                limits,
+                addr,
+                endpoint: own_endpoint(&config, addr),
+            })
+            .is_err(),
+        None => {
+            announce(addr);
+            false
+        }
+    };
+    let shutdown = async move {
+        if !abandoned {
+            shutdown.await;
+        }
+    };
     let served = match server_tls {
         Some(tls) => {
             router
@@ -434,20 +452,45 @@ pub(crate) async fn serve(
                 .await
         }
     };
-    probing.abort();
+    drop(probing);
     if let Some(console) = console {
         console.stop().await;
     }
-    if let Some(serving_metrics) = serving_metrics {
-        serving_metrics.abort();
-    }
-    served?;
+    drop(serving_metrics);
+    // Whether the server stopped on request or failed, what was decided is flushed and the
+    // participants stop cleanly before the error is reported.
     engine.flush().await;
     for participant in in_process {
         participant.stop().await;
     }
+    served?;
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// A background task that ends with its owner, on every path out of `serve`.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The URL this coordinator is reached at from its own host: a listener on every interface is
+/// reached on loopback; `https` when it serves TLS.
+fn own_endpoint(config: &Config, addr: std::net::SocketAddr) -> String {
+    let own = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    let scheme = if config.tls.server.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{own}")
 }
 
 /// The console's server task and the signal that stops it.
@@ -510,17 +553,7 @@ async fn start_in_process(
 > {
     let mut local = std::collections::BTreeMap::new();
     let mut running = Vec::new();
-    // A listener on every interface is reached on loopback from this process.
-    let own = if addr.ip().is_unspecified() {
-        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    };
-    let scheme = if config.tls.server.is_some() {
-        "https"
-    } else {
-        "http"
-    };
+    let own = own_endpoint(config, addr);
     for (shard, url) in &config.shards {
         if !config::is_database_url(url.expose()) {
             continue;
@@ -529,7 +562,7 @@ async fn start_in_process(
         let participant = treaty_participant::Config::in_process(
             shard.clone(),
             url.clone(),
-            format!("{scheme}://{own}"),
+            own.clone(),
             config.data_dir.join("participants").join(shard.as_str()),
             lock_timeout_ms,
         )

@@ -75,8 +75,6 @@ async fn main() -> Result<()> {
         let _ = std::io::stdin().read_to_end(&mut sink);
     })
     .await?;
-    drop(client);
-    let embedded = Arc::try_unwrap(embedded).map_err(|_| anyhow::anyhow!("still in use"))?;
     embedded.stop().await?;
     say("stopped");
     Ok(())

@@ -117,7 +117,8 @@ pub struct BenchArgs {
     /// (inside the bench process, as `treaty_coordinator::Embedded` in an application: the same
     /// engine, store, recovery and gRPC service, the clients' calls handed to it without the
     /// hop). Default: embedded when the participants are in process and the run is one store's
-    /// two-phase commit under load; service otherwise.
+    /// two-phase commit under load; service otherwise. Embedded, it runs on the bench's own
+    /// runtime (`--service-threads` applies to service processes only).
     #[arg(long, value_enum)]
     pub coordinator: Option<CoordinatorKind>,
     /// Baselines on the same databases: none, direct (PREPARE/COMMIT PREPARED by hand, one

@@ -108,8 +108,8 @@ struct Coordinator {
 enum Deployment {
     /// Processes: a coordinator service and, unless the shards are in process, an agent each.
     Services(Box<LocalCluster>),
-    /// The coordinator inside this process (`--coordinator embedded`), on servers of its own
-    /// (`embedded` declared first, so that it is dropped before its databases).
+    /// The coordinator inside this process (`--coordinator embedded`), on servers of its own;
+    /// `stop` stops it before them (on an error path the process exits anyway).
     Embedded {
         embedded: Arc<treaty_coordinator::Embedded>,
         pgs: Vec<PgCluster>,
@@ -194,7 +194,7 @@ impl Deployment {
                 embedded: None,
             },
             Deployment::Embedded { embedded, .. } => Coordinator {
-                endpoint: format!("http://{}", embedded.addr()),
+                endpoint: embedded.endpoint().to_owned(),
                 pid: None,
                 embedded: Some(embedded.clone()),
             },
@@ -214,8 +214,6 @@ impl Deployment {
         match self {
             Deployment::Services(cluster) => drop(cluster),
             Deployment::Embedded { embedded, pgs, .. } => {
-                let embedded = Arc::try_unwrap(embedded)
-                    .map_err(|_| anyhow::anyhow!("the embedded coordinator is still in use"))?;
                 embedded
                     .stop()
                     .await

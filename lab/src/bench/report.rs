@@ -11,8 +11,11 @@
 //! With the coordinator embedded in the bench process (`coordinator_kind` `embedded`, the default
 //! where the participants are in process), there is no coordinator or participant process to
 //! measure: `coordinator_cpu_us_per_txn` is then the bench process's CPU per transaction beyond
-//! the first baseline's (what Treaty adds inside the application), `participant_cpu_us_per_txn`
-//! is 0, and the ceiling counts Treaty's CPU as the client's, so it says nothing more than the ratio.
+//! the first baseline's (what Treaty adds inside the application, beside a client that drives
+//! PostgreSQL by hand: both speak PostgreSQL's protocol, only Treaty runs the protocol around it),
+//! `coordinator_cpu_basis` says which, `participant_cpu_us_per_txn` is 0 (the participants are in
+//! that figure), and the ceiling counts Treaty's CPU as the client's, so it says nothing more
+//! than the ratio.
 //!
 //! With 3PC beside 2PC (`--protocol 2pc,3pc`), `treaty_*` stay 2PC's and 3PC adds `treaty_3pc_*`,
 //! `coordinator_cpu_us_per_txn_3pc`, `participant_cpu_us_per_txn_3pc`, `*_ratio_3pc_vs_2pc`,
@@ -137,7 +140,20 @@ impl BenchReport {
         let (treaty, baseline) = treaty
             .per_txn(treaty.cpu.bench)
             .zip(baseline.per_txn(baseline.cpu.bench))?;
-        Some((treaty - baseline).max(0.0))
+        // Not clamped: a negative figure says the difference is within the noise.
+        Some(treaty - baseline)
+    }
+
+    /// What `coordinator_cpu_us_per_txn` measured: the coordinator process's CPU, or (embedded)
+    /// the bench process's beyond the named baseline's clients.
+    fn coordinator_cpu_basis(&self) -> String {
+        if !self.embedded() {
+            return "coordinator process".into();
+        }
+        match self.baselines().next() {
+            Some(baseline) => format!("bench process beyond {}'s clients", baseline.name),
+            None => "not measured: embedded, with no baseline to subtract".into(),
+        }
     }
 
     /// Whether Treaty ran in the bench process (`--coordinator embedded`).
@@ -284,6 +300,10 @@ impl BenchReport {
             out.insert(
                 "coordinator_cpu_us_per_txn".into(),
                 opt3(self.coordinator_cpu_us_per_txn(treaty)),
+            );
+            out.insert(
+                "coordinator_cpu_basis".into(),
+                json!(self.coordinator_cpu_basis()),
             );
             out.insert(
                 "participant_cpu_us_per_txn".into(),
