@@ -90,14 +90,15 @@ impl ClientBuilder {
 
     /// A client of the coordinator running in this process: submits and transactions are handed
     /// to it directly; the other calls (`info`, `list_*`, `resolve`, `transaction_on`) go to its
-    /// gRPC listener on loopback, with this builder's token. Nothing fails over: there is one
-    /// coordinator, and an error is its answer ([`ClientError::Rpc`]).
+    /// gRPC listener (`Embedded::endpoint`, with this builder's token and TLS settings). Nothing
+    /// fails over: there is one coordinator. Errors mean what they mean over gRPC: an outcome the
+    /// coordinator says is unknown is [`ClientError::OutcomeUnknown`], never a refusal.
     #[cfg(feature = "embedded")]
     pub fn embedded(
         self,
         coordinator: std::sync::Arc<treaty_coordinator::Embedded>,
     ) -> Result<Client, ClientError> {
-        let endpoints = self.endpoints([format!("http://{}", coordinator.addr())])?;
+        let endpoints = self.endpoints([coordinator.endpoint().to_owned()])?;
         let channel = endpoints[0].tonic.connect_lazy();
         let mut client = Client::new(self, endpoints, 0, channel);
         client.local = Some(coordinator);

@@ -33,20 +33,25 @@ use crate::service::CoordinatorService;
 use crate::{CoordinatorEngine, CoordinatorError};
 
 /// A running coordinator in this process. `stop` stops it as SIGTERM stops the service; dropping
-/// the last handle starts the same stop in the background. A crash of the application (or an
-/// abort) is a crash of the coordinator: its next start on the same `--data-dir` finishes it.
+/// the last handle starts the same stop in the background (cut short if the runtime ends first:
+/// a crash). A crash of the application is a crash of the coordinator: its next start on the
+/// same `--data-dir` finishes what it left.
 pub struct Embedded {
     service: CoordinatorService,
     engine: Arc<CoordinatorEngine>,
     addr: std::net::SocketAddr,
     endpoint: String,
+    /// Held (read) by every call of the application's for its length; `stop` takes it (write)
+    /// once they are done and closes it, as the service drains its calls before it stops.
+    open: tokio::sync::RwLock<bool>,
     /// Dropped (or sent) to stop it: `serve`'s shutdown future ends either way.
     stop: Mutex<Option<oneshot::Sender<()>>>,
     task: Mutex<Option<JoinHandle<Result<(), CoordinatorError>>>>,
 }
 
 /// Aborts the spawned start if `start` itself is dropped before it answers, so that no
-/// coordinator runs that nobody holds.
+/// coordinator runs that nobody holds: a crash at whatever point the start had reached, which the
+/// next start recovers from like any other.
 struct StartGuard(Option<JoinHandle<Result<(), CoordinatorError>>>);
 
 impl Drop for StartGuard {
@@ -94,6 +99,7 @@ impl Embedded {
             engine: ready.engine,
             addr: ready.addr,
             endpoint: ready.endpoint,
+            open: tokio::sync::RwLock::new(true),
             stop: Mutex::new(Some(stop)),
             task: Mutex::new(guard.0.take()),
         })
@@ -122,35 +128,41 @@ impl Embedded {
 
     /// A one-shot transaction: every op, then commit; the answer says committed or aborted, and why.
     pub async fn submit(&self, request: pb::SubmitRequest) -> Result<pb::SubmitResponse, Status> {
+        let _open = self.enter().await?;
         Ok(self.service.submit(Request::new(request)).await?.into_inner())
     }
 
     /// Opens an interactive transaction; its statements follow with `execute`.
     pub async fn begin(&self, options: Option<pb::TransactionOptions>) -> Result<u64, Status> {
         let request = pb::BeginRequest { options };
+        let _open = self.enter().await?;
         Ok(self.service.begin(Request::new(request)).await?.into_inner().txid)
     }
 
     /// One statement of an interactive transaction (`last`: the shard's last, which carries its vote).
     pub async fn execute(&self, request: pb::ExecuteRequest) -> Result<pb::ExecuteResult, Status> {
+        let _open = self.enter().await?;
         Ok(self.service.execute(Request::new(request)).await?.into_inner())
     }
 
     /// Commits an interactive transaction: the outcome is final once this answers.
     pub async fn commit(&self, txid: u64, wait_for_apply: bool) -> Result<pb::Outcome, Status> {
         let request = pb::CommitRequest { txid, wait_for_apply };
+        let _open = self.enter().await?;
         Ok(self.service.commit(Request::new(request)).await?.into_inner())
     }
 
     /// Rolls an interactive transaction back.
     pub async fn rollback(&self, txid: u64) -> Result<pb::Outcome, Status> {
         let request = pb::RollbackRequest { txid };
+        let _open = self.enter().await?;
         Ok(self.service.rollback(Request::new(request)).await?.into_inner())
     }
 
     /// What this coordinator knows of a transaction.
     pub async fn transaction(&self, txid: u64) -> Result<pb::TransactionInfo, Status> {
         let request = pb::GetTransactionRequest { txid };
+        let _open = self.enter().await?;
         Ok(self
             .service
             .get_transaction(Request::new(request))
@@ -158,10 +170,25 @@ impl Embedded {
             .into_inner())
     }
 
-    /// Stops serving, flushes the log and stops the in-process participants, as `treaty-coordinator`
-    /// does on SIGTERM, and waits for it; its error if serving had failed. Calls after the first
-    /// return at once.
+    /// Admits one call of the application's, unless it was stopped.
+    async fn enter(&self) -> Result<tokio::sync::RwLockReadGuard<'_, bool>, Status> {
+        let open = self.open.read().await;
+        if *open {
+            Ok(open)
+        } else {
+            Err(Status::failed_precondition(
+                "the coordinator in this process was stopped (Embedded::stop); start it again to run transactions",
+            ))
+        }
+    }
+
+    /// Waits for the application's calls in flight and refuses new ones, then stops serving,
+    /// flushes the log and stops the in-process participants, as `treaty-coordinator` does on
+    /// SIGTERM; its error if serving had failed. Calls after the first return at once. The data
+    /// directory is free for another start once the last handle (clients and transactions hold
+    /// one) is dropped.
     pub async fn stop(&self) -> Result<(), CoordinatorError> {
+        *self.open.write().await = false;
         if let Some(stop) = lock(&self.stop).take() {
             let _ = stop.send(());
         }

@@ -286,13 +286,47 @@ pub(crate) async fn serve(
     };
     let id = CoordinatorId::new(&id).map_err(CoordinatorError::BadId)?;
     let addr = listener.local_addr().map_err(CoordinatorError::ListenAddr)?;
-    let (local, in_process) = start_in_process(&config, addr).await?;
+    // Everything that can fail for a reason of its own (a certificate, a port taken) fails here,
+    // before the participants and the driver start, so that a failed start leaves none of their
+    // work running; and before the coordinator says it listens: a console address that cannot be
+    // bound fails the start instead of leaving a coordinator without the console it was asked
+    // for, and a bad certificate stops it with the file named.
+    let access = config.auth.clone().load(addr, config.tls.server.as_ref())?;
+    let server_tls = match &config.tls.server {
+        Some(files) => {
+            let tls = treaty_proto::tls::ServerTls::load(treaty_proto::auth::server_tls_files(
+                files,
+                access.as_deref(),
+            ))
+            .map_err(CoordinatorError::Tls)?;
+            tracing::info!(
+                cert = %files.cert.display(),
+                client_certificates = tls.files().client_certificates(),
+                "serving TLS only"
+            );
+            Some(tls)
+        }
+        None => None,
+    };
+    let console = match config.console_addr {
+        Some(addr) => Some(console::bind(addr).await?),
+        None => None,
+    };
+    let metrics_endpoint = match config.metrics_addr {
+        Some(metrics_addr) => Some(MetricsEndpoint::bind(metrics_addr).await?),
+        None => None,
+    };
+    let (reflection_v1, reflection_v1alpha) = treaty_proto::reflection::services(
+        treaty_proto::pb::coordinator_server::SERVICE_NAME,
+        cfg!(feature = "failpoints"),
+    )?;
     let link_tls = match &config.tls.link {
         Some(files) => Some(Arc::new(
             treaty_proto::tls::client_config(files).map_err(CoordinatorError::Tls)?,
         )),
         None => None,
     };
+    let (local, in_process) = start_in_process(&config, addr).await?;
     let addresses = config
         .shards
         .iter()
@@ -346,34 +380,8 @@ pub(crate) async fn serve(
         .map_err(|error| CoordinatorError::Store(error.to_string()))?;
     engine.spawn_ticker();
 
-    // Bound before the coordinator says it listens: a console address that cannot be bound fails
-    // the start instead of leaving a coordinator without the console it was asked for.
-    // Loaded before anything is announced, so a bad certificate stops the start with the file
-    // named.
-    let access = config.auth.clone().load(addr, config.tls.server.as_ref())?;
-    let server_tls = match &config.tls.server {
-        Some(files) => {
-            let tls = treaty_proto::tls::ServerTls::load(treaty_proto::auth::server_tls_files(
-                files,
-                access.as_deref(),
-            ))
-            .map_err(CoordinatorError::Tls)?;
-            tracing::info!(
-                cert = %files.cert.display(),
-                client_certificates = tls.files().client_certificates(),
-                "serving TLS only"
-            );
-            Some(tls)
-        }
-        None => None,
-    };
-    let console = match config.console_addr {
-        Some(addr) => Some(console::bind(addr).await?),
-        None => None,
-    };
-    let serving_metrics = match config.metrics_addr {
-        Some(metrics_addr) => {
-            let endpoint = MetricsEndpoint::bind(metrics_addr).await?;
+    let serving_metrics = match metrics_endpoint {
+        Some(endpoint) => {
             let shards: Vec<_> = config.shards.keys().cloned().collect();
             let registry = metrics::registry(&engine, CoordinatorEngine::census, log_for_metrics, &shards);
             tracing::info!(addr = %endpoint.local_addr(), "serving Prometheus metrics at /metrics");
@@ -394,10 +402,6 @@ pub(crate) async fn serve(
     // The probe holds the links (and through them the in-process participants' branches): it must
     // not outlive a start that fails below.
     let probing = AbortOnDrop(probing);
-    let (reflection_v1, reflection_v1alpha) = treaty_proto::reflection::services(
-        treaty_proto::pb::coordinator_server::SERVICE_NAME,
-        cfg!(feature = "failpoints"),
-    )?;
     let router = tonic::transport::Server::builder()
         // A client's `traceparent` (when exporting) parents the call, and so the transaction.
         .layer(treaty_proto::telemetry::ServerSpanLayer::new(None))
@@ -419,8 +423,9 @@ pub(crate) async fn serve(
             &failpoints::ADMIN_WITH_IN_PROCESS
         },
     ));
-    // Told only once nothing more can fail before serving. An application that gave up waiting
-    // (its start was cancelled) gets a coordinator that stops at once, not one nobody can stop.
+    // Told only once nothing more can fail before serving. Should nobody be waiting any more (an
+    // application's start was cancelled without aborting this), it stops at once rather than
+    // run with nobody able to stop it.
     let abandoned = match ready {
         Some(ready) => ready
             .send(Ready {
