@@ -17,6 +17,12 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use treaty_lab::{bench, chaos, demo, scenario};
 
+/// mimalloc, as the services run (see the workspace `Cargo.toml`): `treaty bench` runs the
+/// embedded coordinator and the baselines' clients in this process, and glibc's malloc and free
+/// were 17 % of its samples under the transfer load (session 27, perf).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "treaty", version, about = "Atomic commit across PostgreSQL shards")]
 struct Cli {
