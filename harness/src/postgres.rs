@@ -296,6 +296,18 @@ impl PgCluster {
         Ok(())
     }
 
+    /// How many transactions are prepared in `database` (`pg_prepared_xacts` of that database).
+    pub async fn prepared_count(&self, database: &str) -> Result<i64, HarnessError> {
+        let mut conn = self.connect(database).await?;
+        sqlx::query_scalar("SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|source| HarnessError::Sql {
+                url: treaty_proto::redact(&self.url(database)),
+                source,
+            })
+    }
+
     /// Whether the server's pid file is present (it is removed by a clean or immediate stop).
     pub fn is_running(&self) -> bool {
         self.data_dir.join("postmaster.pid").exists()

@@ -93,12 +93,7 @@ async fn balances_and_transfers(pg: &PgCluster) -> Result<(i64, BTreeSet<i64>)> 
 async fn prepared(pgs: &[PgCluster]) -> Result<i64> {
     let mut total = 0;
     for pg in pgs {
-        let mut conn = pg.connect(DATABASE).await?;
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()")
-                .fetch_one(&mut conn)
-                .await?;
-        total += n;
+        total += pg.prepared_count(DATABASE).await?;
     }
     Ok(total)
 }
