@@ -19,7 +19,11 @@
 //! statements run under each participant's own database role, as a caller's with no
 //! `database_role` does) and `--max-request-bytes` (nothing is decoded).
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
+
+use futures::FutureExt as _;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -128,46 +132,56 @@ impl Embedded {
 
     /// A one-shot transaction: every op, then commit; the answer says committed or aborted, and why.
     pub async fn submit(&self, request: pb::SubmitRequest) -> Result<pb::SubmitResponse, Status> {
-        let _open = self.enter().await?;
-        Ok(self.service.submit(Request::new(request)).await?.into_inner())
+        let call = self.service.submit(Request::new(request));
+        Ok(self.guarded(call).await?.into_inner())
     }
 
     /// Opens an interactive transaction; its statements follow with `execute`.
     pub async fn begin(&self, options: Option<pb::TransactionOptions>) -> Result<u64, Status> {
-        let request = pb::BeginRequest { options };
-        let _open = self.enter().await?;
-        Ok(self.service.begin(Request::new(request)).await?.into_inner().txid)
+        let call = self.service.begin(Request::new(pb::BeginRequest { options }));
+        Ok(self.guarded(call).await?.into_inner().txid)
     }
 
     /// One statement of an interactive transaction (`last`: the shard's last, which carries its vote).
     pub async fn execute(&self, request: pb::ExecuteRequest) -> Result<pb::ExecuteResult, Status> {
-        let _open = self.enter().await?;
-        Ok(self.service.execute(Request::new(request)).await?.into_inner())
+        let call = self.service.execute(Request::new(request));
+        Ok(self.guarded(call).await?.into_inner())
     }
 
     /// Commits an interactive transaction: the outcome is final once this answers.
     pub async fn commit(&self, txid: u64, wait_for_apply: bool) -> Result<pb::Outcome, Status> {
-        let request = pb::CommitRequest { txid, wait_for_apply };
-        let _open = self.enter().await?;
-        Ok(self.service.commit(Request::new(request)).await?.into_inner())
+        let call = self
+            .service
+            .commit(Request::new(pb::CommitRequest { txid, wait_for_apply }));
+        Ok(self.guarded(call).await?.into_inner())
     }
 
     /// Rolls an interactive transaction back.
     pub async fn rollback(&self, txid: u64) -> Result<pb::Outcome, Status> {
-        let request = pb::RollbackRequest { txid };
-        let _open = self.enter().await?;
-        Ok(self.service.rollback(Request::new(request)).await?.into_inner())
+        let call = self.service.rollback(Request::new(pb::RollbackRequest { txid }));
+        Ok(self.guarded(call).await?.into_inner())
     }
 
     /// What this coordinator knows of a transaction.
     pub async fn transaction(&self, txid: u64) -> Result<pb::TransactionInfo, Status> {
-        let request = pb::GetTransactionRequest { txid };
-        let _open = self.enter().await?;
-        Ok(self
+        let call = self
             .service
-            .get_transaction(Request::new(request))
-            .await?
-            .into_inner())
+            .get_transaction(Request::new(pb::GetTransactionRequest { txid }));
+        Ok(self.guarded(call).await?.into_inner())
+    }
+
+    /// Runs one call of the application's while it is admitted (`enter`). A panic in the handler
+    /// (a bug) ends that call as INTERNAL, as a broken gRPC call would end for a remote client,
+    /// which the client reads as an unknown outcome, instead of unwinding into the application.
+    async fn guarded<T>(&self, call: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+        let _open = self.enter().await?;
+        match AssertUnwindSafe(call).catch_unwind().await {
+            Ok(answer) => answer,
+            Err(_) => Err(Status::internal(
+                "the coordinator in this process panicked while handling the call (a bug, logged \
+                 on stderr): its outcome is unknown; look the transaction up before running it again",
+            )),
+        }
     }
 
     /// Admits one call of the application's, unless it was stopped.
