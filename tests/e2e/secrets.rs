@@ -252,10 +252,12 @@ async fn a_transaction_commits_over_shards_whose_passwords_come_from_a_file_the_
     .await?;
     let endpoint = coordinator.endpoint();
 
-    // Committed on all four shards.
+    // Committed on all four shards; applied everywhere before the answer (`wait_for_apply`): with
+    // the decision in a shard, the client is answered once the decision commits, and the other
+    // branches' COMMIT PREPARED may still be on their way.
     let ops = |k: i64| {
         format!(
-            r#"{{"ops":[{}]}}"#,
+            r#"{{"wait_for_apply":true,"ops":[{}]}}"#,
             ["s0", "s1", "s2", "s3"]
                 .map(|shard| format!(
                     r#"{{"shard":"{shard}","sql":"INSERT INTO kv VALUES ($1, $2)","params":[{k},"{shard}"]}}"#
