@@ -154,3 +154,44 @@ async fn the_bench_runs_in_process_participants_beside_direct_with_the_coordinat
     );
     Ok(())
 }
+
+/// `treaty bench recovery`: a restarted coordinator finishes every transaction the bench left
+/// decided and prepared, whether the commit rows lie on every shard (`spread`, the default) or
+/// all on the first, and the report says which layout it measured.
+#[tokio::test]
+async fn bench_recovery_finishes_every_decided_transaction_in_either_layout_of_the_decisions() -> Result<()> {
+    for layout in ["spread", "first"] {
+        let dir = tempfile::Builder::new()
+            .prefix("treaty-e2e-bench-recovery-")
+            .tempdir()?;
+        let output = tokio::process::Command::new(treaty_harness::binary_path("treaty")?)
+            .args([
+                "bench",
+                "recovery",
+                "--txns",
+                "300",
+                "--decision-shards",
+                layout,
+                "--json",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .output()
+            .await?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stdout}\n{stderr}");
+        let report: serde_json::Value = serde_json::from_str(stdout.lines().last().context("no output")?)
+            .context("the last line is the JSON report")?;
+        assert_eq!(report["status"], "ok", "{report}");
+        assert_eq!(report["decision_shards"], layout, "{report}");
+        assert_eq!(report["prepared_left"], 0, "{report}");
+        assert_eq!(report["rows_ok"], true, "{report}");
+        // One prepared branch per transaction (the decision branch committed with its row), and
+        // every commit row forgotten once its branches finished.
+        assert_eq!(report["branches"], 300, "{report}");
+        assert_eq!(report["decision_rows"], 300, "{report}");
+        assert_eq!(report["decision_rows_left"], 0, "{report}");
+    }
+    Ok(())
+}

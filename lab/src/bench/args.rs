@@ -154,6 +154,14 @@ pub struct BenchArgs {
     /// recovery: committed-but-unfinished transactions to leave in the log.
     #[arg(long, default_value_t = 10_000)]
     pub txns: u64,
+    /// recovery with the shard store: where the transactions' decisions lie. `spread` (the
+    /// default): transaction k's decision shard is shard k mod N, as transactions that begin on
+    /// different shards leave them (each shard holds commit rows and the other shards' prepared
+    /// branches); `first`: every decision on the first shard, every prepared branch on the
+    /// others, as an application whose transactions all begin on one shard leaves them (one
+    /// server then commits every branch: PostgreSQL's slowest case).
+    #[arg(long, value_enum)]
+    pub decision_shards: Option<DecisionShards>,
     /// Async runtime threads of the coordinator and of each participant (their
     /// `--worker-threads`). The benchmark runs every process on one machine, PostgreSQL servers
     /// included, so one thread each avoids cross-thread wake-ups between processes competing for
@@ -161,6 +169,24 @@ pub struct BenchArgs {
     /// services' default (one per core).
     #[arg(long, default_value_t = 1)]
     pub service_threads: u16,
+}
+
+/// Where `treaty bench recovery` puts the decision rows (`--decision-shards`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionShards {
+    /// Transaction k decided on shard k mod N.
+    Spread,
+    /// Every transaction decided on the first shard.
+    First,
+}
+
+impl DecisionShards {
+    pub fn name(self) -> &'static str {
+        match self {
+            DecisionShards::Spread => "spread",
+            DecisionShards::First => "first",
+        }
+    }
 }
 
 /// Where `treaty bench` runs the coordinator (`--coordinator`).
@@ -264,6 +290,11 @@ impl BenchArgs {
             );
         }
         anyhow::ensure!((1..=8).contains(&args.shards), "--shards must be between 1 and 8");
+        anyhow::ensure!(
+            args.decision_shards.is_none() || args.workload == WorkloadKind::Recovery,
+            "--decision-shards places the decision rows `treaty bench recovery` leaves behind; \
+             under load the coordinator puts each transaction's decision on its first branch's shard"
+        );
         anyhow::ensure!(
             args.workload != WorkloadKind::Transfer || args.shards >= 2,
             "transfer needs --shards of at least 2"
@@ -414,6 +445,23 @@ mod tests {
         let refused = parse(&["--participants", "in-process", "--protocol", "3pc"]).unwrap();
         assert!(refused.validate().is_err());
         assert!(parse(&["--protocol", "3pc"]).unwrap().validate().is_ok());
+    }
+
+    #[test]
+    fn decision_shards_apply_to_recovery_only() {
+        let error = parse(&["--decision-shards", "first"])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--decision-shards"), "{error}");
+        assert!(
+            parse(&["--decision-shards", "first", "recovery"])
+                .unwrap()
+                .validate()
+                .is_ok()
+        );
+        assert!(parse(&["--decision-shards", "sideways", "recovery"]).is_err());
     }
 
     #[test]

@@ -509,10 +509,10 @@ async fn count_prepared(pgs: &[PgCluster]) -> Result<i64> {
 }
 
 pub async fn run(args: BenchArgs) -> Result<()> {
+    args.validate()?;
     if args.workload == WorkloadKind::Recovery {
         return recovery::run(&args).await;
     }
-    args.validate()?;
     let mut baselines: Vec<Baseline> = Vec::new();
     for arg in &args.baseline {
         let baseline = match arg {

@@ -1,6 +1,10 @@
 //! `treaty bench recovery --txns N`: how fast a restarted coordinator finishes N logged commits.
 //!
-//! 1. Start a local cluster (fsync on, `max_prepared_transactions` above N), then SIGKILL the
+//! 1. Start a local cluster (fsync on, `max_prepared_transactions` above N); run `WARM_CLIENTS`
+//!    concurrent clients' transactions through it, so each participant holds the pooled
+//!    connections that serving the load behind a backlog leaves it (otherwise its recovery would
+//!    start a backend per commit in flight, and a backend start costs PostgreSQL about 6 ms of
+//!    CPU with 10,000 transactions prepared, against 3.5 with none); then SIGKILL the
 //!    coordinator.
 //! 2. Do by hand what a participant does before voting YES, N times on every shard: `BEGIN`; a row
 //!    in `bench_recovery`; the marker row in `treaty.branches` (under the transaction's GID);
@@ -15,14 +19,17 @@
 //! With `--decision-store shard` the decisions are rows, not log records, so steps 2 and 3 are
 //! what the shard store leaves behind instead (the coordinator runs with `--decision-store shard`
 //! throughout; its log still names its id and reserves the txids):
-//! - on the decision shard (the first), each transaction's branch commits in one phase with its
-//!   commit row: `INSERT INTO treaty.decisions (gid, 'commit', coordinator_id, participants)`
+//! - on the decision shard (shard k mod N for txid k with `--decision-shards spread`, the default,
+//!   as transactions that begin on different shards leave them; the first shard for every
+//!   transaction with `first`), each transaction's branch commits in one phase with its commit row: `INSERT INTO treaty.decisions (gid, 'commit', coordinator_id, participants)`
 //!   under the GID `treaty:<id>:<txid>@<decision shard>`, naming every other shard;
 //! - every other shard prepares its branch under `treaty:<id>:<txid>@<decision shard>:<shard>`,
 //!   with no marker row (the row decides).
 //!
 //! The restarted coordinator re-drives its commit rows (`redrive_decision_rows`) and forgets them;
-//! the clock stops when nothing is prepared, and the time until the rows are gone is reported too.
+//! the clock stops when nothing is prepared (polled every 100 ms, every 5 ms once fewer than
+//! `FINE_POLL_BELOW` are left, so the time is not rounded up to the next coarse poll), and the
+//! time until the rows are gone is reported too.
 
 use std::time::{Duration, Instant};
 
@@ -33,18 +40,29 @@ use serde_json::json;
 use sqlx::PgConnection;
 use treaty_decision_log::{CommitRecord, DecisionLog, LogOptions};
 use treaty_harness::{ClusterSpec, LocalCluster, PgCluster, PgOptions};
-use treaty_proto::{BranchGid, CoordinatorId, Gid, ShardName};
+use treaty_proto::{BranchGid, CoordinatorId, Gid, ShardName, pb};
 
 use super::BenchArgs;
+use super::args::DecisionShards;
 use super::cpu;
 use super::stores::DecisionStore;
+use super::treaty_driver;
 use super::workload::DATABASE;
 
 /// Connections per shard that prepare the transactions.
 const PREPARE_CONNECTIONS: u64 = 16;
+/// Concurrent clients of the warm-up: as many as the participant's commits in flight during a
+/// backlog (`COMMITS_IN_PARALLEL` in `participant/src/service.rs`).
+const WARM_CLIENTS: usize = 16;
+/// Transactions each warm-up client runs, every one a short read on every shard.
+const WARM_TXNS: usize = 4;
 /// How long recovery may take before the bench gives up.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(300);
 const POLL: Duration = Duration::from_millis(100);
+/// Below this many prepared branches left, poll every `FINE_POLL`: listing a few prepared
+/// transactions costs PostgreSQL little, listing thousands every few ms would not.
+const FINE_POLL_BELOW: i64 = 1_000;
+const FINE_POLL: Duration = Duration::from_millis(5);
 /// The targets for 10,000 transactions, restart to all finished: 2 s with the decision log (its
 /// replay and every branch's COMMIT PREPARED), under 1 s with the decisions in the shards (one
 /// prepared branch fewer per transaction, no log to replay).
@@ -67,6 +85,43 @@ async fn prepared_treaty_gids(conns: &mut [PgConnection]) -> Result<i64> {
         total += n;
     }
     Ok(total)
+}
+
+/// Runs `WARM_CLIENTS` clients' transactions through the coordinator at once, each a 5 ms read
+/// on every shard, so that every participant's pool opens about that many connections.
+async fn warm_participants(endpoint: &str, shards: &[String]) -> Result<()> {
+    let clients = (0..WARM_CLIENTS).map(|_| async {
+        let mut client = treaty_driver::connect(endpoint).await?;
+        for _ in 0..WARM_TXNS {
+            let ops = shards
+                .iter()
+                .map(|shard| pb::Op {
+                    shard: shard.clone(),
+                    sql: "SELECT pg_sleep(0.005)::text".into(),
+                    params: Vec::new(),
+                    expect_rows: None,
+                })
+                .collect();
+            let outcome = client
+                .submit(pb::SubmitRequest {
+                    ops,
+                    options: None,
+                    // Nothing of the warm-up may still be prepared when the coordinator is killed.
+                    wait_for_apply: true,
+                })
+                .await?
+                .into_inner()
+                .outcome
+                .unwrap_or_default();
+            anyhow::ensure!(
+                outcome.kind == pb::OutcomeKind::Committed as i32,
+                "a warm-up transaction did not commit: {outcome:?}"
+            );
+        }
+        anyhow::Ok(())
+    });
+    try_join_all(clients).await?;
+    Ok(())
 }
 
 /// What one shard holds of one transaction once it is decided, as SQL to run on that shard.
@@ -125,20 +180,33 @@ impl Branch {
         })
     }
 
-    /// What each shard holds under `store` (the first shard is the decision shard).
-    fn per_shard(store: DecisionStore, shards: &[ShardName]) -> Vec<Branch> {
+    /// What each shard holds under `store` when `shards[decider]` is the decision shard.
+    fn per_shard(store: DecisionStore, shards: &[ShardName], decider: usize) -> Vec<Branch> {
         match store {
             DecisionStore::File | DecisionStore::Database => vec![Branch::PreparedWithMarker; shards.len()],
             DecisionStore::Shard => {
-                let decision_shard = shards[0].clone();
-                std::iter::once(Branch::DecisionRow {
-                    decision_shard: decision_shard.clone(),
-                    participants: shards[1..].to_vec(),
-                })
-                .chain(shards[1..].iter().map(|_| Branch::PreparedUnderDecisionShard {
-                    decision_shard: decision_shard.clone(),
-                }))
-                .collect()
+                let decision_shard = shards[decider].clone();
+                shards
+                    .iter()
+                    .enumerate()
+                    .map(|(i, _)| {
+                        if i == decider {
+                            Branch::DecisionRow {
+                                decision_shard: decision_shard.clone(),
+                                participants: shards
+                                    .iter()
+                                    .enumerate()
+                                    .filter(|&(j, _)| j != decider)
+                                    .map(|(_, shard)| shard.clone())
+                                    .collect(),
+                            }
+                        } else {
+                            Branch::PreparedUnderDecisionShard {
+                                decision_shard: decision_shard.clone(),
+                            }
+                        }
+                    })
+                    .collect()
             }
         }
     }
@@ -160,11 +228,43 @@ async fn decision_rows(conns: &mut [PgConnection]) -> Result<i64> {
     Ok(total)
 }
 
-/// Leaves `txids` on one shard as `branch` says, over several connections.
+/// What every shard holds of every transaction: `branch(txid)[shard index]`.
+struct Layout {
+    /// One `per_shard` per possible decision shard.
+    by_decider: Vec<Vec<Branch>>,
+    decision_shards: DecisionShards,
+}
+
+impl Layout {
+    fn new(store: DecisionStore, shards: &[ShardName], decision_shards: DecisionShards) -> Self {
+        Layout {
+            by_decider: (0..shards.len())
+                .map(|decider| Branch::per_shard(store, shards, decider))
+                .collect(),
+            decision_shards,
+        }
+    }
+
+    fn branches(&self, txid: u64) -> &[Branch] {
+        let decider = match self.decision_shards {
+            DecisionShards::Spread => (txid % self.by_decider.len() as u64) as usize,
+            DecisionShards::First => 0,
+        };
+        &self.by_decider[decider]
+    }
+
+    /// Prepared branches per transaction (the same whichever shard decides).
+    fn prepared_per_txn(&self) -> u64 {
+        self.by_decider[0].iter().filter(|b| b.is_prepared()).count() as u64
+    }
+}
+
+/// Leaves `txids` on the `index`th shard as `layout` says, over several connections.
 async fn prepare_on_shard(
     pg: &PgCluster,
     shard: &ShardName,
-    branch: &Branch,
+    index: usize,
+    layout: &Layout,
     id: &CoordinatorId,
     txids: std::ops::Range<u64>,
     progress: &ProgressBar,
@@ -177,7 +277,7 @@ async fn prepare_on_shard(
         async move {
             let mut conn = pg.connect(DATABASE).await?;
             for txid in txids.skip(k as usize).step_by(PREPARE_CONNECTIONS as usize) {
-                let sql = branch.sql(id, txid, shard)?;
+                let sql = layout.branches(txid)[index].sql(id, txid, shard)?;
                 sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                     .execute(&mut conn)
                     .await
@@ -213,6 +313,14 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         "recovery with --decision-store shard needs --shards of at least 2 (one decision shard, \
          one prepared branch)"
     );
+    let decision_shards = match (store, args.decision_shards) {
+        (DecisionStore::Shard, choice) => choice.unwrap_or(DecisionShards::Spread),
+        (_, None) => DecisionShards::First,
+        (_, Some(_)) => anyhow::bail!(
+            "--decision-shards places the shard store's commit rows; it does not apply to --decision-store {}",
+            store.name()
+        ),
+    };
     let txns = args.txns;
     let temp = tempfile::Builder::new()
         .prefix("treaty-bench-recovery-")
@@ -262,6 +370,23 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
             .with_context(|| format!("creating bench_recovery on {}", pg.name()))?;
     }
 
+    warm_participants(&cluster.coordinator.endpoint(), &cluster.shard_names)
+        .await
+        .context("warming the participants' pools")?;
+    // The warm-up's commit rows are forgotten in batches after its commits; wait them out, so
+    // that the restarted coordinator finds only the bench's.
+    {
+        let mut conns = try_join_all(cluster.pgs.iter().map(|pg| pg.connect(DATABASE))).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while decision_rows(&mut conns).await? > 0 {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the warm-up's commit rows were not forgotten within 30 s"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     // 1. The coordinator goes away; its log stays.
     cluster.coordinator.kill9()?;
     cluster
@@ -295,19 +420,21 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         .iter()
         .map(|name| ShardName::new(name))
         .collect::<Result<Vec<_>, _>>()?;
-    let branches = Branch::per_shard(store, &shards);
+    let layout = Layout::new(store, &shards, decision_shards);
     try_join_all(
         cluster
             .pgs
             .iter()
             .zip(&shards)
-            .zip(&branches)
-            .map(|((pg, shard), branch)| prepare_on_shard(pg, shard, branch, &id, txids.clone(), &progress)),
+            .enumerate()
+            .map(|(index, (pg, shard))| {
+                prepare_on_shard(pg, shard, index, &layout, &id, txids.clone(), &progress)
+            }),
     )
     .await?;
     progress.finish_and_clear();
     let prepare_seconds = setup.elapsed().as_secs_f64();
-    let prepared_branches = txns * branches.iter().filter(|b| b.is_prepared()).count() as u64;
+    let prepared_branches = txns * layout.prepared_per_txn();
 
     // 3. The commit decisions, as the coordinator logs them (forced, group-committed); none in
     //    the log with the shard store, whose decisions are the rows written above.
@@ -380,7 +507,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
             );
             last_print = Instant::now();
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(if left < FINE_POLL_BELOW { FINE_POLL } else { POLL }).await;
     };
     let seconds = restarted.elapsed().as_secs_f64();
     let coordinator_ticks = cluster.coordinator.pid().map_or(0, cpu::process_ticks);
@@ -420,9 +547,14 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     let participant_cpu_s = cpu::ticks_to_us(participant_ticks) / 1e6;
     let met = left == 0 && rows_ok && seconds < target_seconds(store) * (txns as f64 / 10_000.0).max(1.0);
     println!(
-        "recovery of {txns} decided, unfinished commits over {} shards (decision store: {})",
+        "recovery of {txns} decided, unfinished commits over {} shards (decision store: {}{})",
         cluster.pgs.len(),
-        store.name()
+        store.name(),
+        if store == DecisionStore::Shard {
+            format!(", decision shards {}", decision_shards.name())
+        } else {
+            String::new()
+        }
     );
     println!(
         "  restart to listening:          {:.3} s",
@@ -448,6 +580,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
                 "workload": "recovery",
                 "status": if left == 0 && rows_ok { "ok" } else { "incomplete" },
                 "decision_store": store.name(),
+                "decision_shards": (store == DecisionStore::Shard).then(|| decision_shards.name()),
                 "participant_kind": args.participant_kind().name(),
                 "txns": txns,
                 "shards": cluster.pgs.len(),
@@ -487,7 +620,7 @@ mod tests {
             .into_iter()
             .map(|name| ShardName::new(name).unwrap())
             .collect();
-        let branches = Branch::per_shard(DecisionStore::Shard, &shards);
+        let branches = Branch::per_shard(DecisionStore::Shard, &shards, 0);
         assert_eq!(branches.iter().filter(|b| b.is_prepared()).count(), 2);
         assert_eq!(
             branches[0].sql(&id, 7, &shards[0]).unwrap(),
@@ -499,12 +632,48 @@ mod tests {
             branches[2].sql(&id, 7, &shards[2]).unwrap(),
             "BEGIN; INSERT INTO bench_recovery (id) VALUES (7); PREPARE TRANSACTION 'treaty:c1:7@s0:s2'"
         );
-        let file = Branch::per_shard(DecisionStore::File, &shards);
+        let file = Branch::per_shard(DecisionStore::File, &shards, 0);
         assert!(file.iter().all(Branch::is_prepared));
         let sql = file[1].sql(&id, 7, &shards[1]).unwrap();
         assert!(
             sql.contains("treaty.branches") && sql.ends_with("PREPARE TRANSACTION 'treaty:c1:7:s1'"),
             "{sql}"
         );
+    }
+
+    #[test]
+    fn spread_decisions_rotate_over_the_shards_and_first_keeps_them_on_one() {
+        let id = CoordinatorId::new("c1").unwrap();
+        let shards: Vec<ShardName> = ["s0", "s1", "s2"]
+            .into_iter()
+            .map(|name| ShardName::new(name).unwrap())
+            .collect();
+        let spread = Layout::new(DecisionStore::Shard, &shards, DecisionShards::Spread);
+        assert_eq!(spread.prepared_per_txn(), 2);
+        // Txid 7 is decided on s1 (7 mod 3): its row names the other two, which prepare under it.
+        let branches = spread.branches(7);
+        assert!(!branches[1].is_prepared());
+        assert!(
+            branches[1]
+                .sql(&id, 7, &shards[1])
+                .unwrap()
+                .contains("VALUES ('treaty:c1:7@s1', 'commit', 'c1', ARRAY['s0', 's2']::text[])")
+        );
+        assert!(
+            branches[0]
+                .sql(&id, 7, &shards[0])
+                .unwrap()
+                .ends_with("PREPARE TRANSACTION 'treaty:c1:7@s1:s0'")
+        );
+        // Every shard decides a third of the transactions.
+        for shard in 0..3 {
+            let decided = (0..300u64)
+                .filter(|&txid| !spread.branches(txid)[shard].is_prepared())
+                .count();
+            assert_eq!(decided, 100, "shard {shard}");
+        }
+        let first = Layout::new(DecisionStore::Shard, &shards, DecisionShards::First);
+        assert!((0..30u64).all(|txid| !first.branches(txid)[0].is_prepared()));
+        assert!((0..30u64).all(|txid| first.branches(txid)[1..].iter().all(Branch::is_prepared)));
     }
 }
