@@ -329,6 +329,12 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
         })
     }
 
+    /// Transactions not yet finished, this instance's and those it finishes for others.
+    pub(super) fn live_count(&self) -> usize {
+        let table = self.table();
+        table.live.len() + table.foreign.len()
+    }
+
     /// How many transactions are in flight and in doubt now (the metrics' state gauges, read at
     /// scrape time).
     pub fn census(&self) -> crate::metrics::Census {
