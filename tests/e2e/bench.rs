@@ -2,14 +2,33 @@
 //! direct-pipelined, on a cluster the bench starts itself (the decision database's server
 //! included).
 
+use std::path::Path;
+
 use anyhow::{Context, Result};
+
+/// Runs `treaty <args> --json --dir <dir>`, asserts it succeeded, and returns its report (the
+/// last line of its output).
+async fn bench_report(args: &[&str], dir: &Path) -> Result<serde_json::Value> {
+    let output = tokio::process::Command::new(treaty_harness::binary_path("treaty")?)
+        .args(args)
+        .arg("--json")
+        .arg("--dir")
+        .arg(dir)
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{args:?}: {stdout}\n{stderr}");
+    serde_json::from_str(stdout.lines().last().context("no output")?)
+        .context("the last line is the JSON report")
+}
 
 #[tokio::test]
 async fn the_bench_runs_every_decision_store_beside_both_direct_baselines_and_leaves_nothing_prepared()
 -> Result<()> {
     let dir = tempfile::Builder::new().prefix("treaty-e2e-bench-").tempdir()?;
-    let output = tokio::process::Command::new(treaty_harness::binary_path("treaty")?)
-        .args([
+    let report = bench_report(
+        &[
             "bench",
             "transfer",
             "--shards",
@@ -28,17 +47,10 @@ async fn the_bench_runs_every_decision_store_beside_both_direct_baselines_and_le
             "direct,direct-pipelined",
             "--decision-store",
             "file,shard,database",
-            "--json",
-        ])
-        .arg("--dir")
-        .arg(dir.path())
-        .output()
-        .await?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().context("no output")?)
-        .context("the last line is the JSON report")?;
+        ],
+        dir.path(),
+    )
+    .await?;
     assert_eq!(report["prepared_left"], 0, "{report}");
     for (store, system) in [
         ("file", "treaty"),
@@ -90,8 +102,7 @@ async fn the_bench_runs_in_process_participants_beside_direct_with_the_coordinat
 -> Result<()> {
     for (coordinator, asked) in [("service", Some("service")), ("embedded", None)] {
         let dir = tempfile::Builder::new().prefix("treaty-e2e-bench-").tempdir()?;
-        let mut command = tokio::process::Command::new(treaty_harness::binary_path("treaty")?);
-        command.args([
+        let mut args = vec![
             "bench",
             "transfer",
             "--shards",
@@ -110,17 +121,11 @@ async fn the_bench_runs_in_process_participants_beside_direct_with_the_coordinat
             "direct",
             "--participants",
             "in-process",
-            "--json",
-        ]);
+        ];
         if let Some(kind) = asked {
-            command.args(["--coordinator", kind]);
+            args.extend(["--coordinator", kind]);
         }
-        let output = command.arg("--dir").arg(dir.path()).output().await?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "{coordinator}: {stdout}\n{stderr}");
-        let report: serde_json::Value = serde_json::from_str(stdout.lines().last().context("no output")?)
-            .context("the last line is the JSON report")?;
+        let report = bench_report(&args, dir.path()).await?;
         assert_eq!(report["participant_kind"], "in-process", "{report}");
         assert_eq!(report["coordinator_kind"], coordinator, "{report}");
         assert_eq!(report["prepared_left"], 0, "{report}");
@@ -157,34 +162,29 @@ async fn the_bench_runs_in_process_participants_beside_direct_with_the_coordinat
 
 /// `treaty bench recovery`: a restarted coordinator finishes every transaction the bench left
 /// decided and prepared, whether the commit rows lie on every shard (`spread`, the default) or
-/// all on the first, and the report says which layout it measured. 1,200 transactions are a
-/// backlog (at least `FORGET_BATCH` live), during which commit rows are forgotten only in full
-/// batches: the rest must still go once the backlog is done.
+/// all on the first, and the report says which layout it measured. Both are backlogs (at least
+/// `FORGET_BATCH` live), during which commit rows are forgotten only in full batches or once they
+/// waited 1 s: 600 rows per shard never make a full batch, 2,200 on one shard make two, and every
+/// row must still be gone at the end.
 #[tokio::test]
 async fn bench_recovery_finishes_every_decided_transaction_in_either_layout_of_the_decisions() -> Result<()> {
-    for (layout, txns) in [("spread", 1_200u64), ("first", 300)] {
+    for (layout, txns) in [("spread", 1_200u64), ("first", 2_200)] {
         let dir = tempfile::Builder::new()
             .prefix("treaty-e2e-bench-recovery-")
             .tempdir()?;
-        let output = tokio::process::Command::new(treaty_harness::binary_path("treaty")?)
-            .args([
+        let txns_arg = txns.to_string();
+        let report = bench_report(
+            &[
                 "bench",
                 "recovery",
                 "--txns",
-                &txns.to_string(),
+                &txns_arg,
                 "--decision-shards",
                 layout,
-                "--json",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .output()
-            .await?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "{stdout}\n{stderr}");
-        let report: serde_json::Value = serde_json::from_str(stdout.lines().last().context("no output")?)
-            .context("the last line is the JSON report")?;
+            ],
+            dir.path(),
+        )
+        .await?;
         assert_eq!(report["status"], "ok", "{report}");
         assert_eq!(report["decision_shards"], layout, "{report}");
         assert_eq!(report["prepared_left"], 0, "{report}");

@@ -21,6 +21,8 @@ use super::{Decision, Engine, PHASE_TWO_TIMEOUT_MS};
 
 /// Commit rows forgotten per `ForgetDecisions` call, at most.
 const FORGET_BATCH: usize = 1_000;
+/// While a backlog is live, the longest a shard's partial batch of forgets waits for more.
+const FORGET_MAX_WAIT_MS: u64 = 1_000;
 /// Commit rows listed per shard and call when re-driving after a restart (10 in unit tests, so
 /// that they cover paging).
 #[cfg(not(test))]
@@ -35,11 +37,52 @@ const LIST_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// GIDs whose commit rows can go, per decision shard, until the next flush.
 #[derive(Default)]
-pub(super) struct Forgets(std::sync::Mutex<BTreeMap<ShardName, Vec<Gid>>>);
+pub(super) struct Forgets(std::sync::Mutex<BTreeMap<ShardName, Queued>>);
+
+/// One shard's queued forgets, and when the oldest of them was queued (the engine's clock).
+struct Queued {
+    gids: Vec<Gid>,
+    since_ms: u64,
+}
 
 impl Forgets {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ShardName, Vec<Gid>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ShardName, Queued>> {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn push(&self, shard: &ShardName, gid: Gid, now_ms: u64) {
+        self.lock()
+            .entry(shard.clone())
+            .or_insert_with(|| Queued {
+                gids: Vec::new(),
+                since_ms: now_ms,
+            })
+            .gids
+            .push(gid);
+    }
+
+    /// The shards' queues to flush now: every queue, or during a backlog only those holding a
+    /// full batch or waiting `FORGET_MAX_WAIT_MS` since their oldest entry.
+    fn take_due(&self, backlog: bool, now_ms: u64) -> Vec<(ShardName, Vec<Gid>)> {
+        let mut queues = self.lock();
+        if !backlog {
+            return std::mem::take(&mut *queues)
+                .into_iter()
+                .map(|(shard, queued)| (shard, queued.gids))
+                .collect();
+        }
+        let due: Vec<ShardName> = queues
+            .iter()
+            .filter(|(_, queued)| {
+                queued.gids.len() >= FORGET_BATCH
+                    || now_ms.saturating_sub(queued.since_ms) >= FORGET_MAX_WAIT_MS
+            })
+            .map(|(shard, _)| shard.clone())
+            .collect();
+        due.iter()
+            .filter_map(|shard| queues.remove_entry(shard))
+            .map(|(shard, queued)| (shard, queued.gids))
+            .collect()
     }
 }
 
@@ -105,41 +148,23 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
 
     /// The transaction's end: its commit row can go (batched; see `flush_forgets`).
     pub(super) fn forget_decision(&self, shard: &ShardName, gid: &Gid) {
-        self.forgets
-            .lock()
-            .entry(shard.clone())
-            .or_default()
-            .push(gid.clone());
+        self.forgets.push(shard, gid.clone(), self.now_ms());
     }
 
     /// Deletes the commit rows queued by `forget_decision`, one call per shard. A failed call
     /// loses nothing that matters: the rows stay, and a restart re-drives them (the commits are
     /// answered as already done) and forgets them again.
     ///
-    /// While a backlog is being finished (at least `FORGET_BATCH` transactions live: a restart's
-    /// re-drive, a takeover), a shard's rows wait until a full batch is queued. Each delete
-    /// reads the whole table (PostgreSQL's planner sees a small table and scans it rather than
-    /// the key), and while thousands of branches are prepared every row's visibility check walks
-    /// the server's list of transactions in progress: a delete per tick then cost 3-5 ms each,
-    /// about a fifth of PostgreSQL's CPU in recovering 10,000 transactions.
+    /// While at least `FORGET_BATCH` transactions are live (a restart's re-drive, a takeover, a
+    /// load that heavy), a shard's rows wait until a full batch is queued or its oldest has
+    /// waited `FORGET_MAX_WAIT_MS`. Each delete reads the whole table (PostgreSQL's planner sees
+    /// a small table and scans it rather than the key), and while thousands of branches are
+    /// prepared every row's visibility check walks the server's list of transactions in
+    /// progress: a delete per tick then cost 3-5 ms each, about a fifth of PostgreSQL's CPU in
+    /// recovering 10,000 transactions.
     pub(super) fn flush_forgets(self: &Arc<Self>) {
         let backlog = self.live_count() >= FORGET_BATCH;
-        let queued: Vec<(ShardName, Vec<Gid>)> = {
-            let mut forgets = self.forgets.lock();
-            if backlog {
-                let full: Vec<ShardName> = forgets
-                    .iter()
-                    .filter(|(_, gids)| gids.len() >= FORGET_BATCH)
-                    .map(|(shard, _)| shard.clone())
-                    .collect();
-                full.iter()
-                    .filter_map(|shard| forgets.remove_entry(shard))
-                    .collect()
-            } else {
-                std::mem::take(&mut *forgets).into_iter().collect()
-            }
-        };
-        for (shard, gids) in queued {
+        for (shard, gids) in self.forgets.take_due(backlog, self.now_ms()) {
             for batch in gids.chunks(FORGET_BATCH) {
                 let (engine, shard, batch) = (Arc::clone(self), shard.clone(), batch.to_vec());
                 tokio::spawn(async move {
@@ -257,5 +282,53 @@ impl<S: DecisionStore, T: ParticipantTransport> Engine<S, T> {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use treaty_proto::CoordinatorId;
+
+    use super::*;
+
+    fn gids(n: u64) -> Vec<Gid> {
+        let id = CoordinatorId::new("c1").unwrap();
+        (1..=n).map(|txid| Gid::new(&id, txid)).collect()
+    }
+
+    #[test]
+    fn without_a_backlog_every_queue_is_flushed_at_once() {
+        let forgets = Forgets::default();
+        let (s0, s1) = (ShardName::new("s0").unwrap(), ShardName::new("s1").unwrap());
+        for gid in gids(3) {
+            forgets.push(&s0, gid, 100);
+        }
+        forgets.push(&s1, gids(1).remove(0), 100);
+        let due = forgets.take_due(false, 100);
+        assert_eq!(due.len(), 2);
+        assert_eq!(due[0], (s0, gids(3)));
+        assert!(forgets.take_due(false, 100).is_empty());
+    }
+
+    #[test]
+    fn during_a_backlog_a_queue_waits_for_a_full_batch_or_its_age_limit() {
+        let forgets = Forgets::default();
+        let (s0, s1) = (ShardName::new("s0").unwrap(), ShardName::new("s1").unwrap());
+        let full = gids(FORGET_BATCH as u64);
+        for gid in full.iter().cloned() {
+            forgets.push(&s0, gid, 1_000);
+        }
+        forgets.push(&s1, gids(1).remove(0), 1_000);
+        // s0 holds a full batch: flushed; s1's single row waits.
+        let due = forgets.take_due(true, 1_050);
+        assert_eq!(due, vec![(s0.clone(), full)]);
+        assert!(forgets.take_due(true, 1_000 + FORGET_MAX_WAIT_MS - 1).is_empty());
+        // Its age limit reached, the partial batch goes too, backlog or not.
+        let due = forgets.take_due(true, 1_000 + FORGET_MAX_WAIT_MS);
+        assert_eq!(due, vec![(s1, gids(1))]);
+        // A queue started later is timed from its own first entry.
+        forgets.push(&s0, gids(1).remove(0), 5_000);
+        assert!(forgets.take_due(true, 5_500).is_empty());
+        assert_eq!(forgets.take_due(false, 5_500).len(), 1);
     }
 }

@@ -299,6 +299,10 @@ impl BenchArgs {
             args.workload != WorkloadKind::Transfer || args.shards >= 2,
             "transfer needs --shards of at least 2"
         );
+        if args.workload == WorkloadKind::Recovery {
+            // Recovery runs no load: what follows checks flags it does not read.
+            return Ok(());
+        }
         anyhow::ensure!(
             (1..=512).contains(&args.clients),
             "--clients must be between 1 and 512"
@@ -462,6 +466,14 @@ mod tests {
                 .is_ok()
         );
         assert!(parse(&["--decision-shards", "sideways", "recovery"]).is_err());
+        // Recovery runs no load: the load's flags are not checked for it.
+        assert!(
+            parse(&["--duration", "1", "recovery"])
+                .unwrap()
+                .validate()
+                .is_ok()
+        );
+        assert!(parse(&["--duration", "1"]).unwrap().validate().is_err());
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //!    concurrent clients' transactions through it, so each participant holds the pooled
 //!    connections that serving the load behind a backlog leaves it (otherwise its recovery would
 //!    start a backend per commit in flight, and a backend start costs PostgreSQL about 6 ms of
-//!    CPU with 10,000 transactions prepared, against 3.5 with none); then SIGKILL the
-//!    coordinator.
+//!    CPU with 10,000 transactions prepared, against 3.5 with none; with `--participants
+//!    in-process` the pools die with the coordinator, so the restart starts cold either way);
+//!    then SIGKILL the coordinator.
 //! 2. Do by hand what a participant does before voting YES, N times on every shard: `BEGIN`; a row
 //!    in `bench_recovery`; the marker row in `treaty.branches` (under the transaction's GID);
 //!    `PREPARE TRANSACTION 'treaty:<coordinator id>:<txid>:<shard>'`, the branch GID (see
@@ -518,7 +519,8 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         .map(cpu::process_ticks)
         .sum::<u64>()
         .saturating_sub(participants_before);
-    // Includes this loop's polls of pg_prepared_xacts (10 a second per shard).
+    // Includes this loop's polls of pg_prepared_xacts (10 a second per shard, 200 once fewer than
+    // FINE_POLL_BELOW are left).
     let postgres_cpu_s = cpu::ticks_to_us(postgres_ticks().saturating_sub(postgres_before)) / 1e6;
     // The shard store's commit rows outlive the commits a little: they are forgotten in batches
     // after every branch committed. Not part of the recovery time (nothing waits on them), but a
